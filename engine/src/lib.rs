@@ -1,0 +1,1 @@
+//! deltamirror mirror engine.

@@ -1,0 +1,1 @@
+//! Block backends, persistent rings and the node metadata store.
