@@ -1,1 +1,2 @@
 //! deltamirror mirror engine.
+pub mod status;

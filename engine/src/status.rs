@@ -1,0 +1,103 @@
+//! What a node reports to the control plane (status, metrics) and the
+//! commands it accepts. Off the data path: the reactor publishes a snapshot
+//! a few times a second and polls for commands between batches.
+
+use serde::{Deserialize, Serialize};
+
+/// Statistics of one finished (or running) replay to the peer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReplayStats {
+    /// Ring entries sent during the replay.
+    pub entries: u64,
+    /// Payload bytes sent (ring entries plus dirty-map extents).
+    pub bytes: u64,
+    /// Dirty-map extents sent (current data).
+    pub extents: u64,
+    /// Seconds from start to catch-up (so far, while running).
+    pub seconds: f64,
+    /// Entries / bytes still to send (0 once finished).
+    pub remaining_entries: u64,
+    pub remaining_bytes: u64,
+    /// True when this replay was a full remirror (new or replaced disk).
+    pub full_remirror: bool,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+}
+
+/// Host I/O counters of this node (since start).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IoStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+    pub read_latency: Latency,
+    pub write_latency: Latency,
+}
+
+/// One node's full status. `peer_state` is one of "connected",
+/// "replaying", "disconnected", "refused".
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub pid: u32,
+    pub node_id: u32,
+    pub node_name: String,
+    /// "primary" or "backup".
+    pub role: String,
+    pub generation: u64,
+    /// "connected", "replaying", "disconnected" or "refused".
+    pub peer_state: String,
+    /// Why the peer was refused (split brain, wrong key, ...), if it was.
+    pub peer_refused_reason: Option<String>,
+    /// True while the primary serves writes without the backup (degraded).
+    pub degraded: bool,
+    /// "backup stale from seq S", when degraded.
+    pub peer_stale_from_seq: Option<u64>,
+    /// Highest seq assigned (primary) or received (backup).
+    pub head_seq: u64,
+    /// Highest seq executed on this node's disk (contiguous).
+    pub executed_seq: u64,
+    /// Delta queue: entries this node holds that the peer has not been
+    /// confirmed to have executed.
+    pub delta_entries: u64,
+    pub delta_bytes: u64,
+    pub ring_capacity_bytes: u64,
+    pub ack1_seq: u64,
+    pub ack2_seq: u64,
+    pub ack3_seq: u64,
+    pub dirty_extents: u64,
+    pub dirty_bytes: u64,
+    /// Full remirrors (sent or received) since format.
+    pub remirrors: u64,
+    pub last_replay: Option<ReplayStats>,
+    /// Present while a replay is running.
+    pub replay_progress: Option<ReplayStats>,
+    pub io: IoStats,
+    /// Replication link: messages and bytes each way, heartbeats missed.
+    pub link_msgs_sent: u64,
+    pub link_msgs_received: u64,
+    pub link_bytes_sent: u64,
+    pub link_bytes_received: u64,
+    pub uptime_seconds: f64,
+    /// Resident set size of the process, bytes.
+    pub rss_bytes: u64,
+}
+
+/// The control interface the admin endpoint drives.
+pub trait Control: Send + Sync + 'static {
+    fn status(&self) -> NodeStatus;
+    /// Make this node the primary (executes everything it holds, bumps the
+    /// generation, starts serving).
+    fn promote(&self) -> Result<(), String>;
+    /// Make this node a backup (stops serving writes).
+    fn demote(&self) -> Result<(), String>;
+}
