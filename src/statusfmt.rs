@@ -1,0 +1,430 @@
+//! Human rendering of a node's status for `deltamirror status`, and the
+//! one-line replay progress shown by `status --watch` and the demo.
+
+use std::fmt::Write;
+
+use engine::status::{Latency, NodeStatus, ReplayStats};
+
+/// A compact multi-line block describing one node. Ends with a newline.
+pub fn render(s: &NodeStatus) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| {
+        let _ = writeln!(out, "{label:<10}{text}");
+    };
+
+    line(
+        "node",
+        format!(
+            "{} ({})  {}  generation {}  pid {}  up {}",
+            s.node_id,
+            s.node_name,
+            s.role,
+            s.generation,
+            s.pid,
+            duration(s.uptime_seconds)
+        ),
+    );
+
+    let mut peer = s.peer_state.clone();
+    if let Some(reason) = &s.peer_refused_reason {
+        let _ = write!(peer, ": {reason}");
+    }
+    line("peer", peer);
+    if s.degraded {
+        let stale = match s.peer_stale_from_seq {
+            Some(seq) => format!("peer stale from seq {}", thousands(seq)),
+            None => "peer stale".to_string(),
+        };
+        line(
+            "",
+            format!("DEGRADED: serving writes without the peer; {stale}"),
+        );
+    }
+
+    line(
+        "seq",
+        format!(
+            "head {}  executed {}",
+            thousands(s.head_seq),
+            thousands(s.executed_seq)
+        ),
+    );
+    line(
+        "delta",
+        format!(
+            "{} entries  {}  ({} of {} ring)",
+            thousands(s.delta_entries),
+            bytes(s.delta_bytes),
+            percent(s.delta_bytes, s.ring_capacity_bytes),
+            bytes(s.ring_capacity_bytes)
+        ),
+    );
+    line(
+        "acks",
+        format!(
+            "ack1 {}  ack2 {}  ack3 {}",
+            thousands(s.ack1_seq),
+            thousands(s.ack2_seq),
+            thousands(s.ack3_seq)
+        ),
+    );
+    line(
+        "dirty",
+        format!(
+            "{} extents  {}",
+            thousands(s.dirty_extents),
+            bytes(s.dirty_bytes)
+        ),
+    );
+    line("remirrors", thousands(s.remirrors));
+    if let Some(r) = &s.replay_progress {
+        line("replay", replay_fields(r));
+    }
+    let last = match &s.last_replay {
+        Some(r) => format!(
+            "{} entries  {} extents  {}  in {}{}",
+            thousands(r.entries),
+            thousands(r.extents),
+            bytes(r.bytes),
+            seconds(r.seconds),
+            if r.full_remirror {
+                "  (full remirror)"
+            } else {
+                ""
+            }
+        ),
+        None => "none".to_string(),
+    };
+    line("last", format!("replay {last}"));
+
+    let io = &s.io;
+    line(
+        "io",
+        format!(
+            "reads {} ({})  writes {} ({})  flushes {}  errors {}",
+            thousands(io.reads),
+            bytes(io.read_bytes),
+            thousands(io.writes),
+            bytes(io.write_bytes),
+            thousands(io.flushes),
+            thousands(io.errors)
+        ),
+    );
+    line(
+        "latency",
+        format!(
+            "read {}   write {}",
+            latency(&io.read_latency),
+            latency(&io.write_latency)
+        ),
+    );
+    line(
+        "link",
+        format!(
+            "sent {} msgs {}  received {} msgs {}",
+            thousands(s.link_msgs_sent),
+            bytes(s.link_bytes_sent),
+            thousands(s.link_msgs_received),
+            bytes(s.link_bytes_received)
+        ),
+    );
+    line("memory", format!("rss {}", bytes(s.rss_bytes)));
+    out
+}
+
+/// One line of live replay progress, e.g.
+/// `replay: 12,345/100,000 entries  45.2/400.0 MiB  3.1 s  ETA 24 s`.
+pub fn replay_progress_line(r: &ReplayStats) -> String {
+    format!("replay: {}", replay_fields(r))
+}
+
+fn replay_fields(r: &ReplayStats) -> String {
+    let total_entries = r.entries + r.remaining_entries;
+    let total_bytes = r.bytes + r.remaining_bytes;
+    let (scale, unit) = byte_unit(total_bytes);
+    let mut s = format!(
+        "{}/{} entries  {}/{} {unit}  {}  ETA {}",
+        thousands(r.entries),
+        thousands(total_entries),
+        scaled(r.bytes, scale),
+        scaled(total_bytes, scale),
+        seconds(r.seconds),
+        eta(r)
+    );
+    if r.extents > 0 {
+        let _ = write!(s, "  ({} dirty extents)", thousands(r.extents));
+    }
+    if r.full_remirror {
+        s.push_str("  (full remirror)");
+    }
+    s
+}
+
+/// Time left at the average rate so far: by bytes when any moved, else by
+/// entries; "?" before anything moved.
+fn eta(r: &ReplayStats) -> String {
+    if r.remaining_bytes == 0 && r.remaining_entries == 0 {
+        return "0 s".to_string();
+    }
+    let fraction_left = if r.bytes > 0 {
+        r.remaining_bytes as f64 / r.bytes as f64
+    } else if r.entries > 0 {
+        r.remaining_entries as f64 / r.entries as f64
+    } else {
+        return "?".to_string();
+    };
+    if r.seconds <= 0.0 {
+        return "?".to_string();
+    }
+    duration(r.seconds * fraction_left)
+}
+
+/// 1234567 -> "1,234,567".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/// The binary unit that keeps `n` below 1024 of it.
+fn byte_unit(n: u64) -> (u64, &'static str) {
+    let mut scale = 1u64;
+    let mut i = 0;
+    while i + 1 < UNITS.len() && n >= scale * 1024 {
+        scale *= 1024;
+        i += 1;
+    }
+    (scale, UNITS[i])
+}
+
+fn scaled(n: u64, scale: u64) -> String {
+    if scale == 1 {
+        n.to_string()
+    } else {
+        format!("{:.1}", n as f64 / scale as f64)
+    }
+}
+
+/// 47409971 -> "45.2 MiB".
+fn bytes(n: u64) -> String {
+    let (scale, unit) = byte_unit(n);
+    format!("{} {unit}", scaled(n, scale))
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// Elapsed seconds with one decimal: "3.1 s".
+fn seconds(s: f64) -> String {
+    format!("{s:.1} s")
+}
+
+/// Whole durations: "24 s", "3 m 05 s", "2 h 07 m", "3 d 04 h".
+fn duration(secs: f64) -> String {
+    let t = if secs.is_finite() && secs > 0.0 {
+        secs.round() as u64
+    } else {
+        0
+    };
+    match t {
+        0..=59 => format!("{t} s"),
+        60..=3599 => format!("{} m {:02} s", t / 60, t % 60),
+        3600..=86_399 => format!("{} h {:02} m", t / 3600, t % 3600 / 60),
+        _ => format!("{} d {:02} h", t / 86_400, t % 86_400 / 3600),
+    }
+}
+
+fn latency(l: &Latency) -> String {
+    if l.count == 0 {
+        return "-".to_string();
+    }
+    format!(
+        "p50 {} p99 {} p99.9 {}",
+        micros(l.p50_us),
+        micros(l.p99_us),
+        micros(l.p999_us)
+    )
+}
+
+fn micros(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::status::IoStats;
+
+    fn sample() -> NodeStatus {
+        NodeStatus {
+            pid: 4242,
+            node_id: 1,
+            node_name: "store-a".into(),
+            role: "primary".into(),
+            generation: 7,
+            peer_state: "replaying".into(),
+            peer_refused_reason: None,
+            degraded: false,
+            peer_stale_from_seq: None,
+            head_seq: 1_234_567,
+            executed_seq: 1_234_560,
+            delta_entries: 12_345,
+            delta_bytes: 47_409_971,
+            ring_capacity_bytes: 256 << 20,
+            ack1_seq: 1_234_567,
+            ack2_seq: 1_222_222,
+            ack3_seq: 1_234_560,
+            dirty_extents: 0,
+            dirty_bytes: 0,
+            remirrors: 0,
+            last_replay: Some(ReplayStats {
+                entries: 500,
+                bytes: 2 << 20,
+                extents: 0,
+                seconds: 0.42,
+                remaining_entries: 0,
+                remaining_bytes: 0,
+                full_remirror: false,
+            }),
+            replay_progress: Some(progress()),
+            io: IoStats {
+                reads: 1000,
+                writes: 2000,
+                flushes: 10,
+                read_bytes: 4 << 20,
+                write_bytes: 8 << 20,
+                errors: 0,
+                read_latency: Latency {
+                    count: 1000,
+                    p50_us: 85.0,
+                    p99_us: 210.4,
+                    p999_us: 12_500.0,
+                },
+                write_latency: Latency::default(),
+            },
+            link_msgs_sent: 3000,
+            link_msgs_received: 2990,
+            link_bytes_sent: 8_500_000,
+            link_bytes_received: 120_000,
+            uptime_seconds: 3725.0,
+            rss_bytes: 88_293_990,
+        }
+    }
+
+    fn progress() -> ReplayStats {
+        let mib = 1u64 << 20;
+        ReplayStats {
+            entries: 12_345,
+            bytes: (45.2 * mib as f64) as u64,
+            extents: 0,
+            seconds: 3.1,
+            remaining_entries: 100_000 - 12_345,
+            remaining_bytes: 400 * mib - (45.2 * mib as f64) as u64,
+            full_remirror: false,
+        }
+    }
+
+    #[test]
+    fn progress_line_matches_the_documented_shape() {
+        assert_eq!(
+            replay_progress_line(&progress()),
+            "replay: 12,345/100,000 entries  45.2/400.0 MiB  3.1 s  ETA 24 s"
+        );
+    }
+
+    #[test]
+    fn progress_line_before_anything_moved_and_when_done() {
+        let mut r = ReplayStats {
+            remaining_entries: 10,
+            remaining_bytes: 40_960,
+            ..ReplayStats::default()
+        };
+        assert_eq!(
+            replay_progress_line(&r),
+            "replay: 0/10 entries  0.0/40.0 KiB  0.0 s  ETA ?"
+        );
+        r = ReplayStats {
+            entries: 10,
+            bytes: 40_960,
+            extents: 3,
+            seconds: 0.5,
+            full_remirror: true,
+            ..ReplayStats::default()
+        };
+        assert_eq!(
+            replay_progress_line(&r),
+            "replay: 10/10 entries  40.0/40.0 KiB  0.5 s  ETA 0 s  (3 dirty extents)  (full remirror)"
+        );
+    }
+
+    #[test]
+    fn render_sample() {
+        let text = render(&sample());
+        let expected = "\
+node      1 (store-a)  primary  generation 7  pid 4242  up 1 h 02 m
+peer      replaying
+seq       head 1,234,567  executed 1,234,560
+delta     12,345 entries  45.2 MiB  (17.7% of 256.0 MiB ring)
+acks      ack1 1,234,567  ack2 1,222,222  ack3 1,234,560
+dirty     0 extents  0 B
+remirrors 0
+replay    12,345/100,000 entries  45.2/400.0 MiB  3.1 s  ETA 24 s
+last      replay 500 entries  0 extents  2.0 MiB  in 0.4 s
+io        reads 1,000 (4.0 MiB)  writes 2,000 (8.0 MiB)  flushes 10  errors 0
+latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
+link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB
+memory    rss 84.2 MiB
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn render_degraded_and_refused() {
+        let mut s = sample();
+        s.replay_progress = None;
+        s.last_replay = None;
+        s.degraded = true;
+        s.peer_state = "refused".into();
+        s.peer_refused_reason = Some("split brain: both nodes primary in generation 8".into());
+        s.peer_stale_from_seq = Some(1_000_001);
+        let text = render(&s);
+        assert!(text.contains(
+            "peer      refused: split brain: both nodes primary in generation 8\n          DEGRADED: serving writes without the peer; peer stale from seq 1,000,001\n"
+        ), "{text}");
+        assert!(text.contains("last      replay none\n"), "{text}");
+        assert!(!text.contains("replay    "), "{text}");
+    }
+
+    #[test]
+    fn number_helpers() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(u64::MAX), "18,446,744,073,709,551,615");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(percent(1, 0), "-");
+        assert_eq!(duration(59.4), "59 s");
+        assert_eq!(duration(185.0), "3 m 05 s");
+        assert_eq!(duration(90_000.0), "1 d 01 h");
+        assert_eq!(duration(f64::NAN), "0 s");
+    }
+}
