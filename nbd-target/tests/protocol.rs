@@ -1,0 +1,342 @@
+//! The server against a raw pure-Rust NBD client on 127.0.0.1: every
+//! option, every command, the errors, and bad input.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::*;
+use nbd_target::proto::*;
+use volume::{MemVolume, PathState};
+
+const BS: u32 = 512;
+const BLOCKS: u64 = 2048; // 1 MiB
+const SIZE: u64 = BS as u64 * BLOCKS;
+
+fn setup() -> (Arc<MemVolume>, nbd_target::NbdServer) {
+    let vol = Arc::new(MemVolume::new(BS, BLOCKS));
+    let srv = serve(&vol);
+    (vol, srv)
+}
+
+#[test]
+fn greeting_and_export_name_with_and_without_zeroes() {
+    let (_vol, srv) = setup();
+    // With NO_ZEROES: size + flags only.
+    let mut c = Client::negotiating(srv.local_addr());
+    c.send_option(OPT_EXPORT_NAME, EXPORT.as_bytes());
+    assert_eq!(c.u64(), SIZE);
+    assert_eq!(c.u16(), EXPORT_FLAGS);
+    let (e, d) = c.call(CMD_READ, 0, 0, 512, &[]);
+    assert_eq!((e, d.len()), (0, 512));
+
+    // Without NO_ZEROES: 124 zero bytes follow. The empty name is the default export.
+    let (mut c, _) = Client::connect(srv.local_addr());
+    c.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.send_option(OPT_EXPORT_NAME, b"");
+    assert_eq!(c.u64(), SIZE);
+    assert_eq!(c.u16(), EXPORT_FLAGS);
+    assert_eq!(c.bytes(124), vec![0; 124]);
+    c.request(CMD_DISC, 0, 1, 0, 0, &[]);
+    assert!(c.is_closed());
+    srv.shutdown();
+}
+
+#[test]
+fn export_flags_advertise_what_we_support() {
+    for f in [TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM] {
+        assert_ne!(EXPORT_FLAGS & f, 0);
+    }
+    assert_ne!(EXPORT_FLAGS & TFLAG_SEND_WRITE_ZEROES, 0);
+    assert_ne!(EXPORT_FLAGS & TFLAG_CAN_MULTI_CONN, 0);
+    assert_eq!(EXPORT_FLAGS & TFLAG_READ_ONLY, 0);
+}
+
+#[test]
+fn unknown_export_name_closes_the_connection() {
+    let (_vol, srv) = setup();
+    let mut c = Client::negotiating(srv.local_addr());
+    c.send_option(OPT_EXPORT_NAME, b"nope");
+    assert!(c.is_closed());
+    srv.shutdown();
+}
+
+#[test]
+fn options_list_info_unsupported_and_abort() {
+    let (_vol, srv) = setup();
+    let mut c = Client::negotiating(srv.local_addr());
+
+    let r = c.option(OPT_LIST, &[]);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0, REP_SERVER);
+    let d = &r[0].1;
+    let n = u32::from_be_bytes(d[0..4].try_into().unwrap()) as usize;
+    assert_eq!(&d[4..4 + n], EXPORT.as_bytes());
+    assert_eq!(&d[4 + n..], b"deltamirror test volume");
+    assert_eq!(r[1].0, REP_ACK);
+    assert_eq!(c.option(OPT_LIST, b"x")[0].0, REP_ERR_INVALID);
+
+    let r = c.option(OPT_INFO, &info_request(EXPORT, &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]));
+    assert_eq!(export_info(&r), Some((SIZE, EXPORT_FLAGS)));
+    let bs = info_payload(&r, INFO_BLOCK_SIZE).unwrap();
+    let words: Vec<u32> = bs.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(words, vec![512, 4096, 1 << 20]);
+    assert_eq!(info_payload(&r, INFO_NAME).unwrap(), EXPORT.as_bytes());
+    assert_eq!(info_payload(&r, INFO_DESCRIPTION).unwrap(), b"deltamirror test volume");
+    assert_eq!(r.last().unwrap().0, REP_ACK);
+
+    // Name and description only on request.
+    let r = c.option(OPT_INFO, &info_request("", &[]));
+    assert!(info_payload(&r, INFO_NAME).is_none());
+    assert!(info_payload(&r, INFO_DESCRIPTION).is_none());
+
+    let r = c.option(OPT_INFO, &info_request("other", &[]));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, REP_ERR_UNKNOWN);
+    let r = c.option(OPT_GO, &info_request("other", &[]));
+    assert_eq!(r[0].0, REP_ERR_UNKNOWN);
+    assert_eq!(c.option(OPT_INFO, &[0, 0, 0, 9, b'a'])[0].0, REP_ERR_INVALID);
+
+    assert_eq!(c.option(OPT_STRUCTURED_REPLY, &[])[0].0, REP_ERR_UNSUP);
+    assert_eq!(c.option(OPT_STARTTLS, &[])[0].0, REP_ERR_UNSUP);
+    assert_eq!(c.option(9, &[])[0].0, REP_ERR_UNSUP);
+    assert_eq!(c.option(0xdead, b"abc")[0].0, REP_ERR_UNSUP);
+
+    // The session still works after all that: GO, then I/O.
+    let r = c.option(OPT_GO, &info_request(EXPORT, &[]));
+    assert_eq!(r.last().unwrap().0, REP_ACK);
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).0, 0);
+
+    let mut c = Client::negotiating(srv.local_addr());
+    assert_eq!(c.option(OPT_ABORT, &[]), vec![(REP_ACK, vec![])]);
+    assert!(c.is_closed());
+    srv.shutdown();
+}
+
+#[test]
+fn every_command_round_trips() {
+    let (vol, srv) = setup();
+    let (mut c, size, _) = Client::go(srv.local_addr());
+    assert_eq!(size, SIZE);
+
+    let data = pattern(3, 8192);
+    assert_eq!(c.call(CMD_WRITE, 0, 4096, 8192, &data).0, 0);
+    assert_eq!(c.call(CMD_READ, 0, 4096, 8192, &[]), (0, data.clone()));
+    assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 512, &pattern(9, 512)).0, 0);
+    assert_eq!(c.call(CMD_READ, CMD_FLAG_FUA, 0, 512, &[]).1, pattern(9, 512));
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).0, 0);
+
+    assert_eq!(c.call(CMD_TRIM, 0, 4096, 4096, &[]).0, 0);
+    assert_eq!(c.call(CMD_READ, 0, 4096, 4096, &[]).1, vec![0; 4096]);
+    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 8192, 4096, &[]).0, 0);
+    assert_eq!(c.call(CMD_READ, 0, 8192, 4096, &[]).1, vec![0; 4096]);
+
+    // TRIM / WRITE_ZEROES larger than max_io_bytes are split, not refused.
+    assert_eq!(c.call(CMD_WRITE, 0, SIZE - 512, 512, &[7; 512]).0, 0);
+    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, SIZE as u32, &[]).0, 0);
+    assert_eq!(c.call(CMD_READ, 0, SIZE - 512, 512, &[]).1, vec![0; 512]);
+    assert_eq!(c.call(CMD_TRIM, 0, 0, SIZE as u32, &[]).0, 0);
+
+    let w = vol.writes.load(Ordering::Relaxed);
+    c.request(CMD_DISC, 0, 1, 0, 0, &[]);
+    assert!(c.is_closed());
+    assert_eq!(vol.writes.load(Ordering::Relaxed), w);
+    srv.shutdown();
+}
+
+#[test]
+fn pipelined_requests_all_answered() {
+    let (_vol, srv) = setup();
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    // 1000 requests queued without waiting: more than the in-flight limit.
+    let n = 1000u64;
+    let mut batch = Vec::new();
+    for h in 0..n {
+        let off = (h % 256) * 4096;
+        let mut m = Vec::new();
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&off.to_be_bytes());
+        m.extend_from_slice(&4096u32.to_be_bytes());
+        m.extend_from_slice(&pattern(h as u8, 4096));
+        batch.extend_from_slice(&m);
+    }
+    let mut s = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || s.write_all(&batch).unwrap());
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let (e, h) = c.reply();
+        assert_eq!(e, 0);
+        assert!(!seen[h as usize]);
+        seen[h as usize] = true;
+    }
+    writer.join().unwrap();
+    // Last writer of each slot wins: h = 744..999 cover all 256 slots.
+    for h in n - 256..n {
+        let off = (h % 256) * 4096;
+        assert_eq!(c.call(CMD_READ, 0, off, 4096, &[]).1, pattern(h as u8, 4096));
+    }
+    srv.shutdown();
+}
+
+#[test]
+fn request_errors_keep_the_connection_and_never_write() {
+    let (vol, srv) = setup();
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    let w0 = vol.writes.load(Ordering::Relaxed);
+
+    let cases: &[(u16, u16, u64, u32, u32)] = &[
+        // kind, flags, offset, len, expected errno
+        (CMD_READ, 0, SIZE, 512, EINVAL),
+        (CMD_READ, 0, SIZE - 512, 1024, EINVAL),
+        (CMD_READ, 0, u64::MAX - 511, 1024, EINVAL),
+        (CMD_WRITE, 0, SIZE, 512, ENOSPC),
+        (CMD_WRITE, 0, SIZE - 512, 1024, ENOSPC),
+        (CMD_TRIM, 0, SIZE, 512, ENOSPC),
+        (CMD_WRITE_ZEROES, 0, SIZE - 512, 1024, ENOSPC),
+        (CMD_READ, 0, 100, 512, EINVAL),
+        (CMD_WRITE, 0, 0, 100, EINVAL),
+        (CMD_TRIM, 0, 0, 100, EINVAL),
+        (CMD_READ, 0, 0, 0, EINVAL),
+        (CMD_WRITE, 0, 0, (1 << 20) + 512, EOVERFLOW),
+        (CMD_READ, 0, 0, (1 << 20) + 512, EOVERFLOW),
+        (CMD_FLUSH, 0, 512, 0, EINVAL),
+        (5, 0, 0, 512, EINVAL),  // NBD_CMD_CACHE: not advertised
+        (7, 0, 0, 512, EINVAL),  // NBD_CMD_BLOCK_STATUS: not negotiated
+        (77, 0, 0, 512, EINVAL), // unknown
+        (CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512, EINVAL),
+        (CMD_READ, 1 << 4, 0, 512, EINVAL), // FAST_ZERO not advertised
+    ];
+    for &(kind, flags, off, len, want) in cases {
+        let payload = if kind == CMD_WRITE { vec![0xee; len as usize] } else { vec![] };
+        let (e, _) = c.call(kind, flags, off, len, &payload);
+        assert_eq!(e, want, "kind {kind} flags {flags} off {off} len {len}");
+    }
+    // Still in sync and serving.
+    assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]), (0, vec![0; 512]));
+    assert_eq!(vol.writes.load(Ordering::Relaxed), w0);
+    srv.shutdown();
+}
+
+#[test]
+fn backup_refuses_io_with_eperm() {
+    let (vol, srv) = setup();
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    vol.path.set(PathState::Inaccessible);
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 512, &[1; 512]).0, EPERM);
+    assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 512, 512, &[1; 512]).0, EPERM);
+    assert_eq!(c.call(CMD_TRIM, 0, 0, 512, &[]).0, EPERM);
+    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 512, &[]).0, EPERM);
+    assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]).0, EPERM);
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
+    vol.path.set(PathState::Optimized);
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 512, &[1; 512]).0, 0);
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 1);
+    srv.shutdown();
+}
+
+/// Each bad input closes its own connection; the server keeps serving
+/// others and the volume sees no write.
+#[test]
+fn bad_input_closes_only_that_connection() {
+    let (vol, srv) = setup();
+    let addr = srv.local_addr();
+    let (mut healthy, _, _) = Client::go(addr);
+
+    // Garbage instead of client flags + options.
+    let (mut c, _) = Client::connect(addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(c.is_closed());
+
+    // Unknown client flags.
+    let (mut c, _) = Client::connect(addr);
+    c.send(&0x8000_0001u32.to_be_bytes());
+    assert!(c.is_closed());
+
+    // Bad option magic.
+    let mut c = Client::negotiating(addr);
+    c.send(&[0x55; 16]);
+    assert!(c.is_closed());
+
+    // Absurd option length.
+    let mut c = Client::negotiating(addr);
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.send(&m);
+    assert!(c.is_closed());
+
+    // Bad request magic in the transmission phase.
+    let (mut c, _, _) = Client::go(addr);
+    c.send(&[0xab; 28]);
+    assert!(c.is_closed());
+
+    // Truncated request: header then half a write payload, then EOF.
+    let (mut c, _, _) = Client::go(addr);
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[9; 100]);
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.is_closed());
+
+    // Huge write length: the payload is not worth reading, the connection closes.
+    let (mut c, _, _) = Client::go(addr);
+    c.request(CMD_WRITE, 0, 1, 0, u32::MAX, &[0; 64]);
+    assert!(c.is_closed());
+
+    // Requests after NBD_CMD_DISC are not executed.
+    let (mut c, _, _) = Client::go(addr);
+    c.request(CMD_DISC, 0, 1, 0, 0, &[]);
+    c.request(CMD_WRITE, 0, 2, 0, 512, &[1; 512]);
+    assert!(c.is_closed());
+
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
+    assert_eq!(healthy.call(CMD_READ, 0, 0, 512, &[]), (0, vec![0; 512]));
+    let (mut fresh, _, _) = Client::go(addr);
+    assert_eq!(fresh.call(CMD_WRITE, 0, 0, 512, &[5; 512]).0, 0);
+    assert_eq!(healthy.call(CMD_READ, 0, 0, 512, &[]).1, vec![5; 512]);
+    srv.shutdown();
+}
+
+#[test]
+fn max_connections_and_shutdown() {
+    let vol = Arc::new(MemVolume::new(BS, BLOCKS));
+    let srv = nbd_target::start(
+        nbd_target::NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            export_name: EXPORT.into(),
+            description: String::new(),
+            max_connections: 2,
+        },
+        vol.clone(),
+    )
+    .unwrap();
+    let addr = srv.local_addr();
+    let (_a, _, _) = Client::go(addr);
+    let (mut b, _, _) = Client::go(addr);
+    // The third is closed before any greeting.
+    let mut third = std::net::TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(std::io::Read::read(&mut third, &mut buf), Ok(0) | Err(_)));
+    assert_eq!(srv.connections(), 2);
+    // Shutdown closes the open ones.
+    srv.shutdown();
+    assert!(b.is_closed());
+}
+
+#[test]
+fn start_rejects_bad_config() {
+    let vol = Arc::new(MemVolume::new(BS, BLOCKS));
+    let cfg = nbd_target::NbdConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        export_name: EXPORT.into(),
+        description: String::new(),
+        max_connections: 0,
+    };
+    assert!(nbd_target::start(cfg.clone(), vol.clone()).is_err());
+    let cfg = nbd_target::NbdConfig { max_connections: 1, export_name: "a\0b".into(), ..cfg };
+    assert!(nbd_target::start(cfg, vol).is_err());
+}
