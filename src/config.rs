@@ -1450,6 +1450,16 @@ mod tests {
             pair.push(c);
         }
         assert_eq!(pair[0].volume.uuid, pair[1].volume.uuid);
+        assert_eq!(pair[0].volume.serial, pair[1].volume.serial);
+        assert_eq!(pair[0].link.peer, pair[1].link.listen);
+        assert_eq!(pair[1].link.peer, pair[0].link.listen);
+        assert_eq!(pair[0].nvme.subnqn, pair[1].nvme.subnqn);
+        assert_ne!(pair[0].nvme.port_id, pair[1].nvme.port_id);
+        assert_eq!(pair[0].iscsi.target_iqn, pair[1].iscsi.target_iqn);
+        assert_ne!(
+            pair[0].iscsi.portal_group_tag,
+            pair[1].iscsi.portal_group_tag
+        );
         assert_ne!(pair[0].node.id, pair[1].node.id);
         assert_eq!(pair[0].node.initial_role, Role::Primary);
         assert_eq!(pair[1].node.initial_role, Role::Backup);
