@@ -1,1 +1,13 @@
 //! Block backends, persistent rings and the node metadata store.
+//!
+//! - [`backend`]: the narrow [`Backend`] trait with an io_uring backend for
+//!   files and block devices, an in-memory backend and a fault injector.
+//! - [`ring`]: the persistent, memory-mapped ring that holds a node's delay
+//!   buffer and delta queue (format: `docs/ring-format.md`).
+//! - [`meta`]: a crash-safe store for the node's small persistent state.
+
+pub mod backend;
+pub mod meta;
+pub mod ring;
+
+pub use backend::{AlignedBuf, Backend, BackendCompletion, BackendOp};

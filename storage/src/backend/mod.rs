@@ -1,0 +1,145 @@
+//! Block backends behind one narrow, completion-based trait.
+//!
+//! A backend is owned by one reactor thread. Requests are queued with
+//! [`Backend::submit`], handed to the kernel by [`Backend::flush_submissions`]
+//! (one syscall for a whole batch), and their completions are reaped by
+//! [`Backend::reap`]. Buffers are owned by the operation until its completion
+//! comes back, even if the caller has lost interest.
+//!
+//! Error contract (all backends): a request that is misaligned to
+//! [`Backend::block_size`] completes with `Err(EINVAL)`, one that reaches past
+//! [`Backend::size_bytes`] with `Err(ERANGE)` (front-ends map it to "LBA out
+//! of range"); device errors come back as the kernel's errno. Backends never
+//! panic on an I/O error. A data transfer either moves the whole buffer
+//! (`Ok(len)`) or fails; a short transfer is reported as `Err(EIO)`.
+//!
+//! Waking up: completions that are ready without the kernel (in-memory
+//! backend, injected faults, validation errors, synchronous discard) are
+//! returned by the next [`Backend::reap`] and do not signal
+//! [`Backend::wait_fd`]. A reactor therefore reaps after submitting and only
+//! sleeps on `wait_fd` when `reap` returned nothing and `in_flight() > 0`.
+
+pub mod aligned;
+pub mod fault;
+pub mod mem;
+pub mod uring;
+
+pub use aligned::{AlignedBuf, BufPool, BUF_ALIGN_BYTES};
+pub use fault::{FaultBackend, FaultControl, FaultOps};
+pub use mem::MemBackend;
+pub use uring::{create_file_device, UringBackend, UringConfig};
+
+use std::os::unix::io::RawFd;
+
+/// One backend operation. Offsets and lengths are bytes, aligned to
+/// [`Backend::block_size`].
+#[derive(Debug)]
+pub enum BackendOp {
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    },
+    /// Make every completed write durable (fdatasync / NVMe flush).
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    /// Make the data of another file durable (fdatasync on `fd`); used for the
+    /// persistent ring so its flush runs beside the disk I/O.
+    SyncFd {
+        fd: RawFd,
+    },
+}
+
+/// A completed operation: the tag given at submission, the result (bytes
+/// transferred or a negative errno) and the buffer handed back.
+#[derive(Debug)]
+pub struct BackendCompletion {
+    pub tag: u64,
+    /// Bytes transferred (0 for non-data ops) or `Err(errno)`.
+    pub result: Result<u32, i32>,
+    pub buf: Option<AlignedBuf>,
+}
+
+pub trait Backend: Send {
+    /// Device size in bytes.
+    fn size_bytes(&self) -> u64;
+    /// Logical block size in bytes (alignment required by O_DIRECT).
+    fn block_size(&self) -> u32;
+    /// Queue an operation. Fails only when the submission queue is full
+    /// (`queue_depth` operations already in flight); the op is handed back.
+    fn submit(&mut self, tag: u64, op: BackendOp) -> Result<(), BackendOp>;
+    /// Hand queued operations to the kernel (no-op for synchronous backends).
+    fn flush_submissions(&mut self);
+    /// Move completed operations to `out`; returns how many were added.
+    fn reap(&mut self, out: &mut Vec<BackendCompletion>) -> usize;
+    /// Operations submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Most operations that may be in flight at once; `submit` hands back
+    /// anything beyond this.
+    fn queue_depth(&self) -> usize;
+    /// A file descriptor that becomes readable when completions are ready
+    /// (an eventfd), so an idle reactor can sleep in poll(2). `None` for
+    /// backends that complete inline.
+    fn wait_fd(&self) -> Option<RawFd>;
+}
+
+impl BackendOp {
+    /// Whether the operation changes the device's contents.
+    pub fn is_mutating(&self) -> bool {
+        matches!(
+            self,
+            BackendOp::Write { .. } | BackendOp::Discard { .. } | BackendOp::WriteZeroes { .. }
+        )
+    }
+
+    /// The byte range the operation touches, if it addresses the device.
+    pub fn byte_range(&self) -> Option<(u64, u64)> {
+        match self {
+            BackendOp::Read { offset, buf } | BackendOp::Write { offset, buf, .. } => {
+                Some((*offset, buf.len() as u64))
+            }
+            BackendOp::Discard { offset, len } | BackendOp::WriteZeroes { offset, len } => {
+                Some((*offset, *len))
+            }
+            BackendOp::Flush | BackendOp::SyncFd { .. } => None,
+        }
+    }
+
+    /// Give back the operation's buffer (for a completion that never ran).
+    pub fn into_buf(self) -> Option<AlignedBuf> {
+        match self {
+            BackendOp::Read { buf, .. } | BackendOp::Write { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+}
+
+/// Check an operation against the device geometry; `Err(errno)` as described
+/// in the module documentation. Data transfers must also fit in a `u32`.
+pub fn validate_op(op: &BackendOp, size_bytes: u64, block_size: u32) -> Result<(), i32> {
+    let Some((offset, len)) = op.byte_range() else {
+        return Ok(());
+    };
+    let block = u64::from(block_size);
+    if offset % block != 0 || len % block != 0 {
+        return Err(libc::EINVAL);
+    }
+    if matches!(op, BackendOp::Read { .. } | BackendOp::Write { .. }) && len > u64::from(u32::MAX) {
+        return Err(libc::EINVAL);
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size_bytes => Ok(()),
+        _ => Err(libc::ERANGE),
+    }
+}

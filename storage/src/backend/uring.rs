@@ -1,0 +1,570 @@
+//! io_uring backend for a regular file or a block device (raw NVMe
+//! namespaces included), opened with O_DIRECT.
+//!
+//! Reads, writes and flushes go through the ring. Discard and write-zeroes
+//! are synchronous system calls (fallocate or a block ioctl) whose results
+//! are queued and returned by the next [`Backend::reap`], like every other
+//! completion.
+
+use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp};
+use io_uring::{opcode, types, IoUring};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::RawFd;
+use std::path::Path;
+
+// Block-layer ioctls from <linux/fs.h> (generic encoding, as on x86_64 and
+// aarch64): BLKGETSIZE64 = _IOR(0x12, 114, size_t), BLKDISCARD = _IO(0x12, 119),
+// BLKZEROOUT = _IO(0x12, 127).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Size of the buffer used to write zeroes where fallocate is unsupported.
+const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct UringConfig {
+    /// Most operations in flight at once (1..=4096).
+    pub queue_depth: u32,
+    /// Block size reported for regular files: 4096 (default) or 512. Block
+    /// devices always report their logical block size (BLKSSZGET).
+    pub file_block_size: u32,
+}
+
+impl Default for UringConfig {
+    fn default() -> UringConfig {
+        UringConfig {
+            queue_depth: 128,
+            file_block_size: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceKind {
+    File,
+    Block,
+}
+
+/// An operation the kernel owns: its buffer stays here until the completion
+/// arrives, even if the caller no longer cares.
+struct InFlight {
+    tag: u64,
+    buf: Option<AlignedBuf>,
+    /// Bytes a data transfer must move; `None` for flushes.
+    transfer_len: Option<u32>,
+}
+
+pub struct UringBackend {
+    ring: IoUring,
+    file: File,
+    kind: DeviceKind,
+    direct: bool,
+    size_bytes: u64,
+    block_size: u32,
+    queue_depth: usize,
+    eventfd: OwnedFd,
+    /// Indexed by the SQE's user_data.
+    slots: Vec<Option<InFlight>>,
+    free_slots: Vec<u32>,
+    kernel_in_flight: usize,
+    /// Completions produced without the kernel's ring.
+    ready: VecDeque<BackendCompletion>,
+    /// Allocated on first use of the write-zeroes fallback.
+    zero_buf: Option<AlignedBuf>,
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn with_context(e: io::Error, what: String) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn open_rw(path: &Path, flags: i32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags | libc::O_CLOEXEC)
+        .open(path)
+}
+
+impl UringBackend {
+    /// Open `path` (a regular file or a block device) for I/O through a new
+    /// io_uring of `config.queue_depth` entries.
+    pub fn open(path: &Path, config: &UringConfig) -> io::Result<UringBackend> {
+        let shown = path.display();
+        if config.queue_depth == 0 || config.queue_depth > 4096 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "queue depth {} for {shown} must be 1..=4096",
+                    config.queue_depth
+                ),
+            ));
+        }
+        if config.file_block_size != 512 && config.file_block_size != 4096 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "file block size {} for {shown} must be 512 or 4096",
+                    config.file_block_size
+                ),
+            ));
+        }
+        let (file, direct) = match open_rw(path, libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "{shown}: the filesystem refuses O_DIRECT; falling back to buffered I/O \
+                     (writes are durable only after a flush; put the device on a disk \
+                     filesystem or a block device for direct I/O)"
+                );
+                let f = open_rw(path, 0)
+                    .map_err(|e| with_context(e, format!("{shown}: cannot open for read/write")))?;
+                (f, false)
+            }
+            Err(e) => {
+                return Err(with_context(
+                    e,
+                    format!("{shown}: cannot open for read/write (check the path and permissions)"),
+                ))
+            }
+        };
+        let meta = file.metadata()?;
+        let fd = file.as_raw_fd();
+        let (kind, size_bytes, block_size) = if meta.file_type().is_block_device() {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points to a live local.
+            if unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(with_context(e, format!("{shown}: BLKGETSIZE64 failed")));
+            }
+            let mut ssz: libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int through the pointer, which
+            // points to a live local.
+            if unsafe { libc::ioctl(fd, libc::BLKSSZGET as _, &mut ssz as *mut libc::c_int) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(with_context(e, format!("{shown}: BLKSSZGET failed")));
+            }
+            (DeviceKind::Block, size, ssz as u32)
+        } else if meta.file_type().is_file() {
+            let bs = config.file_block_size;
+            (
+                DeviceKind::File,
+                meta.len() - meta.len() % u64::from(bs),
+                bs,
+            )
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{shown} is neither a regular file nor a block device"),
+            ));
+        };
+        let ring = IoUring::new(config.queue_depth)
+            .map_err(|e| with_context(e, format!("{shown}: cannot set up an io_uring (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp policy?)")))?;
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a freshly created descriptor owned by nobody else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd)?;
+        let queue_depth = config.queue_depth as usize;
+        log::info!(
+            "{shown}: {kind:?}, {size_bytes} bytes, block size {block_size}, \
+             queue depth {queue_depth}, {}",
+            if direct { "O_DIRECT" } else { "buffered" }
+        );
+        Ok(UringBackend {
+            ring,
+            file,
+            kind,
+            direct,
+            size_bytes,
+            block_size,
+            queue_depth,
+            eventfd,
+            slots: (0..queue_depth).map(|_| None).collect(),
+            free_slots: (0..queue_depth as u32).rev().collect(),
+            kernel_in_flight: 0,
+            ready: VecDeque::with_capacity(queue_depth),
+            zero_buf: None,
+        })
+    }
+
+    /// Whether the device was opened with O_DIRECT (false after the buffered
+    /// fallback).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.kind == DeviceKind::Block
+    }
+
+    /// Queue an SQE for `op`, which must be Read, Write, Flush or SyncFd.
+    fn push_sqe(&mut self, tag: u64, op: BackendOp) -> Result<(), BackendOp> {
+        if self.ring.submission().is_full() {
+            self.flush_submissions();
+            if self.ring.submission().is_full() {
+                return Err(op);
+            }
+        }
+        let slot = self
+            .free_slots
+            .pop()
+            .expect("a free slot below queue depth");
+        let fd = types::Fd(self.file.as_raw_fd());
+        let (entry, inflight) = match op {
+            BackendOp::Read { offset, mut buf } => {
+                let len = buf.len() as u32;
+                let e = opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                    .offset(offset)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: Some(buf),
+                        transfer_len: Some(len),
+                    },
+                )
+            }
+            BackendOp::Write {
+                offset,
+                mut buf,
+                fua,
+            } => {
+                let len = buf.len() as u32;
+                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                let e = opcode::Write::new(fd, buf.as_mut_ptr(), len)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: Some(buf),
+                        transfer_len: Some(len),
+                    },
+                )
+            }
+            BackendOp::Flush => {
+                let e = opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: None,
+                        transfer_len: None,
+                    },
+                )
+            }
+            BackendOp::SyncFd { fd: other } => {
+                let e = opcode::Fsync::new(types::Fd(other))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: None,
+                        transfer_len: None,
+                    },
+                )
+            }
+            BackendOp::Discard { .. } | BackendOp::WriteZeroes { .. } => {
+                unreachable!("discard and write-zeroes are executed synchronously")
+            }
+        };
+        let entry = entry.user_data(u64::from(slot));
+        // SAFETY: the buffer the entry points to is owned by `inflight`, which
+        // lives in `self.slots` until the matching completion is reaped (and
+        // Drop waits for every in-flight operation), so the kernel never sees
+        // a dangling pointer. Our own fd lives as long as `self`; a SyncFd
+        // descriptor must stay open until its completion (caller's contract).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        pushed.expect("submission queue has room (checked above)");
+        self.slots[slot as usize] = Some(inflight);
+        self.kernel_in_flight += 1;
+        Ok(())
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<u32, i32> {
+        match self.kind {
+            DeviceKind::File => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                match self.fallocate(mode, offset, len) {
+                    Err(libc::EOPNOTSUPP) => self.write_zeroes_by_writing(offset, len),
+                    r => r,
+                }
+            }
+            DeviceKind::Block => self.block_range_ioctl(BLKDISCARD, offset, len),
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<u32, i32> {
+        match self.kind {
+            DeviceKind::File => {
+                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                match self.fallocate(mode, offset, len) {
+                    Err(libc::EOPNOTSUPP) => self.write_zeroes_by_writing(offset, len),
+                    r => r,
+                }
+            }
+            DeviceKind::Block => self.block_range_ioctl(BLKZEROOUT, offset, len),
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<u32, i32> {
+        // SAFETY: fallocate takes no memory arguments; errors are returned.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            Ok(0)
+        } else {
+            Err(errno_of(&io::Error::last_os_error()))
+        }
+    }
+
+    fn block_range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> Result<u32, i32> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read two u64 (start, length) through
+        // the pointer, which points to a live local array.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request as _, range.as_ptr()) };
+        if rc == 0 {
+            Ok(0)
+        } else {
+            Err(errno_of(&io::Error::last_os_error()))
+        }
+    }
+
+    /// Fallback for filesystems without hole punching / zero ranges: write
+    /// zeroes, so a discarded range reads back as zeroes on both nodes.
+    fn write_zeroes_by_writing(&mut self, offset: u64, len: u64) -> Result<u32, i32> {
+        let zeros = self
+            .zero_buf
+            .get_or_insert_with(|| AlignedBuf::new(ZERO_CHUNK_BYTES));
+        let mut done = 0u64;
+        while done < len {
+            let chunk = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
+            match self
+                .file
+                .write_at(&zeros.as_slice()[..chunk], offset + done)
+            {
+                Ok(0) => return Err(libc::EIO),
+                Ok(n) => done += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(errno_of(&e)),
+            }
+        }
+        Ok(0)
+    }
+
+    /// Clear the eventfd counter so poll(2) sleeps until the next completion.
+    fn drain_eventfd(eventfd: RawFd) {
+        let mut value = 0u64;
+        // SAFETY: reads at most 8 bytes into a live local u64; the eventfd is
+        // non-blocking, so an empty counter returns EAGAIN, which is fine.
+        unsafe {
+            libc::read(eventfd, &mut value as *mut u64 as *mut libc::c_void, 8);
+        }
+    }
+
+    /// Turn the ring's completions into typed results.
+    fn reap_kernel(&mut self, out: &mut Vec<BackendCompletion>) -> usize {
+        if self.kernel_in_flight == 0 {
+            return 0;
+        }
+        let eventfd = self.eventfd.as_raw_fd();
+        let mut cq = self.ring.completion();
+        if cq.is_empty() {
+            return 0;
+        }
+        // Drain the eventfd before draining the queue: a completion arriving
+        // after this read signals the eventfd again, so no wakeup is lost.
+        Self::drain_eventfd(eventfd);
+        cq.sync();
+        let mut n = 0;
+        for cqe in cq {
+            let slot = cqe.user_data() as usize;
+            let inflight = self.slots[slot]
+                .take()
+                .expect("completion for an operation that is in flight");
+            self.free_slots.push(slot as u32);
+            self.kernel_in_flight -= 1;
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(-res)
+            } else {
+                match inflight.transfer_len {
+                    Some(want) if res as u32 != want => {
+                        log::warn!("short transfer: {res} of {want} bytes; reported as EIO");
+                        Err(libc::EIO)
+                    }
+                    _ => Ok(res as u32),
+                }
+            };
+            out.push(BackendCompletion {
+                tag: inflight.tag,
+                result,
+                buf: inflight.buf,
+            });
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Backend for UringBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn submit(&mut self, tag: u64, op: BackendOp) -> Result<(), BackendOp> {
+        if self.in_flight() >= self.queue_depth {
+            return Err(op);
+        }
+        let sync_result = match (&op, validate_op(&op, self.size_bytes, self.block_size)) {
+            (_, Err(errno)) => Some(Err(errno)),
+            (BackendOp::Discard { len: 0, .. } | BackendOp::WriteZeroes { len: 0, .. }, _) => {
+                Some(Ok(0))
+            }
+            (BackendOp::Discard { offset, len }, _) => Some(self.discard(*offset, *len)),
+            (BackendOp::WriteZeroes { offset, len }, _) => Some(self.write_zeroes(*offset, *len)),
+            _ => None,
+        };
+        match sync_result {
+            Some(result) => {
+                self.ready.push_back(BackendCompletion {
+                    tag,
+                    result,
+                    buf: op.into_buf(),
+                });
+                Ok(())
+            }
+            None => self.push_sqe(tag, op),
+        }
+    }
+
+    fn flush_submissions(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // EAGAIN/EBUSY: the kernel is short of resources or the
+                // completion queue is busy; the entries stay queued and go
+                // out with the next call.
+                Err(e) => {
+                    log::debug!("io_uring submit deferred: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<BackendCompletion>) -> usize {
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        n + self.reap_kernel(out)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.kernel_in_flight + self.ready.len()
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
+    fn wait_fd(&self) -> Option<RawFd> {
+        Some(self.eventfd.as_raw_fd())
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers of in-flight operations;
+        // wait for all of them before the buffers are freed.
+        let mut scratch = Vec::with_capacity(self.queue_depth);
+        while self.kernel_in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!(
+                        "io_uring: cannot wait for {} in-flight operations ({e}); \
+                         leaking their buffers",
+                        self.kernel_in_flight
+                    );
+                    for slot in self.slots.iter_mut() {
+                        if let Some(buf) = slot.take().and_then(|s| s.buf) {
+                            std::mem::forget(buf);
+                        }
+                    }
+                    return;
+                }
+            }
+            scratch.clear();
+            self.reap_kernel(&mut scratch);
+        }
+    }
+}
+
+/// Create `path` as a sparse file of `size_bytes` (a multiple of 4096) to use
+/// as a device, or grow an existing one. Refuses to shrink an existing file:
+/// that would destroy data.
+pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
+    let shown = path.display();
+    if size_bytes == 0 || size_bytes % 4096 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{shown}: device size {size_bytes} must be a non-zero multiple of 4096"),
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| with_context(e, format!("{shown}: cannot create device file")))?;
+    let current = file.metadata()?.len();
+    if current > size_bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{shown} is {current} bytes; refusing to shrink it to {size_bytes} \
+                 (that would destroy data): configure a size >= {current} or remove the file"
+            ),
+        ));
+    }
+    if current < size_bytes {
+        file.set_len(size_bytes)?;
+    }
+    file.sync_all()
+}

@@ -1,0 +1,395 @@
+//! Backend behaviour: the same conformance checks run against the in-memory
+//! and the io_uring backends, plus fault injection.
+
+mod common;
+
+use common::TempDir;
+use storage::backend::{
+    create_file_device, BufPool, FaultBackend, FaultControl, FaultOps, MemBackend, UringBackend,
+    UringConfig,
+};
+use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
+
+const DEV_BYTES: u64 = 1 << 20;
+
+/// Submit one op and wait for its completion (sleeping on `wait_fd` when the
+/// backend has one, which also checks that the eventfd is signalled).
+fn run<B: Backend>(b: &mut B, tag: u64, op: BackendOp) -> BackendCompletion {
+    b.submit(tag, op).expect("queue has room");
+    b.flush_submissions();
+    let mut out = Vec::new();
+    loop {
+        if b.reap(&mut out) > 0 {
+            assert_eq!(out.len(), 1);
+            let c = out.pop().unwrap();
+            assert_eq!(c.tag, tag);
+            return c;
+        }
+        let fd = b
+            .wait_fd()
+            .expect("a backend that completes later has a wait fd");
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(rc, 1, "completion not signalled on the wait fd within 5 s");
+    }
+}
+
+fn write<B: Backend>(b: &mut B, offset: u64, data: &[u8], fua: bool) -> Result<u32, i32> {
+    let op = BackendOp::Write {
+        offset,
+        buf: AlignedBuf::from_slice(data),
+        fua,
+    };
+    run(b, 1, op).result
+}
+
+fn read<B: Backend>(b: &mut B, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let c = run(
+        b,
+        2,
+        BackendOp::Read {
+            offset,
+            buf: AlignedBuf::new(len),
+        },
+    );
+    c.result.map(|n| {
+        assert_eq!(n as usize, len);
+        c.buf.expect("read returns its buffer").as_slice().to_vec()
+    })
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Checks every backend must pass; the device is DEV_BYTES, block size 4096.
+fn conformance<B: Backend>(b: &mut B) {
+    assert_eq!(b.size_bytes(), DEV_BYTES);
+    assert_eq!(b.block_size(), 4096);
+
+    let a = pattern(8192, 1);
+    assert_eq!(write(b, 4096, &a, false), Ok(8192));
+    assert_eq!(read(b, 4096, 8192).unwrap(), a);
+    let f = pattern(4096, 7);
+    assert_eq!(write(b, 0, &f, true), Ok(4096), "FUA write");
+    assert_eq!(read(b, 0, 4096).unwrap(), f);
+    assert_eq!(run(b, 3, BackendOp::Flush).result, Ok(0));
+
+    // Discard and write-zeroes both read back as zeroes.
+    assert_eq!(
+        run(
+            b,
+            4,
+            BackendOp::Discard {
+                offset: 4096,
+                len: 4096
+            }
+        )
+        .result,
+        Ok(0)
+    );
+    assert_eq!(read(b, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(read(b, 8192, 4096).unwrap(), a[4096..]);
+    assert_eq!(
+        run(
+            b,
+            5,
+            BackendOp::WriteZeroes {
+                offset: 8192,
+                len: 4096
+            }
+        )
+        .result,
+        Ok(0)
+    );
+    assert_eq!(read(b, 8192, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(read(b, 0, 4096).unwrap(), f);
+
+    // The last block of the device works, one past it is out of range.
+    let last = DEV_BYTES - 4096;
+    assert_eq!(write(b, last, &a[..4096], false), Ok(4096));
+    assert_eq!(read(b, last, 4096).unwrap(), a[..4096]);
+    assert_eq!(write(b, DEV_BYTES, &a[..4096], false), Err(libc::ERANGE));
+    assert_eq!(write(b, last, &a, false), Err(libc::ERANGE));
+    assert_eq!(read(b, DEV_BYTES, 4096), Err(libc::ERANGE));
+    let c = run(
+        b,
+        6,
+        BackendOp::Discard {
+            offset: last,
+            len: 8192,
+        },
+    );
+    assert_eq!(c.result, Err(libc::ERANGE));
+    let c = run(
+        b,
+        7,
+        BackendOp::WriteZeroes {
+            offset: u64::MAX - 4095,
+            len: 8192,
+        },
+    );
+    assert_eq!(c.result, Err(libc::ERANGE));
+    // Misaligned requests.
+    assert_eq!(write(b, 100, &a[..4096], false), Err(libc::EINVAL));
+    assert_eq!(read(b, 0, 100), Err(libc::EINVAL));
+
+    // Queue depth: requests beyond it are handed back, buffer included.
+    let qd = b.queue_depth();
+    for i in 0..qd {
+        let op = BackendOp::Read {
+            offset: 4096 * i as u64,
+            buf: AlignedBuf::new(4096),
+        };
+        b.submit(100 + i as u64, op).expect("below queue depth");
+    }
+    let refused = b.submit(
+        999,
+        BackendOp::Read {
+            offset: 0,
+            buf: AlignedBuf::new(4096),
+        },
+    );
+    match refused {
+        Err(BackendOp::Read { buf, .. }) => assert_eq!(buf.len(), 4096),
+        other => panic!("expected the op back, got {other:?}"),
+    }
+    b.flush_submissions();
+    let mut out = Vec::new();
+    while out.len() < qd {
+        b.reap(&mut out);
+    }
+    assert_eq!(b.in_flight(), 0);
+    let mut tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+    tags.sort();
+    assert_eq!(tags, (100..100 + qd as u64).collect::<Vec<_>>());
+    assert!(out.iter().all(|c| c.result == Ok(4096)));
+}
+
+#[test]
+fn mem_backend_conformance() {
+    let mut b = MemBackend::new(DEV_BYTES, 4096, 8);
+    conformance(&mut b);
+    assert!(b.wait_fd().is_none());
+}
+
+#[test]
+fn uring_backend_conformance_on_a_file() {
+    let dir = TempDir::new("uring");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let cfg = UringConfig {
+        queue_depth: 8,
+        file_block_size: 4096,
+    };
+    let mut b = UringBackend::open(&path, &cfg).unwrap();
+    assert!(!b.is_block_device());
+    assert!(
+        b.is_direct(),
+        "/var/tmp is a disk filesystem: O_DIRECT expected"
+    );
+    conformance(&mut b);
+    // Data written through the backend is in the file.
+    drop(b);
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(data[..4096], pattern(4096, 7)[..]);
+}
+
+#[test]
+fn uring_sync_fd_and_drop_with_operations_in_flight() {
+    let dir = TempDir::new("uring-syncfd");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let other = std::fs::File::create(dir.join("other")).unwrap();
+    let mut b = UringBackend::open(&path, &UringConfig::default()).unwrap();
+    use std::os::fd::AsRawFd;
+    let c = run(
+        &mut b,
+        1,
+        BackendOp::SyncFd {
+            fd: other.as_raw_fd(),
+        },
+    );
+    assert_eq!(c.result, Ok(0));
+    assert_eq!(
+        run(&mut b, 2, BackendOp::SyncFd { fd: -1 }).result,
+        Err(libc::EBADF)
+    );
+    // Dropping with reads in flight must wait for them, not free their buffers early.
+    for i in 0..16 {
+        let op = BackendOp::Read {
+            offset: 4096 * i,
+            buf: AlignedBuf::new(4096),
+        };
+        b.submit(i, op).unwrap();
+    }
+    b.flush_submissions();
+    drop(b);
+}
+
+#[test]
+fn uring_falls_back_to_buffered_io_on_tmpfs() {
+    // /dev/shm is tmpfs; older kernels refuse O_DIRECT there.
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/deltamirror-test-{}", std::process::id()));
+    if create_file_device(&path, DEV_BYTES).is_err() {
+        return; // no /dev/shm here
+    }
+    let b = UringBackend::open(&path, &UringConfig::default());
+    let _ = std::fs::remove_file(&path);
+    let mut b = b.unwrap();
+    assert_eq!(write(&mut b, 0, &pattern(4096, 3), false), Ok(4096));
+    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 3));
+}
+
+#[test]
+fn file_device_creation_refuses_to_shrink() {
+    let dir = TempDir::new("create");
+    let path = dir.join("dev");
+    create_file_device(&path, 2 * DEV_BYTES).unwrap();
+    create_file_device(&path, 2 * DEV_BYTES).unwrap();
+    create_file_device(&path, 3 * DEV_BYTES).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * DEV_BYTES);
+    let err = create_file_device(&path, DEV_BYTES).unwrap_err();
+    assert!(err.to_string().contains("refusing to shrink"), "{err}");
+    assert!(create_file_device(&path, 1000).is_err());
+    let cfg = UringConfig {
+        queue_depth: 4,
+        file_block_size: 512,
+    };
+    let b = UringBackend::open(&path, &cfg).unwrap();
+    assert_eq!(b.block_size(), 512);
+    assert!(UringBackend::open(&dir.join("missing"), &cfg).is_err());
+}
+
+#[test]
+fn fault_countdown_fails_every_op_after_n() {
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    ctl.fail_after(2);
+    assert_eq!(write(&mut b, 0, &pattern(4096, 1), false), Ok(4096));
+    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 1));
+    assert_eq!(write(&mut b, 0, &pattern(4096, 2), false), Err(libc::EIO));
+    assert_eq!(read(&mut b, 0, 4096), Err(libc::EIO));
+    assert_eq!(run(&mut b, 9, BackendOp::Flush).result, Err(libc::EIO));
+    assert_eq!(ctl.injected(), 3);
+    ctl.clear();
+    // The failed write never reached the device.
+    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 1));
+    assert_eq!(b.inner().contents()[..4096], pattern(4096, 1)[..]);
+}
+
+#[test]
+fn fault_range_and_direction() {
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    assert_eq!(write(&mut b, 8192, &pattern(4096, 5), false), Ok(4096));
+    ctl.fail_range(8192 + 100, 1);
+    assert_eq!(read(&mut b, 4096, 4096).map(|_| ()), Ok(()));
+    assert_eq!(read(&mut b, 8192, 4096), Err(libc::EIO));
+    assert_eq!(
+        read(&mut b, 4096, 8192),
+        Err(libc::EIO),
+        "overlapping op fails"
+    );
+    let c = run(
+        &mut b,
+        3,
+        BackendOp::Discard {
+            offset: 8192,
+            len: 4096,
+        },
+    );
+    assert_eq!(c.result, Err(libc::EIO));
+    // Writes only: reads of the range succeed again, writes still fail.
+    ctl.set_ops(FaultOps::WritesOnly);
+    assert_eq!(read(&mut b, 8192, 4096).unwrap(), pattern(4096, 5));
+    assert_eq!(
+        write(&mut b, 8192, &pattern(4096, 6), false),
+        Err(libc::EIO)
+    );
+    assert_eq!(b.inner().contents()[8192..12288], pattern(4096, 5)[..]);
+    // Reads only.
+    ctl.set_ops(FaultOps::ReadsOnly);
+    assert_eq!(write(&mut b, 8192, &pattern(4096, 6), false), Ok(4096));
+    assert_eq!(read(&mut b, 8192, 4096), Err(libc::EIO));
+    ctl.clear();
+    assert_eq!(read(&mut b, 8192, 4096).unwrap(), pattern(4096, 6));
+    // Countdown restricted to writes lets reads through.
+    ctl.set_ops(FaultOps::WritesOnly);
+    ctl.fail_after(0);
+    assert!(read(&mut b, 0, 4096).is_ok());
+    assert_eq!(write(&mut b, 0, &pattern(4096, 1), false), Err(libc::EIO));
+}
+
+#[test]
+fn fault_flushes() {
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    ctl.fail_flushes(true);
+    assert_eq!(run(&mut b, 1, BackendOp::Flush).result, Err(libc::EIO));
+    assert_eq!(
+        run(&mut b, 1, BackendOp::SyncFd { fd: 0 }).result,
+        Err(libc::EIO)
+    );
+    assert_eq!(write(&mut b, 0, &pattern(4096, 1), false), Ok(4096));
+    ctl.fail_flushes(false);
+    assert_eq!(run(&mut b, 1, BackendOp::Flush).result, Ok(0));
+}
+
+#[test]
+fn fault_backend_over_uring() {
+    let dir = TempDir::new("fault-uring");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let ctl = FaultControl::new();
+    let inner = UringBackend::open(&path, &UringConfig::default()).unwrap();
+    let mut b = FaultBackend::new(inner, ctl.clone());
+    assert_eq!(write(&mut b, 0, &pattern(4096, 1), false), Ok(4096));
+    ctl.fail_after(0);
+    let c = run(
+        &mut b,
+        5,
+        BackendOp::Write {
+            offset: 0,
+            buf: AlignedBuf::new(4096),
+            fua: false,
+        },
+    );
+    assert_eq!(c.result, Err(libc::EIO));
+    assert_eq!(c.buf.map(|b| b.len()), Some(4096), "buffer handed back");
+    ctl.clear();
+    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 1));
+}
+
+#[test]
+fn aligned_buf_and_pool() {
+    let b = AlignedBuf::new(10);
+    assert_eq!(b.len(), 10);
+    assert_eq!(b.as_slice(), &[0; 10]);
+    assert_eq!(b.as_slice().as_ptr() as usize % 4096, 0);
+    let z = AlignedBuf::new(0);
+    assert!(z.is_empty());
+    let c = AlignedBuf::from_slice(b"hello");
+    assert_eq!(c.as_slice(), b"hello");
+
+    let mut pool = BufPool::new(2, 8192);
+    let mut x = pool.get().unwrap();
+    let y = pool.get().unwrap();
+    assert!(pool.get().is_none(), "bounded");
+    assert_eq!(x.len(), 8192);
+    x.set_len(4096);
+    pool.put(x);
+    let x = pool.get().unwrap();
+    assert_eq!(x.len(), 8192, "length reset on get");
+    pool.put(x);
+    pool.put(y);
+    assert_eq!(pool.available(), 2);
+}
