@@ -101,7 +101,12 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     if reqs.len() != count * 2 {
         return None;
     }
-    Some((name, reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
+    Some((
+        name,
+        reqs.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect(),
+    ))
 }
 
 /// Sends the export's NBD_REP_INFO replies. NBD_INFO_EXPORT and
@@ -146,7 +151,9 @@ pub fn negotiate<R: Read, W: Write>(
 
     let client_flags = read_u32(r)?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(HandshakeEnd::Violation(format!("unknown client flags {client_flags:#x}")));
+        return Err(HandshakeEnd::Violation(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
@@ -154,12 +161,16 @@ pub fn negotiate<R: Read, W: Write>(
     for _ in 0..MAX_OPTIONS {
         let magic = read_u64(r)?;
         if magic != IHAVEOPT {
-            return Err(HandshakeEnd::Violation(format!("bad option magic {magic:#x}")));
+            return Err(HandshakeEnd::Violation(format!(
+                "bad option magic {magic:#x}"
+            )));
         }
         let opt = read_u32(r)?;
         let len = read_u32(r)?;
         if len > MAX_OPTION_BYTES {
-            return Err(HandshakeEnd::Violation(format!("option {opt} of {len} bytes")));
+            return Err(HandshakeEnd::Violation(format!(
+                "option {opt} of {len} bytes"
+            )));
         }
         data.clear();
         data.resize(len as usize, 0);
@@ -222,14 +233,19 @@ pub fn negotiate<R: Read, W: Write>(
                 }
             },
             OPT_STARTTLS => option_reply(w, opt, REP_ERR_UNSUP, b"TLS is not supported")?,
-            OPT_STRUCTURED_REPLY => {
-                option_reply(w, opt, REP_ERR_UNSUP, b"structured replies are not supported")?
-            }
+            OPT_STRUCTURED_REPLY => option_reply(
+                w,
+                opt,
+                REP_ERR_UNSUP,
+                b"structured replies are not supported",
+            )?,
             _ => option_reply(w, opt, REP_ERR_UNSUP, b"unsupported option")?,
         }
         w.flush()?;
     }
-    Err(HandshakeEnd::Violation(format!("more than {MAX_OPTIONS} options")))
+    Err(HandshakeEnd::Violation(format!(
+        "more than {MAX_OPTIONS} options"
+    )))
 }
 
 #[cfg(test)]
@@ -238,8 +254,14 @@ mod tests {
 
     #[test]
     fn info_request_parsing_is_total() {
-        assert_eq!(parse_info_request(&[0, 0, 0, 1, b'a', 0, 1, 0, 3]), Some((&b"a"[..], vec![3])));
-        assert_eq!(parse_info_request(&[0, 0, 0, 0, 0, 0]), Some((&b""[..], vec![])));
+        assert_eq!(
+            parse_info_request(&[0, 0, 0, 1, b'a', 0, 1, 0, 3]),
+            Some((&b"a"[..], vec![3]))
+        );
+        assert_eq!(
+            parse_info_request(&[0, 0, 0, 0, 0, 0]),
+            Some((&b""[..], vec![]))
+        );
         assert_eq!(parse_info_request(&[0, 0, 0, 9, b'a', 0, 0]), None);
         assert_eq!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]), None);
         assert_eq!(parse_info_request(&[0, 0, 0, 0, 0, 2, 0, 1]), None);

@@ -129,11 +129,26 @@ impl RequestHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
     /// `length` bytes of payload follow the header.
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
 }
 
 /// Why the connection must be closed instead of answered.
@@ -149,7 +164,10 @@ pub enum Violation {
 pub enum Decoded {
     Execute(Command),
     /// Read and discard `drain` payload bytes, then reply with `errno`.
-    Refuse { errno: u32, drain: u32 },
+    Refuse {
+        errno: u32,
+        drain: u32,
+    },
     /// NBD_CMD_DISC: finish in-flight requests, then close.
     Disconnect,
     /// Close the connection without replying.
@@ -168,7 +186,10 @@ pub fn decode_request(h: &RequestHeader, lim: &Limits) -> Decoded {
         if payload > DRAIN_LIMIT_BYTES {
             Decoded::Close(Violation::OversizedPayload(payload))
         } else {
-            Decoded::Refuse { errno, drain: payload }
+            Decoded::Refuse {
+                errno,
+                drain: payload,
+            }
         }
     };
     // FUA is accepted on every command (proto.md: the server MUST accept
@@ -196,7 +217,7 @@ pub fn decode_request(h: &RequestHeader, lim: &Limits) -> Decoded {
     }
     let len = h.length;
     let bs = lim.block_size.max(1) as u64;
-    if len == 0 || h.offset % bs != 0 || len as u64 % bs != 0 {
+    if len == 0 || !h.offset.is_multiple_of(bs) || !(len as u64).is_multiple_of(bs) {
         return refuse(EINVAL);
     }
     let is_data = matches!(h.kind, CMD_READ | CMD_WRITE);
@@ -245,42 +266,154 @@ pub fn simple_reply(errno: u32, handle: u64) -> [u8; SIMPLE_REPLY_HEADER_BYTES] 
 mod tests {
     use super::*;
 
-    const LIM: Limits = Limits { size_bytes: 1 << 20, block_size: 512, max_payload_bytes: 65536 };
+    const LIM: Limits = Limits {
+        size_bytes: 1 << 20,
+        block_size: 512,
+        max_payload_bytes: 65536,
+    };
 
     fn hdr(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader { magic: REQUEST_MAGIC, flags, kind, handle: 7, offset, length }
+        RequestHeader {
+            magic: REQUEST_MAGIC,
+            flags,
+            kind,
+            handle: 7,
+            offset,
+            length,
+        }
     }
 
     #[test]
     fn decode_table() {
         use Decoded::*;
         let cases: &[(RequestHeader, Decoded)] = &[
-            (hdr(CMD_READ, 0, 0, 512), Execute(Command::Read { offset: 0, len: 512 })),
+            (
+                hdr(CMD_READ, 0, 0, 512),
+                Execute(Command::Read {
+                    offset: 0,
+                    len: 512,
+                }),
+            ),
             (
                 hdr(CMD_WRITE, CMD_FLAG_FUA, 512, 1024),
-                Execute(Command::Write { offset: 512, len: 1024, fua: true }),
+                Execute(Command::Write {
+                    offset: 512,
+                    len: 1024,
+                    fua: true,
+                }),
             ),
             (hdr(CMD_FLUSH, 0, 0, 0), Execute(Command::Flush)),
-            (hdr(CMD_FLUSH, 0, 512, 0), Refuse { errno: EINVAL, drain: 0 }),
+            (
+                hdr(CMD_FLUSH, 0, 512, 0),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
             (
                 hdr(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1 << 20),
-                Execute(Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false }),
+                Execute(Command::WriteZeroes {
+                    offset: 0,
+                    len: 1 << 20,
+                    fua: false,
+                }),
             ),
-            (hdr(CMD_TRIM, CMD_FLAG_NO_HOLE, 0, 512), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(CMD_READ, 0, 1, 512), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(CMD_WRITE, 0, 0, 100), Refuse { errno: EINVAL, drain: 100 }),
-            (hdr(CMD_READ, 0, 0, 0), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(CMD_READ, 0, 1 << 20, 512), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(CMD_WRITE, 0, 1 << 20, 512), Refuse { errno: ENOSPC, drain: 512 }),
-            (hdr(CMD_TRIM, 0, u64::MAX - 511, 512), Refuse { errno: ENOSPC, drain: 0 }),
-            (hdr(CMD_READ, 0, 0, 1 << 17), Refuse { errno: EOVERFLOW, drain: 0 }),
-            (hdr(CMD_WRITE, 0, 0, 1 << 17), Refuse { errno: EOVERFLOW, drain: 1 << 17 }),
-            (hdr(CMD_WRITE, 0, 0, u32::MAX), Close(Violation::OversizedPayload(u32::MAX))),
-            (hdr(5, 0, 0, 512), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(99, 0, 0, 512), Refuse { errno: EINVAL, drain: 0 }),
-            (hdr(CMD_READ, 1 << 9, 0, 512), Refuse { errno: EINVAL, drain: 0 }),
+            (
+                hdr(CMD_TRIM, CMD_FLAG_NO_HOLE, 0, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_READ, 0, 1, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_WRITE, 0, 0, 100),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 100,
+                },
+            ),
+            (
+                hdr(CMD_READ, 0, 0, 0),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_READ, 0, 1 << 20, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_WRITE, 0, 1 << 20, 512),
+                Refuse {
+                    errno: ENOSPC,
+                    drain: 512,
+                },
+            ),
+            (
+                hdr(CMD_TRIM, 0, u64::MAX - 511, 512),
+                Refuse {
+                    errno: ENOSPC,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_READ, 0, 0, 1 << 17),
+                Refuse {
+                    errno: EOVERFLOW,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_WRITE, 0, 0, 1 << 17),
+                Refuse {
+                    errno: EOVERFLOW,
+                    drain: 1 << 17,
+                },
+            ),
+            (
+                hdr(CMD_WRITE, 0, 0, u32::MAX),
+                Close(Violation::OversizedPayload(u32::MAX)),
+            ),
+            (
+                hdr(5, 0, 0, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(99, 0, 0, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
+            (
+                hdr(CMD_READ, 1 << 9, 0, 512),
+                Refuse {
+                    errno: EINVAL,
+                    drain: 0,
+                },
+            ),
             (hdr(CMD_DISC, 0, 0, 0), Disconnect),
-            (RequestHeader { magic: 1, ..hdr(CMD_READ, 0, 0, 512) }, Close(Violation::BadMagic(1))),
+            (
+                RequestHeader {
+                    magic: 1,
+                    ..hdr(CMD_READ, 0, 0, 512)
+                },
+                Close(Violation::BadMagic(1)),
+            ),
         ];
         for (h, want) in cases {
             assert_eq!(decode_request(h, &LIM), *want, "{h:?}");

@@ -58,7 +58,9 @@ fn invalid(msg: String) -> io::Error {
 
 fn check_config(cfg: &NbdConfig, vol: &dyn Volume) -> io::Result<()> {
     if cfg.max_connections == 0 {
-        return Err(invalid("nbd: max_connections is 0; set it to at least 1".into()));
+        return Err(invalid(
+            "nbd: max_connections is 0; set it to at least 1".into(),
+        ));
     }
     if cfg.export_name.len() > MAX_STRING_BYTES || cfg.export_name.contains('\0') {
         return Err(invalid(format!(
@@ -94,7 +96,10 @@ pub fn start(cfg: NbdConfig, vol: Arc<dyn Volume>) -> io::Result<NbdServer> {
     let listener = TcpListener::bind(cfg.listen).map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("nbd: cannot listen on {}: {e} (is another NBD server running?)", cfg.listen),
+            format!(
+                "nbd: cannot listen on {}: {e} (is another NBD server running?)",
+                cfg.listen
+            ),
         )
     })?;
     let local_addr = listener.local_addr()?;
@@ -114,7 +119,12 @@ pub fn start(cfg: NbdConfig, vol: Arc<dyn Volume>) -> io::Result<NbdServer> {
             .spawn(move || accept_loop(listener, ctx, stop, conns, cfg.max_connections))?
     };
     log::info!("nbd: serving export {:?} on {local_addr}", cfg.export_name);
-    Ok(NbdServer { local_addr, stop, accept: Some(accept), conns })
+    Ok(NbdServer {
+        local_addr,
+        stop,
+        accept: Some(accept),
+        conns,
+    })
 }
 
 fn accept_loop(
@@ -177,24 +187,34 @@ fn spawn_connection(
     stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
     let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone()?);
     let writer = stream.try_clone()?;
-    let transport = SocketTransport { stream: stream.try_clone()? };
+    let transport = SocketTransport {
+        stream: stream.try_clone()?,
+    };
     // Registered before the thread starts so shutdown always sees it.
     if let Ok(mut c) = conns.lock() {
-        c.insert(id, Conn { stream, thread: None });
+        c.insert(
+            id,
+            Conn {
+                stream,
+                thread: None,
+            },
+        );
     }
     let (ctx2, conns2) = (ctx.clone(), conns.clone());
-    let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-        let peer = peer.to_string();
-        log::info!("nbd {peer}: connected");
-        match session::serve(reader, writer, &ctx2, &peer, &transport) {
-            SessionEnd::Handshake(e) => log::info!("nbd {peer}: handshake ended: {e}"),
-            end => log::info!("nbd {peer}: disconnected ({end:?})"),
-        }
-        transport.close();
-        if let Ok(mut c) = conns2.lock() {
-            c.remove(&id);
-        }
-    });
+    let spawned = thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            let peer = peer.to_string();
+            log::info!("nbd {peer}: connected");
+            match session::serve(reader, writer, &ctx2, &peer, &transport) {
+                SessionEnd::Handshake(e) => log::info!("nbd {peer}: handshake ended: {e}"),
+                end => log::info!("nbd {peer}: disconnected ({end:?})"),
+            }
+            transport.close();
+            if let Ok(mut c) = conns2.lock() {
+                c.remove(&id);
+            }
+        });
     match spawned {
         Ok(handle) => {
             if let Ok(mut c) = conns.lock() {

@@ -66,7 +66,11 @@ impl SessionCtx {
                 preferred_block_bytes: bs.max(4096).min(max_payload),
                 max_block_bytes: max_payload,
             },
-            limits: Limits { size_bytes: g.size_bytes(), block_size: bs, max_payload_bytes: max_payload },
+            limits: Limits {
+                size_bytes: g.size_bytes(),
+                block_size: bs,
+                max_payload_bytes: max_payload,
+            },
             vol,
             max_inflight: max_inflight.max(1),
             stop,
@@ -109,7 +113,9 @@ pub fn serve<R: Read, W: Write + Send>(
     t: &dyn Transport,
 ) -> SessionEnd {
     let mut w = BufWriter::with_capacity(REPLY_BUFFER_BYTES, w);
-    if let Err(e) = negotiate(&mut r, &mut w, &ctx.export, &|| ctx.stop.load(Ordering::Relaxed)) {
+    if let Err(e) = negotiate(&mut r, &mut w, &ctx.export, &|| {
+        ctx.stop.load(Ordering::Relaxed)
+    }) {
         return SessionEnd::Handshake(e);
     }
     t.negotiated();
@@ -146,7 +152,13 @@ struct Shared {
 
 impl Shared {
     fn take_buffer(&self, len: usize) -> Vec<u8> {
-        let mut b = self.pool.lock().map(|mut p| p.pop()).ok().flatten().unwrap_or_default();
+        let mut b = self
+            .pool
+            .lock()
+            .map(|mut p| p.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         b.clear();
         b.resize(len, 0);
         b
@@ -167,7 +179,11 @@ fn completion(tx: &Sender<Reply>, handle: u64, kind: Kind) -> Completion {
     let tx = tx.clone();
     Box::new(move |res: IoResult| {
         // The connection may be gone; then nobody wants the reply.
-        let _ = tx.send(Reply { handle, kind, result: res.map_err(Fail::Volume) });
+        let _ = tx.send(Reply {
+            handle,
+            kind,
+            result: res.map_err(Fail::Volume),
+        });
     })
 }
 
@@ -292,9 +308,17 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                         Err(e) => return SessionEnd::Closed(Some(e)),
                     }
                 }
-                let kind = if h.kind == CMD_READ { Kind::Read(0) } else { Kind::Mutation };
+                let kind = if h.kind == CMD_READ {
+                    Kind::Read(0)
+                } else {
+                    Kind::Mutation
+                };
                 sh.inflight.fetch_add(1, Ordering::AcqRel);
-                let _ = tx.send(Reply { handle: h.handle, kind, result: Err(Fail::Errno(errno)) });
+                let _ = tx.send(Reply {
+                    handle: h.handle,
+                    kind,
+                    result: Err(Fail::Errno(errno)),
+                });
                 continue;
             }
         };
@@ -303,7 +327,10 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
         match cmd {
             Command::Read { offset, len } => {
                 sh.inflight.fetch_add(1, Ordering::AcqRel);
-                vol.submit(VolumeOp::Read { offset, len }, completion(&tx, handle, Kind::Read(len)));
+                vol.submit(
+                    VolumeOp::Read { offset, len },
+                    completion(&tx, handle, Kind::Read(len)),
+                );
             }
             Command::Write { offset, len, fua } => {
                 // The whole payload is read before anything is submitted
@@ -360,9 +387,9 @@ fn write_reply<W: Write>(
                     );
                     w.write_all(&simple_reply(EIO, rep.handle))
                 }
-                Kind::Read(_) => {
-                    w.write_all(&simple_reply(0, rep.handle)).and_then(|_| w.write_all(&data))
-                }
+                Kind::Read(_) => w
+                    .write_all(&simple_reply(0, rep.handle))
+                    .and_then(|_| w.write_all(&data)),
                 Kind::Mutation | Kind::Flush => w.write_all(&simple_reply(0, rep.handle)),
             };
             sh.give_buffer(data);

@@ -46,7 +46,12 @@ fn greeting_and_export_name_with_and_without_zeroes() {
 
 #[test]
 fn export_flags_advertise_what_we_support() {
-    for f in [TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM] {
+    for f in [
+        TFLAG_HAS_FLAGS,
+        TFLAG_SEND_FLUSH,
+        TFLAG_SEND_FUA,
+        TFLAG_SEND_TRIM,
+    ] {
         assert_ne!(EXPORT_FLAGS & f, 0);
     }
     assert_ne!(EXPORT_FLAGS & TFLAG_SEND_WRITE_ZEROES, 0);
@@ -78,13 +83,22 @@ fn options_list_info_unsupported_and_abort() {
     assert_eq!(r[1].0, REP_ACK);
     assert_eq!(c.option(OPT_LIST, b"x")[0].0, REP_ERR_INVALID);
 
-    let r = c.option(OPT_INFO, &info_request(EXPORT, &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]));
+    let r = c.option(
+        OPT_INFO,
+        &info_request(EXPORT, &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+    );
     assert_eq!(export_info(&r), Some((SIZE, EXPORT_FLAGS)));
     let bs = info_payload(&r, INFO_BLOCK_SIZE).unwrap();
-    let words: Vec<u32> = bs.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+    let words: Vec<u32> = bs
+        .chunks(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(words, vec![512, 4096, 1 << 20]);
     assert_eq!(info_payload(&r, INFO_NAME).unwrap(), EXPORT.as_bytes());
-    assert_eq!(info_payload(&r, INFO_DESCRIPTION).unwrap(), b"deltamirror test volume");
+    assert_eq!(
+        info_payload(&r, INFO_DESCRIPTION).unwrap(),
+        b"deltamirror test volume"
+    );
     assert_eq!(r.last().unwrap().0, REP_ACK);
 
     // Name and description only on request.
@@ -97,7 +111,10 @@ fn options_list_info_unsupported_and_abort() {
     assert_eq!(r[0].0, REP_ERR_UNKNOWN);
     let r = c.option(OPT_GO, &info_request("other", &[]));
     assert_eq!(r[0].0, REP_ERR_UNKNOWN);
-    assert_eq!(c.option(OPT_INFO, &[0, 0, 0, 9, b'a'])[0].0, REP_ERR_INVALID);
+    assert_eq!(
+        c.option(OPT_INFO, &[0, 0, 0, 9, b'a'])[0].0,
+        REP_ERR_INVALID
+    );
 
     assert_eq!(c.option(OPT_STRUCTURED_REPLY, &[])[0].0, REP_ERR_UNSUP);
     assert_eq!(c.option(OPT_STARTTLS, &[])[0].0, REP_ERR_UNSUP);
@@ -124,18 +141,38 @@ fn every_command_round_trips() {
     let data = pattern(3, 8192);
     assert_eq!(c.call(CMD_WRITE, 0, 4096, 8192, &data).0, 0);
     assert_eq!(c.call(CMD_READ, 0, 4096, 8192, &[]), (0, data.clone()));
-    assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 512, &pattern(9, 512)).0, 0);
-    assert_eq!(c.call(CMD_READ, CMD_FLAG_FUA, 0, 512, &[]).1, pattern(9, 512));
+    assert_eq!(
+        c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 512, &pattern(9, 512)).0,
+        0
+    );
+    assert_eq!(
+        c.call(CMD_READ, CMD_FLAG_FUA, 0, 512, &[]).1,
+        pattern(9, 512)
+    );
     assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).0, 0);
 
     assert_eq!(c.call(CMD_TRIM, 0, 4096, 4096, &[]).0, 0);
     assert_eq!(c.call(CMD_READ, 0, 4096, 4096, &[]).1, vec![0; 4096]);
-    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 8192, 4096, &[]).0, 0);
+    assert_eq!(
+        c.call(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+            8192,
+            4096,
+            &[]
+        )
+        .0,
+        0
+    );
     assert_eq!(c.call(CMD_READ, 0, 8192, 4096, &[]).1, vec![0; 4096]);
 
     // TRIM / WRITE_ZEROES larger than max_io_bytes are split, not refused.
     assert_eq!(c.call(CMD_WRITE, 0, SIZE - 512, 512, &[7; 512]).0, 0);
-    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, SIZE as u32, &[]).0, 0);
+    assert_eq!(
+        c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, SIZE as u32, &[])
+            .0,
+        0
+    );
     assert_eq!(c.call(CMD_READ, 0, SIZE - 512, 512, &[]).1, vec![0; 512]);
     assert_eq!(c.call(CMD_TRIM, 0, 0, SIZE as u32, &[]).0, 0);
 
@@ -178,7 +215,10 @@ fn pipelined_requests_all_answered() {
     // Last writer of each slot wins: h = 744..999 cover all 256 slots.
     for h in n - 256..n {
         let off = (h % 256) * 4096;
-        assert_eq!(c.call(CMD_READ, 0, off, 4096, &[]).1, pattern(h as u8, 4096));
+        assert_eq!(
+            c.call(CMD_READ, 0, off, 4096, &[]).1,
+            pattern(h as u8, 4096)
+        );
     }
     srv.shutdown();
 }
@@ -212,7 +252,11 @@ fn request_errors_keep_the_connection_and_never_write() {
         (CMD_READ, 1 << 4, 0, 512, EINVAL), // FAST_ZERO not advertised
     ];
     for &(kind, flags, off, len, want) in cases {
-        let payload = if kind == CMD_WRITE { vec![0xee; len as usize] } else { vec![] };
+        let payload = if kind == CMD_WRITE {
+            vec![0xee; len as usize]
+        } else {
+            vec![]
+        };
         let (e, _) = c.call(kind, flags, off, len, &payload);
         assert_eq!(e, want, "kind {kind} flags {flags} off {off} len {len}");
     }
@@ -228,7 +272,10 @@ fn backup_refuses_io_with_eperm() {
     let (mut c, _, _) = Client::go(srv.local_addr());
     vol.path.set(PathState::Inaccessible);
     assert_eq!(c.call(CMD_WRITE, 0, 0, 512, &[1; 512]).0, EPERM);
-    assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 512, 512, &[1; 512]).0, EPERM);
+    assert_eq!(
+        c.call(CMD_WRITE, CMD_FLAG_FUA, 512, 512, &[1; 512]).0,
+        EPERM
+    );
     assert_eq!(c.call(CMD_TRIM, 0, 0, 512, &[]).0, EPERM);
     assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 512, &[]).0, EPERM);
     assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]).0, EPERM);
@@ -318,9 +365,14 @@ fn max_connections_and_shutdown() {
     let (mut b, _, _) = Client::go(addr);
     // The third is closed before any greeting.
     let mut third = std::net::TcpStream::connect(addr).unwrap();
-    third.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    third
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
     let mut buf = [0u8; 8];
-    assert!(matches!(std::io::Read::read(&mut third, &mut buf), Ok(0) | Err(_)));
+    assert!(matches!(
+        std::io::Read::read(&mut third, &mut buf),
+        Ok(0) | Err(_)
+    ));
     assert_eq!(srv.connections(), 2);
     // Shutdown closes the open ones.
     srv.shutdown();
@@ -337,6 +389,10 @@ fn start_rejects_bad_config() {
         max_connections: 0,
     };
     assert!(nbd_target::start(cfg.clone(), vol.clone()).is_err());
-    let cfg = nbd_target::NbdConfig { max_connections: 1, export_name: "a\0b".into(), ..cfg };
+    let cfg = nbd_target::NbdConfig {
+        max_connections: 1,
+        export_name: "a\0b".into(),
+        ..cfg
+    };
     assert!(nbd_target::start(cfg, vol).is_err());
 }

@@ -111,7 +111,15 @@ impl Client {
         }
     }
 
-    pub fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) {
         let mut m = Vec::with_capacity(28 + data.len());
         m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         m.extend_from_slice(&flags.to_be_bytes());
@@ -131,11 +139,22 @@ impl Client {
     }
 
     /// Request and wait for its reply (one in flight); returns (errno, data).
-    pub fn call(&mut self, kind: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> (u32, Vec<u8>) {
+    pub fn call(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> (u32, Vec<u8>) {
         self.request(kind, flags, 42, offset, len, data);
         let (errno, handle) = self.reply();
         assert_eq!(handle, 42);
-        let payload = if kind == CMD_READ && errno == 0 { self.bytes(len as usize) } else { vec![] };
+        let payload = if kind == CMD_READ && errno == 0 {
+            self.bytes(len as usize)
+        } else {
+            vec![]
+        };
         (errno, payload)
     }
 
@@ -161,7 +180,10 @@ pub fn info_request(name: &str, reqs: &[u16]) -> Vec<u8> {
 pub fn export_info(replies: &[(u32, Vec<u8>)]) -> Option<(u64, u16)> {
     replies.iter().find_map(|(k, d)| {
         (*k == REP_INFO && d.len() == 12 && d[0..2] == INFO_EXPORT.to_be_bytes()).then(|| {
-            (u64::from_be_bytes(d[2..10].try_into().unwrap()), u16::from_be_bytes([d[10], d[11]]))
+            (
+                u64::from_be_bytes(d[2..10].try_into().unwrap()),
+                u16::from_be_bytes([d[10], d[11]]),
+            )
         })
     })
 }
@@ -174,5 +196,7 @@ pub fn info_payload(replies: &[(u32, Vec<u8>)], info: u16) -> Option<Vec<u8>> {
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
