@@ -46,8 +46,11 @@ pub struct AdminServer {
 /// Binds `listen` and serves the admin endpoint on a thread of its own.
 pub fn start(listen: SocketAddr, ctl: Arc<dyn Control>) -> io::Result<AdminServer> {
     let server = Server::http(listen).map_err(|e| {
+        let kind = e
+            .downcast_ref::<io::Error>()
+            .map_or(io::ErrorKind::Other, io::Error::kind);
         io::Error::new(
-            io::ErrorKind::AddrInUse,
+            kind,
             format!("cannot listen on admin.listen = {listen}: {e}"),
         )
     })?;
@@ -777,6 +780,18 @@ mod tests {
             )) && err.ends_with("is `deltamirror serve` running?"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn busy_port_is_reported_with_the_field() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ctl: Arc<dyn Control> = Arc::new(FakeNode {
+            status: Mutex::new(sample()),
+            refuse: None,
+        });
+        let err = start(taken.local_addr().unwrap(), ctl).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("admin.listen"), "{err}");
     }
 
     #[test]
