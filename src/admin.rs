@@ -11,7 +11,9 @@
 //! | anything else | 404 |
 //!
 //! The server only reads snapshots and posts commands through
-//! `engine::status::Control`; it never blocks a reactor.
+//! `engine::status::Control`; it never blocks a reactor. Requests are served
+//! one at a time on one thread (bounded: no thread per request), so a long
+//! promote delays a concurrent status or scrape until it returns.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
