@@ -4,8 +4,9 @@
 //! payloads and submits each request to the volume without waiting. A
 //! scoped writer thread receives completions through a channel and sends
 //! the replies, writing every queued reply before one flush. The reader
-//! stops reading while `max_inflight` requests are unanswered, which bounds
-//! the memory a connection can hold.
+//! stops reading while `max_inflight` requests or [`MAX_INFLIGHT_BYTES`] of
+//! payload are unanswered, which bounds the memory a connection can hold
+//! (to that budget plus one request).
 //!
 //! [`serve`] works over any `Read`/`Write` pair: the server hands it a
 //! socket, tests and the fuzz driver hand it byte buffers.
@@ -25,6 +26,10 @@ use crate::proto::*;
 /// Socket buffer sizes on our side of each connection.
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 pub const REPLY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Read and write payload bytes held by unanswered requests after which a
+/// connection's reader stops reading.
+pub const MAX_INFLIGHT_BYTES: usize = 32 << 20;
 
 /// Write buffers kept per connection for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 64;
@@ -63,7 +68,7 @@ impl SessionCtx {
                 size_bytes: g.size_bytes(),
                 flags: EXPORT_FLAGS,
                 min_block_bytes: bs,
-                preferred_block_bytes: bs.max(4096).min(max_payload),
+                preferred_block_bytes: prev_power_of_two(bs.max(4096).min(max_payload)),
                 max_block_bytes: max_payload,
             },
             limits: Limits {
@@ -76,6 +81,11 @@ impl SessionCtx {
             stop,
         }
     }
+}
+
+/// Largest power of two <= `x` (`x` > 0).
+fn prev_power_of_two(x: u32) -> u32 {
+    1 << (31 - x.max(1).leading_zeros())
 }
 
 /// Hooks into the connection's transport (no-ops for byte buffers).
@@ -123,10 +133,27 @@ pub fn serve<R: Read, W: Write + Send>(
     transmission(r, w, ctx, peer, t)
 }
 
+impl Kind {
+    fn is_mutation(self) -> bool {
+        matches!(self, Kind::Write(_) | Kind::Mutation)
+    }
+
+    /// Payload bytes the request holds until its reply is sent.
+    fn charge(self) -> usize {
+        match self {
+            Kind::Read(n) | Kind::Write(n) => n as usize,
+            Kind::Mutation | Kind::Flush => 0,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// Carries `len` bytes of data on success.
     Read(u32),
+    /// A write whose `len`-byte payload the connection holds.
+    Write(u32),
+    /// TRIM, WRITE_ZEROES, or a refused write (payload already dropped).
     Mutation,
     Flush,
 }
@@ -145,12 +172,25 @@ struct Reply {
 /// State shared by a connection's reader and writer.
 struct Shared {
     inflight: AtomicUsize,
+    inflight_bytes: AtomicUsize,
     /// The writer has exited: the reader must stop.
     dead: AtomicBool,
     pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared {
+    /// Counts one more unanswered request holding `bytes` of payload.
+    fn admit(&self, bytes: u32) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.inflight_bytes
+            .fetch_add(bytes as usize, Ordering::AcqRel);
+    }
+
+    fn full(&self, max_inflight: usize) -> bool {
+        self.inflight.load(Ordering::Acquire) >= max_inflight
+            || self.inflight_bytes.load(Ordering::Acquire) >= MAX_INFLIGHT_BYTES
+    }
+
     fn take_buffer(&self, len: usize) -> Vec<u8> {
         let mut b = self
             .pool
@@ -259,6 +299,7 @@ fn transmission<R: Read, W: Write + Send>(
 ) -> SessionEnd {
     let shared = Shared {
         inflight: AtomicUsize::new(0),
+        inflight_bytes: AtomicUsize::new(0),
         dead: AtomicBool::new(false),
         pool: Mutex::new(Vec::new()),
     };
@@ -281,7 +322,7 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
     let mut hdr = [0u8; REQUEST_HEADER_BYTES];
     let chunk = ctx.limits.max_payload_bytes as u64;
     loop {
-        while sh.inflight.load(Ordering::Acquire) >= ctx.max_inflight {
+        while sh.full(ctx.max_inflight) {
             if sh.dead.load(Ordering::Acquire) || ctx.stop.load(Ordering::Relaxed) {
                 return SessionEnd::Stopped;
             }
@@ -313,7 +354,7 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                 } else {
                     Kind::Mutation
                 };
-                sh.inflight.fetch_add(1, Ordering::AcqRel);
+                sh.admit(0);
                 let _ = tx.send(Reply {
                     handle: h.handle,
                     kind,
@@ -326,7 +367,7 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
         let vol = &*ctx.vol;
         match cmd {
             Command::Read { offset, len } => {
-                sh.inflight.fetch_add(1, Ordering::AcqRel);
+                sh.admit(len);
                 vol.submit(
                     VolumeOp::Read { offset, len },
                     completion(&tx, handle, Kind::Read(len)),
@@ -342,18 +383,18 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                         _ => SessionEnd::Closed(Some(e)),
                     };
                 }
-                sh.inflight.fetch_add(1, Ordering::AcqRel);
+                sh.admit(len);
                 vol.submit(
                     VolumeOp::Write { offset, data, fua },
-                    completion(&tx, handle, Kind::Mutation),
+                    completion(&tx, handle, Kind::Write(len)),
                 );
             }
             Command::Flush => {
-                sh.inflight.fetch_add(1, Ordering::AcqRel);
+                sh.admit(0);
                 vol.submit(VolumeOp::Flush, completion(&tx, handle, Kind::Flush));
             }
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
-                sh.inflight.fetch_add(1, Ordering::AcqRel);
+                sh.admit(0);
                 let mut done = completion(&tx, handle, Kind::Mutation);
                 if fua {
                     done = then_flush(&ctx.vol, done);
@@ -390,7 +431,9 @@ fn write_reply<W: Write>(
                 Kind::Read(_) => w
                     .write_all(&simple_reply(0, rep.handle))
                     .and_then(|_| w.write_all(&data)),
-                Kind::Mutation | Kind::Flush => w.write_all(&simple_reply(0, rep.handle)),
+                Kind::Write(_) | Kind::Mutation | Kind::Flush => {
+                    w.write_all(&simple_reply(0, rep.handle))
+                }
             };
             sh.give_buffer(data);
             return res;
@@ -404,7 +447,7 @@ fn write_reply<W: Write>(
                      (refusing I/O with EPERM)"
                 );
             }
-            nbd_errno(e, rep.kind == Kind::Mutation)
+            nbd_errno(e, rep.kind.is_mutation())
         }
     };
     w.write_all(&simple_reply(errno, rep.handle))
@@ -428,12 +471,13 @@ fn writer_loop<W: Write>(
             // The reader is done and every submitted request completed.
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let mut n = 1;
+        let (mut n, mut bytes) = (1, first.kind.charge());
         let mut res = write_reply(&mut w, first, sh, peer, &mut warned_backup);
         while res.is_ok() {
             match rx.try_recv() {
                 Ok(rep) => {
                     n += 1;
+                    bytes += rep.kind.charge();
                     res = write_reply(&mut w, rep, sh, peer, &mut warned_backup);
                 }
                 Err(_) => break,
@@ -441,6 +485,7 @@ fn writer_loop<W: Write>(
         }
         let res = res.and_then(|_| w.flush());
         sh.inflight.fetch_sub(n, Ordering::AcqRel);
+        sh.inflight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         reader.unpark();
         if let Err(e) = res {
             log::info!("nbd {peer}: sending replies failed: {e}");

@@ -396,3 +396,117 @@ fn start_rejects_bad_config() {
     };
     assert!(nbd_target::start(cfg, vol).is_err());
 }
+
+/// A volume that holds every request until released, to observe how much
+/// a connection lets pile up.
+struct Parked {
+    inner: MemVolume,
+    held: std::sync::Mutex<Vec<(volume::VolumeOp, volume::Completion)>>,
+}
+
+impl Parked {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+    fn release(&self) {
+        let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
+        for (op, done) in held {
+            self.inner.submit(op, done);
+        }
+    }
+}
+
+use volume::Volume;
+
+impl Volume for Parked {
+    fn geometry(&self) -> volume::Geometry {
+        self.inner.geometry()
+    }
+    fn identity(&self) -> volume::VolumeIdentity {
+        self.inner.identity()
+    }
+    fn path_state(&self) -> PathState {
+        self.inner.path_state()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.inner.path_epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        self.inner.max_io_bytes()
+    }
+    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+        self.held.lock().unwrap().push((op, done));
+    }
+}
+
+fn pile_up(len: u32, count: u64, expect_held: std::ops::RangeInclusive<usize>) {
+    let vol = Arc::new(Parked {
+        inner: MemVolume::new(512, 2 * 65536), // 64 MiB
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let srv = nbd_target::start(
+        nbd_target::NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            export_name: EXPORT.into(),
+            description: String::new(),
+            max_connections: 1,
+        },
+        vol.clone(),
+    )
+    .unwrap();
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    let mut s = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for h in 0..count {
+            let off = (h * len as u64) % (64 << 20);
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+            m.extend_from_slice(&h.to_be_bytes());
+            m.extend_from_slice(&off.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m.resize(28 + len as usize, h as u8);
+            s.write_all(&m).unwrap();
+        }
+    });
+    // Let the server read as much as it is willing to.
+    let mut last = usize::MAX;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = vol.held();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let held = vol.held();
+    assert!(
+        expect_held.contains(&held),
+        "{held} requests held, want {expect_held:?}"
+    );
+    // Release in rounds until everything is answered.
+    let reader = std::thread::spawn(move || {
+        for _ in 0..count {
+            assert_eq!(c.reply().0, 0);
+        }
+    });
+    while !reader.is_finished() {
+        vol.release();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    reader.join().unwrap();
+    sender.join().unwrap();
+    srv.shutdown();
+}
+
+#[test]
+fn inflight_requests_are_bounded_by_count() {
+    let max = nbd_target::MAX_INFLIGHT_PER_CONNECTION;
+    pile_up(4096, 400, max..=max);
+}
+
+#[test]
+fn inflight_requests_are_bounded_by_bytes() {
+    let max = nbd_target::session::MAX_INFLIGHT_BYTES >> 20;
+    pile_up(1 << 20, 60, max..=max + 1);
+}
