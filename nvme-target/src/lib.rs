@@ -1,1 +1,21 @@
-//! nvme-target
+//! NVMe-oF/TCP target for deltamirror, and a small NVMe/TCP initiator.
+//!
+//! The target exports one [`volume::Volume`] as namespace 1 of an NVM
+//! subsystem, plus the well-known discovery subsystem on the same port.
+//! The namespace sits in one ANA group whose state follows the volume's
+//! path state (primary = optimized, backup = inaccessible); a change is
+//! announced with an ANA change asynchronous event.
+//!
+//! Architecture invariant: the target never writes to the volume for a
+//! command that failed validation; protocol errors are values (a status or
+//! a C2HTermReq), never panics.
+
+pub mod admin;
+pub mod fuzz;
+pub mod initiator;
+pub mod pdu;
+pub mod queue;
+pub mod spec;
+pub mod target;
+
+pub use target::{start, DiscoveryPort, NvmeConfig, NvmeTarget};

@@ -1,0 +1,911 @@
+//! One NVMe/TCP queue (connection): a sans-IO state machine fed with framed
+//! PDUs. It answers through an `Out` channel (drained by the connection's
+//! writer thread, or by the fuzz harness) and submits I/O to the volume
+//! without waiting: completions build their response on the engine thread
+//! and post it to the same channel.
+
+use crate::admin::{self, ADMIN_QUEUE_ENTRIES, AER_LIMIT, IDENTIFY_LEN};
+use crate::pdu::*;
+use crate::spec::*;
+use crate::target::{Ctrl, Shared};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use volume::{IoError, IoResult, PathState, VolumeOp};
+
+/// Largest data carried by one C2HData PDU; longer reads are split.
+pub const C2H_CHUNK_BYTES: usize = 128 * 1024;
+/// Connect command data length.
+const CONNECT_DATA_LEN: u32 = 1024;
+/// In-capsule data accepted on the admin queue (the Linux host sizes admin
+/// capsules at 8 KiB).
+const ADMIN_ICD_BYTES: u32 = 8192;
+
+/// What a queue sends to its writer.
+#[derive(Debug)]
+pub enum Out {
+    Bytes(Vec<u8>),
+    /// Shut the socket down (both directions) and stop.
+    Close,
+}
+
+/// The part of a queue that completions need: where to send, how to frame.
+pub struct QueueIo {
+    out: Sender<Out>,
+    dg: Digests,
+    /// Host PDU data alignment in bytes.
+    c2h_align: usize,
+    qid: AtomicU32,
+    /// SQ size (entries) once connected, for SQHD wrap.
+    sq_entries: AtomicU32,
+    sq_head: AtomicU32,
+    sqflow_disabled: AtomicBool,
+    inflight: Mutex<HashSet<u16>>,
+}
+
+impl QueueIo {
+    fn new(out: Sender<Out>, dg: Digests, c2h_align: usize) -> Self {
+        QueueIo {
+            out,
+            dg,
+            c2h_align,
+            qid: AtomicU32::new(0),
+            sq_entries: AtomicU32::new(u16::MAX as u32 + 1),
+            sq_head: AtomicU32::new(0),
+            sqflow_disabled: AtomicBool::new(false),
+            inflight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn close(&self) {
+        let _ = self.out.send(Out::Close);
+    }
+
+    fn sqhd(&self) -> u16 {
+        if self.sqflow_disabled.load(Ordering::Relaxed) {
+            return 0xFFFF;
+        }
+        (self.sq_head.load(Ordering::Relaxed) % self.sq_entries.load(Ordering::Relaxed)) as u16
+    }
+
+    /// Completes command `cid`: C2HData for `data` (on success) and a
+    /// CapsuleResp, unless the SUCCESS flag on the last C2HData replaces it.
+    pub fn complete(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
+        self.inflight.lock().unwrap().remove(&cid);
+        let mut bytes = Vec::new();
+        let mut resp_needed = true;
+        if status.is_success() && !data.is_empty() {
+            let n = data.len().div_ceil(C2H_CHUNK_BYTES);
+            let success_flag = self.sqflow_disabled.load(Ordering::Relaxed) && result == 0;
+            for (i, chunk) in data.chunks(C2H_CHUNK_BYTES).enumerate() {
+                let mut flags = 0;
+                if i + 1 == n {
+                    flags |= FLAG_LAST_PDU;
+                    if success_flag {
+                        flags |= FLAG_SUCCESS;
+                        resp_needed = false;
+                    }
+                }
+                let off = (i * C2H_CHUNK_BYTES) as u32;
+                bytes.extend_from_slice(&encode_xfer(
+                    PDU_C2H_DATA,
+                    flags,
+                    cid,
+                    0,
+                    off,
+                    chunk.len() as u32,
+                    chunk,
+                    self.dg,
+                    self.c2h_align,
+                ));
+            }
+        }
+        if resp_needed {
+            let cqe = Cqe {
+                dw0: result as u32,
+                dw1: (result >> 32) as u32,
+                sqhd: self.sqhd(),
+                sqid: self.qid.load(Ordering::Relaxed) as u16,
+                cid,
+                status,
+            };
+            bytes.extend_from_slice(&encode_capsule_resp(&cqe, self.dg));
+        }
+        let _ = self.out.send(Out::Bytes(bytes));
+    }
+}
+
+/// A write (or other host-to-controller transfer) waiting for H2CData.
+struct Transfer {
+    cid: u16,
+    sqe: Sqe,
+    len: usize,
+    buf: Vec<u8>,
+    digest_failed: bool,
+}
+
+/// Result of dispatching a command.
+enum Outcome {
+    Done(Status, u64, Vec<u8>),
+    Submit(VolumeOp),
+    /// Several volume ops (DSM ranges): one completion when all finish.
+    SubmitAll(Vec<VolumeOp>),
+    /// Completed later (AER).
+    Deferred,
+}
+
+fn done(st: Status) -> Outcome {
+    Outcome::Done(st, 0, Vec::new())
+}
+
+/// Maps a volume error to an NVMe status: the one place this happens.
+pub fn status_of(e: IoError, is_read: bool) -> Status {
+    match e {
+        IoError::NotPrimary => SC_ANA_INACCESSIBLE,
+        IoError::OutOfRange => SC_LBA_OUT_OF_RANGE,
+        IoError::Unaligned | IoError::TooLarge => SC_INVALID_FIELD,
+        IoError::Io(_) if is_read => SC_UNRECOVERED_READ,
+        IoError::Io(_) => SC_WRITE_FAULT,
+        IoError::Unavailable => SC_INTERNAL_PATH_ERROR,
+    }
+}
+
+pub struct QueueCore {
+    sh: Arc<Shared>,
+    out: Sender<Out>,
+    io: Option<Arc<QueueIo>>,
+    qid: Option<u16>,
+    ctrl: Option<Arc<Ctrl>>,
+    sq_entries: u32,
+    transfers: HashMap<u16, Transfer>,
+    next_ttag: u16,
+}
+
+impl QueueCore {
+    pub fn new(sh: Arc<Shared>, out: Sender<Out>) -> Self {
+        QueueCore {
+            sh,
+            out,
+            io: None,
+            qid: None,
+            ctrl: None,
+            sq_entries: ADMIN_QUEUE_ENTRIES as u32,
+            transfers: HashMap::new(),
+            next_ttag: 0,
+        }
+    }
+
+    /// Largest PDU accepted in the current state.
+    pub fn max_plen(&self) -> u32 {
+        match &self.io {
+            None => IC_HLEN as u32,
+            Some(_) => {
+                let data = self
+                    .sh
+                    .max_h2c_data
+                    .max(self.sh.cfg.in_capsule_data_bytes)
+                    .max(ADMIN_ICD_BYTES);
+                CMD_HLEN as u32 + 4 + 128 + data + 4
+            }
+        }
+    }
+
+    fn terminate(&mut self, e: TransportError, offending: &[u8]) -> bool {
+        let hlen = offending.get(2).copied().unwrap_or(0) as usize;
+        let hdr = &offending[..hlen.clamp(CH_LEN.min(offending.len()), offending.len())];
+        log::debug!(
+            "nvme-tcp: terminating connection: FES {:#x} FEI {}",
+            e.fes,
+            e.fei
+        );
+        let _ = self
+            .out
+            .send(Out::Bytes(encode_term(PDU_C2H_TERM_REQ, e, hdr)));
+        let _ = self.out.send(Out::Close);
+        false
+    }
+
+    /// Reports a framing error found before a PDU could be read whole.
+    pub fn feed_error(&mut self, e: TransportError, header: &[u8]) -> bool {
+        self.terminate(e, header)
+    }
+
+    /// Handles one framed PDU. Returns false when the connection must end.
+    pub fn feed(&mut self, raw: &RawPdu) -> bool {
+        let io = match &self.io {
+            None => return self.on_icreq(raw),
+            Some(io) => io.clone(),
+        };
+        let p = match check_pdu(raw, io.dg) {
+            Ok(p) => p,
+            Err(e) => return self.terminate(e, &raw.bytes),
+        };
+        match p.ch.pdu_type {
+            PDU_CAPSULE_CMD => self.on_capsule(&io, &p),
+            PDU_H2C_DATA => self.on_h2c_data(&io, &p),
+            PDU_H2C_TERM_REQ => {
+                log::debug!(
+                    "nvme-tcp: host terminated the connection (FES {:#x})",
+                    get_u16(p.header, 8)
+                );
+                let _ = self.out.send(Out::Close);
+                false
+            }
+            PDU_ICREQ => self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), &raw.bytes),
+            _ => self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 0), &raw.bytes),
+        }
+    }
+
+    fn on_icreq(&mut self, raw: &RawPdu) -> bool {
+        if raw.ch.pdu_type != PDU_ICREQ {
+            return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), &raw.bytes);
+        }
+        let p = match check_pdu(raw, Digests::default()) {
+            Ok(p) => p,
+            Err(e) => return self.terminate(e, &raw.bytes),
+        };
+        let ic = decode_ic(p.header);
+        if ic.pfv != 0 {
+            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 8), &raw.bytes);
+        }
+        if ic.pda > 31 {
+            return self.terminate(
+                TransportError::new(FES_INVALID_HEADER_FIELD, 10),
+                &raw.bytes,
+            );
+        }
+        let resp = IcParams {
+            pfv: 0,
+            pda: 0,
+            digests: ic.digests,
+            max: self.sh.max_h2c_data,
+        };
+        let _ = self.out.send(Out::Bytes(encode_ic(PDU_ICRESP, resp)));
+        self.io = Some(Arc::new(QueueIo::new(
+            self.out.clone(),
+            ic.digests,
+            (ic.pda as usize + 1) * 4,
+        )));
+        true
+    }
+
+    fn on_capsule(&mut self, io: &Arc<QueueIo>, p: &CheckedPdu<'_>) -> bool {
+        let mut sq = [0u8; 64];
+        sq.copy_from_slice(&p.header[CH_LEN..CMD_HLEN]);
+        let sqe = Sqe(sq);
+        let cid = sqe.cid();
+        io.sq_head.fetch_add(1, Ordering::Relaxed);
+        self.sh.poll_path_epoch();
+        {
+            let mut inflight = io.inflight.lock().unwrap();
+            if inflight.contains(&cid) {
+                drop(inflight);
+                io.complete(cid, SC_CID_CONFLICT, 0, &[]);
+                // The first command with this CID is still in flight: keep it.
+                io.inflight.lock().unwrap().insert(cid);
+                return true;
+            }
+            if inflight.len() as u32 >= self.sq_entries {
+                drop(inflight);
+                return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), p.header);
+            }
+            inflight.insert(cid);
+        }
+        if !p.data_digest_ok {
+            io.complete(cid, SC_TRANSIENT_TRANSPORT, 0, &[]);
+            return true;
+        }
+        if self.qid.is_none() && !(sqe.opcode() == OPC_FABRICS && sqe.fctype() == FCTYPE_CONNECT) {
+            io.complete(cid, SC_CMD_SEQ_ERROR, 0, &[]);
+            return true;
+        }
+        if sqe.flags() & 0x03 != 0 {
+            // Fused operations are not supported.
+            io.complete(cid, SC_INVALID_FIELD, 0, &[]);
+            return true;
+        }
+        let need = match self.data_out_len(&sqe) {
+            Ok(n) => n,
+            Err(st) => {
+                io.complete(cid, st, 0, &[]);
+                return true;
+            }
+        };
+        let (addr, sgl_len, sgl_id) = sqe.sgl();
+        let icd = p.data;
+        match need {
+            Some(n) if n > 0 => {
+                if sgl_len != n {
+                    io.complete(cid, SC_SGL_DATA_LEN_INVALID, 0, &[]);
+                    return true;
+                }
+                match sgl_id {
+                    SGL_ICD => {
+                        let max_icd = if self.qid.unwrap_or(0) == 0 {
+                            ADMIN_ICD_BYTES.max(self.sh.cfg.in_capsule_data_bytes)
+                        } else {
+                            self.sh.cfg.in_capsule_data_bytes
+                        };
+                        if addr != 0 || n > max_icd {
+                            io.complete(cid, SC_SGL_OFFSET_INVALID, 0, &[]);
+                        } else if icd.len() != n as usize {
+                            io.complete(cid, SC_SGL_DATA_LEN_INVALID, 0, &[]);
+                        } else {
+                            self.run(io, cid, &sqe, icd.to_vec());
+                        }
+                    }
+                    SGL_TRANSPORT => {
+                        if !icd.is_empty() {
+                            io.complete(cid, SC_INVALID_FIELD, 0, &[]);
+                        } else {
+                            self.start_r2t(io, cid, sqe, n);
+                        }
+                    }
+                    _ => io.complete(cid, SC_SGL_TYPE_INVALID, 0, &[]),
+                }
+            }
+            _ => {
+                if !icd.is_empty() {
+                    io.complete(cid, SC_INVALID_FIELD, 0, &[]);
+                } else if sgl_len != 0 && sgl_id != SGL_TRANSPORT {
+                    io.complete(cid, SC_SGL_TYPE_INVALID, 0, &[]);
+                } else {
+                    self.run(io, cid, &sqe, Vec::new());
+                }
+            }
+        }
+        true
+    }
+
+    fn start_r2t(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: Sqe, len: u32) {
+        let mut ttag = self.next_ttag;
+        while self.transfers.contains_key(&ttag) {
+            ttag = ttag.wrapping_add(1);
+        }
+        self.next_ttag = ttag.wrapping_add(1);
+        self.transfers.insert(
+            ttag,
+            Transfer {
+                cid,
+                sqe,
+                len: len as usize,
+                buf: Vec::with_capacity(len as usize),
+                digest_failed: false,
+            },
+        );
+        let pdu = encode_xfer(PDU_R2T, 0, cid, ttag, 0, len, &[], io.dg, 4);
+        let _ = self.out.send(Out::Bytes(pdu));
+    }
+
+    fn on_h2c_data(&mut self, io: &Arc<QueueIo>, p: &CheckedPdu<'_>) -> bool {
+        let x = decode_xfer(p.header);
+        let max_h2c = self.sh.max_h2c_data;
+        let t = match self.transfers.get_mut(&x.ttag) {
+            Some(t) => t,
+            None => {
+                return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 10), p.header)
+            }
+        };
+        if t.cid != x.cccid {
+            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 8), p.header);
+        }
+        if x.len as usize != p.data.len() || x.len == 0 {
+            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 16), p.header);
+        }
+        if x.len > max_h2c {
+            return self.terminate(TransportError::new(FES_DATA_LIMIT_EXCEEDED, 16), p.header);
+        }
+        if x.offset as usize != t.buf.len() || x.offset as usize + x.len as usize > t.len {
+            return self.terminate(TransportError::new(FES_DATA_OUT_OF_RANGE, 12), p.header);
+        }
+        t.buf.extend_from_slice(p.data);
+        t.digest_failed |= !p.data_digest_ok;
+        let complete = t.buf.len() == t.len;
+        if p.ch.flags & FLAG_LAST_PDU != 0 && !complete {
+            return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 1), p.header);
+        }
+        if complete {
+            let t = self.transfers.remove(&x.ttag).unwrap();
+            if t.digest_failed {
+                io.complete(t.cid, SC_TRANSIENT_TRANSPORT, 0, &[]);
+            } else {
+                self.run(io, t.cid, &t.sqe, t.buf);
+            }
+        }
+        true
+    }
+
+    /// Host-to-controller data a command needs, validated before any data
+    /// moves so that a bad write never transfers or reaches the volume.
+    fn data_out_len(&self, sqe: &Sqe) -> Result<Option<u32>, Status> {
+        match self.qid {
+            None => Ok(Some(CONNECT_DATA_LEN)),
+            Some(0) => Ok(None),
+            Some(_) => match sqe.opcode() {
+                IO_WRITE => {
+                    self.check_ns_and_path(sqe)?;
+                    let (_, len) = self.rw_range(sqe)?;
+                    Ok(Some(len))
+                }
+                IO_DSM => {
+                    self.check_ns_and_path(sqe)?;
+                    Ok(Some(((sqe.cdw(10) & 0xFF) + 1) * 16))
+                }
+                _ => Ok(None),
+            },
+        }
+    }
+
+    fn check_ns_and_path(&self, sqe: &Sqe) -> Result<(), Status> {
+        if sqe.nsid() != 1 && !(sqe.opcode() == IO_FLUSH && sqe.nsid() == 0xFFFF_FFFF) {
+            return Err(SC_INVALID_NS);
+        }
+        if self.sh.vol.path_state() != PathState::Optimized {
+            return Err(SC_ANA_INACCESSIBLE);
+        }
+        Ok(())
+    }
+
+    /// Byte offset and length of a Read / Write / Write Zeroes.
+    fn rw_range(&self, sqe: &Sqe) -> Result<(u64, u32), Status> {
+        let g = self.sh.geometry;
+        let slba = sqe.cdw(10) as u64 | ((sqe.cdw(11) as u64) << 32);
+        let nlb = (sqe.cdw(12) & 0xFFFF) as u64 + 1;
+        match slba.checked_add(nlb) {
+            Some(end) if end <= g.num_blocks => {}
+            _ => return Err(SC_LBA_OUT_OF_RANGE),
+        }
+        let len = nlb * g.block_size as u64;
+        if sqe.opcode() != IO_WRITE_ZEROES && len > self.sh.mdts_bytes as u64 {
+            return Err(SC_INVALID_FIELD);
+        }
+        Ok((slba * g.block_size as u64, len.min(u32::MAX as u64) as u32))
+    }
+
+    fn run(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: &Sqe, data: Vec<u8>) {
+        let (_, sgl_len, _) = sqe.sgl();
+        let outcome = match self.qid {
+            None => self.connect(io, sqe, &data),
+            Some(0) => self.admin(io, cid, sqe),
+            Some(_) => self.io_cmd(sqe, data),
+        };
+        match outcome {
+            Outcome::Done(st, result, out) => {
+                if st.is_success() && out.len() > sgl_len as usize {
+                    io.complete(cid, SC_SGL_DATA_LEN_INVALID, 0, &[]);
+                } else {
+                    io.complete(cid, st, result, &out);
+                }
+            }
+            Outcome::Deferred => {}
+            Outcome::Submit(op) => {
+                let is_read = matches!(op, VolumeOp::Read { .. });
+                let io = io.clone();
+                self.sh.vol.submit(
+                    op,
+                    Box::new(move |r: IoResult| match r {
+                        Ok(d) if is_read => io.complete(cid, Status::SUCCESS, 0, &d),
+                        Ok(_) => io.complete(cid, Status::SUCCESS, 0, &[]),
+                        Err(e) => io.complete(cid, status_of(e, is_read), 0, &[]),
+                    }),
+                );
+            }
+            Outcome::SubmitAll(ops) => {
+                let left = Arc::new(AtomicU32::new(ops.len() as u32));
+                let first_err: Arc<Mutex<Option<IoError>>> = Arc::new(Mutex::new(None));
+                for op in ops {
+                    let (io, left, first_err) = (io.clone(), left.clone(), first_err.clone());
+                    self.sh.vol.submit(
+                        op,
+                        Box::new(move |r: IoResult| {
+                            if let Err(e) = r {
+                                first_err.lock().unwrap().get_or_insert(e);
+                            }
+                            if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                let st = match *first_err.lock().unwrap() {
+                                    Some(e) => status_of(e, false),
+                                    None => Status::SUCCESS,
+                                };
+                                io.complete(cid, st, 0, &[]);
+                            }
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, io: &Arc<QueueIo>, sqe: &Sqe, data: &[u8]) -> Outcome {
+        let ipo_sqe = |off: u32| Outcome::Done(SC_CONNECT_INVALID_PARAM, off as u64, Vec::new());
+        let ipo_data = |off: u32| {
+            Outcome::Done(
+                SC_CONNECT_INVALID_PARAM,
+                ((1 << 16) | off) as u64,
+                Vec::new(),
+            )
+        };
+        let recfmt = get_u16(&sqe.0, 40);
+        let qid = get_u16(&sqe.0, 42);
+        let sqsize = get_u16(&sqe.0, 44);
+        let cattr = sqe.0[46];
+        let kato = get_u32(&sqe.0, 48);
+        if recfmt != 0 {
+            return done(SC_CONNECT_INCOMPATIBLE_FORMAT);
+        }
+        let mut hostid = [0u8; 16];
+        hostid.copy_from_slice(&data[0..16]);
+        let cntlid = get_u16(data, 16);
+        let subnqn = get_str0(data, 256, 256);
+        let hostnqn = get_str0(data, 512, 256);
+        let cfg = &self.sh.cfg;
+        let discovery = subnqn == DISCOVERY_NQN;
+        if !discovery && subnqn != cfg.subnqn {
+            return ipo_data(256);
+        }
+        if hostnqn.is_empty() {
+            return ipo_data(512);
+        }
+        if !discovery && !self.sh.host_allowed(&hostnqn) {
+            log::info!("nvme-tcp: refused host {hostnqn}: not in allowed_hosts");
+            return done(SC_CONNECT_INVALID_HOST);
+        }
+        let ctrl = if qid == 0 {
+            if sqsize < 1 || sqsize >= ADMIN_QUEUE_ENTRIES {
+                return ipo_sqe(44);
+            }
+            if cntlid != 0xFFFF {
+                return ipo_data(16);
+            }
+            if kato > cfg.keep_alive_max_ms {
+                return ipo_sqe(48);
+            }
+            match self
+                .sh
+                .new_controller(discovery, hostnqn, hostid, kato, io.clone())
+            {
+                Some(c) => c,
+                None => return done(SC_INTERNAL),
+            }
+        } else {
+            if discovery {
+                return ipo_sqe(42);
+            }
+            let ctrl = match self.sh.controller(cntlid) {
+                Some(c) => c,
+                None => return ipo_data(16),
+            };
+            if ctrl.hostnqn != hostnqn || ctrl.hostid != hostid {
+                return ipo_data(512);
+            }
+            if sqsize < 1 || sqsize >= cfg.max_queue_depth {
+                return ipo_sqe(44);
+            }
+            let mut st = ctrl.st.lock().unwrap();
+            if st.dead || st.csts & 1 == 0 {
+                return done(SC_CMD_SEQ_ERROR);
+            }
+            if qid > st.nr_io_queues {
+                return ipo_sqe(42);
+            }
+            if st.io_queues.contains_key(&qid) {
+                return done(SC_CMD_SEQ_ERROR);
+            }
+            st.io_queues.insert(qid, io.clone());
+            drop(st);
+            ctrl
+        };
+        self.sq_entries = sqsize as u32 + 1;
+        io.qid.store(qid as u32, Ordering::Relaxed);
+        io.sq_entries.store(sqsize as u32 + 1, Ordering::Relaxed);
+        io.sqflow_disabled
+            .store(cattr & 0x04 != 0, Ordering::Relaxed);
+        let cntlid = ctrl.cntlid;
+        self.qid = Some(qid);
+        self.ctrl = Some(ctrl);
+        Outcome::Done(Status::SUCCESS, cntlid as u64, Vec::new())
+    }
+
+    fn admin(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: &Sqe) -> Outcome {
+        let ctrl = self.ctrl.clone().expect("admin queue is connected");
+        if sqe.opcode() == OPC_FABRICS {
+            return match sqe.fctype() {
+                FCTYPE_PROPERTY_GET => self.property_get(&ctrl, sqe),
+                FCTYPE_PROPERTY_SET => self.property_set(&ctrl, sqe),
+                FCTYPE_CONNECT => done(SC_CMD_SEQ_ERROR),
+                _ => done(SC_INVALID_OPCODE),
+            };
+        }
+        {
+            let st = ctrl.st.lock().unwrap();
+            if st.cc & 1 == 0 || st.csts & 1 == 0 {
+                return done(SC_CMD_SEQ_ERROR);
+            }
+        }
+        match sqe.opcode() {
+            ADM_IDENTIFY => self.identify(&ctrl, sqe),
+            ADM_GET_LOG_PAGE => self.get_log_page(&ctrl, sqe),
+            ADM_SET_FEATURES => self.set_features(&ctrl, sqe),
+            ADM_GET_FEATURES => self.get_features(&ctrl, sqe),
+            ADM_KEEP_ALIVE => {
+                ctrl.st.lock().unwrap().last_keep_alive = Instant::now();
+                done(Status::SUCCESS)
+            }
+            // Commands are never aborted (allowed by the spec): dword 0 bit 0 set.
+            ADM_ABORT => Outcome::Done(Status::SUCCESS, 1, Vec::new()),
+            ADM_ASYNC_EVENT => {
+                let mut st = ctrl.st.lock().unwrap();
+                if st.aers.len() >= AER_LIMIT {
+                    return done(SC_AER_LIMIT);
+                }
+                st.aers.push(cid);
+                drop(st);
+                let _ = io;
+                self.sh.maybe_send_ana_aen(&ctrl);
+                Outcome::Deferred
+            }
+            _ => done(SC_INVALID_OPCODE),
+        }
+    }
+
+    fn property_get(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let size8 = sqe.0[40] & 0x07 == 1;
+        let ofst = get_u32(&sqe.0, 44);
+        let st = ctrl.st.lock().unwrap();
+        let v: u64 = match ofst {
+            PROP_CAP => self.sh.cap(),
+            PROP_VS => admin::NVME_VERSION as u64,
+            PROP_CC => st.cc as u64,
+            PROP_CSTS => st.csts as u64,
+            _ => return done(SC_INVALID_FIELD),
+        };
+        let v = if size8 { v } else { v & 0xFFFF_FFFF };
+        Outcome::Done(Status::SUCCESS, v, Vec::new())
+    }
+
+    fn property_set(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let ofst = get_u32(&sqe.0, 44);
+        let value = get_u64(&sqe.0, 48) as u32;
+        if ofst != PROP_CC {
+            return done(SC_INVALID_FIELD);
+        }
+        let mut st = ctrl.st.lock().unwrap();
+        let was_enabled = st.cc & 1 != 0;
+        st.cc = value;
+        if value & 1 != 0 && !was_enabled {
+            let iosqes = (value >> 16) & 0xF;
+            let iocqes = (value >> 20) & 0xF;
+            st.csts = if iosqes == 6 && iocqes == 4 {
+                1
+            } else {
+                1 << 1
+            };
+        } else if value & 1 == 0 && was_enabled {
+            // Controller reset: I/O queues go away, AERs are dropped.
+            st.csts = 0;
+            st.aers.clear();
+            for (_, q) in st.io_queues.drain() {
+                q.close();
+            }
+        }
+        if (value >> 14) & 3 != 0 {
+            st.csts = (st.csts & !(3 << 2)) | (2 << 2);
+        }
+        done(Status::SUCCESS)
+    }
+
+    fn identify(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let cns = (sqe.cdw(10) & 0xFF) as u8;
+        let nsid = sqe.nsid();
+        let data = match cns {
+            CNS_CONTROLLER => admin::identify_controller(&self.sh, ctrl),
+            CNS_NAMESPACE if !ctrl.discovery && nsid == 1 => admin::identify_namespace(&self.sh),
+            CNS_ACTIVE_NS_LIST if !ctrl.discovery && nsid < 0xFFFF_FFFE => {
+                admin::active_ns_list(nsid)
+            }
+            CNS_NS_DESC_LIST if !ctrl.discovery && nsid == 1 => admin::ns_descriptors(&self.sh),
+            CNS_NAMESPACE | CNS_ACTIVE_NS_LIST | CNS_NS_DESC_LIST => return done(SC_INVALID_NS),
+            _ => return done(SC_INVALID_FIELD),
+        };
+        debug_assert_eq!(data.len(), IDENTIFY_LEN);
+        Outcome::Done(Status::SUCCESS, 0, data)
+    }
+
+    fn get_log_page(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let cdw10 = sqe.cdw(10);
+        let lid = (cdw10 & 0xFF) as u8;
+        let lsp = (cdw10 >> 8) & 0x7F;
+        let rae = cdw10 & (1 << 15) != 0;
+        let numd = (((sqe.cdw(11) & 0xFFFF) as u64) << 16 | (cdw10 >> 16) as u64) + 1;
+        let len = numd * 4;
+        let offset = sqe.cdw(12) as u64 | ((sqe.cdw(13) as u64) << 32);
+        if len > self.sh.mdts_bytes as u64 || offset % 4 != 0 {
+            return done(SC_INVALID_FIELD);
+        }
+        let mut ana_epoch = None;
+        let page = match (lid, ctrl.discovery) {
+            (LID_ERROR, _) => admin::error_log(),
+            (LID_DISCOVERY, true) => {
+                admin::discovery_log(&self.sh, self.sh.host_allowed(&ctrl.hostnqn))
+            }
+            (LID_SMART, false) => admin::smart_log(),
+            (LID_FW_SLOT, false) => admin::fw_slot_log(),
+            (LID_CHANGED_NS, false) => admin::changed_ns_log(),
+            (LID_ANA, false) => {
+                // Read the epoch first: a change racing with this read is
+                // then reported again by the next AEN.
+                let epoch = self.sh.vol.path_epoch();
+                ana_epoch = Some(epoch);
+                admin::ana_log(&self.sh, epoch, self.sh.vol.path_state(), lsp & 1 != 0)
+            }
+            _ => return done(SC_INVALID_LOG_PAGE),
+        };
+        if offset > page.len() as u64 {
+            return done(SC_INVALID_FIELD);
+        }
+        let mut data = page[offset as usize..].to_vec();
+        data.resize(len as usize, 0);
+        if let (Some(epoch), false) = (ana_epoch, rae) {
+            let mut st = ctrl.st.lock().unwrap();
+            st.ana_masked = false;
+            st.ana_notified_epoch = epoch;
+            drop(st);
+            self.sh.maybe_send_ana_aen(ctrl);
+        }
+        Outcome::Done(Status::SUCCESS, 0, data)
+    }
+
+    fn set_features(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let fid = (sqe.cdw(10) & 0xFF) as u8;
+        if sqe.cdw(10) & (1 << 31) != 0 {
+            return done(SC_FEATURE_NOT_SAVEABLE);
+        }
+        let v = sqe.cdw(11);
+        let mut st = ctrl.st.lock().unwrap();
+        match fid {
+            FID_NUM_QUEUES if !ctrl.discovery => {
+                let (nsq, ncq) = (v & 0xFFFF, v >> 16);
+                if nsq == 0xFFFF || ncq == 0xFFFF {
+                    return done(SC_INVALID_FIELD);
+                }
+                let n = (nsq.max(ncq) + 1).min(self.sh.cfg.max_queues as u32) as u16;
+                st.nr_io_queues = n;
+                Outcome::Done(Status::SUCCESS, num_queues_dw0(n) as u64, Vec::new())
+            }
+            FID_ASYNC_EVENT_CFG => {
+                st.aen_cfg = v & if ctrl.discovery {
+                    1 << 31
+                } else {
+                    AEN_ANA_CHANGE
+                };
+                drop(st);
+                self.sh.maybe_send_ana_aen(ctrl);
+                done(Status::SUCCESS)
+            }
+            FID_KEEP_ALIVE => {
+                if v > self.sh.cfg.keep_alive_max_ms {
+                    return done(SC_INVALID_FIELD);
+                }
+                st.kato_ms = v;
+                st.last_keep_alive = Instant::now();
+                done(Status::SUCCESS)
+            }
+            // The write cache cannot be turned off; a request to keep it on is fine.
+            FID_VOLATILE_WC if !ctrl.discovery && v & 1 == 1 => done(Status::SUCCESS),
+            FID_TEMP_THRESHOLD if !ctrl.discovery => done(Status::SUCCESS),
+            _ => done(SC_INVALID_FIELD),
+        }
+    }
+
+    fn get_features(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
+        let fid = (sqe.cdw(10) & 0xFF) as u8;
+        let sel = (sqe.cdw(10) >> 8) & 0x7;
+        let st = ctrl.st.lock().unwrap();
+        let v = match fid {
+            FID_NUM_QUEUES if !ctrl.discovery => num_queues_dw0(st.nr_io_queues),
+            FID_ASYNC_EVENT_CFG => st.aen_cfg,
+            FID_KEEP_ALIVE => st.kato_ms,
+            FID_VOLATILE_WC if !ctrl.discovery => 1,
+            FID_TEMP_THRESHOLD if !ctrl.discovery => 343,
+            _ => return done(SC_INVALID_FIELD),
+        };
+        // SEL 011b: supported capabilities (changeable, not saveable).
+        let v = if sel == 3 { 1 << 2 } else { v };
+        Outcome::Done(Status::SUCCESS, v as u64, Vec::new())
+    }
+
+    fn io_cmd(&mut self, sqe: &Sqe, data: Vec<u8>) -> Outcome {
+        if sqe.opcode() == OPC_FABRICS {
+            return done(if sqe.fctype() == FCTYPE_CONNECT {
+                SC_CMD_SEQ_ERROR
+            } else {
+                SC_INVALID_OPCODE
+            });
+        }
+        if !matches!(
+            sqe.opcode(),
+            IO_FLUSH | IO_WRITE | IO_READ | IO_WRITE_ZEROES | IO_DSM
+        ) {
+            return done(SC_INVALID_OPCODE);
+        }
+        if let Err(st) = self.check_ns_and_path(sqe) {
+            return done(st);
+        }
+        let g = self.sh.geometry;
+        match sqe.opcode() {
+            IO_READ => match self.rw_range(sqe) {
+                Err(st) => done(st),
+                Ok((_, len)) if sqe.sgl().1 != len || sqe.sgl().2 != SGL_TRANSPORT => {
+                    done(SC_SGL_DATA_LEN_INVALID)
+                }
+                Ok((offset, len)) => Outcome::Submit(VolumeOp::Read { offset, len }),
+            },
+            IO_WRITE => match self.rw_range(sqe) {
+                Err(st) => done(st),
+                Ok((offset, _)) => Outcome::Submit(VolumeOp::Write {
+                    offset,
+                    data,
+                    fua: sqe.cdw(12) & (1 << 30) != 0,
+                }),
+            },
+            IO_FLUSH => Outcome::Submit(VolumeOp::Flush),
+            IO_WRITE_ZEROES => match self.rw_range(sqe) {
+                Err(st) => done(st),
+                Ok((offset, len)) => Outcome::Submit(VolumeOp::WriteZeroes {
+                    offset,
+                    len: len as u64,
+                }),
+            },
+            _ => {
+                // Dataset Management: only the deallocate attribute acts.
+                if sqe.cdw(11) & (1 << 2) == 0 {
+                    return done(Status::SUCCESS);
+                }
+                let mut ops = Vec::new();
+                for r in data.chunks_exact(16) {
+                    let nlb = get_u32(r, 4) as u64;
+                    let slba = get_u64(r, 8);
+                    match slba.checked_add(nlb) {
+                        Some(end) if end <= g.num_blocks => {}
+                        _ => return done(SC_LBA_OUT_OF_RANGE),
+                    }
+                    if nlb > 0 {
+                        let bs = g.block_size as u64;
+                        ops.push(VolumeOp::Discard {
+                            offset: slba * bs,
+                            len: nlb * bs,
+                        });
+                    }
+                }
+                if ops.is_empty() {
+                    done(Status::SUCCESS)
+                } else {
+                    Outcome::SubmitAll(ops)
+                }
+            }
+        }
+    }
+
+    /// The connection ended: an admin queue takes its controller with it.
+    pub fn teardown(&mut self) {
+        for (_, t) in self.transfers.drain() {
+            if let Some(io) = &self.io {
+                io.inflight.lock().unwrap().remove(&t.cid);
+            }
+        }
+        if let (Some(ctrl), Some(qid)) = (self.ctrl.take(), self.qid) {
+            if qid == 0 {
+                self.sh.remove_controller(&ctrl);
+            } else {
+                ctrl.st.lock().unwrap().io_queues.remove(&qid);
+            }
+        }
+        let _ = self.out.send(Out::Close);
+    }
+}
+
+fn num_queues_dw0(n: u16) -> u32 {
+    let z = n.saturating_sub(1) as u32;
+    z | (z << 16)
+}

@@ -1,0 +1,493 @@
+//! The NVMe/TCP target: configuration, controllers shared by the queues of
+//! a host association, the listener, per-connection reader/writer threads
+//! and the service thread (keep-alive timeouts, ANA change events).
+
+use crate::pdu::read_pdu;
+use crate::queue::{Out, QueueCore, QueueIo};
+use crate::spec::*;
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+use volume::{Geometry, Volume, VolumeIdentity};
+
+/// How often the service thread polls the path epoch and keep-alive timers.
+const SERVICE_TICK_MS: u64 = 25;
+
+/// A port listed in the discovery log page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveryPort {
+    pub addr: SocketAddr,
+    pub port_id: u16,
+}
+
+/// Target configuration. Build with [`NvmeConfig::new`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct NvmeConfig {
+    pub listen: SocketAddr,
+    pub subnqn: String,
+    /// Host NQNs allowed to connect to the NVM subsystem; empty = any host.
+    pub allowed_hosts: Vec<String>,
+    /// This port's id (discovery log PORTID).
+    pub port_id: u16,
+    /// ANA group of the namespace (non-zero).
+    pub ana_group_id: u32,
+    /// Both nodes' ports, listed by the discovery log page. Empty = this port only.
+    pub discovery_ports: Vec<DiscoveryPort>,
+    /// I/O queues per controller.
+    pub max_queues: u16,
+    /// Entries per I/O queue (CAP.MQES + 1).
+    pub max_queue_depth: u16,
+    /// In-capsule data accepted on I/O queues (IOCCSZ).
+    pub in_capsule_data_bytes: u32,
+    /// Maximum data transfer size (MDTS), a power of two >= 4096.
+    pub mdts_bytes: u32,
+    /// Largest keep-alive timeout a host may ask for.
+    pub keep_alive_max_ms: u32,
+}
+
+impl NvmeConfig {
+    pub fn new(listen: SocketAddr, subnqn: impl Into<String>) -> Self {
+        NvmeConfig {
+            listen,
+            subnqn: subnqn.into(),
+            allowed_hosts: Vec::new(),
+            port_id: 1,
+            ana_group_id: 1,
+            discovery_ports: Vec::new(),
+            max_queues: 8,
+            max_queue_depth: 128,
+            in_capsule_data_bytes: 8192,
+            mdts_bytes: 1 << 20,
+            keep_alive_max_ms: 120_000,
+        }
+    }
+
+    fn validate(&self) -> io::Result<()> {
+        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
+        if self.subnqn.is_empty() || self.subnqn.len() > 223 || self.subnqn == DISCOVERY_NQN {
+            return bad(format!(
+                "nvme: subnqn {:?} must be 1..=223 bytes and not the discovery NQN",
+                self.subnqn
+            ));
+        }
+        if !self.mdts_bytes.is_power_of_two() || self.mdts_bytes < 4096 {
+            return bad(format!(
+                "nvme: mdts_bytes {} must be a power of two >= 4096",
+                self.mdts_bytes
+            ));
+        }
+        if self.max_queue_depth < 2 || self.max_queues == 0 || self.ana_group_id == 0 {
+            return bad(
+                "nvme: max_queue_depth must be >= 2, max_queues >= 1, ana_group_id >= 1".into(),
+            );
+        }
+        if self.in_capsule_data_bytes % 16 != 0 || self.in_capsule_data_bytes > self.mdts_bytes {
+            return bad(format!(
+                "nvme: in_capsule_data_bytes {} must be a multiple of 16 and <= mdts_bytes",
+                self.in_capsule_data_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Per-controller state, guarded by the controller's lock.
+pub struct CtrlState {
+    pub cc: u32,
+    pub csts: u32,
+    pub kato_ms: u32,
+    pub last_keep_alive: Instant,
+    pub aen_cfg: u32,
+    /// Outstanding Asynchronous Event Request CIDs.
+    pub aers: Vec<u16>,
+    /// An ANA AEN was sent and the host has not yet read the ANA log.
+    pub ana_masked: bool,
+    /// Path epoch the host last learned (by AEN or by reading the ANA log).
+    pub ana_notified_epoch: u64,
+    pub admin: Arc<QueueIo>,
+    pub io_queues: HashMap<u16, Arc<QueueIo>>,
+    pub nr_io_queues: u16,
+    pub dead: bool,
+}
+
+/// A controller: the association of one host's admin queue and I/O queues.
+pub struct Ctrl {
+    pub cntlid: u16,
+    pub discovery: bool,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub st: Mutex<CtrlState>,
+}
+
+/// State shared by every queue of a target.
+pub struct Shared {
+    pub cfg: NvmeConfig,
+    pub vol: Arc<dyn Volume>,
+    pub geometry: Geometry,
+    pub identity: VolumeIdentity,
+    /// Effective MDTS: the config limited by the volume's largest request.
+    pub mdts_bytes: u32,
+    /// MAXH2CDATA announced in ICResp.
+    pub max_h2c_data: u32,
+    pub local_addr: SocketAddr,
+    ctrls: Mutex<HashMap<u16, Arc<Ctrl>>>,
+    next_cntlid: Mutex<u16>,
+    last_epoch: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        cfg: NvmeConfig,
+        vol: Arc<dyn Volume>,
+        local_addr: SocketAddr,
+    ) -> io::Result<Arc<Shared>> {
+        cfg.validate()?;
+        let mut mdts_bytes = cfg.mdts_bytes;
+        while mdts_bytes > vol.max_io_bytes() && mdts_bytes > 4096 {
+            mdts_bytes /= 2;
+        }
+        Ok(Arc::new(Shared {
+            geometry: vol.geometry(),
+            identity: vol.identity(),
+            mdts_bytes,
+            max_h2c_data: mdts_bytes,
+            local_addr,
+            ctrls: Mutex::new(HashMap::new()),
+            next_cntlid: Mutex::new(1),
+            last_epoch: AtomicU64::new(vol.path_epoch()),
+            cfg,
+            vol,
+        }))
+    }
+
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.cfg.allowed_hosts.is_empty() || self.cfg.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// CAP: MQES, CQR, timeout 7.5 s, NVM command set, 4 KiB pages.
+    pub fn cap(&self) -> u64 {
+        (self.cfg.max_queue_depth as u64 - 1) | (1 << 16) | (15 << 24) | (1 << 37)
+    }
+
+    /// Controller IDs are unique across both nodes of a pair (a multipath
+    /// host refuses duplicates within a subsystem): node 1 hands out
+    /// 0x0001..=0x7FEF, node 2 0x8001..=0xFFEF.
+    pub fn new_controller(
+        &self,
+        discovery: bool,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato_ms: u32,
+        admin: Arc<QueueIo>,
+    ) -> Option<Arc<Ctrl>> {
+        let base: u16 = if self.identity.node_index == 2 {
+            0x8000
+        } else {
+            0
+        };
+        let mut ctrls = self.ctrls.lock().unwrap();
+        let mut next = self.next_cntlid.lock().unwrap();
+        for _ in 0..0x7FEF {
+            let id = base + *next;
+            *next = if *next >= 0x7FEF { 1 } else { *next + 1 };
+            if ctrls.contains_key(&id) {
+                continue;
+            }
+            let ctrl = Arc::new(Ctrl {
+                cntlid: id,
+                discovery,
+                hostnqn,
+                hostid,
+                st: Mutex::new(CtrlState {
+                    cc: 0,
+                    csts: 0,
+                    kato_ms,
+                    last_keep_alive: Instant::now(),
+                    aen_cfg: 0,
+                    aers: Vec::new(),
+                    ana_masked: false,
+                    ana_notified_epoch: self.vol.path_epoch(),
+                    admin,
+                    io_queues: HashMap::new(),
+                    nr_io_queues: self.cfg.max_queues,
+                    dead: false,
+                }),
+            });
+            ctrls.insert(id, ctrl.clone());
+            return Some(ctrl);
+        }
+        None
+    }
+
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Ctrl>> {
+        self.ctrls.lock().unwrap().get(&cntlid).cloned()
+    }
+
+    /// Ends a controller: its queues' connections are closed.
+    pub fn remove_controller(&self, ctrl: &Ctrl) {
+        self.ctrls.lock().unwrap().remove(&ctrl.cntlid);
+        let mut st = ctrl.st.lock().unwrap();
+        st.dead = true;
+        st.aers.clear();
+        st.admin.close();
+        for (_, q) in st.io_queues.drain() {
+            q.close();
+        }
+    }
+
+    fn all_controllers(&self) -> Vec<Arc<Ctrl>> {
+        self.ctrls.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Sends an ANA change notice if the path epoch moved past what the
+    /// host knows, the host enabled the notice, the notice is not masked
+    /// (awaiting an ANA log read) and an AER is outstanding.
+    pub fn maybe_send_ana_aen(&self, ctrl: &Ctrl) {
+        if ctrl.discovery {
+            return;
+        }
+        let epoch = self.vol.path_epoch();
+        let mut st = ctrl.st.lock().unwrap();
+        if st.dead
+            || st.aen_cfg & AEN_ANA_CHANGE == 0
+            || st.ana_masked
+            || epoch == st.ana_notified_epoch
+        {
+            return;
+        }
+        if let Some(cid) = st.aers.pop() {
+            st.ana_masked = true;
+            st.ana_notified_epoch = epoch;
+            let admin = st.admin.clone();
+            drop(st);
+            log::info!(
+                "nvme-tcp: ANA change notice to controller {:#x} (epoch {epoch})",
+                ctrl.cntlid
+            );
+            admin.complete(cid, Status::SUCCESS, AER_ANA_CHANGE_DW0 as u64, &[]);
+        }
+    }
+
+    /// Notices a path-state change (cheap when nothing changed).
+    pub fn poll_path_epoch(&self) {
+        let epoch = self.vol.path_epoch();
+        if self.last_epoch.swap(epoch, Ordering::AcqRel) != epoch {
+            for c in self.all_controllers() {
+                self.maybe_send_ana_aen(&c);
+            }
+        }
+    }
+
+    /// Ends controllers whose keep-alive timer expired.
+    pub fn expire_keep_alive(&self, now: Instant) {
+        for c in self.all_controllers() {
+            let expired = {
+                let st = c.st.lock().unwrap();
+                st.kato_ms > 0
+                    && now.duration_since(st.last_keep_alive)
+                        > Duration::from_millis(st.kato_ms as u64)
+            };
+            if expired {
+                log::warn!(
+                    "nvme-tcp: keep-alive timeout, controller {:#x} (host {}) ended",
+                    c.cntlid,
+                    c.hostnqn
+                );
+                self.remove_controller(&c);
+            }
+        }
+    }
+
+    /// Number of live controllers (status / tests).
+    pub fn controller_count(&self) -> usize {
+        self.ctrls.lock().unwrap().len()
+    }
+}
+
+/// A running target. Dropping it without `shutdown` leaves threads running.
+pub struct NvmeTarget {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+}
+
+/// Starts serving `vol` on `cfg.listen`.
+pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
+    let listener = TcpListener::bind(cfg.listen).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "nvme: cannot listen on {}: {e} (is the port in use?)",
+                cfg.listen
+            ),
+        )
+    })?;
+    let local_addr = listener.local_addr()?;
+    let shared = Shared::new(cfg, vol, local_addr)?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    {
+        let (shared, stop, conns) = (shared.clone(), stop.clone(), conns.clone());
+        threads.push(
+            thread::Builder::new()
+                .name("nvme-accept".into())
+                .spawn(move || accept_loop(listener, shared, stop, conns))?,
+        );
+    }
+    {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        threads.push(
+            thread::Builder::new()
+                .name("nvme-service".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        thread::sleep(Duration::from_millis(SERVICE_TICK_MS));
+                        shared.poll_path_epoch();
+                        shared.expire_keep_alive(Instant::now());
+                    }
+                })?,
+        );
+    }
+    log::info!("nvme-tcp: serving {} on {local_addr}", shared.cfg.subnqn);
+    Ok(NvmeTarget {
+        shared,
+        stop,
+        threads,
+        conns,
+    })
+}
+
+impl NvmeTarget {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Live controllers (admin associations).
+    pub fn controller_count(&self) -> usize {
+        self.shared.controller_count()
+    }
+
+    /// Stops accepting, closes every connection and joins the threads.
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        for (s, _) in &conns {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, h) in conns {
+            let _ = h.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+) {
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                log::debug!("nvme-tcp: connection from {peer}");
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_nodelay(true);
+                let keep = match s.try_clone() {
+                    Ok(k) => k,
+                    Err(_) => continue,
+                };
+                let sh = shared.clone();
+                if let Ok(h) = thread::Builder::new()
+                    .name("nvme-conn".into())
+                    .spawn(move || serve_connection(s, sh))
+                {
+                    let mut c = conns.lock().unwrap();
+                    c.retain(|(_, h)| !h.is_finished());
+                    c.push((keep, h));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => {
+                log::warn!("nvme-tcp: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reader half of a connection: frames PDUs and feeds the queue; a writer
+/// thread sends whatever the queue and its completions post.
+fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let wstream = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let (tx, rx) = mpsc::channel();
+    let writer = thread::Builder::new()
+        .name("nvme-conn-tx".into())
+        .spawn(move || writer_loop(wstream, rx));
+    let mut core = QueueCore::new(shared, tx);
+    let mut r = BufReader::with_capacity(256 * 1024, &stream);
+    loop {
+        match read_pdu(&mut r, core.max_plen()) {
+            Ok(raw) => {
+                if !core.feed(&raw) {
+                    break;
+                }
+            }
+            Err(Ok(te)) => {
+                // Framing error: report it with the 8 bytes we understood.
+                let mut hdr = [0u8; 8];
+                hdr[2] = 8;
+                let _ = core.feed_error(te, &hdr);
+                break;
+            }
+            Err(Err(_)) => break,
+        }
+    }
+    core.teardown();
+    if let Ok(w) = writer {
+        let _ = w.join();
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn writer_loop(stream: TcpStream, rx: Receiver<Out>) {
+    let mut w = BufWriter::with_capacity(256 * 1024, &stream);
+    'outer: while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(m) = next.take() {
+            match m {
+                Out::Bytes(b) => {
+                    if w.write_all(&b).is_err() {
+                        break 'outer;
+                    }
+                }
+                Out::Close => break 'outer,
+            }
+            next = match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => None,
+            };
+        }
+        if w.flush().is_err() {
+            break;
+        }
+    }
+    let _ = w.flush();
+    let _ = stream.shutdown(Shutdown::Both);
+}
