@@ -1,0 +1,820 @@
+//! A deterministic simulator of a primary/backup pair.
+//!
+//! One thread, a virtual clock in milliseconds, and a seeded PRNG drive two
+//! `Core`s with in-memory rings (torn tails on crash), metadata stores that
+//! lose unpersisted writes on crash, disks that fail with EIO, and a link
+//! that drops, duplicates, reorders and partitions. A host writes through
+//! whichever node serves. After the faults stop, the pair must converge:
+//! both disks byte-identical and holding every write the host saw complete
+//! (I4); I1–I3 are assertions inside the core; I5 is checked by forcing
+//! split brains and requiring a refusal.
+//!
+//! A failing seed prints how to replay it:
+//! `DM_SIM_SEED=<seed> cargo test -p engine sim_replay -- --nocapture`.
+
+use std::collections::VecDeque;
+
+use crate::core::{Action, Core, CoreConfig, ConfirmMode, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader, ReqKind, Role, Seq};
+
+/// SplitMix64: small, fast, deterministic.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// True with probability `p_per_mille` / 1000.
+    pub fn chance(&mut self, p_per_mille: u64) -> bool {
+        self.below(1000) < p_per_mille
+    }
+}
+
+/// In-memory ring with a durable point; a crash keeps the durable prefix
+/// and a random part of the rest (a torn tail).
+pub struct SimLog {
+    first: Seq,
+    entries: VecDeque<(ReqHeader, Vec<u8>)>,
+    capacity: u64,
+    used: u64,
+    payload: u64,
+    pub durable: Seq,
+}
+
+const ENTRY_OVERHEAD: u64 = 64;
+
+impl SimLog {
+    pub fn new(capacity: u64) -> Self {
+        SimLog { first: 1, entries: VecDeque::new(), capacity, used: 0, payload: 0, durable: 0 }
+    }
+    fn crash(&mut self, rng: &mut Rng) {
+        let head = self.head();
+        let keep_extra = if head > self.durable { rng.below(head - self.durable + 1) } else { 0 };
+        self.truncate_after(self.durable.max(self.first - 1) + keep_extra);
+        self.durable = self.head();
+    }
+}
+
+impl Log for SimLog {
+    fn first_seq(&self) -> Seq {
+        self.first
+    }
+    fn next_seq(&self) -> Seq {
+        self.first + self.entries.len() as u64
+    }
+    fn fits(&self, payload_len: usize) -> bool {
+        self.used + payload_len as u64 + ENTRY_OVERHEAD <= self.capacity
+    }
+    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool {
+        assert_eq!(h.seq, self.next_seq(), "ring append out of order");
+        if !self.fits(payload.len()) {
+            return false;
+        }
+        self.used += payload.len() as u64 + ENTRY_OVERHEAD;
+        self.payload += payload.len() as u64;
+        self.entries.push_back((*h, payload.to_vec()));
+        true
+    }
+    fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
+        if seq < self.first {
+            return None;
+        }
+        self.entries.get((seq - self.first) as usize).map(|(h, p)| (*h, p.as_slice()))
+    }
+    fn trim_through(&mut self, seq: Seq) {
+        while self.first <= seq {
+            let Some((_, p)) = self.entries.pop_front() else { break };
+            self.used -= p.len() as u64 + ENTRY_OVERHEAD;
+            self.payload -= p.len() as u64;
+            self.first += 1;
+        }
+        if self.entries.is_empty() && self.first <= seq {
+            self.first = seq + 1;
+        }
+    }
+    fn truncate_after(&mut self, seq: Seq) {
+        while self.next_seq() > seq + 1 {
+            let Some((_, p)) = self.entries.pop_back() else { break };
+            self.used -= p.len() as u64 + ENTRY_OVERHEAD;
+            self.payload -= p.len() as u64;
+        }
+        self.durable = self.durable.min(self.head());
+    }
+    fn reset(&mut self, next_seq: Seq) {
+        self.entries.clear();
+        self.used = 0;
+        self.payload = 0;
+        self.first = next_seq;
+        self.durable = next_seq - 1;
+    }
+    fn payload_bytes(&self) -> u64 {
+        self.payload
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+}
+
+const BLOCK: u64 = 512;
+
+/// Fault and workload knobs of one run, drawn from the seed.
+#[derive(Clone, Debug)]
+pub struct SimParams {
+    pub steps: u64,
+    pub blocks: u64,
+    pub ring_bytes: u64,
+    pub crash_per_mille: u64,
+    pub cut_per_mille: u64,
+    pub drop_per_mille: u64,
+    pub dup_per_mille: u64,
+    pub reorder_per_mille: u64,
+    pub eio_per_mille: u64,
+    pub promote: bool,
+    pub split_brain: bool,
+    pub ack1_persisted: bool,
+    pub timeout_confirm: bool,
+    pub max_qd: usize,
+}
+
+impl SimParams {
+    pub fn from_seed(seed: u64) -> Self {
+        let mut r = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
+        SimParams {
+            steps: 600 + r.below(900),
+            blocks: 16 + r.below(48),
+            ring_bytes: if r.chance(300) { 4 * 1024 } else { 64 * 1024 },
+            crash_per_mille: [0, 2, 5][r.below(3) as usize],
+            cut_per_mille: [0, 3, 8][r.below(3) as usize],
+            drop_per_mille: [0, 0, 5][r.below(3) as usize],
+            dup_per_mille: [0, 0, 10][r.below(3) as usize],
+            reorder_per_mille: [0, 0, 10][r.below(3) as usize],
+            eio_per_mille: if r.chance(150) { 3 } else { 0 },
+            promote: r.chance(400),
+            split_brain: r.chance(80),
+            ack1_persisted: !r.chance(250),
+            timeout_confirm: r.chance(150),
+            max_qd: 1 + r.below(6) as usize,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WState {
+    Pending,
+    Ok,
+    Failed,
+}
+
+struct HostWrite {
+    id: u64,
+    block: u64,
+    nblocks: u64,
+    zero: bool,
+    state: WState,
+}
+
+enum Pend {
+    Event(Event),
+    /// Disk write applied at completion time (so a crash can lose it).
+    DiskWrite { offset: u64, data: Vec<u8>, token: u64 },
+    /// Disk read at completion time.
+    DiskRead { offset: u64, len: u64, token: u64 },
+    MetaWrite { version: u64, bytes: Vec<u8> },
+    LogSync { through: Seq },
+}
+
+struct SimNode {
+    id: u32,
+    core: Option<Core<SimLog>>,
+    /// Parked ring while the node is down.
+    parked_log: Option<SimLog>,
+    disk: Vec<u8>,
+    meta_durable: Vec<u8>,
+    pending: Vec<(u64, Pend)>,
+    down_until: u64,
+    eio: bool,
+    host_ids: Vec<u64>,
+}
+
+struct Wire {
+    conn: u64,
+    up: bool,
+    /// (deliver at, to node index, conn, message)
+    q: VecDeque<(u64, usize, u64, Msg)>,
+    cut_until: u64,
+    retry_at: u64,
+}
+
+pub struct Outcome {
+    pub seed: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub refused: bool,
+    pub remirrors: u64,
+    pub replayed_entries: u64,
+}
+
+pub struct Sim {
+    seed: u64,
+    p: SimParams,
+    rng: Rng,
+    now: u64,
+    nodes: [SimNode; 2],
+    wire: Wire,
+    writes: Vec<HostWrite>,
+    next_id: u64,
+    faults: bool,
+    split_brain_forced: bool,
+    trace: bool,
+}
+
+fn stamp(buf: &mut [u8], id: u64) {
+    for c in buf.chunks_mut(8) {
+        c.copy_from_slice(&id.to_le_bytes()[..c.len()]);
+    }
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Self {
+        let p = SimParams::from_seed(seed);
+        let vol = p.blocks * BLOCK;
+        let mk = |id: u32, role: Role| {
+            let mut m = Meta::formatted(id, role, vol, BLOCK * 2, false);
+            m.incarnation = 1;
+            SimNode {
+                id,
+                core: None,
+                parked_log: Some(SimLog::new(p.ring_bytes)),
+                disk: vec![0; vol as usize],
+                meta_durable: m.encode(),
+                pending: Vec::new(),
+                down_until: 0,
+                eio: false,
+                host_ids: Vec::new(),
+            }
+        };
+        let mut s = Sim {
+            seed,
+            rng: Rng::new(seed),
+            now: 0,
+            nodes: [mk(1, Role::Primary), mk(2, Role::Backup)],
+            wire: Wire { conn: 0, up: false, q: VecDeque::new(), cut_until: 0, retry_at: 0 },
+            writes: Vec::new(),
+            next_id: 1,
+            faults: true,
+            split_brain_forced: false,
+            trace: std::env::var("DM_SIM_TRACE").is_ok(),
+            p,
+        };
+        s.start_node(0);
+        s.start_node(1);
+        s
+    }
+
+    fn cfg(&self, id: u32) -> CoreConfig {
+        let mut c = CoreConfig::for_tests(id, self.p.blocks * BLOCK);
+        c.dirty_granularity_bytes = BLOCK * 2;
+        c.ack1_persisted = self.p.ack1_persisted;
+        if self.p.timeout_confirm {
+            c.confirm = ConfirmMode::Timeout { period_ms: 40 };
+        }
+        c.max_unacked_entries = 16;
+        c
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let cfg = self.cfg(self.nodes[i].id);
+        let n = &mut self.nodes[i];
+        let mut meta = Meta::decode(&n.meta_durable).expect("sim meta");
+        meta.incarnation += 1;
+        n.meta_durable = meta.encode();
+        let log = n.parked_log.take().expect("parked log");
+        n.core = Some(Core::new(cfg, meta, log, self.now));
+        n.pending.clear();
+        self.log(format!("node {} starts", i + 1));
+    }
+
+    fn crash_node(&mut self, i: usize, down_ms: u64) {
+        let Some(core) = self.nodes[i].core.take() else { return };
+        self.log(format!("node {} crashes", i + 1));
+        let mut log = core.log;
+        log.crash(&mut self.rng);
+        let n = &mut self.nodes[i];
+        // In-flight disk writes may or may not have reached the platter.
+        for (_, p) in std::mem::take(&mut n.pending) {
+            if let Pend::DiskWrite { offset, data, .. } = p {
+                if self.rng.chance(500) {
+                    n.disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                }
+            }
+        }
+        n.parked_log = Some(log);
+        n.down_until = self.now + down_ms;
+        for id in std::mem::take(&mut n.host_ids) {
+            // The host never learns how these ended: neither completed nor failed.
+            let _ = id;
+        }
+        self.link_down(None);
+    }
+
+    fn log(&self, s: String) {
+        if self.trace {
+            eprintln!("[{:>6} ms] {s}", self.now);
+        }
+    }
+
+    fn link_down(&mut self, except: Option<usize>) {
+        if !self.wire.up {
+            return;
+        }
+        self.wire.up = false;
+        self.wire.q.clear();
+        self.wire.retry_at = self.now + 5 + self.rng.below(20);
+        for i in 0..2 {
+            if Some(i) != except {
+                if let Some(c) = self.nodes[i].core.as_mut() {
+                    c.handle(Event::PeerDisconnected);
+                }
+            }
+        }
+    }
+
+    fn schedule(&mut self, i: usize, p: Pend) {
+        let at = self.now + self.rng.below(3);
+        self.nodes[i].pending.push((at, p));
+    }
+
+    fn send(&mut self, from: usize, m: Msg) {
+        if !self.wire.up {
+            return;
+        }
+        let to = 1 - from;
+        if self.faults && self.rng.chance(self.p.drop_per_mille) {
+            // A lost message on a stream transport means a broken connection.
+            self.log("link drops a message: connection reset".into());
+            self.link_down(None);
+            return;
+        }
+        let at = self.now + 1 + self.rng.below(2);
+        let conn = self.wire.conn;
+        if self.faults && self.rng.chance(self.p.dup_per_mille) {
+            self.wire.q.push_back((at, to, conn, m.clone()));
+        }
+        if self.faults && self.rng.chance(self.p.reorder_per_mille) && !self.wire.q.is_empty() {
+            let pos = self.wire.q.len() - 1;
+            self.wire.q.insert(pos, (at, to, conn, m));
+        } else {
+            self.wire.q.push_back((at, to, conn, m));
+        }
+    }
+
+    fn run_actions(&mut self, i: usize) {
+        let mut acts = Vec::new();
+        if let Some(c) = self.nodes[i].core.as_mut() {
+            c.poll();
+            c.drain_actions(&mut acts);
+        }
+        for a in acts {
+            self.apply(i, a);
+        }
+    }
+
+    fn apply(&mut self, i: usize, a: Action) {
+        match a {
+            Action::Send(m) => self.send(i, m),
+            Action::SendEntry(seq) => {
+                let core = self.nodes[i].core.as_ref().unwrap();
+                let (hdr, p) = core.log.get(seq).expect("SendEntry of a missing seq");
+                let m = Msg::Req { hdr, payload: p.to_vec() };
+                self.send(i, m);
+            }
+            Action::SyncLog => {
+                let through = self.nodes[i].core.as_ref().unwrap().log.head();
+                self.schedule(i, Pend::LogSync { through });
+            }
+            Action::PersistMeta { version, bytes } => self.schedule(i, Pend::MetaWrite { version, bytes }),
+            Action::Execute { seq } => {
+                let core = self.nodes[i].core.as_ref().unwrap();
+                let (h, p) = core.log.get(seq).expect("Execute of a missing seq");
+                let data = if h.kind == ReqKind::Write { p.to_vec() } else { vec![0; h.len as usize] };
+                self.schedule(i, Pend::DiskWrite { offset: h.offset, data, token: seq });
+            }
+            Action::WriteExtent { token, offset, data } => self.schedule(i, Pend::DiskWrite { offset, data, token }),
+            Action::ReadExtent { token, offset, len } => self.schedule(i, Pend::DiskRead { offset, len, token }),
+            Action::FlushDisk { token } => {
+                let result = if self.nodes[i].eio && self.rng.chance(100) { Err(libc::EIO) } else { Ok(()) };
+                self.schedule(i, Pend::Event(Event::DiskFlushed { token, result }));
+            }
+            Action::CompleteWrite { id, result } => {
+                let w = self.writes.iter_mut().find(|w| w.id == id).expect("host write");
+                assert_eq!(w.state, WState::Pending, "write {id} completed twice");
+                w.state = if result.is_ok() { WState::Ok } else { WState::Failed };
+                self.nodes[i].host_ids.retain(|&x| x != id);
+                if let Err(e) = result {
+                    assert!(matches!(e, HostError::Io(_) | HostError::NotPrimary | HostError::Unavailable));
+                }
+            }
+            Action::CompleteFlush { .. } => {}
+            Action::ResetLink { reason } => {
+                self.log(format!("node {} resets the link: {reason}", i + 1));
+                self.link_down(Some(i));
+            }
+            Action::PathChanged { serving } => self.log(format!("node {} serving={serving}", i + 1)),
+            Action::Notice(s) => self.log(format!("node {}: {s}", i + 1)),
+        }
+    }
+
+    fn deliver_due(&mut self, i: usize) {
+        let now = self.now;
+        let due: Vec<Pend> = {
+            let n = &mut self.nodes[i];
+            let mut d = Vec::new();
+            let mut k = 0;
+            while k < n.pending.len() {
+                if n.pending[k].0 <= now {
+                    d.push(n.pending.remove(k).1);
+                } else {
+                    k += 1;
+                }
+            }
+            d
+        };
+        for p in due {
+            let eio = self.nodes[i].eio && self.faults && self.rng.chance(self.p.eio_per_mille * 20);
+            let n = &mut self.nodes[i];
+            let Some(core) = n.core.as_mut() else { return };
+            let ev = match p {
+                Pend::Event(e) => e,
+                Pend::DiskWrite { offset, data, token } => {
+                    if eio {
+                        Event::Executed { token, result: Err(libc::EIO) }
+                    } else {
+                        n.disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                        Event::Executed { token, result: Ok(()) }
+                    }
+                }
+                Pend::DiskRead { offset, len, token } => Event::ExtentRead {
+                    token,
+                    offset,
+                    result: Ok(n.disk[offset as usize..(offset + len) as usize].to_vec()),
+                },
+                Pend::MetaWrite { version, bytes } => {
+                    n.meta_durable = bytes;
+                    Event::MetaPersisted { version }
+                }
+                Pend::LogSync { through } => {
+                    core.log.durable = core.log.durable.max(through.min(core.log.head()));
+                    Event::LogSynced { through }
+                }
+            };
+            core.handle(ev);
+        }
+    }
+
+    fn host_step(&mut self) {
+        let Some(i) = (0..2).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_serving())) else {
+            return;
+        };
+        if self.nodes[i].host_ids.len() >= self.p.max_qd || !self.rng.chance(600) {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let nblocks = 1 + self.rng.below(3).min(self.p.blocks - 1);
+        let block = self.rng.below(self.p.blocks - nblocks + 1);
+        let zero = self.rng.chance(80);
+        let fua = self.rng.chance(100);
+        let (kind, payload) = if zero {
+            (if self.rng.chance(500) { ReqKind::Discard } else { ReqKind::WriteZeroes }, Vec::new())
+        } else {
+            let mut b = vec![0u8; (nblocks * BLOCK) as usize];
+            stamp(&mut b, id);
+            (ReqKind::Write, b)
+        };
+        self.writes.push(HostWrite { id, block, nblocks, zero, state: WState::Pending });
+        self.nodes[i].host_ids.push(id);
+        let core = self.nodes[i].core.as_mut().unwrap();
+        core.host_write(id, kind, block * BLOCK, nblocks * BLOCK, fua, &payload);
+        if self.rng.chance(50) {
+            core.host_flush(id | (1 << 62));
+        }
+    }
+
+    fn faults_step(&mut self) {
+        let p = self.p.clone();
+        for i in 0..2 {
+            let up = self.nodes[i].core.is_some();
+            let other_up = self.nodes[1 - i].core.is_some();
+            if up && other_up && self.rng.chance(p.crash_per_mille) {
+                let down = 20 + self.rng.below(200);
+                // Failover: promote the backup when the primary dies while
+                // the backup held everything it acknowledged.
+                let was_primary = self.nodes[i].core.as_ref().unwrap().role() == Role::Primary;
+                // (Promoting a backup that had not caught up would be a second
+                // failure: out of scope for I4.)
+                let was_clean = !self.nodes[i].core.as_ref().unwrap().is_degraded()
+                    && self.nodes[i].core.as_ref().unwrap().in_sync()
+                    && self.nodes[1 - i].core.as_ref().unwrap().in_sync();
+                self.crash_node(i, down);
+                if was_primary && was_clean && p.promote {
+                    let c = self.nodes[1 - i].core.as_mut().unwrap();
+                    let r = c.promote();
+                    self.log(format!("promote node {}: {r:?}", 2 - i));
+                }
+            }
+            if self.nodes[i].eio && self.nodes[i].core.as_ref().is_some_and(|c| c.failed().is_some()) {
+                // The operator replaces the failing part and restarts the node.
+                self.nodes[i].eio = false;
+                self.crash_node(i, 30);
+            }
+        }
+        if self.rng.chance(p.cut_per_mille) {
+            self.wire.cut_until = self.now + 10 + self.rng.below(150);
+            self.log("link cut".into());
+            self.link_down(None);
+        }
+        if p.eio_per_mille > 0 && self.rng.chance(p.eio_per_mille) {
+            let i = self.rng.below(2) as usize;
+            self.nodes[i].eio = true;
+        }
+        if p.split_brain && !self.split_brain_forced && self.now > p.steps / 3 {
+            // Partition, then promote the backup while the primary keeps
+            // writing: both accept writes in diverging generations.
+            let both_up = self.nodes.iter().all(|n| n.core.is_some());
+            let backup = (0..2).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.role() == Role::Backup));
+            if both_up {
+                if let Some(b) = backup {
+                    self.split_brain_forced = true;
+                    self.wire.cut_until = self.now + 300;
+                    self.link_down(None);
+                    let r = self.nodes[b].core.as_mut().unwrap().promote();
+                    self.log(format!("split brain: promote node {} during a partition: {r:?}", b + 1));
+                }
+            }
+        }
+    }
+
+    fn wire_step(&mut self) {
+        let both_up = self.nodes.iter().all(|n| n.core.is_some());
+        if !self.wire.up && both_up && self.now >= self.wire.cut_until && self.now >= self.wire.retry_at {
+            self.wire.up = true;
+            self.wire.conn += 1;
+            self.log(format!("link up (connection {})", self.wire.conn));
+            for n in &mut self.nodes {
+                n.core.as_mut().unwrap().handle(Event::PeerConnected);
+            }
+        }
+        while let Some(&(at, to, conn, _)) = self.wire.q.front() {
+            if at > self.now {
+                break;
+            }
+            let (_, _, _, m) = self.wire.q.pop_front().unwrap();
+            if conn != self.wire.conn || !self.wire.up {
+                continue;
+            }
+            if let Some(c) = self.nodes[to].core.as_mut() {
+                c.handle(Event::PeerMsg(m));
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        for i in 0..2 {
+            if self.nodes[i].core.is_none() && self.now >= self.nodes[i].down_until {
+                self.start_node(i);
+            }
+        }
+        self.wire_step();
+        for i in 0..2 {
+            if let Some(c) = self.nodes[i].core.as_mut() {
+                c.handle(Event::Tick { now_ms: self.now });
+            }
+            self.deliver_due(i);
+        }
+        if self.faults {
+            self.faults_step();
+        }
+        if self.faults {
+            self.host_step();
+        }
+        for i in 0..2 {
+            self.run_actions(i);
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let (Some(a), Some(b)) = (self.nodes[0].core.as_ref(), self.nodes[1].core.as_ref()) else {
+            return false;
+        };
+        a.quiescent()
+            && b.quiescent()
+            && a.in_sync()
+            && b.in_sync()
+            && self.nodes.iter().all(|n| n.pending.is_empty())
+            && self.wire.q.is_empty()
+            && self.nodes.iter().all(|n| n.host_ids.is_empty())
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.nodes.iter().find_map(|n| match n.core.as_ref().map(|c| c.link_state()) {
+            Some(LinkState::Refused(r)) => Some(r.clone()),
+            _ => None,
+        })
+    }
+
+    /// Runs the seed: faults, then healing, then the checks. Panics with a
+    /// replay hint on any violation.
+    pub fn run(mut self) -> Outcome {
+        for _ in 0..self.p.steps {
+            self.step();
+        }
+        // Heal: no new faults, everything restarts and reconnects.
+        self.faults = false;
+        self.wire.cut_until = 0;
+        for n in &mut self.nodes {
+            n.eio = false;
+            n.down_until = n.down_until.min(self.now);
+        }
+        let mut refused = false;
+        let mut resolved = false;
+        let mut remirrors = 0;
+        for _ in 0..20_000 {
+            self.step();
+            if let Some(reason) = self.refused() {
+                assert!(
+                    reason.contains("split brain")
+                        || reason.contains("both nodes are primary")
+                        || reason.contains("older generation"),
+                    "unexpected refusal: {reason}"
+                );
+                assert!(self.split_brain_forced, "refusal without a forced split brain: {reason}");
+                if !resolved {
+                    // The operator keeps the node that is primary and
+                    // reformats the other with --replace: a full remirror.
+                    refused = true;
+                    resolved = true;
+                    let loser = (0..2)
+                        .find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.role() == Role::Backup))
+                        .unwrap_or(1);
+                    self.log(format!("operator reformats node {} with --replace", loser + 1));
+                    self.nodes[loser].core = None;
+                    let vol = self.p.blocks * BLOCK;
+                    let mut m = Meta::formatted(self.nodes[loser].id, Role::Backup, vol, BLOCK * 2, true);
+                    m.incarnation = 10;
+                    self.nodes[loser].meta_durable = m.encode();
+                    self.nodes[loser].parked_log = Some(SimLog::new(self.p.ring_bytes));
+                    let lost = std::mem::take(&mut self.nodes[loser].host_ids);
+                    for w in self.writes.iter_mut() {
+                        if lost.contains(&w.id) {
+                            w.state = WState::Failed;
+                        }
+                    }
+                    self.nodes[loser].down_until = self.now;
+                    self.link_down(None);
+                    self.wire.q.clear();
+                }
+            }
+            // Keep the host quiet while converging.
+            if self.converged() {
+                break;
+            }
+        }
+        assert!(
+            self.converged(),
+            "pair did not converge after healing:\n  node 1: {}\n  node 2: {}",
+            self.nodes[0].core.as_ref().map_or("down".into(), |c| c.debug_state()),
+            self.nodes[1].core.as_ref().map_or("down".into(), |c| c.debug_state())
+        );
+        for n in &self.nodes {
+            remirrors = remirrors.max(n.core.as_ref().unwrap().meta().remirrors);
+        }
+        // I4: byte-identical disks.
+        let (d0, d1) = (&self.nodes[0].disk, &self.nodes[1].disk);
+        if d0 != d1 {
+            let b = (0..self.p.blocks).find(|&b| {
+                let r = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
+                d0[r.clone()] != d1[r]
+            });
+            panic!("I4: disks differ (first differing block {b:?})");
+        }
+        if !refused {
+            self.check_host_model(d0);
+        }
+        let replayed_entries = self.nodes.iter().map(|n| n.core.as_ref().unwrap().stats.replayed_entries).sum();
+        Outcome {
+            seed: self.seed,
+            completed: self.writes.iter().filter(|w| w.state == WState::Ok).count() as u64,
+            failed: self.writes.iter().filter(|w| w.state == WState::Failed).count() as u64,
+            refused,
+            remirrors,
+            replayed_entries,
+        }
+    }
+
+    /// Every write the host saw complete is on the disk, unless a later
+    /// write to the same block (possibly not completed) replaced it.
+    fn check_host_model(&self, disk: &[u8]) {
+        for b in 0..self.p.blocks {
+            let off = (b * BLOCK) as usize;
+            let found = u64::from_le_bytes(disk[off..off + 8].try_into().unwrap());
+            let touching: Vec<&HostWrite> =
+                self.writes.iter().filter(|w| w.block <= b && b < w.block + w.nblocks).collect();
+            let last_ok = touching.iter().rposition(|w| w.state == WState::Ok);
+            let mut allowed: Vec<u64> = Vec::new();
+            match last_ok {
+                Some(k) => {
+                    for w in &touching[k..] {
+                        if w.state != WState::Ok || std::ptr::eq(*w, touching[k]) {
+                            allowed.push(if w.zero { 0 } else { w.id });
+                        }
+                    }
+                }
+                None => {
+                    allowed.push(0);
+                    allowed.extend(touching.iter().map(|w| if w.zero { 0 } else { w.id }));
+                }
+            }
+            assert!(
+                allowed.contains(&found),
+                "I4: block {b} holds write {found}, allowed {allowed:?} (last completed write {:?})",
+                last_ok.map(|k| touching[k].id)
+            );
+        }
+    }
+}
+
+/// Runs one seed, turning a panic into a message with the replay command.
+pub fn run_seed(seed: u64) -> Result<Outcome, String> {
+    let r = std::panic::catch_unwind(|| Sim::new(seed).run());
+    r.map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!(
+            "seed {seed} failed: {msg}\n  replay: DM_SIM_SEED={seed} DM_SIM_TRACE=1 cargo test -p engine --lib sim_replay -- --nocapture\n  params: {:?}",
+            SimParams::from_seed(seed)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeds() -> u64 {
+        std::env::var("DM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
+    }
+
+    #[test]
+    fn sim_many_seeds() {
+        let n = seeds();
+        let base: u64 = std::env::var("DM_SIM_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut failures = Vec::new();
+        let (mut completed, mut refused, mut remirrors, mut replayed) = (0, 0, 0, 0);
+        for seed in base..base + n {
+            match run_seed(seed) {
+                Ok(o) => {
+                    completed += o.completed;
+                    refused += o.refused as u64;
+                    remirrors += o.remirrors;
+                    replayed += o.replayed_entries;
+                }
+                Err(e) => {
+                    failures.push(e);
+                    if failures.len() >= 5 {
+                        break;
+                    }
+                }
+            }
+        }
+        println!(
+            "simulator: {n} seeds, {completed} completed host writes, {replayed} entries replayed, \
+             {refused} split brains refused, {remirrors} full remirrors (after operator resolution)"
+        );
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn sim_replay() {
+        let Some(seed) = std::env::var("DM_SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
+            println!("set DM_SIM_SEED=<seed> to replay one simulator seed");
+            return;
+        };
+        let o = Sim::new(seed).run();
+        println!("seed {seed}: {} completed, {} failed, refused {}", o.completed, o.failed, o.refused);
+    }
+}
