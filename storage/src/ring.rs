@@ -257,7 +257,9 @@ impl Ring {
     /// the first record appended must carry `first_seq` (>= 1). The file is
     /// preallocated so that page faults on the mapping never hit ENOSPC.
     pub fn create(path: &Path, capacity_bytes: u64, first_seq: u64) -> Result<Ring, RingError> {
-        if capacity_bytes == 0 || capacity_bytes % 4096 != 0 || capacity_bytes > MAX_CAPACITY_BYTES
+        if capacity_bytes == 0
+            || !capacity_bytes.is_multiple_of(4096)
+            || capacity_bytes > MAX_CAPACITY_BYTES
         {
             return Err(RingError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -382,11 +384,11 @@ impl Ring {
         let sync_count = rd_u64(h, H_SYNC_COUNT);
         let sane = u64::from(rd_u32(h, H_HEADER_BYTES)) == RING_HEADER_BYTES
             && capacity == file_len - RING_HEADER_BYTES
-            && capacity % 4096 == 0
+            && capacity.is_multiple_of(4096)
             && capacity <= MAX_CAPACITY_BYTES
             && tail_pos <= head_pos
             && head_pos - tail_pos <= capacity
-            && tail_pos % RECORD_ALIGN_BYTES == 0
+            && tail_pos.is_multiple_of(RECORD_ALIGN_BYTES)
             && first_seq >= 1
             && first_seq <= next_seq
             && synced_seq < next_seq
@@ -778,7 +780,7 @@ impl Ring {
         if seq + 1 == self.next_seq {
             return;
         }
-        if seq + 1 <= self.first_seq {
+        if seq < self.first_seq {
             self.reset(seq + 1);
             return;
         }

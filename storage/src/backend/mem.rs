@@ -20,7 +20,7 @@ impl MemBackend {
             "block size {block_size} must be a power of two >= 512"
         );
         assert!(
-            size_bytes % u64::from(block_size) == 0,
+            size_bytes.is_multiple_of(u64::from(block_size)),
             "device size {size_bytes} is not a multiple of the block size {block_size}"
         );
         assert!(queue_depth > 0, "queue depth must be at least 1");

@@ -540,7 +540,7 @@ impl Drop for UringBackend {
 /// that would destroy data.
 pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
     let shown = path.display();
-    if size_bytes == 0 || size_bytes % 4096 != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{shown}: device size {size_bytes} must be a non-zero multiple of 4096"),
