@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod fuzz;
 pub mod initiator;
+pub mod load;
 pub mod pdu;
 pub mod queue;
 pub mod spec;

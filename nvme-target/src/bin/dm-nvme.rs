@@ -1,1 +1,233 @@
-fn main() {}
+//! dm-nvme: a command-line NVMe/TCP host for deltamirror (and any NVMe/TCP
+//! target): identify, discovery, pipelined I/O with a latency histogram and
+//! verification, and a multipath failover run that follows ANA.
+
+use clap::{Parser, Subcommand};
+use nvme_target::initiator::{Controller, HostConfig};
+use nvme_target::load::{run_failover, run_io, IoSpec, Rw};
+use nvme_target::pdu::Digests;
+use nvme_target::spec::{ANA_INACCESSIBLE, ANA_NON_OPTIMIZED, ANA_OPTIMIZED, DISCOVERY_NQN};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "dm-nvme",
+    about = "NVMe/TCP host: identify, discover, I/O benchmark, failover test"
+)]
+struct Cli {
+    /// Subsystem NQN to connect to.
+    #[arg(long, global = true, default_value = "nqn.2026-11.io.deltamirror:vol0")]
+    nqn: String,
+    /// Host NQN presented in Connect.
+    #[arg(
+        long,
+        global = true,
+        default_value = "nqn.2014-08.org.nvmexpress:uuid:dm-nvme-host"
+    )]
+    hostnqn: String,
+    /// Enable header digests.
+    #[arg(long, global = true)]
+    hdgst: bool,
+    /// Enable data digests.
+    #[arg(long, global = true)]
+    ddgst: bool,
+    /// Keep-alive timeout asked for, in ms.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    kato_ms: u32,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print Identify Controller / Namespace and the ANA log.
+    Identify {
+        #[arg(long, default_value = "127.0.0.1:4420")]
+        addr: SocketAddr,
+    },
+    /// Print the discovery log page.
+    Discover {
+        #[arg(long, default_value = "127.0.0.1:4420")]
+        addr: SocketAddr,
+    },
+    /// Run I/O and print IOPS and latency percentiles.
+    Io {
+        #[arg(long, default_value = "127.0.0.1:4420")]
+        addr: SocketAddr,
+        /// read | write | randread | randwrite | randrw
+        #[arg(long, default_value = "randread")]
+        rw: Rw,
+        /// Bytes per command.
+        #[arg(long, default_value_t = 4096)]
+        bs: u32,
+        /// Commands in flight (total, spread over the I/O queues).
+        #[arg(long, default_value_t = 1)]
+        qd: usize,
+        /// I/O queues (connections).
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// MiB of the namespace to use (0 = all).
+        #[arg(long, default_value_t = 1024)]
+        region_mb: u64,
+        /// Check read data and read back every written block at the end.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Keep writing with verification over two paths, following ANA.
+    Failover {
+        /// Comma separated addresses, e.g. 127.0.0.1:4420,127.0.0.1:4421
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        qd: usize,
+        #[arg(long, default_value_t = 4096)]
+        bs: u32,
+        #[arg(long, default_value_t = 64)]
+        region_mb: u64,
+    },
+}
+
+fn ana_name(s: Option<u8>) -> &'static str {
+    match s {
+        Some(ANA_OPTIMIZED) => "optimized",
+        Some(ANA_NON_OPTIMIZED) => "non-optimized",
+        Some(ANA_INACCESSIBLE) => "inaccessible",
+        _ => "unknown",
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let mut h = HostConfig::new(cli.nqn.clone());
+    h.hostnqn = cli.hostnqn.clone();
+    h.digests = Digests {
+        header: cli.hdgst,
+        data: cli.ddgst,
+    };
+    h.kato_ms = cli.kato_ms;
+    match cli.cmd {
+        Cmd::Identify { addr } => {
+            let c = Controller::connect(addr, &h)?;
+            let id = &c.id;
+            println!(
+                "controller {:#06x} at {addr}: subnqn {}",
+                c.cntlid, id.subnqn
+            );
+            println!(
+                "  serial {:?} model {:?} fw {:?} ver {:#x}",
+                id.serial, id.model, id.firmware, id.ver
+            );
+            println!(
+                "  mdts {} bytes, maxcmd {}, ioccsz {}, cmic {:#x}, oaes {:#x}, anacap {:#x}",
+                id.mdts_bytes,
+                id.maxcmd,
+                id.ioccsz * 16,
+                id.cmic,
+                id.oaes,
+                id.anacap
+            );
+            if let Some(ns) = &c.ns {
+                let hex: String = ns.nguid.iter().map(|b| format!("{b:02x}")).collect();
+                println!(
+                    "  ns 1: {} blocks of {} bytes, nguid {hex}, ana group {}",
+                    ns.num_blocks, ns.block_size, ns.anagrpid
+                );
+                let log = c.ana_log()?;
+                println!(
+                    "  ANA: {} (change count {})",
+                    ana_name(log.state_of(1)),
+                    log.chgcnt
+                );
+            }
+            c.disconnect();
+        }
+        Cmd::Discover { addr } => {
+            let mut d = h.clone();
+            d.subnqn = DISCOVERY_NQN.into();
+            d.kato_ms = 0;
+            let c = Controller::connect(addr, &d)?;
+            for e in c.discovery_log()? {
+                println!(
+                    "trtype tcp traddr {} trsvcid {} portid {} subnqn {} treq {:#x}",
+                    e.traddr, e.trsvcid, e.portid, e.subnqn, e.treq
+                );
+            }
+            c.disconnect();
+        }
+        Cmd::Io {
+            addr,
+            rw,
+            bs,
+            qd,
+            queues,
+            seconds,
+            region_mb,
+            verify,
+            seed,
+        } => {
+            h.io_queues = queues.max(1);
+            h.queue_depth = (qd.div_ceil(queues.max(1) as usize) as u16).max(1);
+            let c = Controller::connect(addr, &h)?;
+            let spec = IoSpec {
+                rw,
+                block_bytes: bs,
+                queue_depth: qd.max(1),
+                duration: Duration::from_secs(seconds),
+                region_bytes: region_mb << 20,
+                verify,
+                seed,
+            };
+            let r = run_io(&c, &spec)?;
+            println!("{rw:?} bs={bs} qd={qd} queues={queues}: {r}");
+            c.disconnect();
+            if r.verify_errors > 0 {
+                return Err(format!("{} verification errors", r.verify_errors).into());
+            }
+        }
+        Cmd::Failover {
+            paths,
+            seconds,
+            qd,
+            bs,
+            region_mb,
+        } => {
+            if paths.len() < 2 {
+                return Err(
+                    "--paths needs at least two addresses, e.g. 127.0.0.1:4420,127.0.0.1:4421"
+                        .into(),
+                );
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(seconds));
+                s2.store(true, Ordering::Release);
+            });
+            let r = run_failover(&paths, &h, qd.max(1), bs, region_mb << 20, stop)?;
+            println!("failover: {r}");
+            if r.lost_writes > 0 {
+                return Err(format!("{} completed writes lost", r.lost_writes).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dm-nvme: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
