@@ -1,1 +1,174 @@
-//! iscsi-target
+//! iSCSI target (RFC 7143) exporting one `Volume` as LUN 0, with ALUA path
+//! states that follow the mirror role.
+//!
+//! Threads: one acceptor, and per connection a reader (parses PDUs, collects
+//! Data-Out, submits to the volume without waiting) and a writer (sends
+//! responses as completions arrive). Many commands are in flight per
+//! connection, bounded by the CmdSN window (`QUEUE_DEPTH`).
+//!
+//! Architecture invariant: nothing here knows about mirroring; the volume's
+//! path state is the only role information, and volume errors become SCSI
+//! sense in exactly one place (`scsi::io_error_sense`).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use volume::Volume;
+
+mod conn;
+pub mod login;
+mod opcodes;
+pub mod pdu;
+mod pr;
+pub mod scsi;
+mod vpd;
+
+/// Commands a session may have in flight (the CmdSN window size).
+pub const QUEUE_DEPTH: u32 = 128;
+
+/// CHAP secrets. `user`/`secret` authenticate the initiator; `mutual`
+/// (user, secret) is what the target answers with when the initiator asks
+/// the target to authenticate itself.
+#[derive(Clone, Debug)]
+pub struct ChapConfig {
+    pub user: String,
+    pub secret: String,
+    pub mutual: Option<(String, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct IscsiConfig {
+    pub listen: SocketAddr,
+    pub target_iqn: String,
+    /// Require CHAP (None: AuthMethod=None).
+    pub chap: Option<ChapConfig>,
+    pub portal_group_tag: u16,
+    /// Portals of the peer node, listed in SendTargets beside our own.
+    pub peer_portals: Vec<SocketAddr>,
+    /// Connections served at once (further ones are closed at accept).
+    pub max_connections: usize,
+    /// Our MaxRecvDataSegmentLength.
+    pub max_recv_data_segment_bytes: u32,
+    /// Upper bound offered for MaxBurstLength.
+    pub max_burst_bytes: u32,
+    /// Upper bound offered for FirstBurstLength.
+    pub first_burst_bytes: u32,
+}
+
+impl IscsiConfig {
+    pub fn new(listen: SocketAddr, target_iqn: impl Into<String>) -> IscsiConfig {
+        IscsiConfig {
+            listen,
+            target_iqn: target_iqn.into(),
+            chap: None,
+            portal_group_tag: 1,
+            peer_portals: Vec::new(),
+            max_connections: 64,
+            max_recv_data_segment_bytes: 256 * 1024,
+            max_burst_bytes: 1024 * 1024,
+            first_burst_bytes: 256 * 1024,
+        }
+    }
+
+    /// Checks limits at start-up and says what to fix.
+    pub fn validate(&self) -> io::Result<()> {
+        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
+        if !self.target_iqn.starts_with("iqn.") && !self.target_iqn.starts_with("eui.") {
+            return bad(format!(
+                "iscsi target_iqn {:?} must start with \"iqn.\" or \"eui.\"",
+                self.target_iqn
+            ));
+        }
+        for (name, v) in [
+            (
+                "max_recv_data_segment_bytes",
+                self.max_recv_data_segment_bytes,
+            ),
+            ("max_burst_bytes", self.max_burst_bytes),
+            ("first_burst_bytes", self.first_burst_bytes),
+        ] {
+            if !(512..=16_777_215).contains(&v) {
+                return bad(format!(
+                    "iscsi {name} = {v} must be within 512..=16777215 (RFC 7143)"
+                ));
+            }
+        }
+        if self.first_burst_bytes > self.max_burst_bytes {
+            return bad("iscsi first_burst_bytes must not exceed max_burst_bytes".into());
+        }
+        if self.max_connections == 0 {
+            return bad("iscsi max_connections must be at least 1".into());
+        }
+        if let Some(c) = &self.chap {
+            if c.secret.len() < 12 || c.secret.len() > 255 {
+                return bad("iscsi CHAP secret must be 12..=255 characters".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running target. Dropping it without `shutdown` leaves it running.
+pub struct IscsiTarget {
+    addr: SocketAddr,
+    shared: Arc<conn::Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// Starts listening and serving `vol` as LUN 0 of `cfg.target_iqn`.
+pub fn start(cfg: IscsiConfig, vol: Arc<dyn Volume>) -> io::Result<IscsiTarget> {
+    cfg.validate()?;
+    let listener = TcpListener::bind(cfg.listen).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("iscsi: cannot listen on {}: {e}", cfg.listen),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let shared = conn::Shared::new(cfg, vol, addr);
+    let s2 = shared.clone();
+    let acceptor = std::thread::Builder::new()
+        .name("iscsi-accept".into())
+        .spawn(move || accept_loop(listener, s2))?;
+    Ok(IscsiTarget {
+        addr,
+        shared,
+        acceptor: Some(acceptor),
+    })
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<conn::Shared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        match stream {
+            Ok(s) => conn::spawn(shared.clone(), s),
+            Err(e) => {
+                log::warn!("iscsi: accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl IscsiTarget {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, closes every connection and waits for their threads.
+    pub fn shutdown(mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        // Wake the acceptor.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+        self.shared.close_all();
+        self.shared.join_all();
+    }
+}

@@ -1,0 +1,87 @@
+//! INQUIRY vital product data pages.
+
+use crate::scsi::Lun;
+
+const PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+
+fn page_with(code: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut d = vec![0x00, code];
+    d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    d.extend(body);
+    d
+}
+
+/// NAA type 6 (IEEE registered extended) identifier derived from the volume
+/// uuid, the same on both nodes.
+pub fn naa(uuid: &[u8; 16]) -> [u8; 16] {
+    let mut n = *uuid;
+    n[0] = 0x60 | (uuid[0] & 0x0f);
+    n
+}
+
+pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
+    let bs = lun.geo.block_size;
+    Some(match code {
+        0x00 => page_with(0x00, PAGES.to_vec()),
+        0x80 => page_with(
+            0x80,
+            lun.ident
+                .serial
+                .as_bytes()
+                .iter()
+                .take(20)
+                .copied()
+                .collect(),
+        ),
+        0x83 => {
+            let mut b = Vec::new();
+            // Logical unit: NAA, binary.
+            b.extend_from_slice(&[0x01, 0x03, 0x00, 0x10]);
+            b.extend_from_slice(&naa(&lun.ident.uuid));
+            let node = lun.ident.node_index;
+            // Relative target port (PIV, association target port, iSCSI).
+            b.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0]);
+            b.extend_from_slice(&node.to_be_bytes());
+            // Target port group.
+            b.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0]);
+            b.extend_from_slice(&node.to_be_bytes());
+            // SCSI name string of the target port (UTF-8).
+            let name = format!("{},t,0x{:04x}", lun.target_iqn, lun.portal_group_tag);
+            let mut nb = name.into_bytes();
+            nb.push(0);
+            while nb.len() % 4 != 0 {
+                nb.push(0);
+            }
+            nb.truncate(252);
+            b.extend_from_slice(&[0x53, 0x98, 0x00, nb.len() as u8]);
+            b.extend(nb);
+            page_with(0x83, b)
+        }
+        0xb0 => {
+            let mut b = vec![0u8; 0x3c];
+            let max_xfer = lun.max_cmd_bytes / bs;
+            b[1] = crate::scsi::MAX_COMPARE_WRITE_BLOCKS;
+            b[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal transfer granularity
+            b[4..8].copy_from_slice(&max_xfer.to_be_bytes());
+            let opt = (lun.vol.max_io_bytes() / bs).clamp(1, max_xfer);
+            b[8..12].copy_from_slice(&opt.to_be_bytes());
+            b[12..16].copy_from_slice(&max_xfer.to_be_bytes()); // max prefetch
+            b[16..20].copy_from_slice(&crate::scsi::MAX_UNMAP_BLOCKS.to_be_bytes());
+            b[20..24].copy_from_slice(&crate::scsi::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+            b[24..28].copy_from_slice(&1u32.to_be_bytes()); // optimal unmap granularity
+            b[32..40].copy_from_slice(&crate::scsi::MAX_WRITE_SAME_BLOCKS.to_be_bytes());
+            page_with(0xb0, b)
+        }
+        0xb1 => {
+            let mut b = vec![0u8; 0x3c];
+            b[1] = 0x01; // non-rotating medium
+            page_with(0xb1, b)
+        }
+        0xb2 => {
+            // LBPU, LBPWS, LBPWS10; provisioning type: thin.
+            let b = vec![0x00, 0xe0, 0x02, 0x00];
+            page_with(0xb2, b)
+        }
+        _ => return None,
+    })
+}

@@ -1,0 +1,250 @@
+//! Login, negotiation, I/O, discovery, digests, CHAP and ALUA through the
+//! test initiator.
+
+mod common;
+
+use common::*;
+use iscsi_target::{pdu, ChapConfig};
+use std::sync::atomic::Ordering;
+use volume::PathState;
+
+#[test]
+fn login_io_and_logout() {
+    let (t, vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    let keys = i.login(&[]);
+    assert!(keys.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength"));
+    assert_eq!(i.tur().status, 0);
+    let data: Vec<u8> = (0..4096u32).map(|x| (x * 7) as u8).collect();
+    assert_eq!(i.write10(8, &data).status, 0);
+    let r = i.read10(8, 8);
+    assert_eq!(r.status, 0);
+    assert_eq!(r.data, data);
+    // Large write: immediate data plus R2T sequences.
+    let big: Vec<u8> = (0..600_000u32).map(|x| (x % 251) as u8).collect();
+    let big = &big[..big.len() / 512 * 512];
+    assert_eq!(i.write10(100, big).status, 0);
+    let r = i.read10(100, (big.len() / 512) as u16);
+    assert_eq!(r.data, big);
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 2);
+    let p = i.nop();
+    assert_eq!(p.opcode(), pdu::OP_NOP_IN);
+    assert_eq!(p.data, b"ping");
+    let p = i.logout();
+    assert_eq!(p.opcode(), pdu::OP_LOGOUT_RESP);
+    assert_eq!(p.bhs[2], 0);
+    t.shutdown();
+}
+
+#[test]
+fn digests_and_unsolicited_data() {
+    let (t, _vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[
+        ("HeaderDigest", "CRC32C,None"),
+        ("DataDigest", "CRC32C"),
+        ("InitialR2T", "No"),
+    ]);
+    assert!(i.hd && i.dd && !i.initial_r2t);
+    let data = vec![0x5au8; 16384];
+    assert_eq!(i.write10(0, &data).status, 0);
+    assert_eq!(i.read10(0, 32).data, data);
+    t.shutdown();
+}
+
+#[test]
+fn residual_on_short_read_allocation() {
+    let (t, _vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[]);
+    // READ10 of one block with EDTL of two blocks: underflow of 512.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[8] = 1;
+    let r = i.scsi(&cdb, &[], 1024);
+    assert_eq!(r.status, 0);
+    assert_eq!(r.flags & 0x02, 0x02);
+    assert_eq!(r.residual, 512);
+    t.shutdown();
+}
+
+#[test]
+fn report_supported_opcodes_options() {
+    let (t, _vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[]);
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa3;
+    cdb[1] = 0x0c;
+    cdb[2] = 2;
+    cdb[3] = 0x00;
+    cdb[9] = 0xff;
+    let r = i.scsi(&cdb, &[], 255);
+    assert_eq!(r.status, 2);
+    assert_eq!(r.key_asc(), (5, 0x24, 0));
+    cdb[2] = 1;
+    let r = i.scsi(&cdb, &[], 255);
+    assert_eq!(r.status, 0);
+    assert_eq!(r.data[4], 0);
+    t.shutdown();
+}
+
+#[test]
+fn discovery_lists_own_and_peer_portals() {
+    let (t, _vol) = target(|c| c.peer_portals = vec!["127.0.0.1:3261".parse().unwrap()]);
+    let mut i = Initiator::connect(t.local_addr());
+    let k = kv(&[
+        ("InitiatorName", INITIATOR),
+        ("SessionType", "Discovery"),
+        ("AuthMethod", "None"),
+    ]);
+    let (st, _, _) = i.login_step(0, 1, true, &k);
+    assert_eq!(st, 0);
+    let (st, _, _) = i.login_step(1, 3, true, &kv(&[("HeaderDigest", "None")]));
+    assert_eq!(st, 0);
+    let mut p = pdu::Pdu::new(pdu::OP_TEXT_REQ);
+    p.bhs[0] |= 0x40;
+    p.bhs[1] = 0x80;
+    p.set_u32(16, 99);
+    p.set_u32(20, pdu::RSVD_TAG);
+    p.set_u32(24, i.cmd_sn);
+    p.data = pdu::encode_text(&kv(&[("SendTargets", "All")]));
+    i.send(&mut p);
+    let r = i.recv().unwrap();
+    assert_eq!(r.opcode(), pdu::OP_TEXT_RESP);
+    let keys = pdu::parse_text(&r.data).unwrap();
+    assert!(keys.contains(&("TargetName".into(), IQN.into())));
+    let addrs: Vec<_> = keys
+        .iter()
+        .filter(|(k, _)| k == "TargetAddress")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs.contains(&"127.0.0.1:3261,1".to_string()));
+    // SCSI commands are refused in a discovery session.
+    let mut c = i.cmd_pdu(&[0u8; 6], 0, false, false);
+    i.send(&mut c);
+    assert_eq!(i.recv().unwrap().opcode(), pdu::OP_REJECT);
+    t.shutdown();
+}
+
+fn chap_login(
+    i: &mut Initiator,
+    user: &str,
+    secret: &str,
+    mutual: Option<&[u8]>,
+) -> (u16, Vec<(String, String)>) {
+    let k = kv(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", IQN),
+        ("SessionType", "Normal"),
+        ("AuthMethod", "CHAP,None"),
+    ]);
+    let (st, keys, _) = i.login_step(0, 1, false, &k);
+    assert_eq!(st, 0);
+    assert!(keys.contains(&("AuthMethod".into(), "CHAP".into())));
+    let (st, keys, _) = i.login_step(0, 1, false, &kv(&[("CHAP_A", "5")]));
+    assert_eq!(st, 0);
+    let get = |k: &str| keys.iter().find(|(a, _)| a == k).unwrap().1.clone();
+    let id: u8 = get("CHAP_I").parse().unwrap();
+    let c = get("CHAP_C");
+    let c: Vec<u8> = (2..c.len())
+        .step_by(2)
+        .map(|x| u8::from_str_radix(&c[x..x + 2], 16).unwrap())
+        .collect();
+    let r = iscsi_target::login::chap_response(id, secret.as_bytes(), &c);
+    let hex = |b: &[u8]| {
+        format!(
+            "0x{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    };
+    let mut resp = vec![
+        ("CHAP_N".to_string(), user.to_string()),
+        ("CHAP_R".to_string(), hex(&r)),
+    ];
+    if let Some(ch) = mutual {
+        resp.push(("CHAP_I".into(), "7".into()));
+        resp.push(("CHAP_C".into(), hex(ch)));
+    }
+    let (st, keys, _) = i.login_step(0, 1, true, &resp);
+    if st == 0 {
+        let mut c2 = c.clone();
+        c2.clear();
+        let _ = c2;
+    }
+    (st, keys)
+}
+
+#[test]
+fn chap_and_mutual_chap() {
+    let chap = ChapConfig {
+        user: "host1".into(),
+        secret: "initiator-secret-1".into(),
+        mutual: Some(("tgt".into(), "target-secret-22".into())),
+    };
+    let (t, _vol) = target(|c| c.chap = Some(chap.clone()));
+    // Correct secrets, mutual challenge: the target answers with its own.
+    let mut i = Initiator::connect(t.local_addr());
+    let ch = [9u8; 16];
+    let (st, keys) = chap_login(&mut i, "host1", "initiator-secret-1", Some(&ch));
+    assert_eq!(st, 0);
+    let want = iscsi_target::login::chap_response(7, b"target-secret-22", &ch);
+    let got = &keys.iter().find(|(k, _)| k == "CHAP_R").unwrap().1;
+    assert_eq!(
+        got,
+        &format!(
+            "0x{}",
+            want.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    );
+    // Wrong secret: authentication failure.
+    let mut i = Initiator::connect(t.local_addr());
+    let (st, _) = chap_login(&mut i, "host1", "wrong-secret-xxxx", Some(&ch));
+    assert_eq!(st, 0x0201);
+    assert!(i.closed());
+    // None is refused when CHAP is configured.
+    let mut i = Initiator::connect(t.local_addr());
+    let k = kv(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", IQN),
+        ("AuthMethod", "None"),
+    ]);
+    let (st, _, _) = i.login_step(0, 1, true, &k);
+    assert_eq!(st, 0x0201);
+    t.shutdown();
+}
+
+#[test]
+fn alua_standby_and_unit_attention() {
+    let (t, vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[]);
+    assert_eq!(i.tur().status, 0);
+    vol.path.set(PathState::Inaccessible);
+    let r = i.tur();
+    assert_eq!(
+        r.key_asc(),
+        (6, 0x2a, 0x06),
+        "unit attention after the state change"
+    );
+    let r = i.read10(0, 1);
+    assert_eq!(r.key_asc(), (2, 0x04, 0x0b), "standby");
+    let before = vol.writes.load(Ordering::Relaxed);
+    let r = i.write10(0, &[1u8; 512]);
+    assert_eq!(r.key_asc(), (2, 0x04, 0x0b));
+    assert_eq!(vol.writes.load(Ordering::Relaxed), before);
+    // REPORT TARGET PORT GROUPS: our group (1) standby, the peer's (2) optimized.
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa3;
+    cdb[1] = 0x0a;
+    cdb[9] = 0xff;
+    let r = i.scsi(&cdb, &[], 255);
+    assert_eq!(r.status, 0);
+    assert_eq!(&r.data[4..8], &[0x02, 0x05, 0, 1]);
+    assert_eq!(&r.data[16..20], &[0x80, 0x05, 0, 2]);
+    vol.path.set(PathState::Optimized);
+    assert_eq!(i.tur().key_asc(), (6, 0x2a, 0x06));
+    assert_eq!(i.read10(0, 1).status, 0);
+    t.shutdown();
+}
