@@ -181,3 +181,61 @@ fn fio_randwrite_verify_crc32c() {
     assert!(!text.contains("verify:"), "{text}");
     srv.shutdown();
 }
+
+#[test]
+fn nbdfuse_mkfs_ext4_and_fsck() {
+    if !have("nbdfuse") || !have("mkfs.ext4") || !have("e2fsck") {
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        println!("SKIPPED: no /dev/fuse");
+        return;
+    }
+    let vol = Arc::new(MemVolume::new(512, 128 * 2048)); // 128 MiB
+    let srv = serve(&vol);
+    let dir = scratch_dir("nbdfuse");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut fuse = Command::new("nbdfuse")
+        .arg(&mnt)
+        .arg(uri(&srv))
+        .spawn()
+        .unwrap();
+    let dev = mnt.join("nbd");
+    let mut ready = false;
+    for _ in 0..100 {
+        if std::fs::metadata(&dev)
+            .map(|m| m.len() == 128 << 20)
+            .unwrap_or(false)
+        {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let result = std::panic::catch_unwind(|| {
+        assert!(ready, "nbdfuse did not expose {dev:?}");
+        // mkfs discards, zeroes and writes; fsck then reads it all back.
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+        run(Command::new("e2fsck").args(["-f", "-n"]).arg(&dev));
+    });
+    let unmounted = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    if !matches!(unmounted, Ok(s) if s.success()) {
+        let _ = Command::new("umount").arg(&mnt).status();
+    }
+    for _ in 0..50 {
+        if matches!(fuse.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if matches!(fuse.try_wait(), Ok(None)) {
+        let _ = fuse.kill();
+        let _ = fuse.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    srv.shutdown();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
