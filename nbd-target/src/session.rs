@@ -307,7 +307,14 @@ fn transmission<R: Read, W: Write + Send>(
     let reader = thread::current();
     thread::scope(|s| {
         let shared = &shared;
-        s.spawn(move || writer_loop(w, rx, shared, ctx, peer, t, reader));
+        let spawned = thread::Builder::new()
+            .name("nbd-reply".into())
+            .spawn_scoped(s, move || writer_loop(w, rx, shared, ctx, peer, t, reader));
+        if let Err(e) = spawned {
+            // Nothing was read yet; `tx` is dropped with this scope.
+            log::error!("nbd {peer}: cannot start the reply thread: {e}");
+            return SessionEnd::Stopped;
+        }
         let end = reader_loop(&mut r, tx, shared, ctx);
         match &end {
             SessionEnd::Violation(v) => log::warn!("nbd {peer}: closing connection: {v:?}"),
