@@ -11,3 +11,5 @@ pub mod meta;
 pub mod ring;
 
 pub use backend::{AlignedBuf, Backend, BackendCompletion, BackendOp};
+pub use meta::{MetaError, MetaStore};
+pub use ring::{RecordHeader, Recovery, Ring, RingError, RingFull};

@@ -393,3 +393,69 @@ fn aligned_buf_and_pool() {
     pool.put(y);
     assert_eq!(pool.available(), 2);
 }
+
+/// A loop device over a file, detached on drop. `None` where loop devices
+/// cannot be set up (not root, no loop driver): the test is then skipped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "-b", &sector_size.to_string()])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipping: losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(LoopDevice(
+            String::from_utf8(out.stdout).ok()?.trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn uring_backend_conformance_on_a_block_device() {
+    let dir = TempDir::new("uring-blk");
+    let file = dir.join("backing");
+    create_file_device(&file, DEV_BYTES).unwrap();
+    let Some(dev) = LoopDevice::attach(&file, 4096) else {
+        return;
+    };
+    let mut b = UringBackend::open(std::path::Path::new(&dev.0), &UringConfig::default()).unwrap();
+    assert!(b.is_block_device());
+    // Size from BLKGETSIZE64 and block size from BLKSSZGET; discard and
+    // write-zeroes through BLKDISCARD / BLKZEROOUT.
+    conformance(&mut b);
+    drop(b);
+    let Some(dev512) = LoopDevice::attach(&file, 512) else {
+        return;
+    };
+    let b = UringBackend::open(std::path::Path::new(&dev512.0), &UringConfig::default()).unwrap();
+    assert_eq!((b.block_size(), b.size_bytes()), (512, DEV_BYTES));
+}
+
+#[test]
+fn owned_by_a_reactor_thread_and_movable() {
+    fn send<T: Send>() {}
+    send::<AlignedBuf>();
+    send::<MemBackend>();
+    send::<UringBackend>();
+    send::<FaultBackend<UringBackend>>();
+    send::<storage::Ring>();
+    send::<storage::MetaStore>();
+    fn sync<T: Sync + Send>() {}
+    sync::<FaultControl>();
+}

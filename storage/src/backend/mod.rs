@@ -46,10 +46,15 @@ pub enum BackendOp {
     },
     /// Make every completed write durable (fdatasync / NVMe flush).
     Flush,
+    /// Deallocate a range. Files and the in-memory backend read it back as
+    /// zeroes; on a block device (BLKDISCARD) the contents afterwards are
+    /// whatever the device guarantees, so use `WriteZeroes` where both mirror
+    /// nodes must read identical data.
     Discard {
         offset: u64,
         len: u64,
     },
+    /// Make a range read back as zeroes (fallocate ZERO_RANGE, BLKZEROOUT).
     WriteZeroes {
         offset: u64,
         len: u64,
