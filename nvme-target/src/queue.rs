@@ -179,17 +179,14 @@ impl QueueCore {
 
     /// Largest PDU accepted in the current state.
     pub fn max_plen(&self) -> u32 {
-        match &self.io {
-            None => IC_HLEN as u32,
-            Some(_) => {
-                let data = self
-                    .sh
-                    .max_h2c_data
-                    .max(self.sh.cfg.in_capsule_data_bytes)
-                    .max(ADMIN_ICD_BYTES);
-                CMD_HLEN as u32 + 4 + 128 + data + 4
-            }
-        }
+        // The same before ICReq, so that a wrong first PDU is read whole and
+        // reported as a sequence error rather than a length error.
+        let data = self
+            .sh
+            .max_h2c_data
+            .max(self.sh.cfg.in_capsule_data_bytes)
+            .max(ADMIN_ICD_BYTES);
+        CMD_HLEN as u32 + 4 + 128 + data + 4
     }
 
     fn terminate(&mut self, e: TransportError, offending: &[u8]) -> bool {
