@@ -711,8 +711,7 @@ impl Conn {
         }
         let windowed = !p.immediate();
         let imm = p.data.len() as u32;
-        let bad = (imm > 0 && !write)
-            || (imm > 0 && !self.params.immediate_data)
+        let bad = (imm > 0 && (!write || !self.params.immediate_data))
             || imm > edtl
             || imm > self.params.first_burst_bytes
             || (!final_bit && (self.params.initial_r2t || !write))
@@ -937,7 +936,7 @@ fn encode_lun(lun: u64) -> u64 {
     if lun < 256 {
         lun << 48
     } else {
-        ((0x4000 | (lun & 0x3fff)) as u64) << 48
+        (0x4000 | (lun & 0x3fff)) << 48
     }
 }
 

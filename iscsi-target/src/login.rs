@@ -100,6 +100,9 @@ pub struct Outcome {
     pub stat_sn: u32,
 }
 
+/// Source of CHAP identifiers and challenges.
+pub type RandomFn = Box<dyn FnMut(&mut [u8]) + Send>;
+
 pub struct Login {
     target_iqn: String,
     chap: Option<ChapConfig>,
@@ -120,7 +123,7 @@ pub struct Login {
     declared_mrdsl: bool,
     responded: bool,
     pending_text: Vec<u8>,
-    random: Box<dyn FnMut(&mut [u8]) + Send>,
+    random: RandomFn,
 }
 
 fn random_bytes(buf: &mut [u8]) {
@@ -263,7 +266,7 @@ impl Login {
     }
 
     /// Deterministic challenges (tests and fuzzing).
-    pub fn with_random(mut self, f: Box<dyn FnMut(&mut [u8]) + Send>) -> Login {
+    pub fn with_random(mut self, f: RandomFn) -> Login {
         self.random = f;
         self
     }

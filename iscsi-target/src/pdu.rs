@@ -124,7 +124,7 @@ impl Pdu {
     /// Serializes with padding and the negotiated digests. The
     /// DataSegmentLength and TotalAHSLength fields are filled in here.
     pub fn encode_into(&mut self, out: &mut Vec<u8>, header_digest: bool, data_digest: bool) {
-        debug_assert!(self.ahs.len() % 4 == 0);
+        debug_assert!(self.ahs.len().is_multiple_of(4));
         self.bhs[4] = (self.ahs.len() / 4) as u8;
         let dlen = self.data.len() as u32;
         self.bhs[5..8].copy_from_slice(&dlen.to_be_bytes()[1..4]);
@@ -252,17 +252,21 @@ pub fn extended_cdb(ahs: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// A text data segment that is not `key=value` pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadText;
+
 /// Parses a text data segment of `key=value` pairs separated by NULs.
-pub fn parse_text(data: &[u8]) -> Result<Vec<(String, String)>, ()> {
+pub fn parse_text(data: &[u8]) -> Result<Vec<(String, String)>, BadText> {
     let mut out = Vec::new();
     for item in data.split(|&b| b == 0) {
         if item.is_empty() {
             continue;
         }
-        let s = std::str::from_utf8(item).map_err(|_| ())?;
-        let (k, v) = s.split_once('=').ok_or(())?;
+        let s = std::str::from_utf8(item).map_err(|_| BadText)?;
+        let (k, v) = s.split_once('=').ok_or(BadText)?;
         if k.is_empty() || k.len() > 63 {
-            return Err(());
+            return Err(BadText);
         }
         out.push((k.to_string(), v.to_string()));
     }

@@ -78,7 +78,7 @@ fn transport_id(port: &str) -> Vec<u8> {
     // Format 01b: "name,i,0xISID", protocol identifier 5 (iSCSI).
     let mut name = port.as_bytes().to_vec();
     name.push(0);
-    while name.len() % 4 != 0 {
+    while !name.len().is_multiple_of(4) {
         name.push(0);
     }
     let mut t = vec![0x45, 0];

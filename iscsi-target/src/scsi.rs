@@ -308,7 +308,7 @@ fn access_class(cdb: &[u8]) -> Access {
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 => Access::Read,
         0x9e if cdb[1] & 0x1f == 0x12 => Access::Read,
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x35
-        | 0x91 | 0x15 | 0x55 | 0x1b => Access::Write,
+        | 0x91 | 0x15 | 0x55 | 0x1b | 0x8b | 0x9c => Access::Write,
         _ => Access::None,
     }
 }
@@ -505,6 +505,16 @@ pub fn execute(
                 done(compare_and_write(&lun2, &cdb, &data))
             }))
         }
+        0x8b => {
+            let lun2 = lun.clone();
+            let cdb = cdb.to_vec();
+            lun.slow(Box::new(move || done(or_write(&lun2, &cdb, &data))))
+        }
+        0x9c => {
+            let lun2 = lun.clone();
+            let cdb = cdb.to_vec();
+            lun.slow(Box::new(move || done(write_atomic(&lun2, &cdb, &data))))
+        }
         _ => done(ScsiResult::check(SENSE_INVALID_OPCODE)),
     }
 }
@@ -532,6 +542,8 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
             }
         }
         0x89 => Some(cdb[13] as u64 * 2 * bs),
+        0x8b => Some(be32(cdb, 10) as u64 * bs),
+        0x9c => Some(be16(cdb, 12) as u64 * bs),
         _ => None,
     }
 }
@@ -788,6 +800,9 @@ fn compare_and_write(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
         return ScsiResult::check(s);
     }
     if n == 0 {
+        if !data.is_empty() {
+            return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
+        }
         return ScsiResult::good(Vec::new());
     }
     if n > MAX_COMPARE_WRITE_BLOCKS as u64 {
@@ -795,7 +810,8 @@ fn compare_and_write(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     }
     let bs = lun.geo.block_size as u64;
     let len = (n * bs) as usize;
-    if data.len() < 2 * len {
+    if data.len() != 2 * len {
+        // The Data-Out buffer must hold exactly the verify and write data.
         return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
     }
     let media = match read_sync(lun, lba * bs, len as u64) {
@@ -808,6 +824,75 @@ fn compare_and_write(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     let fua = cdb[1] & 0x08 != 0;
     match write_sync(lun, lba * bs, &data[len..2 * len], fua) {
         Ok(()) => ScsiResult::good(Vec::new()),
+        Err(e) => ScsiResult::check(io_error_sense(e, true)),
+    }
+}
+
+/// ORWRITE (16): the new data is ORed into the blocks (read-modify-write,
+/// serialized with the other slow-path commands).
+fn or_write(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
+    if let Err(s) = protect_check(cdb) {
+        return ScsiResult::check(s);
+    }
+    let lba = be64(cdb, 2);
+    let n = be32(cdb, 10) as u64;
+    if let Err(s) = check_range(lun.geo, lba, n) {
+        return ScsiResult::check(s);
+    }
+    let bs = lun.geo.block_size as u64;
+    let len = (n * bs).min(data.len() as u64 / bs * bs);
+    if len == 0 {
+        return ScsiResult::good(Vec::new());
+    }
+    if len > lun.max_cmd_bytes as u64 {
+        return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
+    }
+    let mut media = match read_sync(lun, lba * bs, len) {
+        Ok(d) => d,
+        Err(e) => return ScsiResult::check(io_error_sense(e, false)),
+    };
+    for (m, d) in media.iter_mut().zip(data) {
+        *m |= *d;
+    }
+    match write_sync(lun, lba * bs, &media, cdb[1] & 0x08 != 0) {
+        Ok(()) => ScsiResult::good(Vec::new()),
+        Err(e) => ScsiResult::check(io_error_sense(e, true)),
+    }
+}
+
+/// Largest WRITE ATOMIC (16) in blocks: one volume request, never split.
+pub fn max_atomic_blocks(lun: &Lun) -> u32 {
+    (lun.vol.max_io_bytes() / lun.geo.block_size).min(lun.max_cmd_bytes / lun.geo.block_size)
+}
+
+/// WRITE ATOMIC (16): accepted only when it fits one volume request.
+fn write_atomic(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
+    if let Err(s) = protect_check(cdb) {
+        return ScsiResult::check(s);
+    }
+    let lba = be64(cdb, 2);
+    let n = be16(cdb, 12) as u64;
+    if let Err(s) = check_range(lun.geo, lba, n) {
+        return ScsiResult::check(s);
+    }
+    if n == 0 {
+        return ScsiResult::good(Vec::new());
+    }
+    if n > max_atomic_blocks(lun) as u64 {
+        return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
+    }
+    let bs = lun.geo.block_size as u64;
+    let len = (n * bs) as usize;
+    if data.len() < len {
+        return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
+    }
+    let op = VolumeOp::Write {
+        offset: lba * bs,
+        data: data[..len].to_vec(),
+        fua: cdb[1] & 0x08 != 0,
+    };
+    match submit_wait(&*lun.vol, op) {
+        Ok(_) => ScsiResult::good(Vec::new()),
         Err(e) => ScsiResult::check(io_error_sense(e, true)),
     }
 }
@@ -845,7 +930,8 @@ fn write_same(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     let block: Vec<u8> = if ndob {
         vec![0; bs]
     } else {
-        if data.len() < bs {
+        // Exactly one logical block of Data-Out.
+        if data.len() != bs {
             return ScsiResult::check(SENSE_INVALID_FIELD_CDB);
         }
         data[..bs].to_vec()
@@ -957,9 +1043,20 @@ fn read_capacity16(lun: &Lun, cdb: &[u8]) -> ScsiResult {
     d[8..12].copy_from_slice(&lun.geo.block_size.to_be_bytes());
     // LBPME: UNMAP and WRITE SAME are supported; LBPRZ stays 0 because a
     // discarded block's contents are up to the backend.
+    d[13] = lbppbe(lun.geo.block_size);
     d[14] = 0x80;
     d.truncate(alloc);
     ScsiResult::good(d)
+}
+
+/// Logical blocks per physical block exponent: 512-byte logical blocks sit
+/// on 4 KiB physical blocks on every backend we target.
+pub fn lbppbe(block_size: u32) -> u8 {
+    if block_size == 512 {
+        3
+    } else {
+        0
+    }
 }
 
 fn report_luns(cdb: &[u8]) -> ScsiResult {

@@ -49,7 +49,7 @@ pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
             let name = format!("{},t,0x{:04x}", lun.target_iqn, lun.portal_group_tag);
             let mut nb = name.into_bytes();
             nb.push(0);
-            while nb.len() % 4 != 0 {
+            while !nb.len().is_multiple_of(4) {
                 nb.push(0);
             }
             nb.truncate(252);
@@ -68,8 +68,12 @@ pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
             b[12..16].copy_from_slice(&max_xfer.to_be_bytes()); // max prefetch
             b[16..20].copy_from_slice(&crate::scsi::MAX_UNMAP_BLOCKS.to_be_bytes());
             b[20..24].copy_from_slice(&crate::scsi::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
-            b[24..28].copy_from_slice(&1u32.to_be_bytes()); // optimal unmap granularity
+            let per_phys = 1u32 << crate::scsi::lbppbe(bs);
+            b[24..28].copy_from_slice(&per_phys.to_be_bytes()); // optimal unmap granularity
+            b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
             b[32..40].copy_from_slice(&crate::scsi::MAX_WRITE_SAME_BLOCKS.to_be_bytes());
+            // Atomic writes: one volume request, no alignment/granularity rules.
+            b[40..44].copy_from_slice(&crate::scsi::max_atomic_blocks(lun).to_be_bytes());
             page_with(0xb0, b)
         }
         0xb1 => {
