@@ -138,7 +138,7 @@ pub fn run_io(c: &Controller, spec: &IoSpec) -> HostResult<IoReport> {
             .ok_or_else(|| HostError::Disconnected("no namespace".into()))?;
     let bs = ns.block_size as u64;
     let chunk_bytes = spec.block_bytes as u64;
-    if chunk_bytes == 0 || chunk_bytes % bs != 0 {
+    if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(bs) {
         return Err(HostError::Disconnected(format!(
             "--bs must be a multiple of the block size {bs}"
         )));

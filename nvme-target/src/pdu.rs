@@ -333,6 +333,7 @@ pub fn encode_capsule_resp(cqe: &Cqe, dg: Digests) -> Vec<u8> {
     build_pdu(PDU_CAPSULE_RESP, 0, &cqe.encode(), &[], dg, 4)
 }
 
+#[allow(clippy::too_many_arguments)] // one argument per header field
 /// H2CData / C2HData / R2T share one layout: cccid, ttag (reserved in
 /// C2HData), offset, length.
 pub fn encode_xfer(

@@ -549,7 +549,7 @@ impl QueueCore {
             return done(SC_CONNECT_INVALID_HOST);
         }
         let ctrl = if qid == 0 {
-            if sqsize < 1 || sqsize >= ADMIN_QUEUE_ENTRIES {
+            if !(1..ADMIN_QUEUE_ENTRIES).contains(&sqsize) {
                 return ipo_sqe(44);
             }
             if cntlid != 0xFFFF {
@@ -717,7 +717,7 @@ impl QueueCore {
         let numd = (((sqe.cdw(11) & 0xFFFF) as u64) << 16 | (cdw10 >> 16) as u64) + 1;
         let len = numd * 4;
         let offset = sqe.cdw(12) as u64 | ((sqe.cdw(13) as u64) << 32);
-        if len > self.sh.mdts_bytes as u64 || offset % 4 != 0 {
+        if len > self.sh.mdts_bytes as u64 || !offset.is_multiple_of(4) {
             return done(SC_INVALID_FIELD);
         }
         let mut ana_epoch = None;

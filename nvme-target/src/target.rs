@@ -86,7 +86,9 @@ impl NvmeConfig {
                 "nvme: max_queue_depth must be >= 2, max_queues >= 1, ana_group_id >= 1".into(),
             );
         }
-        if self.in_capsule_data_bytes % 16 != 0 || self.in_capsule_data_bytes > self.mdts_bytes {
+        if !self.in_capsule_data_bytes.is_multiple_of(16)
+            || self.in_capsule_data_bytes > self.mdts_bytes
+        {
             return bad(format!(
                 "nvme: in_capsule_data_bytes {} must be a multiple of 16 and <= mdts_bytes",
                 self.in_capsule_data_bytes
@@ -309,12 +311,15 @@ impl Shared {
     }
 }
 
+/// Accepted connections: a socket handle (to shut it down) and the thread.
+type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
+
 /// A running target. Dropping it without `shutdown` leaves threads running.
 pub struct NvmeTarget {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+    conns: Connections,
 }
 
 /// Starts serving `vol` on `cfg.listen`.
@@ -332,7 +337,7 @@ pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
     let shared = Shared::new(cfg, vol, local_addr)?;
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let conns: Connections = Arc::new(Mutex::new(Vec::new()));
     let mut threads = Vec::new();
     {
         let (shared, stop, conns) = (shared.clone(), stop.clone(), conns.clone());
@@ -395,7 +400,7 @@ fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>,
+    conns: Connections,
 ) {
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {

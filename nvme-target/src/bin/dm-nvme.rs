@@ -81,6 +81,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Serve an in-memory volume (for trying hosts and measuring the transport).
+    ServeMem {
+        #[arg(long, default_value = "127.0.0.1:4420")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 256)]
+        size_mb: u64,
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+    },
     /// Keep writing with verification over two paths, following ANA.
     Failover {
         /// Comma separated addresses, e.g. 127.0.0.1:4420,127.0.0.1:4421
@@ -191,6 +200,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             c.disconnect();
             if r.verify_errors > 0 {
                 return Err(format!("{} verification errors", r.verify_errors).into());
+            }
+        }
+        Cmd::ServeMem {
+            listen,
+            size_mb,
+            block_size,
+        } => {
+            let vol = Arc::new(volume::MemVolume::new(
+                block_size,
+                (size_mb << 20) / block_size as u64,
+            ));
+            let t = nvme_target::start(nvme_target::NvmeConfig::new(listen, cli.nqn.clone()), vol)?;
+            println!(
+                "serving {} ({size_mb} MiB in memory) on {}",
+                cli.nqn,
+                t.local_addr()
+            );
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
             }
         }
         Cmd::Failover {
