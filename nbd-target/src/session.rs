@@ -60,7 +60,10 @@ impl SessionCtx {
     ) -> SessionCtx {
         let g = vol.geometry();
         let bs = g.block_size.max(1);
-        let max_payload = (vol.max_io_bytes() / bs * bs).max(bs);
+        // Never more per request than a refused write may drain, which also
+        // caps the buffer one request can make the reader allocate.
+        let max_io = vol.max_io_bytes().min(DRAIN_LIMIT_BYTES);
+        let max_payload = (max_io / bs * bs).max(bs);
         SessionCtx {
             export: ExportInfo {
                 name,

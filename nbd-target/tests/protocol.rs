@@ -279,6 +279,9 @@ fn backup_refuses_io_with_eperm() {
     assert_eq!(c.call(CMD_TRIM, 0, 0, 512, &[]).0, EPERM);
     assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 512, &[]).0, EPERM);
     assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]).0, EPERM);
+    // Split requests report the error once.
+    assert_eq!(c.call(CMD_TRIM, 0, 0, SIZE as u32, &[]).0, EPERM);
+    assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).0, 0);
     assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
     vol.path.set(PathState::Optimized);
     assert_eq!(c.call(CMD_WRITE, 0, 0, 512, &[1; 512]).0, 0);
@@ -509,4 +512,104 @@ fn inflight_requests_are_bounded_by_count() {
 fn inflight_requests_are_bounded_by_bytes() {
     let max = nbd_target::session::MAX_INFLIGHT_BYTES >> 20;
     pile_up(1 << 20, 60, max..=max + 1);
+}
+
+/// A volume whose every request fails with one error.
+struct Failing(volume::IoError);
+
+impl Volume for Failing {
+    fn geometry(&self) -> volume::Geometry {
+        volume::Geometry {
+            block_size: BS,
+            num_blocks: BLOCKS,
+        }
+    }
+    fn identity(&self) -> volume::VolumeIdentity {
+        MemVolume::new(BS, 1).identity()
+    }
+    fn path_state(&self) -> PathState {
+        PathState::Optimized
+    }
+    fn path_epoch(&self) -> u64 {
+        1
+    }
+    fn max_io_bytes(&self) -> u32 {
+        1 << 20
+    }
+    fn submit(&self, _op: volume::VolumeOp, done: volume::Completion) {
+        done(Err(self.0))
+    }
+}
+
+#[test]
+fn volume_errors_map_to_nbd_errno() {
+    use volume::IoError::*;
+    let cases = [
+        (Io(5), EIO, EIO),
+        (Io(28), ENOSPC, ENOSPC),
+        (Io(122), ENOSPC, ENOSPC), // EDQUOT
+        (Unavailable, ESHUTDOWN, ESHUTDOWN),
+        (TooLarge, EOVERFLOW, EOVERFLOW),
+        (OutOfRange, EINVAL, ENOSPC),
+        (Unaligned, EINVAL, EINVAL),
+        (NotPrimary, EPERM, EPERM),
+    ];
+    for (err, read_errno, write_errno) in cases {
+        let srv = nbd_target::start(
+            nbd_target::NbdConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                export_name: EXPORT.into(),
+                description: String::new(),
+                max_connections: 1,
+            },
+            Arc::new(Failing(err)),
+        )
+        .unwrap();
+        let (mut c, _, _) = Client::go(srv.local_addr());
+        assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]).0, read_errno, "{err:?}");
+        assert_eq!(
+            c.call(CMD_WRITE, 0, 0, 512, &[0; 512]).0,
+            write_errno,
+            "{err:?}"
+        );
+        assert_eq!(
+            c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 512, &[]).0,
+            write_errno
+        );
+        // The connection is still in sync after the errors.
+        assert_eq!(c.call(CMD_TRIM, 0, 0, 512, &[]).0, write_errno);
+        srv.shutdown();
+    }
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_stuck_volume() {
+    let vol = Arc::new(Parked {
+        inner: MemVolume::new(BS, BLOCKS),
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let srv = nbd_target::start(
+        nbd_target::NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            export_name: EXPORT.into(),
+            description: String::new(),
+            max_connections: 4,
+        },
+        vol.clone(),
+    )
+    .unwrap();
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    c.request(CMD_WRITE, 0, 1, 0, 512, &[1; 512]);
+    // A second client still in the handshake.
+    let (_h, _) = Client::connect(srv.local_addr());
+    while vol.held() == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let t0 = std::time::Instant::now();
+    srv.shutdown();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    assert!(c.is_closed());
+    // The late completion finds nobody listening, harmlessly.
+    vol.release();
+    assert_eq!(vol.inner.writes.load(Ordering::Relaxed), 1);
 }
