@@ -59,6 +59,11 @@ impl QueueIo {
         }
     }
 
+    /// Drops a command that will never complete (an AER at reset).
+    pub fn forget(&self, cid: u16) {
+        self.inflight.lock().unwrap().remove(&cid);
+    }
+
     pub fn close(&self) {
         let _ = self.out.send(Out::Close);
     }
@@ -681,7 +686,11 @@ impl QueueCore {
         } else if value & 1 == 0 && was_enabled {
             // Controller reset: I/O queues go away, AERs are dropped.
             st.csts = 0;
-            st.aers.clear();
+            // Outstanding AERs end with the reset; their CIDs are free again.
+            let aers: Vec<u16> = st.aers.drain(..).collect();
+            for cid in aers {
+                st.admin.forget(cid);
+            }
             for (_, q) in st.io_queues.drain() {
                 q.close();
             }
@@ -849,10 +858,7 @@ impl QueueCore {
             IO_FLUSH => Outcome::Submit(VolumeOp::Flush),
             IO_WRITE_ZEROES => match self.rw_range(sqe) {
                 Err(st) => done(st),
-                Ok((offset, len)) => Outcome::Submit(VolumeOp::WriteZeroes {
-                    offset,
-                    len: len as u64,
-                }),
+                Ok((offset, len)) => Outcome::SubmitAll(self.split(offset, len as u64, false)),
             },
             _ => {
                 // Dataset Management: only the deallocate attribute acts.
@@ -869,10 +875,7 @@ impl QueueCore {
                     }
                     if nlb > 0 {
                         let bs = g.block_size as u64;
-                        ops.push(VolumeOp::Discard {
-                            offset: slba * bs,
-                            len: nlb * bs,
-                        });
+                        ops.extend(self.split(slba * bs, nlb * bs, true));
                     }
                 }
                 if ops.is_empty() {
@@ -882,6 +885,31 @@ impl QueueCore {
                 }
             }
         }
+    }
+
+    /// Splits a zeroing or discard range into requests no larger than the
+    /// volume accepts (Write Zeroes is not bounded by MDTS).
+    fn split(&self, offset: u64, len: u64, discard: bool) -> Vec<VolumeOp> {
+        let bs = self.sh.geometry.block_size as u64;
+        let max = (self.sh.vol.max_io_bytes() as u64 / bs).max(1) * bs;
+        let mut ops = Vec::new();
+        let mut off = offset;
+        while off < offset + len {
+            let n = max.min(offset + len - off);
+            ops.push(if discard {
+                VolumeOp::Discard {
+                    offset: off,
+                    len: n,
+                }
+            } else {
+                VolumeOp::WriteZeroes {
+                    offset: off,
+                    len: n,
+                }
+            });
+            off += n;
+        }
+        ops
     }
 
     /// The connection ended: an admin queue takes its controller with it.

@@ -421,10 +421,19 @@ fn bad_input_over_tcp_terminates_without_writes() {
 #[test]
 fn seeded_fuzz_of_parser_and_dispatch() {
     let vol = mem(BS, 2048);
-    let st = nvme_target::fuzz::run(vol, cfg(), 20_000, 0xDE17A).unwrap();
-    assert_eq!(st.runs, 20_000);
+    // NVME_FUZZ_ITERS / NVME_FUZZ_SEED run it longer or elsewhere.
+    let iters = std::env::var("NVME_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed = std::env::var("NVME_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0xDE17A);
+    let st = nvme_target::fuzz::run(vol, cfg(), iters, seed).unwrap();
+    assert_eq!(st.runs, iters);
     // The mutations reach both the error paths and the command paths.
-    assert!(st.terminated > 500, "{st:?}");
-    assert!(st.completions > 20_000, "{st:?}");
-    assert!(st.errors > 1000, "{st:?}");
+    assert!(st.terminated > iters / 40, "{st:?}");
+    assert!(st.completions > iters, "{st:?}");
+    assert!(st.errors > iters / 20, "{st:?}");
 }

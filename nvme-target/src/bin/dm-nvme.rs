@@ -184,7 +184,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             seed,
         } => {
             h.io_queues = queues.max(1);
-            h.queue_depth = (qd.div_ceil(queues.max(1) as usize) as u16).max(1);
+            // The target's default queue holds 128 entries: 127 commands.
+            h.queue_depth = (qd.div_ceil(queues.max(1) as usize) as u16).clamp(1, 127);
             let c = Controller::connect(addr, &h)?;
             let spec = IoSpec {
                 rw,
