@@ -136,29 +136,61 @@ pub fn serve<R: Read, W: Write + Send>(
     transmission(r, w, ctx, peer, t)
 }
 
-impl Kind {
-    fn is_mutation(self) -> bool {
-        matches!(self, Kind::Write(_) | Kind::Mutation)
-    }
-
-    /// Payload bytes the request holds until its reply is sent.
-    fn charge(self) -> usize {
-        match self {
-            Kind::Read(n) | Kind::Write(n) => n as usize,
-            Kind::Mutation | Kind::Flush => 0,
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// Carries `len` bytes of data on success.
     Read(u32),
     /// A write whose `len`-byte payload the connection holds.
     Write(u32),
-    /// TRIM, WRITE_ZEROES, or a refused write (payload already dropped).
-    Mutation,
     Flush,
+    /// TRIM or WRITE_ZEROES, which may need follow-up volume requests.
+    Range(RangeReq),
+    /// Refused before reaching the volume (the reply is an errno).
+    Refused,
+}
+
+impl Kind {
+    fn is_mutation(self) -> bool {
+        matches!(self, Kind::Write(_) | Kind::Range(_))
+    }
+
+    /// Payload bytes the request holds until its reply is sent.
+    fn charge(self) -> usize {
+        match self {
+            Kind::Read(n) | Kind::Write(n) => n as usize,
+            Kind::Flush | Kind::Range(_) | Kind::Refused => 0,
+        }
+    }
+}
+
+/// A TRIM or WRITE_ZEROES and how far it got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RangeReq {
+    zeroes: bool,
+    offset: u64,
+    len: u32,
+    fua: bool,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Submitted as one volume request.
+    Whole,
+    /// The volume said `TooLarge`: resubmitted in `max_io_bytes` pieces.
+    Split,
+    /// FUA: the volume flush after the range completed.
+    Flushed,
+}
+
+impl RangeReq {
+    fn op(&self, offset: u64, len: u64) -> VolumeOp {
+        if self.zeroes {
+            VolumeOp::WriteZeroes { offset, len }
+        } else {
+            VolumeOp::Discard { offset, len }
+        }
+    }
 }
 
 enum Fail {
@@ -170,6 +202,12 @@ struct Reply {
     handle: u64,
     kind: Kind,
     result: Result<Vec<u8>, Fail>,
+}
+
+enum Msg {
+    Reply(Reply),
+    /// The reader stopped; the writer ends once nothing is in flight.
+    ReaderDone,
 }
 
 /// State shared by a connection's reader and writer.
@@ -218,51 +256,41 @@ impl Shared {
     }
 }
 
-fn completion(tx: &Sender<Reply>, handle: u64, kind: Kind) -> Completion {
+/// The completion for one volume request: it only posts the result to the
+/// connection's writer (it runs on an engine thread and must not block or
+/// submit more work there).
+fn completion(tx: &Sender<Msg>, handle: u64, kind: Kind) -> Completion {
     let tx = tx.clone();
     Box::new(move |res: IoResult| {
         // The connection may be gone; then nobody wants the reply.
-        let _ = tx.send(Reply {
+        let _ = tx.send(Msg::Reply(Reply {
             handle,
             kind,
             result: res.map_err(Fail::Volume),
-        });
+        }));
     })
 }
 
-/// Submits a discard or write-zeroes, split into pieces of at most `chunk`
-/// bytes (the volume's request limit); `done` runs once after the last
-/// piece with the first error, if any.
-fn submit_range(
-    vol: &dyn Volume,
-    op: fn(u64, u64) -> VolumeOp,
-    offset: u64,
-    len: u64,
-    chunk: u64,
-    done: Completion,
-) {
-    if len <= chunk {
-        vol.submit(op(offset, len), done);
-        return;
-    }
+/// Submits a range request in pieces of at most `chunk` bytes; `done` runs
+/// once after the last piece, with the first error if any.
+fn submit_split(vol: &dyn Volume, r: RangeReq, chunk: u64, done: Completion) {
     struct FanIn {
         left: AtomicUsize,
         first_err: Mutex<Option<IoError>>,
         done: Mutex<Option<Completion>>,
     }
-    let pieces = len.div_ceil(chunk);
+    let (offset, len) = (r.offset, r.len as u64);
     let fan = Arc::new(FanIn {
-        left: AtomicUsize::new(pieces as usize),
+        left: AtomicUsize::new(len.div_ceil(chunk) as usize),
         first_err: Mutex::new(None),
         done: Mutex::new(Some(done)),
     });
     let mut at = offset;
-    let end = offset + len;
-    while at < end {
-        let n = chunk.min(end - at);
+    while at < offset + len {
+        let n = chunk.min(offset + len - at);
         let fan = fan.clone();
         vol.submit(
-            op(at, n),
+            r.op(at, n),
             Box::new(move |res: IoResult| {
                 if let Err(e) = res {
                     if let Ok(mut slot) = fan.first_err.lock() {
@@ -282,17 +310,6 @@ fn submit_range(
     }
 }
 
-/// Wraps `done` so that a successful mutation is followed by a volume
-/// flush before it completes (FUA on TRIM / WRITE_ZEROES, which the volume
-/// ops cannot carry themselves).
-fn then_flush(vol: &Arc<dyn Volume>, done: Completion) -> Completion {
-    let vol = vol.clone();
-    Box::new(move |res: IoResult| match res {
-        Ok(_) => vol.submit(VolumeOp::Flush, done),
-        Err(e) => done(Err(e)),
-    })
-}
-
 fn transmission<R: Read, W: Write + Send>(
     mut r: R,
     w: BufWriter<W>,
@@ -306,19 +323,31 @@ fn transmission<R: Read, W: Write + Send>(
         dead: AtomicBool::new(false),
         pool: Mutex::new(Vec::new()),
     };
-    let (tx, rx) = mpsc::channel::<Reply>();
+    let (tx, rx) = mpsc::channel::<Msg>();
     let reader = thread::current();
     thread::scope(|s| {
         let shared = &shared;
+        let writer_tx = tx.clone();
         let spawned = thread::Builder::new()
             .name("nbd-reply".into())
-            .spawn_scoped(s, move || writer_loop(w, rx, shared, ctx, peer, t, reader));
+            .spawn_scoped(s, move || {
+                let mut wr = Writer {
+                    w,
+                    tx: writer_tx,
+                    sh: shared,
+                    ctx,
+                    peer,
+                    warned_backup: false,
+                };
+                wr.run(rx, reader);
+                t.close();
+            });
         if let Err(e) = spawned {
-            // Nothing was read yet; `tx` is dropped with this scope.
             log::error!("nbd {peer}: cannot start the reply thread: {e}");
             return SessionEnd::Stopped;
         }
-        let end = reader_loop(&mut r, tx, shared, ctx);
+        let end = reader_loop(&mut r, &tx, shared, ctx);
+        let _ = tx.send(Msg::ReaderDone);
         match &end {
             SessionEnd::Violation(v) => log::warn!("nbd {peer}: closing connection: {v:?}"),
             SessionEnd::Closed(Some(e)) => log::info!("nbd {peer}: connection lost: {e}"),
@@ -328,9 +357,8 @@ fn transmission<R: Read, W: Write + Send>(
     })
 }
 
-fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &SessionCtx) -> SessionEnd {
+fn reader_loop<R: Read>(r: &mut R, tx: &Sender<Msg>, sh: &Shared, ctx: &SessionCtx) -> SessionEnd {
     let mut hdr = [0u8; REQUEST_HEADER_BYTES];
-    let chunk = ctx.limits.max_payload_bytes as u64;
     loop {
         while sh.full(ctx.max_inflight) {
             if sh.dead.load(Ordering::Acquire) || ctx.stop.load(Ordering::Relaxed) {
@@ -359,17 +387,12 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                         Err(e) => return SessionEnd::Closed(Some(e)),
                     }
                 }
-                let kind = if h.kind == CMD_READ {
-                    Kind::Read(0)
-                } else {
-                    Kind::Mutation
-                };
                 sh.admit(0);
-                let _ = tx.send(Reply {
+                let _ = tx.send(Msg::Reply(Reply {
                     handle: h.handle,
-                    kind,
+                    kind: Kind::Refused,
                     result: Err(Fail::Errno(errno)),
-                });
+                }));
                 continue;
             }
         };
@@ -380,7 +403,7 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                 sh.admit(len);
                 vol.submit(
                     VolumeOp::Read { offset, len },
-                    completion(&tx, handle, Kind::Read(len)),
+                    completion(tx, handle, Kind::Read(len)),
                 );
             }
             Command::Write { offset, len, fua } => {
@@ -396,114 +419,173 @@ fn reader_loop<R: Read>(r: &mut R, tx: Sender<Reply>, sh: &Shared, ctx: &Session
                 sh.admit(len);
                 vol.submit(
                     VolumeOp::Write { offset, data, fua },
-                    completion(&tx, handle, Kind::Write(len)),
+                    completion(tx, handle, Kind::Write(len)),
                 );
             }
             Command::Flush => {
                 sh.admit(0);
-                vol.submit(VolumeOp::Flush, completion(&tx, handle, Kind::Flush));
+                vol.submit(VolumeOp::Flush, completion(tx, handle, Kind::Flush));
             }
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
                 sh.admit(0);
-                let mut done = completion(&tx, handle, Kind::Mutation);
-                if fua {
-                    done = then_flush(&ctx.vol, done);
-                }
-                let op: fn(u64, u64) -> VolumeOp = match cmd {
-                    Command::Trim { .. } => |offset, len| VolumeOp::Discard { offset, len },
-                    _ => |offset, len| VolumeOp::WriteZeroes { offset, len },
+                let r = RangeReq {
+                    zeroes: matches!(cmd, Command::WriteZeroes { .. }),
+                    offset,
+                    len,
+                    fua,
+                    stage: Stage::Whole,
                 };
-                submit_range(vol, op, offset, len as u64, chunk, done);
-            }
-        }
-    }
-}
-
-/// Encodes one reply into the buffered writer; returns buffers to the pool.
-fn write_reply<W: Write>(
-    w: &mut BufWriter<W>,
-    rep: Reply,
-    sh: &Shared,
-    peer: &str,
-    warned_backup: &mut bool,
-) -> io::Result<()> {
-    let errno = match rep.result {
-        Ok(data) => {
-            let res = match rep.kind {
-                Kind::Read(len) if data.len() != len as usize => {
-                    // A volume bug; refuse rather than desynchronise the stream.
-                    log::error!(
-                        "nbd {peer}: volume returned {} bytes for a {len}-byte read",
-                        data.len()
-                    );
-                    w.write_all(&simple_reply(EIO, rep.handle))
-                }
-                Kind::Read(_) => w
-                    .write_all(&simple_reply(0, rep.handle))
-                    .and_then(|_| w.write_all(&data)),
-                Kind::Write(_) | Kind::Mutation | Kind::Flush => {
-                    w.write_all(&simple_reply(0, rep.handle))
-                }
-            };
-            sh.give_buffer(data);
-            return res;
-        }
-        Err(Fail::Errno(e)) => e,
-        Err(Fail::Volume(e)) => {
-            if e == IoError::NotPrimary && !*warned_backup {
-                *warned_backup = true;
-                log::warn!(
-                    "nbd {peer}: this node is the backup; writes go to the primary \
-                     (refusing I/O with EPERM)"
+                // One request even when longer than max_io_bytes: a whole-
+                // device discard should stay one replicated request. Only
+                // a volume that answers TooLarge gets it in pieces.
+                vol.submit(
+                    r.op(offset, len as u64),
+                    completion(tx, handle, Kind::Range(r)),
                 );
             }
-            nbd_errno(e, rep.kind.is_mutation())
-        }
-    };
-    w.write_all(&simple_reply(errno, rep.handle))
-}
-
-fn writer_loop<W: Write>(
-    mut w: BufWriter<W>,
-    rx: Receiver<Reply>,
-    sh: &Shared,
-    ctx: &SessionCtx,
-    peer: &str,
-    t: &dyn Transport,
-    reader: Thread,
-) {
-    let mut warned_backup = false;
-    loop {
-        let first = match rx.recv_timeout(Duration::from_millis(POLL_MS)) {
-            Ok(rep) => rep,
-            Err(RecvTimeoutError::Timeout) if ctx.stop.load(Ordering::Relaxed) => break,
-            Err(RecvTimeoutError::Timeout) => continue,
-            // The reader is done and every submitted request completed.
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let (mut n, mut bytes) = (1, first.kind.charge());
-        let mut res = write_reply(&mut w, first, sh, peer, &mut warned_backup);
-        while res.is_ok() {
-            match rx.try_recv() {
-                Ok(rep) => {
-                    n += 1;
-                    bytes += rep.kind.charge();
-                    res = write_reply(&mut w, rep, sh, peer, &mut warned_backup);
-                }
-                Err(_) => break,
-            }
-        }
-        let res = res.and_then(|_| w.flush());
-        sh.inflight.fetch_sub(n, Ordering::AcqRel);
-        sh.inflight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        reader.unpark();
-        if let Err(e) = res {
-            log::info!("nbd {peer}: sending replies failed: {e}");
-            break;
         }
     }
-    let _ = w.flush();
-    sh.dead.store(true, Ordering::Release);
-    reader.unpark();
-    t.close();
+}
+
+/// The reply side of a connection: sends replies and submits the
+/// follow-up volume requests some commands need, so that completions never
+/// submit work from an engine thread.
+struct Writer<'a, W: Write> {
+    w: BufWriter<W>,
+    /// For follow-up requests' completions.
+    tx: Sender<Msg>,
+    sh: &'a Shared,
+    ctx: &'a SessionCtx,
+    peer: &'a str,
+    warned_backup: bool,
+}
+
+impl<W: Write> Writer<'_, W> {
+    fn run(&mut self, rx: Receiver<Msg>, reader: Thread) {
+        let mut reader_done = false;
+        loop {
+            if reader_done && self.sh.inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let first = match rx.recv_timeout(Duration::from_millis(POLL_MS)) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) if self.ctx.stop.load(Ordering::Relaxed) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            // Write every queued reply, then flush once.
+            let (mut n, mut bytes) = (0, 0);
+            let mut res = Ok(());
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::ReaderDone => reader_done = true,
+                    Msg::Reply(rep) => {
+                        let charge = rep.kind.charge();
+                        match self.handle(rep) {
+                            Ok(true) => {
+                                n += 1;
+                                bytes += charge;
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                res = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            let res = res.and_then(|_| self.w.flush());
+            self.sh.inflight.fetch_sub(n, Ordering::AcqRel);
+            self.sh.inflight_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            reader.unpark();
+            if let Err(e) = res {
+                log::info!("nbd {}: sending replies failed: {e}", self.peer);
+                break;
+            }
+        }
+        let _ = self.w.flush();
+        self.sh.dead.store(true, Ordering::Release);
+        reader.unpark();
+    }
+
+    /// Either submits the next step of a request (`Ok(false)`) or writes
+    /// its reply into the buffer (`Ok(true)`).
+    fn handle(&mut self, rep: Reply) -> io::Result<bool> {
+        if let Kind::Range(r) = rep.kind {
+            let vol = &*self.ctx.vol;
+            match &rep.result {
+                Err(Fail::Volume(IoError::TooLarge)) if r.stage == Stage::Whole => {
+                    let r = RangeReq {
+                        stage: Stage::Split,
+                        ..r
+                    };
+                    let chunk = self.ctx.limits.max_payload_bytes as u64;
+                    submit_split(
+                        vol,
+                        r,
+                        chunk,
+                        completion(&self.tx, rep.handle, Kind::Range(r)),
+                    );
+                    return Ok(false);
+                }
+                Ok(_) if r.fua && r.stage != Stage::Flushed => {
+                    // The volume ops carry no FUA for ranges: flush instead.
+                    let r = RangeReq {
+                        stage: Stage::Flushed,
+                        ..r
+                    };
+                    vol.submit(
+                        VolumeOp::Flush,
+                        completion(&self.tx, rep.handle, Kind::Range(r)),
+                    );
+                    return Ok(false);
+                }
+                _ => {}
+            }
+        }
+        self.write_reply(rep)?;
+        Ok(true)
+    }
+
+    /// Encodes one reply into the buffer; returns data buffers to the pool.
+    fn write_reply(&mut self, rep: Reply) -> io::Result<()> {
+        let w = &mut self.w;
+        let errno = match rep.result {
+            Ok(data) => {
+                let res = match rep.kind {
+                    Kind::Read(len) if data.len() != len as usize => {
+                        // A volume bug; refuse rather than desynchronise the stream.
+                        log::error!(
+                            "nbd {}: volume returned {} bytes for a {len}-byte read",
+                            self.peer,
+                            data.len()
+                        );
+                        w.write_all(&simple_reply(EIO, rep.handle))
+                    }
+                    Kind::Read(_) => w
+                        .write_all(&simple_reply(0, rep.handle))
+                        .and_then(|_| w.write_all(&data)),
+                    _ => w.write_all(&simple_reply(0, rep.handle)),
+                };
+                self.sh.give_buffer(data);
+                return res;
+            }
+            Err(Fail::Errno(e)) => e,
+            Err(Fail::Volume(e)) => {
+                if e == IoError::NotPrimary && !self.warned_backup {
+                    self.warned_backup = true;
+                    log::warn!(
+                        "nbd {}: this node is the backup; writes go to the primary \
+                         (refusing I/O with EPERM)",
+                        self.peer
+                    );
+                }
+                nbd_errno(e, rep.kind.is_mutation())
+            }
+        };
+        w.write_all(&simple_reply(errno, rep.handle))
+    }
 }

@@ -613,3 +613,96 @@ fn shutdown_does_not_wait_for_a_stuck_volume() {
     vol.release();
     assert_eq!(vol.inner.writes.load(Ordering::Relaxed), 1);
 }
+
+/// A MemVolume that enforces `max_io_bytes` on ranges too, and records
+/// every request it receives.
+struct Strict {
+    inner: MemVolume,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Volume for Strict {
+    fn geometry(&self) -> volume::Geometry {
+        self.inner.geometry()
+    }
+    fn identity(&self) -> volume::VolumeIdentity {
+        self.inner.identity()
+    }
+    fn path_state(&self) -> PathState {
+        self.inner.path_state()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.inner.path_epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        1 << 20
+    }
+    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+        use volume::VolumeOp::*;
+        let entry = match &op {
+            Discard { offset, len } => format!("discard {offset}+{len}"),
+            WriteZeroes { offset, len } => format!("zeroes {offset}+{len}"),
+            Flush => "flush".into(),
+            Read { .. } => "read".into(),
+            Write { .. } => "write".into(),
+        };
+        self.log.lock().unwrap().push(entry);
+        match op {
+            Discard { len, .. } | WriteZeroes { len, .. } if len > 1 << 20 => {
+                done(Err(volume::IoError::TooLarge))
+            }
+            op => self.inner.submit(op, done),
+        }
+    }
+}
+
+#[test]
+fn long_ranges_go_whole_and_are_split_only_on_too_large() {
+    const MIB: u64 = 1 << 20;
+    let strict = Arc::new(Strict {
+        inner: MemVolume::new(BS, 5 * 2048 + 8), // 5 MiB + 4 KiB
+        log: std::sync::Mutex::new(Vec::new()),
+    });
+    let srv = nbd_target::start(
+        nbd_target::NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            export_name: EXPORT.into(),
+            description: String::new(),
+            max_connections: 1,
+        },
+        strict.clone(),
+    )
+    .unwrap();
+    let (mut c, size, _) = Client::go(srv.local_addr());
+    assert_eq!(size, 5 * MIB + 4096);
+    assert_eq!(c.call(CMD_WRITE, 0, size - 512, 512, &[7; 512]).0, 0);
+    strict.log.lock().unwrap().clear();
+    assert_eq!(
+        c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, size as u32, &[])
+            .0,
+        0
+    );
+    let log = std::mem::take(&mut *strict.log.lock().unwrap());
+    let want: Vec<String> = [
+        format!("zeroes 0+{size}"),
+        format!("zeroes 0+{MIB}"),
+        format!("zeroes {MIB}+{MIB}"),
+        format!("zeroes {}+{MIB}", 2 * MIB),
+        format!("zeroes {}+{MIB}", 3 * MIB),
+        format!("zeroes {}+{MIB}", 4 * MIB),
+        format!("zeroes {}+4096", 5 * MIB),
+        "flush".into(),
+    ]
+    .into();
+    assert_eq!(log, want);
+    assert_eq!(c.call(CMD_READ, 0, size - 512, 512, &[]).1, vec![0; 512]);
+
+    // A plain MemVolume takes the same request whole.
+    let vol = Arc::new(MemVolume::new(BS, 4 * 2048));
+    let srv2 = serve(&vol);
+    let (mut c2, _, _) = Client::go(srv2.local_addr());
+    assert_eq!(c2.call(CMD_TRIM, CMD_FLAG_FUA, 0, 4 << 20, &[]).0, 0);
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 1);
+    srv.shutdown();
+    srv2.shutdown();
+}
