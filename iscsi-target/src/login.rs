@@ -159,7 +159,7 @@ fn hex(b: &[u8]) -> String {
 /// Decodes a CHAP binary value: 0x-prefixed hex or 0b-prefixed base64.
 fn decode_binary(v: &str) -> Option<Vec<u8>> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        if h.is_empty() {
+        if h.is_empty() || !h.is_ascii() {
             return None;
         }
         let h = if h.len() % 2 == 1 {

@@ -128,54 +128,6 @@ fn discovery_lists_own_and_peer_portals() {
     t.shutdown();
 }
 
-fn chap_login(
-    i: &mut Initiator,
-    user: &str,
-    secret: &str,
-    mutual: Option<&[u8]>,
-) -> (u16, Vec<(String, String)>) {
-    let k = kv(&[
-        ("InitiatorName", INITIATOR),
-        ("TargetName", IQN),
-        ("SessionType", "Normal"),
-        ("AuthMethod", "CHAP,None"),
-    ]);
-    let (st, keys, _) = i.login_step(0, 1, false, &k);
-    assert_eq!(st, 0);
-    assert!(keys.contains(&("AuthMethod".into(), "CHAP".into())));
-    let (st, keys, _) = i.login_step(0, 1, false, &kv(&[("CHAP_A", "5")]));
-    assert_eq!(st, 0);
-    let get = |k: &str| keys.iter().find(|(a, _)| a == k).unwrap().1.clone();
-    let id: u8 = get("CHAP_I").parse().unwrap();
-    let c = get("CHAP_C");
-    let c: Vec<u8> = (2..c.len())
-        .step_by(2)
-        .map(|x| u8::from_str_radix(&c[x..x + 2], 16).unwrap())
-        .collect();
-    let r = iscsi_target::login::chap_response(id, secret.as_bytes(), &c);
-    let hex = |b: &[u8]| {
-        format!(
-            "0x{}",
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        )
-    };
-    let mut resp = vec![
-        ("CHAP_N".to_string(), user.to_string()),
-        ("CHAP_R".to_string(), hex(&r)),
-    ];
-    if let Some(ch) = mutual {
-        resp.push(("CHAP_I".into(), "7".into()));
-        resp.push(("CHAP_C".into(), hex(ch)));
-    }
-    let (st, keys, _) = i.login_step(0, 1, true, &resp);
-    if st == 0 {
-        let mut c2 = c.clone();
-        c2.clear();
-        let _ = c2;
-    }
-    (st, keys)
-}
-
 #[test]
 fn chap_and_mutual_chap() {
     let chap = ChapConfig {
@@ -187,7 +139,12 @@ fn chap_and_mutual_chap() {
     // Correct secrets, mutual challenge: the target answers with its own.
     let mut i = Initiator::connect(t.local_addr());
     let ch = [9u8; 16];
-    let (st, keys) = chap_login(&mut i, "host1", "initiator-secret-1", Some(&ch));
+    let (st, keys) = chap_login(
+        &mut i,
+        "host1",
+        "initiator-secret-1",
+        Mutual::Challenge(ch.to_vec()),
+    );
     assert_eq!(st, 0);
     let want = iscsi_target::login::chap_response(7, b"target-secret-22", &ch);
     let got = &keys.iter().find(|(k, _)| k == "CHAP_R").unwrap().1;
@@ -200,7 +157,12 @@ fn chap_and_mutual_chap() {
     );
     // Wrong secret: authentication failure.
     let mut i = Initiator::connect(t.local_addr());
-    let (st, _) = chap_login(&mut i, "host1", "wrong-secret-xxxx", Some(&ch));
+    let (st, _) = chap_login(
+        &mut i,
+        "host1",
+        "wrong-secret-xxxx",
+        Mutual::Challenge(ch.to_vec()),
+    );
     assert_eq!(st, 0x0201);
     assert!(i.closed());
     // None is refused when CHAP is configured.

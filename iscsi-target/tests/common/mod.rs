@@ -341,3 +341,63 @@ impl Initiator {
         self.recv().expect("logout response")
     }
 }
+
+pub enum Mutual {
+    No,
+    Challenge(Vec<u8>),
+    /// Send the target's own challenge back (a reflection attack).
+    Reflect,
+    /// A CHAP_C value of this many hex digits.
+    Oversized(usize),
+}
+
+pub fn hex(b: &[u8]) -> String {
+    format!(
+        "0x{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+/// CHAP login up to the final security-stage response: (status, keys).
+pub fn chap_login(
+    i: &mut Initiator,
+    user: &str,
+    secret: &str,
+    mutual: Mutual,
+) -> (u16, Vec<(String, String)>) {
+    let k = kv(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", IQN),
+        ("SessionType", "Normal"),
+        ("AuthMethod", "CHAP,None"),
+    ]);
+    let (st, keys, _) = i.login_step(0, 1, false, &k);
+    assert_eq!(st, 0);
+    assert!(keys.contains(&("AuthMethod".into(), "CHAP".into())));
+    let (st, keys, _) = i.login_step(0, 1, false, &kv(&[("CHAP_A", "5")]));
+    assert_eq!(st, 0);
+    let get = |k: &str| keys.iter().find(|(a, _)| a == k).unwrap().1.clone();
+    let id: u8 = get("CHAP_I").parse().unwrap();
+    let c = get("CHAP_C");
+    let c: Vec<u8> = (2..c.len())
+        .step_by(2)
+        .map(|x| u8::from_str_radix(&c[x..x + 2], 16).unwrap())
+        .collect();
+    let r = iscsi_target::login::chap_response(id, secret.as_bytes(), &c);
+    let mut resp = vec![
+        ("CHAP_N".to_string(), user.to_string()),
+        ("CHAP_R".to_string(), hex(&r)),
+    ];
+    let ch = match mutual {
+        Mutual::No => None,
+        Mutual::Challenge(ch) => Some(hex(&ch)),
+        Mutual::Reflect => Some(hex(&c)),
+        Mutual::Oversized(n) => Some(format!("0x{}", "ab".repeat(n / 2))),
+    };
+    if let Some(ch) = ch {
+        resp.push(("CHAP_I".into(), "7".into()));
+        resp.push(("CHAP_C".into(), ch));
+    }
+    let (st, keys, _) = i.login_step(0, 1, true, &resp);
+    (st, keys)
+}
