@@ -13,7 +13,7 @@ use volume::{Completion, Geometry, MemVolume, PathState, Volume, VolumeIdentity,
 
 const BS: u32 = 512;
 const BLOCKS: u64 = 256; // 128 KiB
-const MAX_IO: u32 = 1 << 20;
+const MAX_IO: u32 = 64 << 10; // half the volume: long ranges get split
 
 /// xorshift64*: small, deterministic, good enough to pick mutations.
 struct Rng(u64);
@@ -38,6 +38,7 @@ impl Rng {
 struct Checked {
     inner: MemVolume,
     mutations: AtomicU64,
+    too_large: AtomicU64,
 }
 
 impl Volume for Checked {
@@ -67,15 +68,22 @@ impl Volume for Checked {
             VolumeOp::Flush => (0, 0),
         };
         if !matches!(op, VolumeOp::Flush) {
-            assert!(
-                len > 0 && len <= MAX_IO as u64,
-                "bad length reached the volume: {op:?}"
-            );
+            assert!(len > 0, "empty request reached the volume: {op:?}");
             assert_eq!(
                 g.check_range(off, len),
                 Ok(()),
                 "bad range reached the volume: {op:?}"
             );
+        }
+        if len > MAX_IO as u64 {
+            // Like a volume that enforces its limit on every op: only a
+            // range may be longer, and the front-end must split it.
+            assert!(
+                matches!(op, VolumeOp::Discard { .. } | VolumeOp::WriteZeroes { .. }),
+                "oversized data request reached the volume: {op:?}"
+            );
+            self.too_large.fetch_add(1, Ordering::Relaxed);
+            return done(Err(volume::IoError::TooLarge));
         }
         if op.is_mutation() {
             self.mutations.fetch_add(1, Ordering::Relaxed);
@@ -88,6 +96,7 @@ fn ctx() -> (Arc<Checked>, SessionCtx) {
     let vol = Arc::new(Checked {
         inner: MemVolume::new(BS, BLOCKS),
         mutations: AtomicU64::new(0),
+        too_large: AtomicU64::new(0),
     });
     let ctx = SessionCtx::new(
         vol.clone(),
@@ -158,7 +167,13 @@ fn random_request(rng: &mut Rng, invalid: bool) -> Vec<u8> {
     let size = BS as u64 * BLOCKS;
     let kinds = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES];
     let kind = kinds[rng.below(kinds.len() as u64) as usize];
-    let blocks = 1 + rng.below(8);
+    // Mostly small requests; sometimes a range longer than MAX_IO.
+    let long = rng.below(8) == 0 && matches!(kind, CMD_TRIM | CMD_WRITE_ZEROES);
+    let blocks = if long {
+        BLOCKS / 2 + rng.below(BLOCKS / 2)
+    } else {
+        1 + rng.below(8)
+    };
     let off = rng.below(BLOCKS - blocks) * BS as u64;
     let (mut off, mut len) = (off, (blocks * BS as u64) as u32);
     let mut flags = if rng.below(3) == 0 { CMD_FLAG_FUA } else { 0 };
@@ -175,7 +190,14 @@ fn random_request(rng: &mut Rng, invalid: bool) -> Vec<u8> {
             4 => len = 0,
             5 => kind = [5, 7, 8, 9, 0x7fff, 0xffff][rng.below(6) as usize],
             6 => flags |= 1 << (2 + rng.below(14)),
-            _ => len = MAX_IO + BS * (1 + rng.below(4) as u32),
+            _ => {
+                kind = if rng.below(2) == 0 {
+                    CMD_READ
+                } else {
+                    CMD_WRITE
+                };
+                len = MAX_IO + BS * (1 + rng.below(4) as u32);
+            }
         }
         if kind == CMD_FLUSH && off == 0 && len == 0 {
             len = BS;
@@ -229,7 +251,7 @@ fn mutate(rng: &mut Rng, s: &mut Vec<u8>) {
 fn mutated_streams_never_panic_or_send_bad_requests_to_the_volume() {
     let seed = 0x5eed_0001u64;
     let mut rng = Rng(seed);
-    let (mut wrote, mut replied) = (0, 0);
+    let (mut wrote, mut replied, mut split) = (0, 0, 0);
     for iter in 0..3000 {
         let (vol, ctx) = ctx();
         let mut s = handshake(&mut rng);
@@ -245,16 +267,17 @@ fn mutated_streams_never_panic_or_send_bad_requests_to_the_volume() {
         let out = out.unwrap_or_else(|_| panic!("seed {seed:#x} iteration {iter} panicked"));
         assert_eq!(&out[..8], &NBDMAGIC.to_be_bytes(), "iteration {iter}");
         wrote += (vol.mutations.load(Ordering::Relaxed) > 0) as u32;
+        split += vol.too_large.load(Ordering::Relaxed);
         replied += out
             .windows(4)
             .any(|w| w == SIMPLE_REPLY_MAGIC.to_be_bytes()) as u32;
     }
     // The mutations must leave enough streams intact to exercise the
     // transmission phase, or this test proves nothing.
-    println!("{wrote} of 3000 streams wrote, {replied} got replies");
+    println!("{wrote} of 3000 streams wrote, {replied} got replies, {split} ranges split");
     assert!(
-        wrote > 300 && replied > 600,
-        "{wrote} wrote, {replied} replied"
+        wrote > 300 && replied > 600 && split > 50,
+        "{wrote} wrote, {replied} replied, {split} split"
     );
 }
 
