@@ -102,28 +102,28 @@ impl Harness {
         })
     }
 
+    /// The raw bytes the target sends for `input` (one connection, torn down).
+    pub fn session_bytes(&self, input: &[u8]) -> Vec<u8> {
+        let (tx, rx) = mpsc::channel();
+        let mut core = QueueCore::new(self.sh.clone(), tx);
+        drive(&mut core, input);
+        let sent: Vec<Out> = rx.try_iter().collect();
+        core.teardown();
+        let mut bytes = Vec::new();
+        for m in sent {
+            if let Out::Bytes(b) = m {
+                bytes.extend_from_slice(&b);
+            }
+        }
+        bytes
+    }
+
     /// Feeds `input` as one connection. With `teardown` false the queue's
     /// controller outlives the session (to connect I/O queues to it).
     pub fn session(&self, input: &[u8], teardown: bool) -> SessionOutput {
         let (tx, rx) = mpsc::channel();
         let mut core = QueueCore::new(self.sh.clone(), tx);
-        let mut r = input;
-        loop {
-            match read_pdu(&mut r, core.max_plen()) {
-                Ok(raw) => {
-                    if !core.feed(&raw) {
-                        break;
-                    }
-                }
-                Err(Ok(te)) => {
-                    let mut hdr = [0u8; CH_LEN];
-                    hdr[2] = CH_LEN as u8;
-                    core.feed_error(te, &hdr);
-                    break;
-                }
-                Err(Err(_)) => break,
-            }
-        }
+        drive(&mut core, input);
         // What the target sent on its own, before the harness closes the
         // connection from the host side.
         let sent: Vec<Out> = rx.try_iter().collect();
@@ -144,6 +144,28 @@ impl Harness {
         }
         out.replies = parse_replies(&bytes);
         out
+    }
+}
+
+/// Frames `input` into PDUs and feeds them until the stream ends or the
+/// queue closes the connection.
+fn drive(core: &mut QueueCore, input: &[u8]) {
+    let mut r = input;
+    loop {
+        match read_pdu(&mut r, core.max_plen()) {
+            Ok(raw) => {
+                if !core.feed(&raw) {
+                    break;
+                }
+            }
+            Err(Ok(te)) => {
+                let mut hdr = [0u8; CH_LEN];
+                hdr[2] = CH_LEN as u8;
+                core.feed_error(te, &hdr);
+                break;
+            }
+            Err(Err(_)) => break,
+        }
     }
 }
 

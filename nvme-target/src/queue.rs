@@ -711,7 +711,16 @@ impl QueueCore {
                 admin::active_ns_list(nsid)
             }
             CNS_NS_DESC_LIST if !ctrl.discovery && nsid == 1 => admin::ns_descriptors(&self.sh),
-            CNS_NAMESPACE | CNS_ACTIVE_NS_LIST | CNS_NS_DESC_LIST => return done(SC_INVALID_NS),
+            // NVM command set specific structures (CSI 0 in CDW11 31:24): all
+            // zero, meaning no limits beyond MDTS and no extended formats.
+            CNS_CSI_NAMESPACE | CNS_CSI_CONTROLLER if sqe.cdw(11) >> 24 != 0 => {
+                return done(SC_INVALID_FIELD)
+            }
+            CNS_CSI_CONTROLLER if !ctrl.discovery => vec![0u8; IDENTIFY_LEN],
+            CNS_CSI_NAMESPACE if !ctrl.discovery && nsid == 1 => vec![0u8; IDENTIFY_LEN],
+            CNS_NAMESPACE | CNS_ACTIVE_NS_LIST | CNS_NS_DESC_LIST | CNS_CSI_NAMESPACE => {
+                return done(SC_INVALID_NS)
+            }
             _ => return done(SC_INVALID_FIELD),
         };
         debug_assert_eq!(data.len(), IDENTIFY_LEN);

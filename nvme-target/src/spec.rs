@@ -84,6 +84,8 @@ pub const CNS_NAMESPACE: u8 = 0x00;
 pub const CNS_CONTROLLER: u8 = 0x01;
 pub const CNS_ACTIVE_NS_LIST: u8 = 0x02;
 pub const CNS_NS_DESC_LIST: u8 = 0x03;
+pub const CNS_CSI_NAMESPACE: u8 = 0x05;
+pub const CNS_CSI_CONTROLLER: u8 = 0x06;
 
 // Log page identifiers.
 pub const LID_ERROR: u8 = 0x01;

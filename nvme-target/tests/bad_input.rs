@@ -437,3 +437,81 @@ fn seeded_fuzz_of_parser_and_dispatch() {
     assert!(st.completions > iters, "{st:?}");
     assert!(st.errors > iters / 20, "{st:?}");
 }
+
+#[test]
+fn wire_layouts_match_the_transport_spec() {
+    let f = fx(PLAIN);
+    // ICResp: 128 bytes, PFV 0, CPDA 0, digests echoed, MAXH2CDATA = MDTS.
+    let ic = encode_ic(
+        PDU_ICREQ,
+        IcParams {
+            pfv: 0,
+            pda: 1,
+            digests: BOTH,
+            max: 0,
+        },
+    );
+    let mut s = Stream {
+        bytes: ic,
+        dg: BOTH,
+    };
+    s.connect(1, 0, 0xFFFF, NQN, FUZZ_HOST).enable(2);
+    let mut id = Sqe::new(ADM_IDENTIFY, 3);
+    id.set_cdw(10, CNS_CONTROLLER as u32);
+    s.cmd(id, &[], 4096);
+    let out = f.h.session(&s.bytes, true);
+    assert_eq!(
+        out.replies[0],
+        Reply::IcResp(IcParams {
+            pfv: 0,
+            pda: 0,
+            digests: BOTH,
+            max: 1 << 20
+        })
+    );
+    // Raw bytes: run again and look at the framing of each PDU.
+    let raw = raw_session(&f, &s.bytes);
+    let mut b = &raw[..];
+    let icresp = read_pdu(&mut b, u32::MAX).unwrap();
+    assert_eq!(&icresp.bytes[..8], &[0x01, 0, 128, 0, 128, 0, 0, 0]);
+    let resp = read_pdu(&mut b, u32::MAX).unwrap();
+    // CapsuleResp with header digest: hlen 24, pdo 0, plen 28.
+    assert_eq!(
+        (
+            resp.ch.pdu_type,
+            resp.ch.flags,
+            resp.ch.hlen,
+            resp.ch.pdo,
+            resp.ch.plen
+        ),
+        (5, 1, 24, 0, 28)
+    );
+    assert_eq!(get_u32(&resp.bytes, 24), crc(&resp.bytes[..24]));
+    let _cc = read_pdu(&mut b, u32::MAX).unwrap();
+    // C2HData with both digests and HPDA 1 (8-byte alignment): data at 32.
+    let c2h = read_pdu(&mut b, u32::MAX).unwrap();
+    assert_eq!(
+        (c2h.ch.pdu_type, c2h.ch.flags, c2h.ch.hlen, c2h.ch.pdo),
+        (7, 0x01 | 0x02 | 0x04, 24, 32)
+    );
+    assert_eq!(c2h.ch.plen, 32 + 4096 + 4);
+    assert_eq!(get_u16(&c2h.bytes, 8), 3);
+    assert_eq!(
+        (get_u32(&c2h.bytes, 12), get_u32(&c2h.bytes, 16)),
+        (0, 4096)
+    );
+    let data = &c2h.bytes[32..32 + 4096];
+    assert_eq!(get_u32(&c2h.bytes, 32 + 4096), crc(data));
+    // Identify Controller fields at their specified offsets.
+    assert_eq!(get_u16(data, 78), get_u16(&resp.bytes, 8)); // CNTLID = Connect dword 0
+    assert_eq!(get_u32(data, 80), 0x0001_0400); // VER
+    assert_eq!(data[111], 1); // CNTRLTYPE I/O
+    assert_eq!((data[512], data[513]), (0x66, 0x44)); // SQES, CQES
+    assert_eq!(get_u32(data, 516), 1); // NN
+    assert_eq!(get_u32(data, 1792), (64 + 8192) / 16); // IOCCSZ
+    assert_eq!(get_str0(data, 768, 256), NQN);
+}
+
+fn raw_session(f: &Fx, input: &[u8]) -> Vec<u8> {
+    f.h.session_bytes(input)
+}
