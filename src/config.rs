@@ -251,6 +251,11 @@ pub struct NvmeConfig {
     pub allowed_hosts: Vec<String>,
     /// NVMe-oF port id (discovery log PORTID, ANA reporting).
     pub port_id: u16,
+    /// The peer node's NVMe/TCP address, listed by the discovery log page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer node's port id.
+    pub peer_port_id: u16,
 }
 
 impl Default for NvmeConfig {
@@ -261,6 +266,8 @@ impl Default for NvmeConfig {
             subnqn: "nqn.2026-11.io.deltamirror:vol0".to_string(),
             allowed_hosts: Vec::new(),
             port_id: 1,
+            peer_listen: None,
+            peer_port_id: 2,
         }
     }
 }
@@ -277,6 +284,9 @@ pub struct IscsiConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chap_secret: Option<String>,
     pub portal_group_tag: u16,
+    /// The peer node's iSCSI portal, listed by SendTargets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<SocketAddr>,
 }
 
 impl Default for IscsiConfig {
@@ -288,6 +298,7 @@ impl Default for IscsiConfig {
             chap_user: None,
             chap_secret: None,
             portal_group_tag: 1,
+            peer_listen: None,
         }
     }
 }
@@ -796,6 +807,12 @@ impl Config {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             7400 + (1 - i) + port_offset,
         );
+        let peer = |port: u16| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port + (1 - i) + port_offset,
+            )
+        };
         let dir = base_dir.join(format!("node{node_id}"));
         let ncpu = online_cpus();
         // Two nodes on one machine: spread them over the first two CPUs.
@@ -813,7 +830,7 @@ impl Config {
             },
             volume: VolumeConfig {
                 path: dir.join("volume.img"),
-                size_bytes: 256 * MIB,
+                size_bytes: GIB,
                 block_size_bytes: 4096,
                 uuid: "6d6972726f722d64656d6f2d766f6c30".to_string(),
                 serial: "DMDEMO0001".to_string(),
@@ -851,6 +868,8 @@ impl Config {
                 subnqn: "nqn.2026-11.io.deltamirror:demo".to_string(),
                 allowed_hosts: Vec::new(),
                 port_id: node_id as u16,
+                peer_listen: Some(peer(4420)),
+                peer_port_id: 3 - node_id as u16,
             },
             iscsi: IscsiConfig {
                 enabled: true,
@@ -859,6 +878,7 @@ impl Config {
                 chap_user: None,
                 chap_secret: None,
                 portal_group_tag: node_id as u16,
+                peer_listen: Some(peer(3260)),
             },
         }
     }

@@ -1,1 +1,374 @@
-fn main() {}
+//! `deltamirror`: the node binary (format, serve), the operator's client
+//! (status, promote, demote) and the embedded demo.
+
+mod admin;
+mod config;
+mod demo;
+mod nbdclient;
+mod statusfmt;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use engine::core::{ConfirmMode, Role};
+use engine::link::LinkOptions;
+use engine::node::{Node, NodeOptions, PollMode};
+use volume::{Volume, VolumeIdentity};
+
+use config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "deltamirror",
+    version,
+    about = "Two-node synchronous block mirror with delta replay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Prepare a node's persistent ring and state (and create a file volume).
+    Format {
+        #[arg(long)]
+        config: PathBuf,
+        /// Erase an already formatted node.
+        #[arg(long)]
+        force: bool,
+        /// The disk is new or replaced: it receives a full remirror from the peer.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Run one node.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show a node's status.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        admin: String,
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second; shows a live progress line during a replay.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Make the node at ADMIN the primary.
+    Promote {
+        #[arg(long)]
+        admin: String,
+    },
+    /// Make the node at ADMIN a backup.
+    Demote {
+        #[arg(long)]
+        admin: String,
+    },
+    /// Run the embedded demonstration pair on 127.0.0.1.
+    Demo {
+        /// Keep the pair running until interrupted, printing the endpoints.
+        #[arg(long)]
+        serve: bool,
+        /// Where to put the volumes and state (default: a new temporary dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Added to every demo port (to run several pairs side by side).
+        #[arg(long, default_value_t = 0)]
+        port_offset: u16,
+    },
+    /// Print the demo configuration of node 1 or 2 (used by tests and as a template).
+    ExampleConfig {
+        #[arg(long)]
+        node: u32,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        port_offset: u16,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Format {
+            config,
+            force,
+            replace,
+        } => cmd_format(&config, force, replace),
+        Cmd::Serve { config } => cmd_serve(&config),
+        Cmd::Status { admin, json, watch } => cmd_status(&admin, json, watch),
+        Cmd::Promote { admin } => {
+            admin::post(&admin, "/promote").map(|_| println!("promoted {admin}"))
+        }
+        Cmd::Demote { admin } => {
+            admin::post(&admin, "/demote").map(|_| println!("demoted {admin}"))
+        }
+        Cmd::Demo {
+            serve,
+            dir,
+            port_offset,
+        } => demo::run(serve, dir, port_offset),
+        Cmd::ExampleConfig {
+            node,
+            dir,
+            port_offset,
+        } => {
+            if node != 1 && node != 2 {
+                eprintln!("error: --node must be 1 or 2");
+                std::process::exit(2);
+            }
+            print!(
+                "{}",
+                Config::example(node, &dir, port_offset).to_toml_string()
+            );
+            Ok(())
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Maps the configuration file onto the engine's options.
+pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
+    let psk = cfg.psk_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let m = &cfg.mirror;
+    let mut core = engine::node::default_core_config(cfg.node.id);
+    core.confirm = match m.confirm {
+        config::ConfirmMode::Ack => ConfirmMode::Ack,
+        config::ConfirmMode::Timeout => ConfirmMode::Timeout {
+            period_ms: m.confirm_timeout_ms,
+        },
+    };
+    core.ack1_persisted = matches!(m.ack1, config::Ack1Mode::Persisted);
+    core.dirty_granularity_bytes = m.dirty_granularity_bytes;
+    core.max_unacked_entries = m.max_batch_entries as u64;
+    core.max_executing = cfg.reactor.queue_depth as usize;
+    core.heartbeat_interval_ms = cfg.link.heartbeat_interval_ms;
+    core.peer_timeout_ms = cfg.link.peer_timeout_ms;
+    core.max_replay_bytes_per_sec = m.max_replay_bytes_per_sec;
+    Ok(NodeOptions {
+        node_id: cfg.node.id,
+        node_name: cfg.node.name.clone(),
+        data_dir: cfg.node.data_dir.clone(),
+        volume_path: cfg.volume.path.clone(),
+        block_size: cfg.volume.block_size_bytes,
+        identity: VolumeIdentity {
+            uuid: cfg.volume_uuid_bytes(),
+            serial: cfg.volume.serial.clone(),
+            model: cfg.volume.model.clone(),
+            node_index: cfg.node.id as u16,
+        },
+        core,
+        link: LinkOptions {
+            node_id: cfg.node.id,
+            listen: cfg.link.listen,
+            peer: cfg.link.peer,
+            psk,
+            connect_retry_ms: cfg.link.connect_retry_ms,
+            handshake_timeout_ms: cfg.link.peer_timeout_ms.max(1000),
+        },
+        core_id: cfg.reactor.cores.first().copied(),
+        poll_mode: match cfg.reactor.poll_mode {
+            config::PollMode::Busy => PollMode::Busy,
+            config::PollMode::Adaptive => PollMode::Adaptive,
+        },
+        adaptive_spin_us: cfg.reactor.adaptive_spin_us,
+        queue_depth: cfg.reactor.queue_depth,
+        max_io_bytes: cfg.reactor.max_io_bytes as u32,
+        max_message_bytes: cfg.link.max_message_bytes as usize,
+    })
+}
+
+pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> {
+    let cfg = load(path)?;
+    let opts = node_options(&cfg)?;
+    if !cfg.volume.path.exists() {
+        if cfg.volume.size_bytes == 0 {
+            bail!(
+                "volume.path {} does not exist and volume.size_bytes = 0; set a size to create a file volume",
+                cfg.volume.path.display()
+            );
+        }
+        if let Some(d) = cfg.volume.path.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        storage::backend::uring::create_file_device(&cfg.volume.path, cfg.volume.size_bytes)
+            .with_context(|| format!("creating the file volume {}", cfg.volume.path.display()))?;
+    }
+    let role = match cfg.node.initial_role {
+        config::Role::Primary => Role::Primary,
+        config::Role::Backup => Role::Backup,
+    };
+    engine::node::format(&opts, cfg.ring.size_bytes, role, force, replace)
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "formatted node {} ({}) as {}{} in {}",
+        cfg.node.id,
+        cfg.node.name,
+        role.as_str(),
+        if replace {
+            ", new disk: it will receive a full remirror"
+        } else {
+            ""
+        },
+        cfg.node.data_dir.display()
+    );
+    Ok(())
+}
+
+/// Running front-ends of a node.
+struct Targets {
+    nbd: Option<nbd_target::NbdServer>,
+    nvme: Option<nvme_target::NvmeTarget>,
+    iscsi: Option<iscsi_target::IscsiTarget>,
+}
+
+fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
+    let nbd = if cfg.nbd.enabled {
+        let c = nbd_target::NbdConfig {
+            listen: cfg.nbd.listen,
+            export_name: cfg.nbd.export_name.clone(),
+            description: format!("deltamirror volume on {}", cfg.node.name),
+            max_connections: 64,
+        };
+        Some(
+            nbd_target::start(c, vol.clone())
+                .with_context(|| format!("starting NBD on nbd.listen = {}", cfg.nbd.listen))?,
+        )
+    } else {
+        None
+    };
+    let nvme =
+        if cfg.nvme.enabled {
+            let mut c = nvme_target::NvmeConfig::new(cfg.nvme.listen, cfg.nvme.subnqn.clone());
+            c.allowed_hosts = cfg.nvme.allowed_hosts.clone();
+            c.port_id = cfg.nvme.port_id;
+            c.ana_group_id = cfg.node.id;
+            c.mdts_bytes = (cfg.reactor.max_io_bytes as u32)
+                .next_power_of_two()
+                .max(4096);
+            c.discovery_ports = vec![nvme_target::DiscoveryPort {
+                addr: cfg.nvme.listen,
+                port_id: cfg.nvme.port_id,
+            }];
+            if let Some(p) = cfg.nvme.peer_listen {
+                c.discovery_ports.push(nvme_target::DiscoveryPort {
+                    addr: p,
+                    port_id: cfg.nvme.peer_port_id,
+                });
+            }
+            Some(nvme_target::start(c, vol.clone()).with_context(|| {
+                format!("starting NVMe/TCP on nvme.listen = {}", cfg.nvme.listen)
+            })?)
+        } else {
+            None
+        };
+    let iscsi = if cfg.iscsi.enabled {
+        let mut c = iscsi_target::IscsiConfig::new(cfg.iscsi.listen, cfg.iscsi.target_iqn.clone());
+        c.portal_group_tag = cfg.iscsi.portal_group_tag;
+        c.peer_portals = cfg.iscsi.peer_listen.into_iter().collect();
+        if let (Some(u), Some(s)) = (&cfg.iscsi.chap_user, &cfg.iscsi.chap_secret) {
+            c.chap = Some(iscsi_target::ChapConfig {
+                user: u.clone(),
+                secret: s.clone(),
+                mutual: None,
+            });
+        }
+        Some(
+            iscsi_target::start(c, vol).with_context(|| {
+                format!("starting iSCSI on iscsi.listen = {}", cfg.iscsi.listen)
+            })?,
+        )
+    } else {
+        None
+    };
+    Ok(Targets { nbd, nvme, iscsi })
+}
+
+fn cmd_serve(path: &Path) -> Result<()> {
+    let cfg = load(path)?;
+    let opts = node_options(&cfg)?;
+    let stop = engine::sys::stop_on_signals();
+    let node = Node::start(opts).map_err(anyhow::Error::msg)?;
+    let vol: Arc<dyn Volume> = node.volume.clone();
+    let adm = admin::start(cfg.admin.listen, node.control.clone()).with_context(|| {
+        format!(
+            "starting the admin endpoint on admin.listen = {}",
+            cfg.admin.listen
+        )
+    })?;
+    let targets = start_targets(&cfg, vol)?;
+    log::info!(
+        "node {} ({}) serving: admin http://{}{}{}{}",
+        cfg.node.id,
+        cfg.node.name,
+        adm.local_addr(),
+        targets
+            .nbd
+            .as_ref()
+            .map(|s| format!(", nbd://{}", s.local_addr()))
+            .unwrap_or_default(),
+        targets
+            .nvme
+            .as_ref()
+            .map(|s| format!(", nvme-tcp {}", s.local_addr()))
+            .unwrap_or_default(),
+        targets
+            .iscsi
+            .as_ref()
+            .map(|s| format!(", iscsi {}", s.local_addr()))
+            .unwrap_or_default(),
+    );
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log::info!("stopping");
+    if let Some(t) = targets.nbd {
+        t.shutdown();
+    }
+    if let Some(t) = targets.nvme {
+        t.shutdown();
+    }
+    if let Some(t) = targets.iscsi {
+        t.shutdown();
+    }
+    adm.shutdown();
+    node.shutdown();
+    Ok(())
+}
+
+fn cmd_status(addr: &str, json: bool, watch: bool) -> Result<()> {
+    loop {
+        let s = admin::get_status(addr)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", statusfmt::render(&s));
+            if let Some(p) = &s.replay_progress {
+                println!("{}", statusfmt::replay_progress_line(p));
+            }
+        }
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

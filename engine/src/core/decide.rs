@@ -50,14 +50,20 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
     match (l_new, p_new) {
         (true, true) => {
             return Plan::Refuse(
-                "both disks are new (formatted with --replace): format one node without --replace".into(),
+                "both disks are new (formatted with --replace): format one node without --replace"
+                    .into(),
             )
         }
         (true, false) => return Plan::Target { truncate_to: 0 },
         (false, true) => return Plan::Source,
         _ => {}
     }
-    let k = local.history.iter().zip(&peer.history).take_while(|(a, b)| a == b).count();
+    let k = local
+        .history
+        .iter()
+        .zip(&peer.history)
+        .take_while(|(a, b)| a == b)
+        .count();
     if k < local.history.len() && k < peer.history.len() {
         return Plan::Refuse(format!(
             "split brain: both nodes accepted writes in diverging generations \
@@ -82,7 +88,8 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
                 )
             }
             (Role::Backup, Role::Backup) => {
-                (local.head, std::cmp::Reverse(local.node_id)) > (peer.head, std::cmp::Reverse(peer.node_id))
+                (local.head, std::cmp::Reverse(local.node_id))
+                    > (peer.head, std::cmp::Reverse(peer.node_id))
             }
         };
         (local_wins, if local_wins { local.head } else { peer.head })
@@ -90,7 +97,9 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
     if local_wins {
         Plan::Source
     } else {
-        Plan::Target { truncate_to: local.head.min(fork_head) }
+        Plan::Target {
+            truncate_to: local.head.min(fork_head),
+        }
     }
 }
 
@@ -103,7 +112,14 @@ mod tests {
         Hello {
             node_id: id,
             role,
-            history: hist.iter().map(|&(gen, first_seq, origin)| GenEntry { gen, first_seq, origin }).collect(),
+            history: hist
+                .iter()
+                .map(|&(gen, first_seq, origin)| GenEntry {
+                    gen,
+                    first_seq,
+                    origin,
+                })
+                .collect(),
             head,
             first: 1,
             fresh: hist.is_empty(),
@@ -120,14 +136,20 @@ mod tests {
     fn equal_histories_primary_is_authority_and_backup_tail_is_dropped() {
         let p = hello(1, Role::Primary, &[(1, 1, 0)], 10);
         let b = hello(2, Role::Backup, &[(1, 1, 0)], 12);
-        assert_eq!(both(&p, &b), (Plan::Source, Plan::Target { truncate_to: 10 }));
+        assert_eq!(
+            both(&p, &b),
+            (Plan::Source, Plan::Target { truncate_to: 10 })
+        );
     }
 
     #[test]
     fn promoted_backup_wins_and_old_primary_drops_unacked_tail() {
         let old = hello(1, Role::Primary, &[(1, 1, 0)], 110);
         let new = hello(2, Role::Primary, &[(1, 1, 0), (2, 106, 2)], 130);
-        assert_eq!(both(&old, &new), (Plan::Target { truncate_to: 105 }, Plan::Source));
+        assert_eq!(
+            both(&old, &new),
+            (Plan::Target { truncate_to: 105 }, Plan::Source)
+        );
     }
 
     #[test]
@@ -143,14 +165,23 @@ mod tests {
     fn new_disk_gets_full_copy_and_two_new_disks_are_refused() {
         let a = hello(1, Role::Primary, &[(1, 1, 0)], 5);
         let n = hello(2, Role::Backup, &[], 0);
-        assert_eq!(both(&a, &n), (Plan::Source, Plan::Target { truncate_to: 0 }));
-        assert!(matches!(decide(&n, &hello(1, Role::Backup, &[], 0)), Plan::Refuse(_)));
+        assert_eq!(
+            both(&a, &n),
+            (Plan::Source, Plan::Target { truncate_to: 0 })
+        );
+        assert!(matches!(
+            decide(&n, &hello(1, Role::Backup, &[], 0)),
+            Plan::Refuse(_)
+        ));
     }
 
     #[test]
     fn two_backups_longer_ring_wins() {
         let a = hello(1, Role::Backup, &[(1, 1, 0)], 5);
         let b = hello(2, Role::Backup, &[(1, 1, 0)], 9);
-        assert_eq!(both(&a, &b), (Plan::Target { truncate_to: 5 }, Plan::Source));
+        assert_eq!(
+            both(&a, &b),
+            (Plan::Target { truncate_to: 5 }, Plan::Source)
+        );
     }
 }

@@ -30,13 +30,29 @@ pub enum Event {
     PeerDisconnected,
     PeerMsg(Msg),
     /// A `SyncLog` finished: every ring entry up to `through` is durable.
-    LogSynced { through: Seq },
-    MetaPersisted { version: u64 },
+    LogSynced {
+        through: Seq,
+    },
+    MetaPersisted {
+        version: u64,
+    },
     /// A ring entry (token = seq) or resync extent finished on the disk.
-    Executed { token: u64, result: Result<(), i32> },
-    ExtentRead { token: u64, offset: u64, result: Result<Vec<u8>, i32> },
-    DiskFlushed { token: u64, result: Result<(), i32> },
-    Tick { now_ms: u64 },
+    Executed {
+        token: u64,
+        result: Result<(), i32>,
+    },
+    ExtentRead {
+        token: u64,
+        offset: u64,
+        result: Result<Vec<u8>, i32>,
+    },
+    DiskFlushed {
+        token: u64,
+        result: Result<(), i32>,
+    },
+    Tick {
+        now_ms: u64,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -47,21 +63,46 @@ pub enum Action {
     /// Make the ring durable through its current head and answer
     /// `LogSynced { through }` with that head.
     SyncLog,
-    PersistMeta { version: u64, bytes: Vec<u8> },
+    PersistMeta {
+        version: u64,
+        bytes: Vec<u8>,
+    },
     /// Execute ring entry `seq` on the disk; answer `Executed { token: seq }`.
-    Execute { seq: Seq },
+    Execute {
+        seq: Seq,
+    },
     /// Write resync data; answer `Executed { token }`.
-    WriteExtent { token: u64, offset: u64, data: Vec<u8> },
+    WriteExtent {
+        token: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Read current data for a resync; answer `ExtentRead`.
-    ReadExtent { token: u64, offset: u64, len: u64 },
-    FlushDisk { token: u64 },
-    CompleteWrite { id: u64, result: Result<(), HostError> },
-    CompleteFlush { id: u64, result: Result<(), HostError> },
+    ReadExtent {
+        token: u64,
+        offset: u64,
+        len: u64,
+    },
+    FlushDisk {
+        token: u64,
+    },
+    CompleteWrite {
+        id: u64,
+        result: Result<(), HostError>,
+    },
+    CompleteFlush {
+        id: u64,
+        result: Result<(), HostError>,
+    },
     /// Drop the replication connection (protocol violation, silent peer,
     /// role change); the driver reconnects.
-    ResetLink { reason: String },
+    ResetLink {
+        reason: String,
+    },
     /// The node starts (true) or stops (false) serving host I/O.
-    PathChanged { serving: bool },
+    PathChanged {
+        serving: bool,
+    },
     /// Something the operator should see in the log.
     Notice(String),
 }
@@ -375,24 +416,43 @@ impl<L: Log> Core<L> {
         }
     }
 
+    /// The driver hit an error it cannot recover from (ring or metadata
+    /// write failed): refuse further work rather than guess.
+    pub fn fatal(&mut self, why: String) {
+        self.fail(why)
+    }
+
     fn fail(&mut self, why: String) {
         if self.failed.is_some() {
             return;
         }
-        self.out.push(Action::Notice(format!("node refuses further work: {why}")));
+        self.out
+            .push(Action::Notice(format!("node refuses further work: {why}")));
         self.failed = Some(why);
         for (_, id) in std::mem::take(&mut self.host_of) {
-            self.out.push(Action::CompleteWrite { id, result: Err(HostError::Unavailable) });
+            self.out.push(Action::CompleteWrite {
+                id,
+                result: Err(HostError::Unavailable),
+            });
         }
         for w in std::mem::take(&mut self.waiting) {
-            self.out.push(Action::CompleteWrite { id: w.id, result: Err(HostError::Unavailable) });
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(HostError::Unavailable),
+            });
         }
         for f in std::mem::take(&mut self.host_flushes) {
-            self.out.push(Action::CompleteFlush { id: f.id, result: Err(HostError::Unavailable) });
+            self.out.push(Action::CompleteFlush {
+                id: f.id,
+                result: Err(HostError::Unavailable),
+            });
         }
         self.update_path();
         if self.link != LinkState::Down {
-            self.reset_link(format!("node failed: {}", self.failed.clone().unwrap_or_default()));
+            self.reset_link(format!(
+                "node failed: {}",
+                self.failed.clone().unwrap_or_default()
+            ));
         }
     }
 
@@ -419,16 +479,34 @@ impl<L: Log> Core<L> {
 
     /// A host write (WRITE / WRITE ZEROES / DISCARD). Completes later with
     /// `Action::CompleteWrite { id }`.
-    pub fn host_write(&mut self, id: u64, kind: ReqKind, offset: u64, len: u64, fua: bool, payload: &[u8]) {
+    pub fn host_write(
+        &mut self,
+        id: u64,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        payload: &[u8],
+    ) {
         if let Some(e) = self.refuse_host() {
             self.out.push(Action::CompleteWrite { id, result: Err(e) });
             return;
         }
-        debug_assert_eq!(payload.len() as u64, if kind == ReqKind::Write { len } else { 0 });
+        debug_assert_eq!(
+            payload.len() as u64,
+            if kind == ReqKind::Write { len } else { 0 }
+        );
         if self.waiting.is_empty() && self.log.fits(payload.len()) {
             self.assign(id, kind, offset, len, fua, payload);
         } else {
-            self.waiting.push_back(Waiting { id, kind, offset, len, fua, payload: payload.to_vec() });
+            self.waiting.push_back(Waiting {
+                id,
+                kind,
+                offset,
+                len,
+                fua,
+                payload: payload.to_vec(),
+            });
         }
     }
 
@@ -442,7 +520,13 @@ impl<L: Log> Core<L> {
         let token = self.token();
         self.out.push(Action::FlushDisk { token });
         // The FlushReq goes out from `flushes()`, once per session.
-        self.host_flushes.push(HostFlush { id, token, local_done: None, peer_done: false, session: 0 });
+        self.host_flushes.push(HostFlush {
+            id,
+            token,
+            local_done: None,
+            peer_done: false,
+            session: 0,
+        });
     }
 
     fn refuse_host(&self) -> Option<HostError> {
@@ -462,7 +546,14 @@ impl<L: Log> Core<L> {
 
     fn assign(&mut self, id: u64, kind: ReqKind, offset: u64, len: u64, fua: bool, payload: &[u8]) {
         let seq = self.log.next_seq();
-        let hdr = ReqHeader { seq, gen: self.meta.generation(), kind, fua, offset, len };
+        let hdr = ReqHeader {
+            seq,
+            gen: self.meta.generation(),
+            kind,
+            fua,
+            offset,
+            len,
+        };
         let ok = self.log.append(&hdr, payload);
         assert!(ok, "ring append after fits() succeeded");
         self.host_of.insert(seq, id);
@@ -478,7 +569,9 @@ impl<L: Log> Core<L> {
             if self.awaiting_peer && self.link != LinkState::Active {
                 // The operator vouches that the peer was not promoted.
                 self.awaiting_peer = false;
-                self.out.push(Action::Notice("promote: serving without waiting for the peer".into()));
+                self.out.push(Action::Notice(
+                    "promote: serving without waiting for the peer".into(),
+                ));
                 self.update_path();
                 return Ok(());
             }
@@ -494,11 +587,15 @@ impl<L: Log> Core<L> {
                 self.behind_until
             ));
         }
-        if self.link == LinkState::Active && self.peer_hello.as_ref().map(|h| h.role) == Some(Role::Primary) {
+        if self.link == LinkState::Active
+            && self.peer_hello.as_ref().map(|h| h.role) == Some(Role::Primary)
+        {
             return Err("the peer is primary and connected; demote it first".into());
         }
         self.promoting = true;
-        self.out.push(Action::Notice("promote: executing every held request, then taking over".into()));
+        self.out.push(Action::Notice(
+            "promote: executing every held request, then taking over".into(),
+        ));
         Ok(())
     }
 
@@ -509,9 +606,14 @@ impl<L: Log> Core<L> {
         self.demoting = true;
         self.update_path();
         for w in std::mem::take(&mut self.waiting) {
-            self.out.push(Action::CompleteWrite { id: w.id, result: Err(HostError::NotPrimary) });
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(HostError::NotPrimary),
+            });
         }
-        self.out.push(Action::Notice("demote: finishing in-flight writes, then becoming backup".into()));
+        self.out.push(Action::Notice(
+            "demote: finishing in-flight writes, then becoming backup".into(),
+        ));
         Ok(())
     }
 
@@ -553,7 +655,11 @@ impl<L: Log> Core<L> {
                 self.update_path();
             }
             Event::Executed { token, result } => self.on_executed(token, result),
-            Event::ExtentRead { token: _, offset, result } => match result {
+            Event::ExtentRead {
+                token: _,
+                offset,
+                result,
+            } => match result {
                 Ok(data) => {
                     if let Some(r) = self.resync_src.as_mut() {
                         r.reads_inflight -= 1;
@@ -568,15 +674,24 @@ impl<L: Log> Core<L> {
                         self.out.push(Action::Send(Msg::Extent { offset, data }));
                     }
                 }
-                Err(e) => self.fail(format!("disk read error {e} at offset {offset} during resync")),
+                Err(e) => self.fail(format!(
+                    "disk read error {e} at offset {offset} during resync"
+                )),
             },
             Event::DiskFlushed { token, result } => {
                 if let Some(f) = self.host_flushes.iter_mut().find(|f| f.token == token) {
                     f.local_done = Some(result);
-                } else if let Some(i) = self.peer_flushes.iter().position(|f| f.token == Some(token)) {
+                } else if let Some(i) = self
+                    .peer_flushes
+                    .iter()
+                    .position(|f| f.token == Some(token))
+                {
                     let f = self.peer_flushes.remove(i);
                     if self.link == LinkState::Active {
-                        self.out.push(Action::Send(Msg::FlushAck { id: f.id, ok: result.is_ok() }));
+                        self.out.push(Action::Send(Msg::FlushAck {
+                            id: f.id,
+                            ok: result.is_ok(),
+                        }));
                     }
                 }
             }
@@ -588,12 +703,15 @@ impl<L: Log> Core<L> {
         self.now_ms = now_ms;
         if self.cfg.max_replay_bytes_per_sec > 0 {
             let cap = self.cfg.max_replay_bytes_per_sec as f64;
-            self.rate_tokens = (self.rate_tokens + cap * dt as f64 / 1000.0).min(cap / 10.0 + 1.0e6);
+            self.rate_tokens =
+                (self.rate_tokens + cap * dt as f64 / 1000.0).min(cap / 10.0 + 1.0e6);
         }
         if !matches!(self.link, LinkState::Down | LinkState::Refused(_)) {
             if now_ms - self.last_hb_ms >= self.cfg.heartbeat_interval_ms {
                 self.last_hb_ms = now_ms;
-                self.out.push(Action::Send(Msg::Heartbeat { incarnation: self.meta.incarnation }));
+                self.out.push(Action::Send(Msg::Heartbeat {
+                    incarnation: self.meta.incarnation,
+                }));
             }
             if now_ms - self.last_rx_ms >= self.cfg.peer_timeout_ms {
                 self.reset_link(format!("peer silent for {} ms", now_ms - self.last_rx_ms));
@@ -657,7 +775,8 @@ impl<L: Log> Core<L> {
             self.last_replay = Some(p);
         }
         // Host flushes waiting for the peer are settled by degraded mode.
-        self.out.push(Action::Notice("replication link down".into()));
+        self.out
+            .push(Action::Notice("replication link down".into()));
     }
 
     fn on_msg(&mut self, m: Msg) {
@@ -711,7 +830,11 @@ impl<L: Log> Core<L> {
                 }
                 self.ack3 = self.ack3.max(s);
             }
-            Msg::ResyncBegin { extents: _, bytes: _, full } => {
+            Msg::ResyncBegin {
+                extents: _,
+                bytes: _,
+                full,
+            } => {
                 if self.source || self.link != LinkState::Active {
                     return self.reset_link("unexpected ResyncBegin".into());
                 }
@@ -719,12 +842,18 @@ impl<L: Log> Core<L> {
                     self.meta.resyncing = true;
                 }
                 let v = self.persist_meta();
-                self.resync_tgt = Some(ResyncTarget { meta_version: v, end: None, full });
+                self.resync_tgt = Some(ResyncTarget {
+                    meta_version: v,
+                    end: None,
+                    full,
+                });
                 self.resync_done_sent = false;
             }
             Msg::Extent { offset, data } => {
                 if self.resync_tgt.as_ref().is_none_or(|r| r.end.is_some())
-                    || offset.checked_add(data.len() as u64).is_none_or(|e| e > self.cfg.volume_bytes)
+                    || offset
+                        .checked_add(data.len() as u64)
+                        .is_none_or(|e| e > self.cfg.volume_bytes)
                 {
                     return self.reset_link("unexpected or out-of-range Extent".into());
                 }
@@ -732,12 +861,12 @@ impl<L: Log> Core<L> {
                 self.extents.insert(token, (offset, data));
                 self.exec_queue.push_back(ExecItem::Extent(token));
             }
-            Msg::ResyncEnd { next_seq } => {
-                match self.resync_tgt.as_mut() {
-                    Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => r.end = Some(next_seq),
-                    _ => return self.reset_link("unexpected ResyncEnd".into()),
+            Msg::ResyncEnd { next_seq } => match self.resync_tgt.as_mut() {
+                Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => {
+                    r.end = Some(next_seq)
                 }
-            }
+                _ => return self.reset_link("unexpected ResyncEnd".into()),
+            },
             Msg::ResyncDone { next_seq } => {
                 if let Some(r) = &self.resync_src {
                     if r.ended && next_seq == r.end_seq {
@@ -745,14 +874,19 @@ impl<L: Log> Core<L> {
                         self.meta.dirty.clear();
                         self.meta.fold_base = 0;
                         self.persist_meta();
-                        self.out.push(Action::Notice("resync finished; dirty map cleared".into()));
+                        self.out
+                            .push(Action::Notice("resync finished; dirty map cleared".into()));
                         return;
                     }
                 }
                 self.reset_link("unexpected ResyncDone".into())
             }
             Msg::FlushReq { id, through } => {
-                self.peer_flushes.push(PeerFlush { id, through, token: None });
+                self.peer_flushes.push(PeerFlush {
+                    id,
+                    through,
+                    token: None,
+                });
             }
             Msg::FlushAck { id, ok } => {
                 if let Some(f) = self.host_flushes.iter_mut().find(|f| f.token == id) {
@@ -772,7 +906,9 @@ impl<L: Log> Core<L> {
                 }
             }
             Msg::Refuse { reason } => {
-                self.out.push(Action::Notice(format!("peer refused the pairing: {reason}")));
+                self.out.push(Action::Notice(format!(
+                    "peer refused the pairing: {reason}"
+                )));
                 self.link = LinkState::Refused(reason);
             }
         }
@@ -781,8 +917,11 @@ impl<L: Log> Core<L> {
     fn start_session(&mut self, plan: Plan) {
         match plan {
             Plan::Refuse(reason) => {
-                self.out.push(Action::Notice(format!("refusing the peer: {reason}")));
-                self.out.push(Action::Send(Msg::Refuse { reason: reason.clone() }));
+                self.out
+                    .push(Action::Notice(format!("refusing the peer: {reason}")));
+                self.out.push(Action::Send(Msg::Refuse {
+                    reason: reason.clone(),
+                }));
                 self.link = LinkState::Refused(reason);
             }
             Plan::Source => {
@@ -815,7 +954,11 @@ impl<L: Log> Core<L> {
                 }
                 let mut rollback = Vec::new();
                 if truncate_to < self.log.head() {
-                    if self.executing.iter().any(|&(t, _, _)| t & EXTENT_TOKEN == 0 && t > truncate_to) {
+                    if self
+                        .executing
+                        .iter()
+                        .any(|&(t, _, _)| t & EXTENT_TOKEN == 0 && t > truncate_to)
+                    {
                         // Let the disk finish first; the link comes back.
                         return self.reset_link("in-flight execution past the fork".into());
                     }
@@ -828,18 +971,27 @@ impl<L: Log> Core<L> {
                         }
                     }
                     // Unexecuted entries past the fork must not run now.
-                    self.exec_queue.retain(|i| !matches!(i, ExecItem::Entry(s) if *s > truncate_to));
-                    let dropped: Vec<Seq> = self.host_of.range(truncate_to + 1..).map(|(s, _)| *s).collect();
+                    self.exec_queue
+                        .retain(|i| !matches!(i, ExecItem::Entry(s) if *s > truncate_to));
+                    let dropped: Vec<Seq> = self
+                        .host_of
+                        .range(truncate_to + 1..)
+                        .map(|(s, _)| *s)
+                        .collect();
                     for s in dropped {
                         let id = self.host_of.remove(&s).unwrap();
-                        self.out.push(Action::CompleteWrite { id, result: Err(HostError::NotPrimary) });
+                        self.out.push(Action::CompleteWrite {
+                            id,
+                            result: Err(HostError::NotPrimary),
+                        });
                     }
                     self.out.push(Action::Notice(format!(
                         "dropping ring entries {}..={} (never acknowledged by the authority)",
                         truncate_to + 1,
                         self.log.head()
                     )));
-                    self.log.truncate_after(truncate_to.max(self.log.first_seq() - 1));
+                    self.log
+                        .truncate_after(truncate_to.max(self.log.first_seq() - 1));
                     self.log_durable = self.log_durable.min(self.log.head());
                     self.exec_next = self.exec_next.min(self.log.head() + 1);
                     self.executed = self.executed.min(self.log.head());
@@ -859,7 +1011,10 @@ impl<L: Log> Core<L> {
                     self.no_ack_below = 0;
                     self.meta.peer_stale_from = None;
                     for w in std::mem::take(&mut self.waiting) {
-                        self.out.push(Action::CompleteWrite { id: w.id, result: Err(HostError::NotPrimary) });
+                        self.out.push(Action::CompleteWrite {
+                            id: w.id,
+                            result: Err(HostError::NotPrimary),
+                        });
                     }
                     changed = true;
                 }
@@ -886,7 +1041,9 @@ impl<L: Log> Core<L> {
 
     fn on_ready(&mut self, head: Seq, rollback: Vec<(u64, u64)>) {
         if head > self.log.head()
-            || rollback.iter().any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > self.cfg.volume_bytes))
+            || rollback
+                .iter()
+                .any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > self.cfg.volume_bytes))
         {
             return self.reset_link(format!("bad Ready (head {head}, ours {})", self.log.head()));
         }
@@ -912,18 +1069,28 @@ impl<L: Log> Core<L> {
         if full {
             self.meta.dirty.mark_all();
             self.meta.remirrors += 1;
-            self.out.push(Action::Notice("the peer needs a full remirror".into()));
+            self.out
+                .push(Action::Notice("the peer needs a full remirror".into()));
         }
         // The stream starts after what the peer holds in its ring, or has
         // executed on its disk (ACK2, which our trims already relied on).
-        let executed_by_peer = if self.cfg.confirm == ConfirmMode::Ack && !peer.fresh { self.ack2 } else { 0 };
+        let executed_by_peer = if self.cfg.confirm == ConfirmMode::Ack && !peer.fresh {
+            self.ack2
+        } else {
+            0
+        };
         let end_seq = (head + 1).max(executed_by_peer + 1).max(first);
         // A resync also carries the jump of the peer's ring to `end_seq`.
         let resync = !self.meta.dirty.is_empty() || peer.resyncing || end_seq > head + 1;
         let backlog = self.log.head() + 1 - end_seq;
         if resync {
             let v = self.persist_meta();
-            self.resync_src = Some(ResyncSource { next_chunk: 0, reads_inflight: 0, end_seq, ended: false });
+            self.resync_src = Some(ResyncSource {
+                next_chunk: 0,
+                reads_inflight: 0,
+                end_seq,
+                ended: false,
+            });
             self.resync_meta_gate = v;
             self.out.push(Action::Send(Msg::ResyncBegin {
                 extents: self.meta.dirty.count(),
@@ -941,7 +1108,11 @@ impl<L: Log> Core<L> {
             });
             self.out.push(Action::Notice(format!(
                 "replaying {backlog} entries to the peer (from seq {end_seq}){}",
-                if resync { format!(" after {} dirty extents", self.meta.dirty.count()) } else { String::new() }
+                if resync {
+                    format!(" after {} dirty extents", self.meta.dirty.count())
+                } else {
+                    String::new()
+                }
             )));
         }
     }
@@ -958,7 +1129,10 @@ impl<L: Log> Core<L> {
                 continue;
             }
             if hdr.seq > next {
-                return self.reset_link(format!("gap in the stream: got seq {} expecting {next}", hdr.seq));
+                return self.reset_link(format!(
+                    "gap in the stream: got seq {} expecting {next}",
+                    hdr.seq
+                ));
             }
             if !self.log.fits(payload.len()) {
                 return;
@@ -979,14 +1153,19 @@ impl<L: Log> Core<L> {
         if token & EXTENT_TOKEN != 0 {
             self.extents.remove(&token);
             if let Err(e) = result {
-                self.fail(format!("disk write error {e} while applying a resync extent"));
+                self.fail(format!(
+                    "disk write error {e} while applying a resync extent"
+                ));
             }
             return;
         }
         let seq = token;
         if let Err(e) = result {
             if let Some(id) = self.host_of.remove(&seq) {
-                self.out.push(Action::CompleteWrite { id, result: Err(HostError::Io(e)) });
+                self.out.push(Action::CompleteWrite {
+                    id,
+                    result: Err(HostError::Io(e)),
+                });
             }
             return self.fail(format!("disk write error {e} executing seq {seq}"));
         }
@@ -999,9 +1178,13 @@ impl<L: Log> Core<L> {
         if let Some(id) = self.host_of.remove(&seq) {
             // I2: durable in the ring, executed, and covered by ACK1 (or
             // degraded with the peer durably recorded as stale).
-            assert!(seq <= self.log_durable, "I2: completing seq {seq} not durable in the ring");
             assert!(
-                seq <= self.ack1 || (seq < self.no_ack_below && self.meta.peer_stale_from.is_some()),
+                seq <= self.log_durable,
+                "I2: completing seq {seq} not durable in the ring"
+            );
+            assert!(
+                seq <= self.ack1
+                    || (seq < self.no_ack_below && self.meta.peer_stale_from.is_some()),
                 "I2: completing seq {seq} without ACK1 ({}) outside degraded mode",
                 self.ack1
             );
@@ -1038,7 +1221,10 @@ impl<L: Log> Core<L> {
         if self.meta_dirty && !self.meta_inflight {
             self.meta_dirty = false;
             self.meta_inflight = true;
-            self.out.push(Action::PersistMeta { version: self.meta_version, bytes: self.meta.encode() });
+            self.out.push(Action::PersistMeta {
+                version: self.meta_version,
+                bytes: self.meta.encode(),
+            });
         }
     }
 
@@ -1051,15 +1237,24 @@ impl<L: Log> Core<L> {
             LinkState::Active => false,
             _ => false,
         };
-        let need = !self.host_of.is_empty() || !self.waiting.is_empty() || !self.host_flushes.is_empty();
+        let need =
+            !self.host_of.is_empty() || !self.waiting.is_empty() || !self.host_flushes.is_empty();
         // The new generation starts after the durable ring head, so a crash
         // cannot leave the history pointing past the ring.
         let ring_durable = self.log_durable >= self.log.head();
-        if peer_gone && need && ring_durable && self.now_ms - self.down_since_ms >= self.cfg.peer_timeout_ms {
+        if peer_gone
+            && need
+            && ring_durable
+            && self.now_ms - self.down_since_ms >= self.cfg.peer_timeout_ms
+        {
             // Durably bump the generation and record the backup as stale
             // before completing anything without ACK1.
             let gen = self.meta.generation() + 1;
-            self.meta.history.push(GenEntry { gen, first_seq: self.log.next_seq(), origin: self.meta.node_id });
+            self.meta.history.push(GenEntry {
+                gen,
+                first_seq: self.log.next_seq(),
+                origin: self.meta.node_id,
+            });
             self.meta.peer_stale_from = Some(self.ack1 + 1);
             self.out.push(Action::Notice(format!(
                 "peer unreachable: degraded mode, generation {gen}, backup stale from seq {}",
@@ -1115,7 +1310,10 @@ impl<L: Log> Core<L> {
             rollback.push((n * g, g.min(self.cfg.volume_bytes - n * g)));
             c = n + 1;
         }
-        self.out.push(Action::Send(Msg::Ready { head: self.log.head(), rollback }));
+        self.out.push(Action::Send(Msg::Ready {
+            head: self.log.head(),
+            rollback,
+        }));
         self.sent_ack1 = self.log.head();
         self.sent_ack2 = 0;
         self.ack_times.clear();
@@ -1132,7 +1330,10 @@ impl<L: Log> Core<L> {
         }
         let limit = self.ack1 + self.cfg.max_unacked_entries;
         while self.send_next <= self.log.head() && self.send_next <= limit {
-            let replaying = self.replay.as_ref().is_some_and(|p| self.send_next <= p.target_seq);
+            let replaying = self
+                .replay
+                .as_ref()
+                .is_some_and(|p| self.send_next <= p.target_seq);
             if replaying {
                 let bytes = self.log.get(self.send_next).map_or(0, |(h, _)| {
                     if h.kind == ReqKind::Write {
@@ -1164,7 +1365,9 @@ impl<L: Log> Core<L> {
             return;
         }
         let gate = self.resync_meta_gate;
-        let Some(r) = self.resync_src.as_mut() else { return };
+        let Some(r) = self.resync_src.as_mut() else {
+            return;
+        };
         if r.ended || self.meta_durable < gate {
             return;
         }
@@ -1196,7 +1399,9 @@ impl<L: Log> Core<L> {
                         r.end_seq = r.end_seq.max(self.log.first_seq());
                         self.send_next = r.end_seq;
                         r.ended = true;
-                        self.out.push(Action::Send(Msg::ResyncEnd { next_seq: r.end_seq }));
+                        self.out.push(Action::Send(Msg::ResyncEnd {
+                            next_seq: r.end_seq,
+                        }));
                     }
                     return;
                 }
@@ -1205,9 +1410,14 @@ impl<L: Log> Core<L> {
     }
 
     fn resync_target(&mut self) {
-        let Some(r) = self.resync_tgt.as_ref() else { return };
+        let Some(r) = self.resync_tgt.as_ref() else {
+            return;
+        };
         let Some(end) = r.end else { return };
-        if !self.exec_queue.is_empty() || !self.executing.is_empty() || self.executed < self.log.head() {
+        if !self.exec_queue.is_empty()
+            || !self.executing.is_empty()
+            || self.executed < self.log.head()
+        {
             return;
         }
         if !self.resync_done_sent {
@@ -1239,10 +1449,12 @@ impl<L: Log> Core<L> {
             return;
         }
         if self.meta_durable >= r.meta_version {
-            self.out.push(Action::Send(Msg::ResyncDone { next_seq: end }));
+            self.out
+                .push(Action::Send(Msg::ResyncDone { next_seq: end }));
             self.resync_tgt = None;
             self.resync_done_sent = false;
-            self.out.push(Action::Notice("resync applied; disk consistent".into()));
+            self.out
+                .push(Action::Notice("resync applied; disk consistent".into()));
             self.drain_backlog();
         }
     }
@@ -1271,7 +1483,10 @@ impl<L: Log> Core<L> {
         let extents_gate = self.resync_tgt.as_ref().map(|r| r.meta_version);
         let mut i = 0;
         let mut scanned = 0;
-        while i < self.exec_queue.len() && self.executing.len() < self.cfg.max_executing && scanned < 256 {
+        while i < self.exec_queue.len()
+            && self.executing.len() < self.cfg.max_executing
+            && scanned < 256
+        {
             scanned += 1;
             let item = self.exec_queue[i];
             let (token, off, len) = match item {
@@ -1286,7 +1501,9 @@ impl<L: Log> Core<L> {
                 ExecItem::Extent(t) => {
                     // Extents run after every ring entry held before them,
                     // and only once the "resyncing" state is durable.
-                    if self.executed < self.log.head() || extents_gate.is_some_and(|v| self.meta_durable < v) {
+                    if self.executed < self.log.head()
+                        || extents_gate.is_some_and(|v| self.meta_durable < v)
+                    {
                         i += 1;
                         continue;
                     }
@@ -1294,8 +1511,15 @@ impl<L: Log> Core<L> {
                     (t, *o, d.len() as u64)
                 }
             };
-            let blocked = self.executing.iter().any(|&(_, o, l)| ranges_overlap(o, l, off, len))
-                || self.exec_queue.iter().take(i).any(|it| self.item_overlaps(it, off, len));
+            let blocked = self
+                .executing
+                .iter()
+                .any(|&(_, o, l)| ranges_overlap(o, l, off, len))
+                || self
+                    .exec_queue
+                    .iter()
+                    .take(i)
+                    .any(|it| self.item_overlaps(it, off, len));
             if blocked {
                 i += 1;
                 continue;
@@ -1310,14 +1534,25 @@ impl<L: Log> Core<L> {
                         "I1: executing seq {s} beyond ACK1 {} outside degraded mode",
                         self.ack1
                     );
-                    assert!(s <= self.log_durable, "executing seq {s} before its ring append is durable");
+                    assert!(
+                        s <= self.log_durable,
+                        "executing seq {s} before its ring append is durable"
+                    );
                 }
                 self.executing.push((token, off, len));
                 self.out.push(Action::Execute { seq: s });
             } else {
-                let data = self.extents.get_mut(&token).map(|(_, d)| std::mem::take(d)).unwrap_or_default();
+                let data = self
+                    .extents
+                    .get_mut(&token)
+                    .map(|(_, d)| std::mem::take(d))
+                    .unwrap_or_default();
                 self.executing.push((token, off, len));
-                self.out.push(Action::WriteExtent { token, offset: off, data });
+                self.out.push(Action::WriteExtent {
+                    token,
+                    offset: off,
+                    data,
+                });
             }
         }
     }
@@ -1325,7 +1560,10 @@ impl<L: Log> Core<L> {
     fn item_overlaps(&self, it: &ExecItem, off: u64, len: u64) -> bool {
         match it {
             ExecItem::Entry(s) => self.log.get(*s).is_some_and(|(h, _)| h.overlaps(off, len)),
-            ExecItem::Extent(t) => self.extents.get(t).is_some_and(|(o, d)| ranges_overlap(*o, d.len() as u64, off, len)),
+            ExecItem::Extent(t) => self
+                .extents
+                .get(t)
+                .is_some_and(|(o, d)| ranges_overlap(*o, d.len() as u64, off, len)),
         }
     }
 
@@ -1357,7 +1595,10 @@ impl<L: Log> Core<L> {
             self.ack_times.push_back((a1, self.now_ms));
             self.out.push(Action::Send(Msg::Ack1(a1)));
         }
-        if self.cfg.confirm == ConfirmMode::Ack && self.executed > self.sent_ack2 && self.executed <= self.log.head() {
+        if self.cfg.confirm == ConfirmMode::Ack
+            && self.executed > self.sent_ack2
+            && self.executed <= self.log.head()
+        {
             self.sent_ack2 = self.executed;
             self.out.push(Action::Send(Msg::Ack2(self.executed)));
         }
@@ -1396,16 +1637,24 @@ impl<L: Log> Core<L> {
             // I3: only what the peer is known to have executed leaves the queue.
             self.log.trim_through(through);
         }
-        if self.meta.role == Role::Primary && self.degraded && self.link == LinkState::Active && self.resync_src.is_none() {
+        if self.meta.role == Role::Primary
+            && self.degraded
+            && self.link == LinkState::Active
+            && self.resync_src.is_none()
+        {
             // Caught up with the live stream: back to synchronous mirroring.
-            if self.no_ack_below == u64::MAX && self.ack1 + self.cfg.max_unacked_entries / 2 >= self.log.head() {
+            if self.no_ack_below == u64::MAX
+                && self.ack1 + self.cfg.max_unacked_entries / 2 >= self.log.head()
+            {
                 self.no_ack_below = self.log.next_seq();
             }
             if self.no_ack_below != u64::MAX && self.ack1 + 1 >= self.no_ack_below {
                 self.degraded = false;
                 self.meta.peer_stale_from = None;
                 self.persist_meta();
-                self.out.push(Action::Notice("backup caught up: synchronous mirroring again".into()));
+                self.out.push(Action::Notice(
+                    "backup caught up: synchronous mirroring again".into(),
+                ));
             }
         }
     }
@@ -1413,7 +1662,9 @@ impl<L: Log> Core<L> {
     fn flushes(&mut self) {
         // Backup side: flush once executed through the requested seq.
         for i in 0..self.peer_flushes.len() {
-            if self.peer_flushes[i].token.is_none() && self.executed >= self.peer_flushes[i].through.min(self.log.head()) {
+            if self.peer_flushes[i].token.is_none()
+                && self.executed >= self.peer_flushes[i].through.min(self.log.head())
+            {
                 let t = self.token();
                 self.peer_flushes[i].token = Some(t);
                 self.out.push(Action::FlushDisk { token: t });
@@ -1422,9 +1673,16 @@ impl<L: Log> Core<L> {
         let degraded_ok = self.degraded && self.meta_durable == self.meta_version;
         if self.link == LinkState::Active && self.source && self.resync_src.is_none() {
             let head = self.log.head();
-            for f in self.host_flushes.iter_mut().filter(|f| !f.peer_done && f.session != self.session) {
+            for f in self
+                .host_flushes
+                .iter_mut()
+                .filter(|f| !f.peer_done && f.session != self.session)
+            {
                 f.session = self.session;
-                self.out.push(Action::Send(Msg::FlushReq { id: f.token, through: head }));
+                self.out.push(Action::Send(Msg::FlushReq {
+                    id: f.token,
+                    through: head,
+                }));
             }
         }
         let mut i = 0;
@@ -1451,7 +1709,11 @@ impl<L: Log> Core<L> {
         {
             self.promoting = false;
             let gen = self.meta.generation() + 1;
-            self.meta.history.push(GenEntry { gen, first_seq: self.log.next_seq(), origin: self.meta.node_id });
+            self.meta.history.push(GenEntry {
+                gen,
+                first_seq: self.log.next_seq(),
+                origin: self.meta.node_id,
+            });
             self.meta.role = Role::Primary;
             self.meta.executed = self.executed;
             self.ack1 = self.log.head();
@@ -1465,7 +1727,9 @@ impl<L: Log> Core<L> {
                 self.no_ack_below = u64::MAX;
             }
             self.persist_meta();
-            self.out.push(Action::Notice(format!("promoted: primary in generation {gen}")));
+            self.out.push(Action::Notice(format!(
+                "promoted: primary in generation {gen}"
+            )));
             if self.link != LinkState::Down {
                 self.reset_link("role change: new handshake".into());
             }
@@ -1489,7 +1753,11 @@ impl<L: Log> Core<L> {
 
     fn update_replay(&mut self) {
         let done = match &self.replay {
-            Some(p) => self.resync_src.is_none() && self.ack1 >= p.target_seq && self.link == LinkState::Active,
+            Some(p) => {
+                self.resync_src.is_none()
+                    && self.ack1 >= p.target_seq
+                    && self.link == LinkState::Active
+            }
             None => false,
         };
         if done {

@@ -19,7 +19,12 @@ impl DirtyMap {
     pub fn new(volume_bytes: u64, granularity: u64) -> Self {
         assert!(granularity.is_power_of_two());
         let chunks = volume_bytes.div_ceil(granularity);
-        DirtyMap { granularity, chunks, words: vec![0; chunks.div_ceil(64) as usize], count: 0 }
+        DirtyMap {
+            granularity,
+            chunks,
+            words: vec![0; chunks.div_ceil(64) as usize],
+            count: 0,
+        }
     }
     pub fn count(&self) -> u64 {
         self.count
@@ -99,11 +104,25 @@ pub struct Meta {
 impl Meta {
     /// State of a freshly formatted node. `replace`: the disk is new and
     /// must be filled from the peer (empty history).
-    pub fn formatted(node_id: u32, role: Role, volume_bytes: u64, granularity: u64, replace: bool) -> Meta {
+    pub fn formatted(
+        node_id: u32,
+        role: Role,
+        volume_bytes: u64,
+        granularity: u64,
+        replace: bool,
+    ) -> Meta {
         Meta {
             node_id,
             role,
-            history: if replace { vec![] } else { vec![GenEntry { gen: 1, first_seq: 1, origin: 0 }] },
+            history: if replace {
+                vec![]
+            } else {
+                vec![GenEntry {
+                    gen: 1,
+                    first_seq: 1,
+                    origin: 0,
+                }]
+            },
             peer_stale_from: None,
             executed: 0,
             fresh: replace,
@@ -148,7 +167,10 @@ impl Meta {
 
     pub fn decode(b: &[u8]) -> Result<Meta, String> {
         if b.len() < 8 || &b[..8] != b"DMMETA01" {
-            return Err("node metadata has an unknown format (not written by this deltamirror version)".into());
+            return Err(
+                "node metadata has an unknown format (not written by this deltamirror version)"
+                    .into(),
+            );
         }
         let mut p = 8;
         let mut next = || -> Result<u64, String> {
@@ -157,14 +179,22 @@ impl Meta {
             Ok(u64::from_le_bytes(s.try_into().unwrap()))
         };
         let node_id = next()? as u32;
-        let role = if next()? == 1 { Role::Primary } else { Role::Backup };
+        let role = if next()? == 1 {
+            Role::Primary
+        } else {
+            Role::Backup
+        };
         let n = next()?;
         if n > 1 << 16 {
             return Err("node metadata: generation history too long".into());
         }
         let mut history = Vec::new();
         for _ in 0..n {
-            history.push(GenEntry { gen: next()?, first_seq: next()?, origin: next()? as u32 });
+            history.push(GenEntry {
+                gen: next()?,
+                first_seq: next()?,
+                origin: next()? as u32,
+            });
         }
         let stale = next()?;
         let executed = next()?;
@@ -193,7 +223,12 @@ impl Meta {
             executed,
             fresh,
             resyncing,
-            dirty: DirtyMap { granularity, chunks, words, count },
+            dirty: DirtyMap {
+                granularity,
+                chunks,
+                words,
+                count,
+            },
             fold_base,
             remirrors,
             incarnation,
@@ -210,7 +245,11 @@ mod tests {
         let mut m = Meta::formatted(2, Role::Backup, 1 << 20, 4096, false);
         m.dirty.mark(5000, 10000);
         m.peer_stale_from = Some(17);
-        m.history.push(GenEntry { gen: 2, first_seq: 40, origin: 1 });
+        m.history.push(GenEntry {
+            gen: 2,
+            first_seq: 40,
+            origin: 1,
+        });
         let d = Meta::decode(&m.encode()).unwrap();
         assert_eq!(d, m);
         assert_eq!(d.dirty.count(), 3);

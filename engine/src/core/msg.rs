@@ -34,27 +34,54 @@ pub enum Msg {
     /// From the target of a resync/replay after the handshake: what it now
     /// holds, and the extents of ring entries it dropped (they may have been
     /// executed on its disk and must be rewritten from the authority).
-    Ready { head: Seq, rollback: Vec<(u64, u64)> },
+    Ready {
+        head: Seq,
+        rollback: Vec<(u64, u64)>,
+    },
     /// A mirrored request (live or replayed).
-    Req { hdr: ReqHeader, payload: Vec<u8> },
+    Req {
+        hdr: ReqHeader,
+        payload: Vec<u8>,
+    },
     Ack1(Seq),
     Ack2(Seq),
     Ack3(Seq),
     /// Start of a dirty-map resync (or full remirror).
-    ResyncBegin { extents: u64, bytes: u64, full: bool },
+    ResyncBegin {
+        extents: u64,
+        bytes: u64,
+        full: bool,
+    },
     /// Current data of one dirty extent.
-    Extent { offset: u64, data: Vec<u8> },
+    Extent {
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// End of a resync: the target's ring continues at `next_seq`.
-    ResyncEnd { next_seq: Seq },
+    ResyncEnd {
+        next_seq: Seq,
+    },
     /// From the resync target: every extent is applied and durable; the
     /// ring continues at `next_seq`.
-    ResyncDone { next_seq: Seq },
+    ResyncDone {
+        next_seq: Seq,
+    },
     /// Host FLUSH barrier: flush your disk once you executed through `through`.
-    FlushReq { id: u64, through: Seq },
-    FlushAck { id: u64, ok: bool },
-    Heartbeat { incarnation: u64 },
+    FlushReq {
+        id: u64,
+        through: Seq,
+    },
+    FlushAck {
+        id: u64,
+        ok: bool,
+    },
+    Heartbeat {
+        incarnation: u64,
+    },
     /// The handshake refused the pairing (split brain...).
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -152,7 +179,14 @@ fn decode_header(r: &mut R) -> Result<ReqHeader, DecodeError> {
     let fua = r.bool()?;
     let offset = r.u64()?;
     let len = r.u64()?;
-    Ok(ReqHeader { seq, gen, kind, fua, offset, len })
+    Ok(ReqHeader {
+        seq,
+        gen,
+        kind,
+        fua,
+        offset,
+        len,
+    })
 }
 
 impl Msg {
@@ -202,7 +236,11 @@ impl Msg {
                 w.u8(6);
                 w.u64(*s)
             }
-            Msg::ResyncBegin { extents, bytes, full } => {
+            Msg::ResyncBegin {
+                extents,
+                bytes,
+                full,
+            } => {
                 w.u8(7);
                 w.u64(*extents);
                 w.u64(*bytes);
@@ -258,7 +296,11 @@ impl Msg {
                 }
                 let mut history = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    history.push(GenEntry { gen: r.u64()?, first_seq: r.u64()?, origin: r.u32()? });
+                    history.push(GenEntry {
+                        gen: r.u64()?,
+                        first_seq: r.u64()?,
+                        origin: r.u32()?,
+                    });
                 }
                 Msg::Hello(Hello {
                     node_id,
@@ -286,7 +328,11 @@ impl Msg {
             3 => {
                 let hdr = decode_header(&mut r)?;
                 let payload = r.bytes()?;
-                let expect = if hdr.kind == ReqKind::Write { hdr.len } else { 0 };
+                let expect = if hdr.kind == ReqKind::Write {
+                    hdr.len
+                } else {
+                    0
+                };
                 if payload.len() as u64 != expect {
                     return Err(DecodeError("payload length does not match the request"));
                 }
@@ -295,12 +341,27 @@ impl Msg {
             4 => Msg::Ack1(r.u64()?),
             5 => Msg::Ack2(r.u64()?),
             6 => Msg::Ack3(r.u64()?),
-            7 => Msg::ResyncBegin { extents: r.u64()?, bytes: r.u64()?, full: r.bool()? },
-            8 => Msg::Extent { offset: r.u64()?, data: r.bytes()? },
+            7 => Msg::ResyncBegin {
+                extents: r.u64()?,
+                bytes: r.u64()?,
+                full: r.bool()?,
+            },
+            8 => Msg::Extent {
+                offset: r.u64()?,
+                data: r.bytes()?,
+            },
             9 => Msg::ResyncEnd { next_seq: r.u64()? },
-            10 => Msg::FlushReq { id: r.u64()?, through: r.u64()? },
-            11 => Msg::FlushAck { id: r.u64()?, ok: r.bool()? },
-            12 => Msg::Heartbeat { incarnation: r.u64()? },
+            10 => Msg::FlushReq {
+                id: r.u64()?,
+                through: r.u64()?,
+            },
+            11 => Msg::FlushAck {
+                id: r.u64()?,
+                ok: r.bool()?,
+            },
+            12 => Msg::Heartbeat {
+                incarnation: r.u64()?,
+            },
             13 => Msg::Refuse {
                 reason: String::from_utf8_lossy(&r.bytes()?).into_owned(),
             },
@@ -319,31 +380,57 @@ mod tests {
     use super::*;
 
     fn samples() -> Vec<Msg> {
-        let hdr = ReqHeader { seq: 7, gen: 2, kind: ReqKind::Write, fua: true, offset: 4096, len: 4 };
+        let hdr = ReqHeader {
+            seq: 7,
+            gen: 2,
+            kind: ReqKind::Write,
+            fua: true,
+            offset: 4096,
+            len: 4,
+        };
         vec![
             Msg::Hello(Hello {
                 node_id: 2,
                 role: Role::Backup,
-                history: vec![GenEntry { gen: 1, first_seq: 1, origin: 0 }],
+                history: vec![GenEntry {
+                    gen: 1,
+                    first_seq: 1,
+                    origin: 0,
+                }],
                 head: 9,
                 first: 3,
                 fresh: false,
                 resyncing: true,
                 incarnation: 5,
             }),
-            Msg::Ready { head: 4, rollback: vec![(0, 4096)] },
-            Msg::Req { hdr, payload: vec![1, 2, 3, 4] },
+            Msg::Ready {
+                head: 4,
+                rollback: vec![(0, 4096)],
+            },
+            Msg::Req {
+                hdr,
+                payload: vec![1, 2, 3, 4],
+            },
             Msg::Ack1(3),
             Msg::Ack2(2),
             Msg::Ack3(1),
-            Msg::ResyncBegin { extents: 3, bytes: 99, full: false },
-            Msg::Extent { offset: 8192, data: vec![9; 16] },
+            Msg::ResyncBegin {
+                extents: 3,
+                bytes: 99,
+                full: false,
+            },
+            Msg::Extent {
+                offset: 8192,
+                data: vec![9; 16],
+            },
             Msg::ResyncEnd { next_seq: 11 },
             Msg::ResyncDone { next_seq: 11 },
             Msg::FlushReq { id: 1, through: 5 },
             Msg::FlushAck { id: 1, ok: true },
             Msg::Heartbeat { incarnation: 3 },
-            Msg::Refuse { reason: "split brain".into() },
+            Msg::Refuse {
+                reason: "split brain".into(),
+            },
         ]
     }
 

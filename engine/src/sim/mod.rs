@@ -14,7 +14,10 @@
 
 use std::collections::VecDeque;
 
-use crate::core::{Action, Core, CoreConfig, ConfirmMode, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader, ReqKind, Role, Seq};
+use crate::core::{
+    Action, ConfirmMode, Core, CoreConfig, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader,
+    ReqKind, Role, Seq,
+};
 
 /// SplitMix64: small, fast, deterministic.
 #[derive(Clone)]
@@ -56,11 +59,22 @@ const ENTRY_OVERHEAD: u64 = 64;
 
 impl SimLog {
     pub fn new(capacity: u64) -> Self {
-        SimLog { first: 1, entries: VecDeque::new(), capacity, used: 0, payload: 0, durable: 0 }
+        SimLog {
+            first: 1,
+            entries: VecDeque::new(),
+            capacity,
+            used: 0,
+            payload: 0,
+            durable: 0,
+        }
     }
     fn crash(&mut self, rng: &mut Rng) {
         let head = self.head();
-        let keep_extra = if head > self.durable { rng.below(head - self.durable + 1) } else { 0 };
+        let keep_extra = if head > self.durable {
+            rng.below(head - self.durable + 1)
+        } else {
+            0
+        };
         self.truncate_after(self.durable.max(self.first - 1) + keep_extra);
         self.durable = self.head();
     }
@@ -90,11 +104,15 @@ impl Log for SimLog {
         if seq < self.first {
             return None;
         }
-        self.entries.get((seq - self.first) as usize).map(|(h, p)| (*h, p.as_slice()))
+        self.entries
+            .get((seq - self.first) as usize)
+            .map(|(h, p)| (*h, p.as_slice()))
     }
     fn trim_through(&mut self, seq: Seq) {
         while self.first <= seq {
-            let Some((_, p)) = self.entries.pop_front() else { break };
+            let Some((_, p)) = self.entries.pop_front() else {
+                break;
+            };
             self.used -= p.len() as u64 + ENTRY_OVERHEAD;
             self.payload -= p.len() as u64;
             self.first += 1;
@@ -105,7 +123,9 @@ impl Log for SimLog {
     }
     fn truncate_after(&mut self, seq: Seq) {
         while self.next_seq() > seq + 1 {
-            let Some((_, p)) = self.entries.pop_back() else { break };
+            let Some((_, p)) = self.entries.pop_back() else {
+                break;
+            };
             self.used -= p.len() as u64 + ENTRY_OVERHEAD;
             self.payload -= p.len() as u64;
         }
@@ -187,11 +207,24 @@ struct HostWrite {
 enum Pend {
     Event(Event),
     /// Disk write applied at completion time (so a crash can lose it).
-    DiskWrite { offset: u64, data: Vec<u8>, token: u64 },
+    DiskWrite {
+        offset: u64,
+        data: Vec<u8>,
+        token: u64,
+    },
     /// Disk read at completion time.
-    DiskRead { offset: u64, len: u64, token: u64 },
-    MetaWrite { version: u64, bytes: Vec<u8> },
-    LogSync { through: Seq },
+    DiskRead {
+        offset: u64,
+        len: u64,
+        token: u64,
+    },
+    MetaWrite {
+        version: u64,
+        bytes: Vec<u8>,
+    },
+    LogSync {
+        through: Seq,
+    },
 }
 
 struct SimNode {
@@ -269,7 +302,13 @@ impl Sim {
             rng: Rng::new(seed),
             now: 0,
             nodes: [mk(1, Role::Primary), mk(2, Role::Backup)],
-            wire: Wire { conn: 0, up: false, q: VecDeque::new(), cut_until: 0, retry_at: 0 },
+            wire: Wire {
+                conn: 0,
+                up: false,
+                q: VecDeque::new(),
+                cut_until: 0,
+                retry_at: 0,
+            },
             writes: Vec::new(),
             next_id: 1,
             faults: true,
@@ -306,7 +345,9 @@ impl Sim {
     }
 
     fn crash_node(&mut self, i: usize, down_ms: u64) {
-        let Some(core) = self.nodes[i].core.take() else { return };
+        let Some(core) = self.nodes[i].core.take() else {
+            return;
+        };
         self.log(format!("node {} crashes", i + 1));
         let mut log = core.log;
         log.crash(&mut self.rng);
@@ -396,33 +437,77 @@ impl Sim {
             Action::SendEntry(seq) => {
                 let core = self.nodes[i].core.as_ref().unwrap();
                 let (hdr, p) = core.log.get(seq).expect("SendEntry of a missing seq");
-                let m = Msg::Req { hdr, payload: p.to_vec() };
+                let m = Msg::Req {
+                    hdr,
+                    payload: p.to_vec(),
+                };
                 self.send(i, m);
             }
             Action::SyncLog => {
                 let through = self.nodes[i].core.as_ref().unwrap().log.head();
                 self.schedule(i, Pend::LogSync { through });
             }
-            Action::PersistMeta { version, bytes } => self.schedule(i, Pend::MetaWrite { version, bytes }),
+            Action::PersistMeta { version, bytes } => {
+                self.schedule(i, Pend::MetaWrite { version, bytes })
+            }
             Action::Execute { seq } => {
                 let core = self.nodes[i].core.as_ref().unwrap();
                 let (h, p) = core.log.get(seq).expect("Execute of a missing seq");
-                let data = if h.kind == ReqKind::Write { p.to_vec() } else { vec![0; h.len as usize] };
-                self.schedule(i, Pend::DiskWrite { offset: h.offset, data, token: seq });
+                let data = if h.kind == ReqKind::Write {
+                    p.to_vec()
+                } else {
+                    vec![0; h.len as usize]
+                };
+                self.schedule(
+                    i,
+                    Pend::DiskWrite {
+                        offset: h.offset,
+                        data,
+                        token: seq,
+                    },
+                );
             }
-            Action::WriteExtent { token, offset, data } => self.schedule(i, Pend::DiskWrite { offset, data, token }),
-            Action::ReadExtent { token, offset, len } => self.schedule(i, Pend::DiskRead { offset, len, token }),
+            Action::WriteExtent {
+                token,
+                offset,
+                data,
+            } => self.schedule(
+                i,
+                Pend::DiskWrite {
+                    offset,
+                    data,
+                    token,
+                },
+            ),
+            Action::ReadExtent { token, offset, len } => {
+                self.schedule(i, Pend::DiskRead { offset, len, token })
+            }
             Action::FlushDisk { token } => {
-                let result = if self.nodes[i].eio && self.rng.chance(100) { Err(libc::EIO) } else { Ok(()) };
+                let result = if self.nodes[i].eio && self.rng.chance(100) {
+                    Err(libc::EIO)
+                } else {
+                    Ok(())
+                };
                 self.schedule(i, Pend::Event(Event::DiskFlushed { token, result }));
             }
             Action::CompleteWrite { id, result } => {
-                let w = self.writes.iter_mut().find(|w| w.id == id).expect("host write");
+                let w = self
+                    .writes
+                    .iter_mut()
+                    .find(|w| w.id == id)
+                    .expect("host write");
                 assert_eq!(w.state, WState::Pending, "write {id} completed twice");
-                w.state = if result.is_ok() { WState::Ok } else { WState::Failed };
+                w.state = if result.is_ok() {
+                    WState::Ok
+                } else {
+                    WState::Failed
+                };
                 self.nodes[i].host_ids.retain(|&x| x != id);
                 if let Err(e) = result {
-                    assert!(matches!(e, HostError::Io(_) | HostError::NotPrimary | HostError::Unavailable));
+                    assert!(matches!(
+                        e,
+                        HostError::Io(_) | HostError::NotPrimary | HostError::Unavailable
+                    ));
                 }
             }
             Action::CompleteFlush { .. } => {}
@@ -430,7 +515,9 @@ impl Sim {
                 self.log(format!("node {} resets the link: {reason}", i + 1));
                 self.link_down(Some(i));
             }
-            Action::PathChanged { serving } => self.log(format!("node {} serving={serving}", i + 1)),
+            Action::PathChanged { serving } => {
+                self.log(format!("node {} serving={serving}", i + 1))
+            }
             Action::Notice(s) => self.log(format!("node {}: {s}", i + 1)),
         }
     }
@@ -451,17 +538,29 @@ impl Sim {
             d
         };
         for p in due {
-            let eio = self.nodes[i].eio && self.faults && self.rng.chance(self.p.eio_per_mille * 20);
+            let eio =
+                self.nodes[i].eio && self.faults && self.rng.chance(self.p.eio_per_mille * 20);
             let n = &mut self.nodes[i];
             let Some(core) = n.core.as_mut() else { return };
             let ev = match p {
                 Pend::Event(e) => e,
-                Pend::DiskWrite { offset, data, token } => {
+                Pend::DiskWrite {
+                    offset,
+                    data,
+                    token,
+                } => {
                     if eio {
-                        Event::Executed { token, result: Err(libc::EIO) }
+                        Event::Executed {
+                            token,
+                            result: Err(libc::EIO),
+                        }
                     } else {
-                        n.disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-                        Event::Executed { token, result: Ok(()) }
+                        n.disk[offset as usize..offset as usize + data.len()]
+                            .copy_from_slice(&data);
+                        Event::Executed {
+                            token,
+                            result: Ok(()),
+                        }
                     }
                 }
                 Pend::DiskRead { offset, len, token } => Event::ExtentRead {
@@ -483,7 +582,8 @@ impl Sim {
     }
 
     fn host_step(&mut self) {
-        let Some(i) = (0..2).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_serving())) else {
+        let Some(i) = (0..2).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_serving()))
+        else {
             return;
         };
         if self.nodes[i].host_ids.len() >= self.p.max_qd || !self.rng.chance(600) {
@@ -496,13 +596,26 @@ impl Sim {
         let zero = self.rng.chance(80);
         let fua = self.rng.chance(100);
         let (kind, payload) = if zero {
-            (if self.rng.chance(500) { ReqKind::Discard } else { ReqKind::WriteZeroes }, Vec::new())
+            (
+                if self.rng.chance(500) {
+                    ReqKind::Discard
+                } else {
+                    ReqKind::WriteZeroes
+                },
+                Vec::new(),
+            )
         } else {
             let mut b = vec![0u8; (nblocks * BLOCK) as usize];
             stamp(&mut b, id);
             (ReqKind::Write, b)
         };
-        self.writes.push(HostWrite { id, block, nblocks, zero, state: WState::Pending });
+        self.writes.push(HostWrite {
+            id,
+            block,
+            nblocks,
+            zero,
+            state: WState::Pending,
+        });
         self.nodes[i].host_ids.push(id);
         let core = self.nodes[i].core.as_mut().unwrap();
         core.host_write(id, kind, block * BLOCK, nblocks * BLOCK, fua, &payload);
@@ -533,7 +646,12 @@ impl Sim {
                     self.log(format!("promote node {}: {r:?}", 2 - i));
                 }
             }
-            if self.nodes[i].eio && self.nodes[i].core.as_ref().is_some_and(|c| c.failed().is_some()) {
+            if self.nodes[i].eio
+                && self.nodes[i]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.failed().is_some())
+            {
                 // The operator replaces the failing part and restarts the node.
                 self.nodes[i].eio = false;
                 self.crash_node(i, 30);
@@ -552,14 +670,22 @@ impl Sim {
             // Partition, then promote the backup while the primary keeps
             // writing: both accept writes in diverging generations.
             let both_up = self.nodes.iter().all(|n| n.core.is_some());
-            let backup = (0..2).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.role() == Role::Backup));
+            let backup = (0..2).find(|&i| {
+                self.nodes[i]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.role() == Role::Backup)
+            });
             if both_up {
                 if let Some(b) = backup {
                     self.split_brain_forced = true;
                     self.wire.cut_until = self.now + 300;
                     self.link_down(None);
                     let r = self.nodes[b].core.as_mut().unwrap().promote();
-                    self.log(format!("split brain: promote node {} during a partition: {r:?}", b + 1));
+                    self.log(format!(
+                        "split brain: promote node {} during a partition: {r:?}",
+                        b + 1
+                    ));
                 }
             }
         }
@@ -567,7 +693,11 @@ impl Sim {
 
     fn wire_step(&mut self) {
         let both_up = self.nodes.iter().all(|n| n.core.is_some());
-        if !self.wire.up && both_up && self.now >= self.wire.cut_until && self.now >= self.wire.retry_at {
+        if !self.wire.up
+            && both_up
+            && self.now >= self.wire.cut_until
+            && self.now >= self.wire.retry_at
+        {
             self.wire.up = true;
             self.wire.conn += 1;
             self.log(format!("link up (connection {})", self.wire.conn));
@@ -628,10 +758,12 @@ impl Sim {
     }
 
     fn refused(&self) -> Option<String> {
-        self.nodes.iter().find_map(|n| match n.core.as_ref().map(|c| c.link_state()) {
-            Some(LinkState::Refused(r)) => Some(r.clone()),
-            _ => None,
-        })
+        self.nodes
+            .iter()
+            .find_map(|n| match n.core.as_ref().map(|c| c.link_state()) {
+                Some(LinkState::Refused(r)) => Some(r.clone()),
+                _ => None,
+            })
     }
 
     /// Runs the seed: faults, then healing, then the checks. Panics with a
@@ -659,19 +791,31 @@ impl Sim {
                         || reason.contains("older generation"),
                     "unexpected refusal: {reason}"
                 );
-                assert!(self.split_brain_forced, "refusal without a forced split brain: {reason}");
+                assert!(
+                    self.split_brain_forced,
+                    "refusal without a forced split brain: {reason}"
+                );
                 if !resolved {
                     // The operator keeps the node that is primary and
                     // reformats the other with --replace: a full remirror.
                     refused = true;
                     resolved = true;
                     let loser = (0..2)
-                        .find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.role() == Role::Backup))
+                        .find(|&i| {
+                            self.nodes[i]
+                                .core
+                                .as_ref()
+                                .is_some_and(|c| c.role() == Role::Backup)
+                        })
                         .unwrap_or(1);
-                    self.log(format!("operator reformats node {} with --replace", loser + 1));
+                    self.log(format!(
+                        "operator reformats node {} with --replace",
+                        loser + 1
+                    ));
                     self.nodes[loser].core = None;
                     let vol = self.p.blocks * BLOCK;
-                    let mut m = Meta::formatted(self.nodes[loser].id, Role::Backup, vol, BLOCK * 2, true);
+                    let mut m =
+                        Meta::formatted(self.nodes[loser].id, Role::Backup, vol, BLOCK * 2, true);
                     m.incarnation = 10;
                     self.nodes[loser].meta_durable = m.encode();
                     self.nodes[loser].parked_log = Some(SimLog::new(self.p.ring_bytes));
@@ -694,8 +838,14 @@ impl Sim {
         assert!(
             self.converged(),
             "pair did not converge after healing:\n  node 1: {}\n  node 2: {}",
-            self.nodes[0].core.as_ref().map_or("down".into(), |c| c.debug_state()),
-            self.nodes[1].core.as_ref().map_or("down".into(), |c| c.debug_state())
+            self.nodes[0]
+                .core
+                .as_ref()
+                .map_or("down".into(), |c| c.debug_state()),
+            self.nodes[1]
+                .core
+                .as_ref()
+                .map_or("down".into(), |c| c.debug_state())
         );
         for n in &self.nodes {
             remirrors = remirrors.max(n.core.as_ref().unwrap().meta().remirrors);
@@ -712,11 +862,19 @@ impl Sim {
         if !refused {
             self.check_host_model(d0);
         }
-        let replayed_entries = self.nodes.iter().map(|n| n.core.as_ref().unwrap().stats.replayed_entries).sum();
+        let replayed_entries = self
+            .nodes
+            .iter()
+            .map(|n| n.core.as_ref().unwrap().stats.replayed_entries)
+            .sum();
         Outcome {
             seed: self.seed,
             completed: self.writes.iter().filter(|w| w.state == WState::Ok).count() as u64,
-            failed: self.writes.iter().filter(|w| w.state == WState::Failed).count() as u64,
+            failed: self
+                .writes
+                .iter()
+                .filter(|w| w.state == WState::Failed)
+                .count() as u64,
             refused,
             remirrors,
             replayed_entries,
@@ -729,8 +887,11 @@ impl Sim {
         for b in 0..self.p.blocks {
             let off = (b * BLOCK) as usize;
             let found = u64::from_le_bytes(disk[off..off + 8].try_into().unwrap());
-            let touching: Vec<&HostWrite> =
-                self.writes.iter().filter(|w| w.block <= b && b < w.block + w.nblocks).collect();
+            let touching: Vec<&HostWrite> = self
+                .writes
+                .iter()
+                .filter(|w| w.block <= b && b < w.block + w.nblocks)
+                .collect();
             let last_ok = touching.iter().rposition(|w| w.state == WState::Ok);
             let mut allowed: Vec<u64> = Vec::new();
             match last_ok {
@@ -776,13 +937,19 @@ mod tests {
     use super::*;
 
     fn seeds() -> u64 {
-        std::env::var("DM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
+        std::env::var("DM_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2000)
     }
 
     #[test]
     fn sim_many_seeds() {
         let n = seeds();
-        let base: u64 = std::env::var("DM_SIM_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let base: u64 = std::env::var("DM_SIM_BASE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let mut failures = Vec::new();
         let (mut completed, mut refused, mut remirrors, mut replayed) = (0, 0, 0, 0);
         for seed in base..base + n {
@@ -810,11 +977,17 @@ mod tests {
 
     #[test]
     fn sim_replay() {
-        let Some(seed) = std::env::var("DM_SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
+        let Some(seed) = std::env::var("DM_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        else {
             println!("set DM_SIM_SEED=<seed> to replay one simulator seed");
             return;
         };
         let o = Sim::new(seed).run();
-        println!("seed {seed}: {} completed, {} failed, refused {}", o.completed, o.failed, o.refused);
+        println!(
+            "seed {seed}: {} completed, {} failed, refused {}",
+            o.completed, o.failed, o.refused
+        );
     }
 }

@@ -1,0 +1,1234 @@
+//! A running node: the reactor thread that drives the mirror core with
+//! real I/O (io_uring backend, memory-mapped ring, metadata store, TCP
+//! link), and the `Volume` the front-ends export.
+//!
+//! One reactor thread, pinned to a configured core, owns the core, the
+//! backend, the ring and the replication socket. Front-end threads post
+//! requests to a lock-free mailbox and wake the reactor through an eventfd
+//! when it sleeps. Poll modes: `busy` spins; `adaptive` spins for
+//! `adaptive_spin_us` after the last work, then sleeps in poll(2) on the
+//! mailbox, backend, link and socket fds.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use hdrhistogram::Histogram;
+use storage::backend::uring::{UringBackend, UringConfig};
+use storage::meta::MetaStore;
+use storage::ring::{RecordHeader, Ring};
+use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
+use volume::{
+    Completion, Geometry, IoError, PathCell, PathState, Volume, VolumeIdentity, VolumeOp,
+};
+
+use crate::core::{
+    Action, ConfirmMode, Core, CoreConfig, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader,
+    ReqKind, Role, Seq,
+};
+use crate::link::{parse_frames, push_frame, push_req_frame, LinkManager, LinkOptions};
+use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};
+use crate::sys::{now_ms, poll_fds, rss_bytes, EventFd};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    Busy,
+    Adaptive,
+}
+
+/// Everything a node needs, resolved from the configuration file.
+#[derive(Clone)]
+pub struct NodeOptions {
+    pub node_id: u32,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub volume_path: PathBuf,
+    pub block_size: u32,
+    pub identity: VolumeIdentity,
+    pub core: CoreConfig,
+    pub link: LinkOptions,
+    pub core_id: Option<usize>,
+    pub poll_mode: PollMode,
+    pub adaptive_spin_us: u64,
+    pub queue_depth: u32,
+    pub max_io_bytes: u32,
+    pub max_message_bytes: usize,
+}
+
+pub fn ring_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("ring")
+}
+pub fn meta_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("meta")
+}
+
+/// Adapts the persistent ring to the core's `Log`.
+pub struct RingLog(pub Ring);
+
+fn to_record(h: &ReqHeader) -> RecordHeader {
+    RecordHeader {
+        seq: h.seq,
+        gen: h.gen,
+        kind: h.kind as u8,
+        flags: h.fua as u8,
+        offset: h.offset,
+        len: h.len,
+    }
+}
+
+fn from_record(r: &RecordHeader) -> ReqHeader {
+    ReqHeader {
+        seq: r.seq,
+        gen: r.gen,
+        kind: ReqKind::from_code(r.kind).unwrap_or(ReqKind::Write),
+        fua: r.flags & 1 != 0,
+        offset: r.offset,
+        len: r.len,
+    }
+}
+
+impl Log for RingLog {
+    fn first_seq(&self) -> Seq {
+        self.0.first_seq()
+    }
+    fn next_seq(&self) -> Seq {
+        self.0.next_seq()
+    }
+    fn fits(&self, payload_len: usize) -> bool {
+        self.0.fits(payload_len)
+    }
+    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool {
+        self.0.append(&to_record(h), payload).is_ok()
+    }
+    fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
+        self.0.get(seq).map(|(r, p)| (from_record(&r), p))
+    }
+    fn trim_through(&mut self, seq: Seq) {
+        self.0.trim_through(seq)
+    }
+    fn truncate_after(&mut self, seq: Seq) {
+        self.0.truncate_after(seq)
+    }
+    fn reset(&mut self, next_seq: Seq) {
+        self.0.reset(next_seq)
+    }
+    fn payload_bytes(&self) -> u64 {
+        self.0.payload_bytes()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.0.capacity_bytes()
+    }
+}
+
+/// Prepares a node's persistent state. Refuses an already formatted data
+/// directory unless `force`. `replace`: the disk is new and gets a full
+/// remirror from the peer.
+pub fn format(
+    opts: &NodeOptions,
+    ring_bytes: u64,
+    role: Role,
+    force: bool,
+    replace: bool,
+) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        format!(
+            "cannot create node.data_dir {}: {e}",
+            opts.data_dir.display()
+        )
+    })?;
+    let mp = meta_path(&opts.data_dir);
+    if mp.exists() && !force {
+        return Err(format!(
+            "{} is already formatted (node metadata at {}); add --force to erase this node's ring and state",
+            opts.data_dir.display(),
+            mp.display()
+        ));
+    }
+    let dev = UringBackend::open(
+        &opts.volume_path,
+        &UringConfig {
+            queue_depth: 4,
+            file_block_size: opts.block_size,
+        },
+    )
+    .map_err(|e| {
+        format!(
+            "cannot open volume.path {}: {e}",
+            opts.volume_path.display()
+        )
+    })?;
+    let size = dev.size_bytes();
+    drop(dev);
+    Ring::create(&ring_path(&opts.data_dir), ring_bytes, 1)
+        .map_err(|e| format!("cannot create the ring: {e}"))?;
+    let meta = Meta::formatted(
+        opts.node_id,
+        role,
+        size,
+        opts.core.dirty_granularity_bytes,
+        replace,
+    );
+    let bytes = meta.encode();
+    let slot = (bytes.len() as u64 + 4096).div_ceil(4096) * 4096 + 4096;
+    let mut store = MetaStore::create(&mp, slot)
+        .map_err(|e| format!("cannot create the metadata store: {e}"))?;
+    store
+        .write(&bytes)
+        .map_err(|e| format!("cannot write the metadata: {e}"))?;
+    Ok(())
+}
+
+// ----- the volume the front-ends see -----
+
+enum HostOp {
+    Io {
+        op: VolumeOp,
+        done: Completion,
+        start: Instant,
+    },
+}
+
+struct Shared {
+    mailbox: ArrayQueue<HostOp>,
+    wake: EventFd,
+    sleeping: AtomicBool,
+    path: PathCell,
+    geometry: Geometry,
+    identity: VolumeIdentity,
+    max_io_bytes: u32,
+    stop: AtomicBool,
+    status: Mutex<NodeStatus>,
+    commands: Mutex<VecDeque<(Command, Arc<Reply>)>>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Promote,
+    Demote,
+}
+
+#[derive(Default)]
+struct Reply {
+    r: Mutex<Option<Result<(), String>>>,
+    c: Condvar,
+}
+
+/// The node's block volume: what NBD, NVMe/TCP and iSCSI export.
+pub struct NodeVolume {
+    shared: Arc<Shared>,
+}
+
+impl NodeVolume {
+    fn wake(&self) {
+        if self.shared.sleeping.load(Ordering::Acquire) {
+            self.shared.wake.notify();
+        }
+    }
+}
+
+impl Volume for NodeVolume {
+    fn geometry(&self) -> Geometry {
+        self.shared.geometry
+    }
+    fn identity(&self) -> VolumeIdentity {
+        self.shared.identity.clone()
+    }
+    fn path_state(&self) -> PathState {
+        self.shared.path.get()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.shared.path.epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        self.shared.max_io_bytes
+    }
+    fn submit(&self, op: VolumeOp, done: Completion) {
+        let g = self.shared.geometry;
+        let check = match &op {
+            VolumeOp::Read { offset, len } => g.check_range(*offset, *len as u64).and_then(|_| {
+                if *len > self.shared.max_io_bytes {
+                    Err(IoError::TooLarge)
+                } else {
+                    Ok(())
+                }
+            }),
+            VolumeOp::Write { offset, data, .. } => {
+                g.check_range(*offset, data.len() as u64).and_then(|_| {
+                    if data.len() as u64 > self.shared.max_io_bytes as u64 {
+                        Err(IoError::TooLarge)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            VolumeOp::Discard { offset, len } | VolumeOp::WriteZeroes { offset, len } => {
+                g.check_range(*offset, *len)
+            }
+            VolumeOp::Flush => Ok(()),
+        };
+        if let Err(e) = check {
+            return done(Err(e));
+        }
+        if self.shared.stop.load(Ordering::Acquire) {
+            return done(Err(IoError::Unavailable));
+        }
+        let mut item = HostOp::Io {
+            op,
+            done,
+            start: Instant::now(),
+        };
+        // The mailbox is bounded; a full mailbox means the reactor is
+        // saturated: back off briefly rather than grow memory.
+        loop {
+            match self.shared.mailbox.push(item) {
+                Ok(()) => break,
+                Err(back) => {
+                    item = back;
+                    self.shared.wake.notify();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        self.wake();
+    }
+}
+
+/// The control interface of a running node.
+pub struct NodeControl {
+    shared: Arc<Shared>,
+}
+
+impl NodeControl {
+    fn command(&self, c: Command) -> Result<(), String> {
+        let reply = Arc::new(Reply::default());
+        self.shared
+            .commands
+            .lock()
+            .unwrap()
+            .push_back((c, reply.clone()));
+        self.shared.wake.notify();
+        let mut g = reply.r.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("the node did not answer within 30 s".into());
+            }
+            g = reply.c.wait_timeout(g, left).unwrap().0;
+        }
+    }
+}
+
+impl crate::status::Control for NodeControl {
+    fn status(&self) -> NodeStatus {
+        let mut s = self.shared.status.lock().unwrap().clone();
+        s.rss_bytes = rss_bytes();
+        s
+    }
+    fn promote(&self) -> Result<(), String> {
+        self.command(Command::Promote)
+    }
+    fn demote(&self) -> Result<(), String> {
+        self.command(Command::Demote)
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub volume: Arc<NodeVolume>,
+    pub control: Arc<NodeControl>,
+    shared: Arc<Shared>,
+    reactor: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens the node's state and starts its reactor and link.
+    pub fn start(opts: NodeOptions) -> Result<Node, String> {
+        let backend = UringBackend::open(
+            &opts.volume_path,
+            &UringConfig {
+                queue_depth: opts.queue_depth,
+                file_block_size: opts.block_size,
+            },
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open volume.path {}: {e}",
+                opts.volume_path.display()
+            )
+        })?;
+        let (mut store, meta_bytes) = MetaStore::open(&meta_path(&opts.data_dir)).map_err(|e| {
+            format!(
+                "cannot open the node metadata in {}: {e} (run `deltamirror format` first?)",
+                opts.data_dir.display()
+            )
+        })?;
+        let mut meta = Meta::decode(
+            &meta_bytes.ok_or("the node metadata is empty; run `deltamirror format`")?,
+        )?;
+        if meta.node_id != opts.node_id {
+            return Err(format!(
+                "node.id = {} but {} was formatted for node {}; fix node.id or reformat",
+                opts.node_id,
+                opts.data_dir.display(),
+                meta.node_id
+            ));
+        }
+        let (ring, recovery) =
+            Ring::open(&ring_path(&opts.data_dir)).map_err(|e| format!("ring: {e}"))?;
+        log::info!(
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes",
+            recovery.records,
+            recovery.first_seq,
+            recovery.next_seq,
+            recovery.torn_tail_bytes
+        );
+        meta.incarnation += 1;
+        store
+            .write(&meta.encode())
+            .map_err(|e| format!("cannot write the node metadata: {e}"))?;
+        let size = backend.size_bytes();
+        let geometry = Geometry {
+            block_size: backend.block_size(),
+            num_blocks: size / backend.block_size() as u64,
+        };
+        let mut core_cfg = opts.core.clone();
+        core_cfg.volume_bytes = size;
+        core_cfg.dirty_granularity_bytes = meta.dirty.granularity;
+        let shared = Arc::new(Shared {
+            mailbox: ArrayQueue::new(4096),
+            wake: EventFd::new().map_err(|e| e.to_string())?,
+            sleeping: AtomicBool::new(false),
+            path: PathCell::new(PathState::Inaccessible),
+            geometry,
+            identity: opts.identity.clone(),
+            max_io_bytes: opts.max_io_bytes,
+            stop: AtomicBool::new(false),
+            status: Mutex::new(NodeStatus::default()),
+            commands: Mutex::new(VecDeque::new()),
+        });
+        let link = LinkManager::start(opts.link.clone()).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let core = Core::new(core_cfg, meta, RingLog(ring), 0);
+        let sh = shared.clone();
+        let reactor = std::thread::Builder::new()
+            .name(format!("dm-reactor-{}", opts.node_id))
+            .spawn(move || {
+                if let Some(id) = opts.core_id {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                        log::warn!("could not pin the reactor to core {id}");
+                    }
+                }
+                let mut r = Reactor::new(opts, sh, core, backend, store, link, start);
+                r.run();
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Node {
+            volume: Arc::new(NodeVolume {
+                shared: shared.clone(),
+            }),
+            control: Arc::new(NodeControl {
+                shared: shared.clone(),
+            }),
+            shared,
+            reactor: Some(reactor),
+        })
+    }
+
+    /// Stops the reactor after in-flight work drains (bounded wait).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify();
+        if let Some(t) = self.reactor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ----- the reactor -----
+
+enum Inflight {
+    Exec(Seq),
+    ExtentWrite(u64),
+    ExtentRead { token: u64, offset: u64 },
+    Flush(u64),
+    LogSync(Seq),
+    HostRead(usize),
+}
+
+struct PendingHost {
+    done: Option<Completion>,
+    data: Vec<u8>,
+    start: Instant,
+    is_write: bool,
+}
+
+struct Reactor {
+    opts: NodeOptions,
+    shared: Arc<Shared>,
+    core: Core<RingLog>,
+    backend: UringBackend,
+    store: MetaStore,
+    link: LinkManager,
+    sock: Option<TcpStream>,
+    rx: Vec<u8>,
+    rx_len: usize,
+    tx: Vec<u8>,
+    tx_off: usize,
+    start: Instant,
+    actions: Vec<Action>,
+    msgs: Vec<Msg>,
+    comps: Vec<BackendCompletion>,
+    inflight: Vec<Option<Inflight>>,
+    free_tags: Vec<usize>,
+    overflow: VecDeque<(usize, BackendOp)>,
+    hosts: Vec<Option<PendingHost>>,
+    free_hosts: Vec<usize>,
+    write_hist: Histogram<u64>,
+    read_hist: Histogram<u64>,
+    io: IoStats,
+    last_status_ms: u64,
+    last_tick_ms: u64,
+    msgs_sent: u64,
+    msgs_received: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    peer_refused: Option<String>,
+}
+
+const RX_BUF_BYTES: usize = 4 << 20;
+
+impl Reactor {
+    fn new(
+        opts: NodeOptions,
+        shared: Arc<Shared>,
+        core: Core<RingLog>,
+        backend: UringBackend,
+        store: MetaStore,
+        link: LinkManager,
+        start: Instant,
+    ) -> Self {
+        let rx_cap = RX_BUF_BYTES.max(opts.max_message_bytes + 64);
+        Reactor {
+            opts,
+            shared,
+            core,
+            backend,
+            store,
+            link,
+            sock: None,
+            rx: vec![0; rx_cap],
+            rx_len: 0,
+            tx: Vec::with_capacity(1 << 20),
+            tx_off: 0,
+            start,
+            actions: Vec::new(),
+            msgs: Vec::new(),
+            comps: Vec::new(),
+            inflight: Vec::new(),
+            free_tags: Vec::new(),
+            overflow: VecDeque::new(),
+            hosts: Vec::new(),
+            free_hosts: Vec::new(),
+            write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            read_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            io: IoStats::default(),
+            last_status_ms: 0,
+            last_tick_ms: u64::MAX,
+            msgs_sent: 0,
+            msgs_received: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            peer_refused: None,
+        }
+    }
+
+    fn run(&mut self) {
+        let spin = Duration::from_micros(self.opts.adaptive_spin_us);
+        let mut last_work = Instant::now();
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            let did = self.iteration();
+            if self.shared.stop.load(Ordering::Acquire) {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                let idle = self.backend.in_flight() == 0 && self.overflow.is_empty();
+                if idle || since.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+            }
+            if did {
+                last_work = Instant::now();
+                continue;
+            }
+            if self.opts.poll_mode == PollMode::Busy || last_work.elapsed() < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep();
+            last_work = Instant::now() - spin;
+        }
+        // Make the ring durable on the way out.
+        let _ = self.core.log.0.sync();
+        self.fail_all_hosts();
+    }
+
+    fn sleep(&mut self) {
+        self.shared.sleeping.store(true, Ordering::Release);
+        if !self.shared.mailbox.is_empty() || self.shared.stop.load(Ordering::Acquire) {
+            self.shared.sleeping.store(false, Ordering::Release);
+            return;
+        }
+        let mut fds = vec![(self.shared.wake.fd(), false), (self.link.wake.fd(), false)];
+        if let Some(fd) = self.backend.wait_fd() {
+            fds.push((fd, false));
+        }
+        if let Some(s) = &self.sock {
+            fds.push((s.as_raw_fd(), self.tx_off < self.tx.len()));
+        }
+        // Wake at least every 10 ms for heartbeats and timers.
+        poll_fds(&fds, 10);
+        self.shared.sleeping.store(false, Ordering::Release);
+        self.shared.wake.drain();
+        self.link.wake.drain();
+    }
+
+    /// One pass over every source of work. Returns whether anything happened.
+    fn iteration(&mut self) -> bool {
+        let mut did = false;
+        let now = now_ms(self.start);
+        if now != self.last_tick_ms {
+            self.last_tick_ms = now;
+            self.core.handle(Event::Tick { now_ms: now });
+        }
+        did |= self.take_commands();
+        did |= self.take_host_ops();
+        did |= self.take_link();
+        did |= self.read_socket();
+        did |= self.reap_backend();
+        self.core.poll();
+        did |= self.run_actions();
+        self.retry_overflow();
+        self.backend.flush_submissions();
+        did |= self.write_socket();
+        if now >= self.last_status_ms + 100 {
+            self.last_status_ms = now;
+            self.publish_status(now);
+        }
+        did
+    }
+
+    fn take_commands(&mut self) -> bool {
+        let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
+        let did = !cmds.is_empty();
+        for (c, reply) in cmds {
+            let r = match c {
+                Command::Promote => self.core.promote(),
+                Command::Demote => self.core.demote(),
+            };
+            *reply.r.lock().unwrap() = Some(r);
+            reply.c.notify_all();
+        }
+        did
+    }
+
+    fn host_slot(&mut self, h: PendingHost) -> usize {
+        match self.free_hosts.pop() {
+            Some(i) => {
+                self.hosts[i] = Some(h);
+                i
+            }
+            None => {
+                self.hosts.push(Some(h));
+                self.hosts.len() - 1
+            }
+        }
+    }
+
+    fn take_host_ops(&mut self) -> bool {
+        let mut did = false;
+        // Bound the batch so the link and the disk get their turn.
+        for _ in 0..256 {
+            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+                break;
+            };
+            did = true;
+            if self.core.role() != Role::Primary || !self.core.is_serving() {
+                let e = if self.core.failed().is_some() {
+                    IoError::Unavailable
+                } else {
+                    IoError::NotPrimary
+                };
+                self.io.errors += 1;
+                done(Err(e));
+                continue;
+            }
+            match op {
+                VolumeOp::Read { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: false,
+                    });
+                    let buf = AlignedBuf::new(len as usize);
+                    self.submit(Inflight::HostRead(id), BackendOp::Read { offset, buf });
+                }
+                VolumeOp::Write { offset, data, fua } => {
+                    let len = data.len() as u64;
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::Write, offset, len, fua, &data);
+                    if let Some(h) = self.hosts[id].as_mut() {
+                        h.data = data;
+                    }
+                }
+                VolumeOp::WriteZeroes { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::WriteZeroes, offset, len, false, &[]);
+                }
+                VolumeOp::Discard { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::Discard, offset, len, false, &[]);
+                }
+                VolumeOp::Flush => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: false,
+                    });
+                    self.io.flushes += 1;
+                    self.core.host_flush(id as u64);
+                }
+            }
+        }
+        did
+    }
+
+    fn complete_host(&mut self, id: usize, result: Result<Vec<u8>, IoError>) {
+        let Some(mut h) = self.hosts.get_mut(id).and_then(|s| s.take()) else {
+            return;
+        };
+        self.free_hosts.push(id);
+        let us = h.start.elapsed().as_micros() as u64;
+        match &result {
+            Ok(d) if h.is_write => {
+                self.io.writes += 1;
+                self.io.write_bytes += h.data.len().max(d.len()) as u64;
+                let _ = self.write_hist.record(us.max(1));
+            }
+            Ok(d) => {
+                if !d.is_empty() {
+                    self.io.reads += 1;
+                    self.io.read_bytes += d.len() as u64;
+                    let _ = self.read_hist.record(us.max(1));
+                }
+            }
+            Err(_) => self.io.errors += 1,
+        }
+        let result = result.map(|d| {
+            if h.is_write {
+                std::mem::take(&mut h.data)
+            } else {
+                d
+            }
+        });
+        if let Some(done) = h.done.take() {
+            done(result);
+        }
+    }
+
+    fn fail_all_hosts(&mut self) {
+        for i in 0..self.hosts.len() {
+            if self.hosts[i].is_some() {
+                self.complete_host(i, Err(IoError::Unavailable));
+            }
+        }
+        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+            done(Err(IoError::Unavailable));
+        }
+    }
+
+    fn take_link(&mut self) -> bool {
+        let Some(s) = self.link.take() else {
+            return false;
+        };
+        if self.sock.is_some() {
+            self.drop_socket(false);
+        }
+        self.sock = Some(s);
+        self.rx_len = 0;
+        self.tx.clear();
+        self.tx_off = 0;
+        self.peer_refused = None;
+        self.core.handle(Event::PeerConnected);
+        true
+    }
+
+    fn drop_socket(&mut self, reconnect: bool) {
+        if let Some(s) = self.sock.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.rx_len = 0;
+        self.tx.clear();
+        self.tx_off = 0;
+        self.core.handle(Event::PeerDisconnected);
+        if reconnect {
+            self.link.request();
+        }
+    }
+
+    fn read_socket(&mut self) -> bool {
+        let Some(s) = self.sock.as_mut() else {
+            return false;
+        };
+        let mut did = false;
+        loop {
+            if self.rx_len == self.rx.len() {
+                break;
+            }
+            match s.read(&mut self.rx[self.rx_len..]) {
+                Ok(0) => {
+                    log::warn!("replication peer closed the connection");
+                    self.drop_socket(true);
+                    return true;
+                }
+                Ok(n) => {
+                    self.rx_len += n;
+                    self.bytes_received += n as u64;
+                    did = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("replication link read error: {e}");
+                    self.drop_socket(true);
+                    return true;
+                }
+            }
+        }
+        if !did {
+            return false;
+        }
+        self.msgs.clear();
+        match parse_frames(
+            &self.rx[..self.rx_len],
+            self.opts.max_message_bytes,
+            &mut self.msgs,
+        ) {
+            Ok(used) => {
+                self.rx.copy_within(used..self.rx_len, 0);
+                self.rx_len -= used;
+            }
+            Err(e) => {
+                log::error!("replication link: {e}; dropping the connection");
+                self.drop_socket(true);
+                return true;
+            }
+        }
+        self.msgs_received += self.msgs.len() as u64;
+        for m in std::mem::take(&mut self.msgs) {
+            if let Msg::Refuse { reason } = &m {
+                self.peer_refused = Some(reason.clone());
+            }
+            self.core.handle(Event::PeerMsg(m));
+        }
+        true
+    }
+
+    fn write_socket(&mut self) -> bool {
+        let Some(s) = self.sock.as_mut() else {
+            self.tx.clear();
+            self.tx_off = 0;
+            return false;
+        };
+        let mut did = false;
+        while self.tx_off < self.tx.len() {
+            match s.write(&self.tx[self.tx_off..]) {
+                Ok(n) => {
+                    self.tx_off += n;
+                    self.bytes_sent += n as u64;
+                    did = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("replication link write error: {e}");
+                    self.drop_socket(true);
+                    return true;
+                }
+            }
+        }
+        if self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        }
+        did
+    }
+
+    fn submit(&mut self, what: Inflight, op: BackendOp) {
+        let tag = match self.free_tags.pop() {
+            Some(t) => {
+                self.inflight[t] = Some(what);
+                t
+            }
+            None => {
+                self.inflight.push(Some(what));
+                self.inflight.len() - 1
+            }
+        };
+        if !self.overflow.is_empty() {
+            self.overflow.push_back((tag, op));
+            return;
+        }
+        if let Err(op) = self.backend.submit(tag as u64, op) {
+            self.overflow.push_back((tag, op));
+        }
+    }
+
+    fn retry_overflow(&mut self) {
+        while let Some((tag, op)) = self.overflow.pop_front() {
+            if let Err(op) = self.backend.submit(tag as u64, op) {
+                self.overflow.push_front((tag, op));
+                break;
+            }
+        }
+    }
+
+    fn reap_backend(&mut self) -> bool {
+        self.comps.clear();
+        let mut comps = std::mem::take(&mut self.comps);
+        if self.backend.reap(&mut comps) == 0 {
+            self.comps = comps;
+            return false;
+        }
+        for c in comps.drain(..) {
+            let tag = c.tag as usize;
+            let Some(what) = self.inflight.get_mut(tag).and_then(|s| s.take()) else {
+                continue;
+            };
+            self.free_tags.push(tag);
+            let res = c.result.map(|_| ());
+            match what {
+                Inflight::Exec(seq) => self.core.handle(Event::Executed {
+                    token: seq,
+                    result: res,
+                }),
+                Inflight::ExtentWrite(token) => {
+                    self.core.handle(Event::Executed { token, result: res })
+                }
+                Inflight::ExtentRead { token, offset } => {
+                    let data = c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default();
+                    self.core.handle(Event::ExtentRead {
+                        token,
+                        offset,
+                        result: res.map(|_| data),
+                    });
+                }
+                Inflight::Flush(token) => {
+                    self.core.handle(Event::DiskFlushed { token, result: res })
+                }
+                Inflight::LogSync(through) => match res {
+                    Ok(()) => {
+                        self.core.log.0.sync_completed(through);
+                        self.core.handle(Event::LogSynced { through });
+                    }
+                    Err(e) => {
+                        // The kernel may have dropped dirty ring pages: refuse
+                        // further work rather than guess.
+                        log::error!("ring fdatasync failed (errno {e}); the node stops serving");
+                        self.core
+                            .fatal(format!("ring fdatasync failed (errno {e})"));
+                    }
+                },
+                Inflight::HostRead(id) => {
+                    let r = match res {
+                        Ok(()) => Ok(c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default()),
+                        Err(e) => Err(IoError::Io(e)),
+                    };
+                    self.complete_host(id, r);
+                }
+            }
+        }
+        self.comps = comps;
+        true
+    }
+
+    fn run_actions(&mut self) -> bool {
+        let mut did = false;
+        // Actions can cause events (metadata writes complete inline) which
+        // cause more actions: loop until quiet.
+        for _ in 0..64 {
+            self.actions.clear();
+            let mut acts = std::mem::take(&mut self.actions);
+            self.core.drain_actions(&mut acts);
+            if acts.is_empty() {
+                self.actions = acts;
+                break;
+            }
+            did = true;
+            for a in acts.drain(..) {
+                self.apply(a);
+            }
+            self.actions = acts;
+            self.core.poll();
+        }
+        did
+    }
+
+    fn apply(&mut self, a: Action) {
+        match a {
+            Action::Send(m) => {
+                if self.sock.is_some() {
+                    push_frame(&mut self.tx, &m);
+                    self.msgs_sent += 1;
+                }
+            }
+            Action::SendEntry(seq) => {
+                if self.sock.is_some() {
+                    if let Some((h, p)) = self.core.log.0.get(seq) {
+                        push_req_frame(&mut self.tx, &from_record(&h), p);
+                        self.msgs_sent += 1;
+                    }
+                }
+            }
+            Action::SyncLog => {
+                let through = self.core.log.0.prepare_sync();
+                let fd = self.core.log.0.fd();
+                self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
+            }
+            Action::PersistMeta { version, bytes } => match self.store.write(&bytes) {
+                Ok(()) => self.core.handle(Event::MetaPersisted { version }),
+                Err(e) => {
+                    log::error!("cannot write the node metadata: {e}; the node stops serving");
+                    self.core.fatal(format!("metadata write failed: {e}"));
+                }
+            },
+            Action::Execute { seq } => {
+                let Some((h, p)) = self.core.log.0.get(seq) else {
+                    log::error!("execute of seq {seq} missing from the ring");
+                    return;
+                };
+                let h = from_record(&h);
+                let op = match h.kind {
+                    ReqKind::Write => BackendOp::Write {
+                        offset: h.offset,
+                        buf: AlignedBuf::from_slice(p),
+                        fua: h.fua,
+                    },
+                    ReqKind::WriteZeroes => BackendOp::WriteZeroes {
+                        offset: h.offset,
+                        len: h.len,
+                    },
+                    // BLKDISCARD does not promise zeroes: both disks must read
+                    // the same, so block devices zero the range instead.
+                    ReqKind::Discard if self.backend.is_block_device() => BackendOp::WriteZeroes {
+                        offset: h.offset,
+                        len: h.len,
+                    },
+                    ReqKind::Discard => BackendOp::Discard {
+                        offset: h.offset,
+                        len: h.len,
+                    },
+                };
+                self.submit(Inflight::Exec(seq), op);
+            }
+            Action::WriteExtent {
+                token,
+                offset,
+                data,
+            } => {
+                let buf = AlignedBuf::from_slice(&data);
+                self.submit(
+                    Inflight::ExtentWrite(token),
+                    BackendOp::Write {
+                        offset,
+                        buf,
+                        fua: false,
+                    },
+                );
+            }
+            Action::ReadExtent { token, offset, len } => {
+                let buf = AlignedBuf::new(len as usize);
+                self.submit(
+                    Inflight::ExtentRead { token, offset },
+                    BackendOp::Read { offset, buf },
+                );
+            }
+            Action::FlushDisk { token } => self.submit(Inflight::Flush(token), BackendOp::Flush),
+            Action::CompleteWrite { id, result } => {
+                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
+            }
+            Action::CompleteFlush { id, result } => {
+                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
+            }
+            Action::ResetLink { reason } => {
+                log::warn!("resetting the replication link: {reason}");
+                if let Some(s) = self.sock.take() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                self.rx_len = 0;
+                self.tx.clear();
+                self.tx_off = 0;
+                // Give a refused pairing time before retrying.
+                let refused = matches!(self.core.link_state(), LinkState::Refused(_));
+                if !refused {
+                    self.link.request();
+                }
+            }
+            Action::PathChanged { serving } => {
+                log::info!(
+                    "path state: {}",
+                    if serving {
+                        "serving (primary)"
+                    } else {
+                        "not serving"
+                    }
+                );
+                self.shared.path.set(if serving {
+                    PathState::Optimized
+                } else {
+                    PathState::Inaccessible
+                });
+            }
+            Action::Notice(s) => log::info!("{s}"),
+        }
+    }
+
+    fn publish_status(&mut self, now: u64) {
+        let c = &self.core;
+        let (ack1, ack2, ack3, executed) = c.watermarks();
+        let lat = |h: &Histogram<u64>| Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            p999_us: h.value_at_quantile(0.999) as f64,
+        };
+        let replay_stats =
+            |p: &crate::core::machine::ReplayProgress, head: Seq, done: bool| ReplayStats {
+                entries: p.entries,
+                bytes: p.bytes,
+                extents: p.extents,
+                seconds: if done {
+                    (p.end_ms - p.start_ms) as f64 / 1000.0
+                } else {
+                    (now - p.start_ms) as f64 / 1000.0
+                },
+                remaining_entries: if done {
+                    0
+                } else {
+                    p.target_seq.saturating_sub(head.min(p.target_seq))
+                },
+                remaining_bytes: 0,
+                full_remirror: p.full,
+            };
+        let peer_state = match c.link_state() {
+            LinkState::Down => "disconnected",
+            LinkState::Refused(_) => "refused",
+            LinkState::Active if c.replay_progress().is_some() => "replaying",
+            LinkState::Active => "connected",
+            _ => "connecting",
+        };
+        let meta = c.meta();
+        let mut io = self.io.clone();
+        io.write_latency = lat(&self.write_hist);
+        io.read_latency = lat(&self.read_hist);
+        let st = NodeStatus {
+            pid: std::process::id(),
+            node_id: self.opts.node_id,
+            node_name: self.opts.node_name.clone(),
+            role: c.role().as_str().into(),
+            generation: meta.generation(),
+            peer_state: peer_state.into(),
+            peer_refused_reason: match c.link_state() {
+                LinkState::Refused(r) => Some(r.clone()),
+                _ => self.peer_refused.clone(),
+            },
+            degraded: c.is_degraded(),
+            peer_stale_from_seq: meta.peer_stale_from,
+            head_seq: c.log.head(),
+            executed_seq: executed,
+            delta_entries: c.log.len(),
+            delta_bytes: c.log.payload_bytes(),
+            ring_capacity_bytes: c.log.capacity_bytes(),
+            ack1_seq: ack1,
+            ack2_seq: ack2,
+            ack3_seq: ack3,
+            dirty_extents: meta.dirty.count(),
+            dirty_bytes: meta.dirty.bytes(),
+            remirrors: meta.remirrors,
+            last_replay: c.last_replay.as_ref().map(|p| replay_stats(p, ack1, true)),
+            replay_progress: c.replay_progress().map(|p| replay_stats(p, ack1, false)),
+            io,
+            link_msgs_sent: self.msgs_sent,
+            link_msgs_received: self.msgs_received,
+            link_bytes_sent: self.bytes_sent,
+            link_bytes_received: self.bytes_received,
+            uptime_seconds: now as f64 / 1000.0,
+            rss_bytes: 0,
+        };
+        *self.shared.status.lock().unwrap() = st;
+    }
+}
+
+fn host_err(e: HostError) -> IoError {
+    match e {
+        HostError::NotPrimary => IoError::NotPrimary,
+        HostError::Io(e) => IoError::Io(e),
+        HostError::Unavailable => IoError::Unavailable,
+    }
+}
+
+/// Default core settings for a node (the binary overrides from config).
+pub fn default_core_config(node_id: u32) -> CoreConfig {
+    CoreConfig {
+        node_id,
+        confirm: ConfirmMode::Ack,
+        ack1_persisted: true,
+        volume_bytes: 0,
+        dirty_granularity_bytes: 1 << 20,
+        max_executing: 128,
+        max_unacked_entries: 256,
+        max_resync_inflight: 8,
+        heartbeat_interval_ms: 100,
+        peer_timeout_ms: 1000,
+        max_replay_bytes_per_sec: 0,
+    }
+}
