@@ -79,7 +79,7 @@ pub fn identify_controller(sh: &Shared, ctrl: &Ctrl) -> Vec<u8> {
     };
     put_str0(&mut b, 768, 256, nqn);
     // Fabrics: IOCCSZ / IORCSZ in 16-byte units, ICDOFF 0, MSDBD 1.
-    put_u32(&mut b, 1792, (64 + sh.cfg.in_capsule_data_bytes) / 16);
+    put_u32(&mut b, 1792, (64 + sh.icd_bytes) / 16);
     put_u32(&mut b, 1796, 1);
     put_u16(&mut b, 1800, 0);
     b[1802] = 0; // CTRATTR: dynamic controller model

@@ -129,7 +129,9 @@ struct QShared {
 pub struct QueuePair {
     pub qid: u16,
     stream: TcpStream,
-    writer: Mutex<TcpStream>,
+    /// Shared with the reader thread (H2CData): one writer at a time, so
+    /// PDUs never interleave on the socket.
+    writer: Arc<Mutex<TcpStream>>,
     shared: Arc<QShared>,
     dg: Digests,
     icd_max: u32,
@@ -138,7 +140,7 @@ pub struct QueuePair {
 
 struct ReaderCtx {
     shared: Arc<QShared>,
-    writer: TcpStream,
+    writer: Arc<Mutex<TcpStream>>,
     dg: Digests,
     max_h2c: u32,
     hpda_align: usize,
@@ -188,9 +190,10 @@ impl QueuePair {
             cv: Condvar::new(),
             dead: AtomicBool::new(false),
         });
+        let writer = Arc::new(Mutex::new(stream.try_clone()?));
         let ctx = ReaderCtx {
             shared: shared.clone(),
-            writer: stream.try_clone()?,
+            writer: writer.clone(),
             dg: cfg.digests,
             max_h2c: ic.max,
             hpda_align: (ic.pda as usize + 1) * 4,
@@ -200,7 +203,7 @@ impl QueuePair {
             .spawn(move || reader_loop(r, ctx))?;
         let qp = Arc::new(QueuePair {
             qid,
-            writer: Mutex::new(stream.try_clone()?),
+            writer,
             stream,
             shared,
             dg: cfg.digests,
@@ -437,7 +440,7 @@ fn reader_loop(stream: TcpStream, ctx: ReaderCtx) {
                     ));
                     off += n;
                 }
-                if (&ctx.writer).write_all(&bytes).is_err() {
+                if ctx.writer.lock().unwrap().write_all(&bytes).is_err() {
                     break "send failed".into();
                 }
             }
@@ -451,7 +454,7 @@ fn reader_loop(stream: TcpStream, ctx: ReaderCtx) {
             t => break format!("unexpected PDU type {t:#x}"),
         }
     };
-    let _ = ctx.writer.shutdown(Shutdown::Both);
+    let _ = ctx.writer.lock().unwrap().shutdown(Shutdown::Both);
     fail_all(&ctx.shared, &why);
 }
 

@@ -8,7 +8,7 @@ use crate::admin::{self, ADMIN_QUEUE_ENTRIES, AER_LIMIT, IDENTIFY_LEN};
 use crate::pdu::*;
 use crate::spec::*;
 use crate::target::{Ctrl, Shared};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,8 @@ use volume::{IoError, IoResult, PathState, VolumeOp};
 
 /// Largest data carried by one C2HData PDU; longer reads are split.
 pub const C2H_CHUNK_BYTES: usize = 128 * 1024;
+/// Data a queue may wait for (R2Ts issued, H2CData not yet received).
+const R2T_BUDGET_BYTES: usize = 16 << 20;
 /// Connect command data length.
 const CONNECT_DATA_LEN: u32 = 1024;
 /// In-capsule data accepted on the admin queue (the Linux host sizes admin
@@ -165,6 +167,9 @@ pub struct QueueCore {
     ctrl: Option<Arc<Ctrl>>,
     sq_entries: u32,
     transfers: HashMap<u16, Transfer>,
+    /// Bytes of the transfers waiting for H2CData.
+    r2t_bytes: usize,
+    r2t_waiting: VecDeque<(u16, Sqe, u32)>,
     next_ttag: u16,
 }
 
@@ -178,6 +183,8 @@ impl QueueCore {
             ctrl: None,
             sq_entries: ADMIN_QUEUE_ENTRIES as u32,
             transfers: HashMap::new(),
+            r2t_bytes: 0,
+            r2t_waiting: VecDeque::new(),
             next_ttag: 0,
         }
     }
@@ -189,7 +196,7 @@ impl QueueCore {
         let data = self
             .sh
             .max_h2c_data
-            .max(self.sh.cfg.in_capsule_data_bytes)
+            .max(self.sh.icd_bytes)
             .max(ADMIN_ICD_BYTES);
         CMD_HLEN as u32 + 4 + 128 + data + 4
     }
@@ -326,9 +333,9 @@ impl QueueCore {
                 match sgl_id {
                     SGL_ICD => {
                         let max_icd = if self.qid.unwrap_or(0) == 0 {
-                            ADMIN_ICD_BYTES.max(self.sh.cfg.in_capsule_data_bytes)
+                            ADMIN_ICD_BYTES.max(self.sh.icd_bytes)
                         } else {
-                            self.sh.cfg.in_capsule_data_bytes
+                            self.sh.icd_bytes
                         };
                         if addr != 0 || n > max_icd {
                             io.complete(cid, SC_SGL_OFFSET_INVALID, 0, &[]);
@@ -361,12 +368,20 @@ impl QueueCore {
         true
     }
 
+    /// Asks for a write's data, unless the queue already waits for
+    /// `R2T_BUDGET_BYTES`: then the R2T waits until a transfer finishes, so
+    /// buffers for data not yet received stay bounded per queue.
     fn start_r2t(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: Sqe, len: u32) {
+        if !self.transfers.is_empty() && self.r2t_bytes + len as usize > R2T_BUDGET_BYTES {
+            self.r2t_waiting.push_back((cid, sqe, len));
+            return;
+        }
         let mut ttag = self.next_ttag;
         while self.transfers.contains_key(&ttag) {
             ttag = ttag.wrapping_add(1);
         }
         self.next_ttag = ttag.wrapping_add(1);
+        self.r2t_bytes += len as usize;
         self.transfers.insert(
             ttag,
             Transfer {
@@ -379,6 +394,18 @@ impl QueueCore {
         );
         let pdu = encode_xfer(PDU_R2T, 0, cid, ttag, 0, len, &[], io.dg, 4);
         let _ = self.out.send(Out::Bytes(pdu));
+    }
+
+    /// A transfer finished: issue R2Ts that waited for budget.
+    fn release_r2t(&mut self, io: &Arc<QueueIo>, len: usize) {
+        self.r2t_bytes -= len;
+        while let Some(&(_, _, n)) = self.r2t_waiting.front() {
+            if !self.transfers.is_empty() && self.r2t_bytes + n as usize > R2T_BUDGET_BYTES {
+                break;
+            }
+            let (cid, sqe, n) = self.r2t_waiting.pop_front().expect("front exists");
+            self.start_r2t(io, cid, sqe, n);
+        }
     }
 
     fn on_h2c_data(&mut self, io: &Arc<QueueIo>, p: &CheckedPdu<'_>) -> bool {
@@ -409,7 +436,11 @@ impl QueueCore {
             return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 1), p.header);
         }
         if complete {
-            let t = self.transfers.remove(&x.ttag).unwrap();
+            let t = self
+                .transfers
+                .remove(&x.ttag)
+                .expect("transfer looked up above");
+            self.release_r2t(io, t.len);
             if t.digest_failed {
                 io.complete(t.cid, SC_TRANSIENT_TRANSPORT, 0, &[]);
             } else {
@@ -923,6 +954,7 @@ impl QueueCore {
 
     /// The connection ended: an admin queue takes its controller with it.
     pub fn teardown(&mut self) {
+        self.r2t_waiting.clear();
         for (_, t) in self.transfers.drain() {
             if let Some(io) = &self.io {
                 io.inflight.lock().unwrap().remove(&t.cid);

@@ -86,11 +86,9 @@ impl NvmeConfig {
                 "nvme: max_queue_depth must be >= 2, max_queues >= 1, ana_group_id >= 1".into(),
             );
         }
-        if !self.in_capsule_data_bytes.is_multiple_of(16)
-            || self.in_capsule_data_bytes > self.mdts_bytes
-        {
+        if !self.in_capsule_data_bytes.is_multiple_of(16) {
             return bad(format!(
-                "nvme: in_capsule_data_bytes {} must be a multiple of 16 and <= mdts_bytes",
+                "nvme: in_capsule_data_bytes {} must be a multiple of 16",
                 self.in_capsule_data_bytes
             ));
         }
@@ -136,6 +134,8 @@ pub struct Shared {
     pub mdts_bytes: u32,
     /// MAXH2CDATA announced in ICResp.
     pub max_h2c_data: u32,
+    /// In-capsule data accepted on I/O queues: the config, at most MDTS.
+    pub icd_bytes: u32,
     pub local_addr: SocketAddr,
     ctrls: Mutex<HashMap<u16, Arc<Ctrl>>>,
     next_cntlid: Mutex<u16>,
@@ -158,6 +158,7 @@ impl Shared {
             identity: vol.identity(),
             mdts_bytes,
             max_h2c_data: mdts_bytes,
+            icd_bytes: cfg.in_capsule_data_bytes.min(mdts_bytes),
             local_addr,
             ctrls: Mutex::new(HashMap::new()),
             next_cntlid: Mutex::new(1),

@@ -278,3 +278,26 @@ fn failover_follows_ana_and_loses_no_completed_write() {
     ta.shutdown();
     tb.shutdown();
 }
+
+#[test]
+fn many_large_writes_in_flight_wait_for_r2t_budget() {
+    let vol = mem(4096, 16384);
+    let t = serve(vol);
+    let mut h = host();
+    h.queue_depth = 32;
+    let c = Controller::connect(t.local_addr(), &h).unwrap();
+    let spec = nvme_target::load::IoSpec {
+        rw: nvme_target::load::Rw::RandWrite,
+        block_bytes: 1 << 20,
+        queue_depth: 32,
+        duration: std::time::Duration::from_millis(300),
+        region_bytes: 64 << 20,
+        verify: true,
+        seed: 3,
+    };
+    let r = nvme_target::load::run_io(&c, &spec).unwrap();
+    assert!(r.ops >= 32, "{r}");
+    assert_eq!((r.errors, r.verify_errors), (0, 0), "{r}");
+    c.disconnect();
+    t.shutdown();
+}
