@@ -515,3 +515,88 @@ fn wire_layouts_match_the_transport_spec() {
 fn raw_session(f: &Fx, input: &[u8]) -> Vec<u8> {
     f.h.session_bytes(input)
 }
+
+#[test]
+fn admin_features_logs_and_events() {
+    let f = fx(PLAIN);
+    let mut s = Stream::new(PLAIN);
+    s.connect(1, 0, 0xFFFF, NQN, FUZZ_HOST);
+    // Admin commands before CC.EN: command sequence error.
+    s.cmd(Sqe::new(ADM_KEEP_ALIVE, 2), &[], 0);
+    s.enable(3);
+    let feat = |op: u8, cid: u16, cdw10: u32, cdw11: u32| {
+        let mut q = Sqe::new(op, cid);
+        q.set_cdw(10, cdw10);
+        q.set_cdw(11, cdw11);
+        q
+    };
+    s.cmd(
+        feat(ADM_SET_FEATURES, 4, FID_NUM_QUEUES as u32, 0x00FF_00FF),
+        &[],
+        0,
+    );
+    s.cmd(feat(ADM_GET_FEATURES, 5, FID_NUM_QUEUES as u32, 0), &[], 0);
+    s.cmd(
+        feat(ADM_SET_FEATURES, 6, FID_KEEP_ALIVE as u32, 5000),
+        &[],
+        0,
+    );
+    s.cmd(feat(ADM_GET_FEATURES, 7, FID_KEEP_ALIVE as u32, 0), &[], 0);
+    s.cmd(
+        feat(
+            ADM_SET_FEATURES,
+            8,
+            FID_ASYNC_EVENT_CFG as u32 | (1 << 31),
+            0,
+        ),
+        &[],
+        0,
+    );
+    s.cmd(feat(ADM_GET_FEATURES, 9, FID_VOLATILE_WC as u32, 0), &[], 0);
+    s.cmd(feat(ADM_GET_FEATURES, 10, 0x42, 0), &[], 0);
+    for (cid, lid, len) in [
+        (11u16, LID_ERROR, 64u32),
+        (12, LID_SMART, 512),
+        (13, LID_FW_SLOT, 512),
+        (14, LID_CHANGED_NS, 4096),
+    ] {
+        s.cmd(
+            feat(ADM_GET_LOG_PAGE, cid, lid as u32 | ((len / 4 - 1) << 16), 0),
+            &[],
+            len,
+        );
+    }
+    // Discovery log on an I/O controller: invalid log page.
+    s.cmd(
+        feat(ADM_GET_LOG_PAGE, 15, LID_DISCOVERY as u32 | (255 << 16), 0),
+        &[],
+        1024,
+    );
+    for cid in 16..21 {
+        s.cmd(Sqe::new(ADM_ASYNC_EVENT, cid), &[], 0);
+    }
+    s.cmd(feat(ADM_ABORT, 21, 16 << 16, 0), &[], 0);
+    let out = f.run(&s);
+    assert_eq!(out.status_of(2), Some(SC_CMD_SEQ_ERROR));
+    let c = |cid| out.cqes().into_iter().find(|c| c.cid == cid).unwrap();
+    // 256 queues asked, 8 granted (0's based).
+    assert_eq!((c(4).status, c(4).dw0), (Status::SUCCESS, 0x0007_0007));
+    assert_eq!(c(5).dw0, 0x0007_0007);
+    assert_eq!(c(7).dw0, 5000);
+    assert_eq!(c(8).status, SC_FEATURE_NOT_SAVEABLE);
+    assert_eq!(c(9).dw0, 1);
+    assert_eq!(c(10).status, SC_INVALID_FIELD);
+    for cid in 11..15 {
+        assert_eq!(c(cid).status, Status::SUCCESS);
+    }
+    assert_eq!(c(15).status, SC_INVALID_LOG_PAGE);
+    // Four AERs accepted (no completion yet), the fifth over the limit.
+    assert!((16..20).all(|cid| out.status_of(cid).is_none()));
+    assert_eq!(c(20).status, SC_AER_LIMIT);
+    assert_eq!((c(21).status, c(21).dw0 & 1), (Status::SUCCESS, 1));
+    let smart = out.replies.iter().find_map(|r| match r {
+        Reply::C2H(x, _, d) if x.cccid == 12 => Some(d.clone()),
+        _ => None,
+    });
+    assert_eq!(smart.map(|d| (d.len(), d[3])), Some((512, 100)));
+}

@@ -78,6 +78,9 @@ enum Cmd {
         /// Check read data and read back every written block at the end.
         #[arg(long)]
         verify: bool,
+        /// Print one JSON object instead of the text line (for the bench).
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -181,6 +184,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             seconds,
             region_mb,
             verify,
+            json,
             seed,
         } => {
             h.io_queues = queues.max(1);
@@ -197,7 +201,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 seed,
             };
             let r = run_io(&c, &spec)?;
-            println!("{rw:?} bs={bs} qd={qd} queues={queues}: {r}");
+            if json {
+                println!(
+                    "{{\"target\":\"{addr}\",\"rw\":\"{}\",\"bs\":{bs},\"qd\":{qd},\"queues\":{queues},\"seconds\":{:.3},\"ops\":{},\"iops\":{:.0},\"mib_per_s\":{:.2},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"errors\":{},\"verify_errors\":{}}}",
+                    format!("{rw:?}").to_lowercase(),
+                    r.seconds, r.ops, r.iops, r.mib_per_s, r.p50_us, r.p99_us, r.p999_us, r.max_us, r.errors, r.verify_errors
+                );
+            } else {
+                println!("{rw:?} bs={bs} qd={qd} queues={queues}: {r}");
+            }
             c.disconnect();
             if r.verify_errors > 0 {
                 return Err(format!("{} verification errors", r.verify_errors).into());
