@@ -318,9 +318,29 @@ fn ua_exempt(op: u8) -> bool {
     matches!(op, 0x12 | 0xa0 | 0x03)
 }
 
-/// Commands that need the medium (refused in ALUA standby).
-fn media_access(cdb: &[u8]) -> bool {
-    access_class(cdb) != Access::None && cdb[0] != 0x1b
+/// Commands served in the ALUA standby state (SPC-4 §5.15.2.4.4): the
+/// rest fail with NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN
+/// STANDBY STATE.
+fn allowed_in_standby(op: u8) -> bool {
+    matches!(
+        op,
+        0x12 | 0xa0
+            | 0x03
+            | 0x1a
+            | 0x5a
+            | 0x15
+            | 0x55
+            | 0x4c
+            | 0x4d
+            | 0x1c
+            | 0x1d
+            | 0xa3
+            | 0xa4
+            | 0x5e
+            | 0x5f
+            | 0x3b
+            | 0x3c
+    )
 }
 
 /// Executes one SCSI command on LUN `lun_id` and calls `done` once.
@@ -363,7 +383,7 @@ pub fn execute(
     if conflicts(lun, nx, cdb, class) {
         return done(ScsiResult::conflict());
     }
-    if media_access(cdb) && lun.standby() {
+    if !allowed_in_standby(op) && lun.standby() {
         return done(ScsiResult::check(SENSE_STANDBY));
     }
     let geo = lun.geo;

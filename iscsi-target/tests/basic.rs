@@ -192,6 +192,19 @@ fn alua_standby_and_unit_attention() {
     );
     let r = i.read10(0, 1);
     assert_eq!(r.key_asc(), (2, 0x04, 0x0b), "standby");
+    assert_eq!(
+        i.tur().key_asc(),
+        (2, 0x04, 0x0b),
+        "TEST UNIT READY reports standby"
+    );
+    let mut inq = [0u8; 6];
+    inq[0] = 0x12;
+    inq[4] = 96;
+    assert_eq!(
+        i.scsi(&inq, &[], 96).status,
+        0,
+        "INQUIRY is served in standby"
+    );
     let before = vol.writes.load(Ordering::Relaxed);
     let r = i.write10(0, &[1u8; 512]);
     assert_eq!(r.key_asc(), (2, 0x04, 0x0b));
