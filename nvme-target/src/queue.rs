@@ -501,7 +501,7 @@ impl QueueCore {
         let (_, sgl_len, _) = sqe.sgl();
         let outcome = match self.qid {
             None => self.connect(io, sqe, &data),
-            Some(0) => self.admin(io, cid, sqe),
+            Some(0) => self.admin(cid, sqe),
             Some(_) => self.io_cmd(sqe, data),
         };
         match outcome {
@@ -640,7 +640,7 @@ impl QueueCore {
         Outcome::Done(Status::SUCCESS, cntlid as u64, Vec::new())
     }
 
-    fn admin(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: &Sqe) -> Outcome {
+    fn admin(&mut self, cid: u16, sqe: &Sqe) -> Outcome {
         let ctrl = self.ctrl.clone().expect("admin queue is connected");
         if sqe.opcode() == OPC_FABRICS {
             return match sqe.fctype() {
@@ -674,7 +674,6 @@ impl QueueCore {
                 }
                 st.aers.push(cid);
                 drop(st);
-                let _ = io;
                 self.sh.maybe_send_ana_aen(&ctrl);
                 Outcome::Deferred
             }
