@@ -353,6 +353,46 @@ pub fn admin_seed(subnqn: &str, dg: Digests) -> Vec<u8> {
     s.bytes
 }
 
+/// A well-formed discovery session.
+pub fn discovery_seed(dg: Digests) -> Vec<u8> {
+    let mut s = Stream::new(dg);
+    s.connect(1, 0, 0xFFFF, DISCOVERY_NQN, FUZZ_HOST).enable(2);
+    s.cmd(
+        admin_cmd(ADM_IDENTIFY, 3, 0, CNS_CONTROLLER as u32, 0),
+        &[],
+        4096,
+    );
+    s.cmd(
+        admin_cmd(
+            ADM_GET_LOG_PAGE,
+            4,
+            0,
+            LID_DISCOVERY as u32 | (255 << 16),
+            0,
+        ),
+        &[],
+        1024,
+    );
+    s.cmd(
+        admin_cmd(
+            ADM_GET_LOG_PAGE,
+            5,
+            0,
+            LID_DISCOVERY as u32 | (511 << 16),
+            0,
+        ),
+        &[],
+        2048,
+    );
+    s.cmd(
+        admin_cmd(ADM_SET_FEATURES, 6, 0, FID_KEEP_ALIVE as u32, 1000),
+        &[],
+        0,
+    );
+    s.cmd(admin_cmd(ADM_KEEP_ALIVE, 7, 0, 0, 0), &[], 0);
+    s.bytes
+}
+
 /// A well-formed I/O session against controller `cntlid`: in-capsule and
 /// R2T writes, reads, flush, write zeroes, DSM.
 pub fn io_seed(subnqn: &str, cntlid: u16, dg: Digests, block_size: u32) -> Vec<u8> {
@@ -429,6 +469,39 @@ pub fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A structure-aware mutation: changes a few bytes inside one PDU's header
+/// (the SQE of a command, the fields of H2CData) and fixes its header
+/// digest, so the mutated command gets past framing into dispatch.
+pub fn mutate_field(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    let mut pdus = Vec::new();
+    let mut b = input;
+    while let Ok(raw) = read_pdu(&mut b, u32::MAX) {
+        pdus.push(raw.bytes);
+    }
+    if pdus.len() < 2 {
+        return mutate(rng, input);
+    }
+    let i = 1 + rng.below(pdus.len() as u64 - 1) as usize;
+    let p = &mut pdus[i];
+    let hlen = p[2] as usize;
+    if hlen > CH_LEN && hlen <= p.len() {
+        for _ in 0..1 + rng.below(3) {
+            let at = CH_LEN + rng.below((hlen - CH_LEN) as u64) as usize;
+            p[at] = match rng.below(4) {
+                0 => p[at] ^ (1 << rng.below(8)),
+                1 => [0u8, 0xFF, 0x01, 0x80][rng.below(4) as usize],
+                2 => p[at].wrapping_add(1),
+                _ => rng.next_u64() as u8,
+            };
+        }
+        if p[1] & FLAG_HDGSTF != 0 && p.len() >= hlen + DIGEST_LEN {
+            let c = crc(&p[..hlen]);
+            put_u32(p, hlen, c);
+        }
+    }
+    pdus.concat()
+}
+
 #[derive(Debug, Default)]
 pub struct FuzzStats {
     pub runs: u64,
@@ -462,12 +535,17 @@ pub fn run(
         let cntlid = out.cqes().first().map(|c| c.dw0 as u16).unwrap_or(1);
         seeds.push(admin_seed(&subnqn, dg));
         seeds.push(io_seed(&subnqn, cntlid, dg, bs));
+        seeds.push(discovery_seed(dg));
     }
     let mut rng = Rng::new(seed);
     let mut st = FuzzStats::default();
     for _ in 0..iterations {
         let s = &seeds[rng.below(seeds.len() as u64) as usize];
-        let input = mutate(&mut rng, s);
+        let input = if rng.below(2) == 0 {
+            mutate(&mut rng, s)
+        } else {
+            mutate_field(&mut rng, s)
+        };
         let out = h.session(&input, true);
         st.runs += 1;
         st.closed += out.closed as u64;

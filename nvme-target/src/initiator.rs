@@ -147,13 +147,16 @@ struct ReaderCtx {
 }
 
 impl QueuePair {
-    /// Opens the connection, does ICReq/ICResp and Connect.
+    /// Opens the connection, does ICReq/ICResp and Connect. `icd_max` is
+    /// the in-capsule data the controller accepts on this queue (8 KiB on
+    /// the admin queue, IOCCSZ * 16 - 64 on I/O queues).
     pub fn connect(
         addr: SocketAddr,
         qid: u16,
         entries: u16,
         cfg: &HostConfig,
         cntlid: u16,
+        icd_max: u32,
     ) -> HostResult<(Arc<QueuePair>, u16)> {
         let stream = TcpStream::connect_timeout(&addr, cfg.timeout)?;
         stream.set_nodelay(true)?;
@@ -207,7 +210,7 @@ impl QueuePair {
             stream,
             shared,
             dg: cfg.digests,
-            icd_max: 8192,
+            icd_max,
             reader: Mutex::new(Some(reader)),
         });
         let mut sqe = Sqe::new(OPC_FABRICS, 0);
@@ -223,16 +226,6 @@ impl QueuePair {
         put_str0(&mut data, 512, 256, &cfg.hostnqn);
         let c = qp.exec(sqe, Some(Arc::new(data)), 0, cfg.timeout)?.ok()?;
         Ok((qp, c.dw0 as u16))
-    }
-
-    fn set_icd_max(self: Arc<Self>, icd_max: u32) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut q) => {
-                q.icd_max = icd_max;
-                Arc::new(q)
-            }
-            Err(a) => a,
-        }
     }
 
     pub fn is_dead(&self) -> bool {
@@ -615,7 +608,7 @@ impl Controller {
     /// Connects the admin queue, enables the controller, identifies it and
     /// (for an NVM subsystem) connects `cfg.io_queues` I/O queues.
     pub fn connect(addr: SocketAddr, cfg: &HostConfig) -> HostResult<Controller> {
-        let (admin, cntlid) = QueuePair::connect(addr, 0, 32, cfg, 0xFFFF)?;
+        let (admin, cntlid) = QueuePair::connect(addr, 0, 32, cfg, 0xFFFF, 8192)?;
         let t = cfg.timeout;
         let cc = 1 | (6 << 16) | (4 << 20);
         let mut set = Sqe::new(OPC_FABRICS, 0);
@@ -683,8 +676,9 @@ impl Controller {
                 cfg.queue_depth.saturating_add(1).max(2),
                 cfg,
                 cntlid,
+                icd_max,
             )?;
-            c.io.push(q.set_icd_max(icd_max));
+            c.io.push(q);
         }
         Ok(c)
     }

@@ -431,6 +431,7 @@ fn seeded_fuzz_of_parser_and_dispatch() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0xDE17A);
     let st = nvme_target::fuzz::run(vol, cfg(), iters, seed).unwrap();
+    eprintln!("fuzz: {st:?}");
     assert_eq!(st.runs, iters);
     // The mutations reach both the error paths and the command paths.
     assert!(st.terminated > iters / 40, "{st:?}");
