@@ -29,6 +29,8 @@ pub struct SessionOutput {
     pub replies: Vec<Reply>,
     /// The target ended the connection.
     pub closed: bool,
+    /// Bytes at the end of the output that do not frame as a PDU (must be 0).
+    pub unframed_bytes: usize,
 }
 
 impl SessionOutput {
@@ -62,7 +64,12 @@ impl SessionOutput {
 }
 
 /// Splits the target's output into replies.
-pub fn parse_replies(mut b: &[u8]) -> Vec<Reply> {
+pub fn parse_replies(b: &[u8]) -> Vec<Reply> {
+    parse_replies_counted(b).0
+}
+
+/// Replies and the number of trailing bytes that did not frame.
+pub fn parse_replies_counted(mut b: &[u8]) -> (Vec<Reply>, usize) {
     let mut v = Vec::new();
     while let Ok(raw) = read_pdu(&mut b, u32::MAX) {
         let h = &raw.bytes[..raw.ch.hlen as usize];
@@ -86,7 +93,7 @@ pub fn parse_replies(mut b: &[u8]) -> Vec<Reply> {
             t => Reply::Other(t),
         });
     }
-    v
+    (v, b.len())
 }
 
 /// A target without a listener: sessions are fed from byte slices.
@@ -142,7 +149,7 @@ impl Harness {
                 }
             }
         }
-        out.replies = parse_replies(&bytes);
+        (out.replies, out.unframed_bytes) = parse_replies_counted(&bytes);
         out
     }
 }
@@ -548,6 +555,10 @@ pub fn run(
         };
         let out = h.session(&input, true);
         st.runs += 1;
+        assert_eq!(
+            out.unframed_bytes, 0,
+            "target output does not frame as PDUs"
+        );
         st.closed += out.closed as u64;
         st.terminated += out.term().is_some() as u64;
         for c in out.cqes() {
