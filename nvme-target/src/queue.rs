@@ -839,6 +839,15 @@ impl QueueCore {
             // The write cache cannot be turned off; a request to keep it on is fine.
             FID_VOLATILE_WC if !ctrl.discovery && v & 1 == 1 => done(Status::SUCCESS),
             FID_TEMP_THRESHOLD if !ctrl.discovery => done(Status::SUCCESS),
+            // Mandatory features with nothing to configure here: arbitration
+            // is accepted as is; power state 0 and the default error
+            // recovery / write atomicity settings are the only values.
+            FID_ARBITRATION if !ctrl.discovery => done(Status::SUCCESS),
+            FID_POWER_MGMT | FID_ERROR_RECOVERY | FID_WRITE_ATOMICITY
+                if !ctrl.discovery && v == 0 =>
+            {
+                done(Status::SUCCESS)
+            }
             _ => done(SC_INVALID_FIELD),
         }
     }
@@ -853,6 +862,11 @@ impl QueueCore {
             FID_KEEP_ALIVE => st.kato_ms,
             FID_VOLATILE_WC if !ctrl.discovery => 1,
             FID_TEMP_THRESHOLD if !ctrl.discovery => 343,
+            FID_ARBITRATION | FID_POWER_MGMT | FID_ERROR_RECOVERY | FID_WRITE_ATOMICITY
+                if !ctrl.discovery =>
+            {
+                0
+            }
             _ => return done(SC_INVALID_FIELD),
         };
         // SEL 011b: supported capabilities (changeable, not saveable).

@@ -96,7 +96,11 @@ pub const LID_ANA: u8 = 0x0C;
 pub const LID_DISCOVERY: u8 = 0x70;
 
 // Feature identifiers.
+pub const FID_ARBITRATION: u8 = 0x01;
+pub const FID_POWER_MGMT: u8 = 0x02;
 pub const FID_TEMP_THRESHOLD: u8 = 0x04;
+pub const FID_ERROR_RECOVERY: u8 = 0x05;
+pub const FID_WRITE_ATOMICITY: u8 = 0x0A;
 pub const FID_VOLATILE_WC: u8 = 0x06;
 pub const FID_NUM_QUEUES: u8 = 0x07;
 pub const FID_ASYNC_EVENT_CFG: u8 = 0x0B;
