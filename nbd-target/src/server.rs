@@ -2,7 +2,7 @@
 //! connection on its own thread (plus that session's writer thread).
 
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use volume::Volume;
 
-use crate::session::{self, SessionCtx, SessionEnd, Transport, READ_BUFFER_BYTES};
+use crate::session::{self, SessionCtx, SessionEnd, Transport};
 
 /// Unanswered requests per connection before the server stops reading
 /// from it.
@@ -185,7 +185,7 @@ fn spawn_connection(
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
-    let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone()?);
+    let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
     let transport = SocketTransport {
         stream: stream.try_clone()?,

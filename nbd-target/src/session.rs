@@ -11,10 +11,11 @@
 //! [`serve`] works over any `Read`/`Write` pair: the server hands it a
 //! socket, tests and the fuzz driver hand it byte buffers.
 
-use std::io::{self, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::RefCell;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, Thread};
 use std::time::Duration;
 
@@ -119,12 +120,13 @@ pub enum SessionEnd {
 
 /// Runs one connection to its end.
 pub fn serve<R: Read, W: Write + Send>(
-    mut r: R,
+    r: R,
     w: W,
     ctx: &SessionCtx,
     peer: &str,
     t: &dyn Transport,
 ) -> SessionEnd {
+    let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, r);
     let mut w = BufWriter::with_capacity(REPLY_BUFFER_BYTES, w);
     if let Err(e) = negotiate(&mut r, &mut w, &ctx.export, &|| {
         ctx.stop.load(Ordering::Relaxed)
@@ -256,18 +258,40 @@ impl Shared {
     }
 }
 
-/// The completion for one volume request: it only posts the result to the
-/// connection's writer (it runs on an engine thread and must not block or
-/// submit more work there).
-fn completion(tx: &Sender<Msg>, handle: u64, kind: Kind) -> Completion {
+thread_local! {
+    /// While a reader is inside `Volume::submit`, completions of its own
+    /// connection that run synchronously (inline) are parked here, tagged
+    /// with the connection id, so the reader can send them itself instead
+    /// of waking the reply thread.
+    static INLINE: RefCell<Option<(u64, Vec<Reply>)>> = const { RefCell::new(None) };
+}
+
+/// Source of connection ids for the inline sink.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The completion for one volume request. It only hands the result on: to
+/// the reader if it runs inline in the reader's submit, otherwise to the
+/// reply thread through the channel (it may run on an engine thread, where
+/// it must not block or submit more work).
+fn completion(tx: &Sender<Msg>, conn: u64, handle: u64, kind: Kind) -> Completion {
     let tx = tx.clone();
     Box::new(move |res: IoResult| {
-        // The connection may be gone; then nobody wants the reply.
-        let _ = tx.send(Msg::Reply(Reply {
+        let rep = Reply {
             handle,
             kind,
             result: res.map_err(Fail::Volume),
-        }));
+        };
+        let rep = INLINE.with(|sink| match &mut *sink.borrow_mut() {
+            Some((id, pending)) if *id == conn => {
+                pending.push(rep);
+                None
+            }
+            _ => Some(rep),
+        });
+        if let Some(rep) = rep {
+            // The connection may be gone; then nobody wants the reply.
+            let _ = tx.send(Msg::Reply(rep));
+        }
     })
 }
 
@@ -311,7 +335,7 @@ fn submit_split(vol: &dyn Volume, r: RangeReq, chunk: u64, done: Completion) {
 }
 
 fn transmission<R: Read, W: Write + Send>(
-    mut r: R,
+    mut r: BufReader<R>,
     w: BufWriter<W>,
     ctx: &SessionCtx,
     peer: &str,
@@ -324,29 +348,39 @@ fn transmission<R: Read, W: Write + Send>(
         pool: Mutex::new(Vec::new()),
     };
     let (tx, rx) = mpsc::channel::<Msg>();
+    let out = Mutex::new(Out {
+        w,
+        tx: tx.clone(),
+        warned_backup: false,
+    });
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let reader = thread::current();
     thread::scope(|s| {
-        let shared = &shared;
-        let writer_tx = tx.clone();
+        let (sh, out) = (&shared, &out);
         let spawned = thread::Builder::new()
             .name("nbd-reply".into())
             .spawn_scoped(s, move || {
-                let mut wr = Writer {
-                    w,
-                    tx: writer_tx,
-                    sh: shared,
-                    ctx,
-                    peer,
-                    warned_backup: false,
-                };
-                wr.run(rx, reader);
+                reply_loop(rx, out, sh, ctx, peer, reader);
                 t.close();
             });
         if let Err(e) = spawned {
             log::error!("nbd {peer}: cannot start the reply thread: {e}");
             return SessionEnd::Stopped;
         }
-        let end = reader_loop(&mut r, &tx, shared, ctx);
+        let mut rd = Reader {
+            tx: &tx,
+            conn,
+            pending: Vec::new(),
+            sh,
+            out,
+            ctx,
+            peer,
+            t,
+        };
+        let mut end = rd.run(&mut r);
+        if rd.flush_pending().is_err() {
+            end = SessionEnd::Stopped;
+        }
         let _ = tx.send(Msg::ReaderDone);
         match &end {
             SessionEnd::Violation(v) => log::warn!("nbd {peer}: closing connection: {v:?}"),
@@ -357,178 +391,222 @@ fn transmission<R: Read, W: Write + Send>(
     })
 }
 
-fn reader_loop<R: Read>(r: &mut R, tx: &Sender<Msg>, sh: &Shared, ctx: &SessionCtx) -> SessionEnd {
-    let mut hdr = [0u8; REQUEST_HEADER_BYTES];
-    loop {
-        while sh.full(ctx.max_inflight) {
-            if sh.dead.load(Ordering::Acquire) || ctx.stop.load(Ordering::Relaxed) {
+/// The reading side of a connection (runs on the connection's thread).
+struct Reader<'a, W: Write> {
+    tx: &'a Sender<Msg>,
+    conn: u64,
+    /// Replies produced on this thread (refusals and inline completions),
+    /// sent before the reader next blocks.
+    pending: Vec<Reply>,
+    sh: &'a Shared,
+    out: &'a Mutex<Out<W>>,
+    ctx: &'a SessionCtx,
+    peer: &'a str,
+    t: &'a dyn Transport,
+}
+
+impl<W: Write> Reader<'_, W> {
+    /// Submits with the inline sink armed for this connection.
+    fn submit(&mut self, op: VolumeOp, kind: Kind, handle: u64) {
+        let done = completion(self.tx, self.conn, handle, kind);
+        let pending = std::mem::take(&mut self.pending);
+        INLINE.with(|sink| *sink.borrow_mut() = Some((self.conn, pending)));
+        self.ctx.vol.submit(op, done);
+        if let Some((_, pending)) = INLINE.with(|sink| sink.borrow_mut().take()) {
+            self.pending = pending;
+        }
+    }
+
+    /// Sends the replies produced on this thread. Called before anything
+    /// that may block, so no reply waits on the client's next request.
+    fn flush_pending(&mut self) -> Result<(), ()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let replies = std::mem::take(&mut self.pending);
+        let res = match self.out.lock() {
+            Ok(mut out) => out.send(replies, self.sh, self.ctx, self.peer),
+            Err(_) => Err(io::Error::other("reply lock poisoned")),
+        };
+        if let Err(e) = res {
+            log::info!("nbd {}: sending replies failed: {e}", self.peer);
+            self.sh.dead.store(true, Ordering::Release);
+            self.t.close();
+            return Err(());
+        }
+        Ok(())
+    }
+
+    fn stopped(&self) -> bool {
+        self.sh.dead.load(Ordering::Acquire) || self.ctx.stop.load(Ordering::Relaxed)
+    }
+
+    fn run<R: Read>(&mut self, r: &mut BufReader<R>) -> SessionEnd {
+        let mut hdr = [0u8; REQUEST_HEADER_BYTES];
+        loop {
+            // Whatever is pending goes out before we wait for room or for
+            // the socket; a large backlog goes out early too.
+            if (self.sh.full(self.ctx.max_inflight)
+                || r.buffer().len() < REQUEST_HEADER_BYTES
+                || self.pending.len() >= 32)
+                && self.flush_pending().is_err()
+            {
                 return SessionEnd::Stopped;
             }
-            thread::park_timeout(Duration::from_millis(POLL_MS));
-        }
-        if sh.dead.load(Ordering::Acquire) || ctx.stop.load(Ordering::Relaxed) {
-            return SessionEnd::Stopped;
-        }
-        match r.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return SessionEnd::Closed(None),
-            Err(e) => return SessionEnd::Closed(Some(e)),
-        }
-        let h = RequestHeader::parse(&hdr);
-        let cmd = match decode_request(&h, &ctx.limits) {
-            Decoded::Execute(cmd) => cmd,
-            Decoded::Disconnect => return SessionEnd::Disconnect,
-            Decoded::Close(v) => return SessionEnd::Violation(v),
-            Decoded::Refuse { errno, drain } => {
-                if drain > 0 {
-                    match io::copy(&mut r.by_ref().take(drain as u64), &mut io::sink()) {
-                        Ok(n) if n == drain as u64 => {}
-                        Ok(_) => return SessionEnd::Closed(None),
-                        Err(e) => return SessionEnd::Closed(Some(e)),
+            while self.sh.full(self.ctx.max_inflight) {
+                if self.stopped() {
+                    return SessionEnd::Stopped;
+                }
+                thread::park_timeout(Duration::from_millis(POLL_MS));
+            }
+            if self.stopped() {
+                return SessionEnd::Stopped;
+            }
+            match r.read_exact(&mut hdr) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return SessionEnd::Closed(None)
+                }
+                Err(e) => return SessionEnd::Closed(Some(e)),
+            }
+            let h = RequestHeader::parse(&hdr);
+            let cmd = match decode_request(&h, &self.ctx.limits) {
+                Decoded::Execute(cmd) => cmd,
+                Decoded::Disconnect => return SessionEnd::Disconnect,
+                Decoded::Close(v) => return SessionEnd::Violation(v),
+                Decoded::Refuse { errno, drain } => {
+                    if drain > 0 {
+                        if r.buffer().len() < drain as usize && self.flush_pending().is_err() {
+                            return SessionEnd::Stopped;
+                        }
+                        match io::copy(&mut r.by_ref().take(drain as u64), &mut io::sink()) {
+                            Ok(n) if n == drain as u64 => {}
+                            Ok(_) => return SessionEnd::Closed(None),
+                            Err(e) => return SessionEnd::Closed(Some(e)),
+                        }
                     }
+                    self.sh.admit(0);
+                    self.pending.push(Reply {
+                        handle: h.handle,
+                        kind: Kind::Refused,
+                        result: Err(Fail::Errno(errno)),
+                    });
+                    continue;
                 }
-                sh.admit(0);
-                let _ = tx.send(Msg::Reply(Reply {
-                    handle: h.handle,
-                    kind: Kind::Refused,
-                    result: Err(Fail::Errno(errno)),
-                }));
-                continue;
-            }
-        };
-        let handle = h.handle;
-        let vol = &*ctx.vol;
-        match cmd {
-            Command::Read { offset, len } => {
-                sh.admit(len);
-                vol.submit(
-                    VolumeOp::Read { offset, len },
-                    completion(tx, handle, Kind::Read(len)),
-                );
-            }
-            Command::Write { offset, len, fua } => {
-                // The whole payload is read before anything is submitted
-                // or refused, so the stream stays in sync.
-                let mut data = sh.take_buffer(len as usize);
-                if let Err(e) = r.read_exact(&mut data) {
-                    return match e.kind() {
-                        io::ErrorKind::UnexpectedEof => SessionEnd::Closed(None),
-                        _ => SessionEnd::Closed(Some(e)),
+            };
+            let handle = h.handle;
+            match cmd {
+                Command::Read { offset, len } => {
+                    self.sh.admit(len);
+                    self.submit(VolumeOp::Read { offset, len }, Kind::Read(len), handle);
+                }
+                Command::Write { offset, len, fua } => {
+                    // The whole payload is read before anything is
+                    // submitted or refused, so the stream stays in sync.
+                    if r.buffer().len() < len as usize && self.flush_pending().is_err() {
+                        return SessionEnd::Stopped;
+                    }
+                    let mut data = self.sh.take_buffer(len as usize);
+                    if let Err(e) = r.read_exact(&mut data) {
+                        return match e.kind() {
+                            io::ErrorKind::UnexpectedEof => SessionEnd::Closed(None),
+                            _ => SessionEnd::Closed(Some(e)),
+                        };
+                    }
+                    self.sh.admit(len);
+                    self.submit(
+                        VolumeOp::Write { offset, data, fua },
+                        Kind::Write(len),
+                        handle,
+                    );
+                }
+                Command::Flush => {
+                    self.sh.admit(0);
+                    self.submit(VolumeOp::Flush, Kind::Flush, handle);
+                }
+                Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
+                    self.sh.admit(0);
+                    let rr = RangeReq {
+                        zeroes: matches!(cmd, Command::WriteZeroes { .. }),
+                        offset,
+                        len,
+                        fua,
+                        stage: Stage::Whole,
                     };
+                    // One request even when longer than max_io_bytes: a
+                    // whole-device discard should stay one replicated
+                    // request. Only a volume that answers TooLarge gets it
+                    // in pieces.
+                    self.submit(rr.op(offset, len as u64), Kind::Range(rr), handle);
                 }
-                sh.admit(len);
-                vol.submit(
-                    VolumeOp::Write { offset, data, fua },
-                    completion(tx, handle, Kind::Write(len)),
-                );
-            }
-            Command::Flush => {
-                sh.admit(0);
-                vol.submit(VolumeOp::Flush, completion(tx, handle, Kind::Flush));
-            }
-            Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
-                sh.admit(0);
-                let r = RangeReq {
-                    zeroes: matches!(cmd, Command::WriteZeroes { .. }),
-                    offset,
-                    len,
-                    fua,
-                    stage: Stage::Whole,
-                };
-                // One request even when longer than max_io_bytes: a whole-
-                // device discard should stay one replicated request. Only
-                // a volume that answers TooLarge gets it in pieces.
-                vol.submit(
-                    r.op(offset, len as u64),
-                    completion(tx, handle, Kind::Range(r)),
-                );
             }
         }
     }
 }
 
-/// The reply side of a connection: sends replies and submits the
-/// follow-up volume requests some commands need, so that completions never
-/// submit work from an engine thread.
-struct Writer<'a, W: Write> {
+/// The socket's sending side, shared by the reader (for replies produced
+/// on its thread) and the reply thread (for everything else).
+struct Out<W: Write> {
     w: BufWriter<W>,
     /// For follow-up requests' completions.
     tx: Sender<Msg>,
-    sh: &'a Shared,
-    ctx: &'a SessionCtx,
-    peer: &'a str,
     warned_backup: bool,
 }
 
-impl<W: Write> Writer<'_, W> {
-    fn run(&mut self, rx: Receiver<Msg>, reader: Thread) {
-        let mut reader_done = false;
-        loop {
-            if reader_done && self.sh.inflight.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            let first = match rx.recv_timeout(Duration::from_millis(POLL_MS)) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) if self.ctx.stop.load(Ordering::Relaxed) => break,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            // Write every queued reply, then flush once.
-            let (mut n, mut bytes) = (0, 0);
-            let mut res = Ok(());
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    Msg::ReaderDone => reader_done = true,
-                    Msg::Reply(rep) => {
-                        let charge = rep.kind.charge();
-                        match self.handle(rep) {
-                            Ok(true) => {
-                                n += 1;
-                                bytes += charge;
-                            }
-                            Ok(false) => {}
-                            Err(e) => {
-                                res = Err(e);
-                                break;
-                            }
-                        }
-                    }
+impl<W: Write> Out<W> {
+    /// Handles a batch of results, writes the replies, flushes once, and
+    /// releases what the answered requests held.
+    fn send(
+        &mut self,
+        batch: impl IntoIterator<Item = Reply>,
+        sh: &Shared,
+        ctx: &SessionCtx,
+        peer: &str,
+    ) -> io::Result<()> {
+        let (mut n, mut bytes) = (0, 0);
+        let mut res = Ok(());
+        for rep in batch {
+            let charge = rep.kind.charge();
+            match self.handle(rep, sh, ctx, peer) {
+                Ok(true) => {
+                    n += 1;
+                    bytes += charge;
                 }
-                next = rx.try_recv().ok();
-            }
-            let res = res.and_then(|_| self.w.flush());
-            self.sh.inflight.fetch_sub(n, Ordering::AcqRel);
-            self.sh.inflight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            reader.unpark();
-            if let Err(e) = res {
-                log::info!("nbd {}: sending replies failed: {e}", self.peer);
-                break;
+                Ok(false) => {}
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
             }
         }
-        let _ = self.w.flush();
-        self.sh.dead.store(true, Ordering::Release);
-        reader.unpark();
+        let res = res.and_then(|_| self.w.flush());
+        sh.inflight.fetch_sub(n, Ordering::AcqRel);
+        sh.inflight_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        res
     }
 
     /// Either submits the next step of a request (`Ok(false)`) or writes
     /// its reply into the buffer (`Ok(true)`).
-    fn handle(&mut self, rep: Reply) -> io::Result<bool> {
+    fn handle(
+        &mut self,
+        rep: Reply,
+        sh: &Shared,
+        ctx: &SessionCtx,
+        peer: &str,
+    ) -> io::Result<bool> {
         if let Kind::Range(r) = rep.kind {
-            let vol = &*self.ctx.vol;
+            // Follow-ups complete through the channel (this may be the
+            // reader's thread, but the inline sink is not armed here).
+            let vol = &*ctx.vol;
             match &rep.result {
                 Err(Fail::Volume(IoError::TooLarge)) if r.stage == Stage::Whole => {
                     let r = RangeReq {
                         stage: Stage::Split,
                         ..r
                     };
-                    let chunk = self.ctx.limits.max_payload_bytes as u64;
-                    submit_split(
-                        vol,
-                        r,
-                        chunk,
-                        completion(&self.tx, rep.handle, Kind::Range(r)),
-                    );
+                    let chunk = ctx.limits.max_payload_bytes as u64;
+                    let done = completion(&self.tx, 0, rep.handle, Kind::Range(r));
+                    submit_split(vol, r, chunk, done);
                     return Ok(false);
                 }
                 Ok(_) if r.fua && r.stage != Stage::Flushed => {
@@ -537,21 +615,19 @@ impl<W: Write> Writer<'_, W> {
                         stage: Stage::Flushed,
                         ..r
                     };
-                    vol.submit(
-                        VolumeOp::Flush,
-                        completion(&self.tx, rep.handle, Kind::Range(r)),
-                    );
+                    let done = completion(&self.tx, 0, rep.handle, Kind::Range(r));
+                    vol.submit(VolumeOp::Flush, done);
                     return Ok(false);
                 }
                 _ => {}
             }
         }
-        self.write_reply(rep)?;
+        self.write_reply(rep, sh, peer)?;
         Ok(true)
     }
 
     /// Encodes one reply into the buffer; returns data buffers to the pool.
-    fn write_reply(&mut self, rep: Reply) -> io::Result<()> {
+    fn write_reply(&mut self, rep: Reply, sh: &Shared, peer: &str) -> io::Result<()> {
         let w = &mut self.w;
         let errno = match rep.result {
             Ok(data) => {
@@ -559,8 +635,7 @@ impl<W: Write> Writer<'_, W> {
                     Kind::Read(len) if data.len() != len as usize => {
                         // A volume bug; refuse rather than desynchronise the stream.
                         log::error!(
-                            "nbd {}: volume returned {} bytes for a {len}-byte read",
-                            self.peer,
+                            "nbd {peer}: volume returned {} bytes for a {len}-byte read",
                             data.len()
                         );
                         w.write_all(&simple_reply(EIO, rep.handle))
@@ -570,7 +645,7 @@ impl<W: Write> Writer<'_, W> {
                         .and_then(|_| w.write_all(&data)),
                     _ => w.write_all(&simple_reply(0, rep.handle)),
                 };
-                self.sh.give_buffer(data);
+                sh.give_buffer(data);
                 return res;
             }
             Err(Fail::Errno(e)) => e,
@@ -578,9 +653,8 @@ impl<W: Write> Writer<'_, W> {
                 if e == IoError::NotPrimary && !self.warned_backup {
                     self.warned_backup = true;
                     log::warn!(
-                        "nbd {}: this node is the backup; writes go to the primary \
-                         (refusing I/O with EPERM)",
-                        self.peer
+                        "nbd {peer}: this node is the backup; writes go to the primary \
+                         (refusing I/O with EPERM)"
                     );
                 }
                 nbd_errno(e, rep.kind.is_mutation())
@@ -588,4 +662,55 @@ impl<W: Write> Writer<'_, W> {
         };
         w.write_all(&simple_reply(errno, rep.handle))
     }
+}
+
+/// The reply thread: sends the results that arrive through the channel
+/// (completions on other threads, follow-ups), one flush per batch.
+fn reply_loop<W: Write>(
+    rx: Receiver<Msg>,
+    out: &Mutex<Out<W>>,
+    sh: &Shared,
+    ctx: &SessionCtx,
+    peer: &str,
+    reader: Thread,
+) {
+    let mut reader_done = false;
+    let mut batch = Vec::new();
+    loop {
+        if reader_done && sh.inflight.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        let first = match rx.recv_timeout(Duration::from_millis(POLL_MS)) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) if ctx.stop.load(Ordering::Relaxed) => break,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::ReaderDone => reader_done = true,
+                Msg::Reply(rep) => batch.push(rep),
+            }
+            next = rx.try_recv().ok();
+        }
+        let res = match lock(out) {
+            Some(mut o) => o.send(batch.drain(..), sh, ctx, peer),
+            None => Err(io::Error::other("reply lock poisoned")),
+        };
+        reader.unpark();
+        if let Err(e) = res {
+            log::info!("nbd {peer}: sending replies failed: {e}");
+            break;
+        }
+    }
+    if let Some(mut o) = lock(out) {
+        let _ = o.w.flush();
+    }
+    sh.dead.store(true, Ordering::Release);
+    reader.unpark();
+}
+
+fn lock<W: Write>(m: &Mutex<Out<W>>) -> Option<MutexGuard<'_, Out<W>>> {
+    m.lock().ok()
 }

@@ -135,6 +135,17 @@ fn options_list_info_unsupported_and_abort() {
 #[test]
 fn every_command_round_trips() {
     let (vol, srv) = setup();
+    every_command(&vol, srv);
+}
+
+#[test]
+fn every_command_round_trips_with_async_completions() {
+    let vol = Arc::new(MemVolume::new(BS, BLOCKS));
+    let srv = serve_dyn(AsyncVolume::new(vol.clone()));
+    every_command(&vol, srv);
+}
+
+fn every_command(vol: &MemVolume, srv: nbd_target::NbdServer) {
     let (mut c, size, _) = Client::go(srv.local_addr());
     assert_eq!(size, SIZE);
 
@@ -186,6 +197,17 @@ fn every_command_round_trips() {
 #[test]
 fn pipelined_requests_all_answered() {
     let (_vol, srv) = setup();
+    pipelined(srv);
+}
+
+#[test]
+fn pipelined_requests_all_answered_with_async_completions() {
+    pipelined(serve_dyn(AsyncVolume::new(Arc::new(MemVolume::new(
+        BS, BLOCKS,
+    )))));
+}
+
+fn pipelined(srv: nbd_target::NbdServer) {
     let (mut c, _, _) = Client::go(srv.local_addr());
     // 1000 requests queued without waiting: more than the in-flight limit.
     let n = 1000u64;

@@ -148,8 +148,8 @@ fn fio_randwrite_verify_crc32c() {
     if !have("fio") {
         return;
     }
-    let vol = Arc::new(MemVolume::new(512, 65536)); // 32 MiB
-    let srv = serve(&vol);
+    // Completions on another thread, as with the engine.
+    let srv = serve_dyn(AsyncVolume::new(Arc::new(MemVolume::new(512, 65536)))); // 32 MiB
     let out = Command::new("fio")
         .args([
             "--name=verify",

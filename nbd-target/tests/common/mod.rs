@@ -200,3 +200,61 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// A MemVolume whose requests complete on a separate thread, like the
+/// engine's: exercises the reply thread rather than the inline path.
+pub struct AsyncVolume {
+    pub inner: Arc<MemVolume>,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<(volume::VolumeOp, volume::Completion)>>,
+}
+
+impl AsyncVolume {
+    pub fn new(inner: Arc<MemVolume>) -> Arc<AsyncVolume> {
+        let (tx, rx) = std::sync::mpsc::channel::<(volume::VolumeOp, volume::Completion)>();
+        let worker_vol = inner.clone();
+        std::thread::spawn(move || {
+            for (op, done) in rx {
+                volume::Volume::submit(&*worker_vol, op, done);
+            }
+        });
+        Arc::new(AsyncVolume {
+            inner,
+            queue: std::sync::Mutex::new(tx),
+        })
+    }
+}
+
+impl volume::Volume for AsyncVolume {
+    fn geometry(&self) -> volume::Geometry {
+        self.inner.geometry()
+    }
+    fn identity(&self) -> volume::VolumeIdentity {
+        self.inner.identity()
+    }
+    fn path_state(&self) -> volume::PathState {
+        self.inner.path_state()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.inner.path_epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        self.inner.max_io_bytes()
+    }
+    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+        let _ = self.queue.lock().unwrap().send((op, done));
+    }
+}
+
+pub fn serve_dyn(vol: Arc<dyn volume::Volume>) -> NbdServer {
+    let _ = env_logger::builder().is_test(true).try_init();
+    start(
+        NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            export_name: EXPORT.into(),
+            description: "deltamirror test volume".into(),
+            max_connections: 8,
+        },
+        vol,
+    )
+    .unwrap()
+}
