@@ -279,7 +279,11 @@ impl Shared {
     /// Notices a path-state change (cheap when nothing changed).
     pub fn poll_path_epoch(&self) {
         let epoch = self.vol.path_epoch();
-        if self.last_epoch.swap(epoch, Ordering::AcqRel) != epoch {
+        // Load first: queues on several threads call this per command, and
+        // only a change needs the (cache line bouncing) swap.
+        if self.last_epoch.load(Ordering::Acquire) != epoch
+            && self.last_epoch.swap(epoch, Ordering::AcqRel) != epoch
+        {
             for c in self.all_controllers() {
                 self.maybe_send_ana_aen(&c);
             }
