@@ -2,7 +2,7 @@
 //! thread (PDU parsing, CmdSN window, Data-Out collection, TMF) and a writer
 //! thread (StatSN assignment, digests, batching of responses).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -238,13 +238,22 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
         .spawn(move || writer_loop(wstream, rx, wsess, params, stat_sn))?;
     let mut c = Conn {
         shared: shared.clone(),
-        out: tx,
+        out: tx.clone(),
         params,
         discovery: outcome.session_type == SessionType::Discovery,
         sess: sess.clone(),
         nexus,
-        writes: HashMap::new(),
-        next_ttt: 1,
+        wctx: Arc::new(WriteCtx {
+            w: Mutex::new(Writes {
+                tasks: HashMap::new(),
+                waiting: VecDeque::new(),
+                used_bytes: 0,
+                next_ttt: 1,
+            }),
+            out: tx.clone(),
+            params,
+            budget_bytes: WRITE_BUDGET_BYTES.max(shared.lun.max_cmd_bytes as u64),
+        }),
     };
     let res = c.reader_loop(&mut reader, &mut buf);
     // Tasks still in flight lose their responses; the volume completes them.
@@ -365,6 +374,121 @@ struct WriteTask {
     /// Expected DataSN of the unsolicited sequence.
     unsol_data_sn: u32,
     read: bool,
+    /// Budget bytes reserved when its R2Ts were allowed to start (0: waiting).
+    charged: u64,
+}
+
+/// Solicited Data-Out buffered per session (reserved when a write's R2Ts
+/// start, released when the volume completes it): bounds memory whatever
+/// the initiator queues. A single write larger than this still proceeds
+/// when nothing else is reserved.
+const WRITE_BUDGET_BYTES: u64 = 64 << 20;
+
+/// Data-Out collection state shared by the reader and write completions, so
+/// that a completion can start the R2Ts of writes waiting for budget.
+struct Writes {
+    tasks: HashMap<u32, WriteTask>,
+    /// Writes whose R2Ts wait for budget, in arrival order.
+    waiting: VecDeque<u32>,
+    used_bytes: u64,
+    next_ttt: u32,
+}
+
+struct WriteCtx {
+    w: Mutex<Writes>,
+    out: mpsc::Sender<Out>,
+    params: Params,
+    budget_bytes: u64,
+}
+
+impl WriteCtx {
+    /// Reserves budget for a write's R2Ts; false when it must wait.
+    fn try_start(&self, g: &mut Writes, itt: u32) -> bool {
+        let used = g.used_bytes;
+        let Some(w) = g.tasks.get_mut(&itt) else {
+            return false;
+        };
+        if w.charged > 0 {
+            return true;
+        }
+        let need = (w.edtl as u64).max(1);
+        if used == 0 || used + need <= self.budget_bytes {
+            w.charged = need;
+            g.used_bytes += need;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends R2Ts for `itt` up to MaxOutstandingR2T.
+    fn issue_r2ts(&self, g: &mut Writes, itt: u32) {
+        let Writes {
+            tasks, next_ttt, ..
+        } = g;
+        let Some(w) = tasks.get_mut(&itt) else { return };
+        if w.charged == 0 || w.unsolicited_open {
+            return;
+        }
+        let p = &self.params;
+        while (w.r2ts.len() as u32) < p.max_outstanding_r2t && w.r2t_offset < w.edtl {
+            let len = (w.edtl - w.r2t_offset).min(p.max_burst_bytes);
+            let ttt = *next_ttt;
+            *next_ttt = next_ttt.wrapping_add(1);
+            if *next_ttt == RSVD_TAG {
+                *next_ttt = 1;
+            }
+            let mut r = Pdu::new(pdu::OP_R2T);
+            r.bhs[1] = 0x80;
+            r.set_u64(8, encode_lun(w.lun));
+            r.set_u32(16, itt);
+            r.set_u32(20, ttt);
+            r.set_u32(36, w.r2t_sn);
+            r.set_u32(40, w.r2t_offset);
+            r.set_u32(44, len);
+            w.r2ts.push((ttt, w.r2t_offset, len, 0));
+            w.r2t_sn += 1;
+            w.r2t_offset += len;
+            let _ = self.out.send(Out::Pdu(r, Sn::Current));
+        }
+    }
+
+    /// Returns budget and starts waiting writes that now fit.
+    fn release_locked(&self, g: &mut Writes, charged: u64) {
+        g.used_bytes = g.used_bytes.saturating_sub(charged);
+        while let Some(&itt) = g.waiting.front() {
+            if !g.tasks.contains_key(&itt) {
+                g.waiting.pop_front();
+                continue;
+            }
+            if !self.try_start(g, itt) {
+                break;
+            }
+            g.waiting.pop_front();
+            self.issue_r2ts(g, itt);
+        }
+    }
+
+    fn release(&self, charged: u64) {
+        if charged > 0 {
+            let mut g = self.w.lock().unwrap();
+            self.release_locked(&mut g, charged);
+        }
+    }
+
+    /// Drops collecting writes (all, or those of `lun`), returning budget.
+    fn drop_tasks(&self, lun: Option<u64>, itt: Option<u32>) {
+        let mut g = self.w.lock().unwrap();
+        let mut freed = 0;
+        g.tasks.retain(|&k, w| {
+            let hit = lun.is_none_or(|l| l == w.lun) && itt.is_none_or(|i| i == k);
+            if hit {
+                freed += w.charged;
+            }
+            !hit
+        });
+        self.release_locked(&mut g, freed);
+    }
 }
 
 struct Conn {
@@ -374,8 +498,7 @@ struct Conn {
     discovery: bool,
     sess: Arc<Sess>,
     nexus: Arc<Nexus>,
-    writes: HashMap<u32, WriteTask>,
-    next_ttt: u32,
+    wctx: Arc<WriteCtx>,
 }
 
 /// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
@@ -626,7 +749,7 @@ impl Conn {
         let response = match func {
             1 => {
                 // ABORT TASK
-                self.writes.remove(&rtt);
+                self.wctx.drop_tasks(None, Some(rtt));
                 let found = self.sess.tasks.lock().unwrap().remove(&rtt);
                 match found {
                     Some(info) => {
@@ -639,7 +762,7 @@ impl Conn {
                 }
             }
             2 | 4 => {
-                self.writes.retain(|_, w| w.lun != lun);
+                self.wctx.drop_tasks(Some(lun), None);
                 self.sess.abort_all(Some(lun));
                 0
             }
@@ -678,7 +801,7 @@ impl Conn {
     }
 
     fn reset_all(&mut self, ua: Sense) {
-        self.writes.clear();
+        self.wctx.drop_tasks(None, None);
         let sessions: Vec<Arc<Sess>> = self
             .shared
             .sessions
@@ -719,7 +842,7 @@ impl Conn {
             || (read && write);
         if bad
             || self.sess.tasks.lock().unwrap().contains_key(&itt)
-            || self.writes.contains_key(&itt)
+            || self.wctx.w.lock().unwrap().tasks.contains_key(&itt)
         {
             // Data beyond the negotiated burst lengths, data without W, a
             // reused task tag: reject, never execute.
@@ -758,43 +881,28 @@ impl Conn {
                 r2ts: Vec::new(),
                 unsol_data_sn: 0,
                 read,
+                charged: 0,
             };
             if !w.unsolicited_open {
                 w.r2t_offset = imm;
-                self.issue_r2ts(itt, &mut w);
             }
-            self.writes.insert(itt, w);
+            let mut g = self.wctx.w.lock().unwrap();
+            g.tasks.insert(itt, w);
+            if self.wctx.try_start(&mut g, itt) {
+                self.wctx.issue_r2ts(&mut g, itt);
+            } else {
+                g.waiting.push_back(itt);
+            }
             return;
         }
-        self.execute(itt, lun, cdb, p.data, edtl, read);
-    }
-
-    fn issue_r2ts(&mut self, itt: u32, w: &mut WriteTask) {
-        while (w.r2ts.len() as u32) < self.params.max_outstanding_r2t && w.r2t_offset < w.edtl {
-            let len = (w.edtl - w.r2t_offset).min(self.params.max_burst_bytes);
-            let ttt = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1);
-            if self.next_ttt == RSVD_TAG {
-                self.next_ttt = 1;
-            }
-            let mut r = Pdu::new(pdu::OP_R2T);
-            r.bhs[1] = 0x80;
-            r.set_u64(8, encode_lun(w.lun));
-            r.set_u32(16, itt);
-            r.set_u32(20, ttt);
-            r.set_u32(36, w.r2t_sn);
-            r.set_u32(40, w.r2t_offset);
-            r.set_u32(44, len);
-            w.r2ts.push((ttt, w.r2t_offset, len, 0));
-            w.r2t_sn += 1;
-            w.r2t_offset += len;
-            self.send(r, Sn::Current);
-        }
+        self.execute(itt, lun, cdb, p.data, edtl, read, 0);
     }
 
     /// A Data-Out error under ERL 0: the command ends with CHECK CONDITION.
     fn fail_write(&mut self, itt: u32) {
-        if let Some(w) = self.writes.remove(&itt) {
+        let w = self.wctx.w.lock().unwrap().tasks.remove(&itt);
+        if let Some(w) = w {
+            self.wctx.release(w.charged);
             let res = ScsiResult::check(Sense::new(0x0b, 0x4b, 0x00)); // DATA PHASE ERROR
             self.finish(itt, w.edtl, w.read, &w.cdb, res);
         }
@@ -806,7 +914,8 @@ impl Conn {
         let data_sn = p.u32_at(36);
         let offset = p.u32_at(40);
         let len = p.data.len() as u32;
-        let Some(mut w) = self.writes.remove(&itt) else {
+        let mut g = self.wctx.w.lock().unwrap();
+        let Some(mut w) = g.tasks.remove(&itt) else {
             // Data for an unknown or aborted task: discarded.
             return;
         };
@@ -855,39 +964,55 @@ impl Conn {
             }
         };
         if !ok {
+            g.tasks.insert(itt, w);
+            drop(g);
             self.reject(pdu::REJECT_PROTOCOL_ERROR, &p.bhs);
-            self.writes.insert(itt, w);
             self.fail_write(itt);
             return;
         }
         if w.buf.len() as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
+            drop(g);
             let WriteTask {
                 lun,
                 cdb,
                 buf,
                 edtl,
                 read,
+                charged,
                 ..
             } = w;
-            self.execute(itt, lun, cdb, buf, edtl, read);
+            self.execute(itt, lun, cdb, buf, edtl, read, charged);
             return;
         }
-        if !w.unsolicited_open {
-            self.issue_r2ts(itt, &mut w);
-        }
-        self.writes.insert(itt, w);
+        g.tasks.insert(itt, w);
+        self.wctx.issue_r2ts(&mut g, itt);
     }
 
-    fn execute(&mut self, itt: u32, lun: u64, cdb: Vec<u8>, data: Vec<u8>, edtl: u32, read: bool) {
+    /// Submits a command whose Data-Out (if any) is complete; `charged` is
+    /// the write budget it holds until the volume completes it.
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        cdb: Vec<u8>,
+        data: Vec<u8>,
+        edtl: u32,
+        read: bool,
+        charged: u64,
+    ) {
         if !self.sess.tasks.lock().unwrap().contains_key(&itt) {
+            self.wctx.release(charged);
             return; // aborted while collecting data
         }
+        let wctx = self.wctx.clone();
         let out = self.out.clone();
         let sess = self.sess.clone();
         let params = self.params;
         let bs = self.shared.lun.geo.block_size;
         let cdb2 = cdb.clone();
         let done: scsi::Done = Box::new(move |res| {
+            wctx.release(charged);
             let pdus = build_response(itt, lun, edtl, read, &cdb2, bs, &params, res);
             send_final(&sess, &out, itt, pdus);
         });

@@ -223,3 +223,76 @@ fn alua_standby_and_unit_attention() {
     assert_eq!(i.read10(0, 1).status, 0);
     t.shutdown();
 }
+
+/// Solicited Data-Out is bounded per session: a third 32 MiB write gets its
+/// first R2T only after one of the first two completes.
+#[test]
+fn write_budget_defers_r2ts() {
+    let (t, _vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[("MaxBurstLength", "1048576")]);
+    let big = 32u32 << 20;
+    let mut itts = Vec::new();
+    for _ in 0..3 {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[7..9].copy_from_slice(&1u16.to_be_bytes());
+        let mut p = i.cmd_pdu(&cdb, big, false, true);
+        itts.push(p.itt());
+        i.send(&mut p);
+    }
+    let mut r2t_for = |i: &mut Initiator| {
+        let r = i.recv().expect("R2T");
+        assert_eq!(r.opcode(), pdu::OP_R2T);
+        r
+    };
+    let a = r2t_for(&mut i);
+    let b = r2t_for(&mut i);
+    assert_eq!((a.itt(), b.itt()), (itts[0], itts[1]));
+    i.s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    assert!(i.recv().is_none(), "third write must wait for budget");
+    i.s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    // Feed the first write's R2Ts until its response; the third's R2T follows.
+    let data = vec![0u8; big as usize];
+    let mut r2t = a;
+    let mut saw_c = false;
+    loop {
+        if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[0] {
+            let (off, len) = (r2t.u32_at(40) as usize, r2t.u32_at(44) as usize);
+            let mut at = off;
+            let mut sn = 0;
+            while at < off + len {
+                let n = (off + len - at).min(65536);
+                let mut d = pdu::Pdu::new(pdu::OP_DATA_OUT);
+                d.bhs[1] = if at + n == off + len { 0x80 } else { 0 };
+                d.set_u32(16, itts[0]);
+                d.set_u32(20, r2t.u32_at(20));
+                d.set_u32(36, sn);
+                d.set_u32(40, at as u32);
+                d.data = data[at..at + n].to_vec();
+                i.send(&mut d);
+                at += n;
+                sn += 1;
+            }
+        } else if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[2] {
+            saw_c = true;
+        } else if r2t.opcode() == pdu::OP_SCSI_RESP {
+            assert_eq!(r2t.itt(), itts[0]);
+            if saw_c {
+                break;
+            }
+        }
+        r2t = i.recv().expect("PDU");
+        if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[2] {
+            saw_c = true;
+            break;
+        }
+    }
+    assert!(
+        saw_c,
+        "the waiting write got its R2T after budget was released"
+    );
+    t.shutdown();
+}
