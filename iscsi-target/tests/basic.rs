@@ -241,7 +241,7 @@ fn write_budget_defers_r2ts() {
         itts.push(p.itt());
         i.send(&mut p);
     }
-    let mut r2t_for = |i: &mut Initiator| {
+    let r2t_for = |i: &mut Initiator| {
         let r = i.recv().expect("R2T");
         assert_eq!(r.opcode(), pdu::OP_R2T);
         r
