@@ -81,6 +81,11 @@ impl QueueIo {
     /// CapsuleResp, unless the SUCCESS flag on the last C2HData replaces it.
     pub fn complete(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
         self.inflight.lock().unwrap().remove(&cid);
+        self.send_completion(cid, status, result, data);
+    }
+
+    /// Sends the completion PDUs without touching the in-flight set.
+    fn send_completion(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
         let mut bytes = Vec::new();
         let mut resp_needed = true;
         if status.is_success() && !data.is_empty() {
@@ -291,9 +296,9 @@ impl QueueCore {
             let mut inflight = io.inflight.lock().unwrap();
             if inflight.contains(&cid) {
                 drop(inflight);
-                io.complete(cid, SC_CID_CONFLICT, 0, &[]);
-                // The first command with this CID is still in flight: keep it.
-                io.inflight.lock().unwrap().insert(cid);
+                // The first command with this CID is still in flight and
+                // keeps its slot.
+                io.send_completion(cid, SC_CID_CONFLICT, 0, &[]);
                 return true;
             }
             if inflight.len() as u32 >= self.sq_entries {
