@@ -601,3 +601,36 @@ fn admin_features_logs_and_events() {
     });
     assert_eq!(smart.map(|d| (d.len(), d[3])), Some((512, 100)));
 }
+
+#[test]
+fn success_flag_only_with_sq_flow_control_disabled() {
+    let f = fx(PLAIN);
+    for (cattr, want_success) in [(0u8, false), (0x04, true)] {
+        let mut s = Stream::new(PLAIN);
+        let mut sqe = Sqe::new(OPC_FABRICS, 1);
+        sqe.0[4] = FCTYPE_CONNECT;
+        put_u16(&mut sqe.0, 42, 1);
+        put_u16(&mut sqe.0, 44, 31);
+        sqe.0[46] = cattr;
+        let mut data = vec![0u8; 1024];
+        data[..16].copy_from_slice(b"fuzz-host-id-000");
+        put_u16(&mut data, 16, f.cntlid);
+        put_str0(&mut data, 256, 256, NQN);
+        put_str0(&mut data, 512, 256, FUZZ_HOST);
+        s.cmd(sqe, &data, 0);
+        let mut r = rw_sqe(IO_READ, 1, 0, 1, false);
+        r.set_cid(2);
+        s.cmd(r, &[], BS);
+        let out = f.run(&s);
+        let flags = out.replies.iter().find_map(|r| match r {
+            Reply::C2H(x, fl, _) if x.cccid == 2 => Some(*fl),
+            _ => None,
+        });
+        let last_success = FLAG_LAST_PDU | if want_success { FLAG_SUCCESS } else { 0 };
+        assert_eq!(flags, Some(last_success));
+        assert_eq!(out.status_of(2).is_some(), !want_success);
+        // SQHD is reported unless flow control is disabled (then FFFFh).
+        let sqhd = out.cqes()[0].sqhd;
+        assert_eq!(sqhd == 0xFFFF, want_success);
+    }
+}

@@ -301,3 +301,23 @@ fn many_large_writes_in_flight_wait_for_r2t_budget() {
     c.disconnect();
     t.shutdown();
 }
+
+#[test]
+fn sq_flow_control_disabled_reads_end_with_c2h_success() {
+    let vol = mem(512, 4096);
+    let t = serve(vol);
+    let mut h = host();
+    h.disable_sqflow = true;
+    h.digests = Digests {
+        header: true,
+        data: false,
+    };
+    let c = Controller::connect(t.local_addr(), &h).unwrap();
+    let d = pattern(5, 300 * 1024);
+    c.write(10, d.clone(), false).unwrap();
+    assert_eq!(c.read(10, 600).unwrap(), d);
+    // Errors still come back as CapsuleResp.
+    assert!(matches!(c.read(4095, 2), Err(HostError::Status(s)) if s == SC_LBA_OUT_OF_RANGE));
+    c.disconnect();
+    t.shutdown();
+}
