@@ -907,11 +907,16 @@ impl QueueCore {
             },
             IO_WRITE => match self.rw_range(sqe) {
                 Err(st) => done(st),
-                Ok((offset, _)) => Outcome::Submit(VolumeOp::Write {
-                    offset,
-                    data,
-                    fua: sqe.cdw(12) & (1 << 30) != 0,
-                }),
+                Ok((offset, len)) => {
+                    // The data phase collected exactly the command's length
+                    // (checked against the SGL before any byte moved).
+                    assert_eq!(data.len(), len as usize, "write data length");
+                    Outcome::Submit(VolumeOp::Write {
+                        offset,
+                        data,
+                        fua: sqe.cdw(12) & (1 << 30) != 0,
+                    })
+                }
             },
             IO_FLUSH => Outcome::Submit(VolumeOp::Flush),
             IO_WRITE_ZEROES => match self.rw_range(sqe) {
