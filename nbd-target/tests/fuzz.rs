@@ -5,7 +5,8 @@
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
 
 use nbd_target::proto::*;
 use nbd_target::session::{serve, NoTransport, SessionCtx};
@@ -36,9 +37,11 @@ impl Rng {
 /// A MemVolume that panics (failing the test) on any request the NBD
 /// layer should have refused, and counts what it accepted.
 struct Checked {
-    inner: MemVolume,
+    inner: Arc<MemVolume>,
     mutations: AtomicU64,
     too_large: AtomicU64,
+    /// When set, requests complete on this worker thread instead of inline.
+    worker: Option<Mutex<Sender<(VolumeOp, Completion)>>>,
 }
 
 impl Volume for Checked {
@@ -88,15 +91,37 @@ impl Volume for Checked {
         if op.is_mutation() {
             self.mutations.fetch_add(1, Ordering::Relaxed);
         }
-        self.inner.submit(op, done)
+        match &self.worker {
+            Some(w) => {
+                let _ = w.lock().unwrap().send((op, done));
+            }
+            None => self.inner.submit(op, done),
+        }
     }
 }
 
 fn ctx() -> (Arc<Checked>, SessionCtx) {
+    ctx_with(false)
+}
+
+/// `on_thread`: completions run on a worker thread, as with the engine.
+fn ctx_with(on_thread: bool) -> (Arc<Checked>, SessionCtx) {
+    let inner = Arc::new(MemVolume::new(BS, BLOCKS));
+    let worker = on_thread.then(|| {
+        let (tx, rx) = mpsc::channel::<(VolumeOp, Completion)>();
+        let mem = inner.clone();
+        std::thread::spawn(move || {
+            for (op, done) in rx {
+                mem.submit(op, done);
+            }
+        });
+        Mutex::new(tx)
+    });
     let vol = Arc::new(Checked {
-        inner: MemVolume::new(BS, BLOCKS),
+        inner,
         mutations: AtomicU64::new(0),
         too_large: AtomicU64::new(0),
+        worker,
     });
     let ctx = SessionCtx::new(
         vol.clone(),
@@ -253,7 +278,7 @@ fn mutated_streams_never_panic_or_send_bad_requests_to_the_volume() {
     let mut rng = Rng(seed);
     let (mut wrote, mut replied, mut split) = (0, 0, 0);
     for iter in 0..3000 {
-        let (vol, ctx) = ctx();
+        let (vol, ctx) = ctx_with(iter % 2 == 1);
         let mut s = handshake(&mut rng);
         for _ in 0..rng.below(12) {
             let invalid = rng.below(3) == 0;
@@ -286,7 +311,7 @@ fn invalid_requests_never_reach_the_volume() {
     let seed = 0x5eed_0002u64;
     let mut rng = Rng(seed);
     for iter in 0..2000 {
-        let (vol, ctx) = ctx();
+        let (vol, ctx) = ctx_with(iter % 2 == 1);
         let mut s = handshake(&mut rng);
         let n = 1 + rng.below(10);
         for _ in 0..n {
