@@ -6,7 +6,7 @@
 //!   volume-error-to-errno mapping.
 //! - [`handshake`]: option haggling over any `Read`/`Write`.
 //! - [`session`]: one connection (reader on the caller's thread, a scoped
-//!   writer thread batching replies), over any `Read`/`Write`.
+//!   reply thread batching replies), over any `Read`/`Write`.
 //! - `server`: the TCP listener and connection registry.
 //!
 //! Architecture invariant: nothing here knows about mirroring; a request

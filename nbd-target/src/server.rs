@@ -1,5 +1,5 @@
 //! The listener: accepts connections and runs one [`session`] per
-//! connection on its own thread (plus that session's writer thread).
+//! connection on its own thread (plus that session's reply thread).
 
 use std::collections::HashMap;
 use std::io;

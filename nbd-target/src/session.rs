@@ -1,12 +1,18 @@
 //! One NBD connection: handshake, then the transmission phase.
 //!
 //! The calling thread is the reader: it parses request headers, reads write
-//! payloads and submits each request to the volume without waiting. A
-//! scoped writer thread receives completions through a channel and sends
-//! the replies, writing every queued reply before one flush. The reader
-//! stops reading while `max_inflight` requests or [`MAX_INFLIGHT_BYTES`] of
-//! payload are unanswered, which bounds the memory a connection can hold
-//! (to that budget plus one request).
+//! payloads and submits each request to the volume without waiting. Results
+//! reach the socket by one of two ways, both under one lock:
+//! - a completion that runs on another thread (the engine's) posts to a
+//!   channel; a scoped reply thread writes every queued reply, then flushes
+//!   once;
+//! - a completion that runs inline in the reader's own `submit`, and the
+//!   reader's refusals, are kept by the reader and written by it before it
+//!   next blocks, which saves waking the reply thread.
+//!
+//! The reader stops reading while `max_inflight` requests or
+//! [`MAX_INFLIGHT_BYTES`] of payload are unanswered, which bounds the memory
+//! a connection can hold (to that budget plus one request).
 //!
 //! [`serve`] works over any `Read`/`Write` pair: the server hands it a
 //! socket, tests and the fuzz driver hand it byte buffers.
@@ -36,7 +42,7 @@ pub const MAX_INFLIGHT_BYTES: usize = 32 << 20;
 const POOL_BUFFERS: usize = 64;
 const POOL_BUFFER_MAX_BYTES: usize = 128 * 1024;
 
-/// How often a blocked writer or reader looks at the stop flags.
+/// How often a blocked reply thread or reader looks at the stop flags.
 const POLL_MS: u64 = 100;
 
 /// Everything a connection needs that is the same for all connections.
@@ -96,7 +102,7 @@ fn prev_power_of_two(x: u32) -> u32 {
 pub trait Transport: Sync {
     /// The handshake finished: lift the handshake timeout.
     fn negotiated(&self) {}
-    /// The writer is done: close the connection so a blocked reader wakes.
+    /// The reply side is done: close the connection so a blocked reader wakes.
     fn close(&self) {}
 }
 
@@ -195,6 +201,8 @@ impl RangeReq {
     }
 }
 
+/// Why a request failed: a volume error (mapped by `nbd_errno`), or an
+/// NBD errno chosen when the request was refused.
 enum Fail {
     Volume(IoError),
     Errno(u32),
@@ -208,15 +216,15 @@ struct Reply {
 
 enum Msg {
     Reply(Reply),
-    /// The reader stopped; the writer ends once nothing is in flight.
+    /// The reader stopped; the reply thread ends once nothing is in flight.
     ReaderDone,
 }
 
-/// State shared by a connection's reader and writer.
+/// State shared by a connection's reader and reply thread.
 struct Shared {
     inflight: AtomicUsize,
     inflight_bytes: AtomicUsize,
-    /// The writer has exited: the reader must stop.
+    /// The reply side failed or exited: the reader must stop.
     dead: AtomicBool,
     pool: Mutex<Vec<Vec<u8>>>,
 }
