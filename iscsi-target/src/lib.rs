@@ -25,6 +25,7 @@ pub mod pdu;
 mod pr;
 pub mod scsi;
 mod vpd;
+mod xcopy;
 
 /// Commands a session may have in flight (the CmdSN window size).
 pub const QUEUE_DEPTH: u32 = 128;

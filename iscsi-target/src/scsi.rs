@@ -187,6 +187,8 @@ pub struct Lun {
     pub reserve6: Mutex<Option<u64>>,
     ua: Mutex<HashMap<u64, Vec<Sense>>>,
     slow: Mutex<mpsc::Sender<Job>>,
+    /// Outcomes of recent EXTENDED COPY commands.
+    pub copy_results: Mutex<Vec<crate::xcopy::CopyResult>>,
 }
 
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
@@ -218,6 +220,7 @@ impl Lun {
             reserve6: Mutex::new(None),
             ua: Mutex::new(HashMap::new()),
             slow: Mutex::new(tx),
+            copy_results: Mutex::new(Vec::new()),
         })
     }
 
@@ -255,6 +258,7 @@ impl Lun {
     /// Forgets a nexus that went away (its RESERVE(6) goes with it).
     pub fn nexus_gone(&self, id: u64) {
         self.ua.lock().unwrap().remove(&id);
+        self.copy_results.lock().unwrap().retain(|r| r.nexus != id);
         let mut r = self.reserve6.lock().unwrap();
         if *r == Some(id) {
             *r = None;
@@ -308,7 +312,7 @@ fn access_class(cdb: &[u8]) -> Access {
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 => Access::Read,
         0x9e if cdb[1] & 0x1f == 0x12 => Access::Read,
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x35
-        | 0x91 | 0x15 | 0x55 | 0x1b | 0x8b | 0x9c => Access::Write,
+        | 0x91 | 0x15 | 0x55 | 0x1b | 0x8b | 0x9c | 0x83 => Access::Write,
         _ => Access::None,
     }
 }
@@ -525,6 +529,15 @@ pub fn execute(
                 done(compare_and_write(&lun2, &cdb, &data))
             }))
         }
+        0x83 => {
+            let nexus = nx.id;
+            let lun2 = lun.clone();
+            let cdb = cdb.to_vec();
+            lun.slow(Box::new(move || {
+                done(crate::xcopy::extended_copy(&lun2, nexus, &cdb, &data))
+            }))
+        }
+        0x84 => done(crate::xcopy::receive_copy_results(lun, nx.id, cdb)),
         0x8b => {
             let lun2 = lun.clone();
             let cdb = cdb.to_vec();
