@@ -728,3 +728,54 @@ fn long_ranges_go_whole_and_are_split_only_on_too_large() {
     srv.shutdown();
     srv2.shutdown();
 }
+
+/// Several connections at once, each pipelining writes to its own region
+/// and reading them back; then every connection sees every region
+/// (CAN_MULTI_CONN: one shared volume).
+#[test]
+fn concurrent_connections_share_one_volume() {
+    let vol = Arc::new(MemVolume::new(BS, BLOCKS));
+    let srv = serve_dyn(AsyncVolume::new(vol.clone()));
+    let addr = srv.local_addr();
+    const CONNS: u64 = 4;
+    const REGION: u64 = SIZE / CONNS;
+    let threads: Vec<_> = (0..CONNS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let (mut c, _, _) = Client::go(addr);
+                let mut batch = Vec::new();
+                for j in 0..REGION / 4096 {
+                    let off = i * REGION + j * 4096;
+                    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+                    m.extend_from_slice(&CMD_FLAG_FUA.to_be_bytes());
+                    m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+                    m.extend_from_slice(&j.to_be_bytes());
+                    m.extend_from_slice(&off.to_be_bytes());
+                    m.extend_from_slice(&4096u32.to_be_bytes());
+                    m.extend_from_slice(&pattern((i * 64 + j) as u8, 4096));
+                    batch.extend_from_slice(&m);
+                }
+                let mut s = c.s.try_clone().unwrap();
+                let sender = std::thread::spawn(move || s.write_all(&batch).unwrap());
+                for _ in 0..REGION / 4096 {
+                    assert_eq!(c.reply().0, 0);
+                }
+                sender.join().unwrap();
+                assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).0, 0);
+                c
+            })
+        })
+        .collect();
+    let mut clients: Vec<Client> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for c in clients.iter_mut() {
+        for i in 0..CONNS {
+            for j in [0, REGION / 4096 - 1] {
+                let off = i * REGION + j * 4096;
+                let want = pattern((i * 64 + j) as u8, 4096);
+                assert_eq!(c.call(CMD_READ, 0, off, 4096, &[]).1, want);
+            }
+        }
+    }
+    assert_eq!(vol.writes.load(Ordering::Relaxed), SIZE / 4096);
+    srv.shutdown();
+}
