@@ -494,16 +494,13 @@ fn pile_up(len: u32, count: u64, expect_held: std::ops::RangeInclusive<usize>) {
             s.write_all(&m).unwrap();
         }
     });
-    // Let the server read as much as it is willing to.
-    let mut last = usize::MAX;
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let now = vol.held();
-        if now == last && now > 0 {
-            break;
-        }
-        last = now;
+    // Wait for the server to read up to its limit, then give it time to
+    // (wrongly) read more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while vol.held() < *expect_held.start() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let held = vol.held();
     assert!(
         expect_held.contains(&held),
