@@ -815,9 +815,9 @@ impl Conn {
         }
         self.sess.abort_all(None);
         let ids = self.shared.nexus_ids();
-        // The requesting nexus knows about its own reset: only the others
-        // get the unit attention.
-        self.shared.lun.reset(&ids, ua, self.nexus.id);
+        // SAM-5: the reset raises a unit attention on every I_T nexus,
+        // the requester's included.
+        self.shared.lun.reset(&ids, ua);
     }
 
     fn scsi_command(&mut self, p: Pdu) {

@@ -267,9 +267,9 @@ impl Lun {
 
     /// LUN reset / target reset: release RESERVE(6) and raise a unit
     /// attention on every nexus.
-    pub fn reset(&self, nexuses: &[u64], s: Sense, requester: u64) {
+    pub fn reset(&self, nexuses: &[u64], s: Sense) {
         *self.reserve6.lock().unwrap() = None;
-        self.ua_all(s, nexuses, Some(requester));
+        self.ua_all(s, nexuses, None);
     }
 
     fn standby(&self) -> bool {
