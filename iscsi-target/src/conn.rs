@@ -1075,7 +1075,7 @@ fn build_response(
     cdb: &[u8],
     bs: u32,
     p: &Params,
-    res: ScsiResult,
+    mut res: ScsiResult,
 ) -> Vec<(Pdu, Sn)> {
     let mut pdus = Vec::new();
     // Residuals: for Data-In, what the command produced against the
@@ -1131,7 +1131,12 @@ fn build_response(
             d.set_u32(20, RSVD_TAG);
             d.set_u32(36, data_sn);
             d.set_u32(40, at as u32);
-            d.data = res.data[at..at + n].to_vec();
+            // A single Data-In PDU takes the buffer without a copy.
+            d.data = if at == 0 && n == res.data.len() {
+                std::mem::take(&mut res.data)
+            } else {
+                res.data[at..at + n].to_vec()
+            };
             data_sn += 1;
             at += n;
             pdus.push((d, sn));

@@ -296,3 +296,52 @@ fn write_budget_defers_r2ts() {
     );
     t.shutdown();
 }
+
+/// Two nodes export the same target and LU identity; their port groups
+/// report complementary ALUA states.
+#[test]
+fn both_nodes_share_identity_with_complementary_port_groups() {
+    use std::sync::Arc;
+    use volume::{MemVolume, VolumeIdentity};
+    let ident = |node: u16| VolumeIdentity {
+        uuid: *b"0123456789abcdef",
+        serial: "DM0001".into(),
+        model: "deltamirror".into(),
+        node_index: node,
+    };
+    let primary = Arc::new(MemVolume::new(512, 2048).with_identity(ident(1)));
+    let backup = Arc::new(MemVolume::new(512, 2048).with_identity(ident(2)));
+    backup.path.set(PathState::Inaccessible);
+    let cfg = |p: u16| {
+        let mut c = iscsi_target::IscsiConfig::new("127.0.0.1:0".parse().unwrap(), IQN);
+        c.portal_group_tag = p;
+        c
+    };
+    let t1 = iscsi_target::start(cfg(1), primary.clone()).unwrap();
+    let t2 = iscsi_target::start(cfg(2), backup.clone()).unwrap();
+    let mut views = Vec::new();
+    for t in [&t1, &t2] {
+        let mut i = Initiator::connect(t.local_addr());
+        i.login(&[]);
+        let r = i.scsi(&[0x12, 1, 0x83, 0, 255, 0], &[], 255);
+        assert_eq!(r.status, 0);
+        let naa = r.data[8..24].to_vec();
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xa3;
+        cdb[1] = 0x0a;
+        cdb[9] = 0xff;
+        let g = i.scsi(&cdb, &[], 255).data;
+        // (group id, state) for both descriptors
+        let groups = vec![(g[7], g[4] & 0x0f), (g[19], g[16] & 0x0f)];
+        views.push((naa, groups));
+    }
+    assert_eq!(views[0].0, views[1].0, "same NAA designator on both nodes");
+    assert_eq!(views[0].1, vec![(1, 0), (2, 2)]);
+    assert_eq!(
+        views[1].1,
+        vec![(1, 0), (2, 2)],
+        "both nodes agree: node 1 optimized, node 2 standby"
+    );
+    t1.shutdown();
+    t2.shutdown();
+}
