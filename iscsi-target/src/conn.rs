@@ -154,7 +154,7 @@ fn read_pdu(r: &mut impl Read, lim: &ParseLimits, buf: &mut Vec<u8>) -> Result<P
 
 fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut reader = BufReader::with_capacity(256 * 1024, stream.try_clone()?);
+    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut wstream = stream.try_clone()?;
     let mut buf = Vec::new();
     // Login phase: no digests, 8 KiB login PDUs at most.
@@ -323,8 +323,8 @@ fn writer_loop(
     p: Params,
     mut stat_sn: u32,
 ) {
-    let mut w = BufWriter::with_capacity(256 * 1024, stream);
-    let mut buf = Vec::with_capacity(256 * 1024);
+    let mut w = BufWriter::with_capacity(64 * 1024, stream);
+    let mut buf = Vec::with_capacity(64 * 1024);
     let mut closing = false;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
