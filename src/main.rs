@@ -258,7 +258,8 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
             let mut c = nvme_target::NvmeConfig::new(cfg.nvme.listen, cfg.nvme.subnqn.clone());
             c.allowed_hosts = cfg.nvme.allowed_hosts.clone();
             c.port_id = cfg.nvme.port_id;
-            c.ana_group_id = cfg.node.id;
+            // One ANA group for the namespace on both nodes; only its state differs.
+            c.ana_group_id = 1;
             c.mdts_bytes = (cfg.reactor.max_io_bytes as u32)
                 .next_power_of_two()
                 .max(4096);

@@ -302,6 +302,7 @@ mod tests {
                 remaining_entries: 0,
                 remaining_bytes: 0,
                 full_remirror: false,
+                ..ReplayStats::default()
             }),
             replay_progress: Some(progress()),
             io: IoStats {
@@ -338,6 +339,7 @@ mod tests {
             remaining_entries: 100_000 - 12_345,
             remaining_bytes: 400 * mib - (45.2 * mib as f64) as u64,
             full_remirror: false,
+            ..ReplayStats::default()
         }
     }
 

@@ -125,6 +125,9 @@ impl Log for RingLog {
     fn capacity_bytes(&self) -> u64 {
         self.0.capacity_bytes()
     }
+    fn wants_sync(&self) -> bool {
+        self.0.reclaim_pending()
+    }
 }
 
 /// Prepares a node's persistent state. Refuses an already formatted data
@@ -1156,8 +1159,15 @@ impl Reactor {
                 } else {
                     p.target_seq.saturating_sub(head.min(p.target_seq))
                 },
-                remaining_bytes: 0,
+                // Estimated from the average entry size so far.
+                remaining_bytes: if done || p.entries == 0 {
+                    0
+                } else {
+                    p.target_seq.saturating_sub(head.min(p.target_seq)) * (p.bytes / p.entries)
+                },
                 full_remirror: p.full,
+                first_seq: p.first_seq,
+                last_seq: p.target_seq,
             };
         let peer_state = match c.link_state() {
             LinkState::Down => "disconnected",

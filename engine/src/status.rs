@@ -20,6 +20,9 @@ pub struct ReplayStats {
     pub remaining_bytes: u64,
     /// True when this replay was a full remirror (new or replaced disk).
     pub full_remirror: bool,
+    /// First and last seq streamed (the peer missed exactly these entries).
+    pub first_seq: u64,
+    pub last_seq: u64,
 }
 
 /// Latency percentiles in microseconds.

@@ -1196,7 +1196,7 @@ fn standard_inquiry(lun: &Lun) -> Vec<u8> {
     d[2] = 0x06; // SPC-4
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x10; // TPGS = 01b: implicit ALUA
+    d[5] = 0x10 | 0x08; // TPGS = 01b: implicit ALUA; 3PC: EXTENDED COPY
     d[7] = 0x02; // CMDQUE
     d[8..16].copy_from_slice(&pad_ascii("DELTAMIR", 8));
     d[16..32].copy_from_slice(&pad_ascii(&lun.ident.model, 16));

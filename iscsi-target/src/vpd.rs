@@ -2,7 +2,7 @@
 
 use crate::scsi::Lun;
 
-const PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+const PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2];
 
 fn page_with(code: u8, body: Vec<u8>) -> Vec<u8> {
     let mut d = vec![0x00, code];
@@ -57,6 +57,7 @@ pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
             b.extend(nb);
             page_with(0x83, b)
         }
+        0x8f => page_with(0x8f, crate::xcopy::third_party_copy_descriptors()),
         0xb0 => {
             let mut b = vec![0u8; 0x3c];
             let max_xfer = lun.max_cmd_bytes / bs;

@@ -240,3 +240,34 @@ pub fn receive_copy_results(lun: &Lun, nexus: u64, cdb: &[u8]) -> ScsiResult {
     d.truncate(alloc);
     ScsiResult::good(d)
 }
+
+fn tpc_descriptor(ty: u16, body: &[u8]) -> Vec<u8> {
+    let mut d = ty.to_be_bytes().to_vec();
+    let mut b = body.to_vec();
+    while !(b.len() + 4).is_multiple_of(4) || b.is_empty() {
+        b.push(0);
+    }
+    d.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    d.extend(b);
+    d
+}
+
+/// Third-party copy VPD page (8Fh) body: supported commands, parameter data
+/// and supported descriptors (SPC-4 §7.8.17).
+pub fn third_party_copy_descriptors() -> Vec<u8> {
+    let mut out = Vec::new();
+    // Supported commands: EXTENDED COPY (LID1) and RECEIVE COPY RESULTS.
+    let cmds = [0x83u8, 1, 0x00, 0x84, 2, 0x00, 0x03];
+    let mut b = vec![cmds.len() as u8];
+    b.extend_from_slice(&cmds);
+    out.extend(tpc_descriptor(0x0001, &b));
+    // Parameter data.
+    let mut p = vec![0u8; 28];
+    p[4..6].copy_from_slice(&MAX_TARGET_DESCRIPTORS.to_be_bytes());
+    p[6..8].copy_from_slice(&MAX_SEGMENT_DESCRIPTORS.to_be_bytes());
+    p[8..12].copy_from_slice(&MAX_DESCRIPTOR_LIST_BYTES.to_be_bytes());
+    out.extend(tpc_descriptor(0x0008, &p));
+    // Supported descriptors: block -> block segment, identification target.
+    out.extend(tpc_descriptor(0x000c, &[2, 0x02, 0xe4]));
+    out
+}

@@ -867,6 +867,12 @@ impl Ring {
         self.reclaim_pos = self.reclaim_pos.max(done.tail_pos);
     }
 
+    /// Trimmed space waits for a durable header before it can be reused:
+    /// true when a sync would free space.
+    pub fn reclaim_pending(&self) -> bool {
+        self.reclaim_pos < self.tail_pos
+    }
+
     /// Highest seq known durable.
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq

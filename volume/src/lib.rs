@@ -27,7 +27,7 @@ impl Geometry {
     /// Checks that a byte range is block aligned and inside the volume.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
         let bs = self.block_size as u64;
-        if offset % bs != 0 || len % bs != 0 {
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(IoError::Unaligned);
         }
         match offset.checked_add(len) {
@@ -99,13 +99,26 @@ impl std::error::Error for IoError {}
 /// to the block size.
 #[derive(Debug)]
 pub enum VolumeOp {
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// `fua`: the data is durable on both nodes before completion.
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     /// Barrier: every write completed before it is durable on both nodes.
     Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl VolumeOp {
@@ -167,7 +180,10 @@ pub struct PathCell {
 
 impl PathCell {
     pub fn new(state: PathState) -> Self {
-        PathCell { state: AtomicU8::new(Self::enc(state)), epoch: AtomicU64::new(1) }
+        PathCell {
+            state: AtomicU8::new(Self::enc(state)),
+            epoch: AtomicU64::new(1),
+        }
     }
     fn enc(s: PathState) -> u8 {
         match s {
@@ -208,7 +224,10 @@ pub struct MemVolume {
 impl MemVolume {
     pub fn new(block_size: u32, num_blocks: u64) -> Self {
         MemVolume {
-            geometry: Geometry { block_size, num_blocks },
+            geometry: Geometry {
+                block_size,
+                num_blocks,
+            },
             identity: VolumeIdentity {
                 uuid: *b"deltamirror-mem!",
                 serial: "DMMEM0001".into(),
@@ -241,7 +260,9 @@ impl MemVolume {
                 g.check_range(offset, len as u64)?;
                 Ok(data[offset as usize..offset as usize + len as usize].to_vec())
             }
-            VolumeOp::Write { offset, data: buf, .. } => {
+            VolumeOp::Write {
+                offset, data: buf, ..
+            } => {
                 g.check_range(offset, buf.len() as u64)?;
                 data[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
                 self.writes.fetch_add(1, Ordering::Relaxed);
@@ -286,18 +307,46 @@ mod tests {
     #[test]
     fn mem_volume_round_trip_and_backup_refuses_writes() {
         let v = MemVolume::new(512, 16);
-        submit_wait(&v, VolumeOp::Write { offset: 512, data: vec![7; 1024], fua: false }).unwrap();
-        let r = submit_wait(&v, VolumeOp::Read { offset: 512, len: 1024 }).unwrap();
+        submit_wait(
+            &v,
+            VolumeOp::Write {
+                offset: 512,
+                data: vec![7; 1024],
+                fua: false,
+            },
+        )
+        .unwrap();
+        let r = submit_wait(
+            &v,
+            VolumeOp::Read {
+                offset: 512,
+                len: 1024,
+            },
+        )
+        .unwrap();
         assert!(r.iter().all(|&b| b == 7));
         assert_eq!(
-            submit_wait(&v, VolumeOp::Read { offset: 8192, len: 512 }),
+            submit_wait(
+                &v,
+                VolumeOp::Read {
+                    offset: 8192,
+                    len: 512
+                }
+            ),
             Err(IoError::OutOfRange)
         );
         let e0 = v.path_epoch();
         v.path.set(PathState::Inaccessible);
         assert!(v.path_epoch() > e0);
         assert_eq!(
-            submit_wait(&v, VolumeOp::Write { offset: 0, data: vec![1; 512], fua: false }),
+            submit_wait(
+                &v,
+                VolumeOp::Write {
+                    offset: 0,
+                    data: vec![1; 512],
+                    fua: false
+                }
+            ),
             Err(IoError::NotPrimary)
         );
     }

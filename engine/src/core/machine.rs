@@ -180,6 +180,7 @@ pub struct ReplayProgress {
     pub bytes: u64,
     pub extents: u64,
     pub target_seq: Seq,
+    pub first_seq: Seq,
     pub full: bool,
     pub done: bool,
 }
@@ -1103,6 +1104,7 @@ impl<L: Log> Core<L> {
             self.replay = Some(ReplayProgress {
                 start_ms: self.now_ms,
                 target_seq: self.log.head(),
+                first_seq: end_seq,
                 full,
                 ..Default::default()
             });
@@ -1204,7 +1206,8 @@ impl<L: Log> Core<L> {
         self.check_degrade();
         self.admit_waiting();
         self.send_ready();
-        if !self.log_sync_inflight && self.log_durable < self.log.head() {
+        if !self.log_sync_inflight && (self.log_durable < self.log.head() || self.log.wants_sync())
+        {
             self.log_sync_inflight = true;
             self.out.push(Action::SyncLog);
         }

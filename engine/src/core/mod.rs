@@ -33,6 +33,11 @@ pub trait Log {
     fn reset(&mut self, next_seq: Seq);
     fn payload_bytes(&self) -> u64;
     fn capacity_bytes(&self) -> u64;
+    /// The ring would free space (or otherwise benefit) from a sync even
+    /// with nothing new appended.
+    fn wants_sync(&self) -> bool {
+        false
+    }
     fn head(&self) -> Seq {
         self.next_seq() - 1
     }

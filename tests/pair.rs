@@ -1,0 +1,565 @@
+//! Process-level tests: two real `deltamirror serve` processes on
+//! 127.0.0.1, driven by real NBD clients (fio's nbd engine, qemu-io), with
+//! kill -9, promotion, a cut link, a wrong key and a delta-queue overflow.
+//!
+//! These tests need fio and qemu-io (installed by scripts/test.sh); the
+//! link-cut test also needs nft and root. Each test skips with a printed
+//! reason only when a tool is truly absent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
+
+/// The tests share the machine's two cores: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn need(tools: &[&str]) -> bool {
+    for t in tools {
+        if !have(t) {
+            println!("SKIPPED: {t} is not installed (scripts/test.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+struct Node {
+    cfg: PathBuf,
+    admin: String,
+    nbd: String,
+    volume: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+struct Pair {
+    dir: PathBuf,
+    n: [Node; 2],
+}
+
+fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
+    let sec = toml
+        .find(&format!("[{section}]"))
+        .unwrap_or_else(|| panic!("no [{section}]"));
+    let rest = &toml[sec..];
+    let line = rest
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
+        .unwrap();
+    line.split('=').nth(1).unwrap().trim().trim_matches('"')
+}
+
+impl Pair {
+    /// Formats a pair in a fresh directory. `tweak` edits each node's TOML.
+    fn new(name: &str, port_offset: u16, tweak: impl Fn(u32, String) -> String) -> Pair {
+        let dir = std::env::temp_dir().join(format!("dm-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mk = |id: u32| {
+            let out = Command::new(EXE)
+                .args(["example-config", "--node", &id.to_string(), "--dir"])
+                .arg(&dir)
+                .args(["--port-offset", &port_offset.to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let toml = tweak(id, String::from_utf8(out.stdout).unwrap());
+            let cfg = dir.join(format!("node{id}.toml"));
+            std::fs::write(&cfg, &toml).unwrap();
+            let out = Command::new(EXE)
+                .args(["format", "--config"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "format failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Node {
+                admin: field(&toml, "admin", "listen").to_string(),
+                nbd: field(&toml, "nbd", "listen").to_string(),
+                volume: PathBuf::from(field(&toml, "volume", "path")),
+                log: dir.join(format!("node{id}.log")),
+                cfg,
+                child: None,
+            }
+        };
+        let n = [mk(1), mk(2)];
+        Pair { dir, n }
+    }
+
+    fn start(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.n[i].log)
+            .unwrap();
+        let child = Command::new(EXE)
+            .args(["serve", "--config"])
+            .arg(&self.n[i].cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.n[i].child = Some(child);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.n[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn status(&self, i: usize) -> Option<Value> {
+        let out = Command::new(EXE)
+            .args(["status", "--json", "--admin", &self.n[i].admin])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn wait(&self, i: usize, what: &str, secs: u64, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status(i) {
+                if f(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "node {} never reached '{what}' in {secs} s; last status: {}\nlog:\n{}",
+            i + 1,
+            last.map(|s| s.to_string()).unwrap_or_default(),
+            std::fs::read_to_string(&self.n[i].log).unwrap_or_default()
+        );
+    }
+
+    fn admin_cmd(&self, i: usize, cmd: &str) -> bool {
+        Command::new(EXE)
+            .args([cmd, "--admin", &self.n[i].admin])
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    fn uri(&self, i: usize) -> String {
+        format!("nbd://{}/deltamirror", self.n[i].nbd)
+    }
+
+    /// Both nodes up, backup caught up and every entry executed on both.
+    fn wait_in_sync(&self, p: usize) -> (Value, Value) {
+        let b = 1 - p;
+        let sp = self.wait(p, "backup in sync", 90, |s| {
+            s["role"] == "primary"
+                && s["peer_state"] == "connected"
+                && !s["degraded"].as_bool().unwrap()
+                && s["ack2_seq"] == s["head_seq"]
+                && s["executed_seq"] == s["head_seq"]
+        });
+        let head = sp["head_seq"].as_u64().unwrap();
+        let sb = self.wait(b, "backup executed everything", 30, |s| {
+            s["executed_seq"].as_u64() == Some(head)
+        });
+        (sp, sb)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.kill9(0);
+        self.kill9(1);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn images_identical(a: &Path, b: &Path) -> bool {
+    let out = Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap();
+    out.success()
+}
+
+/// fio random 4 KiB writes through NBD for `secs`; returns the child.
+fn fio_load(uri: &str, secs: u64, name: &str) -> Child {
+    Command::new("fio")
+        .args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=128m",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--output-format=terse",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fio")
+}
+
+/// Writes `count` 4 KiB blocks through fio (a known number of writes).
+fn fio_writes(uri: &str, count: u64, offset_mib: u64) {
+    let st = Command::new("fio")
+        .args([
+            "--name=known",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--offset={offset_mib}m"),
+            "--size=64m",
+            &format!("--number_ios={count}"),
+            "--norandommap",
+            "--output-format=terse",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("fio");
+    assert!(st.success(), "fio writes failed");
+}
+
+/// One qemu-io write of pattern `p` at block `blk`; true if it completed.
+fn qemu_write(uri: &str, blk: u64, p: u8) -> bool {
+    Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            &format!("write -P {p} {} 4k", blk * 4096),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn block_of(img: &Path, blk: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(img).unwrap();
+    f.seek(SeekFrom::Start(blk * 4096)).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+#[test]
+fn a_backup_killed_under_load_gets_only_the_missed_writes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["fio"]) {
+        return;
+    }
+    let mut p = Pair::new("a", 3000, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    let mut load = fio_load(&p.uri(0), 3, "a-load");
+    std::thread::sleep(Duration::from_millis(1500));
+    p.kill9(1);
+    let _ = load.wait();
+    let head_after_load = u(&p.status(0).unwrap(), "head_seq");
+    // Keep writing: a known number of writes the backup misses entirely.
+    fio_writes(&p.uri(0), 2000, 0);
+    let head_before_restart = u(&p.status(0).unwrap(), "head_seq");
+    assert!(head_before_restart >= head_after_load + 2000);
+    p.start(1);
+    let (sp, sb) = p.wait_in_sync(0);
+    let r = &sp["last_replay"];
+    let (first, last, entries) = (u(r, "first_seq"), u(r, "last_seq"), u(r, "entries"));
+    println!(
+        "replay: seqs {first}..={last}, {entries} entries, {} bytes, {} s",
+        u(r, "bytes"),
+        r["seconds"]
+    );
+    // Exactly the entries the backup did not hold were replayed: a
+    // contiguous range ending at the primary's head at reconnect, covering
+    // every write made while it was down, and nothing it already had.
+    assert_eq!(
+        entries,
+        last - first + 1,
+        "replayed entries are a contiguous range"
+    );
+    assert!(
+        last >= head_before_restart,
+        "the replay reached the head at reconnect"
+    );
+    assert!(
+        first <= head_after_load + 1,
+        "the writes made while down were replayed"
+    );
+    assert!(first > 1, "not a replay from the start");
+    assert_eq!(
+        u(&sp, "remirrors") + u(&sb, "remirrors"),
+        0,
+        "no full remirror"
+    );
+    assert_eq!(u(r, "extents"), 0, "no dirty-map resync");
+    assert_eq!(
+        u(r, "bytes"),
+        entries * 4096,
+        "replayed bytes are the missed writes' payloads"
+    );
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}
+
+#[test]
+fn b_primary_killed_backup_promoted_old_primary_returns_as_backup() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["fio", "qemu-io"]) {
+        return;
+    }
+    let mut p = Pair::new("b", 3100, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    // Markers: every qemu-io write that completed must survive.
+    let mut completed: Vec<(u64, u8)> = Vec::new();
+    for k in 0..20u64 {
+        if qemu_write(&p.uri(0), 200_000 + k, (k + 1) as u8) {
+            completed.push((200_000 + k, (k + 1) as u8));
+        }
+    }
+    let mut load = fio_load(&p.uri(0), 3, "b-load");
+    std::thread::sleep(Duration::from_millis(1000));
+    p.kill9(0);
+    let _ = load.wait();
+    assert!(p.admin_cmd(1, "promote"), "promote refused");
+    p.wait(1, "serving as primary", 20, |s| s["role"] == "primary");
+    let gen_new = u(&p.status(1).unwrap(), "generation");
+    for k in 0..20u64 {
+        if qemu_write(&p.uri(1), 201_000 + k, (k + 101) as u8) {
+            completed.push((201_000 + k, (k + 101) as u8));
+        }
+    }
+    fio_writes(&p.uri(1), 1000, 256);
+    let head_new = u(&p.status(1).unwrap(), "head_seq");
+    p.start(0);
+    let s0 = p.wait(0, "old primary became backup", 30, |s| {
+        s["role"] == "backup"
+    });
+    assert_eq!(
+        u(&s0, "generation"),
+        gen_new,
+        "it adopted the newer generation"
+    );
+    let (sp, sb) = p.wait_in_sync(1);
+    let r = &sp["last_replay"];
+    println!("failback replay: {r}");
+    assert_eq!(
+        u(&sp, "remirrors") + u(&sb, "remirrors"),
+        0,
+        "no full remirror"
+    );
+    // Only the delta: the writes made on the new primary since promotion
+    // (plus, at most, the old primary's few never-acknowledged entries
+    // rewritten as extents).
+    assert!(u(r, "last_seq") >= head_new);
+    let written_since = u(r, "last_seq") - u(r, "first_seq") + 1;
+    assert!(
+        written_since <= head_new,
+        "replay is bounded by the new primary's writes"
+    );
+    assert!(
+        u(r, "bytes") <= (1020 + 64) * 4096 + u(r, "extents") * (1 << 20),
+        "replay bytes bounded by the delta"
+    );
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+    for (blk, pat) in completed {
+        assert!(
+            block_of(&p.n[0].volume, blk).iter().all(|&b| b == pat),
+            "completed write at block {blk} lost"
+        );
+    }
+}
+
+#[test]
+fn c_cut_link_degrades_and_heal_replays() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["fio", "nft"]) {
+        return;
+    }
+    if unsafe_uid() != 0 {
+        println!("SKIPPED: cutting the link with nftables needs root (CI runs as root)");
+        return;
+    }
+    let mut p = Pair::new("c", 3200, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    fio_writes(&p.uri(0), 500, 0);
+    // Cut: drop every packet to or from node 2's link port on loopback.
+    let port = 7401 + 3200;
+    let table = format!("dmtest{}", std::process::id());
+    let nft = |args: &str| {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("nft {args}"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "nft {args}");
+    };
+    nft(&format!("add table inet {table}"));
+    nft(&format!(
+        "'add chain inet {table} out {{ type filter hook output priority 0 ; }}'"
+    ));
+    nft(&format!("add rule inet {table} out tcp dport {port} drop"));
+    nft(&format!("add rule inet {table} out tcp sport {port} drop"));
+    let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fio_writes(&p.uri(0), 1500, 64);
+        p.wait(0, "degraded", 30, |s| {
+            s["degraded"] == true && s["peer_state"] == "disconnected"
+        })
+    }));
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("nft delete table inet {table}"))
+        .status();
+    let s = cut.unwrap();
+    println!(
+        "while cut: generation {}, stale from {}",
+        s["generation"], s["peer_stale_from_seq"]
+    );
+    fio_writes(&p.uri(0), 200, 128);
+    let (sp, sb) = p.wait_in_sync(0);
+    let r = &sp["last_replay"];
+    println!("after heal: {r}");
+    assert!(
+        u(r, "entries") >= 1500,
+        "the writes made during the cut were replayed"
+    );
+    assert_eq!(u(&sp, "remirrors") + u(&sb, "remirrors"), 0);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}
+
+#[test]
+fn d_peer_with_the_wrong_key_is_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = Pair::new("d", 3300, |id, t| {
+        if id == 2 {
+            t.replace(
+                "deltamirror-demo-key-not-secret",
+                "an-intruder-with-another-key",
+            )
+        } else {
+            t
+        }
+    });
+    p.start(0);
+    p.start(1);
+    std::thread::sleep(Duration::from_secs(3));
+    let s0 = p.status(0).unwrap();
+    let s1 = p.status(1).unwrap();
+    assert_ne!(s0["peer_state"], "connected");
+    assert_ne!(s1["peer_state"], "connected");
+    assert_eq!(
+        u(&s0, "link_msgs_received"),
+        0,
+        "no replication message crossed"
+    );
+    let log1 = std::fs::read_to_string(&p.n[1].log).unwrap();
+    let log0 = std::fs::read_to_string(&p.n[0].log).unwrap();
+    assert!(
+        log1.contains("authentication failed") || log0.contains("authentication failed"),
+        "the refusal is logged:\n{log0}\n{log1}"
+    );
+}
+
+#[test]
+fn e_delta_queue_overflow_resyncs_dirty_extents_without_remirror() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["fio"]) {
+        return;
+    }
+    // A 16 MiB ring holds about 3,900 4 KiB entries.
+    let mut p = Pair::new("e", 3400, |_, t| {
+        t.replace("size_bytes = 67108864", "size_bytes = 16777216")
+    });
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    fio_writes(&p.uri(0), 300, 0);
+    p.kill9(1);
+    fio_writes(&p.uri(0), 12_000, 0);
+    let s = p.wait(0, "dirty map used", 20, |s| u(s, "dirty_extents") > 0);
+    println!(
+        "overflow: {} dirty extents, {} entries in the ring",
+        s["dirty_extents"], s["delta_entries"]
+    );
+    p.start(1);
+    let (sp, sb) = p.wait_in_sync(0);
+    let r = &sp["last_replay"];
+    println!("resync: {r}");
+    assert!(u(r, "extents") > 0, "dirty extents were resynced");
+    assert_eq!(
+        u(&sp, "remirrors") + u(&sb, "remirrors"),
+        0,
+        "no full remirror"
+    );
+    assert_eq!(u(&sp, "dirty_extents"), 0, "dirty map cleared");
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}
+
+fn unsafe_uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(1)
+}
