@@ -866,7 +866,7 @@ impl<L: Log> Core<L> {
                 Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => {
                     r.end = Some(next_seq)
                 }
-                _ => return self.reset_link("unexpected ResyncEnd".into()),
+                _ => self.reset_link("unexpected ResyncEnd".into()),
             },
             Msg::ResyncDone { next_seq } => {
                 if let Some(r) = &self.resync_src {

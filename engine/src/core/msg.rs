@@ -461,12 +461,12 @@ mod tests {
                 match rng.below(3) {
                     0 if !b.is_empty() => {
                         let p = rng.below(b.len() as u64) as usize;
-                        b[p] = rng.next() as u8;
+                        b[p] = rng.next_u64() as u8;
                     }
                     1 if !b.is_empty() => {
                         b.truncate(rng.below(b.len() as u64) as usize);
                     }
-                    _ => b.push(rng.next() as u8),
+                    _ => b.push(rng.next_u64() as u8),
                 }
             }
             let _ = Msg::decode(&b);
