@@ -17,6 +17,9 @@ use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
 use crate::scsi::{self, Lun, Nexus, ScsiResult, Sense, STATUS_GOOD};
 use crate::{IscsiConfig, QUEUE_DEPTH};
 
+/// Longest wait for each login request PDU before the connection is closed.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Target-wide state shared by all connections.
 pub struct Shared {
     pub cfg: IscsiConfig,
@@ -157,7 +160,11 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut wstream = stream.try_clone()?;
     let mut buf = Vec::new();
-    // Login phase: no digests, 8 KiB login PDUs at most.
+    // A connection that never completes its login must not hold a thread
+    // (and a max_connections slot) forever.
+    stream.set_read_timeout(Some(LOGIN_TIMEOUT))?;
+    // Login phase: no digests; login text is bounded by the login state
+    // machine, single PDUs by this limit.
     let lim = ParseLimits {
         header_digest: false,
         data_digest: false,
@@ -201,6 +208,7 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
             }
         }
     };
+    stream.set_read_timeout(None)?;
     let params = outcome.params;
     let nexus = Arc::new(Nexus {
         id,
