@@ -13,10 +13,19 @@ fn main() {
         "iqn.2026-01.io.deltamirror:vol0",
     );
     if let (Ok(u), Ok(s)) = (std::env::var("CHAP_USER"), std::env::var("CHAP_SECRET")) {
+        // CHAP_MUTUAL_USER / CHAP_MUTUAL_SECRET: what the target answers
+        // with when the initiator asks it to authenticate itself.
+        let mutual = match (
+            std::env::var("CHAP_MUTUAL_USER"),
+            std::env::var("CHAP_MUTUAL_SECRET"),
+        ) {
+            (Ok(mu), Ok(ms)) => Some((mu, ms)),
+            _ => None,
+        };
         cfg.chap = Some(iscsi_target::ChapConfig {
             user: u,
             secret: s,
-            mutual: None,
+            mutual,
         });
     }
     let t = iscsi_target::start(cfg, vol).expect("start iscsi target");

@@ -393,9 +393,11 @@ impl Login {
         if let Err(st) = self.process_keys(csg, &keys, &mut out) {
             return self.fail(st);
         }
-        if self.stage == 0 && transit && self.auth != Auth::Done {
-            let none_ok = self.chap.is_none() && self.auth == Auth::Start;
-            if !none_ok {
+        if self.stage == 0 && transit && self.auth == Auth::Start {
+            // Transit without any AuthMethod negotiation: only when no
+            // authentication is required. A CHAP exchange in progress just
+            // delays the transit (T=0 in our answer).
+            if self.chap.is_some() {
                 return self.fail(ST_AUTH_FAILED);
             }
             self.auth = Auth::Done;

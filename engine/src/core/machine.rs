@@ -1080,6 +1080,8 @@ impl<L: Log> Core<L> {
         } else {
             0
         };
+        // What the peer executed, it held: as good as ACK1 for our delay buffer.
+        self.ack1 = self.ack1.max(executed_by_peer.min(self.log.head()));
         let end_seq = (head + 1).max(executed_by_peer + 1).max(first);
         // A resync also carries the jump of the peer's ring to `end_seq`.
         let resync = !self.meta.dirty.is_empty() || peer.resyncing || end_seq > head + 1;
