@@ -345,3 +345,49 @@ fn both_nodes_share_identity_with_complementary_port_groups() {
     t1.shutdown();
     t2.shutdown();
 }
+
+/// libiscsi asks to transit already in its first security PDU; the target
+/// must hold the transit (T=0) until CHAP completes instead of failing.
+#[test]
+fn chap_when_the_initiator_requests_transit_early() {
+    let chap = ChapConfig {
+        user: "host1".into(),
+        secret: "initiator-secret-1".into(),
+        mutual: None,
+    };
+    let (t, _vol) = target(|c| c.chap = Some(chap.clone()));
+    let mut i = Initiator::connect(t.local_addr());
+    let k = kv(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", IQN),
+        ("SessionType", "Normal"),
+        ("AuthMethod", "CHAP,None"),
+    ]);
+    let (st, keys, granted) = i.login_step(0, 1, true, &k);
+    assert_eq!((st, granted), (0, false));
+    assert!(keys.contains(&("AuthMethod".into(), "CHAP".into())));
+    let (st, keys, _) = i.login_step(0, 1, false, &kv(&[("CHAP_A", "5")]));
+    assert_eq!(st, 0);
+    let get = |k: &str| keys.iter().find(|(a, _)| a == k).unwrap().1.clone();
+    let id: u8 = get("CHAP_I").parse().unwrap();
+    let c = get("CHAP_C");
+    let c: Vec<u8> = (2..c.len())
+        .step_by(2)
+        .map(|x| u8::from_str_radix(&c[x..x + 2], 16).unwrap())
+        .collect();
+    let r = iscsi_target::login::chap_response(id, b"initiator-secret-1", &c);
+    let (st, _, granted) = i.login_step(
+        0,
+        1,
+        true,
+        &[
+            ("CHAP_N".into(), "host1".into()),
+            ("CHAP_R".into(), hex(&r).to_uppercase().replace("0X", "0x")),
+        ],
+    );
+    assert_eq!((st, granted), (0, true));
+    let (st, _, granted) = i.login_step(1, 3, true, &kv(&[("HeaderDigest", "None")]));
+    assert_eq!((st, granted), (0, true));
+    assert_eq!(i.tur().status, 0);
+    t.shutdown();
+}
