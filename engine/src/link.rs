@@ -403,7 +403,7 @@ mod tests {
         out.clear();
         assert_eq!(
             parse_frames(&b[..b.len() - 1], 1 << 20, &mut out).unwrap(),
-            12
+            17
         );
         let mut bad = b.clone();
         let last = bad.len() - 1;
