@@ -17,6 +17,9 @@ use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
 use crate::scsi::{self, Lun, Nexus, ScsiResult, Sense, STATUS_GOOD};
 use crate::{IscsiConfig, QUEUE_DEPTH};
 
+/// How long the writer polls for more responses before it sleeps.
+const WRITER_SPIN: Duration = Duration::from_micros(20);
+
 /// Longest wait for each login request PDU before the connection is closed.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -334,7 +337,25 @@ fn writer_loop(
     let mut w = BufWriter::with_capacity(64 * 1024, stream);
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut closing = false;
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Adaptive wait: poll briefly for the next response before sleeping
+        // in the channel, so a busy connection does not pay a futex wake-up
+        // per PDU; an idle one sleeps after WRITER_SPIN.
+        let mut first = rx.try_recv().ok();
+        if first.is_none() {
+            let until = Instant::now() + WRITER_SPIN;
+            while first.is_none() && Instant::now() < until {
+                std::hint::spin_loop();
+                first = rx.try_recv().ok();
+            }
+        }
+        let first = match first {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
