@@ -37,7 +37,7 @@ echo "== cargo test"
 export DM_SIM_SEEDS="${DM_SIM_SEEDS:-2000}"
 mkdir -p target
 set +e
-cargo test --workspace --no-fail-fast --quiet 2>cargo test --workspace --quiet 2>&11 | grep -v '^\[20' | tee target/test-output.txt
+cargo test --workspace --no-fail-fast --quiet 2>&1 | grep -v '^\[20' | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 set -e
 # Summarise: cargo prints one "test result" line per test binary.

@@ -157,6 +157,19 @@ impl Pair {
         );
     }
 
+    /// The head once the status stops moving (status is published every 100 ms).
+    fn settled_head(&self, i: usize) -> u64 {
+        let mut last = u(&self.status(i).unwrap(), "head_seq");
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let h = u(&self.status(i).unwrap(), "head_seq");
+            if h == last {
+                return h;
+            }
+            last = h;
+        }
+    }
+
     fn admin_cmd(&self, i: usize, cmd: &str) -> bool {
         Command::new(EXE)
             .args([cmd, "--admin", &self.n[i].admin])
@@ -296,10 +309,10 @@ fn a_backup_killed_under_load_gets_only_the_missed_writes() {
     std::thread::sleep(Duration::from_millis(1500));
     p.kill9(1);
     let _ = load.wait();
-    let head_after_load = u(&p.status(0).unwrap(), "head_seq");
+    let head_after_load = p.settled_head(0);
     // Keep writing: a known number of writes the backup misses entirely.
     fio_writes(&p.uri(0), 2000, 0);
-    let head_before_restart = u(&p.status(0).unwrap(), "head_seq");
+    let head_before_restart = p.settled_head(0);
     assert!(head_before_restart >= head_after_load + 2000);
     p.start(1);
     let (sp, sb) = p.wait_in_sync(0);
@@ -376,7 +389,7 @@ fn b_primary_killed_backup_promoted_old_primary_returns_as_backup() {
         }
     }
     fio_writes(&p.uri(1), 1000, 256);
-    let head_new = u(&p.status(1).unwrap(), "head_seq");
+    let head_new = p.settled_head(1);
     p.start(0);
     let s0 = p.wait(0, "old primary became backup", 30, |s| {
         s["role"] == "backup"

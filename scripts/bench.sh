@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One benchmark command for deltamirror. In one invocation it measures the
+# same four workloads (4 KiB randwrite QD1 and QD32, 4 KiB randread QD32,
+# 128 KiB sequential write) against
+#
+#   - the floors: the local disk (fio io_uring, O_DIRECT, file under /var/tmp)
+#     and the replication link round trip (target/release/bench),
+#   - deltamirror with one node (promoted to serve alone) and mirrored
+#     (both nodes; adaptive and busy poll) over NBD, iSCSI and NVMe/TCP,
+#   - the peers on this machine: nbdkit (file plugin), qemu-nbd, tgtd,
+#
+# then writes BENCHMARKS.md (tables, ratios, RSS, idle CPU, thread placement)
+# and docs/benchmarks.png, and exits non-zero if any workload failed.
+#
+#   scripts/bench.sh                 # build (cargo build --release), run all, ~7 min
+#   scripts/bench.sh --no-build      # use the binaries already in target/release
+#   scripts/bench.sh --seconds 10    # longer runs per workload (default 5)
+#   scripts/bench.sh --no-busy       # skip the busy-poll pair
+#   scripts/bench.sh --only local,nbdkit,dm-mirrored   # a subset of targets
+#   scripts/bench.sh --help
+#
+# Needs root for apt (fio, nbdkit, tgt, libiscsi) and for the fio libiscsi
+# build (scripts/build-fio-libiscsi.sh); installs matplotlib with pip if absent.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+build=1
+for a in "$@"; do
+    case "$a" in
+        --no-build) build=0 ;;
+        -h|--help) exec python3 "$root/scripts/bench/bench.py" --help ;;
+    esac
+done
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+
+need_apt=()
+command -v fio >/dev/null || need_apt+=(fio)
+command -v nbdkit >/dev/null || need_apt+=(nbdkit)
+command -v qemu-nbd >/dev/null || need_apt+=(qemu-utils)
+command -v tgtd >/dev/null || need_apt+=(tgt)
+command -v iscsi-ls >/dev/null || need_apt+=(libiscsi-bin)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "bench: installing ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+    echo "bench: installing matplotlib (pip) for the chart"
+    python3 -m pip install -q matplotlib 2>/dev/null \
+        || $SUDO apt-get install -y -qq python3-matplotlib >/dev/null \
+        || echo "bench: WARNING: no matplotlib; the chart will be skipped"
+fi
+
+if [ ! -x "$root/target/fio-libiscsi/fio" ]; then
+    echo "bench: building fio with the libiscsi engine (scripts/build-fio-libiscsi.sh)"
+    "$root/scripts/build-fio-libiscsi.sh" || echo "bench: WARNING: no fio with libiscsi; iSCSI rows will fail"
+fi
+
+if [ "$build" = 1 ]; then
+    echo "bench: cargo build --release (deltamirror, dm-nvme, bench)"
+    cargo build --release -p deltamirror -p nvme-target -p bench --bins
+fi
+for b in deltamirror dm-nvme bench; do
+    [ -x "$root/target/release/$b" ] || { echo "bench: target/release/$b missing (run without --no-build)" >&2; exit 1; }
+done
+
+args=()
+for a in "$@"; do [ "$a" = --no-build ] || args+=("$a"); done
+exec python3 "$root/scripts/bench/bench.py" ${args[@]+"${args[@]}"}

@@ -1,0 +1,989 @@
+#!/usr/bin/env python3
+"""deltamirror benchmark orchestrator (run through scripts/bench.sh).
+
+Runs the same workloads against the floors (local disk, replication link),
+deltamirror (one node / mirrored pair, NBD / iSCSI / NVMe/TCP) and the peers
+(nbdkit, qemu-nbd, tgtd), samples per-thread CPU and core placement during
+every run, and writes BENCHMARKS.md, docs/benchmarks.png and
+target/bench/results.json. Exits 1 if any workload failed.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REL = os.path.join(ROOT, "target", "release")
+DM = os.path.join(REL, "deltamirror")
+DM_NVME = os.path.join(REL, "dm-nvme")
+ENGINE_BENCH = os.path.join(REL, "bench")
+FIO = shutil.which("fio") or "fio"
+FIO_ISCSI = os.path.join(ROOT, "target", "fio-libiscsi", "fio")
+OUT_DIR = os.path.join(ROOT, "target", "bench")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+DM_IQN = "iqn.2026-11.io.deltamirror:demo"
+DM_NQN = "nqn.2026-11.io.deltamirror:demo"
+PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"
+
+# Port offsets (>= 5000, away from the tests' defaults). Each deltamirror
+# configuration gets its own offset so that lingering sockets never collide.
+OFF_ONE = 5300
+OFF_MIRROR = 5310
+OFF_BUSY = 5320
+PEER_NBDKIT_PORT = 10809 + 5400
+PEER_QEMU_PORT = 10809 + 5401
+PEER_TGTD_PORT = 3260 + 5400
+TGTD_CONTROL_PORT = 53  # tgtd -C: /var/run/tgtd/socket.53
+ENGINE_BENCH_PORT = 17400 + 5000
+
+# Workloads, in run order: the sequential write first fills the region, so the
+# later random reads read written data on every target.
+WORKLOADS = [
+    dict(key="seqw128k", label="128 KiB seq write QD8", rw="write", bs=131072, qd=8),
+    dict(key="randw4k_qd1", label="4 KiB randwrite QD1", rw="randwrite", bs=4096, qd=1),
+    dict(key="randw4k_qd32", label="4 KiB randwrite QD32", rw="randwrite", bs=4096, qd=32),
+    dict(key="randr4k_qd32", label="4 KiB randread QD32", rw="randread", bs=4096, qd=32),
+]
+WL = {w["key"]: w for w in WORKLOADS}
+
+
+def log(*a):
+    print("bench:", *a, flush=True)
+
+
+def loud(msg):
+    bar = "!" * 78
+    print(f"\n{bar}\n!! {msg}\n{bar}\n", flush=True)
+
+
+# ---------------------------------------------------------------- /proc sampling
+
+def read_stat(path):
+    """(comm, utime+stime ticks, last cpu) from a /proc/.../stat file."""
+    with open(path) as f:
+        s = f.read()
+    lp, rp = s.index("("), s.rindex(")")
+    comm = s[lp + 1:rp]
+    rest = s[rp + 2:].split()
+    # rest[0] is field 3 (state): field n is rest[n - 3].
+    return comm, int(rest[11]) + int(rest[12]), int(rest[36])
+
+
+def proc_cpu_ticks(pid):
+    try:
+        return read_stat(f"/proc/{pid}/stat")[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def threads_of(pid):
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out[int(tid)] = read_stat(f"/proc/{pid}/task/{tid}/stat")
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def all_procs():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                out[int(d)] = read_stat(f"/proc/{d}/stat")
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def busy_processes(seconds=2.0, min_pct=5.0):
+    """Processes using more than min_pct of a core over `seconds`, measured now."""
+    a = all_procs()
+    time.sleep(seconds)
+    b = all_procs()
+    busy = []
+    for pid, (comm, t1, _) in b.items():
+        if pid in a and a[pid][0] == comm:
+            pct = 100.0 * (t1 - a[pid][1]) / CLK_TCK / seconds
+            if pct >= min_pct:
+                busy.append((pct, pid, comm, cmdline(pid)))
+    busy.sort(reverse=True)
+    return busy
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100]
+    except OSError:
+        return ""
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
+def machine_check(label):
+    la = loadavg()
+    busy = busy_processes()
+    ncpu = os.cpu_count() or 1
+    total = sum(b[0] for b in busy)
+    state = dict(label=label, loadavg=la, busy=[dict(pct=round(p, 1), pid=pid, comm=c, cmd=cmd)
+                                               for p, pid, c, cmd in busy], busy_total_pct=round(total, 1))
+    log(f"{label}: loadavg {' '.join(la)} on {ncpu} cores; processes using CPU now: "
+        + (", ".join(f"{c}({pid}) {p:.0f}%" for p, pid, c, _ in busy) or "none"))
+    if float(la[0]) > 0.5 * ncpu or total > 20.0:
+        loud(f"MACHINE IS BUSY ({label}): 1-min loadavg {la[0]} on {ncpu} cores, "
+             f"{total:.0f}% of a core used by other processes right now. Numbers will be noisy.")
+        for p, pid, c, cmd in busy[:10]:
+            print(f"   {p:5.1f}%  pid {pid:<7} {c:<16} {cmd}")
+        print(flush=True)
+        state["warning"] = True
+    return state
+
+
+class Sampler:
+    """Samples the threads of `pids` (and every other process) twice during a
+    run, to report per-thread CPU and core, and the CPU other processes used."""
+
+    def __init__(self, pids, seconds):
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.seconds = seconds
+        self.result = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._t.start()
+        return self
+
+    def _snap(self):
+        th = {name: threads_of(pid) for name, pid in self.pids.items()}
+        return time.monotonic(), th, all_procs()
+
+    def _run(self):
+        if self._stop.wait(min(1.5, self.seconds * 0.3)):
+            return
+        a = self._snap()
+        if self._stop.wait(max(0.5, self.seconds * 0.5)):
+            pass
+        b = self._snap()
+        dt = b[0] - a[0]
+        threads = []
+        for name, tb in b[1].items():
+            ta = a[1].get(name, {})
+            for tid, (comm, ticks, cpu) in tb.items():
+                if tid in ta:
+                    pct = 100.0 * (ticks - ta[tid][1]) / CLK_TCK / dt
+                    threads.append(dict(proc=name, tid=tid, comm=comm, cpu=cpu,
+                                        cpu_before=ta[tid][2], pct=round(pct, 1)))
+        ours = set()
+        for pid in self.pids.values():
+            ours.add(pid)
+            ours.update(children_of(pid))
+        ours.add(os.getpid())
+        other = 0.0
+        other_list = []
+        for pid, (comm, ticks, _) in b[2].items():
+            if pid in ours or pid not in a[2] or a[2][pid][0] != comm:
+                continue
+            pct = 100.0 * (ticks - a[2][pid][1]) / CLK_TCK / dt
+            other += pct
+            if pct >= 5:
+                other_list.append(f"{comm} {pct:.0f}%")
+        threads.sort(key=lambda t: -t["pct"])
+        self.result = dict(threads=threads, other_pct=round(other, 1), other=other_list)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(timeout=5)
+        return self.result
+
+
+def children_of(pid):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- clients
+
+def fio_cmd(binary, engine_args, wl, seconds, region_mib):
+    return [binary, "--name=bench", "--thread", "--group_reporting",
+            f"--rw={wl['rw']}", f"--bs={wl['bs']}", f"--iodepth={wl['qd']}",
+            f"--size={region_mib}m", "--time_based=1", "--ramp_time=1",
+            f"--runtime={seconds}", "--lat_percentiles=1", "--randrepeat=0",
+            "--norandommap=1", "--output-format=json"] + engine_args
+
+
+def run_fio(binary, engine_args, wl, seconds, region_mib, tag):
+    out = os.path.join(OUT_DIR, f"{tag}.json")
+    cmd = fio_cmd(binary, engine_args, wl, seconds, region_mib) + [f"--output={out}"]
+    if os.path.exists(out):
+        os.remove(out)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return p, out, cmd
+
+
+def parse_fio(out_path, wl, rc, text):
+    try:
+        with open(out_path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        return dict(ok=False, error=f"fio rc={rc}, no JSON ({e}): {text.strip()[-300:]}")
+    job = d["jobs"][0]
+    side = job["read" if "read" in wl["rw"] else "write"]
+    lat = side.get("lat_ns", {}).get("percentile") or side.get("clat_ns", {}).get("percentile") or {}
+    res = dict(ok=rc == 0 and job.get("error", 0) == 0 and side["total_ios"] > 0,
+               iops=side["iops"], p50_us=lat.get("50.000000", 0) / 1000.0,
+               p99_us=lat.get("99.000000", 0) / 1000.0,
+               mibs=side["bw_bytes"] / 1048576.0, ios=side["total_ios"])
+    if not res["ok"]:
+        res["error"] = f"fio rc={rc} job error={job.get('error')} ios={side['total_ios']}: {text.strip()[-300:]}"
+    return res
+
+
+def run_nvme(addr, wl, seconds, region_mib):
+    rw = wl["rw"]
+    cmd = [DM_NVME, "io", "--addr", addr, "--nqn", DM_NQN, "--rw", rw, "--bs", str(wl["bs"]),
+           "--qd", str(wl["qd"]), "--seconds", str(seconds), "--region-mb", str(region_mib), "--json"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return p, cmd
+
+
+def parse_nvme(rc, out, err):
+    line = next((l for l in reversed(out.strip().splitlines()) if l.startswith("{")), None)
+    if not line:
+        return dict(ok=False, error=f"dm-nvme rc={rc}: {(err or out).strip()[-300:]}")
+    d = json.loads(line)
+    res = dict(ok=rc == 0 and d.get("errors", 0) == 0 and d.get("ops", 0) > 0,
+               iops=d["iops"], p50_us=d["p50_us"], p99_us=d["p99_us"],
+               mibs=d["mib_per_s"], ios=d.get("ops", 0))
+    if not res["ok"]:
+        res["error"] = f"dm-nvme rc={rc} errors={d.get('errors')}: {err.strip()[-300:]}"
+    return res
+
+
+def run_workload(target, proto, endpoint, wl, args, pids, tag):
+    """Runs one workload; returns a result dict (never raises)."""
+    seconds = args.seconds
+    timeout = seconds + 60
+    t0 = time.time()
+    try:
+        if proto == "nvme":
+            p, cmd = run_nvme(endpoint, wl, seconds, args.region_mib)
+            out_path = None
+        else:
+            if proto == "local":
+                binary, eargs = FIO, ["--ioengine=io_uring", "--direct=1", f"--filename={endpoint}"]
+            elif proto == "nbd":
+                binary, eargs = FIO, ["--ioengine=nbd", f"--uri={endpoint}"]
+            elif proto == "iscsi":
+                if not os.access(FIO_ISCSI, os.X_OK):
+                    return dict(ok=False, error=f"{FIO_ISCSI} missing (scripts/build-fio-libiscsi.sh)")
+                binary, eargs = FIO_ISCSI, ["--ioengine=libiscsi", f"--filename={endpoint}"]
+            else:
+                raise ValueError(proto)
+            p, out_path, cmd = run_fio(binary, eargs, wl, seconds, args.region_mib, tag)
+        # fio spends its ramp second before measuring; the sampler skips it.
+        sampler = Sampler(dict(pids, client=p.pid), seconds + (1 if proto != "nvme" else 0)).start()
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            sampler.stop()
+            return dict(ok=False, error=f"timed out after {timeout} s: {' '.join(cmd)}")
+        placement = sampler.stop()
+        if proto == "nvme":
+            res = parse_nvme(p.returncode, out, err or "")
+        else:
+            res = parse_fio(out_path, wl, p.returncode, (out or "") + (err or ""))
+        res["placement"] = placement
+        res["cmd"] = " ".join(cmd)
+        res["wall_s"] = round(time.time() - t0, 1)
+        return res
+    except Exception as e:  # noqa: BLE001 - a failed workload must not stop the run
+        return dict(ok=False, error=f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- servers
+
+def port_open(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port, secs=20):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        if port_open(port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_proc(p, sig=signal.SIGTERM, secs=10):
+    if p is None or p.poll() is not None:
+        return
+    try:
+        p.send_signal(sig)
+        p.wait(timeout=secs)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+class DmNodes:
+    """deltamirror nodes from example-config: node 1 alone (promoted) or both."""
+
+    def __init__(self, name, workdir, offset, nodes, poll_mode):
+        self.name, self.offset, self.nodes, self.poll_mode = name, offset, nodes, poll_mode
+        self.dir = os.path.join(workdir, name)
+        self.procs = {}
+        self.nbd_port = 10809 + offset
+        self.iscsi_port = 3260 + offset
+        self.nvme_port = 4420 + offset
+        self.admin = {n: f"127.0.0.1:{9400 + offset + n - 1}" for n in nodes}
+
+    def ports(self):
+        ps = []
+        for n in self.nodes:
+            ps += [10809 + self.offset + n - 1, 3260 + self.offset + n - 1, 4420 + self.offset + n - 1,
+                   9400 + self.offset + n - 1, 7400 + self.offset + n - 1]
+        return ps
+
+    def start(self):
+        busy = [p for p in self.ports() if port_open(p)]
+        if busy:
+            raise RuntimeError(f"ports already in use: {busy}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        for n in self.nodes:
+            cfg = subprocess.run([DM, "example-config", "--node", str(n), "--dir", self.dir,
+                                  "--port-offset", str(self.offset)],
+                                 check=True, capture_output=True, text=True).stdout
+            cfg, k = re.subn(r'(?m)^poll_mode\s*=.*$', f'poll_mode = "{self.poll_mode}"', cfg)
+            if k != 1:
+                raise RuntimeError("example-config has no poll_mode line")
+            path = os.path.join(self.dir, f"node{n}.toml")
+            with open(path, "w") as f:
+                f.write(cfg)
+            subprocess.run([DM, "format", "--config", path], check=True, capture_output=True, text=True)
+        for n in self.nodes:
+            logf = open(os.path.join(self.dir, f"node{n}.log"), "w")
+            env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+            self.procs[n] = subprocess.Popen([DM, "serve", "--config", os.path.join(self.dir, f"node{n}.toml")],
+                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                             env=env)
+        deadline = time.time() + 30
+        while self.status(1) is None:
+            if time.time() > deadline or self.procs[1].poll() is not None:
+                raise RuntimeError(f"node 1 admin never answered; see {self.dir}/node1.log")
+            time.sleep(0.1)
+        if len(self.nodes) == 1:
+            r = subprocess.run([DM, "promote", "--admin", self.admin[1]], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"promote failed: {r.stdout}{r.stderr}")
+        else:
+            self.wait(1, lambda s: s["role"] == "primary" and s["peer_state"] == "connected", 30,
+                      "primary with the backup connected")
+        if not wait_port(self.nbd_port, 20):
+            raise RuntimeError(f"NBD port {self.nbd_port} never opened; see {self.dir}/node1.log")
+
+    def status(self, n):
+        r = subprocess.run([DM, "status", "--json", "--admin", self.admin[n]], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
+
+    def wait(self, n, pred, secs, what):
+        deadline = time.time() + secs
+        while True:
+            s = self.status(n)
+            if s is not None and pred(s):
+                return s
+            if time.time() > deadline:
+                raise RuntimeError(f"node {n} not '{what}' within {secs} s: {s}")
+            time.sleep(0.1)
+
+    def settle(self):
+        """Waits (bounded) until the backup executed everything, between workloads."""
+        if len(self.nodes) < 2:
+            return
+        try:
+            self.wait(1, lambda s: s["ack2_seq"] >= s["head_seq"], 30, "backup caught up")
+        except RuntimeError as e:
+            log(f"{self.name}: {e}")
+
+    def pids(self):
+        return {f"node{n}": p.pid for n, p in self.procs.items() if p.poll() is None}
+
+    def rss(self):
+        out = {}
+        for n in self.nodes:
+            s = self.status(n)
+            if s is not None:
+                out[f"node{n}"] = s.get("rss_bytes")
+        return out
+
+    def alive(self):
+        return all(p.poll() is None for p in self.procs.values())
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            stop_proc(p)
+
+
+def idle_cpu(pids, secs):
+    a = {k: proc_cpu_ticks(p) for k, p in pids.items()}
+    time.sleep(secs)
+    b = {k: proc_cpu_ticks(p) for k, p in pids.items()}
+    per = {k: (b[k] - a[k]) / CLK_TCK for k in pids if a[k] is not None and b[k] is not None}
+    return dict(seconds=secs, per_node=per, total_cpu_s=round(sum(per.values()), 3))
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.results = []  # dicts: target, proto, group, workload, ...
+        self.extra = {}
+        self.failures = []
+        self.work = args.workdir
+
+    def record(self, target, group, proto, wl, res):
+        res.update(target=target, group=group, proto=proto, workload=wl["key"])
+        self.results.append(res)
+        if res.get("ok"):
+            log(f"  {target:<34} {wl['label']:<22} {res['iops']:>9.0f} IOPS  p50 {res['p50_us']:>7.0f} µs"
+                f"  p99 {res['p99_us']:>7.0f} µs  {res['mibs']:>7.1f} MiB/s"
+                f"  (others {res.get('placement', {}) and res['placement'].get('other_pct', 0):.0f}% CPU)")
+        else:
+            log(f"  {target:<34} {wl['label']:<22} FAILED: {res.get('error')}")
+            self.failures.append(f"{target} / {wl['label']}: {res.get('error')}")
+
+    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None):
+        for wl in WORKLOADS:
+            if alive is not None and not alive():
+                self.record(target, group, proto, wl, dict(ok=False, error="server process exited"))
+                continue
+            tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
+            self.record(target, group, proto, wl, run_workload(target, proto, endpoint, wl, self.args, pids(), tag))
+            if settle:
+                settle()
+
+    def want(self, name):
+        return not self.args.only or name in self.args.only
+
+    # floors -------------------------------------------------------------
+    def local(self):
+        path = os.path.join(self.work, "local.img")
+        log("floor: local disk, fio io_uring O_DIRECT on", path)
+        self.workloads("local disk (fio io_uring)", "floor", "local", path, lambda: {})
+
+    def engine_bench(self):
+        log("floor: replication link round trip (target/release/bench)")
+        d = os.path.join(self.work, "engine")
+        cmd = [ENGINE_BENCH, "--dir", d, "--qd1-ops", "5000", "--seconds", "2", "--size-mib", "256",
+               "--port", str(ENGINE_BENCH_PORT)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            self.failures.append("engine bench: timed out")
+            return
+        rows = {}
+        for line in r.stdout.splitlines():
+            m = re.match(r"^\| (.+?) \| (\d+) \| (\d+) \| (\d+) \| (\S+) \| (\d+) \|$", line)
+            if m:
+                rows[m.group(1)] = dict(p50_us=float(m.group(2)), p99_us=float(m.group(3)),
+                                        p999_us=float(m.group(4)),
+                                        qd32_iops=None if m.group(5) == "-" else float(m.group(5)),
+                                        rss_mib=float(m.group(6)))
+        self.extra["engine_bench"] = dict(cmd=" ".join(cmd), rc=r.returncode, rows=rows,
+                                          stdout=r.stdout, stderr=r.stderr[-2000:])
+        for k, v in rows.items():
+            log(f"  {k:<34} p50 {v['p50_us']:.0f} µs  p99 {v['p99_us']:.0f} µs"
+                + (f"  QD32 {v['qd32_iops']:.0f} IOPS" if v["qd32_iops"] else ""))
+        if r.returncode != 0 or not any(k.startswith("link round trip") for k in rows):
+            self.failures.append(f"engine bench rc={r.returncode}: {r.stderr.strip()[-300:]}")
+        shutil.rmtree(d, ignore_errors=True)
+
+    # peers --------------------------------------------------------------
+    def peer_image(self):
+        img = os.path.join(self.work, "peer.img")
+        if not os.path.exists(img):
+            with open(img, "wb") as f:
+                f.truncate(1 << 30)
+            subprocess.run(["fallocate", "-l", str(1 << 30), img], check=False)
+        return img
+
+    def nbdkit(self):
+        img = self.peer_image()
+        log(f"peer: nbdkit file plugin on 127.0.0.1:{PEER_NBDKIT_PORT}")
+        p = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1",
+                              "--port", str(PEER_NBDKIT_PORT), "file", f"file={img}"],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "nbdkit.log"), "w"))
+        try:
+            if not wait_port(PEER_NBDKIT_PORT):
+                raise RuntimeError("nbdkit did not start")
+            self.workloads("nbdkit file (NBD)", "peer", "nbd", f"nbd://127.0.0.1:{PEER_NBDKIT_PORT}/",
+                           lambda: {"nbdkit": p.pid}, alive=lambda: p.poll() is None)
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"nbdkit: {e}")
+        finally:
+            stop_proc(p)
+
+    def qemu_nbd(self):
+        img = self.peer_image()
+        log(f"peer: qemu-nbd on 127.0.0.1:{PEER_QEMU_PORT}")
+        p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(PEER_QEMU_PORT),
+                              "-x", "bench", "--persistent", "--shared=8", img],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "qemu-nbd.log"), "w"))
+        try:
+            if not wait_port(PEER_QEMU_PORT):
+                raise RuntimeError("qemu-nbd did not start")
+            self.workloads("qemu-nbd (NBD)", "peer", "nbd", f"nbd://127.0.0.1:{PEER_QEMU_PORT}/bench",
+                           lambda: {"qemu-nbd": p.pid}, alive=lambda: p.poll() is None)
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"qemu-nbd: {e}")
+        finally:
+            stop_proc(p)
+
+    def tgtd(self):
+        img = self.peer_image()
+        cp = str(TGTD_CONTROL_PORT)
+        log(f"peer: tgtd on 127.0.0.1:{PEER_TGTD_PORT} (control port {cp})")
+        if port_open(PEER_TGTD_PORT):
+            self.failures.append(f"tgtd: port {PEER_TGTD_PORT} already in use")
+            return
+        p = subprocess.Popen(["tgtd", "-f", "-C", cp, "--iscsi", f"portal=127.0.0.1:{PEER_TGTD_PORT}"],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "tgtd.log"), "w"))
+
+        def adm(*a):
+            subprocess.run(["tgtadm", "-C", cp, "--lld", "iscsi"] + list(a), check=True,
+                           capture_output=True, text=True)
+        try:
+            if not wait_port(PEER_TGTD_PORT):
+                raise RuntimeError("tgtd did not start")
+            time.sleep(0.3)
+            adm("--op", "new", "--mode", "target", "--tid", "1", "-T", PEER_IQN)
+            adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img)
+            adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+            url = "iscsi\\://127.0.0.1\\:%d/%s/1" % (PEER_TGTD_PORT, PEER_IQN.replace(":", "\\:"))
+            self.workloads("tgtd (iSCSI)", "peer", "iscsi", url, lambda: {"tgtd": p.pid},
+                           alive=lambda: p.poll() is None)
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"tgtd: {e}")
+        finally:
+            # tgtd ignores SIGTERM.
+            subprocess.run(["tgtadm", "-C", cp, "--op", "delete", "--mode", "system"], capture_output=True)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # deltamirror --------------------------------------------------------
+    def deltamirror(self, key, label, offset, nodes, poll_mode, idle=False):
+        log(f"deltamirror: {label} (nodes {nodes}, poll {poll_mode}, port offset {offset})")
+        dm = DmNodes(key, self.work, offset, nodes, poll_mode)
+        info = dict(label=label, nodes=nodes, poll_mode=poll_mode, rss=[], placement_idle=None)
+        self.extra.setdefault("dm", {})[key] = info
+        try:
+            dm.start()
+            info["status_start"] = {n: dm.status(n) for n in nodes}
+            if idle:
+                time.sleep(2)
+                info["idle_cpu"] = idle_cpu(dm.pids(), self.args.idle_seconds)
+                log(f"  idle CPU over {self.args.idle_seconds} s: {info['idle_cpu']['total_cpu_s']:.3f} CPU s"
+                    f" {info['idle_cpu']['per_node']}")
+            protos = [("NBD", "nbd", f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"),
+                      ("iSCSI", "iscsi", "iscsi\\://127.0.0.1\\:%d/%s/0" % (dm.iscsi_port, DM_IQN.replace(":", "\\:"))),
+                      ("NVMe/TCP", "nvme", f"127.0.0.1:{dm.nvme_port}")]
+            for pname, proto, ep in protos:
+                self.workloads(f"{label}, {pname}", key, proto, ep, dm.pids, settle=dm.settle, alive=dm.alive)
+                info["rss"].append(dict(after=pname, **dm.rss()))
+            info["status_end"] = {n: dm.status(n) for n in nodes}
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"{label}: {e}")
+            log(f"  {label}: FAILED: {e}")
+        finally:
+            dm.stop()
+            if not self.args.keep:
+                shutil.rmtree(dm.dir, ignore_errors=True)
+
+    def go(self):
+        a = self.args
+        os.makedirs(OUT_DIR, exist_ok=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        t0 = time.time()
+        self.extra["started"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.extra["check_before"] = machine_check("before")
+        if self.want("local"):
+            self.local()
+        if self.want("link"):
+            self.engine_bench()
+        if self.want("nbdkit"):
+            self.nbdkit()
+        if self.want("qemu-nbd"):
+            self.qemu_nbd()
+        if self.want("tgtd"):
+            self.tgtd()
+        if os.path.exists(os.path.join(self.work, "peer.img")):
+            os.remove(os.path.join(self.work, "peer.img"))
+        if self.want("dm-one"):
+            self.deltamirror("dm-one", "deltamirror 1 node", OFF_ONE, [1], "adaptive")
+        if self.want("dm-mirrored"):
+            self.deltamirror("dm-mirrored", "deltamirror mirrored", OFF_MIRROR, [1, 2], "adaptive", idle=True)
+        if self.want("dm-busy") and not a.no_busy:
+            self.deltamirror("dm-busy", "deltamirror mirrored busy-poll", OFF_BUSY, [1, 2], "busy", idle=True)
+        self.extra["check_after"] = machine_check("after")
+        self.extra["duration_s"] = round(time.time() - t0)
+        if not a.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(v, nd=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{nd}f}"
+
+
+def machine_desc():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({model}), Linux {os.uname().release}"
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                                ":!BENCHMARKS.md", ":!docs/benchmarks.png"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes in the tree)" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def compute_ratios(run):
+    R = {(r["target"], r["workload"]): r for r in run.results if r.get("ok")}
+
+    def g(t, w, f):
+        r = R.get((t, w))
+        return r[f] if r else None
+
+    def div(a, b):
+        return a / b if a is not None and b not in (None, 0) else None
+
+    eb = run.extra.get("engine_bench", {}).get("rows", {})
+    link_block = eb.get("link round trip (blocking)", {}).get("p50_us")
+    link_busy = eb.get("link round trip (busy poll)", {}).get("p50_us")
+    local_p50 = g("local disk (fio io_uring)", "randw4k_qd1", "p50_us")
+    out = []
+
+    def add(name, val, note, aim=""):
+        out.append(dict(name=name, value=val, note=note, aim=aim))
+
+    for proto in ["NBD", "iSCSI", "NVMe/TCP"]:
+        m = g(f"deltamirror mirrored, {proto}", "randw4k_qd1", "p50_us")
+        add(f"mirrored QD1 write p50 / (local p50 + link p50), {proto}, adaptive",
+            div(m, (local_p50 or 0) + (link_block or 0)) if local_p50 and link_block else None,
+            f"{fmt(m)} / ({fmt(local_p50)} + {fmt(link_block)}) µs", "≤ 1.25" if proto == "NBD" else "")
+    for proto in ["NBD", "NVMe/TCP"]:
+        m = g(f"deltamirror mirrored busy-poll, {proto}", "randw4k_qd1", "p50_us")
+        add(f"mirrored QD1 write p50 / (local p50 + link p50), {proto}, busy poll",
+            div(m, (local_p50 or 0) + (link_busy or 0)) if local_p50 and link_busy else None,
+            f"{fmt(m)} / ({fmt(local_p50)} + {fmt(link_busy)}) µs", "≤ 1.25" if proto == "NBD" else "")
+    for proto in ["NBD", "iSCSI", "NVMe/TCP"]:
+        m = g(f"deltamirror mirrored, {proto}", "randw4k_qd32", "iops")
+        u = g(f"deltamirror 1 node, {proto}", "randw4k_qd32", "iops")
+        add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}")
+    for wl in ["randw4k_qd32", "randw4k_qd1", "randr4k_qd32"]:
+        m = g("deltamirror mirrored, NBD", wl, "iops")
+        k = g("nbdkit file (NBD)", wl, "iops")
+        add(f"NBD mirrored / nbdkit, {WL[wl]['label']} IOPS", div(m, k), f"{fmt(m)} / {fmt(k)}")
+    for wl in ["randw4k_qd32", "randw4k_qd1", "randr4k_qd32"]:
+        m = g("deltamirror mirrored, iSCSI", wl, "iops")
+        t = g("tgtd (iSCSI)", wl, "iops")
+        add(f"iSCSI mirrored / tgtd, {WL[wl]['label']} IOPS", div(m, t), f"{fmt(m)} / {fmt(t)}")
+    for wl in ["randw4k_qd32", "randw4k_qd1", "randr4k_qd32"]:
+        n = g("deltamirror mirrored, NVMe/TCP", wl, "iops")
+        b = g("deltamirror mirrored, NBD", wl, "iops")
+        add(f"NVMe/TCP / NBD (mirrored), {WL[wl]['label']} IOPS", div(n, b), f"{fmt(n)} / {fmt(b)}")
+    m = g("deltamirror mirrored, NBD", "randw4k_qd32", "iops")
+    l = g("local disk (fio io_uring)", "randw4k_qd32", "iops")
+    add("NBD mirrored / local disk, QD32 write IOPS", div(m, l), f"{fmt(m)} / {fmt(l)}", "≥ 0.7")
+    return out
+
+
+TARGET_ORDER = ["floor", "peer", "dm-one", "dm-mirrored", "dm-busy"]
+
+
+def write_report(run, path_md, path_png):
+    a = run.args
+    L = []
+    before, after = run.extra.get("check_before", {}), run.extra.get("check_after", {})
+    L.append("# deltamirror benchmarks\n")
+    L.append("Generated by `scripts/bench.sh` (scripts/bench/bench.py); do not edit by hand. "
+             "Methodology and what moved each number: [docs/performance.md](docs/performance.md).\n")
+    L.append(f"- Run: {run.extra.get('started')}, {run.extra.get('duration_s')} s in all, "
+             f"commit {git_rev()}.")
+    L.append(f"- Machine: {machine_desc()}; every client and server on 127.0.0.1.")
+    L.append(f"- Each workload: {a.seconds} s (fio adds a 1 s ramp), over the first {a.region_mib} MiB of the "
+             f"volume; the 128 KiB sequential write runs first so that reads read written blocks.")
+    L.append(f"- Load before: loadavg {' '.join(before.get('loadavg', []))}, other processes "
+             f"{before.get('busy_total_pct', '?')}% of a core"
+             + (f" ({', '.join(b['comm'] + ' ' + str(round(b['pct'])) + '%' for b in before.get('busy', [])[:6])})"
+                if before.get("busy") else "")
+             + f". After: loadavg {' '.join(after.get('loadavg', []))}, other processes "
+             f"{after.get('busy_total_pct', '?')}% of a core.")
+    if before.get("warning") or after.get("warning") or any(
+            (r.get("placement") or {}).get("other_pct", 0) > 20 for r in run.results):
+        L.append("\n> **The machine was not quiet.** Other engineers' builds and tests shared these 2 cores "
+                 "during the run; the column \"others %\" is the CPU that processes other than the client "
+                 "and server under test used during each measurement (100% = one core). Treat rows with a "
+                 "high value as noisy, and compare ratios rather than absolute numbers.")
+    L.append("")
+    if run.failures:
+        L.append("## Failures\n")
+        for f in run.failures:
+            L.append(f"- {f}")
+        L.append("")
+    else:
+        L.append("All workloads completed.\n")
+
+    L.append(f"![IOPS and latency per target](docs/{os.path.basename(path_png)})\n")
+
+    L.append("## Results\n")
+    L.append("Latency is per I/O, submission to completion, as the client saw it (fio `lat`, dm-nvme). "
+             "MiB/s = 2^20 bytes per second.\n")
+    for wl in WORKLOADS:
+        L.append(f"### {wl['label']}\n")
+        L.append("| target | IOPS | p50 µs | p99 µs | MiB/s | others % |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        rows = [r for r in run.results if r["workload"] == wl["key"]]
+        rows.sort(key=lambda r: TARGET_ORDER.index(r["group"]) if r["group"] in TARGET_ORDER else 99)
+        for r in rows:
+            if r.get("ok"):
+                L.append(f"| {r['target']} | {fmt(r['iops'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
+                         f"{fmt(r['mibs'], 1)} | {fmt((r.get('placement') or {}).get('other_pct'))} |")
+            else:
+                L.append(f"| {r['target']} | **failed** | | | | |")
+        L.append("")
+
+    eb = run.extra.get("engine_bench")
+    if eb:
+        L.append("## Floors from the engine bench (`target/release/bench`)\n")
+        L.append(f"`{eb['cmd']}` — 4 KiB writes inside one process (no front-end protocol). The link round "
+                 "trip is a 4 KiB frame one way and a 16-byte ACK back over loopback TCP.\n")
+        L.append("| what | QD1 p50 µs | p99 µs | p99.9 µs | QD32 IOPS | RSS MiB |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for k, v in eb["rows"].items():
+            L.append(f"| {k} | {fmt(v['p50_us'])} | {fmt(v['p99_us'])} | {fmt(v['p999_us'])} | "
+                     f"{fmt(v['qd32_iops'])} | {fmt(v['rss_mib'])} |")
+        L.append("")
+
+    L.append("## Ratios\n")
+    L.append("| ratio | value | from | aim |")
+    L.append("|---|---:|---|---|")
+    for r in compute_ratios(run):
+        L.append(f"| {r['name']} | {fmt(r['value'], 2)} | {r['note']} | {r['aim']} |")
+    L.append("")
+    L.append("The latency floor uses the fio QD1 p50 on the local file and the engine bench's link p50: "
+             "blocking sockets for the adaptive pair, busy-polled sockets for the busy-poll pair.\n")
+
+    dm = run.extra.get("dm", {})
+    if dm:
+        L.append("## Resident memory of each deltamirror node\n")
+        L.append("`rss_bytes` from `deltamirror status --json` after each protocol's workloads (mapped ring "
+                 "pages that were touched count).\n")
+        L.append("| configuration | after | node 1 MiB | node 2 MiB |")
+        L.append("|---|---|---:|---:|")
+        for k, info in dm.items():
+            for r in info.get("rss", []):
+                n1, n2 = r.get("node1"), r.get("node2")
+                L.append(f"| {info['label']} | {r['after']} | {fmt(n1 / 1048576 if n1 else None, 1)} | "
+                         f"{fmt(n2 / 1048576 if n2 else None, 1)} |")
+        L.append("")
+        L.append("## Idle CPU of an idle pair\n")
+        L.append("CPU seconds (user + system, from /proc/PID/stat) used by both `serve` processes over an idle "
+                 "window right after start-up, before any I/O.\n")
+        L.append("| configuration | window s | node 1 CPU s | node 2 CPU s | total CPU s | share of one core |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for k, info in dm.items():
+            ic = info.get("idle_cpu")
+            if ic:
+                per = ic["per_node"]
+                L.append(f"| {info['label']} ({info['poll_mode']}) | {ic['seconds']} | "
+                         f"{fmt(per.get('node1'), 2)} | {fmt(per.get('node2'), 2)} | {fmt(ic['total_cpu_s'], 2)} | "
+                         f"{fmt(100 * ic['total_cpu_s'] / ic['seconds'], 1)}% |")
+        L.append("")
+
+    L.append("## Where threads ran (4 KiB randwrite QD32)\n")
+    L.append("Per-thread CPU (100% = one core) and the core each thread was on at the two samples taken during "
+             "the run (from /proc/PID/task/TID/stat; `ps -eLo pid,tid,psr,comm` shows the same psr). "
+             "Threads under 3% are left out.\n")
+    L.append("| target | process: thread core(s) CPU% | others % |")
+    L.append("|---|---|---:|")
+    for r in run.results:
+        if r["workload"] != "randw4k_qd32" or not r.get("placement"):
+            continue
+        pl = r["placement"]
+        parts = []
+        for t in pl["threads"]:
+            if t["pct"] < 3:
+                continue
+            cores = str(t["cpu"]) if t["cpu"] == t["cpu_before"] else f"{t['cpu_before']}→{t['cpu']}"
+            parts.append(f"{t['proc']}: {t['comm']} c{cores} {t['pct']:.0f}%")
+        L.append(f"| {r['target']} | {'; '.join(parts)} | {fmt(pl.get('other_pct'))} |")
+    L.append("")
+
+    L.append("## How each target was run\n")
+    L.append("- local disk: `fio --ioengine=io_uring --direct=1` on a file under /var/tmp (ext4 on the VM disk).")
+    L.append("- link round trip: `target/release/bench` (blocking and busy-polled sockets).")
+    L.append("- nbdkit: `nbdkit file file=IMG` (default cache: page cache); qemu-nbd: `qemu-nbd -f raw "
+             "--persistent --shared=8 IMG` (default writeback cache); tgtd: `tgtd -f --iscsi portal=...` with a "
+             "file-backed LUN 1 (buffered). All three on a fallocated 1 GiB file under /var/tmp, driven by "
+             "`fio --ioengine=nbd` and fio built with libiscsi (`target/fio-libiscsi/fio`).")
+    L.append("- deltamirror: `deltamirror example-config --node N` configs (1 GiB file volume, 64 MiB ring, "
+             "`ack1 = \"persisted\"`, node 1 reactor on core 0, node 2 on core 1), `format`, `serve`. "
+             "\"1 node\" is node 1 alone, made to serve by `deltamirror promote` (degraded mode: every write "
+             "still goes to the ring and the disk, with the backup recorded stale). \"mirrored\" is both "
+             "nodes with `poll_mode = \"adaptive\"`; \"busy-poll\" with `poll_mode = \"busy\"`. NBD and iSCSI "
+             "through fio (`--ioengine=nbd`, `--ioengine=libiscsi`), NVMe/TCP through "
+             "`target/release/dm-nvme io --json` (one I/O queue). Between workloads the harness waits until "
+             "the backup has executed everything (ACK2 = head).")
+    L.append("- Raw results, commands and per-thread samples: `target/bench/results.json`.")
+    L.append("")
+    with open(path_md, "w") as f:
+        f.write("\n".join(L))
+
+
+def write_chart(run, path_png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no matplotlib: chart skipped")
+        return False
+    targets = []
+    for r in run.results:
+        if r["target"] not in targets:
+            targets.append(r["target"])
+    R = {(r["target"], r["workload"]): r for r in run.results if r.get("ok")}
+    colors = {"floor": "#555555", "peer": "#8da0cb", "dm-one": "#a6d854", "dm-mirrored": "#fc8d62",
+              "dm-busy": "#e78ac3"}
+    group_of = {r["target"]: r["group"] for r in run.results}
+    panels = [("randw4k_qd1", "iops", "4 KiB randwrite QD1: IOPS"),
+              ("randw4k_qd1", "p50_us", "4 KiB randwrite QD1: p50 latency (µs)"),
+              ("randw4k_qd32", "iops", "4 KiB randwrite QD32: IOPS"),
+              ("randr4k_qd32", "iops", "4 KiB randread QD32: IOPS"),
+              ("seqw128k", "mibs", "128 KiB seq write QD8: MiB/s"),
+              ("randw4k_qd32", "p99_us", "4 KiB randwrite QD32: p99 latency (µs)")]
+    fig, axes = plt.subplots(3, 2, figsize=(14, 3 + 0.42 * len(targets) * 3), constrained_layout=True)
+    ys = list(range(len(targets)))[::-1]
+    for ax, (wl, field, title) in zip(axes.flat, panels):
+        vals = [R[(t, wl)][field] if (t, wl) in R else 0 for t in targets]
+        ax.barh(ys, vals, color=[colors.get(group_of[t], "#999") for t in targets])
+        ax.set_yticks(ys)
+        ax.set_yticklabels(targets, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        vmax = max(vals) if vals and max(vals) > 0 else 1
+        for y, v, t in zip(ys, vals, targets):
+            ax.text(v + vmax * 0.01, y, "failed" if (t, wl) not in R else f"{v:,.0f}", va="center", fontsize=7)
+        ax.set_xlim(0, vmax * 1.18)
+    fig.suptitle(f"deltamirror benchmarks, {run.extra.get('started')} (loopback, {os.cpu_count()} cores; "
+                 f"loadavg before {run.extra.get('check_before', {}).get('loadavg', ['?'])[0]})", fontsize=11)
+    fig.savefig(path_png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=5, help="measured seconds per workload (default 5)")
+    ap.add_argument("--region-mib", type=int, default=256, help="MiB of each volume the workloads touch")
+    ap.add_argument("--idle-seconds", type=int, default=10, help="idle-CPU window per pair (default 10)")
+    ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
+    ap.add_argument("--only", type=lambda s: s.split(","), default=None,
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy")
+    ap.add_argument("--workdir", default="/var/tmp/deltamirror-bench",
+                    help="scratch directory on the disk to measure (not tmpfs)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="report path")
+    ap.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmarks.png"), help="chart path")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory and node logs")
+    args = ap.parse_args()
+    for b in (DM, DM_NVME, ENGINE_BENCH):
+        if not os.access(b, os.X_OK):
+            sys.exit(f"bench: {b} missing: run scripts/bench.sh (it builds the release binaries)")
+    run = Run(args)
+    interrupted = False
+    try:
+        run.go()
+    except KeyboardInterrupt:
+        interrupted = True
+        run.failures.append("interrupted")
+    with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
+        json.dump(dict(args=vars(args), results=run.results, extra=run.extra, failures=run.failures), f,
+                  indent=1, default=str)
+    write_chart(run, args.chart)
+    write_report(run, args.out, args.chart)
+    log(f"wrote {args.out}, {args.chart}, {OUT_DIR}/results.json")
+    print()
+    for r in compute_ratios(run):
+        print(f"  {r['name']:<70} {fmt(r['value'], 2):>6}   {r['note']}")
+    if run.failures or interrupted:
+        print(f"\nbench: {len(run.failures)} FAILURE(S):")
+        for f in run.failures:
+            print("  -", f)
+        sys.exit(1)
+    log("all workloads completed")
+
+
+if __name__ == "__main__":
+    main()
