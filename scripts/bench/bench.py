@@ -248,7 +248,9 @@ def run_fio(binary, engine_args, wl, seconds, region_mib, tag):
 def parse_fio(out_path, wl, rc, text):
     try:
         with open(out_path) as f:
-            d = json.load(f)
+            raw = f.read()
+        # fio writes notes ("fio: connected to NBD server", "note: ...") before the JSON.
+        d = json.loads(raw[raw.index("\n{") + 1:] if not raw.startswith("{") else raw)
     except (OSError, ValueError) as e:
         return dict(ok=False, error=f"fio rc={rc}, no JSON ({e}): {text.strip()[-300:]}")
     job = d["jobs"][0]
@@ -515,7 +517,7 @@ class Run:
     def engine_bench(self):
         log("floor: replication link round trip (target/release/bench)")
         d = os.path.join(self.work, "engine")
-        cmd = [ENGINE_BENCH, "--dir", d, "--qd1-ops", "5000", "--seconds", "2", "--size-mib", "256",
+        cmd = [ENGINE_BENCH, "--dir", d, "--qd1-ops", "2000", "--seconds", "2", "--size-mib", "256",
                "--port", str(ENGINE_BENCH_PORT)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
