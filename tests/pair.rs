@@ -576,3 +576,133 @@ fn unsafe_uid() -> u32 {
         .parse()
         .unwrap_or(1)
 }
+
+/// The `dm-nvme` initiator, built from the nvme-target crate.
+fn dm_nvme() -> Option<PathBuf> {
+    let exe = PathBuf::from(EXE);
+    let p = exe.parent()?.join("dm-nvme");
+    if p.exists() {
+        return Some(p);
+    }
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "nvme-target", "--bin", "dm-nvme"])
+        .status()
+        .ok()?;
+    (st.success() && p.exists()).then_some(p)
+}
+
+#[test]
+fn f_nvme_initiator_follows_ana_across_a_planned_failover() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(nvme) = dm_nvme() else {
+        println!("SKIPPED: could not build dm-nvme");
+        return;
+    };
+    let mut p = Pair::new("f", 3500, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    let paths = format!("127.0.0.1:{},127.0.0.1:{}", 4420 + 3500, 4421 + 3500);
+    let run = Command::new(&nvme)
+        .args([
+            "failover",
+            "--nqn",
+            "nqn.2026-11.io.deltamirror:demo",
+            "--paths",
+            &paths,
+            "--seconds",
+            "10",
+            "--qd",
+            "8",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Planned failover: the primary steps down, the backup takes over.
+    assert!(p.admin_cmd(0, "demote"), "demote refused");
+    p.wait(0, "demoted", 20, |s| s["role"] == "backup");
+    assert!(p.admin_cmd(1, "promote"), "promote refused");
+    p.wait(1, "promoted", 20, |s| s["role"] == "primary");
+    let out = run.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "dm-nvme failover failed:\n{text}");
+    assert!(
+        text.contains("lost_writes=0"),
+        "no completed write lost:\n{text}"
+    );
+    assert!(
+        !text.contains("path_switches=0"),
+        "the initiator switched paths:\n{text}"
+    );
+    let (sp, _) = p.wait_in_sync(1);
+    assert_eq!(u(&sp, "remirrors"), 0);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}
+
+#[test]
+fn g_iscsi_conformance_against_the_mirrored_primary() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["iscsi-test-cu"]) {
+        return;
+    }
+    let mut p = Pair::new("g", 3600, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    let url = format!(
+        "iscsi://127.0.0.1:{}/iqn.2026-11.io.deltamirror:demo/0",
+        3260 + 3600
+    );
+    let out = Command::new("iscsi-test-cu")
+        .args(["-d", "-t", "ALL", &url])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let skipped = text.matches("[SKIPPED]").count();
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tests ") || l.contains("asserts"))
+        .collect();
+    println!(
+        "iscsi-test-cu against the mirrored primary: {skipped} skipped\n{}",
+        summary.join("\n")
+    );
+    // CUnit: "tests   230   230   N    F    n/a"
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tests"))
+        .expect("CUnit summary");
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let (run, passed, failed): (usize, usize, usize) = (
+        cols[2].parse().unwrap(),
+        cols[3].parse().unwrap(),
+        cols[4].parse().unwrap(),
+    );
+    println!(
+        "run {run}, passed {passed} (of which {skipped} skipped: {} real), failed {failed}",
+        passed - skipped.min(passed)
+    );
+    assert!(failed <= 8, "no more failures than tgtd (8)");
+    assert!(
+        passed - skipped.min(passed) > 160,
+        "more real passes than tgtd (160)"
+    );
+    let (sp, _) = p.wait_in_sync(0);
+    assert_eq!(u(&sp, "remirrors"), 0);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "the conformance writes are mirrored: images differ"
+    );
+}

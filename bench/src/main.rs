@@ -219,7 +219,11 @@ fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeOptions {
             model: "bench".into(),
             node_index: id as u16,
         },
-        core: default_core_config(id),
+        core: {
+            let mut c = default_core_config(id);
+            c.ack1_persisted = std::env::var("DM_BENCH_ACK1").map_or(true, |v| v != "received");
+            c
+        },
         link: LinkOptions {
             node_id: id,
             listen: format!("127.0.0.1:{}", port + id as u16 - 1)
@@ -350,7 +354,18 @@ fn main() {
     let local = bench_local(&local_path, &args);
     let link_block = bench_link(&args, false);
     let link_busy = bench_link(&args, true);
-    let m_busy = bench_mirrored(&args, PollMode::Busy, 0);
+    let m_busy = if std::env::var("DM_BENCH_SKIP_BUSY").is_ok() {
+        Result1 {
+            name: "mirrored volume (busy poll) skipped".into(),
+            p50: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+            iops32: 0.0,
+            rss_mib: 0.0,
+        }
+    } else {
+        bench_mirrored(&args, PollMode::Busy, 0)
+    };
     let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1);
     let _ = std::fs::remove_file(&local_path);
     println!();

@@ -653,6 +653,11 @@ class Run:
         t0 = time.time()
         self.extra["started"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         self.extra["check_before"] = machine_check("before")
+        deadline = time.time() + a.wait_quiet
+        while self.extra["check_before"].get("warning") and time.time() < deadline:
+            log(f"waiting for the machine to go quiet (--wait-quiet, {deadline - time.time():.0f} s left)")
+            time.sleep(10)
+            self.extra["check_before"] = machine_check("before")
         if self.want("local"):
             self.local()
         if self.want("link"):
@@ -926,7 +931,7 @@ def write_chart(run, path_png):
               ("randr4k_qd32", "iops", "4 KiB randread QD32: IOPS"),
               ("seqw128k", "mibs", "128 KiB seq write QD8: MiB/s"),
               ("randw4k_qd32", "p99_us", "4 KiB randwrite QD32: p99 latency (µs)")]
-    fig, axes = plt.subplots(3, 2, figsize=(14, 3 + 0.42 * len(targets) * 3), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(14, 2 + 0.28 * len(targets) * 3), constrained_layout=True)
     ys = list(range(len(targets)))[::-1]
     for ax, (wl, field, title) in zip(axes.flat, panels):
         vals = [R[(t, wl)][field] if (t, wl) in R else 0 for t in targets]
@@ -951,6 +956,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=5, help="measured seconds per workload (default 5)")
     ap.add_argument("--region-mib", type=int, default=256, help="MiB of each volume the workloads touch")
     ap.add_argument("--idle-seconds", type=int, default=10, help="idle-CPU window per pair (default 10)")
+    ap.add_argument("--wait-quiet", type=int, default=0, metavar="S",
+                    help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
                     help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy")
