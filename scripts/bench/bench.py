@@ -183,6 +183,12 @@ class Sampler:
         if self._stop.wait(max(0.5, self.seconds * 0.5)):
             pass
         b = self._snap()
+        pids = ",".join(str(p) for p in self.pids.values())
+        try:
+            ps = subprocess.run(["ps", "-Lo", "pid,tid,psr,pcpu,comm", "-p", pids],
+                                capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            ps = ""
         dt = b[0] - a[0]
         threads = []
         for name, tb in b[1].items():
@@ -207,7 +213,7 @@ class Sampler:
             if pct >= 5:
                 other_list.append(f"{comm} {pct:.0f}%")
         threads.sort(key=lambda t: -t["pct"])
-        self.result = dict(threads=threads, other_pct=round(other, 1), other=other_list)
+        self.result = dict(threads=threads, other_pct=round(other, 1), other=other_list, ps=ps)
 
     def stop(self):
         self._stop.set()
@@ -514,6 +520,35 @@ class Run:
         log("floor: local disk, fio io_uring O_DIRECT on", path)
         self.workloads("local disk (fio io_uring)", "floor", "local", path, lambda: {})
 
+    def fsync_floor(self):
+        """4 KiB buffered write + fdatasync at QD1: the cost of making a ring
+        append durable (the ring is a mapped file flushed with fdatasync)."""
+        log("floor: 4 KiB write + fdatasync (fio sync engine), the ring-durability floor")
+        path = os.path.join(self.work, "fsync.img")
+        out = os.path.join(OUT_DIR, "fsync-floor.json")
+        cmd = [FIO, "--name=fsync", "--ioengine=sync", "--rw=randwrite", "--bs=4k", "--size=64m",
+               f"--filename={path}", "--fdatasync=1", "--time_based=1", "--ramp_time=1",
+               f"--runtime={self.args.seconds}", "--output-format=json", f"--output={out}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.seconds + 60)
+        try:
+            with open(out) as f:
+                raw = f.read()
+            j = json.loads(raw[raw.index("{"):])["jobs"][0]
+            sp = j["sync"]["lat_ns"]["percentile"]
+            wp = j["write"]["clat_ns"]["percentile"]
+            self.extra["fsync_floor"] = dict(
+                cmd=" ".join(cmd), iops=j["write"]["iops"],
+                sync_p50_us=sp["50.000000"] / 1000, sync_p99_us=sp["99.000000"] / 1000,
+                write_p50_us=wp["50.000000"] / 1000, write_p99_us=wp["99.000000"] / 1000)
+            f = self.extra["fsync_floor"]
+            log(f"  fdatasync p50 {f['sync_p50_us']:.0f} µs p99 {f['sync_p99_us']:.0f} µs "
+                f"(buffered write p50 {f['write_p50_us']:.0f} µs), {f['iops']:.0f} write+sync/s")
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            self.failures.append(f"fdatasync floor: rc={r.returncode} {e} {r.stderr.strip()[-200:]}")
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+
     def engine_bench(self):
         log("floor: replication link round trip (target/release/bench)")
         d = os.path.join(self.work, "engine")
@@ -660,6 +695,8 @@ class Run:
             self.extra["check_before"] = machine_check("before")
         if self.want("local"):
             self.local()
+        if self.want("local"):
+            self.fsync_floor()
         if self.want("link"):
             self.engine_bench()
         if self.want("nbdkit"):
@@ -739,6 +776,18 @@ def compute_ratios(run):
         add(f"mirrored QD1 write p50 / (local p50 + link p50), {proto}, adaptive",
             div(m, (local_p50 or 0) + (link_block or 0)) if local_p50 and link_block else None,
             f"{fmt(m)} / ({fmt(local_p50)} + {fmt(link_block)}) µs", "≤ 1.25" if proto == "NBD" else "")
+    fs = run.extra.get("fsync_floor", {}).get("sync_p50_us")
+    for proto in ["NBD", "NVMe/TCP"]:
+        m = g(f"deltamirror mirrored, {proto}", "randw4k_qd1", "p50_us")
+        add(f"mirrored QD1 write p50 / (local p50 + fdatasync p50 + link p50), {proto}, adaptive",
+            div(m, local_p50 + fs + link_block) if local_p50 and fs and link_block else None,
+            f"{fmt(m)} / ({fmt(local_p50)} + {fmt(fs)} + {fmt(link_block)}) µs",
+            "durable-ring floor (ack1 = persisted)" if proto == "NBD" else "")
+    for proto in ["NBD", "NVMe/TCP"]:
+        m = g(f"deltamirror 1 node, {proto}", "randw4k_qd1", "p50_us")
+        add(f"1-node QD1 write p50 / (local p50 + fdatasync p50), {proto}",
+            div(m, local_p50 + fs) if local_p50 and fs else None,
+            f"{fmt(m)} / ({fmt(local_p50)} + {fmt(fs)}) µs")
     for proto in ["NBD", "NVMe/TCP"]:
         m = g(f"deltamirror mirrored busy-poll, {proto}", "randw4k_qd1", "p50_us")
         add(f"mirrored QD1 write p50 / (local p50 + link p50), {proto}, busy poll",
@@ -821,6 +870,27 @@ def write_report(run, path_md, path_png):
                 L.append(f"| {r['target']} | **failed** | | | | |")
         L.append("")
 
+    L.append("## Floors\n")
+    L.append("| floor | p50 µs | p99 µs | how |")
+    L.append("|---|---:|---:|---|")
+    R = {(r["target"], r["workload"]): r for r in run.results if r.get("ok")}
+    lr = R.get(("local disk (fio io_uring)", "randw4k_qd1"))
+    if lr:
+        L.append(f"| local disk, 4 KiB O_DIRECT write QD1 | {fmt(lr['p50_us'])} | {fmt(lr['p99_us'])} | "
+                 "fio io_uring, direct=1 |")
+    fsf = run.extra.get("fsync_floor")
+    if fsf:
+        L.append(f"| 4 KiB buffered write + fdatasync, QD1 (sync part) | {fmt(fsf['sync_p50_us'])} | "
+                 f"{fmt(fsf['sync_p99_us'])} | fio sync engine, fdatasync=1 ({fmt(fsf['iops'])} per s) |")
+    for k, v in (run.extra.get("engine_bench") or {}).get("rows", {}).items():
+        if k.startswith("link round trip"):
+            L.append(f"| {k}, 4 KiB one way + 16 B back | {fmt(v['p50_us'])} | {fmt(v['p99_us'])} | "
+                     "target/release/bench |")
+    L.append("")
+    L.append("With `ack1 = \"persisted\"` a mirrored write waits for a ring fdatasync on the backup (before "
+             "ACK1) and on the primary, so the durable floor of a QD1 write is about "
+             "local write + fdatasync + link round trip; the fdatasync row shows what that costs here.\n")
+
     eb = run.extra.get("engine_bench")
     if eb:
         L.append("## Floors from the engine bench (`target/release/bench`)\n")
@@ -870,23 +940,41 @@ def write_report(run, path_md, path_png):
         L.append("")
 
     L.append("## Where threads ran (4 KiB randwrite QD32)\n")
-    L.append("Per-thread CPU (100% = one core) and the core each thread was on at the two samples taken during "
-             "the run (from /proc/PID/task/TID/stat; `ps -eLo pid,tid,psr,comm` shows the same psr). "
-             "Threads under 3% are left out.\n")
+    L.append("CPU per thread (100% = one core; threads of the same name in one process summed, ×N) and the "
+             "cores they were seen on at the two samples taken during the run (from /proc/PID/task/TID/stat, "
+             "the same psr that `ps -eLo pid,tid,psr,comm` shows). node1/node2 are the serve processes; "
+             "dm-reactor-N is node N's pinned reactor; iou-wrk are io_uring kernel workers. Under 3% left "
+             "out.\n")
     L.append("| target | process: thread core(s) CPU% | others % |")
     L.append("|---|---|---:|")
     for r in run.results:
         if r["workload"] != "randw4k_qd32" or not r.get("placement"):
             continue
         pl = r["placement"]
-        parts = []
+        groups = {}
         for t in pl["threads"]:
-            if t["pct"] < 3:
+            g = groups.setdefault((t["proc"], t["comm"]), dict(n=0, pct=0.0, cores=set()))
+            g["n"] += 1
+            g["pct"] += t["pct"]
+            g["cores"].update([t["cpu_before"], t["cpu"]])
+        parts = []
+        for (proc, comm), g in sorted(groups.items(), key=lambda kv: -kv[1]["pct"]):
+            if g["pct"] < 3:
                 continue
-            cores = str(t["cpu"]) if t["cpu"] == t["cpu_before"] else f"{t['cpu_before']}→{t['cpu']}"
-            parts.append(f"{t['proc']}: {t['comm']} c{cores} {t['pct']:.0f}%")
+            many = f" ×{g['n']}" if g["n"] > 1 else ""
+            cores = "c" + ",".join(str(c) for c in sorted(g["cores"]))
+            parts.append(f"{proc}: {comm}{many} {cores} {g['pct']:.0f}%")
         L.append(f"| {r['target']} | {'; '.join(parts)} | {fmt(pl.get('other_pct'))} |")
     L.append("")
+
+    ps_run = next((r for r in run.results if r["target"] == "deltamirror mirrored, NBD"
+                   and r["workload"] == "randw4k_qd32" and (r.get("placement") or {}).get("ps")), None)
+    if ps_run:
+        L.append("`ps -Lo pid,tid,psr,pcpu,comm` of both serve processes and fio, in the middle of the mirrored "
+                 "NBD 4 KiB randwrite QD32 run (pcpu is ps's lifetime average):\n")
+        L.append("```")
+        L.append(ps_run["placement"]["ps"].rstrip())
+        L.append("```\n")
 
     L.append("## How each target was run\n")
     L.append("- local disk: `fio --ioengine=io_uring --direct=1` on a file under /var/tmp (ext4 on the VM disk).")
