@@ -925,6 +925,27 @@ def write_report(run, path_md, path_png):
                 L.append(f"| {info['label']} | {r['after']} | {fmt(n1 / 1048576 if n1 else None, 1)} | "
                          f"{fmt(n2 / 1048576 if n2 else None, 1)} |")
         L.append("")
+        L.append("## Node state at the end of each configuration\n")
+        L.append("From `deltamirror status --json` after the last workload. Server-side write latency is the "
+                 "node's own histogram over all workloads of that configuration (volume submit to completion, "
+                 "no network), to set against the client-side numbers above.\n")
+        L.append("| configuration | node | role | degraded | head seq | delta entries | dirty extents (MiB) | "
+                 "server write p50 / p99 µs | server read p50 / p99 µs |")
+        L.append("|---|---|---|---|---:|---:|---:|---|---|")
+        for k, info in dm.items():
+            for n, st in (info.get("status_end") or {}).items():
+                if not st:
+                    continue
+                io = st.get("io", {})
+                wl_, rl_ = io.get("write_latency", {}), io.get("read_latency", {})
+                L.append(f"| {info['label']} | {n} | {st.get('role')} | {st.get('degraded')} | "
+                         f"{fmt(st.get('head_seq'))} | {fmt(st.get('delta_entries'))} | "
+                         f"{fmt(st.get('dirty_extents'))} ({fmt((st.get('dirty_bytes') or 0) / 1048576)}) | "
+                         f"{fmt(wl_.get('p50_us'))} / {fmt(wl_.get('p99_us'))} | "
+                         f"{fmt(rl_.get('p50_us'))} / {fmt(rl_.get('p99_us'))} |")
+        L.append("")
+        L.append("The 1-node configuration is degraded mode: its 64 MiB ring overflows during the first "
+                 "workload, after which writes are recorded in the dirty map instead (see the dirty extents).\n")
         L.append("## Idle CPU of an idle pair\n")
         L.append("CPU seconds (user + system, from /proc/PID/stat) used by both `serve` processes over an idle "
                  "window right after start-up, before any I/O.\n")
