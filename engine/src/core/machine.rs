@@ -252,9 +252,6 @@ pub struct Core<L: Log> {
     /// A primary that (re)started waits for the peer's handshake before it
     /// serves: the peer may have been promoted meanwhile. `promote` forces.
     awaiting_peer: bool,
-    /// A backup is behind until its ring reaches the head the authority
-    /// announced; promoting it then would lose completed writes.
-    behind_until: Seq,
     promoting: bool,
     demoting: bool,
     host_flushes: Vec<HostFlush>,
@@ -327,7 +324,6 @@ impl<L: Log> Core<L> {
             rate_tokens: 0.0,
             session: 0,
             awaiting_peer: meta.role == Role::Primary,
-            behind_until: 0,
             promoting: false,
             demoting: false,
             host_flushes: Vec::new(),
@@ -581,11 +577,11 @@ impl<L: Log> Core<L> {
         if self.meta.history.is_empty() || self.meta.fresh || self.meta.resyncing {
             return Err("this node's disk is not consistent (a remirror or resync is unfinished); it cannot be promoted".into());
         }
-        if self.log.head() < self.behind_until || self.resync_tgt.is_some() {
+        if self.log.head() < self.meta.behind_until || self.resync_tgt.is_some() {
             return Err(format!(
                 "this node is behind the authority (holds seq {}, the peer had {}): promoting it would lose writes",
                 self.log.head(),
-                self.behind_until
+                self.meta.behind_until
             ));
         }
         if self.link == LinkState::Active
@@ -926,12 +922,12 @@ impl<L: Log> Core<L> {
                 self.link = LinkState::Refused(reason);
             }
             Plan::Source => {
+                // A restarted primary keeps waiting until the target's
+                // `Ready`: only then has the target dropped whatever it held
+                // past our (possibly torn) ring head, so new seqs cannot
+                // collide with entries it still has.
                 self.source = true;
                 self.link = LinkState::AwaitReady;
-                if self.awaiting_peer {
-                    self.awaiting_peer = false;
-                    self.update_path();
-                }
             }
             Plan::Target { truncate_to } => {
                 let peer = self.peer_hello.clone().expect("hello");
@@ -1034,7 +1030,12 @@ impl<L: Log> Core<L> {
                     self.persist_meta();
                 }
                 self.update_path();
-                self.behind_until = peer.head;
+                if peer.head > self.log.head() {
+                    // Durable (persisted before `Ready`): a restart does not
+                    // make a lagging backup promotable.
+                    self.meta.behind_until = peer.head;
+                    self.persist_meta();
+                }
                 self.link = LinkState::SendingReady;
             }
         }
@@ -1051,6 +1052,10 @@ impl<L: Log> Core<L> {
         let peer = self.peer_hello.clone().expect("hello");
         self.link = LinkState::Active;
         self.session += 1;
+        if self.awaiting_peer {
+            self.awaiting_peer = false;
+            self.update_path();
+        }
         // A new session: the target holds (durably) every entry through `head`.
         self.ack1 = head.min(self.log.head());
         self.ack_times.clear();
@@ -1214,6 +1219,10 @@ impl<L: Log> Core<L> {
             self.out.push(Action::SyncLog);
         }
         self.drain_backlog();
+        if self.meta.behind_until > 0 && self.log_durable >= self.meta.behind_until {
+            self.meta.behind_until = 0;
+            self.persist_meta();
+        }
         self.stream();
         self.resync_source();
         self.resync_target();
@@ -1466,11 +1475,14 @@ impl<L: Log> Core<L> {
 
     fn exec_limit(&self) -> Seq {
         let head = self.log.head();
-        if self.meta.role == Role::Backup || (self.source && self.meta.role != Role::Primary) {
-            return head;
-        }
-        if self.promoting {
-            return head;
+        // Nothing reaches a disk before its ring entry is durable: an entry
+        // a crash drops from the ring must not survive on the disk, or no
+        // handshake could know to rewrite it.
+        if self.meta.role == Role::Backup
+            || self.promoting
+            || (self.source && self.meta.role != Role::Primary)
+        {
+            return head.min(self.log_durable);
         }
         let mut limit = self.ack1.min(self.log_durable);
         if self.no_ack_below > 0 {

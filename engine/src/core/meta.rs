@@ -99,6 +99,9 @@ pub struct Meta {
     pub remirrors: u64,
     /// Boot counter.
     pub incarnation: u64,
+    /// A backup that has not yet received the authority's head as of its
+    /// last handshake (0 = caught up); it refuses `promote` until then.
+    pub behind_until: Seq,
 }
 
 impl Meta {
@@ -131,6 +134,7 @@ impl Meta {
             fold_base: 0,
             remirrors: 0,
             incarnation: 0,
+            behind_until: 0,
         }
     }
 
@@ -140,7 +144,7 @@ impl Meta {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(128 + self.dirty.words.len() * 8);
-        b.extend_from_slice(b"DMMETA01");
+        b.extend_from_slice(b"DMMETA02");
         let u64s = |v: u64, b: &mut Vec<u8>| b.extend_from_slice(&v.to_le_bytes());
         u64s(self.node_id as u64, &mut b);
         u64s(matches!(self.role, Role::Primary) as u64, &mut b);
@@ -162,11 +166,12 @@ impl Meta {
         u64s(self.fold_base, &mut b);
         u64s(self.remirrors, &mut b);
         u64s(self.incarnation, &mut b);
+        u64s(self.behind_until, &mut b);
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Meta, String> {
-        if b.len() < 8 || &b[..8] != b"DMMETA01" {
+        if b.len() < 8 || &b[..8] != b"DMMETA02" {
             return Err(
                 "node metadata has an unknown format (not written by this deltamirror version)"
                     .into(),
@@ -215,6 +220,7 @@ impl Meta {
         let fold_base = next()?;
         let remirrors = next()?;
         let incarnation = next()?;
+        let behind_until = next()?;
         Ok(Meta {
             node_id,
             role,
@@ -232,6 +238,7 @@ impl Meta {
             fold_base,
             remirrors,
             incarnation,
+            behind_until,
         })
     }
 }

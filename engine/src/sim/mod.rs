@@ -458,6 +458,14 @@ impl Sim {
                 } else {
                     vec![0; h.len as usize]
                 };
+                let wid = u64::from_le_bytes(data[..8].try_into().unwrap());
+                self.log(format!(
+                    "node {} executes seq {seq} (gen {}) = write {wid} at block {}+{}",
+                    i + 1,
+                    h.gen,
+                    h.offset / BLOCK,
+                    h.len / BLOCK
+                ));
                 self.schedule(
                     i,
                     Pend::DiskWrite {
@@ -471,14 +479,21 @@ impl Sim {
                 token,
                 offset,
                 data,
-            } => self.schedule(
-                i,
-                Pend::DiskWrite {
-                    offset,
-                    data,
-                    token,
-                },
-            ),
+            } => {
+                self.log(format!(
+                    "node {} applies an extent at block {}",
+                    i + 1,
+                    offset / BLOCK
+                ));
+                self.schedule(
+                    i,
+                    Pend::DiskWrite {
+                        offset,
+                        data,
+                        token,
+                    },
+                )
+            }
             Action::ReadExtent { token, offset, len } => {
                 self.schedule(i, Pend::DiskRead { offset, len, token })
             }
@@ -609,6 +624,10 @@ impl Sim {
             stamp(&mut b, id);
             (ReqKind::Write, b)
         };
+        self.log(format!(
+            "host write {id} -> node {} blocks {block}+{nblocks} zero={zero}",
+            i + 1
+        ));
         self.writes.push(HostWrite {
             id,
             block,
@@ -857,7 +876,15 @@ impl Sim {
                 let r = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
                 d0[r.clone()] != d1[r]
             });
-            panic!("I4: disks differ (first differing block {b:?})");
+            let id = |d: &[u8], b: u64| {
+                u64::from_le_bytes(
+                    d[(b * BLOCK) as usize..(b * BLOCK + 8) as usize]
+                        .try_into()
+                        .unwrap(),
+                )
+            };
+            let b = b.unwrap_or(0);
+            panic!("I4: disks differ (first differing block {b}: node 1 holds write {}, node 2 holds write {})", id(d0, b), id(d1, b));
         }
         if !refused {
             self.check_host_model(d0);
