@@ -157,6 +157,16 @@ enum ExecItem {
     Extent(u64),
 }
 
+/// A target between the handshake decision and `Ready`.
+struct PendingTarget {
+    /// Metadata version holding the rollback extents and the role.
+    gate: u64,
+    /// Drop ring entries after this seq.
+    truncate: Option<Seq>,
+    /// The authority's history, adopted once the truncation is durable.
+    history: Vec<GenEntry>,
+}
+
 /// Source side of a dirty-map resync / full remirror.
 struct ResyncSource {
     next_chunk: u64,
@@ -235,6 +245,7 @@ pub struct Core<L: Log> {
     /// Highest FUA entry appended (received mode acks it only once durable).
     fua_sync_through: Seq,
     resync_meta_gate: u64,
+    pending_target: Option<PendingTarget>,
     sent_ack1: Seq,
     sent_ack2: Seq,
     sent_ack3: Seq,
@@ -311,6 +322,7 @@ impl<L: Log> Core<L> {
             send_next: head + 1,
             fua_sync_through: 0,
             resync_meta_gate: 0,
+            pending_target: None,
             sent_ack1: 0,
             sent_ack2: 0,
             sent_ack3: 0,
@@ -765,6 +777,7 @@ impl<L: Log> Core<L> {
         self.source = false;
         self.resync_src = None;
         self.resync_tgt = None;
+        self.pending_target = None;
         self.rx_backlog.clear();
         self.peer_flushes.clear();
         if let Some(mut p) = self.replay.take() {
@@ -950,18 +963,12 @@ impl<L: Log> Core<L> {
                     return self.start_session(Plan::Refuse(reason));
                 }
                 let mut rollback = Vec::new();
+                let mut truncate = None;
                 if truncate_to < self.log.head() {
-                    if self
-                        .executing
-                        .iter()
-                        .any(|&(t, _, _)| t & EXTENT_TOKEN == 0 && t > truncate_to)
-                    {
-                        // Let the disk finish first; the link comes back.
-                        return self.reset_link("in-flight execution past the fork".into());
-                    }
                     // Entries past the fork were never acknowledged by the
                     // authority; a backup may have executed them, so their
-                    // extents are rewritten from the authority.
+                    // extents are rewritten from the authority. The extents
+                    // are made durable before the entries leave the ring.
                     for s in (truncate_to + 1).max(self.log.first_seq())..=self.log.head() {
                         if let Some((h, _)) = self.log.get(s) {
                             rollback.push((h.offset, h.len));
@@ -970,6 +977,7 @@ impl<L: Log> Core<L> {
                     // Unexecuted entries past the fork must not run now.
                     self.exec_queue
                         .retain(|i| !matches!(i, ExecItem::Entry(s) if *s > truncate_to));
+                    self.exec_next = self.exec_next.min(truncate_to + 1);
                     let dropped: Vec<Seq> = self
                         .host_of
                         .range(truncate_to + 1..)
@@ -987,13 +995,7 @@ impl<L: Log> Core<L> {
                         truncate_to + 1,
                         self.log.head()
                     )));
-                    self.log
-                        .truncate_after(truncate_to.max(self.log.first_seq() - 1));
-                    self.log_durable = self.log_durable.min(self.log.head());
-                    self.exec_next = self.exec_next.min(self.log.head() + 1);
-                    self.executed = self.executed.min(self.log.head());
-                    self.done_out_of_order.retain(|&s| s <= self.log.head());
-                    self.meta.executed = self.meta.executed.min(self.log.head());
+                    truncate = Some(truncate_to.max(self.log.first_seq() - 1));
                 }
                 let mut changed = false;
                 if self.meta.role == Role::Primary {
@@ -1022,10 +1024,9 @@ impl<L: Log> Core<L> {
                     self.meta.dirty.mark(o, l);
                     changed = true;
                 }
-                if !self.meta.fresh && self.meta.history != peer.history {
-                    self.meta.history = peer.history.clone();
-                    changed = true;
-                }
+                // The new history is adopted only after the truncation is
+                // durable (`send_ready`): with it, the dropped entries would
+                // look like the authority's own.
                 if changed {
                     self.persist_meta();
                 }
@@ -1036,6 +1037,16 @@ impl<L: Log> Core<L> {
                     self.meta.behind_until = peer.head;
                     self.persist_meta();
                 }
+                let gate = if changed {
+                    self.persist_meta()
+                } else {
+                    self.meta_version
+                };
+                self.pending_target = Some(PendingTarget {
+                    gate,
+                    truncate,
+                    history: peer.history.clone(),
+                });
                 self.link = LinkState::SendingReady;
             }
         }
@@ -1311,6 +1322,35 @@ impl<L: Log> Core<L> {
         if self.link != LinkState::SendingReady {
             return;
         }
+        if let Some(pt) = &self.pending_target {
+            // Phase 1 (rollback extents, role) durable; phase 2: drop the
+            // entries past the fork once no execution of theirs is in
+            // flight; phase 3: adopt the authority's history.
+            if self.meta_durable < pt.gate {
+                return;
+            }
+            if let Some(t) = pt.truncate {
+                if self
+                    .executing
+                    .iter()
+                    .any(|&(tok, _, _)| tok & EXTENT_TOKEN == 0 && tok > t)
+                {
+                    return;
+                }
+                self.log.truncate_after(t);
+                self.log_durable = self.log_durable.min(self.log.head());
+                self.exec_next = self.exec_next.min(self.log.head() + 1);
+                self.executed = self.executed.min(self.log.head());
+                self.done_out_of_order.retain(|&s| s <= t);
+                self.meta.executed = self.meta.executed.min(self.log.head());
+            }
+            let pt = self.pending_target.take().unwrap();
+            if !self.meta.fresh && self.meta.history != pt.history {
+                self.meta.history = pt.history;
+            }
+            self.persist_meta();
+            return;
+        }
         if self.cfg.ack1_persisted && self.log_durable < self.log.head() {
             return;
         }
@@ -1474,7 +1514,10 @@ impl<L: Log> Core<L> {
     }
 
     fn exec_limit(&self) -> Seq {
-        let head = self.log.head();
+        let head = match self.pending_target.as_ref().and_then(|p| p.truncate) {
+            Some(t) => self.log.head().min(t),
+            None => self.log.head(),
+        };
         // Nothing reaches a disk before its ring entry is durable: an entry
         // a crash drops from the ring must not survive on the disk, or no
         // handshake could know to rewrite it.
