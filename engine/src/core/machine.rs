@@ -962,6 +962,26 @@ impl<L: Log> Core<L> {
                     );
                     return self.start_session(Plan::Refuse(reason));
                 }
+                if let Some(stale) = self.meta.peer_stale_from {
+                    if self.meta.role == Role::Primary
+                        && self.log.head() > truncate_to
+                        && self.log.head() >= stale
+                    {
+                        // We served writes past the fork while the peer was
+                        // away (degraded), and the peer was promoted
+                        // meanwhile: both accepted writes. Dropping ours
+                        // would lose writes hosts saw complete.
+                        let reason = format!(
+                            "split brain: this node completed writes (seqs {}..={}) without the peer, \
+                             which was promoted from seq {}; choose the survivor, then run \
+                             `deltamirror format --replace --force` on the other node",
+                            stale.max(truncate_to + 1),
+                            self.log.head(),
+                            truncate_to + 1
+                        );
+                        return self.start_session(Plan::Refuse(reason));
+                    }
+                }
                 let mut rollback = Vec::new();
                 let mut truncate = None;
                 if truncate_to < self.log.head() {
