@@ -836,6 +836,11 @@ def write_report(run, path_md, path_png):
                 if before.get("busy") else "")
              + f". After: loadavg {' '.join(after.get('loadavg', []))}, other processes "
              f"{after.get('busy_total_pct', '?')}% of a core.")
+    others = [(r.get("placement") or {}).get("other_pct") for r in run.results]
+    others = [o for o in others if o is not None]
+    if others:
+        L.append(f"- During the measurements, other processes used on average {sum(others) / len(others):.0f}% "
+                 f"of a core (max {max(others):.0f}%; per row in the column \"others %\").")
     if before.get("warning") or after.get("warning") or any(
             (r.get("placement") or {}).get("other_pct", 0) > 20 for r in run.results):
         L.append("\n> **The machine was not quiet.** Other engineers' builds and tests shared these 2 cores "
