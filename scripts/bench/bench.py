@@ -856,7 +856,8 @@ def write_report(run, path_md, path_png):
     else:
         L.append("All workloads completed.\n")
 
-    L.append(f"![IOPS and latency per target](docs/{os.path.basename(path_png)})\n")
+    rel = os.path.relpath(path_png, os.path.dirname(os.path.abspath(path_md)))
+    L.append(f"![IOPS and latency per target]({rel})\n")
 
     L.append("## Results\n")
     L.append("Latency is per I/O, submission to completion, as the client saw it (fio `lat`, dm-nvme). "
@@ -1077,10 +1078,18 @@ def main():
                     help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy")
     ap.add_argument("--workdir", default="/var/tmp/deltamirror-bench",
                     help="scratch directory on the disk to measure (not tmpfs)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="report path")
-    ap.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmarks.png"), help="chart path")
+    ap.add_argument("--out", default=None,
+                    help="report path (default BENCHMARKS.md; target/bench/BENCHMARKS.md with --only)")
+    ap.add_argument("--chart", default=None,
+                    help="chart path (default docs/benchmarks.png; target/bench/benchmarks.png with --only)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory and node logs")
     args = ap.parse_args()
+    partial = bool(args.only) or args.no_busy
+    if args.out is None:
+        args.out = os.path.join(OUT_DIR, "BENCHMARKS.md") if partial else os.path.join(ROOT, "BENCHMARKS.md")
+    if args.chart is None:
+        args.chart = (os.path.join(OUT_DIR, "benchmarks.png") if partial
+                      else os.path.join(ROOT, "docs", "benchmarks.png"))
     for b in (DM, DM_NVME, ENGINE_BENCH):
         if not os.access(b, os.X_OK):
             sys.exit(f"bench: {b} missing: run scripts/bench.sh (it builds the release binaries)")
