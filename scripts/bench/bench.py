@@ -827,6 +827,10 @@ def write_report(run, path_md, path_png):
              "Methodology and what moved each number: [docs/performance.md](docs/performance.md).\n")
     L.append(f"- Run: {run.extra.get('started')}, {run.extra.get('duration_s')} s in all, "
              f"commit {git_rev()}.")
+    mt = lambda b: datetime.datetime.fromtimestamp(os.path.getmtime(b), datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC") if os.path.exists(b) else "missing"
+    L.append(f"- Binaries: target/release/deltamirror built {mt(DM)}, dm-nvme {mt(DM_NVME)}, bench "
+             f"{mt(ENGINE_BENCH)} (`cargo build --release` by scripts/bench.sh unless --no-build).")
     L.append(f"- Machine: {machine_desc()}; every client and server on 127.0.0.1.")
     L.append(f"- Each workload: {a.seconds} s (fio adds a 1 s ramp), over the first {a.region_mib} MiB of the "
              f"volume; the 128 KiB sequential write runs first so that reads read written blocks.")
