@@ -1047,6 +1047,8 @@ impl Reactor {
             Action::Execute { seq } => {
                 let Some((h, p)) = self.core.log.0.get(seq) else {
                     log::error!("execute of seq {seq} missing from the ring");
+                    self.core
+                        .fatal(format!("seq {seq} to execute is missing from the ring"));
                     return;
                 };
                 let h = from_record(&h);

@@ -153,8 +153,19 @@ struct PeerFlush {
 
 #[derive(Clone, Copy, Debug)]
 enum ExecItem {
-    Entry(Seq),
-    Extent(u64),
+    /// seq, byte offset, byte length (kept here so scheduling never has to
+    /// read the ring).
+    Entry(Seq, u64, u64),
+    /// token, byte offset, byte length.
+    Extent(u64, u64, u64),
+}
+
+impl ExecItem {
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            ExecItem::Entry(_, o, l) | ExecItem::Extent(_, o, l) => (o, l),
+        }
+    }
 }
 
 /// A target between the handshake decision and `Ready`.
@@ -868,8 +879,10 @@ impl<L: Log> Core<L> {
                     return self.reset_link("unexpected or out-of-range Extent".into());
                 }
                 let token = EXTENT_TOKEN | self.token();
+                let len = data.len() as u64;
                 self.extents.insert(token, (offset, data));
-                self.exec_queue.push_back(ExecItem::Extent(token));
+                self.exec_queue
+                    .push_back(ExecItem::Extent(token, offset, len));
             }
             Msg::ResyncEnd { next_seq } => match self.resync_tgt.as_mut() {
                 Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => {
@@ -996,7 +1009,7 @@ impl<L: Log> Core<L> {
                     }
                     // Unexecuted entries past the fork must not run now.
                     self.exec_queue
-                        .retain(|i| !matches!(i, ExecItem::Entry(s) if *s > truncate_to));
+                        .retain(|i| !matches!(i, ExecItem::Entry(s, _, _) if *s > truncate_to));
                     self.exec_next = self.exec_next.min(truncate_to + 1);
                     let dropped: Vec<Seq> = self
                         .host_of
@@ -1557,7 +1570,10 @@ impl<L: Log> Core<L> {
     fn schedule_executions(&mut self) {
         let limit = self.exec_limit();
         while self.exec_next <= limit {
-            self.exec_queue.push_back(ExecItem::Entry(self.exec_next));
+            if let Some((h, _)) = self.log.get(self.exec_next) {
+                self.exec_queue
+                    .push_back(ExecItem::Entry(h.seq, h.offset, h.len));
+            }
             self.exec_next += 1;
         }
         let extents_gate = self.resync_tgt.as_ref().map(|r| r.meta_version);
@@ -1570,15 +1586,8 @@ impl<L: Log> Core<L> {
             scanned += 1;
             let item = self.exec_queue[i];
             let (token, off, len) = match item {
-                ExecItem::Entry(s) => match self.log.get(s) {
-                    Some((h, _)) => (s, h.offset, h.len),
-                    None => {
-                        // Trimmed (already executed elsewhere in this run).
-                        self.exec_queue.remove(i);
-                        continue;
-                    }
-                },
-                ExecItem::Extent(t) => {
+                ExecItem::Entry(seq, o, l) => (seq, o, l),
+                ExecItem::Extent(t, o, l) => {
                     // Extents run after every ring entry held before them,
                     // and only once the "resyncing" state is durable.
                     if self.executed < self.log.head()
@@ -1587,25 +1596,23 @@ impl<L: Log> Core<L> {
                         i += 1;
                         continue;
                     }
-                    let (o, d) = &self.extents[&t];
-                    (t, *o, d.len() as u64)
+                    (t, o, l)
                 }
             };
             let blocked = self
                 .executing
                 .iter()
                 .any(|&(_, o, l)| ranges_overlap(o, l, off, len))
-                || self
-                    .exec_queue
-                    .iter()
-                    .take(i)
-                    .any(|it| self.item_overlaps(it, off, len));
+                || self.exec_queue.iter().take(i).any(|it| {
+                    let (o, l) = it.range();
+                    ranges_overlap(o, l, off, len)
+                });
             if blocked {
                 i += 1;
                 continue;
             }
             self.exec_queue.remove(i);
-            if let ExecItem::Entry(s) = item {
+            if let ExecItem::Entry(s, _, _) = item {
                 if self.meta.role == Role::Primary && !self.promoting {
                     // I1: the primary never executes a REQ before ACK1 covers
                     // it, except in degraded mode.
@@ -1634,16 +1641,6 @@ impl<L: Log> Core<L> {
                     data,
                 });
             }
-        }
-    }
-
-    fn item_overlaps(&self, it: &ExecItem, off: u64, len: u64) -> bool {
-        match it {
-            ExecItem::Entry(s) => self.log.get(*s).is_some_and(|(h, _)| h.overlaps(off, len)),
-            ExecItem::Extent(t) => self
-                .extents
-                .get(t)
-                .is_some_and(|(o, d)| ranges_overlap(*o, d.len() as u64, off, len)),
         }
     }
 
