@@ -364,6 +364,12 @@ impl<L: Log> Core<L> {
             log,
             meta,
         };
+        if c.meta.role == Role::Backup && !c.cfg.ack1_persisted {
+            // With `ack1 = "received"` a restart may have lost entries this
+            // backup acknowledged: it is behind until a handshake says what
+            // the authority holds.
+            c.meta.behind_until = c.meta.behind_until.max(c.log.head() + 1);
+        }
         c.update_path();
         c
     }
@@ -1064,7 +1070,7 @@ impl<L: Log> Core<L> {
                     self.persist_meta();
                 }
                 self.update_path();
-                if peer.head > self.log.head() {
+                if self.meta.behind_until != peer.head {
                     // Durable (persisted before `Ready`): a restart does not
                     // make a lagging backup promotable.
                     self.meta.behind_until = peer.head;
