@@ -25,9 +25,15 @@ if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 if ! grep -rqs '^Types:.*deb-src\|^deb-src ' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo "build-fio-libiscsi: adding a deb-src entry for Debian's source packages"
     suites=$(. /etc/os-release && echo "$VERSION_CODENAME $VERSION_CODENAME-updates")
+    # Use the mirror this machine's apt already uses for binary packages.
+    uri=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources | head -n1 | awk '{print $2}')
+    if [ -z "$uri" ]; then
+        uri=$(grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | head -n1 | awk '{print $2}')
+    fi
+    [ -n "$uri" ] || { echo "build-fio-libiscsi: no apt source found to derive a deb-src entry from" >&2; exit 1; }
     $SUDO tee /etc/apt/sources.list.d/deltamirror-deb-src.sources >/dev/null <<SRC
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $uri
 Suites: $suites
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

@@ -706,3 +706,80 @@ fn g_iscsi_conformance_against_the_mirrored_primary() {
         "the conformance writes are mirrored: images differ"
     );
 }
+
+#[test]
+fn h_fio_libiscsi_verified_io_against_the_mirrored_primary() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fio = root.join("target/fio-libiscsi/fio");
+    if !fio.exists() {
+        if unsafe_uid() != 0 {
+            println!("SKIPPED: building fio with libiscsi needs root for apt (CI runs as root)");
+            return;
+        }
+        let st = Command::new(root.join("scripts/build-fio-libiscsi.sh"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/build-fio-libiscsi.sh failed");
+    }
+    let mut p = Pair::new("h", 3700, |_, t| t);
+    p.start(0);
+    p.start(1);
+    p.wait(0, "connected", 30, |s| {
+        s["peer_state"] == "connected" && s["role"] == "primary"
+    });
+    // fio splits --filename at ':', so every colon of the URL is escaped.
+    let url = format!(
+        "iscsi://127.0.0.1:{}/iqn.2026-11.io.deltamirror:demo/0",
+        3260 + 3700
+    );
+    let file = url.replace(':', "\\:");
+    for (rw, qd) in [
+        ("randwrite", 1),
+        ("randwrite", 32),
+        ("randread", 1),
+        ("randread", 32),
+    ] {
+        let out = Command::new(&fio)
+            .args([
+                &format!("--name={rw}-qd{qd}"),
+                "--ioengine=libiscsi",
+                &format!("--filename={file}"),
+                &format!("--rw={rw}"),
+                "--bs=4k",
+                &format!("--iodepth={qd}"),
+                "--size=32m",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=terse",
+                "--terse-version=3",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "fio libiscsi {rw} QD{qd} failed:\n{text}"
+        );
+        let f: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("3;"))
+            .unwrap_or("")
+            .split(';')
+            .collect();
+        if f.len() > 50 {
+            let (riops, wiops) = (f[7], f[48]);
+            println!(
+                "fio libiscsi {rw} QD{qd} (crc32c verified): read IOPS {riops}, write IOPS {wiops}"
+            );
+        }
+    }
+    let (sp, _) = p.wait_in_sync(0);
+    assert_eq!(u(&sp, "remirrors"), 0);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}
