@@ -291,37 +291,47 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
         .unwrap();
         h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
     }
-    // QD32: keep 32 writes in flight from one submitting thread.
-    let inflight = Arc::new(AtomicU64::new(0));
+    // QD32: keep 32 writes in flight from one submitting thread, which
+    // sleeps (it must not steal a core from the reactors) until a slot frees.
+    let slots = Arc::new((std::sync::Mutex::new(0u32), std::sync::Condvar::new()));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let end = start + Duration::from_secs(args.seconds);
     while Instant::now() < end {
-        if inflight.load(Ordering::Acquire) < 32 {
-            inflight.fetch_add(1, Ordering::AcqRel);
-            let (i, d, f) = (inflight.clone(), done.clone(), failed.clone());
-            let off = (rng(&mut x) % blocks) * 4096;
-            vol.submit(
-                VolumeOp::Write {
-                    offset: off,
-                    data: vec![0x44; 4096],
-                    fua: false,
-                },
-                Box::new(move |r| {
-                    if r.is_err() {
-                        f.store(true, Ordering::Release);
-                    }
-                    d.fetch_add(1, Ordering::AcqRel);
-                    i.fetch_sub(1, Ordering::AcqRel);
-                }),
-            );
-        } else {
-            std::hint::spin_loop();
+        {
+            let (m, c) = &*slots;
+            let mut n = m.lock().unwrap();
+            while *n >= 32 {
+                n = c.wait(n).unwrap();
+            }
+            *n += 1;
         }
+        let (sl, d, f) = (slots.clone(), done.clone(), failed.clone());
+        let off = (rng(&mut x) % blocks) * 4096;
+        vol.submit(
+            VolumeOp::Write {
+                offset: off,
+                data: vec![0x44; 4096],
+                fua: false,
+            },
+            Box::new(move |r| {
+                if r.is_err() {
+                    f.store(true, Ordering::Release);
+                }
+                d.fetch_add(1, Ordering::AcqRel);
+                let (m, c) = &*sl;
+                *m.lock().unwrap() -= 1;
+                c.notify_one();
+            }),
+        );
     }
-    while inflight.load(Ordering::Acquire) > 0 {
-        std::thread::yield_now();
+    {
+        let (m, c) = &*slots;
+        let mut n = m.lock().unwrap();
+        while *n > 0 {
+            n = c.wait(n).unwrap();
+        }
     }
     assert!(!failed.load(Ordering::Acquire), "a mirrored write failed");
     let iops = done.load(Ordering::Acquire) as f64 / start.elapsed().as_secs_f64();

@@ -19,6 +19,9 @@ use super::msg::{Hello, Msg};
 use super::types::*;
 use super::Log;
 
+/// Ring syncs that may overlap.
+const MAX_LOG_SYNCS: u8 = 2;
+
 /// Tokens of resync extents are kept apart from seqs by this bit.
 const EXTENT_TOKEN: u64 = 1 << 63;
 
@@ -225,7 +228,11 @@ pub struct Core<L: Log> {
     /// Host ids of entries not yet executed locally.
     host_of: BTreeMap<Seq, u64>,
     log_durable: Seq,
-    log_sync_inflight: bool,
+    /// Ring syncs in flight (at most `MAX_LOG_SYNCS`) and the head the
+    /// newest one covers: a second sync overlaps the first so appends made
+    /// meanwhile do not wait for two full fdatasyncs.
+    log_syncs_inflight: u8,
+    log_sync_issued: Seq,
     ack1: Seq,
     ack2: Seq,
     ack3: Seq,
@@ -308,7 +315,8 @@ impl<L: Log> Core<L> {
             waiting: VecDeque::new(),
             host_of: BTreeMap::new(),
             log_durable: head,
-            log_sync_inflight: false,
+            log_syncs_inflight: 0,
+            log_sync_issued: head,
             ack1: executed,
             ack2: log.first_seq() - 1,
             ack3: log.first_seq() - 1,
@@ -658,7 +666,7 @@ impl<L: Log> Core<L> {
                 self.on_msg(m)
             }
             Event::LogSynced { through } => {
-                self.log_sync_inflight = false;
+                self.log_syncs_inflight = self.log_syncs_inflight.saturating_sub(1);
                 // A truncation may have dropped entries since the sync began.
                 self.log_durable = self.log_durable.max(through.min(self.log.head()));
             }
@@ -1263,9 +1271,16 @@ impl<L: Log> Core<L> {
         self.check_degrade();
         self.admit_waiting();
         self.send_ready();
-        if !self.log_sync_inflight && (self.log_durable < self.log.head() || self.log.wants_sync())
+        let head = self.log.head();
+        // A new sync when something is not durable and not already covered
+        // by the sync in flight.
+        let more = self.log_durable < head
+            && (self.log_syncs_inflight == 0 || head > self.log_sync_issued);
+        if self.log_syncs_inflight < MAX_LOG_SYNCS
+            && (more || (self.log_syncs_inflight == 0 && self.log.wants_sync()))
         {
-            self.log_sync_inflight = true;
+            self.log_syncs_inflight += 1;
+            self.log_sync_issued = head;
             self.out.push(Action::SyncLog);
         }
         self.drain_backlog();
