@@ -126,7 +126,9 @@ impl Log for RingLog {
         self.0.capacity_bytes()
     }
     fn wants_sync(&self) -> bool {
-        self.0.reclaim_pending()
+        // Every regular sync also makes trimmed space reusable; a sync just
+        // for that is worth it only when the ring is getting full.
+        self.0.reclaim_pending() && self.0.used_bytes() > self.0.capacity_bytes() / 2
     }
 }
 
