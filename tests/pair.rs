@@ -183,20 +183,36 @@ impl Pair {
     }
 
     /// Both nodes up, backup caught up and every entry executed on both.
+    /// Status snapshots are up to 100 ms old, so both are re-read together
+    /// until they agree.
     fn wait_in_sync(&self, p: usize) -> (Value, Value) {
         let b = 1 - p;
-        let sp = self.wait(p, "backup in sync", 90, |s| {
-            s["role"] == "primary"
-                && s["peer_state"] == "connected"
-                && !s["degraded"].as_bool().unwrap()
-                && s["ack2_seq"] == s["head_seq"]
-                && s["executed_seq"] == s["head_seq"]
-        });
-        let head = sp["head_seq"].as_u64().unwrap();
-        let sb = self.wait(b, "backup executed everything", 30, |s| {
-            s["executed_seq"].as_u64() == Some(head)
-        });
-        (sp, sb)
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = (None, None);
+        while Instant::now() < deadline {
+            if let (Some(sp), Some(sb)) = (self.status(p), self.status(b)) {
+                let head = sp["head_seq"].as_u64();
+                let ok = sp["role"] == "primary"
+                    && sp["peer_state"] == "connected"
+                    && sp["degraded"] == false
+                    && sp["ack2_seq"] == sp["head_seq"]
+                    && sp["executed_seq"] == sp["head_seq"]
+                    && sb["executed_seq"].as_u64() == head
+                    && sb["head_seq"].as_u64() == head;
+                if ok {
+                    return (sp, sb);
+                }
+                last = (Some(sp), Some(sb));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the pair never got in sync in 120 s; last statuses:\nprimary {}\nbackup {}\nlogs:\n{}\n{}",
+            last.0.map(|s| s.to_string()).unwrap_or_default(),
+            last.1.map(|s| s.to_string()).unwrap_or_default(),
+            std::fs::read_to_string(&self.n[p].log).unwrap_or_default(),
+            std::fs::read_to_string(&self.n[b].log).unwrap_or_default()
+        );
     }
 }
 
