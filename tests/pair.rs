@@ -103,6 +103,22 @@ impl Pair {
         Pair { dir, n }
     }
 
+    /// A formatted pair with the demo configuration, both nodes serving.
+    fn up(name: &str, port_offset: u16) -> Pair {
+        let mut p = Pair::new(name, port_offset, |_, t| t);
+        p.start_pair();
+        p
+    }
+
+    /// Starts both nodes and waits until the primary has its backup.
+    fn start_pair(&mut self) {
+        self.start(0);
+        self.start(1);
+        self.wait(0, "connected", 30, |s| {
+            s["peer_state"] == "connected" && s["role"] == "primary"
+        });
+    }
+
     fn start(&mut self, i: usize) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -315,12 +331,7 @@ fn a_backup_killed_under_load_gets_only_the_missed_writes() {
     if !need(&["fio"]) {
         return;
     }
-    let mut p = Pair::new("a", 3000, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let mut p = Pair::up("a", 3000);
     let mut load = fio_load(&p.uri(0), 3, "a-load");
     std::thread::sleep(Duration::from_millis(1500));
     p.kill9(1);
@@ -379,12 +390,7 @@ fn b_primary_killed_backup_promoted_old_primary_returns_as_backup() {
     if !need(&["fio", "qemu-io"]) {
         return;
     }
-    let mut p = Pair::new("b", 3100, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let mut p = Pair::up("b", 3100);
     // Markers: every qemu-io write that completed must survive.
     let mut completed: Vec<(u64, u8)> = Vec::new();
     for k in 0..20u64 {
@@ -458,12 +464,7 @@ fn c_cut_link_degrades_and_heal_replays() {
         println!("SKIPPED: cutting the link with nftables needs root (CI runs as root)");
         return;
     }
-    let mut p = Pair::new("c", 3200, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let p = Pair::up("c", 3200);
     fio_writes(&p.uri(0), 500, 0);
     // Cut: drop every packet to or from node 2's link port on loopback.
     let port = 7401 + 3200;
@@ -555,11 +556,7 @@ fn e_delta_queue_overflow_resyncs_dirty_extents_without_remirror() {
     let mut p = Pair::new("e", 3400, |_, t| {
         t.replace("size_bytes = 67108864", "size_bytes = 16777216")
     });
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    p.start_pair();
     fio_writes(&p.uri(0), 300, 0);
     p.kill9(1);
     fio_writes(&p.uri(0), 12_000, 0);
@@ -614,12 +611,7 @@ fn f_nvme_initiator_follows_ana_across_a_planned_failover() {
         println!("SKIPPED: could not build dm-nvme");
         return;
     };
-    let mut p = Pair::new("f", 3500, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let p = Pair::up("f", 3500);
     let paths = format!("127.0.0.1:{},127.0.0.1:{}", 4420 + 3500, 4421 + 3500);
     let run = Command::new(&nvme)
         .args([
@@ -670,12 +662,7 @@ fn g_iscsi_conformance_against_the_mirrored_primary() {
     if !need(&["iscsi-test-cu"]) {
         return;
     }
-    let mut p = Pair::new("g", 3600, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let p = Pair::up("g", 3600);
     let url = format!(
         "iscsi://127.0.0.1:{}/iqn.2026-11.io.deltamirror:demo/0",
         3260 + 3600
@@ -738,12 +725,7 @@ fn h_fio_libiscsi_verified_io_against_the_mirrored_primary() {
             .unwrap();
         assert!(st.success(), "scripts/build-fio-libiscsi.sh failed");
     }
-    let mut p = Pair::new("h", 3700, |_, t| t);
-    p.start(0);
-    p.start(1);
-    p.wait(0, "connected", 30, |s| {
-        s["peer_state"] == "connected" && s["role"] == "primary"
-    });
+    let p = Pair::up("h", 3700);
     // fio splits --filename at ':', so every colon of the URL is escaped.
     let url = format!(
         "iscsi://127.0.0.1:{}/iqn.2026-11.io.deltamirror:demo/0",
