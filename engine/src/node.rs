@@ -798,22 +798,25 @@ impl Reactor {
         if self.sock.is_some() {
             self.drop_socket(false);
         }
+        // Every path that closes a socket also empties the buffers.
         self.sock = Some(s);
-        self.rx_len = 0;
-        self.tx.clear();
-        self.tx_off = 0;
         self.peer_refused = None;
         self.core.handle(Event::PeerConnected);
         true
     }
 
-    fn drop_socket(&mut self, reconnect: bool) {
+    /// Closes the replication socket and forgets its buffered bytes.
+    fn close_socket(&mut self) {
         if let Some(s) = self.sock.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         self.rx_len = 0;
         self.tx.clear();
         self.tx_off = 0;
+    }
+
+    fn drop_socket(&mut self, reconnect: bool) {
+        self.close_socket();
         self.core.handle(Event::PeerDisconnected);
         if reconnect {
             self.link.request();
@@ -1107,18 +1110,10 @@ impl Reactor {
                 self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
             }
             Action::ResetLink { reason } => {
+                // The core has already handled the disconnect.
                 log::warn!("resetting the replication link: {reason}");
-                if let Some(s) = self.sock.take() {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
-                self.rx_len = 0;
-                self.tx.clear();
-                self.tx_off = 0;
-                // Give a refused pairing time before retrying.
-                let refused = matches!(self.core.link_state(), LinkState::Refused(_));
-                if !refused {
-                    self.link.request();
-                }
+                self.close_socket();
+                self.link.request();
             }
             Action::PathChanged { serving } => {
                 log::info!(

@@ -794,9 +794,6 @@ impl<L: Log> Core<L> {
         if self.link == LinkState::Down {
             return;
         }
-        if matches!(self.link, LinkState::Refused(_)) {
-            // Keep refusing until the operator acts; the driver retries.
-        }
         self.link = LinkState::Down;
         self.down_since_ms = self.now_ms;
         self.source = false;
