@@ -240,10 +240,31 @@ fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeOptions {
             (id as usize - 1) % core_affinity::get_core_ids().map_or(1, |c| c.len()).max(1),
         ),
         poll_mode: mode,
-        adaptive_spin_us: 50,
+        adaptive_spin_us: std::env::var("DM_BENCH_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50),
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,
+    }
+}
+
+/// Where the time went, from each node's own stage histograms.
+fn print_stages(nodes: &[Node], what: &str) {
+    use engine::status::Control;
+    std::thread::sleep(Duration::from_millis(150));
+    for (i, n) in nodes.iter().enumerate() {
+        let io = n.control.status().io;
+        println!(
+            "  node {} after {what}: host write p50 {:.0} µs, ring sync p50 {:.0} µs (n={}), disk write p50 {:.0} µs (n={})",
+            i + 1,
+            io.write_latency.p50_us,
+            io.ring_sync_latency.p50_us,
+            io.ring_sync_latency.count,
+            io.disk_write_latency.p50_us,
+            io.disk_write_latency.count
+        );
     }
 }
 
@@ -291,6 +312,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
         .unwrap();
         h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
     }
+    print_stages(&nodes, "QD1");
     // QD32: keep 32 writes in flight from one submitting thread, which
     // sleeps (it must not steal a core from the reactors) until a slot frees.
     let slots = Arc::new((std::sync::Mutex::new(0u32), std::sync::Condvar::new()));
@@ -334,6 +356,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
         }
     }
     assert!(!failed.load(Ordering::Acquire), "a mirrored write failed");
+    print_stages(&nodes, "QD32 (cumulative)");
     let iops = done.load(Ordering::Acquire) as f64 / start.elapsed().as_secs_f64();
     let name = match mode {
         PollMode::Busy => "mirrored volume (busy poll)",

@@ -505,12 +505,16 @@ struct Reactor {
     msgs: Vec<Msg>,
     comps: Vec<BackendCompletion>,
     inflight: Vec<Option<Inflight>>,
+    /// When each in-flight backend op was submitted (indexed like `inflight`).
+    inflight_at: Vec<Instant>,
     free_tags: Vec<usize>,
     overflow: VecDeque<(usize, BackendOp)>,
     hosts: Vec<Option<PendingHost>>,
     free_hosts: Vec<usize>,
     write_hist: Histogram<u64>,
     read_hist: Histogram<u64>,
+    sync_hist: Histogram<u64>,
+    disk_write_hist: Histogram<u64>,
     io: IoStats,
     last_status_ms: u64,
     last_tick_ms: u64,
@@ -551,12 +555,16 @@ impl Reactor {
             msgs: Vec::new(),
             comps: Vec::new(),
             inflight: Vec::new(),
+            inflight_at: Vec::new(),
             free_tags: Vec::new(),
             overflow: VecDeque::new(),
             hosts: Vec::new(),
             free_hosts: Vec::new(),
             write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             read_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            sync_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            disk_write_hist: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("histogram bounds"),
             io: IoStats::default(),
             last_status_ms: 0,
             last_tick_ms: u64::MAX,
@@ -912,13 +920,16 @@ impl Reactor {
     }
 
     fn submit(&mut self, what: Inflight, op: BackendOp) {
+        let now = Instant::now();
         let tag = match self.free_tags.pop() {
             Some(t) => {
                 self.inflight[t] = Some(what);
+                self.inflight_at[t] = now;
                 t
             }
             None => {
                 self.inflight.push(Some(what));
+                self.inflight_at.push(now);
                 self.inflight.len() - 1
             }
         };
@@ -954,6 +965,16 @@ impl Reactor {
             };
             self.free_tags.push(tag);
             let res = c.result.map(|_| ());
+            let us = (self.inflight_at[tag].elapsed().as_micros() as u64).max(1);
+            match &what {
+                Inflight::LogSync(_) => {
+                    let _ = self.sync_hist.record(us);
+                }
+                Inflight::Exec(_) | Inflight::ExtentWrite(_) => {
+                    let _ = self.disk_write_hist.record(us);
+                }
+                _ => {}
+            }
             match what {
                 Inflight::Exec(seq) => self.core.handle(Event::Executed {
                     token: seq,
@@ -1039,6 +1060,12 @@ impl Reactor {
             }
             Action::SyncLog => {
                 let through = self.core.log.0.prepare_sync();
+                if let Some(e) = self.core.log.0.write_error() {
+                    let e = e.to_string();
+                    log::error!("ring write failed: {e}; the node stops serving");
+                    self.core.fatal(format!("ring write failed: {e}"));
+                    return;
+                }
                 let fd = self.core.log.0.fd();
                 self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
             }
@@ -1179,6 +1206,8 @@ impl Reactor {
         let mut io = self.io.clone();
         io.write_latency = lat(&self.write_hist);
         io.read_latency = lat(&self.read_hist);
+        io.ring_sync_latency = lat(&self.sync_hist);
+        io.disk_write_latency = lat(&self.disk_write_hist);
         let st = NodeStatus {
             pid: std::process::id(),
             node_id: self.opts.node_id,

@@ -45,6 +45,12 @@ pub struct IoStats {
     pub errors: u64,
     pub read_latency: Latency,
     pub write_latency: Latency,
+    /// Ring durability: submission to completion of each ring fdatasync.
+    #[serde(default)]
+    pub ring_sync_latency: Latency,
+    /// Disk writes this node executed (host REQs and replayed ones alike).
+    #[serde(default)]
+    pub disk_write_latency: Latency,
 }
 
 /// One node's full status. `peer_state` is one of "connected",
