@@ -378,7 +378,18 @@ fn render_metrics(s: &NodeStatus) -> String {
         "Host I/O latency quantiles, by op.",
     );
     for (op, lat) in [("read", &io.read_latency), ("write", &io.write_latency)] {
-        m.latency(op, lat);
+        m.latency("deltamirror_io_latency_seconds", "op", op, lat);
+    }
+    m.family(
+        "deltamirror_stage_latency_seconds",
+        "summary",
+        "Latency of this node's own steps: ring fdatasync and disk writes (host and replayed).",
+    );
+    for (stage, lat) in [
+        ("ring_sync", &io.ring_sync_latency),
+        ("disk_write", &io.disk_write_latency),
+    ] {
+        m.latency("deltamirror_stage_latency_seconds", "stage", stage, lat);
     }
 
     m.family(
@@ -446,13 +457,12 @@ impl Metrics {
         self.sample(name, "", value);
     }
 
-    fn latency(&mut self, op: &str, l: &Latency) {
-        let name = "deltamirror_io_latency_seconds";
+    fn latency(&mut self, name: &str, key: &str, op: &str, l: &Latency) {
         for (q, us) in [("0.5", l.p50_us), ("0.99", l.p99_us), ("0.999", l.p999_us)] {
-            let labels = format!("op=\"{op}\",quantile=\"{q}\"");
+            let labels = format!("{key}=\"{op}\",quantile=\"{q}\"");
             self.sample(name, &labels, us / 1e6);
         }
-        let labels = format!("op=\"{op}\"");
+        let labels = format!("{key}=\"{op}\"");
         self.sample(&format!("{name}_count"), &labels, l.count as f64);
     }
 }
@@ -704,6 +714,7 @@ mod tests {
                     p999_us: 900.0,
                 },
                 write_latency: Latency::default(),
+                ..IoStats::default()
             },
             link_msgs_sent: 9,
             uptime_seconds: 12.5,

@@ -119,6 +119,14 @@ pub fn render(s: &NodeStatus) -> String {
         ),
     );
     line(
+        "stages",
+        format!(
+            "ring sync {}   disk write {}",
+            latency(&io.ring_sync_latency),
+            latency(&io.disk_write_latency)
+        ),
+    );
+    line(
         "link",
         format!(
             "sent {} msgs {}  received {} msgs {}",
@@ -319,6 +327,7 @@ mod tests {
                     p999_us: 12_500.0,
                 },
                 write_latency: Latency::default(),
+                ..IoStats::default()
             },
             link_msgs_sent: 3000,
             link_msgs_received: 2990,
