@@ -400,6 +400,7 @@ replay    12,345/100,000 entries  45.2/400.0 MiB  3.1 s  ETA 24 s
 last      replay 500 entries  0 extents  2.0 MiB  in 0.4 s
 io        reads 1,000 (4.0 MiB)  writes 2,000 (8.0 MiB)  flushes 10  errors 0
 latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
+stages    ring sync -   disk write -
 link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB
 memory    rss 84.2 MiB
 ";
