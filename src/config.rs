@@ -131,8 +131,12 @@ pub struct MirrorConfig {
     pub max_batch_bytes: u64,
     /// 0 = unlimited.
     pub max_replay_bytes_per_sec: u64,
-    /// Replay never drops below this rate, however busy the host I/O is.
+    /// Replay never drops below this rate, however busy the host I/O is:
+    /// while it would, new host writes wait.
     pub min_replay_bytes_per_sec: u64,
+    /// One cumulative ACK per reactor pass (true) or one ACK per REQ (false,
+    /// only to measure what coalescing saves).
+    pub coalesce_acks: bool,
 }
 
 impl Default for MirrorConfig {
@@ -146,6 +150,7 @@ impl Default for MirrorConfig {
             max_batch_bytes: 4 * MIB,
             max_replay_bytes_per_sec: 0,
             min_replay_bytes_per_sec: 16 * MIB,
+            coalesce_acks: true,
         }
     }
 }

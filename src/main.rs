@@ -161,6 +161,8 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     core.heartbeat_interval_ms = cfg.link.heartbeat_interval_ms;
     core.peer_timeout_ms = cfg.link.peer_timeout_ms;
     core.max_replay_bytes_per_sec = m.max_replay_bytes_per_sec;
+    core.min_replay_bytes_per_sec = m.min_replay_bytes_per_sec;
+    core.coalesce_acks = m.coalesce_acks;
     Ok(NodeOptions {
         node_id: cfg.node.id,
         node_name: cfg.node.name.clone(),

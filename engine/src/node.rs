@@ -1268,5 +1268,7 @@ pub fn default_core_config(node_id: u32) -> CoreConfig {
         heartbeat_interval_ms: 100,
         peer_timeout_ms: 1000,
         max_replay_bytes_per_sec: 0,
+        min_replay_bytes_per_sec: 0,
+        coalesce_acks: true,
     }
 }

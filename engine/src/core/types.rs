@@ -103,6 +103,12 @@ pub struct CoreConfig {
     pub peer_timeout_ms: u64,
     /// Replay/resync bandwidth ceiling, bytes per second (0 = unlimited).
     pub max_replay_bytes_per_sec: u64,
+    /// Replay/resync bandwidth floor, bytes per second (0 = none): while a
+    /// replay runs below it, new host writes wait so the replay catches up.
+    pub min_replay_bytes_per_sec: u64,
+    /// One cumulative ACK per poll (true, the default) or one ACK message per
+    /// REQ (false; for measuring what coalescing saves).
+    pub coalesce_acks: bool,
 }
 
 impl CoreConfig {
@@ -119,6 +125,8 @@ impl CoreConfig {
             heartbeat_interval_ms: 50,
             peer_timeout_ms: 300,
             max_replay_bytes_per_sec: 0,
+            min_replay_bytes_per_sec: 0,
+            coalesce_acks: true,
         }
     }
 }
