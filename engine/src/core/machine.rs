@@ -275,6 +275,9 @@ pub struct Core<L: Log> {
     replay: Option<ReplayProgress>,
     pub last_replay: Option<ReplayProgress>,
     rate_tokens: f64,
+    /// (ms, replay bytes) samples, one per 100 ms while a replay runs: the
+    /// replay rate over the last second, for the floor.
+    replay_samples: VecDeque<(u64, u64)>,
     session: u64,
 
     // Roles.
@@ -353,6 +356,7 @@ impl<L: Log> Core<L> {
             replay: None,
             last_replay: None,
             rate_tokens: 0.0,
+            replay_samples: VecDeque::new(),
             session: 0,
             awaiting_peer: meta.role == Role::Primary,
             promoting: false,
@@ -530,7 +534,7 @@ impl<L: Log> Core<L> {
             payload.len() as u64,
             if kind == ReqKind::Write { len } else { 0 }
         );
-        if self.waiting.is_empty() && self.log.fits(payload.len()) {
+        if self.waiting.is_empty() && !self.replay_starved() && self.log.fits(payload.len()) {
             self.assign(id, kind, offset, len, fua, payload);
         } else {
             self.waiting.push_back(Waiting {
@@ -735,6 +739,7 @@ impl<L: Log> Core<L> {
     fn tick(&mut self, now_ms: u64) {
         let dt = now_ms.saturating_sub(self.now_ms);
         self.now_ms = now_ms;
+        self.sample_replay_rate();
         if self.cfg.max_replay_bytes_per_sec > 0 {
             let cap = self.cfg.max_replay_bytes_per_sec as f64;
             self.rate_tokens =
@@ -1340,7 +1345,49 @@ impl<L: Log> Core<L> {
         }
     }
 
+    /// The replay floor: true while a replay that has run for a second moved
+    /// fewer than `min_replay_bytes_per_sec` over the last second. New host
+    /// writes then wait (as if the ring were full) so the replay catches up.
+    fn replay_starved(&self) -> bool {
+        let floor = self.cfg.min_replay_bytes_per_sec;
+        let Some(p) = self.replay.as_ref() else {
+            return false;
+        };
+        if floor == 0 || self.now_ms < p.start_ms + 1000 {
+            return false;
+        }
+        let (Some(&(t0, b0)), Some(&(t1, b1))) =
+            (self.replay_samples.front(), self.replay_samples.back())
+        else {
+            return false;
+        };
+        if t1 <= t0 {
+            return false;
+        }
+        (b1 - b0) as f64 * 1000.0 / ((t1 - t0) as f64) < floor as f64
+    }
+
+    fn sample_replay_rate(&mut self) {
+        let Some(p) = self.replay.as_ref() else {
+            self.replay_samples.clear();
+            return;
+        };
+        let due = self
+            .replay_samples
+            .back()
+            .is_none_or(|&(t, _)| self.now_ms >= t + 100);
+        if due {
+            self.replay_samples.push_back((self.now_ms, p.bytes));
+            while self.replay_samples.len() > 11 {
+                self.replay_samples.pop_front();
+            }
+        }
+    }
+
     fn admit_waiting(&mut self) {
+        if self.replay_starved() {
+            return;
+        }
         while let Some(w) = self.waiting.front() {
             if self.log.fits(w.payload.len()) {
                 let w = self.waiting.pop_front().unwrap();
@@ -1668,6 +1715,11 @@ impl<L: Log> Core<L> {
         }
         if self.source {
             if self.executed > self.sent_ack3 && self.cfg.confirm == ConfirmMode::Ack {
+                if !self.cfg.coalesce_acks {
+                    for s in self.sent_ack3 + 1..self.executed {
+                        self.out.push(Action::Send(Msg::Ack3(s)));
+                    }
+                }
                 self.sent_ack3 = self.executed;
                 self.out.push(Action::Send(Msg::Ack3(self.executed)));
             }
@@ -1686,6 +1738,12 @@ impl<L: Log> Core<L> {
         }
         .min(self.log.head());
         if a1 > self.sent_ack1 {
+            // Uncoalesced (a measurement setting): one message per REQ.
+            if !self.cfg.coalesce_acks {
+                for s in self.sent_ack1 + 1..a1 {
+                    self.out.push(Action::Send(Msg::Ack1(s)));
+                }
+            }
             self.sent_ack1 = a1;
             self.ack_times.push_back((a1, self.now_ms));
             self.out.push(Action::Send(Msg::Ack1(a1)));
@@ -1694,6 +1752,11 @@ impl<L: Log> Core<L> {
             && self.executed > self.sent_ack2
             && self.executed <= self.log.head()
         {
+            if !self.cfg.coalesce_acks {
+                for s in self.sent_ack2 + 1..self.executed {
+                    self.out.push(Action::Send(Msg::Ack2(s)));
+                }
+            }
             self.sent_ack2 = self.executed;
             self.out.push(Action::Send(Msg::Ack2(self.executed)));
         }

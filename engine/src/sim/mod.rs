@@ -165,6 +165,11 @@ pub struct SimParams {
     pub ack1_persisted: bool,
     pub timeout_confirm: bool,
     pub max_qd: usize,
+    /// One ACK message per REQ instead of cumulative ones.
+    pub uncoalesced_acks: bool,
+    /// Replay floor and ceiling, bytes per simulated second (0 = none).
+    pub replay_floor: u64,
+    pub replay_ceiling: u64,
 }
 
 impl SimParams {
@@ -185,6 +190,10 @@ impl SimParams {
             ack1_persisted: !r.chance(250),
             timeout_confirm: r.chance(150),
             max_qd: 1 + r.below(6) as usize,
+            // Drawn last so that older seeds keep their parameters.
+            uncoalesced_acks: r.chance(200),
+            replay_floor: if r.chance(200) { 64 * 1024 } else { 0 },
+            replay_ceiling: if r.chance(150) { 256 * 1024 } else { 0 },
         }
     }
 }
@@ -256,6 +265,9 @@ pub struct Outcome {
     pub refused: bool,
     pub remirrors: u64,
     pub replayed_entries: u64,
+    /// REQ and ACK1 messages put on the wire.
+    pub reqs_sent: u64,
+    pub ack1s_sent: u64,
 }
 
 pub struct Sim {
@@ -270,6 +282,8 @@ pub struct Sim {
     faults: bool,
     split_brain_forced: bool,
     trace: bool,
+    reqs_sent: u64,
+    ack1s_sent: u64,
 }
 
 fn stamp(buf: &mut [u8], id: u64) {
@@ -280,7 +294,10 @@ fn stamp(buf: &mut [u8], id: u64) {
 
 impl Sim {
     pub fn new(seed: u64) -> Self {
-        let p = SimParams::from_seed(seed);
+        Self::with_params(seed, SimParams::from_seed(seed))
+    }
+
+    pub fn with_params(seed: u64, p: SimParams) -> Self {
         let vol = p.blocks * BLOCK;
         let mk = |id: u32, role: Role| {
             let mut m = Meta::formatted(id, role, vol, BLOCK * 2, false);
@@ -313,6 +330,8 @@ impl Sim {
             next_id: 1,
             faults: true,
             split_brain_forced: false,
+            reqs_sent: 0,
+            ack1s_sent: 0,
             trace: std::env::var("DM_SIM_TRACE").is_ok(),
             p,
         };
@@ -329,6 +348,9 @@ impl Sim {
             c.confirm = ConfirmMode::Timeout { period_ms: 40 };
         }
         c.max_unacked_entries = 16;
+        c.coalesce_acks = !self.p.uncoalesced_acks;
+        c.min_replay_bytes_per_sec = self.p.replay_floor;
+        c.max_replay_bytes_per_sec = self.p.replay_ceiling;
         c
     }
 
@@ -401,6 +423,11 @@ impl Sim {
             return;
         }
         let to = 1 - from;
+        match &m {
+            Msg::Req { .. } => self.reqs_sent += 1,
+            Msg::Ack1(_) => self.ack1s_sent += 1,
+            _ => {}
+        }
         if self.faults && self.rng.chance(self.p.drop_per_mille) {
             // A lost message on a stream transport means a broken connection.
             self.log("link drops a message: connection reset".into());
@@ -905,6 +932,8 @@ impl Sim {
             refused,
             remirrors,
             replayed_entries,
+            reqs_sent: self.reqs_sent,
+            ack1s_sent: self.ack1s_sent,
         }
     }
 
@@ -1000,6 +1029,58 @@ mod tests {
              {refused} split brains refused, {remirrors} full remirrors (after operator resolution)"
         );
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// A fault-free pair with up to 6 writes in flight.
+    fn calm(seed: u64) -> SimParams {
+        SimParams {
+            crash_per_mille: 0,
+            cut_per_mille: 0,
+            drop_per_mille: 0,
+            dup_per_mille: 0,
+            reorder_per_mille: 0,
+            eio_per_mille: 0,
+            promote: false,
+            split_brain: false,
+            max_qd: 6,
+            steps: 1500,
+            ring_bytes: 64 * 1024,
+            ack1_persisted: true,
+            ..SimParams::from_seed(seed)
+        }
+    }
+
+    #[test]
+    fn ack1_is_coalesced_unless_switched_off() {
+        let (mut on_acks, mut on_reqs) = (0, 0);
+        for seed in 0..20 {
+            let on = Sim::with_params(seed, calm(seed)).run();
+            let off = Sim::with_params(
+                seed,
+                SimParams {
+                    uncoalesced_acks: true,
+                    ..calm(seed)
+                },
+            )
+            .run();
+            assert!(on.completed > 100 && off.completed > 100, "seed {seed}");
+            assert!(on.ack1s_sent <= on.reqs_sent, "seed {seed}");
+            // Off: one ACK1 per REQ (duplicates after reconnects aside).
+            assert!(
+                off.ack1s_sent >= off.reqs_sent,
+                "seed {seed}: uncoalesced {} ACK1s for {} REQs",
+                off.ack1s_sent,
+                off.reqs_sent
+            );
+            on_acks += on.ack1s_sent;
+            on_reqs += on.reqs_sent;
+        }
+        // Coalesced: REQs that arrive during one ring sync share one ACK1.
+        println!("coalesced: {on_acks} ACK1s for {on_reqs} REQs");
+        assert!(
+            on_acks * 10 < on_reqs * 9,
+            "coalesced: {on_acks} ACK1s for {on_reqs} REQs"
+        );
     }
 
     #[test]
