@@ -49,6 +49,11 @@ enum Cmd {
     Serve {
         #[arg(long)]
         config: PathBuf,
+        /// Serve this node's volume alone: no peer, no ring, no mirroring
+        /// (the unmirrored baseline). Leaves a marker that makes a later
+        /// mirrored start refuse until one side is reformatted.
+        #[arg(long)]
+        standalone: bool,
     },
     /// Show a node's status.
     Status {
@@ -104,7 +109,7 @@ fn main() {
             force,
             replace,
         } => cmd_format(&config, force, replace),
-        Cmd::Serve { config } => cmd_serve(&config),
+        Cmd::Serve { config, standalone } => cmd_serve(&config, standalone),
         Cmd::Status { admin, json, watch } => cmd_status(&admin, json, watch),
         Cmd::Promote { admin } => {
             admin::post(&admin, "/promote").map(|_| println!("promoted {admin}"))
@@ -303,11 +308,20 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
     Ok(Targets { nbd, nvme, iscsi })
 }
 
-fn cmd_serve(path: &Path) -> Result<()> {
+fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     let cfg = load(path)?;
     let opts = node_options(&cfg)?;
     let stop = engine::sys::stop_on_signals();
-    let node = Node::start(opts).map_err(anyhow::Error::msg)?;
+    let node = if standalone {
+        log::warn!(
+            "standalone: serving {} with no peer and no mirroring",
+            cfg.volume.path.display()
+        );
+        Node::start_standalone(opts)
+    } else {
+        Node::start(opts)
+    }
+    .map_err(anyhow::Error::msg)?;
     let vol: Arc<dyn Volume> = node.volume.clone();
     let adm = admin::start(cfg.admin.listen, node.control.clone()).with_context(|| {
         format!(

@@ -781,3 +781,76 @@ fn h_fio_libiscsi_verified_io_against_the_mirrored_primary() {
         "images differ"
     );
 }
+
+#[test]
+fn i_standalone_serves_alone_and_a_mirrored_start_refuses_until_reformatted() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["qemu-io"]) {
+        return;
+    }
+    let mut p = Pair::new("i", 3800, |_, t| t);
+    // Node 1 alone, no peer running: it serves at once.
+    let log = std::fs::File::create(&p.n[0].log).unwrap();
+    p.n[0].child = Some(
+        Command::new(EXE)
+            .args(["serve", "--standalone", "--config"])
+            .arg(&p.n[0].cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let s = p.wait(0, "standalone", 20, |s| s["role"] == "standalone");
+    assert_eq!(s["peer_state"], "none");
+    for blk in 0..8 {
+        assert!(
+            qemu_write(&p.uri(0), blk * 3, 0x60 + blk as u8),
+            "write {blk}"
+        );
+    }
+    let s = p.wait(0, "writes counted", 10, |s| u(&s["io"], "writes") >= 8);
+    assert_eq!(u(&s["io"], "errors"), 0);
+    assert_eq!(block_of(&p.n[0].volume, 21), vec![0x67; 4096]);
+    p.kill9(0);
+
+    // The peer lacks those writes: a mirrored start must refuse, with the fix.
+    let out = Command::new(EXE)
+        .args(["serve", "--config"])
+        .arg(&p.n[0].cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mirrored start after standalone ran");
+    assert!(
+        err.contains("standalone") && err.contains("format --replace"),
+        "unhelpful refusal: {err}"
+    );
+
+    // Keep node 1's data: reformat it, replace the peer, which gets a full copy.
+    for (i, args) in [
+        (0, &["format", "--force"][..]),
+        (1, &["format", "--force", "--replace"]),
+    ] {
+        let out = Command::new(EXE)
+            .args(args)
+            .arg("--config")
+            .arg(&p.n[i].cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    p.start_pair();
+    let (sp, sb) = p.wait_in_sync(0);
+    // One full copy, counted by the sender and by the receiver.
+    assert_eq!(u(&sp, "remirrors"), 1, "primary sent one full copy");
+    assert_eq!(u(&sb, "remirrors"), 1, "the replaced peer received it");
+    assert_eq!(block_of(&p.n[1].volume, 21), vec![0x67; 4096]);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+}

@@ -37,6 +37,8 @@ use crate::link::{parse_frames, push_frame, push_req_frame, LinkManager, LinkOpt
 use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};
 use crate::sys::{now_ms, poll_fds, rss_bytes, EventFd};
 
+pub mod standalone;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PollMode {
     Busy,
@@ -171,6 +173,11 @@ pub fn format(
     })?;
     let size = dev.size_bytes();
     drop(dev);
+    if force && mp.exists() {
+        // The metadata store never overwrites itself: --force erases it.
+        std::fs::remove_file(&mp)
+            .map_err(|e| format!("cannot remove the old metadata {}: {e}", mp.display()))?;
+    }
     Ring::create(&ring_path(&opts.data_dir), ring_bytes, 1)
         .map_err(|e| format!("cannot create the ring: {e}"))?;
     let meta = Meta::formatted(
@@ -187,6 +194,12 @@ pub fn format(
     store
         .write(&bytes)
         .map_err(|e| format!("cannot write the metadata: {e}"))?;
+    // A new format settles what a standalone run left behind.
+    match std::fs::remove_file(standalone::marker_path(&opts.data_dir)) {
+        Ok(()) => log::info!("removed the standalone marker"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove the standalone marker: {e}")),
+    }
     Ok(())
 }
 
@@ -359,19 +372,8 @@ pub struct Node {
 impl Node {
     /// Opens the node's state and starts its reactor and link.
     pub fn start(opts: NodeOptions) -> Result<Node, String> {
-        let backend = UringBackend::open(
-            &opts.volume_path,
-            &UringConfig {
-                queue_depth: opts.queue_depth,
-                file_block_size: opts.block_size,
-            },
-        )
-        .map_err(|e| {
-            format!(
-                "cannot open volume.path {}: {e}",
-                opts.volume_path.display()
-            )
-        })?;
+        standalone::check_not_standalone(&opts.data_dir)?;
+        let backend = Self::open_backend(&opts)?;
         let (mut store, meta_bytes) = MetaStore::open(&meta_path(&opts.data_dir)).map_err(|e| {
             format!(
                 "cannot open the node metadata in {}: {e} (run `deltamirror format` first?)",
@@ -436,6 +438,67 @@ impl Node {
                 }
                 let mut r = Reactor::new(opts, sh, core, backend, store, link, start);
                 r.run();
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Node {
+            volume: Arc::new(NodeVolume {
+                shared: shared.clone(),
+            }),
+            control: Arc::new(NodeControl {
+                shared: shared.clone(),
+            }),
+            shared,
+            reactor: Some(reactor),
+        })
+    }
+
+    fn open_backend(opts: &NodeOptions) -> Result<UringBackend, String> {
+        UringBackend::open(
+            &opts.volume_path,
+            &UringConfig {
+                queue_depth: opts.queue_depth,
+                file_block_size: opts.block_size,
+            },
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open volume.path {}: {e}",
+                opts.volume_path.display()
+            )
+        })
+    }
+
+    /// Serves the volume alone: no peer, no ring, no mirroring (the
+    /// unmirrored baseline). See [`standalone`].
+    pub fn start_standalone(opts: NodeOptions) -> Result<Node, String> {
+        let backend = Self::open_backend(&opts)?;
+        standalone::leave_marker(&opts.data_dir)?;
+        let size = backend.size_bytes();
+        let shared = Arc::new(Shared {
+            mailbox: ArrayQueue::new(4096),
+            wake: EventFd::new().map_err(|e| e.to_string())?,
+            sleeping: AtomicBool::new(false),
+            path: PathCell::new(PathState::Inaccessible),
+            geometry: Geometry {
+                block_size: backend.block_size(),
+                num_blocks: size / backend.block_size() as u64,
+            },
+            identity: opts.identity.clone(),
+            max_io_bytes: opts.max_io_bytes,
+            stop: AtomicBool::new(false),
+            status: Mutex::new(NodeStatus::default()),
+            commands: Mutex::new(VecDeque::new()),
+        });
+        let sh = shared.clone();
+        let reactor = std::thread::Builder::new()
+            .name(format!("dm-reactor-{}", opts.node_id))
+            .spawn(move || {
+                if let Some(id) = opts.core_id {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                        log::warn!("could not pin the reactor to core {id}");
+                    }
+                }
+                standalone::Standalone::new(opts, sh, backend).run();
             })
             .map_err(|e| e.to_string())?;
         Ok(Node {

@@ -1,0 +1,328 @@
+//! Standalone mode: one node serving its volume with no peer, no ring and
+//! no mirroring — the unmirrored baseline (`deltamirror serve --standalone`).
+//!
+//! Host I/O goes from the mailbox straight to the io_uring backend on one
+//! pinned reactor thread, with the same poll modes as a mirrored node. The
+//! writes bypass the ring, so the peer can no longer be brought up to date
+//! by a replay: starting standalone leaves a marker file in the data
+//! directory, and a mirrored start refuses to run until the operator has
+//! reformatted one side (see [`check_not_standalone`]).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use storage::backend::uring::UringBackend;
+use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
+use volume::{Completion, IoError, PathState, VolumeOp};
+
+use super::{HostOp, NodeOptions, PollMode, Shared};
+use crate::status::{IoStats, Latency, NodeStatus};
+use crate::sys::{now_ms, poll_fds};
+
+/// The marker a standalone start leaves in the data directory.
+pub fn marker_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("STANDALONE")
+}
+
+/// Leaves the marker (durably) before any standalone write can happen.
+pub(super) fn leave_marker(data_dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create node.data_dir {}: {e}", data_dir.display()))?;
+    let p = marker_path(data_dir);
+    let text = "This node's volume was written in standalone mode (no mirroring).\n\
+                Its peer does not have those writes; see docs/operations.md.\n";
+    let write = || -> std::io::Result<()> {
+        std::fs::write(&p, text)?;
+        File::open(&p)?.sync_all()?;
+        File::open(data_dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", p.display()))
+}
+
+/// A mirrored start refuses a volume that was served standalone: the peer
+/// lacks those writes and no replay can bring them over.
+pub fn check_not_standalone(data_dir: &Path) -> Result<(), String> {
+    if marker_path(data_dir).exists() {
+        return Err(format!(
+            "{} was served in standalone mode, so the peer does not have its writes. \
+             To keep this node's data: `deltamirror format --force` on this node (as primary) \
+             and `deltamirror format --replace` on the peer, which then receives a full copy. \
+             To drop them: `deltamirror format --replace` on this node. A format removes the \
+             marker {}.",
+            data_dir.display(),
+            marker_path(data_dir).display()
+        ));
+    }
+    Ok(())
+}
+
+struct Pending {
+    done: Completion,
+    start: Instant,
+    /// The host's write buffer, handed back on completion.
+    data: Vec<u8>,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Read,
+    Write,
+    Other,
+}
+
+pub(super) struct Standalone {
+    opts: NodeOptions,
+    shared: Arc<Shared>,
+    backend: UringBackend,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    overflow: VecDeque<(usize, BackendOp)>,
+    comps: Vec<BackendCompletion>,
+    write_hist: Histogram<u64>,
+    read_hist: Histogram<u64>,
+    disk_write_hist: Histogram<u64>,
+    io: IoStats,
+    start: Instant,
+    last_status_ms: u64,
+}
+
+impl Standalone {
+    pub(super) fn new(opts: NodeOptions, shared: Arc<Shared>, backend: UringBackend) -> Self {
+        let hist = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Standalone {
+            opts,
+            shared,
+            backend,
+            pending: Vec::new(),
+            free: Vec::new(),
+            overflow: VecDeque::new(),
+            comps: Vec::new(),
+            write_hist: hist(),
+            read_hist: hist(),
+            disk_write_hist: hist(),
+            io: IoStats::default(),
+            start: Instant::now(),
+            last_status_ms: 0,
+        }
+    }
+
+    pub(super) fn run(&mut self) {
+        self.shared.path.set(PathState::Optimized);
+        let spin = Duration::from_micros(self.opts.adaptive_spin_us);
+        let mut last_work = Instant::now();
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            let did = self.iteration();
+            if self.shared.stop.load(Ordering::Acquire) {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                let idle = self.backend.in_flight() == 0 && self.overflow.is_empty();
+                if idle || since.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+            }
+            if did {
+                last_work = Instant::now();
+                continue;
+            }
+            if self.opts.poll_mode == PollMode::Busy || last_work.elapsed() < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep();
+            last_work = Instant::now() - spin;
+        }
+        self.shared.path.set(PathState::Inaccessible);
+        for i in 0..self.pending.len() {
+            self.complete(i, Err(IoError::Unavailable));
+        }
+        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+            done(Err(IoError::Unavailable));
+        }
+    }
+
+    fn sleep(&mut self) {
+        self.shared.sleeping.store(true, Ordering::Release);
+        if !self.shared.mailbox.is_empty() || self.shared.stop.load(Ordering::Acquire) {
+            self.shared.sleeping.store(false, Ordering::Release);
+            return;
+        }
+        let mut fds = vec![(self.shared.wake.fd(), false)];
+        if let Some(fd) = self.backend.wait_fd() {
+            fds.push((fd, false));
+        }
+        poll_fds(&fds, 100);
+        self.shared.sleeping.store(false, Ordering::Release);
+        self.shared.wake.drain();
+    }
+
+    fn iteration(&mut self) -> bool {
+        let mut did = self.take_commands();
+        did |= self.take_host_ops();
+        did |= self.reap();
+        while let Some((tag, op)) = self.overflow.pop_front() {
+            if let Err(op) = self.backend.submit(tag as u64, op) {
+                self.overflow.push_front((tag, op));
+                break;
+            }
+        }
+        self.backend.flush_submissions();
+        let now = now_ms(self.start);
+        if now >= self.last_status_ms + 100 {
+            self.last_status_ms = now;
+            self.publish_status(now);
+        }
+        did
+    }
+
+    fn take_commands(&mut self) -> bool {
+        let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
+        let did = !cmds.is_empty();
+        for (_, reply) in cmds {
+            *reply.r.lock().unwrap() = Some(Err(
+                "this node runs standalone (no peer): promote and demote do not apply".into(),
+            ));
+            reply.c.notify_all();
+        }
+        did
+    }
+
+    fn take_host_ops(&mut self) -> bool {
+        let mut did = false;
+        for _ in 0..256 {
+            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+                break;
+            };
+            did = true;
+            let (kind, data, bop) = match op {
+                VolumeOp::Read { offset, len } => (
+                    Kind::Read,
+                    Vec::new(),
+                    BackendOp::Read {
+                        offset,
+                        buf: AlignedBuf::new(len as usize),
+                    },
+                ),
+                VolumeOp::Write { offset, data, fua } => {
+                    let buf = AlignedBuf::from_slice(&data);
+                    (Kind::Write, data, BackendOp::Write { offset, buf, fua })
+                }
+                VolumeOp::WriteZeroes { offset, len } => (
+                    Kind::Other,
+                    Vec::new(),
+                    BackendOp::WriteZeroes { offset, len },
+                ),
+                // Discard follows the mirrored node's rule (block devices
+                // zero the range so reads stay defined).
+                VolumeOp::Discard { offset, len } if self.backend.is_block_device() => (
+                    Kind::Other,
+                    Vec::new(),
+                    BackendOp::WriteZeroes { offset, len },
+                ),
+                VolumeOp::Discard { offset, len } => {
+                    (Kind::Other, Vec::new(), BackendOp::Discard { offset, len })
+                }
+                VolumeOp::Flush => {
+                    self.io.flushes += 1;
+                    (Kind::Other, Vec::new(), BackendOp::Flush)
+                }
+            };
+            let p = Pending {
+                done,
+                start,
+                data,
+                kind,
+            };
+            let tag = match self.free.pop() {
+                Some(t) => {
+                    self.pending[t] = Some(p);
+                    t
+                }
+                None => {
+                    self.pending.push(Some(p));
+                    self.pending.len() - 1
+                }
+            };
+            if !self.overflow.is_empty() {
+                self.overflow.push_back((tag, bop));
+            } else if let Err(bop) = self.backend.submit(tag as u64, bop) {
+                self.overflow.push_back((tag, bop));
+            }
+        }
+        did
+    }
+
+    fn reap(&mut self) -> bool {
+        let mut comps = std::mem::take(&mut self.comps);
+        comps.clear();
+        let n = self.backend.reap(&mut comps);
+        for c in comps.drain(..) {
+            let tag = c.tag as usize;
+            let r = match c.result {
+                Ok(_) => Ok(c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default()),
+                Err(e) => Err(IoError::Io(e)),
+            };
+            self.complete(tag, r);
+        }
+        self.comps = comps;
+        n > 0
+    }
+
+    fn complete(&mut self, tag: usize, r: Result<Vec<u8>, IoError>) {
+        let Some(p) = self.pending.get_mut(tag).and_then(|s| s.take()) else {
+            return;
+        };
+        self.free.push(tag);
+        let us = (p.start.elapsed().as_micros() as u64).max(1);
+        let r = match (r, p.kind) {
+            (Ok(_), Kind::Write) => {
+                self.io.writes += 1;
+                self.io.write_bytes += p.data.len() as u64;
+                let _ = self.write_hist.record(us);
+                let _ = self.disk_write_hist.record(us);
+                Ok(p.data)
+            }
+            (Ok(d), Kind::Read) => {
+                self.io.reads += 1;
+                self.io.read_bytes += d.len() as u64;
+                let _ = self.read_hist.record(us);
+                Ok(d)
+            }
+            (Ok(_), Kind::Other) => Ok(Vec::new()),
+            (Err(e), _) => {
+                self.io.errors += 1;
+                Err(e)
+            }
+        };
+        (p.done)(r);
+    }
+
+    fn publish_status(&mut self, now: u64) {
+        let lat = |h: &Histogram<u64>| Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            p999_us: h.value_at_quantile(0.999) as f64,
+        };
+        let mut io = self.io.clone();
+        io.write_latency = lat(&self.write_hist);
+        io.read_latency = lat(&self.read_hist);
+        io.disk_write_latency = lat(&self.disk_write_hist);
+        let st = NodeStatus {
+            pid: std::process::id(),
+            node_id: self.opts.node_id,
+            node_name: self.opts.node_name.clone(),
+            role: "standalone".into(),
+            peer_state: "none".into(),
+            io,
+            uptime_seconds: now as f64 / 1000.0,
+            ..NodeStatus::default()
+        };
+        *self.shared.status.lock().unwrap() = st;
+    }
+}
