@@ -7,7 +7,16 @@
 //!   in busy and adaptive poll mode,
 //!
 //! and prints mirrored p50 / (local p50 + link p50) and mirrored QD32 IOPS /
-//! local QD32 IOPS, with the resident memory next to the speed figures.
+//! local QD32 IOPS, with the resident memory next to the speed figures. The
+//! adaptive pair also runs with ACK coalescing off (`coalesce_acks = false`
+//! on both nodes), next to link messages received per write.
+//!
+//! `--link-only` runs only the local-disk and link rows (the floors);
+//! `--replay` runs the replay / remirror benchmark instead (replay.rs);
+//! `--json PATH` also writes the results as JSON.
+
+mod json;
+mod replay;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,13 +30,14 @@ use engine::core::Role;
 use engine::link::LinkOptions;
 use engine::node::{default_core_config, format, Node, NodeOptions, PollMode};
 use hdrhistogram::Histogram;
+use json::J;
 use storage::backend::uring::{create_file_device, UringBackend, UringConfig};
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{submit_wait, Volume, VolumeIdentity, VolumeOp};
 
 #[derive(Parser)]
 #[command(about = "deltamirror engine benchmark: local disk vs link vs mirrored volume")]
-struct Args {
+pub(crate) struct Args {
     /// Directory on the disk to measure (not tmpfs).
     #[arg(long, default_value = "/var/tmp/deltamirror-bench")]
     dir: PathBuf,
@@ -40,9 +50,42 @@ struct Args {
     /// Volume size in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Port base for the two nodes' links.
+    /// Port base for the two nodes' links (each pair uses port + run * 10).
     #[arg(long, default_value_t = 17400)]
     port: u16,
+    /// Only the local-disk and link round-trip rows (the floors).
+    #[arg(long, conflicts_with = "replay")]
+    link_only: bool,
+    /// Run the replay / remirror benchmark instead of the write benchmark.
+    #[arg(long)]
+    replay: bool,
+    /// Replay mode: outage sizes (random 4 KiB writes while node 2 is down).
+    #[arg(long, default_value = "1000,10000,100000")]
+    replay_n: String,
+    /// Replay mode: ring size in MiB (must hold the largest N x 4160 bytes).
+    #[arg(long, default_value_t = 512)]
+    replay_ring_mib: u64,
+    /// Replay mode: entries replayed while measuring foreground latency.
+    #[arg(long, default_value_t = 100_000)]
+    fg_entries: u64,
+    /// Replay mode: the ceiling (core.max_replay_bytes_per_sec) in MiB/s for
+    /// the second foreground run.
+    #[arg(long, default_value_t = 64)]
+    replay_max_mibs: u64,
+    /// Replay mode: the floor (core.min_replay_bytes_per_sec) in MiB/s for
+    /// the second foreground run.
+    #[arg(long, default_value_t = 16)]
+    replay_min_mibs: u64,
+    /// Replay mode: MiB written to node 1 and then remirrored to a new node 2
+    /// (also the size of that pair's volume).
+    #[arg(long, default_value_t = 1024)]
+    remirror_mib: u64,
+    /// Replay mode: give up (exit 1) when a replay takes longer (seconds).
+    #[arg(long, default_value_t = 300)]
+    replay_timeout: u64,
+    /// Also write every result as JSON to this path.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 struct Result1 {
@@ -52,20 +95,37 @@ struct Result1 {
     p999: f64,
     iops32: f64,
     rss_mib: f64,
+    /// Mirrored rows: node 1's link messages received / sent per QD32 write.
+    msgs_rx_per_write: Option<f64>,
+    msgs_tx_per_write: Option<f64>,
 }
 
-fn hist() -> Histogram<u64> {
+impl Result1 {
+    fn json(&self) -> J {
+        J::obj()
+            .with("name", self.name.as_str())
+            .with("p50_us", self.p50)
+            .with("p99_us", self.p99)
+            .with("p999_us", self.p999)
+            .with("qd32_iops", (self.iops32 > 0.0).then_some(self.iops32))
+            .with("rss_mib", self.rss_mib)
+            .with("link_msgs_received_per_write", self.msgs_rx_per_write)
+            .with("link_msgs_sent_per_write", self.msgs_tx_per_write)
+    }
+}
+
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000, 3).unwrap()
 }
 
-fn rng(x: &mut u64) -> u64 {
+pub(crate) fn rng(x: &mut u64) -> u64 {
     *x = x
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
     *x >> 16
 }
 
-fn rss_mib() -> f64 {
+pub(crate) fn rss_mib() -> f64 {
     engine::sys::rss_bytes() as f64 / (1 << 20) as f64
 }
 
@@ -151,6 +211,8 @@ fn result(name: &str, h: &Histogram<u64>, iops32: f64) -> Result1 {
         p999: h.value_at_quantile(0.999) as f64,
         iops32,
         rss_mib: rss_mib(),
+        msgs_rx_per_write: None,
+        msgs_tx_per_write: None,
     }
 }
 
@@ -205,7 +267,7 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8]) {
     }
 }
 
-fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeOptions {
+pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeOptions {
     let d = dir.join(format!("node{id}"));
     NodeOptions {
         node_id: id,
@@ -269,14 +331,17 @@ fn print_stages(nodes: &[Node], what: &str) {
 }
 
 /// Two nodes in this process, mirrored over loopback: QD1 and QD32 writes
-/// through the primary's volume.
-fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
+/// through the primary's volume. `coalesce` sets `core.coalesce_acks` on
+/// both nodes.
+fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool) -> Result1 {
+    use engine::status::Control;
     let dir = args.dir.join(format!("pair-{run}"));
     let _ = std::fs::remove_dir_all(&dir);
     let port = args.port + run * 10;
     let mut nodes = Vec::new();
     for id in 1..=2u32 {
-        let o = node_opts(&dir, id, port, mode);
+        let mut o = node_opts(&dir, id, port, mode);
+        o.core.coalesce_acks = coalesce;
         std::fs::create_dir_all(&o.data_dir).unwrap();
         create_file_device(&o.volume_path, args.size_mib << 20).unwrap();
         format(
@@ -313,6 +378,8 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
         h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
     }
     print_stages(&nodes, "QD1");
+    // print_stages waited out a status publication: the counters are current.
+    let before = nodes[0].control.status();
     // QD32: keep 32 writes in flight from one submitting thread, which
     // sleeps (it must not steal a core from the reactors) until a slot frees.
     let slots = Arc::new((std::sync::Mutex::new(0u32), std::sync::Condvar::new()));
@@ -356,13 +423,26 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
         }
     }
     assert!(!failed.load(Ordering::Acquire), "a mirrored write failed");
+    let secs = start.elapsed().as_secs_f64();
     print_stages(&nodes, "QD32 (cumulative)");
-    let iops = done.load(Ordering::Acquire) as f64 / start.elapsed().as_secs_f64();
-    let name = match mode {
-        PollMode::Busy => "mirrored volume (busy poll)",
-        PollMode::Adaptive => "mirrored volume (adaptive poll)",
+    let after = nodes[0].control.status();
+    let writes = done.load(Ordering::Acquire);
+    let iops = writes as f64 / secs;
+    let name = match (mode, coalesce) {
+        (PollMode::Busy, _) => "mirrored volume (busy poll)",
+        (PollMode::Adaptive, true) => "mirrored volume (adaptive poll)",
+        (PollMode::Adaptive, false) => "mirrored volume (adaptive, ACK coalescing off)",
     };
-    let r = result(name, &h, iops);
+    let mut r = result(name, &h, iops);
+    let w = writes.max(1) as f64;
+    r.msgs_rx_per_write = Some(
+        after
+            .link_msgs_received
+            .saturating_sub(before.link_msgs_received) as f64
+            / w,
+    );
+    r.msgs_tx_per_write =
+        Some(after.link_msgs_sent.saturating_sub(before.link_msgs_sent) as f64 / w);
     for n in nodes {
         n.shutdown();
     }
@@ -370,41 +450,22 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16) -> Result1 {
     r
 }
 
-fn main() {
-    let args = Args::parse();
-    std::fs::create_dir_all(&args.dir).unwrap();
-    let local_path = args.dir.join("local.img");
-    create_file_device(&local_path, args.size_mib << 20).unwrap();
-    println!(
-        "deltamirror bench: 4 KiB writes, {} QD1 ops, {} s at QD32, volume {} MiB in {}",
-        args.qd1_ops,
-        args.seconds,
-        args.size_mib,
-        args.dir.display()
-    );
-    let busy_cpus = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("load average before: {}", busy_cpus.trim());
-    let local = bench_local(&local_path, &args);
-    let link_block = bench_link(&args, false);
-    let link_busy = bench_link(&args, true);
-    let m_busy = if std::env::var("DM_BENCH_SKIP_BUSY").is_ok() {
-        Result1 {
-            name: "mirrored volume (busy poll) skipped".into(),
-            p50: 0.0,
-            p99: 0.0,
-            p999: 0.0,
-            iops32: 0.0,
-            rss_mib: 0.0,
+fn write_json(args: &Args, v: &J) {
+    if let Some(p) = &args.json {
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
         }
-    } else {
-        bench_mirrored(&args, PollMode::Busy, 0)
-    };
-    let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1);
-    let _ = std::fs::remove_file(&local_path);
-    println!();
+        if let Err(e) = std::fs::write(p, v.render()) {
+            eprintln!("bench: cannot write {}: {e}", p.display());
+            std::process::exit(1);
+        }
+    }
+}
+
+fn print_rows(rows: &[&Result1]) {
     println!("| what | QD1 p50 µs | p99 µs | p99.9 µs | QD32 IOPS | RSS MiB |");
     println!("|---|---|---|---|---|---|");
-    for r in [&local, &link_block, &link_busy, &m_busy, &m_adapt] {
+    for r in rows {
         let iops = if r.iops32 > 0.0 {
             format!("{:.0}", r.iops32)
         } else {
@@ -415,6 +476,78 @@ fn main() {
             r.name, r.p50, r.p99, r.p999, iops, r.rss_mib
         );
     }
+}
+
+fn main() {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir).unwrap();
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    if args.replay {
+        println!("load average before: {}", loadavg.trim());
+        match replay::run(&args) {
+            Ok(v) => write_json(&args, &v),
+            Err(e) => {
+                eprintln!("bench --replay: FAILED: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let local_path = args.dir.join("local.img");
+    create_file_device(&local_path, args.size_mib << 20).unwrap();
+    println!(
+        "deltamirror bench: 4 KiB writes, {} QD1 ops, {} s at QD32, volume {} MiB in {}",
+        args.qd1_ops,
+        args.seconds,
+        args.size_mib,
+        args.dir.display()
+    );
+    println!("load average before: {}", loadavg.trim());
+    let local = bench_local(&local_path, &args);
+    let link_block = bench_link(&args, false);
+    let link_busy = bench_link(&args, true);
+    let _ = std::fs::remove_file(&local_path);
+    let mut out = J::obj()
+        .with("mode", if args.link_only { "link-only" } else { "write" })
+        .with("qd1_ops", args.qd1_ops)
+        .with("seconds", args.seconds)
+        .with("volume_mib", args.size_mib)
+        .with("loadavg_before", loadavg.trim());
+    if args.link_only {
+        println!();
+        print_rows(&[&local, &link_block, &link_busy]);
+        out.set(
+            "rows",
+            J::Arr(vec![local.json(), link_block.json(), link_busy.json()]),
+        );
+        write_json(&args, &out);
+        return;
+    }
+    let m_busy = if std::env::var("DM_BENCH_SKIP_BUSY").is_ok() {
+        Result1 {
+            name: "mirrored volume (busy poll) skipped".into(),
+            p50: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+            iops32: 0.0,
+            rss_mib: 0.0,
+            msgs_rx_per_write: None,
+            msgs_tx_per_write: None,
+        }
+    } else {
+        bench_mirrored(&args, PollMode::Busy, 0, true)
+    };
+    let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1, true);
+    let m_nocoal = bench_mirrored(&args, PollMode::Adaptive, 2, false);
+    println!();
+    print_rows(&[
+        &local,
+        &link_block,
+        &link_busy,
+        &m_busy,
+        &m_adapt,
+        &m_nocoal,
+    ]);
     println!();
     let ratio = |m: &Result1, l: &Result1| m.p50 / (local.p50 + l.p50);
     println!(
@@ -427,5 +560,38 @@ fn main() {
         m_busy.iops32 / local.iops32,
         m_adapt.iops32 / local.iops32
     );
+    println!();
+    println!("| ACK coalescing (adaptive pair, QD32) | QD32 IOPS | node 1 link msgs received per write | node 1 link msgs sent per write | QD1 p50 µs |");
+    println!("|---|---|---|---|---|");
+    for (what, r) in [("on (default)", &m_adapt), ("off", &m_nocoal)] {
+        println!(
+            "| {what} | {:.0} | {:.2} | {:.2} | {:.0} |",
+            r.iops32,
+            r.msgs_rx_per_write.unwrap_or(0.0),
+            r.msgs_tx_per_write.unwrap_or(0.0),
+            r.p50
+        );
+    }
+    println!(
+        "QD32 IOPS coalescing off / on: {:.2}",
+        m_nocoal.iops32 / m_adapt.iops32.max(1.0)
+    );
     println!("RSS includes both nodes of the pair (one process), mapped ring pages included.");
+    out.set(
+        "rows",
+        J::Arr(
+            [
+                &local,
+                &link_block,
+                &link_busy,
+                &m_busy,
+                &m_adapt,
+                &m_nocoal,
+            ]
+            .iter()
+            .map(|r| r.json())
+            .collect(),
+        ),
+    );
+    write_json(&args, &out);
 }
