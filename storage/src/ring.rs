@@ -634,7 +634,8 @@ impl Ring {
         }
     }
 
-    /// The first failed ring write, if any (see [`Ring::write_at`]).
+    /// The first failed ring write or fdatasync, if any: from then on the
+    /// ring's on-disk state is unknown and the node must stop.
     pub fn write_error(&self) -> Option<&str> {
         self.write_error.as_deref()
     }
@@ -650,15 +651,18 @@ impl Ring {
     }
 
     /// `sync_header`, for the operations whose signature has no error path:
-    /// if the ring cannot be made durable its on-disk state is unknown, and
-    /// the node must stop rather than guess.
-    fn sync_header_or_die(&mut self, what: &str) {
+    /// if the ring cannot be made durable its on-disk state is unknown. The
+    /// error is kept for [`Ring::write_error`], and the node must stop rather
+    /// than guess (a restart recovers from what is on disk).
+    fn sync_header_or_fail(&mut self, what: &str) {
         if let Err(e) = self.sync_header() {
-            panic!(
-                "{}: fdatasync after {what} failed: {e}; the ring's on-disk state is unknown, \
-                 restart the node so it recovers from the ring",
-                self.path.display()
-            );
+            if self.write_error.is_none() {
+                self.write_error = Some(format!(
+                    "{}: fdatasync after {what} failed: {e}; the ring's on-disk state is \
+                     unknown, restart the node so it recovers from the ring",
+                    self.path.display()
+                ));
+            }
         }
     }
 
@@ -833,7 +837,8 @@ impl Ring {
     /// Drop every record with a seq > `seq`; `next_seq()` becomes `seq + 1`.
     /// `seq` must be < `next_seq()`; `seq == next_seq() - 1` is a no-op. A
     /// `seq` below `first_seq() - 1` drops every record (like `reset(seq+1)`).
-    /// Durable when it returns (one fdatasync of the ring file).
+    /// Durable when it returns (one fdatasync of the ring file), unless
+    /// [`Ring::write_error`] reports a failure.
     pub fn truncate_after(&mut self, seq: u64) {
         assert!(
             seq < self.next_seq,
@@ -856,11 +861,12 @@ impl Ring {
         self.next_seq = seq + 1;
         self.epoch += 1;
         self.epoch_first_seq = self.next_seq;
-        self.sync_header_or_die("truncation");
+        self.sync_header_or_fail("truncation");
     }
 
     /// Drop every record; the next append must carry `next_seq` (>= 1).
-    /// Durable when it returns (one fdatasync of the ring file).
+    /// Durable when it returns (one fdatasync of the ring file), unless
+    /// [`Ring::write_error`] reports a failure.
     pub fn reset(&mut self, next_seq: u64) {
         assert!(next_seq >= 1, "seqs start at 1");
         self.index.clear();
@@ -870,7 +876,7 @@ impl Ring {
         self.next_seq = next_seq;
         self.epoch += 1;
         self.epoch_first_seq = next_seq;
-        self.sync_header_or_die("reset");
+        self.sync_header_or_fail("reset");
     }
 
     /// Bytes appends cannot use now: from the oldest tail a durable header

@@ -703,6 +703,7 @@ impl Reactor {
         did |= self.reap_backend();
         self.core.poll();
         did |= self.run_actions();
+        self.ring_failed();
         self.retry_overflow();
         self.backend.flush_submissions();
         did |= self.write_socket();
@@ -1083,6 +1084,20 @@ impl Reactor {
         true
     }
 
+    /// A failed ring write or sync leaves the ring's on-disk state unknown:
+    /// the node stops serving (once) and a restart recovers from the ring.
+    fn ring_failed(&mut self) -> bool {
+        let Some(e) = self.core.log.0.write_error() else {
+            return false;
+        };
+        if self.core.failed().is_none() {
+            let e = e.to_string();
+            log::error!("ring write failed: {e}; the node stops serving");
+            self.core.fatal(format!("ring write failed: {e}"));
+        }
+        true
+    }
+
     fn run_actions(&mut self) -> bool {
         let mut did = false;
         // Actions can cause events (metadata writes complete inline) which
@@ -1123,10 +1138,7 @@ impl Reactor {
             }
             Action::SyncLog => {
                 let through = self.core.log.0.prepare_sync();
-                if let Some(e) = self.core.log.0.write_error() {
-                    let e = e.to_string();
-                    log::error!("ring write failed: {e}; the node stops serving");
-                    self.core.fatal(format!("ring write failed: {e}"));
+                if self.ring_failed() {
                     return;
                 }
                 let fd = self.core.log.0.fd();
