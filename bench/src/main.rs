@@ -80,6 +80,9 @@ pub(crate) struct Args {
     /// (also the size of that pair's volume).
     #[arg(long, default_value_t = 1024)]
     remirror_mib: u64,
+    /// Replay mode: which parts to run (scaling, foreground, remirror).
+    #[arg(long, default_value = "scaling,foreground,remirror")]
+    replay_parts: String,
     /// Replay mode: give up (exit 1) when a replay takes longer (seconds).
     #[arg(long, default_value_t = 300)]
     replay_timeout: u64,
