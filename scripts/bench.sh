@@ -5,18 +5,24 @@
 #
 #   - the floors: the local disk (fio io_uring, O_DIRECT, file under /var/tmp)
 #     and the replication link round trip (target/release/bench),
-#   - deltamirror with one node (promoted to serve alone) and mirrored
-#     (both nodes; adaptive and busy poll) over NBD, iSCSI and NVMe/TCP,
+#   - deltamirror with one node (`serve --standalone` when the binary has it,
+#     else promoted to serve alone) and mirrored (both nodes; adaptive and
+#     busy poll) over NBD, iSCSI and NVMe/TCP,
 #   - the peers on this machine: nbdkit (file plugin), qemu-nbd, tgtd,
 #
-# then writes BENCHMARKS.md (tables, ratios, RSS, idle CPU, thread placement)
-# and docs/benchmarks.png, and exits non-zero if any workload failed.
+# plus the engine bench's replay / remirror mode (target/release/bench
+# --replay: replay time against outage size, foreground latency during a
+# replay, full remirror bandwidth against disk and loopback floors) and its
+# ACK coalescing on/off rows, then writes BENCHMARKS.md (tables, ratios, RSS,
+# idle CPU, thread placement) and docs/benchmarks.png, and exits non-zero if
+# any workload failed.
 #
 #   scripts/bench.sh                 # build (cargo build --release), run all, ~7 min
 #   scripts/bench.sh --no-build      # use the binaries already in target/release
 #   scripts/bench.sh --seconds 10    # longer runs per workload (default 5)
 #   scripts/bench.sh --no-busy       # skip the busy-poll pair
 #   scripts/bench.sh --only local,nbdkit,dm-mirrored   # a subset of targets
+#   scripts/bench.sh --only local,replay --seconds 2   # floors + replay/remirror
 #   scripts/bench.sh --help
 #
 # Needs root for apt (fio, nbdkit, tgt, libiscsi) and for the fio libiscsi
@@ -64,9 +70,7 @@ if [ "$build" = 1 ]; then
     echo "bench: cargo build --release (deltamirror, dm-nvme, bench)"
     cargo build --release -p deltamirror -p nvme-target -p bench --bins
 fi
-for b in deltamirror dm-nvme bench; do
-    [ -x "$root/target/release/$b" ] || { echo "bench: target/release/$b missing (run without --no-build)" >&2; exit 1; }
-done
+# bench.py checks for the binaries the selected targets need (--only).
 
 args=()
 for a in "$@"; do [ "$a" = --no-build ] || args+=("$a"); done

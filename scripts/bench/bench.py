@@ -2,10 +2,12 @@
 """deltamirror benchmark orchestrator (run through scripts/bench.sh).
 
 Runs the same workloads against the floors (local disk, replication link),
-deltamirror (one node / mirrored pair, NBD / iSCSI / NVMe/TCP) and the peers
-(nbdkit, qemu-nbd, tgtd), samples per-thread CPU and core placement during
-every run, and writes BENCHMARKS.md, docs/benchmarks.png and
-target/bench/results.json. Exits 1 if any workload failed.
+deltamirror (one unmirrored node / mirrored pair, NBD / iSCSI / NVMe/TCP) and
+the peers (nbdkit, qemu-nbd, tgtd), samples per-thread CPU and core placement
+during every run, runs the engine bench's replay / remirror mode
+(`target/release/bench --replay`), and writes BENCHMARKS.md,
+docs/benchmarks.png and target/bench/results.json. Exits 1 if any workload
+failed.
 """
 import argparse
 import datetime
@@ -365,11 +367,30 @@ def stop_proc(p, sig=signal.SIGTERM, secs=10):
         p.wait()
 
 
+_STANDALONE = None
+
+
+def dm_has_standalone():
+    """True when `deltamirror serve --help` lists --standalone (one node, no
+    peer, no ring: the unmirrored baseline)."""
+    global _STANDALONE
+    if _STANDALONE is None:
+        try:
+            r = subprocess.run([DM, "serve", "--help"], capture_output=True, text=True, timeout=10)
+            _STANDALONE = "--standalone" in (r.stdout + r.stderr)
+        except (OSError, subprocess.TimeoutExpired):
+            _STANDALONE = False
+    return _STANDALONE
+
+
 class DmNodes:
-    """deltamirror nodes from example-config: node 1 alone (promoted) or both."""
+    """deltamirror nodes from example-config: node 1 alone or both. Node 1
+    alone runs `serve --standalone` when the binary has it, else it is
+    promoted to serve without its peer (degraded mode)."""
 
     def __init__(self, name, workdir, offset, nodes, poll_mode):
         self.name, self.offset, self.nodes, self.poll_mode = name, offset, nodes, poll_mode
+        self.standalone = len(nodes) == 1 and dm_has_standalone()
         self.dir = os.path.join(workdir, name)
         self.procs = {}
         self.nbd_port = 10809 + offset
@@ -404,15 +425,19 @@ class DmNodes:
         for n in self.nodes:
             logf = open(os.path.join(self.dir, f"node{n}.log"), "w")
             env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-            self.procs[n] = subprocess.Popen([DM, "serve", "--config", os.path.join(self.dir, f"node{n}.toml")],
-                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                             env=env)
+            cmd = [DM, "serve", "--config", os.path.join(self.dir, f"node{n}.toml")]
+            if self.standalone:
+                cmd.append("--standalone")
+            self.procs[n] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 30
         while self.status(1) is None:
             if time.time() > deadline or self.procs[1].poll() is not None:
                 raise RuntimeError(f"node 1 admin never answered; see {self.dir}/node1.log")
             time.sleep(0.1)
-        if len(self.nodes) == 1:
+        if self.standalone:
+            pass
+        elif len(self.nodes) == 1:
             r = subprocess.run([DM, "promote", "--admin", self.admin[1]], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"promote failed: {r.stdout}{r.stderr}")
@@ -470,6 +495,10 @@ class DmNodes:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs.values():
             stop_proc(p)
+
+
+def dm_one_label():
+    return "deltamirror unmirrored (standalone)" if dm_has_standalone() else "deltamirror 1 node"
 
 
 def idle_cpu(pids, secs):
@@ -552,21 +581,30 @@ class Run:
     def engine_bench(self):
         log("floor: replication link round trip (target/release/bench)")
         d = os.path.join(self.work, "engine")
+        jpath = os.path.join(OUT_DIR, "engine.json")
+        if os.path.exists(jpath):
+            os.remove(jpath)
         cmd = [ENGINE_BENCH, "--dir", d, "--qd1-ops", "2000", "--seconds", "2", "--size-mib", "256",
-               "--port", str(ENGINE_BENCH_PORT)]
+               "--port", str(ENGINE_BENCH_PORT), "--json", jpath]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         except subprocess.TimeoutExpired:
             self.failures.append("engine bench: timed out")
             return
         rows = {}
-        for line in r.stdout.splitlines():
-            m = re.match(r"^\| (.+?) \| (\d+) \| (\d+) \| (\d+) \| (\S+) \| (\d+) \|$", line)
-            if m:
-                rows[m.group(1)] = dict(p50_us=float(m.group(2)), p99_us=float(m.group(3)),
-                                        p999_us=float(m.group(4)),
-                                        qd32_iops=None if m.group(5) == "-" else float(m.group(5)),
-                                        rss_mib=float(m.group(6)))
+        try:
+            with open(jpath) as f:
+                for row in json.load(f)["rows"]:
+                    rows[row.pop("name")] = row
+        except (OSError, ValueError, KeyError):
+            # An older binary without --json: parse its markdown table.
+            for line in r.stdout.splitlines():
+                m = re.match(r"^\| (.+?) \| (\d+) \| (\d+) \| (\d+) \| (\S+) \| (\d+) \|$", line)
+                if m:
+                    rows[m.group(1)] = dict(p50_us=float(m.group(2)), p99_us=float(m.group(3)),
+                                            p999_us=float(m.group(4)),
+                                            qd32_iops=None if m.group(5) == "-" else float(m.group(5)),
+                                            rss_mib=float(m.group(6)))
         self.extra["engine_bench"] = dict(cmd=" ".join(cmd), rc=r.returncode, rows=rows,
                                           stdout=r.stdout, stderr=r.stderr[-2000:])
         for k, v in rows.items():
@@ -574,6 +612,54 @@ class Run:
                 + (f"  QD32 {v['qd32_iops']:.0f} IOPS" if v["qd32_iops"] else ""))
         if r.returncode != 0 or not any(k.startswith("link round trip") for k in rows):
             self.failures.append(f"engine bench rc={r.returncode}: {r.stderr.strip()[-300:]}")
+        shutil.rmtree(d, ignore_errors=True)
+
+    def replay(self):
+        """The engine bench's replay mode: replay time against outage size,
+        foreground latency during a replay, full remirror bandwidth."""
+        log("replay and remirror (target/release/bench --replay)")
+        d = os.path.join(self.work, "replay")
+        jpath = os.path.join(OUT_DIR, "replay.json")
+        if os.path.exists(jpath):
+            os.remove(jpath)
+        cmd = [ENGINE_BENCH, "--replay", "--dir", d, "--port", str(ENGINE_BENCH_PORT), "--json", jpath]
+        if self.args.replay_n:
+            cmd += ["--replay-n", self.args.replay_n]
+        if self.args.remirror_mib:
+            cmd += ["--remirror-mib", str(self.args.remirror_mib)]
+        if self.args.fg_entries:
+            cmd += ["--fg-entries", str(self.args.fg_entries)]
+        t0 = time.time()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired:
+            self.failures.append(f"replay bench: timed out after 1200 s: {' '.join(cmd)}")
+            shutil.rmtree(d, ignore_errors=True)
+            return
+        info = dict(cmd=" ".join(cmd), rc=r.returncode, wall_s=round(time.time() - t0, 1),
+                    stdout=r.stdout, stderr=r.stderr[-2000:])
+        try:
+            with open(jpath) as f:
+                info["data"] = json.load(f)
+        except (OSError, ValueError) as e:
+            info["data"] = None
+            if r.returncode == 0:
+                self.failures.append(f"replay bench: no JSON ({e})")
+        self.extra["replay"] = info
+        if r.returncode != 0:
+            self.failures.append(f"replay bench rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
+        data = info["data"] or {}
+        for row in data.get("replay", []):
+            log(f"  replay N={row['n']:<7} {row['replay_seconds']:.3f} s ({row['seconds_per_1k_entries']:.4f} s per "
+                f"1k entries), bytes replayed / missed {row['bytes_ratio']:.3f}, extents {row['extents']}, "
+                f"remirrors {row['remirrors']}")
+        for row in data.get("foreground", []):
+            log(f"  foreground QD1 p50, {row['label']}: idle {row['idle_p50_us']:.0f} µs, during replay "
+                f"{row['during_p50_us']:.0f} µs ({row['p50_ratio']:.2f}x), replay {row['replay_mibs']:.0f} MiB/s")
+        rm = data.get("remirror")
+        if rm:
+            log(f"  remirror {rm['mib']} MiB: {rm['mibs']:.0f} MiB/s; disk seq {rm['disk_seq_mibs']:.0f} MiB/s, "
+                f"loopback {rm['loopback_mibs']:.0f} MiB/s, ratio {rm['ratio']:.2f}")
         shutil.rmtree(d, ignore_errors=True)
 
     # peers --------------------------------------------------------------
@@ -708,11 +794,13 @@ class Run:
         if os.path.exists(os.path.join(self.work, "peer.img")):
             os.remove(os.path.join(self.work, "peer.img"))
         if self.want("dm-one"):
-            self.deltamirror("dm-one", "deltamirror 1 node", OFF_ONE, [1], "adaptive")
+            self.deltamirror("dm-one", dm_one_label(), OFF_ONE, [1], "adaptive")
         if self.want("dm-mirrored"):
             self.deltamirror("dm-mirrored", "deltamirror mirrored", OFF_MIRROR, [1, 2], "adaptive", idle=True)
         if self.want("dm-busy") and not a.no_busy:
             self.deltamirror("dm-busy", "deltamirror mirrored busy-poll", OFF_BUSY, [1, 2], "busy", idle=True)
+        if self.want("replay"):
+            self.replay()
         self.extra["check_after"] = machine_check("after")
         self.extra["duration_s"] = round(time.time() - t0)
         if not a.keep:
@@ -783,9 +871,10 @@ def compute_ratios(run):
             div(m, local_p50 + fs + link_block) if local_p50 and fs and link_block else None,
             f"{fmt(m)} / ({fmt(local_p50)} + {fmt(fs)} + {fmt(link_block)}) µs",
             "durable-ring floor (ack1 = persisted)" if proto == "NBD" else "")
+    one = next((r["target"].rsplit(", ", 1)[0] for r in run.results if r["group"] == "dm-one"), dm_one_label())
     for proto in ["NBD", "NVMe/TCP"]:
-        m = g(f"deltamirror 1 node, {proto}", "randw4k_qd1", "p50_us")
-        add(f"1-node QD1 write p50 / (local p50 + fdatasync p50), {proto}",
+        m = g(f"{one}, {proto}", "randw4k_qd1", "p50_us")
+        add(f"{one.replace('deltamirror ', '')} QD1 write p50 / (local p50 + fdatasync p50), {proto}",
             div(m, local_p50 + fs) if local_p50 and fs else None,
             f"{fmt(m)} / ({fmt(local_p50)} + {fmt(fs)}) µs")
     for proto in ["NBD", "NVMe/TCP"]:
@@ -795,7 +884,7 @@ def compute_ratios(run):
             f"{fmt(m)} / ({fmt(local_p50)} + {fmt(link_busy)}) µs", "≤ 1.25" if proto == "NBD" else "")
     for proto in ["NBD", "iSCSI", "NVMe/TCP"]:
         m = g(f"deltamirror mirrored, {proto}", "randw4k_qd32", "iops")
-        u = g(f"deltamirror 1 node, {proto}", "randw4k_qd32", "iops")
+        u = g(f"{one}, {proto}", "randw4k_qd32", "iops")
         add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}")
     for wl in ["randw4k_qd32", "randw4k_qd1", "randr4k_qd32"]:
         m = g("deltamirror mirrored, NBD", wl, "iops")
@@ -812,6 +901,33 @@ def compute_ratios(run):
     m = g("deltamirror mirrored, NBD", "randw4k_qd32", "iops")
     l = g("local disk (fio io_uring)", "randw4k_qd32", "iops")
     add("NBD mirrored / local disk, QD32 write IOPS", div(m, l), f"{fmt(m)} / {fmt(l)}", "≥ 0.7")
+
+    on = eb.get("mirrored volume (adaptive poll)", {})
+    off = eb.get("mirrored volume (adaptive, ACK coalescing off)", {})
+    if on or off:
+        add("engine bench QD32 IOPS, ACK coalescing off / on", div(off.get("qd32_iops"), on.get("qd32_iops")),
+            f"{fmt(off.get('qd32_iops'))} / {fmt(on.get('qd32_iops'))}; link msgs received per write "
+            f"{fmt(off.get('link_msgs_received_per_write'), 2)} / {fmt(on.get('link_msgs_received_per_write'), 2)}")
+
+    rp = (run.extra.get("replay") or {}).get("data") or {}
+    rows = rp.get("replay") or []
+    for r in rows:
+        add(f"replay N={r['n']:,}: bytes replayed / bytes missed", r["bytes_ratio"],
+            f"{fmt(r['bytes_replayed'])} / {fmt(r['bytes_missed'])} B, {r['extents']} extents, "
+            f"{r['remirrors']} remirrors", "≤ 1.05")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        add(f"replay s per 1k entries, N={b['n']:,} / N={a['n']:,}",
+            div(b["seconds_per_1k_entries"], a["seconds_per_1k_entries"]),
+            ", ".join(f"N={r['n']:,}: {r['seconds_per_1k_entries']:.4f} s" for r in rows),
+            "≈ 1 (time linear in N)")
+    for f in rp.get("foreground") or []:
+        add(f"foreground QD1 write p50 during replay / idle, {f['label']}", f["p50_ratio"],
+            f"{fmt(f['during_p50_us'])} / {fmt(f['idle_p50_us'])} µs, replay {fmt(f['replay_mibs'])} MiB/s", "≤ 2")
+    rm = rp.get("remirror")
+    if rm:
+        add("full remirror MiB/s / min(disk seq write, loopback TCP)", rm["ratio"],
+            f"{fmt(rm['mibs'])} / min({fmt(rm['disk_seq_mibs'])}, {fmt(rm['loopback_mibs'])}) MiB/s", "≥ 0.8")
     return out
 
 
@@ -913,6 +1029,95 @@ def write_report(run, path_md, path_png):
                      f"{fmt(v['qd32_iops'])} | {fmt(v['rss_mib'])} |")
         L.append("")
 
+    on = (eb or {}).get("rows", {}).get("mirrored volume (adaptive poll)")
+    off = (eb or {}).get("rows", {}).get("mirrored volume (adaptive, ACK coalescing off)")
+    if on and off:
+        L.append("## ACK coalescing on vs off (QD32)\n")
+        L.append("The engine bench's adaptive pair, run twice: with `core.coalesce_acks = true` (the default: "
+                 "the backup sends one cumulative ACK per poll) and `false` (one ACK message per REQ) on both "
+                 "nodes. Link messages are node 1's counters over the QD32 phase divided by the writes it "
+                 "completed (heartbeats included).\n")
+        L.append("| ACK coalescing | QD32 IOPS | node 1 link msgs received per write | node 1 link msgs sent per write "
+                 "| QD1 p50 µs | RSS MiB |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for what, v in [("on (default)", on), ("off", off)]:
+            L.append(f"| {what} | {fmt(v.get('qd32_iops'))} | {fmt(v.get('link_msgs_received_per_write'), 2)} | "
+                     f"{fmt(v.get('link_msgs_sent_per_write'), 2)} | {fmt(v.get('p50_us'))} | "
+                     f"{fmt(v.get('rss_mib'))} |")
+        L.append("")
+
+    rpi = run.extra.get("replay")
+    rp = (rpi or {}).get("data") or {}
+    if rpi:
+        L.append("## Replay and remirror\n")
+        L.append(f"`{rpi['cmd']}` ({rpi['wall_s']} s, rc {rpi['rc']}): an in-process pair as in the engine bench "
+                 f"(adaptive poll, {fmt(rp.get('volume_mib'))} MiB volume, {fmt(rp.get('ring_mib'))} MiB ring "
+                 "for the replay runs), a fresh pair per row.\n")
+        rows = rp.get("replay") or []
+        if rows:
+            L.append("### Replay time against outage size\n")
+            L.append("Node 2 stops; node 1 takes N random 4 KiB writes (degraded, after the 1 s peer timeout); "
+                     "node 2 restarts. *replay s* is node 1's own `last_replay.seconds` (handshake to the last "
+                     "entry acknowledged, 1 ms clock); the two *wall s* are node 2's restart to node 1 reporting the "
+                     "replay done, and to ACK2 = head (the backup executed everything), polled from the status "
+                     "node 1 publishes every 100 ms. Bytes missed = N × 4096.\n")
+            L.append("| N | replay s | s per 1k entries | wall s: replay done / in sync | entries | "
+                     "bytes replayed / missed | extents | full remirror | remirrors | degraded fill IOPS | RSS MiB |")
+            L.append("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+            for r in rows:
+                L.append(f"| {r['n']:,} | {r['replay_seconds']:.3f} | {r['seconds_per_1k_entries']:.4f} | "
+                         f"{fmt(r.get('wall_replay_seconds'), 2)} / {r['wall_seconds']:.2f} | {fmt(r['entries'])} | {r['bytes_ratio']:.3f} | "
+                         f"{fmt(r['extents'])} | {'yes' if r['full_remirror'] else 'no'} | {r['remirrors']} | "
+                         f"{fmt(r['fill_iops'])} | {fmt(r['rss_mib'])} |")
+            L.append("")
+        fg = rp.get("foreground") or []
+        if fg:
+            L.append("### Foreground writes during a replay\n")
+            L.append(f"QD1 4 KiB random writes on node 1: first with the pair idle and in sync, then from node 2's "
+                     f"restart until the replay of {fmt(fg[0].get('entries'))} entries finished. Once with no replay "
+                     "rate limits and once with a ceiling (`core.max_replay_bytes_per_sec`) and a floor "
+                     "(`core.min_replay_bytes_per_sec`).\n")
+            L.append("| replay limits | idle p50 / p99 µs | during replay p50 / p99 µs | p50 during / idle | "
+                     "writes during | replay s | replay MiB/s |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            for f in fg:
+                L.append(f"| {f['label']} | {fmt(f['idle_p50_us'])} / {fmt(f['idle_p99_us'])} | "
+                         f"{fmt(f['during_p50_us'])} / {fmt(f['during_p99_us'])} | {f['p50_ratio']:.2f} | "
+                         f"{fmt(f['during_writes'])} | {f['replay_seconds']:.2f} | {fmt(f['replay_mibs'])} |")
+            L.append("")
+        rm = rp.get("remirror")
+        if rm:
+            L.append("### Full remirror\n")
+            L.append(f"Node 1's {rm['mib']} MiB volume is written end to end (1 MiB writes, mirrored); node 2 stops, "
+                     "its data directory and volume are deleted and it is formatted as a new disk "
+                     "(`format --replace`), then started. Node 1 sends the whole volume. The floors, measured in "
+                     f"the same run: 1 MiB O_DIRECT sequential writes at QD8 to a new file of {rm['mib']} MiB on the "
+                     "same disk, and 1 MiB buffers over a 127.0.0.1 TCP socket between two threads for 1 s. Both "
+                     "nodes share the one disk, so the remirror reads and writes it at the same time.\n")
+            sess = rp.get("remirror_sessions") or []
+            L.append("*wall s* runs from node 2's start to node 1 reporting the remirror counted, no replay running, "
+                     "the peer connected and ACK2 = head. *sessions* are the replays node 1 reported on the way "
+                     "(seconds and bytes sent as last seen, 100 ms samples); a second session means the link "
+                     "dropped and the source started over. MiB/s is from the core's own clock when the remirror "
+                     "took one session, else from the wall clock (the volume size / wall s).\n")
+            L.append("| MiB | MiB/s | from | wall s | sessions (s, MiB sent, full) | disk seq write MiB/s | "
+                     "loopback TCP MiB/s | MiB/s / min(disk, loopback) | remirrors | data check |")
+            L.append("|---:|---:|---|---:|---|---:|---:|---:|---|---|")
+            st = "; ".join(f"{x['seconds']:.2f} s, {x['bytes'] / 1048576:,.0f}, {'full' if x['full_remirror'] else 'dirty map'}"
+                           for x in sess) or "–"
+            L.append(f"| {rm['mib']} | {fmt(rm['mibs'])} | {rm.get('mibs_basis', 'core')} | {rm['wall_seconds']:.2f} | "
+                     f"{st} | {fmt(rm['disk_seq_mibs'])} | {fmt(rm['loopback_mibs'])} | {rm['ratio']:.2f} | "
+                     f"{rm['remirrors_before']} → {rm['remirrors_after']} | "
+                     f"{ {True: '16 pieces equal', False: '**differ**', None: 'not read'}[rm.get('data_check')] } |")
+            L.append("")
+            if len(sess) > 1:
+                L.append(f"**The remirror took {len(sess)} sessions**: the link dropped after the first had sent "
+                         f"{sess[0]['bytes'] / 1048576:,.0f} MiB, and the next one sent the dirty map again "
+                         f"({sess[-1]['bytes'] / 1048576:,.0f} MiB).\n")
+        if not rp:
+            L.append(f"The replay bench produced no results (rc {rpi['rc']}): "
+                     f"`{(rpi.get('stderr') or '').strip()[-300:]}`\n")
+
     L.append("## Ratios\n")
     L.append("| ratio | value | from | aim |")
     L.append("|---|---:|---|---|")
@@ -954,8 +1159,9 @@ def write_report(run, path_md, path_png):
                          f"{fmt(wl_.get('p50_us'))} / {fmt(wl_.get('p99_us'))} | "
                          f"{fmt(rl_.get('p50_us'))} / {fmt(rl_.get('p99_us'))} |")
         L.append("")
-        L.append("The 1-node configuration is degraded mode: its 64 MiB ring overflows during the first "
-                 "workload, after which writes are recorded in the dirty map instead (see the dirty extents).\n")
+        if any(r["group"] == "dm-one" for r in run.results) and not dm_has_standalone():
+            L.append("The 1-node configuration is degraded mode: its 64 MiB ring overflows during the first "
+                     "workload, after which writes are recorded in the dirty map instead (see the dirty extents).\n")
         L.append("## Idle CPU of an idle pair\n")
         L.append("CPU seconds (user + system, from /proc/PID/stat) used by both `serve` processes over an idle "
                  "window right after start-up, before any I/O.\n")
@@ -1016,12 +1222,17 @@ def write_report(run, path_md, path_png):
              "`fio --ioengine=nbd` and fio built with libiscsi (`target/fio-libiscsi/fio`).")
     L.append("- deltamirror: `deltamirror example-config --node N` configs (1 GiB file volume, 64 MiB ring, "
              "`ack1 = \"persisted\"`, node 1 reactor on core 0, node 2 on core 1), `format`, `serve`. "
-             "\"1 node\" is node 1 alone, made to serve by `deltamirror promote` (degraded mode: every write "
-             "still goes to the ring and the disk, with the backup recorded stale). \"mirrored\" is both "
+             + ("\"unmirrored (standalone)\" is node 1 alone with `serve --standalone` (no peer, no ring). "
+                if dm_has_standalone() else
+                "\"1 node\" is node 1 alone, made to serve by `deltamirror promote` (degraded mode: every write "
+                "still goes to the ring and the disk, with the backup recorded stale). ")
+             + "\"mirrored\" is both "
              "nodes with `poll_mode = \"adaptive\"`; \"busy-poll\" with `poll_mode = \"busy\"`. NBD and iSCSI "
              "through fio (`--ioengine=nbd`, `--ioengine=libiscsi`), NVMe/TCP through "
              "`target/release/dm-nvme io --json` (one I/O queue). Between workloads the harness waits until "
              "the backup has executed everything (ACK2 = head).")
+    L.append("- replay and remirror: `target/release/bench --replay --json target/bench/replay.json` (in-process "
+             "pair, no front-end; see the section above). ACK coalescing rows: the engine bench's normal run.")
     L.append("- Raw results, commands and per-thread samples: `target/bench/results.json`.")
     L.append("")
     with open(path_md, "w") as f:
@@ -1079,7 +1290,13 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy")
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy,replay")
+    ap.add_argument("--replay-n", default=None, metavar="N,N,...",
+                    help="replay: outage sizes in 4 KiB writes (bench default 1000,10000,100000)")
+    ap.add_argument("--remirror-mib", type=int, default=None,
+                    help="replay: MiB written and then remirrored to a new node 2 (bench default 1024)")
+    ap.add_argument("--fg-entries", type=int, default=None,
+                    help="replay: entries replayed while measuring foreground latency (bench default 100000)")
     ap.add_argument("--workdir", default="/var/tmp/deltamirror-bench",
                     help="scratch directory on the disk to measure (not tmpfs)")
     ap.add_argument("--out", default=None,
@@ -1094,7 +1311,13 @@ def main():
     if args.chart is None:
         args.chart = (os.path.join(OUT_DIR, "benchmarks.png") if partial
                       else os.path.join(ROOT, "docs", "benchmarks.png"))
-    for b in (DM, DM_NVME, ENGINE_BENCH):
+    need = set()
+    for t in (args.only or ["all"]):
+        if t in ("all", "dm-one", "dm-mirrored", "dm-busy"):
+            need.update([DM, DM_NVME])
+        if t in ("all", "link", "replay"):
+            need.add(ENGINE_BENCH)
+    for b in sorted(need):
         if not os.access(b, os.X_OK):
             sys.exit(f"bench: {b} missing: run scripts/bench.sh (it builds the release binaries)")
     run = Run(args)
