@@ -287,6 +287,12 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
         core: {
             let mut c = default_core_config(id);
             c.ack1_persisted = std::env::var("DM_BENCH_ACK1").map_or(true, |v| v != "received");
+            if let Some(ms) = std::env::var("DM_BENCH_PEER_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                c.peer_timeout_ms = ms;
+            }
             c
         },
         link: LinkOptions {

@@ -587,7 +587,7 @@ class Run:
         cmd = [ENGINE_BENCH, "--dir", d, "--qd1-ops", "2000", "--seconds", "2", "--size-mib", "256",
                "--port", str(ENGINE_BENCH_PORT), "--json", jpath]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             self.failures.append("engine bench: timed out")
             return
