@@ -488,6 +488,8 @@ fn print_rows(rows: &[&Result1]) {
 }
 
 fn main() {
+    // Engine warnings (a stalled reactor, a dropped link) go to stderr.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir).unwrap();
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -194,6 +194,10 @@ struct ResyncTarget {
     meta_version: u64,
     end: Option<Seq>,
     full: bool,
+    /// The disk flush that makes the resynced data durable before the node
+    /// records its disk consistent: `Some(token)` while in flight.
+    flush_token: Option<u64>,
+    flushed: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -719,6 +723,19 @@ impl<L: Log> Core<L> {
             Event::DiskFlushed { token, result } => {
                 if let Some(f) = self.host_flushes.iter_mut().find(|f| f.token == token) {
                     f.local_done = Some(result);
+                } else if let Some(r) = self
+                    .resync_tgt
+                    .as_mut()
+                    .filter(|r| r.flush_token == Some(token))
+                {
+                    r.flush_token = None;
+                    match result {
+                        Ok(()) => r.flushed = true,
+                        Err(e) => self.fail(format!(
+                            "disk flush after a resync failed (errno {e}); the disk is not \
+                             known to hold the resynced data"
+                        )),
+                    }
                 } else if let Some(i) = self
                     .peer_flushes
                     .iter()
@@ -883,6 +900,8 @@ impl<L: Log> Core<L> {
                     meta_version: v,
                     end: None,
                     full,
+                    flush_token: None,
+                    flushed: false,
                 });
                 self.resync_done_sent = false;
             }
@@ -1572,9 +1591,22 @@ impl<L: Log> Core<L> {
         {
             return;
         }
+        if !r.flushed {
+            // The extents and entries are on the disk but maybe only in its
+            // volatile cache: flush it (through the backend, so the reactor
+            // keeps answering heartbeats meanwhile) before recording the disk
+            // consistent.
+            if r.flush_token.is_none() {
+                let token = self.token();
+                self.resync_tgt.as_mut().unwrap().flush_token = Some(token);
+                self.out.push(Action::FlushDisk { token });
+            }
+            return;
+        }
         if !self.resync_done_sent {
-            // Everything applied: continue the ring at `end` and record the
-            // disk consistent again, durably, before telling the source.
+            // Everything applied and flushed: continue the ring at `end` and
+            // record the disk consistent again, durably, before telling the
+            // source.
             if end > self.log.next_seq() {
                 self.log.reset(end);
                 self.log_durable = end - 1;

@@ -116,10 +116,10 @@ impl Log for RingLog {
         self.0.trim_through(seq)
     }
     fn truncate_after(&mut self, seq: Seq) {
-        self.0.truncate_after(seq)
+        timed("ring truncation", || self.0.truncate_after(seq))
     }
     fn reset(&mut self, next_seq: Seq) {
-        self.0.reset(next_seq)
+        timed("ring reset", || self.0.reset(next_seq))
     }
     fn payload_bytes(&self) -> u64 {
         self.0.payload_bytes()
@@ -535,6 +535,64 @@ impl Drop for Node {
 
 // ----- the reactor -----
 
+/// Writes the node metadata (two-slot store, fdatasync) on its own thread,
+/// so that a slow fdatasync (hundreds of ms after a large burst of writes
+/// on this VM) never holds the reactor: host I/O and heartbeats go on while
+/// the core waits for `MetaPersisted`. The core keeps at most one write in
+/// flight, so completions arrive in order.
+/// Finished metadata writes: (version, result).
+type MetaDone = Arc<Mutex<VecDeque<(u64, Result<(), String>)>>>;
+
+struct MetaWriter {
+    tx: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    done: MetaDone,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetaWriter {
+    fn start(mut store: MetaStore, shared: Arc<Shared>) -> MetaWriter {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+        let done: MetaDone = Arc::new(Mutex::new(VecDeque::new()));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("dm-meta".into())
+            .spawn(move || {
+                while let Ok((version, bytes)) = rx.recv() {
+                    let r =
+                        timed("metadata write", || store.write(&bytes)).map_err(|e| e.to_string());
+                    d.lock().unwrap().push_back((version, r));
+                    shared.wake.notify();
+                }
+            })
+            .expect("spawn the metadata writer thread");
+        MetaWriter {
+            tx: Some(tx),
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    fn write(&mut self, version: u64, bytes: Vec<u8>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((version, bytes));
+        }
+    }
+
+    fn completed(&mut self) -> Option<(u64, Result<(), String>)> {
+        self.done.lock().unwrap().pop_front()
+    }
+}
+
+impl Drop for MetaWriter {
+    fn drop(&mut self) {
+        // Finish the write in flight, if any, then stop.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 enum Inflight {
     Exec(Seq),
     ExtentWrite(u64),
@@ -556,7 +614,7 @@ struct Reactor {
     shared: Arc<Shared>,
     core: Core<RingLog>,
     backend: UringBackend,
-    store: MetaStore,
+    meta: MetaWriter,
     link: LinkManager,
     sock: Option<TcpStream>,
     rx: Vec<u8>,
@@ -601,12 +659,13 @@ impl Reactor {
         start: Instant,
     ) -> Self {
         let rx_cap = RX_BUF_BYTES.max(opts.max_message_bytes + 64);
+        let meta = MetaWriter::start(store, shared.clone());
         Reactor {
             opts,
             shared,
             core,
             backend,
-            store,
+            meta,
             link,
             sock: None,
             rx: vec![0; rx_cap],
@@ -697,6 +756,7 @@ impl Reactor {
             self.core.handle(Event::Tick { now_ms: now });
         }
         did |= self.take_commands();
+        did |= self.take_meta();
         did |= self.take_host_ops();
         did |= self.take_link();
         did |= self.read_socket();
@@ -710,6 +770,22 @@ impl Reactor {
         if now >= self.last_status_ms + 100 {
             self.last_status_ms = now;
             self.publish_status(now);
+        }
+        did
+    }
+
+    /// Metadata writes that the writer thread finished.
+    fn take_meta(&mut self) -> bool {
+        let mut did = false;
+        while let Some((version, r)) = self.meta.completed() {
+            did = true;
+            match r {
+                Ok(()) => self.core.handle(Event::MetaPersisted { version }),
+                Err(e) => {
+                    log::error!("cannot write the node metadata: {e}; the node stops serving");
+                    self.core.fatal(format!("metadata write failed: {e}"));
+                }
+            }
         }
         did
     }
@@ -1144,13 +1220,7 @@ impl Reactor {
                 let fd = self.core.log.0.fd();
                 self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
             }
-            Action::PersistMeta { version, bytes } => match self.store.write(&bytes) {
-                Ok(()) => self.core.handle(Event::MetaPersisted { version }),
-                Err(e) => {
-                    log::error!("cannot write the node metadata: {e}; the node stops serving");
-                    self.core.fatal(format!("metadata write failed: {e}"));
-                }
-            },
+            Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
                 let Some((h, p)) = self.core.log.0.get(seq) else {
                     log::error!("execute of seq {seq} missing from the ring");
@@ -1319,6 +1389,18 @@ impl Reactor {
         };
         *self.shared.status.lock().unwrap() = st;
     }
+}
+
+/// Runs `f`; a synchronous step that holds the reactor for more than
+/// 100 ms (no host I/O, no heartbeats meanwhile) is logged.
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    let ms = t.elapsed().as_millis();
+    if ms > 100 {
+        log::warn!("{what} held the reactor for {ms} ms");
+    }
+    r
 }
 
 fn host_err(e: HostError) -> IoError {
