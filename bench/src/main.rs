@@ -70,11 +70,11 @@ pub(crate) struct Args {
     fg_entries: u64,
     /// Replay mode: the ceiling (core.max_replay_bytes_per_sec) in MiB/s for
     /// the second foreground run.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     replay_max_mibs: u64,
     /// Replay mode: the floor (core.min_replay_bytes_per_sec) in MiB/s for
     /// the second foreground run.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     replay_min_mibs: u64,
     /// Replay mode: MiB written to node 1 and then remirrored to a new node 2
     /// (also the size of that pair's volume).
