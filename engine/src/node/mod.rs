@@ -535,6 +535,58 @@ impl Drop for Node {
 
 // ----- the reactor -----
 
+/// What the poll loop drives: the mirrored reactor and the standalone one.
+trait Polled {
+    fn shared(&self) -> &Shared;
+    /// One pass over every source of work; whether anything happened.
+    fn iteration(&mut self) -> bool;
+    /// Nothing in flight on the disk: stopping may finish.
+    fn drained(&self) -> bool;
+    /// Sleep until one of the thread's fds has work (see [`sleep_on`]).
+    fn sleep(&mut self);
+}
+
+/// The reactor loop. `busy` spins; `adaptive` spins `spin_us` after the last
+/// work, then sleeps. On stop it runs until the disk work drains (at most
+/// 5 s more).
+fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
+    let spin = Duration::from_micros(spin_us);
+    let mut last_work = Instant::now();
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        let did = p.iteration();
+        if p.shared().stop.load(Ordering::Acquire) {
+            let since = *stopping_since.get_or_insert_with(Instant::now);
+            if p.drained() || since.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        if did {
+            last_work = Instant::now();
+            continue;
+        }
+        if mode == PollMode::Busy || last_work.elapsed() < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        let sh = p.shared();
+        sh.sleeping.store(true, Ordering::Release);
+        // A host op posted before `sleeping` was set would not wake us.
+        if sh.mailbox.is_empty() && !sh.stop.load(Ordering::Acquire) {
+            p.sleep();
+        }
+        p.shared().sleeping.store(false, Ordering::Release);
+        last_work = Instant::now() - spin;
+    }
+}
+
+/// poll(2) on `fds` (the thread's eventfd first) for at most `timeout_ms`,
+/// then drain the eventfd.
+fn sleep_on(shared: &Shared, fds: &[(std::os::unix::io::RawFd, bool)], timeout_ms: i32) {
+    poll_fds(fds, timeout_ms);
+    shared.wake.drain();
+}
+
 /// Writes the node metadata (two-slot store, fdatasync) on its own thread,
 /// so that a slow fdatasync (hundreds of ms after a large burst of writes
 /// on this VM) never holds the reactor: host I/O and heartbeats go on while
@@ -699,40 +751,24 @@ impl Reactor {
     }
 
     fn run(&mut self) {
-        let spin = Duration::from_micros(self.opts.adaptive_spin_us);
-        let mut last_work = Instant::now();
-        let mut stopping_since: Option<Instant> = None;
-        loop {
-            let did = self.iteration();
-            if self.shared.stop.load(Ordering::Acquire) {
-                let since = *stopping_since.get_or_insert_with(Instant::now);
-                let idle = self.backend.in_flight() == 0 && self.overflow.is_empty();
-                if idle || since.elapsed() > Duration::from_secs(5) {
-                    break;
-                }
-            }
-            if did {
-                last_work = Instant::now();
-                continue;
-            }
-            if self.opts.poll_mode == PollMode::Busy || last_work.elapsed() < spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.sleep();
-            last_work = Instant::now() - spin;
-        }
+        let (mode, spin_us) = (self.opts.poll_mode, self.opts.adaptive_spin_us);
+        poll_loop(self, mode, spin_us);
         // Make the ring durable on the way out.
         let _ = self.core.log.0.sync();
         self.fail_all_hosts();
     }
+}
+
+impl Polled for Reactor {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn drained(&self) -> bool {
+        self.backend.in_flight() == 0 && self.overflow.is_empty()
+    }
 
     fn sleep(&mut self) {
-        self.shared.sleeping.store(true, Ordering::Release);
-        if !self.shared.mailbox.is_empty() || self.shared.stop.load(Ordering::Acquire) {
-            self.shared.sleeping.store(false, Ordering::Release);
-            return;
-        }
         let mut fds = vec![(self.shared.wake.fd(), false), (self.link.wake.fd(), false)];
         if let Some(fd) = self.backend.wait_fd() {
             fds.push((fd, false));
@@ -741,9 +777,7 @@ impl Reactor {
             fds.push((s.as_raw_fd(), self.tx_off < self.tx.len()));
         }
         // Wake at least every 10 ms for heartbeats and timers.
-        poll_fds(&fds, 10);
-        self.shared.sleeping.store(false, Ordering::Release);
-        self.shared.wake.drain();
+        sleep_on(&self.shared, &fds, 10);
         self.link.wake.drain();
     }
 
@@ -773,7 +807,9 @@ impl Reactor {
         }
         did
     }
+}
 
+impl Reactor {
     /// Metadata writes that the writer thread finished.
     fn take_meta(&mut self) -> bool {
         let mut did = false;

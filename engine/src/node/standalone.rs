@@ -11,18 +11,17 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use storage::backend::uring::UringBackend;
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{Completion, IoError, PathState, VolumeOp};
 
-use super::{HostOp, NodeOptions, PollMode, Shared};
+use super::{poll_loop, sleep_on, HostOp, NodeOptions, Polled, Shared};
 use crate::status::{IoStats, Latency, NodeStatus};
-use crate::sys::{now_ms, poll_fds};
+use crate::sys::now_ms;
 
 /// The marker a standalone start leaves in the data directory.
 pub fn marker_path(data_dir: &Path) -> PathBuf {
@@ -114,29 +113,8 @@ impl Standalone {
 
     pub(super) fn run(&mut self) {
         self.shared.path.set(PathState::Optimized);
-        let spin = Duration::from_micros(self.opts.adaptive_spin_us);
-        let mut last_work = Instant::now();
-        let mut stopping_since: Option<Instant> = None;
-        loop {
-            let did = self.iteration();
-            if self.shared.stop.load(Ordering::Acquire) {
-                let since = *stopping_since.get_or_insert_with(Instant::now);
-                let idle = self.backend.in_flight() == 0 && self.overflow.is_empty();
-                if idle || since.elapsed() > Duration::from_secs(5) {
-                    break;
-                }
-            }
-            if did {
-                last_work = Instant::now();
-                continue;
-            }
-            if self.opts.poll_mode == PollMode::Busy || last_work.elapsed() < spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.sleep();
-            last_work = Instant::now() - spin;
-        }
+        let (mode, spin_us) = (self.opts.poll_mode, self.opts.adaptive_spin_us);
+        poll_loop(self, mode, spin_us);
         self.shared.path.set(PathState::Inaccessible);
         for i in 0..self.pending.len() {
             self.complete(i, Err(IoError::Unavailable));
@@ -145,20 +123,23 @@ impl Standalone {
             done(Err(IoError::Unavailable));
         }
     }
+}
+
+impl Polled for Standalone {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn drained(&self) -> bool {
+        self.backend.in_flight() == 0 && self.overflow.is_empty()
+    }
 
     fn sleep(&mut self) {
-        self.shared.sleeping.store(true, Ordering::Release);
-        if !self.shared.mailbox.is_empty() || self.shared.stop.load(Ordering::Acquire) {
-            self.shared.sleeping.store(false, Ordering::Release);
-            return;
-        }
         let mut fds = vec![(self.shared.wake.fd(), false)];
         if let Some(fd) = self.backend.wait_fd() {
             fds.push((fd, false));
         }
-        poll_fds(&fds, 100);
-        self.shared.sleeping.store(false, Ordering::Release);
-        self.shared.wake.drain();
+        sleep_on(&self.shared, &fds, 100);
     }
 
     fn iteration(&mut self) -> bool {
@@ -179,7 +160,9 @@ impl Standalone {
         }
         did
     }
+}
 
+impl Standalone {
     fn take_commands(&mut self) -> bool {
         let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
         let did = !cmds.is_empty();
