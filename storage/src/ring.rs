@@ -194,6 +194,8 @@ pub struct Ring {
     scratch: Vec<u8>,
     /// The first failed pwrite, if any: the ring's state is unknown from then on.
     write_error: Option<String>,
+    /// The read-ahead window the head was last in (see `read_ahead`).
+    read_ahead_window: Option<u64>,
     capacity: u64,
     epoch: u64,
     /// First seq appended in the current epoch; records with a lower seq
@@ -215,6 +217,9 @@ pub struct Ring {
     pending: VecDeque<PendingSync>,
     sync_count: u64,
 }
+
+/// Ring pages are read ahead of the head in windows of this size.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
 
 /// Overwrite the first `len` bytes of `file` with zeroes and make them durable.
 fn write_zeroes(file: &File, len: u64) -> io::Result<()> {
@@ -334,6 +339,7 @@ impl Ring {
             map,
             scratch: Vec::new(),
             write_error: None,
+            read_ahead_window: None,
             capacity: capacity_bytes,
             epoch: 1,
             epoch_first_seq: first_seq,
@@ -361,12 +367,11 @@ impl Ring {
         // read/write and owns for the ring's lifetime; deltamirror never
         // resizes it, and other processes must not modify a ring in use (the
         // same rule as for any database file).
-        // MAP_POPULATE: read the ring into the page cache now, so that a
-        // record written later into part of a page never waits for a page-in.
         // The mapping is read-only: records go in with pwrite, because
         // fdatasync of pages dirtied through a shared mapping measured 3-10x
         // slower than of pages written with pwrite (docs/performance.md).
-        unsafe { memmap2::MmapOptions::new().populate().map(file) }
+        // Pages ahead of the head are read in early (see `read_ahead`).
+        unsafe { memmap2::MmapOptions::new().map(file) }
     }
 
     /// Open an existing ring, validate every retained record and recover its
@@ -441,6 +446,7 @@ impl Ring {
             map,
             scratch: Vec::new(),
             write_error: None,
+            read_ahead_window: None,
             capacity,
             epoch,
             epoch_first_seq,
@@ -680,7 +686,34 @@ impl Ring {
             .then_some((write_pos, need))
     }
 
+    /// Asks the kernel to read the window after the one `phys` is in into the
+    /// page cache (asynchronously), once per window. A record that fills
+    /// part of a page not in the cache would otherwise wait for that page to
+    /// be read before its pwrite returns.
+    fn read_ahead(&mut self, phys: u64) {
+        let window = phys / READ_AHEAD_BYTES;
+        if self.read_ahead_window == Some(window) {
+            return;
+        }
+        self.read_ahead_window = Some(window);
+        let next = ((window + 1) * READ_AHEAD_BYTES) % self.capacity;
+        for start in [window * READ_AHEAD_BYTES, next] {
+            let len = READ_AHEAD_BYTES.min(self.capacity - start);
+            // SAFETY: posix_fadvise takes no memory arguments; it is only a
+            // hint, so its result is ignored.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    (RING_HEADER_BYTES + start) as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
+
     fn write_chunk(&mut self, phys: u64, magic: u32, h: &RecordHeader, payload: &[u8]) {
+        self.read_ahead(phys);
         let at = RING_HEADER_BYTES + phys;
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
