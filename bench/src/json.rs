@@ -1,24 +1,27 @@
-//! A minimal JSON value and writer for `--json` (the bench crate has no
-//! serde_json dependency, and the output is small and flat).
+//! The `--json` output: a small builder over `serde_json::Value`, so that
+//! the bench code reads `J::obj().with("key", value)`.
 
-pub enum J {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<J>),
-    Obj(Vec<(String, J)>),
-}
+use serde_json::{Map, Value};
+
+pub struct J(Value);
 
 impl J {
     pub fn obj() -> J {
-        J::Obj(Vec::new())
+        J(Value::Object(Map::new()))
+    }
+
+    pub fn null() -> J {
+        J(Value::Null)
+    }
+
+    pub fn arr(items: Vec<J>) -> J {
+        J(Value::Array(items.into_iter().map(|j| j.0).collect()))
     }
 
     /// Adds a field to an object (no-op on other values).
     pub fn set(&mut self, k: &str, v: impl Into<J>) -> &mut J {
-        if let J::Obj(fields) = self {
-            fields.push((k.to_string(), v.into()));
+        if let Value::Object(fields) = &mut self.0 {
+            fields.insert(k.to_string(), v.into().0);
         }
         self
     }
@@ -29,112 +32,49 @@ impl J {
     }
 
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s, 0);
+        let mut s = serde_json::to_string_pretty(&self.0).expect("a JSON value always serializes");
         s.push('\n');
         s
-    }
-
-    fn write(&self, s: &mut String, depth: usize) {
-        let pad = |s: &mut String, d: usize| {
-            s.push('\n');
-            for _ in 0..d {
-                s.push_str("  ");
-            }
-        };
-        match self {
-            J::Null => s.push_str("null"),
-            J::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
-            J::Num(x) => {
-                if x.is_finite() {
-                    if x.fract() == 0.0 && x.abs() < 1e15 {
-                        s.push_str(&format!("{}", *x as i64));
-                    } else {
-                        s.push_str(&format!("{x}"));
-                    }
-                } else {
-                    s.push_str("null");
-                }
-            }
-            J::Str(t) => {
-                s.push('"');
-                for c in t.chars() {
-                    match c {
-                        '"' => s.push_str("\\\""),
-                        '\\' => s.push_str("\\\\"),
-                        '\n' => s.push_str("\\n"),
-                        c if (c as u32) < 0x20 => s.push_str(&format!("\\u{:04x}", c as u32)),
-                        c => s.push(c),
-                    }
-                }
-                s.push('"');
-            }
-            J::Arr(items) => {
-                s.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    pad(s, depth + 1);
-                    v.write(s, depth + 1);
-                }
-                if !items.is_empty() {
-                    pad(s, depth);
-                }
-                s.push(']');
-            }
-            J::Obj(fields) => {
-                s.push('{');
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    pad(s, depth + 1);
-                    J::Str(k.clone()).write(s, depth + 1);
-                    s.push_str(": ");
-                    v.write(s, depth + 1);
-                }
-                if !fields.is_empty() {
-                    pad(s, depth);
-                }
-                s.push('}');
-            }
-        }
     }
 }
 
 impl From<f64> for J {
+    /// Whole numbers are written as integers; NaN and infinities as null.
     fn from(x: f64) -> J {
-        J::Num(x)
+        if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e15 {
+            J(Value::from(x as i64))
+        } else {
+            J(Value::from(x))
+        }
     }
 }
 impl From<u64> for J {
     fn from(x: u64) -> J {
-        J::Num(x as f64)
+        J(Value::from(x))
     }
 }
 impl From<bool> for J {
     fn from(b: bool) -> J {
-        J::Bool(b)
+        J(Value::from(b))
     }
 }
 impl From<&str> for J {
     fn from(t: &str) -> J {
-        J::Str(t.to_string())
+        J(Value::from(t))
     }
 }
 impl From<String> for J {
     fn from(t: String) -> J {
-        J::Str(t)
+        J(Value::from(t))
     }
 }
 impl From<Vec<J>> for J {
     fn from(v: Vec<J>) -> J {
-        J::Arr(v)
+        J::arr(v)
     }
 }
 impl<T: Into<J>> From<Option<T>> for J {
     fn from(o: Option<T>) -> J {
-        o.map_or(J::Null, Into::into)
+        o.map_or(J::null(), Into::into)
     }
 }

@@ -529,7 +529,7 @@ fn main() {
         print_rows(&[&local, &link_block, &link_busy]);
         out.set(
             "rows",
-            J::Arr(vec![local.json(), link_block.json(), link_busy.json()]),
+            J::arr(vec![local.json(), link_block.json(), link_busy.json()]),
         );
         write_json(&args, &out);
         return;
@@ -590,7 +590,7 @@ fn main() {
     println!("RSS includes both nodes of the pair (one process), mapped ring pages included.");
     out.set(
         "rows",
-        J::Arr(
+        J::arr(
             [
                 &local,
                 &link_block,

@@ -596,7 +596,7 @@ fn loopback_mibs() -> Res<f64> {
 
 fn replay_json(s: &NodeStatus) -> J {
     match &s.last_replay {
-        None => J::Null,
+        None => J::null(),
         Some(r) => J::obj()
             .with("seconds", r.seconds)
             .with("entries", r.entries)
@@ -719,7 +719,7 @@ pub fn run(args: &Args) -> Res<J> {
             );
             }
         }
-        out.set("replay", J::Arr(jr));
+        out.set("replay", J::arr(jr));
     }
 
     // 2. Foreground latency during a replay.
@@ -794,7 +794,7 @@ pub fn run(args: &Args) -> Res<J> {
                     .with("rss_mib", f.rss),
             );
         }
-        out.set("foreground", J::Arr(jf));
+        out.set("foreground", J::arr(jf));
     }
     if !part("remirror") {
         return Ok(out);
@@ -889,7 +889,7 @@ pub fn run(args: &Args) -> Res<J> {
     }
     out.set(
         "remirror_sessions",
-        J::Arr(
+        J::arr(
             r.sessions
                 .iter()
                 .map(|(t, b, f)| {
@@ -903,7 +903,7 @@ pub fn run(args: &Args) -> Res<J> {
     );
     out.set(
         "remirror_trace",
-        J::Arr(
+        J::arr(
             r.trace
                 .iter()
                 .map(|(t, ps, n)| {
