@@ -132,12 +132,13 @@ fn handle(request: Request, ctl: &dyn Control) {
             )),
         ("/promote", Method::Post) => command_result(ctl.promote(), "promote"),
         ("/demote", Method::Post) => command_result(ctl.demote(), "demote"),
+        ("/reset-latency", Method::Post) => command_result(ctl.reset_latency(), "reset-latency"),
         ("/status" | "/metrics", _) => method_not_allowed("GET"),
-        ("/promote" | "/demote", _) => method_not_allowed("POST"),
+        ("/promote" | "/demote" | "/reset-latency", _) => method_not_allowed("POST"),
         _ => error_json(
             404,
             &format!(
-                "no such endpoint: {method} {path} (try GET /status, GET /metrics, POST /promote, POST /demote)"
+                "no such endpoint: {method} {path} (try GET /status, GET /metrics, POST /promote, POST /demote, POST /reset-latency)"
             ),
         ),
     };
@@ -673,6 +674,10 @@ mod tests {
             self.status.lock().unwrap().role = "backup".into();
             Ok(())
         }
+        fn reset_latency(&self) -> Result<(), String> {
+            self.status.lock().unwrap().io.write_latency = Latency::default();
+            Ok(())
+        }
     }
 
     fn sample() -> NodeStatus {
@@ -774,6 +779,25 @@ mod tests {
         assert_eq!(request(&addr, "POST", "/status", 1000).unwrap().0, 405);
         let err = post(&addr, "/nope").unwrap_err().to_string();
         assert!(err.contains("answered 404"), "{err}");
+        assert_eq!(
+            request(&addr, "GET", "/reset-latency", 1000).unwrap().0,
+            405
+        );
+    }
+
+    #[test]
+    fn reset_latency_clears_the_histograms() {
+        let (server, node) = start_fake(None);
+        node.status.lock().unwrap().io.write_latency = Latency {
+            count: 5,
+            p50_us: 100.0,
+            p99_us: 200.0,
+            p999_us: 300.0,
+        };
+        let addr = server.local_addr().to_string();
+        let (code, body) = request(&addr, "POST", "/reset-latency", 1000).unwrap();
+        assert_eq!((code, body.as_slice()), (200, br#"{"ok":true}"#.as_slice()));
+        assert_eq!(node.status().io.write_latency, Latency::default());
     }
 
     #[test]

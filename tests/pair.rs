@@ -242,6 +242,20 @@ impl Drop for Pair {
     }
 }
 
+/// A bare HTTP POST to the admin endpoint; returns the whole response.
+fn http_post(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
@@ -810,6 +824,16 @@ fn i_standalone_serves_alone_and_a_mirrored_start_refuses_until_reformatted() {
     }
     let s = p.wait(0, "writes counted", 10, |s| u(&s["io"], "writes") >= 8);
     assert_eq!(u(&s["io"], "errors"), 0);
+    assert!(u(&s["io"]["write_latency"], "count") >= 8);
+    // The latency histograms start afresh on request (counters stay).
+    assert!(http_post(&p.n[0].admin, "/reset-latency").starts_with("HTTP/1.1 200"));
+    let s = p.wait(0, "latency reset", 10, |s| {
+        u(&s["io"]["write_latency"], "count") == 0
+    });
+    assert!(
+        u(&s["io"], "writes") >= 8,
+        "counters survive a latency reset"
+    );
     assert_eq!(block_of(&p.n[0].volume, 21), vec![0x67; 4096]);
     p.kill9(0);
 

@@ -109,4 +109,7 @@ pub trait Control: Send + Sync + 'static {
     fn promote(&self) -> Result<(), String>;
     /// Make this node a backup (stops serving writes).
     fn demote(&self) -> Result<(), String>;
+    /// Start the latency histograms (host read/write, ring sync, disk
+    /// write) afresh, e.g. between benchmark workloads. Counters stay.
+    fn reset_latency(&self) -> Result<(), String>;
 }

@@ -230,6 +230,7 @@ struct Shared {
 enum Command {
     Promote,
     Demote,
+    ResetLatency,
 }
 
 #[derive(Default)]
@@ -358,6 +359,9 @@ impl crate::status::Control for NodeControl {
     }
     fn demote(&self) -> Result<(), String> {
         self.command(Command::Demote)
+    }
+    fn reset_latency(&self) -> Result<(), String> {
+        self.command(Command::ResetLatency)
     }
 }
 
@@ -833,6 +837,18 @@ impl Reactor {
             let r = match c {
                 Command::Promote => self.core.promote(),
                 Command::Demote => self.core.demote(),
+                Command::ResetLatency => {
+                    for h in [
+                        &mut self.write_hist,
+                        &mut self.read_hist,
+                        &mut self.sync_hist,
+                        &mut self.disk_write_hist,
+                    ] {
+                        h.reset();
+                    }
+                    self.last_status_ms = 0; // publish the empty histograms now
+                    Ok(())
+                }
             };
             *reply.r.lock().unwrap() = Some(r);
             reply.c.notify_all();

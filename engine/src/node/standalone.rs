@@ -19,7 +19,7 @@ use storage::backend::uring::UringBackend;
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{Completion, IoError, PathState, VolumeOp};
 
-use super::{poll_loop, sleep_on, HostOp, NodeOptions, Polled, Shared};
+use super::{poll_loop, sleep_on, Command, HostOp, NodeOptions, Polled, Shared};
 use crate::status::{IoStats, Latency, NodeStatus};
 use crate::sys::now_ms;
 
@@ -166,10 +166,24 @@ impl Standalone {
     fn take_commands(&mut self) -> bool {
         let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
         let did = !cmds.is_empty();
-        for (_, reply) in cmds {
-            *reply.r.lock().unwrap() = Some(Err(
-                "this node runs standalone (no peer): promote and demote do not apply".into(),
-            ));
+        for (cmd, reply) in cmds {
+            let r = match cmd {
+                Command::ResetLatency => {
+                    for h in [
+                        &mut self.write_hist,
+                        &mut self.read_hist,
+                        &mut self.disk_write_hist,
+                    ] {
+                        h.reset();
+                    }
+                    self.last_status_ms = 0;
+                    Ok(())
+                }
+                Command::Promote | Command::Demote => Err(
+                    "this node runs standalone (no peer): promote and demote do not apply".into(),
+                ),
+            };
+            *reply.r.lock().unwrap() = Some(r);
             reply.c.notify_all();
         }
         did
