@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 import threading
 import time
 
@@ -466,6 +467,30 @@ class DmNodes:
                 raise RuntimeError(f"node {n} not '{what}' within {secs} s: {s}")
             time.sleep(0.1)
 
+    def reset_latency(self):
+        """Starts every node's latency histograms afresh (POST /reset-latency)."""
+        for n in self.nodes:
+            try:
+                req = urllib.request.Request(f"http://{self.admin[n]}/reset-latency", data=b"", method="POST")
+                urllib.request.urlopen(req, timeout=5).read()
+            except OSError as e:
+                log(f"{self.name}: reset-latency on node {n}: {e}")
+        time.sleep(0.15)  # the reactor publishes its status every 100 ms
+
+    def server_latency(self):
+        """Each node's own latency histograms since the last reset (µs)."""
+        time.sleep(0.15)
+        out = {}
+        for n in self.nodes:
+            st = self.status(n)
+            if not st:
+                continue
+            io = st.get("io", {})
+            out[str(n)] = {k: {"count": io.get(k, {}).get("count", 0), "p50_us": io.get(k, {}).get("p50_us"),
+                               "p99_us": io.get(k, {}).get("p99_us")}
+                           for k in ("write_latency", "read_latency", "ring_sync_latency", "disk_write_latency")}
+        return out
+
     def settle(self):
         """Waits (bounded) until the backup executed everything, between workloads."""
         if len(self.nodes) < 2:
@@ -530,13 +555,20 @@ class Run:
             log(f"  {target:<34} {wl['label']:<22} FAILED: {res.get('error')}")
             self.failures.append(f"{target} / {wl['label']}: {res.get('error')}")
 
-    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None):
+    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None, server=None):
+        """`server`: the deltamirror nodes, whose own latency histograms are
+        reset before each workload and read after it."""
         for wl in WORKLOADS:
             if alive is not None and not alive():
                 self.record(target, group, proto, wl, dict(ok=False, error="server process exited"))
                 continue
             tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
-            self.record(target, group, proto, wl, run_workload(target, proto, endpoint, wl, self.args, pids(), tag))
+            if server:
+                server.reset_latency()
+            res = run_workload(target, proto, endpoint, wl, self.args, pids(), tag)
+            if server and res.get("ok"):
+                res["server"] = server.server_latency()
+            self.record(target, group, proto, wl, res)
             if settle:
                 settle()
 
@@ -755,7 +787,8 @@ class Run:
                       ("iSCSI", "iscsi", "iscsi\\://127.0.0.1\\:%d/%s/0" % (dm.iscsi_port, DM_IQN.replace(":", "\\:"))),
                       ("NVMe/TCP", "nvme", f"127.0.0.1:{dm.nvme_port}")]
             for pname, proto, ep in protos:
-                self.workloads(f"{label}, {pname}", key, proto, ep, dm.pids, settle=dm.settle, alive=dm.alive)
+                self.workloads(f"{label}, {pname}", key, proto, ep, dm.pids, settle=dm.settle, alive=dm.alive,
+                               server=dm)
                 info["rss"].append(dict(after=pname, **dm.rss()))
             info["status_end"] = {n: dm.status(n) for n in nodes}
         except Exception as e:  # noqa: BLE001
@@ -1160,6 +1193,30 @@ def write_report(run, path_md, path_png):
                 L.append(f"| {info['label']} | {r['after']} | {fmt(n1 / 1048576 if n1 else None, 1)} | "
                          f"{fmt(n2 / 1048576 if n2 else None, 1)} |")
         L.append("")
+        srows = [r for r in run.results if r.get("ok") and r.get("server")]
+        if srows:
+            L.append("## Server-side latency per workload\n")
+            L.append("Each node's own histograms, reset before the workload (`POST /reset-latency`) and read "
+                     "after it: *host* is volume submit to completion on node 1 (no network, no client), "
+                     "*ring sync* the ring fdatasync, *disk write* the O_DIRECT writes a node executed. "
+                     "The client's p50 minus node 1's host p50 is what the protocol front-end, the "
+                     "network stack and the client add.\n")
+            L.append("| target | workload | client p50 µs | node 1 host p50 / p99 µs | node 1 ring sync p50 µs "
+                     "| node 1 disk write p50 µs | node 2 ring sync p50 µs | node 2 disk write p50 µs |")
+            L.append("|---|---|---:|---|---:|---:|---:|---:|")
+            for r in srows:
+                sv = r["server"]
+                n1, n2 = sv.get("1", {}), sv.get("2", {})
+                host = n1.get("read_latency" if r["workload"].startswith("randr") else "write_latency", {})
+
+                def p50(n, k):
+                    v = n.get(k, {})
+                    return fmt(v.get("p50_us")) if v.get("count") else "–"
+                L.append(f"| {r['target']} | {WL[r['workload']]['label']} | {fmt(r['p50_us'])} | "
+                         f"{fmt(host.get('p50_us'))} / {fmt(host.get('p99_us'))} | {p50(n1, 'ring_sync_latency')} | "
+                         f"{p50(n1, 'disk_write_latency')} | {p50(n2, 'ring_sync_latency')} | "
+                         f"{p50(n2, 'disk_write_latency')} |")
+            L.append("")
         L.append("## Node state at the end of each configuration\n")
         L.append("From `deltamirror status --json` after the last workload. Server-side write latency is the "
                  "node's own histogram over all workloads of that configuration (volume submit to completion, "
