@@ -42,6 +42,7 @@ PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"
 OFF_ONE = 5300
 OFF_MIRROR = 5310
 OFF_BUSY = 5320
+OFF_VARIANT = 5330  # + 10 per variant
 PEER_NBDKIT_PORT = 10809 + 5400
 PEER_QEMU_PORT = 10809 + 5401
 PEER_TGTD_PORT = 3260 + 5400
@@ -57,6 +58,18 @@ WORKLOADS = [
     dict(key="randr4k_qd32", label="4 KiB randread QD32", rw="randread", bs=4096, qd=32),
 ]
 WL = {w["key"]: w for w in WORKLOADS}
+
+# Settings side by side: mirrored pairs over NBD that differ in one setting,
+# started one after the other in the same run. QD128 is the depth DESIGN.md
+# sets the memory aim at (a node under 256 MiB resident).
+VARIANT_WORKLOADS = [
+    WL["randw4k_qd1"], WL["randw4k_qd32"],
+    dict(key="randw4k_qd128", label="4 KiB randwrite QD128", rw="randwrite", bs=4096, qd=128),
+]
+VARIANTS = [
+    dict(key="dm-var-default", label="defaults (ack1 = \"persisted\")", edits={}),
+    dict(key="dm-var-received", label="ack1 = \"received\"", edits={"ack1": '"received"'}),
+]
 
 
 def log(*a):
@@ -389,8 +402,10 @@ class DmNodes:
     alone runs `serve --standalone` when the binary has it, else it is
     promoted to serve without its peer (degraded mode)."""
 
-    def __init__(self, name, workdir, offset, nodes, poll_mode):
+    def __init__(self, name, workdir, offset, nodes, poll_mode, edits=None):
         self.name, self.offset, self.nodes, self.poll_mode = name, offset, nodes, poll_mode
+        # {config key: TOML value} set on every node, e.g. {"ack1": '"received"'}.
+        self.edits = edits or {}
         self.standalone = len(nodes) == 1 and dm_has_standalone()
         self.dir = os.path.join(workdir, name)
         self.procs = {}
@@ -419,6 +434,10 @@ class DmNodes:
             cfg, k = re.subn(r'(?m)^poll_mode\s*=.*$', f'poll_mode = "{self.poll_mode}"', cfg)
             if k != 1:
                 raise RuntimeError("example-config has no poll_mode line")
+            for key, value in self.edits.items():
+                cfg, k = re.subn(rf'(?m)^{re.escape(key)}\s*=.*$', f'{key} = {value}', cfg)
+                if k != 1:
+                    raise RuntimeError(f"example-config has {k} lines for {key}")
             path = os.path.join(self.dir, f"node{n}.toml")
             with open(path, "w") as f:
                 f.write(cfg)
@@ -799,6 +818,40 @@ class Run:
             if not self.args.keep:
                 shutil.rmtree(dm.dir, ignore_errors=True)
 
+    def variants(self):
+        """Mirrored adaptive pairs over NBD, one per entry of VARIANTS: the
+        cost of a setting, measured side by side with the defaults."""
+        out = self.extra.setdefault("variants", [])
+        for i, v in enumerate(VARIANTS):
+            log(f"deltamirror: mirrored, {v['label']} (NBD)")
+            dm = DmNodes(v["key"], self.work, OFF_VARIANT + 10 * i, [1, 2], "adaptive", edits=v["edits"])
+            info = dict(key=v["key"], label=v["label"], edits=v["edits"], rows=[])
+            out.append(info)
+            try:
+                dm.start()
+                ep = f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"
+                for wl in VARIANT_WORKLOADS:
+                    if not dm.alive():
+                        raise RuntimeError("a node exited")
+                    dm.reset_latency()
+                    tag = re.sub(r"[^a-z0-9]+", "-", f"{v['key']}-{wl['key']}")
+                    res = run_workload(f"mirrored, {v['label']}", "nbd", ep, wl, self.args, dm.pids(), tag)
+                    if res.get("ok"):
+                        res["server"] = dm.server_latency()
+                    else:
+                        self.failures.append(f"mirrored, {v['label']} / {wl['label']}: {res.get('error')}")
+                    res.pop("placement", None)
+                    info["rows"].append(dict(wl=wl["key"], label=wl["label"], rss=dm.rss(), **res))
+                    log(f"  {wl['label']}: {fmt(res.get('iops'))} IOPS, p50 {fmt(res.get('p50_us'))} µs")
+                    dm.settle()
+            except Exception as e:  # noqa: BLE001
+                self.failures.append(f"mirrored, {v['label']}: {e}")
+                log(f"  {v['label']}: FAILED: {e}")
+            finally:
+                dm.stop()
+                if not self.args.keep:
+                    shutil.rmtree(dm.dir, ignore_errors=True)
+
     def go(self):
         a = self.args
         os.makedirs(OUT_DIR, exist_ok=True)
@@ -832,6 +885,8 @@ class Run:
             self.deltamirror("dm-mirrored", "deltamirror mirrored", OFF_MIRROR, [1, 2], "adaptive", idle=True)
         if self.want("dm-busy") and not a.no_busy:
             self.deltamirror("dm-busy", "deltamirror mirrored busy-poll", OFF_BUSY, [1, 2], "busy", idle=True)
+        if self.want("variants"):
+            self.variants()
         if self.want("replay"):
             self.replay()
         self.extra["check_after"] = machine_check("after")
@@ -1097,6 +1152,30 @@ def write_report(run, path_md, path_png):
             L.append(f"| {what} | {fmt(v.get('qd32_iops'))} | {fmt(v.get('link_msgs_received_per_write'), 2)} | "
                      f"{fmt(v.get('link_msgs_sent_per_write'), 2)} | {fmt(v.get('p50_us'))} | "
                      f"{fmt(v.get('rss_mib'))} |")
+        L.append("")
+
+    var = run.extra.get("variants") or []
+    if var:
+        L.append("## Settings side by side (mirrored, NBD)\n")
+        L.append("Mirrored adaptive pairs that differ in one setting, started one after the other in this run, "
+                 "with the same fio workloads over NBD. `ack1 = \"received\"` lets the backup answer ACK1 before "
+                 "its ring flush (the primary's own ring flush stays on the path, I2). The QD128 row is the depth "
+                 "DESIGN.md sets the memory aim at: each node's resident set (mapped ring pages included) is read "
+                 "from `status` right after the workload.\n")
+        L.append("| setting | workload | IOPS | p50 µs | p99 µs | node 1 ring sync p50 µs | node 2 ring sync p50 µs "
+                 "| RSS node 1 / node 2 MiB |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---|")
+        for v in var:
+            for r in v["rows"]:
+                sv = r.get("server") or {}
+                rs = [(sv.get(n) or {}).get("ring_sync_latency", {}).get("p50_us") for n in ("1", "2")]
+                rss = r.get("rss") or {}
+                mib = [fmt((rss.get(f"node{n}") or 0) / 1048576.0) if rss.get(f"node{n}") else "–" for n in (1, 2)]
+                if not r.get("ok"):
+                    L.append(f"| {v['label']} | {r['label']} | failed: {r.get('error', '')[:80]} | | | | | |")
+                    continue
+                L.append(f"| {v['label']} | {r['label']} | {fmt(r.get('iops'))} | {fmt(r.get('p50_us'))} | "
+                         f"{fmt(r.get('p99_us'))} | {fmt(rs[0])} | {fmt(rs[1])} | {mib[0]} / {mib[1]} |")
         L.append("")
 
     rpi = run.extra.get("replay")
@@ -1367,7 +1446,7 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy,replay")
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy,variants,replay")
     ap.add_argument("--replay-n", default=None, metavar="N,N,...",
                     help="replay: outage sizes in 4 KiB writes (bench default 1000,10000,100000)")
     ap.add_argument("--remirror-mib", type=int, default=None,

@@ -239,6 +239,48 @@ struct Reply {
     c: Condvar,
 }
 
+impl Shared {
+    /// Answers every queued operator command with `f` (on the reactor);
+    /// true if there was any.
+    fn answer_commands(&self, mut f: impl FnMut(Command) -> Result<(), String>) -> bool {
+        let cmds: Vec<_> = self.commands.lock().unwrap().drain(..).collect();
+        let did = !cmds.is_empty();
+        for (c, reply) in cmds {
+            *reply.r.lock().unwrap() = Some(f(c));
+            reply.c.notify_all();
+        }
+        did
+    }
+}
+
+/// Backend operations the backend's queue could not take yet: resubmitted
+/// in order, and new operations queue behind them so none overtakes another.
+#[derive(Default)]
+struct Overflow(VecDeque<(usize, BackendOp)>);
+
+impl Overflow {
+    fn submit(&mut self, backend: &mut UringBackend, tag: usize, op: BackendOp) {
+        if !self.0.is_empty() {
+            self.0.push_back((tag, op));
+        } else if let Err(op) = backend.submit(tag as u64, op) {
+            self.0.push_back((tag, op));
+        }
+    }
+
+    fn retry(&mut self, backend: &mut UringBackend) {
+        while let Some((tag, op)) = self.0.pop_front() {
+            if let Err(op) = backend.submit(tag as u64, op) {
+                self.0.push_front((tag, op));
+                break;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The node's block volume: what NBD, NVMe/TCP and iSCSI export.
 pub struct NodeVolume {
     shared: Arc<Shared>,
@@ -685,7 +727,7 @@ struct Reactor {
     /// When each in-flight backend op was submitted (indexed like `inflight`).
     inflight_at: Vec<Instant>,
     free_tags: Vec<usize>,
-    overflow: VecDeque<(usize, BackendOp)>,
+    overflow: Overflow,
     hosts: Vec<Option<PendingHost>>,
     free_hosts: Vec<usize>,
     write_hist: Histogram<u64>,
@@ -735,7 +777,7 @@ impl Reactor {
             inflight: Vec::new(),
             inflight_at: Vec::new(),
             free_tags: Vec::new(),
-            overflow: VecDeque::new(),
+            overflow: Overflow::default(),
             hosts: Vec::new(),
             free_hosts: Vec::new(),
             write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
@@ -802,7 +844,7 @@ impl Polled for Reactor {
         self.core.poll();
         did |= self.run_actions();
         self.ring_failed();
-        self.retry_overflow();
+        self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
         did |= self.write_socket();
         if now >= self.last_status_ms + 100 {
@@ -831,29 +873,23 @@ impl Reactor {
     }
 
     fn take_commands(&mut self) -> bool {
-        let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
-        let did = !cmds.is_empty();
-        for (c, reply) in cmds {
-            let r = match c {
-                Command::Promote => self.core.promote(),
-                Command::Demote => self.core.demote(),
-                Command::ResetLatency => {
-                    for h in [
-                        &mut self.write_hist,
-                        &mut self.read_hist,
-                        &mut self.sync_hist,
-                        &mut self.disk_write_hist,
-                    ] {
-                        h.reset();
-                    }
-                    self.last_status_ms = 0; // publish the empty histograms now
-                    Ok(())
+        let shared = self.shared.clone();
+        shared.answer_commands(|c| match c {
+            Command::Promote => self.core.promote(),
+            Command::Demote => self.core.demote(),
+            Command::ResetLatency => {
+                for h in [
+                    &mut self.write_hist,
+                    &mut self.read_hist,
+                    &mut self.sync_hist,
+                    &mut self.disk_write_hist,
+                ] {
+                    h.reset();
                 }
-            };
-            *reply.r.lock().unwrap() = Some(r);
-            reply.c.notify_all();
-        }
-        did
+                self.last_status_ms = 0; // publish the empty histograms now
+                Ok(())
+            }
+        })
     }
 
     fn host_slot(&mut self, h: PendingHost) -> usize {
@@ -1125,22 +1161,7 @@ impl Reactor {
                 self.inflight.len() - 1
             }
         };
-        if !self.overflow.is_empty() {
-            self.overflow.push_back((tag, op));
-            return;
-        }
-        if let Err(op) = self.backend.submit(tag as u64, op) {
-            self.overflow.push_back((tag, op));
-        }
-    }
-
-    fn retry_overflow(&mut self) {
-        while let Some((tag, op)) = self.overflow.pop_front() {
-            if let Err(op) = self.backend.submit(tag as u64, op) {
-                self.overflow.push_front((tag, op));
-                break;
-            }
-        }
+        self.overflow.submit(&mut self.backend, tag, op);
     }
 
     fn reap_backend(&mut self) -> bool {

@@ -8,7 +8,6 @@
 //! directory, and a mirrored start refuses to run until the operator has
 //! reformatted one side (see [`check_not_standalone`]).
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use storage::backend::uring::UringBackend;
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{Completion, IoError, PathState, VolumeOp};
 
-use super::{poll_loop, sleep_on, Command, HostOp, NodeOptions, Polled, Shared};
+use super::{poll_loop, sleep_on, Command, HostOp, NodeOptions, Overflow, Polled, Shared};
 use crate::status::{IoStats, Latency, NodeStatus};
 use crate::sys::now_ms;
 
@@ -81,7 +80,7 @@ pub(super) struct Standalone {
     backend: UringBackend,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
-    overflow: VecDeque<(usize, BackendOp)>,
+    overflow: Overflow,
     comps: Vec<BackendCompletion>,
     write_hist: Histogram<u64>,
     read_hist: Histogram<u64>,
@@ -100,7 +99,7 @@ impl Standalone {
             backend,
             pending: Vec::new(),
             free: Vec::new(),
-            overflow: VecDeque::new(),
+            overflow: Overflow::default(),
             comps: Vec::new(),
             write_hist: hist(),
             read_hist: hist(),
@@ -146,12 +145,7 @@ impl Polled for Standalone {
         let mut did = self.take_commands();
         did |= self.take_host_ops();
         did |= self.reap();
-        while let Some((tag, op)) = self.overflow.pop_front() {
-            if let Err(op) = self.backend.submit(tag as u64, op) {
-                self.overflow.push_front((tag, op));
-                break;
-            }
-        }
+        self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
         let now = now_ms(self.start);
         if now >= self.last_status_ms + 100 {
@@ -164,29 +158,23 @@ impl Polled for Standalone {
 
 impl Standalone {
     fn take_commands(&mut self) -> bool {
-        let cmds: Vec<_> = self.shared.commands.lock().unwrap().drain(..).collect();
-        let did = !cmds.is_empty();
-        for (cmd, reply) in cmds {
-            let r = match cmd {
-                Command::ResetLatency => {
-                    for h in [
-                        &mut self.write_hist,
-                        &mut self.read_hist,
-                        &mut self.disk_write_hist,
-                    ] {
-                        h.reset();
-                    }
-                    self.last_status_ms = 0;
-                    Ok(())
+        let shared = self.shared.clone();
+        shared.answer_commands(|cmd| match cmd {
+            Command::ResetLatency => {
+                for h in [
+                    &mut self.write_hist,
+                    &mut self.read_hist,
+                    &mut self.disk_write_hist,
+                ] {
+                    h.reset();
                 }
-                Command::Promote | Command::Demote => Err(
-                    "this node runs standalone (no peer): promote and demote do not apply".into(),
-                ),
-            };
-            *reply.r.lock().unwrap() = Some(r);
-            reply.c.notify_all();
-        }
-        did
+                self.last_status_ms = 0;
+                Ok(())
+            }
+            Command::Promote | Command::Demote => {
+                Err("this node runs standalone (no peer): promote and demote do not apply".into())
+            }
+        })
     }
 
     fn take_host_ops(&mut self) -> bool {
@@ -245,11 +233,7 @@ impl Standalone {
                     self.pending.len() - 1
                 }
             };
-            if !self.overflow.is_empty() {
-                self.overflow.push_back((tag, bop));
-            } else if let Err(bop) = self.backend.submit(tag as u64, bop) {
-                self.overflow.push_back((tag, bop));
-            }
+            self.overflow.submit(&mut self.backend, tag, bop);
         }
         did
     }

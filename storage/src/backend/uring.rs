@@ -59,6 +59,20 @@ struct InFlight {
     transfer_len: Option<u32>,
 }
 
+/// Builds an SQE on the backend's own device: `fd` is the registered slot
+/// when the file is registered, its raw descriptor otherwise.
+macro_rules! own_fd {
+    ($self:ident, $fd:ident => $build:expr) => {
+        if $self.fixed_file {
+            let $fd = types::Fixed(0);
+            $build
+        } else {
+            let $fd = types::Fd($self.file.as_raw_fd());
+            $build
+        }
+    };
+}
+
 pub struct UringBackend {
     ring: IoUring,
     file: File,
@@ -68,6 +82,10 @@ pub struct UringBackend {
     block_size: u32,
     queue_depth: usize,
     eventfd: OwnedFd,
+    /// The device's descriptor is registered with the ring (slot 0), so an
+    /// SQE names it by index and the kernel skips the per-request file
+    /// lookup and reference count; `false` if registration failed.
+    fixed_file: bool,
     /// Indexed by the SQE's user_data.
     slots: Vec<Option<InFlight>>,
     free_slots: Vec<u32>,
@@ -177,6 +195,13 @@ impl UringBackend {
         // SAFETY: `efd` is a freshly created descriptor owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(efd)?;
+        let fixed_file = match ring.submitter().register_files(&[fd]) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("{shown}: cannot register the file with the io_uring ({e}); using its descriptor");
+                false
+            }
+        };
         let queue_depth = config.queue_depth as usize;
         log::info!(
             "{shown}: {kind:?}, {size_bytes} bytes, block size {block_size}, \
@@ -192,6 +217,7 @@ impl UringBackend {
             block_size,
             queue_depth,
             eventfd,
+            fixed_file,
             slots: (0..queue_depth).map(|_| None).collect(),
             free_slots: (0..queue_depth as u32).rev().collect(),
             kernel_in_flight: 0,
@@ -222,13 +248,13 @@ impl UringBackend {
             .free_slots
             .pop()
             .expect("a free slot below queue depth");
-        let fd = types::Fd(self.file.as_raw_fd());
         let (entry, inflight) = match op {
             BackendOp::Read { offset, mut buf } => {
                 let len = buf.len() as u32;
-                let e = opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                let ptr = buf.as_mut_ptr();
+                let e = own_fd!(self, fd => opcode::Read::new(fd, ptr, len)
                     .offset(offset)
-                    .build();
+                    .build());
                 (
                     e,
                     InFlight {
@@ -245,10 +271,11 @@ impl UringBackend {
             } => {
                 let len = buf.len() as u32;
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                let e = opcode::Write::new(fd, buf.as_mut_ptr(), len)
+                let ptr = buf.as_mut_ptr();
+                let e = own_fd!(self, fd => opcode::Write::new(fd, ptr, len)
                     .offset(offset)
                     .rw_flags(flags)
-                    .build();
+                    .build());
                 (
                     e,
                     InFlight {
@@ -259,9 +286,9 @@ impl UringBackend {
                 )
             }
             BackendOp::Flush => {
-                let e = opcode::Fsync::new(fd)
+                let e = own_fd!(self, fd => opcode::Fsync::new(fd)
                     .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                    .build());
                 (
                     e,
                     InFlight {
