@@ -96,6 +96,12 @@ pub struct VolumeConfig {
 pub struct RingConfig {
     /// Persistent ring (delay buffer + delta queue) size.
     pub size_bytes: u64,
+    /// The ring file; default `<node.data_dir>/ring`. A regular file on any
+    /// local filesystem: put it on a device whose flush is cheap (a
+    /// power-loss-protected SSD, persistent memory) and every write's ring
+    /// flush gets cheaper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 /// How delta-queue entries are confirmed executed on the peer.
@@ -495,7 +501,52 @@ impl Config {
         }
     }
 
+    /// The ring file: `ring.path`, or `ring` in `node.data_dir`.
+    pub fn ring_path(&self) -> PathBuf {
+        self.ring
+            .path
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("ring"))
+    }
+
+    fn check_ring_path(&self, v: &mut Problems) {
+        let Some(p) = &self.ring.path else { return };
+        let example = "e.g. ring.path = \"/mnt/fast-ssd/deltamirror.ring\" (or remove the line to keep the ring in node.data_dir)";
+        if p.as_os_str().is_empty() || !p.is_absolute() {
+            v.push(format!(
+                "ring.path = {p:?}: must be an absolute path to a file; {example}"
+            ));
+            return;
+        }
+        if p.is_dir() {
+            v.push(format!(
+                "ring.path = {p:?}: is a directory; name the ring file in it; {example}"
+            ));
+        } else if p.exists() && !p.is_file() {
+            v.push(format!(
+                "ring.path = {p:?}: exists but is not a regular file (the ring is a file on a filesystem, not a raw device); {example}"
+            ));
+        }
+        if *p == self.volume.path {
+            v.push(format!(
+                "ring.path = {p:?}: is volume.path; the ring must be its own file; {example}"
+            ));
+        }
+        if *p == self.node.data_dir.join("meta") {
+            v.push(format!(
+                "ring.path = {p:?}: is the node's metadata file; {example}"
+            ));
+        }
+        match p.parent() {
+            Some(dir) if dir.is_dir() => {}
+            _ => v.push(format!(
+                "ring.path = {p:?}: its directory does not exist; create it (on the device meant for the ring) or {example}"
+            )),
+        }
+    }
+
     fn check_ring_and_mirror(&self, v: &mut Problems) {
+        self.check_ring_path(v);
         let ring = self.ring.size_bytes;
         if !ring.is_multiple_of(4096) || ring < MIN_RING_SIZE_BYTES {
             v.push(format!(
@@ -843,6 +894,7 @@ impl Config {
             },
             ring: RingConfig {
                 size_bytes: 64 * MIB,
+                path: None,
             },
             mirror: MirrorConfig::default(),
             link: LinkConfig {
@@ -1119,6 +1171,32 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         c.node.data_dir = file;
         check_rejects(&c, "not a directory");
+    }
+
+    #[test]
+    fn ring_path_is_optional_and_checked() {
+        let mut c = base();
+        assert_eq!(c.ring_path(), c.node.data_dir.join("ring"));
+        let dir = tmpdir("ringpath");
+        let text = c.to_toml_string().replace(
+            "[ring]",
+            &format!("[ring]\npath = {:?}", dir.join("r.ring")),
+        );
+        let parsed = Config::parse(&text).unwrap();
+        assert_eq!(parsed.ring_path(), dir.join("r.ring"));
+        parsed.validate().unwrap();
+        c.ring.path = Some(PathBuf::from("relative/ring"));
+        check_rejects(
+            &c,
+            "ring.path = \"relative/ring\": must be an absolute path",
+        );
+        c.ring.path = Some(dir.clone());
+        check_rejects(&c, "is a directory");
+        c.ring.path = Some(dir.join("missing").join("r.ring"));
+        check_rejects(&c, "its directory does not exist");
+        c.volume.path = dir.join("vol.img");
+        c.ring.path = Some(c.volume.path.clone());
+        check_rejects(&c, "is volume.path");
     }
 
     #[test]

@@ -172,6 +172,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
         node_id: cfg.node.id,
         node_name: cfg.node.name.clone(),
         data_dir: cfg.node.data_dir.clone(),
+        ring_path: cfg.ring_path(),
         volume_path: cfg.volume.path.clone(),
         block_size: cfg.volume.block_size_bytes,
         identity: VolumeIdentity {

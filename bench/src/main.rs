@@ -276,6 +276,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
         node_id: id,
         node_name: format!("bench-{id}"),
         data_dir: d.clone(),
+        ring_path: d.join("ring"),
         volume_path: d.join("volume.img"),
         block_size: 4096,
         identity: VolumeIdentity {

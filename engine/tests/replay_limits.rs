@@ -29,6 +29,7 @@ fn opts(dir: &Path, id: u32, port: u16, floor: u64) -> NodeOptions {
         node_id: id,
         node_name: format!("floor-{id}"),
         data_dir: d.clone(),
+        ring_path: d.join("ring"),
         volume_path: d.join("volume.img"),
         block_size: 4096,
         identity: VolumeIdentity {

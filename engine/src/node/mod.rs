@@ -51,6 +51,10 @@ pub struct NodeOptions {
     pub node_id: u32,
     pub node_name: String,
     pub data_dir: PathBuf,
+    /// The persistent ring file: [`ring_path`] of `data_dir` unless the
+    /// operator put it elsewhere (`ring.path`, e.g. a device whose flush is
+    /// cheap).
+    pub ring_path: PathBuf,
     pub volume_path: PathBuf,
     pub block_size: u32,
     pub identity: VolumeIdentity,
@@ -64,6 +68,7 @@ pub struct NodeOptions {
     pub max_message_bytes: usize,
 }
 
+/// Where the ring lives when `ring.path` is not set.
 pub fn ring_path(data_dir: &Path) -> PathBuf {
     data_dir.join("ring")
 }
@@ -178,8 +183,8 @@ pub fn format(
         std::fs::remove_file(&mp)
             .map_err(|e| format!("cannot remove the old metadata {}: {e}", mp.display()))?;
     }
-    Ring::create(&ring_path(&opts.data_dir), ring_bytes, 1)
-        .map_err(|e| format!("cannot create the ring: {e}"))?;
+    Ring::create(&opts.ring_path, ring_bytes, 1)
+        .map_err(|e| format!("cannot create the ring {}: {e}", opts.ring_path.display()))?;
     let meta = Meta::formatted(
         opts.node_id,
         role,
@@ -437,8 +442,13 @@ impl Node {
                 meta.node_id
             ));
         }
-        let (ring, recovery) =
-            Ring::open(&ring_path(&opts.data_dir)).map_err(|e| format!("ring: {e}"))?;
+        let (ring, recovery) = Ring::open(&opts.ring_path).map_err(|e| {
+            format!(
+                "ring {}: {e} (if ring.path changed since `deltamirror format`, move the ring \
+                 file there or set ring.path back)",
+                opts.ring_path.display()
+            )
+        })?;
         log::info!(
             "ring recovered: {} records (seq {}..{}), torn tail {} bytes",
             recovery.records,
