@@ -839,6 +839,14 @@ class Run:
             try:
                 dm.start()
                 ep = f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"
+                # As in the main table, the sequential write first fills the
+                # region: random writes then overwrite allocated blocks of the
+                # (sparse) volume file instead of allocating them.
+                fill = run_workload("prefill", "nbd", ep, WL["seqw128k"], self.args, dm.pids(),
+                                    f"{v['key']}-prefill")
+                if not fill.get("ok"):
+                    raise RuntimeError(f"prefill: {fill.get('error')}")
+                dm.settle()
                 for wl in VARIANT_WORKLOADS:
                     if not dm.alive():
                         raise RuntimeError("a node exited")
@@ -1169,7 +1177,7 @@ def write_report(run, path_md, path_png):
     if var:
         L.append("## Settings side by side (mirrored, NBD)\n")
         L.append("Mirrored adaptive pairs that differ in one setting, started one after the other in this run, "
-                 "with the same fio workloads over NBD. `ack1 = \"received\"` lets the backup answer ACK1 before "
+                 "with the same fio workloads over NBD, each after the same 128 KiB sequential fill as the main table. `ack1 = \"received\"` lets the backup answer ACK1 before "
                  "its ring flush (the primary's own ring flush stays on the path, I2). The tmpfs rows are not a "
                  "configuration to run (the ring is volatile there): they show how far the ring's flush on this "
                  "disk sets the mirrored numbers, i.e. what a ring on a device with a cheap flush (`ring.path` on a "
