@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /status` | 200, `NodeStatus` as JSON |
 //! | `GET /metrics` | 200, Prometheus text exposition format 0.0.4 |
-//! | `POST /promote` | 200 `{"ok":true}`, or 409 `{"error":"..."}` |
+//! | `POST /promote` | 200 `{"ok":true}`, or 409 `{"error":"..."}`; `?force=1` is `promote --force` |
 //! | `POST /demote` | 200 `{"ok":true}`, or 409 `{"error":"..."}` |
 //! | known path, wrong method | 405 with `Allow` |
 //! | anything else | 404 |
@@ -118,7 +118,13 @@ fn serve(server: &Server, stop: &AtomicBool, ctl: &dyn Control) {
 }
 
 fn handle(request: Request, ctl: &dyn Control) {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let (path, query) = match request.url().split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (request.url().to_string(), String::new()),
+    };
+    let force = query
+        .split('&')
+        .any(|kv| kv == "force=1" || kv == "force=true");
     let method = request.method().clone();
     let response = match (path.as_str(), &method) {
         ("/status", Method::Get) => match serde_json::to_string(&ctl.status()) {
@@ -130,7 +136,7 @@ fn handle(request: Request, ctl: &dyn Control) {
                 "Content-Type",
                 "text/plain; version=0.0.4; charset=utf-8",
             )),
-        ("/promote", Method::Post) => command_result(ctl.promote(), "promote"),
+        ("/promote", Method::Post) => command_result(ctl.promote(force), "promote"),
         ("/demote", Method::Post) => command_result(ctl.demote(), "demote"),
         ("/reset-latency", Method::Post) => command_result(ctl.reset_latency(), "reset-latency"),
         ("/status" | "/metrics", _) => method_not_allowed("GET"),
@@ -660,9 +666,11 @@ mod tests {
         fn status(&self) -> NodeStatus {
             self.status.lock().unwrap().clone()
         }
-        fn promote(&self) -> Result<(), String> {
+        fn promote(&self, force: bool) -> Result<(), String> {
             if let Some(r) = &self.refuse {
-                return Err(r.clone());
+                if !force {
+                    return Err(r.clone());
+                }
             }
             self.status.lock().unwrap().role = "primary".into();
             Ok(())
@@ -766,6 +774,11 @@ mod tests {
         let (code, body) = request(&addr, "POST", "/promote", 1000).unwrap();
         assert_eq!(code, 409);
         assert_eq!(error_text(&body), "split brain: choose a survivor");
+        // `promote --force` reaches the node with force set.
+        assert_eq!(
+            request(&addr, "POST", "/promote?force=1", 1000).unwrap().0,
+            200
+        );
         let err = post(&addr, "/demote").unwrap_err().to_string();
         assert!(err.contains("refused /demote: split brain"), "{err}");
     }

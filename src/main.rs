@@ -65,10 +65,16 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
-    /// Make the node at ADMIN the primary.
+    /// Make the node at ADMIN the primary. Refused when it could lose
+    /// acknowledged writes or serve beside another primary; the reason says
+    /// what to do.
     Promote {
         #[arg(long)]
         admin: String,
+        /// Promote even so: the writes the old primary completed that this
+        /// node lacks are lost, and the new generation is recorded as forced.
+        #[arg(long)]
+        force: bool,
     },
     /// Make the node at ADMIN a backup.
     Demote {
@@ -111,8 +117,20 @@ fn main() {
         } => cmd_format(&config, force, replace),
         Cmd::Serve { config, standalone } => cmd_serve(&config, standalone),
         Cmd::Status { admin, json, watch } => cmd_status(&admin, json, watch),
-        Cmd::Promote { admin } => {
-            admin::post(&admin, "/promote").map(|_| println!("promoted {admin}"))
+        Cmd::Promote { admin, force } => {
+            if force {
+                eprintln!(
+                    "warning: promote --force skips the checks that no acknowledged write is \
+                     lost; writes the old primary completed that this node lacks are discarded \
+                     when it rejoins"
+                );
+            }
+            let path = if force {
+                "/promote?force=1"
+            } else {
+                "/promote"
+            };
+            admin::post(&admin, path).map(|_| println!("promoted {admin}"))
         }
         Cmd::Demote { admin } => {
             admin::post(&admin, "/demote").map(|_| println!("demoted {admin}"))

@@ -30,6 +30,23 @@ pub fn render(s: &NodeStatus) -> String {
         let _ = write!(peer, ": {reason}");
     }
     line("peer", peer);
+    match (&s.not_serving_reason, s.role.as_str()) {
+        (None, _) => line("serving", "yes".into()),
+        (Some(r), "primary") => line("serving", format!("NO: {r}")),
+        (Some(_), _) => line(
+            "promote",
+            if s.current {
+                "safe: caught up with the primary since this node started".into()
+            } else {
+                "refused: not caught up with the primary since this node started \
+                 (`promote --force` would lose what it lacks)"
+                    .into()
+            },
+        ),
+    }
+    if let Some(r) = &s.fenced_reason {
+        line("", format!("FENCED: refused the peer ({r})"));
+    }
     if s.degraded {
         let stale = match s.peer_stale_from_seq {
             Some(seq) => format!("peer stale from seq {}", thousands(seq)),
@@ -289,6 +306,11 @@ mod tests {
             generation: 7,
             peer_state: "replaying".into(),
             peer_refused_reason: None,
+            serving: true,
+            not_serving_reason: None,
+            fenced_reason: None,
+            current: false,
+            forced_generations: vec![],
             degraded: false,
             peer_stale_from_seq: None,
             head_seq: 1_234_567,
@@ -391,6 +413,7 @@ mod tests {
         let expected = "\
 node      1 (store-a)  primary  generation 7  pid 4242  up 1 h 02 m
 peer      replaying
+serving   yes
 seq       head 1,234,567  executed 1,234,560
 delta     12,345 entries  45.2 MiB  (17.7% of 256.0 MiB ring)
 acks      ack1 1,234,567  ack2 1,222,222  ack3 1,234,560
@@ -416,10 +439,27 @@ memory    rss 84.2 MiB
         s.peer_state = "refused".into();
         s.peer_refused_reason = Some("split brain: both nodes primary in generation 8".into());
         s.peer_stale_from_seq = Some(1_000_001);
+        s.serving = false;
+        s.not_serving_reason = Some("fenced after refusing the peer (split brain)".into());
+        s.fenced_reason = Some("split brain: both nodes primary in generation 8".into());
         let text = render(&s);
         assert!(text.contains(
-            "peer      refused: split brain: both nodes primary in generation 8\n          DEGRADED: serving writes without the peer; peer stale from seq 1,000,001\n"
+            "peer      refused: split brain: both nodes primary in generation 8\n\
+             serving   NO: fenced after refusing the peer (split brain)\n\
+             \x20         FENCED: refused the peer (split brain: both nodes primary in generation 8)\n\
+             \x20         DEGRADED: serving writes without the peer; peer stale from seq 1,000,001\n"
         ), "{text}");
+        // A backup says whether a promote is safe.
+        s.role = "backup".into();
+        s.fenced_reason = None;
+        s.not_serving_reason = Some("backup: the peer serves".into());
+        assert!(
+            render(&s).contains("promote   refused: not caught up"),
+            "{}",
+            render(&s)
+        );
+        s.current = true;
+        assert!(render(&s).contains("promote   safe"), "{}", render(&s));
         assert!(text.contains("last      replay none\n"), "{text}");
         assert!(!text.contains("replay    "), "{text}");
     }

@@ -194,6 +194,20 @@ impl Pair {
             .success()
     }
 
+    /// Runs `deltamirror ARGS --admin ADDR` for node `i`: success and
+    /// stderr.
+    fn admin_args(&self, i: usize, args: &[&str]) -> (bool, String) {
+        let out = Command::new(EXE)
+            .args(args)
+            .args(["--admin", &self.n[i].admin])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     fn uri(&self, i: usize) -> String {
         format!("nbd://{}/deltamirror", self.n[i].nbd)
     }
@@ -898,4 +912,112 @@ fn i_standalone_serves_alone_and_a_mirrored_start_refuses_until_reformatted() {
         images_identical(&p.n[0].volume, &p.n[1].volume),
         "images differ"
     );
+}
+
+/// Issue 11 items 1 and 2, the sequence that lost writes: the backup is
+/// down, the primary completes writes alone (degraded), the backup restarts
+/// but the primary dies before the two ever handshake. `promote` on the
+/// backup must refuse (it cannot know what it lacks); `promote --force`
+/// is accepted and recorded; the old primary, when it returns, refuses the
+/// split brain and stays fenced (NBD refuses its writes, status says why)
+/// until the operator reformats it; then it receives a full copy and both
+/// images match, holding every write completed on the forced primary.
+#[test]
+fn j_promote_refuses_a_restarted_backup_and_a_refused_node_never_serves() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["qemu-io"]) {
+        return;
+    }
+    let mut p = Pair::up("j", 3900);
+    assert!(qemu_write(&p.uri(0), 10, 1), "write while mirrored");
+    p.wait_in_sync(0);
+    p.kill9(1);
+    // Degraded writes on the primary: only it holds them.
+    for k in 0..8u64 {
+        assert!(qemu_write(&p.uri(0), 100 + k, 7), "degraded write {k}");
+    }
+    p.wait(0, "degraded", 20, |s| s["degraded"] == true);
+    p.kill9(0);
+    p.start(1);
+    let s1 = p.wait(1, "backup up", 20, |s| s["role"] == "backup");
+    assert_eq!(s1["current"], false, "a restarted backup is not current");
+    let (ok, err) = p.admin_args(1, &["promote"]);
+    assert!(!ok, "promote of a backup that never caught up was accepted");
+    assert!(
+        err.contains("has not caught up with the primary since it started")
+            && err.contains("--force"),
+        "the refusal names why and what to do: {err}"
+    );
+    let (ok, err) = p.admin_args(1, &["promote", "--force"]);
+    assert!(ok, "promote --force refused: {err}");
+    assert!(err.contains("warning"), "--force warns: {err}");
+    let s1 = p.wait(1, "forced primary serves", 20, |s| s["serving"] == true);
+    let gen = u(&s1, "generation");
+    assert_eq!(s1["forced_generations"], serde_json::json!([gen]));
+    let mut completed = vec![(10u64, 1u8)];
+    for k in 0..8u64 {
+        assert!(
+            qemu_write(&p.uri(1), 200 + k, 9),
+            "write on the forced primary"
+        );
+        completed.push((200 + k, 9));
+    }
+    // The old primary returns: it completed writes the forced primary lacks.
+    p.start(0);
+    let s0 = p.wait(0, "refused and fenced", 30, |s| {
+        s["peer_state"] == "refused" && s["fenced_reason"].is_string()
+    });
+    assert_eq!(s0["serving"], false, "a refused node serves: {s0}");
+    assert!(
+        s0["not_serving_reason"]
+            .as_str()
+            .unwrap()
+            .contains("fenced"),
+        "{s0}"
+    );
+    // It stays fenced: two seconds later still not serving, writes refused.
+    std::thread::sleep(Duration::from_secs(2));
+    let s0 = p.status(0).unwrap();
+    assert_eq!(
+        s0["serving"], false,
+        "the refused node started serving: {s0}"
+    );
+    assert!(
+        !qemu_write(&p.uri(0), 300, 5),
+        "the fenced node took a write"
+    );
+    let text = Command::new(EXE)
+        .args(["status", "--admin", &p.n[0].admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("FENCED"), "status text: {text}");
+    // The forced primary (the operator's choice) keeps serving.
+    assert_eq!(p.status(1).unwrap()["serving"], true);
+    assert!(qemu_write(&p.uri(1), 208, 9));
+    completed.push((208, 9));
+    // Resolve as operations.md says: reformat the other node.
+    p.kill9(0);
+    let out = Command::new(EXE)
+        .args(["format", "--replace", "--force", "--config"])
+        .arg(&p.n[0].cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.start(0);
+    p.wait_in_sync(1);
+    assert!(
+        images_identical(&p.n[0].volume, &p.n[1].volume),
+        "images differ"
+    );
+    for (blk, pat) in completed {
+        assert!(
+            block_of(&p.n[0].volume, blk).iter().all(|&b| b == pat),
+            "completed write at block {blk} lost"
+        );
+    }
 }

@@ -67,6 +67,23 @@ pub struct NodeStatus {
     pub peer_state: String,
     /// Why the peer was refused (split brain, wrong key, ...), if it was.
     pub peer_refused_reason: Option<String>,
+    /// True while this node serves host I/O.
+    #[serde(default)]
+    pub serving: bool,
+    /// Why it does not serve (waiting for the peer, fenced, backup...).
+    #[serde(default)]
+    pub not_serving_reason: Option<String>,
+    /// Fenced after refusing the peer (split brain): serves nothing until
+    /// an operator resolves it. The reason.
+    #[serde(default)]
+    pub fenced_reason: Option<String>,
+    /// Backup: caught up with the primary since it started, so `promote`
+    /// loses no acknowledged write.
+    #[serde(default)]
+    pub current: bool,
+    /// Generations opened by `promote --force`.
+    #[serde(default)]
+    pub forced_generations: Vec<u64>,
     /// True while the primary serves writes without the backup (degraded).
     pub degraded: bool,
     /// "backup stale from seq S", when degraded.
@@ -106,7 +123,9 @@ pub trait Control: Send + Sync + 'static {
     fn status(&self) -> NodeStatus;
     /// Make this node the primary (executes everything it holds, bumps the
     /// generation, starts serving).
-    fn promote(&self) -> Result<(), String>;
+    /// `force` skips the checks that it loses no acknowledged write
+    /// (`promote --force`): the new generation is recorded as forced.
+    fn promote(&self, force: bool) -> Result<(), String>;
     /// Make this node a backup (stops serving writes).
     fn demote(&self) -> Result<(), String>;
     /// Start the latency histograms (host read/write, ring sync, disk

@@ -31,12 +31,20 @@ pub enum Plan {
     Refuse(String),
 }
 
-fn history_str(h: &Hello) -> String {
-    h.history
+/// A node's history from the fork point on, bounded: at most the last
+/// three generations, with a count of those left out.
+fn history_str(h: &Hello, fork: usize) -> String {
+    let branch = &h.history[fork.min(h.history.len())..];
+    let shown = &branch[branch.len().saturating_sub(3)..];
+    let mut s = shown
         .iter()
         .map(|g| format!("gen {} from seq {} (node {})", g.gen, g.first_seq, g.origin))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if branch.len() > shown.len() {
+        s = format!("{} more, then {s}", branch.len() - shown.len());
+    }
+    s
 }
 
 pub fn decide(local: &Hello, peer: &Hello) -> Plan {
@@ -65,12 +73,14 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
         .take_while(|(a, b)| a == b)
         .count();
     if k < local.history.len() && k < peer.history.len() {
+        let fork_seq = local.history[k].first_seq.min(peer.history[k].first_seq);
         return Plan::Refuse(format!(
-            "split brain: both nodes accepted writes in diverging generations \
-             (this node: {}; peer: {}). Choose the survivor, then run \
-             `deltamirror format --replace --force` on the other node",
-            history_str(local),
-            history_str(peer)
+            "split brain: both nodes accepted writes in diverging generations after \
+             generation {} (fork at seq {fork_seq}; this node: {}; peer: {}). Choose the \
+             survivor, then run `deltamirror format --replace --force` on the other node",
+            k.checked_sub(1).map_or(0, |i| local.history[i].gen),
+            history_str(local, k),
+            history_str(peer, k)
         ));
     }
     // `true` when the local node is the authority.
@@ -159,6 +169,23 @@ mod tests {
         let (x, y) = both(&a, &b);
         assert!(matches!(x, Plan::Refuse(ref r) if r.contains("split brain")));
         assert!(matches!(y, Plan::Refuse(_)));
+    }
+
+    #[test]
+    fn split_brain_reason_stays_short_after_many_failovers() {
+        let mut common: Vec<(u64, u64, u32)> = (1..=40).map(|g| (g, g * 10, 1)).collect();
+        let mut a = common.clone();
+        a.extend((41..=45).map(|g| (g, g * 10, 1)));
+        common.extend((41..=43).map(|g| (g, g * 10 + 1, 2)));
+        let x = hello(1, Role::Primary, &a, 500);
+        let y = hello(2, Role::Primary, &common, 450);
+        let Plan::Refuse(r) = decide(&x, &y) else {
+            panic!("not refused")
+        };
+        assert!(r.len() < 450, "{} bytes: {r}", r.len());
+        assert!(r.contains("after generation 40"), "{r}");
+        assert!(r.contains("fork at seq 410"), "{r}");
+        assert!(r.contains("2 more, then gen 43 from seq 430"), "{r}");
     }
 
     #[test]

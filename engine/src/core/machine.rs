@@ -130,6 +130,25 @@ pub enum LinkState {
     Refused(String),
 }
 
+impl LinkState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LinkState::Down => "down",
+            LinkState::Handshake | LinkState::AwaitReady | LinkState::SendingReady => "handshake",
+            LinkState::Active => "active",
+            LinkState::Refused(_) => "refused",
+        }
+    }
+}
+
+/// `s` cut to at most `max` characters, marked when cut.
+fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 struct Waiting {
     id: u64,
     kind: ReqKind,
@@ -198,6 +217,8 @@ struct ResyncTarget {
     /// records its disk consistent: `Some(token)` while in flight.
     flush_token: Option<u64>,
     flushed: bool,
+    /// From `ResyncEnd`: the extents hold the source's disk as of this seq.
+    consistent_at: Seq,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -290,6 +311,19 @@ pub struct Core<L: Log> {
     awaiting_peer: bool,
     promoting: bool,
     demoting: bool,
+    /// The promotion in progress was forced (`promote --force`).
+    forced_promote: bool,
+    /// Backup: holds every write the primary may have completed, so a
+    /// promote loses nothing. Set once the source's `InSync` seq is durable
+    /// here; false at every start and every new handshake.
+    current: bool,
+    /// Backup: the source's `InSync` seq in this session.
+    in_sync_at: Option<Seq>,
+    /// Source: `InSync` sent in this session.
+    in_sync_sent: bool,
+    /// The handshake refused the peer (split brain...): this node serves
+    /// nothing until an operator resolves it (I6). The reason.
+    fenced: Option<String>,
     host_flushes: Vec<HostFlush>,
     peer_flushes: Vec<PeerFlush>,
     executed_persisted_ms: u64,
@@ -305,6 +339,10 @@ pub struct CoreStats {
     pub replayed_entries: u64,
     pub replayed_bytes: u64,
     pub resync_extents: u64,
+    /// Handshakes (as the authority) that decided a replay, and those that
+    /// began with a dirty-map resync (a full remirror not counted).
+    pub replays: u64,
+    pub dirty_resyncs: u64,
 }
 
 impl<L: Log> Core<L> {
@@ -365,6 +403,11 @@ impl<L: Log> Core<L> {
             awaiting_peer: meta.role == Role::Primary,
             promoting: false,
             demoting: false,
+            forced_promote: false,
+            current: false,
+            in_sync_at: None,
+            in_sync_sent: false,
+            fenced: None,
             host_flushes: Vec::new(),
             peer_flushes: Vec::new(),
             executed_persisted_ms: now_ms,
@@ -409,6 +452,44 @@ impl<L: Log> Core<L> {
     }
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+    /// Backup: caught up with the primary since this node started, so a
+    /// promote loses no acknowledged write.
+    pub fn is_current(&self) -> bool {
+        self.current
+    }
+    /// The host id of ring entry `seq`, while its write is in flight here.
+    pub fn host_id_of(&self, seq: Seq) -> Option<u64> {
+        self.host_of.get(&seq).copied()
+    }
+    /// Why the handshake refused the peer, while this node is fenced.
+    pub fn fenced(&self) -> Option<&str> {
+        self.fenced.as_deref()
+    }
+    /// Why this node does not serve host I/O now (None while it serves).
+    pub fn not_serving_reason(&self) -> Option<String> {
+        if self.serving {
+            return None;
+        }
+        Some(if let Some(f) = &self.failed {
+            format!("failed: {f}")
+        } else if let Some(r) = &self.fenced {
+            format!(
+                "fenced after refusing the peer ({}); an operator must resolve it",
+                bounded(r, 200)
+            )
+        } else if self.promoting {
+            "promoting: executing every held request".into()
+        } else if self.demoting {
+            "demoting: finishing in-flight writes".into()
+        } else if self.meta.role == Role::Backup {
+            "backup: the peer serves".into()
+        } else if self.awaiting_peer {
+            "waiting for the peer's handshake (it may have been promoted while this node was down)"
+                .into()
+        } else {
+            "making the role durable".into()
+        })
     }
     pub fn watermarks(&self) -> (Seq, Seq, Seq, Seq) {
         (self.ack1, self.ack2, self.ack3, self.executed)
@@ -500,6 +581,7 @@ impl<L: Log> Core<L> {
 
     fn update_path(&mut self) {
         let serving = self.failed.is_none()
+            && self.fenced.is_none()
             && self.meta.role == Role::Primary
             && !self.demoting
             && !self.promoting
@@ -603,16 +685,50 @@ impl<L: Log> Core<L> {
 
     // ----- control -----
 
-    pub fn promote(&mut self) -> Result<(), String> {
+    /// The operator's `promote`. Without `force` it is accepted only when
+    /// it cannot lose an acknowledged write or create a split brain that
+    /// this node can foresee; `force` skips those checks (never the disk's
+    /// consistency) and records the new generation as forced.
+    pub fn promote(&mut self, force: bool) -> Result<(), String> {
         if self.failed.is_some() {
             return Err("this node failed after a disk error; fix the disk and restart it".into());
         }
         if self.meta.role == Role::Primary {
+            if let Some(r) = &self.fenced {
+                if !force {
+                    return Err(format!(
+                        "this node refused its peer ({}) and is fenced; choose the survivor: \
+                         run `deltamirror promote --force` on it and \
+                         `deltamirror format --replace --force` on the other node",
+                        bounded(r, 200)
+                    ));
+                }
+                self.fenced = None;
+                // Recorded as forced: a later refusal by the same peer does
+                // not fence the node the operator chose.
+                self.record_forced(self.meta.generation());
+                self.persist_meta();
+                self.out.push(Action::Notice(
+                    "promote --force: the operator chose this node; serving despite the refused peer"
+                        .into(),
+                ));
+                self.update_path();
+                return Ok(());
+            }
             if self.awaiting_peer && self.link != LinkState::Active {
-                // The operator vouches that the peer was not promoted.
+                if !force {
+                    return Err(
+                        "this node restarted as primary and has not reached its peer \
+                                since: the peer may have been promoted meanwhile, and serving now \
+                                would make a split brain. Start the peer and let the nodes \
+                                handshake; if you are sure the peer was never promoted (or its \
+                                disk is lost), run `deltamirror promote --force`"
+                            .into(),
+                    );
+                }
                 self.awaiting_peer = false;
                 self.out.push(Action::Notice(
-                    "promote: serving without waiting for the peer".into(),
+                    "promote --force: serving without waiting for the peer".into(),
                 ));
                 self.update_path();
                 return Ok(());
@@ -622,11 +738,12 @@ impl<L: Log> Core<L> {
         if self.meta.history.is_empty() || self.meta.fresh || self.meta.resyncing {
             return Err("this node's disk is not consistent (a remirror or resync is unfinished); it cannot be promoted".into());
         }
-        if self.log.head() < self.meta.behind_until || self.resync_tgt.is_some() {
+        if self.meta.inconsistent_until > self.executed {
             return Err(format!(
-                "this node is behind the authority (holds seq {}, the peer had {}): promoting it would lose writes",
-                self.log.head(),
-                self.meta.behind_until
+                "this node's disk is not consistent: a resync wrote blocks as of the peer's seq \
+                 {}, and this node has executed only through seq {}; it cannot be promoted, \
+                 even with --force, until it receives the rest from the peer",
+                self.meta.inconsistent_until, self.executed
             ));
         }
         if self.link == LinkState::Active
@@ -634,10 +751,39 @@ impl<L: Log> Core<L> {
         {
             return Err("the peer is primary and connected; demote it first".into());
         }
+        if !force {
+            if self.log.head() < self.meta.behind_until || self.resync_tgt.is_some() {
+                return Err(format!(
+                    "this node is behind the primary (holds seq {}, the primary had {}): \
+                     promoting it would lose acknowledged writes. Start the primary and let \
+                     this node catch up, or run `deltamirror promote --force` to accept losing them",
+                    self.log.head(),
+                    self.meta.behind_until
+                ));
+            }
+            if !self.current {
+                return Err(format!(
+                    "this node has not caught up with the primary since it started (link {}): \
+                     the primary may have completed writes without it (degraded mode) that \
+                     it does not hold. Start the primary and let this node catch up, or run \
+                     `deltamirror promote --force` to accept losing them",
+                    self.link.as_str()
+                ));
+            }
+        }
+        if let Some(r) = self.fenced.take() {
+            self.out.push(Action::Notice(format!(
+                "promote --force: the operator chose this node over the refused peer ({})",
+                bounded(&r, 200)
+            )));
+        }
         self.promoting = true;
-        self.out.push(Action::Notice(
-            "promote: executing every held request, then taking over".into(),
-        ));
+        self.current = false;
+        self.forced_promote = force;
+        self.out.push(Action::Notice(format!(
+            "promote{}: executing every held request, then taking over",
+            if force { " --force" } else { "" }
+        )));
         Ok(())
     }
 
@@ -824,6 +970,8 @@ impl<L: Log> Core<L> {
         self.pending_target = None;
         self.rx_backlog.clear();
         self.peer_flushes.clear();
+        self.in_sync_at = None;
+        self.in_sync_sent = false;
         if let Some(mut p) = self.replay.take() {
             p.end_ms = self.now_ms;
             self.last_replay = Some(p);
@@ -902,6 +1050,7 @@ impl<L: Log> Core<L> {
                     full,
                     flush_token: None,
                     flushed: false,
+                    consistent_at: 0,
                 });
                 self.resync_done_sent = false;
             }
@@ -919,9 +1068,13 @@ impl<L: Log> Core<L> {
                 self.exec_queue
                     .push_back(ExecItem::Extent(token, offset, len));
             }
-            Msg::ResyncEnd { next_seq } => match self.resync_tgt.as_mut() {
+            Msg::ResyncEnd {
+                next_seq,
+                consistent_at,
+            } => match self.resync_tgt.as_mut() {
                 Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => {
-                    r.end = Some(next_seq)
+                    r.end = Some(next_seq);
+                    r.consistent_at = consistent_at;
                 }
                 _ => self.reset_link("unexpected ResyncEnd".into()),
             },
@@ -965,9 +1118,17 @@ impl<L: Log> Core<L> {
             }
             Msg::Refuse { reason } => {
                 self.out.push(Action::Notice(format!(
-                    "peer refused the pairing: {reason}"
+                    "peer refused the pairing: {}",
+                    bounded(&reason, 300)
                 )));
+                self.fence(&reason);
                 self.link = LinkState::Refused(reason);
+            }
+            Msg::InSync(s) => {
+                if self.source || self.link != LinkState::Active {
+                    return self.reset_link("unexpected InSync".into());
+                }
+                self.in_sync_at = Some(s);
             }
         }
     }
@@ -975,14 +1136,18 @@ impl<L: Log> Core<L> {
     fn start_session(&mut self, plan: Plan) {
         match plan {
             Plan::Refuse(reason) => {
-                self.out
-                    .push(Action::Notice(format!("refusing the peer: {reason}")));
+                self.out.push(Action::Notice(format!(
+                    "refusing the peer: {}",
+                    bounded(&reason, 300)
+                )));
                 self.out.push(Action::Send(Msg::Refuse {
                     reason: reason.clone(),
                 }));
+                self.fence(&reason);
                 self.link = LinkState::Refused(reason);
             }
             Plan::Source => {
+                self.unfence();
                 // A restarted primary keeps waiting until the target's
                 // `Ready`: only then has the target dropped whatever it held
                 // past our (possibly torn) ring head, so new seqs cannot
@@ -993,7 +1158,8 @@ impl<L: Log> Core<L> {
             Plan::Target { truncate_to } => {
                 let peer = self.peer_hello.clone().expect("hello");
                 self.source = false;
-                self.awaiting_peer = false;
+                // A new session: current again only after this one's `InSync`.
+                self.current = false;
                 // The authority holds every entry through the fork: what
                 // this node keeps is acknowledged.
                 self.ack1 = self.ack1.max(truncate_to.min(self.log.head()));
@@ -1030,6 +1196,10 @@ impl<L: Log> Core<L> {
                         return self.start_session(Plan::Refuse(reason));
                     }
                 }
+                // Only now, past every refusal: a refused old primary must
+                // not start serving.
+                self.awaiting_peer = false;
+                self.unfence();
                 let mut rollback = Vec::new();
                 let mut truncate = None;
                 if truncate_to < self.log.head() {
@@ -1120,6 +1290,48 @@ impl<L: Log> Core<L> {
         }
     }
 
+    fn record_forced(&mut self, gen: u64) {
+        if !self.meta.forced.contains(&gen) {
+            self.meta.forced.push(gen);
+        }
+        if self.meta.forced.len() > super::meta::MAX_FORCED {
+            self.meta.forced.remove(0);
+        }
+    }
+
+    /// The pairing was refused. A node that serves in a generation the
+    /// operator forced keeps serving (the operator chose it); any other
+    /// stops serving until an operator resolves the refusal (I6).
+    fn fence(&mut self, reason: &str) {
+        let chosen = self.serving && self.meta.forced.contains(&self.meta.generation());
+        if chosen || self.fenced.is_some() {
+            return;
+        }
+        self.fenced = Some(reason.to_string());
+        for w in std::mem::take(&mut self.waiting) {
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        if self.meta.role == Role::Primary {
+            self.out.push(Action::Notice(
+                "fenced: not serving until an operator resolves the refused pairing".into(),
+            ));
+        }
+        self.update_path();
+    }
+
+    /// A handshake succeeded: whatever was refused has been resolved.
+    fn unfence(&mut self) {
+        if self.fenced.take().is_some() {
+            self.out.push(Action::Notice(
+                "the peer's handshake succeeded: no longer fenced".into(),
+            ));
+            self.update_path();
+        }
+    }
+
     fn on_ready(&mut self, head: Seq, rollback: Vec<(u64, u64)>) {
         if head > self.log.head()
             || rollback
@@ -1187,6 +1399,10 @@ impl<L: Log> Core<L> {
         }
         self.send_next = end_seq;
         if backlog > 0 || resync {
+            self.stats.replays += 1;
+            if resync && !full && !self.meta.dirty.is_empty() {
+                self.stats.dirty_resyncs += 1;
+            }
             self.replay = Some(ReplayProgress {
                 start_ms: self.now_ms,
                 target_seq: self.log.head(),
@@ -1309,6 +1525,14 @@ impl<L: Log> Core<L> {
             self.meta.behind_until = 0;
             self.persist_meta();
         }
+        if self.meta.inconsistent_until > 0
+            && self.executed >= self.meta.inconsistent_until
+            && self.log_durable >= self.meta.inconsistent_until
+        {
+            self.meta.inconsistent_until = 0;
+            self.persist_meta();
+        }
+        self.track_current();
         self.stream();
         self.resync_source();
         self.resync_target();
@@ -1325,6 +1549,37 @@ impl<L: Log> Core<L> {
                 version: self.meta_version,
                 bytes: self.meta.encode(),
             });
+        }
+    }
+
+    /// Source: says `InSync` once per session when it no longer completes
+    /// writes without the target. Target: current once that seq is durable.
+    fn track_current(&mut self) {
+        if self.link != LinkState::Active {
+            return;
+        }
+        if self.source {
+            if !self.in_sync_sent && !self.degraded && self.resync_src.is_none() {
+                self.in_sync_sent = true;
+                self.out.push(Action::Send(Msg::InSync(self.log.head())));
+            }
+            return;
+        }
+        if let Some(s) = self.in_sync_at {
+            if !self.current
+                && self.meta.role == Role::Backup
+                && self.resync_tgt.is_none()
+                && self.pending_target.is_none()
+                && !self.meta.fresh
+                && !self.meta.resyncing
+                && self.log_durable >= s
+                && self.log.head() >= s
+            {
+                self.current = true;
+                self.out.push(Action::Notice(format!(
+                    "caught up with the primary (seq {s}): this backup can be promoted"
+                )));
+            }
         }
     }
 
@@ -1572,6 +1827,7 @@ impl<L: Log> Core<L> {
                         r.ended = true;
                         self.out.push(Action::Send(Msg::ResyncEnd {
                             next_seq: r.end_seq,
+                            consistent_at: self.executed,
                         }));
                     }
                     return;
@@ -1616,6 +1872,9 @@ impl<L: Log> Core<L> {
             }
             self.meta.executed = self.executed;
             self.meta.resyncing = false;
+            if r.consistent_at > self.executed {
+                self.meta.inconsistent_until = r.consistent_at;
+            }
             self.meta.dirty.clear();
             self.meta.fold_base = 0;
             if self.meta.fresh || r.full {
@@ -1898,12 +2157,21 @@ impl<L: Log> Core<L> {
             && self.exec_queue.is_empty()
         {
             self.promoting = false;
+            self.current = false;
             let gen = self.meta.generation() + 1;
             self.meta.history.push(GenEntry {
                 gen,
                 first_seq: self.log.next_seq(),
                 origin: self.meta.node_id,
             });
+            if std::mem::take(&mut self.forced_promote) {
+                self.record_forced(gen);
+                self.out.push(Action::Notice(format!(
+                    "promote --force: generation {gen} is recorded as forced; writes the old \
+                     primary completed from seq {} on are lost when it rejoins",
+                    self.log.next_seq()
+                )));
+            }
             self.meta.role = Role::Primary;
             self.meta.executed = self.executed;
             self.ack1 = self.log.head();
@@ -1927,6 +2195,7 @@ impl<L: Log> Core<L> {
         }
         if self.demoting && self.host_of.is_empty() && self.executing.is_empty() {
             self.demoting = false;
+            self.current = false;
             self.meta.role = Role::Backup;
             self.role_version = self.meta_version + 1;
             self.degraded = false;

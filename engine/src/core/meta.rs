@@ -102,7 +102,19 @@ pub struct Meta {
     /// A backup that has not yet received the authority's head as of its
     /// last handshake (0 = caught up); it refuses `promote` until then.
     pub behind_until: Seq,
+    /// Generations opened by `promote --force` (newest last, at most
+    /// `MAX_FORCED`): the operator accepted that the peer's writes after
+    /// their first seq may be lost.
+    pub forced: Vec<u64>,
+    /// After a resync whose extents held the source's disk as executed
+    /// through this seq, this disk mixes newer and older blocks until it has
+    /// executed that seq too (0 = consistent). Not even a forced promote
+    /// takes it before then.
+    pub inconsistent_until: Seq,
 }
+
+/// How many forced generations the metadata remembers.
+pub const MAX_FORCED: usize = 16;
 
 impl Meta {
     /// State of a freshly formatted node. `replace`: the disk is new and
@@ -135,6 +147,8 @@ impl Meta {
             remirrors: 0,
             incarnation: 0,
             behind_until: 0,
+            forced: Vec::new(),
+            inconsistent_until: 0,
         }
     }
 
@@ -167,6 +181,11 @@ impl Meta {
         u64s(self.remirrors, &mut b);
         u64s(self.incarnation, &mut b);
         u64s(self.behind_until, &mut b);
+        u64s(self.forced.len() as u64, &mut b);
+        for g in &self.forced {
+            u64s(*g, &mut b);
+        }
+        u64s(self.inconsistent_until, &mut b);
         b
     }
 
@@ -177,10 +196,12 @@ impl Meta {
                     .into(),
             );
         }
-        let mut p = 8;
-        let mut next = || -> Result<u64, String> {
-            let s = b.get(p..p + 8).ok_or("node metadata is truncated")?;
-            p += 8;
+        let p = std::cell::Cell::new(8);
+        let next = || -> Result<u64, String> {
+            let s = b
+                .get(p.get()..p.get() + 8)
+                .ok_or("node metadata is truncated")?;
+            p.set(p.get() + 8);
             Ok(u64::from_le_bytes(s.try_into().unwrap()))
         };
         let node_id = next()? as u32;
@@ -221,6 +242,18 @@ impl Meta {
         let remirrors = next()?;
         let incarnation = next()?;
         let behind_until = next()?;
+        // Added after DMMETA02 shipped: absent in older metadata.
+        let mut forced = Vec::new();
+        if p.get() < b.len() {
+            let n = next()?;
+            if n > MAX_FORCED as u64 {
+                return Err("node metadata: too many forced generations".into());
+            }
+            for _ in 0..n {
+                forced.push(next()?);
+            }
+        }
+        let inconsistent_until = if p.get() < b.len() { next()? } else { 0 };
         Ok(Meta {
             node_id,
             role,
@@ -239,6 +272,8 @@ impl Meta {
             remirrors,
             incarnation,
             behind_until,
+            forced,
+            inconsistent_until,
         })
     }
 }
@@ -252,6 +287,8 @@ mod tests {
         let mut m = Meta::formatted(2, Role::Backup, 1 << 20, 4096, false);
         m.dirty.mark(5000, 10000);
         m.peer_stale_from = Some(17);
+        m.forced = vec![2];
+        m.inconsistent_until = 9;
         m.history.push(GenEntry {
             gen: 2,
             first_seq: 40,

@@ -60,6 +60,9 @@ pub enum Msg {
     /// End of a resync: the target's ring continues at `next_seq`.
     ResyncEnd {
         next_seq: Seq,
+        /// The extents hold the source's disk as executed through this seq:
+        /// the target is consistent only once it has executed it too.
+        consistent_at: Seq,
     },
     /// From the resync target: every extent is applied and durable; the
     /// ring continues at `next_seq`.
@@ -82,6 +85,12 @@ pub enum Msg {
     Refuse {
         reason: String,
     },
+    /// From the source, once per session when it is not degraded: every
+    /// write it completed without the target's ACK1 has a seq at or below
+    /// this one, and from now on it completes nothing the target has not
+    /// acknowledged. A target that holds this seq durably is current: it
+    /// may be promoted without losing acknowledged writes.
+    InSync(Seq),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -251,9 +260,13 @@ impl Msg {
                 w.u64(*offset);
                 w.bytes(data);
             }
-            Msg::ResyncEnd { next_seq } => {
+            Msg::ResyncEnd {
+                next_seq,
+                consistent_at,
+            } => {
                 w.u8(9);
                 w.u64(*next_seq);
+                w.u64(*consistent_at);
             }
             Msg::FlushReq { id, through } => {
                 w.u8(10);
@@ -276,6 +289,10 @@ impl Msg {
             Msg::Refuse { reason } => {
                 w.u8(13);
                 w.bytes(reason.as_bytes());
+            }
+            Msg::InSync(s) => {
+                w.u8(15);
+                w.u64(*s);
             }
         }
     }
@@ -350,7 +367,10 @@ impl Msg {
                 offset: r.u64()?,
                 data: r.bytes()?,
             },
-            9 => Msg::ResyncEnd { next_seq: r.u64()? },
+            9 => Msg::ResyncEnd {
+                next_seq: r.u64()?,
+                consistent_at: r.u64()?,
+            },
             10 => Msg::FlushReq {
                 id: r.u64()?,
                 through: r.u64()?,
@@ -366,6 +386,7 @@ impl Msg {
                 reason: String::from_utf8_lossy(&r.bytes()?).into_owned(),
             },
             14 => Msg::ResyncDone { next_seq: r.u64()? },
+            15 => Msg::InSync(r.u64()?),
             _ => return Err(DecodeError("unknown message type")),
         };
         if r.p != b.len() {
@@ -423,7 +444,10 @@ mod tests {
                 offset: 8192,
                 data: vec![9; 16],
             },
-            Msg::ResyncEnd { next_seq: 11 },
+            Msg::ResyncEnd {
+                next_seq: 11,
+                consistent_at: 14,
+            },
             Msg::ResyncDone { next_seq: 11 },
             Msg::FlushReq { id: 1, through: 5 },
             Msg::FlushAck { id: 1, ok: true },
@@ -431,6 +455,7 @@ mod tests {
             Msg::Refuse {
                 reason: "split brain".into(),
             },
+            Msg::InSync(12),
         ]
     }
 

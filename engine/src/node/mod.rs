@@ -233,7 +233,7 @@ struct Shared {
 
 #[derive(Debug)]
 enum Command {
-    Promote,
+    Promote { force: bool },
     Demote,
     ResetLatency,
 }
@@ -401,8 +401,8 @@ impl crate::status::Control for NodeControl {
         s.rss_bytes = rss_bytes();
         s
     }
-    fn promote(&self) -> Result<(), String> {
-        self.command(Command::Promote)
+    fn promote(&self, force: bool) -> Result<(), String> {
+        self.command(Command::Promote { force })
     }
     fn demote(&self) -> Result<(), String> {
         self.command(Command::Demote)
@@ -885,7 +885,7 @@ impl Reactor {
     fn take_commands(&mut self) -> bool {
         let shared = self.shared.clone();
         shared.answer_commands(|c| match c {
-            Command::Promote => self.core.promote(),
+            Command::Promote { force } => self.core.promote(force),
             Command::Demote => self.core.demote(),
             Command::ResetLatency => {
                 for h in [
@@ -1447,6 +1447,11 @@ impl Reactor {
                 LinkState::Refused(r) => Some(r.clone()),
                 _ => self.peer_refused.clone(),
             },
+            serving: c.is_serving(),
+            not_serving_reason: c.not_serving_reason(),
+            fenced_reason: c.fenced().map(str::to_string),
+            current: c.is_current(),
+            forced_generations: meta.forced.clone(),
             degraded: c.is_degraded(),
             peer_stale_from_seq: meta.peer_stale_from,
             head_seq: c.log.head(),
