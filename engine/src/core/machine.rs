@@ -270,7 +270,6 @@ pub struct Core<L: Log> {
     next_token: u64,
 
     // Degraded mode.
-    down_since_ms: u64,
     degrade_version: Option<u64>,
     degraded: bool,
     /// Seqs below this may execute without ACK1 (degraded, durably recorded).
@@ -372,7 +371,6 @@ impl<L: Log> Core<L> {
             executing: Vec::new(),
             extents: BTreeMap::new(),
             next_token: 1,
-            down_since_ms: now_ms,
             degrade_version: None,
             degraded,
             no_ack_below: if degraded { u64::MAX } else { 0 },
@@ -726,9 +724,16 @@ impl<L: Log> Core<L> {
                             .into(),
                     );
                 }
+                // Serving without the handshake: new seqs could collide with
+                // entries a promoted peer holds under the same numbers, so
+                // this goes through a promotion to a new (forced) generation,
+                // as on a backup: the histories then tell the two apart.
                 self.awaiting_peer = false;
+                self.promoting = true;
+                self.forced_promote = true;
                 self.out.push(Action::Notice(
-                    "promote --force: serving without waiting for the peer".into(),
+                    "promote --force: serving without waiting for the peer, in a new generation"
+                        .into(),
                 ));
                 self.update_path();
                 return Ok(());
@@ -746,7 +751,7 @@ impl<L: Log> Core<L> {
                 self.meta.inconsistent_until, self.executed
             ));
         }
-        if self.link == LinkState::Active
+        if !matches!(self.link, LinkState::Down | LinkState::Refused(_))
             && self.peer_hello.as_ref().map(|h| h.role) == Some(Role::Primary)
         {
             return Err("the peer is primary and connected; demote it first".into());
@@ -815,6 +820,12 @@ impl<L: Log> Core<L> {
             Event::PeerMsg(m) => {
                 if self.link == LinkState::Down {
                     return;
+                }
+                if self.now_ms.saturating_sub(self.last_rx_ms) > 2 * self.cfg.heartbeat_interval_ms
+                {
+                    // A missed heartbeat (the peer stalled, or the network
+                    // did): the incident report of the timeout rule.
+                    self.alive_since_ms = self.now_ms;
                 }
                 self.last_rx_ms = self.now_ms;
                 self.on_msg(m)
@@ -963,7 +974,6 @@ impl<L: Log> Core<L> {
             return;
         }
         self.link = LinkState::Down;
-        self.down_since_ms = self.now_ms;
         self.source = false;
         self.resync_src = None;
         self.resync_tgt = None;
@@ -1160,6 +1170,15 @@ impl<L: Log> Core<L> {
                 self.source = false;
                 // A new session: current again only after this one's `InSync`.
                 self.current = false;
+                if self.promoting {
+                    // The peer came back as the authority while this node
+                    // was promoting: promoting now would make two primaries.
+                    self.promoting = false;
+                    self.forced_promote = false;
+                    self.out.push(Action::Notice(
+                        "promote cancelled: the peer returned and holds the authority".into(),
+                    ));
+                }
                 // The authority holds every entry through the fork: what
                 // this node keeps is acknowledged.
                 self.ack1 = self.ack1.max(truncate_to.min(self.log.head()));
@@ -1597,10 +1616,13 @@ impl<L: Log> Core<L> {
         // The new generation starts after the durable ring head, so a crash
         // cannot leave the history pointing past the ring.
         let ring_durable = self.log_durable >= self.log.head();
+        // `peer_timeout_ms` after the last message from the peer, as the
+        // config says: the link reset at that same moment (a silent peer) or
+        // earlier (a closed connection), never one timeout later.
         if peer_gone
             && need
             && ring_durable
-            && self.now_ms - self.down_since_ms >= self.cfg.peer_timeout_ms
+            && self.now_ms - self.last_rx_ms >= self.cfg.peer_timeout_ms
         {
             // Durably bump the generation and record the backup as stale
             // before completing anything without ACK1.
@@ -2064,14 +2086,16 @@ impl<L: Log> Core<L> {
             }
             ConfirmMode::Timeout { period_ms } => {
                 // Dropped once `period_ms` passed since ACK1 while heartbeats
-                // showed the same peer alive the whole time.
+                // showed the same peer alive the whole time: a message from
+                // it arrived after the period, with no heartbeat missed
+                // since ACK1 (`alive_since_ms`).
                 let mut through = 0;
                 if self.link == LinkState::Active {
+                    // An ACK1 from before the last incident counts from the
+                    // incident: the full period must pass again without one.
                     while let Some(&(s, t)) = self.ack_times.front() {
-                        if t >= self.alive_since_ms && t + period_ms <= self.now_ms {
+                        if t.max(self.alive_since_ms) + period_ms <= self.last_rx_ms {
                             through = s;
-                            self.ack_times.pop_front();
-                        } else if t < self.alive_since_ms {
                             self.ack_times.pop_front();
                         } else {
                             break;
@@ -2159,6 +2183,21 @@ impl<L: Log> Core<L> {
             self.promoting = false;
             self.current = false;
             let gen = self.meta.generation() + 1;
+            // A forced promote can take a node that adopted the authority's
+            // history but never received its entries: generations that
+            // start at or past our next seq describe writes this node does
+            // not hold, and go (the peer's copy of them then diverges from
+            // ours, so the handshake sees the fork).
+            let next = self.log.next_seq();
+            while self.meta.history.len() > 1
+                && self
+                    .meta
+                    .history
+                    .last()
+                    .is_some_and(|g| g.first_seq >= next)
+            {
+                self.meta.history.pop();
+            }
             self.meta.history.push(GenEntry {
                 gen,
                 first_seq: self.log.next_seq(),

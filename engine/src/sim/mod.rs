@@ -235,6 +235,7 @@ struct Forced {
 pub struct Counts {
     pub primary_kills: u64,
     pub backup_kills: u64,
+    pub stalls: u64,
     pub both_kills: u64,
     pub link_cuts: u64,
     pub eio_faults: u64,
@@ -255,6 +256,7 @@ pub struct Counts {
 impl Counts {
     pub fn add(&mut self, o: &Counts) {
         self.primary_kills += o.primary_kills;
+        self.stalls += o.stalls;
         self.backup_kills += o.backup_kills;
         self.both_kills += o.both_kills;
         self.link_cuts += o.link_cuts;
@@ -305,6 +307,11 @@ struct SimNode {
     meta_durable: Vec<u8>,
     pending: Vec<(u64, Pend)>,
     down_until: u64,
+    /// SIGSTOP: the process runs nothing until then; messages for it wait
+    /// in `inbox` (the kernel's socket buffer), its disk I/O completes but
+    /// is seen only afterwards.
+    stalled_until: u64,
+    inbox: VecDeque<(u64, Msg)>,
     eio: bool,
     host_ids: Vec<u64>,
 }
@@ -383,6 +390,8 @@ impl Sim {
                 meta_durable: m.encode(),
                 pending: Vec::new(),
                 down_until: 0,
+                stalled_until: 0,
+                inbox: VecDeque::new(),
                 eio: false,
                 host_ids: Vec::new(),
             }
@@ -465,6 +474,8 @@ impl Sim {
         }
         n.parked_log = Some(log);
         n.down_until = self.now + down_ms;
+        n.stalled_until = 0;
+        n.inbox.clear();
         for id in std::mem::take(&mut n.host_ids) {
             // The host never learns how these ended: neither completed nor failed.
             let _ = id;
@@ -728,9 +739,12 @@ impl Sim {
     /// does not, which must refuse the write.
     fn host_step(&mut self) {
         let serving: Vec<usize> = (0..2)
+            .filter(|&i| !self.stalled(i))
             .filter(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_serving()))
             .collect();
-        let up: Vec<usize> = (0..2).filter(|&i| self.nodes[i].core.is_some()).collect();
+        let up: Vec<usize> = (0..2)
+            .filter(|&i| !self.stalled(i) && self.nodes[i].core.is_some())
+            .collect();
         let stray = up.len() > serving.len() && self.rng.chance(30);
         let i = if stray {
             *up.iter().find(|i| !serving.contains(i)).unwrap()
@@ -814,7 +828,18 @@ impl Sim {
                     self.counts.backup_kills += 1;
                 }
             }
-            if p.promote && up && self.nodes[i].core.is_some() && self.rng.chance(3) {
+            if up && !self.stalled(i) && self.rng.chance(p.crash_per_mille) {
+                // SIGSTOP, SIGCONT later.
+                self.counts.stalls += 1;
+                self.nodes[i].stalled_until = self.now + 50 + self.rng.below(600);
+                self.log(format!("node {} stalls", i + 1));
+            }
+            if p.promote
+                && up
+                && !self.stalled(i)
+                && self.nodes[i].core.is_some()
+                && self.rng.chance(3)
+            {
                 // The operator tries `promote` at another moment: on a backup
                 // whose primary is down, or on a restarted primary that
                 // waits for its peer.
@@ -869,6 +894,10 @@ impl Sim {
 
     /// `deltamirror promote` on node `b`, as docs/operations.md allows it.
     fn operator_promotes(&mut self, b: usize) {
+        if self.stalled(b) || self.nodes[b].core.is_none() {
+            // A stopped process does not answer its admin endpoint.
+            return;
+        }
         if self.op_risk {
             // The documented exception: the primary ran degraded while this
             // backup was cut off. The operator does not promote it; now and
@@ -894,6 +923,9 @@ impl Sim {
     }
 
     fn force_promote(&mut self, b: usize) {
+        if self.stalled(b) {
+            return;
+        }
         let c = self.nodes[b].core.as_mut().unwrap();
         let r = c.promote(true);
         self.log(format!("operator: promote --force node {}: {r:?}", b + 1));
@@ -915,6 +947,13 @@ impl Sim {
                 self.was_degraded[j] = false;
                 continue;
             };
+            let h = &c.meta().history;
+            assert!(
+                h.windows(2)
+                    .all(|w| w[0].gen < w[1].gen && w[0].first_seq <= w[1].first_seq),
+                "node {}: generation history out of order: {h:?}",
+                j + 1
+            );
             match c.link_state() {
                 LinkState::Refused(_) if !self.refusing[j] => {
                     // A node serving in a generation the operator forced was
@@ -992,10 +1031,18 @@ impl Sim {
             if conn != self.wire.conn || !self.wire.up {
                 continue;
             }
+            if self.stalled(to) {
+                self.nodes[to].inbox.push_back((conn, m));
+                continue;
+            }
             if let Some(c) = self.nodes[to].core.as_mut() {
                 c.handle(Event::PeerMsg(m));
             }
         }
+    }
+
+    fn stalled(&self, i: usize) -> bool {
+        self.now < self.nodes[i].stalled_until
     }
 
     fn step(&mut self) {
@@ -1004,9 +1051,22 @@ impl Sim {
             if self.nodes[i].core.is_none() && self.now >= self.nodes[i].down_until {
                 self.start_node(i);
             }
+            if !self.stalled(i) && !self.nodes[i].inbox.is_empty() {
+                // SIGCONT: the process reads what waited in its socket.
+                for (conn, m) in std::mem::take(&mut self.nodes[i].inbox) {
+                    if conn == self.wire.conn && self.wire.up {
+                        if let Some(c) = self.nodes[i].core.as_mut() {
+                            c.handle(Event::PeerMsg(m));
+                        }
+                    }
+                }
+            }
         }
         self.wire_step();
         for i in 0..2 {
+            if self.stalled(i) {
+                continue;
+            }
             if let Some(c) = self.nodes[i].core.as_mut() {
                 c.handle(Event::Tick { now_ms: self.now });
             }
@@ -1019,7 +1079,9 @@ impl Sim {
             self.host_step();
         }
         for i in 0..2 {
-            self.run_actions(i);
+            if !self.stalled(i) {
+                self.run_actions(i);
+            }
         }
         self.observe();
     }
@@ -1058,6 +1120,7 @@ impl Sim {
         for n in &mut self.nodes {
             n.eio = false;
             n.down_until = n.down_until.min(self.now);
+            n.stalled_until = n.stalled_until.min(self.now);
         }
         let mut refused = false;
         let mut resolved = false;
@@ -1270,8 +1333,9 @@ impl Sim {
             }
             assert!(
                 allowed.contains(&found),
-                "I4: block {b} holds write {found}, allowed {allowed:?} (last acknowledged write {:?})",
-                last_ok.map(|k| touching[k].id)
+                "I4: block {b} holds write {found}, allowed {allowed:?} (last acknowledged write {:?}); \
+                 final history {history:?}",
+                last_ok.map(|k| (touching[k].id, touching[k].seq, touching[k].gen))
             );
             // An acknowledged write whose value is gone and that nothing
             // later legitimately replaced was discarded by a forced step.
@@ -1346,14 +1410,15 @@ mod tests {
         // target/sim-summary.txt, which scripts/test.sh prints.
         let summary = format!(
             "simulator: {n} seeds, {completed} acknowledged host writes, {replayed} entries replayed\n  \
-             faults: {} primary kills, {} backup kills, {} kills of both, {} link cuts, {} disk error \
-             faults, {} degraded stretches, {} writes sent to a non-serving node\n  \
+             faults: {} primary kills, {} backup kills, {} kills of both, {} stalls, {} link cuts, \
+             {} disk error faults, {} degraded stretches, {} writes sent to a non-serving node\n  \
              decisions: {} replays, {} dirty-map resyncs, {} full remirrors, {} refusals\n  \
              promote: {} accepted, {} refused, {} forced, {} withheld by the documented rule; \
              {} acknowledged writes discarded by forced steps",
             c.primary_kills,
             c.backup_kills,
             c.both_kills,
+            c.stalls,
             c.link_cuts,
             c.eio_faults,
             c.degraded_stretches,
@@ -1381,6 +1446,7 @@ mod tests {
             ("primary kills", c.primary_kills),
             ("backup kills", c.backup_kills),
             ("kills of both nodes", c.both_kills),
+            ("stalls", c.stalls),
             ("link cuts", c.link_cuts),
             ("disk error faults", c.eio_faults),
             ("degraded stretches", c.degraded_stretches),
@@ -1450,6 +1516,51 @@ mod tests {
             on_acks * 10 < on_reqs * 9,
             "coalesced: {on_acks} ACK1s for {on_reqs} REQs"
         );
+    }
+
+    /// Issue 11 item 3: a silent (stalled) backup holds host writes for at
+    /// most `peer_timeout_ms` after its last message, not twice that. Virtual
+    /// time: the bound is exact, not a wall-clock assertion.
+    #[test]
+    fn a_silent_peer_holds_writes_for_at_most_the_peer_timeout() {
+        for seed in 0..20 {
+            let mut sim = Sim::with_params(
+                seed,
+                SimParams {
+                    max_qd: 1,
+                    ..calm(seed)
+                },
+            );
+            for _ in 0..300 {
+                sim.step();
+            }
+            let timeout = sim.cfg(1).peer_timeout_ms;
+            let stall_at = sim.now;
+            sim.nodes[1].stalled_until = stall_at + 10 * timeout;
+            let first_id = sim.next_id;
+            let mut held = None;
+            for _ in 0..5 * timeout {
+                sim.step();
+                if let Some(w) = sim.writes[(first_id - 1) as usize..]
+                    .iter()
+                    .find(|w| w.state == WState::Ok)
+                {
+                    held = Some(w.completed_ms - stall_at);
+                    break;
+                }
+            }
+            let held = held.expect("no write completed while the backup was silent");
+            // The backup's last message left at or before the stall (and
+            // arrives up to 2 ms later); the primary then degrades (durable
+            // metadata) and executes the write: a few simulated I/Os of up
+            // to 3 ms each. Twice the timeout (the old behaviour) fails.
+            assert!(
+                held <= timeout + 15,
+                "seed {seed}: a write waited {held} ms for a peer silent since the stall; \
+                 peer_timeout_ms = {timeout}"
+            );
+            assert!(held >= timeout - 2 * sim.cfg(1).heartbeat_interval_ms);
+        }
     }
 
     #[test]
