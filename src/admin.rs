@@ -284,6 +284,11 @@ fn render_metrics(s: &NodeStatus) -> String {
         "Dirty map size in bytes.",
         s.dirty_bytes as f64,
     );
+    m.gauge(
+        "deltamirror_dirty_map_memory_bytes",
+        "Memory the dirty map takes (one bit per chunk of the volume).",
+        s.dirty_map_memory_bytes as f64,
+    );
     m.family(
         "deltamirror_remirrors_total",
         "counter",

@@ -151,7 +151,7 @@ impl Default for MirrorConfig {
             confirm: ConfirmMode::Ack,
             confirm_timeout_ms: 5_000,
             ack1: Ack1Mode::Persisted,
-            dirty_granularity_bytes: 64 * KIB,
+            dirty_granularity_bytes: 4 * KIB,
             max_batch_entries: 256,
             max_batch_bytes: 4 * MIB,
             max_replay_bytes_per_sec: 0,

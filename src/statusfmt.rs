@@ -88,9 +88,11 @@ pub fn render(s: &NodeStatus) -> String {
     line(
         "dirty",
         format!(
-            "{} extents  {}",
+            "{} extents  {}  (map: {} chunks, {} in memory)",
             thousands(s.dirty_extents),
-            bytes(s.dirty_bytes)
+            bytes(s.dirty_bytes),
+            bytes(s.dirty_granularity_bytes),
+            bytes(s.dirty_map_memory_bytes)
         ),
     );
     line("remirrors", thousands(s.remirrors));
@@ -323,6 +325,8 @@ mod tests {
             ack3_seq: 1_234_560,
             dirty_extents: 0,
             dirty_bytes: 0,
+            dirty_granularity_bytes: 4096,
+            dirty_map_memory_bytes: 32 << 10,
             remirrors: 0,
             last_replay: Some(ReplayStats {
                 entries: 500,
@@ -417,7 +421,7 @@ serving   yes
 seq       head 1,234,567  executed 1,234,560
 delta     12,345 entries  45.2 MiB  (17.7% of 256.0 MiB ring)
 acks      ack1 1,234,567  ack2 1,222,222  ack3 1,234,560
-dirty     0 extents  0 B
+dirty     0 extents  0 B  (map: 4.0 KiB chunks, 32.0 KiB in memory)
 remirrors 0
 replay    12,345/100,000 entries  45.2/400.0 MiB  3.1 s  ETA 24 s
 last      replay 500 entries  0 extents  2.0 MiB  in 0.4 s

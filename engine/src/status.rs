@@ -102,6 +102,12 @@ pub struct NodeStatus {
     pub ack3_seq: u64,
     pub dirty_extents: u64,
     pub dirty_bytes: u64,
+    /// Chunk size of the dirty map (the exact per-block map: the block size).
+    #[serde(default)]
+    pub dirty_granularity_bytes: u64,
+    /// Memory the dirty map takes, one bit per chunk of the volume.
+    #[serde(default)]
+    pub dirty_map_memory_bytes: u64,
     /// Full remirrors (sent or received) since format.
     pub remirrors: u64,
     pub last_replay: Option<ReplayStats>,

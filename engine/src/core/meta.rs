@@ -156,9 +156,35 @@ impl Meta {
         self.history.last().map_or(0, |g| g.gen)
     }
 
+    /// Bytes of memory the dirty map takes (one bit per chunk).
+    pub fn dirty_map_bytes(&self) -> u64 {
+        self.dirty.words.len() as u64 * 8
+    }
+
+    /// An upper bound of `encode().len()` whatever the dirty map holds, for
+    /// sizing the metadata slots (history and forced lists as they are now,
+    /// plus room for 256 more generations).
+    pub fn encoded_len_bound(&self) -> usize {
+        let mut dense = self.clone();
+        dense.dirty.mark_all();
+        dense.encode().len() + 256 * 24 + 8 * super::meta::MAX_FORCED
+    }
+
+    /// The dirty map goes out sparse (index, word pairs) when that is
+    /// smaller than the dense bitmap: an empty or lightly dirty map costs a
+    /// few bytes per metadata write even at 4 KiB granularity.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(128 + self.dirty.words.len() * 8);
-        b.extend_from_slice(b"DMMETA02");
+        let nonzero = self.dirty.words.iter().filter(|w| **w != 0).count();
+        let sparse = nonzero * 2 < self.dirty.words.len();
+        let mut b = Vec::with_capacity(
+            160 + self.history.len() * 24
+                + if sparse {
+                    nonzero * 16
+                } else {
+                    self.dirty.words.len() * 8
+                },
+        );
+        b.extend_from_slice(b"DMMETA03");
         let u64s = |v: u64, b: &mut Vec<u8>| b.extend_from_slice(&v.to_le_bytes());
         u64s(self.node_id as u64, &mut b);
         u64s(matches!(self.role, Role::Primary) as u64, &mut b);
@@ -174,8 +200,24 @@ impl Meta {
         u64s(self.resyncing as u64, &mut b);
         u64s(self.dirty.granularity, &mut b);
         u64s(self.dirty.chunks, &mut b);
-        for w in &self.dirty.words {
-            u64s(*w, &mut b);
+        if sparse {
+            u64s(1, &mut b);
+            u64s(nonzero as u64, &mut b);
+            for (i, w) in self
+                .dirty
+                .words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w != 0)
+            {
+                u64s(i as u64, &mut b);
+                u64s(*w, &mut b);
+            }
+        } else {
+            u64s(0, &mut b);
+            for w in &self.dirty.words {
+                u64s(*w, &mut b);
+            }
         }
         u64s(self.fold_base, &mut b);
         u64s(self.remirrors, &mut b);
@@ -190,7 +232,8 @@ impl Meta {
     }
 
     pub fn decode(b: &[u8]) -> Result<Meta, String> {
-        if b.len() < 8 || &b[..8] != b"DMMETA02" {
+        let v3 = b.len() >= 8 && &b[..8] == b"DMMETA03";
+        if b.len() < 8 || (!v3 && &b[..8] != b"DMMETA02") {
             return Err(
                 "node metadata has an unknown format (not written by this deltamirror version)"
                     .into(),
@@ -231,13 +274,26 @@ impl Meta {
         if !granularity.is_power_of_two() || chunks > 1 << 40 {
             return Err("node metadata: bad dirty map".into());
         }
+        let nwords = chunks.div_ceil(64) as usize;
         let mut words = Vec::new();
-        let mut count = 0;
-        for _ in 0..chunks.div_ceil(64) {
-            let w = next()?;
-            count += w.count_ones() as u64;
-            words.push(w);
+        // DMMETA02 is always dense; DMMETA03 says which.
+        if v3 && next()? == 1 {
+            words = vec![0u64; nwords];
+            let n = next()?;
+            if n > nwords as u64 {
+                return Err("node metadata: bad dirty map".into());
+            }
+            for _ in 0..n {
+                let i = next()? as usize;
+                let w = next()?;
+                *words.get_mut(i).ok_or("node metadata: bad dirty map")? = w;
+            }
+        } else {
+            for _ in 0..nwords {
+                words.push(next()?);
+            }
         }
+        let count = words.iter().map(|w| w.count_ones() as u64).sum();
         let fold_base = next()?;
         let remirrors = next()?;
         let incarnation = next()?;
@@ -298,6 +354,42 @@ mod tests {
         assert_eq!(d, m);
         assert_eq!(d.dirty.count(), 3);
         assert!(Meta::decode(&m.encode()[..20]).is_err());
+        // Dense when most words are dirty, and within the bound.
+        m.dirty.mark_all();
+        let full = m.encode();
+        assert_eq!(Meta::decode(&full).unwrap(), m);
+        assert!(full.len() <= m.encoded_len_bound());
+    }
+
+    #[test]
+    fn a_4k_dirty_map_of_a_large_volume_costs_little_while_clean() {
+        // 1 TiB at 4 KiB: a 32 MiB bitmap in memory, a few bytes on disk
+        // while clean or lightly dirty.
+        let mut m = Meta::formatted(1, Role::Primary, 1 << 40, 4096, false);
+        assert_eq!(m.dirty_map_bytes(), 32 << 20);
+        assert!(m.encode().len() < 256, "{}", m.encode().len());
+        m.dirty.mark(123 << 30, 4096);
+        m.dirty.mark(700 << 30, 8192);
+        let e = m.encode();
+        assert!(e.len() < 256 + 32, "{}", e.len());
+        let d = Meta::decode(&e).unwrap();
+        assert_eq!(d.dirty.count(), 3);
+        assert!(d.dirty.is_set((123 << 30) / 4096));
+    }
+
+    #[test]
+    fn metadata_written_by_the_previous_version_still_decodes() {
+        // DMMETA02: dense map, no forced list, no inconsistent_until.
+        let m = Meta::formatted(2, Role::Backup, 1 << 20, 4096, false);
+        let mut b = b"DMMETA02".to_vec();
+        for v in [2u64, 0, 1, 1, 1, 0, 0, 0, 0, 0, 4096, 256] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend(std::iter::repeat_n(0u8, 4 * 8)); // 256 chunks = 4 words
+        for v in [0u64, 0, 0, 0] {
+            b.extend_from_slice(&v.to_le_bytes()); // fold_base, remirrors, incarnation, behind
+        }
+        assert_eq!(Meta::decode(&b).unwrap(), m);
     }
 
     #[test]

@@ -193,7 +193,8 @@ pub fn format(
         replace,
     );
     let bytes = meta.encode();
-    let slot = (bytes.len() as u64 + 4096).div_ceil(4096) * 4096 + 4096;
+    // Room for the densest dirty map: the encoding is sparse while clean.
+    let slot = (meta.encoded_len_bound() as u64 + 4096).div_ceil(4096) * 4096 + 4096;
     let mut store = MetaStore::create(&mp, slot)
         .map_err(|e| format!("cannot create the metadata store: {e}"))?;
     store
@@ -1464,6 +1465,8 @@ impl Reactor {
             ack3_seq: ack3,
             dirty_extents: meta.dirty.count(),
             dirty_bytes: meta.dirty.bytes(),
+            dirty_granularity_bytes: meta.dirty.granularity,
+            dirty_map_memory_bytes: meta.dirty_map_bytes(),
             remirrors: meta.remirrors,
             last_replay: c.last_replay.as_ref().map(|p| replay_stats(p, ack1, true)),
             replay_progress: c.replay_progress().map(|p| replay_stats(p, ack1, false)),
