@@ -350,7 +350,8 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     })?;
     let targets = start_targets(&cfg, vol)?;
     log::info!(
-        "node {} ({}) serving: admin http://{}{}{}{}",
+        "node {} ({}) listening: admin http://{}{}{}{} (whether it serves is logged as \
+         'path state' and shown by `deltamirror status`)",
         cfg.node.id,
         cfg.node.name,
         adm.local_addr(),

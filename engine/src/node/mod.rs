@@ -484,6 +484,12 @@ impl Node {
         let link = LinkManager::start(opts.link.clone()).map_err(|e| e.to_string())?;
         let start = Instant::now();
         let core = Core::new(core_cfg, meta, RingLog(ring), 0);
+        log::info!(
+            "starting as {}, generation {}: not serving yet ({})",
+            core.role().as_str(),
+            core.meta().generation(),
+            core.not_serving_reason().unwrap_or_default()
+        );
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
             .name(format!("dm-reactor-{}", opts.node_id))
@@ -1372,14 +1378,14 @@ impl Reactor {
                 self.link.request();
             }
             Action::PathChanged { serving } => {
-                log::info!(
-                    "path state: {}",
-                    if serving {
-                        "serving (primary)"
-                    } else {
-                        "not serving"
-                    }
-                );
+                if serving {
+                    log::info!("path state: serving (primary)");
+                } else {
+                    log::info!(
+                        "path state: not serving: {}",
+                        self.core.not_serving_reason().unwrap_or_default()
+                    );
+                }
                 self.shared.path.set(if serving {
                     PathState::Optimized
                 } else {

@@ -367,6 +367,10 @@ pub struct Sim {
     /// A node refused its peer and must not serve until an operator
     /// resolves it (a successful handshake, or `promote --force` on it).
     refusing: [bool; 2],
+    /// Start time of the last replay checked, per source node.
+    replay_checked: [Option<u64>; 2],
+    /// End time of the last finished replay checked, per source node.
+    replay_done_checked: [Option<u64>; 2],
 }
 
 fn stamp(buf: &mut [u8], id: u64) {
@@ -424,6 +428,8 @@ impl Sim {
             degraded_since: [0; 2],
             started_ms: [0; 2],
             refusing: [false; 2],
+            replay_checked: [None; 2],
+            replay_done_checked: [None; 2],
             trace: std::env::var("DM_SIM_TRACE").is_ok(),
             p,
         };
@@ -997,6 +1003,7 @@ impl Sim {
                 }
             }
         }
+        self.check_replays();
         if let Some(r) = self.refused() {
             assert!(
                 !self.forced.is_empty(),
@@ -1010,6 +1017,60 @@ impl Sim {
             both < 2 || self.forced.iter().any(|f| f.closed_ms == u64::MAX),
             "I6: both nodes serve without a forced promote"
         );
+    }
+
+    /// I4's second half, against the simulator's own view of the peer: a
+    /// replay starts right after the last seq the peer holds in its ring
+    /// (later only when a resync's extents cover the gap), and a finished
+    /// replay sent each seq of its range exactly once.
+    fn check_replays(&mut self) {
+        for j in 0..2 {
+            let Some(c) = self.nodes[j].core.as_ref() else {
+                continue;
+            };
+            if let Some(p) = c.replay_progress() {
+                if self.replay_checked[j] != Some(p.start_ms) && p.start_ms == self.now {
+                    self.replay_checked[j] = Some(p.start_ms);
+                    let peer_head = self.nodes[1 - j]
+                        .core
+                        .as_ref()
+                        .map(|t| t.log.head())
+                        .expect("a replay to a node that is down");
+                    let resync = c.meta().dirty.count() > 0 || p.full || p.extents > 0;
+                    assert!(
+                        p.first_seq == peer_head + 1
+                            || (resync && p.first_seq > peer_head)
+                            || (p.first_seq <= peer_head && p.first_seq < c.log.first_seq()),
+                        "I4: node {} replays from seq {} but the peer holds through {peer_head} \
+                         (resync {resync})",
+                        j + 1,
+                        p.first_seq
+                    );
+                    assert!(
+                        p.first_seq > peer_head || p.first_seq < c.log.first_seq(),
+                        "I4: node {} resends seqs {}..={peer_head} the peer holds",
+                        j + 1,
+                        p.first_seq
+                    );
+                }
+            }
+            if let Some(p) = c.last_replay.as_ref() {
+                if p.done && self.replay_done_checked[j] != Some(p.end_ms) {
+                    self.replay_done_checked[j] = Some(p.end_ms);
+                    // A resync's extents may stand for the start of the range.
+                    let range = (p.target_seq + 1).saturating_sub(p.first_seq);
+                    assert!(
+                        p.entries == range || (p.extents > 0 && p.entries < range),
+                        "I4: node {} replayed {} entries for the range {}..={} ({} extents)",
+                        j + 1,
+                        p.entries,
+                        p.first_seq,
+                        p.target_seq,
+                        p.extents
+                    );
+                }
+            }
+        }
     }
 
     fn wire_step(&mut self) {
