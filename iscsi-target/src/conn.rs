@@ -4,13 +4,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use volume::Volume;
+use volume::{PathState, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
 use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
@@ -249,6 +249,7 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
         .spawn(move || writer_loop(wstream, rx, wsess, params, stat_sn))?;
     let mut c = Conn {
         shared: shared.clone(),
+        local_ip: stream.local_addr()?.ip(),
         out: tx.clone(),
         params,
         discovery: outcome.session_type == SessionType::Discovery,
@@ -522,6 +523,8 @@ impl WriteCtx {
 
 struct Conn {
     shared: Arc<Shared>,
+    /// Our address on this connection (SendTargets on a wildcard listener).
+    local_ip: IpAddr,
     out: mpsc::Sender<Out>,
     params: Params,
     discovery: bool,
@@ -713,15 +716,25 @@ impl Conn {
                     if !ok {
                         continue;
                     }
-                    let tag = self.shared.cfg.portal_group_tag;
-                    kv.push(("TargetName".to_string(), self.shared.cfg.target_iqn.clone()));
-                    let mut portals = vec![self.shared.cfg.listen];
-                    if portals[0].ip().is_unspecified() || portals[0].port() == 0 {
-                        portals[0] = self.shared.addr;
+                    let cfg = &self.shared.cfg;
+                    kv.push(("TargetName".to_string(), cfg.target_iqn.clone()));
+                    // Our portal: the bound port; on a wildcard listener the
+                    // address this initiator reached (as LIO does).
+                    let mut own = self.shared.addr;
+                    if own.ip().is_unspecified() {
+                        own.set_ip(self.local_ip);
                     }
-                    portals.extend(self.shared.cfg.peer_portals.iter().copied());
-                    for a in portals {
-                        kv.push(("TargetAddress".to_string(), format!("{a},{tag}")));
+                    let tag = cfg.portal_group_tag;
+                    kv.push(("TargetAddress".to_string(), format!("{own},{tag}")));
+                    // The peer's portals only while we are the standby: a
+                    // host (open-iscsi, `iscsi-ls -s`) logs in to every
+                    // listed portal, and on the primary the peer's is a
+                    // standby port where TEST UNIT READY fails (SPC-4).
+                    let standby = self.shared.lun.vol.path_state() != PathState::Optimized;
+                    if let (true, Some(peer_tag)) = (standby, cfg.peer_tag()) {
+                        for a in &cfg.peer_portals {
+                            kv.push(("TargetAddress".to_string(), format!("{a},{peer_tag}")));
+                        }
                     }
                 } else {
                     kv.push((k, "NotUnderstood".to_string()));

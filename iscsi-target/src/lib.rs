@@ -47,8 +47,15 @@ pub struct IscsiConfig {
     /// Require CHAP (None: AuthMethod=None).
     pub chap: Option<ChapConfig>,
     pub portal_group_tag: u16,
-    /// Portals of the peer node, listed in SendTargets beside our own.
+    /// Portals of the peer node. SendTargets lists them beside our own
+    /// while this node's path is standby (so a host that discovers through
+    /// the standby finds the primary); the primary lists only its own, as
+    /// a host that logs in to every listed portal must find the LU there.
     pub peer_portals: Vec<SocketAddr>,
+    /// The peer's portal group tag. None: the other of 1 and 2 when ours
+    /// is 1 or 2 (as the shipped configs and the generator set them);
+    /// otherwise unknown, and the peer's portals are not listed.
+    pub peer_portal_group_tag: Option<u16>,
     /// Connections served at once (further ones are closed at accept).
     pub max_connections: usize,
     /// Our MaxRecvDataSegmentLength.
@@ -67,10 +74,21 @@ impl IscsiConfig {
             chap: None,
             portal_group_tag: 1,
             peer_portals: Vec::new(),
+            peer_portal_group_tag: None,
             max_connections: 64,
             max_recv_data_segment_bytes: 256 * 1024,
             max_burst_bytes: 1024 * 1024,
             first_burst_bytes: 256 * 1024,
+        }
+    }
+
+    /// The portal group tag the peer's portals are listed with.
+    pub fn peer_tag(&self) -> Option<u16> {
+        match (self.peer_portal_group_tag, self.portal_group_tag) {
+            (Some(t), _) => Some(t),
+            (None, 1) => Some(2),
+            (None, 2) => Some(1),
+            (None, _) => None,
         }
     }
 
@@ -122,6 +140,13 @@ pub struct IscsiTarget {
 /// Starts listening and serving `vol` as LUN 0 of `cfg.target_iqn`.
 pub fn start(cfg: IscsiConfig, vol: Arc<dyn Volume>) -> io::Result<IscsiTarget> {
     cfg.validate()?;
+    if !cfg.peer_portals.is_empty() && cfg.peer_tag().is_none() {
+        log::warn!(
+            "iscsi: the peer's portal group tag is unknown (ours is {}, not 1 or 2): SendTargets will not list the peer's portals {:?}",
+            cfg.portal_group_tag,
+            cfg.peer_portals
+        );
+    }
     let listener = TcpListener::bind(cfg.listen).map_err(|e| {
         io::Error::new(
             e.kind(),

@@ -91,7 +91,10 @@ fn report_supported_opcodes_options() {
 
 #[test]
 fn discovery_lists_own_and_peer_portals() {
-    let (t, _vol) = target(|c| c.peer_portals = vec!["127.0.0.1:3261".parse().unwrap()]);
+    let (t, vol) = target(|c| c.peer_portals = vec!["127.0.0.1:3261".parse().unwrap()]);
+    // The peer's portal is listed while this node is the standby
+    // (tests/hosts.rs: the primary lists its own only).
+    vol.path.set(volume::PathState::Inaccessible);
     let mut i = Initiator::connect(t.local_addr());
     let k = kv(&[
         ("InitiatorName", INITIATOR),
@@ -120,7 +123,8 @@ fn discovery_lists_own_and_peer_portals() {
         .map(|(_, v)| v.clone())
         .collect();
     assert_eq!(addrs.len(), 2);
-    assert!(addrs.contains(&"127.0.0.1:3261,1".to_string()));
+    assert!(addrs.contains(&format!("{},1", t.local_addr())));
+    assert!(addrs.contains(&"127.0.0.1:3261,2".to_string()));
     // SCSI commands are refused in a discovery session.
     let mut c = i.cmd_pdu(&[0u8; 6], 0, false, false);
     i.send(&mut c);

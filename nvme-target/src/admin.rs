@@ -43,6 +43,7 @@ pub fn identify_controller(sh: &Shared, ctrl: &Ctrl) -> Vec<u8> {
     if !ctrl.discovery {
         put_u32(&mut b, 92, AEN_ANA_CHANGE); // OAES
     }
+    put_u32(&mut b, 96, CTRATT_HOST_ID_128); // CTRATT
     b[111] = if ctrl.discovery { 2 } else { 1 }; // CNTRLTYPE
     put_u16(&mut b, 256, 0); // OACS: no optional admin commands
     b[258] = ABORT_LIMIT - 1; // ACL

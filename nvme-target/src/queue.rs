@@ -292,15 +292,18 @@ impl QueueCore {
         let cid = sqe.cid();
         io.sq_head.fetch_add(1, Ordering::Relaxed);
         self.sh.poll_path_epoch();
-        {
+        // Only this thread adds to the in-flight set; completions only
+        // remove from it. So a CID absent here stays absent until inserted
+        // below, and one present for a retired AER stays present.
+        let in_flight = io.inflight.lock().unwrap().contains(&cid);
+        if in_flight && !self.retire_aer(cid) {
+            // The first command with this CID is still in flight and
+            // keeps its slot.
+            io.send_completion(cid, SC_CID_CONFLICT, 0, &[]);
+            return true;
+        }
+        if !in_flight {
             let mut inflight = io.inflight.lock().unwrap();
-            if inflight.contains(&cid) {
-                drop(inflight);
-                // The first command with this CID is still in flight and
-                // keeps its slot.
-                io.send_completion(cid, SC_CID_CONFLICT, 0, &[]);
-                return true;
-            }
             if inflight.len() as u32 >= self.sq_entries {
                 drop(inflight);
                 return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), p.header);
@@ -308,7 +311,13 @@ impl QueueCore {
             inflight.insert(cid);
         }
         if !p.data_digest_ok {
-            io.complete(cid, SC_TRANSIENT_TRANSPORT, 0, &[]);
+            self.fail(
+                io,
+                cid,
+                &sqe,
+                SC_TRANSIENT_TRANSPORT,
+                "data digest mismatch",
+            );
             return true;
         }
         if self.qid.is_none() && !(sqe.opcode() == OPC_FABRICS && sqe.fctype() == FCTYPE_CONNECT) {
@@ -317,7 +326,7 @@ impl QueueCore {
         }
         if sqe.flags() & 0x03 != 0 {
             // Fused operations are not supported.
-            io.complete(cid, SC_INVALID_FIELD, 0, &[]);
+            self.fail(io, cid, &sqe, SC_INVALID_FIELD, "fused operation");
             return true;
         }
         let need = match self.data_out_len(&sqe) {
@@ -332,7 +341,13 @@ impl QueueCore {
         match need {
             Some(n) if n > 0 => {
                 if sgl_len != n {
-                    io.complete(cid, SC_SGL_DATA_LEN_INVALID, 0, &[]);
+                    self.fail(
+                        io,
+                        cid,
+                        &sqe,
+                        SC_SGL_DATA_LEN_INVALID,
+                        "SGL length is not the data length",
+                    );
                     return true;
                 }
                 match sgl_id {
@@ -343,21 +358,45 @@ impl QueueCore {
                             self.sh.icd_bytes
                         };
                         if addr != 0 || n > max_icd {
-                            io.complete(cid, SC_SGL_OFFSET_INVALID, 0, &[]);
+                            self.fail(
+                                io,
+                                cid,
+                                &sqe,
+                                SC_SGL_OFFSET_INVALID,
+                                "in-capsule SGL offset or length",
+                            );
                         } else if icd.len() != n as usize {
-                            io.complete(cid, SC_SGL_DATA_LEN_INVALID, 0, &[]);
+                            self.fail(
+                                io,
+                                cid,
+                                &sqe,
+                                SC_SGL_DATA_LEN_INVALID,
+                                "in-capsule data length is not the SGL length",
+                            );
                         } else {
                             self.run(io, cid, &sqe, icd.to_vec());
                         }
                     }
                     SGL_TRANSPORT => {
                         if !icd.is_empty() {
-                            io.complete(cid, SC_INVALID_FIELD, 0, &[]);
+                            self.fail(
+                                io,
+                                cid,
+                                &sqe,
+                                SC_INVALID_FIELD,
+                                "in-capsule data with a transport SGL",
+                            );
                         } else {
                             self.start_r2t(io, cid, sqe, n);
                         }
                     }
-                    _ => io.complete(cid, SC_SGL_TYPE_INVALID, 0, &[]),
+                    _ => self.fail(
+                        io,
+                        cid,
+                        &sqe,
+                        SC_SGL_TYPE_INVALID,
+                        "unsupported SGL descriptor type",
+                    ),
                 }
             }
             _ => {
@@ -371,6 +410,42 @@ impl QueueCore {
             }
         }
         true
+    }
+
+    /// Retires the outstanding AER with this CID, if there is one on this
+    /// admin queue. A host that gave up an AER on its side (Linux and SPDK
+    /// hosts do at disconnect) reuses its CID for the next command: the
+    /// AER then ends without a completion and the new command runs.
+    fn retire_aer(&self, cid: u16) -> bool {
+        let ctrl = match (&self.ctrl, self.qid) {
+            (Some(c), Some(0)) => c,
+            _ => return false,
+        };
+        let mut st = ctrl.st.lock().unwrap();
+        match st.aers.iter().position(|&c| c == cid) {
+            Some(i) => {
+                st.aers.remove(i);
+                drop(st);
+                log::debug!(
+                    "nvme-tcp: controller {:#x}: command id {cid} reused by the host: its AER is retired",
+                    ctrl.cntlid
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails a command before it runs; a refused Connect is logged with why
+    /// (`what` says what was wrong).
+    fn fail(&self, io: &QueueIo, cid: u16, sqe: &Sqe, st: Status, what: &str) {
+        if sqe.opcode() == OPC_FABRICS && sqe.fctype() == FCTYPE_CONNECT {
+            log::warn!(
+                "nvme-tcp: refused Connect (qid {}): {what}; answered {st}",
+                get_u16(&sqe.0, 42)
+            );
+        }
+        io.complete(cid, st, 0, &[]);
     }
 
     /// Asks for a write's data, unless the queue already waits for
@@ -447,7 +522,13 @@ impl QueueCore {
                 .expect("transfer looked up above");
             self.release_r2t(io, t.len);
             if t.digest_failed {
-                io.complete(t.cid, SC_TRANSIENT_TRANSPORT, 0, &[]);
+                self.fail(
+                    io,
+                    t.cid,
+                    &t.sqe,
+                    SC_TRANSIENT_TRANSPORT,
+                    "data digest mismatch",
+                );
             } else {
                 self.run(io, t.cid, &t.sqe, t.buf);
             }
@@ -556,79 +637,132 @@ impl QueueCore {
     }
 
     fn connect(&mut self, io: &Arc<QueueIo>, sqe: &Sqe, data: &[u8]) -> Outcome {
-        let ipo_sqe = |off: u32| Outcome::Done(SC_CONNECT_INVALID_PARAM, off as u64, Vec::new());
-        let ipo_data = |off: u32| {
-            Outcome::Done(
-                SC_CONNECT_INVALID_PARAM,
-                ((1 << 16) | off) as u64,
-                Vec::new(),
-            )
-        };
         let recfmt = get_u16(&sqe.0, 40);
         let qid = get_u16(&sqe.0, 42);
         let sqsize = get_u16(&sqe.0, 44);
         let cattr = sqe.0[46];
         let kato = get_u32(&sqe.0, 48);
-        if recfmt != 0 {
-            return done(SC_CONNECT_INCOMPATIBLE_FORMAT);
-        }
         let mut hostid = [0u8; 16];
         hostid.copy_from_slice(&data[0..16]);
         let cntlid = get_u16(data, 16);
         let subnqn = get_str0(data, 256, 256);
         let hostnqn = get_str0(data, 512, 256);
+        // Every refusal is logged: a host that cannot connect shows why.
+        let refuse = |st: Status, dw0: u64, why: String| {
+            log::warn!(
+                "nvme-tcp: refused Connect (qid {qid}, host {hostnqn:?}, subsystem {subnqn:?}): {why}; answered {st}"
+            );
+            Outcome::Done(st, dw0, Vec::new())
+        };
+        // Invalid parameter at byte `off` of the command / of the data.
+        let ipo_sqe = |off: u32, why: String| refuse(SC_CONNECT_INVALID_PARAM, off as u64, why);
+        let ipo_data =
+            |off: u32, why: String| refuse(SC_CONNECT_INVALID_PARAM, ((1 << 16) | off) as u64, why);
+        if recfmt != 0 {
+            return refuse(
+                SC_CONNECT_INCOMPATIBLE_FORMAT,
+                0,
+                format!("record format {recfmt} (only 0 is known)"),
+            );
+        }
         let cfg = &self.sh.cfg;
         let discovery = subnqn == DISCOVERY_NQN;
         if !discovery && subnqn != cfg.subnqn {
-            return ipo_data(256);
+            return ipo_data(
+                256,
+                format!(
+                    "no such subsystem here (this target serves {:?})",
+                    cfg.subnqn
+                ),
+            );
         }
-        if hostnqn.is_empty() {
-            return ipo_data(512);
-        }
+        // An empty host NQN is a host like any other when any host may
+        // connect; with an allow-list it is simply not in it.
         if !discovery && !self.sh.host_allowed(&hostnqn) {
-            log::info!("nvme-tcp: refused host {hostnqn}: not in allowed_hosts");
-            return done(SC_CONNECT_INVALID_HOST);
+            return refuse(
+                SC_CONNECT_INVALID_HOST,
+                0,
+                "host NQN not in nvme allowed_hosts".into(),
+            );
         }
         let ctrl = if qid == 0 {
             if !(1..ADMIN_QUEUE_ENTRIES).contains(&sqsize) {
-                return ipo_sqe(44);
+                return ipo_sqe(
+                    44,
+                    format!(
+                        "admin SQSIZE {sqsize} (0's based) outside 1..={}",
+                        ADMIN_QUEUE_ENTRIES - 1
+                    ),
+                );
             }
             if cntlid != 0xFFFF {
-                return ipo_data(16);
+                return ipo_data(
+                    16,
+                    format!("CNTLID {cntlid:#x} on an admin queue (dynamic model: 0xffff)"),
+                );
             }
             if kato > cfg.keep_alive_max_ms {
-                return ipo_sqe(48);
+                return ipo_sqe(
+                    48,
+                    format!(
+                        "KATO {kato} ms above keep_alive_max_ms {}",
+                        cfg.keep_alive_max_ms
+                    ),
+                );
             }
             match self
                 .sh
-                .new_controller(discovery, hostnqn, hostid, kato, io.clone())
+                .new_controller(discovery, hostnqn.clone(), hostid, kato, io.clone())
             {
                 Some(c) => c,
-                None => return done(SC_INTERNAL),
+                None => return refuse(SC_INTERNAL, 0, "no free controller id".into()),
             }
         } else {
             if discovery {
-                return ipo_sqe(42);
+                return ipo_sqe(42, format!("I/O queue {qid} on the discovery subsystem"));
             }
             let ctrl = match self.sh.controller(cntlid) {
                 Some(c) => c,
-                None => return ipo_data(16),
+                None => return ipo_data(16, format!("no controller {cntlid:#x}")),
             };
             if ctrl.hostnqn != hostnqn || ctrl.hostid != hostid {
-                return ipo_data(512);
+                return ipo_data(
+                    512,
+                    format!(
+                        "host NQN / host id differ from those of controller {cntlid:#x}'s admin queue"
+                    ),
+                );
             }
             if sqsize < 1 || sqsize >= cfg.max_queue_depth {
-                return ipo_sqe(44);
+                return ipo_sqe(
+                    44,
+                    format!(
+                        "I/O SQSIZE {sqsize} (0's based) outside 1..={}",
+                        cfg.max_queue_depth - 1
+                    ),
+                );
             }
             let mut st = ctrl.st.lock().unwrap();
             if st.dead || st.csts & 1 == 0 {
-                return done(SC_CMD_SEQ_ERROR);
+                drop(st);
+                return refuse(
+                    SC_CMD_SEQ_ERROR,
+                    0,
+                    format!("controller {cntlid:#x} is not enabled (CSTS.RDY 0) or has ended"),
+                );
             }
             if qid > st.nr_io_queues {
-                return ipo_sqe(42);
+                let n = st.nr_io_queues;
+                drop(st);
+                return ipo_sqe(42, format!("QID {qid} above the {n} I/O queues granted"));
             }
             if st.io_queues.contains_key(&qid) {
-                return done(SC_CMD_SEQ_ERROR);
+                drop(st);
+                return refuse(
+                    SC_CMD_SEQ_ERROR,
+                    0,
+                    format!("QID {qid} of controller {cntlid:#x} is already connected"),
+                );
             }
             st.io_queues.insert(qid, io.clone());
             drop(st);
@@ -645,13 +779,24 @@ impl QueueCore {
         Outcome::Done(Status::SUCCESS, cntlid as u64, Vec::new())
     }
 
+    /// A Connect on a queue that is already connected.
+    fn connect_again(&self) -> Outcome {
+        log::warn!(
+            "nvme-tcp: refused Connect: queue {} of controller {:#x} is already connected; answered {}",
+            self.qid.unwrap_or(0),
+            self.ctrl.as_ref().map_or(0, |c| c.cntlid),
+            SC_CMD_SEQ_ERROR
+        );
+        done(SC_CMD_SEQ_ERROR)
+    }
+
     fn admin(&mut self, cid: u16, sqe: &Sqe) -> Outcome {
         let ctrl = self.ctrl.clone().expect("admin queue is connected");
         if sqe.opcode() == OPC_FABRICS {
             return match sqe.fctype() {
                 FCTYPE_PROPERTY_GET => self.property_get(&ctrl, sqe),
                 FCTYPE_PROPERTY_SET => self.property_set(&ctrl, sqe),
-                FCTYPE_CONNECT => done(SC_CMD_SEQ_ERROR),
+                FCTYPE_CONNECT => self.connect_again(),
                 _ => done(SC_INVALID_OPCODE),
             };
         }
@@ -853,6 +998,8 @@ impl QueueCore {
             {
                 done(Status::SUCCESS)
             }
+            // On fabrics the host identifier comes with Connect only.
+            FID_HOST_ID => done(SC_CMD_SEQ_ERROR),
             _ => done(SC_INVALID_FIELD),
         }
     }
@@ -860,6 +1007,17 @@ impl QueueCore {
     fn get_features(&self, ctrl: &Ctrl, sqe: &Sqe) -> Outcome {
         let fid = (sqe.cdw(10) & 0xFF) as u8;
         let sel = (sqe.cdw(10) >> 8) & 0x7;
+        if fid == FID_HOST_ID {
+            // Set by Connect: neither changeable nor saveable.
+            if sel == 3 {
+                return done(Status::SUCCESS);
+            }
+            // Only the 128-bit form (CTRATT bit 0): EXHID must be set.
+            if sqe.cdw(11) & 1 == 0 {
+                return done(SC_INVALID_FIELD);
+            }
+            return Outcome::Done(Status::SUCCESS, 0, ctrl.hostid.to_vec());
+        }
         let st = ctrl.st.lock().unwrap();
         let v = match fid {
             FID_NUM_QUEUES if !ctrl.discovery => num_queues_dw0(st.nr_io_queues),
@@ -881,11 +1039,11 @@ impl QueueCore {
 
     fn io_cmd(&mut self, sqe: &Sqe, data: Vec<u8>) -> Outcome {
         if sqe.opcode() == OPC_FABRICS {
-            return done(if sqe.fctype() == FCTYPE_CONNECT {
-                SC_CMD_SEQ_ERROR
+            return if sqe.fctype() == FCTYPE_CONNECT {
+                self.connect_again()
             } else {
-                SC_INVALID_OPCODE
-            });
+                done(SC_INVALID_OPCODE)
+            };
         }
         if !matches!(
             sqe.opcode(),

@@ -105,6 +105,11 @@ pub const FID_VOLATILE_WC: u8 = 0x06;
 pub const FID_NUM_QUEUES: u8 = 0x07;
 pub const FID_ASYNC_EVENT_CFG: u8 = 0x0B;
 pub const FID_KEEP_ALIVE: u8 = 0x0F;
+pub const FID_HOST_ID: u8 = 0x81;
+
+/// Identify Controller CTRATT bit 0: 128-bit Host Identifier supported
+/// (the HOSTID of Connect; Get Features Host Identifier with EXHID = 1).
+pub const CTRATT_HOST_ID_128: u32 = 1 << 0;
 
 /// Async event configuration / OAES bit: ANA change notices.
 pub const AEN_ANA_CHANGE: u32 = 1 << 11;
