@@ -298,6 +298,9 @@ pub struct IscsiConfig {
     /// The peer node's iSCSI portal, listed by SendTargets.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_listen: Option<SocketAddr>,
+    /// The peer node's `portal_group_tag` (default: the other of 1 and 2).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peer_portal_group_tag: Option<u16>,
 }
 
 impl Default for IscsiConfig {
@@ -310,6 +313,7 @@ impl Default for IscsiConfig {
             chap_secret: None,
             portal_group_tag: 1,
             peer_listen: None,
+            peer_portal_group_tag: None,
         }
     }
 }
@@ -773,6 +777,21 @@ impl Config {
                         .to_string(),
                 );
             }
+            match iscsi.peer_portal_group_tag {
+                Some(0) => v.push(
+                    "iscsi.peer_portal_group_tag = 0: must be 1 to 65535 (the peer's iscsi.portal_group_tag); e.g. iscsi.peer_portal_group_tag = 2"
+                        .to_string(),
+                ),
+                Some(t) if t == iscsi.portal_group_tag => v.push(format!(
+                    "iscsi.peer_portal_group_tag = {t}: equals this node's iscsi.portal_group_tag; the two nodes' tags must differ (the peer's is the other one), e.g. iscsi.peer_portal_group_tag = {}",
+                    if t == 1 { 2 } else { 1 }
+                )),
+                None if iscsi.peer_listen.is_some() && !matches!(iscsi.portal_group_tag, 1 | 2) => v.push(format!(
+                    "iscsi.peer_portal_group_tag is missing: with iscsi.portal_group_tag = {} the peer's tag cannot be inferred; set it to the peer's iscsi.portal_group_tag",
+                    iscsi.portal_group_tag
+                )),
+                _ => {}
+            }
             match (&iscsi.chap_user, &iscsi.chap_secret) {
                 (None, None) => {}
                 (Some(user), Some(secret)) => {
@@ -936,6 +955,7 @@ impl Config {
                 chap_secret: None,
                 portal_group_tag: node_id as u16,
                 peer_listen: Some(peer(3260)),
+                peer_portal_group_tag: Some(3 - node_id as u16),
             },
         }
     }
@@ -1288,6 +1308,24 @@ mod tests {
         // In ack mode the timeout is unused and only range-checked.
         c.mirror.confirm = ConfirmMode::Ack;
         c.mirror.confirm_timeout_ms = 10;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn peer_portal_group_tag_must_differ_and_be_set_when_it_cannot_be_inferred() {
+        let mut c = base();
+        assert!(c.iscsi.enabled);
+        c.iscsi.peer_portal_group_tag = Some(c.iscsi.portal_group_tag);
+        let m = check_rejects(&c, "iscsi.peer_portal_group_tag");
+        assert!(m.contains("must differ"), "{m}");
+        c.iscsi.peer_portal_group_tag = Some(0);
+        check_rejects(&c, "iscsi.peer_portal_group_tag");
+        c.iscsi.peer_portal_group_tag = None;
+        c.iscsi.portal_group_tag = 7;
+        c.iscsi.peer_listen = Some("127.0.0.1:3261".parse().unwrap());
+        let m = check_rejects(&c, "iscsi.peer_portal_group_tag");
+        assert!(m.contains("cannot be inferred"), "{m}");
+        c.iscsi.peer_portal_group_tag = Some(8);
         c.validate().unwrap();
     }
 

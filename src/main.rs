@@ -309,6 +309,7 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
         let mut c = iscsi_target::IscsiConfig::new(cfg.iscsi.listen, cfg.iscsi.target_iqn.clone());
         c.portal_group_tag = cfg.iscsi.portal_group_tag;
         c.peer_portals = cfg.iscsi.peer_listen.into_iter().collect();
+        c.peer_portal_group_tag = cfg.iscsi.peer_portal_group_tag;
         if let (Some(u), Some(s)) = (&cfg.iscsi.chap_user, &cfg.iscsi.chap_secret) {
             c.chap = Some(iscsi_target::ChapConfig {
                 user: u.clone(),
