@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use engine::status::{Control, Latency, NodeStatus};
+use engine::status::{Control, Latency, NodeStatus, VerifyRequest};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 /// The client's connect timeout.
@@ -117,6 +117,31 @@ fn serve(server: &Server, stop: &AtomicBool, ctl: &dyn Control) {
     }
 }
 
+/// `offset`, `length`, `rate` (bytes, bytes/s) and `repair` from the query
+/// string of `POST /verify`.
+fn verify_request(query: &str) -> Result<VerifyRequest, String> {
+    let mut r = VerifyRequest::default();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let num = || {
+            v.parse::<u64>()
+                .map_err(|_| format!("verify: {k}={v:?} is not a whole number of bytes"))
+        };
+        match k {
+            "offset" => r.offset = num()?,
+            "length" => r.length = num()?,
+            "rate" => r.bytes_per_sec = num()?,
+            "repair" => r.repair = matches!(v, "1" | "true" | ""),
+            _ => {
+                return Err(format!(
+                    "verify: unknown parameter {k:?} (offset, length, rate, repair)"
+                ))
+            }
+        }
+    }
+    Ok(r)
+}
+
 fn handle(request: Request, ctl: &dyn Control) {
     let (path, query) = match request.url().split_once('?') {
         Some((p, q)) => (p.to_string(), q.to_string()),
@@ -139,12 +164,16 @@ fn handle(request: Request, ctl: &dyn Control) {
         ("/promote", Method::Post) => command_result(ctl.promote(force), "promote"),
         ("/demote", Method::Post) => command_result(ctl.demote(), "demote"),
         ("/reset-latency", Method::Post) => command_result(ctl.reset_latency(), "reset-latency"),
+        ("/verify", Method::Post) => match verify_request(&query) {
+            Ok(r) => command_result(ctl.verify(r), "verify"),
+            Err(e) => error_json(400, &e),
+        },
         ("/status" | "/metrics", _) => method_not_allowed("GET"),
-        ("/promote" | "/demote" | "/reset-latency", _) => method_not_allowed("POST"),
+        ("/promote" | "/demote" | "/reset-latency" | "/verify", _) => method_not_allowed("POST"),
         _ => error_json(
             404,
             &format!(
-                "no such endpoint: {method} {path} (try GET /status, GET /metrics, POST /promote, POST /demote, POST /reset-latency)"
+                "no such endpoint: {method} {path} (try GET /status, GET /metrics, POST /promote, POST /demote, POST /verify, POST /reset-latency)"
             ),
         ),
     };
@@ -295,6 +324,22 @@ fn render_metrics(s: &NodeStatus) -> String {
         "Full remirrors sent or received since format.",
     );
     m.sample("deltamirror_remirrors_total", "", s.remirrors as f64);
+    let v = s.verify.clone().unwrap_or_default();
+    m.gauge(
+        "deltamirror_verify_running",
+        "1 while an online verify runs.",
+        (v.state == "running") as u8 as f64,
+    );
+    m.gauge(
+        "deltamirror_verify_done_bytes",
+        "Bytes compared by the running or last online verify.",
+        v.done_bytes as f64,
+    );
+    m.gauge(
+        "deltamirror_verify_mismatched_chunks",
+        "Chunks whose contents differ between the nodes, found by the running or last online verify.",
+        v.mismatched_chunks as f64,
+    );
 
     let progress = s.replay_progress.clone().unwrap_or_default();
     m.gauge(
@@ -691,6 +736,19 @@ mod tests {
             self.status.lock().unwrap().io.write_latency = Latency::default();
             Ok(())
         }
+        fn verify(&self, req: VerifyRequest) -> Result<(), String> {
+            if let Some(r) = &self.refuse {
+                return Err(r.clone());
+            }
+            self.status.lock().unwrap().verify = Some(engine::status::VerifyStatus {
+                state: "running".into(),
+                offset: req.offset,
+                length: req.length,
+                repair: req.repair,
+                ..Default::default()
+            });
+            Ok(())
+        }
     }
 
     fn sample() -> NodeStatus {
@@ -758,6 +816,35 @@ mod tests {
         assert_eq!(get_status(&addr).unwrap(), sample());
         assert_eq!(get_status(&format!("http://{addr}/")).unwrap(), sample());
         server.shutdown();
+    }
+
+    #[test]
+    fn verify_takes_its_parameters_from_the_query() {
+        let (server, node) = start_fake(None);
+        let addr = server.local_addr().to_string();
+        let (code, _) = request(
+            &addr,
+            "POST",
+            "/verify?offset=4096&length=8192&repair=1&rate=1000",
+            1000,
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+        let v = node.status().verify.unwrap();
+        assert_eq!((v.offset, v.length, v.repair), (4096, 8192, true));
+        let (code, body) = request(&addr, "POST", "/verify?length=lots", 1000).unwrap();
+        assert_eq!(code, 400);
+        assert!(
+            error_text(&body).contains("length"),
+            "{}",
+            error_text(&body)
+        );
+        assert_eq!(request(&addr, "GET", "/verify", 1000).unwrap().0, 405);
+        assert_eq!(
+            verify_request("").unwrap(),
+            VerifyRequest::default(),
+            "the whole volume, no repair, no rate limit"
+        );
     }
 
     #[test]

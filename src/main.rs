@@ -76,6 +76,26 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Compare both replicas online (as `drbdadm verify`), from the primary
+    /// at ADMIN, while host I/O runs: each chunk's digest is computed on each
+    /// node and compared over the link. Exits 1 when chunks differ (and were
+    /// not repaired).
+    Verify {
+        #[arg(long)]
+        admin: String,
+        /// First byte to compare (a multiple of the dirty-map chunk).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to compare (0: to the end of the volume).
+        #[arg(long, default_value_t = 0)]
+        length: u64,
+        /// Most bytes per second to read on each node (0: no limit).
+        #[arg(long, default_value_t = 64 << 20)]
+        rate: u64,
+        /// Resync the mismatched chunks from the primary afterwards.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Make the node at ADMIN a backup.
     Demote {
         #[arg(long)]
@@ -132,6 +152,13 @@ fn main() {
             };
             admin::post(&admin, path).map(|_| println!("promoted {admin}"))
         }
+        Cmd::Verify {
+            admin,
+            offset,
+            length,
+            rate,
+            repair,
+        } => cmd_verify(&admin, offset, length, rate, repair),
         Cmd::Demote { admin } => {
             admin::post(&admin, "/demote").map(|_| println!("demoted {admin}"))
         }
@@ -388,6 +415,46 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     adm.shutdown();
     node.shutdown();
     Ok(())
+}
+
+fn cmd_verify(addr: &str, offset: u64, length: u64, rate: u64, repair: bool) -> Result<()> {
+    let before = admin::get_status(addr)?.verify;
+    admin::post(
+        addr,
+        &format!(
+            "/verify?offset={offset}&length={length}&rate={rate}{}",
+            if repair { "&repair=1" } else { "" }
+        ),
+    )?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let s = admin::get_status(addr)?;
+        let Some(v) = s
+            .verify
+            .filter(|v| Some(v) != before.as_ref() || v.state == "running")
+        else {
+            continue;
+        };
+        if v.state == "running" {
+            if tty {
+                print!("\r{}\x1b[K", statusfmt::verify_line(&v));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+            continue;
+        }
+        if tty {
+            println!();
+        }
+        println!("verify {}", statusfmt::verify_line(&v));
+        if v.state != "done" {
+            anyhow::bail!("verify did not finish");
+        }
+        if v.mismatched_chunks > 0 && v.repair_chunks == 0 {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
 }
 
 fn cmd_status(addr: &str, json: bool, watch: bool) -> Result<()> {

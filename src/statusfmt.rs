@@ -96,6 +96,9 @@ pub fn render(s: &NodeStatus) -> String {
         ),
     );
     line("remirrors", thousands(s.remirrors));
+    if let Some(v) = &s.verify {
+        line("verify", verify_line(v));
+    }
     if let Some(r) = &s.replay_progress {
         line("replay", replay_fields(r));
     }
@@ -286,6 +289,49 @@ fn latency(l: &Latency) -> String {
     )
 }
 
+/// `running 12.0/64.0 MiB, 1 mismatched chunk: 4096+4096` and the like.
+pub fn verify_line(v: &engine::status::VerifyStatus) -> String {
+    let mut t = format!(
+        "{} {}/{}  {}",
+        v.state,
+        bytes(v.done_bytes),
+        bytes(v.length),
+        seconds(v.seconds)
+    );
+    let _ = write!(
+        t,
+        "  {} mismatched chunk{} of {}",
+        thousands(v.mismatched_chunks),
+        if v.mismatched_chunks == 1 { "" } else { "s" },
+        bytes(v.chunk_bytes)
+    );
+    if !v.mismatches.is_empty() {
+        let shown: Vec<String> = v
+            .mismatches
+            .iter()
+            .take(4)
+            .map(|(o, l)| format!("{o}+{l}"))
+            .collect();
+        let _ = write!(
+            t,
+            ": {}{}",
+            shown.join(", "),
+            if v.mismatches.len() > 4 { ", ..." } else { "" }
+        );
+    }
+    if v.repair_chunks > 0 {
+        let _ = write!(
+            t,
+            "  ({} resent from the primary)",
+            thousands(v.repair_chunks)
+        );
+    }
+    if let Some(r) = &v.reason {
+        let _ = write!(t, "  ({r})");
+    }
+    t
+}
+
 fn micros(us: f64) -> String {
     if us >= 10_000.0 {
         format!("{:.1} ms", us / 1000.0)
@@ -327,6 +373,7 @@ mod tests {
             dirty_bytes: 0,
             dirty_granularity_bytes: 4096,
             dirty_map_memory_bytes: 32 << 10,
+            verify: None,
             remirrors: 0,
             last_replay: Some(ReplayStats {
                 entries: 500,

@@ -25,6 +25,38 @@ pub struct ReplayStats {
     pub last_seq: u64,
 }
 
+/// An online verify (`deltamirror verify`), running or the last one.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyStatus {
+    /// "running", "done" or "interrupted".
+    pub state: String,
+    /// Why it was interrupted.
+    pub reason: Option<String>,
+    pub offset: u64,
+    pub length: u64,
+    pub done_bytes: u64,
+    pub chunk_bytes: u64,
+    /// Chunks whose digests differ between the two nodes.
+    pub mismatched_chunks: u64,
+    /// The first mismatched ranges, `[offset, length]` (adjacent chunks merged).
+    pub mismatches: Vec<(u64, u64)>,
+    pub repair: bool,
+    /// Chunks sent for a resync from the primary.
+    pub repair_chunks: u64,
+    pub seconds: f64,
+}
+
+/// What `POST /verify` asks for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifyRequest {
+    pub offset: u64,
+    /// 0: to the end of the volume.
+    pub length: u64,
+    pub repair: bool,
+    /// 0: no limit.
+    pub bytes_per_sec: u64,
+}
+
 /// Latency percentiles in microseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
@@ -110,6 +142,9 @@ pub struct NodeStatus {
     pub dirty_map_memory_bytes: u64,
     /// Full remirrors (sent or received) since format.
     pub remirrors: u64,
+    /// The running online verify, or the last one.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
     pub last_replay: Option<ReplayStats>,
     /// Present while a replay is running.
     pub replay_progress: Option<ReplayStats>,
@@ -137,4 +172,6 @@ pub trait Control: Send + Sync + 'static {
     /// Start the latency histograms (host read/write, ring sync, disk
     /// write) afresh, e.g. between benchmark workloads. Counters stay.
     fn reset_latency(&self) -> Result<(), String>;
+    /// Start an online verify of both replicas (primary only).
+    fn verify(&self, req: VerifyRequest) -> Result<(), String>;
 }

@@ -17,6 +17,10 @@ use super::decide::{decide, Plan};
 use super::meta::Meta;
 use super::msg::{Hello, Msg};
 use super::types::*;
+use super::verify::{
+    chunk_digests, mismatched_chunks, Pending, QueuedRead, ReadFor, VerifyReport, VerifyRun,
+    VerifyState, MAX_VERIFY_CHUNKS, MAX_VERIFY_EXTENT, VERIFY_TOKEN,
+};
 use super::Log;
 
 /// Ring syncs that may overlap.
@@ -180,12 +184,16 @@ enum ExecItem {
     Entry(Seq, u64, u64),
     /// token, byte offset, byte length.
     Extent(u64, u64, u64),
+    /// An online-verify read: token, byte offset, byte length.
+    Verify(u64, u64, u64),
 }
 
 impl ExecItem {
     fn range(&self) -> (u64, u64) {
         match *self {
-            ExecItem::Entry(_, o, l) | ExecItem::Extent(_, o, l) => (o, l),
+            ExecItem::Entry(_, o, l) | ExecItem::Extent(_, o, l) | ExecItem::Verify(_, o, l) => {
+                (o, l)
+            }
         }
     }
 }
@@ -325,6 +333,12 @@ pub struct Core<L: Log> {
     fenced: Option<String>,
     host_flushes: Vec<HostFlush>,
     peer_flushes: Vec<PeerFlush>,
+    // Online verify.
+    verify: Option<VerifyRun>,
+    last_verify: Option<VerifyReport>,
+    /// Verify reads waiting for their ring entry to be scheduled, by seq.
+    verify_queued: VecDeque<QueuedRead>,
+    verify_reads: BTreeMap<u64, ReadFor>,
     executed_persisted_ms: u64,
 
     out: Vec<Action>,
@@ -408,6 +422,10 @@ impl<L: Log> Core<L> {
             fenced: None,
             host_flushes: Vec::new(),
             peer_flushes: Vec::new(),
+            verify: None,
+            last_verify: None,
+            verify_queued: VecDeque::new(),
+            verify_reads: BTreeMap::new(),
             executed_persisted_ms: now_ms,
             meta_version: 0,
             meta_durable: 0,
@@ -810,6 +828,236 @@ impl<L: Log> Core<L> {
         Ok(())
     }
 
+    // ----- online verify -----
+
+    /// Starts comparing `[offset, offset + length)` of both replicas
+    /// (`length` 0: to the end of the volume), at most `bytes_per_sec` (0:
+    /// unlimited). Only on a primary in sync with its backup.
+    pub fn start_verify(
+        &mut self,
+        offset: u64,
+        length: u64,
+        repair: bool,
+        bytes_per_sec: u64,
+    ) -> Result<(), String> {
+        if self.meta.role != Role::Primary || !self.serving {
+            return Err("verify runs on the serving primary".into());
+        }
+        if self.link != LinkState::Active || !self.source {
+            return Err("the backup is not connected: nothing to compare with".into());
+        }
+        if self.degraded || self.resync_src.is_some() || self.replay.is_some() {
+            return Err(
+                "the backup is still catching up (replay or resync); verify once it is in sync"
+                    .into(),
+            );
+        }
+        if self.verify.is_some() {
+            return Err("a verify is already running".into());
+        }
+        let chunk = self.meta.dirty.granularity;
+        let end = if length == 0 {
+            self.cfg.volume_bytes
+        } else {
+            offset.saturating_add(length)
+        };
+        if offset % chunk != 0 || end > self.cfg.volume_bytes || offset >= end {
+            return Err(format!(
+                "verify range {offset}+{length}: must lie inside the volume ({} bytes) and start \
+                 on a multiple of {chunk}",
+                self.cfg.volume_bytes
+            ));
+        }
+        let report = VerifyReport {
+            offset,
+            length: end - offset,
+            chunk_bytes: chunk,
+            done_bytes: 0,
+            mismatched_chunks: 0,
+            mismatches: Vec::new(),
+            repair,
+            repair_chunks: 0,
+            state: VerifyState::Running,
+            start_ms: self.now_ms,
+            end_ms: 0,
+        };
+        self.out.push(Action::Notice(format!(
+            "verify: comparing {} bytes from offset {offset}{}",
+            end - offset,
+            if repair { ", repairing mismatches" } else { "" }
+        )));
+        self.verify = Some(VerifyRun {
+            report,
+            next_offset: offset,
+            end,
+            extent_bytes: (MAX_VERIFY_EXTENT / 4)
+                .max(chunk)
+                .min(chunk * MAX_VERIFY_CHUNKS),
+            inflight: BTreeMap::new(),
+            next_id: 1,
+            bytes_per_sec,
+            tokens: 0.0,
+            bad: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// The running verify, or the last one.
+    pub fn verify_report(&self) -> Option<&VerifyReport> {
+        self.verify
+            .as_ref()
+            .map(|v| &v.report)
+            .or(self.last_verify.as_ref())
+    }
+
+    fn stop_verify(&mut self, why: String) {
+        if let Some(mut v) = self.verify.take() {
+            v.report.state = VerifyState::Interrupted(why.clone());
+            v.report.end_ms = self.now_ms;
+            self.out
+                .push(Action::Notice(format!("verify interrupted: {why}")));
+            self.last_verify = Some(v.report);
+        }
+    }
+
+    /// Issues the next extents (up to 4 in flight, within the rate), and
+    /// finishes the run.
+    fn verify_step(&mut self) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        if self.meta.role != Role::Primary || self.degraded || self.fenced.is_some() {
+            return self.stop_verify("this node stopped being an in-sync primary".into());
+        }
+        if v.bytes_per_sec > 0 {
+            // Refilled from the tick; a burst of one extent at most.
+            v.tokens = v.tokens.min(v.extent_bytes as f64);
+        }
+        while v.inflight.len() < 4 && v.next_offset < v.end {
+            let len = v.extent_bytes.min(v.end - v.next_offset);
+            if v.bytes_per_sec > 0 {
+                if v.tokens < len as f64 {
+                    break;
+                }
+                v.tokens -= len as f64;
+            }
+            let id = v.next_id;
+            v.next_id += 1;
+            let offset = v.next_offset;
+            v.next_offset += len;
+            v.inflight.insert(
+                id,
+                Pending {
+                    offset,
+                    len,
+                    local: None,
+                    remote: None,
+                },
+            );
+            // Every entry up to `after` is already on the wire, so the
+            // backup queues its read at the same point of the stream.
+            let after = self.send_next - 1;
+            self.next_token += 1;
+            let token = VERIFY_TOKEN | self.next_token;
+            self.verify_reads.insert(token, ReadFor::Local(id));
+            self.verify_queued.push_back(QueuedRead {
+                after,
+                token,
+                offset,
+                len,
+            });
+            self.out.push(Action::Send(Msg::VerifyReq {
+                id,
+                offset,
+                len,
+                chunk: v.report.chunk_bytes,
+                after,
+            }));
+        }
+        if v.next_offset >= v.end && v.inflight.is_empty() {
+            let mut v = self.verify.take().unwrap();
+            v.report.state = VerifyState::Done;
+            v.report.end_ms = self.now_ms;
+            let r = &mut v.report;
+            self.out.push(Action::Notice(format!(
+                "verify finished: {} bytes compared, {} mismatched chunks of {} bytes",
+                r.done_bytes, r.mismatched_chunks, r.chunk_bytes
+            )));
+            if r.repair && !v.bad.is_empty() {
+                for &o in &v.bad {
+                    self.meta.dirty.mark(o, r.chunk_bytes);
+                }
+                r.repair_chunks = v.bad.len() as u64;
+                self.persist_meta();
+                self.out.push(Action::Notice(format!(
+                    "verify: resyncing {} mismatched chunks from this node",
+                    v.bad.len()
+                )));
+                // The handshake after the reset resyncs the dirty map once
+                // it is durable (`on_ready` waits for the metadata).
+                self.reset_link("verify repair: resync the mismatched chunks".into());
+            }
+            self.last_verify = Some(v.report);
+        }
+    }
+
+    fn on_verify_read(&mut self, token: u64, result: Result<Vec<u8>, i32>) {
+        if let Some(i) = self.executing.iter().position(|&(t, _, _)| t == token) {
+            self.executing.swap_remove(i);
+        }
+        let Some(whom) = self.verify_reads.remove(&token) else {
+            return;
+        };
+        let data = match result {
+            Ok(d) => d,
+            Err(e) => return self.fail(format!("disk read error {e} during verify")),
+        };
+        match whom {
+            ReadFor::Peer { id, chunk } => {
+                if self.link == LinkState::Active && !self.source {
+                    let digests = chunk_digests(&data, chunk);
+                    self.out
+                        .push(Action::Send(Msg::VerifyDigest { id, digests }));
+                }
+            }
+            ReadFor::Local(id) => {
+                let Some(v) = self.verify.as_mut() else {
+                    return;
+                };
+                let chunk = v.report.chunk_bytes;
+                if let Some(p) = v.inflight.get_mut(&id) {
+                    p.local = Some(chunk_digests(&data, chunk));
+                    self.verify_compare(id);
+                }
+            }
+        }
+    }
+
+    fn verify_compare(&mut self, id: u64) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let done = v
+            .inflight
+            .get(&id)
+            .is_some_and(|p| p.local.is_some() && p.remote.is_some());
+        if !done {
+            return;
+        }
+        let p = v.inflight.remove(&id).unwrap();
+        let chunk = v.report.chunk_bytes;
+        for o in mismatched_chunks(
+            p.offset,
+            chunk,
+            p.local.as_ref().unwrap(),
+            p.remote.as_ref().unwrap(),
+        ) {
+            v.report.record(o);
+            v.bad.push(o);
+        }
+        v.report.done_bytes += p.len;
+    }
+
     // ----- events -----
 
     pub fn handle(&mut self, ev: Event) {
@@ -854,6 +1102,11 @@ impl<L: Log> Core<L> {
                 self.update_path();
             }
             Event::Executed { token, result } => self.on_executed(token, result),
+            Event::ExtentRead {
+                token,
+                offset: _,
+                result,
+            } if token & VERIFY_TOKEN != 0 => self.on_verify_read(token, result),
             Event::ExtentRead {
                 token: _,
                 offset,
@@ -913,6 +1166,9 @@ impl<L: Log> Core<L> {
     fn tick(&mut self, now_ms: u64) {
         let dt = now_ms.saturating_sub(self.now_ms);
         self.now_ms = now_ms;
+        if let Some(v) = self.verify.as_mut() {
+            v.tokens += v.bytes_per_sec as f64 * dt as f64 / 1000.0;
+        }
         self.sample_replay_rate();
         if self.cfg.max_replay_bytes_per_sec > 0 {
             let cap = self.cfg.max_replay_bytes_per_sec as f64;
@@ -982,6 +1238,8 @@ impl<L: Log> Core<L> {
         self.peer_flushes.clear();
         self.in_sync_at = None;
         self.in_sync_sent = false;
+        self.verify_queued.clear();
+        self.stop_verify("the replication link went down".into());
         if let Some(mut p) = self.replay.take() {
             p.end_ms = self.now_ms;
             self.last_replay = Some(p);
@@ -1139,6 +1397,51 @@ impl<L: Log> Core<L> {
                     return self.reset_link("unexpected InSync".into());
                 }
                 self.in_sync_at = Some(s);
+            }
+            Msg::VerifyReq {
+                id,
+                offset,
+                len,
+                chunk,
+                after,
+            } => {
+                let ok = !self.source
+                    && self.link == LinkState::Active
+                    && chunk.is_power_of_two()
+                    && chunk >= 512
+                    && len > 0
+                    && len <= MAX_VERIFY_EXTENT
+                    && len.div_ceil(chunk) <= MAX_VERIFY_CHUNKS
+                    && offset
+                        .checked_add(len)
+                        .is_some_and(|e| e <= self.cfg.volume_bytes)
+                    && after + 1 >= self.exec_next;
+                if !ok {
+                    return self.reset_link(format!(
+                        "bad VerifyReq (offset {offset}, len {len}, chunk {chunk}, after {after})"
+                    ));
+                }
+                let token = VERIFY_TOKEN | self.token();
+                self.verify_reads.insert(token, ReadFor::Peer { id, chunk });
+                self.verify_queued.push_back(QueuedRead {
+                    after,
+                    token,
+                    offset,
+                    len,
+                });
+            }
+            Msg::VerifyDigest { id, digests } => {
+                let known = self
+                    .verify
+                    .as_ref()
+                    .and_then(|v| v.inflight.get(&id))
+                    .is_some_and(|p| p.remote.is_none());
+                if !self.source || !known {
+                    return self.reset_link(format!("unexpected VerifyDigest {id}"));
+                }
+                let v = self.verify.as_mut().unwrap();
+                v.inflight.get_mut(&id).unwrap().remote = Some(digests);
+                self.verify_compare(id);
             }
         }
     }
@@ -1552,6 +1855,7 @@ impl<L: Log> Core<L> {
             self.persist_meta();
         }
         self.track_current();
+        self.verify_step();
         self.stream();
         self.resync_source();
         self.resync_target();
@@ -1947,12 +2251,30 @@ impl<L: Log> Core<L> {
 
     fn schedule_executions(&mut self) {
         let limit = self.exec_limit();
+        // A verify read goes into the queue right after its ring entry, so
+        // it sees every entry up to it and none after it.
+        while let Some(q) = self.verify_queued.front().copied() {
+            if q.after >= self.exec_next {
+                break;
+            }
+            self.verify_queued.pop_front();
+            self.exec_queue
+                .push_back(ExecItem::Verify(q.token, q.offset, q.len));
+        }
         while self.exec_next <= limit {
             if let Some((h, _)) = self.log.get(self.exec_next) {
                 self.exec_queue
                     .push_back(ExecItem::Entry(h.seq, h.offset, h.len));
             }
             self.exec_next += 1;
+            while let Some(q) = self.verify_queued.front().copied() {
+                if q.after >= self.exec_next {
+                    break;
+                }
+                self.verify_queued.pop_front();
+                self.exec_queue
+                    .push_back(ExecItem::Verify(q.token, q.offset, q.len));
+            }
         }
         let extents_gate = self.resync_tgt.as_ref().map(|r| r.meta_version);
         let mut i = 0;
@@ -1964,7 +2286,7 @@ impl<L: Log> Core<L> {
             scanned += 1;
             let item = self.exec_queue[i];
             let (token, off, len) = match item {
-                ExecItem::Entry(seq, o, l) => (seq, o, l),
+                ExecItem::Entry(seq, o, l) | ExecItem::Verify(seq, o, l) => (seq, o, l),
                 ExecItem::Extent(t, o, l) => {
                     // Extents run after every ring entry held before them,
                     // and only once the "resyncing" state is durable.
@@ -2006,6 +2328,13 @@ impl<L: Log> Core<L> {
                 }
                 self.executing.push((token, off, len));
                 self.out.push(Action::Execute { seq: s });
+            } else if let ExecItem::Verify(t, o, l) = item {
+                self.executing.push((t, o, l));
+                self.out.push(Action::ReadExtent {
+                    token: t,
+                    offset: o,
+                    len: l,
+                });
             } else {
                 let data = self
                     .extents

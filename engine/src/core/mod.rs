@@ -11,6 +11,7 @@ pub mod machine;
 pub mod meta;
 pub mod msg;
 pub mod types;
+pub mod verify;
 
 pub use machine::{Action, Core, Event, HostError, LinkState};
 pub use meta::{DirtyMap, Meta};

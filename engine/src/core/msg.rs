@@ -91,6 +91,21 @@ pub enum Msg {
     /// acknowledged. A target that holds this seq durably is current: it
     /// may be promoted without losing acknowledged writes.
     InSync(Seq),
+    /// Online verify, primary to backup: read `len` bytes at `offset` right
+    /// after executing ring entry `after`, and answer the digests of each
+    /// `chunk`-byte piece.
+    VerifyReq {
+        id: u64,
+        offset: u64,
+        len: u64,
+        chunk: u64,
+        after: Seq,
+    },
+    /// The backup's answer to `VerifyReq` `id`.
+    VerifyDigest {
+        id: u64,
+        digests: Vec<u64>,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -294,6 +309,26 @@ impl Msg {
                 w.u8(15);
                 w.u64(*s);
             }
+            Msg::VerifyReq {
+                id,
+                offset,
+                len,
+                chunk,
+                after,
+            } => {
+                w.u8(16);
+                for v in [id, offset, len, chunk, after] {
+                    w.u64(*v);
+                }
+            }
+            Msg::VerifyDigest { id, digests } => {
+                w.u8(17);
+                w.u64(*id);
+                w.u64(digests.len() as u64);
+                for d in digests {
+                    w.u64(*d);
+                }
+            }
         }
     }
 
@@ -387,6 +422,25 @@ impl Msg {
             },
             14 => Msg::ResyncDone { next_seq: r.u64()? },
             15 => Msg::InSync(r.u64()?),
+            16 => Msg::VerifyReq {
+                id: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                chunk: r.u64()?,
+                after: r.u64()?,
+            },
+            17 => {
+                let id = r.u64()?;
+                let n = r.u64()?;
+                if n > super::verify::MAX_VERIFY_CHUNKS {
+                    return Err(DecodeError("too many verify digests"));
+                }
+                let mut digests = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    digests.push(r.u64()?);
+                }
+                Msg::VerifyDigest { id, digests }
+            }
             _ => return Err(DecodeError("unknown message type")),
         };
         if r.p != b.len() {
@@ -456,6 +510,17 @@ mod tests {
                 reason: "split brain".into(),
             },
             Msg::InSync(12),
+            Msg::VerifyReq {
+                id: 3,
+                offset: 1 << 20,
+                len: 1 << 20,
+                chunk: 4096,
+                after: 17,
+            },
+            Msg::VerifyDigest {
+                id: 3,
+                digests: vec![1, u64::MAX, 5],
+            },
         ]
     }
 

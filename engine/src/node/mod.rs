@@ -29,6 +29,7 @@ use volume::{
     Completion, Geometry, IoError, PathCell, PathState, Volume, VolumeIdentity, VolumeOp,
 };
 
+use crate::core::verify::VerifyState;
 use crate::core::{
     Action, ConfirmMode, Core, CoreConfig, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader,
     ReqKind, Role, Seq,
@@ -235,6 +236,7 @@ struct Shared {
 #[derive(Debug)]
 enum Command {
     Promote { force: bool },
+    Verify(crate::status::VerifyRequest),
     Demote,
     ResetLatency,
 }
@@ -410,6 +412,9 @@ impl crate::status::Control for NodeControl {
     }
     fn reset_latency(&self) -> Result<(), String> {
         self.command(Command::ResetLatency)
+    }
+    fn verify(&self, req: crate::status::VerifyRequest) -> Result<(), String> {
+        self.command(Command::Verify(req))
     }
 }
 
@@ -893,6 +898,10 @@ impl Reactor {
         let shared = self.shared.clone();
         shared.answer_commands(|c| match c {
             Command::Promote { force } => self.core.promote(force),
+            Command::Verify(r) => {
+                self.core
+                    .start_verify(r.offset, r.length, r.repair, r.bytes_per_sec)
+            }
             Command::Demote => self.core.demote(),
             Command::ResetLatency => {
                 for h in [
@@ -1474,6 +1483,29 @@ impl Reactor {
             dirty_granularity_bytes: meta.dirty.granularity,
             dirty_map_memory_bytes: meta.dirty_map_bytes(),
             remirrors: meta.remirrors,
+            verify: c.verify_report().map(|r| crate::status::VerifyStatus {
+                state: match &r.state {
+                    VerifyState::Running => "running",
+                    VerifyState::Done => "done",
+                    VerifyState::Interrupted(_) => "interrupted",
+                }
+                .into(),
+                reason: match &r.state {
+                    VerifyState::Interrupted(w) => Some(w.clone()),
+                    _ => None,
+                },
+                offset: r.offset,
+                length: r.length,
+                done_bytes: r.done_bytes,
+                chunk_bytes: r.chunk_bytes,
+                mismatched_chunks: r.mismatched_chunks,
+                mismatches: r.mismatches.clone(),
+                repair: r.repair,
+                repair_chunks: r.repair_chunks,
+                seconds: (if r.end_ms > 0 { r.end_ms } else { now }).saturating_sub(r.start_ms)
+                    as f64
+                    / 1000.0,
+            }),
             last_replay: c.last_replay.as_ref().map(|p| replay_stats(p, ack1, true)),
             replay_progress: c.replay_progress().map(|p| replay_stats(p, ack1, false)),
             io,

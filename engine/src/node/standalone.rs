@@ -174,6 +174,9 @@ impl Standalone {
             Command::Promote { .. } | Command::Demote => {
                 Err("this node runs standalone (no peer): promote and demote do not apply".into())
             }
+            Command::Verify(_) => {
+                Err("this node runs standalone (no peer): there is no replica to verify".into())
+            }
         })
     }
 

@@ -252,6 +252,7 @@ pub struct Counts {
     pub promotes_forced: u64,
     pub promotes_withheld: u64,
     pub writes_to_non_serving: u64,
+    pub verifies_done: u64,
     /// Acknowledged writes an operator's forced step discarded.
     pub discarded_acked: u64,
 }
@@ -274,6 +275,7 @@ impl Counts {
         self.promotes_forced += o.promotes_forced;
         self.promotes_withheld += o.promotes_withheld;
         self.writes_to_non_serving += o.writes_to_non_serving;
+        self.verifies_done += o.verifies_done;
         self.discarded_acked += o.discarded_acked;
     }
 }
@@ -371,6 +373,10 @@ pub struct Sim {
     replay_checked: [Option<u64>; 2],
     /// End time of the last finished replay checked, per source node.
     replay_done_checked: [Option<u64>; 2],
+    /// Blocks a test corrupted behind the nodes' back: verify may report
+    /// them (and only them).
+    corrupted: Vec<u64>,
+    verify_checked: [Option<u64>; 2],
 }
 
 fn stamp(buf: &mut [u8], id: u64) {
@@ -430,6 +436,8 @@ impl Sim {
             refusing: [false; 2],
             replay_checked: [None; 2],
             replay_done_checked: [None; 2],
+            corrupted: Vec::new(),
+            verify_checked: [None; 2],
             trace: std::env::var("DM_SIM_TRACE").is_ok(),
             p,
         };
@@ -880,6 +888,20 @@ impl Sim {
             self.nodes[i].eio = true;
             self.counts.eio_faults += 1;
         }
+        if self.rng.chance(5) {
+            // The operator runs an online verify on the serving primary
+            // while the host writes (refused unless the pair is in sync).
+            if let Some(i) = (0..2).find(|&i| {
+                !self.stalled(i) && self.nodes[i].core.as_ref().is_some_and(|c| c.is_serving())
+            }) {
+                let r = self.nodes[i]
+                    .core
+                    .as_mut()
+                    .unwrap()
+                    .start_verify(0, 0, false, 0);
+                self.log(format!("operator: verify on node {}: {r:?}", i + 1));
+            }
+        }
         if p.split_brain && !self.split_brain_forced && self.now > p.steps / 3 {
             // Partition, then promote the backup while the primary keeps
             // writing: both accept writes in diverging generations.
@@ -1004,6 +1026,7 @@ impl Sim {
             }
         }
         self.check_replays();
+        self.check_verifies();
         if let Some(r) = self.refused() {
             assert!(
                 !self.forced.is_empty(),
@@ -1070,6 +1093,41 @@ impl Sim {
                     );
                 }
             }
+        }
+    }
+
+    /// A finished verify of replicas nobody corrupted finds nothing: both
+    /// nodes read each extent at the same point of the stream.
+    fn check_verifies(&mut self) {
+        for j in 0..2 {
+            let Some(r) = self.nodes[j].core.as_ref().and_then(|c| c.verify_report()) else {
+                continue;
+            };
+            if r.state != crate::core::verify::VerifyState::Done
+                || self.verify_checked[j] == Some(r.end_ms)
+            {
+                continue;
+            }
+            self.verify_checked[j] = Some(r.end_ms);
+            self.counts.verifies_done += 1;
+            let chunk = r.chunk_bytes;
+            let allowed = |o: &u64| {
+                self.corrupted
+                    .iter()
+                    .any(|b| b * BLOCK / chunk * chunk == *o)
+            };
+            let mut o = Vec::new();
+            for &(off, len) in &r.mismatches {
+                o.extend((off..off + len).step_by(chunk as usize));
+            }
+            assert!(
+                o.iter().all(allowed) && r.mismatched_chunks == o.len() as u64,
+                "verify on node {} found mismatches {:?} ({} chunks); corrupted blocks {:?}",
+                j + 1,
+                r.mismatches,
+                r.mismatched_chunks,
+                self.corrupted
+            );
         }
     }
 
@@ -1481,7 +1539,8 @@ mod tests {
             "simulator: {n} seeds, {completed} acknowledged host writes, {replayed} entries replayed\n  \
              faults: {} primary kills, {} backup kills, {} kills of both, {} stalls, {} link cuts, \
              {} disk error faults, {} degraded stretches, {} writes sent to a non-serving node\n  \
-             decisions: {} replays, {} dirty-map resyncs, {} full remirrors, {} refusals\n  \
+             decisions: {} replays, {} dirty-map resyncs, {} full remirrors, {} refusals, \
+             {} online verifies\n  \
              promote: {} accepted, {} refused, {} forced, {} withheld by the documented rule; \
              {} acknowledged writes discarded by forced steps",
             c.primary_kills,
@@ -1496,6 +1555,7 @@ mod tests {
             c.dirty_map_resyncs,
             c.remirrors,
             c.refusals,
+            c.verifies_done,
             c.promotes_accepted,
             c.promotes_refused,
             c.promotes_forced,
@@ -1520,6 +1580,7 @@ mod tests {
             ("disk error faults", c.eio_faults),
             ("degraded stretches", c.degraded_stretches),
             ("writes to a non-serving node", c.writes_to_non_serving),
+            ("finished verifies", c.verifies_done),
             ("replays", c.replays),
             ("dirty-map resyncs", c.dirty_map_resyncs),
             ("full remirrors", c.remirrors),
@@ -1585,6 +1646,66 @@ mod tests {
             on_acks * 10 < on_reqs * 9,
             "coalesced: {on_acks} ACK1s for {on_reqs} REQs"
         );
+    }
+
+    /// Issue 11 item 8: online verify finds exactly a block corrupted
+    /// behind the backup's back, while the host keeps writing; `repair`
+    /// resyncs it and the disks end identical.
+    #[test]
+    fn verify_finds_exactly_the_corrupted_block_and_repair_fixes_it() {
+        for seed in 0..5 {
+            let mut sim = Sim::with_params(
+                seed,
+                SimParams {
+                    blocks: 256,
+                    dirty_granularity: BLOCK,
+                    ..calm(seed)
+                },
+            );
+            for _ in 0..300 {
+                sim.step();
+            }
+            // A block the host never writes (it writes blocks < 200 below).
+            let bad = 230;
+            sim.p.blocks = 200;
+            let off = (bad * BLOCK) as usize;
+            sim.nodes[1].disk[off + 17] ^= 0x5a;
+            sim.corrupted.push(bad);
+            let p = (0..2)
+                .find(|&i| sim.nodes[i].core.as_ref().unwrap().is_serving())
+                .unwrap();
+            let run = |sim: &mut Sim, repair: bool| {
+                sim.nodes[p]
+                    .core
+                    .as_mut()
+                    .unwrap()
+                    .start_verify(0, 0, repair, 0)
+                    .unwrap();
+                for _ in 0..5000 {
+                    sim.step();
+                    let r = sim.nodes[p].core.as_ref().unwrap().verify_report().unwrap();
+                    if r.state != crate::core::verify::VerifyState::Running {
+                        return r.clone();
+                    }
+                }
+                panic!("verify did not finish");
+            };
+            let r = run(&mut sim, false);
+            assert_eq!(r.state, crate::core::verify::VerifyState::Done);
+            assert_eq!(r.done_bytes, 256 * BLOCK);
+            assert_eq!(r.mismatches, vec![(bad * BLOCK, BLOCK)], "seed {seed}");
+            assert_eq!(r.mismatched_chunks, 1);
+            let r = run(&mut sim, true);
+            assert_eq!(r.mismatches, vec![(bad * BLOCK, BLOCK)]);
+            assert_eq!(r.repair_chunks, 1);
+            sim.corrupted.clear();
+            for _ in 0..2000 {
+                sim.step();
+            }
+            sim.p.blocks = 256;
+            let o = sim.run();
+            assert!(o.completed > 0);
+        }
     }
 
     /// Issue 11 item 4: with the exact (per-block) dirty map, a replay after
