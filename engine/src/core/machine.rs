@@ -861,7 +861,7 @@ impl<L: Log> Core<L> {
         } else {
             offset.saturating_add(length)
         };
-        if offset % chunk != 0 || end > self.cfg.volume_bytes || offset >= end {
+        if !offset.is_multiple_of(chunk) || end > self.cfg.volume_bytes || offset >= end {
             return Err(format!(
                 "verify range {offset}+{length}: must lie inside the volume ({} bytes) and start \
                  on a multiple of {chunk}",
