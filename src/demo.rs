@@ -28,9 +28,25 @@ impl Pair {
         self.dir.join(format!("node{}.toml", i + 1))
     }
 
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node{}.log", i + 1))
+    }
+
+    /// The shell command that starts node `i` as the demo does, its output
+    /// appended to the node's log.
+    fn restart_command(&self, i: usize) -> Result<String> {
+        let exe = std::env::current_exe()?;
+        Ok(format!(
+            "{} serve --config {} >>{} 2>&1",
+            sh_quote(&exe),
+            sh_quote(&self.config_path(i)),
+            sh_quote(&self.log_path(i))
+        ))
+    }
+
     fn spawn(&mut self, i: usize) -> Result<()> {
         let exe = std::env::current_exe()?;
-        let log = File::create(self.dir.join(format!("node{}.log", i + 1)))?;
+        let log = File::create(self.log_path(i))?;
         let child = Command::new(exe)
             .arg("serve")
             .arg("--config")
@@ -70,7 +86,7 @@ impl Pair {
                 bail!(
                     "node {} did not reach '{what}' within {secs} s (see {})",
                     i + 1,
-                    self.dir.join(format!("node{}.log", i + 1)).display()
+                    self.log_path(i).display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -177,6 +193,115 @@ fn files_identical(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
+/// Quotes a path for a POSIX shell (single quotes, `'` as `'\''`).
+fn sh_quote(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
+    {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Whether a process is running (a zombie its parent has not reaped yet
+/// counts as dead).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => false,
+    }
+}
+
+/// What the demo knows of one node while it serves.
+enum Watch {
+    /// The demo's own child process.
+    Child,
+    /// Dead: the restart command was printed; waiting for its admin port.
+    Dead,
+    /// Restarted by the user (not the demo's child): its pid from status.
+    ByHand(u32),
+}
+
+/// `demo --serve`: keeps the pair running until SIGINT or SIGTERM. When a
+/// node dies (kill -9, a crash), the other keeps running; the demo says
+/// which node died and how, and prints the command that restarts it. A node
+/// restarted that way is watched through its admin port and stopped with
+/// the pair.
+fn serve_until_stopped(pair: &mut Pair) -> Result<()> {
+    let stop = engine::sys::stop_on_signals();
+    let mut watch = [Watch::Child, Watch::Child];
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+        for i in [0, 1] {
+            let other = 1 - i;
+            let died = match &watch[i] {
+                Watch::Child => match pair.children[i].as_mut().map(|c| c.try_wait()) {
+                    Some(Ok(Some(st))) => {
+                        pair.children[i] = None;
+                        Some(st.to_string())
+                    }
+                    _ => None,
+                },
+                Watch::ByHand(pid) => (!alive(*pid)).then(|| format!("pid {pid} exited")),
+                Watch::Dead => {
+                    // pid 0: the admin port is up, the node's first status
+                    // not yet published.
+                    if let Some(s) = pair.status(i).ok().filter(|s| s.pid != 0) {
+                        println!(
+                            "node {} is back (pid {}, {}); follow it with: deltamirror status --admin {} --watch",
+                            i + 1,
+                            s.pid,
+                            s.role,
+                            pair.admin(i)
+                        );
+                        watch[i] = Watch::ByHand(s.pid);
+                    }
+                    None
+                }
+            };
+            if let Some(how) = died {
+                watch[i] = Watch::Dead;
+                if matches!(watch[other], Watch::Dead) {
+                    println!(
+                        "node {} died ({how}); node {} is down too",
+                        i + 1,
+                        other + 1
+                    );
+                } else {
+                    println!(
+                        "node {} died ({how}); node {} keeps running (deltamirror status --admin {})",
+                        i + 1,
+                        other + 1,
+                        pair.admin(other)
+                    );
+                }
+                println!("  restart node {} with:", i + 1);
+                println!("    {}", pair.restart_command(i)?);
+            }
+        }
+    }
+    println!("stopping the pair");
+    // The demo's children stop when the pair drops; nodes restarted by hand
+    // are part of the pair too.
+    for (i, w) in watch.iter().enumerate() {
+        if let Watch::ByHand(pid) = *w {
+            println!("stopping node {} (pid {pid}, restarted by hand)", i + 1);
+            engine::sys::terminate(pid);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -195,23 +320,12 @@ pub fn run(serve: bool, dir: Option<PathBuf>, port_offset: u16) -> Result<()> {
     );
     if serve {
         println!("  status:  deltamirror status --admin {}", a.admin.listen);
+        println!(
+            "  try:     kill -9 either node (its pid is in `deltamirror status --admin ADMIN --json`): \
+             the other keeps running, and this prints the command that restarts it"
+        );
         println!("running until interrupted (Ctrl-C)");
-        let stop = engine::sys::stop_on_signals();
-        while !stop.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(100));
-            for i in 0..2 {
-                if let Some(c) = pair.children[i].as_mut() {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        bail!(
-                            "node {} exited ({st}); see {}",
-                            i + 1,
-                            pair.dir.join(format!("node{}.log", i + 1)).display()
-                        );
-                    }
-                }
-            }
-        }
-        println!("stopping the pair");
+        serve_until_stopped(&mut pair)?;
         return Ok(());
     }
 

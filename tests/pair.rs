@@ -19,18 +19,17 @@ const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    testskip::on_path(tool)
 }
 
+/// False, with the skip recorded for scripts/test.sh (testskip), when a
+/// tool is absent: the caller returns.
 fn need(tools: &[&str]) -> bool {
     for t in tools {
         if !have(t) {
-            println!("SKIPPED: {t} is not installed (scripts/test.sh installs it)");
+            testskip::skip(format!(
+                "{t} is not installed (scripts/test.sh installs it)"
+            ));
             return false;
         }
     }

@@ -132,6 +132,65 @@ fn discovery_lists_own_and_peer_portals() {
     t.shutdown();
 }
 
+/// The target's CHAP response and the tests' own MD5 against values computed
+/// outside this code: RFC 1321's test suite (appendix A.5) and RFC 1994
+/// responses from python3's hashlib, e.g.
+/// python3 -c "import hashlib; print(hashlib.md5(bytes([1]) +
+///   b'initiator-secret-1' + bytes(range(16))).hexdigest())"
+#[test]
+fn chap_responses_match_independently_computed_vectors() {
+    let hex = |b: [u8; 16]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for (msg, want) in [
+        ("", "d41d8cd98f00b204e9800998ecf8427e"),
+        ("a", "0cc175b9c0f1b6a831c399e269772661"),
+        ("abc", "900150983cd24fb0d6963f7d28e17f72"),
+        ("message digest", "f96b697d7cb7938d525a2f31aaf161d0"),
+        (
+            "abcdefghijklmnopqrstuvwxyz",
+            "c3fcd3d76192e4007dfb496cca67e13b",
+        ),
+        (
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+            "d174ab98d277d9f5a5611c2c9f419d9f",
+        ),
+        (
+            "12345678901234567890123456789012345678901234567890123456789012345678901234567890",
+            "57edf4a22be3c955ac49da2e2107b67a",
+        ),
+    ] {
+        assert_eq!(hex(md5(msg.as_bytes())), want, "MD5({msg:?})");
+    }
+    let ch16: Vec<u8> = (0..16).collect();
+    let ch64: Vec<u8> = (192..=255).rev().collect();
+    let x100 = [b'x'; 100];
+    for (id, secret, challenge, want) in [
+        (
+            7u8,
+            &b"target-secret-22"[..],
+            &[9u8; 16][..],
+            "096dc84d580500af2ba52e9f31db0a93",
+        ),
+        (
+            1,
+            b"initiator-secret-1",
+            &ch16,
+            "f8a876be858b70fd6d198f4ed5b966b3",
+        ),
+        (0xff, &x100, &ch64, "eb8ac36bf4b564a0f5262425d72d2d87"),
+    ] {
+        assert_eq!(
+            hex(iscsi_target::login::chap_response(id, secret, challenge)),
+            want,
+            "the target's chap_response({id}, ..)"
+        );
+        assert_eq!(
+            hex(chap_md5(id, secret, challenge)),
+            want,
+            "chap_md5({id}, ..)"
+        );
+    }
+}
+
 #[test]
 fn chap_and_mutual_chap() {
     let chap = ChapConfig {
@@ -150,15 +209,11 @@ fn chap_and_mutual_chap() {
         Mutual::Challenge(ch.to_vec()),
     );
     assert_eq!(st, 0);
-    let want = iscsi_target::login::chap_response(7, b"target-secret-22", &ch);
+    // MD5(0x07 || "target-secret-22" || 16 x 0x09), computed independently:
+    // python3 -c "import hashlib; print(hashlib.md5(bytes([7]) +
+    //   b'target-secret-22' + bytes([9] * 16)).hexdigest())"
     let got = &keys.iter().find(|(k, _)| k == "CHAP_R").unwrap().1;
-    assert_eq!(
-        got,
-        &format!(
-            "0x{}",
-            want.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        )
-    );
+    assert_eq!(got, "0x096dc84d580500af2ba52e9f31db0a93");
     // Wrong secret: authentication failure.
     let mut i = Initiator::connect(t.local_addr());
     let (st, _) = chap_login(
@@ -228,11 +283,61 @@ fn alua_standby_and_unit_attention() {
     t.shutdown();
 }
 
-/// Solicited Data-Out is bounded per session: a third 32 MiB write gets its
-/// first R2T only after one of the first two completes.
+/// A MemVolume whose requests wait until the test releases them, so that
+/// "before the write completed" is a state the test holds, not a race.
+struct Parked {
+    inner: volume::MemVolume,
+    held: std::sync::Mutex<Vec<(volume::VolumeOp, volume::Completion)>>,
+}
+
+impl Parked {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+    fn release(&self) {
+        let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
+        for (op, done) in held {
+            volume::Volume::submit(&self.inner, op, done);
+        }
+    }
+}
+
+impl volume::Volume for Parked {
+    fn geometry(&self) -> volume::Geometry {
+        self.inner.geometry()
+    }
+    fn identity(&self) -> volume::VolumeIdentity {
+        self.inner.identity()
+    }
+    fn path_state(&self) -> PathState {
+        self.inner.path_state()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.inner.path_epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        self.inner.max_io_bytes()
+    }
+    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+        self.held.lock().unwrap().push((op, done));
+    }
+}
+
+/// Solicited Data-Out is bounded per session (64 MiB): of three 32 MiB
+/// writes, the first two get their R2Ts in arrival order, and the third gets
+/// its first R2T only after one of the first two completed on the volume:
+/// not when its Data-Out is in, not while the volume holds it.
 #[test]
 fn write_budget_defers_r2ts() {
-    let (t, _vol) = target(|_| {});
+    let vol = std::sync::Arc::new(Parked {
+        inner: volume::MemVolume::new(512, 8192),
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let t = iscsi_target::start(
+        iscsi_target::IscsiConfig::new("127.0.0.1:0".parse().unwrap(), IQN),
+        vol.clone(),
+    )
+    .unwrap();
     let mut i = Initiator::connect(t.local_addr());
     i.login(&[("MaxBurstLength", "1048576")]);
     let big = 32u32 << 20;
@@ -245,59 +350,84 @@ fn write_budget_defers_r2ts() {
         itts.push(p.itt());
         i.send(&mut p);
     }
-    let r2t_for = |i: &mut Initiator| {
-        let r = i.recv().expect("R2T");
-        assert_eq!(r.opcode(), pdu::OP_R2T);
-        r
-    };
-    let a = r2t_for(&mut i);
-    let b = r2t_for(&mut i);
-    assert_eq!((a.itt(), b.itt()), (itts[0], itts[1]));
-    i.s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
-    assert!(i.recv().is_none(), "third write must wait for budget");
-    i.s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    // Feed the first write's R2Ts until its response; the third's R2T follows.
-    let data = vec![0u8; big as usize];
+    let is_third_r2t = |p: &pdu::Pdu| p.opcode() == pdu::OP_R2T && p.itt() == itts[2];
+    let a = i.recv().expect("R2T");
+    let b = i.recv().expect("R2T");
+    assert_eq!(
+        (a.opcode(), a.itt(), b.opcode(), b.itt()),
+        (pdu::OP_R2T, itts[0], pdu::OP_R2T, itts[1]),
+        "the first two writes get R2Ts, in arrival order"
+    );
+    // Answer every R2T of the first write (one outstanding at a time), never
+    // the second's: the third must not get an R2T meanwhile.
+    let data: Vec<u8> = (0..big as usize).map(|x| (x % 251) as u8 + 1).collect();
     let mut r2t = a;
-    let mut saw_c = false;
     loop {
-        if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[0] {
-            let (off, len) = (r2t.u32_at(40) as usize, r2t.u32_at(44) as usize);
-            let mut at = off;
-            let mut sn = 0;
-            while at < off + len {
-                let n = (off + len - at).min(65536);
-                let mut d = pdu::Pdu::new(pdu::OP_DATA_OUT);
-                d.bhs[1] = if at + n == off + len { 0x80 } else { 0 };
-                d.set_u32(16, itts[0]);
-                d.set_u32(20, r2t.u32_at(20));
-                d.set_u32(36, sn);
-                d.set_u32(40, at as u32);
-                d.data = data[at..at + n].to_vec();
-                i.send(&mut d);
-                at += n;
-                sn += 1;
-            }
-        } else if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[2] {
-            saw_c = true;
-        } else if r2t.opcode() == pdu::OP_SCSI_RESP {
-            assert_eq!(r2t.itt(), itts[0]);
-            if saw_c {
-                break;
-            }
+        let (off, len) = (r2t.u32_at(40) as usize, r2t.u32_at(44) as usize);
+        let mut at = off;
+        let mut sn = 0;
+        while at < off + len {
+            let n = (off + len - at).min(65536);
+            let mut d = pdu::Pdu::new(pdu::OP_DATA_OUT);
+            d.bhs[1] = if at + n == off + len { 0x80 } else { 0 };
+            d.set_u32(16, itts[0]);
+            d.set_u32(20, r2t.u32_at(20));
+            d.set_u32(36, sn);
+            d.set_u32(40, at as u32);
+            d.data = data[at..at + n].to_vec();
+            i.send(&mut d);
+            at += n;
+            sn += 1;
         }
-        r2t = i.recv().expect("PDU");
-        if r2t.opcode() == pdu::OP_R2T && r2t.itt() == itts[2] {
-            saw_c = true;
+        if off + len == big as usize {
             break;
         }
+        r2t = i.recv().expect("R2T");
+        assert!(
+            !is_third_r2t(&r2t),
+            "third write's R2T while the first's data was still coming"
+        );
+        assert_eq!((r2t.opcode(), r2t.itt()), (pdu::OP_R2T, itts[0]));
     }
+    // The first write's data is in and it reached the volume, which holds it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while vol.held() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first write never reached the volume"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Everything the target queued before it read this NOP-Out arrives
+    // before the NOP-In: no R2T for the third write may be among it.
+    let p = i.nop();
     assert!(
-        saw_c,
-        "the waiting write got its R2T after budget was released"
+        !is_third_r2t(&p),
+        "third write's R2T before the first write completed on the volume"
     );
+    assert_eq!(
+        p.opcode(),
+        pdu::OP_NOP_IN,
+        "unexpected PDU for itt {:#x}",
+        p.itt()
+    );
+    assert_eq!(vol.held(), 1, "only the first write reached the volume");
+    // The first write completes: the third gets its R2T and the first its
+    // response (in either order).
+    vol.release();
+    let (mut third_r2t, mut first_done) = (false, false);
+    while !(third_r2t && first_done) {
+        let p = i.recv().expect("PDU");
+        if is_third_r2t(&p) {
+            third_r2t = true;
+        } else if p.opcode() == pdu::OP_SCSI_RESP && p.itt() == itts[0] {
+            assert_eq!((p.bhs[2], p.bhs[3]), (0, 0), "completed, GOOD");
+            first_done = true;
+        } else {
+            panic!("unexpected PDU {:#x} for itt {:#x}", p.opcode(), p.itt());
+        }
+    }
+    assert_eq!(vol.inner.writes.load(Ordering::SeqCst), 1);
     t.shutdown();
 }
 
@@ -379,7 +509,7 @@ fn chap_when_the_initiator_requests_transit_early() {
         .step_by(2)
         .map(|x| u8::from_str_radix(&c[x..x + 2], 16).unwrap())
         .collect();
-    let r = iscsi_target::login::chap_response(id, b"initiator-secret-1", &c);
+    let r = chap_md5(id, b"initiator-secret-1", &c);
     let (st, _, granted) = i.login_step(
         0,
         1,

@@ -58,7 +58,7 @@ fn iscsi_test_cu_all() {
         .output()
         .is_err()
     {
-        println!("SKIPPED: iscsi-test-cu not installed (apt-get install libiscsi-bin)");
+        testskip::skip("iscsi-test-cu is not installed (scripts/test.sh installs libiscsi-bin)");
         return;
     }
     let vol = Arc::new(volume::MemVolume::new(512, 131_072));

@@ -40,7 +40,7 @@ fn greeting_and_export_name_with_and_without_zeroes() {
     assert_eq!(c.u16(), EXPORT_FLAGS);
     assert_eq!(c.bytes(124), vec![0; 124]);
     c.request(CMD_DISC, 0, 1, 0, 0, &[]);
-    assert!(c.is_closed());
+    c.expect_closed();
     srv.shutdown();
 }
 
@@ -64,7 +64,7 @@ fn unknown_export_name_closes_the_connection() {
     let (_vol, srv) = setup();
     let mut c = Client::negotiating(srv.local_addr());
     c.send_option(OPT_EXPORT_NAME, b"nope");
-    assert!(c.is_closed());
+    c.expect_closed();
     srv.shutdown();
 }
 
@@ -128,7 +128,7 @@ fn options_list_info_unsupported_and_abort() {
 
     let mut c = Client::negotiating(srv.local_addr());
     assert_eq!(c.option(OPT_ABORT, &[]), vec![(REP_ACK, vec![])]);
-    assert!(c.is_closed());
+    c.expect_closed();
     srv.shutdown();
 }
 
@@ -189,7 +189,7 @@ fn every_command(vol: &MemVolume, srv: nbd_target::NbdServer) {
 
     let w = vol.writes.load(Ordering::Relaxed);
     c.request(CMD_DISC, 0, 1, 0, 0, &[]);
-    assert!(c.is_closed());
+    c.expect_closed();
     assert_eq!(vol.writes.load(Ordering::Relaxed), w);
     srv.shutdown();
 }
@@ -322,17 +322,17 @@ fn bad_input_closes_only_that_connection() {
     // Garbage instead of client flags + options.
     let (mut c, _) = Client::connect(addr);
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Unknown client flags.
     let (mut c, _) = Client::connect(addr);
     c.send(&0x8000_0001u32.to_be_bytes());
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Bad option magic.
     let mut c = Client::negotiating(addr);
     c.send(&[0x55; 16]);
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Absurd option length.
     let mut c = Client::negotiating(addr);
@@ -340,29 +340,29 @@ fn bad_input_closes_only_that_connection() {
     m.extend_from_slice(&OPT_GO.to_be_bytes());
     m.extend_from_slice(&u32::MAX.to_be_bytes());
     c.send(&m);
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Bad request magic in the transmission phase.
     let (mut c, _, _) = Client::go(addr);
     c.send(&[0xab; 28]);
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Truncated request: header then half a write payload, then EOF.
     let (mut c, _, _) = Client::go(addr);
     c.request(CMD_WRITE, 0, 1, 0, 4096, &[9; 100]);
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Huge write length: the payload is not worth reading, the connection closes.
     let (mut c, _, _) = Client::go(addr);
     c.request(CMD_WRITE, 0, 1, 0, u32::MAX, &[0; 64]);
-    assert!(c.is_closed());
+    c.expect_closed();
 
     // Requests after NBD_CMD_DISC are not executed.
     let (mut c, _, _) = Client::go(addr);
     c.request(CMD_DISC, 0, 1, 0, 0, &[]);
     c.request(CMD_WRITE, 0, 2, 0, 512, &[1; 512]);
-    assert!(c.is_closed());
+    c.expect_closed();
 
     assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
     assert_eq!(healthy.call(CMD_READ, 0, 0, 512, &[]), (0, vec![0; 512]));
@@ -389,19 +389,15 @@ fn max_connections_and_shutdown() {
     let (_a, _, _) = Client::go(addr);
     let (mut b, _, _) = Client::go(addr);
     // The third is closed before any greeting.
-    let mut third = std::net::TcpStream::connect(addr).unwrap();
+    let third = std::net::TcpStream::connect(addr).unwrap();
     third
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-    let mut buf = [0u8; 8];
-    assert!(matches!(
-        std::io::Read::read(&mut third, &mut buf),
-        Ok(0) | Err(_)
-    ));
+    Client { s: third }.expect_closed();
     assert_eq!(srv.connections(), 2);
     // Shutdown closes the open ones.
     srv.shutdown();
-    assert!(b.is_closed());
+    b.expect_closed();
 }
 
 #[test]
@@ -627,7 +623,7 @@ fn shutdown_does_not_wait_for_a_stuck_volume() {
     let t0 = std::time::Instant::now();
     srv.shutdown();
     assert!(t0.elapsed() < std::time::Duration::from_secs(5));
-    assert!(c.is_closed());
+    c.expect_closed();
     // The late completion finds nobody listening, harmlessly.
     vol.release();
     assert_eq!(vol.inner.writes.load(Ordering::Relaxed), 1);
@@ -775,4 +771,59 @@ fn concurrent_connections_share_one_volume() {
     }
     assert_eq!(vol.writes.load(Ordering::Relaxed), SIZE / 4096);
     srv.shutdown();
+}
+
+/// The helper behind every "connection closed" assertion above: EOF and a
+/// reset are a close, a server that accepts and then goes silent is not
+/// (its read times out), and neither is one that sends a byte.
+#[test]
+fn closed_helper_tells_eof_and_reset_from_a_silent_server() {
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let client = || {
+        let s = TcpStream::connect(addr).unwrap();
+        // Only the silent case waits this long, and silence is its answer.
+        s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        Client { s }
+    };
+
+    // Silent: accepted and held open, never answered.
+    let mut c = client();
+    let (held, _) = l.accept().unwrap();
+    assert_eq!(c.next_read(), ReadEnd::Timeout);
+    assert!(
+        !c.is_closed(),
+        "a silent server has not closed the connection"
+    );
+
+    // EOF: the server closes.
+    let mut c = client();
+    drop(l.accept().unwrap());
+    assert_eq!(c.next_read(), ReadEnd::Eof);
+    let mut c = client();
+    drop(l.accept().unwrap());
+    assert!(c.is_closed());
+
+    // Reset: the server closes with unread bytes in its receive buffer, so
+    // the kernel answers with RST.
+    let reset = || {
+        let mut c = client();
+        c.send(b"unread");
+        let (s, _) = l.accept().unwrap();
+        let mut b = [0u8; 6];
+        assert_eq!(s.peek(&mut b).unwrap(), 6, "the bytes reached the server");
+        drop(s);
+        c
+    };
+    assert_eq!(reset().next_read(), ReadEnd::Reset);
+    assert!(reset().is_closed());
+
+    // Bytes: the server answered, the connection is open.
+    let mut c = client();
+    let (mut s, _) = l.accept().unwrap();
+    std::io::Write::write_all(&mut s, b"x").unwrap();
+    assert_eq!(c.next_read(), ReadEnd::Data(b'x'));
+    drop(held);
 }

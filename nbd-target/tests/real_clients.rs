@@ -1,5 +1,6 @@
 //! Real NBD clients against the server (qemu-io, nbdinfo, nbdcopy, fio).
-//! Each test is skipped, with a printed reason, when its tool is absent.
+//! Each test is skipped, with its reason recorded through testskip (counted
+//! by scripts/test.sh), when its tool is absent.
 
 mod common;
 
@@ -10,12 +11,14 @@ use std::sync::Arc;
 use common::*;
 use volume::MemVolume;
 
+/// False, with the skip recorded for scripts/test.sh (testskip), when the
+/// tool is absent: the caller returns.
 fn have(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found = testskip::on_path(tool);
     if !found {
-        println!("SKIPPED: {tool} is not installed (apt-get install qemu-utils libnbd-bin fio)");
+        testskip::skip(format!(
+            "{tool} is not installed (scripts/test.sh installs it; apt-get install qemu-utils libnbd-bin fio)"
+        ));
     }
     found
 }
@@ -173,7 +176,7 @@ fn fio_randwrite_verify_crc32c() {
         String::from_utf8_lossy(&out.stderr)
     );
     if String::from_utf8_lossy(&out.stderr).contains("engine nbd not loadable") {
-        println!("SKIPPED: this fio has no nbd engine\n{text}");
+        testskip::skip("this fio has no nbd engine (fio built without libnbd)");
         srv.shutdown();
         return;
     }
@@ -188,7 +191,7 @@ fn nbdfuse_mkfs_ext4_and_fsck() {
         return;
     }
     if !std::path::Path::new("/dev/fuse").exists() {
-        println!("SKIPPED: no /dev/fuse");
+        testskip::skip("no /dev/fuse on this machine");
         return;
     }
     let vol = Arc::new(MemVolume::new(512, 128 * 2048)); // 128 MiB

@@ -234,19 +234,110 @@ fn uring_sync_fd_and_drop_with_operations_in_flight() {
     drop(b);
 }
 
-#[test]
-fn uring_falls_back_to_buffered_io_on_tmpfs() {
-    // /dev/shm is tmpfs; older kernels refuse O_DIRECT there.
-    let path =
-        std::path::PathBuf::from(format!("/dev/shm/deltamirror-test-{}", std::process::id()));
-    if create_file_device(&path, DEV_BYTES).is_err() {
-        return; // no /dev/shm here
+/// Whether the filesystem holding `path` accepts O_DIRECT, asked of the
+/// kernel with open(2) itself, independently of the backend.
+fn accepts_o_direct(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(_) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+        Err(e) => panic!("open({}, O_DIRECT): {e}", path.display()),
     }
-    let b = UringBackend::open(&path, &UringConfig::default());
-    let _ = std::fs::remove_file(&path);
-    let mut b = b.unwrap();
-    assert_eq!(write(&mut b, 0, &pattern(4096, 3), false), Ok(4096));
-    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 3));
+}
+
+/// Opens a device file at `path` with the io_uring backend and checks that
+/// it uses O_DIRECT exactly when the filesystem accepts it, that it passes
+/// the conformance checks either way, and that what it wrote is in the file.
+/// Returns whether the filesystem refused O_DIRECT (the fallback was taken).
+fn open_direct_or_buffered(path: &std::path::Path) -> bool {
+    create_file_device(path, DEV_BYTES).unwrap();
+    let direct = accepts_o_direct(path);
+    let mut b = UringBackend::open(path, &UringConfig::default()).unwrap();
+    assert_eq!(
+        b.is_direct(),
+        direct,
+        "{}: the backend must use O_DIRECT exactly when the filesystem accepts it \
+         (open(2) with O_DIRECT {})",
+        path.display(),
+        if direct {
+            "succeeds"
+        } else {
+            "fails with EINVAL"
+        }
+    );
+    conformance(&mut b);
+    drop(b);
+    let data = std::fs::read(path).unwrap();
+    assert_eq!(data[..4096], pattern(4096, 7)[..]);
+    !direct
+}
+
+/// A ramfs mounted on a scratch directory, unmounted on drop. ramfs has no
+/// direct I/O at all, so it refuses O_DIRECT on every kernel. None where
+/// mounting fails (not root).
+struct RamFs(TempDir);
+
+impl RamFs {
+    fn mount() -> Option<RamFs> {
+        let dir = TempDir::new("ramfs");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        st.success().then_some(RamFs(dir))
+    }
+}
+
+impl Drop for RamFs {
+    fn drop(&mut self) {
+        // Lazy: the kernel may still hold the closed io_uring's registered
+        // file for a moment.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Where the filesystem refuses O_DIRECT (tmpfs before Linux 6.6, ramfs on
+/// every kernel), the backend falls back to buffered I/O and still works;
+/// where it accepts it (tmpfs since 6.6), it uses O_DIRECT.
+#[test]
+fn uring_falls_back_to_buffered_io_where_o_direct_is_refused() {
+    let mut fell_back = Vec::new();
+    // /dev/shm is tmpfs.
+    if std::path::Path::new("/dev/shm").is_dir() {
+        struct Remove(std::path::PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path = Remove(format!("/dev/shm/deltamirror-test-{}", std::process::id()).into());
+        if open_direct_or_buffered(&path.0) {
+            fell_back.push("tmpfs");
+        }
+    }
+    if let Some(ramfs) = RamFs::mount() {
+        assert!(
+            open_direct_or_buffered(&ramfs.0.join("dev")),
+            "ramfs has no direct I/O: open(2) with O_DIRECT must fail there"
+        );
+        fell_back.push("ramfs");
+    }
+    if fell_back.is_empty() {
+        testskip::skip(
+            "no filesystem here refuses O_DIRECT: tmpfs accepts it since Linux 6.6 \
+             and mounting a ramfs needs root",
+        );
+    }
 }
 
 #[test]
@@ -395,25 +486,37 @@ fn aligned_buf_and_pool() {
 }
 
 /// A loop device over a file, detached on drop. `None` where loop devices
-/// cannot be set up (not root, no loop driver): the test is then skipped.
+/// cannot be set up (not root, no loop driver): the skip is recorded
+/// (testskip) and the test returns.
 struct LoopDevice(String);
 
 impl LoopDevice {
     fn attach(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
-        let out = std::process::Command::new("losetup")
+        let out = match std::process::Command::new("losetup")
             .args(["-f", "--show", "-b", &sector_size.to_string()])
             .arg(file)
             .output()
-            .ok()?;
+        {
+            Ok(out) => out,
+            Err(e) => {
+                testskip::skip(format!(
+                    "cannot run losetup ({e}): util-linux is not installed"
+                ));
+                return None;
+            }
+        };
         if !out.status.success() {
-            eprintln!(
-                "skipping: losetup failed: {}",
+            testskip::skip(format!(
+                "no loop device (losetup needs root and the loop driver): {}",
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
             return None;
         }
         Some(LoopDevice(
-            String::from_utf8(out.stdout).ok()?.trim().to_string(),
+            String::from_utf8(out.stdout)
+                .expect("losetup prints a device path")
+                .trim()
+                .to_string(),
         ))
     }
 }

@@ -158,11 +158,65 @@ impl Client {
         (errno, payload)
     }
 
-    /// True once the server has closed the connection (EOF or reset).
-    pub fn is_closed(&mut self) -> bool {
+    /// How the connection ends on the next read: EOF, a reset, bytes, or
+    /// silence until the read timeout.
+    pub fn next_read(&mut self) -> ReadEnd {
         let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+        loop {
+            return match self.s.read(&mut b) {
+                Ok(0) => ReadEnd::Eof,
+                Ok(_) => ReadEnd::Data(b[0]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    ReadEnd::Reset
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    ReadEnd::Timeout
+                }
+                Err(e) => ReadEnd::Other(e.kind()),
+            };
+        }
     }
+
+    /// True once the server has closed the connection (EOF or reset). A
+    /// server that goes silent (the read times out) or sends more bytes has
+    /// not closed it.
+    pub fn is_closed(&mut self) -> bool {
+        matches!(self.next_read(), ReadEnd::Eof | ReadEnd::Reset)
+    }
+
+    /// Asserts that the server closed the connection (EOF or reset), naming
+    /// what was seen instead.
+    #[track_caller]
+    pub fn expect_closed(&mut self) {
+        let end = self.next_read();
+        assert!(
+            matches!(end, ReadEnd::Eof | ReadEnd::Reset),
+            "expected the server to close the connection (EOF or reset), got {end:?}"
+        );
+    }
+}
+
+/// What [`Client::next_read`] saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadEnd {
+    Eof,
+    Reset,
+    /// The read timed out: the server is silent, the connection open.
+    Timeout,
+    /// A byte arrived (the first one).
+    Data(u8),
+    Other(std::io::ErrorKind),
 }
 
 pub fn info_request(name: &str, reqs: &[u16]) -> Vec<u8> {
