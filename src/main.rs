@@ -128,6 +128,16 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let thread = std::thread::current();
+        log::error!(
+            "fatal: thread {} panicked: {info}; the process stops now (panic = abort) so that a \
+             broken invariant never limps on; if this node was the primary, promote its peer",
+            thread.name().unwrap_or("?")
+        );
+    }));
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Format {

@@ -5,12 +5,15 @@
 #
 #   nbd-target/scripts/bench_vs_nbdkit.sh [QD] [RW] [SECS] [ROUNDS]
 #
-# Needs: fio with the nbd engine, nbdkit, python3, and
-#   CARGO_TARGET_DIR=/work/target-nbd cargo build --release -p nbd-target --example nbd_serve
+# Needs: fio with the nbd engine, nbdkit, python3; builds the example
+# itself. BENCH_DIR (default: a new directory under /var/tmp, on disk) holds
+# the 1 GiB image.
 set -euo pipefail
+cd "$(dirname "$0")/../.."
 QD=${1:-32}; RW=${2:-randwrite}; SECS=${3:-5}; ROUNDS=${4:-3}
-BIN=${NBD_SERVE:-/work/target-nbd/release/examples/nbd_serve}
-DIR=${BENCH_DIR:-/work/nbdbench}
+cargo build --release -q -p nbd-target --example nbd_serve
+BIN=${NBD_SERVE:-$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/nbd_serve}
+DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/dm-nbdbench.XXXXXX)}
 IMG=$DIR/disk.img
 mkdir -p "$DIR"
 if [ ! -f "$IMG" ]; then

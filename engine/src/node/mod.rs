@@ -504,6 +504,11 @@ impl Node {
                         log::warn!("could not pin the reactor to core {id}");
                     }
                 }
+                if std::env::var_os("DM_TEST_PANIC_REACTOR").is_some() {
+                    // Fault injection for the test that a panicking reactor
+                    // ends the process (panic = "abort").
+                    panic!("forced reactor panic (DM_TEST_PANIC_REACTOR is set)");
+                }
                 let mut r = Reactor::new(opts, sh, core, backend, store, link, start);
                 r.run();
             })
