@@ -246,8 +246,16 @@ fn pipelined_io_with_verification_and_several_queues() {
     t.shutdown();
 }
 
+/// The initiator's multipath logic alone: both targets export one shared
+/// in-memory volume and a thread flips their ANA states, so the data cannot
+/// be lost here by construction. What this checks is the host side: it
+/// follows every flip, retries the writes refused on the inaccessible path,
+/// and never lets an older write to a chunk land after a newer one (the
+/// read-back finds each chunk's latest acknowledged data). Durability across
+/// a real failover, planned and kill -9, is tests/pair.rs test f, on two
+/// mirrored `deltamirror serve` processes.
 #[test]
-fn failover_follows_ana_and_loses_no_completed_write() {
+fn initiator_follows_ana_flips_between_two_targets_of_one_volume() {
     let (a, b) = NodeVol::pair(512, 8192);
     let ta = serve(a.clone());
     let tb = serve(b.clone());
