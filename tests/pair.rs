@@ -803,7 +803,7 @@ fn c_cut_link_degrades_and_heal_replays() {
         return;
     }
     if unsafe_uid() != 0 {
-        println!("SKIPPED: cutting the link with nftables needs root (CI runs as root)");
+        testskip::skip("cutting the link with nftables needs root (CI runs as root)");
         return;
     }
     let p = Pair::up("c", 3200);
@@ -1120,7 +1120,7 @@ fn h_fio_libiscsi_verified_io_against_the_mirrored_primary() {
     let fio = root.join("target/fio-libiscsi/fio");
     if !fio.exists() {
         if unsafe_uid() != 0 {
-            println!("SKIPPED: building fio with libiscsi needs root for apt (CI runs as root)");
+            testskip::skip("building fio with libiscsi needs root for apt (CI runs as root)");
             return;
         }
         let st = Command::new(root.join("scripts/build-fio-libiscsi.sh"))
