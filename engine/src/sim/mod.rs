@@ -1648,6 +1648,94 @@ mod tests {
         );
     }
 
+    /// Scenario (issue 11 item 1, the sequence that lost writes): the backup
+    /// is down, the primary completes writes alone, the backup restarts and
+    /// the primary dies before they handshake. `promote` refuses; after the
+    /// primary returns and the backup catches up, it is accepted.
+    #[test]
+    fn a_restarted_backup_is_promotable_only_after_catching_up() {
+        let mut sim = Sim::with_params(7, calm(7));
+        for _ in 0..200 {
+            sim.step();
+        }
+        assert!(sim.nodes[1].core.as_ref().unwrap().is_current());
+        sim.crash_node(1, 100_000);
+        for _ in 0..600 {
+            sim.step();
+        }
+        assert!(sim.nodes[0].core.as_ref().unwrap().is_degraded());
+        // The backup restarts, and the primary dies before any handshake.
+        sim.nodes[1].down_until = sim.now + 1;
+        sim.crash_node(0, 1_000_000);
+        sim.step();
+        sim.step();
+        let b = sim.nodes[1].core.as_mut().unwrap();
+        assert!(!b.is_current());
+        let err = b.promote(false).unwrap_err();
+        assert!(err.contains("has not caught up"), "{err}");
+        // The primary comes back: the backup catches up and may be promoted.
+        sim.nodes[0].down_until = sim.now;
+        for _ in 0..2000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        let b = sim.nodes[1].core.as_mut().unwrap();
+        assert!(b.is_current());
+        assert_eq!(
+            b.promote(false),
+            Err("the peer is primary and connected; demote it first".into())
+        );
+    }
+
+    /// Scenario (issue 11 item 2): a forced split brain is refused by both
+    /// nodes; the one the operator did not choose stops serving and stays
+    /// fenced across reconnects until it is reformatted.
+    #[test]
+    fn a_refused_split_brain_fences_the_node_the_operator_did_not_choose() {
+        let mut sim = Sim::with_params(11, calm(11));
+        for _ in 0..200 {
+            sim.step();
+        }
+        // Partition; the backup is forced to primary while the primary keeps
+        // serving (and goes degraded): both accept writes.
+        sim.wire.cut_until = sim.now + 1500;
+        sim.link_down(None);
+        sim.force_promote(1);
+        for _ in 0..1500 {
+            sim.step();
+        }
+        for _ in 0..200 {
+            sim.step();
+        }
+        let (a, b) = (
+            sim.nodes[0].core.as_ref().unwrap(),
+            sim.nodes[1].core.as_ref().unwrap(),
+        );
+        assert!(
+            matches!(a.link_state(), LinkState::Refused(_)),
+            "{}",
+            a.debug_state()
+        );
+        assert!(
+            a.fenced().is_some() && !a.is_serving(),
+            "{}",
+            a.debug_state()
+        );
+        assert!(
+            b.fenced().is_none() && b.is_serving(),
+            "the forced primary keeps serving"
+        );
+        // A reconnect does not lift the fence.
+        sim.link_down(None);
+        for _ in 0..200 {
+            sim.step();
+        }
+        let a = sim.nodes[0].core.as_ref().unwrap();
+        assert!(a.fenced().is_some() && !a.is_serving());
+    }
+
     /// Issue 11 item 8: online verify finds exactly a block corrupted
     /// behind the backup's back, while the host keeps writing; `repair`
     /// resyncs it and the disks end identical.
