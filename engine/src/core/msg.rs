@@ -5,7 +5,7 @@
 //! covers the body (see `crate::link`); this module only encodes bodies.
 //! Decoding never panics: any malformed body is an `Err`.
 
-use super::types::{GenEntry, ReqHeader, ReqKind, Role, Seq};
+use super::types::{GenEntry, ReqHeader, ReqKind, Role, Seq, MAX_STATE_BYTES};
 
 /// What a node says about itself when a link comes up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +91,15 @@ pub enum Msg {
     /// acknowledged. A target that holds this seq durably is current: it
     /// may be promoted without losing acknowledged writes.
     InSync(Seq),
+    /// From the source, once per session, once it has executed everything
+    /// below the stream's start: its replicated state blob and the seq it
+    /// came from. The target adopts it when `seq` is higher than its own (or
+    /// it holds none): State entries folded into the dirty map, trimmed, or
+    /// dropped past a fork reach it this way.
+    State {
+        seq: Seq,
+        blob: Option<Vec<u8>>,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -294,6 +303,12 @@ impl Msg {
                 w.u8(15);
                 w.u64(*s);
             }
+            Msg::State { seq, blob } => {
+                w.u8(16);
+                w.u64(*seq);
+                w.u8(blob.is_some() as u8);
+                w.bytes(blob.as_deref().unwrap_or(&[]));
+            }
         }
     }
 
@@ -345,12 +360,14 @@ impl Msg {
             3 => {
                 let hdr = decode_header(&mut r)?;
                 let payload = r.bytes()?;
-                let expect = if hdr.kind == ReqKind::Write {
-                    hdr.len
-                } else {
-                    0
+                let ok = match hdr.kind {
+                    ReqKind::Write => payload.len() as u64 == hdr.len,
+                    ReqKind::State => {
+                        payload.len() <= MAX_STATE_BYTES && hdr.offset == 0 && hdr.len == 0
+                    }
+                    _ => payload.is_empty(),
                 };
-                if payload.len() as u64 != expect {
+                if !ok {
                     return Err(DecodeError("payload length does not match the request"));
                 }
                 Msg::Req { hdr, payload }
@@ -387,6 +404,18 @@ impl Msg {
             },
             14 => Msg::ResyncDone { next_seq: r.u64()? },
             15 => Msg::InSync(r.u64()?),
+            16 => {
+                let seq = r.u64()?;
+                let some = r.bool()?;
+                let b = r.bytes()?;
+                if b.len() > MAX_STATE_BYTES || (!some && !b.is_empty()) {
+                    return Err(DecodeError("bad state blob"));
+                }
+                Msg::State {
+                    seq,
+                    blob: some.then_some(b),
+                }
+            }
             _ => return Err(DecodeError("unknown message type")),
         };
         if r.p != b.len() {
@@ -456,6 +485,22 @@ mod tests {
                 reason: "split brain".into(),
             },
             Msg::InSync(12),
+            Msg::State {
+                seq: 9,
+                blob: Some(vec![1, 2, 3]),
+            },
+            Msg::State { seq: 0, blob: None },
+            Msg::Req {
+                hdr: ReqHeader {
+                    seq: 8,
+                    gen: 2,
+                    kind: ReqKind::State,
+                    fua: true,
+                    offset: 0,
+                    len: 0,
+                },
+                payload: vec![4; 40],
+            },
         ]
     }
 
