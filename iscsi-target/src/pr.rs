@@ -1,10 +1,22 @@
-//! SPC-4 persistent reservations (PERSISTENT RESERVE IN / OUT), kept in
-//! memory per logical unit. Registrations are keyed by initiator port name
-//! (initiator name + ISID), so they survive reconnects of the same port.
+//! SPC-4 persistent reservations (PERSISTENT RESERVE IN / OUT).
+//! Registrations are keyed by initiator port name (initiator name + ISID),
+//! so they survive reconnects of the same port.
+//!
+//! The state lives in the volume's replicated state blob
+//! (`Volume::put_persistent_state`), encoded by [`PrState::encode`]: a
+//! PERSISTENT RESERVE OUT that changes it completes only once the new state
+//! is durable and mirrored like a write, so it survives a restart and a
+//! failover. The logical unit keeps a decoded copy for the data path and
+//! reloads it from the volume when the path state changes (a promote).
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use volume::{IoError, Volume};
 
 use crate::scsi::{
-    Access, Lun, Nexus, ScsiResult, Sense, KEY_ILLEGAL_REQUEST, SENSE_INVALID_FIELD_CDB,
-    SENSE_INVALID_FIELD_PARAM, SENSE_PARAM_LIST_LENGTH,
+    io_error_sense, Access, Lun, Nexus, ScsiResult, Sense, KEY_ILLEGAL_REQUEST,
+    SENSE_INVALID_FIELD_CDB, SENSE_INVALID_FIELD_PARAM, SENSE_PARAM_LIST_LENGTH, SENSE_STANDBY,
+    STATUS_GOOD,
 };
 
 const WE: u8 = 1;
@@ -14,7 +26,7 @@ const EARO: u8 = 6;
 const WEAR: u8 = 7;
 const EAAR: u8 = 8;
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
 pub struct PrState {
     generation: u32,
     /// (initiator port name, reservation key)
@@ -27,7 +39,117 @@ fn all_registrants(t: u8) -> bool {
     t == WEAR || t == EAAR
 }
 
+/// Magic and version of the encoded state.
+const MAGIC: &[u8; 4] = b"DMPR";
+const VERSION: u8 = 1;
+/// Longest initiator port name accepted in an encoded state (an iSCSI name
+/// is at most 223 bytes, plus ",i,0x" and 12 hex digits).
+const MAX_PORT_NAME: usize = 1024;
+
+fn valid_type(t: u8) -> bool {
+    matches!(t, WE | EA | WERO | EARO | WEAR | EAAR)
+}
+
 impl PrState {
+    /// The byte format kept in the volume's replicated state blob
+    /// (docs/iscsi.md), little-endian:
+    /// `"DMPR" | version u8 = 1 | reservation type u8 (0 = none) | 0 u16 |
+    /// PRgeneration u32 | registrations u32 | [holder: len u16, name]` (when
+    /// reserved) `| registrations × (key u64, len u16, name)`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16 + self.regs.len() * 80);
+        b.extend_from_slice(MAGIC);
+        b.push(VERSION);
+        b.push(self.res.as_ref().map_or(0, |r| r.1));
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(&(self.regs.len() as u32).to_le_bytes());
+        let name = |b: &mut Vec<u8>, n: &str| {
+            b.extend_from_slice(&(n.len() as u16).to_le_bytes());
+            b.extend_from_slice(n.as_bytes());
+        };
+        if let Some((h, _)) = &self.res {
+            name(&mut b, h);
+        }
+        for (port, key) in &self.regs {
+            b.extend_from_slice(&key.to_le_bytes());
+            name(&mut b, port);
+        }
+        b
+    }
+
+    /// Decodes [`PrState::encode`]'s format. Never panics; rejects anything
+    /// malformed (unknown version, bad type, over-long or duplicate names,
+    /// trailing bytes).
+    pub fn decode(b: &[u8]) -> Result<PrState, &'static str> {
+        struct R<'a>(&'a [u8]);
+        impl<'a> R<'a> {
+            fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+                if self.0.len() < n {
+                    return Err("truncated");
+                }
+                let (a, rest) = self.0.split_at(n);
+                self.0 = rest;
+                Ok(a)
+            }
+            fn u16(&mut self) -> Result<u16, &'static str> {
+                Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+            }
+            fn u32(&mut self) -> Result<u32, &'static str> {
+                Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+            }
+            fn u64(&mut self) -> Result<u64, &'static str> {
+                Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+            }
+            fn name(&mut self) -> Result<String, &'static str> {
+                let n = self.u16()? as usize;
+                if n == 0 || n > MAX_PORT_NAME {
+                    return Err("bad port name length");
+                }
+                String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "port name not UTF-8")
+            }
+        }
+        let mut r = R(b);
+        if r.take(4)? != MAGIC {
+            return Err("not a persistent reservation state");
+        }
+        if r.take(1)?[0] != VERSION {
+            return Err("unknown persistent reservation state version");
+        }
+        let ty = r.take(1)?[0];
+        if r.u16()? != 0 {
+            return Err("reserved bytes set");
+        }
+        let generation = r.u32()?;
+        let n = r.u32()? as usize;
+        // Each registration takes at least 11 bytes: bounds `n` by the input.
+        if n > r.0.len() / 11 {
+            return Err("too many registrations");
+        }
+        let res = match ty {
+            0 => None,
+            t if valid_type(t) => Some((r.name()?, t)),
+            _ => return Err("bad reservation type"),
+        };
+        let mut regs: Vec<(String, u64)> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = r.u64()?;
+            let port = r.name()?;
+            if key == 0 || regs.iter().any(|x| x.0 == port) {
+                return Err("bad registration");
+            }
+            regs.push((port, key));
+        }
+        if !r.0.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(PrState {
+            generation,
+            regs,
+            res,
+        })
+    }
+
     pub fn has_registrations(&self) -> bool {
         !self.regs.is_empty()
     }
@@ -90,7 +212,7 @@ fn transport_id(port: &str) -> Vec<u8> {
 pub fn pr_in(lun: &Lun, _nx: &Nexus, cdb: &[u8]) -> ScsiResult {
     let sa = cdb[1] & 0x1f;
     let alloc = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
-    let pr = lun.pr.lock().unwrap();
+    let pr = lun.pr();
     let mut d = Vec::new();
     d.extend_from_slice(&pr.generation.to_be_bytes());
     d.extend_from_slice(&[0; 4]);
@@ -151,7 +273,65 @@ pub fn pr_in(lun: &Lun, _nx: &Nexus, cdb: &[u8]) -> ScsiResult {
     ScsiResult::good(d)
 }
 
-pub fn pr_out(lun: &Lun, nx: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResult {
+/// PERSISTENT RESERVE OUT: runs on the logical unit's slow-path thread
+/// (one at a time), and answers once a change is durable and mirrored.
+pub fn pr_out(lun: &Arc<Lun>, nx: &Nexus, cdb: &[u8], data: &[u8], done: crate::scsi::Done) {
+    let (l, port, cdb, data) = (lun.clone(), nx.port_name(), cdb.to_vec(), data.to_vec());
+    lun.slow(Box::new(move || done(pr_out_now(&l, port, &cdb, &data))));
+}
+
+fn pr_out_now(lun: &Lun, port: String, cdb: &[u8], data: &[u8]) -> ScsiResult {
+    if lun.standby() {
+        // The backup cannot originate a mirrored change; the primary's
+        // port takes it (docs/iscsi.md).
+        return ScsiResult::check(SENSE_STANDBY);
+    }
+    let current = lun.pr().clone();
+    let mut next = current.clone();
+    let r = apply_out(&mut next, port, cdb, data);
+    if r.status != STATUS_GOOD || next == current {
+        return r;
+    }
+    let blob = next.encode();
+    if blob.len() > lun.vol.max_state_bytes() {
+        // INSUFFICIENT REGISTRATION RESOURCES.
+        return ScsiResult::check(Sense::new(KEY_ILLEGAL_REQUEST, 0x55, 0x04));
+    }
+    match put_wait(&*lun.vol, blob) {
+        Ok(()) => {
+            lun.pr_commit(next);
+            r
+        }
+        Err(e) => {
+            log::warn!("PERSISTENT RESERVE OUT not applied: the state update failed: {e}");
+            ScsiResult::check(io_error_sense(e, true))
+        }
+    }
+}
+
+/// `put_persistent_state` and wait for it.
+fn put_wait(vol: &dyn Volume, blob: Vec<u8>) -> Result<(), IoError> {
+    let slot = Arc::new((Mutex::new(None), Condvar::new()));
+    let s2 = slot.clone();
+    vol.put_persistent_state(
+        blob,
+        Box::new(move |r| {
+            *s2.0.lock().unwrap() = Some(r);
+            s2.1.notify_one();
+        }),
+    );
+    let mut g = slot.0.lock().unwrap();
+    loop {
+        if let Some(r) = g.take() {
+            return r.map(|_| ());
+        }
+        g = slot.1.wait(g).unwrap();
+    }
+}
+
+/// Applies one PERSISTENT RESERVE OUT to `pr` (a copy: the caller stores it
+/// once it is durable). Nothing changes unless the result is GOOD.
+fn apply_out(pr: &mut PrState, port: String, cdb: &[u8], data: &[u8]) -> ScsiResult {
     let sa = cdb[1] & 0x1f;
     let scope = cdb[2] >> 4;
     let ty = cdb[2] & 0x0f;
@@ -169,8 +349,6 @@ pub fn pr_out(lun: &Lun, nx: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResult {
         // SPEC_I_PT and ALL_TG_PT are not supported.
         return ScsiResult::check(SENSE_INVALID_FIELD_PARAM);
     }
-    let port = nx.port_name();
-    let mut pr = lun.pr.lock().unwrap();
     let current = pr.key_of(&port);
     let needs_type = matches!(sa, 1 | 2 | 4 | 5);
     if needs_type && (scope != 0 || !matches!(ty, WE | EA | WERO | EARO | WEAR | EAAR)) {
@@ -285,6 +463,70 @@ pub fn pr_out(lun: &Lun, nx: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResult {
             }
             pr.generation = pr.generation.wrapping_add(1);
             ScsiResult::good(Vec::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PrState {
+        PrState {
+            generation: 7,
+            regs: vec![
+                ("iqn.2026-01.a:h1,i,0x800000000001".into(), 0xaa),
+                ("iqn.2026-01.a:h2,i,0x800000000002".into(), 0xbb),
+            ],
+            res: Some(("iqn.2026-01.a:h1,i,0x800000000001".into(), WE)),
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        for s in [PrState::default(), sample()] {
+            assert_eq!(PrState::decode(&s.encode()).unwrap(), s);
+        }
+        let e = sample().encode();
+        assert!(PrState::decode(&e[..e.len() - 1]).is_err());
+        let mut t = e.clone();
+        t.push(0);
+        assert!(PrState::decode(&t).is_err());
+        let mut v = e.clone();
+        v[4] = 2;
+        assert!(PrState::decode(&v).is_err(), "unknown version");
+    }
+
+    /// Seeded mutation fuzzing: decoding arbitrary bytes never panics, and
+    /// whatever decodes encodes back to the same bytes.
+    #[test]
+    fn mutated_states_never_panic() {
+        let base = sample().encode();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50_000 {
+            let mut b = base.clone();
+            for _ in 0..1 + rnd() % 4 {
+                match rnd() % 3 {
+                    0 => {
+                        let p = (rnd() % b.len() as u64) as usize;
+                        b[p] = rnd() as u8;
+                    }
+                    1 => b.truncate((rnd() % (b.len() as u64 + 1)) as usize),
+                    _ => b.push(rnd() as u8),
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            if let Ok(s) = PrState::decode(&b) {
+                assert_eq!(s.encode(), b);
+            }
         }
     }
 }

@@ -182,7 +182,11 @@ pub struct Lun {
     pub portal_group_tag: u16,
     /// Largest Data-Out/Data-In buffer of a single command.
     pub max_cmd_bytes: u32,
-    pub pr: Mutex<PrState>,
+    /// Persistent reservations as last loaded from or stored to the volume
+    /// (`pr()` reloads them after a path change).
+    pr: Mutex<PrState>,
+    /// The path epoch `pr` was loaded in.
+    pr_epoch: AtomicU64,
     /// SPC-2 RESERVE(6) holder (nexus id).
     pub reserve6: Mutex<Option<u64>>,
     ua: Mutex<HashMap<u64, Vec<Sense>>>,
@@ -217,6 +221,7 @@ impl Lun {
             target_iqn,
             portal_group_tag,
             pr: Mutex::new(PrState::default()),
+            pr_epoch: AtomicU64::new(u64::MAX),
             reserve6: Mutex::new(None),
             ua: Mutex::new(HashMap::new()),
             slow: Mutex::new(tx),
@@ -224,8 +229,36 @@ impl Lun {
         })
     }
 
-    fn slow(&self, job: Job) {
+    pub(crate) fn slow(&self, job: Job) {
         let _ = self.slow.lock().unwrap().send(job);
+    }
+
+    /// The persistent reservations. Loaded from the volume's replicated
+    /// state when the LUN starts and again whenever the path state changed
+    /// (a promote brings the state the old primary mirrored); on a standby
+    /// port at every call, so it shows what the primary mirrored so far.
+    pub fn pr(&self) -> std::sync::MutexGuard<'_, PrState> {
+        let mut g = self.pr.lock().unwrap();
+        let epoch = self.vol.path_epoch();
+        if self.pr_epoch.swap(epoch, Ordering::AcqRel) != epoch || self.standby() {
+            *g = match self.vol.persistent_state() {
+                None => PrState::default(),
+                Some(b) => PrState::decode(&b).unwrap_or_else(|e| {
+                    log::error!(
+                        "the volume's persistent reservation state does not decode ({e}); \
+                         serving with none"
+                    );
+                    PrState::default()
+                }),
+            };
+        }
+        g
+    }
+
+    /// Stores the state a PERSISTENT RESERVE OUT made durable.
+    pub(crate) fn pr_commit(&self, s: PrState) {
+        let mut g = self.pr();
+        *g = s;
     }
 
     /// Queues a unit attention for every nexus except `except`.
@@ -272,7 +305,7 @@ impl Lun {
         self.ua_all(s, nexuses, None);
     }
 
-    fn standby(&self) -> bool {
+    pub(crate) fn standby(&self) -> bool {
         self.vol.path_state() != PathState::Optimized
     }
 }
@@ -433,7 +466,7 @@ pub fn execute(
             done(ScsiResult::good(Vec::new()))
         }
         0x5e => done(crate::pr::pr_in(lun, nx, cdb)),
-        0x5f => done(crate::pr::pr_out(lun, nx, cdb, &data)),
+        0x5f => crate::pr::pr_out(lun, nx, cdb, &data, done),
         // READ 6/10/12/16
         0x08 | 0x28 | 0xa8 | 0x88 => {
             let (lba, n) = match rw_lba_len(cdb) {
@@ -1125,7 +1158,7 @@ fn request_sense(lun: &Lun, nx: &Nexus, cdb: &[u8]) -> ScsiResult {
 }
 
 fn reserve6(lun: &Lun, nx: &Nexus) -> ScsiResult {
-    if lun.pr.lock().unwrap().has_registrations() {
+    if lun.pr().has_registrations() {
         return ScsiResult::conflict();
     }
     let mut r = lun.reserve6.lock().unwrap();
@@ -1155,7 +1188,7 @@ fn conflicts(lun: &Lun, nx: &Nexus, cdb: &[u8], class: Access) -> bool {
     if class == Access::None {
         return false;
     }
-    lun.pr.lock().unwrap().conflicts(&nx.port_name(), class)
+    lun.pr().conflicts(&nx.port_name(), class)
 }
 
 fn inquiry(lun: &Lun, cdb: &[u8]) -> ScsiResult {

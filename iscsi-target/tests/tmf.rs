@@ -141,3 +141,57 @@ fn persistent_reservation_write_exclusive() {
     assert_eq!(&r.data[8..16], &0xbbu64.to_be_bytes());
     t.shutdown();
 }
+
+/// The reservations live in the volume's replicated state: a new logical
+/// unit on the same volume (a restart, or the peer after a failover) finds
+/// them, and a change is refused on a standby port.
+#[test]
+fn persistent_reservations_are_kept_in_the_volume() {
+    let (t, vol) = target(|_| {});
+    let mut a = Initiator::connect(t.local_addr());
+    a.login(&[]);
+    let prout = |i: &mut Initiator, sa: u8, ty: u8, key: u64, sa_key: u64| {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = sa;
+        cdb[2] = ty;
+        cdb[8] = 24;
+        let mut param = vec![0u8; 24];
+        param[0..8].copy_from_slice(&key.to_be_bytes());
+        param[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        i.scsi(&cdb, &param, 0)
+    };
+    assert_eq!(prout(&mut a, 0, 0, 0, 0xaa).status, 0);
+    assert_eq!(prout(&mut a, 1, 1, 0xaa, 0).status, 0);
+    assert!(volume::Volume::persistent_state(&*vol).is_some());
+    a.logout();
+    t.shutdown();
+    // A new target on the same volume: the registration and the
+    // reservation are there.
+    let t = iscsi_target::start(
+        iscsi_target::IscsiConfig::new("127.0.0.1:0".parse().unwrap(), IQN),
+        vol.clone(),
+    )
+    .unwrap();
+    let mut b = Initiator::connect(t.local_addr());
+    b.isid[5] = 2;
+    b.login(&[]);
+    assert_eq!(b.write10(0, &[1; 512]).status, 0x18, "reservation kept");
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5e;
+    cdb[1] = 1; // READ RESERVATION
+    cdb[8] = 64;
+    let r = b.scsi(&cdb, &[], 64);
+    assert_eq!(&r.data[8..16], &0xaau64.to_be_bytes());
+    assert_eq!(r.data[21], 1);
+    // Standby: PR IN answers from the mirrored state, PR OUT is refused.
+    vol.path.set(volume::PathState::Inaccessible);
+    let _ = b.tur(); // the path-change unit attention
+    let r = b.scsi(&cdb, &[], 64);
+    assert_eq!(r.status, 0);
+    assert_eq!(&r.data[8..16], &0xaau64.to_be_bytes());
+    let r = prout(&mut b, 0, 0, 0, 0xbb);
+    assert_eq!(r.status, 2);
+    assert_eq!(r.key_asc(), (2, 0x04, 0x0b));
+    t.shutdown();
+}

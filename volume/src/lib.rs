@@ -146,7 +146,35 @@ pub trait Volume: Send + Sync + 'static {
     fn max_io_bytes(&self) -> u32;
     /// Submit a request; `done` is called exactly once.
     fn submit(&self, op: VolumeOp, done: Completion);
+    /// The latest replicated state blob (see [`MAX_STATE_BYTES`]), or `None`
+    /// when none was ever stored. A small, opaque record that front-ends
+    /// keep beside the blocks (the iSCSI target's persistent reservations):
+    /// it follows the volume through a failover. On the primary it is the
+    /// blob of the last completed [`Volume::put_persistent_state`]; on a
+    /// backup, the primary's as mirrored so far.
+    /// The default: a volume that keeps no such state (test wrappers).
+    fn persistent_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Replaces the state blob. `done` runs once the new blob is durable
+    /// and mirrored exactly like a write: `Ok` means the peer holds it too
+    /// (or, in degraded mode, the peer is durably recorded as stale), so a
+    /// failover keeps it. Errors as for writes (`NotPrimary` on a backup,
+    /// `TooLarge` beyond [`Volume::max_state_bytes`]); on an error the old
+    /// blob may or may not have been replaced, as for a failed write.
+    /// The default refuses (`Unavailable`): the volume keeps no such state.
+    fn put_persistent_state(&self, blob: Vec<u8>, done: Completion) {
+        drop(blob);
+        done(Err(IoError::Unavailable))
+    }
+    /// Largest blob `put_persistent_state` accepts.
+    fn max_state_bytes(&self) -> usize {
+        MAX_STATE_BYTES
+    }
 }
+
+/// Upper bound of a replicated state blob, whatever the volume.
+pub const MAX_STATE_BYTES: usize = 64 << 10;
 
 /// Submit and wait: a helper for front-end code paths that are not
 /// performance critical (and for tests).
@@ -219,6 +247,8 @@ pub struct MemVolume {
     pub path: PathCell,
     /// Number of mutating requests executed (tests assert "never a write").
     pub writes: AtomicU64,
+    /// The replicated state blob (in memory: nothing to replicate to).
+    state: Mutex<Option<Vec<u8>>>,
 }
 
 impl MemVolume {
@@ -237,6 +267,7 @@ impl MemVolume {
             data: Mutex::new(vec![0u8; (block_size as u64 * num_blocks) as usize]),
             path: PathCell::new(PathState::Optimized),
             writes: AtomicU64::new(0),
+            state: Mutex::new(None),
         }
     }
 
@@ -298,6 +329,20 @@ impl Volume for MemVolume {
     fn submit(&self, op: VolumeOp, done: Completion) {
         done(self.execute(op))
     }
+    fn persistent_state(&self) -> Option<Vec<u8>> {
+        self.state.lock().unwrap().clone()
+    }
+    fn put_persistent_state(&self, blob: Vec<u8>, done: Completion) {
+        let r = if self.path.get() != PathState::Optimized {
+            Err(IoError::NotPrimary)
+        } else if blob.len() > MAX_STATE_BYTES {
+            Err(IoError::TooLarge)
+        } else {
+            *self.state.lock().unwrap() = Some(blob);
+            Ok(Vec::new())
+        };
+        done(r)
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +383,23 @@ mod tests {
         let e0 = v.path_epoch();
         v.path.set(PathState::Inaccessible);
         assert!(v.path_epoch() > e0);
+        let put = |v: &MemVolume, b: Vec<u8>| {
+            let r = std::sync::Arc::new(Mutex::new(None));
+            let r2 = r.clone();
+            v.put_persistent_state(b, Box::new(move |x| *r2.lock().unwrap() = Some(x)));
+            let x = r.lock().unwrap().take().unwrap();
+            x
+        };
+        assert_eq!(put(&v, vec![1, 2]), Err(IoError::NotPrimary));
+        assert_eq!(v.persistent_state(), None);
+        v.path.set(PathState::Optimized);
+        assert_eq!(put(&v, vec![1, 2]), Ok(Vec::new()));
+        assert_eq!(v.persistent_state(), Some(vec![1, 2]));
+        assert_eq!(
+            put(&v, vec![0; MAX_STATE_BYTES + 1]),
+            Err(IoError::TooLarge)
+        );
+        v.path.set(PathState::Inaccessible);
         assert_eq!(
             submit_wait(
                 &v,

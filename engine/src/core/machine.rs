@@ -23,6 +23,9 @@ use super::verify::{
 };
 use super::Log;
 
+#[path = "state.rs"]
+mod state;
+
 /// Ring syncs that may overlap.
 const MAX_LOG_SYNCS: u8 = 2;
 
@@ -186,6 +189,8 @@ enum ExecItem {
     Extent(u64, u64, u64),
     /// An online-verify read: token, byte offset, byte length.
     Verify(u64, u64, u64),
+    /// A `ReqKind::State` entry: overlaps nothing.
+    State(Seq),
 }
 
 impl ExecItem {
@@ -194,6 +199,7 @@ impl ExecItem {
             ExecItem::Entry(_, o, l) | ExecItem::Extent(_, o, l) | ExecItem::Verify(_, o, l) => {
                 (o, l)
             }
+            ExecItem::State(_) => (0, 0),
         }
     }
 }
@@ -311,6 +317,8 @@ pub struct Core<L: Log> {
     /// replay rate over the last second, for the floor.
     replay_samples: VecDeque<(u64, u64)>,
     session: u64,
+    /// The replicated state blob's session bookkeeping (`state.rs`).
+    st: state::StateSync,
 
     // Roles.
     /// A primary that (re)started waits for the peer's handshake before it
@@ -412,6 +420,7 @@ impl<L: Log> Core<L> {
             rate_tokens: 0.0,
             replay_samples: VecDeque::new(),
             session: 0,
+            st: state::StateSync::default(),
             awaiting_peer: meta.role == Role::Primary,
             promoting: false,
             demoting: false,
@@ -632,9 +641,9 @@ impl<L: Log> Core<L> {
             self.out.push(Action::CompleteWrite { id, result: Err(e) });
             return;
         }
-        debug_assert_eq!(
-            payload.len() as u64,
-            if kind == ReqKind::Write { len } else { 0 }
+        debug_assert!(
+            kind == ReqKind::State
+                || payload.len() as u64 == if kind == ReqKind::Write { len } else { 0 }
         );
         if self.waiting.is_empty() && !self.replay_starved() && self.log.fits(payload.len()) {
             self.assign(id, kind, offset, len, fua, payload);
@@ -1099,6 +1108,7 @@ impl<L: Log> Core<L> {
                         self.log.trim_through(through);
                     }
                 }
+                self.state_persisted();
                 self.update_path();
             }
             Event::Executed { token, result } => self.on_executed(token, result),
@@ -1240,6 +1250,7 @@ impl<L: Log> Core<L> {
         self.in_sync_sent = false;
         self.verify_queued.clear();
         self.stop_verify("the replication link went down".into());
+        self.state_disconnected();
         if let Some(mut p) = self.replay.take() {
             p.end_ms = self.now_ms;
             self.last_replay = Some(p);
@@ -1443,6 +1454,7 @@ impl<L: Log> Core<L> {
                 v.inflight.get_mut(&id).unwrap().remote = Some(digests);
                 self.verify_compare(id);
             }
+            Msg::State { seq, blob } => self.on_state_msg(seq, blob),
         }
     }
 
@@ -1535,8 +1547,9 @@ impl<L: Log> Core<L> {
                         }
                     }
                     // Unexecuted entries past the fork must not run now.
-                    self.exec_queue
-                        .retain(|i| !matches!(i, ExecItem::Entry(s, _, _) if *s > truncate_to));
+                    self.exec_queue.retain(|i| {
+                        !matches!(i, ExecItem::Entry(s, _, _) | ExecItem::State(s) if *s > truncate_to)
+                    });
                     self.exec_next = self.exec_next.min(truncate_to + 1);
                     let dropped: Vec<Seq> = self
                         .host_of
@@ -1557,7 +1570,7 @@ impl<L: Log> Core<L> {
                     )));
                     truncate = Some(truncate_to.max(self.log.first_seq() - 1));
                 }
-                let mut changed = false;
+                let mut changed = self.state_truncate(&peer);
                 if self.meta.role == Role::Primary {
                     self.out.push(Action::Notice(format!(
                         "the peer holds a newer generation ({}); becoming backup",
@@ -1720,6 +1733,7 @@ impl<L: Log> Core<L> {
             }));
         }
         self.send_next = end_seq;
+        self.state_session(end_seq);
         if backlog > 0 || resync {
             self.stats.replays += 1;
             if resync && !full && !self.meta.dirty.is_empty() {
@@ -1854,6 +1868,7 @@ impl<L: Log> Core<L> {
             self.meta.inconsistent_until = 0;
             self.persist_meta();
         }
+        self.send_state();
         self.track_current();
         self.verify_step();
         self.stream();
@@ -1882,7 +1897,11 @@ impl<L: Log> Core<L> {
             return;
         }
         if self.source {
-            if !self.in_sync_sent && !self.degraded && self.resync_src.is_none() {
+            if !self.in_sync_sent
+                && !self.degraded
+                && self.resync_src.is_none()
+                && self.state_sent()
+            {
                 self.in_sync_sent = true;
                 self.out.push(Action::Send(Msg::InSync(self.log.head())));
             }
@@ -1897,6 +1916,7 @@ impl<L: Log> Core<L> {
                 && !self.meta.resyncing
                 && self.log_durable >= s
                 && self.log.head() >= s
+                && self.state_adopted()
             {
                 self.current = true;
                 self.out.push(Action::Notice(format!(
@@ -2263,8 +2283,11 @@ impl<L: Log> Core<L> {
         }
         while self.exec_next <= limit {
             if let Some((h, _)) = self.log.get(self.exec_next) {
-                self.exec_queue
-                    .push_back(ExecItem::Entry(h.seq, h.offset, h.len));
+                self.exec_queue.push_back(if h.kind == ReqKind::State {
+                    ExecItem::State(h.seq)
+                } else {
+                    ExecItem::Entry(h.seq, h.offset, h.len)
+                });
             }
             self.exec_next += 1;
             while let Some(q) = self.verify_queued.front().copied() {
@@ -2287,6 +2310,7 @@ impl<L: Log> Core<L> {
             let item = self.exec_queue[i];
             let (token, off, len) = match item {
                 ExecItem::Entry(seq, o, l) | ExecItem::Verify(seq, o, l) => (seq, o, l),
+                ExecItem::State(seq) => (seq, 0, 0),
                 ExecItem::Extent(t, o, l) => {
                     // Extents run after every ring entry held before them,
                     // and only once the "resyncing" state is durable.
@@ -2312,7 +2336,7 @@ impl<L: Log> Core<L> {
                 continue;
             }
             self.exec_queue.remove(i);
-            if let ExecItem::Entry(s, _, _) = item {
+            if let ExecItem::Entry(s, _, _) | ExecItem::State(s) = item {
                 if self.meta.role == Role::Primary && !self.promoting {
                     // I1: the primary never executes a REQ before ACK1 covers
                     // it, except in degraded mode.
@@ -2325,6 +2349,10 @@ impl<L: Log> Core<L> {
                         s <= self.log_durable,
                         "executing seq {s} before its ring append is durable"
                     );
+                }
+                if matches!(item, ExecItem::State(_)) {
+                    self.execute_state(s);
+                    continue;
                 }
                 self.executing.push((token, off, len));
                 self.out.push(Action::Execute { seq: s });
@@ -2518,6 +2546,7 @@ impl<L: Log> Core<L> {
             // not hold, and go (the peer's copy of them then diverges from
             // ours, so the handshake sees the fork).
             let next = self.log.next_seq();
+            self.state_promoted(next);
             while self.meta.history.len() > 1
                 && self
                     .meta

@@ -3,7 +3,7 @@
 //! store (two checksummed slots); written durably at role changes,
 //! generation bumps, dirty-map folds and resync milestones.
 
-use super::types::{GenEntry, Role, Seq};
+use super::types::{GenEntry, Role, Seq, MAX_STATE_BYTES};
 
 /// Bitmap of dirty chunks: extents written while the delta queue could not
 /// hold them (overflow tier), or to be rewritten on the peer.
@@ -111,6 +111,14 @@ pub struct Meta {
     /// executed that seq too (0 = consistent). Not even a forced promote
     /// takes it before then.
     pub inconsistent_until: Seq,
+    /// The replicated state blob (`ReqKind::State`; `None`: never set, or
+    /// dropped with the entries past a fork until the authority sends its
+    /// own) and the seq of the State REQ it came from: an executed State
+    /// entry replaces it only when its seq is higher, so re-executing older
+    /// entries after a restart never goes back. 0 with a blob: adopted from
+    /// the peer with no seq of this node's history behind it.
+    pub state_seq: Seq,
+    pub state: Option<Vec<u8>>,
 }
 
 /// How many forced generations the metadata remembers.
@@ -149,6 +157,8 @@ impl Meta {
             behind_until: 0,
             forced: Vec::new(),
             inconsistent_until: 0,
+            state_seq: 0,
+            state: None,
         }
     }
 
@@ -167,7 +177,8 @@ impl Meta {
     pub fn encoded_len_bound(&self) -> usize {
         let mut dense = self.clone();
         dense.dirty.mark_all();
-        dense.encode().len() + 256 * 24 + 8 * super::meta::MAX_FORCED
+        dense.state = None;
+        dense.encode().len() + 256 * 24 + 8 * super::meta::MAX_FORCED + MAX_STATE_BYTES + 8
     }
 
     /// The dirty map goes out sparse (index, word pairs) when that is
@@ -228,6 +239,17 @@ impl Meta {
             u64s(*g, &mut b);
         }
         u64s(self.inconsistent_until, &mut b);
+        // Added with replicated state: seq, blob length + 1 (0 = none), the
+        // blob padded with zeroes to 8 bytes.
+        u64s(self.state_seq, &mut b);
+        match &self.state {
+            None => u64s(0, &mut b),
+            Some(s) => {
+                u64s(s.len() as u64 + 1, &mut b);
+                b.extend_from_slice(s);
+                b.resize(b.len().next_multiple_of(8), 0);
+            }
+        }
         b
     }
 
@@ -310,6 +332,22 @@ impl Meta {
             }
         }
         let inconsistent_until = if p.get() < b.len() { next()? } else { 0 };
+        let (mut state_seq, mut state) = (0, None);
+        if p.get() < b.len() {
+            state_seq = next()?;
+            let n = next()?;
+            if n > MAX_STATE_BYTES as u64 + 1 {
+                return Err("node metadata: state blob too large".into());
+            }
+            if n > 0 {
+                let n = n as usize - 1;
+                let s = b
+                    .get(p.get()..p.get() + n)
+                    .ok_or("node metadata is truncated")?;
+                state = Some(s.to_vec());
+                p.set(p.get() + n.next_multiple_of(8));
+            }
+        }
         Ok(Meta {
             node_id,
             role,
@@ -330,6 +368,8 @@ impl Meta {
             behind_until,
             forced,
             inconsistent_until,
+            state_seq,
+            state,
         })
     }
 }
@@ -345,6 +385,8 @@ mod tests {
         m.peer_stale_from = Some(17);
         m.forced = vec![2];
         m.inconsistent_until = 9;
+        m.state_seq = 12;
+        m.state = Some(vec![7; 13]);
         m.history.push(GenEntry {
             gen: 2,
             first_seq: 40,
@@ -359,6 +401,13 @@ mod tests {
         let full = m.encode();
         assert_eq!(Meta::decode(&full).unwrap(), m);
         assert!(full.len() <= m.encoded_len_bound());
+        m.state = Some(vec![1; MAX_STATE_BYTES]);
+        assert!(m.encode().len() <= m.encoded_len_bound());
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
+        m.state = Some(Vec::new());
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
+        m.state = None;
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
     }
 
     #[test]
@@ -390,6 +439,19 @@ mod tests {
             b.extend_from_slice(&v.to_le_bytes()); // fold_base, remirrors, incarnation, behind
         }
         assert_eq!(Meta::decode(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn metadata_written_before_replicated_state_still_decodes() {
+        // DMMETA03 as written before the state trailer existed.
+        let m = Meta::formatted(1, Role::Primary, 1 << 20, 4096, false);
+        let b = m.encode();
+        assert_eq!(Meta::decode(&b[..b.len() - 16]).unwrap(), m);
+        // A truncated blob is an error, not a panic.
+        let mut m = m;
+        m.state = Some(vec![5; 20]);
+        let b = m.encode();
+        assert!(Meta::decode(&b[..b.len() - 8]).is_err());
     }
 
     #[test]

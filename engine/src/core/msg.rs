@@ -5,7 +5,7 @@
 //! covers the body (see `crate::link`); this module only encodes bodies.
 //! Decoding never panics: any malformed body is an `Err`.
 
-use super::types::{GenEntry, ReqHeader, ReqKind, Role, Seq};
+use super::types::{GenEntry, ReqHeader, ReqKind, Role, Seq, MAX_STATE_BYTES};
 
 /// What a node says about itself when a link comes up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +105,15 @@ pub enum Msg {
     VerifyDigest {
         id: u64,
         digests: Vec<u64>,
+    },
+    /// From the source, once per session, once it has executed everything
+    /// below the stream's start: its replicated state blob and the seq it
+    /// came from. The target adopts it when `seq` is higher than its own (or
+    /// it holds none): State entries folded into the dirty map, trimmed, or
+    /// dropped past a fork reach it this way.
+    State {
+        seq: Seq,
+        blob: Option<Vec<u8>>,
     },
 }
 
@@ -329,6 +338,12 @@ impl Msg {
                     w.u64(*d);
                 }
             }
+            Msg::State { seq, blob } => {
+                w.u8(18);
+                w.u64(*seq);
+                w.u8(blob.is_some() as u8);
+                w.bytes(blob.as_deref().unwrap_or(&[]));
+            }
         }
     }
 
@@ -380,12 +395,14 @@ impl Msg {
             3 => {
                 let hdr = decode_header(&mut r)?;
                 let payload = r.bytes()?;
-                let expect = if hdr.kind == ReqKind::Write {
-                    hdr.len
-                } else {
-                    0
+                let ok = match hdr.kind {
+                    ReqKind::Write => payload.len() as u64 == hdr.len,
+                    ReqKind::State => {
+                        payload.len() <= MAX_STATE_BYTES && hdr.offset == 0 && hdr.len == 0
+                    }
+                    _ => payload.is_empty(),
                 };
-                if payload.len() as u64 != expect {
+                if !ok {
                     return Err(DecodeError("payload length does not match the request"));
                 }
                 Msg::Req { hdr, payload }
@@ -440,6 +457,18 @@ impl Msg {
                     digests.push(r.u64()?);
                 }
                 Msg::VerifyDigest { id, digests }
+            }
+            18 => {
+                let seq = r.u64()?;
+                let some = r.bool()?;
+                let b = r.bytes()?;
+                if b.len() > MAX_STATE_BYTES || (!some && !b.is_empty()) {
+                    return Err(DecodeError("bad state blob"));
+                }
+                Msg::State {
+                    seq,
+                    blob: some.then_some(b),
+                }
             }
             _ => return Err(DecodeError("unknown message type")),
         };
@@ -520,6 +549,22 @@ mod tests {
             Msg::VerifyDigest {
                 id: 3,
                 digests: vec![1, u64::MAX, 5],
+            },
+            Msg::State {
+                seq: 9,
+                blob: Some(vec![1, 2, 3]),
+            },
+            Msg::State { seq: 0, blob: None },
+            Msg::Req {
+                hdr: ReqHeader {
+                    seq: 8,
+                    gen: 2,
+                    kind: ReqKind::State,
+                    fua: true,
+                    offset: 0,
+                    len: 0,
+                },
+                payload: vec![4; 40],
             },
         ]
     }

@@ -27,7 +27,15 @@ pub enum ReqKind {
     Write = 1,
     WriteZeroes = 2,
     Discard = 3,
+    /// A new replicated state blob (the front-ends' small persistent record,
+    /// e.g. SCSI persistent reservations): offset and len 0, the payload is
+    /// the blob (at most [`MAX_STATE_BYTES`]). "Executing" it stores the blob
+    /// in the node's metadata instead of writing the disk.
+    State = 4,
 }
+
+/// Largest replicated state blob.
+pub const MAX_STATE_BYTES: usize = volume::MAX_STATE_BYTES;
 
 impl ReqKind {
     pub fn from_code(c: u8) -> Option<ReqKind> {
@@ -35,6 +43,7 @@ impl ReqKind {
             1 => Some(ReqKind::Write),
             2 => Some(ReqKind::WriteZeroes),
             3 => Some(ReqKind::Discard),
+            4 => Some(ReqKind::State),
             _ => None,
         }
     }

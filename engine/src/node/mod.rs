@@ -39,6 +39,8 @@ use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};
 use crate::sys::{now_ms, poll_fds, rss_bytes, EventFd};
 
 pub mod standalone;
+mod state;
+pub use state::state_file;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PollMode {
@@ -231,6 +233,8 @@ struct Shared {
     stop: AtomicBool,
     status: Mutex<NodeStatus>,
     commands: Mutex<VecDeque<(Command, Arc<Reply>)>>,
+    /// The replicated state blob (`state.rs`).
+    state: state::SharedState,
 }
 
 #[derive(Debug)]
@@ -367,6 +371,20 @@ impl Volume for NodeVolume {
         }
         self.wake();
     }
+    fn persistent_state(&self) -> Option<Vec<u8>> {
+        self.shared.state.get()
+    }
+    fn put_persistent_state(&self, blob: Vec<u8>, done: Completion) {
+        if self.shared.stop.load(Ordering::Acquire) {
+            return done(Err(IoError::Unavailable));
+        }
+        if self.shared.state.put(blob, done) {
+            self.shared.wake.notify();
+        }
+    }
+    fn max_state_bytes(&self) -> usize {
+        self.shared.state.max_bytes()
+    }
 }
 
 /// The control interface of a running node.
@@ -471,6 +489,12 @@ impl Node {
             block_size: backend.block_size(),
             num_blocks: size / backend.block_size() as u64,
         };
+        // Room for the state blob in the metadata slots (stores formatted
+        // before the blob existed have less than `MAX_STATE_BYTES`).
+        let state_room = (store.max_state_bytes() + crate::core::MAX_STATE_BYTES + 8)
+            .saturating_sub(meta.encoded_len_bound())
+            .min(crate::core::MAX_STATE_BYTES);
+        let initial_state = meta.state.clone();
         let mut core_cfg = opts.core.clone();
         core_cfg.volume_bytes = size;
         core_cfg.dirty_granularity_bytes = meta.dirty.granularity;
@@ -485,6 +509,7 @@ impl Node {
             stop: AtomicBool::new(false),
             status: Mutex::new(NodeStatus::default()),
             commands: Mutex::new(VecDeque::new()),
+            state: state::SharedState::mirrored(initial_state, state_room),
         });
         let link = LinkManager::start(opts.link.clone()).map_err(|e| e.to_string())?;
         let start = Instant::now();
@@ -561,6 +586,7 @@ impl Node {
             stop: AtomicBool::new(false),
             status: Mutex::new(NodeStatus::default()),
             commands: Mutex::new(VecDeque::new()),
+            state: state::SharedState::standalone(&opts.data_dir)?,
         });
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
@@ -763,6 +789,8 @@ struct Reactor {
     disk_write_hist: Histogram<u64>,
     io: IoStats,
     last_status_ms: u64,
+    /// `Core::state_changes` when the blob was last published.
+    state_published: u64,
     last_tick_ms: u64,
     msgs_sent: u64,
     msgs_received: u64,
@@ -814,6 +842,7 @@ impl Reactor {
                 .expect("histogram bounds"),
             io: IoStats::default(),
             last_status_ms: 0,
+            state_published: 0,
             last_tick_ms: u64::MAX,
             msgs_sent: 0,
             msgs_received: 0,
@@ -829,6 +858,7 @@ impl Reactor {
         // Make the ring durable on the way out.
         let _ = self.core.log.0.sync();
         self.fail_all_hosts();
+        self.shared.state.fail_all();
     }
 }
 
@@ -865,11 +895,13 @@ impl Polled for Reactor {
         did |= self.take_commands();
         did |= self.take_meta();
         did |= self.take_host_ops();
+        did |= self.take_state_ops();
         did |= self.take_link();
         did |= self.read_socket();
         did |= self.reap_backend();
         self.core.poll();
         did |= self.run_actions();
+        self.publish_state();
         self.ring_failed();
         self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
@@ -1353,6 +1385,12 @@ impl Reactor {
                         offset: h.offset,
                         len: h.len,
                     },
+                    ReqKind::State => {
+                        // The core executes State entries itself (metadata).
+                        self.core
+                            .fatal(format!("seq {seq}: a state entry sent to the disk"));
+                        return;
+                    }
                 };
                 self.submit(Inflight::Exec(seq), op);
             }
@@ -1392,6 +1430,8 @@ impl Reactor {
                 self.link.request();
             }
             Action::PathChanged { serving } => {
+                // What a promotion executed is visible before the path is.
+                self.publish_state();
                 if serving {
                     log::info!("path state: serving (primary)");
                 } else {

@@ -222,6 +222,9 @@ struct HostWrite {
     completed_ms: u64,
     /// Sent to a node that did not serve: it must not complete.
     to_non_serving: bool,
+    /// A replicated state blob update (`ReqKind::State`; no blocks): the
+    /// blob starts with the write's id.
+    blob: bool,
 }
 
 /// A `promote --force` the operator ran: until the pair is in sync again,
@@ -255,6 +258,8 @@ pub struct Counts {
     pub verifies_done: u64,
     /// Acknowledged writes an operator's forced step discarded.
     pub discarded_acked: u64,
+    /// Acknowledged state blob updates.
+    pub state_updates: u64,
 }
 
 impl Counts {
@@ -277,6 +282,7 @@ impl Counts {
         self.writes_to_non_serving += o.writes_to_non_serving;
         self.verifies_done += o.verifies_done;
         self.discarded_acked += o.discarded_acked;
+        self.state_updates += o.state_updates;
     }
 }
 
@@ -562,6 +568,7 @@ impl Sim {
             c.poll();
             c.drain_actions(&mut acts);
         }
+        self.note_state_seqs(i);
         for a in acts {
             self.apply(i, a);
         }
@@ -778,6 +785,29 @@ impl Sim {
         }
         let id = self.next_id;
         self.next_id += 1;
+        if self.rng.chance(40) {
+            // A state blob update (as a PERSISTENT RESERVE OUT makes).
+            let mut blob = id.to_le_bytes().to_vec();
+            blob.resize(8 + self.rng.below(64) as usize, id as u8);
+            self.log(format!("host state update {id} -> node {}", i + 1));
+            self.writes.push(HostWrite {
+                id,
+                block: 0,
+                nblocks: 0,
+                zero: false,
+                state: WState::Pending,
+                node: i,
+                seq: None,
+                gen: None,
+                completed_ms: 0,
+                to_non_serving: stray,
+                blob: true,
+            });
+            self.nodes[i].host_ids.push(id);
+            let core = self.nodes[i].core.as_mut().unwrap();
+            core.host_put_state(id, &blob);
+            return;
+        }
         let nblocks = 1 + self.rng.below(3).min(self.p.blocks - 1);
         let block = self.rng.below(self.p.blocks - nblocks + 1);
         let zero = self.rng.chance(80);
@@ -811,6 +841,7 @@ impl Sim {
             gen: None,
             completed_ms: 0,
             to_non_serving: stray,
+            blob: false,
         });
         self.nodes[i].host_ids.push(id);
         let core = self.nodes[i].core.as_mut().unwrap();
@@ -1362,6 +1393,7 @@ impl Sim {
             "histories differ after convergence"
         );
         self.counts.discarded_acked = self.check_host_model(d0, &history);
+        self.counts.state_updates += self.check_state_model(&history);
         let replayed_entries = self
             .nodes
             .iter()
@@ -1391,6 +1423,81 @@ impl Sim {
             reqs_sent: self.reqs_sent,
             ack1s_sent: self.ack1s_sent,
         }
+    }
+
+    /// State updates are never sent to the disk: the seq (and generation)
+    /// each got is read from the ring while it is in flight.
+    fn note_state_seqs(&mut self, i: usize) {
+        let Some(core) = self.nodes[i].core.as_ref() else {
+            return;
+        };
+        for &id in &self.nodes[i].host_ids {
+            let w = &mut self.writes[(id - 1) as usize];
+            if !w.blob || w.seq.is_some() {
+                continue;
+            }
+            for s in core.log.first_seq()..core.log.next_seq() {
+                if core.host_id_of(s) == Some(id) {
+                    let (h, _) = core.log.get(s).expect("ring entry");
+                    w.seq = Some(s);
+                    w.gen = core
+                        .meta()
+                        .history
+                        .iter()
+                        .rev()
+                        .find(|g| g.gen == h.gen)
+                        .copied();
+                }
+            }
+        }
+    }
+
+    /// Both nodes hold the same state blob, and it is the last acknowledged
+    /// update's or a later one's (completed or not), unless a forced step
+    /// discarded the acknowledged one: the block rule, for the blob.
+    fn check_state_model(&self, history: &[GenEntry]) -> u64 {
+        let (a, b) = (
+            self.nodes[0].core.as_ref().unwrap(),
+            self.nodes[1].core.as_ref().unwrap(),
+        );
+        assert_eq!(
+            a.persistent_state().1,
+            b.persistent_state().1,
+            "state blobs differ after convergence (seq {} vs {})",
+            a.persistent_state().0,
+            b.persistent_state().0
+        );
+        let found = a
+            .persistent_state()
+            .1
+            .map_or(0, |b| u64::from_le_bytes(b[..8].try_into().unwrap()));
+        let ups: Vec<&HostWrite> = self.writes.iter().filter(|w| w.blob).collect();
+        let last_ok = ups
+            .iter()
+            .rposition(|w| w.state == WState::Ok && !self.discarded(w, history));
+        let mut allowed: Vec<u64> = Vec::new();
+        match last_ok {
+            Some(k) => {
+                allowed.push(ups[k].id);
+                allowed.extend(
+                    ups[k + 1..]
+                        .iter()
+                        .filter(|w| w.state != WState::Ok || self.discarded(w, history))
+                        .map(|w| w.id),
+                );
+            }
+            None => {
+                allowed.push(0);
+                allowed.extend(ups.iter().map(|w| w.id));
+            }
+        }
+        assert!(
+            allowed.contains(&found),
+            "state blob holds update {found}, allowed {allowed:?} (last acknowledged update {:?}); \
+             final history {history:?}",
+            last_ok.map(|k| (ups[k].id, ups[k].seq, ups[k].gen))
+        );
+        ups.iter().filter(|w| w.state == WState::Ok).count() as u64
     }
 
     /// Was acknowledged write `w` discarded, that is, executed in a
@@ -1542,7 +1649,8 @@ mod tests {
              decisions: {} replays, {} dirty-map resyncs, {} full remirrors, {} refusals, \
              {} online verifies\n  \
              promote: {} accepted, {} refused, {} forced, {} withheld by the documented rule; \
-             {} acknowledged writes discarded by forced steps",
+             {} acknowledged writes discarded by forced steps\n  \
+             state blob: {} acknowledged updates",
             c.primary_kills,
             c.backup_kills,
             c.both_kills,
@@ -1560,7 +1668,8 @@ mod tests {
             c.promotes_refused,
             c.promotes_forced,
             c.promotes_withheld,
-            c.discarded_acked
+            c.discarded_acked,
+            c.state_updates
         );
         eprintln!("{summary}");
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
@@ -1588,6 +1697,7 @@ mod tests {
             ("accepted promotes", c.promotes_accepted),
             ("refused promotes", c.promotes_refused),
             ("forced promotes", c.promotes_forced),
+            ("acknowledged state updates", c.state_updates),
         ] {
             assert!(
                 got >= min,
@@ -1763,12 +1873,18 @@ mod tests {
                 .find(|&i| sim.nodes[i].core.as_ref().unwrap().is_serving())
                 .unwrap();
             let run = |sim: &mut Sim, repair: bool| {
-                sim.nodes[p]
+                // The simulated operator may have a verify running already.
+                let mut tries = 0;
+                while let Err(e) = sim.nodes[p]
                     .core
                     .as_mut()
                     .unwrap()
                     .start_verify(0, 0, repair, 0)
-                    .unwrap();
+                {
+                    tries += 1;
+                    assert!(tries < 5000, "{e}");
+                    sim.step();
+                }
                 for _ in 0..5000 {
                     sim.step();
                     let r = sim.nodes[p].core.as_ref().unwrap().verify_report().unwrap();
