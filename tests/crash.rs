@@ -460,6 +460,7 @@ impl Crash {
                 tail(&self.n[i].log, 200)
             );
         }
+        msg += &self.summary(self.t0.elapsed());
         msg += &format!(
             "files kept in {} (volume images, rings, meta, full logs)\n",
             self.dir.display()
@@ -1004,7 +1005,8 @@ impl Crash {
     fn summary(&self, elapsed: Duration) -> String {
         let sh = &self.sh;
         let mut s = format!(
-            "crash test summary: seed {}, {} cycles in {:.1} s ({} heals, every one in sync, images compared)\n",
+            "crash test summary: seed {}, through cycle {} in {:.1} s ({} heals passed: in sync, \
+             images identical, every block allowed)\n",
             self.seed,
             self.cycle,
             elapsed.as_secs_f64(),
@@ -1145,6 +1147,9 @@ fn randomized_crashes_lose_no_acknowledged_write() {
             t.elapsed().as_secs_f64(),
             acked - acked0
         ));
+        if cycle % 50 == 0 && cycle < cycles {
+            println!("{}", c.summary(started.elapsed()));
+        }
     }
     let summary = c.summary(started.elapsed());
     println!("{summary}");
