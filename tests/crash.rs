@@ -13,7 +13,7 @@
 //! | `kill-primary` | kill -9 of the primary, then as operations.md 4.3: promote the backup unless the primary showed DEGRADED; a refusal is followed by restarting the old primary |
 //! | `kill-both` | kill -9 of both (random order and gap), restart both |
 //! | `stall-primary`, `stall-backup` | SIGSTOP, SIGCONT after 50–2500 ms |
-//! | `stall-backup-kill-primary` | SIGSTOP of the backup, kill -9 of the primary, SIGCONT; promote only if the primary cannot have run degraded (4.3: not DEGRADED, killed within `peer_timeout_ms` − 300 ms of the stall), else restart it |
+//! | `stall-backup-kill-primary` | SIGSTOP of the backup, kill -9 of the primary 0.1–4 s later, SIGCONT; promote only if the primary cannot have run degraded (4.3: not DEGRADED, killed within `peer_timeout_ms` − 300 ms of the stall), else restart it |
 //! | `replay-kill-backup`, `replay-kill-primary` | backup down, degraded writes, backup restarts; during its catch-up kill -9 the backup (restart) or the primary (then a promote is attempted: it must refuse unless the backup had caught up; restart the primary) |
 //! | `kill-primary-after-backup-restart` | backup down, degraded writes, backup restarts, primary killed within 0.5 s, promote attempted: it must refuse unless the backup had caught up (the sequence that lost writes before issue 11 item 1) |
 //!
@@ -472,18 +472,12 @@ impl Crash {
 
     fn start(&mut self, i: usize) {
         assert!(self.n[i].child.is_none());
-        let mut log = std::fs::OpenOptions::new()
+        let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.n[i].log)
             .unwrap();
-        let _ = writeln!(
-            log,
-            "===== crash test: start node {} (cycle {}, {:.3}s) =====",
-            i + 1,
-            self.cycle,
-            self.t0.elapsed().as_secs_f64()
-        );
+        self.mark(&format!("start node {}", i + 1));
         self.n[i].log_mark = std::fs::metadata(&self.n[i].log).unwrap().len() as usize;
         let child = Command::new(&self.exe)
             .args(["serve", "--config"])
@@ -502,16 +496,7 @@ impl Crash {
             c.kill().unwrap();
             c.wait().unwrap();
             self.n[i].stopped = false;
-            let _ = writeln!(
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&self.n[i].log)
-                    .unwrap(),
-                "===== crash test: kill -9 node {} (cycle {}, {:.3}s) =====",
-                i + 1,
-                self.cycle,
-                self.t0.elapsed().as_secs_f64()
-            );
+            self.mark(&format!("kill -9 node {}", i + 1));
             self.ev(format!("kill -9 node {}", i + 1));
         }
     }
@@ -523,11 +508,31 @@ impl Crash {
         let r = unsafe { libc::kill(pid, sig) };
         assert_eq!(r, 0, "kill({pid}, {sig})");
         self.n[i].stopped = stop;
-        self.ev(format!(
+        let what = format!(
             "{} node {}",
             if stop { "SIGSTOP" } else { "SIGCONT" },
             i + 1
-        ));
+        );
+        self.mark(&what);
+        self.ev(what);
+    }
+
+    /// A line in both node logs, so they read as one story with the faults.
+    fn mark(&self, what: &str) {
+        for n in &self.n {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&n.log)
+            {
+                let _ = writeln!(
+                    f,
+                    "===== crash test: {what} (cycle {}, {:.3}s) =====",
+                    self.cycle,
+                    self.t0.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
 
     fn sleep_ms(&mut self, ms: u64) {
@@ -748,7 +753,8 @@ impl Crash {
             Kind::StallBackupKillPrimary => {
                 self.signal(b, true);
                 let t0 = Instant::now();
-                self.sleep_ms(r.range(100, 2000));
+                // Up to 4 s: long enough for the primary to go degraded.
+                self.sleep_ms(r.range(100, 4000));
                 let degraded = self.st(p).map(|s| s["degraded"] == true);
                 let cut_ms = t0.elapsed().as_millis() as u64;
                 self.kill9(p);
