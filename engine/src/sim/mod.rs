@@ -758,6 +758,26 @@ impl Sim {
         }
     }
 
+    /// Records host write `id` (blocks `block..block+nblocks`, or a state
+    /// blob) as sent to node `i`.
+    fn issue(&mut self, id: u64, i: usize, range: (u64, u64, bool), stray: bool, blob: bool) {
+        let (block, nblocks, zero) = range;
+        self.writes.push(HostWrite {
+            id,
+            block,
+            nblocks,
+            zero,
+            state: WState::Pending,
+            node: i,
+            seq: None,
+            gen: None,
+            completed_ms: 0,
+            to_non_serving: stray,
+            blob,
+        });
+        self.nodes[i].host_ids.push(id);
+    }
+
     /// A multipath host: it writes through a path that reports itself
     /// optimized (either, if both do), and now and then through a path that
     /// does not, which must refuse the write.
@@ -790,20 +810,7 @@ impl Sim {
             let mut blob = id.to_le_bytes().to_vec();
             blob.resize(8 + self.rng.below(64) as usize, id as u8);
             self.log(format!("host state update {id} -> node {}", i + 1));
-            self.writes.push(HostWrite {
-                id,
-                block: 0,
-                nblocks: 0,
-                zero: false,
-                state: WState::Pending,
-                node: i,
-                seq: None,
-                gen: None,
-                completed_ms: 0,
-                to_non_serving: stray,
-                blob: true,
-            });
-            self.nodes[i].host_ids.push(id);
+            self.issue(id, i, (0, 0, false), stray, true);
             let core = self.nodes[i].core.as_mut().unwrap();
             core.host_put_state(id, &blob);
             return;
@@ -830,20 +837,7 @@ impl Sim {
             "host write {id} -> node {} blocks {block}+{nblocks} zero={zero}",
             i + 1
         ));
-        self.writes.push(HostWrite {
-            id,
-            block,
-            nblocks,
-            zero,
-            state: WState::Pending,
-            node: i,
-            seq: None,
-            gen: None,
-            completed_ms: 0,
-            to_non_serving: stray,
-            blob: false,
-        });
-        self.nodes[i].host_ids.push(id);
+        self.issue(id, i, (block, nblocks, zero), stray, false);
         let core = self.nodes[i].core.as_mut().unwrap();
         core.host_write(id, kind, block * BLOCK, nblocks * BLOCK, fua, &payload);
         if self.rng.chance(50) {
