@@ -259,12 +259,25 @@ pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> 
 
 /// Running front-ends of a node.
 struct Targets {
+    /// The connection reactors the targets' connections live on.
+    reactors: Arc<netreactor::Reactors>,
     nbd: Option<nbd_target::NbdServer>,
     nvme: Option<nvme_target::NvmeTarget>,
     iscsi: Option<iscsi_target::IscsiTarget>,
 }
 
 fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
+    // One connection reactor per core of reactor.cores. Not pinned yet: on
+    // a small box the scheduler places them next to the mirror reactor.
+    let reactors = netreactor::Reactors::start(&netreactor::ReactorConfig {
+        name: "dm-conn".into(),
+        threads: cfg.reactor.cores.len().max(1),
+        cores: Vec::new(),
+        busy: cfg.reactor.poll_mode == config::PollMode::Busy,
+        spin_us: cfg.reactor.adaptive_spin_us,
+        max_connections_per_reactor: 256,
+    })
+    .context("starting the connection reactors (io_uring)")?;
     let nbd = if cfg.nbd.enabled {
         let c = nbd_target::NbdConfig {
             listen: cfg.nbd.listen,
@@ -273,7 +286,7 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
             max_connections: 64,
         };
         Some(
-            nbd_target::start(c, vol.clone())
+            nbd_target::start_on(c, vol.clone(), reactors.clone())
                 .with_context(|| format!("starting NBD on nbd.listen = {}", cfg.nbd.listen))?,
         )
     } else {
@@ -324,7 +337,12 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
     } else {
         None
     };
-    Ok(Targets { nbd, nvme, iscsi })
+    Ok(Targets {
+        reactors,
+        nbd,
+        nvme,
+        iscsi,
+    })
 }
 
 fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
@@ -383,6 +401,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     if let Some(t) = targets.iscsi {
         t.shutdown();
     }
+    targets.reactors.shutdown();
     adm.shutdown();
     node.shutdown();
     Ok(())
