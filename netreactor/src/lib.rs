@@ -138,6 +138,8 @@ struct Shared {
     /// other threads issued: the cost of sleeping.
     sleeps: AtomicU64,
     wakes: AtomicU64,
+    /// The reactor's loop ended and every connection of it is closed.
+    finished: AtomicBool,
 }
 
 impl Shared {
@@ -184,7 +186,7 @@ impl ReactorConfig {
             threads: 1,
             cores: Vec::new(),
             busy: false,
-            spin_us: 50,
+            spin_us: 0,
             max_connections_per_reactor: 256,
         }
     }
@@ -205,7 +207,23 @@ pub struct Reactors {
 }
 
 impl Reactors {
+    /// Starts `cfg.threads` reactor threads.
     pub fn start(cfg: &ReactorConfig) -> io::Result<Arc<Reactors>> {
+        Ok(Self::start_inner(cfg, false)?.0)
+    }
+
+    /// Like [`Reactors::start`], but reactor 0 gets no thread: it is
+    /// returned as a [`Hosted`] for another poll loop (the mirror reactor)
+    /// to drive, so that its connections run on that loop's thread.
+    pub fn start_hosted(cfg: &ReactorConfig) -> io::Result<(Arc<Reactors>, Hosted)> {
+        let (r, hosted) = Self::start_inner(cfg, true)?;
+        Ok((r, hosted.expect("reactor 0 is hosted")))
+    }
+
+    fn start_inner(
+        cfg: &ReactorConfig,
+        host_first: bool,
+    ) -> io::Result<(Arc<Reactors>, Option<Hosted>)> {
         if cfg.threads == 0 || cfg.max_connections_per_reactor == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -214,39 +232,19 @@ impl Reactors {
         }
         let mut shared = Vec::new();
         let mut threads = Vec::new();
+        let mut hosted = None;
         for i in 0..cfg.threads {
-            // SAFETY: eventfd takes no pointers; the result is checked.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
+            let mut r = Reactor::new(cfg)?;
+            shared.push(r.shared.clone());
+            if i == 0 && host_first {
+                hosted = Some(Hosted {
+                    r,
+                    stop_since: None,
+                    finished: false,
+                });
+                continue;
             }
-            // SAFETY: `fd` is a new descriptor that nothing else owns.
-            let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let max = cfg.max_connections_per_reactor;
-            let sh = Arc::new(Shared {
-                incoming: ArrayQueue::new(max),
-                ready: ArrayQueue::new(2 * max),
-                ready_overflow: AtomicBool::new(false),
-                sleeping: AtomicBool::new(false),
-                wake_fd,
-                stop: AtomicBool::new(false),
-                conns: AtomicUsize::new(0),
-                sleeps: AtomicU64::new(0),
-                wakes: AtomicU64::new(0),
-            });
-            let ring = IoUring::new((2 * max as u32 + 8).next_power_of_two())?;
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
-            let mut r = Reactor {
-                ring,
-                shared: sh.clone(),
-                slots: (0..max).map(|_| None).collect(),
-                dirty: Vec::new(),
-                is_dirty: vec![false; max],
-                wake_buf: Box::new(0),
-                wake_posted: false,
-                busy: cfg.busy,
-                spin: Duration::from_micros(cfg.spin_us),
-            };
             let t = std::thread::Builder::new()
                 .name(format!("{}-{i}", cfg.name))
                 .spawn(move || {
@@ -257,13 +255,13 @@ impl Reactors {
                     }
                     r.run();
                 })?;
-            shared.push(sh);
             threads.push(t);
         }
-        Ok(Arc::new(Reactors {
+        let r = Arc::new(Reactors {
             shared,
             threads: std::sync::Mutex::new(threads),
-        }))
+        });
+        Ok((r, hosted))
     }
 
     /// Hands a connection to the reactor with the fewest: `initial` is what
@@ -342,12 +340,81 @@ impl Reactors {
         for t in threads {
             let _ = t.join();
         }
+        // A hosted reactor finishes on its host's thread.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .shared
+            .iter()
+            .any(|s| !s.finished.load(Ordering::Acquire))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
 impl Drop for Reactors {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// A reactor without a thread of its own, driven by another poll loop (the
+/// mirror reactor's): its connections' requests reach the mirror without a
+/// thread hop, and their completions are sent from that same thread.
+pub struct Hosted {
+    r: Reactor,
+    stop_since: Option<Instant>,
+    finished: bool,
+}
+
+impl Hosted {
+    /// One pass over the reactor's work; whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        let did = self.r.iteration();
+        if self.r.stopping(&mut self.stop_since) {
+            self.finished = true;
+            self.r.finish();
+        }
+        did
+    }
+
+    /// Before the host sleeps: the fd to add to its poll(2) set (the
+    /// io_uring, readable once a completion, a wake-up included, is
+    /// queued), or None if work is pending and the host must not sleep.
+    pub fn prepare_sleep(&mut self) -> Option<RawFd> {
+        if self.finished {
+            return Some(self.r.shared.wake_fd.as_raw_fd());
+        }
+        if self.r.prepare_sleep() {
+            self.r.shared.sleeps.fetch_add(1, Ordering::Relaxed);
+            Some(self.r.ring.as_raw_fd())
+        } else {
+            None
+        }
+    }
+
+    /// After the host's sleep.
+    pub fn woke(&mut self) {
+        self.r.shared.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Hosted {
+    /// The host stops: close the connections before their buffers go.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.r.shared.stop.store(true, Ordering::Release);
+        while !self.r.stopping(&mut self.stop_since) {
+            self.r.iteration();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.r.finish();
     }
 }
 
@@ -392,26 +459,47 @@ struct Reactor {
 }
 
 impl Reactor {
+    fn new(cfg: &ReactorConfig) -> io::Result<Reactor> {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let max = cfg.max_connections_per_reactor;
+        let shared = Arc::new(Shared {
+            incoming: ArrayQueue::new(max),
+            ready: ArrayQueue::new(2 * max),
+            ready_overflow: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+            wake_fd,
+            stop: AtomicBool::new(false),
+            conns: AtomicUsize::new(0),
+            sleeps: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+        });
+        Ok(Reactor {
+            ring: IoUring::new((2 * max as u32 + 8).next_power_of_two())?,
+            shared,
+            slots: (0..max).map(|_| None).collect(),
+            dirty: Vec::new(),
+            is_dirty: vec![false; max],
+            wake_buf: Box::new(0),
+            wake_posted: false,
+            busy: cfg.busy,
+            spin: Duration::from_micros(cfg.spin_us),
+        })
+    }
+
     fn run(&mut self) {
         let mut last_work = Instant::now();
         let mut stop_since: Option<Instant> = None;
         loop {
             let did = self.iteration();
-            if self.shared.stop.load(Ordering::Acquire) {
-                let since = *stop_since.get_or_insert_with(Instant::now);
-                self.abort_all();
-                if self.slots.iter().all(|s| s.is_none()) {
-                    break;
-                }
-                if since.elapsed() > Duration::from_secs(5) {
-                    // Operations still in flight own their buffers: leak
-                    // them rather than free memory the kernel may write.
-                    log::error!("netreactor: connections did not close within 5 s; leaking them");
-                    for s in self.slots.iter_mut() {
-                        std::mem::forget(s.take());
-                    }
-                    break;
-                }
+            if self.stopping(&mut stop_since) {
+                break;
             }
             if did {
                 last_work = Instant::now();
@@ -421,38 +509,74 @@ impl Reactor {
                 std::hint::spin_loop();
                 continue;
             }
-            self.sleep();
+            if self.prepare_sleep() {
+                self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
+                let ts = types::Timespec::from(Duration::from_millis(SLEEP_TIMEOUT_MS));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => log::warn!("netreactor: io_uring_enter failed: {e}"),
+                }
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
             last_work = Instant::now() - self.spin;
         }
+        self.finish();
+    }
+
+    /// On stop: closes every connection; true once all are gone (or after
+    /// 5 s, when the rest are leaked rather than freed under the kernel).
+    fn stopping(&mut self, since: &mut Option<Instant>) -> bool {
+        if !self.shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let since = *since.get_or_insert_with(Instant::now);
+        self.abort_all();
+        if self.slots.iter().all(|s| s.is_none()) {
+            return true;
+        }
+        if since.elapsed() > Duration::from_secs(5) {
+            log::error!("netreactor: connections did not close within 5 s; leaking them");
+            for s in self.slots.iter_mut() {
+                std::mem::forget(s.take());
+            }
+            return true;
+        }
+        false
+    }
+
+    fn finish(&mut self) {
         if self.wake_posted {
             // The eventfd read stays posted; `wake_buf` is leaked with it
             // so that its late completion cannot write freed memory.
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+            self.wake_posted = false;
         }
+        self.shared.finished.store(true, Ordering::Release);
     }
 
-    /// Sleeps in io_uring_enter until a completion arrives (a socket, or
-    /// the eventfd read a waker completes) or the timeout passes.
-    fn sleep(&mut self) {
+    /// Posts the wake-up read and announces the sleep; false if work
+    /// arrived meanwhile (then the caller must not sleep).
+    fn prepare_sleep(&mut self) -> bool {
         self.post_wake_read();
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                log::warn!("netreactor: io_uring submit failed: {e}");
+            }
+        }
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // Work posted before `sleeping` was set did not write the eventfd.
-        if self.shared.ready.is_empty()
+        let idle = self.shared.ready.is_empty()
             && self.shared.incoming.is_empty()
             && !self.shared.ready_overflow.load(Ordering::Acquire)
             && !self.shared.stop.load(Ordering::Acquire)
-        {
-            self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
-            let ts = types::Timespec::from(Duration::from_millis(SLEEP_TIMEOUT_MS));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => log::warn!("netreactor: io_uring_enter failed: {e}"),
-            }
+            && self.ring.completion().is_empty();
+        if !idle {
+            self.shared.sleeping.store(false, Ordering::SeqCst);
         }
-        self.shared.sleeping.store(false, Ordering::SeqCst);
+        idle
     }
 
     fn post_wake_read(&mut self) {
