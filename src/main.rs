@@ -296,12 +296,18 @@ pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> 
 
 /// Running front-ends of a node.
 struct Targets {
+    /// The connection reactors the targets' connections live on.
+    reactors: Arc<netreactor::Reactors>,
     nbd: Option<nbd_target::NbdServer>,
     nvme: Option<nvme_target::NvmeTarget>,
     iscsi: Option<iscsi_target::IscsiTarget>,
 }
 
-fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
+fn start_targets(
+    cfg: &Config,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<netreactor::Reactors>,
+) -> Result<Targets> {
     let nbd = if cfg.nbd.enabled {
         let c = nbd_target::NbdConfig {
             listen: cfg.nbd.listen,
@@ -310,38 +316,39 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
             max_connections: 64,
         };
         Some(
-            nbd_target::start(c, vol.clone())
+            nbd_target::start_on(c, vol.clone(), reactors.clone())
                 .with_context(|| format!("starting NBD on nbd.listen = {}", cfg.nbd.listen))?,
         )
     } else {
         None
     };
-    let nvme =
-        if cfg.nvme.enabled {
-            let mut c = nvme_target::NvmeConfig::new(cfg.nvme.listen, cfg.nvme.subnqn.clone());
-            c.allowed_hosts = cfg.nvme.allowed_hosts.clone();
-            c.port_id = cfg.nvme.port_id;
-            // One ANA group for the namespace on both nodes; only its state differs.
-            c.ana_group_id = 1;
-            c.mdts_bytes = (cfg.reactor.max_io_bytes as u32)
-                .next_power_of_two()
-                .max(4096);
-            c.discovery_ports = vec![nvme_target::DiscoveryPort {
-                addr: cfg.nvme.listen,
-                port_id: cfg.nvme.port_id,
-            }];
-            if let Some(p) = cfg.nvme.peer_listen {
-                c.discovery_ports.push(nvme_target::DiscoveryPort {
-                    addr: p,
-                    port_id: cfg.nvme.peer_port_id,
-                });
-            }
-            Some(nvme_target::start(c, vol.clone()).with_context(|| {
+    let nvme = if cfg.nvme.enabled {
+        let mut c = nvme_target::NvmeConfig::new(cfg.nvme.listen, cfg.nvme.subnqn.clone());
+        c.allowed_hosts = cfg.nvme.allowed_hosts.clone();
+        c.port_id = cfg.nvme.port_id;
+        // One ANA group for the namespace on both nodes; only its state differs.
+        c.ana_group_id = 1;
+        c.mdts_bytes = (cfg.reactor.max_io_bytes as u32)
+            .next_power_of_two()
+            .max(4096);
+        c.discovery_ports = vec![nvme_target::DiscoveryPort {
+            addr: cfg.nvme.listen,
+            port_id: cfg.nvme.port_id,
+        }];
+        if let Some(p) = cfg.nvme.peer_listen {
+            c.discovery_ports.push(nvme_target::DiscoveryPort {
+                addr: p,
+                port_id: cfg.nvme.peer_port_id,
+            });
+        }
+        Some(
+            nvme_target::start_on(c, vol.clone(), reactors.clone()).with_context(|| {
                 format!("starting NVMe/TCP on nvme.listen = {}", cfg.nvme.listen)
-            })?)
-        } else {
-            None
-        };
+            })?,
+        )
+    } else {
+        None
+    };
     let iscsi = if cfg.iscsi.enabled {
         let mut c = iscsi_target::IscsiConfig::new(cfg.iscsi.listen, cfg.iscsi.target_iqn.clone());
         c.portal_group_tag = cfg.iscsi.portal_group_tag;
@@ -362,7 +369,12 @@ fn start_targets(cfg: &Config, vol: Arc<dyn Volume>) -> Result<Targets> {
     } else {
         None
     };
-    Ok(Targets { nbd, nvme, iscsi })
+    Ok(Targets {
+        reactors,
+        nbd,
+        nvme,
+        iscsi,
+    })
 }
 
 fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
@@ -386,7 +398,20 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
             cfg.admin.listen
         )
     })?;
-    let targets = start_targets(&cfg, vol)?;
+    // One connection reactor per core of reactor.cores: the first runs in
+    // the node's (mirror) reactor thread, the others on threads of their
+    // own (not pinned yet), which reach the mirror through its mailbox.
+    let (reactors, hosted) = netreactor::Reactors::start_hosted(&netreactor::ReactorConfig {
+        name: "dm-conn".into(),
+        threads: cfg.reactor.cores.len().max(1),
+        cores: Vec::new(),
+        busy: cfg.reactor.poll_mode == config::PollMode::Busy,
+        spin_us: cfg.reactor.adaptive_spin_us,
+        max_connections_per_reactor: 256,
+    })
+    .context("starting the connection reactors (io_uring)")?;
+    node.host_connections(hosted);
+    let targets = start_targets(&cfg, vol, reactors)?;
     log::info!(
         "node {} ({}) listening: admin http://{}{}{}{} (whether it serves is logged as \
          'path state' and shown by `deltamirror status`)",
@@ -422,6 +447,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     if let Some(t) = targets.iscsi {
         t.shutdown();
     }
+    targets.reactors.shutdown();
     adm.shutdown();
     node.shutdown();
     Ok(())

@@ -1,17 +1,22 @@
-//! The listener: accepts connections and runs one [`session`] per
-//! connection on its own thread (plus that session's reply thread).
+//! The listener: accepts connections, runs each one's handshake on a
+//! short-lived thread, then hands its socket to a connection reactor
+//! ([`netreactor`]) for the transmission phase. After the handshake a
+//! connection has no thread of its own.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, BufReader, BufWriter};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use netreactor::{ReactorConfig, Reactors};
 use volume::Volume;
 
-use crate::session::{self, SessionCtx, SessionEnd, Transport};
+use crate::conn::NbdConn;
+use crate::handshake::negotiate;
+use crate::session::{SessionCtx, READ_BUFFER_BYTES, REPLY_BUFFER_BYTES};
 
 /// Unanswered requests per connection before the server stops reading
 /// from it.
@@ -36,6 +41,8 @@ pub struct NbdConfig {
     pub max_connections: usize,
 }
 
+/// One open connection: a handle on its socket (to close it at shutdown)
+/// and, while it negotiates, its handshake thread.
 struct Conn {
     stream: TcpStream,
     thread: Option<JoinHandle<()>>,
@@ -50,6 +57,9 @@ pub struct NbdServer {
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     conns: Conns,
+    reactors: Arc<Reactors>,
+    /// Reactors this server started itself (and stops).
+    own_reactors: bool,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -89,10 +99,31 @@ fn check_config(cfg: &NbdConfig, vol: &dyn Volume) -> io::Result<()> {
     Ok(())
 }
 
-/// Starts serving `vol`: binds `cfg.listen` at once and accepts on a
-/// background thread.
+/// Starts serving `vol` on reactors of its own (one adaptive thread):
+/// binds `cfg.listen` at once and accepts on a background thread.
 pub fn start(cfg: NbdConfig, vol: Arc<dyn Volume>) -> io::Result<NbdServer> {
     check_config(&cfg, &*vol)?;
+    let reactors = Reactors::start(&ReactorConfig::single("nbd-reactor"))?;
+    start_inner(cfg, vol, reactors, true)
+}
+
+/// Starts serving `vol` with its connections on `reactors` (shared with the
+/// node's other targets).
+pub fn start_on(
+    cfg: NbdConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+) -> io::Result<NbdServer> {
+    check_config(&cfg, &*vol)?;
+    start_inner(cfg, vol, reactors, false)
+}
+
+fn start_inner(
+    cfg: NbdConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+    own_reactors: bool,
+) -> io::Result<NbdServer> {
     let listener = TcpListener::bind(cfg.listen).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -113,10 +144,10 @@ pub fn start(cfg: NbdConfig, vol: Arc<dyn Volume>) -> io::Result<NbdServer> {
     ));
     let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
     let accept = {
-        let (stop, conns) = (stop.clone(), conns.clone());
+        let (stop, conns, reactors) = (stop.clone(), conns.clone(), reactors.clone());
         thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(listener, ctx, stop, conns, cfg.max_connections))?
+            .spawn(move || accept_loop(listener, ctx, stop, conns, reactors, cfg.max_connections))?
     };
     log::info!("nbd: serving export {:?} on {local_addr}", cfg.export_name);
     Ok(NbdServer {
@@ -124,6 +155,8 @@ pub fn start(cfg: NbdConfig, vol: Arc<dyn Volume>) -> io::Result<NbdServer> {
         stop,
         accept: Some(accept),
         conns,
+        reactors,
+        own_reactors,
     })
 }
 
@@ -132,6 +165,7 @@ fn accept_loop(
     ctx: Arc<SessionCtx>,
     stop: Arc<AtomicBool>,
     conns: Conns,
+    reactors: Arc<Reactors>,
     max_connections: usize,
 ) {
     let mut next_id = 0u64;
@@ -156,65 +190,37 @@ fn accept_loop(
             log::warn!("nbd: refusing {peer}: already {active} connections (max_connections)");
             continue;
         }
-        if let Err(e) = spawn_connection(stream, peer, next_id, &ctx, &conns) {
+        if let Err(e) = spawn_handshake(stream, peer, next_id, &ctx, &conns, &reactors) {
             log::warn!("nbd: cannot serve {peer}: {e}");
         }
         next_id += 1;
     }
 }
 
-struct SocketTransport {
-    stream: TcpStream,
-}
-
-impl Transport for SocketTransport {
-    fn negotiated(&self) {
-        let _ = self.stream.set_read_timeout(None);
-    }
-    fn close(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
-
-fn spawn_connection(
+fn spawn_handshake(
     stream: TcpStream,
     peer: SocketAddr,
     id: u64,
     ctx: &Arc<SessionCtx>,
     conns: &Conns,
+    reactors: &Arc<Reactors>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
-    let reader = stream.try_clone()?;
-    let writer = stream.try_clone()?;
-    let transport = SocketTransport {
-        stream: stream.try_clone()?,
-    };
     // Registered before the thread starts so shutdown always sees it.
     if let Ok(mut c) = conns.lock() {
         c.insert(
             id,
             Conn {
-                stream,
+                stream: stream.try_clone()?,
                 thread: None,
             },
         );
     }
-    let (ctx2, conns2) = (ctx.clone(), conns.clone());
+    let (ctx2, conns2, reactors2) = (ctx.clone(), conns.clone(), reactors.clone());
     let spawned = thread::Builder::new()
-        .name(format!("nbd-conn-{id}"))
-        .spawn(move || {
-            let peer = peer.to_string();
-            log::info!("nbd {peer}: connected");
-            match session::serve(reader, writer, &ctx2, &peer, &transport) {
-                SessionEnd::Handshake(e) => log::info!("nbd {peer}: handshake ended: {e}"),
-                end => log::info!("nbd {peer}: disconnected ({end:?})"),
-            }
-            transport.close();
-            if let Ok(mut c) = conns2.lock() {
-                c.remove(&id);
-            }
-        });
+        .name(format!("nbd-hs-{id}"))
+        .spawn(move || handshake(stream, peer.to_string(), id, ctx2, conns2, reactors2));
     match spawned {
         Ok(handle) => {
             if let Ok(mut c) = conns.lock() {
@@ -232,6 +238,63 @@ fn spawn_connection(
             }
             Err(e)
         }
+    }
+}
+
+/// The handshake thread: negotiates, then hands the socket (and whatever
+/// the client sent past the handshake) to a reactor, and ends.
+fn handshake(
+    stream: TcpStream,
+    peer: String,
+    id: u64,
+    ctx: Arc<SessionCtx>,
+    conns: Conns,
+    reactors: Arc<Reactors>,
+) {
+    let forget = |conns: &Conns| {
+        if let Ok(mut c) = conns.lock() {
+            c.remove(&id);
+        }
+    };
+    log::info!("nbd {peer}: connected");
+    let negotiated = match (stream.try_clone(), stream.try_clone()) {
+        (Ok(rs), Ok(ws)) => {
+            let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, rs);
+            let mut w = BufWriter::with_capacity(REPLY_BUFFER_BYTES, ws);
+            negotiate(&mut r, &mut w, &ctx.export, &|| {
+                ctx.stop.load(Ordering::Relaxed)
+            })
+            .map(|_| r.buffer().to_vec())
+            .map_err(|e| format!("{e:?}"))
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    };
+    let initial = match negotiated {
+        Ok(initial) => initial,
+        Err(e) => {
+            log::info!("nbd {peer}: handshake ended: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
+            forget(&conns);
+            return;
+        }
+    };
+    if let Err(e) = stream.set_read_timeout(None) {
+        log::info!("nbd {peer}: {e}");
+    }
+    log::debug!("nbd {peer}: transmission phase");
+    let conns2 = conns.clone();
+    let on_close: Box<dyn FnOnce() + Send> = Box::new(move || {
+        if let Ok(mut c) = conns2.lock() {
+            c.remove(&id);
+        }
+    });
+    let make = Box::new(move |waker| {
+        Box::new(NbdConn::new(&ctx, peer, waker, Some(on_close))) as Box<dyn netreactor::Conn>
+    });
+    if let Err(stream) = reactors.adopt(stream, initial, make) {
+        log::warn!("nbd: no reactor can take another connection; closing it");
+        let _ = stream.shutdown(Shutdown::Both);
+        forget(&conns);
     }
 }
 
@@ -264,17 +327,28 @@ impl NbdServer {
         if let Some(a) = self.accept.take() {
             let _ = a.join();
         }
-        let conns: Vec<Conn> = match self.conns.lock() {
-            Ok(mut c) => c.drain().map(|(_, conn)| conn).collect(),
+        // Handshakes end on their closed sockets; connections on the
+        // reactors see the stop flag (`Conn::aborted`) once kicked.
+        let threads: Vec<JoinHandle<()>> = match self.conns.lock() {
+            Ok(mut c) => c
+                .values_mut()
+                .filter_map(|conn| {
+                    let _ = conn.stream.shutdown(Shutdown::Both);
+                    conn.thread.take()
+                })
+                .collect(),
             Err(_) => Vec::new(),
         };
-        for c in &conns {
-            let _ = c.stream.shutdown(Shutdown::Both);
+        for t in threads {
+            let _ = t.join();
         }
-        for c in conns {
-            if let Some(t) = c.thread {
-                let _ = t.join();
-            }
+        self.reactors.kick();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.connections() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
+        }
+        if self.own_reactors {
+            self.reactors.shutdown();
         }
         log::info!("nbd: server on {} stopped", self.local_addr);
     }

@@ -19,4 +19,4 @@ pub mod queue;
 pub mod spec;
 pub mod target;
 
-pub use target::{start, DiscoveryPort, NvmeConfig, NvmeTarget};
+pub use target::{start, start_on, DiscoveryPort, NvmeConfig, NvmeTarget};

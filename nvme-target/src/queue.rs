@@ -10,7 +10,7 @@ use crate::spec::*;
 use crate::target::{Ctrl, Shared};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SendError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use volume::{IoError, IoResult, PathState, VolumeOp};
@@ -33,9 +33,35 @@ pub enum Out {
     Close,
 }
 
+/// Where a queue's output goes: a channel, and the waker of whoever drains
+/// it (the connection's reactor; a no-op for the fuzz harness).
+#[derive(Clone)]
+pub struct OutTx {
+    tx: Sender<Out>,
+    waker: netreactor::Waker,
+}
+
+impl OutTx {
+    pub fn new(tx: Sender<Out>, waker: netreactor::Waker) -> OutTx {
+        OutTx { tx, waker }
+    }
+
+    fn send(&self, o: Out) -> Result<(), SendError<Out>> {
+        let r = self.tx.send(o);
+        self.waker.wake();
+        r
+    }
+}
+
+impl From<Sender<Out>> for OutTx {
+    fn from(tx: Sender<Out>) -> OutTx {
+        OutTx::new(tx, netreactor::Waker::noop())
+    }
+}
+
 /// The part of a queue that completions need: where to send, how to frame.
 pub struct QueueIo {
-    out: Sender<Out>,
+    out: OutTx,
     dg: Digests,
     /// Host PDU data alignment in bytes.
     c2h_align: usize,
@@ -48,7 +74,7 @@ pub struct QueueIo {
 }
 
 impl QueueIo {
-    fn new(out: Sender<Out>, dg: Digests, c2h_align: usize) -> Self {
+    fn new(out: OutTx, dg: Digests, c2h_align: usize) -> Self {
         QueueIo {
             out,
             dg,
@@ -166,7 +192,7 @@ pub fn status_of(e: IoError, is_read: bool) -> Status {
 
 pub struct QueueCore {
     sh: Arc<Shared>,
-    out: Sender<Out>,
+    out: OutTx,
     io: Option<Arc<QueueIo>>,
     qid: Option<u16>,
     ctrl: Option<Arc<Ctrl>>,
@@ -179,10 +205,10 @@ pub struct QueueCore {
 }
 
 impl QueueCore {
-    pub fn new(sh: Arc<Shared>, out: Sender<Out>) -> Self {
+    pub fn new(sh: Arc<Shared>, out: impl Into<OutTx>) -> Self {
         QueueCore {
             sh,
-            out,
+            out: out.into(),
             io: None,
             qid: None,
             ctrl: None,

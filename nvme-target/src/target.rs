@@ -1,14 +1,18 @@
 //! The NVMe/TCP target: configuration, controllers shared by the queues of
-//! a host association, the listener, per-connection reader/writer threads
-//! and the service thread (keep-alive timeouts, ANA change events).
+//! a host association, the listener, and the service thread (keep-alive
+//! timeouts, ANA change events). Each accepted connection (queue) goes
+//! straight to a connection reactor ([`netreactor`]): its PDUs are framed
+//! in place from the received bytes and fed to the queue's state machine,
+//! whose output the same reactor sends. No thread per connection.
 
-use crate::pdu::read_pdu;
-use crate::queue::{Out, QueueCore, QueueIo};
+use crate::pdu::{expected_hlen, CommonHeader, RawPdu, TransportError};
+use crate::queue::{Out, OutTx, QueueCore, QueueIo};
 use crate::spec::*;
+use netreactor::{Input, ReactorConfig, Reactors, Waker};
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -316,19 +320,41 @@ impl Shared {
     }
 }
 
-/// Accepted connections: a socket handle (to shut it down) and the thread.
-type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
-
 /// A running target. Dropping it without `shutdown` leaves threads running.
 pub struct NvmeTarget {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    conns: Connections,
+    /// Connections open on the reactors.
+    conns: Arc<AtomicUsize>,
+    reactors: Arc<Reactors>,
+    /// Reactors this target started itself (and stops).
+    own_reactors: bool,
 }
 
-/// Starts serving `vol` on `cfg.listen`.
+/// Starts serving `vol` on `cfg.listen`, on reactors of its own (one
+/// adaptive thread).
 pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
+    let reactors = Reactors::start(&ReactorConfig::single("nvme-reactor"))?;
+    start_inner(cfg, vol, reactors, true)
+}
+
+/// Starts serving `vol` on `cfg.listen` with its connections on `reactors`
+/// (shared with the node's other targets).
+pub fn start_on(
+    cfg: NvmeConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+) -> io::Result<NvmeTarget> {
+    start_inner(cfg, vol, reactors, false)
+}
+
+fn start_inner(
+    cfg: NvmeConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+    own_reactors: bool,
+) -> io::Result<NvmeTarget> {
     let listener = TcpListener::bind(cfg.listen).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -342,14 +368,19 @@ pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
     let shared = Shared::new(cfg, vol, local_addr)?;
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let conns: Connections = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicUsize::new(0));
     let mut threads = Vec::new();
     {
-        let (shared, stop, conns) = (shared.clone(), stop.clone(), conns.clone());
+        let (shared, stop, conns, reactors) = (
+            shared.clone(),
+            stop.clone(),
+            conns.clone(),
+            reactors.clone(),
+        );
         threads.push(
             thread::Builder::new()
                 .name("nvme-accept".into())
-                .spawn(move || accept_loop(listener, shared, stop, conns))?,
+                .spawn(move || accept_loop(listener, shared, stop, conns, reactors))?,
         );
     }
     {
@@ -372,6 +403,8 @@ pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
         stop,
         threads,
         conns,
+        reactors,
+        own_reactors,
     })
 }
 
@@ -391,12 +424,14 @@ impl NvmeTarget {
         for t in self.threads {
             let _ = t.join();
         }
-        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
-        for (s, _) in &conns {
-            let _ = s.shutdown(Shutdown::Both);
+        // Connections see the stop flag (`Conn::aborted`) once kicked.
+        self.reactors.kick();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.conns.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
         }
-        for (_, h) in conns {
-            let _ = h.join();
+        if self.own_reactors {
+            self.reactors.shutdown();
         }
     }
 }
@@ -405,7 +440,8 @@ fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
-    conns: Connections,
+    conns: Arc<AtomicUsize>,
+    reactors: Arc<Reactors>,
 ) {
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
@@ -413,18 +449,14 @@ fn accept_loop(
                 log::debug!("nvme-tcp: connection from {peer}");
                 let _ = s.set_nonblocking(false);
                 let _ = s.set_nodelay(true);
-                let keep = match s.try_clone() {
-                    Ok(k) => k,
-                    Err(_) => continue,
-                };
-                let sh = shared.clone();
-                if let Ok(h) = thread::Builder::new()
-                    .name("nvme-conn".into())
-                    .spawn(move || serve_connection(s, sh))
-                {
-                    let mut c = conns.lock().unwrap();
-                    c.retain(|(_, h)| !h.is_finished());
-                    c.push((keep, h));
+                let (sh, stop, conns2) = (shared.clone(), stop.clone(), conns.clone());
+                conns.fetch_add(1, Ordering::AcqRel);
+                let make = Box::new(move |waker: Waker| {
+                    Box::new(NvmeConn::new(sh, stop, waker, conns2)) as Box<dyn netreactor::Conn>
+                });
+                if reactors.adopt(s, Vec::new(), make).is_err() {
+                    log::warn!("nvme-tcp: no reactor can take {peer}; closing it");
+                    conns.fetch_sub(1, Ordering::AcqRel);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -438,66 +470,127 @@ fn accept_loop(
     }
 }
 
-/// Reader half of a connection: frames PDUs and feeds the queue; a writer
-/// thread sends whatever the queue and its completions post.
-fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    let wstream = match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let (tx, rx) = mpsc::channel();
-    let writer = thread::Builder::new()
-        .name("nvme-conn-tx".into())
-        .spawn(move || writer_loop(wstream, rx));
-    let mut core = QueueCore::new(shared, tx);
-    let mut r = BufReader::with_capacity(256 * 1024, &stream);
-    loop {
-        match read_pdu(&mut r, core.max_plen()) {
-            Ok(raw) => {
-                if !core.feed(&raw) {
-                    break;
-                }
-            }
-            Err(Ok(te)) => {
-                // Framing error: report it with the 8 bytes we understood.
-                let mut hdr = [0u8; 8];
-                hdr[2] = 8;
-                let _ = core.feed_error(te, &hdr);
-                break;
-            }
-            Err(Err(_)) => break,
-        }
-    }
-    core.teardown();
-    if let Ok(w) = writer {
-        let _ = w.join();
-    }
-    let _ = stream.shutdown(Shutdown::Both);
+/// One queue (connection) on a reactor: frames PDUs from the received
+/// bytes, feeds them to its [`QueueCore`], and hands what the queue and its
+/// completions post to the reactor to send.
+struct NvmeConn {
+    core: QueueCore,
+    rx: Receiver<Out>,
+    /// The queue ended the connection (`Out::Close`, a terminated
+    /// transport, or a failed feed): send what is queued, then close.
+    closing: bool,
+    stop: Arc<AtomicBool>,
+    conns: Arc<AtomicUsize>,
 }
 
-fn writer_loop(stream: TcpStream, rx: Receiver<Out>) {
-    let mut w = BufWriter::with_capacity(256 * 1024, &stream);
-    'outer: while let Ok(msg) = rx.recv() {
-        let mut next = Some(msg);
-        while let Some(m) = next.take() {
-            match m {
-                Out::Bytes(b) => {
-                    if w.write_all(&b).is_err() {
-                        break 'outer;
-                    }
-                }
-                Out::Close => break 'outer,
-            }
-            next = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => None,
-            };
-        }
-        if w.flush().is_err() {
-            break;
+impl NvmeConn {
+    fn new(sh: Arc<Shared>, stop: Arc<AtomicBool>, waker: Waker, conns: Arc<AtomicUsize>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        NvmeConn {
+            core: QueueCore::new(sh, OutTx::new(tx, waker)),
+            rx,
+            closing: false,
+            stop,
+            conns,
         }
     }
-    let _ = w.flush();
-    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// The length of the PDU that starts `b` (at least [`CH_LEN`] bytes), or
+/// the framing error that ends the connection. Pure.
+fn frame(b: &[u8], max_plen: u32) -> Result<usize, TransportError> {
+    let ch = CommonHeader::parse(&b[..CH_LEN]);
+    let hlen = expected_hlen(ch.pdu_type)
+        .ok_or_else(|| TransportError::new(FES_INVALID_HEADER_FIELD, 0))?;
+    if ch.hlen as usize != hlen {
+        return Err(TransportError::new(FES_INVALID_HEADER_FIELD, 2));
+    }
+    if (ch.plen as usize) < hlen || ch.plen > max_plen {
+        return Err(TransportError::new(FES_INVALID_HEADER_FIELD, 4));
+    }
+    Ok(ch.plen as usize)
+}
+
+impl netreactor::Conn for NvmeConn {
+    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+        let mut at = 0;
+        while !self.closing {
+            let avail = &input[at..];
+            if avail.len() < CH_LEN {
+                return Input {
+                    consumed: at,
+                    need: CH_LEN,
+                };
+            }
+            let plen = match frame(avail, self.core.max_plen()) {
+                Ok(n) => n,
+                Err(te) => {
+                    // Report it with the 8 bytes we understood.
+                    let mut hdr = [0u8; 8];
+                    hdr[2] = 8;
+                    let _ = self.core.feed_error(te, &hdr);
+                    self.closing = true;
+                    break;
+                }
+            };
+            if avail.len() < plen {
+                return Input {
+                    consumed: at,
+                    need: plen,
+                };
+            }
+            let raw = RawPdu {
+                ch: CommonHeader::parse(&avail[..CH_LEN]),
+                bytes: avail[..plen].to_vec(),
+            };
+            at += plen;
+            if !self.core.feed(&raw) {
+                self.closing = true;
+            }
+        }
+        self.poll(out);
+        Input {
+            consumed: at,
+            need: 0,
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<u8>) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Out::Bytes(b)) => out.extend_from_slice(&b),
+                Ok(Out::Close) | Err(TryRecvError::Disconnected) => {
+                    self.closing = true;
+                    // Nothing posted after a Close is sent.
+                    while self.rx.try_recv().is_ok() {}
+                    return;
+                }
+                Err(TryRecvError::Empty) => return,
+            }
+        }
+    }
+
+    fn wants_input(&self) -> bool {
+        !self.closing
+    }
+
+    fn closing(&self) -> bool {
+        self.closing
+    }
+
+    fn quiescent(&self) -> bool {
+        // Completions after the close are dropped, as the writer thread
+        // did before: nothing to wait for.
+        true
+    }
+
+    fn aborted(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn closed(&mut self, why: &str) {
+        log::debug!("nvme-tcp: connection closed ({why})");
+        self.core.teardown();
+        self.conns.fetch_sub(1, Ordering::AcqRel);
+    }
 }

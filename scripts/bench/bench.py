@@ -46,6 +46,7 @@ OFF_BUSY = 5320
 OFF_VARIANT = 5330  # + 10 per variant
 PEER_NBDKIT_PORT = 10809 + 5400
 PEER_QEMU_PORT = 10809 + 5401
+NVME_MEM_PORT = 4420 + 5402
 PEER_TGTD_PORT = 3260 + 5400
 TGTD_CONTROL_PORT = 53  # tgtd -C: /var/run/tgtd/socket.53
 ENGINE_BENCH_PORT = 17400 + 5000
@@ -747,6 +748,29 @@ class Run:
         finally:
             stop_proc(p)
 
+    def nvme_mem(self):
+        """The NVMe/TCP target alone on an in-memory volume (`dm-nvme
+        serve-mem`): the front-end and its connection reactor, no disk."""
+        log(f"dm-nvme serve-mem on 127.0.0.1:{NVME_MEM_PORT}")
+        p = subprocess.Popen([DM_NVME, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
+                              "--size-mb", str(max(self.args.region_mib, 256))],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "serve-mem.log"), "w"))
+        target = "NVMe/TCP target on memory (dm-nvme serve-mem)"
+        try:
+            if not wait_port(NVME_MEM_PORT):
+                raise RuntimeError("dm-nvme serve-mem did not start")
+            for wl in WORKLOADS:
+                if wl["key"] not in ("randw4k_qd32", "randr4k_qd32"):
+                    continue
+                tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
+                res = run_workload(target, "nvme", f"127.0.0.1:{NVME_MEM_PORT}", wl, self.args,
+                                   {"serve-mem": p.pid}, tag)
+                self.record(target, "nvme-mem", "nvme", wl, res)
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"serve-mem: {e}")
+        finally:
+            stop_proc(p)
+
     def qemu_nbd(self):
         img = self.peer_image()
         log(f"peer: qemu-nbd on 127.0.0.1:{PEER_QEMU_PORT}")
@@ -896,6 +920,8 @@ class Run:
             self.qemu_nbd()
         if self.want("tgtd"):
             self.tgtd()
+        if self.want("nvme-mem"):
+            self.nvme_mem()
         if os.path.exists(os.path.join(self.work, "peer.img")):
             os.remove(os.path.join(self.work, "peer.img"))
         if self.want("dm-one"):
@@ -1052,7 +1078,64 @@ def compute_ratios(run):
     return out
 
 
-TARGET_ORDER = ["floor", "peer", "dm-one", "dm-mirrored", "dm-busy"]
+TARGET_ORDER = ["floor", "peer", "nvme-mem", "dm-one", "dm-mirrored", "dm-busy"]
+
+
+def compute_aims(run):
+    """The aims of issue 10 (the SPDK-style data path), each with pass/fail:
+    rows of (what, value, from, aim, passed)."""
+    R = {(r["target"], r["workload"]): r for r in run.results if r.get("ok")}
+
+    def g(t, w, f="iops"):
+        r = R.get((t, w))
+        return r[f] if r else None
+
+    def div(a, b):
+        return a / b if a is not None and b not in (None, 0) else None
+
+    out = []
+
+    def add(what, val, note, aim, ok):
+        out.append(dict(name=what, value=val, note=note, aim=aim, passed=None if val is None else ok(val)))
+
+    one = next((r["target"].rsplit(", ", 1)[0] for r in run.results if r["group"] == "dm-one"), dm_one_label())
+    local = "local disk (fio io_uring)"
+    for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+        m, l = g(f"{one}, {proto}", "randw4k_qd1", "p50_us"), g(local, "randw4k_qd1", "p50_us")
+        add(f"unmirrored QD1 write p50 / local O_DIRECT p50, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)} µs",
+            "≤ 1.5", lambda v: v <= 1.5)
+    for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
+        for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+            m, l = g(f"{one}, {proto}", wl), g(local, wl)
+            add(f"unmirrored QD32 {label} IOPS / local disk, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
+                "≥ 0.8", lambda v: v >= 0.8)
+        for proto, peer in [("NBD", "nbdkit file (NBD)"), ("NBD", "qemu-nbd (NBD)"), ("iSCSI", "tgtd (iSCSI)")]:
+            m, p = g(f"{one}, {proto}", wl), g(peer, wl)
+            add(f"unmirrored QD32 {label} IOPS / {peer}", div(m, p), f"{fmt(m)} / {fmt(p)}",
+                "> 1", lambda v: v > 1.0)
+    eb = run.extra.get("engine_bench", {}).get("rows", {})
+    link = eb.get("link round trip (blocking)", {}).get("p50_us")
+    fs = run.extra.get("fsync_floor", {}).get("sync_p50_us")
+    lp = g(local, "randw4k_qd1", "p50_us")
+    floor = lp + fs + link if lp and fs and link else None
+    for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+        m = g(f"deltamirror mirrored, {proto}", "randw4k_qd1", "p50_us")
+        add(f"mirrored QD1 write p50 / durable floor (local + fdatasync + link), {proto}", div(m, floor),
+            f"{fmt(m)} / ({fmt(lp)} + {fmt(fs)} + {fmt(link)}) µs", "≤ 1.3", lambda v: v <= 1.3)
+    for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+        m, u = g(f"deltamirror mirrored, {proto}", "randw4k_qd32"), g(f"{one}, {proto}", "randw4k_qd32")
+        add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}",
+            "≥ 0.45 (0.5 is the ceiling on one disk)", lambda v: v >= 0.45)
+    for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+        m, l = g(f"deltamirror mirrored, {proto}", "seqw128k"), g(local, "seqw128k")
+        add(f"mirrored 128 KiB QD8 sequential write / local, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
+            "≥ 0.2 (0.25 is the ceiling on one disk)", lambda v: v >= 0.2)
+    before = dict(zip(["randw4k_qd32", "randr4k_qd32"], getattr(run.args, "nvme_mem_before", None) or [63000.0, 67000.0]))
+    for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
+        m = g("NVMe/TCP target on memory (dm-nvme serve-mem)", wl)
+        add(f"NVMe/TCP on memory (serve-mem) QD32 4 KiB {label} IOPS / before (9a3347c)", div(m, before[wl]),
+            f"{fmt(m)} / {fmt(before[wl])}", "≥ 2", lambda v: v >= 2.0)
+    return out
 
 
 def write_report(run, path_md, path_png):
@@ -1272,6 +1355,15 @@ def write_report(run, path_md, path_png):
             L.append(f"The replay bench produced no results (rc {rpi['rc']}): "
                      f"`{(rpi.get('stderr') or '').strip()[-300:]}`\n")
 
+    L.append("## Aims of the SPDK-style data path (issue 10)\n")
+    L.append("| what | value | from | aim | pass |")
+    L.append("|---|---:|---|---|---|")
+    for r in compute_aims(run):
+        verdict = {True: "pass", False: "**fail**", None: "not measured"}[r["passed"]]
+        L.append(f"| {r['name']} | {fmt(r['value'], 2)} | {r['note']} | {r['aim']} | {verdict} |")
+    L.append("")
+    L.append("The serve-mem \"before\" figures are `--nvme-mem-before` (default: the medians of six runs of "
+             "the 9a3347c binary on 6 December, see docs/performance.md).\n")
     L.append("## Ratios\n")
     L.append("| ratio | value | from | aim |")
     L.append("|---|---:|---|---|")
@@ -1468,7 +1560,11 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,dm-one,dm-mirrored,dm-busy,variants,replay")
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,dm-one,dm-mirrored,dm-busy,"
+                         "variants,replay")
+    ap.add_argument("--nvme-mem-before", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[63000.0, 67000.0], metavar="W,R",
+                    help="serve-mem QD32 write,read IOPS before the data-path change (for the aims table)")
     ap.add_argument("--replay-n", default=None, metavar="N,N,...",
                     help="replay: outage sizes in 4 KiB writes (bench default 1000,10000,100000)")
     ap.add_argument("--remirror-mib", type=int, default=None,
@@ -1504,7 +1600,7 @@ def main():
                       else os.path.join(ROOT, "docs", "benchmarks.png"))
     need = set()
     for t in (args.only or ["all"]):
-        if t in ("all", "dm-one", "dm-mirrored", "dm-busy"):
+        if t in ("all", "dm-one", "dm-mirrored", "dm-busy", "nvme-mem"):
             need.update([DM, DM_NVME])
         if t in ("all", "link", "replay"):
             need.add(ENGINE_BENCH)
@@ -1525,6 +1621,10 @@ def main():
     write_chart(run, args.chart)
     write_report(run, args.out, args.chart)
     log(f"wrote {args.out}, {args.chart}, {OUT_DIR}/results.json")
+    print()
+    for r in compute_aims(run):
+        verdict = {True: "pass", False: "FAIL", None: "not measured"}[r["passed"]]
+        print(f"  {r['name']:<78} {fmt(r['value'], 2):>6}  {r['aim']:<12} {verdict}")
     print()
     for r in compute_ratios(run):
         print(f"  {r['name']:<70} {fmt(r['value'], 2):>6}   {r['note']}")

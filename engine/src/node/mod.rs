@@ -3,16 +3,20 @@
 //! link), and the `Volume` the front-ends export.
 //!
 //! One reactor thread, pinned to a configured core, owns the core, the
-//! backend, the ring and the replication socket. Front-end threads post
-//! requests to a lock-free mailbox and wake the reactor through an eventfd
-//! when it sleeps. Poll modes: `busy` spins; `adaptive` spins for
-//! `adaptive_spin_us` after the last work, then sleeps in poll(2) on the
-//! mailbox, backend, link and socket fds.
+//! backend, the ring and the replication socket. It may also host a
+//! connection reactor ([`Node::host_connections`]): host connections whose
+//! requests it then takes without a thread hop. Other threads (other
+//! connection reactors, front-end threads) post requests to a lock-free
+//! mailbox and wake the reactor through an eventfd when it sleeps. Poll
+//! modes: `busy` spins; `adaptive` spins for `adaptive_spin_us` after the
+//! last work, then sleeps inside the backend's io_uring_enter (with a
+//! timeout), with one-shot polls armed on the mailbox, link, socket and
+//! hosted connection-reactor fds: one system call per sleep.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -235,6 +239,9 @@ struct Shared {
     commands: Mutex<VecDeque<(Command, Arc<Reply>)>>,
     /// The replicated state blob (`state.rs`).
     state: state::SharedState,
+    /// A connection reactor handed over for the reactor thread to drive.
+    hosted: Mutex<Option<netreactor::Hosted>>,
+    hosted_new: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -510,6 +517,8 @@ impl Node {
             status: Mutex::new(NodeStatus::default()),
             commands: Mutex::new(VecDeque::new()),
             state: state::SharedState::mirrored(initial_state, state_room),
+            hosted: Mutex::new(None),
+            hosted_new: AtomicBool::new(false),
         });
         let link = LinkManager::start(opts.link.clone()).map_err(|e| e.to_string())?;
         let start = Instant::now();
@@ -587,6 +596,8 @@ impl Node {
             status: Mutex::new(NodeStatus::default()),
             commands: Mutex::new(VecDeque::new()),
             state: state::SharedState::standalone(&opts.data_dir)?,
+            hosted: Mutex::new(None),
+            hosted_new: AtomicBool::new(false),
         });
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
@@ -610,6 +621,15 @@ impl Node {
             shared,
             reactor: Some(reactor),
         })
+    }
+
+    /// Makes the reactor thread drive `hosted` (a connection reactor) in
+    /// its poll loop: those connections' requests reach the mirror without
+    /// a thread hop and their replies leave from the same thread.
+    pub fn host_connections(&self, hosted: netreactor::Hosted) {
+        *self.shared.hosted.lock().unwrap() = Some(hosted);
+        self.shared.hosted_new.store(true, Ordering::Release);
+        self.shared.wake.notify();
     }
 
     /// Stops the reactor after in-flight work drains (bounded wait).
@@ -641,8 +661,9 @@ trait Polled {
     fn iteration(&mut self) -> bool;
     /// Nothing in flight on the disk: stopping may finish.
     fn drained(&self) -> bool;
-    /// Sleep until one of the thread's fds has work (see [`sleep_on`]).
-    fn sleep(&mut self);
+    /// Sleep until one of the thread's fds, or `extra` (a hosted
+    /// connection reactor's), has work (see [`sleep_on`]).
+    fn sleep(&mut self, extra: Option<RawFd>);
 }
 
 /// The reactor loop. `busy` spins; `adaptive` spins `spin_us` after the last
@@ -652,8 +673,15 @@ fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
     let spin = Duration::from_micros(spin_us);
     let mut last_work = Instant::now();
     let mut stopping_since: Option<Instant> = None;
+    let mut hosted: Option<netreactor::Hosted> = None;
     loop {
-        let did = p.iteration();
+        if p.shared().hosted_new.swap(false, Ordering::AcqRel) {
+            hosted = p.shared().hosted.lock().unwrap().take();
+        }
+        // Connections first: the requests they receive are taken by the
+        // core in the same pass.
+        let mut did = hosted.as_mut().is_some_and(|h| h.poll());
+        did |= p.iteration();
         if p.shared().stop.load(Ordering::Acquire) {
             let since = *stopping_since.get_or_insert_with(Instant::now);
             if p.drained() || since.elapsed() > Duration::from_secs(5) {
@@ -668,22 +696,54 @@ fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
             std::hint::spin_loop();
             continue;
         }
+        let extra = match hosted.as_mut().map(|h| h.prepare_sleep()) {
+            None => None,
+            Some(Some(fd)) => Some(fd),
+            // Work arrived for the hosted connections: no sleep.
+            Some(None) => continue,
+        };
         let sh = p.shared();
         sh.sleeping.store(true, Ordering::Release);
         // A host op posted before `sleeping` was set would not wake us.
         if sh.mailbox.is_empty() && !sh.stop.load(Ordering::Acquire) {
-            p.sleep();
+            p.sleep(extra);
         }
         p.shared().sleeping.store(false, Ordering::Release);
+        if let Some(h) = hosted.as_mut() {
+            h.woke();
+        }
         last_work = Instant::now() - spin;
     }
+    // Dropping the hosted reactor closes its connections.
+    drop(hosted);
 }
 
-/// poll(2) on `fds` (the thread's eventfd first) for at most `timeout_ms`,
-/// then drain the eventfd.
-fn sleep_on(shared: &Shared, fds: &[(std::os::unix::io::RawFd, bool)], timeout_ms: i32) {
-    poll_fds(fds, timeout_ms);
-    shared.wake.drain();
+/// Sleeps for at most `timeout_ms` inside the backend's io_uring_enter
+/// until a backend operation completes or one of `fds` is ready, then
+/// drains those of the eventfds `drain` that were written. One system
+/// call; a poll(2) on the fds and the backend's eventfd only if the ring
+/// had no room for the polls.
+fn sleep_on(
+    backend: &mut UringBackend,
+    fds: &[(RawFd, bool)],
+    drain: &[&EventFd],
+    timeout_ms: u64,
+) {
+    if backend.wait(fds, timeout_ms) {
+        // Drain only the eventfds that were written: no read on the rest.
+        for e in drain {
+            if backend.take_fired(e.fd()) {
+                e.drain();
+            }
+        }
+    } else {
+        let mut all = fds.to_vec();
+        all.extend(backend.wait_fd().map(|fd| (fd, false)));
+        poll_fds(&all, timeout_ms as i32);
+        for e in drain {
+            e.drain();
+        }
+    }
 }
 
 /// Writes the node metadata (two-slot store, fdatasync) on its own thread,
@@ -871,17 +931,15 @@ impl Polled for Reactor {
         self.backend.in_flight() == 0 && self.overflow.is_empty()
     }
 
-    fn sleep(&mut self) {
+    fn sleep(&mut self, extra: Option<RawFd>) {
         let mut fds = vec![(self.shared.wake.fd(), false), (self.link.wake.fd(), false)];
-        if let Some(fd) = self.backend.wait_fd() {
-            fds.push((fd, false));
-        }
+        fds.extend(extra.map(|fd| (fd, false)));
         if let Some(s) = &self.sock {
             fds.push((s.as_raw_fd(), self.tx_off < self.tx.len()));
         }
         // Wake at least every 10 ms for heartbeats and timers.
-        sleep_on(&self.shared, &fds, 10);
-        self.link.wake.drain();
+        let drain = [&self.shared.wake, &self.link.wake];
+        sleep_on(&mut self.backend, &fds, &drain, 10);
     }
 
     /// One pass over every source of work. Returns whether anything happened.

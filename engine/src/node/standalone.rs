@@ -9,6 +9,7 @@
 //! reformatted one side (see [`check_not_standalone`]).
 
 use std::fs::File;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -133,12 +134,11 @@ impl Polled for Standalone {
         self.backend.in_flight() == 0 && self.overflow.is_empty()
     }
 
-    fn sleep(&mut self) {
+    fn sleep(&mut self, extra: Option<RawFd>) {
         let mut fds = vec![(self.shared.wake.fd(), false)];
-        if let Some(fd) = self.backend.wait_fd() {
-            fds.push((fd, false));
-        }
-        sleep_on(&self.shared, &fds, 100);
+        fds.extend(extra.map(|fd| (fd, false)));
+        let drain = [&self.shared.wake];
+        sleep_on(&mut self.backend, &fds, &drain, 100);
     }
 
     fn iteration(&mut self) -> bool {

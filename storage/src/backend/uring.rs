@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::RawFd;
 use std::path::Path;
+use std::time::Duration;
 
 // Block-layer ioctls from <linux/fs.h> (generic encoding, as on x86_64 and
 // aarch64): BLKGETSIZE64 = _IOR(0x12, 114, size_t), BLKDISCARD = _IO(0x12, 119),
@@ -94,6 +95,19 @@ pub struct UringBackend {
     ready: VecDeque<BackendCompletion>,
     /// Allocated on first use of the write-zeroes fallback.
     zero_buf: Option<AlignedBuf>,
+    /// One-shot polls [`UringBackend::wait`] armed and whose completion has
+    /// not been reaped: (fd, events).
+    armed_polls: Vec<(RawFd, u32)>,
+    /// Fds whose poll fired since [`UringBackend::take_fired`] last asked.
+    fired_polls: Vec<RawFd>,
+}
+
+/// user_data of the poll entries [`UringBackend::wait`] arms: the top bit
+/// set (slot indices never reach it), the fd and the poll events below.
+const POLL_TAG: u64 = 1 << 63;
+
+fn poll_tag(fd: RawFd, events: u32) -> u64 {
+    POLL_TAG | ((fd as u32 as u64) << 16) | u64::from(events & 0xffff)
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -223,6 +237,8 @@ impl UringBackend {
             kernel_in_flight: 0,
             ready: VecDeque::with_capacity(queue_depth),
             zero_buf: None,
+            armed_polls: Vec::new(),
+            fired_polls: Vec::new(),
         })
     }
 
@@ -417,7 +433,7 @@ impl UringBackend {
 
     /// Turn the ring's completions into typed results.
     fn reap_kernel(&mut self, out: &mut Vec<BackendCompletion>) -> usize {
-        if self.kernel_in_flight == 0 {
+        if self.kernel_in_flight == 0 && self.armed_polls.is_empty() {
             return 0;
         }
         let eventfd = self.eventfd.as_raw_fd();
@@ -431,6 +447,24 @@ impl UringBackend {
         cq.sync();
         let mut n = 0;
         for cqe in cq {
+            if cqe.user_data() & POLL_TAG != 0 {
+                // A wait's poll fired (or was cancelled): it is disarmed.
+                let (fd, ev) = (
+                    (cqe.user_data() >> 16) as u32 as RawFd,
+                    cqe.user_data() & 0xffff,
+                );
+                if let Some(i) = self
+                    .armed_polls
+                    .iter()
+                    .position(|&(f, e)| f == fd && u64::from(e) == ev)
+                {
+                    self.armed_polls.swap_remove(i);
+                }
+                if cqe.result() >= 0 && !self.fired_polls.contains(&fd) {
+                    self.fired_polls.push(fd);
+                }
+                continue;
+            }
             let slot = cqe.user_data() as usize;
             let inflight = self.slots[slot]
                 .take()
@@ -457,6 +491,68 @@ impl UringBackend {
             n += 1;
         }
         n
+    }
+}
+
+impl UringBackend {
+    /// Sleeps inside io_uring_enter until one of the backend's operations
+    /// completes, one of `fds` is ready (`(fd, also_writable)`: readable,
+    /// and writable too when asked) or `timeout_ms` passes: one system call
+    /// instead of a poll(2) over eventfds. The polls are one-shot and stay
+    /// armed until they fire; their completions are consumed by `reap`.
+    /// Returns false (without sleeping) if the submission queue had no room
+    /// for the polls: the caller then sleeps some other way.
+    pub fn wait(&mut self, fds: &[(RawFd, bool)], timeout_ms: u64) -> bool {
+        if !self.ring.completion().is_empty() || !self.ready.is_empty() {
+            return true;
+        }
+        for &(fd, writable) in fds {
+            let events = (libc::POLLIN | if writable { libc::POLLOUT } else { 0 }) as u32;
+            if self.armed_polls.contains(&(fd, events)) {
+                continue;
+            }
+            let e = opcode::PollAdd::new(types::Fd(fd), events)
+                .build()
+                .user_data(poll_tag(fd, events));
+            // SAFETY: a poll entry points at no memory of ours.
+            if unsafe { self.ring.submission().push(&e) }.is_err() {
+                self.flush_submissions();
+                // SAFETY: as above.
+                if unsafe { self.ring.submission().push(&e) }.is_err() {
+                    return false;
+                }
+            }
+            self.armed_polls.push((fd, events));
+        }
+        let ts = types::Timespec::from(Duration::from_millis(timeout_ms));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => log::warn!("io_uring_enter (wait) failed: {e}"),
+        }
+        // Take what woke us now, so the caller can tell which fds fired.
+        let mut done = Vec::new();
+        self.reap_kernel(&mut done);
+        self.ready.extend(done);
+        true
+    }
+
+    /// Whether a poll that [`UringBackend::wait`] armed on `fd` fired since
+    /// the last call (e.g. an eventfd that then needs draining: without it
+    /// no read system call is spent on an eventfd nobody wrote).
+    pub fn take_fired(&mut self, fd: RawFd) -> bool {
+        match self.fired_polls.iter().position(|&f| f == fd) {
+            Some(i) => {
+                self.fired_polls.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

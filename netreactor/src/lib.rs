@@ -1,0 +1,976 @@
+//! Connection reactors: a few threads, each owning one io_uring, that drive
+//! every host connection of the node by its socket completions.
+//!
+//! A front-end accepts a connection and runs its login or negotiation on
+//! whatever thread it likes, then hands the socket to [`Reactors::adopt`]
+//! with a [`Conn`]: the protocol's state machine for the data phase. From
+//! then on the connection belongs to one reactor thread. That thread's ring
+//! receives into the connection's buffer; the reactor hands the bytes to
+//! [`Conn::input`], which parses requests in place (with the protocol's pure
+//! parser) and submits them to the volume without waiting; the volume's
+//! completion callbacks queue their results in the connection and call
+//! [`Waker::wake`]; the reactor then calls [`Conn::poll`], which encodes the
+//! replies, and sends them from the same ring. No thread per connection, no
+//! channel between a receive and its reply.
+//!
+//! Connections are spread over the reactors (the one with the fewest
+//! connections takes the next), the way SPDK spreads qpairs over poll
+//! groups. In adaptive mode a reactor that found no work for `spin_us`
+//! sleeps inside `io_uring_enter` (wait for one completion, with a timeout):
+//! a socket completion, or a read posted on the reactor's eventfd that a
+//! waker writes, ends the sleep. There is no separate poll(2).
+//!
+//! Architecture invariants:
+//! - A buffer handed to the kernel (a connection's receive or send buffer)
+//!   is neither moved nor freed until its completion is reaped: a
+//!   connection's slot is freed only when no operation of it is in flight.
+//! - A connection that misbehaves (garbage, a byte per second, never reading
+//!   its replies) costs its reactor only its own completions: nothing on a
+//!   reactor blocks.
+//! - Memory is bounded: at most `max_connections_per_reactor` slots per
+//!   reactor, a receive buffer that grows only to what [`Conn::input`] asks
+//!   for (the protocol bounds that), and queues of fixed capacity.
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use io_uring::{opcode, types, IoUring};
+
+/// Bytes a connection's receive buffer starts with.
+pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
+
+/// How long a sleeping reactor waits in `io_uring_enter` before it looks at
+/// its stop flag again even without a wake-up.
+const SLEEP_TIMEOUT_MS: u64 = 100;
+
+/// What [`Conn::input`] did with the bytes it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Input {
+    /// Bytes at the start of the input that are used up.
+    pub consumed: usize,
+    /// The least number of unconsumed bytes the connection needs before it
+    /// can make progress (e.g. a whole write payload); 0 if any will do.
+    pub need: usize,
+}
+
+/// A connection's protocol state machine for its data phase. Every method
+/// runs on the connection's reactor thread and must not block.
+pub trait Conn: Send {
+    /// Parses and submits the requests `input` holds (bytes received and not
+    /// yet consumed, oldest first) and appends any replies it can give at
+    /// once (refusals) to `out`.
+    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input;
+    /// Takes the completions that arrived since the last call (the
+    /// connection's [`Waker`] was woken) and appends their replies to `out`.
+    fn poll(&mut self, out: &mut Vec<u8>);
+    /// May the reactor hand it more input now? False while too much is in
+    /// flight: the reactor then stops receiving (TCP pushes back).
+    fn wants_input(&self) -> bool;
+    /// The protocol has ended (disconnect, violation): receive no more,
+    /// send what is queued and close once [`Conn::quiescent`].
+    fn closing(&self) -> bool;
+    /// Nothing submitted is still unanswered.
+    fn quiescent(&self) -> bool;
+    /// The server is stopping: close at once.
+    fn aborted(&self) -> bool;
+    /// The connection is gone (`why` says how); called once, last.
+    fn closed(&mut self, why: &str);
+}
+
+struct WakerInner {
+    shared: Arc<Shared>,
+    slot: usize,
+    queued: AtomicBool,
+}
+
+/// Wakes a connection's reactor so that it calls [`Conn::poll`]. Clone it
+/// into completion callbacks; cheap when the reactor is awake (one queue
+/// push, deduplicated), one eventfd write when it sleeps.
+#[derive(Clone)]
+pub struct Waker(Option<Arc<WakerInner>>);
+
+impl Waker {
+    /// A waker that does nothing: for connections driven by a caller that
+    /// polls on its own (byte-buffer tests, fuzzers).
+    pub fn noop() -> Waker {
+        Waker(None)
+    }
+
+    pub fn wake(&self) {
+        let Some(w) = &self.0 else { return };
+        if w.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if w.shared.ready.push(w.slot).is_err() {
+            // Stale wakers of closed connections can fill the queue; the
+            // reactor then looks at every connection.
+            w.shared.ready_overflow.store(true, Ordering::Release);
+        }
+        w.shared.wake();
+    }
+}
+
+struct Incoming {
+    stream: TcpStream,
+    initial: Vec<u8>,
+    make: MakeConn,
+}
+
+type MakeConn = Box<dyn FnOnce(Waker) -> Box<dyn Conn> + Send>;
+
+/// What other threads share with one reactor.
+struct Shared {
+    incoming: ArrayQueue<Incoming>,
+    ready: ArrayQueue<usize>,
+    ready_overflow: AtomicBool,
+    sleeping: AtomicBool,
+    wake_fd: OwnedFd,
+    stop: AtomicBool,
+    /// Connections this reactor holds (or has been handed).
+    conns: AtomicUsize,
+    /// Times the reactor slept in io_uring_enter, and eventfd wake-ups
+    /// other threads issued: the cost of sleeping.
+    sleeps: AtomicU64,
+    wakes: AtomicU64,
+    /// The reactor's loop ended and every connection of it is closed.
+    finished: AtomicBool,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live local u64 to our eventfd;
+            // the result is ignored on purpose (the counter cannot
+            // overflow in practice, and a failed wake-up is bounded by the
+            // reactor's sleep timeout).
+            unsafe {
+                libc::write(
+                    self.wake_fd.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                );
+            }
+        }
+    }
+}
+
+/// Settings of a set of reactors.
+#[derive(Clone, Debug)]
+pub struct ReactorConfig {
+    /// Thread name prefix (`<name>-<i>`).
+    pub name: String,
+    /// Number of reactor threads.
+    pub threads: usize,
+    /// CPU ids to pin reactor i to (`cores[i % len]`); empty: not pinned.
+    pub cores: Vec<usize>,
+    /// Spin forever (true) or sleep after `spin_us` without work.
+    pub busy: bool,
+    pub spin_us: u64,
+    /// Connections one reactor holds at most.
+    pub max_connections_per_reactor: usize,
+}
+
+impl ReactorConfig {
+    /// One adaptive, unpinned reactor: for tests and single-target tools.
+    pub fn single(name: &str) -> ReactorConfig {
+        ReactorConfig {
+            name: name.into(),
+            threads: 1,
+            cores: Vec::new(),
+            busy: false,
+            spin_us: 0,
+            max_connections_per_reactor: 256,
+        }
+    }
+}
+
+/// Counters of one reactor, for status and the bench.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    pub connections: usize,
+    pub sleeps: u64,
+    pub wakes: u64,
+}
+
+/// A running set of reactor threads.
+pub struct Reactors {
+    shared: Vec<Arc<Shared>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Reactors {
+    /// Starts `cfg.threads` reactor threads.
+    pub fn start(cfg: &ReactorConfig) -> io::Result<Arc<Reactors>> {
+        Ok(Self::start_inner(cfg, false)?.0)
+    }
+
+    /// Like [`Reactors::start`], but reactor 0 gets no thread: it is
+    /// returned as a [`Hosted`] for another poll loop (the mirror reactor)
+    /// to drive, so that its connections run on that loop's thread.
+    pub fn start_hosted(cfg: &ReactorConfig) -> io::Result<(Arc<Reactors>, Hosted)> {
+        let (r, hosted) = Self::start_inner(cfg, true)?;
+        Ok((r, hosted.expect("reactor 0 is hosted")))
+    }
+
+    fn start_inner(
+        cfg: &ReactorConfig,
+        host_first: bool,
+    ) -> io::Result<(Arc<Reactors>, Option<Hosted>)> {
+        if cfg.threads == 0 || cfg.max_connections_per_reactor == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "netreactor: threads and max_connections_per_reactor must be at least 1",
+            ));
+        }
+        let mut shared = Vec::new();
+        let mut threads = Vec::new();
+        let mut hosted = None;
+        for i in 0..cfg.threads {
+            let mut r = Reactor::new(cfg)?;
+            shared.push(r.shared.clone());
+            if i == 0 && host_first {
+                hosted = Some(Hosted {
+                    r,
+                    stop_since: None,
+                    finished: false,
+                });
+                continue;
+            }
+            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
+            let t = std::thread::Builder::new()
+                .name(format!("{}-{i}", cfg.name))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                            log::warn!("netreactor: could not pin reactor {i} to core {id}");
+                        }
+                    }
+                    r.run();
+                })?;
+            threads.push(t);
+        }
+        let r = Arc::new(Reactors {
+            shared,
+            threads: std::sync::Mutex::new(threads),
+        });
+        Ok((r, hosted))
+    }
+
+    /// Hands a connection to the reactor with the fewest: `initial` is what
+    /// the login/negotiation already read past its end, `make` builds the
+    /// state machine once the connection has its waker. On failure (every
+    /// reactor full, or stopped) the stream is given back.
+    pub fn adopt(
+        &self,
+        stream: TcpStream,
+        initial: Vec<u8>,
+        make: MakeConn,
+    ) -> Result<(), TcpStream> {
+        let sh = self
+            .shared
+            .iter()
+            .filter(|s| !s.stop.load(Ordering::Acquire))
+            .min_by_key(|s| s.conns.load(Ordering::Acquire));
+        let Some(sh) = sh else { return Err(stream) };
+        let cap = sh.incoming.capacity();
+        if sh.conns.fetch_add(1, Ordering::AcqRel) >= cap {
+            sh.conns.fetch_sub(1, Ordering::AcqRel);
+            return Err(stream);
+        }
+        if let Err(inc) = sh.incoming.push(Incoming {
+            stream,
+            initial,
+            make,
+        }) {
+            sh.conns.fetch_sub(1, Ordering::AcqRel);
+            return Err(inc.stream);
+        }
+        sh.wake();
+        Ok(())
+    }
+
+    /// Makes every reactor look at every connection (e.g. after a server
+    /// set the stop flag its connections report as [`Conn::aborted`]).
+    pub fn kick(&self) {
+        for sh in &self.shared {
+            sh.ready_overflow.store(true, Ordering::Release);
+            sh.wake();
+        }
+    }
+
+    /// Connections held, over all reactors.
+    pub fn connections(&self) -> usize {
+        self.shared
+            .iter()
+            .map(|s| s.conns.load(Ordering::Acquire))
+            .sum()
+    }
+
+    pub fn stats(&self) -> Vec<ReactorStats> {
+        self.shared
+            .iter()
+            .map(|s| ReactorStats {
+                connections: s.conns.load(Ordering::Acquire),
+                sleeps: s.sleeps.load(Ordering::Relaxed),
+                wakes: s.wakes.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Closes every connection and joins the threads.
+    pub fn shutdown(&self) {
+        for sh in &self.shared {
+            sh.stop.store(true, Ordering::Release);
+            sh.sleeping.store(true, Ordering::SeqCst);
+            sh.wake();
+        }
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+        // A hosted reactor finishes on its host's thread.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .shared
+            .iter()
+            .any(|s| !s.finished.load(Ordering::Acquire))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Reactors {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A reactor without a thread of its own, driven by another poll loop (the
+/// mirror reactor's): its connections' requests reach the mirror without a
+/// thread hop, and their completions are sent from that same thread.
+pub struct Hosted {
+    r: Reactor,
+    stop_since: Option<Instant>,
+    finished: bool,
+}
+
+impl Hosted {
+    /// One pass over the reactor's work; whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        let did = self.r.iteration();
+        if self.r.stopping(&mut self.stop_since) {
+            self.finished = true;
+            self.r.finish();
+        }
+        did
+    }
+
+    /// Before the host sleeps: the fd to add to its poll(2) set (the
+    /// io_uring, readable once a completion, a wake-up included, is
+    /// queued), or None if work is pending and the host must not sleep.
+    pub fn prepare_sleep(&mut self) -> Option<RawFd> {
+        if self.finished {
+            return Some(self.r.shared.wake_fd.as_raw_fd());
+        }
+        if self.r.prepare_sleep() {
+            self.r.shared.sleeps.fetch_add(1, Ordering::Relaxed);
+            Some(self.r.ring.as_raw_fd())
+        } else {
+            None
+        }
+    }
+
+    /// After the host's sleep.
+    pub fn woke(&mut self) {
+        self.r.shared.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Hosted {
+    /// The host stops: close the connections before their buffers go.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.r.shared.stop.store(true, Ordering::Release);
+        while !self.r.stopping(&mut self.stop_since) {
+            self.r.iteration();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.r.finish();
+    }
+}
+
+/// One connection on a reactor.
+struct Slot {
+    stream: TcpStream,
+    conn: Box<dyn Conn>,
+    waker: Arc<WakerInner>,
+    /// Received bytes live in `rx[lo..hi]`; the kernel receives into
+    /// `rx[hi..]`. Never resized while a receive is posted.
+    rx: Vec<u8>,
+    lo: usize,
+    hi: usize,
+    need: usize,
+    recv_posted: bool,
+    /// Bytes being sent (`tx[tx_off..]`); never touched while a send is
+    /// posted. Replies produced meanwhile collect in `out`.
+    tx: Vec<u8>,
+    tx_off: usize,
+    send_posted: bool,
+    out: Vec<u8>,
+    /// The peer closed, or the socket failed.
+    eof: Option<String>,
+    shut: bool,
+}
+
+const OP_RECV: u64 = 0;
+const OP_SEND: u64 = 1;
+const WAKE_TAG: u64 = u64::MAX;
+
+struct Reactor {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    slots: Vec<Option<Box<Slot>>>,
+    dirty: Vec<usize>,
+    is_dirty: Vec<bool>,
+    /// The eventfd read's target; boxed so its address is stable.
+    wake_buf: Box<u64>,
+    wake_posted: bool,
+    busy: bool,
+    spin: Duration,
+}
+
+impl Reactor {
+    fn new(cfg: &ReactorConfig) -> io::Result<Reactor> {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let max = cfg.max_connections_per_reactor;
+        let shared = Arc::new(Shared {
+            incoming: ArrayQueue::new(max),
+            ready: ArrayQueue::new(2 * max),
+            ready_overflow: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+            wake_fd,
+            stop: AtomicBool::new(false),
+            conns: AtomicUsize::new(0),
+            sleeps: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+        });
+        Ok(Reactor {
+            ring: IoUring::new((2 * max as u32 + 8).next_power_of_two())?,
+            shared,
+            slots: (0..max).map(|_| None).collect(),
+            dirty: Vec::new(),
+            is_dirty: vec![false; max],
+            wake_buf: Box::new(0),
+            wake_posted: false,
+            busy: cfg.busy,
+            spin: Duration::from_micros(cfg.spin_us),
+        })
+    }
+
+    fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut stop_since: Option<Instant> = None;
+        loop {
+            let did = self.iteration();
+            if self.stopping(&mut stop_since) {
+                break;
+            }
+            if did {
+                last_work = Instant::now();
+                continue;
+            }
+            if self.busy || last_work.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.prepare_sleep() {
+                self.shared.sleeps.fetch_add(1, Ordering::Relaxed);
+                let ts = types::Timespec::from(Duration::from_millis(SLEEP_TIMEOUT_MS));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => log::warn!("netreactor: io_uring_enter failed: {e}"),
+                }
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            last_work = Instant::now() - self.spin;
+        }
+        self.finish();
+    }
+
+    /// On stop: closes every connection; true once all are gone (or after
+    /// 5 s, when the rest are leaked rather than freed under the kernel).
+    fn stopping(&mut self, since: &mut Option<Instant>) -> bool {
+        if !self.shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let since = *since.get_or_insert_with(Instant::now);
+        self.abort_all();
+        if self.slots.iter().all(|s| s.is_none()) {
+            return true;
+        }
+        if since.elapsed() > Duration::from_secs(5) {
+            log::error!("netreactor: connections did not close within 5 s; leaking them");
+            for s in self.slots.iter_mut() {
+                std::mem::forget(s.take());
+            }
+            return true;
+        }
+        false
+    }
+
+    fn finish(&mut self) {
+        if self.wake_posted {
+            // The eventfd read stays posted; `wake_buf` is leaked with it
+            // so that its late completion cannot write freed memory.
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+            self.wake_posted = false;
+        }
+        self.shared.finished.store(true, Ordering::Release);
+    }
+
+    /// Posts the wake-up read and announces the sleep; false if work
+    /// arrived meanwhile (then the caller must not sleep).
+    fn prepare_sleep(&mut self) -> bool {
+        self.post_wake_read();
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                log::warn!("netreactor: io_uring submit failed: {e}");
+            }
+        }
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        // Work posted before `sleeping` was set did not write the eventfd.
+        let idle = self.shared.ready.is_empty()
+            && self.shared.incoming.is_empty()
+            && !self.shared.ready_overflow.load(Ordering::Acquire)
+            && !self.shared.stop.load(Ordering::Acquire)
+            && self.ring.completion().is_empty();
+        if !idle {
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+        }
+        idle
+    }
+
+    fn post_wake_read(&mut self) {
+        if self.wake_posted {
+            return;
+        }
+        let ptr: *mut u64 = &mut *self.wake_buf;
+        let e = opcode::Read::new(
+            types::Fd(self.shared.wake_fd.as_raw_fd()),
+            ptr as *mut u8,
+            8,
+        )
+        .build()
+        .user_data(WAKE_TAG);
+        self.push(e);
+        self.wake_posted = true;
+    }
+
+    fn push(&mut self, e: io_uring::squeue::Entry) {
+        loop {
+            // SAFETY: every entry pushed here points at memory that stays
+            // valid until its completion is reaped: a slot's rx/tx buffers
+            // (not moved or freed while posted, see `Slot`) or `wake_buf`.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                log::warn!("netreactor: io_uring submit failed: {err}");
+            }
+        }
+    }
+
+    fn mark(&mut self, i: usize) {
+        if !self.is_dirty[i] {
+            self.is_dirty[i] = true;
+            self.dirty.push(i);
+        }
+    }
+
+    /// One pass: new connections, completions, wake-ups; whether anything
+    /// happened.
+    fn iteration(&mut self) -> bool {
+        let mut did = false;
+        while let Some(inc) = self.shared.incoming.pop() {
+            did = true;
+            self.add(inc);
+        }
+        let mut cqes: Vec<(u64, i32)> = Vec::new();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for (tag, res) in cqes {
+            did = true;
+            self.complete(tag, res);
+        }
+        while let Some(i) = self.shared.ready.pop() {
+            did = true;
+            if let Some(Some(s)) = self.slots.get(i) {
+                s.waker.queued.store(false, Ordering::Release);
+            }
+            self.mark(i);
+        }
+        if self.shared.ready_overflow.swap(false, Ordering::AcqRel) {
+            did = true;
+            for i in 0..self.slots.len() {
+                if let Some(s) = &self.slots[i] {
+                    s.waker.queued.store(false, Ordering::Release);
+                    self.mark(i);
+                }
+            }
+        }
+        while let Some(i) = self.dirty.pop() {
+            self.is_dirty[i] = false;
+            self.drive(i);
+        }
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                log::warn!("netreactor: io_uring submit failed: {e}");
+            }
+        }
+        did
+    }
+
+    fn add(&mut self, inc: Incoming) {
+        let Some(i) = self.slots.iter().position(|s| s.is_none()) else {
+            // `adopt` counts before it queues, so this cannot happen.
+            log::error!("netreactor: no free slot; closing the connection");
+            self.shared.conns.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        let waker = Arc::new(WakerInner {
+            shared: self.shared.clone(),
+            slot: i,
+            queued: AtomicBool::new(false),
+        });
+        let conn = (inc.make)(Waker(Some(waker.clone())));
+        let mut rx = vec![0u8; RECV_BUFFER_BYTES.max(inc.initial.len())];
+        rx[..inc.initial.len()].copy_from_slice(&inc.initial);
+        self.slots[i] = Some(Box::new(Slot {
+            stream: inc.stream,
+            conn,
+            waker,
+            hi: inc.initial.len(),
+            rx,
+            lo: 0,
+            need: 0,
+            recv_posted: false,
+            tx: Vec::new(),
+            tx_off: 0,
+            send_posted: false,
+            out: Vec::new(),
+            eof: None,
+            shut: false,
+        }));
+        self.mark(i);
+    }
+
+    fn complete(&mut self, tag: u64, res: i32) {
+        if tag == WAKE_TAG {
+            self.wake_posted = false;
+            return;
+        }
+        let (i, op) = ((tag >> 1) as usize, tag & 1);
+        let Some(Some(s)) = self.slots.get_mut(i) else {
+            log::error!("netreactor: completion for an empty slot {i}");
+            return;
+        };
+        if op == OP_RECV {
+            s.recv_posted = false;
+            match res {
+                n if n > 0 => s.hi += n as usize,
+                0 => {
+                    s.eof.get_or_insert_with(|| "closed by the peer".into());
+                }
+                e if e == -libc::EAGAIN || e == -libc::EINTR => {}
+                e => {
+                    s.eof
+                        .get_or_insert_with(|| io::Error::from_raw_os_error(-e).to_string());
+                }
+            }
+        } else {
+            s.send_posted = false;
+            match res {
+                n if n >= 0 => {
+                    s.tx_off += n as usize;
+                    if s.tx_off >= s.tx.len() {
+                        s.tx.clear();
+                        s.tx_off = 0;
+                    }
+                }
+                e if e == -libc::EAGAIN || e == -libc::EINTR => {}
+                e => {
+                    // Nothing more can be sent: drop what is queued.
+                    s.eof
+                        .get_or_insert_with(|| io::Error::from_raw_os_error(-e).to_string());
+                    s.tx.clear();
+                    s.tx_off = 0;
+                    s.out.clear();
+                }
+            }
+        }
+        self.mark(i);
+    }
+
+    fn abort_all(&mut self) {
+        for i in 0..self.slots.len() {
+            if let Some(s) = &mut self.slots[i] {
+                if !s.shut {
+                    s.eof.get_or_insert_with(|| "reactor stopped".into());
+                    s.out.clear();
+                    let _ = s.stream.shutdown(Shutdown::Both);
+                    s.shut = true;
+                }
+                self.mark(i);
+            }
+        }
+        while let Some(i) = self.dirty.pop() {
+            self.is_dirty[i] = false;
+            self.drive(i);
+        }
+        if !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
+    }
+
+    /// Advances one connection: completions, input, send, receive, close.
+    fn drive(&mut self, i: usize) {
+        let stopping = self.shared.stop.load(Ordering::Acquire);
+        let mut posts: Vec<io_uring::squeue::Entry> = Vec::new();
+        let mut free = false;
+        {
+            let Some(s) = self.slots[i].as_deref_mut() else {
+                return;
+            };
+            s.conn.poll(&mut s.out);
+            // Feed what was received, as long as the connection takes it.
+            // (Input received before the peer closed is still served.)
+            while s.lo < s.hi && s.hi - s.lo >= s.need && !s.conn.closing() && s.conn.wants_input()
+            {
+                let r = s.conn.input(&s.rx[s.lo..s.hi], &mut s.out);
+                s.lo += r.consumed.min(s.hi - s.lo);
+                s.need = r.need;
+                s.conn.poll(&mut s.out);
+                if r.consumed == 0 {
+                    break;
+                }
+            }
+            if s.lo == s.hi {
+                s.lo = 0;
+                s.hi = 0;
+            }
+            let fd = s.stream.as_raw_fd();
+            if !s.send_posted && s.tx.is_empty() && !s.out.is_empty() && !s.shut {
+                std::mem::swap(&mut s.tx, &mut s.out);
+            }
+            if !s.send_posted && s.tx_off < s.tx.len() && !s.shut {
+                posts.push(send_entry(fd, &s.tx[s.tx_off..], i));
+                s.send_posted = true;
+            }
+            let ending = stopping
+                || s.conn.aborted()
+                || (s.eof.is_some() || s.conn.closing())
+                    && s.conn.quiescent()
+                    && s.tx.is_empty()
+                    && s.out.is_empty();
+            if !s.recv_posted
+                && !ending
+                && s.eof.is_none()
+                && !s.conn.closing()
+                && s.conn.wants_input()
+            {
+                make_room(s);
+                if s.hi < s.rx.len() {
+                    posts.push(recv_entry(fd, &mut s.rx[s.hi..], i));
+                    s.recv_posted = true;
+                }
+            }
+            if ending {
+                if !s.shut {
+                    // Ends a posted receive or send (their completions
+                    // come back with an error or 0).
+                    let _ = s.stream.shutdown(Shutdown::Both);
+                    s.shut = true;
+                }
+                free = !s.recv_posted && !s.send_posted;
+            }
+        }
+        for e in posts {
+            self.push(e);
+        }
+        if free {
+            if let Some(mut s) = self.slots[i].take() {
+                let why = if s.conn.aborted() {
+                    "closed by the server".to_string()
+                } else if s.conn.closing() {
+                    "closed by the protocol".to_string()
+                } else {
+                    s.eof.take().unwrap_or_default()
+                };
+                s.conn.closed(&why);
+                self.shared.conns.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Moves unconsumed bytes to the front and grows the buffer to what the
+/// connection needs. Only called with no receive posted.
+fn make_room(s: &mut Slot) {
+    let have = s.hi - s.lo;
+    let want = s.need.max(have + 1);
+    if s.lo > 0 && (s.rx.len() - s.hi < 4096 || s.rx.len() - s.lo < want) {
+        s.rx.copy_within(s.lo..s.hi, 0);
+        s.lo = 0;
+        s.hi = have;
+    }
+    if s.rx.len() - s.lo < want {
+        s.rx.resize(s.lo + want, 0);
+    } else if s.need <= RECV_BUFFER_BYTES && have == 0 && s.rx.len() > RECV_BUFFER_BYTES {
+        // Give back a buffer grown for one large request.
+        s.rx.truncate(RECV_BUFFER_BYTES);
+        s.rx.shrink_to_fit();
+    }
+}
+
+fn recv_entry(fd: RawFd, buf: &mut [u8], slot: usize) -> io_uring::squeue::Entry {
+    opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+        .build()
+        .user_data(((slot as u64) << 1) | OP_RECV)
+}
+
+fn send_entry(fd: RawFd, buf: &[u8], slot: usize) -> io_uring::squeue::Entry {
+    opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(((slot as u64) << 1) | OP_SEND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// Answers every line with its upper-case copy, from another thread
+    /// (as a volume's completion would), through the waker.
+    struct Upper {
+        waker: Waker,
+        done: Arc<Mutex<Vec<u8>>>,
+        inflight: usize,
+        closed: Arc<AtomicBool>,
+    }
+
+    impl Conn for Upper {
+        fn input(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Input {
+            let Some(n) = input.iter().position(|&b| b == b'\n') else {
+                return Input {
+                    consumed: 0,
+                    need: input.len() + 1,
+                };
+            };
+            let line = input[..=n].to_ascii_uppercase();
+            let (done, waker) = (self.done.clone(), self.waker.clone());
+            self.inflight += 1;
+            std::thread::spawn(move || {
+                done.lock().unwrap().extend_from_slice(&line);
+                waker.wake();
+            });
+            Input {
+                consumed: n + 1,
+                need: 0,
+            }
+        }
+        fn poll(&mut self, out: &mut Vec<u8>) {
+            let mut d = self.done.lock().unwrap();
+            self.inflight -= d.iter().filter(|&&b| b == b'\n').count();
+            out.append(&mut d);
+        }
+        fn wants_input(&self) -> bool {
+            true
+        }
+        fn closing(&self) -> bool {
+            false
+        }
+        fn quiescent(&self) -> bool {
+            self.inflight == 0
+        }
+        fn aborted(&self) -> bool {
+            false
+        }
+        fn closed(&mut self, _why: &str) {
+            self.closed.store(true, Ordering::Release);
+        }
+    }
+
+    #[test]
+    fn completions_from_other_threads_wake_a_sleeping_reactor() {
+        let r = Reactors::start(&ReactorConfig::single("test-reactor")).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed2 = closed.clone();
+        r.adopt(
+            s,
+            b"hel".to_vec(),
+            Box::new(move |waker| {
+                Box::new(Upper {
+                    waker,
+                    done: Arc::default(),
+                    inflight: 0,
+                    closed: closed2,
+                }) as Box<dyn Conn>
+            }),
+        )
+        .map_err(|_| ())
+        .unwrap();
+        let mut got = vec![0u8; 6];
+        for (i, part) in [&b"lo\nwor"[..], b"ld\n"].iter().enumerate() {
+            // Let the reactor fall asleep between the two.
+            std::thread::sleep(Duration::from_millis(20));
+            c.write_all(part).unwrap();
+            c.read_exact(&mut got).unwrap();
+            assert_eq!(&got, if i == 0 { b"HELLO\n" } else { b"WORLD\n" });
+        }
+        let st = r.stats()[0];
+        assert_eq!(st.connections, 1);
+        assert!(st.sleeps > 0 && st.wakes > 0, "{st:?}");
+        drop(c);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(r.connections(), 0);
+        assert!(closed.load(Ordering::Acquire));
+        r.shutdown();
+    }
+}
