@@ -530,7 +530,14 @@ fn a_backup_killed_under_load_gets_only_the_missed_writes() {
     let _ = std::fs::remove_dir_all(&rings);
     std::fs::create_dir_all(&rings).unwrap();
     let ring2 = rings.join("node2.ring");
+    // Rings large enough that the outage below never overflows them (the
+    // dirty-map path is test e's): 3 s of QD8 load plus 2,000 writes.
     let mut p = Pair::new("a", 3000, |id, t| {
+        assert!(t.contains("[ring]\nsize_bytes = 67108864"), "{t}");
+        let t = t.replace(
+            "[ring]\nsize_bytes = 67108864",
+            "[ring]\nsize_bytes = 536870912",
+        );
         if id == 2 {
             t.replace("[ring]", &format!("[ring]\npath = {:?}", ring2))
         } else {
@@ -667,7 +674,8 @@ fn b_primary_killed_backup_promoted_old_primary_returns_as_backup() {
         before_kill.broken.is_some(),
         "the kill ended the oracle's connection with writes in flight"
     );
-    let s1 = p.status(1).unwrap();
+    // As an operator would: promote once the backup saw its peer go.
+    let s1 = p.wait(1, "peer gone", 20, |s| s["peer_state"] != "connected");
     assert_eq!(s1["current"], true, "the backup had caught up: {s1}");
     assert!(p.admin_cmd(1, "promote"), "promote refused");
     let s1 = p.wait(1, "serving as primary", 20, |s| {

@@ -275,6 +275,9 @@ fn persistent_reservations_survive_failover() {
 
     // Unplanned failover: kill -9 the primary, promote the backup.
     p.kill9(0);
+    // As an operator would: promote once the backup saw its peer go (until
+    // then it refuses, the peer being primary and connected).
+    p.wait(1, "peer gone", |s| s["peer_state"] != "connected");
     p.admin(1, "promote");
     p.wait(1, "serving after promote", |s| s["serving"] == true);
     let mut a = p.login(1, 1);
