@@ -1179,6 +1179,21 @@ impl<L: Log> Core<L> {
         if let Some(v) = self.verify.as_mut() {
             v.tokens += v.bytes_per_sec as f64 * dt as f64 / 1000.0;
         }
+        if self.current && self.meta.role == Role::Backup && dt >= self.cfg.peer_timeout_ms / 2 {
+            // This node did not run for a while (stopped, starved): the
+            // primary may have gone degraded meanwhile, and nothing said so
+            // yet. Not current until a new session's `InSync`.
+            self.current = false;
+            self.in_sync_at = None;
+            let why = format!(
+                "this node did not run for {dt} ms: the primary may have completed writes \
+                 without it meanwhile; it can be promoted again once it has caught up"
+            );
+            self.out.push(Action::Notice(why.clone()));
+            if !matches!(self.link, LinkState::Down | LinkState::Refused(_)) {
+                self.reset_link(why);
+            }
+        }
         self.sample_replay_rate();
         if self.cfg.max_replay_bytes_per_sec > 0 {
             let cap = self.cfg.max_replay_bytes_per_sec as f64;
