@@ -1930,7 +1930,6 @@ impl<L: Log> Core<L> {
                 && !self.meta.fresh
                 && !self.meta.resyncing
                 && self.log_durable >= s
-                && self.log.head() >= s
                 && self.state_adopted()
             {
                 self.current = true;

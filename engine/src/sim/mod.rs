@@ -227,6 +227,15 @@ struct HostWrite {
     blob: bool,
 }
 
+impl HostWrite {
+    /// Notes the seq the write got and its generation, as the history entry
+    /// of generation `gen` at that moment.
+    fn assigned(&mut self, seq: Seq, gen: u64, history: &[GenEntry]) {
+        self.seq = Some(seq);
+        self.gen = history.iter().rev().find(|g| g.gen == gen).copied();
+    }
+}
+
 /// A `promote --force` the operator ran: until the pair is in sync again,
 /// both nodes may serve (I6 allows it after a forced step only).
 #[derive(Clone, Copy, Debug)]
@@ -602,14 +611,7 @@ impl Sim {
                         w.node, i,
                         "write {id} executed as a host write on another node"
                     );
-                    w.seq = Some(seq);
-                    w.gen = core
-                        .meta()
-                        .history
-                        .iter()
-                        .rev()
-                        .find(|g| g.gen == h.gen)
-                        .copied();
+                    w.assigned(seq, h.gen, &core.meta().history);
                 }
                 let data = if h.kind == ReqKind::Write {
                     p.to_vec()
@@ -1433,14 +1435,7 @@ impl Sim {
             for s in core.log.first_seq()..core.log.next_seq() {
                 if core.host_id_of(s) == Some(id) {
                     let (h, _) = core.log.get(s).expect("ring entry");
-                    w.seq = Some(s);
-                    w.gen = core
-                        .meta()
-                        .history
-                        .iter()
-                        .rev()
-                        .find(|g| g.gen == h.gen)
-                        .copied();
+                    w.assigned(s, h.gen, &core.meta().history);
                 }
             }
         }
