@@ -1287,6 +1287,10 @@ fn i_standalone_serves_alone_and_a_mirrored_start_refuses_until_reformatted() {
         );
     }
     p.start_pair();
+    // With nothing written since the format, "in sync" can read true before
+    // the full copy has finished (heads are equal from the start): wait for
+    // the receiver to record the copy, then check both sides.
+    p.wait(1, "full copy received", 60, |s| u(s, "remirrors") >= 1);
     let (sp, sb) = p.wait_in_sync(0);
     // One full copy, counted by the sender and by the receiver.
     assert_eq!(u(&sp, "remirrors"), 1, "primary sent one full copy");
