@@ -263,6 +263,54 @@ fn render_metrics(s: &NodeStatus) -> String {
             seq as f64,
         );
     }
+    if let Some(fo) = &s.failover {
+        m.gauge(
+            "deltamirror_failover_holds_lease",
+            "Automatic failover: 1 while this node holds the etcd leader key under its lease.",
+            f(fo.holds_lease),
+        );
+        m.gauge(
+            "deltamirror_failover_lease_left_seconds",
+            "Automatic failover: time left on this node's lease, on its own clock (0: none).",
+            fo.lease_left_ms as f64 / 1000.0,
+        );
+        if let Some(ago) = fo.last_renewal_ms_ago {
+            m.gauge(
+                "deltamirror_failover_last_renewal_seconds",
+                "Automatic failover: time since the lease was last renewed.",
+                ago as f64 / 1000.0,
+            );
+        }
+        if let Some(id) = fo.lease_holder_node_id {
+            m.gauge(
+                "deltamirror_failover_lease_holder_node_id",
+                "Automatic failover: the node etcd names primary.",
+                id as f64,
+            );
+        }
+        m.gauge(
+            "deltamirror_failover_etcd_reachable",
+            "Automatic failover: 1 while etcd answers and its keys parse.",
+            f(fo.etcd_reachable && fo.etcd_error.is_none()),
+        );
+        m.gauge(
+            "deltamirror_failover_fenced",
+            "Automatic failover: 1 while the agent fences this node (it lost etcd and the peer).",
+            f(fo.fenced),
+        );
+        m.gauge(
+            "deltamirror_failover_transitions",
+            "Automatic failover: transitions of the agent since start.",
+            fo.transitions as f64,
+        );
+    }
+    if let Some(w) = &s.stale_mark_wanted {
+        m.gauge(
+            "deltamirror_failover_stale_mark_wait_seconds",
+            "Automatic failover: how long writes have waited for etcd to record the backup stale.",
+            w.waiting_ms as f64 / 1000.0,
+        );
+    }
     m.gauge(
         "deltamirror_head_seq",
         "Highest seq assigned (primary) or received (backup).",

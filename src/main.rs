@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod demo;
+mod failover;
 mod nbdclient;
 mod statusfmt;
 
@@ -160,7 +161,19 @@ fn main() {
             } else {
                 "/promote"
             };
-            admin::post(&admin, path).map(|_| println!("promoted {admin}"))
+            admin::post(&admin, path).map(|_| {
+                println!("promoted {admin}");
+                // Automatic failover: say what etcd could not record.
+                if let Ok(s) = admin::get_status(&admin) {
+                    if let Some(f) = s.failover.filter(|f| !f.etcd_reachable) {
+                        eprintln!(
+                            "warning: etcd is unreachable ({}): the new generation is not \
+                             recorded there; this node claims the key once etcd answers",
+                            f.etcd_error.unwrap_or_default()
+                        );
+                    }
+                }
+            })
         }
         Cmd::Verify {
             admin,
@@ -223,6 +236,10 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     core.max_replay_bytes_per_sec = m.max_replay_bytes_per_sec;
     core.min_replay_bytes_per_sec = m.min_replay_bytes_per_sec;
     core.coalesce_acks = m.coalesce_acks;
+    if cfg.failover.mode == config::FailoverMode::Etcd {
+        core.stale_gate_ms = Some(cfg.failover.stale_mark_timeout_ms);
+    }
+    core.failover_id = cfg.failover_fingerprint();
     Ok(NodeOptions {
         node_id: cfg.node.id,
         node_name: cfg.node.name.clone(),
@@ -392,7 +409,24 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     }
     .map_err(anyhow::Error::msg)?;
     let vol: Arc<dyn Volume> = node.volume.clone();
-    let adm = admin::start(cfg.admin.listen, node.control.clone()).with_context(|| {
+    // Automatic failover: the agent's control thread, and the admin
+    // endpoint's view through it.
+    let (control, agent): (Arc<dyn engine::status::Control>, _) = if cfg.failover.mode
+        == config::FailoverMode::Etcd
+        && !standalone
+    {
+        let agent =
+            failover::Failover::start(failover::Settings::from_config(&cfg), node.control.clone())
+                .context("starting the failover agent")?;
+        let c = Arc::new(failover::FailoverControl {
+            node: node.control.clone(),
+            agent,
+        });
+        (c.clone(), Some(c))
+    } else {
+        (node.control.clone(), None)
+    };
+    let adm = admin::start(cfg.admin.listen, control).with_context(|| {
         format!(
             "starting the admin endpoint on admin.listen = {}",
             cfg.admin.listen
@@ -449,6 +483,9 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     }
     targets.reactors.shutdown();
     adm.shutdown();
+    if let Some(c) = agent.and_then(|c| Arc::into_inner(c)) {
+        c.agent.shutdown();
+    }
     node.shutdown();
     Ok(())
 }

@@ -5,6 +5,33 @@ use std::fmt::Write;
 
 use engine::status::{Latency, NodeStatus, ReplayStats};
 
+/// The automatic failover summary: mode, lease holder, lease left.
+pub fn failover_line(f: &engine::status::FailoverStatus) -> String {
+    let holder = match (f.lease_holder_node_id, f.lease_generation) {
+        (Some(id), Some(g)) => format!(
+            "lease held by node {id} ({}) in generation {g}",
+            f.lease_holder
+        ),
+        _ if f.etcd_reachable => "lease held by nobody".to_string(),
+        _ => "lease holder unknown (etcd unreachable)".to_string(),
+    };
+    let mine = if f.holds_lease {
+        format!(
+            "; this node's lease: {} ms left, renewed {} ms ago",
+            f.lease_left_ms,
+            f.last_renewal_ms_ago.unwrap_or(0)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} ({}){mine}{}",
+        f.mode,
+        holder,
+        if f.fenced { "; FENCED" } else { "" }
+    )
+}
+
 /// A compact multi-line block describing one node. Ends with a newline.
 pub fn render(s: &NodeStatus) -> String {
     let mut out = String::new();
@@ -46,6 +73,31 @@ pub fn render(s: &NodeStatus) -> String {
     }
     if let Some(r) = &s.fenced_reason {
         line("", format!("FENCED: refused the peer ({r})"));
+    }
+    if let Some(r) = &s.self_fenced_reason {
+        line("", format!("FENCED by the failover agent: {r}"));
+    }
+    if let Some(w) = &s.stale_mark_wanted {
+        line(
+            "",
+            format!(
+                "WRITES WAIT for etcd to record the backup stale from seq {} (for {} ms)",
+                thousands(w.from_seq),
+                w.waiting_ms
+            ),
+        );
+    }
+    if let Some(f) = &s.failover {
+        line("failover", failover_line(f));
+        if let Some(e) = &f.etcd_error {
+            line("", format!("etcd: {e}"));
+        }
+        if let Some(m) = &f.stale_mark {
+            line("", format!("etcd stale mark: {m}"));
+        }
+        if let Some(t) = &f.last_transition {
+            line("", format!("last transition: {t}"));
+        }
     }
     if s.degraded {
         let stale = match s.peer_stale_from_seq {
@@ -357,6 +409,9 @@ mod tests {
             serving: true,
             not_serving_reason: None,
             fenced_reason: None,
+            self_fenced_reason: None,
+            stale_mark_wanted: None,
+            failover: None,
             current: false,
             forced_generations: vec![],
             degraded: false,

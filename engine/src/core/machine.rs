@@ -115,6 +115,14 @@ pub enum Action {
     },
     /// Something the operator should see in the log.
     Notice(String),
+    /// Automatic failover: the primary wants to complete writes without the
+    /// backup. The failover agent records "backup stale from `from_seq`, in
+    /// generation `gen`" in etcd under its lease and answers
+    /// `Core::stale_recorded(gen, from_seq)`; until then writes wait.
+    RecordStale {
+        gen: u64,
+        from_seq: Seq,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,6 +292,17 @@ pub struct Core<L: Log> {
     next_token: u64,
 
     // Degraded mode.
+    /// Automatic failover: the stale mark asked of the agent (gen, from
+    /// seq) and since when (ms), while writes wait for it.
+    stale_wanted: Option<(u64, Seq, u64)>,
+    /// The stale mark the agent confirmed recorded in etcd.
+    stale_recorded: Option<(u64, Seq)>,
+    /// The failover agent fenced this node (it lost both etcd and the
+    /// peer): it serves nothing until the agent lifts it. The reason.
+    self_fenced: Option<String>,
+    /// The next promotion opens a generation at least this one (the
+    /// failover agent's fencing token, newer than any recorded in etcd).
+    gen_floor: u64,
     degrade_version: Option<u64>,
     degraded: bool,
     /// Seqs below this may execute without ACK1 (degraded, durably recorded).
@@ -393,6 +412,10 @@ impl<L: Log> Core<L> {
             executing: Vec::new(),
             extents: BTreeMap::new(),
             next_token: 1,
+            stale_wanted: None,
+            stale_recorded: None,
+            self_fenced: None,
+            gen_floor: 0,
             degrade_version: None,
             degraded,
             no_ack_below: if degraded { u64::MAX } else { 0 },
@@ -491,6 +514,15 @@ impl<L: Log> Core<L> {
     pub fn fenced(&self) -> Option<&str> {
         self.fenced.as_deref()
     }
+    /// Why the failover agent fenced this node, while it is.
+    pub fn self_fenced(&self) -> Option<&str> {
+        self.self_fenced.as_deref()
+    }
+    /// Automatic failover: the stale mark (generation, first seq the backup
+    /// lacks) that writes wait for, and since when (ms), if any.
+    pub fn stale_wanted(&self) -> Option<(u64, Seq, u64)> {
+        self.stale_wanted
+    }
     /// Why this node does not serve host I/O now (None while it serves).
     pub fn not_serving_reason(&self) -> Option<String> {
         if self.serving {
@@ -498,6 +530,8 @@ impl<L: Log> Core<L> {
         }
         Some(if let Some(f) = &self.failed {
             format!("failed: {f}")
+        } else if let Some(r) = &self.self_fenced {
+            format!("fenced by the failover agent: {}", bounded(r, 200))
         } else if let Some(r) = &self.fenced {
             format!(
                 "fenced after refusing the peer ({}); an operator must resolve it",
@@ -607,6 +641,7 @@ impl<L: Log> Core<L> {
     fn update_path(&mut self) {
         let serving = self.failed.is_none()
             && self.fenced.is_none()
+            && self.self_fenced.is_none()
             && self.meta.role == Role::Primary
             && !self.demoting
             && !self.promoting
@@ -817,6 +852,66 @@ impl<L: Log> Core<L> {
             if force { " --force" } else { "" }
         )));
         Ok(())
+    }
+
+    /// `promote` to a generation of at least `floor` (the failover agent's
+    /// fencing token, newer than any generation recorded in etcd).
+    pub fn promote_to(&mut self, force: bool, floor: u64) -> Result<(), String> {
+        self.promote(force)?;
+        self.gen_floor = floor;
+        Ok(())
+    }
+
+    /// The failover agent lost both etcd and the peer: stop serving before
+    /// its lease can expire. Writes in flight and waiting fail (the host
+    /// retries on the other path); none completes until `lift_self_fence`.
+    pub fn self_fence(&mut self, reason: &str) {
+        if self.self_fenced.is_some() {
+            return;
+        }
+        self.self_fenced = Some(reason.to_string());
+        self.out.push(Action::Notice(format!(
+            "fenced by the failover agent: {reason}"
+        )));
+        for (_, id) in std::mem::take(&mut self.host_of) {
+            self.out.push(Action::CompleteWrite {
+                id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        for f in std::mem::take(&mut self.host_flushes) {
+            self.out.push(Action::CompleteFlush {
+                id: f.id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        self.update_path();
+    }
+
+    /// The failover agent regained its quorum (lease renewed, or the peer
+    /// connected as backup): serve again.
+    pub fn lift_self_fence(&mut self, reason: &str) {
+        if self.self_fenced.take().is_some() {
+            self.out.push(Action::Notice(format!(
+                "the failover agent lifted its fence: {reason}"
+            )));
+            self.update_path();
+        }
+    }
+
+    /// The failover agent recorded in etcd, under its lease, that the
+    /// backup is stale from `from_seq` in generation `gen`: writes may
+    /// complete without it (degraded mode).
+    pub fn stale_recorded(&mut self, gen: u64, from_seq: Seq) {
+        if self.self_fenced.is_none() {
+            self.stale_recorded = Some((gen, from_seq));
+        }
     }
 
     pub fn demote(&mut self) -> Result<(), String> {
@@ -1247,7 +1342,32 @@ impl<L: Log> Core<L> {
             fresh: self.meta.fresh,
             resyncing: self.meta.resyncing,
             incarnation: self.meta.incarnation,
+            failover: self.cfg.failover_id,
         }
+    }
+
+    /// The two nodes' failover configurations differ (a pair must agree),
+    /// or one of them predates automatic failover: the reason, if so.
+    fn failover_mismatch(&self, peer: &Hello) -> Option<String> {
+        let mode = |id: u64| {
+            if id == 0 {
+                "manual (or a version without automatic failover)".to_string()
+            } else {
+                format!("etcd (configuration fingerprint {id:016x})")
+            }
+        };
+        (peer.failover != self.cfg.failover_id).then(|| {
+            format!(
+                "the [failover] sections differ: this node (id {}) runs failover {}, the peer \
+                 (id {}) runs failover {}; give both nodes the same [failover] section \
+                 (mode, key_prefix, lease_ttl_ms, stale_mark_timeout_ms) and \
+                 restart the one that was changed",
+                self.meta.node_id,
+                mode(self.cfg.failover_id),
+                peer.node_id,
+                mode(peer.failover)
+            )
+        })
     }
 
     fn on_disconnected(&mut self) {
@@ -1285,6 +1405,18 @@ impl<L: Log> Core<L> {
                     if old.incarnation != h.incarnation {
                         self.alive_since_ms = self.now_ms;
                     }
+                }
+                if let Some(reason) = self.failover_mismatch(&h) {
+                    // A configuration error, not a split brain: refused,
+                    // but nobody is fenced (the primary goes on alone).
+                    self.out
+                        .push(Action::Notice(format!("refusing the peer: {reason}")));
+                    self.out.push(Action::Send(Msg::Refuse {
+                        reason: reason.clone(),
+                    }));
+                    self.peer_hello = Some(h);
+                    self.link = LinkState::Refused(reason);
+                    return;
                 }
                 let mine = self.hello();
                 let plan = decide(&mine, &h);
@@ -1415,7 +1547,13 @@ impl<L: Log> Core<L> {
                     "peer refused the pairing: {}",
                     bounded(&reason, 300)
                 )));
-                self.fence(&reason);
+                let config_error = self
+                    .peer_hello
+                    .as_ref()
+                    .is_some_and(|h| self.failover_mismatch(h).is_some());
+                if !config_error {
+                    self.fence(&reason);
+                }
                 self.link = LinkState::Refused(reason);
             }
             Msg::InSync(s) => {
@@ -1957,6 +2095,9 @@ impl<L: Log> Core<L> {
         // `peer_timeout_ms` after the last message from the peer, as the
         // config says: the link reset at that same moment (a silent peer) or
         // earlier (a closed connection), never one timeout later.
+        if !peer_gone {
+            self.stale_wanted = None;
+        }
         if peer_gone
             && need
             && ring_durable
@@ -1965,6 +2106,9 @@ impl<L: Log> Core<L> {
             // Durably bump the generation and record the backup as stale
             // before completing anything without ACK1.
             let gen = self.meta.generation() + 1;
+            if !self.stale_gate_open(gen) {
+                return;
+            }
             self.meta.history.push(GenEntry {
                 gen,
                 first_seq: self.log.next_seq(),
@@ -1977,6 +2121,63 @@ impl<L: Log> Core<L> {
             )));
             self.degrade_version = Some(self.persist_meta());
         }
+    }
+
+    /// Automatic failover: whether etcd holds the stale mark for entering
+    /// degraded mode in generation `gen` (the backup lacks `ack1 + 1` on).
+    /// Until it does, asks the agent for it, and fails the writes that
+    /// waited `stale_gate_ms` (retryable: `Unavailable`).
+    fn stale_gate_open(&mut self, gen: u64) -> bool {
+        let Some(timeout) = self.cfg.stale_gate_ms else {
+            return true;
+        };
+        let from = self.ack1 + 1;
+        if self.stale_recorded == Some((gen, from)) {
+            self.stale_wanted = None;
+            return true;
+        }
+        match self.stale_wanted {
+            Some((g, f, since)) if g == gen && f == from => {
+                if self.now_ms.saturating_sub(since) >= timeout {
+                    self.out.push(Action::Notice(format!(
+                        "the backup's stale mark (from seq {from}) could not be recorded in etcd \
+                         within {timeout} ms: failing the waiting writes (retryable); none \
+                         completes without the backup until it is"
+                    )));
+                    for (_, id) in std::mem::take(&mut self.host_of) {
+                        self.out.push(Action::CompleteWrite {
+                            id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    for w in std::mem::take(&mut self.waiting) {
+                        self.out.push(Action::CompleteWrite {
+                            id: w.id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    for f in std::mem::take(&mut self.host_flushes) {
+                        self.out.push(Action::CompleteFlush {
+                            id: f.id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    self.stale_wanted = Some((gen, from, self.now_ms));
+                }
+            }
+            _ => {
+                self.stale_wanted = Some((gen, from, self.now_ms));
+                self.out.push(Action::Notice(format!(
+                    "peer unreachable: writes wait until the failover agent records in etcd \
+                     that the backup is stale from seq {from} (generation {gen})"
+                )));
+                self.out.push(Action::RecordStale {
+                    gen,
+                    from_seq: from,
+                });
+            }
+        }
+        false
     }
 
     /// The replay floor: true while a replay that has run for a second moved
@@ -2553,7 +2754,7 @@ impl<L: Log> Core<L> {
         {
             self.promoting = false;
             self.current = false;
-            let gen = self.meta.generation() + 1;
+            let gen = (self.meta.generation() + 1).max(std::mem::take(&mut self.gen_floor));
             // A forced promote can take a node that adopted the authority's
             // history but never received its entries: generations that
             // start at or past our next seq describe writes this node does
@@ -2588,9 +2789,11 @@ impl<L: Log> Core<L> {
             self.ack1 = self.log.head();
             self.exec_next = self.log.head() + 1;
             self.role_version = self.meta_version + 1;
-            if self.link != LinkState::Active {
+            if self.link != LinkState::Active && self.cfg.stale_gate_ms.is_none() {
                 // Serving without the peer from the start: the peer is stale
                 // from here on, recorded with the same generation bump.
+                // (With automatic failover the first write goes through
+                // `check_degrade`, which has etcd record the mark first.)
                 self.meta.peer_stale_from = Some(self.log.next_seq());
                 self.degraded = true;
                 self.no_ack_below = u64::MAX;

@@ -246,7 +246,11 @@ struct Shared {
 
 #[derive(Debug)]
 enum Command {
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
+    /// The failover agent's commands (`crate::status::FailoverCommand`).
+    Failover(crate::status::FailoverCommand),
     Verify(crate::status::VerifyRequest),
     Demote,
     ResetLatency,
@@ -440,6 +444,14 @@ impl crate::status::Control for NodeControl {
     }
     fn verify(&self, req: crate::status::VerifyRequest) -> Result<(), String> {
         self.command(Command::Verify(req))
+    }
+}
+
+impl NodeControl {
+    /// A command of the failover agent (automatic failover), answered by
+    /// the reactor between batches.
+    pub fn failover(&self, c: crate::status::FailoverCommand) -> Result<(), String> {
+        self.command(Command::Failover(c))
     }
 }
 
@@ -993,6 +1005,17 @@ impl Reactor {
         let shared = self.shared.clone();
         shared.answer_commands(|c| match c {
             Command::Promote { force } => self.core.promote(force),
+            Command::Failover(c) => {
+                use crate::status::FailoverCommand as F;
+                match c {
+                    F::PromoteTo { force, floor } => self.core.promote_to(force, floor)?,
+                    F::SelfFence(reason) => self.core.self_fence(&reason),
+                    F::LiftFence(reason) => self.core.lift_self_fence(&reason),
+                    F::StaleRecorded { gen, from_seq } => self.core.stale_recorded(gen, from_seq),
+                }
+                self.last_status_ms = 0;
+                Ok(())
+            }
             Command::Verify(r) => {
                 self.core
                     .start_verify(r.offset, r.length, r.repair, r.bytes_per_sec)
@@ -1503,8 +1526,19 @@ impl Reactor {
                 } else {
                     PathState::Inaccessible
                 });
+                // The status shows the new path state at once.
+                self.last_status_ms = 0;
             }
             Action::Notice(s) => log::info!("{s}"),
+            Action::RecordStale { gen, from_seq } => {
+                // The failover agent reads the request from the status:
+                // publish it now.
+                log::info!(
+                    "asking the failover agent to record the backup stale from seq {from_seq} \
+                     (generation {gen})"
+                );
+                self.last_status_ms = 0;
+            }
         }
     }
 
@@ -1569,6 +1603,15 @@ impl Reactor {
             serving: c.is_serving(),
             not_serving_reason: c.not_serving_reason(),
             fenced_reason: c.fenced().map(str::to_string),
+            self_fenced_reason: c.self_fenced().map(str::to_string),
+            stale_mark_wanted: c.stale_wanted().map(|(gen, from_seq, since)| {
+                crate::status::StaleMarkWanted {
+                    generation: gen,
+                    from_seq,
+                    waiting_ms: now.saturating_sub(since),
+                }
+            }),
+            failover: None,
             current: c.is_current(),
             forced_generations: meta.forced.clone(),
             degraded: c.is_degraded(),
@@ -1659,5 +1702,7 @@ pub fn default_core_config(node_id: u32) -> CoreConfig {
         max_replay_bytes_per_sec: 0,
         min_replay_bytes_per_sec: 0,
         coalesce_acks: true,
+        stale_gate_ms: None,
+        failover_id: 0,
     }
 }
