@@ -2776,7 +2776,8 @@ impl<L: Log> Core<L> {
                 first_seq: self.log.next_seq(),
                 origin: self.meta.node_id,
             });
-            if std::mem::take(&mut self.forced_promote) {
+            let forced = std::mem::take(&mut self.forced_promote);
+            if forced {
                 self.record_forced(gen);
                 self.out.push(Action::Notice(format!(
                     "promote --force: generation {gen} is recorded as forced; writes the old \
@@ -2789,11 +2790,12 @@ impl<L: Log> Core<L> {
             self.ack1 = self.log.head();
             self.exec_next = self.log.head() + 1;
             self.role_version = self.meta_version + 1;
-            if self.link != LinkState::Active && self.cfg.stale_gate_ms.is_none() {
+            if self.link != LinkState::Active && (self.cfg.stale_gate_ms.is_none() || forced) {
                 // Serving without the peer from the start: the peer is stale
                 // from here on, recorded with the same generation bump.
                 // (With automatic failover the first write goes through
-                // `check_degrade`, which has etcd record the mark first.)
+                // `check_degrade`, which has etcd record the mark first,
+                // unless the operator forced this promotion.)
                 self.meta.peer_stale_from = Some(self.log.next_seq());
                 self.degraded = true;
                 self.no_ack_below = u64::MAX;
