@@ -445,7 +445,8 @@ fn get_status(addr: &str) -> Option<Value> {
 }
 
 fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 fn serving_primary(s: &Value) -> bool {
@@ -618,8 +619,8 @@ fn holds_for(p: &Pair, ms: u64, what: &str, f: impl Fn(&Value, &Value) -> bool) 
 }
 
 #[test]
-fn a_kill9_of_the_primary_under_load_the_backup_takes_over_and_the_old_one_rejoins_with_the_delta(
-) {
+fn a_kill9_of_the_primary_under_load_the_backup_takes_over_and_the_old_one_rejoins_with_the_delta()
+{
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !need(&["etcd", "etcdctl"]) {
         return;
@@ -663,7 +664,10 @@ fn a_kill9_of_the_primary_under_load_the_backup_takes_over_and_the_old_one_rejoi
     // stale in etcd first).
     let after = writes_ok(&p, 1, 2, 200_000, 1000);
     let stale = etcd
-        .get(&format!("{}/stale", fo["key"].as_str().unwrap().trim_end_matches("/leader")))
+        .get(&format!(
+            "{}/stale",
+            fo["key"].as_str().unwrap().trim_end_matches("/leader")
+        ))
         .expect("the new primary recorded the old one stale");
     assert!(stale.contains("\"node_id\":1"), "{stale}");
     // The old primary returns: it learns the newer generation, rejoins as
@@ -691,7 +695,11 @@ fn a_kill9_of_the_primary_under_load_the_backup_takes_over_and_the_old_one_rejoi
     }
     assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
     // The stale mark goes once the old primary caught up.
-    let key = fo["key"].as_str().unwrap().trim_end_matches("/leader").to_string();
+    let key = fo["key"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/leader")
+        .to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     while etcd.get(&format!("{key}/stale")).is_some() {
         assert!(Instant::now() < deadline, "the stale mark stayed");
@@ -718,7 +726,9 @@ fn b_a_link_cut_with_etcd_reachable_marks_the_backup_stale_and_it_does_not_take_
     // Writes go on through the primary once etcd holds the stale mark.
     writes_ok(&p, 0, 2, 1000, 500);
     let s0 = p.wait(0, "degraded", 10, |s| s["degraded"] == true);
-    let stale = etcd.get(&format!("{key}/stale")).expect("stale mark in etcd");
+    let stale = etcd
+        .get(&format!("{key}/stale"))
+        .expect("stale mark in etcd");
     let from = u(&s0, "peer_stale_from_seq");
     assert!(
         stale.contains("\"node_id\":2") && stale.contains(&format!("\"from_seq\":{from}")),
@@ -806,7 +816,11 @@ fn c_a_primary_cut_from_etcd_and_its_backup_fences_before_the_backup_takes_over(
             "{reps} repetitions, {} observer rounds",
             rounds.load(Ordering::Acquire)
         );
-        assert!(both.is_none(), "both nodes served at once:\n{}", both.unwrap());
+        assert!(
+            both.is_none(),
+            "both nodes served at once:\n{}",
+            both.unwrap()
+        );
     });
 }
 
@@ -894,7 +908,10 @@ fn f_bad_input_gives_clear_errors_and_no_promotion() {
         s["failover"]["etcd_error"].is_string()
     });
     let e = s["failover"]["etcd_error"].as_str().unwrap().to_string();
-    assert!(e.contains("failover.etcd_endpoints") && e.contains(&closed.to_string()), "{e}");
+    assert!(
+        e.contains("failover.etcd_endpoints") && e.contains(&closed.to_string()),
+        "{e}"
+    );
     writes_ok(&p, 0, 1, 0, 100);
     p.kill9(0);
     std::thread::sleep(Duration::from_millis(3 * TTL_MS));
@@ -981,6 +998,9 @@ fn f_bad_input_gives_clear_errors_and_no_promotion() {
                 .as_str()
                 .is_some_and(|r| r.contains("[failover] sections differ"))
         });
-        assert!(s["fenced_reason"].is_null(), "a config error fences nobody: {s}");
+        assert!(
+            s["fenced_reason"].is_null(),
+            "a config error fences nobody: {s}"
+        );
     }
 }

@@ -2762,7 +2762,11 @@ impl<L: Log> Core<L> {
             // ours, so the handshake sees the fork).
             let next = self.log.next_seq();
             self.state_promoted(next);
-            while self.meta.history.len() > 1
+            // Only a forced promote: a current node holds every entry its
+            // generations had, and an empty one must stay so that the
+            // peer's history remains a prefix of ours.
+            while self.forced_promote
+                && self.meta.history.len() > 1
                 && self
                     .meta
                     .history

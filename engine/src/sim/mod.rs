@@ -2169,6 +2169,53 @@ mod tests {
         assert_eq!(sim.nodes[0].core.as_ref().unwrap().meta().generation(), 40);
     }
 
+    /// Two failovers in a row with no write in between (an empty
+    /// generation): the old primaries rejoin as backups, never refused as
+    /// a split brain (found by the issue 12 observer test).
+    #[test]
+    fn failovers_without_writes_in_between_rejoin_without_refusal() {
+        let mut sim = Sim::with_params(3, calm(3));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.faults = false; // no more host writes
+        for _ in 0..2000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        for (dead, survivor) in [(0, 1), (1, 0), (0, 1)] {
+            assert!(sim.nodes[survivor].core.as_ref().unwrap().is_current());
+            sim.crash_node(dead, 1_000_000);
+            for _ in 0..50 {
+                sim.step();
+            }
+            sim.nodes[survivor]
+                .core
+                .as_mut()
+                .unwrap()
+                .promote(false)
+                .unwrap();
+            for _ in 0..200 {
+                sim.step();
+            }
+            sim.nodes[dead].down_until = sim.now;
+            for _ in 0..3000 {
+                sim.step();
+                if sim.converged() && sim.nodes[dead].core.as_ref().unwrap().is_current() {
+                    break;
+                }
+            }
+            assert!(sim.refused().is_none(), "{:?}", sim.refused());
+            assert_eq!(sim.nodes[dead].core.as_ref().unwrap().role(), Role::Backup);
+            assert_eq!(
+                sim.nodes[survivor].core.as_ref().unwrap().role(),
+                Role::Primary
+            );
+        }
+    }
+
     #[test]
     fn sim_replay() {
         let Some(seed) = std::env::var("DM_SIM_SEED")
