@@ -226,6 +226,10 @@ pub struct Brain {
     /// The node accepted the promotion at this time; it is under way.
     pub promoted_at: Option<u64>,
     pub fenced: Option<String>,
+    /// The operator forced this node primary while etcd could not record
+    /// it: it serves without a quorum until it holds the key or sees its
+    /// peer (the operator's choice, as a forced DRBD primary).
+    pub forced: bool,
     /// The last transition and its reason; how many.
     pub last_transition: Option<String>,
     pub transitions: u64,
@@ -248,6 +252,7 @@ impl Brain {
             promote_pending: None,
             promoted_at: None,
             fenced: None,
+            forced: false,
             last_transition: None,
             transitions: 0,
             said: None,
@@ -392,7 +397,17 @@ impl Brain {
     /// Whether a primary must fence itself now: no valid lease and no
     /// peer confirmed as backup.
     pub fn must_fence(&self, now: u64, n: &NodeView) -> bool {
-        n.primary && !n.peer_connected && !self.lease_valid(now)
+        n.primary && !n.peer_connected && !self.lease_valid(now) && !self.forced
+    }
+
+    /// What the fence watchdog uses: the lease deadline, `u64::MAX` while
+    /// the operator's forced promotion stands.
+    pub fn watch_deadline(&self) -> Option<u64> {
+        if self.forced {
+            Some(u64::MAX)
+        } else {
+            self.lease_deadline()
+        }
     }
 
     /// One decision pass.
@@ -409,6 +424,10 @@ impl Brain {
         {
             self.last_renew_try = now;
             out.push(Do::Renew);
+        }
+        if self.forced && (self.holds_key || n.peer_connected) {
+            self.forced = false;
+            self.transition("the forced primary holds the key or sees its peer again".into());
         }
         if n.primary {
             self.promote_pending = None;
@@ -445,7 +464,9 @@ impl Brain {
             } else {
                 match &v.leader {
                     Key::Held { value, .. } if value.node_id != self.node_id => {
-                        if !n.peer_connected {
+                        // A holder in an older generation is stale itself
+                        // (it restarted and waits for its peer): wait.
+                        if !n.peer_connected && value.generation >= n.generation {
                             stale_primary = Some(format!(
                                 "etcd names node {} ({}) primary in generation {}: it took over",
                                 value.node_id, value.node_name, value.generation
@@ -876,6 +897,33 @@ mod tests {
         b.etcd_read(view(Key::Absent, 4, None));
         let d = b.step(0, &n);
         assert!(!d.iter().any(|d| matches!(d, Do::Claim { .. })), "{d:?}");
+    }
+
+    #[test]
+    fn a_forced_primary_serves_without_quorum_until_it_holds_the_key() {
+        let mut b = Brain::new(2, 1000);
+        b.etcd_failed("unreachable".into());
+        b.forced = true;
+        let n = NodeView {
+            peer_connected: false,
+            generation: 5,
+            ..primary()
+        };
+        assert_eq!(b.watch_deadline(), Some(u64::MAX));
+        assert!(!b.must_fence(10_000, &n));
+        assert!(b.step(10_000, &n).is_empty());
+        // etcd answers: the stale old primary holds the key (generation 3,
+        // it waits for its peer): no fence; once the key is ours, the
+        // override ends.
+        b.etcd_read(view(leader(1, 3, 7), 3, None));
+        assert!(!b
+            .step(10_100, &n)
+            .iter()
+            .any(|d| matches!(d, Do::SelfFence(_))));
+        b.claim_result(10_200, 8, true, 5, false);
+        b.step(10_300, &n);
+        assert!(!b.forced);
+        assert_eq!(b.watch_deadline(), b.lease_deadline());
     }
 
     #[test]

@@ -612,12 +612,18 @@ impl Agent {
             }
             let msg = format!(
                 "promote --force without etcd ({why}): the new generation is not recorded \
-                 there; this node claims the key with it once etcd answers"
+                 there; this node serves without a quorum (the operator's choice) and claims \
+                 the key with it once etcd answers"
             );
             self.brain.transition(msg);
-            return self
+            self.force_override();
+            let r = self
                 .node
                 .failover(FailoverCommand::PromoteTo { force, floor: 0 });
+            if r.is_err() {
+                self.brain.forced = false;
+            }
+            return r;
         };
         let generation = v.max_generation().max(n.generation) + 1;
         if let Some(l) = v.leader.value() {
@@ -634,10 +640,15 @@ impl Agent {
                      is not recorded in etcd",
                     l.node_id
                 ));
-                return self.node.failover(FailoverCommand::PromoteTo {
+                self.force_override();
+                let r = self.node.failover(FailoverCommand::PromoteTo {
                     force,
                     floor: generation,
                 });
+                if r.is_err() {
+                    self.brain.forced = false;
+                }
+                return r;
             }
         }
         self.claim(
@@ -661,10 +672,18 @@ impl Agent {
         r
     }
 
+    /// The operator forced a promotion etcd cannot record: no self-fence
+    /// for lack of a quorum (the watchdog included) until the node holds
+    /// the key or sees its peer.
+    fn force_override(&mut self) {
+        self.brain.forced = true;
+        *self.deadline.lock().unwrap() = self.brain.watch_deadline();
+    }
+
     fn publish(&mut self) {
         let now = clock::now_ms();
         let b = &self.brain;
-        *self.deadline.lock().unwrap() = b.lease_deadline();
+        *self.deadline.lock().unwrap() = b.watch_deadline();
         let mut st = self.status.lock().unwrap();
         let leader = b.etcd.as_ref().and_then(|v| v.leader.value().cloned());
         st.lease_holder = leader
