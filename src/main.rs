@@ -113,6 +113,11 @@ enum Cmd {
         /// Added to every demo port (to run several pairs side by side).
         #[arg(long, default_value_t = 0)]
         port_offset: u16,
+        /// Automatic failover: start a local etcd (the `etcd` binary must
+        /// be installed), kill the primary under writes and show the backup
+        /// taking over by itself.
+        #[arg(long, conflicts_with = "serve")]
+        auto_failover: bool,
     },
     /// Print the demo configuration of node 1 or 2 (used by tests and as a template).
     ExampleConfig {
@@ -189,7 +194,14 @@ fn main() {
             serve,
             dir,
             port_offset,
-        } => demo::run(serve, dir, port_offset),
+            auto_failover,
+        } => {
+            if auto_failover {
+                demo::run_auto_failover(dir, port_offset)
+            } else {
+                demo::run(serve, dir, port_offset)
+            }
+        }
         Cmd::ExampleConfig {
             node,
             dir,

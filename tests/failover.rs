@@ -266,22 +266,39 @@ fn failover_section(endpoints: &[String], extra: &str) -> String {
 }
 
 impl Pair {
-    /// A formatted pair; `section(i)` is node i's `[failover]` text.
+    /// A formatted pair; `section(i)` is node i's `[failover]` text. The
+    /// demo configuration's ports (at `offset`) are replaced by free ones,
+    /// so that other tests on the machine never collide with these.
     fn new(name: &str, offset: u16, section: impl Fn(usize) -> String) -> Pair {
         let dir = tmp(name);
-        let mk = |id: u32| {
-            let out = Command::new(EXE)
-                .args(["example-config", "--node", &id.to_string(), "--dir"])
-                .arg(&dir)
-                .args(["--port-offset", &offset.to_string()])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            let mut toml = String::from_utf8(out.stdout).unwrap();
-            // No NVMe or iSCSI: NBD is the host path here.
-            toml = toml.replace("[nvme]\nenabled = true", "[nvme]\nenabled = false");
-            toml = toml.replace("[iscsi]\nenabled = true", "[iscsi]\nenabled = false");
-            toml.push_str(&section(id as usize - 1));
+        let mut tomls: Vec<String> = (1..=2u32)
+            .map(|id| {
+                let out = Command::new(EXE)
+                    .args(["example-config", "--node", &id.to_string(), "--dir"])
+                    .arg(&dir)
+                    .args(["--port-offset", &offset.to_string()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                let mut toml = String::from_utf8(out.stdout).unwrap();
+                // No NVMe or iSCSI: NBD is the host path here.
+                toml = toml.replace("[nvme]\nenabled = true", "[nvme]\nenabled = false");
+                toml = toml.replace("[iscsi]\nenabled = true", "[iscsi]\nenabled = false");
+                toml.push_str(&section(id as usize - 1));
+                toml
+            })
+            .collect();
+        for base in [9400u16, 10809, 7400] {
+            for k in 0..2 {
+                let from = format!(":{}\"", base + offset + k);
+                let to = format!(":{}\"", free_port());
+                for t in tomls.iter_mut() {
+                    *t = t.replace(&from, &to);
+                }
+            }
+        }
+        let mut mk = |id: u32| {
+            let toml = std::mem::take(&mut tomls[id as usize - 1]);
             let cfg = dir.join(format!("node{id}.toml"));
             std::fs::write(&cfg, &toml).unwrap();
             let out = Command::new(EXE)
@@ -920,10 +937,20 @@ fn f_bad_input_gives_clear_errors_and_no_promotion() {
 
     // Not etcd at all (an HTTP/1 server): a clear error, no promotion.
     let etcd = Etcd::start("f", 1);
-    let mut p = Pair::new("f2", 4060, |i| {
-        // The peer's admin endpoint speaks HTTP/1, not etcd's gRPC.
-        let admin = 9400 + 4060 + (1 - i as u16);
-        failover_section(&[format!("http://127.0.0.1:{admin}")], "")
+    // An HTTP/1 server, not etcd's gRPC.
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    // Answers every connection with an HTTP/1 404 (until the test binary
+    // ends).
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for c in http.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let mut p = Pair::new("f2", 4060, |_| {
+        failover_section(&[format!("http://127.0.0.1:{http_port}")], "")
     });
     p.start(0);
     p.start(1);
@@ -1003,4 +1030,27 @@ fn f_bad_input_gives_clear_errors_and_no_promotion() {
             "a config error fences nobody: {s}"
         );
     }
+}
+
+#[test]
+fn g_the_auto_failover_demo_shows_a_takeover_with_nothing_lost() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd"]) {
+        return;
+    }
+    let dir = tmp("demo");
+    let out = Command::new(EXE)
+        .args(["demo", "--auto-failover", "--port-offset", "4800", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("took over by itself"), "{text}");
+    assert!(text.contains(", 0 lost"), "{text}");
+    assert!(text.contains("full remirrors       : 0"), "{text}");
+    assert!(text.contains("images byte-identical: yes"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -177,6 +177,9 @@ fn watchdog(node: &NodeControl, deadline: &Mutex<Option<u64>>, stop: &AtomicBool
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10));
         let st = node.status();
+        if st.role.is_empty() {
+            continue; // no status published yet
+        }
         let n = node_view(&st);
         let d = *deadline.lock().unwrap();
         let now = clock::now_ms();
@@ -248,7 +251,13 @@ impl Agent {
         let tick = Duration::from_millis((self.s.lease_ttl_ms / 50).clamp(10, 100));
         while !stop.load(Ordering::Acquire) {
             self.read().await;
-            let n = node_view(&self.node.status());
+            let st = self.node.status();
+            if st.role.is_empty() {
+                // The node has not published its first status yet.
+                tokio::time::sleep(tick).await;
+                continue;
+            }
+            let n = node_view(&st);
             if let Ok(r) = requests.try_recv() {
                 let answer = self.operator_promote(r.force, &n).await;
                 let _ = r.reply.send(answer);
