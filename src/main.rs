@@ -495,7 +495,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     }
     targets.reactors.shutdown();
     adm.shutdown();
-    if let Some(c) = agent.and_then(|c| Arc::into_inner(c)) {
+    if let Some(c) = agent.and_then(Arc::into_inner) {
         c.agent.shutdown();
     }
     node.shutdown();

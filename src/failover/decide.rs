@@ -120,26 +120,23 @@ pub struct EtcdView {
 impl EtcdView {
     /// The first value that cannot be trusted, if any.
     pub fn doubt(&self) -> Option<String> {
-        for k in [
-            match &self.leader {
+        let bad = |k: Option<&String>| k.cloned();
+        bad(match &self.leader {
+            Key::Bad(e) => Some(e),
+            _ => None,
+        })
+        .or_else(|| {
+            bad(match &self.generation {
                 Key::Bad(e) => Some(e),
                 _ => None,
-            },
-            match &self.generation {
+            })
+        })
+        .or_else(|| {
+            bad(match &self.stale {
                 Key::Bad(e) => Some(e),
                 _ => None,
-            },
-            match &self.stale {
-                Key::Bad(e) => Some(e),
-                _ => None,
-            },
-        ]
-        .into_iter()
-        .flatten()
-        {
-            return Some(k.clone());
-        }
-        None
+            })
+        })
     }
     pub fn max_generation(&self) -> u64 {
         let g = self.generation.value().map_or(0, |g| g.generation);
@@ -441,20 +438,18 @@ impl Brain {
 
     fn step_primary(&mut self, now: u64, n: &NodeView, out: &mut Vec<Do>) {
         // Quorum: our lease, or the peer as backup.
-        if self.must_fence(now, n) {
-            if self.fenced.is_none() && !n.self_fenced {
-                let why = format!(
-                    "lost both etcd (no valid lease: {}) and the backup (link down): fencing \
-                     before the lease can expire in etcd",
-                    match (self.holds_key, self.renewed_at) {
-                        (true, Some(t)) => format!("last renewed {} ms ago", now - t),
-                        _ => "this node holds none".to_string(),
-                    }
-                );
-                self.transition(why.clone());
-                self.fenced = Some(why.clone());
-                out.push(Do::SelfFence(why));
-            }
+        if self.must_fence(now, n) && self.fenced.is_none() && !n.self_fenced {
+            let why = format!(
+                "lost both etcd (no valid lease: {}) and the backup (link down): fencing \
+                 before the lease can expire in etcd",
+                match (self.holds_key, self.renewed_at) {
+                    (true, Some(t)) => format!("last renewed {} ms ago", now - t),
+                    _ => "this node holds none".to_string(),
+                }
+            );
+            self.transition(why.clone());
+            self.fenced = Some(why.clone());
+            out.push(Do::SelfFence(why));
         }
         // What etcd says about the key.
         let mut stale_primary = None;
