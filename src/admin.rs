@@ -1058,7 +1058,30 @@ mod tests {
         let mut s = sample();
         s.degraded = true;
         s.peer_stale_from_seq = Some(91);
+        s.stale_mark_wanted = Some(engine::status::StaleMarkWanted {
+            generation: 3,
+            from_seq: 92,
+            waiting_ms: 1500,
+        });
+        s.failover = Some(engine::status::FailoverStatus {
+            mode: "etcd".into(),
+            holds_lease: true,
+            lease_left_ms: 2500,
+            last_renewal_ms_ago: Some(500),
+            lease_holder_node_id: Some(1),
+            etcd_reachable: true,
+            transitions: 2,
+            ..Default::default()
+        });
         let text = render_metrics(&s);
+        for want in [
+            "deltamirror_failover_holds_lease 1\n",
+            "deltamirror_failover_lease_left_seconds 2.5\n",
+            "deltamirror_failover_stale_mark_wait_seconds 1.5\n",
+            "deltamirror_failover_fenced 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing");
+        }
         let mut typed = std::collections::HashMap::new();
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {

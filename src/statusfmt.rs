@@ -537,6 +537,45 @@ memory    rss 84.2 MiB
     }
 
     #[test]
+    fn render_failover() {
+        let mut s = sample();
+        assert!(!render(&s).contains("failover"));
+        s.serving = false;
+        s.not_serving_reason = Some("fenced by the failover agent: lost both".into());
+        s.self_fenced_reason = Some("lost both etcd and the backup".into());
+        s.stale_mark_wanted = Some(engine::status::StaleMarkWanted {
+            generation: 8,
+            from_seq: 1_000_001,
+            waiting_ms: 250,
+        });
+        s.failover = Some(engine::status::FailoverStatus {
+            mode: "etcd".into(),
+            key: "/deltamirror/x/leader".into(),
+            lease_holder: "store-a".into(),
+            lease_holder_node_id: Some(1),
+            lease_generation: Some(7),
+            holds_lease: true,
+            lease_left_ms: 2400,
+            last_renewal_ms_ago: Some(600),
+            etcd_reachable: true,
+            stale_mark: Some("backup node 2 stale from seq 1000001".into()),
+            last_transition: Some("won the leader key in generation 7".into()),
+            ..Default::default()
+        });
+        let text = render(&s);
+        for want in [
+            "FENCED by the failover agent: lost both etcd and the backup\n",
+            "WRITES WAIT for etcd to record the backup stale from seq 1,000,001 (for 250 ms)\n",
+            "failover  etcd (lease held by node 1 (store-a) in generation 7); this node's lease: \
+             2400 ms left, renewed 600 ms ago\n",
+            "etcd stale mark: backup node 2 stale from seq 1000001\n",
+            "last transition: won the leader key in generation 7\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in:\n{text}");
+        }
+    }
+
+    #[test]
     fn render_degraded_and_refused() {
         let mut s = sample();
         s.replay_progress = None;
