@@ -1054,3 +1054,49 @@ fn g_the_auto_failover_demo_shows_a_takeover_with_nothing_lost() {
     assert!(text.contains("images byte-identical: yes"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn h_etcd_down_then_a_link_cut_writes_wait_then_fail_and_none_completes_alone() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl", "nft"]) || !need_root("cutting the link with nftables") {
+        return;
+    }
+    let mut etcd = Etcd::start("h", 1);
+    let p = Pair::up("h", 4100, &etcd);
+    writes_ok(&p, 0, 1, 0, 200);
+    let head0 = u(&p.status(0).unwrap(), "head_seq");
+    etcd.kill(0);
+    let cut = Cut::new("h", &[p.n[1].link_port]);
+    // Two of three are gone: the writes in flight wait for the stale mark
+    // (3 s, stale_mark_timeout_ms), then fail; the primary fences itself.
+    let (stop, acks) = (AtomicBool::new(false), AtomicU64::new(0));
+    let w = nbd_writer(&p.n[0].nbd, 2, 5000, 50, 4, &stop, &acks);
+    println!(
+        "while cut from etcd and backup: {} acknowledged, {} errors, {:?}",
+        w.acked.len(),
+        w.errors,
+        w.broken
+    );
+    assert!(
+        w.acked.is_empty(),
+        "a write completed without the backup and etcd"
+    );
+    assert!(w.errors > 0 || w.broken.is_some());
+    let s0 = p.wait(0, "fenced", 20, |s| s["self_fenced_reason"].is_string());
+    assert_eq!(s0["degraded"], false, "never degraded: {s0}");
+    assert!(s0["peer_stale_from_seq"].is_null());
+    // The backup has no etcd either: it never takes over.
+    holds_for(&p, 2 * TTL_MS, "nobody serves", |a, b| {
+        !serving_primary(a) && b["role"] == "backup"
+    });
+    drop(cut);
+    // The link returns: the pair has its quorum again, the primary serves
+    // in the same generation, and the writes that failed may be retried.
+    p.wait(0, "serving again", 30, |s| {
+        serving_primary(s) && s["self_fenced_reason"].is_null()
+    });
+    writes_ok(&p, 0, 3, 6000, 100);
+    let (sp, _) = p.wait_in_sync(0);
+    assert!(u(&sp, "head_seq") >= head0 + 100);
+    assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
+}
