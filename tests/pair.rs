@@ -959,7 +959,7 @@ fn unsafe_uid() -> u32 {
         .unwrap_or(1)
 }
 
-/// The crate's own NVMe/TCP multipath host (`nvme_target::load::run_failover`,
+/// The crate's own NVMe/TCP multipath host (`nvme_host::load::run_failover`,
 /// what `dm-nvme failover` runs) writes at QD8 through whichever of the two
 /// real nodes is ANA optimized, across a planned failover (demote node 1,
 /// promote node 2) and then an unplanned one (kill -9 of node 2, promote
@@ -977,13 +977,13 @@ fn f_nvme_initiator_follows_ana_across_planned_and_unplanned_failover() {
         .map(|port| format!("127.0.0.1:{port}").parse().unwrap())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let host = nvme_target::initiator::HostConfig::new("nqn.2026-11.io.deltamirror:demo");
+    let host = nvme_host::initiator::HostConfig::new("nqn.2026-11.io.deltamirror:demo");
     // 64 MiB of 4 KiB chunks: most chunks are written once, so nearly every
     // acknowledged write is checked on its own.
     let run = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            nvme_target::load::run_failover(&paths, &host, 8, 4096, 64 << 20, stop)
+            nvme_host::load::run_failover(&paths, &host, 8, 4096, 64 << 20, stop)
         })
     };
     p.wait(0, "NVMe writes on node 1", 60, |s| {
