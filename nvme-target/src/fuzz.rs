@@ -4,9 +4,10 @@
 //! and by a seeded mutation fuzzer that runs on the stable toolchain.
 
 use crate::pdu::*;
-use crate::queue::{Out, QueueCore};
+use crate::queue::QueueCore;
+use crate::queue_io::Out;
 use crate::spec::*;
-use crate::target::{NvmeConfig, Shared};
+use crate::subsystem::{NvmeConfig, Shared};
 use std::io;
 use std::sync::mpsc;
 use std::sync::Arc;

@@ -15,7 +15,9 @@ pub mod admin;
 pub mod fuzz;
 pub mod pdu;
 pub mod queue;
+pub mod queue_io;
 pub mod spec;
+pub mod subsystem;
 pub mod target;
 
 pub use target::{start, start_on, DiscoveryPort, NvmeConfig, NvmeTarget};
