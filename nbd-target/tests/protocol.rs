@@ -823,7 +823,7 @@ fn closed_helper_tells_eof_and_reset_from_a_silent_server() {
     // Bytes: the server answered, the connection is open.
     let mut c = client();
     let (mut s, _) = l.accept().unwrap();
-    std::io::Write::write_all(&mut s, b"x").unwrap();
+    Write::write_all(&mut s, b"x").unwrap();
     assert_eq!(c.next_read(), ReadEnd::Data(b'x'));
     drop(held);
 }

@@ -384,7 +384,7 @@ mod tests {
         v.path.set(PathState::Inaccessible);
         assert!(v.path_epoch() > e0);
         let put = |v: &MemVolume, b: Vec<u8>| {
-            let r = std::sync::Arc::new(Mutex::new(None));
+            let r = Arc::new(Mutex::new(None));
             let r2 = r.clone();
             v.put_persistent_state(b, Box::new(move |x| *r2.lock().unwrap() = Some(x)));
             let x = r.lock().unwrap().take().unwrap();
