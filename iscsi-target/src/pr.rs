@@ -8,6 +8,10 @@
 //! is durable and mirrored like a write, so it survives a restart and a
 //! failover. The logical unit keeps a decoded copy for the data path and
 //! reloads it from the volume when the path state changes (a promote).
+//!
+//! This module is the state and the commands over it, with no logical unit
+//! in sight: `lun::pr_out` runs PERSISTENT RESERVE OUT on the unit's
+//! slow-path thread through [`apply_out`] and stores the result.
 
 use crate::sense::{
     ScsiResult, Sense, KEY_ILLEGAL_REQUEST, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_FIELD_PARAM,
