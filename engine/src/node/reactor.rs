@@ -1,5 +1,6 @@
 //! The mirror reactor: one pinned thread that drives the core with real
-//! I/O (the io_uring backend, the ring, the replication socket).
+//! I/O (its backend, io_uring in production; the ring; the replication
+//! socket).
 
 use super::*;
 
@@ -11,7 +12,7 @@ mod link_io;
 pub(super) struct Overflow(VecDeque<(usize, BackendOp)>);
 
 impl Overflow {
-    pub(super) fn submit(&mut self, backend: &mut UringBackend, tag: usize, op: BackendOp) {
+    pub(super) fn submit(&mut self, backend: &mut impl Backend, tag: usize, op: BackendOp) {
         if !self.0.is_empty() {
             self.0.push_back((tag, op));
         } else if let Err(op) = backend.submit(tag as u64, op) {
@@ -19,7 +20,7 @@ impl Overflow {
         }
     }
 
-    pub(super) fn retry(&mut self, backend: &mut UringBackend) {
+    pub(super) fn retry(&mut self, backend: &mut impl Backend) {
         while let Some((tag, op)) = self.0.pop_front() {
             if let Err(op) = backend.submit(tag as u64, op) {
                 self.0.push_front((tag, op));
@@ -49,11 +50,13 @@ pub(super) struct PendingHost {
     pub(super) is_write: bool,
 }
 
-pub(super) struct Reactor {
+/// The mirror reactor over its disk backend `B` (`UringBackend` in the
+/// binary; any [`Backend`] in tests).
+pub(super) struct Reactor<B: Backend> {
     pub(super) opts: NodeOptions,
     pub(super) shared: Arc<Shared>,
     pub(super) core: Core<RingLog>,
-    pub(super) backend: UringBackend,
+    pub(super) backend: B,
     pub(super) meta: MetaWriter,
     pub(super) link: LinkManager,
     pub(super) sock: Option<TcpStream>,
@@ -90,12 +93,12 @@ pub(super) struct Reactor {
 
 pub(super) const RX_BUF_BYTES: usize = 4 << 20;
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn new(
         opts: NodeOptions,
         shared: Arc<Shared>,
         core: Core<RingLog>,
-        backend: UringBackend,
+        backend: B,
         store: MetaStore,
         link: LinkManager,
         start: Instant,
@@ -151,7 +154,7 @@ impl Reactor {
     }
 }
 
-impl Polled for Reactor {
+impl<B: Backend> Polled for Reactor<B> {
     fn shared(&self) -> &Shared {
         &self.shared
     }
@@ -201,7 +204,7 @@ impl Polled for Reactor {
     }
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     /// Metadata writes that the writer thread finished.
     pub(super) fn take_meta(&mut self) -> bool {
         let mut did = false;
@@ -378,7 +381,7 @@ impl Reactor {
     }
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn submit(&mut self, what: Inflight, op: BackendOp) {
         let now = Instant::now();
         let tag = match self.free_tags.pop() {
@@ -546,10 +549,12 @@ impl Reactor {
                     },
                     // BLKDISCARD does not promise zeroes: both disks must read
                     // the same, so block devices zero the range instead.
-                    ReqKind::Discard if self.backend.is_block_device() => BackendOp::WriteZeroes {
-                        offset: h.offset,
-                        len: h.len,
-                    },
+                    ReqKind::Discard if !self.backend.discard_reads_zeroes() => {
+                        BackendOp::WriteZeroes {
+                            offset: h.offset,
+                            len: h.len,
+                        }
+                    }
                     ReqKind::Discard => BackendOp::Discard {
                         offset: h.offset,
                         len: h.len,
