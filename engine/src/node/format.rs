@@ -12,7 +12,7 @@ pub fn format(
     force: bool,
     replace: bool,
 ) -> Result<(), String> {
-    refuse_formatted(opts, force)?;
+    prepare_dir(opts, force)?;
     let dev = UringBackend::open(
         &opts.volume_path,
         &UringConfig {
@@ -31,7 +31,14 @@ pub fn format(
     format_with_size(opts, size, ring_bytes, role, force, replace)
 }
 
-fn refuse_formatted(opts: &NodeOptions, force: bool) -> Result<(), String> {
+/// Creates the data directory; refuses one already formatted unless `force`.
+fn prepare_dir(opts: &NodeOptions, force: bool) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        format!(
+            "cannot create node.data_dir {}: {e}",
+            opts.data_dir.display()
+        )
+    })?;
     let mp = meta_path(&opts.data_dir);
     if mp.exists() && !force {
         return Err(format!(
@@ -54,13 +61,13 @@ pub fn format_with_size(
     force: bool,
     replace: bool,
 ) -> Result<(), String> {
-    refuse_formatted(opts, force)?;
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-        format!(
-            "cannot create node.data_dir {}: {e}",
+    if volume_bytes == 0 {
+        return Err(format!(
+            "the volume for {} is 0 bytes: give it a size (volume.size_bytes) before formatting",
             opts.data_dir.display()
-        )
-    })?;
+        ));
+    }
+    prepare_dir(opts, force)?;
     let size = volume_bytes;
     let mp = meta_path(&opts.data_dir);
     if force && mp.exists() {
