@@ -12,7 +12,9 @@
 //! (the backup after `promote`, the primary on its own, degraded), and
 //! every write a writer saw acknowledged must read back from the survivor
 //! (a write that failed may have landed or not: its block holds it or
-//! zeroes, nothing else).
+//! zeroes, nothing else). One run is on files (io_uring under the fault
+//! backend) so that the failed primary can restart on its disk: it rejoins
+//! as the backup and both disks end byte-identical.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -25,7 +27,9 @@ use engine::core::Role;
 use engine::link::LinkOptions;
 use engine::node::{default_core_config, format_with_size, Node, NodeOptions, PollMode};
 use engine::status::Control;
-use storage::backend::{FaultBackend, FaultControl, FaultOps, MemBackend};
+use storage::backend::{
+    create_file_device, FaultBackend, FaultControl, FaultOps, MemBackend, UringBackend, UringConfig,
+};
 use volume::{submit_wait, IoError, PathState, Volume, VolumeIdentity, VolumeOp};
 
 const BLOCK: u64 = 4096;
@@ -83,8 +87,8 @@ fn opts(dir: &Path, id: u32, ports: [u16; 2]) -> NodeOptions {
         node_name: format!("faults-{id}"),
         data_dir: d.clone(),
         ring_path: d.join("ring"),
-        // Unused: the node runs on the backend it is given.
-        volume_path: d.join("no-volume"),
+        // The disk on files ([`Disks::Files`]); unused on memory.
+        volume_path: d.join("volume.img"),
         block_size: BLOCK as u32,
         identity: VolumeIdentity {
             uuid: *b"deltamirror-flts",
@@ -200,32 +204,52 @@ impl Writers {
     }
 }
 
+/// What the nodes' disks are, under the fault backend.
+#[derive(Clone, Copy, PartialEq)]
+enum Disks {
+    /// `MemBackend`: gone when the node stops.
+    Memory,
+    /// `UringBackend` on a file per node: a node can restart on it.
+    Files,
+}
+
 struct Pair {
     nodes: Vec<Node>,
     faults: Vec<Arc<FaultControl>>,
+    opts: Vec<NodeOptions>,
     _dir: TempDir,
 }
 
-fn start_pair(name: &str) -> Pair {
+fn start_pair(name: &str, disks: Disks) -> Pair {
     let dir = TempDir::new(name);
     let ports = free_ports();
     let mut nodes = Vec::new();
     let mut faults = Vec::new();
+    let mut all_opts = Vec::new();
     for id in 1..=2u32 {
         let o = opts(&dir.0, id, ports);
         let role = if id == 1 { Role::Primary } else { Role::Backup };
         format_with_size(&o, VOLUME_BYTES, 16 << 20, role, false, false).unwrap();
         let ctl = FaultControl::new();
-        let disk = FaultBackend::new(
-            MemBackend::new(VOLUME_BYTES, BLOCK as u32, 128),
-            ctl.clone(),
-        );
-        nodes.push(Node::start_on(o, disk).unwrap());
+        let node = match disks {
+            Disks::Memory => {
+                let disk = MemBackend::new(VOLUME_BYTES, BLOCK as u32, 128);
+                Node::start_on(o.clone(), FaultBackend::new(disk, ctl.clone()))
+            }
+            Disks::Files => {
+                create_file_device(&o.volume_path, VOLUME_BYTES).unwrap();
+                let disk = UringBackend::open(&o.volume_path, &UringConfig::default()).unwrap();
+                Node::start_on(o.clone(), FaultBackend::new(disk, ctl.clone()))
+            }
+        };
+        nodes.push(node.unwrap());
         faults.push(ctl);
+        all_opts.push(o);
     }
     let p = Pair {
         nodes,
         faults,
+        opts: all_opts,
         _dir: dir,
     };
     wait("the pair to connect and node 1 to serve", 30, || {
@@ -347,7 +371,11 @@ fn check_nothing_acknowledged_lost(vol: &dyn Volume, rec: &Record) {
 /// The primary (node 1) fails: it refuses further work, node 2 takes over
 /// on `promote` and holds every acknowledged write.
 fn primary_fault(name: &str, fault: Fault) {
-    let p = start_pair(name);
+    primary_fault_on(&start_pair(name, Disks::Memory), fault);
+}
+
+/// [`primary_fault`] on a running pair; returns what the writers saw.
+fn primary_fault_on(p: &Pair, fault: Fault) -> Record {
     let (n1, n2) = (&p.nodes[0], &p.nodes[1]);
     let writers = Writers::start(n1.volume.clone());
     wait("writes on the healthy pair", 60, || {
@@ -402,12 +430,13 @@ fn primary_fault(name: &str, fault: Fault) {
     );
     assert!(w.is_ok(), "node 2 refused a write after taking over: {w:?}");
     check_refuses_work(n1, fault);
+    rec
 }
 
 /// The backup (node 2) fails: it refuses further work, node 1 goes on
 /// alone (degraded), and holds every acknowledged write.
 fn backup_fault(name: &str, fault: Fault) {
-    let p = start_pair(name);
+    let p = start_pair(name, Disks::Memory);
     let (n1, n2) = (&p.nodes[0], &p.nodes[1]);
     let writers = Writers::start(n1.volume.clone());
     wait("writes on the healthy pair", 60, || {
@@ -435,6 +464,51 @@ fn backup_fault(name: &str, fault: Fault) {
     check_refuses_work(n2, fault);
     assert_eq!(n1.volume.path_state(), PathState::Optimized);
     check_nothing_acknowledged_lost(&*n1.volume, &rec);
+}
+
+/// After a disk EIO on the primary and the backup's promotion, the
+/// operator restarts the failed node on its (fixed) disk: it rejoins as
+/// the backup, catches up, and both disks end byte-identical.
+#[test]
+fn failed_primary_rejoins_as_backup_after_a_restart() {
+    let mut p = start_pair("rejoin", Disks::Files);
+    let rec = primary_fault_on(&p, Fault::DiskWrite);
+    p.nodes.remove(0).shutdown();
+    let n1 = Node::start(p.opts[0].clone()).unwrap();
+    let n2 = &p.nodes[0];
+    // Writes while node 1 catches up, so the replay has company.
+    for b in 0..64 {
+        let block = VOLUME_BYTES / BLOCK - 2 - b;
+        let w = submit_wait(
+            &*n2.volume,
+            VolumeOp::Write {
+                offset: block * BLOCK,
+                data: data_of(block),
+                fua: false,
+            },
+        );
+        assert!(w.is_ok(), "node 2 refused a write: {w:?}");
+    }
+    wait("node 1 to rejoin as backup and catch up", 60, || {
+        let (s1, s2) = (n1.control.status(), n2.control.status());
+        s1.role == "backup"
+            && s2.peer_state == "connected"
+            && s2.ack2_seq == s2.head_seq
+            && s1.executed_seq == s2.head_seq
+    });
+    assert_eq!(n2.control.status().role, "primary");
+    let e = n1.control.promote(false).unwrap_err();
+    assert!(e.contains("demote it first"), "promote of the backup: {e}");
+    n1.shutdown();
+    p.nodes.remove(0).shutdown();
+    let a = std::fs::read(&p.opts[0].volume_path).unwrap();
+    let b = std::fs::read(&p.opts[1].volume_path).unwrap();
+    let first_difference = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first_difference, None, "the disks differ");
+    for &block in &rec.acked {
+        let at = (block * BLOCK) as usize;
+        assert_eq!(&a[at..at + BLOCK as usize], &data_of(block)[..]);
+    }
 }
 
 #[test]
