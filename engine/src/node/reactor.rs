@@ -210,6 +210,32 @@ impl<B: Backend> Polled for Reactor<B> {
 }
 
 impl<B: Backend> Reactor<B> {
+    /// A failed node leaves the replication link for good; returns whether
+    /// it has failed. Its core would otherwise greet every new connection
+    /// and send heartbeats as the primary or backup it was: the backup of a
+    /// failed primary would see a connected primary and refuse `promote`,
+    /// and the primary of a failed backup would never see its peer go, so
+    /// never degrade, and its host writes would wait. The socket closes,
+    /// the link manager stops dialing and accepting (the peer then sees a
+    /// closed link and, after `peer_timeout_ms`, a gone one), and a
+    /// connection it set up meanwhile is closed unused. A restart, once the
+    /// disk is fixed, starts a new link.
+    pub(super) fn leave_link(&mut self) -> bool {
+        if self.core.failed().is_none() {
+            return false;
+        }
+        if !self.link_left {
+            self.link_left = true;
+            log::error!("the node failed: leaving the replication link so the peer can take over");
+            self.link.stop();
+            self.close_socket();
+        }
+        while let Some(s) = self.link.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        true
+    }
+
     /// Metadata writes that the writer thread finished.
     pub(super) fn take_meta(&mut self) -> bool {
         let mut did = false;
@@ -483,32 +509,6 @@ impl<B: Backend> Reactor<B> {
             let e = e.to_string();
             log::error!("ring write failed: {e}; the node stops serving");
             self.core.fatal(format!("ring write failed: {e}"));
-        }
-        true
-    }
-
-    /// A failed node leaves the replication link for good; returns whether
-    /// it has failed. Its core would otherwise greet every new connection
-    /// and send heartbeats as the primary or backup it was: the backup of a
-    /// failed primary would see a connected primary and refuse `promote`,
-    /// and the primary of a failed backup would never see its peer go, so
-    /// never degrade, and its host writes would wait. The socket closes,
-    /// the link manager stops dialing and accepting (the peer then sees a
-    /// closed link and, after `peer_timeout_ms`, a gone one), and a
-    /// connection it set up meanwhile is closed unused. A restart, once the
-    /// disk is fixed, starts a new link.
-    pub(super) fn leave_link(&mut self) -> bool {
-        if self.core.failed().is_none() {
-            return false;
-        }
-        if !self.link_left {
-            self.link_left = true;
-            log::error!("the node failed: leaving the replication link so the peer can take over");
-            self.link.stop();
-            self.close_socket();
-        }
-        while let Some(s) = self.link.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         true
     }
