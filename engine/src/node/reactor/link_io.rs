@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn take_link(&mut self) -> bool {
         let Some(s) = self.link.take() else {
             return false;
