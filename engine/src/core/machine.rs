@@ -11,7 +11,7 @@
 //! cumulative ACK1 (after its ring range is durable when `ack1_persisted`),
 //! executes in seq order where ranges overlap, and answers ACK2.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::decide::{decide, Plan};
 use super::meta::Meta;
@@ -19,18 +19,16 @@ use super::msg::{Hello, Msg};
 use super::types::*;
 use super::verify::{
     chunk_digests, mismatched_chunks, Pending, QueuedRead, ReadFor, VerifyReport, VerifyRun,
-    VerifyState, MAX_VERIFY_CHUNKS, MAX_VERIFY_EXTENT, VERIFY_TOKEN,
+    VerifyState, MAX_VERIFY_CHUNKS, MAX_VERIFY_EXTENT,
 };
 use super::Log;
 
+use super::pipeline::Pipeline;
+use super::role::{Mirroring, RoleMachine, Transition};
+use super::session::{PendingReceiver, Session, SessionState};
+
 #[path = "state.rs"]
 mod state;
-
-/// Ring syncs that may overlap.
-const MAX_LOG_SYNCS: u8 = 2;
-
-/// Tokens of resync extents are kept apart from seqs by this bit.
-const EXTENT_TOKEN: u64 = 1 << 63;
 
 #[derive(Debug)]
 pub enum Event {
@@ -46,18 +44,18 @@ pub enum Event {
     MetaPersisted {
         version: u64,
     },
-    /// A ring entry (token = seq) or resync extent finished on the disk.
+    /// A ring entry or resync extent finished on the disk.
     Executed {
-        token: u64,
+        token: Token,
         result: Result<(), i32>,
     },
     ExtentRead {
-        token: u64,
+        token: Token,
         offset: u64,
         result: Result<Vec<u8>, i32>,
     },
     DiskFlushed {
-        token: u64,
+        token: Token,
         result: Result<(), i32>,
     },
     Tick {
@@ -77,24 +75,25 @@ pub enum Action {
         version: u64,
         bytes: Vec<u8>,
     },
-    /// Execute ring entry `seq` on the disk; answer `Executed { token: seq }`.
+    /// Execute ring entry `seq` on the disk; answer
+    /// `Executed { token: Token::Entry(seq) }`.
     Execute {
         seq: Seq,
     },
     /// Write resync data; answer `Executed { token }`.
     WriteExtent {
-        token: u64,
+        token: Token,
         offset: u64,
         data: Vec<u8>,
     },
     /// Read current data for a resync; answer `ExtentRead`.
     ReadExtent {
-        token: u64,
+        token: Token,
         offset: u64,
         len: u64,
     },
     FlushDisk {
-        token: u64,
+        token: Token,
     },
     CompleteWrite {
         id: u64,
@@ -122,30 +121,6 @@ pub enum HostError {
     NotPrimary,
     Io(i32),
     Unavailable,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkState {
-    Down,
-    /// Hello sent; waiting for the peer's.
-    Handshake,
-    /// Source: waiting for the target's `Ready`.
-    AwaitReady,
-    /// Target: preparing `Ready` (ring sync pending).
-    SendingReady,
-    Active,
-    Refused(String),
-}
-
-impl LinkState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            LinkState::Down => "down",
-            LinkState::Handshake | LinkState::AwaitReady | LinkState::SendingReady => "handshake",
-            LinkState::Active => "active",
-            LinkState::Refused(_) => "refused",
-        }
-    }
 }
 
 /// `s` cut to at most `max` characters, marked when cut.
@@ -186,9 +161,9 @@ enum ExecItem {
     /// read the ring).
     Entry(Seq, u64, u64),
     /// token, byte offset, byte length.
-    Extent(u64, u64, u64),
+    Extent(Token, u64, u64),
     /// An online-verify read: token, byte offset, byte length.
-    Verify(u64, u64, u64),
+    Verify(Token, u64, u64),
     /// A `ReqKind::State` entry: overlaps nothing.
     State(Seq),
 }
@@ -202,16 +177,6 @@ impl ExecItem {
             ExecItem::State(_) => (0, 0),
         }
     }
-}
-
-/// A target between the handshake decision and `Ready`.
-struct PendingTarget {
-    /// Metadata version holding the rollback extents and the role.
-    gate: u64,
-    /// Drop ring entries after this seq.
-    truncate: Option<Seq>,
-    /// The authority's history, adopted once the truncation is durable.
-    history: Vec<GenEntry>,
 }
 
 /// Source side of a dirty-map resync / full remirror.
@@ -256,8 +221,6 @@ pub struct Core<L: Log> {
     meta_durable: u64,
     meta_inflight: bool,
     meta_dirty: bool,
-    /// Metadata version that made the current role durable.
-    role_version: u64,
     now_ms: u64,
     serving: bool,
     failed: Option<String>,
@@ -266,46 +229,21 @@ pub struct Core<L: Log> {
     waiting: VecDeque<Waiting>,
     /// Host ids of entries not yet executed locally.
     host_of: BTreeMap<Seq, u64>,
-    log_durable: Seq,
-    /// Ring syncs in flight (at most `MAX_LOG_SYNCS`) and the head the
-    /// newest one covers: a second sync overlaps the first so appends made
-    /// meanwhile do not wait for two full fdatasyncs.
-    log_syncs_inflight: u8,
-    log_sync_issued: Seq,
-    ack1: Seq,
-    ack2: Seq,
-    ack3: Seq,
-    executed: Seq,
-    done_out_of_order: BTreeSet<Seq>,
-    exec_next: Seq,
+    /// The write pipeline's cursors and ring flushes (`pipeline.rs`).
+    pipe: Pipeline,
     exec_queue: VecDeque<ExecItem>,
-    executing: Vec<(u64, u64, u64)>,
-    extents: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// Disk operations in flight: token, byte offset, byte length.
+    executing: Vec<(Token, u64, u64)>,
+    extents: BTreeMap<Token, (u64, Vec<u8>)>,
     next_token: u64,
 
-    // Degraded mode.
-    degrade_version: Option<u64>,
-    degraded: bool,
-    /// Seqs below this may execute without ACK1 (degraded, durably recorded).
-    no_ack_below: Seq,
+    /// Overflow: the metadata version holding the folded entries' extents
+    /// and the seq the ring is trimmed through once it is durable.
     fold_pending: Option<(u64, Seq)>,
 
-    // Link.
-    link: LinkState,
-    source: bool,
-    peer_hello: Option<Hello>,
-    last_rx_ms: u64,
-    last_hb_ms: u64,
-    alive_since_ms: u64,
-    send_next: Seq,
-    /// Highest FUA entry appended (received mode acks it only once durable).
-    fua_sync_through: Seq,
+    /// The replication session (`session.rs`).
+    session: Session,
     resync_meta_gate: u64,
-    pending_target: Option<PendingTarget>,
-    sent_ack1: Seq,
-    sent_ack2: Seq,
-    sent_ack3: Seq,
-    rx_backlog: VecDeque<(ReqHeader, Vec<u8>)>,
     ack_times: VecDeque<(Seq, u64)>,
     resync_src: Option<ResyncSource>,
     resync_tgt: Option<ResyncTarget>,
@@ -316,29 +254,15 @@ pub struct Core<L: Log> {
     /// (ms, replay bytes) samples, one per 100 ms while a replay runs: the
     /// replay rate over the last second, for the floor.
     replay_samples: VecDeque<(u64, u64)>,
-    session: u64,
     /// The replicated state blob's session bookkeeping (`state.rs`).
     st: state::StateSync,
 
-    // Roles.
-    /// A primary that (re)started waits for the peer's handshake before it
-    /// serves: the peer may have been promoted meanwhile. `promote` forces.
-    awaiting_peer: bool,
-    promoting: bool,
-    demoting: bool,
-    /// The promotion in progress was forced (`promote --force`).
-    forced_promote: bool,
-    /// Backup: holds every write the primary may have completed, so a
-    /// promote loses nothing. Set once the source's `InSync` seq is durable
-    /// here; false at every start and every new handshake.
-    current: bool,
-    /// Backup: the source's `InSync` seq in this session.
+    /// Promote/demote, mirroring mode, fence (`role.rs`).
+    roles: RoleMachine,
+    /// Backup: the sender's `InSync` seq in this session.
     in_sync_at: Option<Seq>,
-    /// Source: `InSync` sent in this session.
+    /// Sender: `InSync` sent in this session.
     in_sync_sent: bool,
-    /// The handshake refused the peer (split brain...): this node serves
-    /// nothing until an operator resolves it (I6). The reason.
-    fenced: Option<String>,
     host_flushes: Vec<HostFlush>,
     peer_flushes: Vec<PeerFlush>,
     // Online verify.
@@ -346,7 +270,7 @@ pub struct Core<L: Log> {
     last_verify: Option<VerifyReport>,
     /// Verify reads waiting for their ring entry to be scheduled, by seq.
     verify_queued: VecDeque<QueuedRead>,
-    verify_reads: BTreeMap<u64, ReadFor>,
+    verify_reads: BTreeMap<Token, ReadFor>,
     executed_persisted_ms: u64,
 
     out: Vec<Action>,
@@ -374,43 +298,19 @@ impl<L: Log> Core<L> {
         // Entries at or below the persisted executed watermark were executed;
         // later ones are executed again (in order, so the result is the same).
         let executed = meta.executed.min(head).max(log.first_seq() - 1);
-        let degraded = meta.peer_stale_from.is_some() && meta.role == Role::Primary;
         let mut c = Core {
             serving: false,
             failed: None,
             waiting: VecDeque::new(),
             host_of: BTreeMap::new(),
-            log_durable: head,
-            log_syncs_inflight: 0,
-            log_sync_issued: head,
-            ack1: executed,
-            ack2: log.first_seq() - 1,
-            ack3: log.first_seq() - 1,
-            executed,
-            done_out_of_order: BTreeSet::new(),
-            exec_next: executed + 1,
+            pipe: Pipeline::new(log.first_seq(), head, executed),
             exec_queue: VecDeque::new(),
             executing: Vec::new(),
             extents: BTreeMap::new(),
             next_token: 1,
-            degrade_version: None,
-            degraded,
-            no_ack_below: if degraded { u64::MAX } else { 0 },
             fold_pending: None,
-            link: LinkState::Down,
-            source: false,
-            peer_hello: None,
-            last_rx_ms: now_ms,
-            last_hb_ms: now_ms,
-            alive_since_ms: now_ms,
-            send_next: head + 1,
-            fua_sync_through: 0,
+            session: Session::new(now_ms),
             resync_meta_gate: 0,
-            pending_target: None,
-            sent_ack1: 0,
-            sent_ack2: 0,
-            sent_ack3: 0,
-            rx_backlog: VecDeque::new(),
             ack_times: VecDeque::new(),
             resync_src: None,
             resync_tgt: None,
@@ -419,16 +319,10 @@ impl<L: Log> Core<L> {
             last_replay: None,
             rate_tokens: 0.0,
             replay_samples: VecDeque::new(),
-            session: 0,
             st: state::StateSync::default(),
-            awaiting_peer: meta.role == Role::Primary,
-            promoting: false,
-            demoting: false,
-            forced_promote: false,
-            current: false,
+            roles: RoleMachine::new(meta.role, meta.peer_stale_from.is_some()),
             in_sync_at: None,
             in_sync_sent: false,
-            fenced: None,
             host_flushes: Vec::new(),
             peer_flushes: Vec::new(),
             verify: None,
@@ -440,7 +334,6 @@ impl<L: Log> Core<L> {
             meta_durable: 0,
             meta_inflight: false,
             meta_dirty: false,
-            role_version: 0,
             now_ms,
             out: Vec::new(),
             stats: CoreStats::default(),
@@ -466,14 +359,14 @@ impl<L: Log> Core<L> {
     pub fn meta(&self) -> &Meta {
         &self.meta
     }
-    pub fn link_state(&self) -> &LinkState {
-        &self.link
+    pub fn session_state(&self) -> &SessionState {
+        self.session.state()
     }
     pub fn is_serving(&self) -> bool {
         self.serving
     }
     pub fn is_degraded(&self) -> bool {
-        self.degraded
+        self.roles.is_degraded()
     }
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
@@ -481,7 +374,7 @@ impl<L: Log> Core<L> {
     /// Backup: caught up with the primary since this node started, so a
     /// promote loses no acknowledged write.
     pub fn is_current(&self) -> bool {
-        self.current
+        self.roles.current
     }
     /// The host id of ring entry `seq`, while its write is in flight here.
     pub fn host_id_of(&self, seq: Seq) -> Option<u64> {
@@ -489,7 +382,7 @@ impl<L: Log> Core<L> {
     }
     /// Why the handshake refused the peer, while this node is fenced.
     pub fn fenced(&self) -> Option<&str> {
-        self.fenced.as_deref()
+        self.roles.fenced.as_deref()
     }
     /// Why this node does not serve host I/O now (None while it serves).
     pub fn not_serving_reason(&self) -> Option<String> {
@@ -498,18 +391,18 @@ impl<L: Log> Core<L> {
         }
         Some(if let Some(f) = &self.failed {
             format!("failed: {f}")
-        } else if let Some(r) = &self.fenced {
+        } else if let Some(r) = &self.roles.fenced {
             format!(
                 "fenced after refusing the peer ({}); an operator must resolve it",
                 bounded(r, 200)
             )
-        } else if self.promoting {
+        } else if self.roles.promoting() {
             "promoting: executing every held request".into()
-        } else if self.demoting {
+        } else if self.roles.demoting() {
             "demoting: finishing in-flight writes".into()
         } else if self.meta.role == Role::Backup {
             "backup: the peer serves".into()
-        } else if self.awaiting_peer {
+        } else if self.roles.awaiting_peer {
             "waiting for the peer's handshake (it may have been promoted while this node was down)"
                 .into()
         } else {
@@ -517,7 +410,12 @@ impl<L: Log> Core<L> {
         })
     }
     pub fn watermarks(&self) -> (Seq, Seq, Seq, Seq) {
-        (self.ack1, self.ack2, self.ack3, self.executed)
+        (
+            self.pipe.ack1,
+            self.pipe.ack2,
+            self.pipe.ack3,
+            self.pipe.executed,
+        )
     }
     pub fn replay_progress(&self) -> Option<&ReplayProgress> {
         self.replay.as_ref()
@@ -528,30 +426,30 @@ impl<L: Log> Core<L> {
             && self.host_of.is_empty()
             && self.executing.is_empty()
             && self.exec_queue.is_empty()
-            && self.executed == self.log.head()
+            && self.pipe.executed == self.log.head()
             && !self.meta_inflight
             && !self.meta_dirty
     }
     /// The replication stream is caught up in both directions.
     pub fn in_sync(&self) -> bool {
-        self.link == LinkState::Active
+        self.session.is_active()
             && self.resync_src.is_none()
             && self.resync_tgt.is_none()
-            && self.rx_backlog.is_empty()
-            && (!self.source
-                || (self.ack1 == self.log.head()
-                    && (self.cfg.confirm != ConfirmMode::Ack || self.ack2 == self.log.head())))
+            && self.session.rx_backlog.is_empty()
+            && (!self.session.is_sender()
+                || (self.pipe.ack1 == self.log.head()
+                    && (self.cfg.confirm != ConfirmMode::Ack || self.pipe.ack2 == self.log.head())))
     }
 
     /// A one-line summary of the state, for simulator failures.
     pub fn debug_state(&self) -> String {
         format!(
-            "role={:?} link={:?} source={} serving={} degraded={} head={} first={} durable={} exec={} exec_next={} ack1={} ack2={} ack3={} send_next={} host={} waiting={} executing={} queue={} backlog={} resync_src={} resync_tgt={} meta v{}/{} dirty={} promoting={} demoting={} failed={:?} flushes={}",
-            self.meta.role, self.link, self.source, self.serving, self.degraded, self.log.head(), self.log.first_seq(),
-            self.log_durable, self.executed, self.exec_next, self.ack1, self.ack2, self.ack3, self.send_next,
-            self.host_of.len(), self.waiting.len(), self.executing.len(), self.exec_queue.len(), self.rx_backlog.len(),
+            "role={:?} session={:?} serving={} mirroring={:?} transition={:?} head={} first={} durable={} exec={} exec_next={} ack1={} ack2={} ack3={} send_next={} host={} waiting={} executing={} queue={} backlog={} resync_src={} resync_tgt={} meta v{}/{} dirty={} failed={:?} flushes={}",
+            self.meta.role, self.session.state(), self.serving, self.roles.mirroring, self.roles.transition, self.log.head(), self.log.first_seq(),
+            self.pipe.ring_durable, self.pipe.executed, self.pipe.exec_next, self.pipe.ack1, self.pipe.ack2, self.pipe.ack3, self.pipe.send_next,
+            self.host_of.len(), self.waiting.len(), self.executing.len(), self.exec_queue.len(), self.session.rx_backlog.len(),
             self.resync_src.is_some(), self.resync_tgt.is_some(), self.meta_durable, self.meta_version,
-            self.meta.dirty.count(), self.promoting, self.demoting, self.failed, self.host_flushes.len()
+            self.meta.dirty.count(), self.failed, self.host_flushes.len()
         )
     }
 
@@ -596,7 +494,7 @@ impl<L: Log> Core<L> {
             });
         }
         self.update_path();
-        if self.link != LinkState::Down {
+        if !self.session.is_down() {
             self.reset_link(format!(
                 "node failed: {}",
                 self.failed.clone().unwrap_or_default()
@@ -605,13 +503,7 @@ impl<L: Log> Core<L> {
     }
 
     fn update_path(&mut self) {
-        let serving = self.failed.is_none()
-            && self.fenced.is_none()
-            && self.meta.role == Role::Primary
-            && !self.demoting
-            && !self.promoting
-            && !self.awaiting_peer
-            && self.meta_durable >= self.role_version;
+        let serving = self.failed.is_none() && self.roles.serves(self.meta.role, self.meta_durable);
         if serving != self.serving {
             self.serving = serving;
             self.out.push(Action::PathChanged { serving });
@@ -667,7 +559,9 @@ impl<L: Log> Core<L> {
             return;
         }
         let token = self.token();
-        self.out.push(Action::FlushDisk { token });
+        self.out.push(Action::FlushDisk {
+            token: Token::Flush(token),
+        });
         // The FlushReq goes out from `flushes()`, once per session.
         self.host_flushes.push(HostFlush {
             id,
@@ -719,7 +613,7 @@ impl<L: Log> Core<L> {
             return Err("this node failed after a disk error; fix the disk and restart it".into());
         }
         if self.meta.role == Role::Primary {
-            if let Some(r) = &self.fenced {
+            if let Some(r) = &self.roles.fenced {
                 if !force {
                     return Err(format!(
                         "this node refused its peer ({}) and is fenced; choose the survivor: \
@@ -728,7 +622,7 @@ impl<L: Log> Core<L> {
                         bounded(r, 200)
                     ));
                 }
-                self.fenced = None;
+                self.roles.fenced = None;
                 // Recorded as forced: a later refusal by the same peer does
                 // not fence the node the operator chose.
                 self.record_forced(self.meta.generation());
@@ -740,7 +634,7 @@ impl<L: Log> Core<L> {
                 self.update_path();
                 return Ok(());
             }
-            if self.awaiting_peer && self.link != LinkState::Active {
+            if self.roles.awaiting_peer && !self.session.is_active() {
                 if !force {
                     return Err(
                         "this node restarted as primary and has not reached its peer \
@@ -755,9 +649,11 @@ impl<L: Log> Core<L> {
                 // entries a promoted peer holds under the same numbers, so
                 // this goes through a promotion to a new (forced) generation,
                 // as on a backup: the histories then tell the two apart.
-                self.awaiting_peer = false;
-                self.promoting = true;
-                self.forced_promote = true;
+                if self.roles.demoting() {
+                    return Err("a demote is in progress; promote once it has finished".into());
+                }
+                self.roles.awaiting_peer = false;
+                self.roles.transition = Transition::Promoting { forced: true };
                 self.out.push(Action::Notice(
                     "promote --force: serving without waiting for the peer, in a new generation"
                         .into(),
@@ -770,16 +666,15 @@ impl<L: Log> Core<L> {
         if self.meta.history.is_empty() || self.meta.fresh || self.meta.resyncing {
             return Err("this node's disk is not consistent (a remirror or resync is unfinished); it cannot be promoted".into());
         }
-        if self.meta.inconsistent_until > self.executed {
+        if self.meta.inconsistent_until > self.pipe.executed {
             return Err(format!(
                 "this node's disk is not consistent: a resync wrote blocks as of the peer's seq \
                  {}, and this node has executed only through seq {}; it cannot be promoted, \
                  even with --force, until it receives the rest from the peer",
-                self.meta.inconsistent_until, self.executed
+                self.meta.inconsistent_until, self.pipe.executed
             ));
         }
-        if !matches!(self.link, LinkState::Down | LinkState::Refused(_))
-            && self.peer_hello.as_ref().map(|h| h.role) == Some(Role::Primary)
+        if self.session.is_up() && self.session.peer.as_ref().map(|h| h.role) == Some(Role::Primary)
         {
             return Err("the peer is primary and connected; demote it first".into());
         }
@@ -793,25 +688,24 @@ impl<L: Log> Core<L> {
                     self.meta.behind_until
                 ));
             }
-            if !self.current {
+            if !self.roles.current {
                 return Err(format!(
                     "this node has not caught up with the primary since it started (link {}): \
                      the primary may have completed writes without it (degraded mode) that \
                      it does not hold. Start the primary and let this node catch up, or run \
                      `deltamirror promote --force` to accept losing them",
-                    self.link.as_str()
+                    self.session.state().as_str()
                 ));
             }
         }
-        if let Some(r) = self.fenced.take() {
+        if let Some(r) = self.roles.fenced.take() {
             self.out.push(Action::Notice(format!(
                 "promote --force: the operator chose this node over the refused peer ({})",
                 bounded(&r, 200)
             )));
         }
-        self.promoting = true;
-        self.current = false;
-        self.forced_promote = force;
+        self.roles.transition = Transition::Promoting { forced: force };
+        self.roles.current = false;
         self.out.push(Action::Notice(format!(
             "promote{}: executing every held request, then taking over",
             if force { " --force" } else { "" }
@@ -823,7 +717,12 @@ impl<L: Log> Core<L> {
         if self.meta.role == Role::Backup {
             return Err("this node is already a backup".into());
         }
-        self.demoting = true;
+        if self.roles.promoting() {
+            self.out.push(Action::Notice(
+                "demote: the promote in progress is cancelled".into(),
+            ));
+        }
+        self.roles.transition = Transition::Demoting;
         self.update_path();
         for w in std::mem::take(&mut self.waiting) {
             self.out.push(Action::CompleteWrite {
@@ -852,10 +751,10 @@ impl<L: Log> Core<L> {
         if self.meta.role != Role::Primary || !self.serving {
             return Err("verify runs on the serving primary".into());
         }
-        if self.link != LinkState::Active || !self.source {
+        if !self.session.is_active_sender() {
             return Err("the backup is not connected: nothing to compare with".into());
         }
-        if self.degraded || self.resync_src.is_some() || self.replay.is_some() {
+        if self.roles.is_degraded() || self.resync_src.is_some() || self.replay.is_some() {
             return Err(
                 "the backup is still catching up (replay or resync); verify once it is in sync"
                     .into(),
@@ -935,7 +834,10 @@ impl<L: Log> Core<L> {
         let Some(v) = self.verify.as_mut() else {
             return;
         };
-        if self.meta.role != Role::Primary || self.degraded || self.fenced.is_some() {
+        if self.meta.role != Role::Primary
+            || self.roles.is_degraded()
+            || self.roles.fenced.is_some()
+        {
             return self.stop_verify("this node stopped being an in-sync primary".into());
         }
         if v.bytes_per_sec > 0 {
@@ -965,9 +867,9 @@ impl<L: Log> Core<L> {
             );
             // Every entry up to `after` is already on the wire, so the
             // backup queues its read at the same point of the stream.
-            let after = self.send_next - 1;
+            let after = self.pipe.send_next - 1;
             self.next_token += 1;
-            let token = VERIFY_TOKEN | self.next_token;
+            let token = Token::Verify(self.next_token);
             self.verify_reads.insert(token, ReadFor::Local(id));
             self.verify_queued.push_back(QueuedRead {
                 after,
@@ -1010,7 +912,7 @@ impl<L: Log> Core<L> {
         }
     }
 
-    fn on_verify_read(&mut self, token: u64, result: Result<Vec<u8>, i32>) {
+    fn on_verify_read(&mut self, token: Token, result: Result<Vec<u8>, i32>) {
         if let Some(i) = self.executing.iter().position(|&(t, _, _)| t == token) {
             self.executing.swap_remove(i);
         }
@@ -1023,7 +925,7 @@ impl<L: Log> Core<L> {
         };
         match whom {
             ReadFor::Peer { id, chunk } => {
-                if self.link == LinkState::Active && !self.source {
+                if self.session.is_active_receiver() {
                     let digests = chunk_digests(&data, chunk);
                     self.out
                         .push(Action::Send(Msg::VerifyDigest { id, digests }));
@@ -1075,33 +977,24 @@ impl<L: Log> Core<L> {
             Event::PeerConnected => self.on_connected(),
             Event::PeerDisconnected => self.on_disconnected(),
             Event::PeerMsg(m) => {
-                if self.link == LinkState::Down {
+                if self.session.is_down() {
                     return;
                 }
-                if self.now_ms.saturating_sub(self.last_rx_ms) > 2 * self.cfg.heartbeat_interval_ms
+                if self.now_ms.saturating_sub(self.session.last_rx_ms)
+                    > 2 * self.cfg.heartbeat_interval_ms
                 {
                     // A missed heartbeat (the peer stalled, or the network
                     // did): the incident report of the timeout rule.
-                    self.alive_since_ms = self.now_ms;
+                    self.session.alive_since_ms = self.now_ms;
                 }
-                self.last_rx_ms = self.now_ms;
+                self.session.last_rx_ms = self.now_ms;
                 self.on_msg(m)
             }
-            Event::LogSynced { through } => {
-                self.log_syncs_inflight = self.log_syncs_inflight.saturating_sub(1);
-                // A truncation may have dropped entries since the sync began.
-                self.log_durable = self.log_durable.max(through.min(self.log.head()));
-            }
+            Event::LogSynced { through } => self.pipe.ring_flushed(through, self.log.head()),
             Event::MetaPersisted { version } => {
                 self.meta_inflight = false;
                 self.meta_durable = self.meta_durable.max(version);
-                if let Some(v) = self.degrade_version {
-                    if self.meta_durable >= v {
-                        self.degrade_version = None;
-                        self.degraded = true;
-                        self.no_ack_below = u64::MAX;
-                    }
-                }
+                self.roles.meta_persisted(self.meta_durable);
                 if let Some((v, through)) = self.fold_pending {
                     if self.meta_durable >= v {
                         self.fold_pending = None;
@@ -1116,7 +1009,7 @@ impl<L: Log> Core<L> {
                 token,
                 offset: _,
                 result,
-            } if token & VERIFY_TOKEN != 0 => self.on_verify_read(token, result),
+            } if matches!(token, Token::Verify(_)) => self.on_verify_read(token, result),
             Event::ExtentRead {
                 token: _,
                 offset,
@@ -1132,7 +1025,7 @@ impl<L: Log> Core<L> {
                     }
                     self.stats.resync_extents += 1;
                     self.stats.replayed_bytes += data.len() as u64;
-                    if self.link == LinkState::Active {
+                    if self.session.is_active() {
                         self.out.push(Action::Send(Msg::Extent { offset, data }));
                     }
                 }
@@ -1141,6 +1034,9 @@ impl<L: Log> Core<L> {
                 )),
             },
             Event::DiskFlushed { token, result } => {
+                let Token::Flush(token) = token else {
+                    return;
+                };
                 if let Some(f) = self.host_flushes.iter_mut().find(|f| f.token == token) {
                     f.local_done = Some(result);
                 } else if let Some(r) = self
@@ -1162,7 +1058,7 @@ impl<L: Log> Core<L> {
                     .position(|f| f.token == Some(token))
                 {
                     let f = self.peer_flushes.remove(i);
-                    if self.link == LinkState::Active {
+                    if self.session.is_active() {
                         self.out.push(Action::Send(Msg::FlushAck {
                             id: f.id,
                             ok: result.is_ok(),
@@ -1179,18 +1075,21 @@ impl<L: Log> Core<L> {
         if let Some(v) = self.verify.as_mut() {
             v.tokens += v.bytes_per_sec as f64 * dt as f64 / 1000.0;
         }
-        if self.current && self.meta.role == Role::Backup && dt >= self.cfg.peer_timeout_ms / 2 {
+        if self.roles.current
+            && self.meta.role == Role::Backup
+            && dt >= self.cfg.peer_timeout_ms / 2
+        {
             // This node did not run for a while (stopped, starved): the
             // primary may have gone degraded meanwhile, and nothing said so
             // yet. Not current until a new session's `InSync`.
-            self.current = false;
+            self.roles.current = false;
             self.in_sync_at = None;
             let why = format!(
                 "this node did not run for {dt} ms: the primary may have completed writes \
                  without it meanwhile; it can be promoted again once it has caught up"
             );
             self.out.push(Action::Notice(why.clone()));
-            if !matches!(self.link, LinkState::Down | LinkState::Refused(_)) {
+            if self.session.is_up() {
                 self.reset_link(why);
             }
         }
@@ -1200,21 +1099,24 @@ impl<L: Log> Core<L> {
             self.rate_tokens =
                 (self.rate_tokens + cap * dt as f64 / 1000.0).min(cap / 10.0 + 1.0e6);
         }
-        if !matches!(self.link, LinkState::Down | LinkState::Refused(_)) {
-            if now_ms - self.last_hb_ms >= self.cfg.heartbeat_interval_ms {
-                self.last_hb_ms = now_ms;
+        if self.session.is_up() {
+            if now_ms - self.session.last_hb_ms >= self.cfg.heartbeat_interval_ms {
+                self.session.last_hb_ms = now_ms;
                 self.out.push(Action::Send(Msg::Heartbeat {
                     incarnation: self.meta.incarnation,
                 }));
             }
-            if now_ms - self.last_rx_ms >= self.cfg.peer_timeout_ms {
-                self.reset_link(format!("peer silent for {} ms", now_ms - self.last_rx_ms));
+            if now_ms - self.session.last_rx_ms >= self.cfg.peer_timeout_ms {
+                self.reset_link(format!(
+                    "peer silent for {} ms",
+                    now_ms - self.session.last_rx_ms
+                ));
             }
         }
         // Persist the executed watermark now and then so a restart replays little.
-        if now_ms - self.executed_persisted_ms >= 1000 && self.meta.executed != self.executed {
+        if now_ms - self.executed_persisted_ms >= 1000 && self.meta.executed != self.pipe.executed {
             self.executed_persisted_ms = now_ms;
-            self.meta.executed = self.executed;
+            self.meta.executed = self.pipe.executed;
             self.persist_meta();
         }
     }
@@ -1225,14 +1127,10 @@ impl<L: Log> Core<L> {
     }
 
     fn on_connected(&mut self) {
-        if self.link != LinkState::Down {
+        if !self.session.is_down() {
             self.on_disconnected();
         }
-        self.link = LinkState::Handshake;
-        self.last_rx_ms = self.now_ms;
-        self.last_hb_ms = self.now_ms;
-        self.alive_since_ms = self.now_ms;
-        self.peer_hello = None;
+        self.session.connect(self.now_ms);
         let hello = self.hello();
         self.out.push(Action::Send(Msg::Hello(hello)));
     }
@@ -1251,15 +1149,12 @@ impl<L: Log> Core<L> {
     }
 
     fn on_disconnected(&mut self) {
-        if self.link == LinkState::Down {
+        if self.session.is_down() {
             return;
         }
-        self.link = LinkState::Down;
-        self.source = false;
+        self.session.disconnect();
         self.resync_src = None;
         self.resync_tgt = None;
-        self.pending_target = None;
-        self.rx_backlog.clear();
         self.peer_flushes.clear();
         self.in_sync_at = None;
         self.in_sync_sent = false;
@@ -1278,60 +1173,54 @@ impl<L: Log> Core<L> {
     fn on_msg(&mut self, m: Msg) {
         match m {
             Msg::Hello(h) => {
-                if self.link != LinkState::Handshake {
+                if *self.session.state() != SessionState::Handshake {
                     return self.reset_link("unexpected Hello".into());
-                }
-                if let Some(old) = &self.peer_hello {
-                    if old.incarnation != h.incarnation {
-                        self.alive_since_ms = self.now_ms;
-                    }
                 }
                 let mine = self.hello();
                 let plan = decide(&mine, &h);
-                self.peer_hello = Some(h);
+                self.session.peer = Some(h);
                 self.start_session(plan);
             }
             Msg::Ready { head, rollback } => {
-                if self.link != LinkState::AwaitReady {
+                if *self.session.state() != SessionState::AwaitReady {
                     return self.reset_link("unexpected Ready".into());
                 }
                 self.on_ready(head, rollback);
             }
             Msg::Req { hdr, payload } => {
-                if self.link != LinkState::Active || self.source {
+                if !self.session.is_active_receiver() {
                     return self.reset_link("unexpected Req".into());
                 }
                 self.stats.entries_received += 1;
-                self.rx_backlog.push_back((hdr, payload));
+                self.session.rx_backlog.push_back((hdr, payload));
                 self.drain_backlog();
             }
             Msg::Ack1(s) => {
-                if !self.source || self.link != LinkState::Active || s >= self.send_next {
+                if !self.session.is_active_sender() || s >= self.pipe.send_next {
                     return self.reset_link(format!("bad ACK1({s})"));
                 }
-                if s > self.ack1 {
-                    self.ack1 = s;
+                if self.pipe.ack1_received(s) {
                     self.ack_times.push_back((s, self.now_ms));
                 }
             }
             Msg::Ack2(s) => {
-                if !self.source || s >= self.send_next {
+                if !self.session.is_sender() || s >= self.pipe.send_next {
                     return self.reset_link(format!("bad ACK2({s})"));
                 }
-                self.ack2 = self.ack2.max(s);
+                self.pipe.ack2 = self.pipe.ack2.max(s);
             }
             Msg::Ack3(s) => {
-                if self.source {
+                if self.session.is_sender() {
                     return self.reset_link("unexpected ACK3".into());
                 }
-                self.ack3 = self.ack3.max(s);
+                self.pipe.ack3 = self.pipe.ack3.max(s);
             }
             Msg::ResyncBegin {
                 extents: _,
                 bytes: _,
                 full,
             } => {
-                if self.source || self.link != LinkState::Active {
+                if !self.session.is_active_receiver() {
                     return self.reset_link("unexpected ResyncBegin".into());
                 }
                 if !self.meta.fresh {
@@ -1356,7 +1245,7 @@ impl<L: Log> Core<L> {
                 {
                     return self.reset_link("unexpected or out-of-range Extent".into());
                 }
-                let token = EXTENT_TOKEN | self.token();
+                let token = Token::Extent(self.token());
                 let len = data.len() as u64;
                 self.extents.insert(token, (offset, data));
                 self.exec_queue
@@ -1404,9 +1293,9 @@ impl<L: Log> Core<L> {
                 }
             }
             Msg::Heartbeat { incarnation } => {
-                if let Some(h) = &self.peer_hello {
+                if let Some(h) = &self.session.peer {
                     if h.incarnation != incarnation {
-                        self.alive_since_ms = self.now_ms;
+                        self.session.alive_since_ms = self.now_ms;
                     }
                 }
             }
@@ -1416,10 +1305,10 @@ impl<L: Log> Core<L> {
                     bounded(&reason, 300)
                 )));
                 self.fence(&reason);
-                self.link = LinkState::Refused(reason);
+                self.session.refuse(reason);
             }
             Msg::InSync(s) => {
-                if self.source || self.link != LinkState::Active {
+                if !self.session.is_active_receiver() {
                     return self.reset_link("unexpected InSync".into());
                 }
                 self.in_sync_at = Some(s);
@@ -1431,8 +1320,7 @@ impl<L: Log> Core<L> {
                 chunk,
                 after,
             } => {
-                let ok = !self.source
-                    && self.link == LinkState::Active
+                let ok = self.session.is_active_receiver()
                     && chunk.is_power_of_two()
                     && chunk >= 512
                     && len > 0
@@ -1441,13 +1329,13 @@ impl<L: Log> Core<L> {
                     && offset
                         .checked_add(len)
                         .is_some_and(|e| e <= self.cfg.volume_bytes)
-                    && after + 1 >= self.exec_next;
+                    && after + 1 >= self.pipe.exec_next;
                 if !ok {
                     return self.reset_link(format!(
                         "bad VerifyReq (offset {offset}, len {len}, chunk {chunk}, after {after})"
                     ));
                 }
-                let token = VERIFY_TOKEN | self.token();
+                let token = Token::Verify(self.token());
                 self.verify_reads.insert(token, ReadFor::Peer { id, chunk });
                 self.verify_queued.push_back(QueuedRead {
                     after,
@@ -1462,7 +1350,7 @@ impl<L: Log> Core<L> {
                     .as_ref()
                     .and_then(|v| v.inflight.get(&id))
                     .is_some_and(|p| p.remote.is_none());
-                if !self.source || !known {
+                if !self.session.is_sender() || !known {
                     return self.reset_link(format!("unexpected VerifyDigest {id}"));
                 }
                 let v = self.verify.as_mut().unwrap();
@@ -1484,7 +1372,7 @@ impl<L: Log> Core<L> {
                     reason: reason.clone(),
                 }));
                 self.fence(&reason);
-                self.link = LinkState::Refused(reason);
+                self.session.refuse(reason);
             }
             Plan::Source => {
                 self.unfence();
@@ -1492,26 +1380,23 @@ impl<L: Log> Core<L> {
                 // `Ready`: only then has the target dropped whatever it held
                 // past our (possibly torn) ring head, so new seqs cannot
                 // collide with entries it still has.
-                self.source = true;
-                self.link = LinkState::AwaitReady;
+                self.session.await_ready();
             }
             Plan::Target { truncate_to } => {
-                let peer = self.peer_hello.clone().expect("hello");
-                self.source = false;
+                let peer = self.session.peer.clone().expect("hello");
                 // A new session: current again only after this one's `InSync`.
-                self.current = false;
-                if self.promoting {
+                self.roles.current = false;
+                if self.roles.promoting() {
                     // The peer came back as the authority while this node
                     // was promoting: promoting now would make two primaries.
-                    self.promoting = false;
-                    self.forced_promote = false;
+                    self.roles.transition = Transition::Steady;
                     self.out.push(Action::Notice(
                         "promote cancelled: the peer returned and holds the authority".into(),
                     ));
                 }
                 // The authority holds every entry through the fork: what
                 // this node keeps is acknowledged.
-                self.ack1 = self.ack1.max(truncate_to.min(self.log.head()));
+                self.pipe.ack1 = self.pipe.ack1.max(truncate_to.min(self.log.head()));
                 if truncate_to + 1 < self.log.first_seq() && self.log.head() > truncate_to {
                     // Entries past the fork already left our ring: they were
                     // executed here and their extents are unknown. Only an
@@ -1547,7 +1432,7 @@ impl<L: Log> Core<L> {
                 }
                 // Only now, past every refusal: a refused old primary must
                 // not start serving.
-                self.awaiting_peer = false;
+                self.roles.awaiting_peer = false;
                 self.unfence();
                 let mut rollback = Vec::new();
                 let mut truncate = None;
@@ -1565,7 +1450,7 @@ impl<L: Log> Core<L> {
                     self.exec_queue.retain(|i| {
                         !matches!(i, ExecItem::Entry(s, _, _) | ExecItem::State(s) if *s > truncate_to)
                     });
-                    self.exec_next = self.exec_next.min(truncate_to + 1);
+                    self.pipe.exec_next = self.pipe.exec_next.min(truncate_to + 1);
                     let dropped: Vec<Seq> = self
                         .host_of
                         .range(truncate_to + 1..)
@@ -1592,10 +1477,7 @@ impl<L: Log> Core<L> {
                         peer.history.last().map_or(0, |g| g.gen)
                     )));
                     self.meta.role = Role::Backup;
-                    self.demoting = false;
-                    self.promoting = false;
-                    self.degraded = false;
-                    self.no_ack_below = 0;
+                    self.roles.became_backup();
                     self.meta.peer_stale_from = None;
                     for w in std::mem::take(&mut self.waiting) {
                         self.out.push(Action::CompleteWrite {
@@ -1630,12 +1512,11 @@ impl<L: Log> Core<L> {
                 } else {
                     self.meta_version
                 };
-                self.pending_target = Some(PendingTarget {
+                self.session.prepare_ready(PendingReceiver {
                     gate,
                     truncate,
                     history: peer.history.clone(),
                 });
-                self.link = LinkState::SendingReady;
             }
         }
     }
@@ -1654,10 +1535,10 @@ impl<L: Log> Core<L> {
     /// stops serving until an operator resolves the refusal (I6).
     fn fence(&mut self, reason: &str) {
         let chosen = self.serving && self.meta.forced.contains(&self.meta.generation());
-        if chosen || self.fenced.is_some() {
+        if chosen || self.roles.fenced.is_some() {
             return;
         }
-        self.fenced = Some(reason.to_string());
+        self.roles.fenced = Some(reason.to_string());
         for w in std::mem::take(&mut self.waiting) {
             self.out.push(Action::CompleteWrite {
                 id: w.id,
@@ -1674,7 +1555,7 @@ impl<L: Log> Core<L> {
 
     /// A handshake succeeded: whatever was refused has been resolved.
     fn unfence(&mut self) {
-        if self.fenced.take().is_some() {
+        if self.roles.fenced.take().is_some() {
             self.out.push(Action::Notice(
                 "the peer's handshake succeeded: no longer fenced".into(),
             ));
@@ -1690,18 +1571,17 @@ impl<L: Log> Core<L> {
         {
             return self.reset_link(format!("bad Ready (head {head}, ours {})", self.log.head()));
         }
-        let peer = self.peer_hello.clone().expect("hello");
-        self.link = LinkState::Active;
-        self.session += 1;
-        if self.awaiting_peer {
-            self.awaiting_peer = false;
+        let peer = self.session.peer.clone().expect("hello");
+        self.session.ready_received();
+        if self.roles.awaiting_peer {
+            self.roles.awaiting_peer = false;
             self.update_path();
         }
         // A new session: the target holds (durably) every entry through `head`.
-        self.ack1 = head.min(self.log.head());
+        self.pipe.ack1 = head.min(self.log.head());
         self.ack_times.clear();
-        self.ack_times.push_back((self.ack1, self.now_ms));
-        self.sent_ack3 = 0;
+        self.ack_times.push_back((self.pipe.ack1, self.now_ms));
+        self.pipe.sent_ack3 = 0;
         for (o, l) in &rollback {
             self.meta.dirty.mark(*o, *l);
         }
@@ -1709,7 +1589,7 @@ impl<L: Log> Core<L> {
         let covered_by_dirty = self.meta.fold_base > 0 && head + 1 >= self.meta.fold_base;
         // The peer confirmed executing everything below our ring (ACK2), even
         // if its own ring lost the tail: its disk has it.
-        let covered_by_ack2 = self.cfg.confirm == ConfirmMode::Ack && self.ack2 + 1 >= first;
+        let covered_by_ack2 = self.cfg.confirm == ConfirmMode::Ack && self.pipe.ack2 + 1 >= first;
         let full = peer.fresh
             || (peer.resyncing && self.meta.dirty.is_empty())
             || (head + 1 < first && !covered_by_dirty && !covered_by_ack2);
@@ -1722,12 +1602,12 @@ impl<L: Log> Core<L> {
         // The stream starts after what the peer holds in its ring, or has
         // executed on its disk (ACK2, which our trims already relied on).
         let executed_by_peer = if self.cfg.confirm == ConfirmMode::Ack && !peer.fresh {
-            self.ack2
+            self.pipe.ack2
         } else {
             0
         };
         // What the peer executed, it held: as good as ACK1 for our delay buffer.
-        self.ack1 = self.ack1.max(executed_by_peer.min(self.log.head()));
+        self.pipe.ack1 = self.pipe.ack1.max(executed_by_peer.min(self.log.head()));
         let end_seq = (head + 1).max(executed_by_peer + 1).max(first);
         // A resync also carries the jump of the peer's ring to `end_seq`.
         let resync = !self.meta.dirty.is_empty() || peer.resyncing || end_seq > head + 1;
@@ -1747,7 +1627,7 @@ impl<L: Log> Core<L> {
                 full,
             }));
         }
-        self.send_next = end_seq;
+        self.pipe.send_next = end_seq;
         self.state_session(end_seq);
         if backlog > 0 || resync {
             self.stats.replays += 1;
@@ -1777,10 +1657,10 @@ impl<L: Log> Core<L> {
         if self.resync_tgt.is_some() {
             return;
         }
-        while let Some((hdr, payload)) = self.rx_backlog.front() {
+        while let Some((hdr, payload)) = self.session.rx_backlog.front() {
             let next = self.log.next_seq();
             if hdr.seq < next {
-                self.rx_backlog.pop_front();
+                self.session.rx_backlog.pop_front();
                 continue;
             }
             if hdr.seq > next {
@@ -1792,29 +1672,33 @@ impl<L: Log> Core<L> {
             if !self.log.fits(payload.len()) {
                 return;
             }
-            let (hdr, payload) = self.rx_backlog.pop_front().unwrap();
+            let (hdr, payload) = self.session.rx_backlog.pop_front().unwrap();
             assert!(self.log.append(&hdr, &payload));
             if hdr.fua {
-                self.fua_sync_through = hdr.seq;
+                self.pipe.fua_through = hdr.seq;
             }
         }
     }
 
-    fn on_executed(&mut self, token: u64, result: Result<(), i32>) {
+    fn on_executed(&mut self, token: Token, result: Result<(), i32>) {
         let Some(i) = self.executing.iter().position(|&(t, _, _)| t == token) else {
             return;
         };
         self.executing.swap_remove(i);
-        if token & EXTENT_TOKEN != 0 {
-            self.extents.remove(&token);
-            if let Err(e) = result {
-                self.fail(format!(
-                    "disk write error {e} while applying a resync extent"
-                ));
+        let seq = match token {
+            Token::Entry(seq) => seq,
+            Token::Extent(_) => {
+                self.extents.remove(&token);
+                if let Err(e) = result {
+                    self.fail(format!(
+                        "disk write error {e} while applying a resync extent"
+                    ));
+                }
+                return;
             }
-            return;
-        }
-        let seq = token;
+            // Reads and flushes complete through their own events.
+            Token::Verify(_) | Token::Flush(_) => return,
+        };
         if let Err(e) = result {
             if let Some(id) = self.host_of.remove(&seq) {
                 self.out.push(Action::CompleteWrite {
@@ -1824,24 +1708,20 @@ impl<L: Log> Core<L> {
             }
             return self.fail(format!("disk write error {e} executing seq {seq}"));
         }
-        if seq > self.executed {
-            self.done_out_of_order.insert(seq);
-            while self.done_out_of_order.remove(&(self.executed + 1)) {
-                self.executed += 1;
-            }
-        }
+        self.pipe.entry_executed(seq);
         if let Some(id) = self.host_of.remove(&seq) {
             // I2: durable in the ring, executed, and covered by ACK1 (or
             // degraded with the peer durably recorded as stale).
             assert!(
-                seq <= self.log_durable,
+                seq <= self.pipe.ring_durable,
                 "I2: completing seq {seq} not durable in the ring"
             );
             assert!(
-                seq <= self.ack1
-                    || (seq < self.no_ack_below && self.meta.peer_stale_from.is_some()),
+                seq <= self.pipe.ack1
+                    || (self.roles.mirroring.executes_unacked(seq)
+                        && self.meta.peer_stale_from.is_some()),
                 "I2: completing seq {seq} without ACK1 ({}) outside degraded mode",
-                self.ack1
+                self.pipe.ack1
             );
             self.out.push(Action::CompleteWrite { id, result: Ok(()) });
         }
@@ -1859,30 +1739,9 @@ impl<L: Log> Core<L> {
         self.check_degrade();
         self.admit_waiting();
         self.send_ready();
-        let head = self.log.head();
-        // A new sync when something is not durable and not already covered
-        // by the sync in flight.
-        let more = self.log_durable < head
-            && (self.log_syncs_inflight == 0 || head > self.log_sync_issued);
-        if self.log_syncs_inflight < MAX_LOG_SYNCS
-            && (more || (self.log_syncs_inflight == 0 && self.log.wants_sync()))
-        {
-            self.log_syncs_inflight += 1;
-            self.log_sync_issued = head;
-            self.out.push(Action::SyncLog);
-        }
+        self.flush_ring();
         self.drain_backlog();
-        if self.meta.behind_until > 0 && self.log_durable >= self.meta.behind_until {
-            self.meta.behind_until = 0;
-            self.persist_meta();
-        }
-        if self.meta.inconsistent_until > 0
-            && self.executed >= self.meta.inconsistent_until
-            && self.log_durable >= self.meta.inconsistent_until
-        {
-            self.meta.inconsistent_until = 0;
-            self.persist_meta();
-        }
+        self.clear_caught_up_marks();
         self.send_state();
         self.track_current();
         self.verify_step();
@@ -1893,8 +1752,42 @@ impl<L: Log> Core<L> {
         self.send_acks();
         self.trim();
         self.flushes();
-        self.roles();
+        self.complete_role_changes();
         self.update_replay();
+        self.write_meta();
+        self.check();
+    }
+
+    /// A new ring flush when something is not durable and not already
+    /// covered by the flush in flight.
+    fn flush_ring(&mut self) {
+        if self
+            .pipe
+            .ring_flush_due(self.log.head(), self.log.wants_sync())
+        {
+            self.out.push(Action::SyncLog);
+        }
+    }
+
+    /// A backup that now holds what the authority had, or has executed
+    /// through a resync's consistency point, drops the mark that kept it
+    /// from being promoted.
+    fn clear_caught_up_marks(&mut self) {
+        if self.meta.behind_until > 0 && self.pipe.ring_durable >= self.meta.behind_until {
+            self.meta.behind_until = 0;
+            self.persist_meta();
+        }
+        if self.meta.inconsistent_until > 0
+            && self.pipe.executed >= self.meta.inconsistent_until
+            && self.pipe.ring_durable >= self.meta.inconsistent_until
+        {
+            self.meta.inconsistent_until = 0;
+            self.persist_meta();
+        }
+    }
+
+    /// One metadata write at a time, of the newest version.
+    fn write_meta(&mut self) {
         if self.meta_dirty && !self.meta_inflight {
             self.meta_dirty = false;
             self.meta_inflight = true;
@@ -1905,15 +1798,21 @@ impl<L: Log> Core<L> {
         }
     }
 
+    /// The sub-machines' own asserts, once per batch.
+    fn check(&self) {
+        self.pipe.check(self.log.head());
+        self.roles.check(self.meta.role);
+    }
+
     /// Source: says `InSync` once per session when it no longer completes
     /// writes without the target. Target: current once that seq is durable.
     fn track_current(&mut self) {
-        if self.link != LinkState::Active {
+        if !self.session.is_active() {
             return;
         }
-        if self.source {
+        if self.session.is_active_sender() {
             if !self.in_sync_sent
-                && !self.degraded
+                && !self.roles.is_degraded()
                 && self.resync_src.is_none()
                 && self.state_sent()
             {
@@ -1923,16 +1822,16 @@ impl<L: Log> Core<L> {
             return;
         }
         if let Some(s) = self.in_sync_at {
-            if !self.current
+            if !self.roles.current
                 && self.meta.role == Role::Backup
                 && self.resync_tgt.is_none()
-                && self.pending_target.is_none()
+                && self.session.pending.is_none()
                 && !self.meta.fresh
                 && !self.meta.resyncing
-                && self.log_durable >= s
+                && self.pipe.ring_durable >= s
                 && self.state_adopted()
             {
-                self.current = true;
+                self.roles.current = true;
                 self.out.push(Action::Notice(format!(
                     "caught up with the primary (seq {s}): this backup can be promoted"
                 )));
@@ -1941,26 +1840,22 @@ impl<L: Log> Core<L> {
     }
 
     fn check_degrade(&mut self) {
-        if self.meta.role != Role::Primary || self.degraded || self.degrade_version.is_some() {
+        if self.meta.role != Role::Primary || self.roles.leaving_peer() {
             return;
         }
-        let peer_gone = match self.link {
-            LinkState::Down | LinkState::Refused(_) => true,
-            LinkState::Active => false,
-            _ => false,
-        };
+        let peer_gone = !self.session.is_up();
         let need =
             !self.host_of.is_empty() || !self.waiting.is_empty() || !self.host_flushes.is_empty();
         // The new generation starts after the durable ring head, so a crash
         // cannot leave the history pointing past the ring.
-        let ring_durable = self.log_durable >= self.log.head();
+        let ring_durable = self.pipe.ring_durable >= self.log.head();
         // `peer_timeout_ms` after the last message from the peer, as the
         // config says: the link reset at that same moment (a silent peer) or
         // earlier (a closed connection), never one timeout later.
         if peer_gone
             && need
             && ring_durable
-            && self.now_ms - self.last_rx_ms >= self.cfg.peer_timeout_ms
+            && self.now_ms - self.session.last_rx_ms >= self.cfg.peer_timeout_ms
         {
             // Durably bump the generation and record the backup as stale
             // before completing anything without ACK1.
@@ -1970,12 +1865,13 @@ impl<L: Log> Core<L> {
                 first_seq: self.log.next_seq(),
                 origin: self.meta.node_id,
             });
-            self.meta.peer_stale_from = Some(self.ack1 + 1);
+            self.meta.peer_stale_from = Some(self.pipe.ack1 + 1);
             self.out.push(Action::Notice(format!(
                 "peer unreachable: degraded mode, generation {gen}, backup stale from seq {}",
-                self.ack1 + 1
+                self.pipe.ack1 + 1
             )));
-            self.degrade_version = Some(self.persist_meta());
+            let version = self.persist_meta();
+            self.roles.degrade(version);
         }
     }
 
@@ -2030,10 +1926,11 @@ impl<L: Log> Core<L> {
             }
             // Overflow: fold executed entries into the dirty map, only while
             // the peer is away (when it is connected, writes wait for ACKs).
-            if self.degraded && self.link != LinkState::Active && self.fold_pending.is_none() {
+            if self.roles.is_degraded() && !self.session.is_active() && self.fold_pending.is_none()
+            {
                 let first = self.log.first_seq();
                 let n = (self.log.len() / 4).max(1);
-                let through = (first + n - 1).min(self.executed);
+                let through = (first + n - 1).min(self.pipe.executed);
                 if through >= first {
                     for s in first..=through {
                         let (h, _) = self.log.get(s).expect("ring entry");
@@ -2051,10 +1948,10 @@ impl<L: Log> Core<L> {
     }
 
     fn send_ready(&mut self) {
-        if self.link != LinkState::SendingReady {
+        if *self.session.state() != SessionState::SendingReady {
             return;
         }
-        if let Some(pt) = &self.pending_target {
+        if let Some(pt) = &self.session.pending {
             // Phase 1 (rollback extents, role) durable; phase 2: drop the
             // entries past the fork once no execution of theirs is in
             // flight; phase 3: adopt the authority's history.
@@ -2062,28 +1959,26 @@ impl<L: Log> Core<L> {
                 return;
             }
             if let Some(t) = pt.truncate {
-                if self
-                    .executing
-                    .iter()
-                    .any(|&(tok, _, _)| tok & EXTENT_TOKEN == 0 && tok > t)
-                {
+                // Entries past the fork, and (as before) any verify read.
+                if self.executing.iter().any(|&(tok, _, _)| match tok {
+                    Token::Entry(s) => s > t,
+                    Token::Verify(_) => true,
+                    Token::Extent(_) | Token::Flush(_) => false,
+                }) {
                     return;
                 }
                 self.log.truncate_after(t);
-                self.log_durable = self.log_durable.min(self.log.head());
-                self.exec_next = self.exec_next.min(self.log.head() + 1);
-                self.executed = self.executed.min(self.log.head());
-                self.done_out_of_order.retain(|&s| s <= t);
+                self.pipe.truncated(self.log.head());
                 self.meta.executed = self.meta.executed.min(self.log.head());
             }
-            let pt = self.pending_target.take().unwrap();
+            let pt = self.session.pending.take().unwrap();
             if !self.meta.fresh && self.meta.history != pt.history {
                 self.meta.history = pt.history;
             }
             self.persist_meta();
             return;
         }
-        if self.cfg.ack1_persisted && self.log_durable < self.log.head() {
+        if self.cfg.ack1_persisted && self.pipe.ring_durable < self.log.head() {
             return;
         }
         if self.meta_durable < self.meta_version {
@@ -2100,28 +1995,28 @@ impl<L: Log> Core<L> {
             head: self.log.head(),
             rollback,
         }));
-        self.sent_ack1 = self.log.head();
-        self.sent_ack2 = 0;
+        self.pipe.sent_ack1 = self.log.head();
+        self.pipe.sent_ack2 = 0;
         self.ack_times.clear();
-        self.ack_times.push_back((self.sent_ack1, self.now_ms));
-        self.link = LinkState::Active;
+        self.ack_times.push_back((self.pipe.sent_ack1, self.now_ms));
+        self.session.ready_sent();
     }
 
     fn stream(&mut self) {
-        if self.link != LinkState::Active || !self.source {
+        if !self.session.is_active_sender() {
             return;
         }
         if self.resync_src.as_ref().is_some_and(|r| !r.ended) {
             return;
         }
-        let limit = self.ack1 + self.cfg.max_unacked_entries;
-        while self.send_next <= self.log.head() && self.send_next <= limit {
+        let limit = self.pipe.ack1 + self.cfg.max_unacked_entries;
+        while self.pipe.send_next <= self.log.head() && self.pipe.send_next <= limit {
             let replaying = self
                 .replay
                 .as_ref()
-                .is_some_and(|p| self.send_next <= p.target_seq);
+                .is_some_and(|p| self.pipe.send_next <= p.target_seq);
             if replaying {
-                let bytes = self.log.get(self.send_next).map_or(0, |(h, _)| {
+                let bytes = self.log.get(self.pipe.send_next).map_or(0, |(h, _)| {
                     if h.kind == ReqKind::Write {
                         h.len
                     } else {
@@ -2140,14 +2035,14 @@ impl<L: Log> Core<L> {
                 self.stats.replayed_entries += 1;
                 self.stats.replayed_bytes += bytes;
             }
-            self.out.push(Action::SendEntry(self.send_next));
+            self.out.push(Action::SendEntry(self.pipe.send_next));
             self.stats.entries_sent += 1;
-            self.send_next += 1;
+            self.pipe.send_next += 1;
         }
     }
 
     fn resync_source(&mut self) {
-        if self.link != LinkState::Active {
+        if !self.session.is_active() {
             return;
         }
         let gate = self.resync_meta_gate;
@@ -2158,7 +2053,7 @@ impl<L: Log> Core<L> {
             return;
         }
         // Extent data must include every entry below the stream start.
-        if self.executed + 1 < r.end_seq {
+        if self.pipe.executed + 1 < r.end_seq {
             return;
         }
         let g = self.meta.dirty.granularity;
@@ -2176,18 +2071,18 @@ impl<L: Log> Core<L> {
                     r.next_chunk = c + 1;
                     r.reads_inflight += 1;
                     self.next_token += 1;
-                    let token = EXTENT_TOKEN | self.next_token;
+                    let token = Token::Extent(self.next_token);
                     self.out.push(Action::ReadExtent { token, offset, len });
                 }
                 None => {
                     if r.reads_inflight == 0 && self.fold_pending.is_none() {
                         // Entries folded meanwhile are in the dirty map just sent.
                         r.end_seq = r.end_seq.max(self.log.first_seq());
-                        self.send_next = r.end_seq;
+                        self.pipe.send_next = r.end_seq;
                         r.ended = true;
                         self.out.push(Action::Send(Msg::ResyncEnd {
                             next_seq: r.end_seq,
-                            consistent_at: self.executed,
+                            consistent_at: self.pipe.executed,
                         }));
                     }
                     return;
@@ -2203,7 +2098,7 @@ impl<L: Log> Core<L> {
         let Some(end) = r.end else { return };
         if !self.exec_queue.is_empty()
             || !self.executing.is_empty()
-            || self.executed < self.log.head()
+            || self.pipe.executed < self.log.head()
         {
             return;
         }
@@ -2215,7 +2110,9 @@ impl<L: Log> Core<L> {
             if r.flush_token.is_none() {
                 let token = self.token();
                 self.resync_tgt.as_mut().unwrap().flush_token = Some(token);
-                self.out.push(Action::FlushDisk { token });
+                self.out.push(Action::FlushDisk {
+                    token: Token::Flush(token),
+                });
             }
             return;
         }
@@ -2225,20 +2122,17 @@ impl<L: Log> Core<L> {
             // source.
             if end > self.log.next_seq() {
                 self.log.reset(end);
-                self.log_durable = end - 1;
-                self.executed = end - 1;
-                self.exec_next = end;
-                self.done_out_of_order.clear();
+                self.pipe.reset(end);
             }
-            self.meta.executed = self.executed;
+            self.meta.executed = self.pipe.executed;
             self.meta.resyncing = false;
-            if r.consistent_at > self.executed {
+            if r.consistent_at > self.pipe.executed {
                 self.meta.inconsistent_until = r.consistent_at;
             }
             self.meta.dirty.clear();
             self.meta.fold_base = 0;
             if self.meta.fresh || r.full {
-                if let Some(h) = &self.peer_hello {
+                if let Some(h) = &self.session.peer {
                     self.meta.history = h.history.clone();
                 }
                 if self.meta.fresh {
@@ -2263,22 +2157,19 @@ impl<L: Log> Core<L> {
     }
 
     fn exec_limit(&self) -> Seq {
-        let head = match self.pending_target.as_ref().and_then(|p| p.truncate) {
+        let head = match self.session.pending_truncate() {
             Some(t) => self.log.head().min(t),
             None => self.log.head(),
         };
         // Nothing reaches a disk before its ring entry is durable: an entry
         // a crash drops from the ring must not survive on the disk, or no
         // handshake could know to rewrite it.
-        if self.meta.role == Role::Backup
-            || self.promoting
-            || (self.source && self.meta.role != Role::Primary)
-        {
-            return head.min(self.log_durable);
+        if self.meta.role == Role::Backup || self.roles.promoting() {
+            return head.min(self.pipe.ring_durable);
         }
-        let mut limit = self.ack1.min(self.log_durable);
-        if self.no_ack_below > 0 {
-            limit = limit.max(self.no_ack_below.saturating_sub(1).min(self.log_durable));
+        let mut limit = self.pipe.ack1.min(self.pipe.ring_durable);
+        if let Some(unacked) = self.roles.mirroring.unacked_through() {
+            limit = limit.max(unacked.min(self.pipe.ring_durable));
         }
         limit.min(head)
     }
@@ -2288,24 +2179,24 @@ impl<L: Log> Core<L> {
         // A verify read goes into the queue right after its ring entry, so
         // it sees every entry up to it and none after it.
         while let Some(q) = self.verify_queued.front().copied() {
-            if q.after >= self.exec_next {
+            if q.after >= self.pipe.exec_next {
                 break;
             }
             self.verify_queued.pop_front();
             self.exec_queue
                 .push_back(ExecItem::Verify(q.token, q.offset, q.len));
         }
-        while self.exec_next <= limit {
-            if let Some((h, _)) = self.log.get(self.exec_next) {
+        while self.pipe.exec_next <= limit {
+            if let Some((h, _)) = self.log.get(self.pipe.exec_next) {
                 self.exec_queue.push_back(if h.kind == ReqKind::State {
                     ExecItem::State(h.seq)
                 } else {
                     ExecItem::Entry(h.seq, h.offset, h.len)
                 });
             }
-            self.exec_next += 1;
+            self.pipe.exec_next += 1;
             while let Some(q) = self.verify_queued.front().copied() {
-                if q.after >= self.exec_next {
+                if q.after >= self.pipe.exec_next {
                     break;
                 }
                 self.verify_queued.pop_front();
@@ -2323,12 +2214,13 @@ impl<L: Log> Core<L> {
             scanned += 1;
             let item = self.exec_queue[i];
             let (token, off, len) = match item {
-                ExecItem::Entry(seq, o, l) | ExecItem::Verify(seq, o, l) => (seq, o, l),
-                ExecItem::State(seq) => (seq, 0, 0),
+                ExecItem::Entry(seq, o, l) => (Token::Entry(seq), o, l),
+                ExecItem::Verify(t, o, l) => (t, o, l),
+                ExecItem::State(seq) => (Token::Entry(seq), 0, 0),
                 ExecItem::Extent(t, o, l) => {
                     // Extents run after every ring entry held before them,
                     // and only once the "resyncing" state is durable.
-                    if self.executed < self.log.head()
+                    if self.pipe.executed < self.log.head()
                         || extents_gate.is_some_and(|v| self.meta_durable < v)
                     {
                         i += 1;
@@ -2351,16 +2243,16 @@ impl<L: Log> Core<L> {
             }
             self.exec_queue.remove(i);
             if let ExecItem::Entry(s, _, _) | ExecItem::State(s) = item {
-                if self.meta.role == Role::Primary && !self.promoting {
+                if self.meta.role == Role::Primary && !self.roles.promoting() {
                     // I1: the primary never executes a REQ before ACK1 covers
                     // it, except in degraded mode.
                     assert!(
-                        s <= self.ack1 || s < self.no_ack_below,
+                        s <= self.pipe.ack1 || self.roles.mirroring.executes_unacked(s),
                         "I1: executing seq {s} beyond ACK1 {} outside degraded mode",
-                        self.ack1
+                        self.pipe.ack1
                     );
                     assert!(
-                        s <= self.log_durable,
+                        s <= self.pipe.ring_durable,
                         "executing seq {s} before its ring append is durable"
                     );
                 }
@@ -2394,18 +2286,18 @@ impl<L: Log> Core<L> {
     }
 
     fn send_acks(&mut self) {
-        if self.link != LinkState::Active {
+        if !self.session.is_active() {
             return;
         }
-        if self.source {
-            if self.executed > self.sent_ack3 && self.cfg.confirm == ConfirmMode::Ack {
+        if self.session.is_active_sender() {
+            if self.pipe.executed > self.pipe.sent_ack3 && self.cfg.confirm == ConfirmMode::Ack {
                 if !self.cfg.coalesce_acks {
-                    for s in self.sent_ack3 + 1..self.executed {
+                    for s in self.pipe.sent_ack3 + 1..self.pipe.executed {
                         self.out.push(Action::Send(Msg::Ack3(s)));
                     }
                 }
-                self.sent_ack3 = self.executed;
-                self.out.push(Action::Send(Msg::Ack3(self.executed)));
+                self.pipe.sent_ack3 = self.pipe.executed;
+                self.out.push(Action::Send(Msg::Ack3(self.pipe.executed)));
             }
             return;
         }
@@ -2415,44 +2307,44 @@ impl<L: Log> Core<L> {
         // ACK1 covers what is durable in the ring (persisted mode), or
         // everything received (received mode) unless a FUA entry still
         // waits for the ring to be durable.
-        let a1 = if self.cfg.ack1_persisted || self.log_durable < self.fua_sync_through {
-            self.log_durable
+        let a1 = if self.cfg.ack1_persisted || self.pipe.ring_durable < self.pipe.fua_through {
+            self.pipe.ring_durable
         } else {
             self.log.head()
         }
         .min(self.log.head());
-        if a1 > self.sent_ack1 {
+        if a1 > self.pipe.sent_ack1 {
             // Uncoalesced (a measurement setting): one message per REQ.
             if !self.cfg.coalesce_acks {
-                for s in self.sent_ack1 + 1..a1 {
+                for s in self.pipe.sent_ack1 + 1..a1 {
                     self.out.push(Action::Send(Msg::Ack1(s)));
                 }
             }
-            self.sent_ack1 = a1;
+            self.pipe.sent_ack1 = a1;
             self.ack_times.push_back((a1, self.now_ms));
             self.out.push(Action::Send(Msg::Ack1(a1)));
         }
         if self.cfg.confirm == ConfirmMode::Ack
-            && self.executed > self.sent_ack2
-            && self.executed <= self.log.head()
+            && self.pipe.executed > self.pipe.sent_ack2
+            && self.pipe.executed <= self.log.head()
         {
             if !self.cfg.coalesce_acks {
-                for s in self.sent_ack2 + 1..self.executed {
+                for s in self.pipe.sent_ack2 + 1..self.pipe.executed {
                     self.out.push(Action::Send(Msg::Ack2(s)));
                 }
             }
-            self.sent_ack2 = self.executed;
-            self.out.push(Action::Send(Msg::Ack2(self.executed)));
+            self.pipe.sent_ack2 = self.pipe.executed;
+            self.out.push(Action::Send(Msg::Ack2(self.pipe.executed)));
         }
     }
 
     fn trim(&mut self) {
         let peer_done = match self.cfg.confirm {
             ConfirmMode::Ack => {
-                if self.source {
-                    self.ack2
+                if self.session.is_sender() {
+                    self.pipe.ack2
                 } else {
-                    self.ack3
+                    self.pipe.ack3
                 }
             }
             ConfirmMode::Timeout { period_ms } => {
@@ -2461,11 +2353,12 @@ impl<L: Log> Core<L> {
                 // it arrived after the period, with no heartbeat missed
                 // since ACK1 (`alive_since_ms`).
                 let mut through = 0;
-                if self.link == LinkState::Active {
+                if self.session.is_active() {
                     // An ACK1 from before the last incident counts from the
                     // incident: the full period must pass again without one.
                     while let Some(&(s, t)) = self.ack_times.front() {
-                        if t.max(self.alive_since_ms) + period_ms <= self.last_rx_ms {
+                        if t.max(self.session.alive_since_ms) + period_ms <= self.session.last_rx_ms
+                        {
                             through = s;
                             self.ack_times.pop_front();
                         } else {
@@ -2476,29 +2369,47 @@ impl<L: Log> Core<L> {
                 through.max(self.log.first_seq() - 1)
             }
         };
-        let through = peer_done.min(self.executed);
+        let through = peer_done.min(self.pipe.executed);
         if through >= self.log.first_seq() && self.fold_pending.is_none() {
-            // I3: only what the peer is known to have executed leaves the queue.
+            // I3: only what the peer is known to have executed (and this
+            // node executed too) leaves the queue.
+            assert!(
+                through <= self.pipe.executed && through < self.log.next_seq(),
+                "I3: trimming through seq {through} past the executed {}",
+                self.pipe.executed
+            );
+            if self.cfg.confirm == ConfirmMode::Ack {
+                assert!(
+                    through <= self.pipe.ack2.max(self.pipe.ack3),
+                    "I3: trimming through seq {through} the peer did not confirm executing \
+                     (ACK2 {}, ACK3 {})",
+                    self.pipe.ack2,
+                    self.pipe.ack3
+                );
+            }
             self.log.trim_through(through);
         }
         if self.meta.role == Role::Primary
-            && self.degraded
-            && self.link == LinkState::Active
+            && self.roles.is_degraded()
+            && self.session.is_active()
             && self.resync_src.is_none()
         {
-            // Caught up with the live stream: back to synchronous mirroring.
-            if self.no_ack_below == u64::MAX
-                && self.ack1 + self.cfg.max_unacked_entries / 2 >= self.log.head()
+            // Caught up with the live stream: back to synchronous mirroring,
+            // from the next seq on.
+            if self.roles.mirroring == (Mirroring::Degraded { sync_from: None })
+                && self.pipe.ack1 + self.cfg.max_unacked_entries / 2 >= self.log.head()
             {
-                self.no_ack_below = self.log.next_seq();
+                self.roles.sync_from(self.log.next_seq());
             }
-            if self.no_ack_below != u64::MAX && self.ack1 + 1 >= self.no_ack_below {
-                self.degraded = false;
-                self.meta.peer_stale_from = None;
-                self.persist_meta();
-                self.out.push(Action::Notice(
-                    "backup caught up: synchronous mirroring again".into(),
-                ));
+            if let Mirroring::Degraded { sync_from: Some(n) } = self.roles.mirroring {
+                if self.pipe.ack1 + 1 >= n {
+                    self.roles.caught_up();
+                    self.meta.peer_stale_from = None;
+                    self.persist_meta();
+                    self.out.push(Action::Notice(
+                        "backup caught up: synchronous mirroring again".into(),
+                    ));
+                }
             }
         }
     }
@@ -2507,22 +2418,24 @@ impl<L: Log> Core<L> {
         // Backup side: flush once executed through the requested seq.
         for i in 0..self.peer_flushes.len() {
             if self.peer_flushes[i].token.is_none()
-                && self.executed >= self.peer_flushes[i].through.min(self.log.head())
+                && self.pipe.executed >= self.peer_flushes[i].through.min(self.log.head())
             {
                 let t = self.token();
                 self.peer_flushes[i].token = Some(t);
-                self.out.push(Action::FlushDisk { token: t });
+                self.out.push(Action::FlushDisk {
+                    token: Token::Flush(t),
+                });
             }
         }
-        let degraded_ok = self.degraded && self.meta_durable == self.meta_version;
-        if self.link == LinkState::Active && self.source && self.resync_src.is_none() {
+        let degraded_ok = self.roles.is_degraded() && self.meta_durable == self.meta_version;
+        if self.session.is_active_sender() && self.resync_src.is_none() {
             let head = self.log.head();
             for f in self
                 .host_flushes
                 .iter_mut()
-                .filter(|f| !f.peer_done && f.session != self.session)
+                .filter(|f| !f.peer_done && f.session != self.session.number)
             {
-                f.session = self.session;
+                f.session = self.session.number;
                 self.out.push(Action::Send(Msg::FlushReq {
                     id: f.token,
                     through: head,
@@ -2544,15 +2457,26 @@ impl<L: Log> Core<L> {
         }
     }
 
-    fn roles(&mut self) {
-        if self.promoting
-            && self.executed == self.log.head()
-            && self.log_durable >= self.log.head()
-            && self.executing.is_empty()
-            && self.exec_queue.is_empty()
+    fn complete_role_changes(&mut self) {
+        if let Transition::Promoting { forced } = self.roles.transition {
+            if self.pipe.executed == self.log.head()
+                && self.pipe.ring_durable >= self.log.head()
+                && self.executing.is_empty()
+                && self.exec_queue.is_empty()
+            {
+                self.promoted(forced);
+            }
+        }
+        if self.roles.demoting() && self.host_of.is_empty() && self.executing.is_empty() {
+            self.demoted();
+        }
+    }
+
+    /// A promotion executed every held entry: primary in a new generation.
+    fn promoted(&mut self, forced: bool) {
         {
-            self.promoting = false;
-            self.current = false;
+            self.roles.transition = Transition::Steady;
+            self.roles.current = false;
             let gen = self.meta.generation() + 1;
             // A forced promote can take a node that adopted the authority's
             // history but never received its entries: generations that
@@ -2575,7 +2499,7 @@ impl<L: Log> Core<L> {
                 first_seq: self.log.next_seq(),
                 origin: self.meta.node_id,
             });
-            if std::mem::take(&mut self.forced_promote) {
+            if forced {
                 self.record_forced(gen);
                 self.out.push(Action::Notice(format!(
                     "promote --force: generation {gen} is recorded as forced; writes the old \
@@ -2584,37 +2508,37 @@ impl<L: Log> Core<L> {
                 )));
             }
             self.meta.role = Role::Primary;
-            self.meta.executed = self.executed;
-            self.ack1 = self.log.head();
-            self.exec_next = self.log.head() + 1;
-            self.role_version = self.meta_version + 1;
-            if self.link != LinkState::Active {
+            self.meta.executed = self.pipe.executed;
+            self.pipe.ack1 = self.log.head();
+            self.pipe.exec_next = self.log.head() + 1;
+            self.roles.version = self.meta_version + 1;
+            if !self.session.is_active() {
                 // Serving without the peer from the start: the peer is stale
                 // from here on, recorded with the same generation bump.
                 self.meta.peer_stale_from = Some(self.log.next_seq());
-                self.degraded = true;
-                self.no_ack_below = u64::MAX;
+                self.roles.mirroring = Mirroring::Degraded { sync_from: None };
             }
             self.persist_meta();
             self.out.push(Action::Notice(format!(
                 "promoted: primary in generation {gen}"
             )));
-            if self.link != LinkState::Down {
+            if !self.session.is_down() {
                 self.reset_link("role change: new handshake".into());
             }
             self.update_path();
         }
-        if self.demoting && self.host_of.is_empty() && self.executing.is_empty() {
-            self.demoting = false;
-            self.current = false;
+    }
+
+    /// A demotion finished its in-flight writes: backup.
+    fn demoted(&mut self) {
+        {
+            self.roles.became_backup();
             self.meta.role = Role::Backup;
-            self.role_version = self.meta_version + 1;
-            self.degraded = false;
-            self.no_ack_below = 0;
-            self.meta.executed = self.executed;
+            self.roles.version = self.meta_version + 1;
+            self.meta.executed = self.pipe.executed;
             self.persist_meta();
             self.out.push(Action::Notice("demoted: now backup".into()));
-            if self.link != LinkState::Down {
+            if !self.session.is_down() {
                 self.reset_link("role change: new handshake".into());
             }
             self.update_path();
@@ -2625,8 +2549,8 @@ impl<L: Log> Core<L> {
         let done = match &self.replay {
             Some(p) => {
                 self.resync_src.is_none()
-                    && self.ack1 >= p.target_seq
-                    && self.link == LinkState::Active
+                    && self.pipe.ack1 >= p.target_seq
+                    && self.session.is_active()
             }
             None => false,
         };

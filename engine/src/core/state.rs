@@ -80,7 +80,7 @@ impl<L: Log> Core<L> {
         // Even when a newer blob superseded it: that newer blob must be
         // durable before this entry counts as executed.
         let v = self.persist_meta();
-        self.executing.push((seq, 0, 0));
+        self.executing.push((Token::Entry(seq), 0, 0));
         self.st.execs.push((seq, v));
     }
 
@@ -100,7 +100,7 @@ impl<L: Log> Core<L> {
         }
         self.st.execs.retain(|&(_, v)| v > durable);
         for s in done {
-            self.on_executed(s, Ok(()));
+            self.on_executed(Token::Entry(s), Ok(()));
         }
     }
 
@@ -166,12 +166,12 @@ impl<L: Log> Core<L> {
     /// Source: sends the session's `Msg::State` once everything below the
     /// stream's start (or the resync's end, which can move up) is executed.
     pub(super) fn send_state(&mut self) {
-        if self.link != LinkState::Active || !self.source {
+        if !self.session.is_active_sender() {
             return;
         }
         let Some(end) = self.st.due else { return };
         let end = self.resync_src.as_ref().map_or(end, |r| r.end_seq.max(end));
-        if self.executed + 1 < end {
+        if self.pipe.executed + 1 < end {
             return;
         }
         self.st.due = None;
@@ -188,7 +188,7 @@ impl<L: Log> Core<L> {
 
     /// Target: the source's blob arrived.
     pub(super) fn on_state_msg(&mut self, seq: Seq, blob: Option<Vec<u8>>) {
-        if self.source || self.link != LinkState::Active {
+        if !self.session.is_active_receiver() {
             return self.reset_link("unexpected State".into());
         }
         let newer = seq > self.meta.state_seq || (self.meta.state.is_none() && blob.is_some());

@@ -35,8 +35,8 @@ use volume::{
 
 use crate::core::verify::VerifyState;
 use crate::core::{
-    Action, ConfirmMode, Core, CoreConfig, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader,
-    ReqKind, Role, Seq,
+    Action, ConfirmMode, Core, CoreConfig, Event, HostError, Log, Meta, Msg, ReqHeader, ReqKind,
+    Role, Seq, SessionState, Token,
 };
 use crate::link::{parse_frames, push_frame, push_req_frame, LinkManager, LinkOptions};
 use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};
@@ -806,9 +806,9 @@ impl Drop for MetaWriter {
 
 enum Inflight {
     Exec(Seq),
-    ExtentWrite(u64),
-    ExtentRead { token: u64, offset: u64 },
-    Flush(u64),
+    ExtentWrite(Token),
+    ExtentRead { token: Token, offset: u64 },
+    Flush(Token),
     LogSync(Seq),
     HostRead(usize),
 }
@@ -1311,7 +1311,7 @@ impl Reactor {
             }
             match what {
                 Inflight::Exec(seq) => self.core.handle(Event::Executed {
-                    token: seq,
+                    token: Token::Entry(seq),
                     result: res,
                 }),
                 Inflight::ExtentWrite(token) => {
@@ -1542,11 +1542,11 @@ impl Reactor {
                 first_seq: p.first_seq,
                 last_seq: p.target_seq,
             };
-        let peer_state = match c.link_state() {
-            LinkState::Down => "disconnected",
-            LinkState::Refused(_) => "refused",
-            LinkState::Active if c.replay_progress().is_some() => "replaying",
-            LinkState::Active => "connected",
+        let peer_state = match c.session_state() {
+            SessionState::Down => "disconnected",
+            SessionState::Refused(_) => "refused",
+            SessionState::Active(_) if c.replay_progress().is_some() => "replaying",
+            SessionState::Active(_) => "connected",
             _ => "connecting",
         };
         let meta = c.meta();
@@ -1562,8 +1562,8 @@ impl Reactor {
             role: c.role().as_str().into(),
             generation: meta.generation(),
             peer_state: peer_state.into(),
-            peer_refused_reason: match c.link_state() {
-                LinkState::Refused(r) => Some(r.clone()),
+            peer_refused_reason: match c.session_state() {
+                SessionState::Refused(r) => Some(r.clone()),
                 _ => self.peer_refused.clone(),
             },
             serving: c.is_serving(),

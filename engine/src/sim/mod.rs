@@ -15,8 +15,8 @@
 use std::collections::VecDeque;
 
 use crate::core::{
-    Action, ConfirmMode, Core, CoreConfig, Event, GenEntry, HostError, LinkState, Log, Meta, Msg,
-    ReqHeader, ReqKind, Role, Seq,
+    Action, ConfirmMode, Core, CoreConfig, Event, GenEntry, HostError, Log, Meta, Msg, ReqHeader,
+    ReqKind, Role, Seq, SessionState, Token,
 };
 
 /// SplitMix64: small, fast, deterministic.
@@ -301,13 +301,13 @@ enum Pend {
     DiskWrite {
         offset: u64,
         data: Vec<u8>,
-        token: u64,
+        token: Token,
     },
     /// Disk read at completion time.
     DiskRead {
         offset: u64,
         len: u64,
-        token: u64,
+        token: Token,
     },
     MetaWrite {
         version: u64,
@@ -631,7 +631,7 @@ impl Sim {
                     Pend::DiskWrite {
                         offset: h.offset,
                         data,
-                        token: seq,
+                        token: Token::Entry(seq),
                     },
                 );
             }
@@ -1012,14 +1012,14 @@ impl Sim {
                 "node {}: generation history out of order: {h:?}",
                 j + 1
             );
-            match c.link_state() {
-                LinkState::Refused(_) if !self.refusing[j] => {
+            match c.session_state() {
+                SessionState::Refused(_) if !self.refusing[j] => {
                     // A node serving in a generation the operator forced was
                     // chosen by the operator: it may go on serving.
                     let chosen = c.is_serving() && c.meta().forced.contains(&c.meta().generation());
                     self.refusing[j] = !chosen;
                 }
-                LinkState::AwaitReady | LinkState::SendingReady | LinkState::Active => {
+                SessionState::AwaitReady | SessionState::SendingReady | SessionState::Active(_) => {
                     self.refusing[j] = false
                 }
                 _ => {}
@@ -1039,12 +1039,17 @@ impl Sim {
             // restart: it cannot tell it misses writes.
             let other = self.nodes[1 - j].core.as_ref();
             if degraded
-                && other.is_some_and(|o| *o.link_state() != LinkState::Active && !o.is_serving())
+                && other.is_some_and(|o| {
+                    !matches!(o.session_state(), SessionState::Active(_)) && !o.is_serving()
+                })
                 && self.started_ms[1 - j] < self.degraded_since[j]
             {
                 self.op_risk = true;
             }
-            if c.role() == Role::Backup && c.is_current() && *c.link_state() == LinkState::Active {
+            if c.role() == Role::Backup
+                && c.is_current()
+                && matches!(c.session_state(), SessionState::Active(_))
+            {
                 self.op_risk = false;
                 let now = self.now;
                 for f in self.forced.iter_mut().filter(|f| f.closed_ms == u64::MAX) {
@@ -1251,8 +1256,8 @@ impl Sim {
     fn refused(&self) -> Option<String> {
         self.nodes
             .iter()
-            .find_map(|n| match n.core.as_ref().map(|c| c.link_state()) {
-                Some(LinkState::Refused(r)) => Some(r.clone()),
+            .find_map(|n| match n.core.as_ref().map(|c| c.session_state()) {
+                Some(SessionState::Refused(r)) => Some(r.clone()),
                 _ => None,
             })
     }
@@ -1813,7 +1818,7 @@ mod tests {
             sim.nodes[1].core.as_ref().unwrap(),
         );
         assert!(
-            matches!(a.link_state(), LinkState::Refused(_)),
+            matches!(a.session_state(), SessionState::Refused(_)),
             "{}",
             a.debug_state()
         );
