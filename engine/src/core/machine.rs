@@ -37,8 +37,8 @@ pub enum Event {
     /// The replication link went down.
     PeerDisconnected,
     PeerMsg(Msg),
-    /// A `SyncLog` finished: every ring entry up to `through` is durable.
-    LogSynced {
+    /// A `FlushRing` finished: every ring entry up to `through` is durable.
+    RingFlushed {
         through: Seq,
     },
     MetaPersisted {
@@ -70,7 +70,7 @@ pub enum Action {
     SendEntry(Seq),
     /// Make the ring durable through its current head and answer
     /// `LogSynced { through }` with that head.
-    SyncLog,
+    FlushRing,
     PersistMeta {
         version: u64,
         bytes: Vec<u8>,
@@ -179,16 +179,16 @@ impl ExecItem {
     }
 }
 
-/// Source side of a dirty-map resync / full remirror.
-struct ResyncSource {
+/// Sender side of a dirty-map resync / full remirror.
+struct ResyncSender {
     next_chunk: u64,
     reads_inflight: usize,
     end_seq: Seq,
     ended: bool,
 }
 
-/// Target side of a resync.
-struct ResyncTarget {
+/// Receiver side of a resync.
+struct ResyncReceiver {
     meta_version: u64,
     end: Option<Seq>,
     full: bool,
@@ -196,7 +196,7 @@ struct ResyncTarget {
     /// records its disk consistent: `Some(token)` while in flight.
     flush_token: Option<u64>,
     flushed: bool,
-    /// From `ResyncEnd`: the extents hold the source's disk as of this seq.
+    /// From `ResyncEnd`: the extents hold the sender's disk as of this seq.
     consistent_at: Seq,
 }
 
@@ -207,7 +207,7 @@ pub struct ReplayProgress {
     pub entries: u64,
     pub bytes: u64,
     pub extents: u64,
-    pub target_seq: Seq,
+    pub last_seq: Seq,
     pub first_seq: Seq,
     pub full: bool,
     pub done: bool,
@@ -245,8 +245,8 @@ pub struct Core<L: Log> {
     session: Session,
     resync_meta_gate: u64,
     ack_times: VecDeque<(Seq, u64)>,
-    resync_src: Option<ResyncSource>,
-    resync_tgt: Option<ResyncTarget>,
+    resync_sender: Option<ResyncSender>,
+    resync_receiver: Option<ResyncReceiver>,
     resync_done_sent: bool,
     replay: Option<ReplayProgress>,
     pub last_replay: Option<ReplayProgress>,
@@ -312,8 +312,8 @@ impl<L: Log> Core<L> {
             session: Session::new(now_ms),
             resync_meta_gate: 0,
             ack_times: VecDeque::new(),
-            resync_src: None,
-            resync_tgt: None,
+            resync_sender: None,
+            resync_receiver: None,
             resync_done_sent: false,
             replay: None,
             last_replay: None,
@@ -433,8 +433,8 @@ impl<L: Log> Core<L> {
     /// The replication stream is caught up in both directions.
     pub fn in_sync(&self) -> bool {
         self.session.is_active()
-            && self.resync_src.is_none()
-            && self.resync_tgt.is_none()
+            && self.resync_sender.is_none()
+            && self.resync_receiver.is_none()
             && self.session.rx_backlog.is_empty()
             && (!self.session.is_sender()
                 || (self.pipe.ack1 == self.log.head()
@@ -444,11 +444,11 @@ impl<L: Log> Core<L> {
     /// A one-line summary of the state, for simulator failures.
     pub fn debug_state(&self) -> String {
         format!(
-            "role={:?} session={:?} serving={} mirroring={:?} transition={:?} head={} first={} durable={} exec={} exec_next={} ack1={} ack2={} ack3={} send_next={} host={} waiting={} executing={} queue={} backlog={} resync_src={} resync_tgt={} meta v{}/{} dirty={} failed={:?} flushes={}",
+            "role={:?} session={:?} serving={} mirroring={:?} transition={:?} head={} first={} durable={} exec={} exec_next={} ack1={} ack2={} ack3={} send_next={} host={} waiting={} executing={} queue={} backlog={} resync_sender={} resync_receiver={} meta v{}/{} dirty={} failed={:?} flushes={}",
             self.meta.role, self.session.state(), self.serving, self.roles.mirroring, self.roles.transition, self.log.head(), self.log.first_seq(),
             self.pipe.ring_durable, self.pipe.executed, self.pipe.exec_next, self.pipe.ack1, self.pipe.ack2, self.pipe.ack3, self.pipe.send_next,
             self.host_of.len(), self.waiting.len(), self.executing.len(), self.exec_queue.len(), self.session.rx_backlog.len(),
-            self.resync_src.is_some(), self.resync_tgt.is_some(), self.meta_durable, self.meta_version,
+            self.resync_sender.is_some(), self.resync_receiver.is_some(), self.meta_durable, self.meta_version,
             self.meta.dirty.count(), self.failed, self.host_flushes.len()
         )
     }
@@ -679,7 +679,7 @@ impl<L: Log> Core<L> {
             return Err("the peer is primary and connected; demote it first".into());
         }
         if !force {
-            if self.log.head() < self.meta.behind_until || self.resync_tgt.is_some() {
+            if self.log.head() < self.meta.behind_until || self.resync_receiver.is_some() {
                 return Err(format!(
                     "this node is behind the primary (holds seq {}, the primary had {}): \
                      promoting it would lose acknowledged writes. Start the primary and let \
@@ -754,7 +754,7 @@ impl<L: Log> Core<L> {
         if !self.session.is_active_sender() {
             return Err("the backup is not connected: nothing to compare with".into());
         }
-        if self.roles.is_degraded() || self.resync_src.is_some() || self.replay.is_some() {
+        if self.roles.is_degraded() || self.resync_sender.is_some() || self.replay.is_some() {
             return Err(
                 "the backup is still catching up (replay or resync); verify once it is in sync"
                     .into(),
@@ -990,7 +990,7 @@ impl<L: Log> Core<L> {
                 self.session.last_rx_ms = self.now_ms;
                 self.on_msg(m)
             }
-            Event::LogSynced { through } => self.pipe.ring_flushed(through, self.log.head()),
+            Event::RingFlushed { through } => self.pipe.ring_flushed(through, self.log.head()),
             Event::MetaPersisted { version } => {
                 self.meta_inflight = false;
                 self.meta_durable = self.meta_durable.max(version);
@@ -1016,7 +1016,7 @@ impl<L: Log> Core<L> {
                 result,
             } => match result {
                 Ok(data) => {
-                    if let Some(r) = self.resync_src.as_mut() {
+                    if let Some(r) = self.resync_sender.as_mut() {
                         r.reads_inflight -= 1;
                     }
                     if let Some(p) = self.replay.as_mut() {
@@ -1040,7 +1040,7 @@ impl<L: Log> Core<L> {
                 if let Some(f) = self.host_flushes.iter_mut().find(|f| f.token == token) {
                     f.local_done = Some(result);
                 } else if let Some(r) = self
-                    .resync_tgt
+                    .resync_receiver
                     .as_mut()
                     .filter(|r| r.flush_token == Some(token))
                 {
@@ -1153,8 +1153,8 @@ impl<L: Log> Core<L> {
             return;
         }
         self.session.disconnect();
-        self.resync_src = None;
-        self.resync_tgt = None;
+        self.resync_sender = None;
+        self.resync_receiver = None;
         self.peer_flushes.clear();
         self.in_sync_at = None;
         self.in_sync_sent = false;
@@ -1227,7 +1227,7 @@ impl<L: Log> Core<L> {
                     self.meta.resyncing = true;
                 }
                 let v = self.persist_meta();
-                self.resync_tgt = Some(ResyncTarget {
+                self.resync_receiver = Some(ResyncReceiver {
                     meta_version: v,
                     end: None,
                     full,
@@ -1238,7 +1238,10 @@ impl<L: Log> Core<L> {
                 self.resync_done_sent = false;
             }
             Msg::Extent { offset, data } => {
-                if self.resync_tgt.as_ref().is_none_or(|r| r.end.is_some())
+                if self
+                    .resync_receiver
+                    .as_ref()
+                    .is_none_or(|r| r.end.is_some())
                     || offset
                         .checked_add(data.len() as u64)
                         .is_none_or(|e| e > self.cfg.volume_bytes)
@@ -1254,7 +1257,7 @@ impl<L: Log> Core<L> {
             Msg::ResyncEnd {
                 next_seq,
                 consistent_at,
-            } => match self.resync_tgt.as_mut() {
+            } => match self.resync_receiver.as_mut() {
                 Some(r) if r.end.is_none() && next_seq >= self.log.next_seq() => {
                     r.end = Some(next_seq);
                     r.consistent_at = consistent_at;
@@ -1262,9 +1265,9 @@ impl<L: Log> Core<L> {
                 _ => self.reset_link("unexpected ResyncEnd".into()),
             },
             Msg::ResyncDone { next_seq } => {
-                if let Some(r) = &self.resync_src {
+                if let Some(r) = &self.resync_sender {
                     if r.ended && next_seq == r.end_seq {
-                        self.resync_src = None;
+                        self.resync_sender = None;
                         self.meta.dirty.clear();
                         self.meta.fold_base = 0;
                         self.persist_meta();
@@ -1374,15 +1377,15 @@ impl<L: Log> Core<L> {
                 self.fence(&reason);
                 self.session.refuse(reason);
             }
-            Plan::Source => {
+            Plan::Sender => {
                 self.unfence();
-                // A restarted primary keeps waiting until the target's
-                // `Ready`: only then has the target dropped whatever it held
+                // A restarted primary keeps waiting until the receiver's
+                // `Ready`: only then has the receiver dropped whatever it held
                 // past our (possibly torn) ring head, so new seqs cannot
                 // collide with entries it still has.
                 self.session.await_ready();
             }
-            Plan::Target { truncate_to } => {
+            Plan::Receiver { truncate_to } => {
                 let peer = self.session.peer.clone().expect("hello");
                 // A new session: current again only after this one's `InSync`.
                 self.roles.current = false;
@@ -1487,7 +1490,7 @@ impl<L: Log> Core<L> {
                     }
                     changed = true;
                 }
-                // On a target the dirty map lists the extents it needs
+                // On a receiver the dirty map lists the extents it needs
                 // rewritten by the authority; it is durable before `Ready`
                 // and cleared once the resync is applied.
                 for (o, l) in rollback {
@@ -1577,7 +1580,7 @@ impl<L: Log> Core<L> {
             self.roles.awaiting_peer = false;
             self.update_path();
         }
-        // A new session: the target holds (durably) every entry through `head`.
+        // A new session: the receiver holds (durably) every entry through `head`.
         self.pipe.ack1 = head.min(self.log.head());
         self.ack_times.clear();
         self.ack_times.push_back((self.pipe.ack1, self.now_ms));
@@ -1614,7 +1617,7 @@ impl<L: Log> Core<L> {
         let backlog = self.log.head() + 1 - end_seq;
         if resync {
             let v = self.persist_meta();
-            self.resync_src = Some(ResyncSource {
+            self.resync_sender = Some(ResyncSender {
                 next_chunk: 0,
                 reads_inflight: 0,
                 end_seq,
@@ -1636,7 +1639,7 @@ impl<L: Log> Core<L> {
             }
             self.replay = Some(ReplayProgress {
                 start_ms: self.now_ms,
-                target_seq: self.log.head(),
+                last_seq: self.log.head(),
                 first_seq: end_seq,
                 full,
                 ..Default::default()
@@ -1652,9 +1655,9 @@ impl<L: Log> Core<L> {
         }
     }
 
-    /// Target: append what arrived, in order, as the ring has room.
+    /// Receiver: append what arrived, in order, as the ring has room.
     fn drain_backlog(&mut self) {
-        if self.resync_tgt.is_some() {
+        if self.resync_receiver.is_some() {
             return;
         }
         while let Some((hdr, payload)) = self.session.rx_backlog.front() {
@@ -1746,8 +1749,8 @@ impl<L: Log> Core<L> {
         self.track_current();
         self.verify_step();
         self.stream();
-        self.resync_source();
-        self.resync_target();
+        self.resync_send();
+        self.resync_receive();
         self.schedule_executions();
         self.send_acks();
         self.trim();
@@ -1765,7 +1768,7 @@ impl<L: Log> Core<L> {
             .pipe
             .ring_flush_due(self.log.head(), self.log.wants_sync())
         {
-            self.out.push(Action::SyncLog);
+            self.out.push(Action::FlushRing);
         }
     }
 
@@ -1804,8 +1807,8 @@ impl<L: Log> Core<L> {
         self.roles.check(self.meta.role);
     }
 
-    /// Source: says `InSync` once per session when it no longer completes
-    /// writes without the target. Target: current once that seq is durable.
+    /// Sender: says `InSync` once per session when it no longer completes
+    /// writes without the receiver. Receiver: current once that seq is durable.
     fn track_current(&mut self) {
         if !self.session.is_active() {
             return;
@@ -1813,7 +1816,7 @@ impl<L: Log> Core<L> {
         if self.session.is_active_sender() {
             if !self.in_sync_sent
                 && !self.roles.is_degraded()
-                && self.resync_src.is_none()
+                && self.resync_sender.is_none()
                 && self.state_sent()
             {
                 self.in_sync_sent = true;
@@ -1824,7 +1827,7 @@ impl<L: Log> Core<L> {
         if let Some(s) = self.in_sync_at {
             if !self.roles.current
                 && self.meta.role == Role::Backup
-                && self.resync_tgt.is_none()
+                && self.resync_receiver.is_none()
                 && self.session.pending.is_none()
                 && !self.meta.fresh
                 && !self.meta.resyncing
@@ -2006,7 +2009,7 @@ impl<L: Log> Core<L> {
         if !self.session.is_active_sender() {
             return;
         }
-        if self.resync_src.as_ref().is_some_and(|r| !r.ended) {
+        if self.resync_sender.as_ref().is_some_and(|r| !r.ended) {
             return;
         }
         let limit = self.pipe.ack1 + self.cfg.max_unacked_entries;
@@ -2014,7 +2017,7 @@ impl<L: Log> Core<L> {
             let replaying = self
                 .replay
                 .as_ref()
-                .is_some_and(|p| self.pipe.send_next <= p.target_seq);
+                .is_some_and(|p| self.pipe.send_next <= p.last_seq);
             if replaying {
                 let bytes = self.log.get(self.pipe.send_next).map_or(0, |(h, _)| {
                     if h.kind == ReqKind::Write {
@@ -2041,12 +2044,12 @@ impl<L: Log> Core<L> {
         }
     }
 
-    fn resync_source(&mut self) {
+    fn resync_send(&mut self) {
         if !self.session.is_active() {
             return;
         }
         let gate = self.resync_meta_gate;
-        let Some(r) = self.resync_src.as_mut() else {
+        let Some(r) = self.resync_sender.as_mut() else {
             return;
         };
         if r.ended || self.meta_durable < gate {
@@ -2091,8 +2094,8 @@ impl<L: Log> Core<L> {
         }
     }
 
-    fn resync_target(&mut self) {
-        let Some(r) = self.resync_tgt.as_ref() else {
+    fn resync_receive(&mut self) {
+        let Some(r) = self.resync_receiver.as_ref() else {
             return;
         };
         let Some(end) = r.end else { return };
@@ -2109,7 +2112,7 @@ impl<L: Log> Core<L> {
             // consistent.
             if r.flush_token.is_none() {
                 let token = self.token();
-                self.resync_tgt.as_mut().unwrap().flush_token = Some(token);
+                self.resync_receiver.as_mut().unwrap().flush_token = Some(token);
                 self.out.push(Action::FlushDisk {
                     token: Token::Flush(token),
                 });
@@ -2119,7 +2122,7 @@ impl<L: Log> Core<L> {
         if !self.resync_done_sent {
             // Everything applied and flushed: continue the ring at `end` and
             // record the disk consistent again, durably, before telling the
-            // source.
+            // sender.
             if end > self.log.next_seq() {
                 self.log.reset(end);
                 self.pipe.reset(end);
@@ -2141,14 +2144,14 @@ impl<L: Log> Core<L> {
                 self.meta.fresh = false;
             }
             let v = self.persist_meta();
-            self.resync_tgt.as_mut().unwrap().meta_version = v;
+            self.resync_receiver.as_mut().unwrap().meta_version = v;
             self.resync_done_sent = true;
             return;
         }
         if self.meta_durable >= r.meta_version {
             self.out
                 .push(Action::Send(Msg::ResyncDone { next_seq: end }));
-            self.resync_tgt = None;
+            self.resync_receiver = None;
             self.resync_done_sent = false;
             self.out
                 .push(Action::Notice("resync applied; disk consistent".into()));
@@ -2204,7 +2207,7 @@ impl<L: Log> Core<L> {
                     .push_back(ExecItem::Verify(q.token, q.offset, q.len));
             }
         }
-        let extents_gate = self.resync_tgt.as_ref().map(|r| r.meta_version);
+        let extents_gate = self.resync_receiver.as_ref().map(|r| r.meta_version);
         let mut i = 0;
         let mut scanned = 0;
         while i < self.exec_queue.len()
@@ -2301,7 +2304,7 @@ impl<L: Log> Core<L> {
             }
             return;
         }
-        if self.resync_tgt.is_some() {
+        if self.resync_receiver.is_some() {
             return;
         }
         // ACK1 covers what is durable in the ring (persisted mode), or
@@ -2392,7 +2395,7 @@ impl<L: Log> Core<L> {
         if self.meta.role == Role::Primary
             && self.roles.is_degraded()
             && self.session.is_active()
-            && self.resync_src.is_none()
+            && self.resync_sender.is_none()
         {
             // Caught up with the live stream: back to synchronous mirroring,
             // from the next seq on.
@@ -2428,7 +2431,7 @@ impl<L: Log> Core<L> {
             }
         }
         let degraded_ok = self.roles.is_degraded() && self.meta_durable == self.meta_version;
-        if self.session.is_active_sender() && self.resync_src.is_none() {
+        if self.session.is_active_sender() && self.resync_sender.is_none() {
             let head = self.log.head();
             for f in self
                 .host_flushes
@@ -2548,8 +2551,8 @@ impl<L: Log> Core<L> {
     fn update_replay(&mut self) {
         let done = match &self.replay {
             Some(p) => {
-                self.resync_src.is_none()
-                    && self.pipe.ack1 >= p.target_seq
+                self.resync_sender.is_none()
+                    && self.pipe.ack1 >= p.last_seq
                     && self.session.is_active()
             }
             None => false,

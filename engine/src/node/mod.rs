@@ -1331,7 +1331,7 @@ impl Reactor {
                 Inflight::LogSync(through) => match res {
                     Ok(()) => {
                         self.core.log.0.sync_completed(through);
-                        self.core.handle(Event::LogSynced { through });
+                        self.core.handle(Event::RingFlushed { through });
                     }
                     Err(e) => {
                         // The kernel may have dropped dirty ring pages: refuse
@@ -1406,7 +1406,7 @@ impl Reactor {
                     }
                 }
             }
-            Action::SyncLog => {
+            Action::FlushRing => {
                 let through = self.core.log.0.prepare_sync();
                 if self.ring_failed() {
                     return;
@@ -1530,17 +1530,17 @@ impl Reactor {
                 remaining_entries: if done {
                     0
                 } else {
-                    p.target_seq.saturating_sub(head.min(p.target_seq))
+                    p.last_seq.saturating_sub(head.min(p.last_seq))
                 },
                 // Estimated from the average entry size so far.
                 remaining_bytes: if done || p.entries == 0 {
                     0
                 } else {
-                    p.target_seq.saturating_sub(head.min(p.target_seq)) * (p.bytes / p.entries)
+                    p.last_seq.saturating_sub(head.min(p.last_seq)) * (p.bytes / p.entries)
                 },
                 full_remirror: p.full,
                 first_seq: p.first_seq,
-                last_seq: p.target_seq,
+                last_seq: p.last_seq,
             };
         let peer_state = match c.session_state() {
             SessionState::Down => "disconnected",

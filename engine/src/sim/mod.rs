@@ -384,9 +384,9 @@ pub struct Sim {
     /// A node refused its peer and must not serve until an operator
     /// resolves it (a successful handshake, or `promote --force` on it).
     refusing: [bool; 2],
-    /// Start time of the last replay checked, per source node.
+    /// Start time of the last replay checked, per sender node.
     replay_checked: [Option<u64>; 2],
-    /// End time of the last finished replay checked, per source node.
+    /// End time of the last finished replay checked, per sender node.
     replay_done_checked: [Option<u64>; 2],
     /// Blocks a test corrupted behind the nodes' back: verify may report
     /// them (and only them).
@@ -595,7 +595,7 @@ impl Sim {
                 };
                 self.send(i, m);
             }
-            Action::SyncLog => {
+            Action::FlushRing => {
                 let through = self.nodes[i].core.as_ref().unwrap().log.head();
                 self.schedule(i, Pend::LogSync { through });
             }
@@ -753,7 +753,7 @@ impl Sim {
                 }
                 Pend::LogSync { through } => {
                     core.log.durable = core.log.durable.max(through.min(core.log.head()));
-                    Event::LogSynced { through }
+                    Event::RingFlushed { through }
                 }
             };
             core.handle(ev);
@@ -1113,14 +1113,14 @@ impl Sim {
                 if p.done && self.replay_done_checked[j] != Some(p.end_ms) {
                     self.replay_done_checked[j] = Some(p.end_ms);
                     // A resync's extents may stand for the start of the range.
-                    let range = (p.target_seq + 1).saturating_sub(p.first_seq);
+                    let range = (p.last_seq + 1).saturating_sub(p.first_seq);
                     assert!(
                         p.entries == range || (p.extents > 0 && p.entries < range),
                         "I4: node {} replayed {} entries for the range {}..={} ({} extents)",
                         j + 1,
                         p.entries,
                         p.first_seq,
-                        p.target_seq,
+                        p.last_seq,
                         p.extents
                     );
                 }
@@ -1635,7 +1635,7 @@ mod tests {
             }
         }
         // cargo test hides a passing test's output: the summary also goes to
-        // target/sim-summary.txt, which scripts/test.sh prints.
+        // receiver/sim-summary.txt, which scripts/test.sh prints.
         let summary = format!(
             "simulator: {n} seeds, {completed} acknowledged host writes, {replayed} entries replayed\n  \
              faults: {} primary kills, {} backup kills, {} kills of both, {} stalls, {} link cuts, \
@@ -1666,7 +1666,7 @@ mod tests {
             c.state_updates
         );
         eprintln!("{summary}");
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../receiver");
         if dir.is_dir() {
             let _ = std::fs::write(dir.join("sim-summary.txt"), format!("{summary}\n"));
         }
