@@ -1601,6 +1601,7 @@ pub fn run_seed(seed: u64) -> Result<Outcome, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::Side;
 
     fn seeds() -> u64 {
         std::env::var("DM_SIM_SEEDS")
@@ -1793,26 +1794,29 @@ mod tests {
         );
     }
 
+    /// A partition during which the backup is forced to primary while the
+    /// primary keeps serving (and goes degraded): both accept writes, and
+    /// the handshake after the partition refuses the pairing.
+    fn forced_split_brain(seed: u64) -> Sim {
+        let mut sim = Sim::with_params(seed, calm(seed));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.wire.cut_until = sim.now + 1500;
+        sim.link_down(None);
+        sim.force_promote(1);
+        for _ in 0..1700 {
+            sim.step();
+        }
+        sim
+    }
+
     /// Scenario (issue 11 item 2): a forced split brain is refused by both
     /// nodes; the one the operator did not choose stops serving and stays
     /// fenced across reconnects until it is reformatted.
     #[test]
     fn a_refused_split_brain_fences_the_node_the_operator_did_not_choose() {
-        let mut sim = Sim::with_params(11, calm(11));
-        for _ in 0..200 {
-            sim.step();
-        }
-        // Partition; the backup is forced to primary while the primary keeps
-        // serving (and goes degraded): both accept writes.
-        sim.wire.cut_until = sim.now + 1500;
-        sim.link_down(None);
-        sim.force_promote(1);
-        for _ in 0..1500 {
-            sim.step();
-        }
-        for _ in 0..200 {
-            sim.step();
-        }
+        let mut sim = forced_split_brain(11);
         let (a, b) = (
             sim.nodes[0].core.as_ref().unwrap(),
             sim.nodes[1].core.as_ref().unwrap(),
@@ -1838,6 +1842,253 @@ mod tests {
         }
         let a = sim.nodes[0].core.as_ref().unwrap();
         assert!(a.fenced().is_some() && !a.is_serving());
+    }
+
+    /// Scenario: a fenced node refuses host writes and flushes as a node
+    /// that does not serve, and a plain `promote` tells the operator to
+    /// choose the survivor.
+    #[test]
+    fn a_fenced_node_refuses_host_writes() {
+        let mut sim = forced_split_brain(11);
+        let a = sim.nodes[0].core.as_mut().unwrap();
+        assert!(a.fenced().is_some(), "{}", a.debug_state());
+        let mut acts = Vec::new();
+        a.drain_actions(&mut acts);
+        acts.clear();
+        let (w, f) = (u64::MAX - 1, u64::MAX - 2);
+        a.host_write(w, ReqKind::Write, 0, BLOCK, false, &vec![7; BLOCK as usize]);
+        a.host_flush(f);
+        a.poll();
+        a.drain_actions(&mut acts);
+        assert!(acts.contains(&Action::CompleteWrite {
+            id: w,
+            result: Err(HostError::NotPrimary)
+        }));
+        assert!(acts.contains(&Action::CompleteFlush {
+            id: f,
+            result: Err(HostError::NotPrimary)
+        }));
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Execute { .. })),
+            "{acts:?}"
+        );
+        let err = a.promote(false).unwrap_err();
+        assert!(err.contains("is fenced; choose the survivor"), "{err}");
+    }
+
+    /// Two cores connected to each other, exchanging messages for 20
+    /// rounds. A fault-free driver: ring flushes and
+    /// metadata writes complete at once; nothing touches a disk.
+    fn handshake(metas: [Meta; 2]) -> [Core<SimLog>; 2] {
+        let vol = metas[0].dirty.granularity * metas[0].dirty.chunks;
+        let mut nodes = metas.map(|m| {
+            let cfg = CoreConfig::for_tests(m.node_id, vol);
+            Core::new(cfg, m, SimLog::new(64 * 1024), 0)
+        });
+        for c in &mut nodes {
+            c.handle(Event::PeerConnected);
+        }
+        for _ in 0..20 {
+            let mut sent = [Vec::new(), Vec::new()];
+            for (i, c) in nodes.iter_mut().enumerate() {
+                c.poll();
+                let mut acts = Vec::new();
+                c.drain_actions(&mut acts);
+                for a in acts {
+                    match a {
+                        Action::Send(m) => sent[i].push(m),
+                        Action::FlushRing => {
+                            let through = c.log.head();
+                            c.log.durable = through;
+                            c.handle(Event::RingFlushed { through });
+                        }
+                        Action::PersistMeta { version, .. } => {
+                            c.handle(Event::MetaPersisted { version })
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for (i, msgs) in sent.into_iter().enumerate() {
+                for m in msgs {
+                    nodes[1 - i].handle(Event::PeerMsg(m));
+                }
+            }
+        }
+        nodes
+    }
+
+    /// Scenario: two nodes whose disks are both new (formatted with
+    /// `--replace`) refuse each other: neither can be the authority. Both
+    /// end refused with the reason and the fix, and neither serves.
+    #[test]
+    fn two_new_disks_refuse_each_other() {
+        let vol = 64 * BLOCK;
+        let fresh = |id, role| {
+            let mut m = Meta::formatted(id, role, vol, BLOCK, true);
+            m.incarnation = 1;
+            m
+        };
+        let nodes = handshake([fresh(1, Role::Primary), fresh(2, Role::Backup)]);
+        for c in &nodes {
+            match c.session_state() {
+                SessionState::Refused(r) => assert!(
+                    r.contains("both disks are new") && r.contains("format one node without"),
+                    "{r}"
+                ),
+                s => panic!("{s:?}: {}", c.debug_state()),
+            }
+            assert!(!c.is_serving());
+        }
+    }
+
+    /// Scenario: a new disk (formatted with `--replace`) meets a formatted
+    /// peer: the handshake makes the peer the sender of a full remirror,
+    /// whatever the roles say.
+    #[test]
+    fn a_new_disk_receives_a_full_remirror() {
+        let vol = 64 * BLOCK;
+        let mut old = Meta::formatted(1, Role::Backup, vol, BLOCK, false);
+        old.incarnation = 1;
+        let mut new = Meta::formatted(2, Role::Primary, vol, BLOCK, true);
+        new.incarnation = 1;
+        let nodes = handshake([old, new]);
+        assert_eq!(
+            nodes[0].session_state(),
+            &SessionState::Active(Side::Sender)
+        );
+        assert_eq!(
+            nodes[1].session_state(),
+            &SessionState::Active(Side::Receiver)
+        );
+        assert_eq!(nodes[1].role(), Role::Backup, "the new disk gives way");
+        let p = nodes[0].replay_progress().expect("a remirror runs");
+        assert!(p.full);
+    }
+
+    /// Scenario: the backup dies. Once `peer_timeout_ms` has passed with
+    /// writes waiting, the primary records the backup stale from its ACK1 +
+    /// 1 in a new generation and completes writes alone; when the backup
+    /// returns, the primary sends it the delta from there (entries, or a
+    /// dirty-map resync once its ring overflowed) and mirrors synchronously
+    /// again.
+    #[test]
+    fn degrade_at_the_timeout_then_resync_of_the_delta() {
+        let mut sim = Sim::with_params(3, calm(3));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.crash_node(1, 1_000_000);
+        let p = sim.nodes[0].core.as_ref().unwrap();
+        let gen0 = p.meta().generation();
+        let (ack1, _, _, _) = p.watermarks();
+        let first_alone = sim.next_id;
+        for _ in 0..2000 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().is_degraded() {
+                break;
+            }
+        }
+        let p = sim.nodes[0].core.as_ref().unwrap();
+        assert!(p.is_degraded(), "{}", p.debug_state());
+        assert_eq!(p.meta().generation(), gen0 + 1);
+        assert_eq!(p.meta().peer_stale_from, Some(ack1 + 1));
+        for _ in 0..300 {
+            sim.step();
+        }
+        let alone = sim.writes[(first_alone - 1) as usize..]
+            .iter()
+            .filter(|w| w.state == WState::Ok)
+            .count();
+        assert!(alone > 0, "no write completed without the backup");
+        // The backup returns.
+        sim.nodes[1].down_until = sim.now;
+        for _ in 0..20_000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        assert!(sim.converged());
+        let (p, b) = (
+            sim.nodes[0].core.as_ref().unwrap(),
+            sim.nodes[1].core.as_ref().unwrap(),
+        );
+        assert!(!p.is_degraded() && p.meta().peer_stale_from.is_none());
+        assert_eq!(b.meta().generation(), gen0 + 1, "the backup adopted it");
+        let r = p.last_replay.as_ref().expect("a replay");
+        assert!(r.done);
+        assert!(r.first_seq > ack1, "resent what the backup held");
+        assert!(r.entries + r.extents > 0);
+        let o = sim.run();
+        assert!(o.completed > 0);
+    }
+
+    /// Scenario: the primary dies and the backup is promoted with
+    /// `--force`: it serves in a new generation that it opened at its next
+    /// seq, recorded as forced, with the old primary recorded stale.
+    #[test]
+    fn a_forced_promote_opens_a_generation_recorded_as_forced() {
+        let mut sim = Sim::with_params(5, calm(5));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.crash_node(0, 1_000_000);
+        let b = sim.nodes[1].core.as_ref().unwrap();
+        let gen0 = b.meta().generation();
+        let next = b.log.next_seq();
+        sim.force_promote(1);
+        for _ in 0..1000 {
+            sim.step();
+            if sim.nodes[1].core.as_ref().unwrap().is_serving() {
+                break;
+            }
+        }
+        let b = sim.nodes[1].core.as_ref().unwrap();
+        assert!(b.is_serving(), "{}", b.debug_state());
+        assert_eq!(b.role(), Role::Primary);
+        let g = *b.meta().history.last().unwrap();
+        assert_eq!(g.gen, gen0 + 1);
+        assert_eq!(g.origin, 2);
+        assert_eq!(g.first_seq, next);
+        assert!(b.meta().forced.contains(&g.gen));
+        assert!(b.is_degraded());
+        assert_eq!(b.meta().peer_stale_from, Some(next));
+    }
+
+    /// Scenario: a primary restarted while its backup is down does not
+    /// serve (the backup may have been promoted meanwhile) and a plain
+    /// `promote` refuses; once the backup returns, the handshake lets it
+    /// serve again.
+    #[test]
+    fn a_restarted_primary_waits_for_its_peer_before_serving() {
+        let mut sim = Sim::with_params(9, calm(9));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.crash_node(1, 1_000_000);
+        sim.crash_node(0, 0);
+        sim.step();
+        let a = sim.nodes[0].core.as_mut().unwrap();
+        assert_eq!(a.role(), Role::Primary);
+        assert!(!a.is_serving());
+        let why = a.not_serving_reason().unwrap();
+        assert!(why.contains("waiting for the peer's handshake"), "{why}");
+        let err = a.promote(false).unwrap_err();
+        assert!(err.contains("has not reached its peer"), "{err}");
+        sim.nodes[1].down_until = sim.now;
+        for _ in 0..2000 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().is_serving() {
+                break;
+            }
+        }
+        let a = sim.nodes[0].core.as_ref().unwrap();
+        assert!(a.is_serving(), "{}", a.debug_state());
+        assert!(matches!(
+            a.session_state(),
+            SessionState::Active(Side::Sender)
+        ));
     }
 
     /// Issue 11 item 8: online verify finds exactly a block corrupted
