@@ -10,16 +10,13 @@ pub mod decide;
 pub mod machine;
 pub mod meta;
 pub mod msg;
-mod pipeline;
-mod role;
-pub mod session;
 pub mod types;
 pub mod verify;
 
+pub use machine::session::{SessionState, Side};
 pub use machine::{Action, Core, Event, HostError};
 pub use meta::{DirtyMap, Meta};
 pub use msg::{Hello, Msg};
-pub use session::{SessionState, Side};
 pub use types::*;
 
 /// The persistent ring as the core sees it: the delay buffer and the delta
