@@ -835,6 +835,13 @@ impl<L: Log> Core<L> {
                 if let Some((v, through)) = self.fold_pending {
                     if self.meta_durable >= v {
                         self.fold_pending = None;
+                        // I3's other way out of the queue: executed here,
+                        // and its extents durable in the dirty map.
+                        assert!(
+                            through <= self.pipe.executed,
+                            "I3: folding seq {through} past the executed {}",
+                            self.pipe.executed
+                        );
                         self.log.trim_through(through);
                     }
                 }
