@@ -235,11 +235,9 @@ pub struct Core<L: Log> {
 
     /// The replication session (`session.rs`).
     session: Session,
-    resync_meta_gate: u64,
     ack_times: VecDeque<(Seq, u64)>,
     resync_sender: Option<ResyncSender>,
     resync_receiver: Option<ResyncReceiver>,
-    resync_done_sent: bool,
     replay: Option<ReplayProgress>,
     pub last_replay: Option<ReplayProgress>,
     rate_tokens: f64,
@@ -251,10 +249,6 @@ pub struct Core<L: Log> {
 
     /// Promote/demote, mirroring mode, fence (`role.rs`).
     roles: RoleMachine,
-    /// Backup: the sender's `InSync` seq in this session.
-    in_sync_at: Option<Seq>,
-    /// Sender: `InSync` sent in this session.
-    in_sync_sent: bool,
     host_flushes: Vec<HostFlush>,
     peer_flushes: Vec<PeerFlush>,
     // Online verify.
@@ -302,19 +296,15 @@ impl<L: Log> Core<L> {
             next_token: 1,
             fold_pending: None,
             session: Session::new(now_ms),
-            resync_meta_gate: 0,
             ack_times: VecDeque::new(),
             resync_sender: None,
             resync_receiver: None,
-            resync_done_sent: false,
             replay: None,
             last_replay: None,
             rate_tokens: 0.0,
             replay_samples: VecDeque::new(),
             st: state::StateSync::default(),
             roles: RoleMachine::new(meta.role, meta.peer_stale_from.is_some()),
-            in_sync_at: None,
-            in_sync_sent: false,
             host_flushes: Vec::new(),
             peer_flushes: Vec::new(),
             verify: None,
@@ -909,7 +899,7 @@ impl<L: Log> Core<L> {
             // primary may have gone degraded meanwhile, and nothing said so
             // yet. Not current until a new session's `InSync`.
             self.roles.current = false;
-            self.in_sync_at = None;
+            self.session.in_sync_at = None;
             let why = format!(
                 "this node did not run for {dt} ms: the primary may have completed writes \
                  without it meanwhile; it can be promoted again once it has caught up"
@@ -1039,7 +1029,7 @@ impl<L: Log> Core<L> {
                 if !self.session.is_active_receiver() {
                     return self.reset_link("unexpected InSync".into());
                 }
-                self.in_sync_at = Some(s);
+                self.session.in_sync_at = Some(s);
             }
             Msg::VerifyReq {
                 id,

@@ -20,6 +20,9 @@ use super::*;
 
 /// Sender side of a dirty-map resync / full remirror.
 pub(super) struct ResyncSender {
+    /// Metadata version holding the dirty map this resync sends: no
+    /// extent is read before it is durable.
+    pub meta_gate: u64,
     pub next_chunk: u64,
     pub reads_inflight: usize,
     pub end_seq: Seq,
@@ -37,6 +40,10 @@ pub(super) struct ResyncReceiver {
     pub flushed: bool,
     /// From `ResyncEnd`: the extents hold the sender's disk as of this seq.
     pub consistent_at: Seq,
+    /// Everything is applied and flushed, and the metadata version
+    /// recording the disk consistent is `meta_version`: `ResyncDone` goes
+    /// once it is durable.
+    pub consistent_recorded: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -92,8 +99,8 @@ impl<L: Log> Core<L> {
             flush_token: None,
             flushed: false,
             consistent_at: 0,
+            consistent_recorded: false,
         });
-        self.resync_done_sent = false;
     }
 
     /// Receiver: one extent's current data, written after every ring entry
@@ -186,11 +193,10 @@ impl<L: Log> Core<L> {
         if !self.session.is_active() {
             return;
         }
-        let gate = self.resync_meta_gate;
         let Some(r) = self.resync_sender.as_mut() else {
             return;
         };
-        if r.ended || self.meta_durable < gate {
+        if r.ended || self.meta_durable < r.meta_gate {
             return;
         }
         // Extent data must include every entry below the stream start.
@@ -257,7 +263,7 @@ impl<L: Log> Core<L> {
             }
             return;
         }
-        if !self.resync_done_sent {
+        if !r.consistent_recorded {
             // Everything applied and flushed: continue the ring at `end` and
             // record the disk consistent again, durably, before telling the
             // sender.
@@ -282,15 +288,15 @@ impl<L: Log> Core<L> {
                 self.meta.fresh = false;
             }
             let v = self.persist_meta();
-            self.resync_receiver.as_mut().unwrap().meta_version = v;
-            self.resync_done_sent = true;
+            let r = self.resync_receiver.as_mut().unwrap();
+            r.meta_version = v;
+            r.consistent_recorded = true;
             return;
         }
         if self.meta_durable >= r.meta_version {
             self.out
                 .push(Action::Send(Msg::ResyncDone { next_seq: end }));
             self.resync_receiver = None;
-            self.resync_done_sent = false;
             self.out
                 .push(Action::Notice("resync applied; disk consistent".into()));
             self.drain_backlog();

@@ -389,17 +389,17 @@ impl<L: Log> Core<L> {
             return;
         }
         if self.session.is_active_sender() {
-            if !self.in_sync_sent
+            if !self.session.in_sync_sent
                 && !self.roles.is_degraded()
                 && self.resync_sender.is_none()
                 && self.state_sent()
             {
-                self.in_sync_sent = true;
+                self.session.in_sync_sent = true;
                 self.out.push(Action::Send(Msg::InSync(self.log.head())));
             }
             return;
         }
-        if let Some(s) = self.in_sync_at {
+        if let Some(s) = self.session.in_sync_at {
             if !self.roles.current
                 && self.meta.role == Role::Backup
                 && self.resync_receiver.is_none()

@@ -90,6 +90,10 @@ pub(super) struct Session {
     pub alive_since_ms: u64,
     /// Received REQs waiting for ring room or the end of a resync.
     pub rx_backlog: VecDeque<(ReqHeader, Vec<u8>)>,
+    /// Receiver: the sender's `InSync` seq in this session.
+    pub in_sync_at: Option<Seq>,
+    /// Sender: `InSync` sent in this session.
+    pub in_sync_sent: bool,
 }
 
 impl Session {
@@ -103,6 +107,8 @@ impl Session {
             last_hb_ms: now_ms,
             alive_since_ms: now_ms,
             rx_backlog: VecDeque::new(),
+            in_sync_at: None,
+            in_sync_sent: false,
         }
     }
 
@@ -155,6 +161,8 @@ impl Session {
         self.state = SessionState::Down;
         self.pending = None;
         self.rx_backlog.clear();
+        self.in_sync_at = None;
+        self.in_sync_sent = false;
     }
 
     /// The handshake decided this node sends.
@@ -251,8 +259,6 @@ impl<L: Log> Core<L> {
         self.resync_sender = None;
         self.resync_receiver = None;
         self.peer_flushes.clear();
-        self.in_sync_at = None;
-        self.in_sync_sent = false;
         self.verify_queued.clear();
         self.stop_verify("the replication link went down".into());
         self.state_disconnected();
@@ -510,12 +516,12 @@ impl<L: Log> Core<L> {
         if resync {
             let v = self.persist_meta();
             self.resync_sender = Some(ResyncSender {
+                meta_gate: v,
                 next_chunk: 0,
                 reads_inflight: 0,
                 end_seq,
                 ended: false,
             });
-            self.resync_meta_gate = v;
             self.out.push(Action::Send(Msg::ResyncBegin {
                 extents: self.meta.dirty.count(),
                 bytes: self.meta.dirty.bytes(),
