@@ -95,7 +95,7 @@ pub enum Action {
     /// Send ring entry `seq` as a `Msg::Req`.
     SendEntry(Seq),
     /// Make the ring durable through its current head and answer
-    /// `LogSynced { through }` with that head.
+    /// `RingFlushed { through }` with that head.
     FlushRing,
     PersistMeta {
         version: u64,
@@ -208,34 +208,50 @@ impl ExecItem {
 pub struct Core<L: Log> {
     cfg: CoreConfig,
     pub log: L,
+    now_ms: u64,
+    /// Why this node refuses further work (a disk or ring error), if it does.
+    failed: Option<String>,
+    /// Whether the path is optimized (the last `PathChanged`).
+    serving: bool,
+    out: Vec<Action>,
+    pub stats: CoreStats,
+
+    // The sub-machines.
+    /// The replication session (`session.rs`).
+    session: Session,
+    /// Promote/demote, mirroring mode, fence (`role.rs`).
+    roles: RoleMachine,
+    /// The write pipeline's cursors and ring flushes (`pipeline.rs`).
+    pipe: Pipeline,
+
+    // Persistent node state, written by the driver one version at a time.
     meta: Meta,
     meta_version: u64,
     meta_durable: u64,
     meta_inflight: bool,
     meta_dirty: bool,
-    now_ms: u64,
-    serving: bool,
-    failed: Option<String>,
+    executed_persisted_ms: u64,
 
-    // Write path.
+    // What the pipeline carries.
+    /// Host writes waiting for ring room (or for a starved replay).
     waiting: VecDeque<Waiting>,
     /// Host ids of entries not yet executed locally.
     host_of: BTreeMap<Seq, u64>,
-    /// The write pipeline's cursors and ring flushes (`pipeline.rs`).
-    pipe: Pipeline,
     exec_queue: VecDeque<ExecItem>,
     /// Disk operations in flight: token, byte offset, byte length.
     executing: Vec<(Token, u64, u64)>,
+    /// Resync extents received, waiting for their turn on the disk.
     extents: BTreeMap<Token, (u64, Vec<u8>)>,
     next_token: u64,
-
+    /// (ACK1 seq, when it arrived): the timeout confirm rule's clock.
+    ack_times: VecDeque<(Seq, u64)>,
     /// Overflow: the metadata version holding the folded entries' extents
     /// and the seq the ring is trimmed through once it is durable.
     fold_pending: Option<(u64, Seq)>,
+    host_flushes: Vec<HostFlush>,
+    peer_flushes: Vec<PeerFlush>,
 
-    /// The replication session (`session.rs`).
-    session: Session,
-    ack_times: VecDeque<(Seq, u64)>,
+    // Replay and resync (`resync.rs`).
     resync_sender: Option<ResyncSender>,
     resync_receiver: Option<ResyncReceiver>,
     replay: Option<ReplayProgress>,
@@ -244,23 +260,16 @@ pub struct Core<L: Log> {
     /// (ms, replay bytes) samples, one per 100 ms while a replay runs: the
     /// replay rate over the last second, for the floor.
     replay_samples: VecDeque<(u64, u64)>,
+
     /// The replicated state blob's session bookkeeping (`state.rs`).
     st: state::StateSync,
 
-    /// Promote/demote, mirroring mode, fence (`role.rs`).
-    roles: RoleMachine,
-    host_flushes: Vec<HostFlush>,
-    peer_flushes: Vec<PeerFlush>,
     // Online verify.
     verify: Option<VerifyRun>,
     last_verify: Option<VerifyReport>,
     /// Verify reads waiting for their ring entry to be scheduled, by seq.
     verify_queued: VecDeque<QueuedRead>,
     verify_reads: BTreeMap<Token, ReadFor>,
-    executed_persisted_ms: u64,
-
-    out: Vec<Action>,
-    pub stats: CoreStats,
 }
 
 #[derive(Clone, Debug, Default)]
