@@ -1150,6 +1150,7 @@ impl<L: Log> Core<L> {
 
     /// The sub-machines' own asserts, once per batch.
     fn check(&self) {
+        self.session.check();
         self.pipe.check(self.log.head());
         self.roles.check(self.meta.role);
     }

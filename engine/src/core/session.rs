@@ -73,6 +73,11 @@ pub(super) struct PendingReceiver {
 /// appended.
 pub(super) struct Session {
     state: SessionState,
+    /// The side the handshake gave this node, from the decision until the
+    /// link goes down. A refusal that comes after the decision keeps it: the
+    /// peer's confirmations are still read from that side's watermark
+    /// (ACK2 on a sender, ACK3 otherwise).
+    side: Option<Side>,
     /// The peer's hello of this session (kept after it ends, for `promote`'s
     /// check of a connected primary and the remirror's history).
     pub peer: Option<Hello>,
@@ -100,6 +105,7 @@ impl Session {
     pub fn new(now_ms: u64) -> Self {
         Session {
             state: SessionState::Down,
+            side: None,
             peer: None,
             pending: None,
             number: 0,
@@ -137,13 +143,10 @@ impl Session {
         self.state == SessionState::Active(Side::Receiver)
     }
 
-    /// The sender's end from the handshake decision on (awaiting `Ready`
-    /// or active).
+    /// The sender's end from the handshake decision on (awaiting `Ready`,
+    /// active, or refused by the peer after the decision).
     pub fn is_sender(&self) -> bool {
-        matches!(
-            self.state,
-            SessionState::AwaitReady | SessionState::Active(Side::Sender)
-        )
+        self.side == Some(Side::Sender)
     }
 
     /// The link came up: a new handshake begins.
@@ -159,6 +162,7 @@ impl Session {
     /// The link went down: everything of the session goes.
     pub fn disconnect(&mut self) {
         self.state = SessionState::Down;
+        self.side = None;
         self.pending = None;
         self.rx_backlog.clear();
         self.in_sync_at = None;
@@ -173,6 +177,7 @@ impl Session {
             "session: plan outside the handshake"
         );
         self.state = SessionState::AwaitReady;
+        self.side = Some(Side::Sender);
     }
 
     /// The handshake decided this node receives, once `pending` is done.
@@ -183,6 +188,7 @@ impl Session {
             "session: plan outside the handshake"
         );
         self.state = SessionState::SendingReady;
+        self.side = Some(Side::Receiver);
         self.pending = Some(pending);
     }
 
@@ -215,6 +221,19 @@ impl Session {
     pub fn refuse(&mut self, reason: String) {
         assert!(!self.is_down(), "session: refusal without a link");
         self.state = SessionState::Refused(reason);
+    }
+
+    /// Asserts what no sequence of events may produce.
+    pub fn check(&self) {
+        match &self.state {
+            SessionState::Down | SessionState::Handshake => {
+                assert_eq!(self.side, None, "session: a side before the decision")
+            }
+            SessionState::AwaitReady => assert_eq!(self.side, Some(Side::Sender)),
+            SessionState::SendingReady => assert_eq!(self.side, Some(Side::Receiver)),
+            SessionState::Active(side) => assert_eq!(self.side, Some(*side)),
+            SessionState::Refused(_) => {}
+        }
     }
 
     /// The truncation a receiver still has to make before `Ready`, if any.

@@ -2056,6 +2056,58 @@ mod tests {
         assert_eq!(b.meta().peer_stale_from, Some(next));
     }
 
+    /// Scenario: a planned failover. `demote` finishes the primary's
+    /// in-flight writes and makes it a backup; the old backup, current,
+    /// is then promoted without `--force` into a new generation, and the
+    /// demoted node follows it as receiver.
+    #[test]
+    fn a_demoted_primary_hands_over_to_a_plain_promote() {
+        let mut sim = Sim::with_params(13, calm(13));
+        for _ in 0..300 {
+            sim.step();
+        }
+        let gen0 = sim.nodes[0].core.as_ref().unwrap().meta().generation();
+        sim.nodes[0].core.as_mut().unwrap().demote().unwrap();
+        for _ in 0..1000 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().role() == Role::Backup {
+                break;
+            }
+        }
+        let a = sim.nodes[0].core.as_ref().unwrap();
+        assert_eq!(a.role(), Role::Backup, "{}", a.debug_state());
+        assert!(!a.is_serving());
+        // The old backup may take a few steps to see its peer step down.
+        let mut promoted = Err(String::new());
+        for _ in 0..1000 {
+            sim.step();
+            promoted = sim.nodes[1].core.as_mut().unwrap().promote(false);
+            if promoted.is_ok() {
+                break;
+            }
+        }
+        promoted.unwrap();
+        for _ in 0..2000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        let (a, b) = (
+            sim.nodes[0].core.as_ref().unwrap(),
+            sim.nodes[1].core.as_ref().unwrap(),
+        );
+        assert!(
+            b.is_serving() && b.role() == Role::Primary,
+            "{}",
+            b.debug_state()
+        );
+        assert_eq!(b.meta().generation(), gen0 + 1);
+        assert!(!b.meta().forced.contains(&(gen0 + 1)));
+        assert_eq!(a.session_state(), &SessionState::Active(Side::Receiver));
+        assert_eq!(a.meta().generation(), gen0 + 1);
+    }
+
     /// Scenario: a primary restarted while its backup is down does not
     /// serve (the backup may have been promoted meanwhile) and a plain
     /// `promote` refuses; once the backup returns, the handshake lets it
