@@ -23,9 +23,9 @@
 //! - `resync.rs`: replay and dirty-map resync after an outage.
 //! - `state.rs`: the replicated state blob.
 //!
-//! This file holds the events and actions, the host and operator entry
-//! points, online verify's hooks, and `poll`, the list of named steps run
-//! once per reactor pass.
+//! This file holds the events and actions, the host entry points (the
+//! operator's `promote` and `demote` are in `role.rs`), online verify's
+//! hooks, and `poll`, the list of named steps run once per reactor pass.
 
 use std::collections::{BTreeMap, VecDeque};
 
