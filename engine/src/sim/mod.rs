@@ -2108,6 +2108,58 @@ mod tests {
         assert_eq!(a.meta().generation(), gen0 + 1);
     }
 
+    /// Scenario: the primary dies holding entries its backup never
+    /// acknowledged (the link was cut shorter than the peer timeout, so it
+    /// did not degrade and completed none of them). The backup is promoted;
+    /// the old primary returns as receiver and drops those entries past
+    /// the fork, and their extents are rewritten from the new primary.
+    #[test]
+    fn a_returning_primary_drops_what_its_backup_never_acknowledged() {
+        let mut sim = Sim::with_params(17, calm(17));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.wire.cut_until = 1_000_000_000;
+        sim.link_down(None);
+        let cut_id = sim.next_id;
+        for _ in 0..100 {
+            sim.step();
+        }
+        assert!(!sim.nodes[0].core.as_ref().unwrap().is_degraded());
+        let fork = sim.nodes[1].core.as_ref().unwrap().log.head();
+        sim.crash_node(0, 1_000_000_000);
+        sim.nodes[1].core.as_mut().unwrap().promote(false).unwrap();
+        for _ in 0..100 {
+            sim.step();
+        }
+        assert!(sim.nodes[1].core.as_ref().unwrap().is_serving());
+        sim.nodes[0].down_until = sim.now + 1;
+        sim.step();
+        let held = sim.nodes[0].core.as_ref().unwrap().log.head();
+        assert!(held > fork, "the old primary holds nothing past the fork");
+        sim.wire.cut_until = sim.now;
+        for _ in 0..20_000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        assert!(sim.converged());
+        let (a, b) = (
+            sim.nodes[0].core.as_ref().unwrap(),
+            sim.nodes[1].core.as_ref().unwrap(),
+        );
+        assert_eq!(a.role(), Role::Backup);
+        assert_eq!(a.meta().history, b.meta().history);
+        assert_eq!(a.log.head(), b.log.head());
+        // None of the writes the old primary took after the cut completed.
+        for w in sim.writes.iter().filter(|w| w.id >= cut_id && w.node == 0) {
+            assert_ne!(w.state, WState::Ok, "write {} completed", w.id);
+        }
+        let o = sim.run();
+        assert!(o.completed > 0);
+    }
+
     /// Scenario: a primary restarted while its backup is down does not
     /// serve (the backup may have been promoted meanwhile) and a plain
     /// `promote` refuses; once the backup returns, the handshake lets it
