@@ -551,15 +551,16 @@ fn main() {
     };
     let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1, true);
     let m_nocoal = bench_mirrored(&args, PollMode::Adaptive, 2, false);
-    println!();
-    print_rows(&[
+    let rows = [
         &local,
         &link_block,
         &link_busy,
         &m_busy,
         &m_adapt,
         &m_nocoal,
-    ]);
+    ];
+    println!();
+    print_rows(&rows);
     println!();
     let ratio = |m: &Result1, l: &Result1| m.p50 / (local.p50 + l.p50);
     println!(
@@ -589,21 +590,6 @@ fn main() {
         m_nocoal.iops32 / m_adapt.iops32.max(1.0)
     );
     println!("RSS includes both nodes of the pair (one process), mapped ring pages included.");
-    out.set(
-        "rows",
-        J::arr(
-            [
-                &local,
-                &link_block,
-                &link_busy,
-                &m_busy,
-                &m_adapt,
-                &m_nocoal,
-            ]
-            .iter()
-            .map(|r| r.json())
-            .collect(),
-        ),
-    );
+    out.set("rows", J::arr(rows.iter().map(|r| r.json()).collect()));
     write_json(&args, &out);
 }

@@ -1,0 +1,771 @@
+//! The mirror reactor: one pinned thread that drives the core with real
+//! I/O (its backend, io_uring in production; the ring; the replication
+//! socket).
+
+use super::*;
+
+mod link_io;
+
+/// Backend operations the backend's queue could not take yet: resubmitted
+/// in order, and new operations queue behind them so none overtakes another.
+#[derive(Default)]
+pub(super) struct Overflow(VecDeque<(usize, BackendOp)>);
+
+impl Overflow {
+    pub(super) fn submit(&mut self, backend: &mut impl Backend, tag: usize, op: BackendOp) {
+        if !self.0.is_empty() {
+            self.0.push_back((tag, op));
+        } else if let Err(op) = backend.submit(tag as u64, op) {
+            self.0.push_back((tag, op));
+        }
+    }
+
+    pub(super) fn retry(&mut self, backend: &mut impl Backend) {
+        while let Some((tag, op)) = self.0.pop_front() {
+            if let Err(op) = backend.submit(tag as u64, op) {
+                self.0.push_front((tag, op));
+                break;
+            }
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub(super) enum Inflight {
+    Exec(Seq),
+    ExtentWrite(Token),
+    ExtentRead { token: Token, offset: u64 },
+    Flush(Token),
+    LogSync(Seq),
+    HostRead(usize),
+}
+
+pub(super) struct PendingHost {
+    pub(super) done: Option<Completion>,
+    pub(super) data: Vec<u8>,
+    pub(super) start: Instant,
+    pub(super) is_write: bool,
+}
+
+/// The mirror reactor over its disk backend `B` (`UringBackend` in the
+/// binary; any [`Backend`] in tests).
+pub(super) struct Reactor<B: Backend> {
+    pub(super) opts: NodeOptions,
+    pub(super) shared: Arc<Shared>,
+    pub(super) core: Core<RingLog>,
+    pub(super) backend: B,
+    pub(super) meta: MetaWriter,
+    pub(super) link: LinkManager,
+    pub(super) sock: Option<TcpStream>,
+    pub(super) rx: Vec<u8>,
+    pub(super) rx_len: usize,
+    pub(super) tx: Vec<u8>,
+    pub(super) tx_off: usize,
+    pub(super) start: Instant,
+    pub(super) actions: Vec<Action>,
+    pub(super) msgs: Vec<Msg>,
+    pub(super) comps: Vec<BackendCompletion>,
+    pub(super) inflight: Vec<Option<Inflight>>,
+    /// When each in-flight backend op was submitted (indexed like `inflight`).
+    pub(super) inflight_at: Vec<Instant>,
+    pub(super) free_tags: Vec<usize>,
+    pub(super) overflow: Overflow,
+    pub(super) hosts: Vec<Option<PendingHost>>,
+    pub(super) free_hosts: Vec<usize>,
+    pub(super) write_hist: Histogram<u64>,
+    pub(super) read_hist: Histogram<u64>,
+    pub(super) sync_hist: Histogram<u64>,
+    pub(super) disk_write_hist: Histogram<u64>,
+    pub(super) io: IoStats,
+    pub(super) last_status_ms: u64,
+    /// `Core::state_changes` when the blob was last published.
+    pub(super) state_published: u64,
+    pub(super) last_tick_ms: u64,
+    pub(super) msgs_sent: u64,
+    pub(super) msgs_received: u64,
+    pub(super) bytes_sent: u64,
+    pub(super) bytes_received: u64,
+    pub(super) peer_refused: Option<String>,
+    /// The node failed and left the replication link ([`Reactor::leave_link`]).
+    pub(super) link_left: bool,
+}
+
+pub(super) const RX_BUF_BYTES: usize = 4 << 20;
+
+impl<B: Backend> Reactor<B> {
+    pub(super) fn new(
+        opts: NodeOptions,
+        shared: Arc<Shared>,
+        core: Core<RingLog>,
+        backend: B,
+        store: MetaStore,
+        link: LinkManager,
+        start: Instant,
+    ) -> Self {
+        let rx_cap = RX_BUF_BYTES.max(opts.max_message_bytes + 64);
+        let meta = MetaWriter::start(store, shared.clone());
+        Reactor {
+            opts,
+            shared,
+            core,
+            backend,
+            meta,
+            link,
+            sock: None,
+            rx: vec![0; rx_cap],
+            rx_len: 0,
+            tx: Vec::with_capacity(1 << 20),
+            tx_off: 0,
+            start,
+            actions: Vec::new(),
+            msgs: Vec::new(),
+            comps: Vec::new(),
+            inflight: Vec::new(),
+            inflight_at: Vec::new(),
+            free_tags: Vec::new(),
+            overflow: Overflow::default(),
+            hosts: Vec::new(),
+            free_hosts: Vec::new(),
+            write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            read_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            sync_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            disk_write_hist: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("histogram bounds"),
+            io: IoStats::default(),
+            last_status_ms: 0,
+            state_published: 0,
+            last_tick_ms: u64::MAX,
+            msgs_sent: 0,
+            msgs_received: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            peer_refused: None,
+            link_left: false,
+        }
+    }
+
+    pub(super) fn run(&mut self) {
+        let (mode, spin_us) = (self.opts.poll_mode, self.opts.adaptive_spin_us);
+        poll_loop(self, mode, spin_us);
+        // Make the ring durable on the way out.
+        let _ = self.core.log.0.sync();
+        self.fail_all_hosts();
+        self.shared.state.fail_all();
+    }
+}
+
+impl<B: Backend> Polled for Reactor<B> {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn drained(&self) -> bool {
+        self.backend.in_flight() == 0 && self.overflow.is_empty()
+    }
+
+    fn sleep(&mut self, extra: Option<RawFd>) {
+        let mut fds = vec![(self.shared.wake.fd(), false), (self.link.wake.fd(), false)];
+        fds.extend(extra.map(|fd| (fd, false)));
+        if let Some(s) = &self.sock {
+            fds.push((s.as_raw_fd(), self.tx_off < self.tx.len()));
+        }
+        // Wake at least every 10 ms for heartbeats and timers.
+        let drain = [&self.shared.wake, &self.link.wake];
+        sleep_on(&mut self.backend, &fds, &drain, 10);
+    }
+
+    /// One pass over every source of work. Returns whether anything happened.
+    fn iteration(&mut self) -> bool {
+        let mut did = false;
+        let now = now_ms(self.start);
+        if now != self.last_tick_ms {
+            self.last_tick_ms = now;
+            self.core.handle(Event::Tick { now_ms: now });
+        }
+        did |= self.take_commands();
+        did |= self.take_meta();
+        did |= self.take_host_ops();
+        did |= self.take_state_ops();
+        if !self.leave_link() {
+            did |= self.take_link();
+        }
+        did |= self.read_socket();
+        did |= self.reap_backend();
+        self.core.poll();
+        did |= self.run_actions();
+        self.publish_state();
+        self.ring_failed();
+        self.overflow.retry(&mut self.backend);
+        self.backend.flush_submissions();
+        did |= self.write_socket();
+        if now >= self.last_status_ms + 100 {
+            self.last_status_ms = now;
+            self.publish_status(now);
+        }
+        did
+    }
+}
+
+impl<B: Backend> Reactor<B> {
+    /// A failed node leaves the replication link for good; returns whether
+    /// it has failed. Its core would otherwise greet every new connection
+    /// and send heartbeats as the primary or backup it was: the backup of a
+    /// failed primary would see a connected primary and refuse `promote`,
+    /// and the primary of a failed backup would never see its peer go, so
+    /// never degrade, and its host writes would wait. The socket closes,
+    /// the link manager stops dialing and accepting (the peer then sees a
+    /// closed link and, after `peer_timeout_ms`, a gone one), and a
+    /// connection it set up meanwhile is closed unused. A restart, once the
+    /// disk is fixed, starts a new link.
+    pub(super) fn leave_link(&mut self) -> bool {
+        if self.core.failed().is_none() {
+            return false;
+        }
+        if !self.link_left {
+            self.link_left = true;
+            log::error!("the node failed: leaving the replication link so the peer can take over");
+            self.link.stop();
+            self.close_socket();
+        }
+        while let Some(s) = self.link.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        true
+    }
+
+    /// Metadata writes that the writer thread finished.
+    pub(super) fn take_meta(&mut self) -> bool {
+        let mut did = false;
+        while let Some((version, r)) = self.meta.completed() {
+            did = true;
+            match r {
+                Ok(()) => self.core.handle(Event::MetaPersisted { version }),
+                Err(e) => {
+                    log::error!("cannot write the node metadata: {e}; the node stops serving");
+                    self.core.fatal(format!("metadata write failed: {e}"));
+                }
+            }
+        }
+        did
+    }
+
+    pub(super) fn take_commands(&mut self) -> bool {
+        let shared = self.shared.clone();
+        shared.answer_commands(|c| match c {
+            Command::Promote { force } => self.core.promote(force),
+            Command::Verify(r) => {
+                self.core
+                    .start_verify(r.offset, r.length, r.repair, r.bytes_per_sec)
+            }
+            Command::Demote => self.core.demote(),
+            Command::ResetLatency => {
+                for h in [
+                    &mut self.write_hist,
+                    &mut self.read_hist,
+                    &mut self.sync_hist,
+                    &mut self.disk_write_hist,
+                ] {
+                    h.reset();
+                }
+                self.last_status_ms = 0; // publish the empty histograms now
+                Ok(())
+            }
+        })
+    }
+
+    pub(super) fn host_slot(&mut self, h: PendingHost) -> usize {
+        match self.free_hosts.pop() {
+            Some(i) => {
+                self.hosts[i] = Some(h);
+                i
+            }
+            None => {
+                self.hosts.push(Some(h));
+                self.hosts.len() - 1
+            }
+        }
+    }
+
+    pub(super) fn take_host_ops(&mut self) -> bool {
+        let mut did = false;
+        // Bound the batch so the link and the disk get their turn.
+        for _ in 0..256 {
+            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+                break;
+            };
+            did = true;
+            if self.core.role() != Role::Primary || !self.core.is_serving() {
+                let e = if self.core.failed().is_some() {
+                    IoError::Unavailable
+                } else {
+                    IoError::NotPrimary
+                };
+                self.io.errors += 1;
+                done(Err(e));
+                continue;
+            }
+            match op {
+                VolumeOp::Read { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: false,
+                    });
+                    let buf = AlignedBuf::new(len as usize);
+                    self.submit(Inflight::HostRead(id), BackendOp::Read { offset, buf });
+                }
+                VolumeOp::Write { offset, data, fua } => {
+                    let len = data.len() as u64;
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::Write, offset, len, fua, &data);
+                    if let Some(h) = self.hosts[id].as_mut() {
+                        h.data = data;
+                    }
+                }
+                VolumeOp::WriteZeroes { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::WriteZeroes, offset, len, false, &[]);
+                }
+                VolumeOp::Discard { offset, len } => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: true,
+                    });
+                    self.core
+                        .host_write(id as u64, ReqKind::Discard, offset, len, false, &[]);
+                }
+                VolumeOp::Flush => {
+                    let id = self.host_slot(PendingHost {
+                        done: Some(done),
+                        data: Vec::new(),
+                        start,
+                        is_write: false,
+                    });
+                    self.io.flushes += 1;
+                    self.core.host_flush(id as u64);
+                }
+            }
+        }
+        did
+    }
+
+    pub(super) fn complete_host(&mut self, id: usize, result: Result<Vec<u8>, IoError>) {
+        let Some(mut h) = self.hosts.get_mut(id).and_then(|s| s.take()) else {
+            return;
+        };
+        self.free_hosts.push(id);
+        let us = h.start.elapsed().as_micros() as u64;
+        match &result {
+            Ok(d) if h.is_write => {
+                self.io.writes += 1;
+                self.io.write_bytes += h.data.len().max(d.len()) as u64;
+                let _ = self.write_hist.record(us.max(1));
+            }
+            Ok(d) => {
+                if !d.is_empty() {
+                    self.io.reads += 1;
+                    self.io.read_bytes += d.len() as u64;
+                    let _ = self.read_hist.record(us.max(1));
+                }
+            }
+            Err(_) => self.io.errors += 1,
+        }
+        let result = result.map(|d| {
+            if h.is_write {
+                std::mem::take(&mut h.data)
+            } else {
+                d
+            }
+        });
+        if let Some(done) = h.done.take() {
+            done(result);
+        }
+    }
+
+    pub(super) fn fail_all_hosts(&mut self) {
+        for i in 0..self.hosts.len() {
+            if self.hosts[i].is_some() {
+                self.complete_host(i, Err(IoError::Unavailable));
+            }
+        }
+        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+            done(Err(IoError::Unavailable));
+        }
+    }
+}
+
+impl<B: Backend> Reactor<B> {
+    pub(super) fn submit(&mut self, what: Inflight, op: BackendOp) {
+        let now = Instant::now();
+        let tag = match self.free_tags.pop() {
+            Some(t) => {
+                self.inflight[t] = Some(what);
+                self.inflight_at[t] = now;
+                t
+            }
+            None => {
+                self.inflight.push(Some(what));
+                self.inflight_at.push(now);
+                self.inflight.len() - 1
+            }
+        };
+        self.overflow.submit(&mut self.backend, tag, op);
+    }
+
+    pub(super) fn reap_backend(&mut self) -> bool {
+        self.comps.clear();
+        let mut comps = std::mem::take(&mut self.comps);
+        if self.backend.reap(&mut comps) == 0 {
+            self.comps = comps;
+            return false;
+        }
+        for c in comps.drain(..) {
+            let tag = c.tag as usize;
+            let Some(what) = self.inflight.get_mut(tag).and_then(|s| s.take()) else {
+                continue;
+            };
+            self.free_tags.push(tag);
+            let res = c.result.map(|_| ());
+            let us = (self.inflight_at[tag].elapsed().as_micros() as u64).max(1);
+            match &what {
+                Inflight::LogSync(_) => {
+                    let _ = self.sync_hist.record(us);
+                }
+                Inflight::Exec(_) | Inflight::ExtentWrite(_) => {
+                    let _ = self.disk_write_hist.record(us);
+                }
+                _ => {}
+            }
+            match what {
+                Inflight::Exec(seq) => self.core.handle(Event::Executed {
+                    token: Token::Entry(seq),
+                    result: res,
+                }),
+                Inflight::ExtentWrite(token) => {
+                    self.core.handle(Event::Executed { token, result: res })
+                }
+                Inflight::ExtentRead { token, offset } => {
+                    let data = c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default();
+                    self.core.handle(Event::ExtentRead {
+                        token,
+                        offset,
+                        result: res.map(|_| data),
+                    });
+                }
+                Inflight::Flush(token) => {
+                    self.core.handle(Event::DiskFlushed { token, result: res })
+                }
+                Inflight::LogSync(through) => match res {
+                    Ok(()) => {
+                        self.core.log.0.sync_completed(through);
+                        self.core.handle(Event::RingFlushed { through });
+                    }
+                    Err(e) => {
+                        // The kernel may have dropped dirty ring pages: refuse
+                        // further work rather than guess.
+                        log::error!("ring fdatasync failed (errno {e}); the node stops serving");
+                        self.core
+                            .fatal(format!("ring fdatasync failed (errno {e})"));
+                    }
+                },
+                Inflight::HostRead(id) => {
+                    let r = match res {
+                        Ok(()) => Ok(c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default()),
+                        Err(e) => Err(IoError::Io(e)),
+                    };
+                    self.complete_host(id, r);
+                }
+            }
+        }
+        self.comps = comps;
+        true
+    }
+
+    /// A failed ring write or sync leaves the ring's on-disk state unknown:
+    /// the node stops serving (once) and a restart recovers from the ring.
+    pub(super) fn ring_failed(&mut self) -> bool {
+        let Some(e) = self.core.log.0.write_error() else {
+            return false;
+        };
+        if self.core.failed().is_none() {
+            let e = e.to_string();
+            log::error!("ring write failed: {e}; the node stops serving");
+            self.core.fatal(format!("ring write failed: {e}"));
+        }
+        true
+    }
+
+    pub(super) fn run_actions(&mut self) -> bool {
+        let mut did = false;
+        // Actions can cause events (metadata writes complete inline) which
+        // cause more actions: loop until quiet.
+        for _ in 0..64 {
+            self.actions.clear();
+            let mut acts = std::mem::take(&mut self.actions);
+            self.core.drain_actions(&mut acts);
+            if acts.is_empty() {
+                self.actions = acts;
+                break;
+            }
+            did = true;
+            for a in acts.drain(..) {
+                self.apply(a);
+            }
+            self.actions = acts;
+            self.core.poll();
+        }
+        did
+    }
+
+    pub(super) fn apply(&mut self, a: Action) {
+        match a {
+            Action::Send(m) => {
+                if self.sock.is_some() {
+                    push_frame(&mut self.tx, &m);
+                    self.msgs_sent += 1;
+                }
+            }
+            Action::SendEntry(seq) => {
+                if self.sock.is_some() {
+                    if let Some((h, p)) = self.core.log.0.get(seq) {
+                        push_req_frame(&mut self.tx, &from_record(&h), p);
+                        self.msgs_sent += 1;
+                    }
+                }
+            }
+            Action::FlushRing => {
+                let through = self.core.log.0.prepare_sync();
+                if self.ring_failed() {
+                    return;
+                }
+                let fd = self.core.log.0.fd();
+                self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
+            }
+            Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
+            Action::Execute { seq } => {
+                let Some((h, p)) = self.core.log.0.get(seq) else {
+                    log::error!("execute of seq {seq} missing from the ring");
+                    self.core
+                        .fatal(format!("seq {seq} to execute is missing from the ring"));
+                    return;
+                };
+                let h = from_record(&h);
+                let op = match h.kind {
+                    ReqKind::Write => BackendOp::Write {
+                        offset: h.offset,
+                        buf: AlignedBuf::from_slice(p),
+                        fua: h.fua,
+                    },
+                    ReqKind::WriteZeroes => BackendOp::WriteZeroes {
+                        offset: h.offset,
+                        len: h.len,
+                    },
+                    // BLKDISCARD does not promise zeroes: both disks must read
+                    // the same, so block devices zero the range instead.
+                    ReqKind::Discard if !self.backend.discard_reads_zeroes() => {
+                        BackendOp::WriteZeroes {
+                            offset: h.offset,
+                            len: h.len,
+                        }
+                    }
+                    ReqKind::Discard => BackendOp::Discard {
+                        offset: h.offset,
+                        len: h.len,
+                    },
+                    ReqKind::State => {
+                        // The core executes State entries itself (metadata).
+                        self.core
+                            .fatal(format!("seq {seq}: a state entry sent to the disk"));
+                        return;
+                    }
+                };
+                self.submit(Inflight::Exec(seq), op);
+            }
+            Action::WriteExtent {
+                token,
+                offset,
+                data,
+            } => {
+                let buf = AlignedBuf::from_slice(&data);
+                self.submit(
+                    Inflight::ExtentWrite(token),
+                    BackendOp::Write {
+                        offset,
+                        buf,
+                        fua: false,
+                    },
+                );
+            }
+            Action::ReadExtent { token, offset, len } => {
+                let buf = AlignedBuf::new(len as usize);
+                self.submit(
+                    Inflight::ExtentRead { token, offset },
+                    BackendOp::Read { offset, buf },
+                );
+            }
+            Action::FlushDisk { token } => self.submit(Inflight::Flush(token), BackendOp::Flush),
+            Action::CompleteWrite { id, result } => {
+                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
+            }
+            Action::CompleteFlush { id, result } => {
+                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
+            }
+            Action::ResetLink { reason } => {
+                // The core has already handled the disconnect.
+                log::warn!("resetting the replication link: {reason}");
+                self.close_socket();
+                self.link.request();
+            }
+            Action::PathChanged { serving } => {
+                // What a promotion executed is visible before the path is.
+                self.publish_state();
+                if serving {
+                    log::info!("path state: serving (primary)");
+                } else {
+                    log::info!(
+                        "path state: not serving: {}",
+                        self.core.not_serving_reason().unwrap_or_default()
+                    );
+                }
+                self.shared.path.set(if serving {
+                    PathState::Optimized
+                } else {
+                    PathState::Inaccessible
+                });
+            }
+            Action::Notice(s) => log::info!("{s}"),
+        }
+    }
+
+    pub(super) fn publish_status(&mut self, now: u64) {
+        let c = &self.core;
+        let (ack1, ack2, ack3, executed) = c.watermarks();
+        let lat = |h: &Histogram<u64>| Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            p999_us: h.value_at_quantile(0.999) as f64,
+        };
+        let replay_stats =
+            |p: &crate::core::machine::ReplayProgress, head: Seq, done: bool| ReplayStats {
+                entries: p.entries,
+                bytes: p.bytes,
+                extents: p.extents,
+                seconds: if done {
+                    (p.end_ms - p.start_ms) as f64 / 1000.0
+                } else {
+                    (now - p.start_ms) as f64 / 1000.0
+                },
+                remaining_entries: if done {
+                    0
+                } else {
+                    p.last_seq.saturating_sub(head.min(p.last_seq))
+                },
+                // Estimated from the average entry size so far.
+                remaining_bytes: if done || p.entries == 0 {
+                    0
+                } else {
+                    p.last_seq.saturating_sub(head.min(p.last_seq)) * (p.bytes / p.entries)
+                },
+                full_remirror: p.full,
+                first_seq: p.first_seq,
+                last_seq: p.last_seq,
+            };
+        let peer_state = match c.session_state() {
+            SessionState::Down => "disconnected",
+            SessionState::Refused(_) => "refused",
+            SessionState::Active(_) if c.replay_progress().is_some() => "replaying",
+            SessionState::Active(_) => "connected",
+            _ => "connecting",
+        };
+        let meta = c.meta();
+        let mut io = self.io.clone();
+        io.write_latency = lat(&self.write_hist);
+        io.read_latency = lat(&self.read_hist);
+        io.ring_sync_latency = lat(&self.sync_hist);
+        io.disk_write_latency = lat(&self.disk_write_hist);
+        let st = NodeStatus {
+            pid: std::process::id(),
+            node_id: self.opts.node_id,
+            node_name: self.opts.node_name.clone(),
+            role: c.role().as_str().into(),
+            generation: meta.generation(),
+            peer_state: peer_state.into(),
+            peer_refused_reason: match c.session_state() {
+                SessionState::Refused(r) => Some(r.clone()),
+                _ => self.peer_refused.clone(),
+            },
+            serving: c.is_serving(),
+            not_serving_reason: c.not_serving_reason(),
+            fenced_reason: c.fenced().map(str::to_string),
+            current: c.is_current(),
+            forced_generations: meta.forced.clone(),
+            degraded: c.is_degraded(),
+            peer_stale_from_seq: meta.peer_stale_from,
+            head_seq: c.log.head(),
+            executed_seq: executed,
+            delta_entries: c.log.len(),
+            delta_bytes: c.log.payload_bytes(),
+            ring_capacity_bytes: c.log.capacity_bytes(),
+            ack1_seq: ack1,
+            ack2_seq: ack2,
+            ack3_seq: ack3,
+            dirty_extents: meta.dirty.count(),
+            dirty_bytes: meta.dirty.bytes(),
+            dirty_granularity_bytes: meta.dirty.granularity,
+            dirty_map_memory_bytes: meta.dirty_map_bytes(),
+            remirrors: meta.remirrors,
+            verify: c.verify_report().map(|r| crate::status::VerifyStatus {
+                state: match &r.state {
+                    VerifyState::Running => "running",
+                    VerifyState::Done => "done",
+                    VerifyState::Interrupted(_) => "interrupted",
+                }
+                .into(),
+                reason: match &r.state {
+                    VerifyState::Interrupted(w) => Some(w.clone()),
+                    _ => None,
+                },
+                offset: r.offset,
+                length: r.length,
+                done_bytes: r.done_bytes,
+                chunk_bytes: r.chunk_bytes,
+                mismatched_chunks: r.mismatched_chunks,
+                mismatches: r.mismatches.clone(),
+                repair: r.repair,
+                repair_chunks: r.repair_chunks,
+                seconds: (if r.end_ms > 0 { r.end_ms } else { now }).saturating_sub(r.start_ms)
+                    as f64
+                    / 1000.0,
+            }),
+            last_replay: c.last_replay.as_ref().map(|p| replay_stats(p, ack1, true)),
+            replay_progress: c.replay_progress().map(|p| replay_stats(p, ack1, false)),
+            io,
+            link_msgs_sent: self.msgs_sent,
+            link_msgs_received: self.msgs_received,
+            link_bytes_sent: self.bytes_sent,
+            link_bytes_received: self.bytes_received,
+            uptime_seconds: now as f64 / 1000.0,
+            rss_bytes: 0,
+        };
+        *self.shared.status.lock().unwrap() = st;
+    }
+}

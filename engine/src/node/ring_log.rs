@@ -1,0 +1,66 @@
+//! The persistent ring as the core's `Log`.
+
+use super::*;
+
+/// Adapts the persistent ring to the core's `Log`.
+pub struct RingLog(pub Ring);
+
+pub(super) fn to_record(h: &ReqHeader) -> RecordHeader {
+    RecordHeader {
+        seq: h.seq,
+        gen: h.gen,
+        kind: h.kind as u8,
+        flags: h.fua as u8,
+        offset: h.offset,
+        len: h.len,
+    }
+}
+
+pub(super) fn from_record(r: &RecordHeader) -> ReqHeader {
+    ReqHeader {
+        seq: r.seq,
+        gen: r.gen,
+        kind: ReqKind::from_code(r.kind).unwrap_or(ReqKind::Write),
+        fua: r.flags & 1 != 0,
+        offset: r.offset,
+        len: r.len,
+    }
+}
+
+impl Log for RingLog {
+    fn first_seq(&self) -> Seq {
+        self.0.first_seq()
+    }
+    fn next_seq(&self) -> Seq {
+        self.0.next_seq()
+    }
+    fn fits(&self, payload_len: usize) -> bool {
+        self.0.fits(payload_len)
+    }
+    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool {
+        self.0.append(&to_record(h), payload).is_ok()
+    }
+    fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
+        self.0.get(seq).map(|(r, p)| (from_record(&r), p))
+    }
+    fn trim_through(&mut self, seq: Seq) {
+        self.0.trim_through(seq)
+    }
+    fn truncate_after(&mut self, seq: Seq) {
+        timed("ring truncation", || self.0.truncate_after(seq))
+    }
+    fn reset(&mut self, next_seq: Seq) {
+        timed("ring reset", || self.0.reset(next_seq))
+    }
+    fn payload_bytes(&self) -> u64 {
+        self.0.payload_bytes()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.0.capacity_bytes()
+    }
+    fn wants_sync(&self) -> bool {
+        // Every regular sync also makes trimmed space reusable; a sync just
+        // for that is worth it only when the ring is getting full.
+        self.0.reclaim_pending() && self.0.used_bytes() > self.0.capacity_bytes() / 2
+    }
+}
