@@ -211,7 +211,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     };
     core.ack1_persisted = matches!(m.ack1, config::Ack1Mode::Persisted);
     core.dirty_granularity_bytes = m.dirty_granularity_bytes;
-    core.max_unacked_entries = m.max_batch_entries as u64;
+    core.max_unacked_entries = m.max_unacked_entries as u64;
     core.max_executing = cfg.reactor.queue_depth as usize;
     core.heartbeat_interval_ms = cfg.link.heartbeat_interval_ms;
     core.peer_timeout_ms = cfg.link.peer_timeout_ms;
