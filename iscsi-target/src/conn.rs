@@ -42,6 +42,12 @@ const MAX_INFLIGHT: usize = 2 * QUEUE_DEPTH as usize;
 /// a command beyond this gets TASK SET FULL.
 const MAX_TASKS: usize = 4 * QUEUE_DEPTH as usize;
 
+/// Encoded responses the reactor has not yet handed to the kernel above
+/// which a connection takes no more input: an initiator that sends
+/// commands but never reads their responses is pushed back by TCP instead
+/// of growing the send buffer.
+const MAX_QUEUED_OUT_BYTES: usize = 8 << 20;
+
 /// SAM-5 status TASK SET FULL.
 const STATUS_TASK_SET_FULL: u8 = 0x28;
 
@@ -388,6 +394,9 @@ pub struct IscsiConn {
     waker: Waker,
     /// Volume submissions whose completion `poll` has not taken yet.
     inflight: usize,
+    /// Bytes in the reactor's output buffer when it last called us (it
+    /// calls `poll` after each send completes).
+    queued_out: usize,
     /// A logout response waiting for the commands in flight.
     logout: Option<Pdu>,
     /// Why the connection ends, once it does.
@@ -437,6 +446,7 @@ impl IscsiConn {
             done: Arc::new(SegQueue::new()),
             waker,
             inflight: 0,
+            queued_out: 0,
             logout: None,
             end: None,
             shared,
@@ -1056,9 +1066,64 @@ impl IscsiConn {
 
 impl netreactor::Conn for IscsiConn {
     fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+        let r = self.take_input(input, out);
+        self.queued_out = out.len();
+        r
+    }
+
+    fn poll(&mut self, out: &mut Vec<u8>) {
+        self.check_resets(out);
+        while let Some(d) = self.done.pop() {
+            self.inflight -= 1;
+            self.release(d.meta.charged, out);
+            self.finish(d.meta, d.res, out);
+        }
+        if self.logout.is_some() {
+            self.try_logout(out);
+        }
+        self.queued_out = out.len();
+    }
+
+    fn wants_input(&self) -> bool {
+        self.end.is_none()
+            && self.logout.is_none()
+            && self.inflight < MAX_INFLIGHT
+            && self.queued_out < MAX_QUEUED_OUT_BYTES
+    }
+
+    fn closing(&self) -> bool {
+        self.end.is_some()
+    }
+
+    fn quiescent(&self) -> bool {
+        self.inflight == 0 && self.logout.is_none()
+    }
+
+    fn aborted(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    fn closed(&mut self, why: &str) {
+        log::debug!("iscsi: connection {} closed ({why})", self.id);
+        // Tasks still in flight lose their responses; the volume completes
+        // them.
+        self.tasks.clear();
+        self.writes.clear();
+        self.shared.forget(self.id);
+    }
+}
+
+impl IscsiConn {
+    /// Frames and handles the PDUs `input` holds, as long as the
+    /// connection takes input.
+    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
         self.check_resets(out);
         let mut at = 0;
-        while self.end.is_none() && self.logout.is_none() && self.inflight < MAX_INFLIGHT {
+        while self.end.is_none()
+            && self.logout.is_none()
+            && self.inflight < MAX_INFLIGHT
+            && out.len() < MAX_QUEUED_OUT_BYTES
+        {
             let rest = &input[at..];
             if rest.len() < BHS_LEN {
                 return Input {
@@ -1117,43 +1182,6 @@ impl netreactor::Conn for IscsiConn {
             consumed: at,
             need: 0,
         }
-    }
-
-    fn poll(&mut self, out: &mut Vec<u8>) {
-        self.check_resets(out);
-        while let Some(d) = self.done.pop() {
-            self.inflight -= 1;
-            self.release(d.meta.charged, out);
-            self.finish(d.meta, d.res, out);
-        }
-        if self.logout.is_some() {
-            self.try_logout(out);
-        }
-    }
-
-    fn wants_input(&self) -> bool {
-        self.end.is_none() && self.logout.is_none() && self.inflight < MAX_INFLIGHT
-    }
-
-    fn closing(&self) -> bool {
-        self.end.is_some()
-    }
-
-    fn quiescent(&self) -> bool {
-        self.inflight == 0 && self.logout.is_none()
-    }
-
-    fn aborted(&self) -> bool {
-        self.shared.stopping.load(Ordering::Acquire)
-    }
-
-    fn closed(&mut self, why: &str) {
-        log::debug!("iscsi: connection {} closed ({why})", self.id);
-        // Tasks still in flight lose their responses; the volume completes
-        // them.
-        self.tasks.clear();
-        self.writes.clear();
-        self.shared.forget(self.id);
     }
 }
 
