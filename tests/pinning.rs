@@ -3,11 +3,12 @@
 //! `dm-conn-i` on `cores[i]`. Checked on a real `deltamirror serve
 //! --standalone` process through /proc.
 
-use std::path::Path;
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
+use common::{format_node, fresh_dir, port_shift, EXE};
 
 /// The CPUs a thread of `pid` named `name` may run on, once it exists.
 fn affinity(pid: u32, name: &str) -> Option<String> {
@@ -63,39 +64,19 @@ fn every_reactor_core_runs_a_pinned_reactor() {
         return;
     }
     let cores = [cpus[cpus.len() - 1], cpus[0]];
-    let dir = std::env::temp_dir().join(format!("dm-test-pinning-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(EXE)
-        .args(["example-config", "--node", "1", "--dir"])
-        .arg(&dir)
-        .args(["--port-offset", "4900"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let toml = String::from_utf8(out.stdout).unwrap();
-    let (head, rest) = toml.split_at(toml.find("[reactor]").expect("[reactor]"));
-    let at = rest.find("cores =").expect("reactor.cores");
-    let end = at + rest[at..].find('\n').unwrap();
-    let toml = format!(
-        "{head}{}cores = [{}, {}]{}",
-        &rest[..at],
-        cores[0],
-        cores[1],
-        &rest[end..]
-    );
-    let cfg = dir.join("node1.toml");
-    std::fs::write(&cfg, &toml).unwrap();
-    let out = Command::new(EXE)
-        .args(["format", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "format: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = fresh_dir("pinning");
+    let (cfg, _) = format_node(&dir, 1, 4900 + port_shift(), |_, toml| {
+        let (head, rest) = toml.split_at(toml.find("[reactor]").expect("[reactor]"));
+        let at = rest.find("cores =").expect("reactor.cores");
+        let end = at + rest[at..].find('\n').unwrap();
+        format!(
+            "{head}{}cores = [{}, {}]{}",
+            &rest[..at],
+            cores[0],
+            cores[1],
+            &rest[end..]
+        )
+    });
     let log = std::fs::File::create(dir.join("node1.log")).unwrap();
     let mut child = Command::new(EXE)
         .args(["serve", "--standalone", "--config"])
@@ -110,7 +91,7 @@ fn every_reactor_core_runs_a_pinned_reactor() {
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(dir.join("node1.log")).unwrap_or_default();
-    remove(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         mirror.as_deref(),
         Some(cores[0].to_string().as_str()),
@@ -121,8 +102,4 @@ fn every_reactor_core_runs_a_pinned_reactor() {
         Some(cores[1].to_string().as_str()),
         "dm-conn-1; log:\n{log}"
     );
-}
-
-fn remove(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
 }
