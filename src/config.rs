@@ -52,6 +52,10 @@ pub struct Config {
     pub iscsi: IscsiConfig,
     #[serde(default, skip_serializing_if = "FailoverConfig::is_manual_default")]
     pub failover: FailoverConfig,
+    /// Deprecated keys the file used (each accepted under its new name):
+    /// what to rename, logged at start-up.
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
 }
 
 /// How the pair fails over: by an operator (`manual`) or by itself through
@@ -186,7 +190,10 @@ pub struct MirrorConfig {
     pub confirm_timeout_ms: u64,
     pub ack1: Ack1Mode,
     pub dirty_granularity_bytes: u64,
-    pub max_batch_entries: u32,
+    /// Most entries sent to the backup and not yet acknowledged (ACK1): the
+    /// send window. Formerly `max_batch_entries` (still accepted, with a
+    /// deprecation warning).
+    pub max_unacked_entries: u32,
     pub max_batch_bytes: u64,
     /// 0 = unlimited.
     pub max_replay_bytes_per_sec: u64,
@@ -205,7 +212,7 @@ impl Default for MirrorConfig {
             confirm_timeout_ms: 5_000,
             ack1: Ack1Mode::Persisted,
             dirty_granularity_bytes: 4 * KIB,
-            max_batch_entries: 256,
+            max_unacked_entries: 256,
             max_batch_bytes: 4 * MIB,
             max_replay_bytes_per_sec: 0,
             min_replay_bytes_per_sec: 16 * MIB,
@@ -438,6 +445,9 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
+        for d in &config.deprecations {
+            log::warn!("{}: {d}", path.display());
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(|problems| ConfigError::Invalid {
@@ -447,9 +457,39 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text without validating it.
+    /// Parses TOML text without validating it. A deprecated key is taken
+    /// under its new name and noted in `deprecations`.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut deprecations = Vec::new();
+        if let Some(toml::Value::Table(m)) = table.get_mut("mirror") {
+            if let Some(v) = m.remove("max_batch_entries") {
+                if m.contains_key("max_unacked_entries") {
+                    return Err(
+                        "mirror.max_batch_entries and mirror.max_unacked_entries are \
+                                the same setting and both are set: keep only \
+                                mirror.max_unacked_entries"
+                            .into(),
+                    );
+                }
+                m.insert("max_unacked_entries".into(), v);
+                deprecations.push(
+                    "mirror.max_batch_entries is deprecated: rename it to \
+                     mirror.max_unacked_entries (the same setting: most entries sent to the \
+                     backup and not yet acknowledged)"
+                        .to_string(),
+                );
+            }
+        }
+        if deprecations.is_empty() {
+            // Straight from the text, so errors point at a line.
+            return toml::from_str(text).map_err(|e| e.to_string());
+        }
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        config.deprecations = deprecations;
+        Ok(config)
     }
 
     /// The configuration as TOML, loadable by `Config::load`.
@@ -635,10 +675,10 @@ impl Config {
                 64 * KIB
             ));
         }
-        if m.max_batch_entries == 0 || m.max_batch_entries > 65_536 {
+        if m.max_unacked_entries == 0 || m.max_unacked_entries > 65_536 {
             v.push(format!(
-                "mirror.max_batch_entries = {}: must be 1 to 65536; e.g. mirror.max_batch_entries = 256",
-                m.max_batch_entries
+                "mirror.max_unacked_entries = {}: must be 1 to 65536; e.g. mirror.max_unacked_entries = 256",
+                m.max_unacked_entries
             ));
         }
         let io = self.reactor.max_io_bytes;
@@ -1108,6 +1148,7 @@ impl Config {
                 peer_portal_group_tag: Some(3 - node_id as u16),
             },
             failover: FailoverConfig::default(),
+            deprecations: Vec::new(),
         }
     }
 }
@@ -1462,6 +1503,31 @@ mod tests {
     }
 
     #[test]
+    fn the_old_max_batch_entries_key_is_accepted_with_a_deprecation() {
+        let text = base()
+            .to_toml_string()
+            .replace("max_unacked_entries = 256", "max_batch_entries = 100");
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.mirror.max_unacked_entries, 100);
+        assert_eq!(c.deprecations.len(), 1);
+        assert!(
+            c.deprecations[0].contains("rename it to mirror.max_unacked_entries"),
+            "{:?}",
+            c.deprecations
+        );
+        assert!(base().deprecations.is_empty());
+        let both = base().to_toml_string().replace(
+            "max_unacked_entries = 256",
+            "max_unacked_entries = 256\nmax_batch_entries = 100",
+        );
+        let err = Config::parse(&both).unwrap_err();
+        assert!(
+            err.contains("keep only mirror.max_unacked_entries"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_enum_value_is_rejected() {
         let text = base()
             .to_toml_string()
@@ -1576,8 +1642,8 @@ mod tests {
     #[test]
     fn batch_limits() {
         let mut c = base();
-        c.mirror.max_batch_entries = 0;
-        check_rejects(&c, "mirror.max_batch_entries");
+        c.mirror.max_unacked_entries = 0;
+        check_rejects(&c, "mirror.max_unacked_entries");
         let mut c = base();
         c.mirror.max_batch_bytes = c.reactor.max_io_bytes - 4096;
         check_rejects(&c, "mirror.max_batch_bytes");

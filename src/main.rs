@@ -236,7 +236,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     };
     core.ack1_persisted = matches!(m.ack1, config::Ack1Mode::Persisted);
     core.dirty_granularity_bytes = m.dirty_granularity_bytes;
-    core.max_unacked_entries = m.max_batch_entries as u64;
+    core.max_unacked_entries = m.max_unacked_entries as u64;
     core.max_executing = cfg.reactor.queue_depth as usize;
     core.heartbeat_interval_ms = cfg.link.heartbeat_interval_ms;
     core.peer_timeout_ms = cfg.link.peer_timeout_ms;
@@ -386,7 +386,7 @@ fn start_targets(
             });
         }
         Some(
-            iscsi_target::start(c, vol).with_context(|| {
+            iscsi_target::start_on(c, vol, reactors.clone()).with_context(|| {
                 format!("starting iSCSI on iscsi.listen = {}", cfg.iscsi.listen)
             })?,
         )
@@ -440,12 +440,13 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
         )
     })?;
     // One connection reactor per core of reactor.cores: the first runs in
-    // the node's (mirror) reactor thread, the others on threads of their
-    // own (not pinned yet), which reach the mirror through its mailbox.
+    // the node's (mirror) reactor thread, which is pinned to cores[0]; the
+    // others on threads of their own, reactor i pinned to cores[i], which
+    // reach the mirror through its mailbox.
     let (reactors, hosted) = netreactor::Reactors::start_hosted(&netreactor::ReactorConfig {
         name: "dm-conn".into(),
         threads: cfg.reactor.cores.len().max(1),
-        cores: Vec::new(),
+        cores: cfg.reactor.cores.clone(),
         busy: cfg.reactor.poll_mode == config::PollMode::Busy,
         spin_us: cfg.reactor.adaptive_spin_us,
         max_connections_per_reactor: 256,

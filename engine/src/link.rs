@@ -26,7 +26,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::core::msg::{encode_header, Msg};
+use crate::core::msg::{encode_req, Msg};
 use crate::core::ReqHeader;
 use crate::sys::{random_bytes, EventFd};
 
@@ -321,10 +321,7 @@ pub fn push_frame(out: &mut Vec<u8>, m: &Msg) {
 pub fn push_req_frame(out: &mut Vec<u8>, hdr: &ReqHeader, payload: &[u8]) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    out.push(3);
-    encode_header(out, hdr);
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(payload);
+    encode_req(out, hdr, payload);
     seal(out, start);
 }
 

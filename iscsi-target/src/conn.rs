@@ -1,15 +1,28 @@
-//! One iSCSI connection: login, then the full feature phase with a reader
-//! thread (PDU parsing, CmdSN window, Data-Out collection, TMF) and a writer
-//! thread (StatSN assignment, digests, batching of responses).
+//! One iSCSI connection: login on a short-lived thread, then the full
+//! feature phase on a connection reactor ([`netreactor`]).
+//!
+//! [`IscsiConn`] is the state machine the reactor drives: it frames PDUs
+//! from the received bytes with the pure parsers of [`crate::pdu`] (a
+//! Data-Out payload is copied once, from the receive buffer into its
+//! write's buffer), keeps the CmdSN window, collects Data-Out (R2T,
+//! immediate and unsolicited data), answers NOP-Out, text, TMF and logout,
+//! and submits SCSI commands to the volume without waiting. A command's
+//! completion (on whatever thread the volume completes on) only queues its
+//! result in the connection and wakes the reactor; [`netreactor::Conn::poll`]
+//! then assigns StatSN and encodes its Data-In and SCSI Response PDUs. No
+//! thread per connection after login, no channel between a request and its
+//! response.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crossbeam_queue::SegQueue;
+use netreactor::{Input, Reactors, Waker};
 use volume::{PathState, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
@@ -17,11 +30,26 @@ use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
 use crate::scsi::{self, Lun, Nexus, ScsiResult, Sense, STATUS_GOOD};
 use crate::{IscsiConfig, QUEUE_DEPTH};
 
-/// How long the writer polls for more responses before it sleeps.
-const WRITER_SPIN: Duration = Duration::from_micros(20);
-
 /// Longest wait for each login request PDU before the connection is closed.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Commands a connection has submitted to the volume and not yet answered
+/// before the reactor stops receiving from it (TCP pushes back). Above the
+/// CmdSN window: immediate commands are outside it.
+const MAX_INFLIGHT: usize = 2 * QUEUE_DEPTH as usize;
+
+/// Tasks a connection holds at most (submitted, or collecting Data-Out);
+/// a command beyond this gets TASK SET FULL.
+const MAX_TASKS: usize = 4 * QUEUE_DEPTH as usize;
+
+/// Encoded responses the reactor has not yet handed to the kernel above
+/// which a connection takes no more input: an initiator that sends
+/// commands but never reads their responses is pushed back by TCP instead
+/// of growing the send buffer.
+const MAX_QUEUED_OUT_BYTES: usize = 8 << 20;
+
+/// SAM-5 status TASK SET FULL.
+const STATUS_TASK_SET_FULL: u8 = 0x28;
 
 /// Target-wide state shared by all connections.
 pub struct Shared {
@@ -29,34 +57,59 @@ pub struct Shared {
     pub addr: SocketAddr,
     pub lun: Arc<Lun>,
     pub stopping: AtomicBool,
+    reactors: Arc<Reactors>,
     next_id: AtomicU64,
     next_tsih: AtomicU16,
+    /// Connections open (logging in or on a reactor).
     live: AtomicUsize,
     sessions: Mutex<HashMap<u64, SessionReg>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Login threads (each ends once its connection is on a reactor).
+    logins: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct SessionReg {
     initiator: String,
     isid: [u8; 6],
+    /// A handle on the socket, to close it from elsewhere (shutdown, cold
+    /// reset, session reinstatement).
     stream: Option<TcpStream>,
-    sess: Option<Arc<Sess>>,
+    /// Set for a normal session in its full feature phase.
+    ctl: Option<Arc<Ctl>>,
+}
+
+/// What other connections may ask of a connection on its reactor.
+struct Ctl {
+    /// Bumped by a reset on another connection: abort every task.
+    resets: AtomicU64,
+    /// The connection's reactor waker, once it is on a reactor.
+    waker: OnceLock<Waker>,
 }
 
 impl Shared {
-    pub fn new(cfg: IscsiConfig, vol: Arc<dyn Volume>, addr: SocketAddr) -> Arc<Shared> {
+    pub fn new(
+        cfg: IscsiConfig,
+        vol: Arc<dyn Volume>,
+        addr: SocketAddr,
+        reactors: Arc<Reactors>,
+    ) -> Arc<Shared> {
         let lun = Lun::new(vol, cfg.target_iqn.clone(), cfg.portal_group_tag);
         Arc::new(Shared {
             cfg,
             addr,
             lun,
             stopping: AtomicBool::new(false),
+            reactors,
             next_id: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
             live: AtomicUsize::new(0),
             sessions: Mutex::new(HashMap::new()),
-            threads: Mutex::new(Vec::new()),
+            logins: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Connections open (logging in or on a reactor).
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 
     pub fn close_all(&self) {
@@ -67,10 +120,17 @@ impl Shared {
         }
     }
 
+    /// Joins the login threads, then makes the reactors close every
+    /// connection of this target (they see `stopping`) and waits for it.
     pub fn join_all(&self) {
-        let hs: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap());
+        let hs: Vec<_> = std::mem::take(&mut *self.logins.lock().unwrap());
         for h in hs {
             let _ = h.join();
+        }
+        self.reactors.kick();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.live() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -79,13 +139,20 @@ impl Shared {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, r)| r.sess.is_some())
+            .filter(|(_, r)| r.ctl.is_some())
             .map(|(&k, _)| k)
             .collect()
     }
+
+    /// A connection is gone (login failed, or closed on its reactor).
+    fn forget(&self, id: u64) {
+        self.sessions.lock().unwrap().remove(&id);
+        self.lun.nexus_gone(id);
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-/// Accepts one connection: serves it on its own reader thread.
+/// Accepts one connection: runs its login on a short-lived thread.
 pub fn spawn(shared: Arc<Shared>, stream: TcpStream) {
     if shared.live.load(Ordering::Acquire) >= shared.cfg.max_connections {
         log::warn!(
@@ -96,69 +163,56 @@ pub fn spawn(shared: Arc<Shared>, stream: TcpStream) {
         return;
     }
     shared.live.fetch_add(1, Ordering::AcqRel);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // Registered before the thread starts, so that shutdown always sees it.
+    if let Ok(c) = stream.try_clone() {
+        shared.sessions.lock().unwrap().insert(
+            id,
+            SessionReg {
+                initiator: String::new(),
+                isid: [0; 6],
+                stream: Some(c),
+                ctl: None,
+            },
+        );
+    }
     let s2 = shared.clone();
     let h = std::thread::Builder::new()
-        .name("iscsi-conn".into())
+        .name(format!("iscsi-login-{id}"))
         .spawn(move || {
-            let id = s2.next_id.fetch_add(1, Ordering::Relaxed);
-            if let Ok(c) = stream.try_clone() {
-                s2.sessions.lock().unwrap().insert(
-                    id,
-                    SessionReg {
-                        initiator: String::new(),
-                        isid: [0; 6],
-                        stream: Some(c),
-                        sess: None,
-                    },
-                );
+            if let Err(e) = login(&s2, id, stream) {
+                log::debug!("iscsi: connection {id} ended during login: {e}");
+                s2.forget(id);
             }
-            if let Err(e) = serve(&s2, id, stream) {
-                log::debug!("iscsi: connection {id} ended: {e}");
-            }
-            s2.sessions.lock().unwrap().remove(&id);
-            s2.lun.nexus_gone(id);
-            s2.live.fetch_sub(1, Ordering::AcqRel);
         });
     match h {
         Ok(h) => {
-            let mut t = shared.threads.lock().unwrap();
+            let mut t = shared.logins.lock().unwrap();
             t.retain(|h| !h.is_finished());
             t.push(h);
         }
         Err(e) => {
-            log::error!("iscsi: cannot spawn connection thread: {e}");
-            shared.live.fetch_sub(1, Ordering::AcqRel);
+            log::error!("iscsi: cannot spawn a login thread: {e}");
+            shared.forget(id);
         }
     }
 }
 
-enum ReadErr {
-    Io(io::Error),
-    /// A parse error with the offending BHS (for the Reject PDU).
-    Parse(ParseError, Box<[u8; BHS_LEN]>),
-}
-
-impl From<io::Error> for ReadErr {
-    fn from(e: io::Error) -> Self {
-        ReadErr::Io(e)
-    }
-}
-
-fn read_pdu(r: &mut impl Read, lim: &ParseLimits, buf: &mut Vec<u8>) -> Result<Pdu, ReadErr> {
+fn read_pdu(r: &mut impl Read, lim: &ParseLimits, buf: &mut Vec<u8>) -> io::Result<Pdu> {
     buf.clear();
     buf.resize(BHS_LEN, 0);
     r.read_exact(&mut buf[..])?;
-    let mut bhs = [0u8; BHS_LEN];
-    bhs.copy_from_slice(&buf[..BHS_LEN]);
-    let total = pdu::pdu_len(buf, lim).map_err(|e| ReadErr::Parse(e, Box::new(bhs)))?;
+    let bad = |e: ParseError| io::Error::new(io::ErrorKind::InvalidData, format!("login: {e:?}"));
+    let total = pdu::pdu_len(buf, lim).map_err(bad)?;
     buf.resize(total, 0);
     r.read_exact(&mut buf[BHS_LEN..])?;
-    pdu::parse(buf, lim)
-        .map(|(p, _)| p)
-        .map_err(|e| ReadErr::Parse(e, Box::new(bhs)))
+    pdu::parse(buf, lim).map(|(p, _)| p).map_err(bad)
 }
 
-fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
+/// The login thread: runs the login phase, then hands the socket (and
+/// whatever the initiator sent past its last login request) to a reactor.
+/// An error means the connection is finished and must be forgotten.
+fn login(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut wstream = stream.try_clone()?;
@@ -175,19 +229,11 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
     };
     let mut login = Login::new(&shared.cfg);
     let outcome: Outcome = loop {
-        let p = match read_pdu(&mut reader, &lim, &mut buf) {
-            Ok(p) => p,
-            Err(ReadErr::Io(e)) => return Err(e),
-            Err(ReadErr::Parse(e, _)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("login: {e:?}"),
-                ))
-            }
-        };
+        let p = read_pdu(&mut reader, &lim, &mut buf)?;
         if p.opcode() != pdu::OP_LOGIN_REQ {
             // Nothing but Login is allowed before the full feature phase:
             // close the connection (RFC 7143 §6.1).
+            let _ = stream.shutdown(Shutdown::Both);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "non-login PDU during login",
@@ -198,7 +244,7 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
         match login.handle(&p) {
             Step::Continue(mut r) => wstream.write_all(&r.encode(false, false))?,
             Step::Fail(mut r) => {
-                wstream.write_all(&r.encode(false, false))?;
+                let _ = wstream.write_all(&r.encode(false, false));
                 let _ = stream.shutdown(Shutdown::Both);
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
@@ -212,17 +258,10 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
         }
     };
     stream.set_read_timeout(None)?;
-    let params = outcome.params;
-    let nexus = Arc::new(Nexus {
-        id,
-        initiator: outcome.initiator.clone(),
-        isid: outcome.isid,
-        seen_epoch: AtomicU64::new(shared.lun.vol.path_epoch()),
-    });
-    let sess = Arc::new(Sess {
-        exp_cmd_sn: AtomicU32::new(outcome.cmd_sn),
-        max_cmd_sn: AtomicU32::new(outcome.cmd_sn.wrapping_add(QUEUE_DEPTH - 1)),
-        tasks: Mutex::new(HashMap::new()),
+    let initial = reader.buffer().to_vec();
+    let ctl = Arc::new(Ctl {
+        resets: AtomicU64::new(0),
+        waker: OnceLock::new(),
     });
     if outcome.session_type == SessionType::Normal {
         // Session reinstatement: an older session of the same initiator
@@ -238,82 +277,34 @@ fn serve(shared: &Arc<Shared>, id: u64, stream: TcpStream) -> io::Result<()> {
         if let Some(r) = reg.get_mut(&id) {
             r.initiator = outcome.initiator.clone();
             r.isid = outcome.isid;
-            r.sess = Some(sess.clone());
+            r.ctl = Some(ctl.clone());
         }
     }
-    let (tx, rx) = mpsc::channel::<Out>();
-    let wsess = sess.clone();
-    let stat_sn = outcome.stat_sn;
-    let writer = std::thread::Builder::new()
-        .name("iscsi-writer".into())
-        .spawn(move || writer_loop(wstream, rx, wsess, params, stat_sn))?;
-    let mut c = Conn {
-        shared: shared.clone(),
-        local_ip: stream.local_addr()?.ip(),
-        out: tx.clone(),
-        params,
-        discovery: outcome.session_type == SessionType::Discovery,
-        sess: sess.clone(),
-        nexus,
-        wctx: Arc::new(WriteCtx {
-            w: Mutex::new(Writes {
-                tasks: HashMap::new(),
-                waiting: VecDeque::new(),
-                used_bytes: 0,
-                next_ttt: 1,
-            }),
-            out: tx.clone(),
-            params,
-            budget_bytes: WRITE_BUDGET_BYTES.max(shared.lun.max_cmd_bytes as u64),
-        }),
-    };
-    let res = c.reader_loop(&mut reader, &mut buf);
-    // Tasks still in flight lose their responses; the volume completes them.
-    sess.tasks.lock().unwrap().clear();
-    let _ = c.out.send(Out::Close);
-    drop(c);
-    let _ = writer.join();
-    let _ = stream.shutdown(Shutdown::Both);
-    res
-}
-
-/// Per-session state shared between reader, writer and completions.
-pub struct Sess {
-    exp_cmd_sn: AtomicU32,
-    max_cmd_sn: AtomicU32,
-    /// Active SCSI tasks by ITT. A completion sends its response only if it
-    /// still finds its task here; an abort removes it.
-    tasks: Mutex<HashMap<u32, TaskInfo>>,
+    let local_ip = stream.local_addr()?.ip();
+    let s2 = shared.clone();
+    let make = Box::new(move |waker: Waker| {
+        let _ = ctl.waker.set(waker.clone());
+        Box::new(IscsiConn::new(s2, id, local_ip, &outcome, ctl, waker))
+            as Box<dyn netreactor::Conn>
+    });
+    if let Err(stream) = shared.reactors.adopt(stream, initial, make) {
+        let _ = stream.shutdown(Shutdown::Both);
+        return Err(io::Error::other("no reactor can take another connection"));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
 struct TaskInfo {
+    /// Unique per connection: tells a task from an earlier one that used
+    /// the same ITT and was aborted while the volume still held it.
+    tid: u64,
     lun: u64,
     /// Counted in the CmdSN window (non-immediate).
     windowed: bool,
 }
 
-impl Sess {
-    fn retire(&self) {
-        self.max_cmd_sn.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Removes every task (matching `lun` if given); returns how many.
-    fn abort_all(&self, lun: Option<u64>) -> usize {
-        let mut t = self.tasks.lock().unwrap();
-        let before = t.len();
-        t.retain(|_, info| {
-            let hit = lun.is_none_or(|l| l == info.lun);
-            if hit && info.windowed {
-                self.retire();
-            }
-            !hit
-        });
-        before - t.len()
-    }
-}
-
-/// How the writer fills StatSN.
+/// How StatSN is filled when a PDU is encoded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sn {
     /// A status PDU: gets the next StatSN.
@@ -322,70 +313,24 @@ enum Sn {
     Current,
 }
 
-enum Out {
-    Pdu(Pdu, Sn),
-    /// Flush and close the connection.
-    Close,
+/// What a response needs beside the command's result.
+#[derive(Clone, Copy)]
+struct Meta {
+    itt: u32,
+    tid: u64,
+    lun: u64,
+    edtl: u32,
+    read: bool,
+    /// Data-Out bytes the CDB asks for (the residual of a write).
+    out_len: Option<u64>,
+    /// Write budget the command holds until the volume completes it.
+    charged: u64,
 }
 
-fn writer_loop(
-    stream: TcpStream,
-    rx: mpsc::Receiver<Out>,
-    sess: Arc<Sess>,
-    p: Params,
-    mut stat_sn: u32,
-) {
-    let mut w = BufWriter::with_capacity(64 * 1024, stream);
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut closing = false;
-    loop {
-        // Adaptive wait: poll briefly for the next response before sleeping
-        // in the channel, so a busy connection does not pay a futex wake-up
-        // per PDU; an idle one sleeps after WRITER_SPIN.
-        let mut first = rx.try_recv().ok();
-        if first.is_none() {
-            let until = Instant::now() + WRITER_SPIN;
-            while first.is_none() && Instant::now() < until {
-                std::hint::spin_loop();
-                first = rx.try_recv().ok();
-            }
-        }
-        let first = match first {
-            Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            },
-        };
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            match m {
-                Out::Pdu(mut pdu, sn) => {
-                    pdu.set_u32(24, stat_sn);
-                    if sn == Sn::Advance {
-                        stat_sn = stat_sn.wrapping_add(1);
-                    }
-                    pdu.set_u32(28, sess.exp_cmd_sn.load(Ordering::Acquire));
-                    pdu.set_u32(32, sess.max_cmd_sn.load(Ordering::Acquire));
-                    buf.clear();
-                    pdu.encode_into(&mut buf, p.header_digest, p.data_digest);
-                    if w.write_all(&buf).is_err() {
-                        closing = true;
-                    }
-                }
-                Out::Close => closing = true,
-            }
-            if closing {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if w.flush().is_err() || closing {
-            break;
-        }
-    }
-    let _ = w.flush();
-    let _ = w.get_ref().shutdown(Shutdown::Both);
+/// A command's result, queued by its completion for [`IscsiConn::poll`].
+struct Done {
+    meta: Meta,
+    res: ScsiResult,
 }
 
 /// A write command collecting its Data-Out.
@@ -399,7 +344,7 @@ struct WriteTask {
     /// Offset up to which R2Ts have been sent.
     r2t_offset: u32,
     r2t_sn: u32,
-    /// Outstanding R2Ts: ttt -> (offset, len, next DataSN)
+    /// Outstanding R2Ts: (ttt, offset, len, next DataSN).
     r2ts: Vec<(u32, u32, u32, u32)>,
     /// Expected DataSN of the unsolicited sequence.
     unsol_data_sn: u32,
@@ -414,37 +359,184 @@ struct WriteTask {
 /// when nothing else is reserved.
 const WRITE_BUDGET_BYTES: u64 = 64 << 20;
 
-/// Data-Out collection state shared by the reader and write completions, so
-/// that a completion can start the R2Ts of writes waiting for budget.
-struct Writes {
-    tasks: HashMap<u32, WriteTask>,
+/// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
+fn sn_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// One connection's full feature phase, driven by its reactor.
+pub struct IscsiConn {
+    shared: Arc<Shared>,
+    id: u64,
+    /// Our address on this connection (SendTargets on a wildcard listener).
+    local_ip: IpAddr,
+    params: Params,
+    lim: ParseLimits,
+    discovery: bool,
+    nexus: Arc<Nexus>,
+    ctl: Arc<Ctl>,
+    seen_resets: u64,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    max_cmd_sn: u32,
+    /// Active SCSI tasks by ITT. A completion is answered only if its task
+    /// is still here; an abort removes it.
+    tasks: HashMap<u32, TaskInfo>,
+    next_tid: u64,
+    /// Writes collecting Data-Out, by ITT.
+    writes: HashMap<u32, WriteTask>,
     /// Writes whose R2Ts wait for budget, in arrival order.
     waiting: VecDeque<u32>,
     used_bytes: u64,
-    next_ttt: u32,
-}
-
-struct WriteCtx {
-    w: Mutex<Writes>,
-    out: mpsc::Sender<Out>,
-    params: Params,
     budget_bytes: u64,
+    next_ttt: u32,
+    done: Arc<SegQueue<Done>>,
+    waker: Waker,
+    /// Volume submissions whose completion `poll` has not taken yet.
+    inflight: usize,
+    /// Bytes in the reactor's output buffer when it last called us (it
+    /// calls `poll` after each send completes).
+    queued_out: usize,
+    /// A logout response waiting for the commands in flight.
+    logout: Option<Pdu>,
+    /// Why the connection ends, once it does.
+    end: Option<String>,
 }
 
-impl WriteCtx {
+impl IscsiConn {
+    fn new(
+        shared: Arc<Shared>,
+        id: u64,
+        local_ip: IpAddr,
+        outcome: &Outcome,
+        ctl: Arc<Ctl>,
+        waker: Waker,
+    ) -> IscsiConn {
+        let params = outcome.params;
+        let nexus = Arc::new(Nexus {
+            id,
+            initiator: outcome.initiator.clone(),
+            isid: outcome.isid,
+            seen_epoch: AtomicU64::new(shared.lun.vol.path_epoch()),
+        });
+        let budget_bytes = WRITE_BUDGET_BYTES.max(shared.lun.max_cmd_bytes as u64);
+        let seen_resets = ctl.resets.load(Ordering::Acquire);
+        IscsiConn {
+            local_ip,
+            lim: ParseLimits {
+                header_digest: params.header_digest,
+                data_digest: params.data_digest,
+                max_data_segment_bytes: params.recv_max_data_segment_bytes,
+            },
+            params,
+            discovery: outcome.session_type == SessionType::Discovery,
+            nexus,
+            ctl,
+            seen_resets,
+            stat_sn: outcome.stat_sn,
+            exp_cmd_sn: outcome.cmd_sn,
+            max_cmd_sn: outcome.cmd_sn.wrapping_add(QUEUE_DEPTH - 1),
+            tasks: HashMap::new(),
+            next_tid: 1,
+            writes: HashMap::new(),
+            waiting: VecDeque::new(),
+            used_bytes: 0,
+            budget_bytes,
+            next_ttt: 1,
+            done: Arc::new(SegQueue::new()),
+            waker,
+            inflight: 0,
+            queued_out: 0,
+            logout: None,
+            end: None,
+            shared,
+            id,
+        }
+    }
+
+    /// Encodes one target PDU with the current StatSN, ExpCmdSN and
+    /// MaxCmdSN.
+    fn emit(&mut self, out: &mut Vec<u8>, mut p: Pdu, sn: Sn) {
+        p.set_u32(24, self.stat_sn);
+        if sn == Sn::Advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        p.set_u32(28, self.exp_cmd_sn);
+        p.set_u32(32, self.max_cmd_sn);
+        p.encode_into(out, self.params.header_digest, self.params.data_digest);
+    }
+
+    fn reject(&mut self, out: &mut Vec<u8>, reason: u8, bhs: &[u8; BHS_LEN]) {
+        let mut p = Pdu::new(pdu::OP_REJECT);
+        p.bhs[1] = 0x80;
+        p.bhs[2] = reason;
+        p.set_u32(16, RSVD_TAG);
+        p.data = bhs.to_vec();
+        self.emit(out, p, Sn::Advance);
+    }
+
+    /// One more command fits in the CmdSN window.
+    fn retire(&mut self) {
+        self.max_cmd_sn = self.max_cmd_sn.wrapping_add(1);
+    }
+
+    /// A reset on another connection aborted every task of this one.
+    fn check_resets(&mut self, out: &mut Vec<u8>) {
+        let r = self.ctl.resets.load(Ordering::Acquire);
+        if r != self.seen_resets {
+            self.seen_resets = r;
+            self.drop_writes(None, None, out);
+            self.abort_tasks(None);
+        }
+    }
+
+    /// Removes every task (matching `lun` if given); returns how many.
+    fn abort_tasks(&mut self, lun: Option<u64>) -> usize {
+        let before = self.tasks.len();
+        let mut freed = 0u32;
+        self.tasks.retain(|_, info| {
+            let hit = lun.is_none_or(|l| l == info.lun);
+            if hit && info.windowed {
+                freed += 1;
+            }
+            !hit
+        });
+        self.max_cmd_sn = self.max_cmd_sn.wrapping_add(freed);
+        before - self.tasks.len()
+    }
+
+    /// Drops collecting writes (all, those of `lun`, or `itt`), returning
+    /// their budget (which may start the R2Ts of waiting writes). Their
+    /// tasks stay (the caller aborts them).
+    fn drop_writes(&mut self, lun: Option<u64>, itt: Option<u32>, out: &mut Vec<u8>) {
+        let mut freed = 0;
+        self.writes.retain(|&k, w| {
+            let hit = lun.is_none_or(|l| l == w.lun) && itt.is_none_or(|i| i == k);
+            if hit {
+                freed += w.charged;
+            }
+            !hit
+        });
+        self.release(freed, out);
+    }
+
     /// Reserves budget for a write's R2Ts; false when it must wait.
-    fn try_start(&self, g: &mut Writes, itt: u32) -> bool {
-        let used = g.used_bytes;
-        let Some(w) = g.tasks.get_mut(&itt) else {
+    fn try_start(&mut self, itt: u32) -> bool {
+        let used = self.used_bytes;
+        let budget = self.budget_bytes;
+        let Some(w) = self.writes.get_mut(&itt) else {
             return false;
         };
         if w.charged > 0 {
             return true;
         }
         let need = (w.edtl as u64).max(1);
-        if used == 0 || used + need <= self.budget_bytes {
+        if used == 0 || used + need <= budget {
             w.charged = need;
-            g.used_bytes += need;
+            // The buffer is allocated only now, when its data may come.
+            w.buf
+                .reserve_exact((w.edtl as usize).saturating_sub(w.buf.len()));
+            self.used_bytes += need;
             true
         } else {
             false
@@ -452,183 +544,82 @@ impl WriteCtx {
     }
 
     /// Sends R2Ts for `itt` up to MaxOutstandingR2T.
-    fn issue_r2ts(&self, g: &mut Writes, itt: u32) {
-        let Writes {
-            tasks, next_ttt, ..
-        } = g;
-        let Some(w) = tasks.get_mut(&itt) else { return };
-        if w.charged == 0 || w.unsolicited_open {
-            return;
-        }
-        let p = &self.params;
-        while (w.r2ts.len() as u32) < p.max_outstanding_r2t && w.r2t_offset < w.edtl {
-            let len = (w.edtl - w.r2t_offset).min(p.max_burst_bytes);
-            let ttt = *next_ttt;
-            *next_ttt = next_ttt.wrapping_add(1);
-            if *next_ttt == RSVD_TAG {
-                *next_ttt = 1;
+    fn issue_r2ts(&mut self, itt: u32, out: &mut Vec<u8>) {
+        let p = self.params;
+        let mut r2ts = Vec::new();
+        {
+            let Some(w) = self.writes.get_mut(&itt) else {
+                return;
+            };
+            if w.charged == 0 || w.unsolicited_open {
+                return;
             }
-            let mut r = Pdu::new(pdu::OP_R2T);
-            r.bhs[1] = 0x80;
-            r.set_u64(8, encode_lun(w.lun));
-            r.set_u32(16, itt);
-            r.set_u32(20, ttt);
-            r.set_u32(36, w.r2t_sn);
-            r.set_u32(40, w.r2t_offset);
-            r.set_u32(44, len);
-            w.r2ts.push((ttt, w.r2t_offset, len, 0));
-            w.r2t_sn += 1;
-            w.r2t_offset += len;
-            let _ = self.out.send(Out::Pdu(r, Sn::Current));
+            while (w.r2ts.len() as u32) < p.max_outstanding_r2t && w.r2t_offset < w.edtl {
+                let len = (w.edtl - w.r2t_offset).min(p.max_burst_bytes);
+                let ttt = self.next_ttt;
+                self.next_ttt = self.next_ttt.wrapping_add(1);
+                if self.next_ttt == RSVD_TAG {
+                    self.next_ttt = 1;
+                }
+                let mut r = Pdu::new(pdu::OP_R2T);
+                r.bhs[1] = 0x80;
+                r.set_u64(8, encode_lun(w.lun));
+                r.set_u32(16, itt);
+                r.set_u32(20, ttt);
+                r.set_u32(36, w.r2t_sn);
+                r.set_u32(40, w.r2t_offset);
+                r.set_u32(44, len);
+                w.r2ts.push((ttt, w.r2t_offset, len, 0));
+                w.r2t_sn += 1;
+                w.r2t_offset += len;
+                r2ts.push(r);
+            }
+        }
+        for r in r2ts {
+            self.emit(out, r, Sn::Current);
         }
     }
 
     /// Returns budget and starts waiting writes that now fit.
-    fn release_locked(&self, g: &mut Writes, charged: u64) {
-        g.used_bytes = g.used_bytes.saturating_sub(charged);
-        while let Some(&itt) = g.waiting.front() {
-            if !g.tasks.contains_key(&itt) {
-                g.waiting.pop_front();
+    fn release(&mut self, charged: u64, out: &mut Vec<u8>) {
+        self.used_bytes = self.used_bytes.saturating_sub(charged);
+        while let Some(&itt) = self.waiting.front() {
+            if !self.writes.contains_key(&itt) {
+                self.waiting.pop_front();
                 continue;
             }
-            if !self.try_start(g, itt) {
+            if !self.try_start(itt) {
                 break;
             }
-            g.waiting.pop_front();
-            self.issue_r2ts(g, itt);
-        }
-    }
-
-    fn release(&self, charged: u64) {
-        if charged > 0 {
-            let mut g = self.w.lock().unwrap();
-            self.release_locked(&mut g, charged);
-        }
-    }
-
-    /// Drops collecting writes (all, or those of `lun`), returning budget.
-    fn drop_tasks(&self, lun: Option<u64>, itt: Option<u32>) {
-        let mut g = self.w.lock().unwrap();
-        let mut freed = 0;
-        g.tasks.retain(|&k, w| {
-            let hit = lun.is_none_or(|l| l == w.lun) && itt.is_none_or(|i| i == k);
-            if hit {
-                freed += w.charged;
-            }
-            !hit
-        });
-        self.release_locked(&mut g, freed);
-    }
-}
-
-struct Conn {
-    shared: Arc<Shared>,
-    /// Our address on this connection (SendTargets on a wildcard listener).
-    local_ip: IpAddr,
-    out: mpsc::Sender<Out>,
-    params: Params,
-    discovery: bool,
-    sess: Arc<Sess>,
-    nexus: Arc<Nexus>,
-    wctx: Arc<WriteCtx>,
-}
-
-/// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
-fn sn_lt(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-
-enum Flow {
-    Continue,
-    Close,
-}
-
-impl Conn {
-    fn send(&self, p: Pdu, sn: Sn) {
-        let _ = self.out.send(Out::Pdu(p, sn));
-    }
-
-    fn reject(&self, reason: u8, bhs: &[u8; BHS_LEN]) {
-        let mut p = Pdu::new(pdu::OP_REJECT);
-        p.bhs[1] = 0x80;
-        p.bhs[2] = reason;
-        p.set_u32(16, RSVD_TAG);
-        p.data = bhs.to_vec();
-        self.send(p, Sn::Advance);
-    }
-
-    fn reader_loop(&mut self, r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<()> {
-        let lim = ParseLimits {
-            header_digest: self.params.header_digest,
-            data_digest: self.params.data_digest,
-            max_data_segment_bytes: self.params.recv_max_data_segment_bytes,
-        };
-        loop {
-            let p = match read_pdu(r, &lim, buf) {
-                Ok(p) => p,
-                Err(ReadErr::Io(e)) => return Err(e),
-                Err(ReadErr::Parse(e, bhs)) => match e {
-                    ParseError::DataDigest => {
-                        // The PDU is discarded; ERL 0 cannot recover the data.
-                        self.reject(pdu::REJECT_DATA_DIGEST, &bhs);
-                        if bhs[0] & 0x3f == pdu::OP_DATA_OUT {
-                            let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
-                            self.fail_write(itt);
-                        }
-                        continue;
-                    }
-                    ParseError::BadAhs => {
-                        self.reject(pdu::REJECT_INVALID_PDU_FIELD, &bhs);
-                        continue;
-                    }
-                    ParseError::DataTooLong => {
-                        // We cannot resynchronize on the stream: reject and close.
-                        self.reject(pdu::REJECT_PROTOCOL_ERROR, &bhs);
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "data segment too long",
-                        ));
-                    }
-                    ParseError::HeaderDigest | ParseError::Incomplete { .. } => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")));
-                    }
-                },
-            };
-            match self.dispatch(p) {
-                Flow::Continue => {}
-                Flow::Close => return Ok(()),
-            }
+            self.waiting.pop_front();
+            self.issue_r2ts(itt, out);
         }
     }
 
     /// CmdSN window check for a non-immediate command: true if accepted.
-    fn accept_cmd_sn(&self, p: &Pdu) -> bool {
-        if p.immediate() {
+    fn accept_cmd_sn(&mut self, bhs: &[u8; BHS_LEN]) -> bool {
+        if bhs[0] & 0x40 != 0 {
             return true;
         }
-        let cmd_sn = p.u32_at(24);
-        let exp = self.sess.exp_cmd_sn.load(Ordering::Acquire);
-        let max = self.sess.max_cmd_sn.load(Ordering::Acquire);
+        let cmd_sn = u32::from_be_bytes(bhs[24..28].try_into().unwrap());
+        let (exp, max) = (self.exp_cmd_sn, self.max_cmd_sn);
         if sn_lt(cmd_sn, exp) || sn_lt(max, cmd_sn) {
             // Outside the window: silently ignored (RFC 7143 §4.2.2.1).
             log::debug!("iscsi: CmdSN {cmd_sn} outside window [{exp}, {max}] ignored");
             return false;
         }
-        self.sess
-            .exp_cmd_sn
-            .store(cmd_sn.wrapping_add(1), Ordering::Release);
+        self.exp_cmd_sn = cmd_sn.wrapping_add(1);
         true
     }
 
-    fn dispatch(&mut self, p: Pdu) -> Flow {
-        let op = p.opcode();
-        match op {
+    fn dispatch(&mut self, p: Pdu, out: &mut Vec<u8>) {
+        match p.opcode() {
             pdu::OP_NOP_OUT => {
-                if !self.accept_cmd_sn(&p) {
-                    return Flow::Continue;
+                if !self.accept_cmd_sn(&p.bhs) {
+                    return;
                 }
                 if !p.immediate() {
-                    self.sess.retire();
+                    self.retire();
                 }
                 if p.itt() != RSVD_TAG {
                     let mut r = Pdu::new(pdu::OP_NOP_IN);
@@ -639,148 +630,141 @@ impl Conn {
                     let mut d = p.data;
                     d.truncate(self.params.send_max_data_segment_bytes as usize);
                     r.data = d;
-                    self.send(r, Sn::Advance);
+                    self.emit(out, r, Sn::Advance);
                 }
-                Flow::Continue
             }
             pdu::OP_SCSI_CMD => {
                 if self.discovery {
-                    self.reject(pdu::REJECT_PROTOCOL_ERROR, &p.bhs);
-                    return Flow::Continue;
+                    self.reject(out, pdu::REJECT_PROTOCOL_ERROR, &p.bhs);
+                    return;
                 }
-                if !self.accept_cmd_sn(&p) {
-                    return Flow::Continue;
+                if !self.accept_cmd_sn(&p.bhs) {
+                    return;
                 }
-                self.scsi_command(p);
-                Flow::Continue
-            }
-            pdu::OP_DATA_OUT => {
-                self.data_out(p);
-                Flow::Continue
+                self.scsi_command(p, out);
             }
             pdu::OP_TMF_REQ => {
-                if !self.accept_cmd_sn(&p) {
-                    return Flow::Continue;
+                if !self.accept_cmd_sn(&p.bhs) {
+                    return;
                 }
                 if !p.immediate() {
-                    self.sess.retire();
+                    self.retire();
                 }
-                self.task_management(p)
+                self.task_management(p, out);
             }
             pdu::OP_TEXT_REQ => {
-                if !self.accept_cmd_sn(&p) {
-                    return Flow::Continue;
+                if !self.accept_cmd_sn(&p.bhs) {
+                    return;
                 }
                 if !p.immediate() {
-                    self.sess.retire();
+                    self.retire();
                 }
-                self.text(p);
-                Flow::Continue
+                self.text(p, out);
             }
             pdu::OP_LOGOUT_REQ => {
-                if !self.accept_cmd_sn(&p) {
-                    return Flow::Continue;
+                if !self.accept_cmd_sn(&p.bhs) {
+                    return;
                 }
                 if !p.immediate() {
-                    self.sess.retire();
+                    self.retire();
                 }
-                self.logout(p)
+                self.logout(p, out);
             }
-            pdu::OP_SNACK => {
-                self.reject(pdu::REJECT_SNACK, &p.bhs);
-                Flow::Continue
-            }
-            pdu::OP_LOGIN_REQ => {
-                self.reject(pdu::REJECT_PROTOCOL_ERROR, &p.bhs);
-                Flow::Continue
-            }
-            _ => {
-                self.reject(pdu::REJECT_CMD_NOT_SUPPORTED, &p.bhs);
-                Flow::Continue
-            }
+            pdu::OP_SNACK => self.reject(out, pdu::REJECT_SNACK, &p.bhs),
+            pdu::OP_LOGIN_REQ => self.reject(out, pdu::REJECT_PROTOCOL_ERROR, &p.bhs),
+            _ => self.reject(out, pdu::REJECT_CMD_NOT_SUPPORTED, &p.bhs),
         }
     }
 
-    fn text(&mut self, p: Pdu) {
+    fn text(&mut self, p: Pdu, out: &mut Vec<u8>) {
         let mut r = Pdu::new(pdu::OP_TEXT_RESP);
         r.bhs[1] = 0x80;
         r.set_u32(16, p.itt());
         r.set_u32(20, RSVD_TAG);
         let mut kv = Vec::new();
-        if let Ok(keys) = pdu::parse_text(&p.data) {
-            for (k, v) in keys {
-                if k == "SendTargets" {
-                    let ok = v == "All"
-                        || v == self.shared.cfg.target_iqn
-                        || (v.is_empty() && !self.discovery);
-                    if !ok {
-                        continue;
-                    }
-                    let cfg = &self.shared.cfg;
-                    kv.push(("TargetName".to_string(), cfg.target_iqn.clone()));
-                    // Our portal: the bound port; on a wildcard listener the
-                    // address this initiator reached (as LIO does).
-                    let mut own = self.shared.addr;
-                    if own.ip().is_unspecified() {
-                        own.set_ip(self.local_ip);
-                    }
-                    let tag = cfg.portal_group_tag;
-                    kv.push(("TargetAddress".to_string(), format!("{own},{tag}")));
-                    // The peer's portals only while we are the standby: a
-                    // host (open-iscsi, `iscsi-ls -s`) logs in to every
-                    // listed portal, and on the primary the peer's is a
-                    // standby port where TEST UNIT READY fails (SPC-4).
-                    let standby = self.shared.lun.vol.path_state() != PathState::Optimized;
-                    if let (true, Some(peer_tag)) = (standby, cfg.peer_tag()) {
-                        for a in &cfg.peer_portals {
-                            kv.push(("TargetAddress".to_string(), format!("{a},{peer_tag}")));
-                        }
-                    }
-                } else {
-                    kv.push((k, "NotUnderstood".to_string()));
-                }
-            }
-        } else {
-            self.reject(pdu::REJECT_INVALID_PDU_FIELD, &p.bhs);
+        let Ok(keys) = pdu::parse_text(&p.data) else {
+            self.reject(out, pdu::REJECT_INVALID_PDU_FIELD, &p.bhs);
             return;
+        };
+        for (k, v) in keys {
+            if k == "SendTargets" {
+                let ok = v == "All"
+                    || v == self.shared.cfg.target_iqn
+                    || (v.is_empty() && !self.discovery);
+                if !ok {
+                    continue;
+                }
+                let cfg = &self.shared.cfg;
+                kv.push(("TargetName".to_string(), cfg.target_iqn.clone()));
+                // Our portal: the bound port; on a wildcard listener the
+                // address this initiator reached (as LIO does).
+                let mut own = self.shared.addr;
+                if own.ip().is_unspecified() {
+                    own.set_ip(self.local_ip);
+                }
+                let tag = cfg.portal_group_tag;
+                kv.push(("TargetAddress".to_string(), format!("{own},{tag}")));
+                // The peer's portals only while we are the standby: a
+                // host (open-iscsi, `iscsi-ls -s`) logs in to every
+                // listed portal, and on the primary the peer's is a
+                // standby port where TEST UNIT READY fails (SPC-4).
+                let standby = self.shared.lun.vol.path_state() != PathState::Optimized;
+                if let (true, Some(peer_tag)) = (standby, cfg.peer_tag()) {
+                    for a in &cfg.peer_portals {
+                        kv.push(("TargetAddress".to_string(), format!("{a},{peer_tag}")));
+                    }
+                }
+            } else {
+                kv.push((k, "NotUnderstood".to_string()));
+            }
         }
         let mut d = pdu::encode_text(&kv);
         d.truncate(self.params.send_max_data_segment_bytes as usize);
         r.data = d;
-        self.send(r, Sn::Advance);
+        self.emit(out, r, Sn::Advance);
     }
 
-    fn logout(&mut self, p: Pdu) -> Flow {
+    fn logout(&mut self, p: Pdu, out: &mut Vec<u8>) {
         let reason = p.flags() & 0x7f;
         let mut r = Pdu::new(pdu::OP_LOGOUT_RESP);
         r.bhs[1] = 0x80;
         r.set_u32(16, p.itt());
-        let close = match reason {
+        match reason {
             0 | 1 => {
-                // Let in-flight commands finish (bounded) so their
-                // responses precede the logout response.
-                let until = Instant::now() + Duration::from_secs(5);
-                while !self.sess.tasks.lock().unwrap().is_empty() && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(1));
+                // Writes still waiting for Data-Out cannot finish: they
+                // go. Commands the volume holds are answered before the
+                // logout response (`poll` sends it once they are).
+                let itts: Vec<u32> = self.writes.keys().copied().collect();
+                self.drop_writes(None, None, out);
+                for itt in itts {
+                    if let Some(info) = self.tasks.remove(&itt) {
+                        if info.windowed {
+                            self.retire();
+                        }
+                    }
                 }
                 r.bhs[2] = 0;
-                true
+                self.logout = Some(r);
+                self.try_logout(out);
             }
             _ => {
                 r.bhs[2] = 2; // connection recovery is not supported (ERL 0)
-                false
+                self.emit(out, r, Sn::Advance);
             }
-        };
-        self.send(r, Sn::Advance);
-        if close {
-            let _ = self.out.send(Out::Close);
-            Flow::Close
-        } else {
-            Flow::Continue
         }
     }
 
-    fn task_management(&mut self, p: Pdu) -> Flow {
+    /// Sends the pending logout response once nothing is in flight.
+    fn try_logout(&mut self, out: &mut Vec<u8>) {
+        if self.inflight == 0 {
+            if let Some(r) = self.logout.take() {
+                self.emit(out, r, Sn::Advance);
+                self.end = Some("logged out".into());
+            }
+        }
+    }
+
+    fn task_management(&mut self, p: Pdu, out: &mut Vec<u8>) {
         let func = p.flags() & 0x7f;
         let lun = decode_lun(p.lun());
         let rtt = p.u32_at(20);
@@ -791,12 +775,11 @@ impl Conn {
         let response = match func {
             1 => {
                 // ABORT TASK
-                self.wctx.drop_tasks(None, Some(rtt));
-                let found = self.sess.tasks.lock().unwrap().remove(&rtt);
-                match found {
+                self.drop_writes(None, Some(rtt), out);
+                match self.tasks.remove(&rtt) {
                     Some(info) => {
                         if info.windowed {
-                            self.sess.retire();
+                            self.retire();
                         }
                         0
                     }
@@ -804,20 +787,20 @@ impl Conn {
                 }
             }
             2 | 4 => {
-                self.wctx.drop_tasks(Some(lun), None);
-                self.sess.abort_all(Some(lun));
+                self.drop_writes(Some(lun), None, out);
+                self.abort_tasks(Some(lun));
                 0
             }
             5 => {
                 if lun != 0 {
                     2
                 } else {
-                    self.reset_all(scsi::SENSE_LUN_RESET);
+                    self.reset_all(scsi::SENSE_LUN_RESET, out);
                     0
                 }
             }
             6 | 7 => {
-                self.reset_all(scsi::SENSE_RESET_OCCURRED);
+                self.reset_all(scsi::SENSE_RESET_OCCURRED, out);
                 close_all = func == 7;
                 0
             }
@@ -825,11 +808,11 @@ impl Conn {
             _ => 5,
         };
         r.bhs[2] = response;
-        self.send(r, Sn::Advance);
+        self.emit(out, r, Sn::Advance);
         if close_all {
             // Cold reset: every connection goes, ours after the response.
-            let _ = self.out.send(Out::Close);
-            let me = self.nexus.id;
+            self.end = Some("target cold reset".into());
+            let me = self.id;
             for (&k, reg) in self.shared.sessions.lock().unwrap().iter() {
                 if k != me {
                     if let Some(s) = &reg.stream {
@@ -837,32 +820,31 @@ impl Conn {
                     }
                 }
             }
-            return Flow::Close;
         }
-        Flow::Continue
     }
 
-    fn reset_all(&mut self, ua: Sense) {
-        self.wctx.drop_tasks(None, None);
-        let sessions: Vec<Arc<Sess>> = self
-            .shared
-            .sessions
-            .lock()
-            .unwrap()
-            .values()
-            .filter_map(|r| r.sess.clone())
-            .collect();
-        for s in sessions {
-            s.abort_all(None);
+    /// Aborts every task of every session and raises the unit attention.
+    fn reset_all(&mut self, ua: Sense, out: &mut Vec<u8>) {
+        self.drop_writes(None, None, out);
+        self.abort_tasks(None);
+        for (&k, reg) in self.shared.sessions.lock().unwrap().iter() {
+            if k == self.id {
+                continue;
+            }
+            if let Some(ctl) = &reg.ctl {
+                ctl.resets.fetch_add(1, Ordering::AcqRel);
+                if let Some(w) = ctl.waker.get() {
+                    w.wake();
+                }
+            }
         }
-        self.sess.abort_all(None);
         let ids = self.shared.nexus_ids();
         // SAM-5: the reset raises a unit attention on every I_T nexus,
         // the requester's included.
         self.shared.lun.reset(&ids, ua);
     }
 
-    fn scsi_command(&mut self, p: Pdu) {
+    fn scsi_command(&mut self, p: Pdu, out: &mut Vec<u8>) {
         let flags = p.flags();
         let final_bit = flags & 0x80 != 0;
         let read = flags & 0x40 != 0;
@@ -876,47 +858,57 @@ impl Conn {
         }
         let windowed = !p.immediate();
         let imm = p.data.len() as u32;
-        let bad = (imm > 0 && (!write || !self.params.immediate_data))
+        let pp = &self.params;
+        let bad = (imm > 0 && (!write || !pp.immediate_data))
             || imm > edtl
-            || imm > self.params.first_burst_bytes
-            || (!final_bit && (self.params.initial_r2t || !write))
-            || (write && !final_bit && imm >= self.params.first_burst_bytes.min(edtl))
+            || imm > pp.first_burst_bytes
+            || (!final_bit && (pp.initial_r2t || !write))
+            || (write && !final_bit && imm >= pp.first_burst_bytes.min(edtl))
             || (read && write);
-        if bad
-            || self.sess.tasks.lock().unwrap().contains_key(&itt)
-            || self.wctx.w.lock().unwrap().tasks.contains_key(&itt)
-        {
+        if bad || self.tasks.contains_key(&itt) || self.writes.contains_key(&itt) {
             // Data beyond the negotiated burst lengths, data without W, a
             // reused task tag: reject, never execute.
-            self.reject(pdu::REJECT_INVALID_PDU_FIELD, &p.bhs);
+            self.reject(out, pdu::REJECT_INVALID_PDU_FIELD, &p.bhs);
             if windowed {
-                self.sess.retire();
+                self.retire();
             }
             return;
         }
-        self.sess
-            .tasks
-            .lock()
-            .unwrap()
-            .insert(itt, TaskInfo { lun, windowed });
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        self.tasks.insert(itt, TaskInfo { tid, lun, windowed });
+        let bs = self.shared.lun.geo.block_size;
+        let meta = Meta {
+            itt,
+            tid,
+            lun,
+            edtl,
+            read,
+            out_len: if read {
+                None
+            } else {
+                scsi::data_out_len(&cdb, bs)
+            },
+            charged: 0,
+        };
+        if self.tasks.len() > MAX_TASKS {
+            let res = ScsiResult {
+                status: STATUS_TASK_SET_FULL,
+                ..ScsiResult::default()
+            };
+            self.finish(meta, res, out);
+            return;
+        }
         if write && edtl > imm {
             if edtl > self.shared.lun.max_cmd_bytes {
-                self.finish(
-                    itt,
-                    edtl,
-                    read,
-                    &cdb,
-                    ScsiResult::check(scsi::SENSE_INVALID_FIELD_CDB),
-                );
+                self.finish(meta, ScsiResult::check(scsi::SENSE_INVALID_FIELD_CDB), out);
                 return;
             }
-            let mut buf = Vec::with_capacity(edtl as usize);
-            buf.extend_from_slice(&p.data);
             let mut w = WriteTask {
                 lun,
                 cdb,
                 edtl,
-                buf,
+                buf: p.data,
                 unsolicited_open: !final_bit,
                 r2t_offset: 0,
                 r2t_sn: 0,
@@ -928,40 +920,49 @@ impl Conn {
             if !w.unsolicited_open {
                 w.r2t_offset = imm;
             }
-            let mut g = self.wctx.w.lock().unwrap();
-            g.tasks.insert(itt, w);
-            if self.wctx.try_start(&mut g, itt) {
-                self.wctx.issue_r2ts(&mut g, itt);
+            self.writes.insert(itt, w);
+            if self.try_start(itt) {
+                self.issue_r2ts(itt, out);
             } else {
-                g.waiting.push_back(itt);
+                self.waiting.push_back(itt);
             }
             return;
         }
-        self.execute(itt, lun, cdb, p.data, edtl, read, 0);
+        self.execute(meta, cdb, p.data);
     }
 
     /// A Data-Out error under ERL 0: the command ends with CHECK CONDITION.
-    fn fail_write(&mut self, itt: u32) {
-        let w = self.wctx.w.lock().unwrap().tasks.remove(&itt);
-        if let Some(w) = w {
-            self.wctx.release(w.charged);
+    fn fail_write(&mut self, itt: u32, out: &mut Vec<u8>) {
+        if let Some(w) = self.writes.remove(&itt) {
+            self.release(w.charged, out);
+            let Some(info) = self.tasks.get(&itt).copied() else {
+                return;
+            };
+            let bs = self.shared.lun.geo.block_size;
+            let meta = Meta {
+                itt,
+                tid: info.tid,
+                lun: w.lun,
+                edtl: w.edtl,
+                read: w.read,
+                out_len: scsi::data_out_len(&w.cdb, bs),
+                charged: 0,
+            };
             let res = ScsiResult::check(Sense::new(0x0b, 0x4b, 0x00)); // DATA PHASE ERROR
-            self.finish(itt, w.edtl, w.read, &w.cdb, res);
+            self.finish(meta, res, out);
         }
     }
 
-    fn data_out(&mut self, p: Pdu) {
-        let itt = p.itt();
-        let ttt = p.u32_at(20);
-        let data_sn = p.u32_at(36);
-        let offset = p.u32_at(40);
-        let len = p.data.len() as u32;
-        let mut g = self.wctx.w.lock().unwrap();
-        let Some(mut w) = g.tasks.remove(&itt) else {
+    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: &[u8], out: &mut Vec<u8>) {
+        let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
+        let (itt, ttt, data_sn, offset) = (be(16), be(20), be(36), be(40));
+        let final_bit = bhs[1] & 0x80 != 0;
+        let len = data.len() as u32;
+        let first_burst = self.params.first_burst_bytes;
+        let Some(w) = self.writes.get_mut(&itt) else {
             // Data for an unknown or aborted task: discarded.
             return;
         };
-        let first_burst = self.params.first_burst_bytes;
         let ok = if ttt == RSVD_TAG {
             let good = w.unsolicited_open
                 && data_sn == w.unsol_data_sn
@@ -969,8 +970,8 @@ impl Conn {
                 && offset as u64 + len as u64 <= first_burst.min(w.edtl) as u64;
             if good {
                 w.unsol_data_sn += 1;
-                w.buf.extend_from_slice(&p.data);
-                if p.final_bit() {
+                w.buf.extend_from_slice(data);
+                if final_bit {
                     w.unsolicited_open = false;
                     w.r2t_offset = w.buf.len() as u32;
                 }
@@ -987,8 +988,8 @@ impl Conn {
                         && offset as u64 + len as u64 <= r_off as u64 + r_len as u64;
                     if good {
                         w.r2ts[i].3 += 1;
-                        w.buf.extend_from_slice(&p.data);
-                        if p.final_bit() {
+                        w.buf.extend_from_slice(data);
+                        if final_bit {
                             if w.buf.len() as u32 != r_off + r_len {
                                 false
                             } else {
@@ -1006,86 +1007,180 @@ impl Conn {
             }
         };
         if !ok {
-            g.tasks.insert(itt, w);
-            drop(g);
-            self.reject(pdu::REJECT_PROTOCOL_ERROR, &p.bhs);
-            self.fail_write(itt);
+            self.reject(out, pdu::REJECT_PROTOCOL_ERROR, bhs);
+            self.fail_write(itt, out);
             return;
         }
         if w.buf.len() as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
-            drop(g);
-            let WriteTask {
-                lun,
-                cdb,
-                buf,
-                edtl,
-                read,
-                charged,
-                ..
-            } = w;
-            self.execute(itt, lun, cdb, buf, edtl, read, charged);
+            let Some(w) = self.writes.remove(&itt) else {
+                return;
+            };
+            let Some(info) = self.tasks.get(&itt).copied() else {
+                self.release(w.charged, out);
+                return; // aborted while collecting data
+            };
+            let bs = self.shared.lun.geo.block_size;
+            let meta = Meta {
+                itt,
+                tid: info.tid,
+                lun: w.lun,
+                edtl: w.edtl,
+                read: w.read,
+                out_len: scsi::data_out_len(&w.cdb, bs),
+                charged: w.charged,
+            };
+            self.execute(meta, w.cdb, w.buf);
             return;
         }
-        g.tasks.insert(itt, w);
-        self.wctx.issue_r2ts(&mut g, itt);
+        self.issue_r2ts(itt, out);
     }
 
-    /// Submits a command whose Data-Out (if any) is complete; `charged` is
-    /// the write budget it holds until the volume completes it.
-    #[allow(clippy::too_many_arguments)]
-    fn execute(
-        &mut self,
-        itt: u32,
-        lun: u64,
-        cdb: Vec<u8>,
-        data: Vec<u8>,
-        edtl: u32,
-        read: bool,
-        charged: u64,
-    ) {
-        if !self.sess.tasks.lock().unwrap().contains_key(&itt) {
-            self.wctx.release(charged);
-            return; // aborted while collecting data
-        }
-        let wctx = self.wctx.clone();
-        let out = self.out.clone();
-        let sess = self.sess.clone();
-        let params = self.params;
-        let bs = self.shared.lun.geo.block_size;
-        let cdb2 = cdb.clone();
+    /// Submits a command whose Data-Out (if any) is complete. Its result
+    /// comes back through `done` and the waker.
+    fn execute(&mut self, meta: Meta, cdb: Vec<u8>, data: Vec<u8>) {
+        let (queue, waker) = (self.done.clone(), self.waker.clone());
         let done: scsi::Done = Box::new(move |res| {
-            wctx.release(charged);
-            let pdus = build_response(itt, lun, edtl, read, &cdb2, bs, &params, res);
-            send_final(&sess, &out, itt, pdus);
+            queue.push(Done { meta, res });
+            waker.wake();
         });
-        scsi::execute(&self.shared.lun, &self.nexus, lun, &cdb, data, done);
+        self.inflight += 1;
+        scsi::execute(&self.shared.lun, &self.nexus, meta.lun, &cdb, data, done);
     }
 
-    fn finish(&mut self, itt: u32, edtl: u32, read: bool, cdb: &[u8], res: ScsiResult) {
-        let lun = 0;
-        let pdus = build_response(
-            itt,
-            lun,
-            edtl,
-            read,
-            cdb,
-            self.shared.lun.geo.block_size,
-            &self.params,
-            res,
-        );
-        send_final(&self.sess, &self.out, itt, pdus);
+    /// Encodes a task's response PDUs unless the task was aborted meanwhile.
+    fn finish(&mut self, meta: Meta, res: ScsiResult, out: &mut Vec<u8>) {
+        match self.tasks.get(&meta.itt) {
+            Some(info) if info.tid == meta.tid => {}
+            _ => return,
+        }
+        if let Some(info) = self.tasks.remove(&meta.itt) {
+            if info.windowed {
+                self.retire();
+            }
+        }
+        for (p, sn) in build_response(&meta, &self.params, res) {
+            self.emit(out, p, sn);
+        }
     }
 }
 
-/// Sends a task's response PDUs unless the task was aborted meanwhile.
-fn send_final(sess: &Sess, out: &mpsc::Sender<Out>, itt: u32, pdus: Vec<(Pdu, Sn)>) {
-    let mut t = sess.tasks.lock().unwrap();
-    if let Some(info) = t.remove(&itt) {
-        if info.windowed {
-            sess.retire();
+impl netreactor::Conn for IscsiConn {
+    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+        let r = self.take_input(input, out);
+        self.queued_out = out.len();
+        r
+    }
+
+    fn poll(&mut self, out: &mut Vec<u8>) {
+        self.check_resets(out);
+        while let Some(d) = self.done.pop() {
+            self.inflight -= 1;
+            self.release(d.meta.charged, out);
+            self.finish(d.meta, d.res, out);
         }
-        for (p, sn) in pdus {
-            let _ = out.send(Out::Pdu(p, sn));
+        if self.logout.is_some() {
+            self.try_logout(out);
+        }
+        self.queued_out = out.len();
+    }
+
+    fn wants_input(&self) -> bool {
+        self.end.is_none()
+            && self.logout.is_none()
+            && self.inflight < MAX_INFLIGHT
+            && self.queued_out < MAX_QUEUED_OUT_BYTES
+    }
+
+    fn closing(&self) -> bool {
+        self.end.is_some()
+    }
+
+    fn quiescent(&self) -> bool {
+        self.inflight == 0 && self.logout.is_none()
+    }
+
+    fn aborted(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    fn closed(&mut self, why: &str) {
+        log::debug!("iscsi: connection {} closed ({why})", self.id);
+        // Tasks still in flight lose their responses; the volume completes
+        // them.
+        self.tasks.clear();
+        self.writes.clear();
+        self.shared.forget(self.id);
+    }
+}
+
+impl IscsiConn {
+    /// Frames and handles the PDUs `input` holds, as long as the
+    /// connection takes input.
+    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+        self.check_resets(out);
+        let mut at = 0;
+        while self.end.is_none()
+            && self.logout.is_none()
+            && self.inflight < MAX_INFLIGHT
+            && out.len() < MAX_QUEUED_OUT_BYTES
+        {
+            let rest = &input[at..];
+            if rest.len() < BHS_LEN {
+                return Input {
+                    consumed: at,
+                    need: BHS_LEN,
+                };
+            }
+            let mut bhs = [0u8; BHS_LEN];
+            bhs.copy_from_slice(&rest[..BHS_LEN]);
+            let f = match pdu::frame(rest, &self.lim) {
+                Ok(f) => f,
+                Err(ParseError::Incomplete { need }) => {
+                    return Input { consumed: at, need };
+                }
+                Err(ParseError::DataDigest) => {
+                    // The PDU is discarded; ERL 0 cannot recover the data.
+                    at += pdu::pdu_len(rest, &self.lim).unwrap_or(rest.len());
+                    self.reject(out, pdu::REJECT_DATA_DIGEST, &bhs);
+                    if bhs[0] & 0x3f == pdu::OP_DATA_OUT {
+                        let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
+                        self.fail_write(itt, out);
+                    }
+                    continue;
+                }
+                Err(ParseError::BadAhs) => {
+                    at += pdu::pdu_len(rest, &self.lim).unwrap_or(rest.len());
+                    self.reject(out, pdu::REJECT_INVALID_PDU_FIELD, &bhs);
+                    continue;
+                }
+                Err(ParseError::DataTooLong) => {
+                    // We cannot resynchronize on the stream: reject and close.
+                    self.reject(out, pdu::REJECT_PROTOCOL_ERROR, &bhs);
+                    self.end = Some("data segment too long".into());
+                    break;
+                }
+                Err(ParseError::HeaderDigest) => {
+                    self.end = Some("header digest error".into());
+                    break;
+                }
+            };
+            at += f.len;
+            if f.bhs[0] & 0x3f == pdu::OP_DATA_OUT {
+                // The payload goes from the receive buffer straight into
+                // its write's buffer.
+                self.data_out(&f.bhs, &rest[f.data], out);
+            } else {
+                let p = Pdu {
+                    bhs: f.bhs,
+                    ahs: rest[f.ahs].to_vec(),
+                    data: rest[f.data].to_vec(),
+                };
+                self.dispatch(p, out);
+            }
+        }
+        Input {
+            consumed: at,
+            need: 0,
         }
     }
 }
@@ -1108,24 +1203,22 @@ fn encode_lun(lun: u64) -> u64 {
 }
 
 /// Data-In PDUs and the status for one finished command, with residuals.
-#[allow(clippy::too_many_arguments)]
-fn build_response(
-    itt: u32,
-    lun: u64,
-    edtl: u32,
-    read: bool,
-    cdb: &[u8],
-    bs: u32,
-    p: &Params,
-    mut res: ScsiResult,
-) -> Vec<(Pdu, Sn)> {
+fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
+    let Meta {
+        itt,
+        lun,
+        edtl,
+        read,
+        out_len,
+        ..
+    } = *m;
     let mut pdus = Vec::new();
     // Residuals: for Data-In, what the command produced against the
     // expected length; for Data-Out, what the CDB asked for.
     let produced: Option<u64> = if read {
         Some(res.data.len() as u64)
     } else {
-        scsi::data_out_len(cdb, bs)
+        out_len
     };
     let (over, under) = match produced {
         Some(n) if n > edtl as u64 => ((n - edtl as u64).min(u32::MAX as u64) as u32, 0),

@@ -1,10 +1,13 @@
 //! iSCSI target (RFC 7143) exporting one `Volume` as LUN 0, with ALUA path
 //! states that follow the mirror role.
 //!
-//! Threads: one acceptor, and per connection a reader (parses PDUs, collects
-//! Data-Out, submits to the volume without waiting) and a writer (sends
-//! responses as completions arrive). Many commands are in flight per
-//! connection, bounded by the CmdSN window (`QUEUE_DEPTH`).
+//! Threads: one acceptor, and per connection a short-lived login thread that
+//! hands the socket to a connection reactor ([`netreactor`]) once the login
+//! completes. From then on the connection has no thread of its own: its
+//! reactor frames PDUs from the received bytes, collects Data-Out, submits
+//! to the volume without waiting, and encodes the responses when the
+//! volume's completions wake it (`conn::IscsiConn`). Many commands are in
+//! flight per connection, bounded by the CmdSN window (`QUEUE_DEPTH`).
 //!
 //! Architecture invariant: nothing here knows about mirroring; the volume's
 //! path state is the only role information, and volume errors become SCSI
@@ -16,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use netreactor::{ReactorConfig, Reactors};
 use volume::Volume;
 
 mod conn;
@@ -137,11 +141,36 @@ pub struct IscsiTarget {
     addr: SocketAddr,
     shared: Arc<conn::Shared>,
     acceptor: Option<JoinHandle<()>>,
+    reactors: Arc<Reactors>,
+    /// Reactors this target started itself (and stops).
+    own_reactors: bool,
 }
 
-/// Starts listening and serving `vol` as LUN 0 of `cfg.target_iqn`.
+/// Starts listening and serving `vol` as LUN 0 of `cfg.target_iqn`, with
+/// its connections on a reactor of its own (one adaptive thread).
 pub fn start(cfg: IscsiConfig, vol: Arc<dyn Volume>) -> io::Result<IscsiTarget> {
     cfg.validate()?;
+    let reactors = Reactors::start(&ReactorConfig::single("iscsi-reactor"))?;
+    start_inner(cfg, vol, reactors, true)
+}
+
+/// Starts serving `vol` with its connections on `reactors` (shared with
+/// the node's other targets).
+pub fn start_on(
+    cfg: IscsiConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+) -> io::Result<IscsiTarget> {
+    cfg.validate()?;
+    start_inner(cfg, vol, reactors, false)
+}
+
+fn start_inner(
+    cfg: IscsiConfig,
+    vol: Arc<dyn Volume>,
+    reactors: Arc<Reactors>,
+    own_reactors: bool,
+) -> io::Result<IscsiTarget> {
     if !cfg.peer_portals.is_empty() && cfg.peer_tag().is_none() {
         log::warn!(
             "iscsi: the peer's portal group tag is unknown (ours is {}, not 1 or 2): SendTargets will not list the peer's portals {:?}",
@@ -156,7 +185,7 @@ pub fn start(cfg: IscsiConfig, vol: Arc<dyn Volume>) -> io::Result<IscsiTarget> 
         )
     })?;
     let addr = listener.local_addr()?;
-    let shared = conn::Shared::new(cfg, vol, addr);
+    let shared = conn::Shared::new(cfg, vol, addr, reactors.clone());
     let s2 = shared.clone();
     let acceptor = std::thread::Builder::new()
         .name("iscsi-accept".into())
@@ -165,6 +194,8 @@ pub fn start(cfg: IscsiConfig, vol: Arc<dyn Volume>) -> io::Result<IscsiTarget> 
         addr,
         shared,
         acceptor: Some(acceptor),
+        reactors,
+        own_reactors,
     })
 }
 
@@ -188,7 +219,13 @@ impl IscsiTarget {
         self.addr
     }
 
-    /// Stops accepting, closes every connection and waits for their threads.
+    /// Connections open (logging in or in the full feature phase).
+    pub fn connections(&self) -> usize {
+        self.shared.live()
+    }
+
+    /// Stops accepting, closes every connection (requests the volume still
+    /// holds complete; their responses are dropped) and joins the threads.
     pub fn shutdown(mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         // Wake the acceptor.
@@ -198,5 +235,8 @@ impl IscsiTarget {
         }
         self.shared.close_all();
         self.shared.join_all();
+        if self.own_reactors {
+            self.reactors.shutdown();
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! header segments, data segment, padding and CRC32C digests.
 //!
 //! Parsing is a pure function over bytes so that it can be fuzzed without a
-//! socket: `header_len` tells a stream reader how many bytes a PDU occupies
-//! once its 48-byte BHS is known, and `parse` validates a complete PDU.
+//! socket: `pdu_len` tells a stream reader how many bytes a PDU occupies
+//! once its 48-byte BHS is known, `frame` validates a complete PDU and says
+//! where its parts lie (for use in place), and `parse` copies them out.
 
 /// Length of the basic header segment.
 pub const BHS_LEN: usize = 48;
@@ -178,9 +179,23 @@ pub fn pdu_len(bhs: &[u8], lim: &ParseLimits) -> Result<usize, ParseError> {
     Ok(n)
 }
 
-/// Parses one complete PDU from the front of `buf`; returns it and the number
-/// of bytes consumed. Pure: no I/O, no panics on any input.
-pub fn parse(buf: &[u8], lim: &ParseLimits) -> Result<(Pdu, usize), ParseError> {
+/// Where the parts of one complete, checked PDU lie in a buffer: what a
+/// stream reader needs to use a PDU's data segment in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub bhs: [u8; BHS_LEN],
+    /// The additional header segments.
+    pub ahs: std::ops::Range<usize>,
+    /// The data segment, without padding or digest.
+    pub data: std::ops::Range<usize>,
+    /// Bytes the whole PDU occupies.
+    pub len: usize,
+}
+
+/// Frames one complete PDU at the front of `buf` and checks its digests
+/// and AHS. Pure: no I/O, no copy of the data segment, no panics on any
+/// input.
+pub fn frame(buf: &[u8], lim: &ParseLimits) -> Result<Frame, ParseError> {
     let total = pdu_len(buf, lim)?;
     if buf.len() < total {
         return Err(ParseError::Incomplete { need: total });
@@ -197,9 +212,7 @@ pub fn parse(buf: &[u8], lim: &ParseLimits) -> Result<(Pdu, usize), ParseError> 
         }
         at += 4;
     }
-    let ahs = buf[BHS_LEN..BHS_LEN + ahs_len].to_vec();
-    check_ahs(&ahs)?;
-    let mut data = Vec::new();
+    check_ahs(&buf[BHS_LEN..BHS_LEN + ahs_len])?;
     if dlen > 0 {
         let padded = pad4(dlen);
         if lim.data_digest {
@@ -208,9 +221,27 @@ pub fn parse(buf: &[u8], lim: &ParseLimits) -> Result<(Pdu, usize), ParseError> 
                 return Err(ParseError::DataDigest);
             }
         }
-        data = buf[at..at + dlen].to_vec();
     }
-    Ok((Pdu { bhs, ahs, data }, total))
+    Ok(Frame {
+        bhs,
+        ahs: BHS_LEN..BHS_LEN + ahs_len,
+        data: at..at + dlen,
+        len: total,
+    })
+}
+
+/// Parses one complete PDU from the front of `buf`; returns it and the number
+/// of bytes consumed. Pure: no I/O, no panics on any input.
+pub fn parse(buf: &[u8], lim: &ParseLimits) -> Result<(Pdu, usize), ParseError> {
+    let f = frame(buf, lim)?;
+    Ok((
+        Pdu {
+            bhs: f.bhs,
+            ahs: buf[f.ahs].to_vec(),
+            data: buf[f.data].to_vec(),
+        },
+        f.len,
+    ))
 }
 
 /// Each AHS is: AHSLength (2 bytes, length of the specific field), type (1),

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use iscsi_target::{pdu, pdu::Pdu, ChapConfig};
+use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -245,5 +246,74 @@ fn unauthenticated_session_cannot_reach_full_feature_phase() {
     let (st, _, granted) = i.login_step(0, 3, true, &kv(&[("CHAP_A", "5")]));
     assert!(st != 0 || !granted);
     assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
+    t.shutdown();
+}
+
+/// An initiator that sends pings with 256 KiB of data and never reads the
+/// answers: once the target holds a bounded amount of unsent responses it
+/// stops receiving, so the initiator's sends block (TCP pushes back)
+/// instead of the target's memory growing; when the initiator reads again,
+/// every ping is answered.
+#[test]
+fn an_initiator_that_never_reads_is_pushed_back() {
+    const PINGS: u32 = 400; // 100 MiB of answers if nothing pushed back
+    const LEN: usize = 256 * 1024;
+    let (t, _vol) = target(|_| {});
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[]);
+    let ping = |itt: u32, cmd_sn: u32| {
+        let mut p = Pdu::new(pdu::OP_NOP_OUT);
+        p.bhs[0] |= 0x40;
+        p.bhs[1] = 0x80;
+        p.set_u32(16, itt);
+        p.set_u32(20, pdu::RSVD_TAG);
+        p.set_u32(24, cmd_sn);
+        p.data = vec![itt as u8; LEN];
+        p.encode(false, false)
+    };
+    i.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut blocked = None;
+    'send: for itt in 1..=PINGS {
+        let bytes = ping(itt, i.cmd_sn);
+        let mut at = 0;
+        while at < bytes.len() {
+            match i.s.write(&bytes[at..]) {
+                Ok(n) => at += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    blocked = Some((itt, bytes[at..].to_vec()));
+                    break 'send;
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+    let (last, rest) =
+        blocked.expect("the target took 100 MiB of pings without their answers being read");
+    // Reading again: every ping sent is answered, in order, whole.
+    let mut s = i.s.try_clone().unwrap();
+    let r = std::thread::spawn(move || {
+        let lim = pdu::ParseLimits {
+            header_digest: false,
+            data_digest: false,
+            max_data_segment_bytes: LEN as u32,
+        };
+        for itt in 1..=last {
+            let mut b = vec![0u8; pdu::BHS_LEN];
+            s.read_exact(&mut b).unwrap();
+            b.resize(pdu::pdu_len(&b, &lim).unwrap(), 0);
+            s.read_exact(&mut b[pdu::BHS_LEN..]).unwrap();
+            let (p, _) = pdu::parse(&b, &lim).unwrap();
+            assert_eq!((p.opcode(), p.itt()), (pdu::OP_NOP_IN, itt));
+            assert!(p.data.len() == LEN && p.data.iter().all(|&b| b == itt as u8));
+        }
+    });
+    i.s.set_write_timeout(None).unwrap();
+    i.s.write_all(&rest).unwrap();
+    r.join().unwrap();
     t.shutdown();
 }

@@ -525,3 +525,80 @@ fn chap_when_the_initiator_requests_transit_early() {
     assert_eq!(i.tur().status, 0);
     t.shutdown();
 }
+
+/// A logout while the volume holds a command: the logout response waits
+/// for it (its SCSI response comes first), a write still waiting for its
+/// Data-Out is dropped, and the connection closes after the logout
+/// response. The reactor never blocks meanwhile: another session's
+/// NOP-Out is answered.
+#[test]
+fn logout_waits_for_commands_the_volume_holds() {
+    let vol = std::sync::Arc::new(Parked {
+        inner: volume::MemVolume::new(512, 8192),
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let t = iscsi_target::start(
+        iscsi_target::IscsiConfig::new("127.0.0.1:0".parse().unwrap(), IQN),
+        vol.clone(),
+    )
+    .unwrap();
+    let mut i = Initiator::connect(t.local_addr());
+    i.login(&[]);
+    let mut other = Initiator::connect(t.local_addr());
+    other.isid[5] = 2;
+    other.login(&[]);
+    // A write the volume will hold, and one that waits for its Data-Out.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 1;
+    let mut held = i.cmd_pdu(&cdb, 512, false, true);
+    held.data = vec![3; 512];
+    let held_itt = held.itt();
+    i.send(&mut held);
+    let mut waiting = i.cmd_pdu(&cdb, 512, false, true);
+    i.send(&mut waiting);
+    assert_eq!(i.recv().expect("R2T").opcode(), pdu::OP_R2T);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while vol.held() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached the volume"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut p = pdu::Pdu::new(pdu::OP_LOGOUT_REQ);
+    p.bhs[0] |= 0x40;
+    p.bhs[1] = 0x80;
+    i.itt += 1;
+    p.set_u32(16, i.itt);
+    p.set_u32(24, i.cmd_sn);
+    p.set_u32(28, i.exp_stat_sn);
+    i.send(&mut p);
+    assert_eq!(
+        other.nop().opcode(),
+        pdu::OP_NOP_IN,
+        "the reactor is not blocked"
+    );
+    // Nothing comes while the volume holds the write (an early logout
+    // response would also fail the order checked below).
+    i.s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        i.recv().is_none(),
+        "logout answered while a command is held"
+    );
+    i.s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    vol.release();
+    let r = i.recv().expect("SCSI response");
+    assert_eq!(
+        (r.opcode(), r.itt(), r.bhs[3]),
+        (pdu::OP_SCSI_RESP, held_itt, 0)
+    );
+    let r = i.recv().expect("logout response");
+    assert_eq!((r.opcode(), r.bhs[2]), (pdu::OP_LOGOUT_RESP, 0));
+    assert!(i.closed(), "the connection closes after the logout");
+    assert_eq!(vol.inner.writes.load(Ordering::SeqCst), 1);
+    assert_eq!(other.tur().status, 0);
+    t.shutdown();
+}

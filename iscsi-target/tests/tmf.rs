@@ -72,6 +72,44 @@ fn lun_reset_raises_unit_attention_on_every_nexus() {
     t.shutdown();
 }
 
+/// A LUN reset on one session aborts the tasks of the others (each on its
+/// own connection, possibly on another reactor): a write there that waits
+/// for its Data-Out never reaches the volume and gets no response.
+#[test]
+fn lun_reset_on_one_session_aborts_the_tasks_of_another() {
+    let (t, vol) = target(|_| {});
+    let mut a = Initiator::connect(t.local_addr());
+    a.login(&[]);
+    let mut b = Initiator::connect(t.local_addr());
+    b.isid[5] = 2;
+    b.login(&[]);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 2;
+    let mut p = b.cmd_pdu(&cdb, 1024, false, true);
+    let itt = p.itt();
+    b.send(&mut p);
+    let r2t = b.recv().unwrap();
+    assert_eq!(r2t.opcode(), pdu::OP_R2T);
+    assert_eq!(tmf(&mut a, 5, pdu::RSVD_TAG).bhs[2], 0);
+    // The reset is done before its response: b's write is gone.
+    let mut d = Pdu::new(pdu::OP_DATA_OUT);
+    d.bhs[1] = 0x80;
+    d.set_u32(16, itt);
+    d.set_u32(20, r2t.u32_at(20));
+    d.data = vec![5; 1024];
+    b.send(&mut d);
+    b.s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(b.recv().is_none(), "no response for an aborted task");
+    b.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 0);
+    assert_eq!(b.tur().key_asc(), (6, 0x29, 0x03));
+    assert_eq!(b.write10(0, &[1; 512]).status, 0);
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 1);
+    t.shutdown();
+}
+
 #[test]
 fn reserve6_conflicts_and_is_released_with_the_session() {
     let (t, vol) = target(|_| {});

@@ -878,7 +878,7 @@ mod tests {
         assert!(!d
             .iter()
             .any(|d| matches!(d, Do::Claim { .. } | Do::LiftFence(_))));
-        // Even with the link back as source, a fenced primary never claims
+        // Even with the link back as sender, a fenced primary never claims
         // over the peer's key, and stays fenced while the peer holds it.
         n.self_fenced = true;
         let d = b.step(10, &n);

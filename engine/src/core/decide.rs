@@ -23,10 +23,10 @@ use super::types::{Role, Seq};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// This node is the authority: it sends the peer what it misses.
-    Source,
+    Sender,
     /// This node receives: drop ring entries after `truncate_to`, adopt the
     /// authority's history, become (or stay) backup.
-    Target { truncate_to: Seq },
+    Receiver { truncate_to: Seq },
     /// Refuse the pairing; the operator must decide.
     Refuse(String),
 }
@@ -62,8 +62,8 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
                     .into(),
             )
         }
-        (true, false) => return Plan::Target { truncate_to: 0 },
-        (false, true) => return Plan::Source,
+        (true, false) => return Plan::Receiver { truncate_to: 0 },
+        (false, true) => return Plan::Sender,
         _ => {}
     }
     let k = local
@@ -105,9 +105,9 @@ pub fn decide(local: &Hello, peer: &Hello) -> Plan {
         (local_wins, if local_wins { local.head } else { peer.head })
     };
     if local_wins {
-        Plan::Source
+        Plan::Sender
     } else {
-        Plan::Target {
+        Plan::Receiver {
             truncate_to: local.head.min(fork_head),
         }
     }
@@ -149,7 +149,7 @@ mod tests {
         let b = hello(2, Role::Backup, &[(1, 1, 0)], 12);
         assert_eq!(
             both(&p, &b),
-            (Plan::Source, Plan::Target { truncate_to: 10 })
+            (Plan::Sender, Plan::Receiver { truncate_to: 10 })
         );
     }
 
@@ -159,7 +159,7 @@ mod tests {
         let new = hello(2, Role::Primary, &[(1, 1, 0), (2, 106, 2)], 130);
         assert_eq!(
             both(&old, &new),
-            (Plan::Target { truncate_to: 105 }, Plan::Source)
+            (Plan::Receiver { truncate_to: 105 }, Plan::Sender)
         );
     }
 
@@ -195,7 +195,7 @@ mod tests {
         let n = hello(2, Role::Backup, &[], 0);
         assert_eq!(
             both(&a, &n),
-            (Plan::Source, Plan::Target { truncate_to: 0 })
+            (Plan::Sender, Plan::Receiver { truncate_to: 0 })
         );
         assert!(matches!(
             decide(&n, &hello(1, Role::Backup, &[], 0)),
@@ -209,7 +209,7 @@ mod tests {
         let b = hello(2, Role::Backup, &[(1, 1, 0)], 9);
         assert_eq!(
             both(&a, &b),
-            (Plan::Target { truncate_to: 5 }, Plan::Source)
+            (Plan::Receiver { truncate_to: 5 }, Plan::Sender)
         );
     }
 }

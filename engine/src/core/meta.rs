@@ -106,7 +106,7 @@ pub struct Meta {
     /// `MAX_FORCED`): the operator accepted that the peer's writes after
     /// their first seq may be lost.
     pub forced: Vec<u64>,
-    /// After a resync whose extents held the source's disk as executed
+    /// After a resync whose extents held the sender's disk as executed
     /// through this seq, this disk mixes newer and older blocks until it has
     /// executed that seq too (0 = consistent). Not even a forced promote
     /// takes it before then.

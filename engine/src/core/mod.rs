@@ -3,7 +3,7 @@
 //! deterministic simulator (`crate::sim`).
 //!
 //! Architecture invariant: nothing in this module performs I/O or reads
-//! the time; time arrives as `Event::Tick`, durability as `LogSynced` /
+//! the time; time arrives as `Event::Tick`, durability as `RingFlushed` /
 //! `MetaPersisted`, disk results as `Executed` / `DiskFlushed`.
 
 pub mod decide;
@@ -13,13 +13,14 @@ pub mod msg;
 pub mod types;
 pub mod verify;
 
-pub use machine::{Action, Core, Event, HostError, LinkState};
+pub use machine::session::{SessionState, Side};
+pub use machine::{Action, Core, Event, HostError};
 pub use meta::{DirtyMap, Meta};
 pub use msg::{Hello, Msg};
 pub use types::*;
 
 /// The persistent ring as the core sees it: the delay buffer and the delta
-/// queue. Appends are volatile until the driver reports `LogSynced`.
+/// queue. Appends are volatile until the driver reports `RingFlushed`.
 pub trait Log {
     /// Oldest seq held (== `next_seq()` when empty).
     fn first_seq(&self) -> Seq;

@@ -35,7 +35,7 @@ pub struct Hello {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
     Hello(Hello),
-    /// From the target of a resync/replay after the handshake: what it now
+    /// From the receiver of a resync/replay after the handshake: what it now
     /// holds, and the extents of ring entries it dropped (they may have been
     /// executed on its disk and must be rewritten from the authority).
     Ready {
@@ -61,14 +61,14 @@ pub enum Msg {
         offset: u64,
         data: Vec<u8>,
     },
-    /// End of a resync: the target's ring continues at `next_seq`.
+    /// End of a resync: the receiver's ring continues at `next_seq`.
     ResyncEnd {
         next_seq: Seq,
-        /// The extents hold the source's disk as executed through this seq:
-        /// the target is consistent only once it has executed it too.
+        /// The extents hold the sender's disk as executed through this seq:
+        /// the receiver is consistent only once it has executed it too.
         consistent_at: Seq,
     },
-    /// From the resync target: every extent is applied and durable; the
+    /// From the resync receiver: every extent is applied and durable; the
     /// ring continues at `next_seq`.
     ResyncDone {
         next_seq: Seq,
@@ -89,10 +89,10 @@ pub enum Msg {
     Refuse {
         reason: String,
     },
-    /// From the source, once per session when it is not degraded: every
-    /// write it completed without the target's ACK1 has a seq at or below
-    /// this one, and from now on it completes nothing the target has not
-    /// acknowledged. A target that holds this seq durably is current: it
+    /// From the sender, once per session when it is not degraded: every
+    /// write it completed without the receiver's ACK1 has a seq at or below
+    /// this one, and from now on it completes nothing the receiver has not
+    /// acknowledged. A receiver that holds this seq durably is current: it
     /// may be promoted without losing acknowledged writes.
     InSync(Seq),
     /// Online verify, primary to backup: read `len` bytes at `offset` right
@@ -110,9 +110,9 @@ pub enum Msg {
         id: u64,
         digests: Vec<u64>,
     },
-    /// From the source, once per session, once it has executed everything
+    /// From the sender, once per session, once it has executed everything
     /// below the stream's start: its replicated state blob and the seq it
-    /// came from. The target adopts it when `seq` is higher than its own (or
+    /// came from. The receiver adopts it when `seq` is higher than its own (or
     /// it holds none): State entries folded into the dirty map, trimmed, or
     /// dropped past a fork reach it this way.
     State {
@@ -199,7 +199,16 @@ fn role_code(r: Role) -> u8 {
     }
 }
 
-pub fn encode_header(w: &mut Vec<u8>, h: &ReqHeader) {
+/// Appends the body of a `Msg::Req` for `hdr` and `payload`: the one
+/// encoder of a REQ, used by `Msg::encode` and by the link, which frames a
+/// REQ straight from the ring without building a `Msg`.
+pub fn encode_req(out: &mut Vec<u8>, hdr: &ReqHeader, payload: &[u8]) {
+    out.push(3);
+    encode_header(out, hdr);
+    W(out).bytes(payload);
+}
+
+fn encode_header(w: &mut Vec<u8>, h: &ReqHeader) {
     let mut w = W(w);
     w.u64(h.seq);
     w.u64(h.gen);
@@ -259,11 +268,7 @@ impl Msg {
                     w.u64(*l);
                 }
             }
-            Msg::Req { hdr, payload } => {
-                w.u8(3);
-                encode_header(w.0, hdr);
-                w.bytes(payload);
-            }
+            Msg::Req { hdr, payload } => encode_req(w.0, hdr, payload),
             Msg::Ack1(s) => {
                 w.u8(4);
                 w.u64(*s)

@@ -1,5 +1,5 @@
 //! The replicated state blob: a small opaque record the front-ends keep
-//! beside the blocks (the iSCSI target's persistent reservations), carried
+//! beside the blocks (the iSCSI receiver's persistent reservations), carried
 //! as `ReqKind::State` REQs.
 //!
 //! A State REQ goes through the ring like a write: it gets a seq, is
@@ -13,11 +13,11 @@
 //!
 //! Entries do not always reach the peer through the stream: the overflow
 //! folds them into the dirty map, a resync jumps past trimmed entries, and a
-//! target drops the entries past a fork. So the source also sends its own
+//! receiver drops the entries past a fork. So the sender also sends its own
 //! blob once per session (`Msg::State`), once it has executed everything
-//! below the stream's start, and before `InSync`; the target adopts it when
+//! below the stream's start, and before `InSync`; the receiver adopts it when
 //! its seq is higher than its own, and is *current* (promotable) only once
-//! the adopted blob is durable. A target that drops entries past a fork
+//! the adopted blob is durable. A receiver that drops entries past a fork
 //! drops a blob that came from one of them in the same durable step.
 //!
 //! This module is part of `machine` (it sees the core's fields); the hooks
@@ -31,10 +31,10 @@ pub(super) struct StateSync {
     /// Executing State entries: (seq, metadata version that holds the
     /// outcome). Executed once that version is durable.
     execs: Vec<(Seq, u64)>,
-    /// Source: the session's `Msg::State` is still to be sent, once
+    /// Sender: the session's `Msg::State` is still to be sent, once
     /// everything below this seq (the stream's start) is executed.
     due: Option<Seq>,
-    /// Target: the source's `Msg::State` arrived in this session and is
+    /// Receiver: the sender's `Msg::State` arrived in this session and is
     /// durable once this metadata version is.
     adopted: Option<u64>,
     /// Bumped whenever the blob changes (drivers publish it then).
@@ -80,7 +80,7 @@ impl<L: Log> Core<L> {
         // Even when a newer blob superseded it: that newer blob must be
         // durable before this entry counts as executed.
         let v = self.persist_meta();
-        self.executing.push((seq, 0, 0));
+        self.executing.push((Token::Entry(seq), 0, 0));
         self.st.execs.push((seq, v));
     }
 
@@ -100,11 +100,11 @@ impl<L: Log> Core<L> {
         }
         self.st.execs.retain(|&(_, v)| v > durable);
         for s in done {
-            self.on_executed(s, Ok(()));
+            self.on_executed(Token::Entry(s), Ok(()));
         }
     }
 
-    /// Target: the handshake with the authority `peer` drops whatever this
+    /// Receiver: the handshake with the authority `peer` drops whatever this
     /// node holds past the point where the histories fork; a blob that came
     /// from there goes too (the authority's follows in `Msg::State`). A blob
     /// adopted earlier from a seq this node's ring does not reach yet stays
@@ -152,7 +152,7 @@ impl<L: Log> Core<L> {
         }
     }
 
-    /// Source: a new session streams from `end`.
+    /// Sender: a new session streams from `end`.
     pub(super) fn state_session(&mut self, end: Seq) {
         self.st.due = Some(end);
         self.st.adopted = None;
@@ -163,15 +163,18 @@ impl<L: Log> Core<L> {
         self.st.adopted = None;
     }
 
-    /// Source: sends the session's `Msg::State` once everything below the
+    /// Sender: sends the session's `Msg::State` once everything below the
     /// stream's start (or the resync's end, which can move up) is executed.
     pub(super) fn send_state(&mut self) {
-        if self.link != LinkState::Active || !self.source {
+        if !self.session.is_active_sender() {
             return;
         }
         let Some(end) = self.st.due else { return };
-        let end = self.resync_src.as_ref().map_or(end, |r| r.end_seq.max(end));
-        if self.executed + 1 < end {
+        let end = self
+            .resync_sender
+            .as_ref()
+            .map_or(end, |r| r.end_seq.max(end));
+        if self.pipe.executed + 1 < end {
             return;
         }
         self.st.due = None;
@@ -181,14 +184,14 @@ impl<L: Log> Core<L> {
         }));
     }
 
-    /// Source: `InSync` waits for the session's `Msg::State`.
+    /// Sender: `InSync` waits for the session's `Msg::State`.
     pub(super) fn state_sent(&self) -> bool {
         self.st.due.is_none()
     }
 
-    /// Target: the source's blob arrived.
+    /// Receiver: the sender's blob arrived.
     pub(super) fn on_state_msg(&mut self, seq: Seq, blob: Option<Vec<u8>>) {
-        if self.source || self.link != LinkState::Active {
+        if !self.session.is_active_receiver() {
             return self.reset_link("unexpected State".into());
         }
         let newer = seq > self.meta.state_seq || (self.meta.state.is_none() && blob.is_some());
@@ -203,7 +206,7 @@ impl<L: Log> Core<L> {
         self.st.adopted = Some(v);
     }
 
-    /// Target: holds the source's blob durably (a condition of *current*).
+    /// Receiver: holds the sender's blob durably (a condition of *current*).
     pub(super) fn state_adopted(&self) -> bool {
         self.st.adopted.is_some_and(|v| self.meta_durable >= v)
     }

@@ -150,3 +150,20 @@ impl CoreConfig {
         }
     }
 }
+
+/// What a disk operation the core asked for stands for. The driver hands it
+/// back unchanged with the completion (`Event::Executed`, `ExtentRead`,
+/// `DiskFlushed`); it never goes on the wire, except a flush's number as the
+/// id of a `FlushReq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Token {
+    /// Ring entry `seq` (executed on the disk, or a State entry executed in
+    /// the metadata).
+    Entry(Seq),
+    /// A resync extent: written on the receiver, read on the sender.
+    Extent(u64),
+    /// An online-verify read of an extent.
+    Verify(u64),
+    /// A disk flush.
+    Flush(u64),
+}

@@ -14,11 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use super::types::Seq;
-
-/// Tokens of verify reads are kept apart from seqs and resync extents by
-/// this bit (resync extents use bit 63).
-pub const VERIFY_TOKEN: u64 = 1 << 62;
+use super::types::{Seq, Token};
 
 /// Largest extent one `VerifyReq` may ask for, and most chunks in it.
 pub const MAX_VERIFY_EXTENT: u64 = 4 << 20;
@@ -116,7 +112,7 @@ pub(super) struct VerifyRun {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct QueuedRead {
     pub after: Seq,
-    pub token: u64,
+    pub token: Token,
     pub offset: u64,
     pub len: u64,
 }

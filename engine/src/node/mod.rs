@@ -44,8 +44,8 @@ use volume::{
 
 use crate::core::verify::VerifyState;
 use crate::core::{
-    Action, ConfirmMode, Core, CoreConfig, Event, HostError, LinkState, Log, Meta, Msg, ReqHeader,
-    ReqKind, Role, Seq,
+    Action, ConfirmMode, Core, CoreConfig, Event, HostError, Log, Meta, Msg, ReqHeader, ReqKind,
+    Role, Seq, SessionState, Token,
 };
 use crate::link::{parse_frames, push_frame, push_req_frame, LinkManager, LinkOptions};
 use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};

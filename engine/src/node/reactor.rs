@@ -36,9 +36,9 @@ impl Overflow {
 
 pub(super) enum Inflight {
     Exec(Seq),
-    ExtentWrite(u64),
-    ExtentRead { token: u64, offset: u64 },
-    Flush(u64),
+    ExtentWrite(Token),
+    ExtentRead { token: Token, offset: u64 },
+    Flush(Token),
     LogSync(Seq),
     HostRead(usize),
 }
@@ -467,7 +467,7 @@ impl<B: Backend> Reactor<B> {
             }
             match what {
                 Inflight::Exec(seq) => self.core.handle(Event::Executed {
-                    token: seq,
+                    token: Token::Entry(seq),
                     result: res,
                 }),
                 Inflight::ExtentWrite(token) => {
@@ -487,7 +487,7 @@ impl<B: Backend> Reactor<B> {
                 Inflight::LogSync(through) => match res {
                     Ok(()) => {
                         self.core.log.0.sync_completed(through);
-                        self.core.handle(Event::LogSynced { through });
+                        self.core.handle(Event::RingFlushed { through });
                     }
                     Err(e) => {
                         // The kernel may have dropped dirty ring pages: refuse
@@ -562,7 +562,7 @@ impl<B: Backend> Reactor<B> {
                     }
                 }
             }
-            Action::SyncLog => {
+            Action::FlushRing => {
                 let through = self.core.log.0.prepare_sync();
                 if self.ring_failed() {
                     return;
@@ -699,23 +699,23 @@ impl<B: Backend> Reactor<B> {
                 remaining_entries: if done {
                     0
                 } else {
-                    p.target_seq.saturating_sub(head.min(p.target_seq))
+                    p.last_seq.saturating_sub(head.min(p.last_seq))
                 },
                 // Estimated from the average entry size so far.
                 remaining_bytes: if done || p.entries == 0 {
                     0
                 } else {
-                    p.target_seq.saturating_sub(head.min(p.target_seq)) * (p.bytes / p.entries)
+                    p.last_seq.saturating_sub(head.min(p.last_seq)) * (p.bytes / p.entries)
                 },
                 full_remirror: p.full,
                 first_seq: p.first_seq,
-                last_seq: p.target_seq,
+                last_seq: p.last_seq,
             };
-        let peer_state = match c.link_state() {
-            LinkState::Down => "disconnected",
-            LinkState::Refused(_) => "refused",
-            LinkState::Active if c.replay_progress().is_some() => "replaying",
-            LinkState::Active => "connected",
+        let peer_state = match c.session_state() {
+            SessionState::Down => "disconnected",
+            SessionState::Refused(_) => "refused",
+            SessionState::Active(_) if c.replay_progress().is_some() => "replaying",
+            SessionState::Active(_) => "connected",
             _ => "connecting",
         };
         let meta = c.meta();
@@ -731,8 +731,8 @@ impl<B: Backend> Reactor<B> {
             role: c.role().as_str().into(),
             generation: meta.generation(),
             peer_state: peer_state.into(),
-            peer_refused_reason: match c.link_state() {
-                LinkState::Refused(r) => Some(r.clone()),
+            peer_refused_reason: match c.session_state() {
+                SessionState::Refused(r) => Some(r.clone()),
                 _ => self.peer_refused.clone(),
             },
             serving: c.is_serving(),
