@@ -307,6 +307,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
             psk: b"bench-pre-shared-key-0123456789".to_vec(),
             connect_retry_ms: 50,
             handshake_timeout_ms: 2000,
+            transport: engine::link::LinkTransport::Tcp,
         },
         core_id: Some(
             (id as usize - 1) % core_affinity::get_core_ids().map_or(1, |c| c.len()).max(1),

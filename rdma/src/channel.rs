@@ -480,7 +480,9 @@ impl Channel {
         self.ring as usize - HDR - ALIGN
     }
 
-    /// Room, in payload bytes, for a data record now.
+    /// Room, in payload bytes, for a data record at the ring's next offset
+    /// now (a larger one may still fit after the end of the ring is
+    /// skipped: [`Self::send`] decides).
     pub fn space(&self) -> usize {
         let Some((_, _, room)) = self.place(0, false) else {
             return 0;
@@ -503,11 +505,11 @@ impl Channel {
         let need = align(HDR + payload) as u64;
         let to_end = self.ring - off;
         if to_end >= need && free >= need {
-            let room = (to_end.min(free) as usize).saturating_sub(HDR) / ALIGN * ALIGN;
+            let room = (to_end.min(free) as usize / ALIGN * ALIGN).saturating_sub(HDR);
             return Some((0, off, room));
         }
         if to_end < need && free >= to_end + need {
-            let room = ((free - to_end).min(self.ring) as usize).saturating_sub(HDR) / ALIGN * ALIGN;
+            let room = ((free - to_end).min(self.ring) as usize / ALIGN * ALIGN).saturating_sub(HDR);
             return Some((to_end, 0, room));
         }
         None
