@@ -141,7 +141,7 @@ fn connection_requests_without_the_handshake_token_are_rejected() {
     // A stray peer with no token, and one with a stale token.
     let c1 = c.clone();
     let stray = std::thread::spawn(move || {
-        let none = connect(&c1, addr, &[0; TOKEN_BYTES], Duration::from_secs(3));
+        let none = connect(&c1, addr, &[], Duration::from_secs(3));
         let stale = connect(&c1, addr, &[4; TOKEN_BYTES], Duration::from_secs(3));
         (none.is_err(), stale.is_err())
     });
@@ -160,6 +160,8 @@ fn connection_requests_without_the_handshake_token_are_rejected() {
     assert!(e1 && e2, "both strays were refused");
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|r| r.contains("nothing written")));
+    assert!(refused[0].contains("without a handshake token"), "{refused:?}");
+    assert!(refused[1].contains("not the current handshake's"), "{refused:?}");
     // The accepted connection works and its ring holds only its records.
     a.set_peer(b.local_ring()).unwrap();
     b.set_peer(a.local_ring()).unwrap();
