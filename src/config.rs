@@ -1430,6 +1430,43 @@ mod tests {
     }
 
     #[test]
+    fn fabric_link_fields_are_checked_with_the_fix() {
+        let c = base().with_fabric_link("tcp");
+        c.validate().unwrap();
+        assert_eq!(c.link.fabric_listen().unwrap().port(), c.link.listen.port() + 1);
+        // Round trip through TOML.
+        let back: Config = toml::from_str(&c.to_toml_string()).unwrap();
+        assert_eq!(back, c);
+        let mut d = c.clone();
+        d.link.fabric_ring_bytes = d.link.max_message_bytes;
+        let m = check_rejects(&d, "link.fabric_ring_bytes");
+        assert!(m.contains("e.g. link.fabric_ring_bytes = "), "{m}");
+        d.link.fabric_ring_bytes = 2 * MIB + 1;
+        check_rejects(&d, "link.fabric_ring_bytes");
+        let mut d = c.clone();
+        d.link.fabric_provider = "no such".into();
+        let m = check_rejects(&d, "link.fabric_provider");
+        assert!(m.contains("fi_info"), "{m}");
+        let mut d = c.clone();
+        d.link.fabric_port = Some(d.link.listen.port());
+        check_rejects(&d, "link.fabric_port");
+        d.link.fabric_port = None;
+        d.link.listen.set_port(65535);
+        check_rejects(&d, "link.fabric_port");
+        // The fabric fields do not matter while transport = "tcp".
+        let mut d = c;
+        d.link.transport = LinkTransportKind::Tcp;
+        d.link.fabric_ring_bytes = 1;
+        d.validate().unwrap();
+        // An unknown transport names the field.
+        let t = base()
+            .to_toml_string()
+            .replace("transport = \"tcp\"", "transport = \"udp\"");
+        let e = toml::from_str::<Config>(&t).unwrap_err().to_string();
+        assert!(e.contains("transport") && e.contains("fabric"), "{e}");
+    }
+
+    #[test]
     fn dirty_granularity_power_of_two_at_least_block() {
         let mut c = base();
         c.mirror.dirty_granularity_bytes = 3 * 4096;
