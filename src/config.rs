@@ -746,7 +746,9 @@ impl Config {
         }
         let need = l.max_message_bytes.saturating_add(MESSAGE_HEADROOM_BYTES);
         let max = rdma::channel::MAX_RING_BYTES as u64;
-        if l.fabric_ring_bytes < need || l.fabric_ring_bytes > max || l.fabric_ring_bytes % 4096 != 0
+        if l.fabric_ring_bytes < need
+            || l.fabric_ring_bytes > max
+            || l.fabric_ring_bytes % 4096 != 0
         {
             v.push(format!(
                 "link.fabric_ring_bytes = {}: must be a multiple of 4096 from link.max_message_bytes ({}) + 64 KiB = {need} to {max}; e.g. link.fabric_ring_bytes = {} (twice this is locked in memory: see RLIMIT_MEMLOCK in docs/operations.md)",
@@ -1433,7 +1435,10 @@ mod tests {
     fn fabric_link_fields_are_checked_with_the_fix() {
         let c = base().with_fabric_link("tcp");
         c.validate().unwrap();
-        assert_eq!(c.link.fabric_listen().unwrap().port(), c.link.listen.port() + 1);
+        assert_eq!(
+            c.link.fabric_listen().unwrap().port(),
+            c.link.listen.port() + 1
+        );
         // Round trip through TOML.
         let back: Config = toml::from_str(&c.to_toml_string()).unwrap();
         assert_eq!(back, c);

@@ -106,7 +106,11 @@ impl Pair {
                 .args(["example-config", "--node", &id.to_string(), "--dir"])
                 .arg(&dir)
                 .args(["--port-offset", &port_offset.to_string()])
-                .args(if fabric { &["--link", "fabric"][..] } else { &[] })
+                .args(if fabric {
+                    &["--link", "fabric"][..]
+                } else {
+                    &[]
+                })
                 .output()
                 .unwrap();
             assert!(out.status.success());

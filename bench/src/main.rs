@@ -440,13 +440,7 @@ fn print_stages(nodes: &[Node], what: &str) {
 /// Two nodes in this process, mirrored over loopback: QD1 and QD32 writes
 /// through the primary's volume. `coalesce` sets `core.coalesce_acks` on
 /// both nodes.
-fn bench_mirrored(
-    args: &Args,
-    mode: PollMode,
-    run: u16,
-    coalesce: bool,
-    fabric: bool,
-) -> Result1 {
+fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric: bool) -> Result1 {
     use engine::status::Control;
     let dir = args.dir.join(format!("pair-{run}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -636,7 +630,10 @@ fn main() {
     let link_busy = bench_link(&args, true);
     let fabric = args.link == "both";
     let fabric_links = if fabric {
-        vec![bench_link_fabric(&args, false), bench_link_fabric(&args, true)]
+        vec![
+            bench_link_fabric(&args, false),
+            bench_link_fabric(&args, true),
+        ]
     } else {
         Vec::new()
     };

@@ -116,7 +116,10 @@ fn agree_transport(s: &mut TcpStream, mine: &LinkTransport) -> Result<(), String
     let mut theirs = [0u8; 64];
     s.read_exact(&mut theirs).map_err(|e| e.to_string())?;
     if theirs != mine.tag() {
-        let end = theirs[8..].iter().position(|&b| b == 0).map_or(64, |p| p + 8);
+        let end = theirs[8..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(64, |p| p + 8);
         return Err(format!(
             "the peer runs {}, this node {}: set the same link.transport, link.fabric_provider and link.fabric_ring_bytes on both nodes",
             String::from_utf8_lossy(&theirs[8..end]),
@@ -272,7 +275,10 @@ impl LinkManager {
         let fabric_listener = match (&opts.transport, &listener) {
             (LinkTransport::Fabric(f), Some(_)) => {
                 Some(rdma::Listener::bind(&f.provider, f.listen).map_err(|e| {
-                    io::Error::new(io::ErrorKind::Other, format!("link.transport = \"fabric\": {e}"))
+                    io::Error::new(
+                        io::ErrorKind::Other,
+                        format!("link.transport = \"fabric\": {e}"),
+                    )
                 })?)
             }
             _ => None,
@@ -347,7 +353,9 @@ fn establish(
             let cfg = f.channel(build.busy);
             let timeout = Duration::from_millis(opts.handshake_timeout_ms);
             let ch = match fabric_listener {
-                Some(l) => fabric::setup_accept(&mut s, l, &cfg, timeout, &counters.fabric_refused)?,
+                Some(l) => {
+                    fabric::setup_accept(&mut s, l, &cfg, timeout, &counters.fabric_refused)?
+                }
                 None => fabric::setup_dial(&mut s, opts.peer, &cfg, timeout)?,
             };
             // The TCP socket has done its job: the fabric carries the frames.
@@ -431,8 +439,7 @@ fn run_manager(
         let Some((s, r)) = attempt else { continue };
         match r {
             Ok(peer_id) if peer_id != opts.node_id => {
-                let conn = match establish(s, &opts, build, fabric_listener.as_ref(), &counters)
-                {
+                let conn = match establish(s, &opts, build, fabric_listener.as_ref(), &counters) {
                     Ok(c) => c,
                     Err(e) => {
                         log::warn!("replication link with node {peer_id} not set up: {e}");
@@ -441,10 +448,7 @@ fn run_manager(
                     }
                 };
                 counters.connections.fetch_add(1, Ordering::Relaxed);
-                log::info!(
-                    "replication link up with node {peer_id} ({})",
-                    conn.kind()
-                );
+                log::info!("replication link up with node {peer_id} ({})", conn.kind());
                 want.store(false, Ordering::Release);
                 *ready.lock().unwrap() = Some(conn);
                 wake.notify();

@@ -35,7 +35,7 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::mem::Region;
-use crate::sys::{consts, CmEvent2, Comp, Cq, Desc, Domain, Ep, Eq, Error, Fabric, Info, Mr};
+use crate::sys::{consts, CmEvent, Comp, Cq, Desc, Domain, Ep, Eq, Error, Fabric, Info, Mr};
 
 /// Record header bytes.
 pub const HDR: usize = 32;
@@ -75,7 +75,7 @@ impl ChannelConfig {
     fn check(&self) -> Result<(), String> {
         if self.ring_bytes < MIN_RING_BYTES
             || self.ring_bytes > MAX_RING_BYTES
-            || self.ring_bytes % 4096 != 0
+            || !self.ring_bytes.is_multiple_of(4096)
         {
             return Err(format!(
                 "fabric ring of {} bytes: must be a multiple of 4096 from {MIN_RING_BYTES} to {MAX_RING_BYTES}",
@@ -143,7 +143,7 @@ pub struct Listener {
     pep: crate::sys::PassiveEp,
     eq: Eq,
     _info: Info,
-    fabric: Fabric,
+    _fabric: Fabric,
     provider: String,
 }
 
@@ -161,7 +161,7 @@ impl Listener {
             pep,
             eq,
             _info: info,
-            fabric,
+            _fabric: fabric,
             provider: provider.to_string(),
         })
     }
@@ -174,7 +174,7 @@ impl Listener {
     /// a handshake. Each refusal is described in `refused`.
     pub fn reject_strays(&self, refused: &mut Vec<String>) {
         while let Ok(Some(ev)) = self.eq.read(0) {
-            if let CmEvent2::ConnReq { info, data } = ev {
+            if let CmEvent::ConnReq { info, data } = ev {
                 let _ = self.pep.reject(&info);
                 refused.push(describe_stray(&data));
             }
@@ -208,13 +208,13 @@ impl Listener {
                 .read(left.as_millis().clamp(1, 100) as i32)
                 .map_err(err)?;
             match ev {
-                Some(CmEvent2::ConnReq { info, data }) if data == token[..] => {
-                    let ch = Channel::open(cfg, &info, token, Some(&self.fabric))?;
+                Some(CmEvent::ConnReq { info, data }) if data == token[..] => {
+                    let ch = Channel::open(cfg, &info, token)?;
                     ch.ep.accept().map_err(err)?;
                     ch.wait_connected(deadline)?;
                     return Ok(ch);
                 }
-                Some(CmEvent2::ConnReq { info, data }) => {
+                Some(CmEvent::ConnReq { info, data }) => {
                     let _ = self.pep.reject(&info);
                     refused.push(describe_stray(&data));
                 }
@@ -251,7 +251,7 @@ pub fn connect(
         )
     })?;
     let deadline = Instant::now() + timeout;
-    let ch = Channel::open(cfg, &info, token, None)?;
+    let ch = Channel::open(cfg, &info, token)?;
     ch.ep.connect(&info, token).map_err(err)?;
     ch.wait_connected(deadline)?;
     Ok(ch)
@@ -273,14 +273,13 @@ pub struct ChannelStats {
 /// before the queues, domain and fabric, and those before the memory.
 pub struct Channel {
     ep: Ep,
-    land_mr: Mr,
-    stage_mr: Mr,
-    recv_mr: Mr,
+    _land_mr: Mr,
+    _stage_mr: Mr,
+    _recv_mr: Mr,
     cq: Cq,
     eq: Eq,
     _domain: Domain,
     fabric: Fabric,
-    _fabric_owned: Option<Fabric>,
     land: Region,
     stage: Region,
     recvbuf: Region,
@@ -307,12 +306,7 @@ pub struct Channel {
 }
 
 impl Channel {
-    fn open(
-        cfg: &ChannelConfig,
-        info: &Info,
-        token: &[u8],
-        _listener_fabric: Option<&Fabric>,
-    ) -> Result<Channel, String> {
+    fn open(cfg: &ChannelConfig, info: &Info, token: &[u8]) -> Result<Channel, String> {
         cfg.check()?;
         let a = info.attrs();
         if a.cq_data_size < 4 {
@@ -379,14 +373,13 @@ impl Channel {
         };
         let ch = Channel {
             ep,
-            land_mr,
-            stage_mr,
-            recv_mr,
+            _land_mr: land_mr,
+            _stage_mr: stage_mr,
+            _recv_mr: recv_mr,
             cq,
             eq,
             _domain: domain,
             fabric,
-            _fabric_owned: None,
             land,
             stage,
             recvbuf,
@@ -423,8 +416,8 @@ impl Channel {
     }
 
     fn post_recv(&self, i: usize) -> Result<(), String> {
-        // SAFETY-free: the buffer lives in `recvbuf`, owned by the channel and
-        // dropped after the endpoint.
+        // The slot lives in `recvbuf`, owned by the channel and dropped
+        // after the endpoint, as `Ep::recv` requires.
         let p = self.recvbuf.as_ptr().wrapping_add(i * RECV_SLOT);
         match self
             .ep
@@ -447,11 +440,11 @@ impl Channel {
                 .read(left.as_millis().clamp(1, 100) as i32)
                 .map_err(err)?
             {
-                Some(CmEvent2::Connected) => return Ok(()),
-                Some(CmEvent2::Error(e)) => {
+                Some(CmEvent::Connected) => return Ok(()),
+                Some(CmEvent::Error(e)) => {
                     return Err(format!("fabric connection refused or failed: {e}"))
                 }
-                Some(CmEvent2::Shutdown) => return Err("fabric connection shut down".into()),
+                Some(CmEvent::Shutdown) => return Err("fabric connection shut down".into()),
                 _ => {}
             }
         }
@@ -519,7 +512,8 @@ impl Channel {
             return Some((0, off, room));
         }
         if to_end < need && free >= to_end + need {
-            let room = ((free - to_end).min(self.ring) as usize / ALIGN * ALIGN).saturating_sub(HDR);
+            let room =
+                ((free - to_end).min(self.ring) as usize / ALIGN * ALIGN).saturating_sub(HDR);
             return Some((to_end, 0, room));
         }
         None
@@ -608,7 +602,7 @@ impl Channel {
     pub fn poll(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<usize, String> {
         let mut delivered = 0;
         self.polls += 1;
-        if self.polls % 1024 == 0 {
+        if self.polls.is_multiple_of(1024) {
             self.check_eq()?;
         }
         for _ in 0..16 {
@@ -643,8 +637,8 @@ impl Channel {
 
     fn check_eq(&self) -> Result<(), String> {
         match self.eq.read(0).map_err(err)? {
-            Some(CmEvent2::Shutdown) => Err("the peer shut the fabric connection down".into()),
-            Some(CmEvent2::Error(e)) => Err(format!("fabric connection error: {e}")),
+            Some(CmEvent::Shutdown) => Err("the peer shut the fabric connection down".into()),
+            Some(CmEvent::Error(e)) => Err(format!("fabric connection error: {e}")),
             _ => Ok(()),
         }
     }
@@ -712,10 +706,5 @@ impl Channel {
     /// Tells the peer the connection ends (it sees a shutdown event).
     pub fn shutdown(&self) {
         self.ep.shutdown();
-    }
-
-    /// Keeps the registrations named (they must outlive the endpoint's use).
-    pub fn registrations(&self) -> [&Mr; 3] {
-        [&self.land_mr, &self.stage_mr, &self.recv_mr]
     }
 }

@@ -78,10 +78,7 @@ impl Region {
                 format!("mlock of {len} bytes failed (RLIMIT_MEMLOCK?): {e}"),
             ));
         }
-        Ok(Region {
-            ptr: p.cast(),
-            len,
-        })
+        Ok(Region { ptr: p.cast(), len })
     }
 
     pub fn len(&self) -> usize {

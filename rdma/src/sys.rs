@@ -31,7 +31,7 @@ pub struct Comp {
 }
 
 #[repr(C)]
-struct CmEvent {
+struct RawCmEvent {
     event: u32,
     err: i32,
     prov_errno: i32,
@@ -75,7 +75,7 @@ extern "C" {
     fn dmf_accept(ep: *mut c_void) -> c_int;
     fn dmf_reject(pep: *mut c_void, req: *mut c_void) -> c_int;
     fn dmf_shutdown(ep: *mut c_void) -> c_int;
-    fn dmf_eq_read(eq: *mut c_void, timeout_ms: c_int, ev: *mut CmEvent) -> c_int;
+    fn dmf_eq_read(eq: *mut c_void, timeout_ms: c_int, ev: *mut RawCmEvent) -> c_int;
     fn dmf_mr_reg(
         d: *mut c_void,
         buf: *mut c_void,
@@ -96,8 +96,13 @@ extern "C" {
         key: u64,
         context: u64,
     ) -> isize;
-    fn dmf_recv(ep: *mut c_void, buf: *mut c_void, len: usize, desc: *mut c_void, ctx: u64)
-        -> isize;
+    fn dmf_recv(
+        ep: *mut c_void,
+        buf: *mut c_void,
+        len: usize,
+        desc: *mut c_void,
+        ctx: u64,
+    ) -> isize;
     fn dmf_cq_read(cq: *mut c_void, out: *mut Comp, count: usize) -> isize;
     fn dmf_close(obj: *mut c_void) -> c_int;
     fn dmf_const(which: c_int) -> u64;
@@ -222,7 +227,10 @@ owned!(Fabric, "A fabric (`fi_fabric`).");
 owned!(Domain, "A domain (`fi_domain`).");
 owned!(Eq, "An event queue for connection events (`fi_eq_open`).");
 owned!(Cq, "A completion queue (`fi_cq_open`).");
-owned!(PassiveEp, "A listening endpoint (`fi_passive_ep` + `fi_listen`).");
+owned!(
+    PassiveEp,
+    "A listening endpoint (`fi_passive_ep` + `fi_listen`)."
+);
 owned!(Ep, "A connected message endpoint (`fi_endpoint`).");
 owned!(Mr, "A memory registration (`fi_mr_reg`).");
 
@@ -316,8 +324,8 @@ impl Eq {
     }
 
     /// One connection event, waiting up to `timeout_ms` (0: none).
-    pub fn read(&self, timeout_ms: i32) -> Result<Option<CmEvent2>, Error> {
-        let mut ev = CmEvent {
+    pub fn read(&self, timeout_ms: i32) -> Result<Option<CmEvent>, Error> {
+        let mut ev = RawCmEvent {
             event: 0,
             err: 0,
             prov_errno: 0,
@@ -335,26 +343,26 @@ impl Eq {
             return Ok(None);
         }
         if ev.err != 0 {
-            return Ok(Some(CmEvent2::Error(Error::new("connection event", ev.err))));
+            return Ok(Some(CmEvent::Error(Error::new("connection event", ev.err))));
         }
         let e = if ev.event == consts::connreq() {
-            CmEvent2::ConnReq {
+            CmEvent::ConnReq {
                 info: Info(ev.info),
                 data: ev.data[..ev.data_len as usize].to_vec(),
             }
         } else if ev.event == consts::connected() {
-            CmEvent2::Connected
+            CmEvent::Connected
         } else if ev.event == consts::shutdown() {
-            CmEvent2::Shutdown
+            CmEvent::Shutdown
         } else {
-            CmEvent2::Other(ev.event)
+            CmEvent::Other(ev.event)
         };
         Ok(Some(e))
     }
 }
 
 /// A connection-management event.
-pub enum CmEvent2 {
+pub enum CmEvent {
     ConnReq { info: Info, data: Vec<u8> },
     Connected,
     Shutdown,
@@ -484,18 +492,8 @@ impl Ep {
     ) -> Result<bool, Error> {
         // SAFETY: per this function's contract the source stays valid until
         // its completion.
-        let r = unsafe {
-            dmf_writedata(
-                self.0,
-                buf.cast(),
-                len,
-                desc.0,
-                imm as u64,
-                addr,
-                key,
-                ctx,
-            )
-        };
+        let r =
+            unsafe { dmf_writedata(self.0, buf.cast(), len, desc.0, imm as u64, addr, key, ctx) };
         post_result("fi_writedata", r)
     }
 }

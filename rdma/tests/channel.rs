@@ -84,7 +84,10 @@ fn records_cross_both_ways_in_order_over_many_ring_wraps() {
         b.send_credit_if_due().unwrap();
     }
     assert!(bytes > 20 * ring, "the ring wrapped many times");
-    assert!(a.stats.credit_waits > 0, "the writer had to wait for credit");
+    assert!(
+        a.stats.credit_waits > 0,
+        "the writer had to wait for credit"
+    );
 }
 
 #[test]
@@ -160,8 +163,14 @@ fn connection_requests_without_the_handshake_token_are_rejected() {
     assert!(e1 && e2, "both strays were refused");
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|r| r.contains("nothing written")));
-    assert!(refused[0].contains("without a handshake token"), "{refused:?}");
-    assert!(refused[1].contains("not the current handshake's"), "{refused:?}");
+    assert!(
+        refused[0].contains("without a handshake token"),
+        "{refused:?}"
+    );
+    assert!(
+        refused[1].contains("not the current handshake's"),
+        "{refused:?}"
+    );
     // The accepted connection works and its ring holds only its records.
     a.set_peer(b.local_ring()).unwrap();
     b.set_peer(a.local_ring()).unwrap();

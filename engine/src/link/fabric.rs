@@ -160,7 +160,7 @@ impl Transport for FabricLink {
         let mut bytes = 0u64;
         let mut bad = None;
         let max = self.max_frame;
-        self.ch.poll(|rec| {
+        let polled = self.ch.poll(|rec| {
             bytes += rec.len() as u64;
             if bad.is_some() {
                 return;
@@ -170,7 +170,8 @@ impl Transport for FabricLink {
                 Ok(_) => bad = Some("a fabric record ends inside a frame".to_string()),
                 Err(e) => bad = Some(e.to_string()),
             }
-        })?;
+        });
+        polled.map_err(|e| format!("replication link lost (fabric): {e}"))?;
         match bad {
             Some(e) => Err(format!("replication link: {e}; dropping the connection")),
             None => Ok(bytes),
@@ -182,7 +183,11 @@ impl Transport for FabricLink {
         while self.tx_off < self.tx.len() {
             let room = self.ch.space().min(self.ch.max_payload());
             let n = Self::whole_frames(&self.tx[self.tx_off..], room.max(1));
-            if !self.ch.send(&self.tx[self.tx_off..self.tx_off + n])? {
+            let sent_now = self
+                .ch
+                .send(&self.tx[self.tx_off..self.tx_off + n])
+                .map_err(|e| format!("replication link lost (fabric): {e}"))?;
+            if !sent_now {
                 break;
             }
             self.tx_off += n;
@@ -192,7 +197,9 @@ impl Transport for FabricLink {
             self.tx.clear();
             self.tx_off = 0;
         }
-        self.ch.send_credit_if_due()?;
+        self.ch
+            .send_credit_if_due()
+            .map_err(|e| format!("replication link lost (fabric): {e}"))?;
         Ok(sent)
     }
 
