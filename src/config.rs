@@ -748,7 +748,7 @@ impl Config {
         let max = rdma::channel::MAX_RING_BYTES as u64;
         if l.fabric_ring_bytes < need
             || l.fabric_ring_bytes > max
-            || l.fabric_ring_bytes % 4096 != 0
+            || !l.fabric_ring_bytes.is_multiple_of(4096)
         {
             v.push(format!(
                 "link.fabric_ring_bytes = {}: must be a multiple of 4096 from link.max_message_bytes ({}) + 64 KiB = {need} to {max}; e.g. link.fabric_ring_bytes = {} (twice this is locked in memory: see RLIMIT_MEMLOCK in docs/operations.md)",

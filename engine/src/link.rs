@@ -273,19 +273,15 @@ impl LinkManager {
         // The fabric port listens from the start, so a bad address or a
         // missing provider stops the start with its reason.
         let fabric_listener = match (&opts.transport, &listener) {
-            (LinkTransport::Fabric(f), Some(_)) => {
-                Some(rdma::Listener::bind(&f.provider, f.listen).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::Other,
-                        format!("link.transport = \"fabric\": {e}"),
-                    )
-                })?)
-            }
+            (LinkTransport::Fabric(f), Some(_)) => Some(
+                rdma::Listener::bind(&f.provider, f.listen)
+                    .map_err(|e| io::Error::other(format!("link.transport = \"fabric\": {e}")))?,
+            ),
             _ => None,
         };
         if let LinkTransport::Fabric(f) = &opts.transport {
             rdma::mem::check_memlock(f.channel(busy).locked_bytes(), "link.fabric_ring_bytes")
-                .map_err(|e| io::Error::new(io::ErrorKind::Other, e))?;
+                .map_err(io::Error::other)?;
         }
         let build = Build { max_frame, busy };
         let (r, w, k, s, c) = (
