@@ -1576,3 +1576,23 @@ fn l_fabric_port_refuses_peers_without_the_handshake() {
         "the pair's own connection was not disturbed:\n{log1}"
     );
 }
+
+#[test]
+fn m_fabric_start_above_rlimit_memlock_fails_naming_the_limit_and_the_fix() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Pair::new_on("m", 4200, true, |_, t| t);
+    // The example's 2 MiB rings need 4 MiB + 4 KiB locked: allow 1 MiB.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 1024 && exec {EXE} serve --config {}",
+            p.n[1].cfg.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started: {err}");
+    for want in ["RLIMIT_MEMLOCK", "link.fabric_ring_bytes", "LimitMEMLOCK"] {
+        assert!(err.contains(want), "no {want:?} in: {err}");
+    }
+}
