@@ -68,7 +68,7 @@ fi
 
 if [ "$build" = 1 ]; then
     echo "bench: cargo build --release (deltamirror, dm-nvme, bench)"
-    cargo build --release -p deltamirror -p nvme-target -p bench --bins
+    cargo build --release -p deltamirror -p nvme-host -p bench --bins
 fi
 # bench.py checks for the binaries the selected targets need (--only).
 

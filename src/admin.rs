@@ -7,6 +7,7 @@
 //! | `GET /metrics` | 200, Prometheus text exposition format 0.0.4 |
 //! | `POST /promote` | 200 `{"ok":true}`, or 409 `{"error":"..."}`; `?force=1` is `promote --force` |
 //! | `POST /demote` | 200 `{"ok":true}`, or 409 `{"error":"..."}` |
+//! | `POST /verify` | 200, 400 for a bad parameter, or 409; `?offset=&length=&rate=&repair=1` |
 //! | known path, wrong method | 405 with `Allow` |
 //! | anything else | 404 |
 //!
@@ -117,12 +118,41 @@ fn serve(server: &Server, stop: &AtomicBool, ctl: &dyn Control) {
     }
 }
 
+/// The `key=value` pairs of a query string (a bare `key` is `key=`).
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+/// A yes/no parameter: `1`, `true` or the bare key say yes, `0` or `false` no.
+fn flag(what: &str, k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "1" | "true" | "" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(format!("{what}: {k}={v:?} must be 1 or 0")),
+    }
+}
+
+/// `force` from the query string of `POST /promote`; [`promote_path`]
+/// writes it.
+fn promote_request(query: &str) -> Result<bool, String> {
+    let mut force = false;
+    for (k, v) in query_pairs(query) {
+        match k {
+            "force" => force = flag("promote", k, v)?,
+            _ => return Err(format!("promote: unknown parameter {k:?} (force)")),
+        }
+    }
+    Ok(force)
+}
+
 /// `offset`, `length`, `rate` (bytes, bytes/s) and `repair` from the query
-/// string of `POST /verify`.
+/// string of `POST /verify`; [`verify_path`] writes them.
 fn verify_request(query: &str) -> Result<VerifyRequest, String> {
     let mut r = VerifyRequest::default();
-    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+    for (k, v) in query_pairs(query) {
         let num = || {
             v.parse::<u64>()
                 .map_err(|_| format!("verify: {k}={v:?} is not a whole number of bytes"))
@@ -131,7 +161,7 @@ fn verify_request(query: &str) -> Result<VerifyRequest, String> {
             "offset" => r.offset = num()?,
             "length" => r.length = num()?,
             "rate" => r.bytes_per_sec = num()?,
-            "repair" => r.repair = matches!(v, "1" | "true" | ""),
+            "repair" => r.repair = flag("verify", k, v)?,
             _ => {
                 return Err(format!(
                     "verify: unknown parameter {k:?} (offset, length, rate, repair)"
@@ -142,14 +172,31 @@ fn verify_request(query: &str) -> Result<VerifyRequest, String> {
     Ok(r)
 }
 
+/// The request path of a promote, as [`promote_request`] reads it.
+pub fn promote_path(force: bool) -> String {
+    if force {
+        "/promote?force=1".into()
+    } else {
+        "/promote".into()
+    }
+}
+
+/// The request path of a verify, as [`verify_request`] reads it.
+pub fn verify_path(r: &VerifyRequest) -> String {
+    format!(
+        "/verify?offset={}&length={}&rate={}&repair={}",
+        r.offset,
+        r.length,
+        r.bytes_per_sec,
+        u8::from(r.repair)
+    )
+}
+
 fn handle(request: Request, ctl: &dyn Control) {
     let (path, query) = match request.url().split_once('?') {
         Some((p, q)) => (p.to_string(), q.to_string()),
         None => (request.url().to_string(), String::new()),
     };
-    let force = query
-        .split('&')
-        .any(|kv| kv == "force=1" || kv == "force=true");
     let method = request.method().clone();
     let response = match (path.as_str(), &method) {
         ("/status", Method::Get) => match serde_json::to_string(&ctl.status()) {
@@ -161,7 +208,10 @@ fn handle(request: Request, ctl: &dyn Control) {
                 "Content-Type",
                 "text/plain; version=0.0.4; charset=utf-8",
             )),
-        ("/promote", Method::Post) => command_result(ctl.promote(force), "promote"),
+        ("/promote", Method::Post) => match promote_request(&query) {
+            Ok(force) => command_result(ctl.promote(force), "promote"),
+            Err(e) => error_json(400, &e),
+        },
         ("/demote", Method::Post) => command_result(ctl.demote(), "demote"),
         ("/reset-latency", Method::Post) => command_result(ctl.reset_latency(), "reset-latency"),
         ("/verify", Method::Post) => match verify_request(&query) {
@@ -845,6 +895,36 @@ mod tests {
             VerifyRequest::default(),
             "the whole volume, no repair, no rate limit"
         );
+        let (code, body) = request(&addr, "POST", "/verify?repair=maybe", 1000).unwrap();
+        assert_eq!(code, 400);
+        assert!(
+            error_text(&body).contains("repair"),
+            "{}",
+            error_text(&body)
+        );
+    }
+
+    #[test]
+    fn the_client_paths_parse_back_to_the_request() {
+        let r = VerifyRequest {
+            offset: 4096,
+            length: 1 << 30,
+            repair: true,
+            bytes_per_sec: 50 << 20,
+        };
+        let path = verify_path(&r);
+        let query = path.strip_prefix("/verify?").unwrap();
+        assert_eq!(verify_request(query).unwrap(), r);
+        let plain = verify_path(&VerifyRequest::default());
+        let query = plain.strip_prefix("/verify?").unwrap();
+        assert_eq!(verify_request(query).unwrap(), VerifyRequest::default());
+        for force in [false, true] {
+            let path = promote_path(force);
+            let query = path.split_once('?').map_or("", |(_, q)| q);
+            assert_eq!(promote_request(query).unwrap(), force);
+        }
+        assert!(promote_request("force").unwrap(), "a bare key says yes");
+        assert!(!promote_request("force=0").unwrap());
     }
 
     #[test]
@@ -868,9 +948,12 @@ mod tests {
         assert_eq!(error_text(&body), "split brain: choose a survivor");
         // `promote --force` reaches the node with force set.
         assert_eq!(
-            request(&addr, "POST", "/promote?force=1", 1000).unwrap().0,
+            request(&addr, "POST", &promote_path(true), 1000).unwrap().0,
             200
         );
+        let (code, body) = request(&addr, "POST", "/promote?force=yes", 1000).unwrap();
+        assert_eq!(code, 400);
+        assert!(error_text(&body).contains("force"), "{}", error_text(&body));
         let err = post(&addr, "/demote").unwrap_err().to_string();
         assert!(err.contains("refused /demote: split brain"), "{err}");
     }

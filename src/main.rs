@@ -175,12 +175,7 @@ fn main() {
                      when it rejoins"
                 );
             }
-            let path = if force {
-                "/promote?force=1"
-            } else {
-                "/promote"
-            };
-            admin::post(&admin, path).map(|_| println!("promoted {admin}"))
+            admin::post(&admin, &admin::promote_path(force)).map(|_| println!("promoted {admin}"))
         }
         Cmd::Verify {
             admin,
@@ -498,10 +493,12 @@ fn cmd_verify(addr: &str, offset: u64, length: u64, rate: u64, repair: bool) -> 
     let before = admin::get_status(addr)?.verify;
     admin::post(
         addr,
-        &format!(
-            "/verify?offset={offset}&length={length}&rate={rate}{}",
-            if repair { "&repair=1" } else { "" }
-        ),
+        &admin::verify_path(&engine::status::VerifyRequest {
+            offset,
+            length,
+            repair,
+            bytes_per_sec: rate,
+        }),
     )?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {

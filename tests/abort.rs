@@ -2,42 +2,18 @@
 //! `panic = "abort"` a broken invariant stops the node instead of leaving a
 //! dead reactor behind a live admin endpoint and an optimized path.
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
+use common::{format_node, fresh_dir, EXE};
 
 #[test]
 fn a_reactor_panic_ends_the_process_with_a_clear_message() {
     use std::os::unix::process::ExitStatusExt;
-    let dir = std::env::temp_dir().join(format!("dm-test-abort-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(EXE)
-        .args([
-            "example-config",
-            "--node",
-            "1",
-            "--port-offset",
-            "4800",
-            "--dir",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let cfg = dir.join("node1.toml");
-    std::fs::write(&cfg, &out.stdout).unwrap();
-    let out = Command::new(EXE)
-        .args(["format", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = fresh_dir("abort");
+    let (cfg, _) = format_node(&dir, 1, 4800, |_, toml| toml);
     let log = dir.join("node1.log");
     let mut child = Command::new(EXE)
         .args(["serve", "--config"])

@@ -10,15 +10,16 @@
 //! (libfabric's tcp provider); scripts/test.sh runs the kill -9, link-cut,
 //! wrong-key and overflow tests that way too. Test l always uses fabric.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::{Pair, EXE};
 use serde_json::Value;
-
-const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
 
 /// The tests share the machine's two cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -41,109 +42,8 @@ fn need(tools: &[&str]) -> bool {
     true
 }
 
-struct Node {
-    cfg: PathBuf,
-    admin: String,
-    nbd: String,
-    volume: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-struct Pair {
-    dir: PathBuf,
-    /// The port offset in use: the test's own plus `DM_TEST_PORT_SHIFT`.
-    offset: u16,
-    n: [Node; 2],
-}
-
-/// `DM_TEST_PORT_SHIFT` (default 0) moves every pair's ports, so that runs
-/// on a machine shared with other pairs do not collide. Keep the sum below
-/// 18000 to stay out of the ephemeral port range.
-fn port_shift() -> u16 {
-    std::env::var("DM_TEST_PORT_SHIFT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `DM_TEST_LINK=fabric`: the pairs replicate over libfabric.
-fn fabric_link() -> bool {
-    std::env::var("DM_TEST_LINK").is_ok_and(|v| v == "fabric")
-}
-
-fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
-    let sec = toml
-        .find(&format!("[{section}]"))
-        .unwrap_or_else(|| panic!("no [{section}]"));
-    let rest = &toml[sec..];
-    let line = rest
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
-        .unwrap();
-    line.split('=').nth(1).unwrap().trim().trim_matches('"')
-}
-
+/// The pair tests' own steps.
 impl Pair {
-    /// Formats a pair in a fresh directory. `tweak` edits each node's TOML.
-    fn new(name: &str, port_offset: u16, tweak: impl Fn(u32, String) -> String) -> Pair {
-        Pair::new_on(name, port_offset, fabric_link(), tweak)
-    }
-
-    /// [`Pair::new`] with the transport chosen by the caller.
-    fn new_on(
-        name: &str,
-        port_offset: u16,
-        fabric: bool,
-        tweak: impl Fn(u32, String) -> String,
-    ) -> Pair {
-        let port_offset = port_offset + port_shift();
-        let dir = std::env::temp_dir().join(format!("dm-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mk = |id: u32| {
-            let out = Command::new(EXE)
-                .args(["example-config", "--node", &id.to_string(), "--dir"])
-                .arg(&dir)
-                .args(["--port-offset", &port_offset.to_string()])
-                .args(if fabric {
-                    &["--link", "fabric"][..]
-                } else {
-                    &[]
-                })
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            let toml = tweak(id, String::from_utf8(out.stdout).unwrap());
-            let cfg = dir.join(format!("node{id}.toml"));
-            std::fs::write(&cfg, &toml).unwrap();
-            let out = Command::new(EXE)
-                .args(["format", "--config"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "format failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Node {
-                admin: field(&toml, "admin", "listen").to_string(),
-                nbd: field(&toml, "nbd", "listen").to_string(),
-                volume: PathBuf::from(field(&toml, "volume", "path")),
-                log: dir.join(format!("node{id}.log")),
-                cfg,
-                child: None,
-            }
-        };
-        let n = [mk(1), mk(2)];
-        Pair {
-            dir,
-            offset: port_offset,
-            n,
-        }
-    }
-
     /// A formatted pair with the demo configuration, both nodes serving.
     fn up(name: &str, port_offset: u16) -> Pair {
         let mut p = Pair::new(name, port_offset, |_, t| t);
@@ -158,60 +58,6 @@ impl Pair {
         self.wait(0, "connected", 30, |s| {
             s["peer_state"] == "connected" && s["role"] == "primary"
         });
-    }
-
-    fn start(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.n[i].log)
-            .unwrap();
-        let child = Command::new(EXE)
-            .args(["serve", "--config"])
-            .arg(&self.n[i].cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.n[i].child = Some(child);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        if let Some(mut c) = self.n[i].child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn status(&self, i: usize) -> Option<Value> {
-        let out = Command::new(EXE)
-            .args(["status", "--json", "--admin", &self.n[i].admin])
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    fn wait(&self, i: usize, what: &str, secs: u64, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.status(i) {
-                if f(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "node {} never reached '{what}' in {secs} s; last status: {}\nlog:\n{}",
-            i + 1,
-            last.map(|s| s.to_string()).unwrap_or_default(),
-            std::fs::read_to_string(&self.n[i].log).unwrap_or_default()
-        );
     }
 
     /// The head once the status stops moving (status is published every 100 ms).
@@ -254,20 +100,6 @@ impl Pair {
         }
     }
 
-    /// Runs `deltamirror ARGS --admin ADDR` for node `i`: success and
-    /// stderr.
-    fn admin_args(&self, i: usize, args: &[&str]) -> (bool, String) {
-        let out = Command::new(EXE)
-            .args(args)
-            .args(["--admin", &self.n[i].admin])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
     fn uri(&self, i: usize) -> String {
         format!("nbd://{}/deltamirror", self.n[i].nbd)
     }
@@ -303,16 +135,6 @@ impl Pair {
             std::fs::read_to_string(&self.n[p].log).unwrap_or_default(),
             std::fs::read_to_string(&self.n[b].log).unwrap_or_default()
         );
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        self.kill9(0);
-        self.kill9(1);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
@@ -988,7 +810,7 @@ fn unsafe_uid() -> u32 {
         .unwrap_or(1)
 }
 
-/// The crate's own NVMe/TCP multipath host (`nvme_target::load::run_failover`,
+/// The crate's own NVMe/TCP multipath host (`nvme_host::load::run_failover`,
 /// what `dm-nvme failover` runs) writes at QD8 through whichever of the two
 /// real nodes is ANA optimized, across a planned failover (demote node 1,
 /// promote node 2) and then an unplanned one (kill -9 of node 2, promote
@@ -1001,18 +823,18 @@ fn f_nvme_initiator_follows_ana_across_planned_and_unplanned_failover() {
     use std::sync::Arc;
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut p = Pair::up("f", 3500);
-    let paths: Vec<std::net::SocketAddr> = [4420 + p.offset, 4421 + p.offset]
+    let paths: Vec<SocketAddr> = [4420 + p.offset, 4421 + p.offset]
         .iter()
         .map(|port| format!("127.0.0.1:{port}").parse().unwrap())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let host = nvme_target::initiator::HostConfig::new("nqn.2026-11.io.deltamirror:demo");
+    let host = nvme_host::initiator::HostConfig::new("nqn.2026-11.io.deltamirror:demo");
     // 64 MiB of 4 KiB chunks: most chunks are written once, so nearly every
     // acknowledged write is checked on its own.
     let run = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            nvme_target::load::run_failover(&paths, &host, 8, 4096, 64 << 20, stop)
+            nvme_host::load::run_failover(&paths, &host, 8, 4096, 64 << 20, stop)
         })
     };
     p.wait(0, "NVMe writes on node 1", 60, |s| {

@@ -7,179 +7,43 @@
 //! RESERVE IN on the new primary shows the registrations and the
 //! reservation, and the non-holder's write gets RESERVATION CONFLICT.
 
-#[path = "../iscsi-target/tests/common/mod.rs"]
 mod common;
+#[path = "../iscsi-target/tests/common/mod.rs"]
+mod iscsi;
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use common::{field, Pair};
+use iscsi::Initiator;
 
-use common::Initiator;
-use serde_json::Value;
-
-const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
 const RESERVATION_CONFLICT: u8 = 0x18;
 const WE: u8 = 1;
 const EA: u8 = 3;
 
-struct Node {
-    cfg: PathBuf,
-    admin: String,
-    iscsi: String,
-    log: PathBuf,
-    child: Option<Child>,
+/// A formatted pair whose target IQN is the test client's.
+fn pair(name: &str, port_offset: u16) -> Pair {
+    Pair::new(name, port_offset, |_, toml| {
+        let iqn = field(&toml, "iscsi", "target_iqn").to_string();
+        toml.replace(&iqn, iscsi::IQN)
+    })
 }
 
-struct Pair {
-    dir: PathBuf,
-    n: [Node; 2],
+/// `deltamirror CMD` on node `i`, which must succeed.
+fn admin(p: &Pair, i: usize, cmd: &str) {
+    let (ok, err) = p.admin_args(i, &[cmd]);
+    assert!(ok, "{cmd} on node {}: {err}", i + 1);
 }
 
-fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
-    let sec = toml
-        .find(&format!("[{section}]"))
-        .unwrap_or_else(|| panic!("no [{section}]"));
-    let line = toml[sec..]
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
-        .unwrap();
-    line.split('=').nth(1).unwrap().trim().trim_matches('"')
-}
-
-impl Pair {
-    /// `example-config` and `format` for both nodes; the target's IQN is
-    /// the test client's.
-    fn new(name: &str, port_offset: u16) -> Pair {
-        let dir = std::env::temp_dir().join(format!("dm-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mk = |id: u32| {
-            let out = Command::new(EXE)
-                .args(["example-config", "--node", &id.to_string(), "--dir"])
-                .arg(&dir)
-                .args(["--port-offset", &port_offset.to_string()])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            let toml = String::from_utf8(out.stdout).unwrap();
-            let iqn = field(&toml, "iscsi", "target_iqn").to_string();
-            let toml = toml.replace(&iqn, common::IQN);
-            let cfg = dir.join(format!("node{id}.toml"));
-            std::fs::write(&cfg, &toml).unwrap();
-            let out = Command::new(EXE)
-                .args(["format", "--config"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "format failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Node {
-                admin: field(&toml, "admin", "listen").to_string(),
-                iscsi: field(&toml, "iscsi", "listen").to_string(),
-                log: dir.join(format!("node{id}.log")),
-                cfg,
-                child: None,
-            }
-        };
-        let n = [mk(1), mk(2)];
-        Pair { dir, n }
-    }
-
-    fn start(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.n[i].log)
-            .unwrap();
-        let child = Command::new(EXE)
-            .args(["serve", "--config"])
-            .arg(&self.n[i].cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.n[i].child = Some(child);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        if let Some(mut c) = self.n[i].child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
+/// Logs in to node `i`'s iSCSI portal as initiator port ISID `…0p`.
+fn login(p: &Pair, i: usize, port: u8) -> Initiator {
+    let mut ini = Initiator::connect(p.n[i].iscsi.parse().unwrap());
+    ini.isid[5] = port;
+    ini.login(&[]);
+    // A new nexus may first see the path-change unit attention.
+    for _ in 0..3 {
+        if ini.tur().status == 0 {
+            break;
         }
     }
-
-    fn status(&self, i: usize) -> Option<Value> {
-        let out = Command::new(EXE)
-            .args(["status", "--json", "--admin", &self.n[i].admin])
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// Polls the node's status until `f` holds (the bound only stops a
-    /// hung test; nothing is asserted about how long it took).
-    fn wait(&self, i: usize, what: &str, f: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.status(i) {
-                if f(&s) {
-                    return;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "node {} never reached '{what}'; last status: {}\nlog:\n{}",
-            i + 1,
-            last.map(|s| s.to_string()).unwrap_or_default(),
-            std::fs::read_to_string(&self.n[i].log).unwrap_or_default()
-        );
-    }
-
-    fn admin(&self, i: usize, cmd: &str) {
-        let out = Command::new(EXE)
-            .args([cmd, "--admin", &self.n[i].admin])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd} on node {}: {}",
-            i + 1,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Logs in to node `i`'s iSCSI portal as initiator port ISID `…0p`.
-    fn login(&self, i: usize, p: u8) -> Initiator {
-        let mut ini = Initiator::connect(self.n[i].iscsi.parse().unwrap());
-        ini.isid[5] = p;
-        ini.login(&[]);
-        // A new nexus may first see the path-change unit attention.
-        for _ in 0..3 {
-            if ini.tur().status == 0 {
-                break;
-            }
-        }
-        ini
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        self.kill9(0);
-        self.kill9(1);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+    ini
 }
 
 /// The example configuration's block size.
@@ -253,18 +117,18 @@ fn read_reservation(i: &mut Initiator) -> Option<(u64, u8)> {
 
 #[test]
 fn persistent_reservations_survive_failover() {
-    let mut p = Pair::new("pr-failover", 900);
+    let mut p = pair("pr-failover", 900);
     p.start(0);
     p.start(1);
-    p.wait(1, "current backup", |s| {
+    p.wait(1, "current backup", 60, |s| {
         s["role"] == "backup" && s["current"] == true && s["peer_state"] == "connected"
     });
-    p.wait(0, "serving primary", |s| s["serving"] == true);
+    p.wait(0, "serving primary", 60, |s| s["serving"] == true);
 
     // Two initiator ports (a two-node cluster) register; the first
     // reserves Write Exclusive.
-    let mut a = p.login(0, 1);
-    let mut b = p.login(0, 2);
+    let mut a = login(&p, 0, 1);
+    let mut b = login(&p, 0, 2);
     pr_out(&mut a, 0, 0, 0, 0xaa); // REGISTER
     pr_out(&mut b, 0, 0, 0, 0xbb);
     pr_out(&mut a, 1, WE, 0xaa, 0); // RESERVE
@@ -277,11 +141,11 @@ fn persistent_reservations_survive_failover() {
     p.kill9(0);
     // As an operator would: promote once the backup saw its peer go (until
     // then it refuses, the peer being primary and connected).
-    p.wait(1, "peer gone", |s| s["peer_state"] != "connected");
-    p.admin(1, "promote");
-    p.wait(1, "serving after promote", |s| s["serving"] == true);
-    let mut a = p.login(1, 1);
-    let mut b = p.login(1, 2);
+    p.wait(1, "peer gone", 60, |s| s["peer_state"] != "connected");
+    admin(&p, 1, "promote");
+    p.wait(1, "serving after promote", 60, |s| s["serving"] == true);
+    let mut a = login(&p, 1, 1);
+    let mut b = login(&p, 1, 2);
     assert_eq!(
         read_keys(&mut b),
         (gen, vec![0xaa, 0xbb]),
@@ -303,7 +167,7 @@ fn persistent_reservations_survive_failover() {
     // The old primary returns as backup and catches up; a change made on the
     // new primary meanwhile (Exclusive Access now) travels too.
     p.start(0);
-    p.wait(0, "current backup", |s| {
+    p.wait(0, "current backup", 60, |s| {
         s["role"] == "backup" && s["current"] == true && s["peer_state"] == "connected"
     });
     pr_out(&mut a, 2, WE, 0xaa, 0); // RELEASE
@@ -311,13 +175,13 @@ fn persistent_reservations_survive_failover() {
     drop((a, b));
 
     // Planned failover back: demote, promote.
-    p.admin(1, "demote");
-    p.wait(1, "demoted", |s| s["role"] == "backup");
-    p.wait(0, "current after demote", |s| s["current"] == true);
-    p.admin(0, "promote");
-    p.wait(0, "serving after promote", |s| s["serving"] == true);
-    let mut a = p.login(0, 1);
-    let mut b = p.login(0, 2);
+    admin(&p, 1, "demote");
+    p.wait(1, "demoted", 60, |s| s["role"] == "backup");
+    p.wait(0, "current after demote", 60, |s| s["current"] == true);
+    admin(&p, 0, "promote");
+    p.wait(0, "serving after promote", 60, |s| s["serving"] == true);
+    let mut a = login(&p, 0, 1);
+    let mut b = login(&p, 0, 2);
     assert_eq!(read_keys(&mut b).1, vec![0xaa, 0xbb]);
     assert_eq!(read_reservation(&mut b), Some((0xaa, EA)));
     assert_eq!(write_block(&mut b, 5), RESERVATION_CONFLICT);

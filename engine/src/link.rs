@@ -312,6 +312,13 @@ impl LinkManager {
     pub fn take(&self) -> Option<Connection> {
         self.ready.lock().unwrap().take()
     }
+
+    /// Stops dialing and accepting for good (the listener closes within
+    /// one accept poll); a connection set up meanwhile may still arrive
+    /// through [`LinkManager::take`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for LinkManager {

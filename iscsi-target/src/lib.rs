@@ -20,10 +20,12 @@ use volume::Volume;
 
 mod conn;
 pub mod login;
+mod lun;
 mod opcodes;
 pub mod pdu;
 mod pr;
 pub mod scsi;
+mod sense;
 mod vpd;
 mod xcopy;
 

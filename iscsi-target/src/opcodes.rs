@@ -1,7 +1,7 @@
 //! REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35) and the table of the
 //! commands this target implements.
 
-use crate::scsi::{ScsiResult, Sense};
+use crate::sense::{ScsiResult, Sense};
 
 /// (opcode, service action, CDB length).
 const SUPPORTED: &[(u8, Option<u8>, usize)] = &[

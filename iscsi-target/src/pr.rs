@@ -8,15 +8,14 @@
 //! is durable and mirrored like a write, so it survives a restart and a
 //! failover. The logical unit keeps a decoded copy for the data path and
 //! reloads it from the volume when the path state changes (a promote).
+//!
+//! This module is the state and the commands over it, with no logical unit
+//! in sight: `lun::pr_out` runs PERSISTENT RESERVE OUT on the unit's
+//! slow-path thread through [`apply_out`] and stores the result.
 
-use std::sync::{Arc, Condvar, Mutex};
-
-use volume::{IoError, Volume};
-
-use crate::scsi::{
-    io_error_sense, Access, Lun, Nexus, ScsiResult, Sense, KEY_ILLEGAL_REQUEST,
-    SENSE_INVALID_FIELD_CDB, SENSE_INVALID_FIELD_PARAM, SENSE_PARAM_LIST_LENGTH, SENSE_STANDBY,
-    STATUS_GOOD,
+use crate::sense::{
+    ScsiResult, Sense, KEY_ILLEGAL_REQUEST, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_FIELD_PARAM,
+    SENSE_PARAM_LIST_LENGTH,
 };
 
 const WE: u8 = 1;
@@ -25,6 +24,15 @@ const WERO: u8 = 5;
 const EARO: u8 = 6;
 const WEAR: u8 = 7;
 const EAAR: u8 = 8;
+
+/// Access class of a command, for reservation checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Always allowed (INQUIRY, REPORT LUNS, ...).
+    None,
+    Read,
+    Write,
+}
 
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
 pub struct PrState {
@@ -209,10 +217,11 @@ fn transport_id(port: &str) -> Vec<u8> {
     t
 }
 
-pub fn pr_in(lun: &Lun, _nx: &Nexus, cdb: &[u8]) -> ScsiResult {
+/// PERSISTENT RESERVE IN over the unit's state `pr`; `port_id` is this
+/// node's relative target port identifier.
+pub fn pr_in(pr: &PrState, port_id: u16, cdb: &[u8]) -> ScsiResult {
     let sa = cdb[1] & 0x1f;
     let alloc = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
-    let pr = lun.pr();
     let mut d = Vec::new();
     d.extend_from_slice(&pr.generation.to_be_bytes());
     d.extend_from_slice(&[0; 4]);
@@ -258,7 +267,7 @@ pub fn pr_in(lun: &Lun, _nx: &Nexus, cdb: &[u8]) -> ScsiResult {
                     0
                 });
                 e.extend_from_slice(&[0; 4]);
-                e.extend_from_slice(&lun.ident.node_index.to_be_bytes());
+                e.extend_from_slice(&port_id.to_be_bytes());
                 let tid = transport_id(port);
                 e.extend_from_slice(&(tid.len() as u32).to_be_bytes());
                 e.extend(tid);
@@ -273,65 +282,9 @@ pub fn pr_in(lun: &Lun, _nx: &Nexus, cdb: &[u8]) -> ScsiResult {
     ScsiResult::good(d)
 }
 
-/// PERSISTENT RESERVE OUT: runs on the logical unit's slow-path thread
-/// (one at a time), and answers once a change is durable and mirrored.
-pub fn pr_out(lun: &Arc<Lun>, nx: &Nexus, cdb: &[u8], data: &[u8], done: crate::scsi::Done) {
-    let (l, port, cdb, data) = (lun.clone(), nx.port_name(), cdb.to_vec(), data.to_vec());
-    lun.slow(Box::new(move || done(pr_out_now(&l, port, &cdb, &data))));
-}
-
-fn pr_out_now(lun: &Lun, port: String, cdb: &[u8], data: &[u8]) -> ScsiResult {
-    if lun.standby() {
-        // The backup cannot originate a mirrored change; the primary's
-        // port takes it (docs/iscsi.md).
-        return ScsiResult::check(SENSE_STANDBY);
-    }
-    let current = lun.pr().clone();
-    let mut next = current.clone();
-    let r = apply_out(&mut next, port, cdb, data);
-    if r.status != STATUS_GOOD || next == current {
-        return r;
-    }
-    let blob = next.encode();
-    if blob.len() > lun.vol.max_state_bytes() {
-        // INSUFFICIENT REGISTRATION RESOURCES.
-        return ScsiResult::check(Sense::new(KEY_ILLEGAL_REQUEST, 0x55, 0x04));
-    }
-    match put_wait(&*lun.vol, blob) {
-        Ok(()) => {
-            lun.pr_commit(next);
-            r
-        }
-        Err(e) => {
-            log::warn!("PERSISTENT RESERVE OUT not applied: the state update failed: {e}");
-            ScsiResult::check(io_error_sense(e, true))
-        }
-    }
-}
-
-/// `put_persistent_state` and wait for it.
-fn put_wait(vol: &dyn Volume, blob: Vec<u8>) -> Result<(), IoError> {
-    let slot = Arc::new((Mutex::new(None), Condvar::new()));
-    let s2 = slot.clone();
-    vol.put_persistent_state(
-        blob,
-        Box::new(move |r| {
-            *s2.0.lock().unwrap() = Some(r);
-            s2.1.notify_one();
-        }),
-    );
-    let mut g = slot.0.lock().unwrap();
-    loop {
-        if let Some(r) = g.take() {
-            return r.map(|_| ());
-        }
-        g = slot.1.wait(g).unwrap();
-    }
-}
-
 /// Applies one PERSISTENT RESERVE OUT to `pr` (a copy: the caller stores it
 /// once it is durable). Nothing changes unless the result is GOOD.
-fn apply_out(pr: &mut PrState, port: String, cdb: &[u8], data: &[u8]) -> ScsiResult {
+pub(crate) fn apply_out(pr: &mut PrState, port: String, cdb: &[u8], data: &[u8]) -> ScsiResult {
     let sa = cdb[1] & 0x1f;
     let scope = cdb[2] >> 4;
     let ty = cdb[2] & 0x0f;

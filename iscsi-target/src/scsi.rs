@@ -6,309 +6,20 @@
 //! (COMPARE AND WRITE, VERIFY, WRITE SAME, UNMAP) run on the LUN's slow-path
 //! worker thread, which serializes them against each other.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use volume::{submit_wait, Geometry, IoError, PathState, Volume, VolumeIdentity, VolumeOp};
+use volume::{submit_wait, Geometry, IoError, VolumeOp};
 
-use crate::pr::PrState;
-
-pub const STATUS_GOOD: u8 = 0x00;
-pub const STATUS_CHECK_CONDITION: u8 = 0x02;
-pub const STATUS_RESERVATION_CONFLICT: u8 = 0x18;
-
-pub const KEY_NO_SENSE: u8 = 0x0;
-pub const KEY_NOT_READY: u8 = 0x2;
-pub const KEY_MEDIUM_ERROR: u8 = 0x3;
-pub const KEY_ILLEGAL_REQUEST: u8 = 0x5;
-pub const KEY_UNIT_ATTENTION: u8 = 0x6;
-pub const KEY_MISCOMPARE: u8 = 0xe;
-
-/// Fixed-format sense data fields.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sense {
-    pub key: u8,
-    pub asc: u8,
-    pub ascq: u8,
-    pub info: Option<u32>,
-    /// Sense-key specific field pointer into the CDB (byte index).
-    pub cdb_field: Option<u16>,
-}
-
-impl Sense {
-    pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense {
-            key,
-            asc,
-            ascq,
-            info: None,
-            cdb_field: None,
-        }
-    }
-    /// INVALID FIELD IN CDB pointing at CDB byte `byte`.
-    pub const fn invalid_cdb_field(byte: u16) -> Sense {
-        Sense {
-            key: KEY_ILLEGAL_REQUEST,
-            asc: 0x24,
-            ascq: 0,
-            info: None,
-            cdb_field: Some(byte),
-        }
-    }
-    /// 18-byte fixed format sense (or descriptor format when `desc`).
-    pub fn to_bytes(self, desc: bool) -> Vec<u8> {
-        if desc {
-            let mut s = vec![0x72, self.key, self.asc, self.ascq, 0, 0, 0, 0];
-            if let Some(i) = self.info {
-                s[7] = 12;
-                s.extend_from_slice(&[0x00, 0x0a, 0x80, 0]);
-                s.extend_from_slice(&(i as u64).to_be_bytes());
-            }
-            return s;
-        }
-        let mut s = vec![0u8; 18];
-        s[0] = 0x70;
-        if let Some(i) = self.info {
-            s[0] |= 0x80;
-            s[3..7].copy_from_slice(&i.to_be_bytes());
-        }
-        s[2] = self.key;
-        s[7] = 10;
-        s[12] = self.asc;
-        s[13] = self.ascq;
-        if let Some(f) = self.cdb_field {
-            s[15] = 0xc0; // SKSV, C/D = CDB
-            s[16..18].copy_from_slice(&f.to_be_bytes());
-        }
-        s
-    }
-}
-
-pub const SENSE_INVALID_OPCODE: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x20, 0x00);
-pub const SENSE_LBA_OUT_OF_RANGE: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x21, 0x00);
-pub const SENSE_INVALID_FIELD_CDB: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x24, 0x00);
-pub const SENSE_LUN_NOT_SUPPORTED: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x25, 0x00);
-pub const SENSE_INVALID_FIELD_PARAM: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x26, 0x00);
-pub const SENSE_PARAM_LIST_LENGTH: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x1a, 0x00);
-pub const SENSE_SAVING_NOT_SUPPORTED: Sense = Sense::new(KEY_ILLEGAL_REQUEST, 0x39, 0x00);
-pub const SENSE_STANDBY: Sense = Sense::new(KEY_NOT_READY, 0x04, 0x0b);
-pub const SENSE_NOT_READY: Sense = Sense::new(KEY_NOT_READY, 0x04, 0x00);
-pub const SENSE_WRITE_ERROR: Sense = Sense::new(KEY_MEDIUM_ERROR, 0x0c, 0x00);
-pub const SENSE_READ_ERROR: Sense = Sense::new(KEY_MEDIUM_ERROR, 0x11, 0x00);
-pub const SENSE_ALUA_CHANGED: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x2a, 0x06);
-pub const SENSE_RESET_OCCURRED: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x29, 0x00);
-pub const SENSE_LUN_RESET: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x29, 0x03);
-pub const SENSE_RESERVATIONS_PREEMPTED: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x2a, 0x03);
-pub const SENSE_RESERVATIONS_RELEASED: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x2a, 0x04);
-pub const SENSE_REGISTRATIONS_PREEMPTED: Sense = Sense::new(KEY_UNIT_ATTENTION, 0x2a, 0x05);
-
-/// The outcome of one SCSI command.
-#[derive(Debug, Default)]
-pub struct ScsiResult {
-    pub status: u8,
-    pub sense: Option<Sense>,
-    /// Data-In (before truncation to the expected transfer length).
-    pub data: Vec<u8>,
-}
-
-impl ScsiResult {
-    pub fn good(data: Vec<u8>) -> ScsiResult {
-        ScsiResult {
-            status: STATUS_GOOD,
-            sense: None,
-            data,
-        }
-    }
-    pub fn check(s: Sense) -> ScsiResult {
-        ScsiResult {
-            status: STATUS_CHECK_CONDITION,
-            sense: Some(s),
-            data: Vec::new(),
-        }
-    }
-    pub fn conflict() -> ScsiResult {
-        ScsiResult {
-            status: STATUS_RESERVATION_CONFLICT,
-            sense: None,
-            data: Vec::new(),
-        }
-    }
-}
-
-/// The one place where volume errors become SCSI sense.
-pub fn io_error_sense(e: IoError, write: bool) -> Sense {
-    match e {
-        IoError::NotPrimary => SENSE_STANDBY,
-        IoError::OutOfRange => SENSE_LBA_OUT_OF_RANGE,
-        IoError::Unaligned | IoError::TooLarge => SENSE_INVALID_FIELD_CDB,
-        IoError::Io(_) if write => SENSE_WRITE_ERROR,
-        IoError::Io(_) => SENSE_READ_ERROR,
-        IoError::Unavailable => SENSE_NOT_READY,
-    }
-}
-
-/// Callback receiving the result of one command.
-pub type Done = Box<dyn FnOnce(ScsiResult) + Send + 'static>;
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// One I_T nexus (an iSCSI session) as seen by the logical unit.
-pub struct Nexus {
-    pub id: u64,
-    pub initiator: String,
-    pub isid: [u8; 6],
-    /// The path epoch this nexus last saw; a change raises a unit attention.
-    pub seen_epoch: AtomicU64,
-}
-
-impl Nexus {
-    /// The initiator port name (RFC 7143 §13.2.2 style): name + ",i,0x" + ISID.
-    pub fn port_name(&self) -> String {
-        let mut s = format!("{},i,0x", self.initiator);
-        for b in self.isid {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
-    }
-}
-
-/// The exported logical unit (LUN 0): the volume, reservations and pending
-/// unit attentions.
-pub struct Lun {
-    pub vol: Arc<dyn Volume>,
-    pub geo: Geometry,
-    pub ident: VolumeIdentity,
-    pub target_iqn: String,
-    pub portal_group_tag: u16,
-    /// Largest Data-Out/Data-In buffer of a single command.
-    pub max_cmd_bytes: u32,
-    /// Persistent reservations as last loaded from or stored to the volume
-    /// (`pr()` reloads them after a path change).
-    pr: Mutex<PrState>,
-    /// The path epoch `pr` was loaded in.
-    pr_epoch: AtomicU64,
-    /// SPC-2 RESERVE(6) holder (nexus id).
-    pub reserve6: Mutex<Option<u64>>,
-    ua: Mutex<HashMap<u64, Vec<Sense>>>,
-    slow: Mutex<mpsc::Sender<Job>>,
-    /// Outcomes of recent EXTENDED COPY commands.
-    pub copy_results: Mutex<Vec<crate::xcopy::CopyResult>>,
-}
-
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
-pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
-pub const MAX_COMPARE_WRITE_BLOCKS: u8 = 128;
-
-impl Lun {
-    pub fn new(vol: Arc<dyn Volume>, target_iqn: String, portal_group_tag: u16) -> Arc<Lun> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("iscsi-slow".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .expect("spawn iscsi slow-path thread");
-        let geo = vol.geometry();
-        let ident = vol.identity();
-        Arc::new(Lun {
-            max_cmd_bytes: 32 << 20,
-            geo,
-            ident,
-            vol,
-            target_iqn,
-            portal_group_tag,
-            pr: Mutex::new(PrState::default()),
-            pr_epoch: AtomicU64::new(u64::MAX),
-            reserve6: Mutex::new(None),
-            ua: Mutex::new(HashMap::new()),
-            slow: Mutex::new(tx),
-            copy_results: Mutex::new(Vec::new()),
-        })
-    }
-
-    pub(crate) fn slow(&self, job: Job) {
-        let _ = self.slow.lock().unwrap().send(job);
-    }
-
-    /// The persistent reservations. Loaded from the volume's replicated
-    /// state when the LUN starts and again whenever the path state changed
-    /// (a promote brings the state the old primary mirrored); on a standby
-    /// port at every call, so it shows what the primary mirrored so far.
-    pub fn pr(&self) -> std::sync::MutexGuard<'_, PrState> {
-        let mut g = self.pr.lock().unwrap();
-        let epoch = self.vol.path_epoch();
-        if self.pr_epoch.swap(epoch, Ordering::AcqRel) != epoch || self.standby() {
-            *g = match self.vol.persistent_state() {
-                None => PrState::default(),
-                Some(b) => PrState::decode(&b).unwrap_or_else(|e| {
-                    log::error!(
-                        "the volume's persistent reservation state does not decode ({e}); \
-                         serving with none"
-                    );
-                    PrState::default()
-                }),
-            };
-        }
-        g
-    }
-
-    /// Stores the state a PERSISTENT RESERVE OUT made durable.
-    pub(crate) fn pr_commit(&self, s: PrState) {
-        let mut g = self.pr();
-        *g = s;
-    }
-
-    /// Queues a unit attention for every nexus except `except`.
-    pub fn ua_all(&self, s: Sense, nexuses: &[u64], except: Option<u64>) {
-        let mut ua = self.ua.lock().unwrap();
-        for &n in nexuses {
-            if Some(n) != except {
-                let q = ua.entry(n).or_default();
-                if !q.contains(&s) && q.len() < 8 {
-                    q.push(s);
-                }
-            }
-        }
-    }
-
-    fn take_ua(&self, nx: &Nexus) -> Option<Sense> {
-        let epoch = self.vol.path_epoch();
-        if nx.seen_epoch.swap(epoch, Ordering::AcqRel) != epoch {
-            return Some(SENSE_ALUA_CHANGED);
-        }
-        let mut ua = self.ua.lock().unwrap();
-        let q = ua.get_mut(&nx.id)?;
-        if q.is_empty() {
-            None
-        } else {
-            Some(q.remove(0))
-        }
-    }
-
-    /// Forgets a nexus that went away (its RESERVE(6) goes with it).
-    pub fn nexus_gone(&self, id: u64) {
-        self.ua.lock().unwrap().remove(&id);
-        self.copy_results.lock().unwrap().retain(|r| r.nexus != id);
-        let mut r = self.reserve6.lock().unwrap();
-        if *r == Some(id) {
-            *r = None;
-        }
-    }
-
-    /// LUN reset / target reset: release RESERVE(6) and raise a unit
-    /// attention on every nexus.
-    pub fn reset(&self, nexuses: &[u64], s: Sense) {
-        *self.reserve6.lock().unwrap() = None;
-        self.ua_all(s, nexuses, None);
-    }
-
-    pub(crate) fn standby(&self) -> bool {
-        self.vol.path_state() != PathState::Optimized
-    }
-}
+use crate::lun::{
+    lbppbe, max_atomic_blocks, MAX_COMPARE_WRITE_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
+    MAX_WRITE_SAME_BLOCKS,
+};
+use crate::pr::Access;
+// The connection code and the tests reach the unit and the sense
+// vocabulary through this module, the command layer.
+pub use crate::lun::{Lun, Nexus};
+pub use crate::sense::*;
 
 fn be16(b: &[u8], at: usize) -> u32 {
     u16::from_be_bytes([b[at], b[at + 1]]) as u32
@@ -329,15 +40,6 @@ pub fn cdb_len(op: u8) -> usize {
         5 => 12,
         _ => 16,
     }
-}
-
-/// Access class of a command, for reservation checks.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Always allowed (INQUIRY, REPORT LUNS, ...).
-    None,
-    Read,
-    Write,
 }
 
 fn access_class(cdb: &[u8]) -> Access {
@@ -465,8 +167,8 @@ pub fn execute(
             }
             done(ScsiResult::good(Vec::new()))
         }
-        0x5e => done(crate::pr::pr_in(lun, nx, cdb)),
-        0x5f => crate::pr::pr_out(lun, nx, cdb, &data, done),
+        0x5e => done(crate::pr::pr_in(&lun.pr(), lun.ident.node_index, cdb)),
+        0x5f => crate::lun::pr_out(lun, nx, cdb, &data, done),
         // READ 6/10/12/16
         0x08 | 0x28 | 0xa8 | 0x88 => {
             let (lba, n) = match rw_lba_len(cdb) {
@@ -926,11 +628,6 @@ fn or_write(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     }
 }
 
-/// Largest WRITE ATOMIC (16) in blocks: one volume request, never split.
-pub fn max_atomic_blocks(lun: &Lun) -> u32 {
-    (lun.vol.max_io_bytes() / lun.geo.block_size).min(lun.max_cmd_bytes / lun.geo.block_size)
-}
-
 /// WRITE ATOMIC (16): accepted only when it fits one volume request.
 fn write_atomic(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     if let Err(s) = protect_check(cdb) {
@@ -1113,16 +810,6 @@ fn read_capacity16(lun: &Lun, cdb: &[u8]) -> ScsiResult {
     d[14] = 0x80;
     d.truncate(alloc);
     ScsiResult::good(d)
-}
-
-/// Logical blocks per physical block exponent: 512-byte logical blocks sit
-/// on 4 KiB physical blocks on every backend we target.
-pub fn lbppbe(block_size: u32) -> u8 {
-    if block_size == 512 {
-        3
-    } else {
-        0
-    }
 }
 
 fn report_luns(cdb: &[u8]) -> ScsiResult {

@@ -1,6 +1,7 @@
 //! INQUIRY vital product data pages.
 
-use crate::scsi::Lun;
+use crate::lun::{self, naa, Lun};
+use crate::xcopy::third_party_copy_descriptors;
 
 const PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2];
 
@@ -9,14 +10,6 @@ fn page_with(code: u8, body: Vec<u8>) -> Vec<u8> {
     d.extend_from_slice(&(body.len() as u16).to_be_bytes());
     d.extend(body);
     d
-}
-
-/// NAA type 6 (IEEE registered extended) identifier derived from the volume
-/// uuid, the same on both nodes.
-pub fn naa(uuid: &[u8; 16]) -> [u8; 16] {
-    let mut n = *uuid;
-    n[0] = 0x60 | (uuid[0] & 0x0f);
-    n
 }
 
 pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
@@ -57,24 +50,24 @@ pub fn page(lun: &Lun, code: u8) -> Option<Vec<u8>> {
             b.extend(nb);
             page_with(0x83, b)
         }
-        0x8f => page_with(0x8f, crate::xcopy::third_party_copy_descriptors()),
+        0x8f => page_with(0x8f, third_party_copy_descriptors()),
         0xb0 => {
             let mut b = vec![0u8; 0x3c];
             let max_xfer = lun.max_cmd_bytes / bs;
-            b[1] = crate::scsi::MAX_COMPARE_WRITE_BLOCKS;
+            b[1] = lun::MAX_COMPARE_WRITE_BLOCKS;
             b[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal transfer granularity
             b[4..8].copy_from_slice(&max_xfer.to_be_bytes());
             let opt = (lun.vol.max_io_bytes() / bs).clamp(1, max_xfer);
             b[8..12].copy_from_slice(&opt.to_be_bytes());
             b[12..16].copy_from_slice(&max_xfer.to_be_bytes()); // max prefetch
-            b[16..20].copy_from_slice(&crate::scsi::MAX_UNMAP_BLOCKS.to_be_bytes());
-            b[20..24].copy_from_slice(&crate::scsi::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
-            let per_phys = 1u32 << crate::scsi::lbppbe(bs);
+            b[16..20].copy_from_slice(&lun::MAX_UNMAP_BLOCKS.to_be_bytes());
+            b[20..24].copy_from_slice(&lun::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+            let per_phys = 1u32 << lun::lbppbe(bs);
             b[24..28].copy_from_slice(&per_phys.to_be_bytes()); // optimal unmap granularity
             b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
-            b[32..40].copy_from_slice(&crate::scsi::MAX_WRITE_SAME_BLOCKS.to_be_bytes());
+            b[32..40].copy_from_slice(&lun::MAX_WRITE_SAME_BLOCKS.to_be_bytes());
             // Atomic writes: one volume request, no alignment/granularity rules.
-            b[40..44].copy_from_slice(&crate::scsi::max_atomic_blocks(lun).to_be_bytes());
+            b[40..44].copy_from_slice(&lun::max_atomic_blocks(lun).to_be_bytes());
             page_with(0xb0, b)
         }
         0xb1 => {

@@ -5,8 +5,9 @@
 
 use volume::{submit_wait, VolumeOp};
 
-use crate::scsi::{
-    io_error_sense, Lun, ScsiResult, Sense, KEY_ILLEGAL_REQUEST, SENSE_INVALID_FIELD_CDB,
+use crate::lun::{naa, CopyResult, Lun};
+use crate::sense::{
+    io_error_sense, ScsiResult, Sense, KEY_ILLEGAL_REQUEST, SENSE_INVALID_FIELD_CDB,
     SENSE_PARAM_LIST_LENGTH,
 };
 
@@ -18,17 +19,6 @@ const MAX_SEGMENT_BYTES: u32 = 32 << 20;
 const KEY_COPY_ABORTED: u8 = 0x0a;
 /// Results kept for RECEIVE COPY RESULTS (COPY STATUS), newest last.
 pub const KEPT_RESULTS: usize = 16;
-
-/// Outcome of one EXTENDED COPY, for RECEIVE COPY RESULTS.
-#[derive(Clone, Copy, Debug)]
-pub struct CopyResult {
-    /// Results belong to the I_T nexus that issued the copy.
-    pub nexus: u64,
-    pub list_id: u8,
-    pub ok: bool,
-    pub segments: u16,
-    pub blocks: u64,
-}
 
 fn be16(b: &[u8], at: usize) -> usize {
     u16::from_be_bytes([b[at], b[at + 1]]) as usize
@@ -89,7 +79,7 @@ pub fn extended_copy(lun: &Lun, nexus: u64, cdb: &[u8], data: &[u8]) -> ScsiResu
     if tdl / 32 > MAX_TARGET_DESCRIPTORS as usize {
         return ill(0x26, 0x06); // TOO MANY TARGET DESCRIPTORS
     }
-    let naa = crate::vpd::naa(&lun.ident.uuid);
+    let naa = naa(&lun.ident.uuid);
     let mut targets = Vec::new();
     for t in d[16..16 + tdl].chunks(32) {
         if t[0] != 0xe4 {

@@ -94,7 +94,7 @@ fn discovery_lists_own_and_peer_portals() {
     let (t, vol) = target(|c| c.peer_portals = vec!["127.0.0.1:3261".parse().unwrap()]);
     // The peer's portal is listed while this node is the standby
     // (tests/hosts.rs: the primary lists its own only).
-    vol.path.set(volume::PathState::Inaccessible);
+    vol.path.set(PathState::Inaccessible);
     let mut i = Initiator::connect(t.local_addr());
     let k = kv(&[
         ("InitiatorName", INITIATOR),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use nbd_target::proto::*;
 use nbd_target::session::{serve, NoTransport, SessionCtx};
-use volume::{Completion, Geometry, MemVolume, PathState, Volume, VolumeIdentity, VolumeOp};
+use volume::{Completion, MemVolume, Volume, VolumeOp, Wrapper};
 
 const BS: u32 = 512;
 const BLOCKS: u64 = 256; // 128 KiB
@@ -44,23 +44,14 @@ struct Checked {
     worker: Option<Mutex<Sender<(VolumeOp, Completion)>>>,
 }
 
-impl Volume for Checked {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl Wrapper for Checked {
+    fn inner(&self) -> &dyn Volume {
+        &*self.inner
     }
-    fn identity(&self) -> VolumeIdentity {
-        self.inner.identity()
-    }
-    fn path_state(&self) -> PathState {
-        self.inner.path_state()
-    }
-    fn path_epoch(&self) -> u64 {
-        self.inner.path_epoch()
-    }
-    fn max_io_bytes(&self) -> u32 {
+    fn io_limit(&self) -> u32 {
         MAX_IO
     }
-    fn submit(&self, op: VolumeOp, done: Completion) {
+    fn take(&self, op: VolumeOp, done: Completion) {
         let g = self.geometry();
         let (off, len) = match &op {
             VolumeOp::Read { offset, len } => (*offset, *len as u64),

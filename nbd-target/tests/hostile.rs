@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nbd_target::proto::*;
-use nbd_target::{start, NbdConfig};
 use volume::MemVolume;
 
 const BS: u32 = 4096;
@@ -75,16 +74,7 @@ fn eight(addr: SocketAddr, secs: f64) -> f64 {
 #[test]
 fn slow_and_garbage_connections_do_not_stop_the_others() {
     let vol = Arc::new(MemVolume::new(BS, BLOCKS));
-    let srv = start(
-        NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: "hostile".into(),
-            max_connections: 32,
-        },
-        vol,
-    )
-    .unwrap();
+    let srv = serve_with(vol, 32);
     let addr = srv.local_addr();
     let secs = 2.0;
     let alone = eight(addr, secs);

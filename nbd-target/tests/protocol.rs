@@ -375,16 +375,7 @@ fn bad_input_closes_only_that_connection() {
 #[test]
 fn max_connections_and_shutdown() {
     let vol = Arc::new(MemVolume::new(BS, BLOCKS));
-    let srv = nbd_target::start(
-        nbd_target::NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: String::new(),
-            max_connections: 2,
-        },
-        vol.clone(),
-    )
-    .unwrap();
+    let srv = serve_with(vol.clone(), 2);
     let addr = srv.local_addr();
     let (_a, _, _) = Client::go(addr);
     let (mut b, _, _) = Client::go(addr);
@@ -403,12 +394,7 @@ fn max_connections_and_shutdown() {
 #[test]
 fn start_rejects_bad_config() {
     let vol = Arc::new(MemVolume::new(BS, BLOCKS));
-    let cfg = nbd_target::NbdConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        export_name: EXPORT.into(),
-        description: String::new(),
-        max_connections: 0,
-    };
+    let cfg = config(0);
     assert!(nbd_target::start(cfg.clone(), vol.clone()).is_err());
     let cfg = nbd_target::NbdConfig {
         max_connections: 1,
@@ -437,25 +423,13 @@ impl Parked {
     }
 }
 
-use volume::Volume;
+use volume::{Volume, Wrapper};
 
-impl Volume for Parked {
-    fn geometry(&self) -> volume::Geometry {
-        self.inner.geometry()
+impl Wrapper for Parked {
+    fn inner(&self) -> &dyn Volume {
+        &self.inner
     }
-    fn identity(&self) -> volume::VolumeIdentity {
-        self.inner.identity()
-    }
-    fn path_state(&self) -> PathState {
-        self.inner.path_state()
-    }
-    fn path_epoch(&self) -> u64 {
-        self.inner.path_epoch()
-    }
-    fn max_io_bytes(&self) -> u32 {
-        self.inner.max_io_bytes()
-    }
-    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+    fn take(&self, op: volume::VolumeOp, done: volume::Completion) {
         self.held.lock().unwrap().push((op, done));
     }
 }
@@ -465,16 +439,7 @@ fn pile_up(len: u32, count: u64, expect_held: std::ops::RangeInclusive<usize>) {
         inner: MemVolume::new(512, 2 * 65536), // 64 MiB
         held: std::sync::Mutex::new(Vec::new()),
     });
-    let srv = nbd_target::start(
-        nbd_target::NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: String::new(),
-            max_connections: 1,
-        },
-        vol.clone(),
-    )
-    .unwrap();
+    let srv = serve_with(vol.clone(), 1);
     let (mut c, _, _) = Client::go(srv.local_addr());
     let mut s = c.s.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
@@ -570,16 +535,7 @@ fn volume_errors_map_to_nbd_errno() {
         (NotPrimary, EPERM, EPERM),
     ];
     for (err, read_errno, write_errno) in cases {
-        let srv = nbd_target::start(
-            nbd_target::NbdConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                export_name: EXPORT.into(),
-                description: String::new(),
-                max_connections: 1,
-            },
-            Arc::new(Failing(err)),
-        )
-        .unwrap();
+        let srv = serve_with(Arc::new(Failing(err)), 1);
         let (mut c, _, _) = Client::go(srv.local_addr());
         assert_eq!(c.call(CMD_READ, 0, 0, 512, &[]).0, read_errno, "{err:?}");
         assert_eq!(
@@ -603,16 +559,7 @@ fn shutdown_does_not_wait_for_a_stuck_volume() {
         inner: MemVolume::new(BS, BLOCKS),
         held: std::sync::Mutex::new(Vec::new()),
     });
-    let srv = nbd_target::start(
-        nbd_target::NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: String::new(),
-            max_connections: 4,
-        },
-        vol.clone(),
-    )
-    .unwrap();
+    let srv = serve_with(vol.clone(), 4);
     let (mut c, _, _) = Client::go(srv.local_addr());
     c.request(CMD_WRITE, 0, 1, 0, 512, &[1; 512]);
     // A second client still in the handshake.
@@ -636,23 +583,14 @@ struct Strict {
     log: std::sync::Mutex<Vec<String>>,
 }
 
-impl Volume for Strict {
-    fn geometry(&self) -> volume::Geometry {
-        self.inner.geometry()
+impl Wrapper for Strict {
+    fn inner(&self) -> &dyn Volume {
+        &self.inner
     }
-    fn identity(&self) -> volume::VolumeIdentity {
-        self.inner.identity()
-    }
-    fn path_state(&self) -> PathState {
-        self.inner.path_state()
-    }
-    fn path_epoch(&self) -> u64 {
-        self.inner.path_epoch()
-    }
-    fn max_io_bytes(&self) -> u32 {
+    fn io_limit(&self) -> u32 {
         1 << 20
     }
-    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+    fn take(&self, op: volume::VolumeOp, done: volume::Completion) {
         use volume::VolumeOp::*;
         let entry = match &op {
             Discard { offset, len } => format!("discard {offset}+{len}"),
@@ -678,16 +616,7 @@ fn long_ranges_go_whole_and_are_split_only_on_too_large() {
         inner: MemVolume::new(BS, 5 * 2048 + 8), // 5 MiB + 4 KiB
         log: std::sync::Mutex::new(Vec::new()),
     });
-    let srv = nbd_target::start(
-        nbd_target::NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: String::new(),
-            max_connections: 1,
-        },
-        strict.clone(),
-    )
-    .unwrap();
+    let srv = serve_with(strict.clone(), 1);
     let (mut c, size, _) = Client::go(srv.local_addr());
     assert_eq!(size, 5 * MIB + 4096);
     assert_eq!(c.call(CMD_WRITE, 0, size - 512, 512, &[7; 512]).0, 0);
@@ -823,7 +752,7 @@ fn closed_helper_tells_eof_and_reset_from_a_silent_server() {
     // Bytes: the server answered, the connection is open.
     let mut c = client();
     let (mut s, _) = l.accept().unwrap();
-    std::io::Write::write_all(&mut s, b"x").unwrap();
+    Write::write_all(&mut s, b"x").unwrap();
     assert_eq!(c.next_read(), ReadEnd::Data(b'x'));
     drop(held);
 }

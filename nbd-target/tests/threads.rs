@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nbd_target::proto::*;
-use nbd_target::{start, NbdConfig};
 use volume::MemVolume;
 
 fn threads() -> usize {
@@ -37,16 +36,7 @@ fn settle() -> usize {
 #[test]
 fn sixty_four_connections_add_no_threads() {
     let vol = Arc::new(MemVolume::new(512, 2048));
-    let srv = start(
-        NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: "threads".into(),
-            max_connections: 100,
-        },
-        vol,
-    )
-    .unwrap();
+    let srv = serve_with(vol, 100);
     let addr: SocketAddr = srv.local_addr();
     // One connection first, so that every lazily started thread exists.
     let (mut first, _, _) = Client::go(addr);

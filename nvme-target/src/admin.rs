@@ -4,7 +4,7 @@
 //! Byte offsets follow the NVMe Base specification figures.
 
 use crate::spec::*;
-use crate::target::{Ctrl, Shared};
+use crate::subsystem::{Ctrl, Shared};
 use std::net::SocketAddr;
 use volume::PathState;
 

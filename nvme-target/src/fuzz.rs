@@ -3,15 +3,34 @@
 //! completions run inline with `MemVolume`). Used by the bad-input tests
 //! and by a seeded mutation fuzzer that runs on the stable toolchain.
 
-use crate::load::Rng;
 use crate::pdu::*;
-use crate::queue::{Out, QueueCore};
+use crate::queue::QueueCore;
+use crate::queue_io::Out;
 use crate::spec::*;
-use crate::target::{NvmeConfig, Shared};
+use crate::subsystem::{NvmeConfig, Shared};
 use std::io;
 use std::sync::mpsc;
 use std::sync::Arc;
 use volume::Volume;
+
+/// Deterministic xorshift64* generator: the fuzzer's mutations and the
+/// host's load (`nvme-host`) draw from it, so a seed reproduces a run.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
 
 /// One PDU the target sent, decoded leniently (framing only, no digest checks).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -406,7 +425,7 @@ pub fn io_seed(subnqn: &str, cntlid: u16, dg: Digests, block_size: u32) -> Vec<u
     let mut s = Stream::new(dg);
     s.connect(1, 1, cntlid, subnqn, FUZZ_HOST);
     let rw = |op: u8, cid: u16, slba: u64, nlb: u32| {
-        let mut q = crate::initiator::rw_sqe(op, 1, slba, nlb, false);
+        let mut q = rw_sqe(op, 1, slba, nlb, false);
         q.set_cid(cid);
         q
     };

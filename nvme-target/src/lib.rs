@@ -1,4 +1,5 @@
-//! NVMe-oF/TCP target for deltamirror, and a small NVMe/TCP initiator.
+//! NVMe-oF/TCP target for deltamirror. The small NVMe/TCP initiator for
+//! tests and benchmarks (and `dm-nvme`) is the `nvme-host` crate beside it.
 //!
 //! The target exports one [`volume::Volume`] as namespace 1 of an NVM
 //! subsystem, plus the well-known discovery subsystem on the same port.
@@ -12,11 +13,11 @@
 
 pub mod admin;
 pub mod fuzz;
-pub mod initiator;
-pub mod load;
 pub mod pdu;
 pub mod queue;
+pub mod queue_io;
 pub mod spec;
+pub mod subsystem;
 pub mod target;
 
 pub use target::{start, start_on, DiscoveryPort, NvmeConfig, NvmeTarget};

@@ -427,6 +427,16 @@ impl Sqe {
     }
 }
 
+/// Builds a Read / Write / Write Zeroes SQE.
+pub fn rw_sqe(opcode: u8, nsid: u32, slba: u64, nlb: u32, fua: bool) -> Sqe {
+    let mut s = Sqe::new(opcode, 0);
+    s.set_nsid(nsid);
+    s.set_cdw(10, slba as u32);
+    s.set_cdw(11, (slba >> 32) as u32);
+    s.set_cdw(12, (nlb - 1) | if fua { 1 << 30 } else { 0 });
+    s
+}
+
 /// Encodes a CapsuleCmd; `icd` is in-capsule data (may be empty).
 pub fn encode_capsule_cmd(sqe: &Sqe, icd: &[u8], dg: Digests) -> Vec<u8> {
     build_pdu(PDU_CAPSULE_CMD, 0, &sqe.0, icd, dg, 4)

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use nvme_target::fuzz::{admin_seed, Harness, Reply, SessionOutput, Stream, FUZZ_HOST};
-use nvme_target::initiator::rw_sqe;
 use nvme_target::pdu::*;
 use nvme_target::spec::*;
 use std::sync::Arc;
@@ -385,7 +384,7 @@ fn connect_errors() {
 fn bad_input_over_tcp_terminates_without_writes() {
     let vol = mem(BS, 2048);
     let t = serve(vol.clone());
-    let c = nvme_target::initiator::Controller::connect(t.local_addr(), &host()).unwrap();
+    let c = nvme_host::initiator::Controller::connect(t.local_addr(), &host()).unwrap();
     c.write(0, vec![9; 512], false).unwrap();
     let w = writes(&vol);
     // H2CData nobody asked for, on the I/O queue.
@@ -415,7 +414,7 @@ fn bad_input_over_tcp_terminates_without_writes() {
     assert_eq!(t.controller_count(), 0);
     assert_eq!(writes(&vol), w);
     // The target still serves new hosts.
-    let c2 = nvme_target::initiator::Controller::connect(t.local_addr(), &host()).unwrap();
+    let c2 = nvme_host::initiator::Controller::connect(t.local_addr(), &host()).unwrap();
     assert_eq!(c2.read(0, 1).unwrap(), vec![9; 512]);
     c2.disconnect();
     t.shutdown();

@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use nvme_target::initiator::{Controller, HostError};
+use nvme_host::initiator::{Controller, HostError};
 use nvme_target::pdu::Digests;
 use nvme_target::spec::*;
 
@@ -229,8 +229,8 @@ fn pipelined_io_with_verification_and_several_queues() {
     h.queue_depth = 16;
     let c = Controller::connect(t.local_addr(), &h).unwrap();
     assert_eq!(c.io.len(), 2);
-    let spec = nvme_target::load::IoSpec {
-        rw: nvme_target::load::Rw::RandRw,
+    let spec = nvme_host::load::IoSpec {
+        rw: nvme_host::load::Rw::RandRw,
         block_bytes: 8192,
         queue_depth: 32,
         duration: std::time::Duration::from_millis(500),
@@ -238,7 +238,7 @@ fn pipelined_io_with_verification_and_several_queues() {
         verify: true,
         seed: 7,
     };
-    let r = nvme_target::load::run_io(&c, &spec).unwrap();
+    let r = nvme_host::load::run_io(&c, &spec).unwrap();
     assert!(r.ops > 100, "{r}");
     assert_eq!((r.errors, r.verify_errors), (0, 0), "{r}");
     assert!(r.verified_chunks > 0);
@@ -277,7 +277,7 @@ fn initiator_follows_ana_flips_between_two_targets_of_one_volume() {
             stop.store(true, std::sync::atomic::Ordering::Release);
         })
     };
-    let r = nvme_target::load::run_failover(&paths, &host(), 8, 4096, 2 << 20, stop).unwrap();
+    let r = nvme_host::load::run_failover(&paths, &host(), 8, 4096, 2 << 20, stop).unwrap();
     flipper.join().unwrap();
     assert_eq!(r.lost_writes, 0, "{r}");
     assert!(r.writes_completed > 100, "{r}");
@@ -294,8 +294,8 @@ fn many_large_writes_in_flight_wait_for_r2t_budget() {
     let mut h = host();
     h.queue_depth = 32;
     let c = Controller::connect(t.local_addr(), &h).unwrap();
-    let spec = nvme_target::load::IoSpec {
-        rw: nvme_target::load::Rw::RandWrite,
+    let spec = nvme_host::load::IoSpec {
+        rw: nvme_host::load::Rw::RandWrite,
         block_bytes: 1 << 20,
         queue_depth: 32,
         duration: std::time::Duration::from_millis(300),
@@ -303,7 +303,7 @@ fn many_large_writes_in_flight_wait_for_r2t_budget() {
         verify: true,
         seed: 3,
     };
-    let r = nvme_target::load::run_io(&c, &spec).unwrap();
+    let r = nvme_host::load::run_io(&c, &spec).unwrap();
     assert!(r.ops >= 32, "{r}");
     assert_eq!((r.errors, r.verify_errors), (0, 0), "{r}");
     c.disconnect();

@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
+use nvme_host::initiator::Controller;
 use nvme_target::fuzz::{Harness, Stream, FUZZ_HOST};
-use nvme_target::initiator::Controller;
 use nvme_target::pdu::*;
 use nvme_target::spec::*;
 use std::sync::{Mutex, Once};
@@ -180,7 +180,7 @@ fn command_reusing_an_outstanding_aer_id_retires_the_aer() {
         .dw0 as u16;
     let mut s = Stream::new(PLAIN);
     s.connect(1, 1, cntlid, NQN, FUZZ_HOST);
-    let mut w = nvme_target::initiator::rw_sqe(IO_WRITE, 1, 0, 1, false);
+    let mut w = rw_sqe(IO_WRITE, 1, 0, 1, false);
     w.set_cid(5);
     s.cmd(w, &[], 512); // R2T sent, no data yet
     s.cmd(Sqe::new(IO_FLUSH, 5).tap_nsid(1), &[], 0);

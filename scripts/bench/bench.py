@@ -732,21 +732,26 @@ class Run:
             subprocess.run(["fallocate", "-l", str(1 << 30), img], check=False)
         return img
 
+    def nbd_peer(self, name, argv, port, target, url):
+        """One peer NBD server (`argv`, named `name`, listening on `port`)
+        through the workloads; its stderr goes to `name`.log."""
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(self.work, f"{name}.log"), "w"))
+        try:
+            if not wait_port(port):
+                raise RuntimeError(f"{name} did not start")
+            self.workloads(target, "peer", "nbd", url, lambda: {name: p.pid}, alive=lambda: p.poll() is None)
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(f"{name}: {e}")
+        finally:
+            stop_proc(p)
+
     def nbdkit(self):
         img = self.peer_image()
         log(f"peer: nbdkit file plugin on 127.0.0.1:{PEER_NBDKIT_PORT}")
-        p = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1",
-                              "--port", str(PEER_NBDKIT_PORT), "file", f"file={img}"],
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "nbdkit.log"), "w"))
-        try:
-            if not wait_port(PEER_NBDKIT_PORT):
-                raise RuntimeError("nbdkit did not start")
-            self.workloads("nbdkit file (NBD)", "peer", "nbd", f"nbd://127.0.0.1:{PEER_NBDKIT_PORT}/",
-                           lambda: {"nbdkit": p.pid}, alive=lambda: p.poll() is None)
-        except Exception as e:  # noqa: BLE001
-            self.failures.append(f"nbdkit: {e}")
-        finally:
-            stop_proc(p)
+        self.nbd_peer("nbdkit", ["nbdkit", "--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1",
+                                 "--port", str(PEER_NBDKIT_PORT), "file", f"file={img}"],
+                      PEER_NBDKIT_PORT, "nbdkit file (NBD)", f"nbd://127.0.0.1:{PEER_NBDKIT_PORT}/")
 
     def nvme_mem(self):
         """The NVMe/TCP target alone on an in-memory volume (`dm-nvme
@@ -774,18 +779,9 @@ class Run:
     def qemu_nbd(self):
         img = self.peer_image()
         log(f"peer: qemu-nbd on 127.0.0.1:{PEER_QEMU_PORT}")
-        p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(PEER_QEMU_PORT),
-                              "-x", "bench", "--persistent", "--shared=8", img],
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "qemu-nbd.log"), "w"))
-        try:
-            if not wait_port(PEER_QEMU_PORT):
-                raise RuntimeError("qemu-nbd did not start")
-            self.workloads("qemu-nbd (NBD)", "peer", "nbd", f"nbd://127.0.0.1:{PEER_QEMU_PORT}/bench",
-                           lambda: {"qemu-nbd": p.pid}, alive=lambda: p.poll() is None)
-        except Exception as e:  # noqa: BLE001
-            self.failures.append(f"qemu-nbd: {e}")
-        finally:
-            stop_proc(p)
+        self.nbd_peer("qemu-nbd", ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(PEER_QEMU_PORT),
+                                   "-x", "bench", "--persistent", "--shared=8", img],
+                      PEER_QEMU_PORT, "qemu-nbd (NBD)", f"nbd://127.0.0.1:{PEER_QEMU_PORT}/bench")
 
     def tgtd(self):
         img = self.peer_image()

@@ -436,6 +436,67 @@ fn fault_flushes() {
 }
 
 #[test]
+fn fault_fd_syncs_leave_device_flushes_alone() {
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
+    ctl.fail_fd_syncs(true);
+    assert_eq!(
+        run(&mut b, 1, BackendOp::SyncFd { fd }).result,
+        Err(libc::EIO)
+    );
+    assert_eq!(run(&mut b, 2, BackendOp::Flush).result, Ok(0));
+    assert_eq!(ctl.injected(), 1);
+    ctl.clear();
+    assert_eq!(run(&mut b, 3, BackendOp::SyncFd { fd }).result, Ok(0));
+}
+
+#[test]
+fn ready_completions_are_announced() {
+    // Inline and injected completions signal no fd: `has_ready` says the
+    // caller must reap instead of sleeping, and `wait` does not sleep.
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    assert!(!b.has_ready());
+    assert!(b.discard_reads_zeroes());
+    b.submit(1, BackendOp::Flush).unwrap();
+    assert!(b.has_ready());
+    let mut out = Vec::new();
+    assert_eq!(b.reap(&mut out), 1);
+    assert!(!b.has_ready());
+    assert!(!b.wait(&[], 0), "memory has no wait of its own");
+    ctl.fail_flushes(true);
+    b.submit(2, BackendOp::Flush).unwrap();
+    assert!(b.has_ready());
+    assert!(b.wait(&[], 10_000), "an injected failure is ready now");
+    assert_eq!(b.reap(&mut out), 1);
+    assert_eq!(out[1].result, Err(libc::EIO));
+
+    let dir = TempDir::new("ready-uring");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let mut u = UringBackend::open(&path, &UringConfig::default()).unwrap();
+    assert!(u.discard_reads_zeroes(), "a file reads discards as zeroes");
+    u.submit(
+        7,
+        BackendOp::Discard {
+            offset: 0,
+            len: 4096,
+        },
+    )
+    .unwrap();
+    assert!(
+        u.has_ready(),
+        "a synchronous discard is ready without the ring"
+    );
+    assert!(u.wait(&[], 10_000));
+    out.clear();
+    assert_eq!(u.reap(&mut out), 1);
+    assert!(!u.has_ready());
+}
+
+#[test]
 fn fault_backend_over_uring() {
     let dir = TempDir::new("fault-uring");
     let path = dir.join("dev");

@@ -176,6 +176,42 @@ pub trait Volume: Send + Sync + 'static {
 /// Upper bound of a replicated state blob, whatever the volume.
 pub const MAX_STATE_BYTES: usize = 64 << 10;
 
+/// A volume around another one, for tests that hold, count, check or delay
+/// requests: every request goes to [`Wrapper::take`], and the geometry,
+/// identity, path and request limit come from [`Wrapper::inner`] (the
+/// limit unless [`Wrapper::io_limit`] says otherwise). Such a volume keeps
+/// no replicated state blob.
+pub trait Wrapper: Send + Sync + 'static {
+    fn inner(&self) -> &dyn Volume;
+    /// A request to the wrapper; `done` is called exactly once.
+    fn take(&self, op: VolumeOp, done: Completion);
+    /// Largest single request in bytes.
+    fn io_limit(&self) -> u32 {
+        self.inner().max_io_bytes()
+    }
+}
+
+impl<W: Wrapper> Volume for W {
+    fn geometry(&self) -> Geometry {
+        self.inner().geometry()
+    }
+    fn identity(&self) -> VolumeIdentity {
+        self.inner().identity()
+    }
+    fn path_state(&self) -> PathState {
+        self.inner().path_state()
+    }
+    fn path_epoch(&self) -> u64 {
+        self.inner().path_epoch()
+    }
+    fn max_io_bytes(&self) -> u32 {
+        self.io_limit()
+    }
+    fn submit(&self, op: VolumeOp, done: Completion) {
+        self.take(op, done)
+    }
+}
+
 /// Submit and wait: a helper for front-end code paths that are not
 /// performance critical (and for tests).
 pub fn submit_wait(vol: &dyn Volume, op: VolumeOp) -> IoResult {
@@ -384,7 +420,7 @@ mod tests {
         v.path.set(PathState::Inaccessible);
         assert!(v.path_epoch() > e0);
         let put = |v: &MemVolume, b: Vec<u8>| {
-            let r = std::sync::Arc::new(Mutex::new(None));
+            let r = Arc::new(Mutex::new(None));
             let r2 = r.clone();
             v.put_persistent_state(b, Box::new(move |x| *r2.lock().unwrap() = Some(x)));
             let x = r.lock().unwrap().take().unwrap();

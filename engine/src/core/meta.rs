@@ -178,7 +178,7 @@ impl Meta {
         let mut dense = self.clone();
         dense.dirty.mark_all();
         dense.state = None;
-        dense.encode().len() + 256 * 24 + 8 * super::meta::MAX_FORCED + MAX_STATE_BYTES + 8
+        dense.encode().len() + 256 * 24 + 8 * MAX_FORCED + MAX_STATE_BYTES + 8
     }
 
     /// The dirty map goes out sparse (index, word pairs) when that is

@@ -2,9 +2,9 @@
 
 use super::*;
 
-/// Prepares a node's persistent state. Refuses an already formatted data
-/// directory unless `force`. `replace`: the disk is new and gets a full
-/// remirror from the peer.
+/// Prepares a node's persistent state for the volume at `opts.volume_path`.
+/// Refuses an already formatted data directory unless `force`. `replace`:
+/// the disk is new and gets a full remirror from the peer.
 pub fn format(
     opts: &NodeOptions,
     ring_bytes: u64,
@@ -12,20 +12,7 @@ pub fn format(
     force: bool,
     replace: bool,
 ) -> Result<(), String> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-        format!(
-            "cannot create node.data_dir {}: {e}",
-            opts.data_dir.display()
-        )
-    })?;
-    let mp = meta_path(&opts.data_dir);
-    if mp.exists() && !force {
-        return Err(format!(
-            "{} is already formatted (node metadata at {}); add --force to erase this node's ring and state",
-            opts.data_dir.display(),
-            mp.display()
-        ));
-    }
+    prepare_dir(opts, force)?;
     let dev = UringBackend::open(
         &opts.volume_path,
         &UringConfig {
@@ -41,6 +28,48 @@ pub fn format(
     })?;
     let size = dev.size_bytes();
     drop(dev);
+    format_with_size(opts, size, ring_bytes, role, force, replace)
+}
+
+/// Creates the data directory; refuses one already formatted unless `force`.
+fn prepare_dir(opts: &NodeOptions, force: bool) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        format!(
+            "cannot create node.data_dir {}: {e}",
+            opts.data_dir.display()
+        )
+    })?;
+    let mp = meta_path(&opts.data_dir);
+    if mp.exists() && !force {
+        return Err(format!(
+            "{} is already formatted (node metadata at {}); add --force to erase this node's ring and state",
+            opts.data_dir.display(),
+            mp.display()
+        ));
+    }
+    Ok(())
+}
+
+/// [`format`] for a volume of `volume_bytes` that is not at
+/// `opts.volume_path` (a node started with [`Node::start_on`] on another
+/// backend, e.g. in memory).
+pub fn format_with_size(
+    opts: &NodeOptions,
+    volume_bytes: u64,
+    ring_bytes: u64,
+    role: Role,
+    force: bool,
+    replace: bool,
+) -> Result<(), String> {
+    if volume_bytes == 0 {
+        return Err(format!(
+            "the volume for {} is 0 bytes: give it a size (volume.size_bytes) before formatting",
+            opts.data_dir.display()
+        ));
+    }
+    prepare_dir(opts, force)?;
+    let size = volume_bytes;
+    let mp = meta_path(&opts.data_dir);
     if force && mp.exists() {
         // The metadata store never overwrites itself: --force erases it.
         std::fs::remove_file(&mp)

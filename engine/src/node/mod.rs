@@ -1,5 +1,6 @@
 //! A running node: the reactor thread that drives the mirror core with
-//! real I/O (io_uring backend, memory-mapped ring, metadata store, TCP
+//! real I/O (a disk [`Backend`]: io_uring in the binary, any backend
+//! through [`Node::start_on`]; memory-mapped ring, metadata store, TCP
 //! link), and the `Volume` the front-ends export.
 //!
 //! One reactor thread, pinned to a configured core, owns the core, the
@@ -11,7 +12,8 @@
 //! modes: `busy` spins; `adaptive` spins for `adaptive_spin_us` after the
 //! last work, then sleeps inside the backend's io_uring_enter (with a
 //! timeout), with one-shot polls armed on the mailbox, link, socket and
-//! hosted connection-reactor fds: one system call per sleep.
+//! hosted connection-reactor fds: one system call per sleep (a backend
+//! without a ring of its own sleeps in poll(2) on the same fds).
 //!
 //! Files: `format.rs` (a new data directory), `ring_log.rs` (the ring as
 //! the core's `Log`), `node_volume.rs` (the `Volume` the front-ends export
@@ -57,7 +59,7 @@ mod ring_log;
 pub mod standalone;
 mod state;
 
-pub use format::format;
+pub use format::{format, format_with_size};
 use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
@@ -168,10 +170,24 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the node's state and starts its reactor and link.
+    /// Opens the node's state and starts its reactor and link, on the
+    /// io_uring backend over `opts.volume_path`.
     pub fn start(opts: NodeOptions) -> Result<Node, String> {
         standalone::check_not_standalone(&opts.data_dir)?;
         let backend = Self::open_backend(&opts)?;
+        Self::start_with(opts, backend)
+    }
+
+    /// [`Node::start`] on a disk backend of the caller's choice (memory,
+    /// fault injection); `opts.volume_path` and `opts.queue_depth` are then
+    /// unused. The data directory must be formatted for the backend's size
+    /// ([`format_with_size`]).
+    pub fn start_on<B: Backend + 'static>(opts: NodeOptions, backend: B) -> Result<Node, String> {
+        standalone::check_not_standalone(&opts.data_dir)?;
+        Self::start_with(opts, backend)
+    }
+
+    fn start_with<B: Backend + 'static>(opts: NodeOptions, backend: B) -> Result<Node, String> {
         let (mut store, meta_bytes) = MetaStore::open(&meta_path(&opts.data_dir)).map_err(|e| {
             format!(
                 "cannot open the node metadata in {}: {e} (run `deltamirror format` first?)",
@@ -300,6 +316,14 @@ impl Node {
     /// unmirrored baseline). See [`standalone`].
     pub fn start_standalone(opts: NodeOptions) -> Result<Node, String> {
         let backend = Self::open_backend(&opts)?;
+        Self::start_standalone_on(opts, backend)
+    }
+
+    /// [`Node::start_standalone`] on a disk backend of the caller's choice.
+    pub fn start_standalone_on<B: Backend + 'static>(
+        opts: NodeOptions,
+        backend: B,
+    ) -> Result<Node, String> {
         standalone::leave_marker(&opts.data_dir)?;
         let size = backend.size_bytes();
         let shared = Arc::new(Shared {

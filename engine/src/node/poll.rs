@@ -66,17 +66,22 @@ pub(super) fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
     drop(hosted);
 }
 
-/// Sleeps for at most `timeout_ms` inside the backend's io_uring_enter
-/// until a backend operation completes or one of `fds` is ready, then
-/// drains those of the eventfds `drain` that were written. One system
-/// call; a poll(2) on the fds and the backend's eventfd only if the ring
-/// had no room for the polls.
-pub(super) fn sleep_on(
-    backend: &mut UringBackend,
+/// Sleeps for at most `timeout_ms` until a backend operation completes or
+/// one of `fds` is ready, then drains those of the eventfds `drain` that
+/// were written. With io_uring the sleep is inside the backend's
+/// io_uring_enter: one system call. A poll(2) on the fds and the backend's
+/// `wait_fd` only for a backend without a wait of its own (memory, faults
+/// over memory) or when the ring had no room for the polls. No sleep at
+/// all while the backend holds completions that signal no fd.
+pub(super) fn sleep_on<B: Backend>(
+    backend: &mut B,
     fds: &[(RawFd, bool)],
     drain: &[&EventFd],
     timeout_ms: u64,
 ) {
+    if backend.has_ready() {
+        return;
+    }
     if backend.wait(fds, timeout_ms) {
         // Drain only the eventfds that were written: no read on the rest.
         for e in drain {

@@ -1,5 +1,6 @@
 //! The mirror reactor: one pinned thread that drives the core with real
-//! I/O (the io_uring backend, the ring, the replication socket).
+//! I/O (its backend, io_uring in production; the ring; the replication
+//! socket).
 
 use super::*;
 
@@ -11,7 +12,7 @@ mod link_io;
 pub(super) struct Overflow(VecDeque<(usize, BackendOp)>);
 
 impl Overflow {
-    pub(super) fn submit(&mut self, backend: &mut UringBackend, tag: usize, op: BackendOp) {
+    pub(super) fn submit(&mut self, backend: &mut impl Backend, tag: usize, op: BackendOp) {
         if !self.0.is_empty() {
             self.0.push_back((tag, op));
         } else if let Err(op) = backend.submit(tag as u64, op) {
@@ -19,7 +20,7 @@ impl Overflow {
         }
     }
 
-    pub(super) fn retry(&mut self, backend: &mut UringBackend) {
+    pub(super) fn retry(&mut self, backend: &mut impl Backend) {
         while let Some((tag, op)) = self.0.pop_front() {
             if let Err(op) = backend.submit(tag as u64, op) {
                 self.0.push_front((tag, op));
@@ -49,11 +50,13 @@ pub(super) struct PendingHost {
     pub(super) is_write: bool,
 }
 
-pub(super) struct Reactor {
+/// The mirror reactor over its disk backend `B` (`UringBackend` in the
+/// binary; any [`Backend`] in tests).
+pub(super) struct Reactor<B: Backend> {
     pub(super) opts: NodeOptions,
     pub(super) shared: Arc<Shared>,
     pub(super) core: Core<RingLog>,
-    pub(super) backend: UringBackend,
+    pub(super) backend: B,
     pub(super) meta: MetaWriter,
     pub(super) link: LinkManager,
     /// The replication connection (TCP or fabric: [`crate::link::Transport`]).
@@ -83,14 +86,16 @@ pub(super) struct Reactor {
     pub(super) bytes_sent: u64,
     pub(super) bytes_received: u64,
     pub(super) peer_refused: Option<String>,
+    /// The node failed and left the replication link ([`Reactor::leave_link`]).
+    pub(super) link_left: bool,
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn new(
         opts: NodeOptions,
         shared: Arc<Shared>,
         core: Core<RingLog>,
-        backend: UringBackend,
+        backend: B,
         store: MetaStore,
         link: LinkManager,
         start: Instant,
@@ -128,6 +133,7 @@ impl Reactor {
             bytes_sent: 0,
             bytes_received: 0,
             peer_refused: None,
+            link_left: false,
         }
     }
 
@@ -141,7 +147,7 @@ impl Reactor {
     }
 }
 
-impl Polled for Reactor {
+impl<B: Backend> Polled for Reactor<B> {
     fn shared(&self) -> &Shared {
         &self.shared
     }
@@ -177,7 +183,9 @@ impl Polled for Reactor {
         did |= self.take_meta();
         did |= self.take_host_ops();
         did |= self.take_state_ops();
-        did |= self.take_link();
+        if !self.leave_link() {
+            did |= self.take_link();
+        }
         did |= self.read_socket();
         did |= self.reap_backend();
         self.core.poll();
@@ -195,7 +203,33 @@ impl Polled for Reactor {
     }
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
+    /// A failed node leaves the replication link for good; returns whether
+    /// it has failed. Its core would otherwise greet every new connection
+    /// and send heartbeats as the primary or backup it was: the backup of a
+    /// failed primary would see a connected primary and refuse `promote`,
+    /// and the primary of a failed backup would never see its peer go, so
+    /// never degrade, and its host writes would wait. The socket closes,
+    /// the link manager stops dialing and accepting (the peer then sees a
+    /// closed link and, after `peer_timeout_ms`, a gone one), and a
+    /// connection it set up meanwhile is closed unused. A restart, once the
+    /// disk is fixed, starts a new link.
+    pub(super) fn leave_link(&mut self) -> bool {
+        if self.core.failed().is_none() {
+            return false;
+        }
+        if !self.link_left {
+            self.link_left = true;
+            log::error!("the node failed: leaving the replication link so the peer can take over");
+            self.link.stop();
+            self.close_socket();
+        }
+        while let Some(mut c) = self.link.take() {
+            c.close();
+        }
+        true
+    }
+
     /// Metadata writes that the writer thread finished.
     pub(super) fn take_meta(&mut self) -> bool {
         let mut did = false;
@@ -372,7 +406,7 @@ impl Reactor {
     }
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn submit(&mut self, what: Inflight, op: BackendOp) {
         let now = Instant::now();
         let tag = match self.free_tags.pop() {
@@ -540,10 +574,12 @@ impl Reactor {
                     },
                     // BLKDISCARD does not promise zeroes: both disks must read
                     // the same, so block devices zero the range instead.
-                    ReqKind::Discard if self.backend.is_block_device() => BackendOp::WriteZeroes {
-                        offset: h.offset,
-                        len: h.len,
-                    },
+                    ReqKind::Discard if !self.backend.discard_reads_zeroes() => {
+                        BackendOp::WriteZeroes {
+                            offset: h.offset,
+                            len: h.len,
+                        }
+                    }
                     ReqKind::Discard => BackendOp::Discard {
                         offset: h.offset,
                         len: h.len,

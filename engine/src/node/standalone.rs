@@ -1,12 +1,13 @@
 //! Standalone mode: one node serving its volume with no peer, no ring and
 //! no mirroring — the unmirrored baseline (`deltamirror serve --standalone`).
 //!
-//! Host I/O goes from the mailbox straight to the io_uring backend on one
-//! pinned reactor thread, with the same poll modes as a mirrored node. The
-//! writes bypass the ring, so the peer can no longer be brought up to date
-//! by a replay: starting standalone leaves a marker file in the data
-//! directory, and a mirrored start refuses to run until the operator has
-//! reformatted one side (see [`check_not_standalone`]).
+//! Host I/O goes from the mailbox straight to the backend (io_uring in the
+//! binary, any [`Backend`] in tests) on one pinned reactor thread, with the
+//! same poll modes as a mirrored node. The writes bypass the ring, so the
+//! peer can no longer be brought up to date by a replay: starting
+//! standalone leaves a marker file in the data directory, and a mirrored
+//! start refuses to run until the operator has reformatted one side (see
+//! [`check_not_standalone`]).
 
 use std::fs::File;
 use std::os::unix::io::RawFd;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use storage::backend::uring::UringBackend;
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{Completion, IoError, PathState, VolumeOp};
 
@@ -75,10 +75,10 @@ enum Kind {
     Other,
 }
 
-pub(super) struct Standalone {
+pub(super) struct Standalone<B: Backend> {
     opts: NodeOptions,
     shared: Arc<Shared>,
-    backend: UringBackend,
+    backend: B,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     overflow: Overflow,
@@ -91,8 +91,8 @@ pub(super) struct Standalone {
     last_status_ms: u64,
 }
 
-impl Standalone {
-    pub(super) fn new(opts: NodeOptions, shared: Arc<Shared>, backend: UringBackend) -> Self {
+impl<B: Backend> Standalone<B> {
+    pub(super) fn new(opts: NodeOptions, shared: Arc<Shared>, backend: B) -> Self {
         let hist = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         Standalone {
             opts,
@@ -125,7 +125,7 @@ impl Standalone {
     }
 }
 
-impl Polled for Standalone {
+impl<B: Backend> Polled for Standalone<B> {
     fn shared(&self) -> &Shared {
         &self.shared
     }
@@ -156,7 +156,7 @@ impl Polled for Standalone {
     }
 }
 
-impl Standalone {
+impl<B: Backend> Standalone<B> {
     fn take_commands(&mut self) -> bool {
         let shared = self.shared.clone();
         shared.answer_commands(|cmd| match cmd {
@@ -207,7 +207,7 @@ impl Standalone {
                 ),
                 // Discard follows the mirrored node's rule (block devices
                 // zero the range so reads stay defined).
-                VolumeOp::Discard { offset, len } if self.backend.is_block_device() => (
+                VolumeOp::Discard { offset, len } if !self.backend.discard_reads_zeroes() => (
                     Kind::Other,
                     Vec::new(),
                     BackendOp::WriteZeroes { offset, len },

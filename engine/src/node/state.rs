@@ -22,6 +22,7 @@ use volume::{Completion, IoError};
 
 use super::{PendingHost, Reactor};
 use crate::core::Role;
+use storage::Backend;
 
 pub(super) struct StateOp {
     blob: Vec<u8>,
@@ -129,7 +130,7 @@ fn write_atomically(path: &Path, blob: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     /// Hands queued state updates to the core (as State REQs).
     pub(super) fn take_state_ops(&mut self) -> bool {
         let ops: Vec<StateOp> = {

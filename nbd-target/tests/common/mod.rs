@@ -13,17 +13,7 @@ use volume::MemVolume;
 pub const EXPORT: &str = "vol0";
 
 pub fn serve(vol: &Arc<MemVolume>) -> NbdServer {
-    let _ = env_logger::builder().is_test(true).try_init();
-    start(
-        NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: "deltamirror test volume".into(),
-            max_connections: 8,
-        },
-        vol.clone(),
-    )
-    .unwrap()
+    serve_dyn(vol.clone())
 }
 
 pub struct Client {
@@ -278,37 +268,31 @@ impl AsyncVolume {
     }
 }
 
-impl volume::Volume for AsyncVolume {
-    fn geometry(&self) -> volume::Geometry {
-        self.inner.geometry()
+impl volume::Wrapper for AsyncVolume {
+    fn inner(&self) -> &dyn volume::Volume {
+        &*self.inner
     }
-    fn identity(&self) -> volume::VolumeIdentity {
-        self.inner.identity()
-    }
-    fn path_state(&self) -> volume::PathState {
-        self.inner.path_state()
-    }
-    fn path_epoch(&self) -> u64 {
-        self.inner.path_epoch()
-    }
-    fn max_io_bytes(&self) -> u32 {
-        self.inner.max_io_bytes()
-    }
-    fn submit(&self, op: volume::VolumeOp, done: volume::Completion) {
+    fn take(&self, op: volume::VolumeOp, done: volume::Completion) {
         let _ = self.queue.lock().unwrap().send((op, done));
     }
 }
 
 pub fn serve_dyn(vol: Arc<dyn volume::Volume>) -> NbdServer {
+    serve_with(vol, 8)
+}
+
+/// The loopback configuration the tests serve with: export [`EXPORT`] on
+/// an ephemeral port, at most `max_connections` clients.
+pub fn config(max_connections: usize) -> NbdConfig {
+    NbdConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        export_name: EXPORT.into(),
+        description: "deltamirror test volume".into(),
+        max_connections,
+    }
+}
+
+pub fn serve_with(vol: Arc<dyn volume::Volume>, max_connections: usize) -> NbdServer {
     let _ = env_logger::builder().is_test(true).try_init();
-    start(
-        NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            export_name: EXPORT.into(),
-            description: "deltamirror test volume".into(),
-            max_connections: 8,
-        },
-        vol,
-    )
-    .unwrap()
+    start(config(max_connections), vol).unwrap()
 }

@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 //! Shared helpers for the end-to-end tests.
 
-use nvme_target::initiator::{Controller, HostConfig};
+use nvme_host::initiator::{Controller, HostConfig};
 use nvme_target::{start, NvmeConfig, NvmeTarget};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

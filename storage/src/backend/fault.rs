@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Which operations the countdown and byte-range faults apply to. Flushes
-/// have their own switch ([`FaultControl::fail_flushes`]).
+/// have their own switches ([`FaultControl::fail_flushes`],
+/// [`FaultControl::fail_fd_syncs`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOps {
     /// Every operation, flushes included.
@@ -36,6 +37,7 @@ pub struct FaultControl {
     range_end: AtomicU64,
     ops: AtomicU8,
     fail_flushes: AtomicBool,
+    fail_fd_syncs: AtomicBool,
     injected: AtomicU64,
 }
 
@@ -47,6 +49,7 @@ impl Default for FaultControl {
             range_end: AtomicU64::new(0),
             ops: AtomicU8::new(0),
             fail_flushes: AtomicBool::new(false),
+            fail_fd_syncs: AtomicBool::new(false),
             injected: AtomicU64::new(0),
         }
     }
@@ -89,6 +92,13 @@ impl FaultControl {
         self.fail_flushes.store(on, Ordering::SeqCst);
     }
 
+    /// Make SyncFd fail (or succeed again) and leave Flush alone: the flush
+    /// of another file through this backend (a mirror node's ring) fails
+    /// while the device's own flushes still work.
+    pub fn fail_fd_syncs(&self, on: bool) {
+        self.fail_fd_syncs.store(on, Ordering::SeqCst);
+    }
+
     /// Disarm every fault (the injected-fault counter is kept).
     pub fn clear(&self) {
         self.countdown.store(COUNTDOWN_OFF, Ordering::SeqCst);
@@ -96,6 +106,7 @@ impl FaultControl {
         self.range_start.store(0, Ordering::SeqCst);
         self.ops.store(0, Ordering::SeqCst);
         self.fail_flushes.store(false, Ordering::SeqCst);
+        self.fail_fd_syncs.store(false, Ordering::SeqCst);
     }
 
     /// Operations failed so far.
@@ -115,6 +126,9 @@ impl FaultControl {
     fn should_fail(&self, op: &BackendOp) -> bool {
         let is_flush = matches!(op, BackendOp::Flush | BackendOp::SyncFd { .. });
         if is_flush && self.fail_flushes.load(Ordering::SeqCst) {
+            return true;
+        }
+        if matches!(op, BackendOp::SyncFd { .. }) && self.fail_fd_syncs.load(Ordering::SeqCst) {
             return true;
         }
         if !self.selected(op) {
@@ -212,5 +226,25 @@ impl<B: Backend> Backend for FaultBackend<B> {
 
     fn wait_fd(&self) -> Option<RawFd> {
         self.inner.wait_fd()
+    }
+
+    fn has_ready(&self) -> bool {
+        !self.failed.is_empty() || self.inner.has_ready()
+    }
+
+    fn discard_reads_zeroes(&self) -> bool {
+        self.inner.discard_reads_zeroes()
+    }
+
+    fn wait(&mut self, fds: &[(RawFd, bool)], timeout_ms: u64) -> bool {
+        // Injected failures are ready now: no sleep, nothing fired.
+        if !self.failed.is_empty() {
+            return true;
+        }
+        self.inner.wait(fds, timeout_ms)
+    }
+
+    fn take_fired(&mut self, fd: RawFd) -> bool {
+        self.inner.take_fired(fd)
     }
 }

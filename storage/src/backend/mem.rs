@@ -118,4 +118,12 @@ impl Backend for MemBackend {
     fn wait_fd(&self) -> Option<RawFd> {
         None
     }
+
+    fn has_ready(&self) -> bool {
+        !self.done.is_empty()
+    }
+
+    fn discard_reads_zeroes(&self) -> bool {
+        true
+    }
 }

@@ -16,8 +16,12 @@
 //! Waking up: completions that are ready without the kernel (in-memory
 //! backend, injected faults, validation errors, synchronous discard) are
 //! returned by the next [`Backend::reap`] and do not signal
-//! [`Backend::wait_fd`]. A reactor therefore reaps after submitting and only
-//! sleeps on `wait_fd` when `reap` returned nothing and `in_flight() > 0`.
+//! [`Backend::wait_fd`]; [`Backend::has_ready`] tells whether some are
+//! waiting. A reactor therefore reaps after submitting and only sleeps when
+//! `has_ready()` is false. A backend with a ring of its own (io_uring) can
+//! host the whole sleep ([`Backend::wait`]: its completions and the caller's
+//! fds in one system call); the others leave it to the caller's poll(2) on
+//! its fds and `wait_fd`.
 
 pub mod aligned;
 pub mod fault;
@@ -97,6 +101,32 @@ pub trait Backend: Send {
     /// (an eventfd), so an idle reactor can sleep in poll(2). `None` for
     /// backends that complete inline.
     fn wait_fd(&self) -> Option<RawFd>;
+    /// Completions produced without the kernel (inline, injected, refused)
+    /// are waiting for [`Backend::reap`]: they signal no fd, so the caller
+    /// must not sleep.
+    fn has_ready(&self) -> bool;
+    /// Whether a `Discard` reads back as zeroes afterwards (files and memory
+    /// do; a block device's BLKDISCARD promises nothing), so a mirror that
+    /// needs both disks identical turns discards into `WriteZeroes` where it
+    /// does not.
+    fn discard_reads_zeroes(&self) -> bool;
+    /// Sleeps inside the backend's own wait until one of its operations
+    /// completes, one of `fds` is ready (`(fd, also_writable)`: readable,
+    /// and writable too when asked) or `timeout_ms` passes: one system call
+    /// for the device and the caller's fds. Returns false without sleeping
+    /// when the backend cannot (it has no ring of its own, or no room for
+    /// the polls now): the caller then sleeps in poll(2) on `fds` and
+    /// [`Backend::wait_fd`]. Returns true at once if completions are ready.
+    fn wait(&mut self, fds: &[(RawFd, bool)], timeout_ms: u64) -> bool {
+        let _ = (fds, timeout_ms);
+        false
+    }
+    /// After a [`Backend::wait`] that returned true: whether `fd` was seen
+    /// ready since the last call (an eventfd that then needs draining).
+    fn take_fired(&mut self, fd: RawFd) -> bool {
+        let _ = fd;
+        false
+    }
 }
 
 impl BackendOp {

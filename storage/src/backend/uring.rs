@@ -95,14 +95,14 @@ pub struct UringBackend {
     ready: VecDeque<BackendCompletion>,
     /// Allocated on first use of the write-zeroes fallback.
     zero_buf: Option<AlignedBuf>,
-    /// One-shot polls [`UringBackend::wait`] armed and whose completion has
+    /// One-shot polls [`Backend::wait`] armed and whose completion has
     /// not been reaped: (fd, events).
     armed_polls: Vec<(RawFd, u32)>,
-    /// Fds whose poll fired since [`UringBackend::take_fired`] last asked.
+    /// Fds whose poll fired since [`Backend::take_fired`] last asked.
     fired_polls: Vec<RawFd>,
 }
 
-/// user_data of the poll entries [`UringBackend::wait`] arms: the top bit
+/// user_data of the poll entries [`Backend::wait`] arms: the top bit
 /// set (slot indices never reach it), the fd and the poll events below.
 const POLL_TAG: u64 = 1 << 63;
 
@@ -494,68 +494,6 @@ impl UringBackend {
     }
 }
 
-impl UringBackend {
-    /// Sleeps inside io_uring_enter until one of the backend's operations
-    /// completes, one of `fds` is ready (`(fd, also_writable)`: readable,
-    /// and writable too when asked) or `timeout_ms` passes: one system call
-    /// instead of a poll(2) over eventfds. The polls are one-shot and stay
-    /// armed until they fire; their completions are consumed by `reap`.
-    /// Returns false (without sleeping) if the submission queue had no room
-    /// for the polls: the caller then sleeps some other way.
-    pub fn wait(&mut self, fds: &[(RawFd, bool)], timeout_ms: u64) -> bool {
-        if !self.ring.completion().is_empty() || !self.ready.is_empty() {
-            return true;
-        }
-        for &(fd, writable) in fds {
-            let events = (libc::POLLIN | if writable { libc::POLLOUT } else { 0 }) as u32;
-            if self.armed_polls.contains(&(fd, events)) {
-                continue;
-            }
-            let e = opcode::PollAdd::new(types::Fd(fd), events)
-                .build()
-                .user_data(poll_tag(fd, events));
-            // SAFETY: a poll entry points at no memory of ours.
-            if unsafe { self.ring.submission().push(&e) }.is_err() {
-                self.flush_submissions();
-                // SAFETY: as above.
-                if unsafe { self.ring.submission().push(&e) }.is_err() {
-                    return false;
-                }
-            }
-            self.armed_polls.push((fd, events));
-        }
-        let ts = types::Timespec::from(Duration::from_millis(timeout_ms));
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) => {}
-            Err(e) => log::warn!("io_uring_enter (wait) failed: {e}"),
-        }
-        // Take what woke us now, so the caller can tell which fds fired.
-        let mut done = Vec::new();
-        self.reap_kernel(&mut done);
-        self.ready.extend(done);
-        true
-    }
-
-    /// Whether a poll that [`UringBackend::wait`] armed on `fd` fired since
-    /// the last call (e.g. an eventfd that then needs draining: without it
-    /// no read system call is spent on an eventfd nobody wrote).
-    pub fn take_fired(&mut self, fd: RawFd) -> bool {
-        match self.fired_polls.iter().position(|&f| f == fd) {
-            Some(i) => {
-                self.fired_polls.swap_remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 impl Backend for UringBackend {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -626,6 +564,71 @@ impl Backend for UringBackend {
 
     fn wait_fd(&self) -> Option<RawFd> {
         Some(self.eventfd.as_raw_fd())
+    }
+
+    fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    fn discard_reads_zeroes(&self) -> bool {
+        self.kind == DeviceKind::File
+    }
+
+    /// Sleeps inside io_uring_enter: one system call instead of a poll(2)
+    /// over eventfds. The polls are one-shot and stay armed until they fire;
+    /// their completions are consumed by `reap`. Returns false (without
+    /// sleeping) if the submission queue had no room for the polls.
+    fn wait(&mut self, fds: &[(RawFd, bool)], timeout_ms: u64) -> bool {
+        if !self.ring.completion().is_empty() || !self.ready.is_empty() {
+            return true;
+        }
+        for &(fd, writable) in fds {
+            let events = (libc::POLLIN | if writable { libc::POLLOUT } else { 0 }) as u32;
+            if self.armed_polls.contains(&(fd, events)) {
+                continue;
+            }
+            let e = opcode::PollAdd::new(types::Fd(fd), events)
+                .build()
+                .user_data(poll_tag(fd, events));
+            // SAFETY: a poll entry points at no memory of ours.
+            if unsafe { self.ring.submission().push(&e) }.is_err() {
+                self.flush_submissions();
+                // SAFETY: as above.
+                if unsafe { self.ring.submission().push(&e) }.is_err() {
+                    return false;
+                }
+            }
+            self.armed_polls.push((fd, events));
+        }
+        let ts = types::Timespec::from(Duration::from_millis(timeout_ms));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => log::warn!("io_uring_enter (wait) failed: {e}"),
+        }
+        // Take what woke us now, so the caller can tell which fds fired.
+        let mut done = Vec::new();
+        self.reap_kernel(&mut done);
+        self.ready.extend(done);
+        true
+    }
+
+    /// Whether a poll that [`Backend::wait`] armed on `fd` fired since
+    /// the last call (e.g. an eventfd that then needs draining: without it
+    /// no read system call is spent on an eventfd nobody wrote).
+    fn take_fired(&mut self, fd: RawFd) -> bool {
+        match self.fired_polls.iter().position(|&f| f == fd) {
+            Some(i) => {
+                self.fired_polls.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Reactor {
+impl<B: Backend> Reactor<B> {
     pub(super) fn take_link(&mut self) -> bool {
         let Some(c) = self.link.take() else {
             return false;

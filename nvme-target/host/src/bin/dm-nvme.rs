@@ -3,8 +3,8 @@
 //! verification, and a multipath failover run that follows ANA.
 
 use clap::{Parser, Subcommand};
-use nvme_target::initiator::{Controller, HostConfig};
-use nvme_target::load::{run_failover, run_io, IoSpec, Rw};
+use nvme_host::initiator::{Controller, HostConfig};
+use nvme_host::load::{run_failover, run_io, IoSpec, Rw};
 use nvme_target::pdu::Digests;
 use nvme_target::spec::{ANA_INACCESSIBLE, ANA_NON_OPTIMIZED, ANA_OPTIMIZED, DISCOVERY_NQN};
 use std::net::SocketAddr;

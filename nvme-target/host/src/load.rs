@@ -2,9 +2,11 @@
 //! latency histogram and data verification, and a multipath failover run
 //! that follows ANA and proves no completed write was lost.
 
-use crate::initiator::{rw_sqe, Completion, Controller, HostConfig, HostError, HostResult};
-use crate::spec::*;
+use crate::initiator::{Completion, Controller, HostConfig, HostError, HostResult};
 use hdrhistogram::Histogram;
+use nvme_target::fuzz::Rng;
+use nvme_target::pdu::rw_sqe;
+use nvme_target::spec::*;
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,24 +87,6 @@ impl std::fmt::Display for IoReport {
             self.verify_errors,
             self.verified_chunks
         )
-    }
-}
-
-/// Deterministic xorshift64* generator.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
     }
 }
 

@@ -6,8 +6,8 @@
 //! responses to commands by CID, answers R2Ts with H2CData, collects
 //! C2HData and runs the command's callback.
 
-use crate::pdu::*;
-use crate::spec::*;
+use nvme_target::pdu::*;
+use nvme_target::spec::*;
 use std::collections::HashMap;
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -592,16 +592,6 @@ pub struct Controller {
     pub ns: Option<NsInfo>,
     ka_stop: Arc<AtomicBool>,
     ka: Option<JoinHandle<()>>,
-}
-
-/// Builds a Read / Write / Write Zeroes SQE.
-pub fn rw_sqe(opcode: u8, nsid: u32, slba: u64, nlb: u32, fua: bool) -> Sqe {
-    let mut s = Sqe::new(opcode, 0);
-    s.set_nsid(nsid);
-    s.set_cdw(10, slba as u32);
-    s.set_cdw(11, (slba >> 32) as u32);
-    s.set_cdw(12, (nlb - 1) | if fua { 1 << 30 } else { 0 });
-    s
 }
 
 impl Controller {
