@@ -2,7 +2,7 @@
  * A thin C shim over libfabric for the Rust binding (src/sys.rs).
  *
  * Most of libfabric's calls are static inline functions in its headers, so
- * Rust cannot link to them; each is wrapped here in a plain function, and
+ * Rust cannot call them; each is wrapped here in a plain function, and
  * the few structures the binding reads (fi_info, completion entries, CM
  * events) are copied into flat ones. No policy lives here: every choice
  * (provider, sizes, keys) comes from the caller.
@@ -14,13 +14,72 @@
 #include <rdma/fi_eq.h>
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
+#include <dlfcn.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
 #define DMF_VERSION FI_VERSION(1, 17)
+
+/*
+ * libfabric is loaded with dlopen on first use, not linked: Debian's build
+ * links the PSM libraries, whose constructors install SIGABRT/SIGSEGV
+ * handlers that print a backtrace and exit(1), which would turn the
+ * binary's deliberate abort on a broken invariant into a plain exit even
+ * when the fabric link is not configured. The handlers in force before the
+ * load are put back after it. Only five functions are real exports; every
+ * other call goes through the objects' operation tables.
+ */
+static int (*p_getinfo)(uint32_t, const char *, const char *, uint64_t, const struct fi_info *,
+                        struct fi_info **);
+static void (*p_freeinfo)(struct fi_info *);
+static struct fi_info *(*p_dupinfo)(const struct fi_info *);
+static int (*p_fabric)(struct fi_fabric_attr *, struct fid_fabric **, void *);
+static const char *(*p_strerror)(int);
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+static int loaded;
+static char load_error[256];
+
+/* Loads libfabric.so.1 once. Returns 0, or -1 with the reason in err. */
+int dmf_load(char *err, size_t errlen)
+{
+    static const int sigs[] = {SIGABRT, SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+    struct sigaction old[sizeof(sigs) / sizeof(sigs[0])];
+    pthread_mutex_lock(&load_lock);
+    if (!loaded) {
+        for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+            sigaction(sigs[i], NULL, &old[i]);
+        void *h = dlopen("libfabric.so.1", RTLD_NOW | RTLD_LOCAL);
+        for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+            sigaction(sigs[i], &old[i], NULL);
+        if (!h) {
+            snprintf(load_error, sizeof(load_error), "%s", dlerror());
+            loaded = -1;
+        } else {
+            p_getinfo = dlsym(h, "fi_getinfo");
+            p_freeinfo = dlsym(h, "fi_freeinfo");
+            p_dupinfo = dlsym(h, "fi_dupinfo");
+            p_fabric = dlsym(h, "fi_fabric");
+            p_strerror = dlsym(h, "fi_strerror");
+            if (p_getinfo && p_freeinfo && p_dupinfo && p_fabric && p_strerror) {
+                loaded = 1;
+            } else {
+                snprintf(load_error, sizeof(load_error), "libfabric.so.1 lacks fi_getinfo/fi_fabric");
+                loaded = -1;
+            }
+        }
+    }
+    int r = loaded == 1 ? 0 : -1;
+    if (r)
+        snprintf(err, errlen, "%s", load_error);
+    pthread_mutex_unlock(&load_lock);
+    return r;
+}
 
 /* What the binding needs to know of a chosen fi_info. */
 struct dmf_info_attrs {
@@ -57,7 +116,7 @@ struct dmf_cm_event {
 int dmf_getinfo(const char *prov, const char *node, const char *service, int source,
                 struct fi_info **out)
 {
-    struct fi_info *hints = fi_allocinfo();
+    struct fi_info *hints = p_dupinfo(NULL);
     if (!hints)
         return -FI_ENOMEM;
     hints->ep_attr->type = FI_EP_MSG;
@@ -72,12 +131,12 @@ int dmf_getinfo(const char *prov, const char *node, const char *service, int sou
     hints->domain_attr->control_progress = FI_PROGRESS_MANUAL;
     hints->tx_attr->msg_order = FI_ORDER_SAS | FI_ORDER_WAW | FI_ORDER_SAW;
     hints->fabric_attr->prov_name = strdup(prov);
-    int r = fi_getinfo(DMF_VERSION, node, service, source ? FI_SOURCE : 0, hints, out);
-    fi_freeinfo(hints);
+    int r = p_getinfo(DMF_VERSION, node, service, source ? FI_SOURCE : 0, hints, out);
+    p_freeinfo(hints);
     return r;
 }
 
-void dmf_info_free(struct fi_info *info) { fi_freeinfo(info); }
+void dmf_info_free(struct fi_info *info) { p_freeinfo(info); }
 
 void dmf_info_attrs(const struct fi_info *i, struct dmf_info_attrs *a)
 {
@@ -90,11 +149,14 @@ void dmf_info_attrs(const struct fi_info *i, struct dmf_info_attrs *a)
     a->tx_size = i->tx_attr->size;
 }
 
-const char *dmf_strerror(int err) { return fi_strerror(err); }
+const char *dmf_strerror(int err)
+{
+    return p_strerror ? p_strerror(err) : "libfabric is not loaded";
+}
 
 int dmf_fabric(struct fi_info *info, struct fid_fabric **out)
 {
-    return fi_fabric(info->fabric_attr, out, NULL);
+    return p_fabric(info->fabric_attr, out, NULL);
 }
 
 int dmf_domain(struct fid_fabric *f, struct fi_info *info, struct fid_domain **out)
@@ -230,7 +292,7 @@ int dmf_eq_read(struct fid_eq *eq, int timeout_ms, struct dmf_cm_event *ev)
         memcpy(ev->data, buf.data, dl);
         ev->data_len = (uint32_t)dl;
     } else if (event == FI_CONNECTED && buf.e.info) {
-        fi_freeinfo(buf.e.info);
+        p_freeinfo(buf.e.info);
     }
     return 1;
 }

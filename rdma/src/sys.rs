@@ -41,6 +41,7 @@ struct RawCmEvent {
 }
 
 extern "C" {
+    fn dmf_load(err: *mut c_char, errlen: usize) -> c_int;
     fn dmf_getinfo(
         prov: *const c_char,
         node: *const c_char,
@@ -234,6 +235,22 @@ owned!(
 owned!(Ep, "A connected message endpoint (`fi_endpoint`).");
 owned!(Mr, "A memory registration (`fi_mr_reg`).");
 
+/// Loads libfabric (`libfabric.so.1`) once; every entry point of this crate
+/// goes through [`Info::get`], which calls this first.
+pub fn load() -> Result<(), String> {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: the shim writes at most buf.len() bytes, NUL-terminated.
+    let r = unsafe { dmf_load(buf.as_mut_ptr(), buf.len()) };
+    if r == 0 {
+        return Ok(());
+    }
+    // SAFETY: dmf_load NUL-terminated the message in buf.
+    let why = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    Err(format!(
+        "cannot load libfabric ({why}): install it (Debian/Ubuntu: apt-get install libfabric1)"
+    ))
+}
+
 /// An `fi_info` list from `fi_getinfo` (its head is the one used), or a
 /// connection request's info.
 pub struct Info(*mut c_void);
@@ -254,6 +271,11 @@ impl Info {
     /// writes carrying immediate data, at `addr` (a local address to listen
     /// on when `source`, else the peer's).
     pub fn get(prov: &str, addr: SocketAddr, source: bool) -> Result<Info, Error> {
+        load().map_err(|detail| Error {
+            call: "dlopen(libfabric.so.1)",
+            code: 0,
+            detail,
+        })?;
         let prov = CString::new(prov).map_err(|_| Error::new("fi_getinfo", 22))?;
         let node = CString::new(addr.ip().to_string()).expect("no NUL in an address");
         let service = CString::new(addr.port().to_string()).expect("no NUL in a port");
