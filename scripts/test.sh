@@ -21,8 +21,9 @@ command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
 command -v cmp >/dev/null || need_pkgs+=(diffutils)
-# The rdma crate builds against libfabric (headers, libfabric.so) and its
-# tests and the fabric pair runs use its tcp provider; fi_info checks it.
+# The rdma crate builds against libfabric's headers and loads libfabric.so.1
+# at run time; its tests and the fabric pair runs use its tcp provider;
+# fi_info (libfabric-bin) checks it.
 [ -e /usr/include/rdma/fabric.h ] || need_pkgs+=(libfabric-dev)
 command -v fi_info >/dev/null || need_pkgs+=(libfabric-bin)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
