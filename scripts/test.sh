@@ -26,6 +26,11 @@ command -v cmp >/dev/null || need_pkgs+=(diffutils)
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
+# The rdma crate builds against libfabric's headers and loads libfabric.so.1
+# at run time; its tests and the fabric pair runs use its tcp provider;
+# fi_info (libfabric-bin) checks it.
+[ -e /usr/include/rdma/fabric.h ] || need_pkgs+=(libfabric-dev)
+command -v fi_info >/dev/null || need_pkgs+=(libfabric-bin)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing test clients: ${need_pkgs[*]}"
@@ -63,5 +68,18 @@ rm -f target/sim-summary.txt
 set +e
 cargo test --workspace --no-fail-fast --quiet 2>&1 | grep -v '^\[20' | tee target/test-output.txt
 status=${PIPESTATUS[0]}
+# The pair tests of the cases again, replicating over libfabric
+# (link.transport = "fabric", tcp provider): kill -9 of either node under
+# load, the link cut, the wrong key, the overflow into the dirty map.
+echo "== pair tests on the fabric link (DM_TEST_LINK=fabric)"
+DM_TEST_LINK=fabric cargo test --quiet --test pair -- --exact \
+  a_backup_killed_under_load_gets_only_the_missed_writes \
+  b_primary_killed_backup_promoted_old_primary_returns_as_backup \
+  c_cut_link_degrades_and_heal_replays \
+  d_peer_with_the_wrong_key_is_refused \
+  e_delta_queue_overflow_resyncs_dirty_extents_without_remirror \
+  2>&1 | grep -v '^\[20' | tee -a target/test-output.txt
+fabric_status=${PIPESTATUS[0]}
+[ "$status" != 0 ] || status=$fabric_status
 set -e
 scripts/test-summary.sh "$status"

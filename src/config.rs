@@ -239,6 +239,49 @@ pub struct LinkConfig {
     pub connect_retry_ms: u64,
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
+    /// What carries the frames: the TCP socket or libfabric.
+    #[serde(default)]
+    pub transport: LinkTransportKind,
+    /// libfabric provider with `transport = "fabric"`: "verbs" (RoCE,
+    /// InfiniBand) or "tcp" (any network; tests).
+    #[serde(default = "default_fabric_provider")]
+    pub fabric_provider: String,
+    /// Bytes of the landing ring (and of the staging ring) with `transport =
+    /// "fabric"`: locked memory, twice this per node.
+    #[serde(default = "default_fabric_ring_bytes")]
+    pub fabric_ring_bytes: u64,
+    /// The fabric port node 2 listens on (node 1 learns it in the
+    /// handshake); absent: link.listen's port + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkTransportKind {
+    /// Frames over the authenticated TCP socket.
+    #[default]
+    Tcp,
+    /// One-sided RDMA writes into the peer's landing ring (libfabric).
+    Fabric,
+}
+
+impl LinkConfig {
+    /// The port node 2 listens on for the fabric connection.
+    pub fn fabric_listen(&self) -> Option<SocketAddr> {
+        let port = match self.fabric_port {
+            Some(p) => p,
+            None => self.listen.port().checked_add(1)?,
+        };
+        Some(SocketAddr::new(self.listen.ip(), port))
+    }
+}
+
+fn default_fabric_provider() -> String {
+    "tcp".to_string()
+}
+fn default_fabric_ring_bytes() -> u64 {
+    16 * MIB
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
@@ -776,6 +819,49 @@ impl Config {
                 round_up(need, MIB)
             ));
         }
+        self.check_fabric(v);
+    }
+
+    fn check_fabric(&self, v: &mut Problems) {
+        let l = &self.link;
+        if l.transport != LinkTransportKind::Fabric {
+            return;
+        }
+        if l.fabric_provider.is_empty()
+            || !l
+                .fabric_provider
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ';')
+        {
+            v.push(format!(
+                "link.fabric_provider = {:?}: must name a libfabric provider: \"verbs\" on RoCE or InfiniBand, \"tcp\" on any network (list them with `fi_info -l`)",
+                l.fabric_provider
+            ));
+        }
+        let need = l.max_message_bytes.saturating_add(MESSAGE_HEADROOM_BYTES);
+        let max = rdma::channel::MAX_RING_BYTES as u64;
+        if l.fabric_ring_bytes < need
+            || l.fabric_ring_bytes > max
+            || !l.fabric_ring_bytes.is_multiple_of(4096)
+        {
+            v.push(format!(
+                "link.fabric_ring_bytes = {}: must be a multiple of 4096 from link.max_message_bytes ({}) + 64 KiB = {need} to {max}; e.g. link.fabric_ring_bytes = {} (twice this is locked in memory: see RLIMIT_MEMLOCK in docs/operations.md)",
+                l.fabric_ring_bytes,
+                l.max_message_bytes,
+                round_up(need.saturating_mul(2), MIB)
+            ));
+        }
+        match l.fabric_listen() {
+            None => v.push(format!(
+                "link.fabric_port: not set and link.listen's port {} + 1 is no port; set link.fabric_port, e.g. link.fabric_port = 7402",
+                l.listen.port()
+            )),
+            Some(a) if a.port() == l.listen.port() => v.push(format!(
+                "link.fabric_port = {}: equals link.listen's port; pick another (remove the line to use link.listen's port + 1)",
+                a.port()
+            )),
+            Some(_) => {}
+        }
     }
 
     fn check_reactor(&self, v: &mut Problems) {
@@ -1063,6 +1149,18 @@ impl Config {
     /// Ports (offset 0): node 1 NBD 10809, admin 9400, NVMe 4420,
     /// iSCSI 3260, link 7400; node 2 NBD 10810, admin 9401, NVMe 4421,
     /// iSCSI 3261, link 7401.
+    /// Switches the link to `transport = "fabric"` with `provider`, sized
+    /// so both rings (2 × 2 MiB) fit a default 8 MiB RLIMIT_MEMLOCK: 1 MiB
+    /// batches, 1 MiB + 64 KiB messages.
+    pub fn with_fabric_link(mut self, provider: &str) -> Config {
+        self.link.transport = LinkTransportKind::Fabric;
+        self.link.fabric_provider = provider.to_string();
+        self.mirror.max_batch_bytes = self.reactor.max_io_bytes.max(MIB);
+        self.link.max_message_bytes = self.mirror.max_batch_bytes + MESSAGE_HEADROOM_BYTES;
+        self.link.fabric_ring_bytes = round_up(self.link.max_message_bytes * 2, MIB).max(2 * MIB);
+        self
+    }
+
     pub fn example(node_id: u32, base_dir: &Path, port_offset: u16) -> Config {
         assert!(node_id == 1 || node_id == 2, "node_id must be 1 or 2");
         let i = (node_id - 1) as u16;
@@ -1115,6 +1213,10 @@ impl Config {
                 peer_timeout_ms: default_peer_timeout_ms(),
                 connect_retry_ms: default_connect_retry_ms(),
                 max_message_bytes: default_max_message_bytes(),
+                transport: LinkTransportKind::Tcp,
+                fabric_provider: default_fabric_provider(),
+                fabric_ring_bytes: default_fabric_ring_bytes(),
+                fabric_port: None,
             },
             reactor: ReactorConfig {
                 cores: vec![core],
@@ -1626,6 +1728,46 @@ mod tests {
         assert!(m.contains("cannot be inferred"), "{m}");
         c.iscsi.peer_portal_group_tag = Some(8);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn fabric_link_fields_are_checked_with_the_fix() {
+        let c = base().with_fabric_link("tcp");
+        c.validate().unwrap();
+        assert_eq!(
+            c.link.fabric_listen().unwrap().port(),
+            c.link.listen.port() + 1
+        );
+        // Round trip through TOML.
+        let back: Config = toml::from_str(&c.to_toml_string()).unwrap();
+        assert_eq!(back, c);
+        let mut d = c.clone();
+        d.link.fabric_ring_bytes = d.link.max_message_bytes;
+        let m = check_rejects(&d, "link.fabric_ring_bytes");
+        assert!(m.contains("e.g. link.fabric_ring_bytes = "), "{m}");
+        d.link.fabric_ring_bytes = 2 * MIB + 1;
+        check_rejects(&d, "link.fabric_ring_bytes");
+        let mut d = c.clone();
+        d.link.fabric_provider = "no such".into();
+        let m = check_rejects(&d, "link.fabric_provider");
+        assert!(m.contains("fi_info"), "{m}");
+        let mut d = c.clone();
+        d.link.fabric_port = Some(d.link.listen.port());
+        check_rejects(&d, "link.fabric_port");
+        d.link.fabric_port = None;
+        d.link.listen.set_port(65535);
+        check_rejects(&d, "link.fabric_port");
+        // The fabric fields do not matter while transport = "tcp".
+        let mut d = c;
+        d.link.transport = LinkTransportKind::Tcp;
+        d.link.fabric_ring_bytes = 1;
+        d.validate().unwrap();
+        // An unknown transport names the field.
+        let t = base()
+            .to_toml_string()
+            .replace("transport = \"tcp\"", "transport = \"udp\"");
+        let e = toml::from_str::<Config>(&t).unwrap_err().to_string();
+        assert!(e.contains("transport") && e.contains("fabric"), "{e}");
     }
 
     #[test]

@@ -123,16 +123,20 @@ impl Drop for Pair {
     }
 }
 
-fn setup(dir: Option<PathBuf>, port_offset: u16) -> Result<Pair> {
+fn setup(dir: Option<PathBuf>, port_offset: u16, fabric: Option<&str>) -> Result<Pair> {
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("deltamirror-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cfgs = [
-        Config::example(1, &dir, port_offset),
-        Config::example(2, &dir, port_offset),
-    ];
+    let cfg = |id| {
+        let c = Config::example(id, &dir, port_offset);
+        match fabric {
+            Some(provider) => c.with_fabric_link(provider),
+            None => c,
+        }
+    };
+    let cfgs = [cfg(1), cfg(2)];
     let mut pair = Pair {
         dir: dir.clone(),
         cfgs,
@@ -306,10 +310,23 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-pub fn run(serve: bool, dir: Option<PathBuf>, port_offset: u16) -> Result<()> {
-    let mut pair = setup(dir, port_offset)?;
+/// `fabric`: run the link on libfabric with that provider (`--link fabric`).
+pub fn run(
+    serve: bool,
+    dir: Option<PathBuf>,
+    port_offset: u16,
+    fabric: Option<&str>,
+) -> Result<()> {
+    let mut pair = setup(dir, port_offset, fabric)?;
     let (a, b) = (pair.cfgs[0].clone(), pair.cfgs[1].clone());
-    println!("deltamirror demo pair in {}", pair.dir.display());
+    println!(
+        "deltamirror demo pair in {} (replication link: {})",
+        pair.dir.display(),
+        match fabric {
+            Some(p) => format!("libfabric, provider {p}"),
+            None => "tcp".to_string(),
+        }
+    );
     println!(
         "  primary: nbd://{}  nvme-tcp {}  iscsi {}  admin http://{}",
         a.nbd.listen, a.nvme.listen, a.iscsi.listen, a.admin.listen

@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use engine::core::{ConfirmMode, Role};
-use engine::link::LinkOptions;
+use engine::link::fabric::FabricOptions;
+use engine::link::{LinkOptions, LinkTransport};
 use engine::node::{Node, NodeOptions, PollMode};
 use volume::{Volume, VolumeIdentity};
 
@@ -118,6 +119,12 @@ enum Cmd {
         /// taking over by itself.
         #[arg(long, conflicts_with = "serve")]
         auto_failover: bool,
+        /// The replication transport: "tcp" or "fabric" (libfabric).
+        #[arg(long, value_enum, default_value_t = LinkArg::Tcp)]
+        link: LinkArg,
+        /// The libfabric provider with `--link fabric` ("tcp" here, "verbs" on RDMA hardware).
+        #[arg(long, default_value = "tcp")]
+        fabric_provider: String,
     },
     /// Print the demo configuration of node 1 or 2 (used by tests and as a template).
     ExampleConfig {
@@ -127,7 +134,20 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value_t = 0)]
         port_offset: u16,
+        /// The replication transport the config uses: "tcp" or "fabric".
+        #[arg(long, value_enum, default_value_t = LinkArg::Tcp)]
+        link: LinkArg,
+        /// The libfabric provider with `--link fabric`.
+        #[arg(long, default_value = "tcp")]
+        fabric_provider: String,
     },
+}
+
+/// `--link`: which replication transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LinkArg {
+    Tcp,
+    Fabric,
 }
 
 fn main() {
@@ -190,26 +210,36 @@ fn main() {
             dir,
             port_offset,
             auto_failover,
+            link,
+            fabric_provider,
         } => {
             if auto_failover {
                 demo::run_auto_failover(dir, port_offset)
             } else {
-                demo::run(serve, dir, port_offset)
+                demo::run(
+                    serve,
+                    dir,
+                    port_offset,
+                    (link == LinkArg::Fabric).then_some(fabric_provider.as_str()),
+                )
             }
         }
         Cmd::ExampleConfig {
             node,
             dir,
             port_offset,
+            link,
+            fabric_provider,
         } => {
             if node != 1 && node != 2 {
                 eprintln!("error: --node must be 1 or 2");
                 std::process::exit(2);
             }
-            print!(
-                "{}",
-                Config::example(node, &dir, port_offset).to_toml_string()
-            );
+            let mut c = Config::example(node, &dir, port_offset);
+            if link == LinkArg::Fabric {
+                c = c.with_fabric_link(&fabric_provider);
+            }
+            print!("{}", c.to_toml_string());
             Ok(())
         }
     };
@@ -268,6 +298,17 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
             psk,
             connect_retry_ms: cfg.link.connect_retry_ms,
             handshake_timeout_ms: cfg.link.peer_timeout_ms.max(1000),
+            transport: match cfg.link.transport {
+                config::LinkTransportKind::Tcp => LinkTransport::Tcp,
+                config::LinkTransportKind::Fabric => LinkTransport::Fabric(FabricOptions {
+                    provider: cfg.link.fabric_provider.clone(),
+                    ring_bytes: cfg.link.fabric_ring_bytes as usize,
+                    listen: cfg
+                        .link
+                        .fabric_listen()
+                        .expect("validated: link.fabric_port"),
+                }),
+            },
         },
         core_id: cfg.reactor.cores.first().copied(),
         poll_mode: match cfg.reactor.poll_mode {

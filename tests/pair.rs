@@ -5,9 +5,14 @@
 //! These tests need fio and qemu-io (installed by scripts/test.sh); the
 //! link-cut test also needs nft and root. Each test skips with a printed
 //! reason only when a tool is truly absent.
+//!
+//! `DM_TEST_LINK=fabric` runs the pairs with `link.transport = "fabric"`
+//! (libfabric's tcp provider); scripts/test.sh runs the kill -9, link-cut,
+//! wrong-key and overflow tests that way too. Test l always uses fabric.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -677,8 +682,10 @@ fn c_cut_link_degrades_and_heal_replays() {
     }
     let p = Pair::up("c", 3200);
     fio_writes(&p.uri(0), 500, 0);
-    // Cut: drop every packet to or from node 2's link port on loopback.
+    // Cut: drop every packet to or from node 2's link port on loopback, and
+    // its fabric port (link port + 1) when the link runs on libfabric.
     let port = 7401 + p.offset;
+    let fport = port + 1;
     let table = format!("dmtest{}", std::process::id());
     let nft = |args: &str| {
         let st = Command::new("sh")
@@ -694,6 +701,8 @@ fn c_cut_link_degrades_and_heal_replays() {
     ));
     nft(&format!("add rule inet {table} out tcp dport {port} drop"));
     nft(&format!("add rule inet {table} out tcp sport {port} drop"));
+    nft(&format!("add rule inet {table} out tcp dport {fport} drop"));
+    nft(&format!("add rule inet {table} out tcp sport {fport} drop"));
     let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         fio_writes(&p.uri(0), 1500, 64);
         p.wait(0, "degraded", 30, |s| {
@@ -814,7 +823,7 @@ fn f_nvme_initiator_follows_ana_across_planned_and_unplanned_failover() {
     use std::sync::Arc;
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut p = Pair::up("f", 3500);
-    let paths: Vec<std::net::SocketAddr> = [4420 + p.offset, 4421 + p.offset]
+    let paths: Vec<SocketAddr> = [4420 + p.offset, 4421 + p.offset]
         .iter()
         .map(|port| format!("127.0.0.1:{port}").parse().unwrap())
         .collect();
@@ -1341,4 +1350,71 @@ fn k_online_verify_finds_a_corrupted_block_and_repair_fixes_it() {
         out
     };
     assert!(m.contains("deltamirror_verify_mismatched_chunks 0"), "{m}");
+}
+
+#[test]
+fn l_fabric_port_refuses_peers_without_the_handshake() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Pair::new_on("l", 4100, true, |_, t| t);
+    let mut p = p;
+    p.start_pair();
+    let before = p.status(0).unwrap();
+    // Node 2 listens for the fabric connection on its link port + 1.
+    let fabric_port = SocketAddr::from(([127, 0, 0, 1], 7402 + p.offset));
+    let cfg = rdma::ChannelConfig {
+        provider: "tcp".into(),
+        ring_bytes: 1 << 20,
+        wait_fd: false,
+    };
+    // No token at all, then a made-up one (as from an old connection).
+    for token in [&[][..], &[0x5a; rdma::TOKEN_BYTES][..]] {
+        let r = rdma::connect(&cfg, fabric_port, token, Duration::from_secs(5));
+        assert!(r.is_err(), "a peer without the handshake was accepted");
+    }
+    // The refusal is logged just after the peer sees it.
+    let mut log1 = String::new();
+    for _ in 0..100 {
+        log1 = std::fs::read_to_string(&p.n[1].log).unwrap();
+        if log1.matches("rejected, nothing written").count() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log1.contains("without a handshake token: rejected, nothing written"),
+        "the stray is logged:\n{log1}"
+    );
+    assert!(
+        log1.contains("not the current handshake's (stale or forged): rejected, nothing written"),
+        "the stale token is logged:\n{log1}"
+    );
+    // The pair never noticed: still connected, no reconnection.
+    let after = p.status(0).unwrap();
+    assert_eq!(after["peer_state"], "connected");
+    assert_eq!(after["generation"], before["generation"]);
+    assert_eq!(
+        log1.matches("replication link up").count(),
+        1,
+        "the pair's own connection was not disturbed:\n{log1}"
+    );
+}
+
+#[test]
+fn m_fabric_start_above_rlimit_memlock_fails_naming_the_limit_and_the_fix() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Pair::new_on("m", 4200, true, |_, t| t);
+    // The example's 2 MiB rings need 4 MiB + 4 KiB locked: allow 1 MiB.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 1024 && exec {EXE} serve --config {}",
+            p.n[1].cfg.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started: {err}");
+    for want in ["RLIMIT_MEMLOCK", "link.fabric_ring_bytes", "LimitMEMLOCK"] {
+        assert!(err.contains(want), "no {want:?} in: {err}");
+    }
 }

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use engine::core::Role;
-use engine::link::LinkOptions;
+use engine::link::fabric::FabricOptions;
+use engine::link::{LinkOptions, LinkTransport};
 use engine::node::{default_core_config, format, Node, NodeOptions, PollMode};
 use hdrhistogram::Histogram;
 use json::J;
@@ -89,7 +90,21 @@ pub(crate) struct Args {
     /// Also write every result as JSON to this path.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Which replication transports to measure: tcp alone, or both (TCP
+    /// and, beside it, libfabric with `--fabric-provider`).
+    #[arg(long, default_value = "both", value_parser = ["tcp", "both"])]
+    link: String,
+    /// libfabric provider for the fabric rows ("tcp" on any machine,
+    /// "verbs" on RDMA hardware).
+    #[arg(long, default_value = "tcp")]
+    fabric_provider: String,
 }
+
+/// Ring bytes of each fabric channel in the bench: both nodes run in this
+/// process, so their four rings (6 MiB) fit the common 8 MiB RLIMIT_MEMLOCK.
+const BENCH_FABRIC_RING: usize = 1536 << 10;
+/// Largest link message in the fabric rows (fits the ring above).
+const BENCH_FABRIC_MAX_MESSAGE: usize = (1 << 20) + (64 << 10);
 
 struct Result1 {
     name: String,
@@ -258,6 +273,87 @@ fn bench_link(args: &Args, busy: bool) -> Result1 {
     )
 }
 
+/// The same round trip (4 KiB + 64 B request, 16-byte answer) over two
+/// fabric channels: each message one `fi_writedata` into the other's
+/// landing ring. `busy` spins on the CQ; otherwise each side sleeps on its
+/// CQ's wait fd when `fi_trywait` allows, as the adaptive reactor does.
+fn bench_link_fabric(args: &Args, busy: bool) -> Result1 {
+    let cfg = rdma::ChannelConfig {
+        provider: args.fabric_provider.clone(),
+        ring_bytes: BENCH_FABRIC_RING,
+        wait_fd: !busy,
+    };
+    let l = rdma::Listener::bind(&cfg.provider, "127.0.0.1:0".parse().unwrap())
+        .unwrap_or_else(|e| panic!("fabric bench: {e}"));
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], l.port().unwrap()).into();
+    let token = [0x42u8; rdma::TOKEN_BYTES];
+    let n = args.qd1_ops;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx2, rx2) = std::sync::mpsc::channel();
+    let c2 = cfg.clone();
+    let server = std::thread::spawn(move || {
+        let mut refused = Vec::new();
+        let mut s = l
+            .accept(&c2, &token, Duration::from_secs(10), &mut refused)
+            .unwrap();
+        tx.send(s.local_ring()).unwrap();
+        s.set_peer(rx2.recv().unwrap()).unwrap();
+        for _ in 0..n {
+            let mut got = false;
+            while !got {
+                wait_fabric(&s, busy);
+                s.poll(|_| got = true).unwrap();
+            }
+            while !s.send(&[7u8; 16]).unwrap() {
+                s.poll(|_| {}).unwrap();
+            }
+        }
+        // Let the last answer's completion be reaped before closing.
+        for _ in 0..1000 {
+            s.poll(|_| {}).unwrap();
+        }
+    });
+    let mut c = rdma::connect(&cfg, addr, &token, Duration::from_secs(10)).unwrap();
+    tx2.send(c.local_ring()).unwrap();
+    c.set_peer(rx.recv().unwrap()).unwrap();
+    let req = vec![1u8; 4096 + 64];
+    let mut h = hist();
+    for _ in 0..n {
+        let t = Instant::now();
+        while !c.send(&req).unwrap() {
+            c.poll(|_| {}).unwrap();
+        }
+        let mut got = false;
+        while !got {
+            wait_fabric(&c, busy);
+            c.poll(|_| got = true).unwrap();
+        }
+        h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+        c.send_credit_if_due().unwrap();
+    }
+    server.join().unwrap();
+    result(
+        if busy {
+            "fabric link round trip (busy poll)"
+        } else {
+            "fabric link round trip (wait fd)"
+        },
+        &h,
+        0.0,
+    )
+}
+
+/// Sleeps on the channel's wait fd when it has one and fi_trywait allows.
+fn wait_fabric(c: &rdma::Channel, busy: bool) {
+    if busy {
+        return;
+    }
+    let Some(fd) = c.wait_fd() else { return };
+    if c.trywait().unwrap_or(false) {
+        engine::sys::poll_fds(&[(fd, false)], 100);
+    }
+}
+
 fn read_full(s: &mut TcpStream, buf: &mut [u8]) {
     let mut got = 0;
     while got < buf.len() {
@@ -307,6 +403,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
             psk: b"bench-pre-shared-key-0123456789".to_vec(),
             connect_retry_ms: 50,
             handshake_timeout_ms: 2000,
+            transport: LinkTransport::Tcp,
         },
         core_id: Some(
             (id as usize - 1) % core_affinity::get_core_ids().map_or(1, |c| c.len()).max(1),
@@ -343,7 +440,7 @@ fn print_stages(nodes: &[Node], what: &str) {
 /// Two nodes in this process, mirrored over loopback: QD1 and QD32 writes
 /// through the primary's volume. `coalesce` sets `core.coalesce_acks` on
 /// both nodes.
-fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool) -> Result1 {
+fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric: bool) -> Result1 {
     use engine::status::Control;
     let dir = args.dir.join(format!("pair-{run}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -352,6 +449,14 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool) -> Resu
     for id in 1..=2u32 {
         let mut o = node_opts(&dir, id, port, mode);
         o.core.coalesce_acks = coalesce;
+        if fabric {
+            o.max_message_bytes = BENCH_FABRIC_MAX_MESSAGE;
+            o.link.transport = LinkTransport::Fabric(FabricOptions {
+                provider: args.fabric_provider.clone(),
+                ring_bytes: BENCH_FABRIC_RING,
+                listen: format!("127.0.0.1:{}", port + 2).parse().unwrap(),
+            });
+        }
         std::fs::create_dir_all(&o.data_dir).unwrap();
         create_file_device(&o.volume_path, args.size_mib << 20).unwrap();
         format(
@@ -443,7 +548,12 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool) -> Resu
         (PollMode::Adaptive, true) => "mirrored volume (adaptive poll)",
         (PollMode::Adaptive, false) => "mirrored volume (adaptive, ACK coalescing off)",
     };
-    let mut r = result(name, &h, iops);
+    let name = if fabric {
+        name.replace("mirrored volume", "mirrored volume over fabric")
+    } else {
+        name.to_string()
+    };
+    let mut r = result(&name, &h, iops);
     let w = writes.max(1) as f64;
     r.msgs_rx_per_write = Some(
         after
@@ -518,6 +628,15 @@ fn main() {
     let local = bench_local(&local_path, &args);
     let link_block = bench_link(&args, false);
     let link_busy = bench_link(&args, true);
+    let fabric = args.link == "both";
+    let fabric_links = if fabric {
+        vec![
+            bench_link_fabric(&args, false),
+            bench_link_fabric(&args, true),
+        ]
+    } else {
+        Vec::new()
+    };
     let _ = std::fs::remove_file(&local_path);
     let mut out = J::obj()
         .with("mode", if args.link_only { "link-only" } else { "write" })
@@ -527,11 +646,10 @@ fn main() {
         .with("loadavg_before", loadavg.trim());
     if args.link_only {
         println!();
-        print_rows(&[&local, &link_block, &link_busy]);
-        out.set(
-            "rows",
-            J::arr(vec![local.json(), link_block.json(), link_busy.json()]),
-        );
+        let mut rows = vec![&local, &link_block, &link_busy];
+        rows.extend(fabric_links.iter());
+        print_rows(&rows);
+        out.set("rows", J::arr(rows.iter().map(|r| r.json()).collect()));
         write_json(&args, &out);
         return;
     }
@@ -547,11 +665,20 @@ fn main() {
             msgs_tx_per_write: None,
         }
     } else {
-        bench_mirrored(&args, PollMode::Busy, 0, true)
+        bench_mirrored(&args, PollMode::Busy, 0, true, false)
     };
-    let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1, true);
-    let m_nocoal = bench_mirrored(&args, PollMode::Adaptive, 2, false);
-    let rows = [
+    let m_adapt = bench_mirrored(&args, PollMode::Adaptive, 1, true, false);
+    let m_nocoal = bench_mirrored(&args, PollMode::Adaptive, 2, false, false);
+    // The same pairs with the link on libfabric (runs 3 and 4).
+    let mut fabric_rows = Vec::new();
+    if fabric {
+        if std::env::var("DM_BENCH_SKIP_BUSY").is_err() {
+            fabric_rows.push(bench_mirrored(&args, PollMode::Busy, 3, true, true));
+        }
+        fabric_rows.push(bench_mirrored(&args, PollMode::Adaptive, 4, true, true));
+    }
+    println!();
+    let mut all = vec![
         &local,
         &link_block,
         &link_busy,
@@ -559,8 +686,9 @@ fn main() {
         &m_adapt,
         &m_nocoal,
     ];
-    println!();
-    print_rows(&rows);
+    all.extend(fabric_links.iter());
+    all.extend(fabric_rows.iter());
+    print_rows(&all);
     println!();
     let ratio = |m: &Result1, l: &Result1| m.p50 / (local.p50 + l.p50);
     println!(
@@ -576,7 +704,11 @@ fn main() {
     println!();
     println!("| ACK coalescing (adaptive pair, QD32) | QD32 IOPS | node 1 link msgs received per write | node 1 link msgs sent per write | QD1 p50 µs |");
     println!("|---|---|---|---|---|");
-    for (what, r) in [("on (default)", &m_adapt), ("off", &m_nocoal)] {
+    let mut coalescing = vec![("on (default)", &m_adapt), ("off", &m_nocoal)];
+    if let Some(r) = fabric_rows.last() {
+        coalescing.push(("on, over fabric", r));
+    }
+    for (what, r) in coalescing {
         println!(
             "| {what} | {:.0} | {:.2} | {:.2} | {:.0} |",
             r.iops32,
@@ -590,6 +722,12 @@ fn main() {
         m_nocoal.iops32 / m_adapt.iops32.max(1.0)
     );
     println!("RSS includes both nodes of the pair (one process), mapped ring pages included.");
-    out.set("rows", J::arr(rows.iter().map(|r| r.json()).collect()));
+    if fabric {
+        println!(
+            "fabric rows: libfabric provider {:?}; on loopback its tcp provider runs over the same kernel TCP, so it need not beat the TCP rows (docs/performance.md)",
+            args.fabric_provider
+        );
+    }
+    out.set("rows", J::arr(all.iter().map(|r| r.json()).collect()));
     write_json(&args, &out);
 }

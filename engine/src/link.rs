@@ -14,10 +14,21 @@
 //! ```
 //! A peer that fails this is refused and logged; it never reaches the core.
 //!
+//! Both sides then state their transport (`link.transport`, and for
+//! `"fabric"` the provider) and refuse a peer that differs. With
+//! `"fabric"`, the fabric connection is set up over this same
+//! authenticated socket ([`fabric`]); with `"tcp"`, the socket itself
+//! carries the frames ([`tcp`]). Either way the reactor gets a
+//! [`Transport`] and never sees which.
+//!
 //! Frames: `len u32 | crc32c(body) u32 | body`, little-endian.
+
+pub mod fabric;
+pub mod tcp;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,6 +42,7 @@ use crate::core::ReqHeader;
 use crate::sys::{random_bytes, EventFd};
 
 const MAGIC: &[u8; 8] = b"DMLINK01";
+const TRANSPORT_MAGIC: &[u8; 8] = b"DMXPORT1";
 pub const FRAME_HEADER_BYTES: usize = 8;
 
 #[derive(Clone)]
@@ -41,6 +53,80 @@ pub struct LinkOptions {
     pub psk: Vec<u8>,
     pub connect_retry_ms: u64,
     pub handshake_timeout_ms: u64,
+    pub transport: LinkTransport,
+}
+
+/// What carries the replication frames once the handshake succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LinkTransport {
+    /// The authenticated TCP socket itself.
+    #[default]
+    Tcp,
+    /// One-sided writes into the peer's landing ring through libfabric.
+    Fabric(fabric::FabricOptions),
+}
+
+impl LinkTransport {
+    fn describe(&self) -> String {
+        match self {
+            LinkTransport::Tcp => "link.transport = \"tcp\"".into(),
+            LinkTransport::Fabric(f) => format!(
+                "link.transport = \"fabric\", link.fabric_provider = \"{}\", link.fabric_ring_bytes = {}",
+                f.provider, f.ring_bytes
+            ),
+        }
+    }
+
+    fn tag(&self) -> [u8; 64] {
+        let mut t = [0u8; 64];
+        t[..8].copy_from_slice(TRANSPORT_MAGIC);
+        let d = self.describe();
+        let n = d.len().min(56);
+        t[8..8 + n].copy_from_slice(&d.as_bytes()[..n]);
+        t
+    }
+}
+
+/// One established replication connection, whatever carries it: the seam
+/// between the reactor and the link's transports (TCP or fabric).
+pub trait Transport: Send {
+    /// "tcp" or "fabric".
+    fn kind(&self) -> &'static str;
+    /// Queues a message; [`Transport::flush`] sends it.
+    fn send(&mut self, m: &Msg);
+    /// Queues a `Msg::Req` built straight from a ring entry.
+    fn send_req(&mut self, hdr: &ReqHeader, payload: &[u8]);
+    /// Takes what arrived, decoding messages into `out`; the bytes taken.
+    /// An error means the connection is lost (the text says why).
+    fn recv(&mut self, out: &mut Vec<Msg>) -> Result<u64, String>;
+    /// Sends what is queued, as far as the transport takes it now; the
+    /// bytes sent.
+    fn flush(&mut self) -> Result<u64, String>;
+    /// The fd the reactor may sleep on and whether it waits for
+    /// writability; None when it must not sleep (work may be pending).
+    fn sleep_fd(&mut self) -> Option<(RawFd, bool)>;
+    /// Ends the connection and forgets what was queued.
+    fn close(&mut self);
+}
+
+/// After authentication: both sides state their transport; a peer that
+/// differs is refused with the fix.
+fn agree_transport(s: &mut TcpStream, mine: &LinkTransport) -> Result<(), String> {
+    s.write_all(&mine.tag()).map_err(|e| e.to_string())?;
+    let mut theirs = [0u8; 64];
+    s.read_exact(&mut theirs).map_err(|e| e.to_string())?;
+    if theirs != mine.tag() {
+        let end = theirs[8..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(64, |p| p + 8);
+        return Err(format!(
+            "the peer runs {}, this node {}: set the same link.transport, link.fabric_provider and link.fabric_ring_bytes on both nodes",
+            String::from_utf8_lossy(&theirs[8..end]),
+            mine.describe()
+        ));
+    }
+    Ok(())
 }
 
 fn mac(psk: &[u8], label: &[u8], a: &[u8], b: &[u8]) -> [u8; 32] {
@@ -135,12 +221,24 @@ pub fn auth_dial(s: &mut TcpStream, node_id: u32, psk: &[u8]) -> Result<u32, Aut
 pub struct LinkCounters {
     pub auth_failures: AtomicU64,
     pub connections: AtomicU64,
+    /// Fabric connection requests rejected (no or a stale handshake token).
+    pub fabric_refused: AtomicU64,
+}
+
+/// An established connection, handed from the link manager to the reactor.
+pub type Connection = Box<dyn Transport>;
+
+/// What the manager needs beyond [`LinkOptions`] to build a connection.
+#[derive(Clone, Copy)]
+struct Build {
+    max_frame: usize,
+    busy: bool,
 }
 
 /// Runs connection set-up on its own thread and hands authenticated
-/// streams to the reactor.
+/// connections to the reactor.
 pub struct LinkManager {
-    pub ready: Arc<Mutex<Option<TcpStream>>>,
+    pub ready: Arc<Mutex<Option<Connection>>>,
     pub want: Arc<AtomicBool>,
     pub wake: Arc<EventFd>,
     pub counters: Arc<LinkCounters>,
@@ -149,7 +247,9 @@ pub struct LinkManager {
 }
 
 impl LinkManager {
-    pub fn start(opts: LinkOptions) -> io::Result<LinkManager> {
+    /// Starts the manager: frames up to `max_frame` bytes; `busy` when the
+    /// reactor spins (a fabric CQ then needs no wait fd).
+    pub fn start(opts: LinkOptions, max_frame: usize, busy: bool) -> io::Result<LinkManager> {
         let ready = Arc::new(Mutex::new(None));
         let want = Arc::new(AtomicBool::new(true));
         let wake = Arc::new(EventFd::new()?);
@@ -170,6 +270,20 @@ impl LinkManager {
         } else {
             None
         };
+        // The fabric port listens from the start, so a bad address or a
+        // missing provider stops the start with its reason.
+        let fabric_listener = match (&opts.transport, &listener) {
+            (LinkTransport::Fabric(f), Some(_)) => Some(
+                rdma::Listener::bind(&f.provider, f.listen)
+                    .map_err(|e| io::Error::other(format!("link.transport = \"fabric\": {e}")))?,
+            ),
+            _ => None,
+        };
+        if let LinkTransport::Fabric(f) = &opts.transport {
+            rdma::mem::check_memlock(f.channel(busy).locked_bytes(), "link.fabric_ring_bytes")
+                .map_err(io::Error::other)?;
+        }
+        let build = Build { max_frame, busy };
         let (r, w, k, s, c) = (
             ready.clone(),
             want.clone(),
@@ -179,7 +293,7 @@ impl LinkManager {
         );
         let thread = std::thread::Builder::new()
             .name("dm-link".into())
-            .spawn(move || run_manager(opts, listener, r, w, k, s, c))?;
+            .spawn(move || run_manager(opts, build, listener, fabric_listener, r, w, k, s, c))?;
         Ok(LinkManager {
             ready,
             want,
@@ -195,7 +309,7 @@ impl LinkManager {
         self.want.store(true, Ordering::Release);
     }
 
-    pub fn take(&self) -> Option<TcpStream> {
+    pub fn take(&self) -> Option<Connection> {
         self.ready.lock().unwrap().take()
     }
 
@@ -223,10 +337,43 @@ fn prepare(s: &TcpStream, timeout_ms: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Turns an authenticated stream into the configured transport.
+fn establish(
+    mut s: TcpStream,
+    opts: &LinkOptions,
+    build: Build,
+    fabric_listener: Option<&rdma::Listener>,
+    counters: &LinkCounters,
+) -> Result<Connection, String> {
+    agree_transport(&mut s, &opts.transport)?;
+    match &opts.transport {
+        LinkTransport::Tcp => {
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+            s.set_read_timeout(None).map_err(|e| e.to_string())?;
+            Ok(Box::new(tcp::TcpLink::new(s, build.max_frame)))
+        }
+        LinkTransport::Fabric(f) => {
+            let cfg = f.channel(build.busy);
+            let timeout = Duration::from_millis(opts.handshake_timeout_ms);
+            let ch = match fabric_listener {
+                Some(l) => {
+                    fabric::setup_accept(&mut s, l, &cfg, timeout, &counters.fabric_refused)?
+                }
+                None => fabric::setup_dial(&mut s, opts.peer, &cfg, timeout)?,
+            };
+            // The TCP socket has done its job: the fabric carries the frames.
+            Ok(Box::new(fabric::FabricLink::new(ch, build.max_frame)))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_manager(
     opts: LinkOptions,
+    build: Build,
     listener: Option<TcpListener>,
-    ready: Arc<Mutex<Option<TcpStream>>>,
+    fabric_listener: Option<rdma::Listener>,
+    ready: Arc<Mutex<Option<Connection>>>,
     want: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
@@ -250,6 +397,14 @@ fn run_manager(
                     Some((s, r))
                 }
                 Err(_) => {
+                    if let Some(fl) = &fabric_listener {
+                        let mut refused = Vec::new();
+                        fl.reject_strays(&mut refused);
+                        for why in refused {
+                            counters.fabric_refused.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("fabric port: {why}");
+                        }
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                     None
                 }
@@ -287,13 +442,18 @@ fn run_manager(
         let Some((s, r)) = attempt else { continue };
         match r {
             Ok(peer_id) if peer_id != opts.node_id => {
-                if s.set_nonblocking(true).is_err() || s.set_read_timeout(None).is_err() {
-                    continue;
-                }
+                let conn = match establish(s, &opts, build, fabric_listener.as_ref(), &counters) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::warn!("replication link with node {peer_id} not set up: {e}");
+                        std::thread::sleep(Duration::from_millis(opts.connect_retry_ms));
+                        continue;
+                    }
+                };
                 counters.connections.fetch_add(1, Ordering::Relaxed);
-                log::info!("replication link up with node {peer_id}");
+                log::info!("replication link up with node {peer_id} ({})", conn.kind());
                 want.store(false, Ordering::Release);
-                *ready.lock().unwrap() = Some(s);
+                *ready.lock().unwrap() = Some(conn);
                 wake.notify();
             }
             Ok(peer_id) => {

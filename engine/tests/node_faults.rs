@@ -104,6 +104,7 @@ fn opts(dir: &Path, id: u32, ports: [u16; 2]) -> NodeOptions {
             psk: b"node-faults-test-key-0123456789ab".to_vec(),
             connect_retry_ms: 50,
             handshake_timeout_ms: 2000,
+            transport: engine::link::LinkTransport::Tcp,
         },
         core_id: None,
         poll_mode: PollMode::Adaptive,

@@ -50,6 +50,7 @@ fn opts(dir: &Path, id: u32, port: u16, floor: u64) -> NodeOptions {
             psk: b"replay-floor-test-key-0123456789".to_vec(),
             connect_retry_ms: 50,
             handshake_timeout_ms: 2000,
+            transport: engine::link::LinkTransport::Tcp,
         },
         core_id: None,
         poll_mode: PollMode::Adaptive,

@@ -1052,6 +1052,25 @@ def compute_ratios(run):
             f"{fmt(off.get('qd32_iops'))} / {fmt(on.get('qd32_iops'))}; link msgs received per write "
             f"{fmt(off.get('link_msgs_received_per_write'), 2)} / {fmt(on.get('link_msgs_received_per_write'), 2)}")
 
+    # The fabric link (libfabric; its tcp provider here, over the same loopback TCP)
+    # beside the TCP link: it need not be faster here; on RoCE it is the point.
+    for mode, tcp_name, fab_name in [
+            ("busy poll", "link round trip (busy poll)", "fabric link round trip (busy poll)"),
+            ("blocking / wait fd", "link round trip (blocking)", "fabric link round trip (wait fd)")]:
+        f, t = eb.get(fab_name, {}).get("p50_us"), eb.get(tcp_name, {}).get("p50_us")
+        if f or t:
+            add(f"engine bench link round trip p50, fabric / TCP, {mode}", div(f, t), f"{fmt(f)} / {fmt(t)} µs",
+                "loopback: need not be < 1")
+    for mode in ["busy poll", "adaptive poll"]:
+        f = eb.get(f"mirrored volume over fabric ({mode})", {})
+        t = eb.get(f"mirrored volume ({mode})", {})
+        if f:
+            add(f"engine bench mirrored QD1 p50, fabric / TCP, {mode}", div(f.get("p50_us"), t.get("p50_us")),
+                f"{fmt(f.get('p50_us'))} / {fmt(t.get('p50_us'))} µs", "loopback: need not be < 1")
+            add(f"engine bench mirrored QD32 IOPS, fabric / TCP, {mode}", div(f.get("qd32_iops"), t.get("qd32_iops")),
+                f"{fmt(f.get('qd32_iops'))} / {fmt(t.get('qd32_iops'))}; link msgs (ACKs) received per write "
+                f"{fmt(f.get('link_msgs_received_per_write'), 2)} / {fmt(t.get('link_msgs_received_per_write'), 2)}")
+
     rp = (run.extra.get("replay") or {}).get("data") or {}
     rows = rp.get("replay") or []
     for r in rows:

@@ -22,6 +22,12 @@ pub fn port_shift() -> u16 {
         .unwrap_or(0)
 }
 
+/// `DM_TEST_LINK=fabric`: the pairs replicate over libfabric
+/// (`link.transport = "fabric"`, its tcp provider).
+pub fn fabric_link() -> bool {
+    std::env::var("DM_TEST_LINK").is_ok_and(|v| v == "fabric")
+}
+
 /// The value of `key` in `[section]` of a TOML text, unquoted.
 pub fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
     let sec = toml
@@ -45,17 +51,33 @@ pub fn fresh_dir(name: &str) -> PathBuf {
 
 /// `example-config` for node `id` with its files in `dir`, edited by
 /// `tweak`, written to `dir/node{id}.toml` and formatted: the config's path
-/// and text.
+/// and text. The link is the one `DM_TEST_LINK` names ([`fabric_link`]).
 pub fn format_node(
     dir: &Path,
     id: u32,
     port_offset: u16,
     tweak: impl Fn(u32, String) -> String,
 ) -> (PathBuf, String) {
+    format_node_on(dir, id, port_offset, fabric_link(), tweak)
+}
+
+/// [`format_node`] with the link on libfabric (`fabric`) or TCP.
+pub fn format_node_on(
+    dir: &Path,
+    id: u32,
+    port_offset: u16,
+    fabric: bool,
+    tweak: impl Fn(u32, String) -> String,
+) -> (PathBuf, String) {
     let out = Command::new(EXE)
         .args(["example-config", "--node", &id.to_string(), "--dir"])
         .arg(dir)
         .args(["--port-offset", &port_offset.to_string()])
+        .args(if fabric {
+            &["--link", "fabric"][..]
+        } else {
+            &[]
+        })
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -96,11 +118,22 @@ pub struct Pair {
 
 impl Pair {
     /// Formats a pair in a fresh directory. `tweak` edits each node's TOML.
+    /// The link is the one `DM_TEST_LINK` names ([`fabric_link`]).
     pub fn new(name: &str, port_offset: u16, tweak: impl Fn(u32, String) -> String) -> Pair {
+        Pair::new_on(name, port_offset, fabric_link(), tweak)
+    }
+
+    /// [`Pair::new`] with the link on libfabric (`fabric`) or TCP.
+    pub fn new_on(
+        name: &str,
+        port_offset: u16,
+        fabric: bool,
+        tweak: impl Fn(u32, String) -> String,
+    ) -> Pair {
         let port_offset = port_offset + port_shift();
         let dir = fresh_dir(name);
         let mk = |id: u32| {
-            let (cfg, toml) = format_node(&dir, id, port_offset, &tweak);
+            let (cfg, toml) = format_node_on(&dir, id, port_offset, fabric, &tweak);
             Node {
                 admin: field(&toml, "admin", "listen").to_string(),
                 nbd: field(&toml, "nbd", "listen").to_string(),

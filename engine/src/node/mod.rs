@@ -23,9 +23,8 @@
 //! replicated state blob), `standalone.rs` (`serve --standalone`).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::io;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -47,7 +46,7 @@ use crate::core::{
     Action, ConfirmMode, Core, CoreConfig, Event, HostError, Log, Meta, Msg, ReqHeader, ReqKind,
     Role, Seq, SessionState, Token,
 };
-use crate::link::{parse_frames, push_frame, push_req_frame, LinkManager, LinkOptions};
+use crate::link::{Connection, LinkManager, LinkOptions};
 use crate::status::{IoStats, Latency, NodeStatus, ReplayStats};
 use crate::sys::{now_ms, poll_fds, rss_bytes, EventFd};
 
@@ -257,7 +256,12 @@ impl Node {
             hosted: Mutex::new(None),
             hosted_new: AtomicBool::new(false),
         });
-        let link = LinkManager::start(opts.link.clone()).map_err(|e| e.to_string())?;
+        let link = LinkManager::start(
+            opts.link.clone(),
+            opts.max_message_bytes,
+            opts.poll_mode == PollMode::Busy,
+        )
+        .map_err(|e| e.to_string())?;
         let start = Instant::now();
         let core = Core::new(core_cfg, meta, RingLog(ring), 0);
         log::info!(

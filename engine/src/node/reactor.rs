@@ -59,11 +59,8 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) backend: B,
     pub(super) meta: MetaWriter,
     pub(super) link: LinkManager,
-    pub(super) sock: Option<TcpStream>,
-    pub(super) rx: Vec<u8>,
-    pub(super) rx_len: usize,
-    pub(super) tx: Vec<u8>,
-    pub(super) tx_off: usize,
+    /// The replication connection (TCP or fabric: [`crate::link::Transport`]).
+    pub(super) conn: Option<Connection>,
     pub(super) start: Instant,
     pub(super) actions: Vec<Action>,
     pub(super) msgs: Vec<Msg>,
@@ -93,8 +90,6 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) link_left: bool,
 }
 
-pub(super) const RX_BUF_BYTES: usize = 4 << 20;
-
 impl<B: Backend> Reactor<B> {
     pub(super) fn new(
         opts: NodeOptions,
@@ -105,7 +100,6 @@ impl<B: Backend> Reactor<B> {
         link: LinkManager,
         start: Instant,
     ) -> Self {
-        let rx_cap = RX_BUF_BYTES.max(opts.max_message_bytes + 64);
         let meta = MetaWriter::start(store, shared.clone());
         Reactor {
             opts,
@@ -114,11 +108,7 @@ impl<B: Backend> Reactor<B> {
             backend,
             meta,
             link,
-            sock: None,
-            rx: vec![0; rx_cap],
-            rx_len: 0,
-            tx: Vec::with_capacity(1 << 20),
-            tx_off: 0,
+            conn: None,
             start,
             actions: Vec::new(),
             msgs: Vec::new(),
@@ -169,8 +159,12 @@ impl<B: Backend> Polled for Reactor<B> {
     fn sleep(&mut self, extra: Option<RawFd>) {
         let mut fds = vec![(self.shared.wake.fd(), false), (self.link.wake.fd(), false)];
         fds.extend(extra.map(|fd| (fd, false)));
-        if let Some(s) = &self.sock {
-            fds.push((s.as_raw_fd(), self.tx_off < self.tx.len()));
+        if let Some(c) = self.conn.as_mut() {
+            match c.sleep_fd() {
+                Some(fd) => fds.push(fd),
+                // The connection may have work pending: no sleep.
+                None => return,
+            }
         }
         // Wake at least every 10 ms for heartbeats and timers.
         let drain = [&self.shared.wake, &self.link.wake];
@@ -230,8 +224,8 @@ impl<B: Backend> Reactor<B> {
             self.link.stop();
             self.close_socket();
         }
-        while let Some(s) = self.link.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        while let Some(mut c) = self.link.take() {
+            c.close();
         }
         true
     }
@@ -549,15 +543,15 @@ impl<B: Backend> Reactor<B> {
     pub(super) fn apply(&mut self, a: Action) {
         match a {
             Action::Send(m) => {
-                if self.sock.is_some() {
-                    push_frame(&mut self.tx, &m);
+                if let Some(c) = self.conn.as_mut() {
+                    c.send(&m);
                     self.msgs_sent += 1;
                 }
             }
             Action::SendEntry(seq) => {
-                if self.sock.is_some() {
+                if let Some(c) = self.conn.as_mut() {
                     if let Some((h, p)) = self.core.log.0.get(seq) {
-                        push_req_frame(&mut self.tx, &from_record(&h), p);
+                        c.send_req(&from_record(&h), p);
                         self.msgs_sent += 1;
                     }
                 }

@@ -1,31 +1,28 @@
-//! The reactor's replication socket: taking a connection from the link
-//! manager, reading frames into the core and writing its output.
+//! The reactor's side of the replication link: taking a connection from
+//! the link manager, feeding what arrives to the core and sending its
+//! output, through the [`crate::link::Transport`] seam (TCP or fabric).
 
 use super::*;
 
 impl<B: Backend> Reactor<B> {
     pub(super) fn take_link(&mut self) -> bool {
-        let Some(s) = self.link.take() else {
+        let Some(c) = self.link.take() else {
             return false;
         };
-        if self.sock.is_some() {
+        if self.conn.is_some() {
             self.drop_socket(false);
         }
-        // Every path that closes a socket also empties the buffers.
-        self.sock = Some(s);
+        self.conn = Some(c);
         self.peer_refused = None;
         self.core.handle(Event::PeerConnected);
         true
     }
 
-    /// Closes the replication socket and forgets its buffered bytes.
+    /// Closes the replication connection and forgets what it buffered.
     pub(super) fn close_socket(&mut self) {
-        if let Some(s) = self.sock.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        if let Some(mut c) = self.conn.take() {
+            c.close();
         }
-        self.rx_len = 0;
-        self.tx.clear();
-        self.tx_off = 0;
     }
 
     pub(super) fn drop_socket(&mut self, reconnect: bool) {
@@ -37,49 +34,15 @@ impl<B: Backend> Reactor<B> {
     }
 
     pub(super) fn read_socket(&mut self) -> bool {
-        let Some(s) = self.sock.as_mut() else {
+        let Some(c) = self.conn.as_mut() else {
             return false;
         };
-        let mut did = false;
-        loop {
-            if self.rx_len == self.rx.len() {
-                break;
-            }
-            match s.read(&mut self.rx[self.rx_len..]) {
-                Ok(0) => {
-                    log::warn!("replication peer closed the connection");
-                    self.drop_socket(true);
-                    return true;
-                }
-                Ok(n) => {
-                    self.rx_len += n;
-                    self.bytes_received += n as u64;
-                    did = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("replication link read error: {e}");
-                    self.drop_socket(true);
-                    return true;
-                }
-            }
-        }
-        if !did {
-            return false;
-        }
         self.msgs.clear();
-        match parse_frames(
-            &self.rx[..self.rx_len],
-            self.opts.max_message_bytes,
-            &mut self.msgs,
-        ) {
-            Ok(used) => {
-                self.rx.copy_within(used..self.rx_len, 0);
-                self.rx_len -= used;
-            }
+        match c.recv(&mut self.msgs) {
+            Ok(0) if self.msgs.is_empty() => return false,
+            Ok(n) => self.bytes_received += n,
             Err(e) => {
-                log::error!("replication link: {e}; dropping the connection");
+                log::warn!("{e}");
                 self.drop_socket(true);
                 return true;
             }
@@ -95,32 +58,19 @@ impl<B: Backend> Reactor<B> {
     }
 
     pub(super) fn write_socket(&mut self) -> bool {
-        let Some(s) = self.sock.as_mut() else {
-            self.tx.clear();
-            self.tx_off = 0;
+        let Some(c) = self.conn.as_mut() else {
             return false;
         };
-        let mut did = false;
-        while self.tx_off < self.tx.len() {
-            match s.write(&self.tx[self.tx_off..]) {
-                Ok(n) => {
-                    self.tx_off += n;
-                    self.bytes_sent += n as u64;
-                    did = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("replication link write error: {e}");
-                    self.drop_socket(true);
-                    return true;
-                }
+        match c.flush() {
+            Ok(n) => {
+                self.bytes_sent += n;
+                n > 0
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                self.drop_socket(true);
+                true
             }
         }
-        if self.tx_off == self.tx.len() {
-            self.tx.clear();
-            self.tx_off = 0;
-        }
-        did
     }
 }
