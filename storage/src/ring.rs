@@ -960,6 +960,11 @@ impl Ring {
     /// fdatasync, in any order. (A failed fdatasync must not be reported: the
     /// node should stop, as the kernel may have dropped the dirty pages.)
     pub fn sync_completed(&mut self, synced_seq: u64) {
+        if self.write_error.is_some() {
+            // After a failed write or fdatasync a later fdatasync may succeed
+            // without what the failed one lost: nothing becomes durable.
+            return;
+        }
         let Some(i) = self.pending.iter().position(|p| p.seq == synced_seq) else {
             return; // covered by a later sync that completed first
         };
@@ -967,6 +972,19 @@ impl Ring {
         self.pending.drain(..=i);
         self.durable_seq = self.durable_seq.max(done.seq);
         self.reclaim_pos = self.reclaim_pos.max(done.tail_pos);
+    }
+
+    /// The fdatasync issued after the `prepare_sync` that returned
+    /// `synced_seq` failed: the kernel may have dropped the ring's dirty
+    /// pages, so its on-disk state is unknown. Kept for
+    /// [`Ring::write_error`]; nothing is reported durable by it.
+    pub fn sync_failed(&mut self, synced_seq: u64, why: String) {
+        if self.write_error.is_none() {
+            self.write_error = Some(format!(
+                "{}: the fdatasync that was to make seq {synced_seq} durable failed: {why}",
+                self.path.display()
+            ));
+        }
     }
 
     /// Trimmed space waits for a durable header before it can be reused:

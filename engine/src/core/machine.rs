@@ -43,6 +43,11 @@ pub enum Event {
     LogSynced {
         through: Seq,
     },
+    /// The flush for `through` failed: the ring's on-disk state is unknown.
+    LogFlushFailed {
+        through: Seq,
+        why: String,
+    },
     MetaPersisted {
         version: u64,
     },
@@ -70,8 +75,9 @@ pub enum Action {
     Send(Msg),
     /// Send ring entry `seq` as a `Msg::Req`.
     SendEntry(Seq),
-    /// Make the ring durable through its current head and answer
-    /// `LogSynced { through }` with that head.
+    /// Make the ring durable: the driver calls `Core::begin_log_flush`,
+    /// carries out the flush I/O it returns and answers `LogSynced` or
+    /// `LogFlushFailed` with the seq it returned.
     SyncLog,
     PersistMeta {
         version: u64,
@@ -250,7 +256,9 @@ pub struct ReplayProgress {
 
 pub struct Core<L: Log> {
     cfg: CoreConfig,
-    pub log: L,
+    /// Private to the core: drivers read it through [`Core::log`] and drive
+    /// its flushes through [`Core::begin_log_flush`] and the flush events.
+    pub(in crate::core) log: L,
     meta: Meta,
     meta_version: u64,
     meta_durable: u64,
@@ -478,6 +486,24 @@ impl<L: Log> Core<L> {
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
     }
+    /// The log, to read entries (send, execute) and report on it.
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+    /// The log back from a stopped core (the simulator's crash).
+    pub fn into_log(self) -> L {
+        self.log
+    }
+    /// Begin the flush an `Action::SyncLog` asked for: the seq it makes
+    /// durable and the I/O the driver carries out before answering
+    /// `LogSynced` or `LogFlushFailed` with that seq.
+    pub fn begin_log_flush(&mut self) -> (Seq, L::Flush) {
+        self.log.begin_flush()
+    }
+    /// Make the log durable before returning (shutdown).
+    pub fn flush_log_now(&mut self) -> Result<(), String> {
+        self.log.flush_now()
+    }
     /// Backup: caught up with the primary since this node started, so a
     /// promote loses no acknowledged write.
     pub fn is_current(&self) -> bool {
@@ -568,6 +594,17 @@ impl<L: Log> Core<L> {
     /// write failed): refuse further work rather than guess.
     pub fn fatal(&mut self, why: String) {
         self.fail(why)
+    }
+
+    /// A log whose on-disk state is unknown makes the node refuse further
+    /// work (once); a restart recovers from what is durable.
+    fn check_log(&mut self) {
+        if self.failed.is_none() {
+            if let Some(e) = self.log.failure() {
+                let why = format!("the ring failed: {e}");
+                self.fail(why);
+            }
+        }
     }
 
     fn fail(&mut self, why: String) {
@@ -1087,10 +1124,19 @@ impl<L: Log> Core<L> {
                 self.last_rx_ms = self.now_ms;
                 self.on_msg(m)
             }
-            Event::LogSynced { through } => {
+            Event::LogFlushFailed { through, why } => {
                 self.log_syncs_inflight = self.log_syncs_inflight.saturating_sub(1);
-                // A truncation may have dropped entries since the sync began.
-                self.log_durable = self.log_durable.max(through.min(self.log.head()));
+                self.log.flush_failed(through, why);
+                self.check_log();
+            }
+            Event::LogSynced { through } => {
+                self.log.flush_completed(through);
+                self.log_syncs_inflight = self.log_syncs_inflight.saturating_sub(1);
+                // A truncation may have dropped entries since the sync began;
+                // after a failed flush nothing counts as durable any more.
+                if self.log.failure().is_none() {
+                    self.log_durable = self.log_durable.max(through.min(self.log.head()));
+                }
             }
             Event::MetaPersisted { version } => {
                 self.meta_inflight = false;
@@ -1853,6 +1899,7 @@ impl<L: Log> Core<L> {
     /// coalesced ACKs, trims, flushes, metadata. Call once per reactor
     /// iteration after handling the events of that iteration.
     pub fn poll(&mut self) {
+        self.check_log();
         if self.failed.is_some() {
             return;
         }

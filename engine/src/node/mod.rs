@@ -63,7 +63,6 @@ use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
 use reactor::{Overflow, PendingHost, Reactor};
-use ring_log::from_record;
 pub use ring_log::RingLog;
 pub use state::state_file;
 

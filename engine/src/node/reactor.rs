@@ -145,7 +145,9 @@ impl Reactor {
         let (mode, spin_us) = (self.opts.poll_mode, self.opts.adaptive_spin_us);
         poll_loop(self, mode, spin_us);
         // Make the ring durable on the way out.
-        let _ = self.core.log.0.sync();
+        if let Err(e) = self.core.flush_log_now() {
+            log::error!("cannot make the ring durable on the way out: {e}");
+        }
         self.fail_all_hosts();
         self.shared.state.fail_all();
     }
@@ -189,7 +191,6 @@ impl Polled for Reactor {
         self.core.poll();
         did |= self.run_actions();
         self.publish_state();
-        self.ring_failed();
         self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
         did |= self.write_socket();
@@ -440,16 +441,15 @@ impl Reactor {
                     self.core.handle(Event::DiskFlushed { token, result: res })
                 }
                 Inflight::LogSync(through) => match res {
-                    Ok(()) => {
-                        self.core.log.0.sync_completed(through);
-                        self.core.handle(Event::LogSynced { through });
-                    }
+                    Ok(()) => self.core.handle(Event::LogSynced { through }),
                     Err(e) => {
-                        // The kernel may have dropped dirty ring pages: refuse
-                        // further work rather than guess.
-                        log::error!("ring fdatasync failed (errno {e}); the node stops serving");
-                        self.core
-                            .fatal(format!("ring fdatasync failed (errno {e})"));
+                        // The kernel may have dropped what the flush was to
+                        // write: the core refuses further work.
+                        log::error!("ring flush failed (errno {e}); the node stops serving");
+                        self.core.handle(Event::LogFlushFailed {
+                            through,
+                            why: format!("flush failed (errno {e})"),
+                        });
                     }
                 },
                 Inflight::HostRead(id) => {
@@ -462,20 +462,6 @@ impl Reactor {
             }
         }
         self.comps = comps;
-        true
-    }
-
-    /// A failed ring write or sync leaves the ring's on-disk state unknown:
-    /// the node stops serving (once) and a restart recovers from the ring.
-    pub(super) fn ring_failed(&mut self) -> bool {
-        let Some(e) = self.core.log.0.write_error() else {
-            return false;
-        };
-        if self.core.failed().is_none() {
-            let e = e.to_string();
-            log::error!("ring write failed: {e}; the node stops serving");
-            self.core.fatal(format!("ring write failed: {e}"));
-        }
         true
     }
 
@@ -511,29 +497,24 @@ impl Reactor {
             }
             Action::SendEntry(seq) => {
                 if self.sock.is_some() {
-                    if let Some((h, p)) = self.core.log.0.get(seq) {
-                        push_req_frame(&mut self.tx, &from_record(&h), p);
+                    if let Some((h, p)) = self.core.log().get(seq) {
+                        push_req_frame(&mut self.tx, &h, p);
                         self.msgs_sent += 1;
                     }
                 }
             }
             Action::SyncLog => {
-                let through = self.core.log.0.prepare_sync();
-                if self.ring_failed() {
-                    return;
-                }
-                let fd = self.core.log.0.fd();
-                self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
+                let (through, op) = self.core.begin_log_flush();
+                self.submit(Inflight::LogSync(through), op);
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
-                let Some((h, p)) = self.core.log.0.get(seq) else {
+                let Some((h, p)) = self.core.log().get(seq) else {
                     log::error!("execute of seq {seq} missing from the ring");
                     self.core
                         .fatal(format!("seq {seq} to execute is missing from the ring"));
                     return;
                 };
-                let h = from_record(&h);
                 let op = match h.kind {
                     ReqKind::Write => BackendOp::Write {
                         offset: h.offset,
@@ -684,11 +665,11 @@ impl Reactor {
             forced_generations: meta.forced.clone(),
             degraded: c.is_degraded(),
             peer_stale_from_seq: meta.peer_stale_from,
-            head_seq: c.log.head(),
+            head_seq: c.log().head(),
             executed_seq: executed,
-            delta_entries: c.log.len(),
-            delta_bytes: c.log.payload_bytes(),
-            ring_capacity_bytes: c.log.capacity_bytes(),
+            delta_entries: c.log().len(),
+            delta_bytes: c.log().payload_bytes(),
+            ring_capacity_bytes: c.log().capacity_bytes(),
             ack1_seq: ack1,
             ack2_seq: ack2,
             ack3_seq: ack3,
