@@ -105,12 +105,12 @@ pub fn meta_path(data_dir: &Path) -> PathBuf {
 
 // ----- the volume the front-ends see -----
 
-enum HostOp {
-    Io {
-        op: VolumeOp,
-        done: Completion,
-        start: Instant,
-    },
+/// A host request on its way to the reactor: the operation, where its
+/// result goes, and when it was submitted (for the latency histograms).
+struct HostOp {
+    op: VolumeOp,
+    done: Completion,
+    start: Instant,
 }
 
 struct Shared {

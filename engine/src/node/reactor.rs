@@ -260,7 +260,7 @@ impl Reactor {
         let mut did = false;
         // Bound the batch so the link and the disk get their turn.
         for _ in 0..256 {
-            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+            let Some(HostOp { op, done, start }) = self.shared.mailbox.pop() else {
                 break;
             };
             did = true;
@@ -373,7 +373,7 @@ impl Reactor {
                 self.complete_host(i, Err(IoError::Unavailable));
             }
         }
-        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+        while let Some(HostOp { done, .. }) = self.shared.mailbox.pop() {
             done(Err(IoError::Unavailable));
         }
     }
