@@ -10,7 +10,7 @@
 //! offset in the data area is `pos % capacity`.
 //!
 //! Writes: the file is opened with O_DIRECT (where the filesystem refuses
-//! it, e.g. tmpfs, the ring logs so and writes through the page cache).
+//! it, e.g. tmpfs before Linux 6.6, the ring logs so and writes through the page cache).
 //! Appends are built in place in a block-aligned staging area; nothing
 //! reaches the file until [`Ring::prepare_sync`], which writes everything
 //! appended since the previous one as one contiguous write (two where the
