@@ -452,6 +452,8 @@ pub struct Sim {
     /// them (and only them).
     corrupted: Vec<u64>,
     verify_checked: [Option<u64>; 2],
+    /// A test made this node's ring device fail every flush.
+    ring_flushes_fail: [bool; 2],
 }
 
 fn stamp(buf: &mut [u8], id: u64) {
@@ -512,6 +514,7 @@ impl Sim {
             replay_checked: [None; 2],
             replay_done_checked: [None; 2],
             corrupted: Vec::new(),
+            ring_flushes_fail: [false; 2],
             verify_checked: [None; 2],
             trace: std::env::var("DM_SIM_TRACE").is_ok(),
             p,
@@ -779,6 +782,7 @@ impl Sim {
         for p in due {
             let eio =
                 self.nodes[i].eio && self.faults && self.rng.chance(self.p.eio_per_mille * 20);
+            let flush_fails = eio || self.ring_flushes_fail[i];
             let n = &mut self.nodes[i];
             let Some(core) = n.core.as_mut() else { return };
             let ev = match p {
@@ -814,7 +818,7 @@ impl Sim {
                 // A failing ring device fails the flush: the node must refuse
                 // further work, and a crash keeps only what earlier flushes
                 // made durable (plus, maybe, part of the rest).
-                Pend::LogSync { through } if eio => {
+                Pend::LogSync { through } if flush_fails => {
                     self.counts.ring_flush_failures += 1;
                     Event::LogFlushFailed {
                         through,
@@ -1814,6 +1818,44 @@ mod tests {
             on_acks * 10 < on_reqs * 9,
             "coalesced: {on_acks} ACK1s for {on_reqs} REQs"
         );
+    }
+
+    /// Scenario (issue 14 item 2): the primary's ring device fails a flush.
+    /// The flush goes through the same `Log` methods as in the node; the
+    /// primary refuses further work (its path turns inaccessible) and fails
+    /// the writes waiting on the flush instead of acknowledging them.
+    #[test]
+    fn a_failed_ring_flush_stops_the_node() {
+        let mut sim = Sim::with_params(5, calm(5));
+        for _ in 0..200 {
+            sim.step();
+        }
+        assert!(sim.nodes[0].core.as_ref().unwrap().is_serving());
+        sim.ring_flushes_fail[0] = true;
+        for _ in 0..200 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().failed().is_some() {
+                break;
+            }
+        }
+        let failed_at = sim.now;
+        let c = sim.nodes[0].core.as_ref().unwrap();
+        let why = c.failed().expect("a failed ring flush stops the node");
+        assert!(why.contains("flush failed"), "{why}");
+        assert!(!c.is_serving());
+        // From then on the node acknowledges nothing: the host's writes to
+        // it fail (the I4 checks of the seeded runs cover the takeover).
+        for _ in 0..100 {
+            sim.step();
+        }
+        let c = sim.nodes[0].core.as_ref().unwrap();
+        assert!(c.failed().is_some() && !c.is_serving());
+        let late_acks = sim
+            .writes
+            .iter()
+            .filter(|w| w.node == 0 && w.state == WState::Ok && w.completed_ms > failed_at)
+            .count();
+        assert_eq!(late_acks, 0, "writes acknowledged after the failed flush");
     }
 
     /// Scenario (issue 11 item 1, the sequence that lost writes): the backup
