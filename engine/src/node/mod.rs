@@ -197,11 +197,16 @@ impl Node {
             )
         })?;
         log::info!(
-            "ring recovered: {} records (seq {}..{}), torn tail {} bytes",
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; written {}",
             recovery.records,
             recovery.first_seq,
             recovery.next_seq,
-            recovery.torn_tail_bytes
+            recovery.torn_tail_bytes,
+            if ring.is_direct() {
+                "with O_DIRECT"
+            } else {
+                "through the page cache"
+            }
         );
         meta.incarnation += 1;
         store
