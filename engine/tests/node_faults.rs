@@ -274,7 +274,7 @@ fn arm(ctl: &FaultControl, fault: Fault) {
 fn failed_reason(fault: Fault) -> &'static str {
     match fault {
         Fault::DiskWrite => "disk write error",
-        Fault::RingFlush => "ring fdatasync failed",
+        Fault::RingFlush => "the ring failed",
     }
 }
 

@@ -69,6 +69,11 @@ pub enum Event {
     RingFlushed {
         through: Seq,
     },
+    /// The flush for `through` failed: the ring's on-disk state is unknown.
+    RingFlushFailed {
+        through: Seq,
+        why: String,
+    },
     MetaPersisted {
         version: u64,
     },
@@ -96,8 +101,9 @@ pub enum Action {
     Send(Msg),
     /// Send ring entry `seq` as a `Msg::Req`.
     SendEntry(Seq),
-    /// Make the ring durable through its current head and answer
-    /// `RingFlushed { through }` with that head.
+    /// Make the ring durable: the driver calls `Core::begin_log_flush`,
+    /// carries out the flush I/O it returns and answers `RingFlushed` or
+    /// `RingFlushFailed` with the seq it returned.
     FlushRing,
     PersistMeta {
         version: u64,
@@ -217,7 +223,9 @@ impl ExecItem {
 
 pub struct Core<L: Log> {
     cfg: CoreConfig,
-    pub log: L,
+    /// Private to the core: drivers read it through [`Core::log`] and drive
+    /// its flushes through [`Core::begin_log_flush`] and the flush events.
+    pub(in crate::core) log: L,
     now_ms: u64,
     /// Why this node refuses further work (a disk or ring error), if it does.
     failed: Option<String>,
@@ -372,6 +380,24 @@ impl<L: Log> Core<L> {
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
     }
+    /// The log, to read entries (send, execute) and report on it.
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+    /// The log back from a stopped core (the simulator's crash).
+    pub fn into_log(self) -> L {
+        self.log
+    }
+    /// Begin the flush an `Action::FlushRing` asked for: the seq it makes
+    /// durable and the I/O the driver carries out before answering
+    /// `RingFlushed` or `RingFlushFailed` with that seq.
+    pub fn begin_log_flush(&mut self) -> (Seq, L::Flush) {
+        self.log.begin_flush()
+    }
+    /// Make the log durable before returning (shutdown).
+    pub fn flush_log_now(&mut self) -> Result<(), String> {
+        self.log.flush_now()
+    }
     /// Backup: caught up with the primary since this node started, so a
     /// promote loses no acknowledged write.
     pub fn is_current(&self) -> bool {
@@ -478,6 +504,17 @@ impl<L: Log> Core<L> {
     /// write failed): refuse further work rather than guess.
     pub fn fatal(&mut self, why: String) {
         self.fail(why)
+    }
+
+    /// A log whose on-disk state is unknown makes the node refuse further
+    /// work (once); a restart recovers from what is durable.
+    fn check_log(&mut self) {
+        if self.failed.is_none() {
+            if let Some(e) = self.log.failure() {
+                let why = format!("the ring failed: {e}");
+                self.fail(why);
+            }
+        }
     }
 
     fn fail(&mut self, why: String) {
@@ -847,7 +884,20 @@ impl<L: Log> Core<L> {
                 self.session.last_rx_ms = self.now_ms;
                 self.on_msg(m)
             }
-            Event::RingFlushed { through } => self.pipe.ring_flushed(through, self.log.head()),
+            Event::RingFlushFailed { through, why } => {
+                self.pipe.ring_flush_failed();
+                self.log.flush_failed(through, why);
+                self.check_log();
+            }
+            Event::RingFlushed { through } => {
+                self.log.flush_completed(through);
+                // After a failed flush nothing counts as durable any more.
+                if self.log.failure().is_none() {
+                    self.pipe.ring_flushed(through, self.log.head());
+                } else {
+                    self.pipe.ring_flush_failed();
+                }
+            }
             Event::MetaPersisted { version } => {
                 self.meta_inflight = false;
                 self.meta_durable = self.meta_durable.max(version);
@@ -1127,6 +1177,7 @@ impl<L: Log> Core<L> {
     /// coalesced ACKs, trims, flushes, metadata. Call once per reactor
     /// iteration after handling the events of that iteration.
     pub fn poll(&mut self) {
+        self.check_log();
         if self.failed.is_some() {
             return;
         }

@@ -20,8 +20,23 @@ pub use msg::{Hello, Msg};
 pub use types::*;
 
 /// The persistent ring as the core sees it: the delay buffer and the delta
-/// queue. Appends are volatile until the driver reports `RingFlushed`.
+/// queue. Appends are volatile until a flush makes them durable.
+///
+/// Flush protocol (the same in the node and in the simulator): the core asks
+/// for a flush with `Action::FlushRing`; the driver calls
+/// [`Core::begin_log_flush`](machine::Core::begin_log_flush), which calls
+/// [`Log::begin_flush`] and hands back the seq the flush makes durable and
+/// the I/O the driver must carry out ([`Log::Flush`]: for the node's ring an
+/// fdatasync of the ring file). The driver reports the outcome as
+/// `Event::RingFlushed { through }` (the core then calls
+/// [`Log::flush_completed`]) or `Event::RingFlushFailed { through, why }`
+/// (the core calls [`Log::flush_failed`] and refuses further work). A log
+/// whose on-disk state became unknown in any other way (a failed write)
+/// says so through [`Log::failure`], and the core refuses further work too.
 pub trait Log {
+    /// The I/O a driver carries out to complete a flush begun with
+    /// [`Log::begin_flush`] (the simulator's log needs none: `()`).
+    type Flush;
     /// Oldest seq held (== `next_seq()` when empty).
     fn first_seq(&self) -> Seq;
     /// Seq the next append must carry.
@@ -40,6 +55,24 @@ pub trait Log {
     fn wants_sync(&self) -> bool {
         false
     }
+    /// Start a flush of everything appended so far: returns the highest seq
+    /// it makes durable once the returned I/O completed and
+    /// [`Log::flush_completed`] is called with that seq.
+    fn begin_flush(&mut self) -> (Seq, Self::Flush);
+    /// The flush that `begin_flush` said makes `through` durable completed.
+    /// Flushes may complete in any order; one that completed covers every
+    /// flush begun before it.
+    fn flush_completed(&mut self, through: Seq);
+    /// The flush for `through` failed: the log's on-disk state is unknown
+    /// (the kernel may have dropped what it was asked to write), so it is
+    /// never reported durable; [`Log::failure`] says why from now on.
+    fn flush_failed(&mut self, through: Seq, why: String);
+    /// Why the log's on-disk state is unknown (a failed write or flush), if
+    /// it is: the node must refuse further work, and a restart recovers
+    /// from what is durable.
+    fn failure(&self) -> Option<&str>;
+    /// Make everything appended durable before returning (shutdown).
+    fn flush_now(&mut self) -> Result<(), String>;
     fn head(&self) -> Seq {
         self.next_seq() - 1
     }

@@ -96,6 +96,12 @@ impl Pipeline {
 
     /// A ring flush finished: entries through `through` are durable, as far
     /// as the ring still holds them (a truncation may have come meanwhile).
+    /// A ring flush failed (or completed after one failed): it makes
+    /// nothing durable; the core refuses further work.
+    pub fn ring_flush_failed(&mut self) {
+        self.flushes_inflight = self.flushes_inflight.saturating_sub(1);
+    }
+
     pub fn ring_flushed(&mut self, through: Seq, head: Seq) {
         self.flushes_inflight = self.flushes_inflight.saturating_sub(1);
         self.ring_durable = self.ring_durable.max(through.min(head));

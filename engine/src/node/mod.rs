@@ -64,7 +64,6 @@ use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
 use reactor::{Overflow, PendingHost, Reactor};
-use ring_log::from_record;
 pub use ring_log::RingLog;
 pub use state::state_file;
 
@@ -107,12 +106,12 @@ pub fn meta_path(data_dir: &Path) -> PathBuf {
 
 // ----- the volume the front-ends see -----
 
-enum HostOp {
-    Io {
-        op: VolumeOp,
-        done: Completion,
-        start: Instant,
-    },
+/// A host request on its way to the reactor: the operation, where its
+/// result goes, and when it was submitted (for the latency histograms).
+struct HostOp {
+    op: VolumeOp,
+    done: Completion,
+    start: Instant,
 }
 
 struct Shared {
@@ -217,11 +216,16 @@ impl Node {
             )
         })?;
         log::info!(
-            "ring recovered: {} records (seq {}..{}), torn tail {} bytes",
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; written {}",
             recovery.records,
             recovery.first_seq,
             recovery.next_seq,
-            recovery.torn_tail_bytes
+            recovery.torn_tail_bytes,
+            if ring.is_direct() {
+                "with O_DIRECT"
+            } else {
+                "through the page cache"
+            }
         );
         meta.incarnation += 1;
         store

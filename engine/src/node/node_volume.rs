@@ -61,7 +61,7 @@ impl Volume for NodeVolume {
         if self.shared.stop.load(Ordering::Acquire) {
             return done(Err(IoError::Unavailable));
         }
-        let mut item = HostOp::Io {
+        let mut item = HostOp {
             op,
             done,
             start: Instant::now(),

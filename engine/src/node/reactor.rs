@@ -39,7 +39,7 @@ pub(super) enum Inflight {
     ExtentWrite(Token),
     ExtentRead { token: Token, offset: u64 },
     Flush(Token),
-    LogSync(Seq),
+    RingFlush(Seq),
     HostRead(usize),
 }
 
@@ -141,7 +141,9 @@ impl<B: Backend> Reactor<B> {
         let (mode, spin_us) = (self.opts.poll_mode, self.opts.adaptive_spin_us);
         poll_loop(self, mode, spin_us);
         // Make the ring durable on the way out.
-        let _ = self.core.log.0.sync();
+        if let Err(e) = self.core.flush_log_now() {
+            log::error!("cannot make the ring durable on the way out: {e}");
+        }
         self.fail_all_hosts();
         self.shared.state.fail_all();
     }
@@ -191,7 +193,6 @@ impl<B: Backend> Polled for Reactor<B> {
         self.core.poll();
         did |= self.run_actions();
         self.publish_state();
-        self.ring_failed();
         self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
         did |= self.write_socket();
@@ -298,7 +299,7 @@ impl<B: Backend> Reactor<B> {
         let mut did = false;
         // Bound the batch so the link and the disk get their turn.
         for _ in 0..256 {
-            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+            let Some(HostOp { op, done, start }) = self.shared.mailbox.pop() else {
                 break;
             };
             did = true;
@@ -411,7 +412,7 @@ impl<B: Backend> Reactor<B> {
                 self.complete_host(i, Err(IoError::Unavailable));
             }
         }
-        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+        while let Some(HostOp { done, .. }) = self.shared.mailbox.pop() {
             done(Err(IoError::Unavailable));
         }
     }
@@ -451,7 +452,7 @@ impl<B: Backend> Reactor<B> {
             let res = c.result.map(|_| ());
             let us = (self.inflight_at[tag].elapsed().as_micros() as u64).max(1);
             match &what {
-                Inflight::LogSync(_) => {
+                Inflight::RingFlush(_) => {
                     let _ = self.sync_hist.record(us);
                 }
                 Inflight::Exec(_) | Inflight::ExtentWrite(_) => {
@@ -478,17 +479,16 @@ impl<B: Backend> Reactor<B> {
                 Inflight::Flush(token) => {
                     self.core.handle(Event::DiskFlushed { token, result: res })
                 }
-                Inflight::LogSync(through) => match res {
-                    Ok(()) => {
-                        self.core.log.0.sync_completed(through);
-                        self.core.handle(Event::RingFlushed { through });
-                    }
+                Inflight::RingFlush(through) => match res {
+                    Ok(()) => self.core.handle(Event::RingFlushed { through }),
                     Err(e) => {
-                        // The kernel may have dropped dirty ring pages: refuse
-                        // further work rather than guess.
-                        log::error!("ring fdatasync failed (errno {e}); the node stops serving");
-                        self.core
-                            .fatal(format!("ring fdatasync failed (errno {e})"));
+                        // The kernel may have dropped what the flush was to
+                        // write: the core refuses further work.
+                        log::error!("ring flush failed (errno {e}); the node stops serving");
+                        self.core.handle(Event::RingFlushFailed {
+                            through,
+                            why: format!("flush failed (errno {e})"),
+                        });
                     }
                 },
                 Inflight::HostRead(id) => {
@@ -501,20 +501,6 @@ impl<B: Backend> Reactor<B> {
             }
         }
         self.comps = comps;
-        true
-    }
-
-    /// A failed ring write or sync leaves the ring's on-disk state unknown:
-    /// the node stops serving (once) and a restart recovers from the ring.
-    pub(super) fn ring_failed(&mut self) -> bool {
-        let Some(e) = self.core.log.0.write_error() else {
-            return false;
-        };
-        if self.core.failed().is_none() {
-            let e = e.to_string();
-            log::error!("ring write failed: {e}; the node stops serving");
-            self.core.fatal(format!("ring write failed: {e}"));
-        }
         true
     }
 
@@ -550,29 +536,24 @@ impl<B: Backend> Reactor<B> {
             }
             Action::SendEntry(seq) => {
                 if let Some(c) = self.conn.as_mut() {
-                    if let Some((h, p)) = self.core.log.0.get(seq) {
-                        c.send_req(&from_record(&h), p);
+                    if let Some((h, p)) = self.core.log().get(seq) {
+                        c.send_req(&h, p);
                         self.msgs_sent += 1;
                     }
                 }
             }
             Action::FlushRing => {
-                let through = self.core.log.0.prepare_sync();
-                if self.ring_failed() {
-                    return;
-                }
-                let fd = self.core.log.0.fd();
-                self.submit(Inflight::LogSync(through), BackendOp::SyncFd { fd });
+                let (through, op) = self.core.begin_log_flush();
+                self.submit(Inflight::RingFlush(through), op);
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
-                let Some((h, p)) = self.core.log.0.get(seq) else {
+                let Some((h, p)) = self.core.log().get(seq) else {
                     log::error!("execute of seq {seq} missing from the ring");
                     self.core
                         .fatal(format!("seq {seq} to execute is missing from the ring"));
                     return;
                 };
-                let h = from_record(&h);
                 let op = match h.kind {
                     ReqKind::Write => BackendOp::Write {
                         offset: h.offset,
@@ -745,11 +726,11 @@ impl<B: Backend> Reactor<B> {
             forced_generations: meta.forced.clone(),
             degraded: c.is_degraded(),
             peer_stale_from_seq: meta.peer_stale_from,
-            head_seq: c.log.head(),
+            head_seq: c.log().head(),
             executed_seq: executed,
-            delta_entries: c.log.len(),
-            delta_bytes: c.log.payload_bytes(),
-            ring_capacity_bytes: c.log.capacity_bytes(),
+            delta_entries: c.log().len(),
+            delta_bytes: c.log().payload_bytes(),
+            ring_capacity_bytes: c.log().capacity_bytes(),
             ack1_seq: ack1,
             ack2_seq: ack2,
             ack3_seq: ack3,

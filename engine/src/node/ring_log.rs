@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// Adapts the persistent ring to the core's `Log`.
-pub struct RingLog(pub Ring);
+/// Adapts the persistent ring to the core's `Log`. The node reaches the
+/// ring only through that trait.
+pub struct RingLog(pub(super) Ring);
 
 pub(super) fn to_record(h: &ReqHeader) -> RecordHeader {
     RecordHeader {
@@ -16,7 +17,7 @@ pub(super) fn to_record(h: &ReqHeader) -> RecordHeader {
     }
 }
 
-pub(super) fn from_record(r: &RecordHeader) -> ReqHeader {
+fn from_record(r: &RecordHeader) -> ReqHeader {
     ReqHeader {
         seq: r.seq,
         gen: r.gen,
@@ -28,6 +29,10 @@ pub(super) fn from_record(r: &RecordHeader) -> ReqHeader {
 }
 
 impl Log for RingLog {
+    /// The backend operation that completes a flush: an fdatasync of the
+    /// ring file, issued beside the disk I/O.
+    type Flush = BackendOp;
+
     fn first_seq(&self) -> Seq {
         self.0.first_seq()
     }
@@ -57,6 +62,22 @@ impl Log for RingLog {
     }
     fn capacity_bytes(&self) -> u64 {
         self.0.capacity_bytes()
+    }
+    fn begin_flush(&mut self) -> (Seq, BackendOp) {
+        let through = self.0.prepare_sync();
+        (through, BackendOp::SyncFd { fd: self.0.fd() })
+    }
+    fn flush_completed(&mut self, through: Seq) {
+        self.0.sync_completed(through)
+    }
+    fn flush_failed(&mut self, through: Seq, why: String) {
+        self.0.sync_failed(through, why)
+    }
+    fn failure(&self) -> Option<&str> {
+        self.0.write_error()
+    }
+    fn flush_now(&mut self) -> Result<(), String> {
+        self.0.sync().map_err(|e| e.to_string())
     }
     fn wants_sync(&self) -> bool {
         // Every regular sync also makes trimmed space reusable; a sync just

@@ -119,7 +119,7 @@ impl<B: Backend> Standalone<B> {
         for i in 0..self.pending.len() {
             self.complete(i, Err(IoError::Unavailable));
         }
-        while let Some(HostOp::Io { done, .. }) = self.shared.mailbox.pop() {
+        while let Some(HostOp { done, .. }) = self.shared.mailbox.pop() {
             done(Err(IoError::Unavailable));
         }
     }
@@ -183,7 +183,7 @@ impl<B: Backend> Standalone<B> {
     fn take_host_ops(&mut self) -> bool {
         let mut did = false;
         for _ in 0..256 {
-            let Some(HostOp::Io { op, done, start }) = self.shared.mailbox.pop() else {
+            let Some(HostOp { op, done, start }) = self.shared.mailbox.pop() else {
                 break;
             };
             did = true;

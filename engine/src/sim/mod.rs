@@ -44,15 +44,22 @@ impl Rng {
     }
 }
 
-/// In-memory ring with a durable point; a crash keeps the durable prefix
-/// and a random part of the rest (a torn tail).
+/// In-memory ring with the flush protocol of the node's ring: appends are
+/// durable only once a flush begun after them completed; a flush can fail
+/// (the log then reports a failure and the node refuses further work), and
+/// a crash keeps the durable prefix and a random part of the rest (a torn
+/// tail: what a flush in flight or a failed one may have written).
 pub struct SimLog {
     first: Seq,
     entries: VecDeque<(ReqHeader, Vec<u8>)>,
     capacity: u64,
     used: u64,
     payload: u64,
-    pub durable: Seq,
+    durable: Seq,
+    /// Flushes begun and not yet completed or failed, by the seq each makes
+    /// durable, oldest first.
+    flushing: VecDeque<Seq>,
+    failed: Option<String>,
 }
 
 const ENTRY_OVERHEAD: u64 = 64;
@@ -66,7 +73,13 @@ impl SimLog {
             used: 0,
             payload: 0,
             durable: 0,
+            flushing: VecDeque::new(),
+            failed: None,
         }
+    }
+    /// Highest seq a completed flush made durable.
+    pub fn durable(&self) -> Seq {
+        self.durable
     }
     fn crash(&mut self, rng: &mut Rng) {
         let head = self.head();
@@ -77,6 +90,10 @@ impl SimLog {
         };
         self.truncate_after(self.durable.max(self.first - 1) + keep_extra);
         self.durable = self.head();
+        // A restart recovers from what is on disk: the failure and the
+        // flushes in flight are gone with the process.
+        self.flushing.clear();
+        self.failed = None;
     }
 }
 
@@ -143,6 +160,46 @@ impl Log for SimLog {
     }
     fn capacity_bytes(&self) -> u64 {
         self.capacity
+    }
+    type Flush = ();
+    fn begin_flush(&mut self) -> (Seq, ()) {
+        let through = self.head();
+        self.flushing.push_back(through);
+        (through, ())
+    }
+    fn flush_completed(&mut self, through: Seq) {
+        let i = self
+            .flushing
+            .iter()
+            .position(|&s| s == through)
+            .expect("flush_completed for a flush that was not begun");
+        // A flush that completed covers every flush begun before it.
+        self.flushing.drain(..=i);
+        if self.failed.is_some() {
+            // After a failed flush a later one may succeed without what the
+            // failed one lost: nothing is reported durable any more.
+            return;
+        }
+        // A truncation may have dropped entries since the flush began.
+        self.durable = self.durable.max(through.min(self.head()));
+    }
+    fn flush_failed(&mut self, through: Seq, why: String) {
+        if let Some(i) = self.flushing.iter().position(|&s| s == through) {
+            self.flushing.remove(i);
+        }
+        self.failed.get_or_insert(why);
+    }
+    fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+    fn flush_now(&mut self) -> Result<(), String> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => {
+                self.durable = self.head();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -257,6 +314,8 @@ pub struct Counts {
     pub both_kills: u64,
     pub link_cuts: u64,
     pub eio_faults: u64,
+    /// Ring flushes that failed (the node then refuses further work).
+    pub ring_flush_failures: u64,
     pub degraded_stretches: u64,
     pub replays: u64,
     pub dirty_map_resyncs: u64,
@@ -282,6 +341,7 @@ impl Counts {
         self.both_kills += o.both_kills;
         self.link_cuts += o.link_cuts;
         self.eio_faults += o.eio_faults;
+        self.ring_flush_failures += o.ring_flush_failures;
         self.degraded_stretches += o.degraded_stretches;
         self.replays += o.replays;
         self.dirty_map_resyncs += o.dirty_map_resyncs;
@@ -395,6 +455,8 @@ pub struct Sim {
     /// them (and only them).
     corrupted: Vec<u64>,
     verify_checked: [Option<u64>; 2],
+    /// A test made this node's ring device fail every flush.
+    ring_flushes_fail: [bool; 2],
 }
 
 fn stamp(buf: &mut [u8], id: u64) {
@@ -455,6 +517,7 @@ impl Sim {
             replay_checked: [None; 2],
             replay_done_checked: [None; 2],
             corrupted: Vec::new(),
+            ring_flushes_fail: [false; 2],
             verify_checked: [None; 2],
             trace: std::env::var("DM_SIM_TRACE").is_ok(),
             p,
@@ -497,7 +560,7 @@ impl Sim {
             return;
         };
         self.log(format!("node {} crashes", i + 1));
-        let mut log = core.log;
+        let mut log = core.into_log();
         log.crash(&mut self.rng);
         let n = &mut self.nodes[i];
         // In-flight disk writes may or may not have reached the platter.
@@ -592,7 +655,7 @@ impl Sim {
             Action::Send(m) => self.send(i, m),
             Action::SendEntry(seq) => {
                 let core = self.nodes[i].core.as_ref().unwrap();
-                let (hdr, p) = core.log.get(seq).expect("SendEntry of a missing seq");
+                let (hdr, p) = core.log().get(seq).expect("SendEntry of a missing seq");
                 let m = Msg::Req {
                     hdr,
                     payload: p.to_vec(),
@@ -600,7 +663,7 @@ impl Sim {
                 self.send(i, m);
             }
             Action::FlushRing => {
-                let through = self.nodes[i].core.as_ref().unwrap().log.head();
+                let (through, ()) = self.nodes[i].core.as_mut().unwrap().begin_log_flush();
                 self.schedule(i, Pend::LogSync { through });
             }
             Action::PersistMeta { version, bytes } => {
@@ -608,7 +671,7 @@ impl Sim {
             }
             Action::Execute { seq } => {
                 let core = self.nodes[i].core.as_ref().unwrap();
-                let (h, p) = core.log.get(seq).expect("Execute of a missing seq");
+                let (h, p) = core.log().get(seq).expect("Execute of a missing seq");
                 if let Some(id) = core.host_id_of(seq) {
                     let w = &mut self.writes[(id - 1) as usize];
                     assert_eq!(
@@ -727,6 +790,7 @@ impl Sim {
         for p in due {
             let eio =
                 self.nodes[i].eio && self.faults && self.rng.chance(self.p.eio_per_mille * 20);
+            let flush_fails = eio || self.ring_flushes_fail[i];
             let n = &mut self.nodes[i];
             let Some(core) = n.core.as_mut() else { return };
             let ev = match p {
@@ -759,10 +823,17 @@ impl Sim {
                     n.meta_durable = bytes;
                     Event::MetaPersisted { version }
                 }
-                Pend::LogSync { through } => {
-                    core.log.durable = core.log.durable.max(through.min(core.log.head()));
-                    Event::RingFlushed { through }
+                // A failing ring device fails the flush: the node must refuse
+                // further work, and a crash keeps only what earlier flushes
+                // made durable (plus, maybe, part of the rest).
+                Pend::LogSync { through } if flush_fails => {
+                    self.counts.ring_flush_failures += 1;
+                    Event::RingFlushFailed {
+                        through,
+                        why: "flush failed (EIO)".into(),
+                    }
                 }
+                Pend::LogSync { through } => Event::RingFlushed { through },
             };
             core.handle(ev);
         }
@@ -1097,20 +1168,20 @@ impl Sim {
                     let peer_head = self.nodes[1 - j]
                         .core
                         .as_ref()
-                        .map(|t| t.log.head())
+                        .map(|t| t.log().head())
                         .expect("a replay to a node that is down");
                     let resync = c.meta().dirty.count() > 0 || p.full || p.extents > 0;
                     assert!(
                         p.first_seq == peer_head + 1
                             || (resync && p.first_seq > peer_head)
-                            || (p.first_seq <= peer_head && p.first_seq < c.log.first_seq()),
+                            || (p.first_seq <= peer_head && p.first_seq < c.log().first_seq()),
                         "I4: node {} replays from seq {} but the peer holds through {peer_head} \
                          (resync {resync})",
                         j + 1,
                         p.first_seq
                     );
                     assert!(
-                        p.first_seq > peer_head || p.first_seq < c.log.first_seq(),
+                        p.first_seq > peer_head || p.first_seq < c.log().first_seq(),
                         "I4: node {} resends seqs {}..={peer_head} the peer holds",
                         j + 1,
                         p.first_seq
@@ -1445,9 +1516,9 @@ impl Sim {
             if !w.blob || w.seq.is_some() {
                 continue;
             }
-            for s in core.log.first_seq()..core.log.next_seq() {
+            for s in core.log().first_seq()..core.log().next_seq() {
                 if core.host_id_of(s) == Some(id) {
-                    let (h, _) = core.log.get(s).expect("ring entry");
+                    let (h, _) = core.log().get(s).expect("ring entry");
                     w.assigned(s, h.gen, &core.meta().history);
                 }
             }
@@ -1648,7 +1719,7 @@ mod tests {
         let summary = format!(
             "simulator: {n} seeds, {completed} acknowledged host writes, {replayed} entries replayed\n  \
              faults: {} primary kills, {} backup kills, {} kills of both, {} stalls, {} link cuts, \
-             {} disk error faults, {} degraded stretches, {} writes sent to a non-serving node\n  \
+             {} disk error faults, {} ring flush failures, {} degraded stretches, {} writes sent to a non-serving node\n  \
              decisions: {} replays, {} dirty-map resyncs, {} full remirrors, {} refusals, \
              {} online verifies\n  \
              promote: {} accepted, {} refused, {} forced, {} withheld by the documented rule; \
@@ -1660,6 +1731,7 @@ mod tests {
             c.stalls,
             c.link_cuts,
             c.eio_faults,
+            c.ring_flush_failures,
             c.degraded_stretches,
             c.writes_to_non_serving,
             c.replays,
@@ -1690,6 +1762,7 @@ mod tests {
             ("stalls", c.stalls),
             ("link cuts", c.link_cuts),
             ("disk error faults", c.eio_faults),
+            ("ring flush failures", c.ring_flush_failures),
             ("degraded stretches", c.degraded_stretches),
             ("writes to a non-serving node", c.writes_to_non_serving),
             ("finished verifies", c.verifies_done),
@@ -1759,6 +1832,44 @@ mod tests {
             on_acks * 10 < on_reqs * 9,
             "coalesced: {on_acks} ACK1s for {on_reqs} REQs"
         );
+    }
+
+    /// Scenario (issue 14 item 2): the primary's ring device fails a flush.
+    /// The flush goes through the same `Log` methods as in the node; the
+    /// primary refuses further work (its path turns inaccessible) and fails
+    /// the writes waiting on the flush instead of acknowledging them.
+    #[test]
+    fn a_failed_ring_flush_stops_the_node() {
+        let mut sim = Sim::with_params(5, calm(5));
+        for _ in 0..200 {
+            sim.step();
+        }
+        assert!(sim.nodes[0].core.as_ref().unwrap().is_serving());
+        sim.ring_flushes_fail[0] = true;
+        for _ in 0..200 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().failed().is_some() {
+                break;
+            }
+        }
+        let failed_at = sim.now;
+        let c = sim.nodes[0].core.as_ref().unwrap();
+        let why = c.failed().expect("a failed ring flush stops the node");
+        assert!(why.contains("flush failed"), "{why}");
+        assert!(!c.is_serving());
+        // From then on the node acknowledges nothing: the host's writes to
+        // it fail (the I4 checks of the seeded runs cover the takeover).
+        for _ in 0..100 {
+            sim.step();
+        }
+        let c = sim.nodes[0].core.as_ref().unwrap();
+        assert!(c.failed().is_some() && !c.is_serving());
+        let late_acks = sim
+            .writes
+            .iter()
+            .filter(|w| w.node == 0 && w.state == WState::Ok && w.completed_ms > failed_at)
+            .count();
+        assert_eq!(late_acks, 0, "writes acknowledged after the failed flush");
     }
 
     /// Scenario (issue 11 item 1, the sequence that lost writes): the backup
@@ -1906,8 +2017,7 @@ mod tests {
                     match a {
                         Action::Send(m) => sent[i].push(m),
                         Action::FlushRing => {
-                            let through = c.log.head();
-                            c.log.durable = through;
+                            let (through, ()) = c.begin_log_flush();
                             c.handle(Event::RingFlushed { through });
                         }
                         Action::PersistMeta { version, .. } => {
@@ -2044,7 +2154,7 @@ mod tests {
         sim.crash_node(0, 1_000_000);
         let b = sim.nodes[1].core.as_ref().unwrap();
         let gen0 = b.meta().generation();
-        let next = b.log.next_seq();
+        let next = b.log().next_seq();
         sim.force_promote(1);
         for _ in 0..1000 {
             sim.step();
@@ -2134,7 +2244,7 @@ mod tests {
             sim.step();
         }
         assert!(!sim.nodes[0].core.as_ref().unwrap().is_degraded());
-        let fork = sim.nodes[1].core.as_ref().unwrap().log.head();
+        let fork = sim.nodes[1].core.as_ref().unwrap().log().head();
         sim.crash_node(0, 1_000_000_000);
         sim.nodes[1].core.as_mut().unwrap().promote(false).unwrap();
         for _ in 0..100 {
@@ -2143,7 +2253,7 @@ mod tests {
         assert!(sim.nodes[1].core.as_ref().unwrap().is_serving());
         sim.nodes[0].down_until = sim.now + 1;
         sim.step();
-        let held = sim.nodes[0].core.as_ref().unwrap().log.head();
+        let held = sim.nodes[0].core.as_ref().unwrap().log().head();
         assert!(held > fork, "the old primary holds nothing past the fork");
         sim.wire.cut_until = sim.now;
         for _ in 0..20_000 {
@@ -2159,7 +2269,7 @@ mod tests {
         );
         assert_eq!(a.role(), Role::Backup);
         assert_eq!(a.meta().history, b.meta().history);
-        assert_eq!(a.log.head(), b.log.head());
+        assert_eq!(a.log().head(), b.log().head());
         // None of the writes the old primary took after the cut completed.
         for w in sim.writes.iter().filter(|w| w.id >= cut_id && w.node == 0) {
             assert_ne!(w.state, WState::Ok, "write {} completed", w.id);

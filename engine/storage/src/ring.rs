@@ -9,11 +9,20 @@
 //! start). Positions are *logical* byte counts that only grow; the physical
 //! offset in the data area is `pos % capacity`.
 //!
-//! Durability protocol: appends, trims and the header only reach the page
-//! cache. [`Ring::prepare_sync`] stores the cursors in the mapped header and
-//! returns the highest seq a following `fdatasync(fd())` makes durable; the
-//! caller issues that fdatasync (through the backend) and reports its
-//! completion with [`Ring::sync_completed`]. Until then the ring does not
+//! Writes: the file is opened with O_DIRECT (where the filesystem refuses
+//! it, e.g. tmpfs before Linux 6.6, the ring logs so and writes through the page cache).
+//! Appends are built in place in a block-aligned staging area; nothing
+//! reaches the file until [`Ring::prepare_sync`], which writes everything
+//! appended since the previous one as one contiguous write (two where the
+//! records wrap around the end of the data area), from the block that holds
+//! the first new byte to the block that holds the last. It then writes the
+//! header block and returns the highest seq a following `fdatasync(fd())`
+//! makes durable; the caller issues that fdatasync (through the backend) and
+//! reports its completion with [`Ring::sync_completed`]: one flush per batch
+//! of appends, whatever the batch size (group commit). The staging area
+//! keeps the most recent records (up to [`STAGE_BYTES`]), so sending and
+//! executing them reads memory; older records are read through a read-only
+//! mapping of the file. Until then the ring does not
 //! reuse trimmed space, so a crash can never leave the on-disk header
 //! pointing at records that were overwritten. [`Ring::truncate_after`] and
 //! [`Ring::reset`] are rare (start-up, handshake, failover) and make
@@ -22,6 +31,7 @@
 //! Memory: the index of record offsets is the only heap structure (4 bytes
 //! per retained record, at most `capacity_bytes / 16` bytes).
 
+use crate::backend::AlignedBuf;
 use memmap2::Mmap;
 use std::collections::VecDeque;
 use std::fmt;
@@ -41,6 +51,18 @@ pub const RECORD_HEADER_BYTES: u64 = 64;
 pub const MAX_CAPACITY_BYTES: u64 = (u32::MAX as u64 + 1) * RECORD_ALIGN_BYTES;
 /// Format version written by this code.
 pub const RING_VERSION: u32 = 1;
+/// Unit of every write to the ring file: writes start and end on multiples
+/// of this (O_DIRECT), and appends never use the last partial block before
+/// space that is still retained, so a write never covers a retained record
+/// it does not rewrite with the same bytes.
+pub const RING_BLOCK_BYTES: u64 = 4096;
+/// Size of the staging area appends are built in (larger when one record
+/// needs it). It is also the window of recent records read from memory.
+pub const STAGE_BYTES: u64 = 8 << 20;
+/// When the staging area is full, the most recent bytes it held (at most
+/// this many) stay in it, so records appended just before are still read
+/// from memory.
+const STAGE_KEEP_BYTES: u64 = 1 << 20;
 
 const RING_MAGIC: &[u8; 8] = b"DMIRRING";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DMRC");
@@ -187,15 +209,29 @@ struct PendingSync {
 pub struct Ring {
     path: PathBuf,
     file: File,
-    /// Read-only view of the file; records are written with pwrite (see
-    /// [`Ring::write_at`]).
+    /// Whether `file` was opened with O_DIRECT.
+    direct: bool,
+    /// Read-only view of the file, for records no longer in the staging
+    /// area (see [`Ring::bytes_at`]).
     map: Mmap,
-    /// Scratch buffer a record is built in before its pwrite.
-    scratch: Vec<u8>,
-    /// The first failed pwrite, if any: the ring's state is unknown from then on.
+    /// Records are built here and written from here (see [`Ring::write_out`]).
+    /// Byte `i` is logical position `stage_start + i`; the bytes before
+    /// `stage_end` are exactly what the ring holds (or will hold) there.
+    stage: AlignedBuf,
+    /// Block-aligned logical position of `stage[0]`. The staged range never
+    /// spans the end of the data area.
+    stage_start: u64,
+    /// End of the bytes built in the stage (the head, or the end of a wrap
+    /// marker that precedes the head).
+    stage_end: u64,
+    /// Every staged byte before this logical position has been written to
+    /// the file.
+    written_pos: u64,
+    /// The header block, built here for its write.
+    header_buf: AlignedBuf,
+    /// The first failed write or fdatasync, if any: the ring's state is
+    /// unknown from then on.
     write_error: Option<String>,
-    /// The read-ahead window the head was last in (see `read_ahead`).
-    read_ahead_window: Option<u64>,
     capacity: u64,
     epoch: u64,
     /// First seq appended in the current epoch; records with a lower seq
@@ -218,13 +254,11 @@ pub struct Ring {
     sync_count: u64,
 }
 
-/// Ring pages are read ahead of the head in windows of this size.
-const READ_AHEAD_BYTES: u64 = 8 << 20;
-
 /// Overwrite the first `len` bytes of `file` with zeroes and make them durable.
 fn write_zeroes(file: &File, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let chunk = vec![0u8; 1 << 20];
+    let chunk = AlignedBuf::new(1 << 20);
+    let chunk = chunk.as_slice();
     let mut at = 0;
     while at < len {
         let n = chunk.len().min((len - at) as usize);
@@ -267,6 +301,41 @@ struct RawRecord {
     payload_len: u64,
 }
 
+fn round_down(pos: u64) -> u64 {
+    pos / RING_BLOCK_BYTES * RING_BLOCK_BYTES
+}
+
+fn round_up(pos: u64) -> u64 {
+    pos.next_multiple_of(RING_BLOCK_BYTES)
+}
+
+/// Open the ring file for reading and writing, with O_DIRECT where the
+/// filesystem allows it. Returns the file and whether O_DIRECT is on.
+fn open_file(path: &Path, create: bool) -> io::Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            log::warn!(
+                "{}: the filesystem refuses O_DIRECT ({e}); the ring is written through \
+                 the page cache (slower flushes; put ring.path on a disk filesystem)",
+                path.display()
+            );
+            open(0).map(|f| (f, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn corrupt(offset: u64, seq_expected: u64, detail: String) -> RingError {
     RingError::Corrupt {
         offset,
@@ -295,18 +364,12 @@ impl Ring {
             )));
         }
         assert!(first_seq >= 1, "seqs start at 1");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("{}: cannot create ring: {e}", path.display()),
-                )
-            })?;
+        let (file, direct) = open_file(path, true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{}: cannot create ring: {e}", path.display()),
+            )
+        })?;
         let file_len = RING_HEADER_BYTES + capacity_bytes;
         // SAFETY: fallocate takes no memory arguments; the result is checked.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, file_len as libc::off_t) };
@@ -336,10 +399,14 @@ impl Ring {
         let mut ring = Ring {
             path: path.to_path_buf(),
             file,
+            direct,
             map,
-            scratch: Vec::new(),
+            stage: AlignedBuf::new(Self::stage_len(capacity_bytes)),
+            stage_start: 0,
+            stage_end: 0,
+            written_pos: 0,
+            header_buf: AlignedBuf::new(RING_HEADER_BYTES as usize),
             write_error: None,
-            read_ahead_window: None,
             capacity: capacity_bytes,
             epoch: 1,
             epoch_first_seq: first_seq,
@@ -367,11 +434,21 @@ impl Ring {
         // read/write and owns for the ring's lifetime; deltamirror never
         // resizes it, and other processes must not modify a ring in use (the
         // same rule as for any database file).
-        // The mapping is read-only: records go in with pwrite, because
-        // fdatasync of pages dirtied through a shared mapping measured 3-10x
-        // slower than of pages written with pwrite (docs/performance.md).
-        // Pages ahead of the head are read in early (see `read_ahead`).
+        // The mapping is read-only: records go in with (O_DIRECT) pwrite from
+        // the staging area, and the kernel drops cached pages of a range an
+        // O_DIRECT write covered, so reads through the mapping see the file.
         unsafe { memmap2::MmapOptions::new().map(file) }
+    }
+
+    /// Staging area size for a ring of `capacity` bytes: room for any record
+    /// plus the block before it, up to [`STAGE_BYTES`].
+    fn stage_len(capacity: u64) -> usize {
+        (capacity.min(STAGE_BYTES) + RING_BLOCK_BYTES) as usize
+    }
+
+    /// Whether the ring file is written with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// Open an existing ring, validate every retained record and recover its
@@ -380,10 +457,7 @@ impl Ring {
     /// On success the recovered state is made durable before returning.
     pub fn open(path: &Path) -> Result<(Ring, Recovery), RingError> {
         let shown = path.display();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let (file, direct) = open_file(path, false)
             .map_err(|e| io::Error::new(e.kind(), format!("{shown}: cannot open ring: {e}")))?;
         let file_len = file.metadata()?.len();
         if file_len < 16 {
@@ -443,10 +517,14 @@ impl Ring {
         let mut ring = Ring {
             path: path.to_path_buf(),
             file,
+            direct,
             map,
-            scratch: Vec::new(),
+            stage: AlignedBuf::new(Self::stage_len(capacity)),
+            stage_start: 0,
+            stage_end: 0,
+            written_pos: 0,
+            header_buf: AlignedBuf::new(RING_HEADER_BYTES as usize),
             write_error: None,
-            read_ahead_window: None,
             capacity,
             epoch,
             epoch_first_seq,
@@ -469,6 +547,9 @@ impl Ring {
                 ring.next_seq
             );
         }
+        // Appends continue in the block that holds the head: stage what the
+        // file holds before the head in that block.
+        ring.restage_at(ring.head_pos);
         // A new epoch makes every record left beyond the recovered head (the
         // torn tail, older laps) invalid for good, even if a later crash
         // leaves a new record of the same length in front of it.
@@ -595,13 +676,13 @@ impl Ring {
         Ok(0)
     }
 
-    /// Write the cursors into the mapped header (page cache only).
+    /// Write the cursors into the header block (durable with the next
+    /// fdatasync).
     fn store_header(&mut self) {
         self.sync_count += 1;
-        let mut hb = std::mem::take(&mut self.scratch);
-        hb.clear();
-        hb.resize(RING_HEADER_BYTES as usize, 0);
-        let h = &mut hb[..];
+        let mut hb = std::mem::replace(&mut self.header_buf, AlignedBuf::new(0));
+        let h = hb.as_mut_slice();
+        h.fill(0);
         h[H_MAGIC..H_MAGIC + 8].copy_from_slice(RING_MAGIC);
         wr_u32(h, H_VERSION, RING_VERSION);
         wr_u32(h, H_HEADER_BYTES, RING_HEADER_BYTES as u32);
@@ -621,20 +702,22 @@ impl Ring {
         wr_u64(h, H_SYNC_COUNT, self.sync_count);
         let crc = crc32c::crc32c(&h[..H_CRC]);
         wr_u32(h, H_CRC, crc);
-        self.write_at(0, &hb);
-        self.scratch = hb;
+        self.write_at(0, hb.as_slice());
+        self.header_buf = hb;
     }
 
-    /// pwrite into the page cache (made durable by the next fdatasync).
-    /// A failure is kept and reported by [`Ring::write_error`]: the node must
-    /// stop, since the ring no longer holds what it was told to.
+    /// One pwrite of whole blocks (O_DIRECT: it reaches the device before
+    /// returning; the next fdatasync makes it durable). A failure is kept
+    /// and reported by [`Ring::write_error`]: the node must stop, since the
+    /// ring no longer holds what it was told to.
     fn write_at(&mut self, at: u64, bytes: &[u8]) {
         use std::os::unix::fs::FileExt;
         if let Err(e) = self.file.write_all_at(bytes, at) {
             if self.write_error.is_none() {
                 self.write_error = Some(format!(
-                    "{}: write at offset {at} failed: {e}",
-                    self.path.display()
+                    "{}: write of {} bytes at offset {at} failed: {e}",
+                    self.path.display(),
+                    bytes.len()
                 ));
             }
         }
@@ -646,9 +729,104 @@ impl Ring {
         self.write_error.as_deref()
     }
 
-    /// Store the header and fdatasync now; everything is durable afterwards.
+    /// Write the staged bytes not yet in the file: one write from the block
+    /// that holds the first of them to the block that holds the last. The
+    /// rest of that last block is zero in the stage; it is free space in the
+    /// file (appends never use a block that also holds retained records of
+    /// an earlier lap, see [`Ring::placement`]).
+    fn write_out(&mut self) {
+        if self.stage_end <= self.written_pos {
+            return;
+        }
+        let from = round_down(self.written_pos);
+        let to = round_up(self.stage_end);
+        let base = self.stage_start;
+        let end_in_stage = (self.stage_end - base) as usize;
+        let to_in_stage = (to - base) as usize;
+        self.stage.as_mut_slice()[end_in_stage..to_in_stage].fill(0);
+        let stage = std::mem::replace(&mut self.stage, AlignedBuf::new(0));
+        let at = RING_HEADER_BYTES + from % self.capacity;
+        self.write_at(at, &stage.as_slice()[(from - base) as usize..to_in_stage]);
+        self.stage = stage;
+        self.written_pos = self.stage_end;
+    }
+
+    /// Start the staging area afresh at the block that holds logical
+    /// position `pos` (the head), with the bytes the ring holds before `pos`
+    /// in that block: from the current stage if it has them, else from the
+    /// file. Everything staged before must already be written.
+    fn restage_at(&mut self, pos: u64) {
+        debug_assert!(self.written_pos >= self.stage_end || self.stage_end == 0);
+        let start = round_down(pos);
+        let keep = (pos - start) as usize;
+        if keep > 0 {
+            if start >= self.stage_start && pos <= self.stage_end {
+                let from = (start - self.stage_start) as usize;
+                self.stage.as_mut_slice().copy_within(from..from + keep, 0);
+            } else {
+                let at = (RING_HEADER_BYTES + start % self.capacity) as usize;
+                let (map, stage) = (&self.map, &mut self.stage);
+                stage.as_mut_slice()[..keep].copy_from_slice(&map[at..at + keep]);
+            }
+        }
+        self.stage_start = start;
+        self.stage_end = pos;
+        self.written_pos = pos;
+    }
+
+    /// Make the stage hold `size` bytes at logical position `pos` (>= the
+    /// stage end): when they would run past the stage or the end of the
+    /// data area, write out what is staged and start the stage again,
+    /// keeping the most recent bytes (up to [`STAGE_KEEP_BYTES`]) of the
+    /// same lap for reads.
+    fn stage_room(&mut self, pos: u64, size: u64) {
+        let same_lap = pos / self.capacity == self.stage_start / self.capacity
+            && (pos + size - 1) / self.capacity == self.stage_start / self.capacity;
+        if same_lap && pos + size - self.stage_start <= self.stage.len() as u64 {
+            return;
+        }
+        self.write_out();
+        let stage_len = self.stage.len() as u64;
+        if same_lap {
+            // Keep the recent bytes before `pos`, whole blocks from the block
+            // that holds `pos` back.
+            let room = stage_len.saturating_sub(size + RING_BLOCK_BYTES);
+            let keep_from =
+                round_down(pos.saturating_sub(STAGE_KEEP_BYTES.min(room))).max(self.stage_start);
+            let from = (keep_from - self.stage_start) as usize;
+            let to = (pos - self.stage_start) as usize;
+            self.stage.as_mut_slice().copy_within(from..to, 0);
+            self.stage_start = keep_from;
+        } else {
+            self.stage_start = round_down(pos);
+            let keep = (pos - self.stage_start) as usize;
+            if keep > 0 {
+                // Not reached: a new lap starts at a block boundary.
+                let at = (RING_HEADER_BYTES + self.stage_start % self.capacity) as usize;
+                let (map, stage) = (&self.map, &mut self.stage);
+                stage.as_mut_slice()[..keep].copy_from_slice(&map[at..at + keep]);
+            }
+        }
+        self.stage_end = pos;
+        self.written_pos = pos;
+        let need = pos + size - self.stage_start;
+        if need > self.stage.len() as u64 {
+            // One record larger than the stage: grow it (kept for later).
+            let mut bigger = AlignedBuf::new(round_up(need) as usize);
+            let keep = (pos - self.stage_start) as usize;
+            bigger.as_mut_slice()[..keep].copy_from_slice(&self.stage.as_slice()[..keep]);
+            self.stage = bigger;
+        }
+    }
+
+    /// Write what is staged and the header, and fdatasync now; everything
+    /// is durable afterwards.
     fn sync_header(&mut self) -> io::Result<()> {
+        self.write_out();
         self.store_header();
+        if let Some(e) = &self.write_error {
+            return Err(io::Error::other(e.clone()));
+        }
         self.file.sync_data()?;
         self.pending.clear();
         self.durable_seq = self.next_seq - 1;
@@ -674,6 +852,9 @@ impl Ring {
 
     /// Where a record of `size` bytes would go: (logical write position,
     /// bytes consumed including a skipped end of the area), or `None`.
+    /// Appends stop at the block boundary at or before the oldest byte a
+    /// durable header may still hold, so the block-sized writes never touch
+    /// a retained record they do not hold in the stage.
     fn placement(&self, size: u64) -> Option<(u64, u64)> {
         let phys = self.head_pos % self.capacity;
         let room_to_end = self.capacity - phys;
@@ -682,44 +863,19 @@ impl Ring {
         } else {
             (self.head_pos + room_to_end, room_to_end + size)
         };
-        (size <= self.capacity && self.head_pos + need <= self.reclaim_pos + self.capacity)
-            .then_some((write_pos, need))
+        let limit = round_down(self.reclaim_pos + self.capacity);
+        (size <= self.capacity && self.head_pos + need <= limit).then_some((write_pos, need))
     }
 
-    /// Asks the kernel to read the window after the one `phys` is in into the
-    /// page cache (asynchronously), once per window. A record that fills
-    /// part of a page not in the cache would otherwise wait for that page to
-    /// be read before its pwrite returns.
-    fn read_ahead(&mut self, phys: u64) {
-        let window = phys / READ_AHEAD_BYTES;
-        if self.read_ahead_window == Some(window) {
-            return;
-        }
-        self.read_ahead_window = Some(window);
-        let next = ((window + 1) * READ_AHEAD_BYTES) % self.capacity;
-        for start in [window * READ_AHEAD_BYTES, next] {
-            let len = READ_AHEAD_BYTES.min(self.capacity - start);
-            // SAFETY: posix_fadvise takes no memory arguments; it is only a
-            // hint, so its result is ignored.
-            unsafe {
-                libc::posix_fadvise(
-                    self.file.as_raw_fd(),
-                    (RING_HEADER_BYTES + start) as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
-        }
-    }
-
-    fn write_chunk(&mut self, phys: u64, magic: u32, h: &RecordHeader, payload: &[u8]) {
-        self.read_ahead(phys);
-        let at = RING_HEADER_BYTES + phys;
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.clear();
-        buf.resize(record_size(payload.len()) as usize, 0);
-        let rec = &mut buf[..];
+    /// Build a record (or wrap marker) at logical position `pos` in the stage.
+    fn put_chunk(&mut self, pos: u64, magic: u32, h: &RecordHeader, payload: &[u8]) {
+        let size = record_size(payload.len());
+        self.stage_room(pos, size);
+        let epoch = self.epoch;
+        let at = (pos - self.stage_start) as usize;
+        let rec = &mut self.stage.as_mut_slice()[at..at + size as usize];
         let hl = RECORD_HEADER_BYTES as usize;
+        rec[..hl].fill(0);
         wr_u32(rec, R_MAGIC, magic);
         rec[R_KIND] = h.kind;
         rec[R_FLAGS] = h.flags;
@@ -727,17 +883,18 @@ impl Ring {
         wr_u64(rec, R_GEN, h.gen);
         wr_u64(rec, R_OFFSET, h.offset);
         wr_u64(rec, R_LEN, h.len);
-        wr_u64(rec, R_EPOCH, self.epoch);
+        wr_u64(rec, R_EPOCH, epoch);
         wr_u32(rec, R_PAYLOAD_LEN, payload.len() as u32);
         rec[hl..hl + payload.len()].copy_from_slice(payload);
+        rec[hl + payload.len()..].fill(0);
         let crc = record_crc(&rec[..hl], payload);
         wr_u32(rec, R_CRC, crc);
-        self.write_at(at, &buf);
-        self.scratch = buf;
+        self.stage_end = pos + size;
     }
 
-    /// Append a record; `h.seq` must be [`Ring::next_seq`]. Not durable until
-    /// a later [`Ring::prepare_sync`] + fdatasync.
+    /// Append a record; `h.seq` must be [`Ring::next_seq`]. It is built in
+    /// the staging area; not in the file until the next
+    /// [`Ring::prepare_sync`], and not durable until the fdatasync after it.
     pub fn append(&mut self, h: &RecordHeader, payload: &[u8]) -> Result<(), RingFull> {
         assert_eq!(
             h.seq, self.next_seq,
@@ -755,10 +912,10 @@ impl Ring {
                 offset: 0,
                 len: 0,
             };
-            self.write_chunk(self.head_pos % self.capacity, WRAP_MAGIC, &marker, &[]);
+            self.put_chunk(self.head_pos, WRAP_MAGIC, &marker, &[]);
         }
         let phys = write_pos % self.capacity;
-        self.write_chunk(phys, RECORD_MAGIC, h, payload);
+        self.put_chunk(write_pos, RECORD_MAGIC, h, payload);
         if self.index.is_empty() {
             self.tail_pos = write_pos;
         }
@@ -811,9 +968,8 @@ impl Ring {
             return None;
         }
         let phys = self.phys_of(seq);
-        let at = (RING_HEADER_BYTES + phys) as usize;
         let hl = RECORD_HEADER_BYTES as usize;
-        let hdr = &self.map[at..at + hl];
+        let hdr = self.bytes_at(self.pos_of(seq), RECORD_HEADER_BYTES);
         let payload_len = rd_u32(hdr, R_PAYLOAD_LEN) as usize;
         assert!(
             rd_u32(hdr, R_MAGIC) == RECORD_MAGIC
@@ -822,7 +978,7 @@ impl Ring {
             "{}: index points to a damaged record for seq {seq} at data offset {phys}",
             self.path.display()
         );
-        let payload = &self.map[at + hl..at + hl + payload_len];
+        let payload = &self.bytes_at(self.pos_of(seq), (hl + payload_len) as u64)[hl..];
         assert_eq!(
             record_crc(hdr, payload),
             rd_u32(hdr, R_CRC),
@@ -841,8 +997,21 @@ impl Ring {
     }
 
     fn payload_len_of(&self, seq: u64) -> u64 {
-        let at = (RING_HEADER_BYTES + self.phys_of(seq)) as usize;
-        u64::from(rd_u32(&self.map[at..at + 64], R_PAYLOAD_LEN))
+        let hdr = self.bytes_at(self.pos_of(seq), RECORD_HEADER_BYTES);
+        u64::from(rd_u32(hdr, R_PAYLOAD_LEN))
+    }
+
+    /// `len` bytes of what the ring holds at logical position `pos`: from
+    /// the staging area if it has them, else through the mapping (the file
+    /// holds every byte staged before `stage_start`).
+    fn bytes_at(&self, pos: u64, len: u64) -> &[u8] {
+        if pos >= self.stage_start && pos + len <= self.stage_end {
+            let at = (pos - self.stage_start) as usize;
+            &self.stage.as_slice()[at..at + len as usize]
+        } else {
+            let at = (RING_HEADER_BYTES + pos % self.capacity) as usize;
+            &self.map[at..at + len as usize]
+        }
     }
 
     /// Drop every record with a seq <= `seq` (the peer executed them). Seqs
@@ -879,6 +1048,10 @@ impl Ring {
             self.next_seq - 1
         );
         if seq + 1 == self.next_seq {
+            // Nothing to drop; what is kept is still made durable.
+            if self.durable_seq < seq {
+                self.sync_header_or_fail("truncation");
+            }
             return;
         }
         if seq < self.first_seq {
@@ -888,8 +1061,12 @@ impl Ring {
         for s in seq + 1..self.next_seq {
             self.payload_bytes -= self.payload_len_of(s);
         }
+        // What is staged goes to the file first, so the records kept are
+        // there and the stage can restart at the new head.
+        self.write_out();
         let last_pos = self.pos_of(seq);
         self.head_pos = last_pos + record_size(self.payload_len_of(seq) as usize);
+        self.restage_at(self.head_pos);
         self.index.truncate((seq + 1 - self.first_seq) as usize);
         self.next_seq = seq + 1;
         self.epoch += 1;
@@ -902,6 +1079,9 @@ impl Ring {
     /// [`Ring::write_error`] reports a failure.
     pub fn reset(&mut self, next_seq: u64) {
         assert!(next_seq >= 1, "seqs start at 1");
+        // The dropped records may still be staged: write them out so the
+        // stage and the file agree before the head moves on.
+        self.write_out();
         self.index.clear();
         self.payload_bytes = 0;
         self.tail_pos = self.head_pos;
@@ -938,11 +1118,14 @@ impl Ring {
         &self.path
     }
 
-    /// Store the cursors in the mapped header. Returns the highest seq that
-    /// an fdatasync of [`Ring::fd`] issued after this call makes durable
+    /// Write what was appended since the last call (one contiguous write of
+    /// whole blocks, two at a wrap of the data area) and the header block.
+    /// Returns the highest seq that an fdatasync of [`Ring::fd`] issued
+    /// after this call makes durable
     /// (`next_seq() - 1`). Report that fdatasync's success with
     /// [`Ring::sync_completed`]; without it trimmed space is never reused.
     pub fn prepare_sync(&mut self) -> u64 {
+        self.write_out();
         self.store_header();
         let seq = self.next_seq - 1;
         if self.pending.len() == MAX_PENDING_SYNCS {
@@ -960,6 +1143,11 @@ impl Ring {
     /// fdatasync, in any order. (A failed fdatasync must not be reported: the
     /// node should stop, as the kernel may have dropped the dirty pages.)
     pub fn sync_completed(&mut self, synced_seq: u64) {
+        if self.write_error.is_some() {
+            // After a failed write or fdatasync a later fdatasync may succeed
+            // without what the failed one lost: nothing becomes durable.
+            return;
+        }
         let Some(i) = self.pending.iter().position(|p| p.seq == synced_seq) else {
             return; // covered by a later sync that completed first
         };
@@ -967,6 +1155,19 @@ impl Ring {
         self.pending.drain(..=i);
         self.durable_seq = self.durable_seq.max(done.seq);
         self.reclaim_pos = self.reclaim_pos.max(done.tail_pos);
+    }
+
+    /// The fdatasync issued after the `prepare_sync` that returned
+    /// `synced_seq` failed: the kernel may have dropped the ring's dirty
+    /// pages, so its on-disk state is unknown. Kept for
+    /// [`Ring::write_error`]; nothing is reported durable by it.
+    pub fn sync_failed(&mut self, synced_seq: u64, why: String) {
+        if self.write_error.is_none() {
+            self.write_error = Some(format!(
+                "{}: the fdatasync that was to make seq {synced_seq} durable failed: {why}",
+                self.path.display()
+            ));
+        }
     }
 
     /// Trimmed space waits for a durable header before it can be reused:
@@ -993,5 +1194,17 @@ impl Ring {
             self.reclaim_pos = self.reclaim_pos.max(latest.tail_pos);
         }
         Ok(())
+    }
+}
+
+impl Drop for Ring {
+    /// A clean close writes what is staged (without making it durable), as
+    /// page-cache writes used to leave it in the file. A process that is
+    /// killed loses what it staged since its last flush: those records were
+    /// never durable.
+    fn drop(&mut self) {
+        if self.write_error.is_none() {
+            self.write_out();
+        }
     }
 }
