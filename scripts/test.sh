@@ -21,6 +21,11 @@ command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
 command -v cmp >/dev/null || need_pkgs+=(diffutils)
+# The etcd-client crate compiles etcd's .proto files with protoc; the
+# automatic failover tests (tests/failover.rs) run real etcd servers.
+command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
 # The rdma crate builds against libfabric's headers and loads libfabric.so.1
 # at run time; its tests and the fabric pair runs use its tcp provider;
 # fi_info (libfabric-bin) checks it.

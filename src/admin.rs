@@ -313,6 +313,54 @@ fn render_metrics(s: &NodeStatus) -> String {
             seq as f64,
         );
     }
+    if let Some(fo) = &s.failover {
+        m.gauge(
+            "deltamirror_failover_holds_lease",
+            "Automatic failover: 1 while this node holds the etcd leader key under its lease.",
+            f(fo.holds_lease),
+        );
+        m.gauge(
+            "deltamirror_failover_lease_left_seconds",
+            "Automatic failover: time left on this node's lease, on its own clock (0: none).",
+            fo.lease_left_ms as f64 / 1000.0,
+        );
+        if let Some(ago) = fo.last_renewal_ms_ago {
+            m.gauge(
+                "deltamirror_failover_last_renewal_seconds",
+                "Automatic failover: time since the lease was last renewed.",
+                ago as f64 / 1000.0,
+            );
+        }
+        if let Some(id) = fo.lease_holder_node_id {
+            m.gauge(
+                "deltamirror_failover_lease_holder_node_id",
+                "Automatic failover: the node etcd names primary.",
+                id as f64,
+            );
+        }
+        m.gauge(
+            "deltamirror_failover_etcd_reachable",
+            "Automatic failover: 1 while etcd answers and its keys parse.",
+            f(fo.etcd_reachable && fo.etcd_error.is_none()),
+        );
+        m.gauge(
+            "deltamirror_failover_fenced",
+            "Automatic failover: 1 while the agent fences this node (it lost etcd and the peer).",
+            f(fo.fenced),
+        );
+        m.gauge(
+            "deltamirror_failover_transitions",
+            "Automatic failover: transitions of the agent since start.",
+            fo.transitions as f64,
+        );
+    }
+    if let Some(w) = &s.stale_mark_wanted {
+        m.gauge(
+            "deltamirror_failover_stale_mark_wait_seconds",
+            "Automatic failover: how long writes have waited for etcd to record the backup stale.",
+            w.waiting_ms as f64 / 1000.0,
+        );
+    }
     m.gauge(
         "deltamirror_head_seq",
         "Highest seq assigned (primary) or received (backup).",
@@ -1093,7 +1141,30 @@ mod tests {
         let mut s = sample();
         s.degraded = true;
         s.peer_stale_from_seq = Some(91);
+        s.stale_mark_wanted = Some(engine::status::StaleMarkWanted {
+            generation: 3,
+            from_seq: 92,
+            waiting_ms: 1500,
+        });
+        s.failover = Some(engine::status::FailoverStatus {
+            mode: "etcd".into(),
+            holds_lease: true,
+            lease_left_ms: 2500,
+            last_renewal_ms_ago: Some(500),
+            lease_holder_node_id: Some(1),
+            etcd_reachable: true,
+            transitions: 2,
+            ..Default::default()
+        });
         let text = render_metrics(&s);
+        for want in [
+            "deltamirror_failover_holds_lease 1\n",
+            "deltamirror_failover_lease_left_seconds 2.5\n",
+            "deltamirror_failover_stale_mark_wait_seconds 1.5\n",
+            "deltamirror_failover_fenced 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing");
+        }
         let mut typed = std::collections::HashMap::new();
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {

@@ -50,10 +50,63 @@ pub struct Config {
     pub nvme: NvmeConfig,
     #[serde(default)]
     pub iscsi: IscsiConfig,
+    #[serde(default, skip_serializing_if = "FailoverConfig::is_manual_default")]
+    pub failover: FailoverConfig,
     /// Deprecated keys the file used (each accepted under its new name):
     /// what to rename, logged at start-up.
     #[serde(skip)]
     pub deprecations: Vec<String>,
+}
+
+/// How the pair fails over: by an operator (`manual`) or by itself through
+/// an etcd lease (`etcd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    #[default]
+    Manual,
+    Etcd,
+}
+
+/// `[failover]`: automatic failover with an etcd lease (issue 12). Both
+/// nodes of a pair must have the same section (checked at the handshake).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    pub mode: FailoverMode,
+    /// etcd client URLs, `http://host:port`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of the pair's keys in etcd (default `/deltamirror/<volume uuid>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+    /// The primary's lease, whole seconds (etcd counts leases in seconds).
+    pub lease_ttl_ms: u64,
+    /// How long writes wait for the backup's stale mark to be recorded in
+    /// etcd before they fail with a retryable error.
+    pub stale_mark_timeout_ms: u64,
+}
+
+/// Bounds of `failover.lease_ttl_ms`.
+pub const MIN_LEASE_TTL_MS: u64 = 1_000;
+pub const MAX_LEASE_TTL_MS: u64 = 60_000;
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            mode: FailoverMode::Manual,
+            etcd_endpoints: Vec::new(),
+            key_prefix: None,
+            lease_ttl_ms: 3_000,
+            stale_mark_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl FailoverConfig {
+    fn is_manual_default(&self) -> bool {
+        *self == FailoverConfig::default()
+    }
 }
 
 /// The role a node is formatted with. After `format` the persisted role
@@ -512,6 +565,7 @@ impl Config {
         self.check_reactor(&mut v);
         self.check_targets(&mut v);
         self.check_listen_addresses(&mut v);
+        self.check_failover(&mut v);
         if v.0.is_empty() {
             Ok(())
         } else {
@@ -970,6 +1024,102 @@ impl Config {
         }
     }
 
+    fn check_failover(&self, v: &mut Problems) {
+        let f = &self.failover;
+        if f.mode == FailoverMode::Manual {
+            if !f.etcd_endpoints.is_empty() || f.key_prefix.is_some() {
+                v.push(
+                    "failover.etcd_endpoints / failover.key_prefix are set but failover.mode = \"manual\" (the default) ignores them; set failover.mode = \"etcd\" for automatic failover, or remove them"
+                        .to_string(),
+                );
+            }
+            return;
+        }
+        if f.etcd_endpoints.is_empty() {
+            v.push(
+                "failover.etcd_endpoints is empty: with failover.mode = \"etcd\" list the etcd cluster's client URLs (three members on separate hosts); e.g. failover.etcd_endpoints = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]"
+                    .to_string(),
+            );
+        }
+        for e in &f.etcd_endpoints {
+            if let Err(why) = check_etcd_endpoint(e) {
+                v.push(format!(
+                    "failover.etcd_endpoints: {e:?} {why}; write each as http://HOST:PORT, e.g. \"http://10.0.0.1:2379\""
+                ));
+            }
+        }
+        let uniq: BTreeSet<&String> = f.etcd_endpoints.iter().collect();
+        if uniq.len() != f.etcd_endpoints.len() {
+            v.push(
+                "failover.etcd_endpoints lists an endpoint twice; list each etcd member once"
+                    .to_string(),
+            );
+        }
+        if let Some(p) = &f.key_prefix {
+            if !p.starts_with('/')
+                || p.ends_with('/')
+                || p.len() > 200
+                || !p.bytes().all(|b| b.is_ascii_graphic())
+            {
+                v.push(format!(
+                    "failover.key_prefix = {p:?}: must start with '/', not end with '/', and be at most 200 printable ASCII characters without spaces, the same on both nodes and unique to this pair; e.g. failover.key_prefix = \"/deltamirror/pair-a\" (or remove it for /deltamirror/<volume uuid>)"
+                ));
+            }
+        }
+        let ttl = f.lease_ttl_ms;
+        if !(MIN_LEASE_TTL_MS..=MAX_LEASE_TTL_MS).contains(&ttl) || !ttl.is_multiple_of(1000) {
+            let fix = (ttl.div_ceil(1000) * 1000).clamp(MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS);
+            v.push(format!(
+                "failover.lease_ttl_ms = {ttl}: must be whole seconds (etcd counts leases in seconds) from {MIN_LEASE_TTL_MS} to {MAX_LEASE_TTL_MS}; e.g. failover.lease_ttl_ms = {fix}"
+            ));
+        }
+        let t = f.stale_mark_timeout_ms;
+        if !(100..=600_000).contains(&t) {
+            v.push(format!(
+                "failover.stale_mark_timeout_ms = {t}: must be 100 to 600000 (how long writes wait for etcd before failing, retryable); e.g. failover.stale_mark_timeout_ms = 5000"
+            ));
+        }
+    }
+
+    /// The etcd key prefix of this pair: `failover.key_prefix`, or
+    /// `/deltamirror/<volume uuid>`.
+    pub fn failover_key_prefix(&self) -> String {
+        match &self.failover.key_prefix {
+            Some(p) => p.clone(),
+            None => format!(
+                "/deltamirror/{}",
+                self.volume_uuid_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        }
+    }
+
+    /// Fingerprint of the failover configuration, sent in the handshake
+    /// (both nodes must agree): 0 for manual failover.
+    pub fn failover_fingerprint(&self) -> u64 {
+        let f = &self.failover;
+        if f.mode == FailoverMode::Manual {
+            return 0;
+        }
+        // The endpoints may differ: each node may reach the same cluster
+        // through other addresses (its nearest member first, a local proxy).
+        let canon = format!(
+            "etcd|{}|{}|{}",
+            self.failover_key_prefix(),
+            f.lease_ttl_ms,
+            f.stale_mark_timeout_ms
+        );
+        // FNV-1a, 64 bits: stable across versions and platforms.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canon.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h.max(1)
+    }
+
     /// The volume UUID as 16 bytes.
     pub fn volume_uuid_bytes(&self) -> [u8; 16] {
         parse_uuid(&self.volume.uuid).expect("volume.uuid is checked by validate()")
@@ -1099,6 +1249,7 @@ impl Config {
                 peer_listen: Some(peer(3260)),
                 peer_portal_group_tag: Some(3 - node_id as u16),
             },
+            failover: FailoverConfig::default(),
             deprecations: Vec::new(),
         }
     }
@@ -1153,6 +1304,26 @@ fn read_psk_file(path: &Path) -> io::Result<Vec<u8>> {
         key.pop();
     }
     Ok(key)
+}
+
+/// An etcd client URL: `http://HOST:PORT` (no TLS yet, no path).
+fn check_etcd_endpoint(e: &str) -> Result<(), &'static str> {
+    if e.starts_with("https://") {
+        return Err("uses https, which this build does not support yet (plain http only; keep etcd's client port on a trusted network)");
+    }
+    let Some(rest) = e.strip_prefix("http://") else {
+        return Err("does not start with http://");
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err("has no :PORT");
+    };
+    if host.is_empty() || host.contains('/') || rest.contains('/') {
+        return Err("must be http://HOST:PORT with no path");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("has a port that is not 1 to 65535"),
+    }
 }
 
 fn parse_uuid(s: &str) -> Option<[u8; 16]> {
@@ -1287,6 +1458,68 @@ mod tests {
             let text = c.to_toml_string();
             assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
         }
+    }
+
+    fn etcd_mode() -> Config {
+        let mut c = base();
+        c.failover.mode = FailoverMode::Etcd;
+        c.failover.etcd_endpoints = vec!["http://127.0.0.1:2379".into()];
+        c
+    }
+
+    #[test]
+    fn failover_section_is_checked_field_by_field() {
+        etcd_mode().validate().unwrap();
+        let text = etcd_mode().to_toml_string();
+        assert!(text.contains("[failover]"), "{text}");
+        assert_eq!(Config::parse(&text).unwrap(), etcd_mode());
+        // Manual mode (the default) writes no section and stays as before.
+        assert!(!base().to_toml_string().contains("failover"));
+        let mut c = etcd_mode();
+        c.failover.etcd_endpoints.clear();
+        assert!(check_rejects(&c, "failover.etcd_endpoints").contains("http://10.0.0.1:2379"));
+        for bad in [
+            "127.0.0.1:2379",
+            "http://127.0.0.1",
+            "https://e:2379",
+            "http://e:0",
+            "http://e:2379/v3",
+        ] {
+            let mut c = etcd_mode();
+            c.failover.etcd_endpoints = vec![bad.into()];
+            check_rejects(&c, "failover.etcd_endpoints");
+        }
+        let mut c = etcd_mode();
+        c.failover.lease_ttl_ms = 1500;
+        assert!(check_rejects(&c, "failover.lease_ttl_ms").contains("lease_ttl_ms = 2000"));
+        c.failover.lease_ttl_ms = 0;
+        check_rejects(&c, "failover.lease_ttl_ms");
+        let mut c = etcd_mode();
+        c.failover.key_prefix = Some("deltamirror/".into());
+        check_rejects(&c, "failover.key_prefix");
+        let mut c = etcd_mode();
+        c.failover.stale_mark_timeout_ms = 10;
+        check_rejects(&c, "failover.stale_mark_timeout_ms");
+        let mut c = base();
+        c.failover.etcd_endpoints = vec!["http://127.0.0.1:2379".into()];
+        check_rejects(&c, "failover.mode");
+    }
+
+    #[test]
+    fn failover_fingerprint_differs_with_the_section() {
+        assert_eq!(base().failover_fingerprint(), 0);
+        let a = etcd_mode();
+        assert_ne!(a.failover_fingerprint(), 0);
+        let mut b = Config::example(2, Path::new("/tmp/elsewhere"), 3);
+        b.failover = a.failover.clone();
+        b.failover.etcd_endpoints = vec!["http://10.0.0.9:2379".into()];
+        assert_eq!(a.failover_fingerprint(), b.failover_fingerprint());
+        b.failover.lease_ttl_ms = 5000;
+        assert_ne!(a.failover_fingerprint(), b.failover_fingerprint());
+        assert_eq!(
+            a.failover_key_prefix(),
+            "/deltamirror/6d6972726f722d64656d6f2d766f6c30"
+        );
     }
 
     #[test]

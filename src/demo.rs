@@ -444,3 +444,246 @@ pub fn run(
     println!("(state and logs kept in {})", pair.dir.display());
     Ok(())
 }
+
+/// A local single-member etcd for `demo --auto-failover` (tests only: a
+/// real deployment runs three members on separate hosts).
+struct LocalEtcd {
+    child: Option<Child>,
+    client: String,
+}
+
+impl LocalEtcd {
+    fn start(dir: &Path) -> Result<LocalEtcd> {
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (client, peer) = (free()?, free()?);
+        let log = File::create(dir.join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .args(["--name", "demo"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("demo=http://127.0.0.1:{peer}"),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        let e = LocalEtcd {
+            child: Some(child),
+            client: format!("http://127.0.0.1:{client}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd did not start (see {})",
+                    dir.join("etcd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(e)
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `demo --auto-failover`: a pair with automatic failover through a local
+/// etcd. Kills the primary under writes; the backup takes over by itself;
+/// every acknowledged write is read back from it; the old primary returns
+/// as backup and receives only the delta.
+pub fn run_auto_failover(dir: Option<PathBuf>, port_offset: u16) -> Result<()> {
+    if !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("etcd").is_file())
+    {
+        bail!(
+            "--auto-failover needs the etcd server binary, which is not installed \
+             (Debian: apt-get install etcd-server; scripts/test.sh installs it)"
+        );
+    }
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("deltamirror-demo-fo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let etcd = LocalEtcd::start(&dir)?;
+    let ttl = 1000;
+    let mut cfgs = [
+        Config::example(1, &dir, port_offset),
+        Config::example(2, &dir, port_offset),
+    ];
+    for c in cfgs.iter_mut() {
+        c.failover.mode = crate::config::FailoverMode::Etcd;
+        c.failover.etcd_endpoints = vec![etcd.client.clone()];
+        c.failover.lease_ttl_ms = ttl;
+    }
+    let mut pair = Pair {
+        dir: dir.clone(),
+        cfgs,
+        children: [None, None],
+    };
+    for i in 0..2 {
+        let p = pair.config_path(i);
+        std::fs::write(&p, pair.cfgs[i].to_toml_string())?;
+        if !pair.cfgs[i].node.data_dir.join("meta").exists() {
+            cmd_format(&p, false, false)?;
+        }
+    }
+    println!(
+        "deltamirror automatic failover demo in {} (etcd at {}, lease {ttl} ms)",
+        dir.display(),
+        etcd.client
+    );
+    pair.spawn(0)?;
+    pair.spawn(1)?;
+    let s = pair.wait(
+        0,
+        "primary holding the etcd lease, backup caught up",
+        30,
+        |s| {
+            s.role == "primary"
+                && s.serving
+                && s.peer_state == "connected"
+                && s.failover.as_ref().is_some_and(|f| f.holds_lease)
+        },
+    )?;
+    pair.wait(1, "backup caught up", 30, |s| s.current)?;
+    println!(
+        "1. node 1 is primary in generation {} and holds the lease ({})",
+        s.generation,
+        s.failover
+            .as_ref()
+            .map(crate::statusfmt::failover_line)
+            .unwrap_or_default()
+    );
+    let (a, b) = (pair.cfgs[0].clone(), pair.cfgs[1].clone());
+    // Writes through node 1, one at a time: a write counts once its reply
+    // arrived. The primary is killed while they run.
+    let acked = std::sync::atomic::AtomicU64::new(0);
+    let nbd_a = a.nbd.listen.to_string();
+    let killed_at = std::thread::scope(|sc| -> Result<Instant> {
+        let writer = sc.spawn(|| -> Result<()> {
+            let mut c = NbdClient::connect(&nbd_a, &a.nbd.export_name)?;
+            for n in 0.. {
+                if c.write(n * 4096, &block(1, n)).is_err() {
+                    return Ok(());
+                }
+                acked.store(n + 1, Ordering::Release);
+            }
+            Ok(())
+        });
+        while acked.load(Ordering::Acquire) < 1000 && !writer.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!(
+            "2. writing through nbd://{nbd_a}; after {} acknowledged writes: kill -9 the primary",
+            acked.load(Ordering::Acquire)
+        );
+        pair.kill9(0);
+        let t = Instant::now();
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        Ok(t)
+    })?;
+    let acked = acked.load(Ordering::Acquire);
+    let s = pair.wait(1, "primary by itself", 30, |s| {
+        s.role == "primary" && s.serving
+    })?;
+    println!(
+        "3. node 2 took over by itself {:.2} s after the kill: generation {}, {}",
+        killed_at.elapsed().as_secs_f64(),
+        s.generation,
+        s.failover
+            .as_ref()
+            .map(crate::statusfmt::failover_line)
+            .unwrap_or_default()
+    );
+    let mut c = NbdClient::connect(&b.nbd.listen.to_string(), &b.nbd.export_name)?;
+    let mut lost = 0;
+    for n in 0..acked {
+        if c.read(n * 4096, 4096)? != block(1, n) {
+            lost += 1;
+        }
+    }
+    println!(
+        "4. read back the {acked} writes acknowledged before the kill from node 2: {} lost",
+        lost
+    );
+    let head = s.head_seq;
+    for n in 0..500u64 {
+        c.write((200_000 + n) * 4096, &block(2, n))?;
+    }
+    c.flush()?;
+    println!("5. 500 more writes through node 2; restarting node 1");
+    pair.spawn(0)?;
+    pair.wait(0, "old primary back as backup", 30, |s| s.role == "backup")?;
+    let s = pair.wait(1, "in sync", 60, |s| {
+        s.peer_state == "connected" && s.replay_progress.is_none() && s.ack2_seq == s.head_seq
+    })?;
+    let back = pair.wait(0, "backup executed everything", 30, |x| {
+        x.executed_seq == s.head_seq
+    })?;
+    let r = s.last_replay.clone().unwrap_or_default();
+    println!(
+        "6. node 1 rejoined as backup in generation {}: replayed {} entries ({:.1} MiB), {} \
+         extents; full remirrors {}",
+        back.generation,
+        r.entries,
+        mib(r.bytes),
+        r.extents,
+        s.remirrors + back.remirrors
+    );
+    c.disconnect();
+    let same = files_identical(&a.volume.path, &b.volume.path)?;
+    println!("\nsummary");
+    println!("  takeover             : by itself, no operator");
+    println!("  acknowledged writes  : {acked} before the kill, {lost} lost");
+    println!(
+        "  replayed to node 1   : {} entries for the {} writes made since the takeover (head {} -> {})",
+        r.entries,
+        s.head_seq - head,
+        head,
+        s.head_seq
+    );
+    println!("  full remirrors       : {}", s.remirrors + back.remirrors);
+    println!(
+        "  images byte-identical: {}",
+        if same { "yes" } else { "NO" }
+    );
+    pair.stop(0);
+    pair.stop(1);
+    if !same || lost != 0 || s.remirrors + back.remirrors != 0 || r.entries < s.head_seq - head {
+        bail!(
+            "the demo did not end as it should (see the logs in {})",
+            pair.dir.display()
+        );
+    }
+    println!("(state and logs kept in {})", pair.dir.display());
+    Ok(())
+}

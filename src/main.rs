@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod demo;
+mod failover;
 mod nbdclient;
 mod statusfmt;
 
@@ -113,6 +114,11 @@ enum Cmd {
         /// Added to every demo port (to run several pairs side by side).
         #[arg(long, default_value_t = 0)]
         port_offset: u16,
+        /// Automatic failover: start a local etcd (the `etcd` binary must
+        /// be installed), kill the primary under writes and show the backup
+        /// taking over by itself.
+        #[arg(long, conflicts_with = "serve")]
+        auto_failover: bool,
         /// The replication transport: "tcp" or "fabric" (libfabric).
         #[arg(long, value_enum, default_value_t = LinkArg::Tcp)]
         link: LinkArg,
@@ -175,7 +181,19 @@ fn main() {
                      when it rejoins"
                 );
             }
-            admin::post(&admin, &admin::promote_path(force)).map(|_| println!("promoted {admin}"))
+            admin::post(&admin, &admin::promote_path(force)).map(|_| {
+                println!("promoted {admin}");
+                // Automatic failover: say what etcd could not record.
+                if let Ok(s) = admin::get_status(&admin) {
+                    if let Some(f) = s.failover.filter(|f| !f.etcd_reachable) {
+                        eprintln!(
+                            "warning: etcd is unreachable ({}): the new generation is not \
+                             recorded there; this node claims the key once etcd answers",
+                            f.etcd_error.unwrap_or_default()
+                        );
+                    }
+                }
+            })
         }
         Cmd::Verify {
             admin,
@@ -191,14 +209,21 @@ fn main() {
             serve,
             dir,
             port_offset,
+            auto_failover,
             link,
             fabric_provider,
-        } => demo::run(
-            serve,
-            dir,
-            port_offset,
-            (link == LinkArg::Fabric).then_some(fabric_provider.as_str()),
-        ),
+        } => {
+            if auto_failover {
+                demo::run_auto_failover(dir, port_offset)
+            } else {
+                demo::run(
+                    serve,
+                    dir,
+                    port_offset,
+                    (link == LinkArg::Fabric).then_some(fabric_provider.as_str()),
+                )
+            }
+        }
         Cmd::ExampleConfig {
             node,
             dir,
@@ -248,6 +273,10 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     core.max_replay_bytes_per_sec = m.max_replay_bytes_per_sec;
     core.min_replay_bytes_per_sec = m.min_replay_bytes_per_sec;
     core.coalesce_acks = m.coalesce_acks;
+    if cfg.failover.mode == config::FailoverMode::Etcd {
+        core.stale_gate_ms = Some(cfg.failover.stale_mark_timeout_ms);
+    }
+    core.failover_id = cfg.failover_fingerprint();
     Ok(NodeOptions {
         node_id: cfg.node.id,
         node_name: cfg.node.name.clone(),
@@ -428,7 +457,24 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     }
     .map_err(anyhow::Error::msg)?;
     let vol: Arc<dyn Volume> = node.volume.clone();
-    let adm = admin::start(cfg.admin.listen, node.control.clone()).with_context(|| {
+    // Automatic failover: the agent's control thread, and the admin
+    // endpoint's view through it.
+    let (control, agent): (Arc<dyn engine::status::Control>, _) = if cfg.failover.mode
+        == config::FailoverMode::Etcd
+        && !standalone
+    {
+        let agent =
+            failover::Failover::start(failover::Settings::from_config(&cfg), node.control.clone())
+                .context("starting the failover agent")?;
+        let c = Arc::new(failover::FailoverControl {
+            node: node.control.clone(),
+            agent,
+        });
+        (c.clone(), Some(c))
+    } else {
+        (node.control.clone(), None)
+    };
+    let adm = admin::start(cfg.admin.listen, control).with_context(|| {
         format!(
             "starting the admin endpoint on admin.listen = {}",
             cfg.admin.listen
@@ -486,6 +532,9 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     }
     targets.reactors.shutdown();
     adm.shutdown();
+    if let Some(c) = agent.and_then(Arc::into_inner) {
+        c.agent.shutdown();
+    }
     node.shutdown();
     Ok(())
 }

@@ -5,6 +5,33 @@ use std::fmt::Write;
 
 use engine::status::{Latency, NodeStatus, ReplayStats};
 
+/// The automatic failover summary: mode, lease holder, lease left.
+pub fn failover_line(f: &engine::status::FailoverStatus) -> String {
+    let holder = match (f.lease_holder_node_id, f.lease_generation) {
+        (Some(id), Some(g)) => format!(
+            "lease held by node {id} ({}) in generation {g}",
+            f.lease_holder
+        ),
+        _ if f.etcd_reachable => "lease held by nobody".to_string(),
+        _ => "lease holder unknown (etcd unreachable)".to_string(),
+    };
+    let mine = if f.holds_lease {
+        format!(
+            "; this node's lease: {} ms left, renewed {} ms ago",
+            f.lease_left_ms,
+            f.last_renewal_ms_ago.unwrap_or(0)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} ({}){mine}{}",
+        f.mode,
+        holder,
+        if f.fenced { "; FENCED" } else { "" }
+    )
+}
+
 /// A compact multi-line block describing one node. Ends with a newline.
 pub fn render(s: &NodeStatus) -> String {
     let mut out = String::new();
@@ -46,6 +73,31 @@ pub fn render(s: &NodeStatus) -> String {
     }
     if let Some(r) = &s.fenced_reason {
         line("", format!("FENCED: refused the peer ({r})"));
+    }
+    if let Some(r) = &s.self_fenced_reason {
+        line("", format!("FENCED by the failover agent: {r}"));
+    }
+    if let Some(w) = &s.stale_mark_wanted {
+        line(
+            "",
+            format!(
+                "WRITES WAIT for etcd to record the backup stale from seq {} (for {} ms)",
+                thousands(w.from_seq),
+                w.waiting_ms
+            ),
+        );
+    }
+    if let Some(f) = &s.failover {
+        line("failover", failover_line(f));
+        if let Some(e) = &f.etcd_error {
+            line("", format!("etcd: {e}"));
+        }
+        if let Some(m) = &f.stale_mark {
+            line("", format!("etcd stale mark: {m}"));
+        }
+        if let Some(t) = &f.last_transition {
+            line("", format!("last transition: {t}"));
+        }
     }
     if s.degraded {
         let stale = match s.peer_stale_from_seq {
@@ -357,6 +409,9 @@ mod tests {
             serving: true,
             not_serving_reason: None,
             fenced_reason: None,
+            self_fenced_reason: None,
+            stale_mark_wanted: None,
+            failover: None,
             current: false,
             forced_generations: vec![],
             degraded: false,
@@ -479,6 +534,45 @@ link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB
 memory    rss 84.2 MiB
 ";
         assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn render_failover() {
+        let mut s = sample();
+        assert!(!render(&s).contains("failover"));
+        s.serving = false;
+        s.not_serving_reason = Some("fenced by the failover agent: lost both".into());
+        s.self_fenced_reason = Some("lost both etcd and the backup".into());
+        s.stale_mark_wanted = Some(engine::status::StaleMarkWanted {
+            generation: 8,
+            from_seq: 1_000_001,
+            waiting_ms: 250,
+        });
+        s.failover = Some(engine::status::FailoverStatus {
+            mode: "etcd".into(),
+            key: "/deltamirror/x/leader".into(),
+            lease_holder: "store-a".into(),
+            lease_holder_node_id: Some(1),
+            lease_generation: Some(7),
+            holds_lease: true,
+            lease_left_ms: 2400,
+            last_renewal_ms_ago: Some(600),
+            etcd_reachable: true,
+            stale_mark: Some("backup node 2 stale from seq 1000001".into()),
+            last_transition: Some("won the leader key in generation 7".into()),
+            ..Default::default()
+        });
+        let text = render(&s);
+        for want in [
+            "FENCED by the failover agent: lost both etcd and the backup\n",
+            "WRITES WAIT for etcd to record the backup stale from seq 1,000,001 (for 250 ms)\n",
+            "failover  etcd (lease held by node 1 (store-a) in generation 7); this node's lease: \
+             2400 ms left, renewed 600 ms ago\n",
+            "etcd stale mark: backup node 2 stale from seq 1000001\n",
+            "last transition: won the leader key in generation 7\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in:\n{text}");
+        }
     }
 
     #[test]

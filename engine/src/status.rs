@@ -109,6 +109,18 @@ pub struct NodeStatus {
     /// an operator resolves it. The reason.
     #[serde(default)]
     pub fenced_reason: Option<String>,
+    /// Fenced by the failover agent (it lost both etcd and the peer): the
+    /// reason. Serves nothing until the agent lifts it.
+    #[serde(default)]
+    pub self_fenced_reason: Option<String>,
+    /// Automatic failover: writes wait for this stale mark to be recorded
+    /// in etcd before they may complete without the backup.
+    #[serde(default)]
+    pub stale_mark_wanted: Option<StaleMarkWanted>,
+    /// Automatic failover (`failover.mode = "etcd"`): the agent's view.
+    /// None in manual mode.
+    #[serde(default)]
+    pub failover: Option<FailoverStatus>,
     /// Backup: caught up with the primary since it started, so `promote`
     /// loses no acknowledged write.
     #[serde(default)]
@@ -157,6 +169,68 @@ pub struct NodeStatus {
     pub uptime_seconds: f64,
     /// Resident set size of the process, bytes.
     pub rss_bytes: u64,
+}
+
+/// The stale mark a primary waits for before it completes writes without
+/// the backup (automatic failover).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StaleMarkWanted {
+    /// The generation degraded mode opens.
+    pub generation: u64,
+    /// First seq the backup lacks.
+    pub from_seq: u64,
+    /// How long writes have been waiting for it.
+    pub waiting_ms: u64,
+}
+
+/// The failover agent's state (`failover.mode = "etcd"`), in `status`
+/// (the `failover` object) and `/metrics`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FailoverStatus {
+    /// "etcd".
+    pub mode: String,
+    /// The election key in etcd.
+    pub key: String,
+    /// The node named by the key ("" when nobody holds it or etcd was not
+    /// read), and the generation it names.
+    pub lease_holder: String,
+    pub lease_holder_node_id: Option<u32>,
+    pub lease_generation: Option<u64>,
+    /// This node holds the key under its lease.
+    pub holds_lease: bool,
+    /// This node's lease: time left on its own monotonic clock before it
+    /// must consider the lease lost (ms; 0 when it holds none).
+    pub lease_left_ms: u64,
+    /// Since the last successful renewal (ms; None when never renewed).
+    pub last_renewal_ms_ago: Option<u64>,
+    /// The highest generation recorded in etcd.
+    pub etcd_generation: Option<u64>,
+    /// etcd answered the last request.
+    pub etcd_reachable: bool,
+    /// The last etcd error, or why the agent distrusts what it read.
+    pub etcd_error: Option<String>,
+    /// The stale mark in etcd ("backup node N stale from seq S"), if any.
+    pub stale_mark: Option<String>,
+    /// The agent fenced this node, and why.
+    pub fenced: bool,
+    pub fenced_reason: Option<String>,
+    /// The last transition and its reason.
+    pub last_transition: Option<String>,
+    /// Transitions since start.
+    pub transitions: u64,
+}
+
+/// Commands of the failover agent to its node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FailoverCommand {
+    /// Promote to a generation of at least `floor` (won in etcd).
+    PromoteTo { force: bool, floor: u64 },
+    /// Stop serving: the node lost both etcd and the peer.
+    SelfFence(String),
+    /// Serve again: the node regained its quorum.
+    LiftFence(String),
+    /// etcd holds the stale mark (generation, first seq the backup lacks).
+    StaleRecorded { gen: u64, from_seq: u64 },
 }
 
 /// The control interface the admin endpoint drives.

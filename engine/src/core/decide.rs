@@ -135,6 +135,7 @@ mod tests {
             fresh: hist.is_empty(),
             resyncing: false,
             incarnation: 1,
+            failover: 0,
         }
     }
 

@@ -17,7 +17,9 @@
 //! - `session.rs`: the replication session (down, handshake, awaiting
 //!   `Ready`, active as sender or receiver, refused) and the handshake.
 //! - `role.rs`: primary or backup, the promote/demote in progress, how a
-//!   primary mirrors (synchronous, degrading, degraded), the fence.
+//!   primary mirrors (synchronous, degrading, degraded), the fence; under
+//!   automatic failover the agent's fence, the stale-mark gate before a
+//!   degrade and the promotion's generation floor.
 //! - `pipeline.rs`: the write pipeline's cursors and ring flushes, and the
 //!   steps that append, stream, execute, acknowledge and trim.
 //! - `resync.rs`: replay and dirty-map resync after an outage.
@@ -146,6 +148,14 @@ pub enum Action {
     },
     /// Something the operator should see in the log.
     Notice(String),
+    /// Automatic failover: the primary wants to complete writes without the
+    /// backup. The failover agent records "backup stale from `from_seq`, in
+    /// generation `gen`" in etcd under its lease and answers
+    /// `Core::stale_recorded(gen, from_seq)`; until then writes wait.
+    RecordStale {
+        gen: u64,
+        from_seq: Seq,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -401,6 +411,15 @@ impl<L: Log> Core<L> {
     pub fn fenced(&self) -> Option<&str> {
         self.roles.fenced.as_deref()
     }
+    /// Why the failover agent fenced this node, while it is.
+    pub fn self_fenced(&self) -> Option<&str> {
+        self.roles.self_fenced.as_deref()
+    }
+    /// Automatic failover: the stale mark (generation, first seq the backup
+    /// lacks) that writes wait for, and since when (ms), if any.
+    pub fn stale_wanted(&self) -> Option<(u64, Seq, u64)> {
+        self.roles.stale_wanted
+    }
     /// Why this node does not serve host I/O now (None while it serves).
     pub fn not_serving_reason(&self) -> Option<String> {
         if self.serving {
@@ -408,6 +427,8 @@ impl<L: Log> Core<L> {
         }
         Some(if let Some(f) = &self.failed {
             format!("failed: {f}")
+        } else if let Some(r) = &self.roles.self_fenced {
+            format!("fenced by the failover agent: {}", bounded(r, 200))
         } else if let Some(r) = &self.roles.fenced {
             format!(
                 "fenced after refusing the peer ({}); an operator must resolve it",
@@ -1002,6 +1023,9 @@ impl<L: Log> Core<L> {
                 if *self.session.state() != SessionState::Handshake {
                     return self.reset_link("unexpected Hello".into());
                 }
+                if let Some(reason) = self.failover_mismatch(&h) {
+                    return self.refuse_failover_mismatch(h, reason);
+                }
                 let mine = self.hello();
                 let plan = decide(&mine, &h);
                 self.session.peer = Some(h);
@@ -1081,7 +1105,16 @@ impl<L: Log> Core<L> {
                     "peer refused the pairing: {}",
                     bounded(&reason, 300)
                 )));
-                self.fence(&reason);
+                // A refusal for differing [failover] sections is a
+                // configuration error, not a split brain: nobody is fenced.
+                let config_error = self
+                    .session
+                    .peer
+                    .as_ref()
+                    .is_some_and(|h| self.failover_mismatch(h).is_some());
+                if !config_error {
+                    self.fence(&reason);
+                }
                 self.session.refuse(reason);
             }
             Msg::InSync(s) => {

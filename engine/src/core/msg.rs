@@ -26,6 +26,10 @@ pub struct Hello {
     pub resyncing: bool,
     /// Boot counter: changes at every start of the node.
     pub incarnation: u64,
+    /// Fingerprint of the node's failover configuration (0: manual
+    /// failover). Encoded only when non-zero, so a manual-mode node's
+    /// `Hello` is the one older versions send and decode.
+    pub failover: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -251,6 +255,9 @@ impl Msg {
                 w.u8(h.fresh as u8);
                 w.u8(h.resyncing as u8);
                 w.u64(h.incarnation);
+                if h.failover != 0 {
+                    w.u64(h.failover);
+                }
             }
             Msg::Ready { head, rollback } => {
                 w.u8(2);
@@ -374,15 +381,20 @@ impl Msg {
                         origin: r.u32()?,
                     });
                 }
+                let (head, first, fresh, resyncing, incarnation) =
+                    (r.u64()?, r.u64()?, r.bool()?, r.bool()?, r.u64()?);
+                // An older peer's Hello ends here (no failover fingerprint).
+                let failover = if r.p < b.len() { r.u64()? } else { 0 };
                 Msg::Hello(Hello {
                     node_id,
                     role,
                     history,
-                    head: r.u64()?,
-                    first: r.u64()?,
-                    fresh: r.bool()?,
-                    resyncing: r.bool()?,
-                    incarnation: r.u64()?,
+                    head,
+                    first,
+                    fresh,
+                    resyncing,
+                    incarnation,
+                    failover,
                 })
             }
             2 => {
@@ -511,6 +523,18 @@ mod tests {
                 fresh: false,
                 resyncing: true,
                 incarnation: 5,
+                failover: 0,
+            }),
+            Msg::Hello(Hello {
+                node_id: 1,
+                role: Role::Primary,
+                history: Vec::new(),
+                head: 0,
+                first: 1,
+                fresh: true,
+                resyncing: false,
+                incarnation: 1,
+                failover: 0x1234_5678_9abc_def0,
             }),
             Msg::Ready {
                 head: 4,

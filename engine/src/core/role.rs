@@ -1,7 +1,8 @@
 //! The node's role: primary or backup (persisted in `Meta::role`), the
 //! transition between them in progress, how a primary mirrors (synchronous,
-//! degrading, degraded with the backup stale), and the fence after a refused
-//! pairing.
+//! degrading, degraded with the backup stale), the fence after a refused
+//! pairing, and automatic failover's part (the failover agent's fence, the
+//! stale-mark gate before a degrade, the generation floor of a promotion).
 //!
 //! ```text
 //!   Primary: Synchronous ──peer gone past the timeout──► Degrading{meta version}
@@ -13,8 +14,10 @@
 //! ```
 //!
 //! The core's steps that drive it live here too: the operator's `promote`
-//! and `demote`, the degrade at the peer timeout, *current* tracking, the
-//! fence, and the serving path.
+//! and `demote`, the degrade at the peer timeout (behind the stale-mark gate
+//! under automatic failover), *current* tracking, the fence, the failover
+//! agent's `self_fence` / `lift_self_fence` / `promote_to` /
+//! `stale_recorded`, and the serving path.
 
 use super::*;
 
@@ -86,6 +89,17 @@ pub(super) struct RoleMachine {
     /// The handshake refused the peer (split brain...): this node serves
     /// nothing until an operator resolves it (I6). The reason.
     pub fenced: Option<String>,
+    /// The failover agent fenced this node (it lost both etcd and the
+    /// peer): it serves nothing until the agent lifts it. The reason.
+    pub self_fenced: Option<String>,
+    /// The next promotion opens a generation at least this one (the
+    /// failover agent's fencing token, newer than any recorded in etcd).
+    pub gen_floor: u64,
+    /// Automatic failover: the stale mark asked of the agent (gen, from
+    /// seq) and since when (ms), while writes wait for it.
+    pub stale_wanted: Option<(u64, Seq, u64)>,
+    /// The stale mark the agent confirmed recorded in etcd.
+    pub stale_recorded: Option<(u64, Seq)>,
     /// Metadata version that made the current role durable.
     pub version: u64,
 }
@@ -104,6 +118,10 @@ impl RoleMachine {
             awaiting_peer: role == Role::Primary,
             current: false,
             fenced: None,
+            self_fenced: None,
+            gen_floor: 0,
+            stale_wanted: None,
+            stale_recorded: None,
             version: 0,
         }
     }
@@ -128,6 +146,7 @@ impl RoleMachine {
     /// Serves host I/O in `role`, with metadata durable through `durable`.
     pub fn serves(&self, role: Role, durable: u64) -> bool {
         self.fenced.is_none()
+            && self.self_fenced.is_none()
             && role == Role::Primary
             && self.transition == Transition::Steady
             && !self.awaiting_peer
@@ -314,6 +333,66 @@ impl<L: Log> Core<L> {
         Ok(())
     }
 
+    /// `promote` to a generation of at least `floor` (the failover agent's
+    /// fencing token, newer than any generation recorded in etcd).
+    pub fn promote_to(&mut self, force: bool, floor: u64) -> Result<(), String> {
+        self.promote(force)?;
+        self.roles.gen_floor = floor;
+        Ok(())
+    }
+
+    /// The failover agent lost both etcd and the peer: stop serving before
+    /// its lease can expire. Writes in flight and waiting fail (the host
+    /// retries on the other path); none completes until `lift_self_fence`.
+    pub fn self_fence(&mut self, reason: &str) {
+        if self.roles.self_fenced.is_some() {
+            return;
+        }
+        self.roles.self_fenced = Some(reason.to_string());
+        self.out.push(Action::Notice(format!(
+            "fenced by the failover agent: {reason}"
+        )));
+        for (_, id) in std::mem::take(&mut self.host_of) {
+            self.out.push(Action::CompleteWrite {
+                id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        for f in std::mem::take(&mut self.host_flushes) {
+            self.out.push(Action::CompleteFlush {
+                id: f.id,
+                result: Err(HostError::NotPrimary),
+            });
+        }
+        self.update_path();
+    }
+
+    /// The failover agent regained its quorum (lease renewed, or the peer
+    /// connected as backup): serve again.
+    pub fn lift_self_fence(&mut self, reason: &str) {
+        if self.roles.self_fenced.take().is_some() {
+            self.out.push(Action::Notice(format!(
+                "the failover agent lifted its fence: {reason}"
+            )));
+            self.update_path();
+        }
+    }
+
+    /// The failover agent recorded in etcd, under its lease, that the
+    /// backup is stale from `from_seq` in generation `gen`: writes may
+    /// complete without it (degraded mode).
+    pub fn stale_recorded(&mut self, gen: u64, from_seq: Seq) {
+        if self.roles.self_fenced.is_none() {
+            self.roles.stale_recorded = Some((gen, from_seq));
+        }
+    }
+
     pub fn demote(&mut self) -> Result<(), String> {
         if self.meta.role == Role::Backup {
             return Err("this node is already a backup".into());
@@ -359,6 +438,9 @@ impl<L: Log> Core<L> {
         // `peer_timeout_ms` after the last message from the peer, as the
         // config says: the link reset at that same moment (a silent peer) or
         // earlier (a closed connection), never one timeout later.
+        if !peer_gone {
+            self.roles.stale_wanted = None;
+        }
         if peer_gone
             && need
             && ring_durable
@@ -367,6 +449,9 @@ impl<L: Log> Core<L> {
             // Durably bump the generation and record the backup as stale
             // before completing anything without ACK1.
             let gen = self.meta.generation() + 1;
+            if !self.stale_gate_open(gen) {
+                return;
+            }
             self.meta.history.push(GenEntry {
                 gen,
                 first_seq: self.log.next_seq(),
@@ -380,6 +465,63 @@ impl<L: Log> Core<L> {
             let version = self.persist_meta();
             self.roles.degrade(version);
         }
+    }
+
+    /// Automatic failover: whether etcd holds the stale mark for entering
+    /// degraded mode in generation `gen` (the backup lacks `ack1 + 1` on).
+    /// Until it does, asks the agent for it, and fails the writes that
+    /// waited `stale_gate_ms` (retryable: `Unavailable`).
+    fn stale_gate_open(&mut self, gen: u64) -> bool {
+        let Some(timeout) = self.cfg.stale_gate_ms else {
+            return true;
+        };
+        let from = self.pipe.ack1 + 1;
+        if self.roles.stale_recorded == Some((gen, from)) {
+            self.roles.stale_wanted = None;
+            return true;
+        }
+        match self.roles.stale_wanted {
+            Some((g, f, since)) if g == gen && f == from => {
+                if self.now_ms.saturating_sub(since) >= timeout {
+                    self.out.push(Action::Notice(format!(
+                        "the backup's stale mark (from seq {from}) could not be recorded in etcd \
+                         within {timeout} ms: failing the waiting writes (retryable); none \
+                         completes without the backup until it is"
+                    )));
+                    for (_, id) in std::mem::take(&mut self.host_of) {
+                        self.out.push(Action::CompleteWrite {
+                            id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    for w in std::mem::take(&mut self.waiting) {
+                        self.out.push(Action::CompleteWrite {
+                            id: w.id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    for f in std::mem::take(&mut self.host_flushes) {
+                        self.out.push(Action::CompleteFlush {
+                            id: f.id,
+                            result: Err(HostError::Unavailable),
+                        });
+                    }
+                    self.roles.stale_wanted = Some((gen, from, self.now_ms));
+                }
+            }
+            _ => {
+                self.roles.stale_wanted = Some((gen, from, self.now_ms));
+                self.out.push(Action::Notice(format!(
+                    "peer unreachable: writes wait until the failover agent records in etcd \
+                     that the backup is stale from seq {from} (generation {gen})"
+                )));
+                self.out.push(Action::RecordStale {
+                    gen,
+                    from_seq: from,
+                });
+            }
+        }
+        false
     }
 
     /// Sender: says `InSync` once per session when it no longer completes
@@ -437,7 +579,7 @@ impl<L: Log> Core<L> {
         {
             self.roles.transition = Transition::Steady;
             self.roles.current = false;
-            let gen = self.meta.generation() + 1;
+            let gen = (self.meta.generation() + 1).max(std::mem::take(&mut self.roles.gen_floor));
             // A forced promote can take a node that adopted the authority's
             // history but never received its entries: generations that
             // start at or past our next seq describe writes this node does
@@ -445,7 +587,11 @@ impl<L: Log> Core<L> {
             // ours, so the handshake sees the fork).
             let next = self.log.next_seq();
             self.state_promoted(next);
-            while self.meta.history.len() > 1
+            // Only a forced promote: a current node holds every entry its
+            // generations had, and an empty one must stay so that the
+            // peer's history remains a prefix of ours.
+            while forced
+                && self.meta.history.len() > 1
                 && self
                     .meta
                     .history
@@ -472,9 +618,12 @@ impl<L: Log> Core<L> {
             self.pipe.ack1 = self.log.head();
             self.pipe.exec_next = self.log.head() + 1;
             self.roles.version = self.meta_version + 1;
-            if !self.session.is_active() {
+            if !self.session.is_active() && (self.cfg.stale_gate_ms.is_none() || forced) {
                 // Serving without the peer from the start: the peer is stale
                 // from here on, recorded with the same generation bump.
+                // (With automatic failover the first write goes through
+                // `check_degrade`, which has etcd record the mark first,
+                // unless the operator forced this promotion.)
                 self.meta.peer_stale_from = Some(self.log.next_seq());
                 self.roles.mirroring = Mirroring::Degraded { sync_from: None };
             }

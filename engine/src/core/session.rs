@@ -13,9 +13,10 @@
 //! until the link goes down (and a new handshake refuses again until an
 //! operator resolves it).
 //!
-//! The core's handshake steps live here too: the hello, the decision
-//! (`decide.rs`) and what each side does with it, `Ready`, and the fence a
-//! refusal puts up.
+//! The core's handshake steps live here too: the hello (with the failover
+//! fingerprint, and the refusal of a peer whose `[failover]` section
+//! differs), the decision (`decide.rs`) and what each side does with it,
+//! `Ready`, and the fence a refusal puts up.
 
 use std::collections::VecDeque;
 
@@ -267,7 +268,45 @@ impl<L: Log> Core<L> {
             fresh: self.meta.fresh,
             resyncing: self.meta.resyncing,
             incarnation: self.meta.incarnation,
+            failover: self.cfg.failover_id,
         }
+    }
+
+    /// The two nodes' failover configurations differ (a pair must agree),
+    /// or one of them predates automatic failover: the reason, if so.
+    pub(super) fn failover_mismatch(&self, peer: &Hello) -> Option<String> {
+        let mode = |id: u64| {
+            if id == 0 {
+                "manual (or a version without automatic failover)".to_string()
+            } else {
+                format!("etcd (configuration fingerprint {id:016x})")
+            }
+        };
+        (peer.failover != self.cfg.failover_id).then(|| {
+            format!(
+                "the [failover] sections differ: this node (id {}) runs failover {}, the peer \
+                 (id {}) runs failover {}; give both nodes the same [failover] section \
+                 (mode, key_prefix, lease_ttl_ms, stale_mark_timeout_ms) and \
+                 restart the one that was changed",
+                self.meta.node_id,
+                mode(self.cfg.failover_id),
+                peer.node_id,
+                mode(peer.failover)
+            )
+        })
+    }
+
+    /// The peer's `[failover]` section differs from ours: a configuration
+    /// error, not a split brain. Refused, but nobody is fenced (the primary
+    /// goes on alone).
+    pub(super) fn refuse_failover_mismatch(&mut self, peer: Hello, reason: String) {
+        self.out
+            .push(Action::Notice(format!("refusing the peer: {reason}")));
+        self.out.push(Action::Send(Msg::Refuse {
+            reason: reason.clone(),
+        }));
+        self.session.peer = Some(peer);
+        self.session.refuse(reason);
     }
 
     pub(super) fn on_disconnected(&mut self) {

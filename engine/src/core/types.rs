@@ -118,6 +118,15 @@ pub struct CoreConfig {
     /// One cumulative ACK per poll (true, the default) or one ACK message per
     /// REQ (false; for measuring what coalescing saves).
     pub coalesce_acks: bool,
+    /// Automatic failover (`failover.mode = "etcd"`): `Some(timeout_ms)`. A
+    /// primary then completes no write without the backup before the
+    /// failover agent confirmed (`Core::stale_recorded`) that the backup's
+    /// staleness is recorded in etcd; writes wait at most `timeout_ms` for
+    /// it, then fail with a retryable error. `None`: manual failover.
+    pub stale_gate_ms: Option<u64>,
+    /// Fingerprint of the failover configuration (0: manual). Sent in the
+    /// `Hello`; both nodes of a pair must agree.
+    pub failover_id: u64,
 }
 
 impl CoreConfig {
@@ -136,6 +145,8 @@ impl CoreConfig {
             max_replay_bytes_per_sec: 0,
             min_replay_bytes_per_sec: 0,
             coalesce_acks: true,
+            stale_gate_ms: None,
+            failover_id: 0,
         }
     }
 }

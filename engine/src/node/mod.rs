@@ -134,7 +134,11 @@ struct Shared {
 
 #[derive(Debug)]
 enum Command {
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
+    /// The failover agent's commands (`crate::status::FailoverCommand`).
+    Failover(crate::status::FailoverCommand),
     Verify(crate::status::VerifyRequest),
     Demote,
     ResetLatency,
@@ -437,5 +441,7 @@ pub fn default_core_config(node_id: u32) -> CoreConfig {
         max_replay_bytes_per_sec: 0,
         min_replay_bytes_per_sec: 0,
         coalesce_acks: true,
+        stale_gate_ms: None,
+        failover_id: 0,
     }
 }

@@ -144,3 +144,11 @@ impl crate::status::Control for NodeControl {
         self.command(Command::Verify(req))
     }
 }
+
+impl NodeControl {
+    /// A command of the failover agent (automatic failover), answered by
+    /// the reactor between batches.
+    pub fn failover(&self, c: crate::status::FailoverCommand) -> Result<(), String> {
+        self.command(Command::Failover(c))
+    }
+}

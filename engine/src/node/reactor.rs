@@ -251,6 +251,17 @@ impl<B: Backend> Reactor<B> {
         let shared = self.shared.clone();
         shared.answer_commands(|c| match c {
             Command::Promote { force } => self.core.promote(force),
+            Command::Failover(c) => {
+                use crate::status::FailoverCommand as F;
+                match c {
+                    F::PromoteTo { force, floor } => self.core.promote_to(force, floor)?,
+                    F::SelfFence(reason) => self.core.self_fence(&reason),
+                    F::LiftFence(reason) => self.core.lift_self_fence(&reason),
+                    F::StaleRecorded { gen, from_seq } => self.core.stale_recorded(gen, from_seq),
+                }
+                self.last_status_ms = 0;
+                Ok(())
+            }
             Command::Verify(r) => {
                 self.core
                     .start_verify(r.offset, r.length, r.repair, r.bytes_per_sec)
@@ -625,8 +636,19 @@ impl<B: Backend> Reactor<B> {
                 } else {
                     PathState::Inaccessible
                 });
+                // The status shows the new path state at once.
+                self.last_status_ms = 0;
             }
             Action::Notice(s) => log::info!("{s}"),
+            Action::RecordStale { gen, from_seq } => {
+                // The failover agent reads the request from the status:
+                // publish it now.
+                log::info!(
+                    "asking the failover agent to record the backup stale from seq {from_seq} \
+                     (generation {gen})"
+                );
+                self.last_status_ms = 0;
+            }
         }
     }
 
@@ -691,6 +713,15 @@ impl<B: Backend> Reactor<B> {
             serving: c.is_serving(),
             not_serving_reason: c.not_serving_reason(),
             fenced_reason: c.fenced().map(str::to_string),
+            self_fenced_reason: c.self_fenced().map(str::to_string),
+            stale_mark_wanted: c.stale_wanted().map(|(gen, from_seq, since)| {
+                crate::status::StaleMarkWanted {
+                    generation: gen,
+                    from_seq,
+                    waiting_ms: now.saturating_sub(since),
+                }
+            }),
+            failover: None,
             current: c.is_current(),
             forced_generations: meta.forced.clone(),
             degraded: c.is_degraded(),

@@ -171,7 +171,7 @@ impl<B: Backend> Standalone<B> {
                 self.last_status_ms = 0;
                 Ok(())
             }
-            Command::Promote { .. } | Command::Demote => {
+            Command::Promote { .. } | Command::Demote | Command::Failover(_) => {
                 Err("this node runs standalone (no peer): promote and demote do not apply".into())
             }
             Command::Verify(_) => {

@@ -229,6 +229,8 @@ pub struct SimParams {
     pub replay_ceiling: u64,
     /// Dirty-map chunk in bytes: the block (exact, the default) or coarser.
     pub dirty_granularity: u64,
+    /// Automatic failover's stale-mark gate (`CoreConfig::stale_gate_ms`).
+    pub stale_gate_ms: Option<u64>,
 }
 
 impl SimParams {
@@ -254,6 +256,7 @@ impl SimParams {
             replay_floor: if r.chance(200) { 64 * 1024 } else { 0 },
             replay_ceiling: if r.chance(150) { 256 * 1024 } else { 0 },
             dirty_granularity: if r.chance(300) { BLOCK * 4 } else { BLOCK },
+            stale_gate_ms: None,
         }
     }
 }
@@ -535,6 +538,7 @@ impl Sim {
         c.coalesce_acks = !self.p.uncoalesced_acks;
         c.min_replay_bytes_per_sec = self.p.replay_floor;
         c.max_replay_bytes_per_sec = self.p.replay_ceiling;
+        c.stale_gate_ms = self.p.stale_gate_ms;
         c
     }
 
@@ -761,6 +765,10 @@ impl Sim {
                 self.log(format!("node {} serving={serving}", i + 1))
             }
             Action::Notice(s) => self.log(format!("node {}: {s}", i + 1)),
+            Action::RecordStale { gen, from_seq } => self.log(format!(
+                "node {} asks for the stale mark from seq {from_seq} (generation {gen})",
+                i + 1
+            )),
         }
     }
 
@@ -2483,6 +2491,198 @@ mod tests {
                  peer_timeout_ms = {timeout}"
             );
             assert!(held >= timeout - 2 * sim.cfg(1).heartbeat_interval_ms);
+        }
+    }
+
+    /// Issue 12 item 3 (the core's gate for automatic failover): a primary
+    /// that lost its backup completes no write alone until the failover
+    /// agent confirms the stale mark is in etcd; writes that wait past
+    /// `stale_gate_ms` fail with a retryable error; once the mark is
+    /// confirmed the primary goes on degraded in the generation it named.
+    #[test]
+    fn with_automatic_failover_no_write_completes_alone_before_the_stale_mark() {
+        let gate = 400;
+        let mut sim = Sim::with_params(
+            5,
+            SimParams {
+                stale_gate_ms: Some(gate),
+                ..calm(5)
+            },
+        );
+        for _ in 0..200 {
+            sim.step();
+        }
+        assert!(sim.nodes[1].core.as_ref().unwrap().is_current());
+        // The pair is cut for good.
+        sim.wire.cut_until = u64::MAX;
+        sim.link_down(None);
+        let first_id = sim.next_id;
+        let timeout = sim.cfg(1).peer_timeout_ms;
+        for _ in 0..timeout + 3 * gate {
+            sim.step();
+        }
+        let cut: Vec<&HostWrite> = sim.writes[(first_id - 1) as usize..].iter().collect();
+        assert!(!cut.is_empty());
+        assert!(
+            cut.iter().all(|w| w.state != WState::Ok),
+            "a write completed without the backup before etcd held the stale mark"
+        );
+        assert!(
+            cut.iter().any(|w| w.state == WState::Failed),
+            "no waiting write failed after stale_gate_ms"
+        );
+        let p = sim.nodes[0].core.as_ref().unwrap();
+        assert!(p.is_serving() && !p.is_degraded());
+        let (gen, from, _) = p
+            .stale_wanted()
+            .expect("the primary asks for the stale mark");
+        assert_eq!(gen, p.meta().generation() + 1);
+        // A mark for another seq does not open the gate.
+        sim.nodes[0]
+            .core
+            .as_mut()
+            .unwrap()
+            .stale_recorded(gen, from + 1);
+        let second_id = sim.next_id;
+        for _ in 0..100 {
+            sim.step();
+        }
+        assert!(sim.writes[(second_id - 1) as usize..]
+            .iter()
+            .all(|w| w.state != WState::Ok));
+        // The agent records it: writes complete, degraded, in that generation.
+        sim.nodes[0]
+            .core
+            .as_mut()
+            .unwrap()
+            .stale_recorded(gen, from);
+        let third_id = sim.next_id;
+        for _ in 0..500 {
+            sim.step();
+        }
+        let p = sim.nodes[0].core.as_ref().unwrap();
+        assert!(p.is_degraded());
+        assert_eq!(p.meta().peer_stale_from, Some(from));
+        assert_eq!(p.meta().generation(), gen);
+        assert!(p.stale_wanted().is_none());
+        assert!(sim.writes[(third_id - 1) as usize..]
+            .iter()
+            .any(|w| w.state == WState::Ok));
+    }
+
+    /// Issue 12 item 4 (the core's side): a self-fenced primary serves
+    /// nothing and completes no write until the agent lifts the fence; a
+    /// backup promoted by the agent opens the generation it won in etcd.
+    #[test]
+    fn a_self_fenced_primary_completes_nothing_and_a_promotion_takes_the_etcd_generation() {
+        let mut sim = Sim::with_params(
+            9,
+            SimParams {
+                stale_gate_ms: Some(400),
+                ..calm(9)
+            },
+        );
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.wire.cut_until = u64::MAX;
+        sim.link_down(None);
+        sim.nodes[0]
+            .core
+            .as_mut()
+            .unwrap()
+            .self_fence("lost etcd and the peer");
+        let first_id = sim.next_id;
+        for _ in 0..1000 {
+            sim.step();
+        }
+        let p = sim.nodes[0].core.as_ref().unwrap();
+        assert!(!p.is_serving());
+        assert!(p
+            .not_serving_reason()
+            .unwrap()
+            .contains("lost etcd and the peer"));
+        assert!(sim.writes[(first_id - 1) as usize..]
+            .iter()
+            .all(|w| w.state != WState::Ok));
+        // The backup wins generation 40 in etcd and is promoted to it.
+        let b = sim.nodes[1].core.as_mut().unwrap();
+        b.promote_to(false, 40).unwrap();
+        for _ in 0..300 {
+            sim.step();
+        }
+        let b = sim.nodes[1].core.as_ref().unwrap();
+        assert_eq!(b.role(), Role::Primary);
+        assert_eq!(b.meta().generation(), 40);
+        // Gated: no degraded mode before the agent records the old primary stale.
+        assert!(!b.is_degraded());
+        // The link heals: the old primary, still fenced, learns the newer
+        // generation and becomes backup; only then does the agent lift its
+        // fence (the simulator checks that both never serve at once).
+        sim.wire.cut_until = 0;
+        for _ in 0..3000 {
+            sim.step();
+            if sim.nodes[0].core.as_ref().unwrap().role() == Role::Backup {
+                break;
+            }
+        }
+        let a = sim.nodes[0].core.as_mut().unwrap();
+        assert_eq!(a.role(), Role::Backup);
+        a.lift_self_fence("this node is a backup now");
+        for _ in 0..3000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        assert!(sim.converged());
+        assert_eq!(sim.nodes[0].core.as_ref().unwrap().meta().generation(), 40);
+    }
+
+    /// Two failovers in a row with no write in between (an empty
+    /// generation): the old primaries rejoin as backups, never refused as
+    /// a split brain (found by the issue 12 observer test).
+    #[test]
+    fn failovers_without_writes_in_between_rejoin_without_refusal() {
+        let mut sim = Sim::with_params(3, calm(3));
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim.faults = false; // no more host writes
+        for _ in 0..2000 {
+            sim.step();
+            if sim.converged() {
+                break;
+            }
+        }
+        for (dead, survivor) in [(0, 1), (1, 0), (0, 1)] {
+            assert!(sim.nodes[survivor].core.as_ref().unwrap().is_current());
+            sim.crash_node(dead, 1_000_000);
+            for _ in 0..50 {
+                sim.step();
+            }
+            sim.nodes[survivor]
+                .core
+                .as_mut()
+                .unwrap()
+                .promote(false)
+                .unwrap();
+            for _ in 0..200 {
+                sim.step();
+            }
+            sim.nodes[dead].down_until = sim.now;
+            for _ in 0..3000 {
+                sim.step();
+                if sim.converged() && sim.nodes[dead].core.as_ref().unwrap().is_current() {
+                    break;
+                }
+            }
+            assert!(sim.refused().is_none(), "{:?}", sim.refused());
+            assert_eq!(sim.nodes[dead].core.as_ref().unwrap().role(), Role::Backup);
+            assert_eq!(
+                sim.nodes[survivor].core.as_ref().unwrap().role(),
+                Role::Primary
+            );
         }
     }
 

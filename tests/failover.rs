@@ -1,0 +1,1102 @@
+//! Automatic failover with an etcd lease (issue 12), against real etcd
+//! servers started here on 127.0.0.1 (random free ports, a temporary data
+//! directory, killed at the end) and two real `deltamirror serve`
+//! processes.
+//!
+//! etcd listens on one client port per node, so that nftables can cut one
+//! node from etcd and leave the other connected. Link cuts and those cuts
+//! need nft and root. `DM_FAILOVER_REPS` raises the observer test's
+//! repetitions (50 by default).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
+/// The lease of every test pair: short, so the file stays quick.
+const TTL_MS: u64 = 1000;
+
+/// The tests share the machine's two cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn need(tools: &[&str]) -> bool {
+    for t in tools {
+        if !testskip::on_path(t) {
+            testskip::skip(format!(
+                "{t} is not installed (scripts/test.sh installs it)"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() == 0 }
+}
+
+fn need_root(what: &str) -> bool {
+    if !is_root() {
+        testskip::skip(format!("{what} needs root (CI runs as root)"));
+        return false;
+    }
+    true
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dm-fo-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An etcd cluster of `members` on 127.0.0.1. Member k listens for clients
+/// on `clients[k][0]` (node 1's port) and `clients[k][1]` (node 2's).
+struct Etcd {
+    dir: PathBuf,
+    procs: Vec<Option<Child>>,
+    clients: Vec<[u16; 2]>,
+}
+
+impl Etcd {
+    fn start(name: &str, members: usize) -> Etcd {
+        let dir = tmp(&format!("etcd-{name}"));
+        let peers: Vec<u16> = (0..members).map(|_| free_port()).collect();
+        let clients: Vec<[u16; 2]> = (0..members).map(|_| [free_port(), free_port()]).collect();
+        let cluster = (0..members)
+            .map(|k| format!("m{k}=http://127.0.0.1:{}", peers[k]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = Vec::new();
+        for k in 0..members {
+            let log = std::fs::File::create(dir.join(format!("m{k}.log"))).unwrap();
+            let urls = format!(
+                "http://127.0.0.1:{},http://127.0.0.1:{}",
+                clients[k][0], clients[k][1]
+            );
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{k}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("m{k}.etcd")))
+                .args(["--listen-client-urls", &urls])
+                .args(["--advertise-client-urls", &urls])
+                .args([
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[k]),
+                ])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[k]),
+                ])
+                .args(["--initial-cluster", &cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("etcd");
+            procs.push(Some(child));
+        }
+        let e = Etcd {
+            dir,
+            procs,
+            clients,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !e.healthy() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    /// The client URLs node `i` (0 or 1) uses.
+    fn endpoints(&self, i: usize) -> Vec<String> {
+        self.clients
+            .iter()
+            .map(|c| format!("http://127.0.0.1:{}", c[i]))
+            .collect()
+    }
+
+    fn etcdctl(&self, args: &[&str]) -> (bool, String) {
+        let live: Vec<String> = (0..self.procs.len())
+            .filter(|&k| self.procs[k].is_some())
+            .map(|k| format!("http://127.0.0.1:{}", self.clients[k][0]))
+            .collect();
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &live.join(","), "--dial-timeout", "2s"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn healthy(&self) -> bool {
+        self.etcdctl(&["put", "/dm-test-probe", "1"]).0
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        let (ok, out) = self.etcdctl(&["get", key, "--print-value-only"]);
+        assert!(ok, "etcdctl get {key}: {out}");
+        let v = out.trim().to_string();
+        (!v.is_empty()).then_some(v)
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        let (ok, out) = self.etcdctl(&["put", key, value]);
+        assert!(ok, "etcdctl put {key}: {out}");
+    }
+
+    fn kill(&mut self, k: usize) {
+        if let Some(mut c) = self.procs[k].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for k in 0..self.procs.len() {
+            self.kill(k);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// nftables rules that drop every packet to or from some loopback ports;
+/// removed on drop.
+struct Cut {
+    table: String,
+}
+
+impl Cut {
+    fn new(tag: &str, ports: &[u16]) -> Cut {
+        let table = format!("dmfo{tag}{}", std::process::id());
+        let nft = |args: &str| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("nft {args}"))
+                .status()
+                .unwrap();
+            assert!(st.success(), "nft {args}");
+        };
+        nft(&format!("add table inet {table}"));
+        nft(&format!(
+            "'add chain inet {table} out {{ type filter hook output priority 0 ; }}'"
+        ));
+        for p in ports {
+            nft(&format!("add rule inet {table} out tcp dport {p} drop"));
+            nft(&format!("add rule inet {table} out tcp sport {p} drop"));
+        }
+        Cut { table }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("nft delete table inet {}", self.table))
+            .status();
+    }
+}
+
+struct Node {
+    cfg: PathBuf,
+    admin: String,
+    nbd: String,
+    link_port: u16,
+    volume: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+struct Pair {
+    dir: PathBuf,
+    n: [Node; 2],
+}
+
+fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
+    let sec = toml
+        .find(&format!("[{section}]"))
+        .unwrap_or_else(|| panic!("no [{section}]"));
+    toml[sec..]
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
+        .unwrap()
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+}
+
+/// The `[failover]` section of a test node.
+fn failover_section(endpoints: &[String], extra: &str) -> String {
+    format!(
+        "\n[failover]\nmode = \"etcd\"\netcd_endpoints = [{}]\nlease_ttl_ms = {TTL_MS}\nstale_mark_timeout_ms = 3000\n{extra}",
+        endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+impl Pair {
+    /// A formatted pair; `section(i)` is node i's `[failover]` text. The
+    /// demo configuration's ports (at `offset`) are replaced by free ones,
+    /// so that other tests on the machine never collide with these.
+    fn new(name: &str, offset: u16, section: impl Fn(usize) -> String) -> Pair {
+        let dir = tmp(name);
+        let mut tomls: Vec<String> = (1..=2u32)
+            .map(|id| {
+                let out = Command::new(EXE)
+                    .args(["example-config", "--node", &id.to_string(), "--dir"])
+                    .arg(&dir)
+                    .args(["--port-offset", &offset.to_string()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                let mut toml = String::from_utf8(out.stdout).unwrap();
+                // No NVMe or iSCSI: NBD is the host path here.
+                toml = toml.replace("[nvme]\nenabled = true", "[nvme]\nenabled = false");
+                toml = toml.replace("[iscsi]\nenabled = true", "[iscsi]\nenabled = false");
+                toml.push_str(&section(id as usize - 1));
+                toml
+            })
+            .collect();
+        for base in [9400u16, 10809, 7400] {
+            for k in 0..2 {
+                let from = format!(":{}\"", base + offset + k);
+                let to = format!(":{}\"", free_port());
+                for t in tomls.iter_mut() {
+                    *t = t.replace(&from, &to);
+                }
+            }
+        }
+        let mut mk = |id: u32| {
+            let toml = std::mem::take(&mut tomls[id as usize - 1]);
+            let cfg = dir.join(format!("node{id}.toml"));
+            std::fs::write(&cfg, &toml).unwrap();
+            let out = Command::new(EXE)
+                .args(["format", "--config"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "format failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let link: std::net::SocketAddr = field(&toml, "link", "listen").parse().unwrap();
+            Node {
+                admin: field(&toml, "admin", "listen").to_string(),
+                nbd: field(&toml, "nbd", "listen").to_string(),
+                link_port: link.port(),
+                volume: PathBuf::from(field(&toml, "volume", "path")),
+                log: dir.join(format!("node{id}.log")),
+                cfg,
+                child: None,
+            }
+        };
+        let n = [mk(1), mk(2)];
+        Pair { dir, n }
+    }
+
+    /// A pair with automatic failover through `etcd`, in sync, node 1
+    /// primary holding the lease.
+    fn up(name: &str, offset: u16, etcd: &Etcd) -> Pair {
+        let mut p = Pair::new(name, offset, |i| failover_section(&etcd.endpoints(i), ""));
+        p.start(0);
+        p.start(1);
+        p.wait_in_sync(0);
+        p.wait(0, "holding the lease", 30, |s| {
+            s["failover"]["holds_lease"] == true
+        });
+        p
+    }
+
+    fn start(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.n[i].log)
+            .unwrap();
+        let child = Command::new(EXE)
+            .args(["serve", "--config"])
+            .arg(&self.n[i].cfg)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.n[i].child = Some(child);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.n[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn status(&self, i: usize) -> Option<Value> {
+        get_status(&self.n[i].admin)
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "node 1 log:\n{}\nnode 2 log:\n{}",
+            std::fs::read_to_string(&self.n[0].log).unwrap_or_default(),
+            std::fs::read_to_string(&self.n[1].log).unwrap_or_default()
+        )
+    }
+
+    fn wait(&self, i: usize, what: &str, secs: u64, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status(i) {
+                if f(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "node {} never reached '{what}' in {secs} s; last status: {}\n{}",
+            i + 1,
+            last.map(|s| s.to_string()).unwrap_or_default(),
+            self.logs()
+        );
+    }
+
+    /// Node `p` primary and in sync with its backup.
+    fn wait_in_sync(&self, p: usize) -> (Value, Value) {
+        let b = 1 - p;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let (Some(sp), Some(sb)) = (self.status(p), self.status(b)) {
+                let head = sp["head_seq"].as_u64();
+                if sp["role"] == "primary"
+                    && sp["serving"] == true
+                    && sp["peer_state"] == "connected"
+                    && sp["degraded"] == false
+                    && sp["executed_seq"] == sp["head_seq"]
+                    && sb["executed_seq"].as_u64() == head
+                    && sb["head_seq"].as_u64() == head
+                    && sb["current"] == true
+                {
+                    return (sp, sb);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the pair never got in sync\n{}", self.logs());
+    }
+
+    /// `deltamirror ARGS --admin` on node `i`: success and output.
+    fn cli(&self, i: usize, args: &[&str]) -> (bool, String) {
+        let out = Command::new(EXE)
+            .args(args)
+            .args(["--admin", &self.n[i].admin])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.kill9(0);
+        self.kill9(1);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// GET /status over a plain socket (no process per poll: the observer
+/// polls every 10 ms).
+fn get_status(addr: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = &out[out.find("\r\n\r\n")? + 4..];
+    serde_json::from_str(body).ok()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn serving_primary(s: &Value) -> bool {
+    s["role"] == "primary" && s["serving"] == true
+}
+
+fn images_identical(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn block_of(img: &Path, blk: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(img).unwrap();
+    f.seek(SeekFrom::Start(blk * 4096)).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+/// The data of the oracle's write to block `blk` in run `salt`.
+fn oracle_block(salt: u64, blk: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4096);
+    for i in 0..512u64 {
+        let w = (salt << 48) ^ (blk << 12) ^ i ^ 0x5a5a_0000_0000_0000;
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+/// What one run of `nbd_writer` saw.
+struct Written {
+    acked: Vec<u64>,
+    errors: u64,
+    broken: Option<String>,
+}
+
+/// A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies), the
+/// oracle of acknowledged writes: writes `oracle_block(salt, b)` to blocks
+/// `first..first + count` with `qd` in flight and records a block once its
+/// reply arrived without error. Stops at `stop` or a broken connection.
+fn nbd_writer(
+    addr: &str,
+    salt: u64,
+    first: u64,
+    count: u64,
+    qd: usize,
+    stop: &AtomicBool,
+    acks: &AtomicU64,
+) -> Written {
+    use std::io::{Read, Write};
+    let mut w = Written {
+        acked: Vec::new(),
+        errors: 0,
+        broken: None,
+    };
+    let mut s = match nbd_open(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            w.broken = Some(format!("connect: {e}"));
+            return w;
+        }
+    };
+    let mut inflight = std::collections::HashSet::new();
+    let mut next = first;
+    loop {
+        while inflight.len() < qd && next < first + count && !stop.load(Ordering::Acquire) {
+            let mut r = Vec::with_capacity(28 + 4096);
+            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+            r.extend_from_slice(&next.to_be_bytes());
+            r.extend_from_slice(&(next * 4096).to_be_bytes());
+            r.extend_from_slice(&4096u32.to_be_bytes());
+            r.extend_from_slice(&oracle_block(salt, next));
+            if let Err(e) = s.write_all(&r) {
+                w.broken = Some(format!("send: {e}"));
+                return w;
+            }
+            inflight.insert(next);
+            next += 1;
+        }
+        if inflight.is_empty() {
+            return w;
+        }
+        let mut h = [0u8; 16];
+        if let Err(e) = s.read_exact(&mut h) {
+            w.broken = Some(format!("reply: {e}"));
+            return w;
+        }
+        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
+        let blk = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        assert!(inflight.remove(&blk), "reply for a write not in flight");
+        if u32::from_be_bytes(h[4..8].try_into().unwrap()) == 0 {
+            w.acked.push(blk);
+            acks.fetch_add(1, Ordering::AcqRel);
+        } else {
+            w.errors += 1;
+        }
+    }
+}
+
+fn nbd_open(addr: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::io::{Error, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut b = [0u8; 18];
+    s.read_exact(&mut b)?;
+    if &b[0..8] != b"NBDMAGIC" || &b[8..16] != b"IHAVEOPT" {
+        return Err(Error::other("not an NBD server"));
+    }
+    s.write_all(&3u32.to_be_bytes())?;
+    let export = b"deltamirror";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    opt.extend_from_slice(&((4 + export.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt)?;
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data)?;
+        match typ {
+            1 => return Ok(s),
+            t if t & 0x8000_0000 != 0 => {
+                return Err(Error::other(format!("NBD_OPT_GO refused: {t:#x}")))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A fixed number of writes through node `i` that must all succeed.
+fn writes_ok(p: &Pair, i: usize, salt: u64, first: u64, count: u64) -> Written {
+    let (stop, acks) = (AtomicBool::new(false), AtomicU64::new(0));
+    let w = nbd_writer(&p.n[i].nbd, salt, first, count, 8, &stop, &acks);
+    assert!(
+        w.broken.is_none() && w.errors == 0 && w.acked.len() as u64 == count,
+        "writes through node {}: {} acknowledged, {} errors, {:?}\n{}",
+        i + 1,
+        w.acked.len(),
+        w.errors,
+        w.broken,
+        p.logs()
+    );
+    w
+}
+
+/// Sleeps `ms` while checking that `f` holds for both nodes' statuses.
+fn holds_for(p: &Pair, ms: u64, what: &str, f: impl Fn(&Value, &Value) -> bool) {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        if let (Some(a), Some(b)) = (p.status(0), p.status(1)) {
+            assert!(f(&a, &b), "{what}: node 1 {a}\nnode 2 {b}\n{}", p.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_kill9_of_the_primary_under_load_the_backup_takes_over_and_the_old_one_rejoins_with_the_delta()
+{
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let etcd = Etcd::start("a", 1);
+    let mut p = Pair::up("a", 4000, &etcd);
+    let gen0 = u(&p.status(0).unwrap(), "generation");
+    // Under the oracle's writes (QD 4), the primary dies.
+    let stop = AtomicBool::new(false);
+    let acks = AtomicU64::new(0);
+    let nbd0 = p.n[0].nbd.clone();
+    let (before, killed_at) = std::thread::scope(|sc| {
+        let writer = sc.spawn(|| nbd_writer(&nbd0, 1, 100_000, 90_000, 4, &stop, &acks));
+        while acks.load(Ordering::Acquire) < 300 && !writer.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.kill9(0);
+        let t = Instant::now();
+        stop.store(true, Ordering::Release);
+        (writer.join().unwrap(), t)
+    });
+    assert!(before.acked.len() >= 300 && before.broken.is_some());
+    let s1 = p.wait(1, "primary by itself", 30, serving_primary);
+    let took = killed_at.elapsed();
+    println!(
+        "takeover {} ms after the kill (lease_ttl_ms {TTL_MS}); {} writes acknowledged before",
+        took.as_millis(),
+        before.acked.len()
+    );
+    assert!(
+        took <= Duration::from_millis(TTL_MS + 2000),
+        "the backup took {} ms to take over (bound: lease_ttl_ms + 2 s)",
+        took.as_millis()
+    );
+    let gen1 = u(&s1, "generation");
+    assert!(gen1 > gen0);
+    let fo = &s1["failover"];
+    assert_eq!(fo["holds_lease"], true, "{s1}");
+    assert_eq!(fo["lease_holder_node_id"], 2);
+    // Writes through the new primary succeed (it records the old primary
+    // stale in etcd first).
+    let after = writes_ok(&p, 1, 2, 200_000, 1000);
+    let stale = etcd
+        .get(&format!(
+            "{}/stale",
+            fo["key"].as_str().unwrap().trim_end_matches("/leader")
+        ))
+        .expect("the new primary recorded the old one stale");
+    assert!(stale.contains("\"node_id\":1"), "{stale}");
+    // The old primary returns: it learns the newer generation, rejoins as
+    // backup and receives only the delta.
+    p.start(0);
+    let s0 = p.wait(0, "backup", 30, |s| s["role"] == "backup");
+    assert!(u(&s0, "generation") >= gen1);
+    let (sp, sb) = p.wait_in_sync(1);
+    let r = &sp["last_replay"];
+    println!("failback replay: {r}");
+    assert_eq!(u(&sp, "remirrors") + u(&sb, "remirrors"), 0, "no remirror");
+    assert!(u(r, "entries") >= 1000, "the writes since the takeover");
+    assert!(u(r, "entries") < 1000 + 64, "only the delta: {r}");
+    // No acknowledged write lost, on either node.
+    for i in [1, 0] {
+        for (salt, w) in [(1, &before), (2, &after)] {
+            for &blk in &w.acked {
+                assert!(
+                    block_of(&p.n[i].volume, blk) == oracle_block(salt, blk),
+                    "node {}: acknowledged write to block {blk} lost",
+                    i + 1
+                );
+            }
+        }
+    }
+    assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
+    // The stale mark goes once the old primary caught up.
+    let key = fo["key"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/leader")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd.get(&format!("{key}/stale")).is_some() {
+        assert!(Instant::now() < deadline, "the stale mark stayed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn b_a_link_cut_with_etcd_reachable_marks_the_backup_stale_and_it_does_not_take_over() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl", "nft"]) || !need_root("cutting the link with nftables") {
+        return;
+    }
+    let etcd = Etcd::start("b", 1);
+    let p = Pair::up("b", 4010, &etcd);
+    let key = p.status(0).unwrap()["failover"]["key"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/leader")
+        .to_string();
+    let gen0 = u(&p.status(0).unwrap(), "generation");
+    writes_ok(&p, 0, 1, 0, 200);
+    let cut = Cut::new("b", &[p.n[1].link_port]);
+    // Writes go on through the primary once etcd holds the stale mark.
+    writes_ok(&p, 0, 2, 1000, 500);
+    let s0 = p.wait(0, "degraded", 10, |s| s["degraded"] == true);
+    let stale = etcd
+        .get(&format!("{key}/stale"))
+        .expect("stale mark in etcd");
+    let from = u(&s0, "peer_stale_from_seq");
+    assert!(
+        stale.contains("\"node_id\":2") && stale.contains(&format!("\"from_seq\":{from}")),
+        "{stale} (primary: backup stale from {from})"
+    );
+    // The primary keeps renewing its lease, and etcd marks the backup
+    // stale: it never takes over.
+    holds_for(&p, 3 * TTL_MS, "nobody else takes over", |a, b| {
+        serving_primary(a) && b["role"] == "backup" && b["serving"] == false
+    });
+    assert_eq!(u(&p.status(1).unwrap(), "generation"), gen0);
+    drop(cut);
+    let (sp, _) = p.wait_in_sync(0);
+    assert!(u(&sp["last_replay"], "entries") >= 500);
+    assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
+}
+
+#[test]
+fn c_a_primary_cut_from_etcd_and_its_backup_fences_before_the_backup_takes_over() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl", "nft"]) || !need_root("cutting links with nftables") {
+        return;
+    }
+    let reps: u32 = std::env::var("DM_FAILOVER_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let etcd = Etcd::start("c", 1);
+    let p = Pair::up("c", 4020, &etcd);
+    // The observer: both nodes every 10 ms, back to back; never both
+    // serving as primary in one round.
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicU64::new(0);
+    let admins = [p.n[0].admin.clone(), p.n[1].admin.clone()];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    std::thread::scope(|sc| {
+        let observer = sc.spawn(|| {
+            let mut both = None;
+            while !stop.load(Ordering::Acquire) {
+                let a = get_status(&admins[0]);
+                let b = get_status(&admins[1]);
+                if let (Some(a), Some(b)) = (&a, &b) {
+                    if serving_primary(a) && serving_primary(b) && both.is_none() {
+                        both = Some(format!("node 1 {a}\nnode 2 {b}"));
+                    }
+                }
+                rounds.fetch_add(1, Ordering::AcqRel);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            both
+        });
+        let mut primary = 0;
+        for rep in 0..reps {
+            p.wait_in_sync(primary);
+            p.wait(primary, "holding the lease", 20, |s| {
+                s["failover"]["holds_lease"] == true
+            });
+            std::thread::sleep(Duration::from_millis(rand(TTL_MS)));
+            let backup = 1 - primary;
+            // The primary loses etcd (its client port) and the link.
+            let port = etcd.clients[0][primary];
+            let cut = Cut::new(&format!("c{rep}"), &[port, p.n[1].link_port]);
+            let sf = p.wait(primary, "fenced", 20, |s| {
+                s["self_fenced_reason"].is_string()
+            });
+            let sb = p.wait(backup, "took over", 20, serving_primary);
+            assert!(u(&sb, "generation") > u(&sf, "generation"));
+            std::thread::sleep(Duration::from_millis(rand(300)));
+            drop(cut);
+            let s = p.wait(primary, "rejoined as backup", 30, |s| {
+                s["role"] == "backup" && s["self_fenced_reason"].is_null()
+            });
+            assert_eq!(s["serving"], false);
+            primary = backup;
+        }
+        stop.store(true, Ordering::Release);
+        let both = observer.join().unwrap();
+        println!(
+            "{reps} repetitions, {} observer rounds",
+            rounds.load(Ordering::Acquire)
+        );
+        assert!(
+            both.is_none(),
+            "both nodes served at once:\n{}",
+            both.unwrap()
+        );
+    });
+}
+
+#[test]
+fn d_etcd_down_nothing_changes_and_without_it_only_a_forced_promote_works() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let mut etcd = Etcd::start("d", 1);
+    let mut p = Pair::up("d", 4030, &etcd);
+    let gen0 = u(&p.status(0).unwrap(), "generation");
+    etcd.kill(0);
+    // I/O goes on; nobody fences, nobody is promoted.
+    writes_ok(&p, 0, 1, 0, 500);
+    holds_for(&p, 3 * TTL_MS, "a healthy pair without etcd", |a, b| {
+        serving_primary(a)
+            && a["self_fenced_reason"].is_null()
+            && b["role"] == "backup"
+            && a["generation"] == b["generation"]
+    });
+    writes_ok(&p, 0, 2, 1000, 500);
+    let s = p.status(0).unwrap();
+    assert_eq!(u(&s, "generation"), gen0);
+    assert_eq!(s["failover"]["etcd_reachable"], false);
+    // The primary dies: no automatic promotion.
+    p.kill9(0);
+    let end = Instant::now() + Duration::from_millis(3 * TTL_MS);
+    while Instant::now() < end {
+        let b = p.status(1).unwrap();
+        assert_eq!(b["role"], "backup", "promoted without etcd: {b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out) = p.cli(1, &["promote"]);
+    assert!(!ok && out.contains("etcd"), "{out}");
+    let (ok, out) = p.cli(1, &["promote", "--force"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("etcd is unreachable"), "{out}");
+    p.wait(1, "serving", 20, serving_primary);
+    writes_ok(&p, 1, 3, 2000, 200);
+}
+
+#[test]
+fn e_a_three_member_etcd_losing_one_member_changes_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let mut etcd = Etcd::start("e", 3);
+    let p = Pair::up("e", 4040, &etcd);
+    let gen0 = u(&p.status(0).unwrap(), "generation");
+    let transitions0 = u(&p.status(0).unwrap()["failover"], "transitions");
+    // The first member: the one both nodes' clients try first.
+    etcd.kill(0);
+    writes_ok(&p, 0, 1, 0, 500);
+    holds_for(&p, 3 * TTL_MS, "nothing changes", |a, b| {
+        serving_primary(a)
+            && a["failover"]["holds_lease"] == true
+            && a["self_fenced_reason"].is_null()
+            && b["role"] == "backup"
+    });
+    writes_ok(&p, 0, 2, 1000, 500);
+    let s = p.status(0).unwrap();
+    assert_eq!(u(&s, "generation"), gen0);
+    assert_eq!(u(&s["failover"], "transitions"), transitions0, "{s}");
+    assert!(u(&s["failover"], "last_renewal_ms_ago") < TTL_MS);
+}
+
+#[test]
+fn f_bad_input_gives_clear_errors_and_no_promotion() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl"]) {
+        return;
+    }
+    // Unreachable endpoints: the pair serves (quorum through the link), the
+    // error says what to check, and a dead primary is not replaced.
+    let closed = free_port();
+    let mut p = Pair::new("f1", 4050, |_| {
+        failover_section(&[format!("http://127.0.0.1:{closed}")], "")
+    });
+    p.start(0);
+    p.start(1);
+    p.wait_in_sync(0);
+    let s = p.wait(1, "etcd error", 20, |s| {
+        s["failover"]["etcd_error"].is_string()
+    });
+    let e = s["failover"]["etcd_error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("failover.etcd_endpoints") && e.contains(&closed.to_string()),
+        "{e}"
+    );
+    writes_ok(&p, 0, 1, 0, 100);
+    p.kill9(0);
+    std::thread::sleep(Duration::from_millis(3 * TTL_MS));
+    assert_eq!(p.status(1).unwrap()["role"], "backup");
+    drop(p);
+
+    // Not etcd at all (an HTTP/1 server): a clear error, no promotion.
+    let etcd = Etcd::start("f", 1);
+    // An HTTP/1 server, not etcd's gRPC.
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    // Answers every connection with an HTTP/1 404 (until the test binary
+    // ends).
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for c in http.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let mut p = Pair::new("f2", 4060, |_| {
+        failover_section(&[format!("http://127.0.0.1:{http_port}")], "")
+    });
+    p.start(0);
+    p.start(1);
+    p.wait_in_sync(0);
+    let s = p.wait(1, "etcd error", 20, |s| {
+        s["failover"]["etcd_error"].is_string()
+    });
+    assert!(
+        s["failover"]["etcd_error"]
+            .as_str()
+            .unwrap()
+            .contains("not etcd"),
+        "{s}"
+    );
+    p.kill9(0);
+    std::thread::sleep(Duration::from_millis(3 * TTL_MS));
+    assert_eq!(p.status(1).unwrap()["role"], "backup");
+    drop(p);
+
+    // A key held by a node of another pair, then a value that does not
+    // parse: the error names the key and the fix; no promotion.
+    for (k, (value, says)) in [
+        (
+            r#"{"pair":"00000000000000000000000000000000","node_id":1,"node_name":"other","generation":9}"#,
+            "another pair",
+        ),
+        ("node1-was-here", "does not parse"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let prefix = format!("/dmtest/f{k}");
+        let mut p = Pair::new(&format!("f3{k}"), 4070 + 10 * k as u16, |i| {
+            failover_section(&etcd.endpoints(i), &format!("key_prefix = {prefix:?}\n"))
+        });
+        etcd.put(&format!("{prefix}/leader"), value);
+        p.start(0);
+        p.start(1);
+        p.wait_in_sync(0);
+        let s = p.wait(1, "doubt", 20, |s| {
+            s["failover"]["etcd_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(says))
+        });
+        let e = s["failover"]["etcd_error"].as_str().unwrap();
+        assert!(e.contains(&format!("{prefix}/leader")), "{e}");
+        // The primary cannot hold the key either: it stays up through its
+        // backup, and never names itself in etcd.
+        assert_eq!(p.status(0).unwrap()["failover"]["holds_lease"], false);
+        p.kill9(0);
+        std::thread::sleep(Duration::from_millis(3 * TTL_MS));
+        let s = p.status(1).unwrap();
+        assert_eq!(s["role"], "backup", "{s}");
+        assert_eq!(etcd.get(&format!("{prefix}/leader")).unwrap(), value);
+        drop(p);
+    }
+
+    // The two nodes disagree on [failover]: refused at the handshake with
+    // the reason, on both nodes.
+    let mut p = Pair::new("f5", 4090, |i| {
+        if i == 0 {
+            failover_section(&etcd.endpoints(i), "")
+        } else {
+            String::new()
+        }
+    });
+    p.start(0);
+    p.start(1);
+    for i in 0..2 {
+        let s = p.wait(i, "refused", 20, |s| {
+            s["peer_refused_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("[failover] sections differ"))
+        });
+        assert!(
+            s["fenced_reason"].is_null(),
+            "a config error fences nobody: {s}"
+        );
+    }
+}
+
+#[test]
+fn g_the_auto_failover_demo_shows_a_takeover_with_nothing_lost() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd"]) {
+        return;
+    }
+    let dir = tmp("demo");
+    let out = Command::new(EXE)
+        .args(["demo", "--auto-failover", "--port-offset", "4800", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("took over by itself"), "{text}");
+    assert!(text.contains(", 0 lost"), "{text}");
+    assert!(text.contains("full remirrors       : 0"), "{text}");
+    assert!(text.contains("images byte-identical: yes"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn h_etcd_down_then_a_link_cut_writes_wait_then_fail_and_none_completes_alone() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !need(&["etcd", "etcdctl", "nft"]) || !need_root("cutting the link with nftables") {
+        return;
+    }
+    let mut etcd = Etcd::start("h", 1);
+    let p = Pair::up("h", 4100, &etcd);
+    writes_ok(&p, 0, 1, 0, 200);
+    let head0 = u(&p.status(0).unwrap(), "head_seq");
+    etcd.kill(0);
+    let cut = Cut::new("h", &[p.n[1].link_port]);
+    // Two of three are gone: the writes in flight wait for the stale mark
+    // (3 s, stale_mark_timeout_ms), then fail; the primary fences itself.
+    let (stop, acks) = (AtomicBool::new(false), AtomicU64::new(0));
+    let w = nbd_writer(&p.n[0].nbd, 2, 5000, 50, 4, &stop, &acks);
+    println!(
+        "while cut from etcd and backup: {} acknowledged, {} errors, {:?}",
+        w.acked.len(),
+        w.errors,
+        w.broken
+    );
+    assert!(
+        w.acked.is_empty(),
+        "a write completed without the backup and etcd"
+    );
+    assert!(w.errors > 0 || w.broken.is_some());
+    let s0 = p.wait(0, "fenced", 20, |s| s["self_fenced_reason"].is_string());
+    assert_eq!(s0["degraded"], false, "never degraded: {s0}");
+    assert!(s0["peer_stale_from_seq"].is_null());
+    // The backup has no etcd either: it never takes over.
+    holds_for(&p, 2 * TTL_MS, "nobody serves", |a, b| {
+        !serving_primary(a) && b["role"] == "backup"
+    });
+    drop(cut);
+    // The link returns: the pair has its quorum again, the primary serves
+    // in the same generation, and the writes that failed may be retried.
+    p.wait(0, "serving again", 30, |s| {
+        serving_primary(s) && s["self_fenced_reason"].is_null()
+    });
+    writes_ok(&p, 0, 3, 6000, 100);
+    let (sp, _) = p.wait_in_sync(0);
+    assert!(u(&sp, "head_seq") >= head0 + 100);
+    assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
+}
