@@ -577,6 +577,16 @@ fn render_metrics(s: &NodeStatus) -> String {
         "direction=\"received\"",
         s.link_bytes_received as f64,
     );
+    m.family(
+        "deltamirror_link_peers_refused_total",
+        "counter",
+        "Peers the replication link refused: a failed PSK handshake or a fabric connection request without the handshake's token.",
+    );
+    m.sample(
+        "deltamirror_link_peers_refused_total",
+        "",
+        s.link_peers_refused as f64,
+    );
 
     m.gauge(
         "deltamirror_resident_memory_bytes",

@@ -203,11 +203,12 @@ pub fn render(s: &NodeStatus) -> String {
     line(
         "link",
         format!(
-            "sent {} msgs {}  received {} msgs {}",
+            "sent {} msgs {}  received {} msgs {}  refused peers {}",
             thousands(s.link_msgs_sent),
             bytes(s.link_bytes_sent),
             thousands(s.link_msgs_received),
-            bytes(s.link_bytes_received)
+            bytes(s.link_bytes_received),
+            thousands(s.link_peers_refused)
         ),
     );
     line("memory", format!("rss {}", bytes(s.rss_bytes)));
@@ -461,6 +462,7 @@ mod tests {
             link_msgs_received: 2990,
             link_bytes_sent: 8_500_000,
             link_bytes_received: 120_000,
+            link_peers_refused: 1,
             uptime_seconds: 3725.0,
             rss_bytes: 88_293_990,
         }

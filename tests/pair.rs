@@ -764,6 +764,10 @@ fn d_peer_with_the_wrong_key_is_refused() {
         log1.contains("authentication failed") || log0.contains("authentication failed"),
         "the refusal is logged:\n{log0}\n{log1}"
     );
+    assert!(
+        u(&s0, "link_peers_refused") + u(&s1, "link_peers_refused") > 0,
+        "status counts the refused peer"
+    );
 }
 
 #[test]
@@ -1388,6 +1392,16 @@ fn l_fabric_port_refuses_peers_without_the_handshake() {
         log1.contains("not the current handshake's (stale or forged): rejected, nothing written"),
         "the stale token is logged:\n{log1}"
     );
+    // Status counts both refusals on the node that listens.
+    let mut refused = 0;
+    for _ in 0..100 {
+        refused = u(&p.status(1).unwrap(), "link_peers_refused");
+        if refused >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(refused, 2, "status counts the refused fabric peers");
     // The pair never noticed: still connected, no reconnection.
     let after = p.status(0).unwrap();
     assert_eq!(after["peer_state"], "connected");

@@ -166,6 +166,9 @@ pub struct NodeStatus {
     pub link_msgs_received: u64,
     pub link_bytes_sent: u64,
     pub link_bytes_received: u64,
+    /// Peers the link refused since start: a failed PSK handshake, or a
+    /// fabric connection request without this connection's token.
+    pub link_peers_refused: u64,
     pub uptime_seconds: f64,
     /// Resident set size of the process, bytes.
     pub rss_bytes: u64,

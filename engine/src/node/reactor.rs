@@ -769,6 +769,8 @@ impl<B: Backend> Reactor<B> {
             link_msgs_received: self.msgs_received,
             link_bytes_sent: self.bytes_sent,
             link_bytes_received: self.bytes_received,
+            link_peers_refused: self.link.counters.auth_failures.load(Ordering::Relaxed)
+                + self.link.counters.fabric_refused.load(Ordering::Relaxed),
             uptime_seconds: now as f64 / 1000.0,
             rss_bytes: 0,
         };

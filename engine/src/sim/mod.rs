@@ -1715,7 +1715,7 @@ mod tests {
             }
         }
         // cargo test hides a passing test's output: the summary also goes to
-        // receiver/sim-summary.txt, which scripts/test.sh prints.
+        // target/sim-summary.txt, which scripts/test.sh prints.
         let summary = format!(
             "simulator: {n} seeds, {completed} acknowledged host writes, {replayed} entries replayed\n  \
              faults: {} primary kills, {} backup kills, {} kills of both, {} stalls, {} link cuts, \
@@ -1747,7 +1747,7 @@ mod tests {
             c.state_updates
         );
         eprintln!("{summary}");
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../receiver");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
         if dir.is_dir() {
             let _ = std::fs::write(dir.join("sim-summary.txt"), format!("{summary}\n"));
         }
