@@ -532,7 +532,7 @@ last      replay 500 entries  0 extents  2.0 MiB  in 0.4 s
 io        reads 1,000 (4.0 MiB)  writes 2,000 (8.0 MiB)  flushes 10  errors 0
 latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
 stages    ring sync -   disk write -
-link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB
+link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB  refused peers 1
 memory    rss 84.2 MiB
 ";
         assert_eq!(text, expected, "\n{text}");

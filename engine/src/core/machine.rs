@@ -517,6 +517,28 @@ impl<L: Log> Core<L> {
         }
     }
 
+    /// Answers every host write and flush the core holds with `err`.
+    pub(in crate::core) fn fail_host_requests(&mut self, err: HostError) {
+        for (_, id) in std::mem::take(&mut self.host_of) {
+            self.out.push(Action::CompleteWrite {
+                id,
+                result: Err(err),
+            });
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.out.push(Action::CompleteWrite {
+                id: w.id,
+                result: Err(err),
+            });
+        }
+        for f in std::mem::take(&mut self.host_flushes) {
+            self.out.push(Action::CompleteFlush {
+                id: f.id,
+                result: Err(err),
+            });
+        }
+    }
+
     fn fail(&mut self, why: String) {
         if self.failed.is_some() {
             return;
@@ -524,24 +546,7 @@ impl<L: Log> Core<L> {
         self.out
             .push(Action::Notice(format!("node refuses further work: {why}")));
         self.failed = Some(why);
-        for (_, id) in std::mem::take(&mut self.host_of) {
-            self.out.push(Action::CompleteWrite {
-                id,
-                result: Err(HostError::Unavailable),
-            });
-        }
-        for w in std::mem::take(&mut self.waiting) {
-            self.out.push(Action::CompleteWrite {
-                id: w.id,
-                result: Err(HostError::Unavailable),
-            });
-        }
-        for f in std::mem::take(&mut self.host_flushes) {
-            self.out.push(Action::CompleteFlush {
-                id: f.id,
-                result: Err(HostError::Unavailable),
-            });
-        }
+        self.fail_host_requests(HostError::Unavailable);
         self.update_path();
         if !self.session.is_down() {
             self.reset_link(format!(

@@ -352,24 +352,7 @@ impl<L: Log> Core<L> {
         self.out.push(Action::Notice(format!(
             "fenced by the failover agent: {reason}"
         )));
-        for (_, id) in std::mem::take(&mut self.host_of) {
-            self.out.push(Action::CompleteWrite {
-                id,
-                result: Err(HostError::NotPrimary),
-            });
-        }
-        for w in std::mem::take(&mut self.waiting) {
-            self.out.push(Action::CompleteWrite {
-                id: w.id,
-                result: Err(HostError::NotPrimary),
-            });
-        }
-        for f in std::mem::take(&mut self.host_flushes) {
-            self.out.push(Action::CompleteFlush {
-                id: f.id,
-                result: Err(HostError::NotPrimary),
-            });
-        }
+        self.fail_host_requests(HostError::NotPrimary);
         self.update_path();
     }
 
@@ -488,24 +471,7 @@ impl<L: Log> Core<L> {
                          within {timeout} ms: failing the waiting writes (retryable); none \
                          completes without the backup until it is"
                     )));
-                    for (_, id) in std::mem::take(&mut self.host_of) {
-                        self.out.push(Action::CompleteWrite {
-                            id,
-                            result: Err(HostError::Unavailable),
-                        });
-                    }
-                    for w in std::mem::take(&mut self.waiting) {
-                        self.out.push(Action::CompleteWrite {
-                            id: w.id,
-                            result: Err(HostError::Unavailable),
-                        });
-                    }
-                    for f in std::mem::take(&mut self.host_flushes) {
-                        self.out.push(Action::CompleteFlush {
-                            id: f.id,
-                            result: Err(HostError::Unavailable),
-                        });
-                    }
+                    self.fail_host_requests(HostError::Unavailable);
                     self.roles.stale_wanted = Some((gen, from, self.now_ms));
                 }
             }
