@@ -11,7 +11,10 @@
 //!
 //! A connection holds at most `max_inflight` unanswered requests and
 //! [`MAX_INFLIGHT_BYTES`] of their payload (plus one request); past that
-//! it takes no input, and the reactor stops receiving from its socket.
+//! it takes no input, and the reactor stops receiving from its socket. It
+//! also takes none while [`MAX_QUEUED_OUT_BYTES`] of replies wait to be
+//! sent: a client that sends reads and never reads the replies is pushed
+//! back by TCP instead of growing the node's memory.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,10 @@ use volume::{Completion, IoError, IoResult, Volume, VolumeOp};
 
 use crate::proto::*;
 use crate::session::{SessionCtx, SessionEnd, MAX_INFLIGHT_BYTES};
+
+/// Replies queued and not yet handed to the socket past which a connection
+/// takes no more input.
+pub const MAX_QUEUED_OUT_BYTES: usize = 8 << 20;
 
 /// Write buffers kept per connection for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 64;
@@ -104,6 +111,8 @@ pub struct NbdConn {
     waker: Waker,
     inflight: usize,
     inflight_bytes: usize,
+    /// Reply bytes queued for the socket at the last `input` or `poll`.
+    queued_out: usize,
     /// A refused write's payload still to skip: (bytes left, handle, errno).
     drain: Option<(u32, u64, u32)>,
     end: Option<SessionEnd>,
@@ -131,6 +140,7 @@ impl NbdConn {
             waker,
             inflight: 0,
             inflight_bytes: 0,
+            queued_out: 0,
             drain: None,
             end: None,
             warned_backup: false,
@@ -248,6 +258,50 @@ impl NbdConn {
 
 impl netreactor::Conn for NbdConn {
     fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+        let r = self.take_input(input, out);
+        self.queued_out = out.len();
+        r
+    }
+
+    fn poll(&mut self, out: &mut Vec<u8>) {
+        while let Some(rep) = self.done.pop() {
+            let charge = rep.kind.charge();
+            if self.handle(rep, out) {
+                self.inflight -= 1;
+                self.inflight_bytes -= charge;
+            }
+        }
+        self.queued_out = out.len();
+    }
+
+    fn wants_input(&self) -> bool {
+        self.end.is_none() && self.room() && self.queued_out < MAX_QUEUED_OUT_BYTES
+    }
+
+    fn closing(&self) -> bool {
+        self.end.is_some()
+    }
+
+    fn quiescent(&self) -> bool {
+        self.inflight == 0
+    }
+
+    fn aborted(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn closed(&mut self, why: &str) {
+        log::info!("nbd {}: disconnected ({why})", self.peer);
+        if let Some(f) = self.on_close.take() {
+            f();
+        }
+    }
+}
+
+impl NbdConn {
+    /// Parses and submits the requests `input` holds, as long as the
+    /// connection takes input.
+    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
         let mut at = 0;
         while self.end.is_none() {
             let avail = input.len() - at;
@@ -262,7 +316,7 @@ impl netreactor::Conn for NbdConn {
                 out.extend_from_slice(&simple_reply(errno, handle));
                 continue;
             }
-            if !self.room() {
+            if !self.room() || out.len() >= MAX_QUEUED_OUT_BYTES {
                 break;
             }
             if avail < REQUEST_HEADER_BYTES {
@@ -345,39 +399,6 @@ impl netreactor::Conn for NbdConn {
         Input {
             consumed: at,
             need: 0,
-        }
-    }
-
-    fn poll(&mut self, out: &mut Vec<u8>) {
-        while let Some(rep) = self.done.pop() {
-            let charge = rep.kind.charge();
-            if self.handle(rep, out) {
-                self.inflight -= 1;
-                self.inflight_bytes -= charge;
-            }
-        }
-    }
-
-    fn wants_input(&self) -> bool {
-        self.end.is_none() && self.room()
-    }
-
-    fn closing(&self) -> bool {
-        self.end.is_some()
-    }
-
-    fn quiescent(&self) -> bool {
-        self.inflight == 0
-    }
-
-    fn aborted(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    fn closed(&mut self, why: &str) {
-        log::info!("nbd {}: disconnected ({why})", self.peer);
-        if let Some(f) = self.on_close.take() {
-            f();
         }
     }
 }

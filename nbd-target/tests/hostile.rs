@@ -151,3 +151,71 @@ fn slow_and_garbage_connections_do_not_stop_the_others() {
     slow_t.join().unwrap();
     srv.shutdown();
 }
+
+/// Counts the reads a connection submits, then passes them on.
+struct CountingVolume {
+    inner: Arc<MemVolume>,
+    reads: AtomicU64,
+}
+
+impl volume::Wrapper for CountingVolume {
+    fn inner(&self) -> &dyn volume::Volume {
+        &*self.inner
+    }
+    fn take(&self, op: volume::VolumeOp, done: volume::Completion) {
+        if matches!(op, volume::VolumeOp::Read { .. }) {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        volume::Volume::submit(&*self.inner, op, done);
+    }
+}
+
+/// A client that sends reads and never reads the replies is pushed back:
+/// the connection stops taking its requests once 8 MiB of replies wait
+/// (the rest wait in the socket), instead of queueing 500 MiB of replies in
+/// the node's memory; once the client reads, every request is answered, in
+/// order, whole.
+#[test]
+fn a_client_that_never_reads_is_pushed_back() {
+    const READS: u64 = 2000;
+    const LEN: u32 = 256 * 1024;
+    let vol = Arc::new(CountingVolume {
+        inner: Arc::new(MemVolume::new(BS, BLOCKS)),
+        reads: AtomicU64::new(0),
+    });
+    let srv = serve_dyn(vol.clone());
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    for h in 0..READS {
+        c.request(CMD_READ, 0, h, 0, LEN, &[]);
+    }
+    // Wait until the connection stops taking requests (the count holds
+    // still for half a second) or has taken them all.
+    let mut last = u64::MAX;
+    let mut still_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = vol.reads.load(Ordering::Relaxed);
+        if n == READS || Instant::now() > deadline {
+            break;
+        }
+        if n != last {
+            last = n;
+            still_since = Instant::now();
+        } else if still_since.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let taken = vol.reads.load(Ordering::Relaxed);
+    println!("reads submitted while the client did not read: {taken} of {READS}");
+    assert!(
+        taken < READS / 4,
+        "{taken} of {READS} reads taken (the replies of all would be 500 MiB)"
+    );
+    for h in 0..READS {
+        let (errno, handle) = c.reply();
+        assert_eq!((errno, handle), (0, h));
+        assert_eq!(c.bytes(LEN as usize).len(), LEN as usize);
+    }
+    assert_eq!(vol.reads.load(Ordering::Relaxed), READS);
+}
