@@ -1038,6 +1038,7 @@ fn h_fio_libiscsi_verified_io_against_the_mirrored_primary() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--output-format=terse",
                 "--terse-version=3",
             ])

@@ -165,6 +165,7 @@ fn fio_randwrite_verify_crc32c() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ])
         .output()
