@@ -24,6 +24,24 @@ struct Pair {
 }
 
 impl Pair {
+    /// Writes both nodes' configuration files into `dir` and formats a node
+    /// whose data directory holds no metadata yet.
+    fn create(dir: &Path, cfgs: [Config; 2]) -> Result<Pair> {
+        let pair = Pair {
+            dir: dir.to_path_buf(),
+            cfgs,
+            children: [None, None],
+        };
+        for i in 0..2 {
+            let p = pair.config_path(i);
+            std::fs::write(&p, pair.cfgs[i].to_toml_string())?;
+            if !pair.cfgs[i].node.data_dir.join("meta").exists() {
+                cmd_format(&p, false, false)?;
+            }
+        }
+        Ok(pair)
+    }
+
     fn config_path(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{}.toml", i + 1))
     }
@@ -137,18 +155,7 @@ fn setup(dir: Option<PathBuf>, port_offset: u16, fabric: Option<&str>) -> Result
         }
     };
     let cfgs = [cfg(1), cfg(2)];
-    let mut pair = Pair {
-        dir: dir.clone(),
-        cfgs,
-        children: [None, None],
-    };
-    for i in 0..2 {
-        let p = pair.config_path(i);
-        std::fs::write(&p, pair.cfgs[i].to_toml_string())?;
-        if !pair.cfgs[i].node.data_dir.join("meta").exists() {
-            cmd_format(&p, false, false)?;
-        }
-    }
+    let mut pair = Pair::create(&dir, cfgs)?;
     pair.spawn(0)?;
     pair.spawn(1)?;
     pair.wait(0, "serving as primary, backup connected", 30, |s| {
@@ -542,18 +549,7 @@ pub fn run_auto_failover(dir: Option<PathBuf>, port_offset: u16) -> Result<()> {
         c.failover.etcd_endpoints = vec![etcd.client.clone()];
         c.failover.lease_ttl_ms = ttl;
     }
-    let mut pair = Pair {
-        dir: dir.clone(),
-        cfgs,
-        children: [None, None],
-    };
-    for i in 0..2 {
-        let p = pair.config_path(i);
-        std::fs::write(&p, pair.cfgs[i].to_toml_string())?;
-        if !pair.cfgs[i].node.data_dir.join("meta").exists() {
-            cmd_format(&p, false, false)?;
-        }
-    }
+    let mut pair = Pair::create(&dir, cfgs)?;
     println!(
         "deltamirror automatic failover demo in {} (etcd at {}, lease {ttl} ms)",
         dir.display(),

@@ -8,6 +8,8 @@
 //! need nft and root. `DM_FAILOVER_REPS` raises the observer test's
 //! repetitions (50 by default).
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -15,26 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::{field, images_identical, need, u, EXE};
 use serde_json::Value;
 
-const EXE: &str = env!("CARGO_BIN_EXE_deltamirror");
 /// The lease of every test pair: short, so the file stays quick.
 const TTL_MS: u64 = 1000;
 
 /// The tests share the machine's two cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn need(tools: &[&str]) -> bool {
-    for t in tools {
-        if !testskip::on_path(t) {
-            testskip::skip(format!(
-                "{t} is not installed (scripts/test.sh installs it)"
-            ));
-            return false;
-        }
-    }
-    true
-}
 
 fn is_root() -> bool {
     // SAFETY: getuid has no preconditions and cannot fail.
@@ -236,21 +226,6 @@ struct Node {
 struct Pair {
     dir: PathBuf,
     n: [Node; 2],
-}
-
-fn field<'a>(toml: &'a str, section: &str, key: &str) -> &'a str {
-    let sec = toml
-        .find(&format!("[{section}]"))
-        .unwrap_or_else(|| panic!("no [{section}]"));
-    toml[sec..]
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
-        .unwrap()
-        .split('=')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .trim_matches('"')
 }
 
 /// The `[failover]` section of a test node.
@@ -461,23 +436,8 @@ fn get_status(addr: &str) -> Option<Value> {
     serde_json::from_str(body).ok()
 }
 
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-}
-
 fn serving_primary(s: &Value) -> bool {
     s["role"] == "primary" && s["serving"] == true
-}
-
-fn images_identical(a: &Path, b: &Path) -> bool {
-    Command::new("cmp")
-        .arg("-s")
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
 }
 
 fn block_of(img: &Path, blk: u64) -> Vec<u8> {

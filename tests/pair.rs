@@ -18,29 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Pair, EXE};
+use common::{images_identical, need, u, Pair, EXE};
 use serde_json::Value;
 
 /// The tests share the machine's two cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn have(tool: &str) -> bool {
-    testskip::on_path(tool)
-}
-
-/// False, with the skip recorded for scripts/test.sh (testskip), when a
-/// tool is absent: the caller returns.
-fn need(tools: &[&str]) -> bool {
-    for t in tools {
-        if !have(t) {
-            testskip::skip(format!(
-                "{t} is not installed (scripts/test.sh installs it)"
-            ));
-            return false;
-        }
-    }
-    true
-}
 
 /// The pair tests' own steps.
 impl Pair {
@@ -150,21 +132,6 @@ fn http_post(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-}
-
-fn images_identical(a: &Path, b: &Path) -> bool {
-    let out = Command::new("cmp")
-        .arg("-s")
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap();
-    out.success()
 }
 
 /// fio random 4 KiB writes through NBD for `secs`; returns the child.

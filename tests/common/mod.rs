@@ -1,7 +1,7 @@
-//! The process-level harness of tests/pair.rs, pr_failover.rs and abort.rs:
-//! real `deltamirror` processes in a fresh directory, configured with
-//! `example-config`, formatted, started, killed and read through
-//! `status --json`.
+//! The process-level harness of tests/pair.rs, pr_failover.rs, abort.rs
+//! and pinning.rs: real `deltamirror` processes in a fresh directory,
+//! configured with `example-config`, formatted, started, killed and read
+//! through `status --json`; tests/failover.rs uses its small helpers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -26,6 +26,37 @@ pub fn port_shift() -> u16 {
 /// (`link.transport = "fabric"`, its tcp provider).
 pub fn fabric_link() -> bool {
     std::env::var("DM_TEST_LINK").is_ok_and(|v| v == "fabric")
+}
+
+/// False, with the skip recorded for scripts/test.sh (testskip), when a
+/// tool is absent: the caller returns.
+pub fn need(tools: &[&str]) -> bool {
+    for t in tools {
+        if !testskip::on_path(t) {
+            testskip::skip(format!(
+                "{t} is not installed (scripts/test.sh installs it)"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+/// The unsigned field `k` of a status, which must be there.
+pub fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// The two image files are byte-identical (`cmp -s`).
+pub fn images_identical(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
 }
 
 /// The value of `key` in `[section]` of a TOML text, unquoted.

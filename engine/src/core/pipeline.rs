@@ -314,10 +314,10 @@ impl<L: Log> Core<L> {
         limit.min(head)
     }
 
-    pub(super) fn schedule_executions(&mut self) {
-        let limit = self.exec_limit();
-        // A verify read goes into the queue right after its ring entry, so
-        // it sees every entry up to it and none after it.
+    /// A verify read goes into the queue right after its ring entry, so it
+    /// sees every entry up to it and none after it: queues every verify
+    /// whose entry is already scheduled.
+    fn queue_due_verifies(&mut self) {
         while let Some(q) = self.verify_queued.front().copied() {
             if q.after >= self.pipe.exec_next {
                 break;
@@ -326,6 +326,11 @@ impl<L: Log> Core<L> {
             self.exec_queue
                 .push_back(ExecItem::Verify(q.token, q.offset, q.len));
         }
+    }
+
+    pub(super) fn schedule_executions(&mut self) {
+        let limit = self.exec_limit();
+        self.queue_due_verifies();
         while self.pipe.exec_next <= limit {
             if let Some((h, _)) = self.log.get(self.pipe.exec_next) {
                 self.exec_queue.push_back(if h.kind == ReqKind::State {
@@ -335,14 +340,7 @@ impl<L: Log> Core<L> {
                 });
             }
             self.pipe.exec_next += 1;
-            while let Some(q) = self.verify_queued.front().copied() {
-                if q.after >= self.pipe.exec_next {
-                    break;
-                }
-                self.verify_queued.pop_front();
-                self.exec_queue
-                    .push_back(ExecItem::Verify(q.token, q.offset, q.len));
-            }
+            self.queue_due_verifies();
         }
         let extents_gate = self.resync_receiver.as_ref().map(|r| r.meta_version);
         let mut i = 0;

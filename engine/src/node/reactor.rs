@@ -338,7 +338,12 @@ impl<B: Backend> Reactor<B> {
                         h.data = data;
                     }
                 }
-                VolumeOp::WriteZeroes { offset, len } => {
+                VolumeOp::WriteZeroes { offset, len } | VolumeOp::Discard { offset, len } => {
+                    let kind = if matches!(op, VolumeOp::Discard { .. }) {
+                        ReqKind::Discard
+                    } else {
+                        ReqKind::WriteZeroes
+                    };
                     let id = self.host_slot(PendingHost {
                         done: Some(done),
                         data: Vec::new(),
@@ -346,17 +351,7 @@ impl<B: Backend> Reactor<B> {
                         is_write: true,
                     });
                     self.core
-                        .host_write(id as u64, ReqKind::WriteZeroes, offset, len, false, &[]);
-                }
-                VolumeOp::Discard { offset, len } => {
-                    let id = self.host_slot(PendingHost {
-                        done: Some(done),
-                        data: Vec::new(),
-                        start,
-                        is_write: true,
-                    });
-                    self.core
-                        .host_write(id as u64, ReqKind::Discard, offset, len, false, &[]);
+                        .host_write(id as u64, kind, offset, len, false, &[]);
                 }
                 VolumeOp::Flush => {
                     let id = self.host_slot(PendingHost {
