@@ -176,7 +176,7 @@ impl Failover {
 fn watchdog(node: &NodeControl, deadline: &Mutex<Option<u64>>, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10));
-        let st = node.status();
+        let st = node.published_status();
         if st.role.is_empty() {
             continue; // no status published yet
         }
@@ -251,7 +251,7 @@ impl Agent {
         let tick = Duration::from_millis((self.s.lease_ttl_ms / 50).clamp(10, 100));
         while !stop.load(Ordering::Acquire) {
             self.read().await;
-            let st = self.node.status();
+            let st = self.node.published_status();
             if st.role.is_empty() {
                 // The node has not published its first status yet.
                 tokio::time::sleep(tick).await;

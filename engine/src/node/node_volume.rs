@@ -102,6 +102,13 @@ pub struct NodeControl {
 }
 
 impl NodeControl {
+    /// The status the reactor last published, without the process's
+    /// resident set (which `status` reads from /proc): for pollers that
+    /// need only the node's state, such as the failover watchdog.
+    pub fn published_status(&self) -> NodeStatus {
+        self.shared.status.lock().unwrap().clone()
+    }
+
     pub(super) fn command(&self, c: Command) -> Result<(), String> {
         let reply = Arc::new(Reply::default());
         self.shared
@@ -127,7 +134,7 @@ impl NodeControl {
 
 impl crate::status::Control for NodeControl {
     fn status(&self) -> NodeStatus {
-        let mut s = self.shared.status.lock().unwrap().clone();
+        let mut s = self.published_status();
         s.rss_bytes = rss_bytes();
         s
     }
