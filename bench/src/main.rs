@@ -485,7 +485,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric:
             &*vol,
             VolumeOp::Write {
                 offset: off,
-                data: vec![0x33; 4096],
+                data: vec![0x33; 4096].into(),
                 fua: false,
             },
         )
@@ -516,7 +516,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric:
         vol.submit(
             VolumeOp::Write {
                 offset: off,
-                data: vec![0x44; 4096],
+                data: vec![0x44; 4096].into(),
                 fua: false,
             },
             Box::new(move |r| {

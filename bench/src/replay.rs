@@ -177,7 +177,7 @@ fn write_many(
         vol.submit(
             VolumeOp::Write {
                 offset: off(i),
-                data: vec![(i as u8) | 1; bs],
+                data: vec![(i as u8) | 1; bs].into(),
                 fua: false,
             },
             Box::new(move |r| {
@@ -206,7 +206,7 @@ fn write4k(vol: &dyn Volume, off: u64) -> Res<()> {
         vol,
         VolumeOp::Write {
             offset: off,
-            data: vec![0x5c; 4096],
+            data: vec![0x5c; 4096].into(),
             fua: false,
         },
     )

@@ -560,7 +560,7 @@ mod tests {
             out[1],
             Msg::Req {
                 hdr,
-                payload: vec![1, 2, 3]
+                payload: vec![1, 2, 3].into()
             }
         );
         // A partial frame is left for later.

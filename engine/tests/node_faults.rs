@@ -164,7 +164,7 @@ impl Writers {
                             &*vol,
                             VolumeOp::Write {
                                 offset: block * BLOCK,
-                                data: data_of(block),
+                                data: data_of(block).into(),
                                 fua: false,
                             },
                         );
@@ -293,7 +293,7 @@ fn check_refuses_work(n: &Node, fault: Fault) {
         &*n.volume,
         VolumeOp::Write {
             offset: 0,
-            data: vec![0xee; BLOCK as usize],
+            data: vec![0xee; BLOCK as usize].into(),
             fua: false,
         },
     );
@@ -425,7 +425,7 @@ fn primary_fault_on(p: &Pair, fault: Fault) -> Record {
         &*n2.volume,
         VolumeOp::Write {
             offset: VOLUME_BYTES - BLOCK,
-            data: vec![0x5a; BLOCK as usize],
+            data: vec![0x5a; BLOCK as usize].into(),
             fua: false,
         },
     );
@@ -484,7 +484,7 @@ fn failed_primary_rejoins_as_backup_after_a_restart() {
             &*n2.volume,
             VolumeOp::Write {
                 offset: block * BLOCK,
-                data: data_of(block),
+                data: data_of(block).into(),
                 fua: false,
             },
         );
@@ -553,7 +553,7 @@ fn disk_eio_on_a_standalone_node() {
             &*n.volume,
             VolumeOp::Write {
                 offset: block * BLOCK,
-                data: data_of(block),
+                data: data_of(block).into(),
                 fua: false,
             },
         )
@@ -573,7 +573,11 @@ fn disk_eio_on_a_standalone_node() {
         )
         .unwrap()
     };
-    assert_eq!(read(1), data_of(1));
-    assert_eq!(read(2), vec![0; BLOCK as usize], "the failed write landed");
+    assert_eq!(read(1), data_of(1).into());
+    assert_eq!(
+        read(2),
+        vec![0; BLOCK as usize].into(),
+        "the failed write landed"
+    );
     assert_eq!(ctl.injected(), 1);
 }

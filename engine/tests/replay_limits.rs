@@ -66,7 +66,7 @@ fn write(vol: &dyn Volume, block: u64, fill: u8) {
         vol,
         VolumeOp::Write {
             offset: block * 4096,
-            data: vec![fill; 4096],
+            data: vec![fill; 4096].into(),
             fua: false,
         },
     )

@@ -379,7 +379,7 @@ fn read_async(lun: &Arc<Lun>, offset: u64, len: u32, done: Done) {
         return lun.vol.submit(
             VolumeOp::Read { offset, len },
             Box::new(move |r| match r {
-                Ok(d) => done(ScsiResult::good(d)),
+                Ok(d) => done(ScsiResult::good(d.to_vec())),
                 Err(e) => done(ScsiResult::check(io_error_sense(e, false))),
             }),
         );
@@ -434,7 +434,11 @@ fn write_async(lun: &Arc<Lun>, offset: u64, data: Vec<u8>, fua: bool, done: Done
     };
     if parts.len() == 1 {
         return lun.vol.submit(
-            VolumeOp::Write { offset, data, fua },
+            VolumeOp::Write {
+                offset,
+                data: data.into(),
+                fua,
+            },
             Box::new(move |r| finish(r.map(|_| ()), done)),
         );
     }
@@ -449,7 +453,7 @@ fn write_async(lun: &Arc<Lun>, offset: u64, data: Vec<u8>, fua: bool, done: Done
         lun.vol.submit(
             VolumeOp::Write {
                 offset: off,
-                data: chunk,
+                data: chunk.into(),
                 fua,
             },
             Box::new(move |r| {
@@ -491,7 +495,7 @@ fn write_sync(lun: &Lun, offset: u64, data: &[u8], fua: bool) -> Result<(), IoEr
             &*lun.vol,
             VolumeOp::Write {
                 offset: off,
-                data: chunk,
+                data: chunk.into(),
                 fua,
             },
         )?;
@@ -651,7 +655,7 @@ fn write_atomic(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
     }
     let op = VolumeOp::Write {
         offset: lba * bs,
-        data: data[..len].to_vec(),
+        data: data[..len].into(),
         fua: cdb[1] & 0x08 != 0,
     };
     match submit_wait(&*lun.vol, op) {
@@ -720,7 +724,7 @@ fn write_same(lun: &Lun, cdb: &[u8], data: &[u8]) -> ScsiResult {
                 &*lun.vol,
                 VolumeOp::Write {
                     offset: offset + done_blocks * bs as u64,
-                    data: buf,
+                    data: buf.into(),
                     fua: false,
                 },
             )

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use nbd_target::{start, NbdConfig};
 use volume::{
-    Completion, Geometry, IoError, MemVolume, PathCell, PathState, Volume, VolumeIdentity, VolumeOp,
+    Completion, Geometry, IoBuf, IoError, MemVolume, PathCell, PathState, Volume, VolumeIdentity,
+    VolumeOp,
 };
 
 struct FileVolume {
@@ -28,12 +29,12 @@ struct FileVolume {
 }
 
 impl FileVolume {
-    fn execute(&self, op: VolumeOp) -> Result<Vec<u8>, IoError> {
+    fn execute(&self, op: VolumeOp) -> Result<IoBuf, IoError> {
         let io = |e: std::io::Error| IoError::Io(e.raw_os_error().unwrap_or(libc::EIO));
         match op {
             VolumeOp::Read { offset, len } => {
                 self.geometry.check_range(offset, len as u64)?;
-                let mut buf = vec![0; len as usize];
+                let mut buf = IoBuf::new(len as usize);
                 self.file.read_exact_at(&mut buf, offset).map_err(io)?;
                 Ok(buf)
             }
@@ -43,9 +44,9 @@ impl FileVolume {
                 if fua {
                     self.file.sync_data().map_err(io)?;
                 }
-                Ok(data)
+                Ok(IoBuf::empty())
             }
-            VolumeOp::Flush => self.file.sync_data().map(|_| Vec::new()).map_err(io),
+            VolumeOp::Flush => self.file.sync_data().map(|_| IoBuf::empty()).map_err(io),
             VolumeOp::Discard { offset, len } | VolumeOp::WriteZeroes { offset, len } => {
                 self.geometry.check_range(offset, len)?;
                 let zeros = vec![0u8; 1 << 20];
@@ -55,7 +56,7 @@ impl FileVolume {
                     self.file.write_all_at(&zeros[..n], at).map_err(io)?;
                     at += n as u64;
                 }
-                Ok(Vec::new())
+                Ok(IoBuf::empty())
             }
         }
     }

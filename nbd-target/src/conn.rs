@@ -30,10 +30,6 @@ use crate::session::{SessionCtx, SessionEnd, MAX_INFLIGHT_BYTES};
 /// takes no more input.
 pub const MAX_QUEUED_OUT_BYTES: usize = 8 << 20;
 
-/// Write buffers kept per connection for reuse, and the largest one kept.
-const POOL_BUFFERS: usize = 64;
-const POOL_BUFFER_MAX_BYTES: usize = 128 * 1024;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// Carries `len` bytes of data on success.
@@ -117,7 +113,6 @@ pub struct NbdConn {
     drain: Option<(u32, u64, u32)>,
     end: Option<SessionEnd>,
     warned_backup: bool,
-    pool: Vec<Vec<u8>>,
     on_close: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -144,7 +139,6 @@ impl NbdConn {
             drain: None,
             end: None,
             warned_backup: false,
-            pool: Vec::new(),
             on_close,
         }
     }
@@ -177,17 +171,8 @@ impl NbdConn {
         self.vol.submit(op, done);
     }
 
-    fn take_buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut b = self.pool.pop().unwrap_or_default();
-        b.clear();
-        b.reserve(len);
-        b
-    }
-
-    fn give_buffer(&mut self, b: Vec<u8>) {
-        if b.capacity() <= POOL_BUFFER_MAX_BYTES && self.pool.len() < POOL_BUFFERS {
-            self.pool.push(b);
-        }
+    fn take_buffer(&self, len: usize) -> Vec<u8> {
+        Vec::with_capacity(len)
     }
 
     /// Either submits the next step of a range request (false) or encodes
@@ -236,7 +221,7 @@ impl NbdConn {
                     }
                     _ => out.extend_from_slice(&simple_reply(0, rep.handle)),
                 }
-                self.give_buffer(data);
+                drop(data);
                 return true;
             }
             Err(e) => {
@@ -370,7 +355,11 @@ impl NbdConn {
                     data.extend_from_slice(&input[at + REQUEST_HEADER_BYTES..at + whole]);
                     at += whole;
                     self.submit(
-                        VolumeOp::Write { offset, data, fua },
+                        VolumeOp::Write {
+                            offset,
+                            data: data.into(),
+                            fua,
+                        },
                         Kind::Write(len),
                         handle,
                     );
@@ -433,7 +422,7 @@ fn submit_split(vol: &dyn Volume, r: RangeReq, chunk: u64, done: Completion) {
                     let err = fan.first_err.lock().ok().and_then(|s| *s);
                     let done = fan.done.lock().ok().and_then(|mut d| d.take());
                     if let Some(done) = done {
-                        done(err.map_or(Ok(Vec::new()), Err));
+                        done(err.map_or(Ok(volume::IoBuf::empty()), Err));
                     }
                 }
             }),

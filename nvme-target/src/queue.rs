@@ -965,7 +965,7 @@ impl QueueCore {
                     assert_eq!(data.len(), len as usize, "write data length");
                     Outcome::Submit(VolumeOp::Write {
                         offset,
-                        data,
+                        data: data.into(),
                         fua: sqe.cdw(12) & (1 << 30) != 0,
                     })
                 }

@@ -30,6 +30,7 @@
 //! hooks, and `poll`, the list of named steps run once per reactor pass.
 
 use std::collections::{BTreeMap, VecDeque};
+use volume::SharedBuf;
 
 use super::decide::{decide, Plan};
 use super::meta::Meta;
@@ -179,7 +180,7 @@ struct Waiting {
     offset: u64,
     len: u64,
     fua: bool,
-    payload: Vec<u8>,
+    payload: SharedBuf,
 }
 
 struct HostFlush {
@@ -573,7 +574,7 @@ impl<L: Log> Core<L> {
         offset: u64,
         len: u64,
         fua: bool,
-        payload: &[u8],
+        payload: SharedBuf,
     ) {
         if let Some(e) = self.refuse_host() {
             self.out.push(Action::CompleteWrite { id, result: Err(e) });
@@ -592,7 +593,7 @@ impl<L: Log> Core<L> {
                 offset,
                 len,
                 fua,
-                payload: payload.to_vec(),
+                payload,
             });
         }
     }

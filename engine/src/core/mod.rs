@@ -18,6 +18,7 @@ pub use machine::{Action, Core, Event, HostError};
 pub use meta::{DirtyMap, Meta};
 pub use msg::{Hello, Msg};
 pub use types::*;
+pub use volume::SharedBuf;
 
 /// The persistent ring as the core sees it: the delay buffer and the delta
 /// queue. Appends are volatile until a flush makes them durable.
@@ -42,8 +43,9 @@ pub trait Log {
     /// Seq the next append must carry.
     fn next_seq(&self) -> Seq;
     fn fits(&self, payload_len: usize) -> bool;
-    /// Appends; `false` when the ring is full.
-    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool;
+    /// Appends; `false` when the ring is full. The log may keep `payload`
+    /// (the buffer the host's write arrived in) instead of copying it.
+    fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool;
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])>;
     fn trim_through(&mut self, seq: Seq);
     fn truncate_after(&mut self, seq: Seq);

@@ -6,6 +6,7 @@
 //! Decoding never panics: any malformed body is an `Err`.
 
 use super::types::{GenEntry, ReqHeader, ReqKind, Role, Seq, MAX_STATE_BYTES};
+use volume::{IoBuf, SharedBuf};
 
 /// What a node says about itself when a link comes up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub enum Msg {
     /// A mirrored request (live or replayed).
     Req {
         hdr: ReqHeader,
-        payload: Vec<u8>,
+        payload: SharedBuf,
     },
     Ack1(Seq),
     Ack2(Seq),
@@ -411,7 +412,8 @@ impl Msg {
             }
             3 => {
                 let hdr = decode_header(&mut r)?;
-                let payload = r.bytes()?;
+                let n = r.len()?;
+                let payload = r.take(n)?;
                 let ok = match hdr.kind {
                     ReqKind::Write => payload.len() as u64 == hdr.len,
                     ReqKind::State => {
@@ -422,7 +424,10 @@ impl Msg {
                 if !ok {
                     return Err(DecodeError("payload length does not match the request"));
                 }
-                Msg::Req { hdr, payload }
+                Msg::Req {
+                    hdr,
+                    payload: IoBuf::from_slice(payload).share(),
+                }
             }
             4 => Msg::Ack1(r.u64()?),
             5 => Msg::Ack2(r.u64()?),
@@ -542,7 +547,7 @@ mod tests {
             },
             Msg::Req {
                 hdr,
-                payload: vec![1, 2, 3, 4],
+                payload: vec![1, 2, 3, 4].into(),
             },
             Msg::Ack1(3),
             Msg::Ack2(2),
@@ -593,7 +598,7 @@ mod tests {
                     offset: 0,
                     len: 0,
                 },
-                payload: vec![4; 40],
+                payload: vec![4; 40].into(),
             },
         ]
     }

@@ -18,6 +18,7 @@
 //! trimming (I3) and host flushes.
 
 use std::collections::BTreeSet;
+use volume::SharedBuf;
 
 use super::*;
 
@@ -169,7 +170,7 @@ impl<L: Log> Core<L> {
         offset: u64,
         len: u64,
         fua: bool,
-        payload: &[u8],
+        payload: SharedBuf,
     ) {
         let seq = self.log.next_seq();
         let hdr = ReqHeader {
@@ -192,7 +193,7 @@ impl<L: Log> Core<L> {
         while let Some(w) = self.waiting.front() {
             if self.log.fits(w.payload.len()) {
                 let w = self.waiting.pop_front().unwrap();
-                self.assign(w.id, w.kind, w.offset, w.len, w.fua, &w.payload);
+                self.assign(w.id, w.kind, w.offset, w.len, w.fua, w.payload);
                 continue;
             }
             // Overflow: fold executed entries into the dirty map, only while
@@ -250,7 +251,7 @@ impl<L: Log> Core<L> {
                 return;
             }
             let (hdr, payload) = self.session.rx_backlog.pop_front().unwrap();
-            assert!(self.log.append(&hdr, &payload));
+            assert!(self.log.append(&hdr, payload));
             if hdr.fua {
                 self.pipe.fua_through = hdr.seq;
             }

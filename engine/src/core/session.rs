@@ -95,7 +95,7 @@ pub(super) struct Session {
     /// timeout confirm rule).
     pub alive_since_ms: u64,
     /// Received REQs waiting for ring room or the end of a resync.
-    pub rx_backlog: VecDeque<(ReqHeader, Vec<u8>)>,
+    pub rx_backlog: VecDeque<(ReqHeader, SharedBuf)>,
     /// Receiver: the sender's `InSync` seq in this session.
     pub in_sync_at: Option<Seq>,
     /// Sender: `InSync` sent in this session.

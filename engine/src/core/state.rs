@@ -54,7 +54,14 @@ impl<L: Log> Core<L> {
         }
         // FUA: with `ack1 = "received"` the backup acknowledges it only
         // once its ring holds it durably.
-        self.host_write(id, ReqKind::State, 0, 0, true, blob);
+        self.host_write(
+            id,
+            ReqKind::State,
+            0,
+            0,
+            true,
+            volume::IoBuf::from_slice(blob).share(),
+        );
     }
 
     /// The replicated state blob as executed here, and its seq.

@@ -45,7 +45,8 @@ pub(super) enum Inflight {
 
 pub(super) struct PendingHost {
     pub(super) done: Option<Completion>,
-    pub(super) data: Vec<u8>,
+    /// Payload bytes of a write (for the counters).
+    pub(super) bytes: u64,
     pub(super) start: Instant,
     pub(super) is_write: bool,
 }
@@ -317,7 +318,7 @@ impl<B: Backend> Reactor<B> {
                 VolumeOp::Read { offset, len } => {
                     let id = self.host_slot(PendingHost {
                         done: Some(done),
-                        data: Vec::new(),
+                        bytes: 0,
                         start,
                         is_write: false,
                     });
@@ -328,15 +329,12 @@ impl<B: Backend> Reactor<B> {
                     let len = data.len() as u64;
                     let id = self.host_slot(PendingHost {
                         done: Some(done),
-                        data: Vec::new(),
+                        bytes: len,
                         start,
                         is_write: true,
                     });
                     self.core
-                        .host_write(id as u64, ReqKind::Write, offset, len, fua, &data);
-                    if let Some(h) = self.hosts[id].as_mut() {
-                        h.data = data;
-                    }
+                        .host_write(id as u64, ReqKind::Write, offset, len, fua, data.share());
                 }
                 VolumeOp::WriteZeroes { offset, len } | VolumeOp::Discard { offset, len } => {
                     let kind = if matches!(op, VolumeOp::Discard { .. }) {
@@ -346,17 +344,23 @@ impl<B: Backend> Reactor<B> {
                     };
                     let id = self.host_slot(PendingHost {
                         done: Some(done),
-                        data: Vec::new(),
+                        bytes: 0,
                         start,
                         is_write: true,
                     });
-                    self.core
-                        .host_write(id as u64, kind, offset, len, false, &[]);
+                    self.core.host_write(
+                        id as u64,
+                        kind,
+                        offset,
+                        len,
+                        false,
+                        AlignedBuf::empty().share(),
+                    );
                 }
                 VolumeOp::Flush => {
                     let id = self.host_slot(PendingHost {
                         done: Some(done),
-                        data: Vec::new(),
+                        bytes: 0,
                         start,
                         is_write: false,
                     });
@@ -368,16 +372,16 @@ impl<B: Backend> Reactor<B> {
         did
     }
 
-    pub(super) fn complete_host(&mut self, id: usize, result: Result<Vec<u8>, IoError>) {
+    pub(super) fn complete_host(&mut self, id: usize, result: Result<AlignedBuf, IoError>) {
         let Some(mut h) = self.hosts.get_mut(id).and_then(|s| s.take()) else {
             return;
         };
         self.free_hosts.push(id);
         let us = h.start.elapsed().as_micros() as u64;
         match &result {
-            Ok(d) if h.is_write => {
+            Ok(_) if h.is_write => {
                 self.io.writes += 1;
-                self.io.write_bytes += h.data.len().max(d.len()) as u64;
+                self.io.write_bytes += h.bytes;
                 let _ = self.write_hist.record(us.max(1));
             }
             Ok(d) => {
@@ -389,13 +393,6 @@ impl<B: Backend> Reactor<B> {
             }
             Err(_) => self.io.errors += 1,
         }
-        let result = result.map(|d| {
-            if h.is_write {
-                std::mem::take(&mut h.data)
-            } else {
-                d
-            }
-        });
         if let Some(done) = h.done.take() {
             done(result);
         }
@@ -488,7 +485,9 @@ impl<B: Backend> Reactor<B> {
                 },
                 Inflight::HostRead(id) => {
                     let r = match res {
-                        Ok(()) => Ok(c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default()),
+                        // The buffer the disk read filled goes to the
+                        // front-end, which sends from it.
+                        Ok(()) => Ok(c.buf.unwrap_or_default()),
                         Err(e) => Err(IoError::Io(e)),
                     };
                     self.complete_host(id, r);
@@ -603,12 +602,14 @@ impl<B: Backend> Reactor<B> {
                 );
             }
             Action::FlushDisk { token } => self.submit(Inflight::Flush(token), BackendOp::Flush),
-            Action::CompleteWrite { id, result } => {
-                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
-            }
-            Action::CompleteFlush { id, result } => {
-                self.complete_host(id as usize, result.map(|_| Vec::new()).map_err(host_err))
-            }
+            Action::CompleteWrite { id, result } => self.complete_host(
+                id as usize,
+                result.map(|_| AlignedBuf::empty()).map_err(host_err),
+            ),
+            Action::CompleteFlush { id, result } => self.complete_host(
+                id as usize,
+                result.map(|_| AlignedBuf::empty()).map_err(host_err),
+            ),
             Action::ResetLink { reason } => {
                 // The core has already handled the disconnect.
                 log::warn!("resetting the replication link: {reason}");

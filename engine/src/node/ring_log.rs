@@ -1,6 +1,7 @@
 //! The persistent ring as the core's `Log`.
 
 use super::*;
+use volume::SharedBuf;
 
 /// Adapts the persistent ring to the core's `Log`. The node reaches the
 /// ring only through that trait.
@@ -42,8 +43,8 @@ impl Log for RingLog {
     fn fits(&self, payload_len: usize) -> bool {
         self.0.fits(payload_len)
     }
-    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool {
-        self.0.append(&to_record(h), payload).is_ok()
+    fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
+        self.0.append(&to_record(h), &payload).is_ok()
     }
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
         self.0.get(seq).map(|(r, p)| (from_record(&r), p))

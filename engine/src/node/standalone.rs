@@ -64,7 +64,8 @@ struct Pending {
     done: Completion,
     start: Instant,
     /// The host's write buffer, handed back on completion.
-    data: Vec<u8>,
+    /// Payload bytes of a write (for the counters).
+    bytes: u64,
     kind: Kind,
 }
 
@@ -190,40 +191,42 @@ impl<B: Backend> Standalone<B> {
             let (kind, data, bop) = match op {
                 VolumeOp::Read { offset, len } => (
                     Kind::Read,
-                    Vec::new(),
+                    0,
                     BackendOp::Read {
                         offset,
                         buf: AlignedBuf::new(len as usize),
                     },
                 ),
-                VolumeOp::Write { offset, data, fua } => {
-                    let buf = AlignedBuf::from_slice(&data);
-                    (Kind::Write, data, BackendOp::Write { offset, buf, fua })
-                }
-                VolumeOp::WriteZeroes { offset, len } => (
-                    Kind::Other,
-                    Vec::new(),
-                    BackendOp::WriteZeroes { offset, len },
+                // The payload's buffer is the disk write's: no copy.
+                VolumeOp::Write { offset, data, fua } => (
+                    Kind::Write,
+                    data.len() as u64,
+                    BackendOp::Write {
+                        offset,
+                        buf: data,
+                        fua,
+                    },
                 ),
+                VolumeOp::WriteZeroes { offset, len } => {
+                    (Kind::Other, 0, BackendOp::WriteZeroes { offset, len })
+                }
                 // Discard follows the mirrored node's rule (block devices
                 // zero the range so reads stay defined).
-                VolumeOp::Discard { offset, len } if !self.backend.discard_reads_zeroes() => (
-                    Kind::Other,
-                    Vec::new(),
-                    BackendOp::WriteZeroes { offset, len },
-                ),
+                VolumeOp::Discard { offset, len } if !self.backend.discard_reads_zeroes() => {
+                    (Kind::Other, 0, BackendOp::WriteZeroes { offset, len })
+                }
                 VolumeOp::Discard { offset, len } => {
-                    (Kind::Other, Vec::new(), BackendOp::Discard { offset, len })
+                    (Kind::Other, 0, BackendOp::Discard { offset, len })
                 }
                 VolumeOp::Flush => {
                     self.io.flushes += 1;
-                    (Kind::Other, Vec::new(), BackendOp::Flush)
+                    (Kind::Other, 0, BackendOp::Flush)
                 }
             };
             let p = Pending {
                 done,
                 start,
-                data,
+                bytes: data,
                 kind,
             };
             let tag = match self.free.pop() {
@@ -248,7 +251,8 @@ impl<B: Backend> Standalone<B> {
         for c in comps.drain(..) {
             let tag = c.tag as usize;
             let r = match c.result {
-                Ok(_) => Ok(c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_default()),
+                // A read hands the front-end the buffer the disk filled.
+                Ok(_) => Ok(c.buf.unwrap_or_default()),
                 Err(e) => Err(IoError::Io(e)),
             };
             self.complete(tag, r);
@@ -257,7 +261,7 @@ impl<B: Backend> Standalone<B> {
         n > 0
     }
 
-    fn complete(&mut self, tag: usize, r: Result<Vec<u8>, IoError>) {
+    fn complete(&mut self, tag: usize, r: Result<AlignedBuf, IoError>) {
         let Some(p) = self.pending.get_mut(tag).and_then(|s| s.take()) else {
             return;
         };
@@ -266,10 +270,10 @@ impl<B: Backend> Standalone<B> {
         let r = match (r, p.kind) {
             (Ok(_), Kind::Write) => {
                 self.io.writes += 1;
-                self.io.write_bytes += p.data.len() as u64;
+                self.io.write_bytes += p.bytes;
                 let _ = self.write_hist.record(us);
                 let _ = self.disk_write_hist.record(us);
-                Ok(p.data)
+                Ok(AlignedBuf::empty())
             }
             (Ok(d), Kind::Read) => {
                 self.io.reads += 1;
@@ -277,7 +281,7 @@ impl<B: Backend> Standalone<B> {
                 let _ = self.read_hist.record(us);
                 Ok(d)
             }
-            (Ok(_), Kind::Other) => Ok(Vec::new()),
+            (Ok(_), Kind::Other) => Ok(AlignedBuf::empty()),
             (Err(e), _) => {
                 self.io.errors += 1;
                 Err(e)

@@ -91,7 +91,7 @@ impl SharedState {
                 Ok(()) => {
                     *g = Some(blob);
                     drop(g);
-                    done(Ok(Vec::new()))
+                    done(Ok(storage::AlignedBuf::empty()))
                 }
                 Err(e) => {
                     drop(g);
@@ -152,7 +152,7 @@ impl<B: Backend> Reactor<B> {
             }
             let id = self.host_slot(PendingHost {
                 done: Some(op.done),
-                data: Vec::new(),
+                bytes: 0,
                 start: op.start,
                 is_write: false,
             });

@@ -13,6 +13,7 @@
 //! `DM_SIM_SEED=<seed> cargo test -p engine sim_replay -- --nocapture`.
 
 use std::collections::VecDeque;
+use volume::{IoBuf, SharedBuf};
 
 use crate::core::{
     Action, ConfirmMode, Core, CoreConfig, Event, GenEntry, HostError, Log, Meta, Msg, ReqHeader,
@@ -107,7 +108,7 @@ impl Log for SimLog {
     fn fits(&self, payload_len: usize) -> bool {
         self.used + payload_len as u64 + ENTRY_OVERHEAD <= self.capacity
     }
-    fn append(&mut self, h: &ReqHeader, payload: &[u8]) -> bool {
+    fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
         assert_eq!(h.seq, self.next_seq(), "ring append out of order");
         if !self.fits(payload.len()) {
             return false;
@@ -658,7 +659,7 @@ impl Sim {
                 let (hdr, p) = core.log().get(seq).expect("SendEntry of a missing seq");
                 let m = Msg::Req {
                     hdr,
-                    payload: p.to_vec(),
+                    payload: IoBuf::from_slice(p).share(),
                 };
                 self.send(i, m);
             }
@@ -920,7 +921,14 @@ impl Sim {
         ));
         self.issue(id, i, (block, nblocks, zero), stray, false);
         let core = self.nodes[i].core.as_mut().unwrap();
-        core.host_write(id, kind, block * BLOCK, nblocks * BLOCK, fua, &payload);
+        core.host_write(
+            id,
+            kind,
+            block * BLOCK,
+            nblocks * BLOCK,
+            fua,
+            IoBuf::from(payload).share(),
+        );
         if self.rng.chance(50) {
             core.host_flush(id | (1 << 62));
         }
@@ -1975,7 +1983,14 @@ mod tests {
         a.drain_actions(&mut acts);
         acts.clear();
         let (w, f) = (u64::MAX - 1, u64::MAX - 2);
-        a.host_write(w, ReqKind::Write, 0, BLOCK, false, &vec![7; BLOCK as usize]);
+        a.host_write(
+            w,
+            ReqKind::Write,
+            0,
+            BLOCK,
+            false,
+            IoBuf::from(vec![7; BLOCK as usize]).share(),
+        );
         a.host_flush(f);
         a.poll();
         a.drain_actions(&mut acts);

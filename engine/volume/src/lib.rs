@@ -7,6 +7,10 @@
 //! connection's own writer instead of writing a socket from it when the write
 //! could block for long).
 
+pub mod buf;
+
+pub use buf::{IoBuf, IoBufPool, SharedBuf, IO_ALIGN};
+
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -103,10 +107,12 @@ pub enum VolumeOp {
         offset: u64,
         len: u32,
     },
-    /// `fua`: the data is durable on both nodes before completion.
+    /// `fua`: the data is durable on both nodes before completion. `data`
+    /// comes from [`Volume::alloc_buf`] where the front-end can arrange it
+    /// (the volume then writes it without copying it again).
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: IoBuf,
         fua: bool,
     },
     /// Barrier: every write completed before it is durable on both nodes.
@@ -127,9 +133,9 @@ impl VolumeOp {
     }
 }
 
-/// Result of a request: for a read, the data; for a write, the write's
-/// buffer handed back (so front-ends can reuse it); otherwise empty.
-pub type IoResult = Result<Vec<u8>, IoError>;
+/// Result of a request: for a read, the buffer the data was read into (send
+/// it from there); otherwise empty.
+pub type IoResult = Result<IoBuf, IoError>;
 
 /// Completion callback. Runs once, on an engine thread; must not block.
 pub type Completion = Box<dyn FnOnce(IoResult) + Send + 'static>;
@@ -146,6 +152,14 @@ pub trait Volume: Send + Sync + 'static {
     fn max_io_bytes(&self) -> u32;
     /// Submit a request; `done` is called exactly once.
     fn submit(&self, op: VolumeOp, done: Completion);
+    /// A buffer for a write's payload of `len` bytes, to receive the payload
+    /// from the socket straight into. `None` when the volume's bounded pool
+    /// is empty: the front-end stops reading that connection and asks again
+    /// on its next poll (buffers come back as writes complete). The default:
+    /// a heap buffer (volumes without a pool).
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        Some(IoBuf::new(len))
+    }
     /// The latest replicated state blob (see [`MAX_STATE_BYTES`]), or `None`
     /// when none was ever stored. A small, opaque record that front-ends
     /// keep beside the blocks (the iSCSI target's persistent reservations):
@@ -209,6 +223,9 @@ impl<W: Wrapper> Volume for W {
     }
     fn submit(&self, op: VolumeOp, done: Completion) {
         self.take(op, done)
+    }
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        self.inner().alloc_buf(len)
     }
 }
 
@@ -325,7 +342,9 @@ impl MemVolume {
                     return Err(IoError::NotPrimary);
                 }
                 g.check_range(offset, len as u64)?;
-                Ok(data[offset as usize..offset as usize + len as usize].to_vec())
+                Ok(IoBuf::from_slice(
+                    &data[offset as usize..offset as usize + len as usize],
+                ))
             }
             VolumeOp::Write {
                 offset, data: buf, ..
@@ -333,14 +352,14 @@ impl MemVolume {
                 g.check_range(offset, buf.len() as u64)?;
                 data[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
                 self.writes.fetch_add(1, Ordering::Relaxed);
-                Ok(buf)
+                Ok(IoBuf::empty())
             }
-            VolumeOp::Flush => Ok(Vec::new()),
+            VolumeOp::Flush => Ok(IoBuf::empty()),
             VolumeOp::Discard { offset, len } | VolumeOp::WriteZeroes { offset, len } => {
                 g.check_range(offset, len)?;
                 data[offset as usize..(offset + len) as usize].fill(0);
                 self.writes.fetch_add(1, Ordering::Relaxed);
-                Ok(Vec::new())
+                Ok(IoBuf::empty())
             }
         }
     }
@@ -375,7 +394,7 @@ impl Volume for MemVolume {
             Err(IoError::TooLarge)
         } else {
             *self.state.lock().unwrap() = Some(blob);
-            Ok(Vec::new())
+            Ok(IoBuf::empty())
         };
         done(r)
     }
@@ -392,7 +411,7 @@ mod tests {
             &v,
             VolumeOp::Write {
                 offset: 512,
-                data: vec![7; 1024],
+                data: vec![7; 1024].into(),
                 fua: false,
             },
         )
@@ -429,7 +448,7 @@ mod tests {
         assert_eq!(put(&v, vec![1, 2]), Err(IoError::NotPrimary));
         assert_eq!(v.persistent_state(), None);
         v.path.set(PathState::Optimized);
-        assert_eq!(put(&v, vec![1, 2]), Ok(Vec::new()));
+        assert_eq!(put(&v, vec![1, 2]), Ok(IoBuf::empty()));
         assert_eq!(v.persistent_state(), Some(vec![1, 2]));
         assert_eq!(
             put(&v, vec![0; MAX_STATE_BYTES + 1]),
@@ -441,7 +460,7 @@ mod tests {
                 &v,
                 VolumeOp::Write {
                     offset: 0,
-                    data: vec![1; 512],
+                    data: vec![1; 512].into(),
                     fua: false
                 }
             ),
