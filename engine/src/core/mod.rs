@@ -47,6 +47,14 @@ pub trait Log {
     /// (the buffer the host's write arrived in) instead of copying it.
     fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool;
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])>;
+    /// The buffer entry `seq`'s payload arrived in, while the log still
+    /// holds it: the driver writes the disk and sends the link frame from
+    /// it without a copy. `None` when the log keeps no such buffer for the
+    /// entry (then `get` is the way to the payload).
+    fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
+        let _ = seq;
+        None
+    }
     fn trim_through(&mut self, seq: Seq);
     fn truncate_after(&mut self, seq: Seq);
     fn reset(&mut self, next_seq: Seq);
