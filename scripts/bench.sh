@@ -9,6 +9,9 @@
 #     else promoted to serve alone) and mirrored (both nodes; adaptive and
 #     busy poll) over NBD, iSCSI and NVMe/TCP,
 #   - the peers on this machine: nbdkit (file plugin), qemu-nbd, tgtd,
+#   - the protocol floors: each protocol's client against a target with no
+#     disk I/O (nbdkit memory, tgtd on tmpfs, dm-nvme serve-mem, and
+#     `serve --standalone` with its volume on tmpfs), for the aims table,
 #
 # plus the engine bench's replay / remirror mode (target/release/bench
 # --replay: replay time against outage size, foreground latency during a
@@ -23,7 +26,10 @@
 #   scripts/bench.sh --no-busy       # skip the busy-poll pair
 #   scripts/bench.sh --only local,nbdkit,dm-mirrored   # a subset of targets
 #   scripts/bench.sh --only local,replay --seconds 2   # floors + replay/remirror
+#   scripts/bench.sh --only local,mem-floors,nvme-mem,dm-one  # the protocol floors vs unmirrored
 #   scripts/bench.sh --help
+#
+# The memory soak (10 minutes, a mirrored pair at QD128) is scripts/soak.sh.
 #
 # Needs root for apt (fio, nbdkit, tgt, libiscsi) and for the fio libiscsi
 # build (scripts/build-fio-libiscsi.sh); installs matplotlib with pip if absent.

@@ -2,12 +2,17 @@
 """deltamirror benchmark orchestrator (run through scripts/bench.sh).
 
 Runs the same workloads against the floors (local disk, replication link),
-deltamirror (one unmirrored node / mirrored pair, NBD / iSCSI / NVMe/TCP) and
-the peers (nbdkit, qemu-nbd, tgtd), samples per-thread CPU and core placement
+deltamirror (one unmirrored node / mirrored pair, NBD / iSCSI / NVMe/TCP),
+the peers (nbdkit, qemu-nbd, tgtd) and the protocol floors (each protocol's
+client against targets with no disk I/O), samples per-thread CPU and placement
 during every run, runs the engine bench's replay / remirror mode
 (`target/release/bench --replay`), and writes BENCHMARKS.md,
 docs/benchmarks.png and target/bench/results.json. Exits 1 if any workload
 failed.
+
+--soak (scripts/soak.sh) runs the memory soak instead: a mirrored pair under
+4 KiB randwrite QD128 for --seconds (default 600), both nodes' memory sampled,
+judged against issue 10's aim, the volumes compared after sync.
 """
 import argparse
 import datetime
@@ -45,10 +50,12 @@ OFF_MIRROR = 5310
 OFF_BUSY = 5320
 OFF_VARIANT = 5330  # + 10 per variant
 OFF_SOAK = 5360
+OFF_MEM = 5370
 PEER_NBDKIT_PORT = 10809 + 5400
 PEER_QEMU_PORT = 10809 + 5401
 NVME_MEM_PORT = 4420 + 5402
 PEER_TGTD_PORT = 3260 + 5400
+MEM_NBDKIT_PORT = 10809 + 5403
 TGTD_CONTROL_PORT = 53  # tgtd -C: /var/run/tgtd/socket.53
 ENGINE_BENCH_PORT = 17400 + 5000
 
@@ -78,6 +85,22 @@ VARIANTS = [
     dict(key="dm-var-shm", label="ring.path on tmpfs (NOT durable: the free-flush ceiling)",
          edits={"[ring]": 'path = "/dev/shm/dm-bench-ring-{n}"'}, cleanup="/dev/shm/dm-bench-ring-*"),
 ]
+
+# The protocol floors (--only mem-floors, and nvme-mem for NVMe/TCP): each
+# protocol's client and target on loopback with no disk I/O at all, for the
+# aims table's "what the machine allows" rows.
+MEM_FLOOR_WORKLOADS = [WL["randw4k_qd1"], WL["randw4k_qd32"], WL["randr4k_qd32"]]
+MEM_NBD = "nbdkit memory (NBD, no disk)"
+MEM_ISCSI = "tgtd on tmpfs (iSCSI, no disk)"
+MEM_NVME = "NVMe/TCP target on memory (dm-nvme serve-mem)"
+# Our own front-ends and reactor, the disk taken away: `serve --standalone`
+# with its volume file on tmpfs (O_DIRECT there is a memory copy).
+MEM_DM = "deltamirror unmirrored, volume on tmpfs (no disk)"
+# Per protocol, the no-disk targets measured; the aims table takes the
+# lowest QD1 p50 and the highest QD32 IOPS among them.
+MEM_FLOOR = {"NBD": [MEM_NBD, f"{MEM_DM}, NBD"], "NVMe/TCP": [MEM_NVME, f"{MEM_DM}, NVMe/TCP"],
+             "iSCSI": [MEM_ISCSI, f"{MEM_DM}, iSCSI"]}
+MEM_SHORT = {MEM_NBD: "nbdkit memory", MEM_ISCSI: "tgtd on tmpfs", MEM_NVME: "serve-mem"}
 
 
 def log(*a):
@@ -585,10 +608,11 @@ class Run:
             log(f"  {target:<34} {wl['label']:<22} FAILED: {res.get('error')}")
             self.failures.append(f"{target} / {wl['label']}: {res.get('error')}")
 
-    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None, server=None):
+    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None, server=None, wls=None):
         """`server`: the deltamirror nodes, whose own latency histograms are
-        reset before each workload and read after it."""
-        for wl in WORKLOADS:
+        reset before each workload and read after it; `wls`: the workloads
+        (default all of WORKLOADS)."""
+        for wl in wls or WORKLOADS:
             if alive is not None and not alive():
                 self.record(target, group, proto, wl, dict(ok=False, error="server process exited"))
                 continue
@@ -733,7 +757,7 @@ class Run:
             subprocess.run(["fallocate", "-l", str(1 << 30), img], check=False)
         return img
 
-    def nbd_peer(self, name, argv, port, target, url):
+    def nbd_peer(self, name, argv, port, target, url, group="peer", wls=None):
         """One peer NBD server (`argv`, named `name`, listening on `port`)
         through the workloads; its stderr goes to `name`.log."""
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
@@ -741,7 +765,8 @@ class Run:
         try:
             if not wait_port(port):
                 raise RuntimeError(f"{name} did not start")
-            self.workloads(target, "peer", "nbd", url, lambda: {name: p.pid}, alive=lambda: p.poll() is None)
+            self.workloads(target, group, "nbd", url, lambda: {name: p.pid}, alive=lambda: p.poll() is None,
+                           wls=wls)
         except Exception as e:  # noqa: BLE001
             self.failures.append(f"{name}: {e}")
         finally:
@@ -761,12 +786,13 @@ class Run:
         p = subprocess.Popen([DM_NVME, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
                               "--size-mb", str(max(self.args.region_mib, 256))],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "serve-mem.log"), "w"))
-        target = "NVMe/TCP target on memory (dm-nvme serve-mem)"
+        target = MEM_NVME
         try:
             if not wait_port(NVME_MEM_PORT):
                 raise RuntimeError("dm-nvme serve-mem did not start")
+            # QD1 write: the NVMe/TCP floor of the aims table (MEM_FLOOR_WORKLOADS).
             for wl in WORKLOADS:
-                if wl["key"] not in ("randw4k_qd32", "randr4k_qd32"):
+                if wl["key"] not in ("randw4k_qd1", "randw4k_qd32", "randr4k_qd32"):
                     continue
                 tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
                 res = run_workload(target, "nvme", f"127.0.0.1:{NVME_MEM_PORT}", wl, self.args,
@@ -784,10 +810,32 @@ class Run:
                                    "-x", "bench", "--persistent", "--shared=8", img],
                       PEER_QEMU_PORT, "qemu-nbd (NBD)", f"nbd://127.0.0.1:{PEER_QEMU_PORT}/bench")
 
-    def tgtd(self):
-        img = self.peer_image()
+    def nbdkit_mem(self):
+        """The NBD floor: nbdkit's memory plugin (no disk I/O at all) with the
+        same fio nbd client as every NBD row."""
+        log(f"floor: nbdkit memory plugin on 127.0.0.1:{MEM_NBDKIT_PORT}")
+        size = max(self.args.region_mib, 256)
+        self.nbd_peer("nbdkit-memory", ["nbdkit", "--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1",
+                                        "--port", str(MEM_NBDKIT_PORT), "memory", f"size={size}M"],
+                      MEM_NBDKIT_PORT, MEM_NBD, f"nbd://127.0.0.1:{MEM_NBDKIT_PORT}/", group="mem-floor",
+                      wls=MEM_FLOOR_WORKLOADS)
+
+    def tgtd_mem(self):
+        """The iSCSI floor: tgtd with its LUN on a file in /dev/shm (tmpfs: no
+        disk I/O), the same fio libiscsi client as every iSCSI row."""
+        img = f"/dev/shm/dm-bench-tgtd-mem-{os.getpid()}.img"
+        with open(img, "wb") as f:
+            f.truncate(max(self.args.region_mib, 256) << 20)
+        try:
+            self.tgtd(img=img, target=MEM_ISCSI, group="mem-floor", wls=MEM_FLOOR_WORKLOADS)
+        finally:
+            os.remove(img)
+
+    def tgtd(self, img=None, target="tgtd (iSCSI)", group="peer", wls=None):
+        img = img or self.peer_image()
         cp = str(TGTD_CONTROL_PORT)
-        log(f"peer: tgtd on 127.0.0.1:{PEER_TGTD_PORT} (control port {cp})")
+        log(f"{'peer' if group == 'peer' else 'floor'}: tgtd on 127.0.0.1:{PEER_TGTD_PORT} (control port {cp}), "
+            f"LUN on {img}")
         if port_open(PEER_TGTD_PORT):
             self.failures.append(f"tgtd: port {PEER_TGTD_PORT} already in use")
             return
@@ -805,10 +853,10 @@ class Run:
             adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img)
             adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
             url = "iscsi\\://127.0.0.1\\:%d/%s/1" % (PEER_TGTD_PORT, PEER_IQN.replace(":", "\\:"))
-            self.workloads("tgtd (iSCSI)", "peer", "iscsi", url, lambda: {"tgtd": p.pid},
-                           alive=lambda: p.poll() is None)
+            self.workloads(target, group, "iscsi", url, lambda: {"tgtd": p.pid},
+                           alive=lambda: p.poll() is None, wls=wls)
         except Exception as e:  # noqa: BLE001
-            self.failures.append(f"tgtd: {e}")
+            self.failures.append(f"{target}: {e}")
         finally:
             # tgtd ignores SIGTERM.
             subprocess.run(["tgtadm", "-C", cp, "--op", "delete", "--mode", "system"], capture_output=True)
@@ -819,9 +867,9 @@ class Run:
                 p.wait()
 
     # deltamirror --------------------------------------------------------
-    def deltamirror(self, key, label, offset, nodes, poll_mode, idle=False):
+    def deltamirror(self, key, label, offset, nodes, poll_mode, idle=False, edits=None, group=None, wls=None):
         log(f"deltamirror: {label} (nodes {nodes}, poll {poll_mode}, port offset {offset})")
-        dm = DmNodes(key, self.work, offset, nodes, poll_mode)
+        dm = DmNodes(key, self.work, offset, nodes, poll_mode, edits=edits)
         info = dict(label=label, nodes=nodes, poll_mode=poll_mode, rss=[], placement_idle=None)
         self.extra.setdefault("dm", {})[key] = info
         try:
@@ -836,8 +884,8 @@ class Run:
                       ("iSCSI", "iscsi", "iscsi\\://127.0.0.1\\:%d/%s/0" % (dm.iscsi_port, DM_IQN.replace(":", "\\:"))),
                       ("NVMe/TCP", "nvme", f"127.0.0.1:{dm.nvme_port}")]
             for pname, proto, ep in protos:
-                self.workloads(f"{label}, {pname}", key, proto, ep, dm.pids, settle=dm.settle, alive=dm.alive,
-                               server=dm)
+                self.workloads(f"{label}, {pname}", group or key, proto, ep, dm.pids, settle=dm.settle,
+                               alive=dm.alive, server=dm, wls=wls)
                 info["rss"].append(dict(after=pname, **dm.rss()))
             info["status_end"] = {n: dm.status(n) for n in nodes}
         except Exception as e:  # noqa: BLE001
@@ -919,6 +967,16 @@ class Run:
             self.tgtd()
         if self.want("nvme-mem"):
             self.nvme_mem()
+        if self.want("mem-floors"):
+            self.nbdkit_mem()
+            self.tgtd_mem()
+            vol = f"/dev/shm/dm-bench-mem-{os.getpid()}.img"
+            try:
+                self.deltamirror("dm-mem", MEM_DM, OFF_MEM, [1], "adaptive", edits={"path": f'"{vol}"'},
+                                 group="mem-floor", wls=MEM_FLOOR_WORKLOADS)
+            finally:
+                if os.path.exists(vol):
+                    os.remove(vol)
         if os.path.exists(os.path.join(self.work, "peer.img")):
             os.remove(os.path.join(self.work, "peer.img"))
         if self.want("dm-one"):
@@ -1094,7 +1152,7 @@ def compute_ratios(run):
     return out
 
 
-TARGET_ORDER = ["floor", "peer", "nvme-mem", "dm-one", "dm-mirrored", "dm-busy"]
+TARGET_ORDER = ["floor", "mem-floor", "nvme-mem", "peer", "dm-one", "dm-mirrored", "dm-busy"]
 
 
 def compute_aims(run):
@@ -1111,8 +1169,11 @@ def compute_aims(run):
 
     out = []
 
-    def add(what, val, note, aim, ok):
-        out.append(dict(name=what, value=val, note=note, aim=aim, passed=None if val is None else ok(val)))
+    def add(what, val, note, aim, ok, kind="aim"):
+        """kind: "aim" (pass / fail), "floor" (whether the machine's floors
+        leave room for the aim) or "context" (no verdict)."""
+        out.append(dict(name=what, value=val, note=note, aim=aim, kind=kind,
+                        passed=None if val is None or ok is None else ok(val)))
 
     one = next((r["target"].rsplit(", ", 1)[0] for r in run.results if r["group"] == "dm-one"), dm_one_label())
     local = "local disk (fio io_uring)"
@@ -1148,10 +1209,59 @@ def compute_aims(run):
             "≥ 0.2 (0.25 is the ceiling on one disk)", lambda v: v >= 0.2)
     before = dict(zip(["randw4k_qd32", "randr4k_qd32"], getattr(run.args, "nvme_mem_before", None) or [63000.0, 67000.0]))
     for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
-        m = g("NVMe/TCP target on memory (dm-nvme serve-mem)", wl)
+        m = g(MEM_NVME, wl)
         add(f"NVMe/TCP on memory (serve-mem) QD32 4 KiB {label} IOPS / before (9a3347c)", div(m, before[wl]),
             f"{fmt(m)} / {fmt(before[wl])}", "≥ 2", lambda v: v >= 2.0)
+
+    # What the machine allows: each protocol's client and a target with no
+    # disk I/O (MEM_FLOOR; the best of those measured). QD1: the aim
+    # "unmirrored p50 / local p50 <= 1.5" needs the protocol's round trip to
+    # fit in 0.5 x local p50; QD32: the client with a target on memory is the
+    # most IOPS it asks of any target on these cores.
+    def best(proto, wl, field):
+        got = [(g(t, wl, field), t) for t in MEM_FLOOR[proto] if g(t, wl, field)]
+        if not got:
+            return None, "no no-disk target measured"
+        v, t = (min if field == "p50_us" else max)(got)
+        return v, "best of: " + ", ".join(f"{MEM_SHORT.get(x[1], 'ours on tmpfs')} {fmt(x[0])}" for x in got)
+
+    for proto in MEM_FLOOR:
+        (f, fnote), l = best(proto, "randw4k_qd1", "p50_us"), g(local, "randw4k_qd1", "p50_us")
+        m = g(f"{one}, {proto}", "randw4k_qd1", "p50_us")
+        add(f"floor: (local p50 + {proto} no-disk p50) / local p50, QD1 write",
+            div((l or 0) + (f or 0), l) if f and l else None, f"({fmt(l)} + {fmt(f)}) / {fmt(l)} µs; {fnote}",
+            "≤ 1.5 leaves room for the QD1 aim", lambda v: v <= 1.5, kind="floor")
+        add(f"unmirrored QD1 write p50 / (local p50 + {proto} no-disk p50)",
+            div(m, l + f) if f and l else None, f"{fmt(m)} / ({fmt(l)} + {fmt(f)}) µs",
+            "context (1.0 = the floor)", None, kind="context")
+        mm = g(f"deltamirror mirrored, {proto}", "randw4k_qd1", "p50_us")
+        add(f"mirrored QD1 write p50 / (durable floor + {proto} no-disk p50)",
+            div(mm, floor + f) if floor and f else None,
+            f"{fmt(mm)} / ({fmt(lp)} + {fmt(fs)} + {fmt(link)} + {fmt(f)}) µs", "context (1.0 = the floor)", None,
+            kind="context")
+    for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
+        for proto in MEM_FLOOR:
+            (c, cnote), l = best(proto, wl, "iops"), g(local, wl)
+            add(f"floor: {proto} no-disk QD32 {label} IOPS / local disk", div(c, l),
+                f"{fmt(c)} / {fmt(l)}; {cnote}", "≥ 0.8 leaves room for the QD32 aim", lambda v: v >= 0.8,
+                kind="floor")
+            m = g(f"{one}, {proto}", wl)
+            add(f"unmirrored QD32 {label} IOPS / {proto} no-disk (same client)", div(m, c),
+                f"{fmt(m)} / {fmt(c)}", "context (1.0 = the client's ceiling)", None, kind="context")
     return out
+
+
+AIM_VERDICT = {"aim": {True: "pass", False: "**fail**"},
+               "floor": {True: "room", False: "**no room**"},
+               "context": {None: "–"}}
+
+
+def aim_verdict(r, md=True):
+    """The pass column of an aims row (markdown, or plain for the terminal)."""
+    if r["value"] is None:
+        return "not measured"
+    v = AIM_VERDICT[r.get("kind", "aim")].get(r["passed"], "–")
+    return v if md else v.replace("**", "").upper() if "**" in v else v
 
 
 def write_report(run, path_md, path_png):
@@ -1386,9 +1496,24 @@ def write_report(run, path_md, path_png):
     L.append("| what | value | from | aim | pass |")
     L.append("|---|---:|---|---|---|")
     for r in compute_aims(run):
-        verdict = {True: "pass", False: "**fail**", None: "not measured"}[r["passed"]]
-        L.append(f"| {r['name']} | {fmt(r['value'], 2)} | {r['note']} | {r['aim']} | {verdict} |")
+        L.append(f"| {r['name']} | {fmt(r['value'], 2)} | {r['note']} | {r['aim']} | {aim_verdict(r)} |")
     L.append("")
+    L.append("The rows marked *floor* and *context* are what the machine allows, measured in the same run. A "
+             "*no-disk* target serves the protocol on the same loopback and cores with no disk I/O at all: "
+             "nbdkit's memory plugin (NBD), tgtd with its LUN on a tmpfs file (iSCSI), `dm-nvme serve-mem` "
+             "(NVMe/TCP), and for all three our own `serve --standalone` with its volume file on tmpfs; each "
+             "through the same client as our rows (fio nbd, fio libiscsi, dm-nvme io). The *floor* rows take the "
+             "best of them per protocol (lowest QD1 p50, highest QD32 IOPS; the column \"from\" lists each). "
+             "Its QD1 write p50 is the protocol's round trip (client, network stack, a target) without the disk, "
+             "so a front-end on the disk needs about local p50 + that: a *floor* row of (local + no-disk) / local "
+             "above 1.5 means the QD1 aim has no room on this machine unless the front-end beats the best "
+             "no-disk target measured. The *context* row ours / (local + no-disk) says how far our front-end is "
+             "from that sum; p50s do not add exactly (each measurement carries its own client's costs, e.g. "
+             "fio's io_uring submit and reap in the local row), so a value a little under 1.0 is possible. The "
+             "QD32 IOPS of a no-disk target is the most the same client reaches on these two cores with no disk "
+             "behind the target: a *floor* row under 0.8 of the local disk means the QD32 aim is bounded by the "
+             "client and the shared cores rather than by the target. The serve-mem and tmpfs rows are our own "
+             "code, so they include its costs; the nbdkit and tgtd rows are independent of deltamirror.\n")
     L.append("The serve-mem \"before\" figures are `--nvme-mem-before` (default: the medians of six runs of "
              "the 9a3347c binary on 6 December, see docs/performance.md).\n")
     if soak_kept:
@@ -1519,6 +1644,10 @@ def write_report(run, path_md, path_png):
              "--persistent --shared=8 IMG` (default writeback cache); tgtd: `tgtd -f --iscsi portal=...` with a "
              "file-backed LUN 1 (buffered). All three on a fallocated 1 GiB file under /var/tmp, driven by "
              "`fio --ioengine=nbd` and fio built with libiscsi (`target/fio-libiscsi/fio`).")
+    L.append("- no-disk targets (the protocol floors of the aims table): `nbdkit memory size=…` (NBD, fio nbd), "
+             "tgtd with its LUN on a sparse file in /dev/shm (iSCSI, fio libiscsi), `dm-nvme serve-mem` "
+             "(NVMe/TCP, dm-nvme io), and `serve --standalone` with `volume.path` in /dev/shm (all three); "
+             "4 KiB randwrite QD1 and QD32 and randread QD32 only.")
     L.append("- deltamirror: `deltamirror example-config --node N` configs (1 GiB file volume, 64 MiB ring, "
              "`ack1 = \"persisted\"`, node 1 reactor on core 0, node 2 on core 1), `format`, `serve`. "
              + ("\"unmirrored (standalone)\" is node 1 alone with `serve --standalone` (no peer, no ring). "
@@ -1551,9 +1680,10 @@ def write_chart(run, path_png):
         if r["target"] not in targets:
             targets.append(r["target"])
     R = {(r["target"], r["workload"]): r for r in run.results if r.get("ok")}
-    colors = {"floor": "#555555", "peer": "#8da0cb", "dm-one": "#a6d854", "dm-mirrored": "#fc8d62",
+    colors = {"floor": "#555555", "mem-floor": "#999999", "nvme-mem": "#bbbbbb", "peer": "#8da0cb", "dm-one": "#a6d854", "dm-mirrored": "#fc8d62",
               "dm-busy": "#e78ac3"}
     group_of = {r["target"]: r["group"] for r in run.results}
+    ran = {(r["target"], r["workload"]) for r in run.results}
     panels = [("randw4k_qd1", "iops", "4 KiB randwrite QD1: IOPS"),
               ("randw4k_qd1", "p50_us", "4 KiB randwrite QD1: p50 latency (µs)"),
               ("randw4k_qd32", "iops", "4 KiB randwrite QD32: IOPS"),
@@ -1571,7 +1701,8 @@ def write_chart(run, path_png):
         ax.grid(axis="x", alpha=0.3)
         vmax = max(vals) if vals and max(vals) > 0 else 1
         for y, v, t in zip(ys, vals, targets):
-            ax.text(v + vmax * 0.01, y, "failed" if (t, wl) not in R else f"{v:,.0f}", va="center", fontsize=7)
+            text = f"{v:,.0f}" if (t, wl) in R else "failed" if (t, wl) in ran else "not run"
+            ax.text(v + vmax * 0.01, y, text, va="center", fontsize=7)
         ax.set_xlim(0, vmax * 1.18)
     fig.suptitle(f"deltamirror benchmarks, {run.extra.get('started')} (loopback, {os.cpu_count()} cores; "
                  f"loadavg before {run.extra.get('check_before', {}).get('loadavg', ['?'])[0]})", fontsize=11)
@@ -1766,6 +1897,11 @@ def soak(args):
                 git_rev=git_rev(), machine=machine_desc(), seconds=args.seconds, sample_s=args.sample_seconds,
                 region_mib=args.region_mib, qd=SOAK_QD, rule=SOAK_RULE, samples=[], errors=[],
                 check_before=machine_check("before"))
+    deadline = time.time() + args.wait_quiet
+    while data["check_before"].get("warning") and time.time() < deadline:
+        log(f"waiting for the machine to go quiet (--wait-quiet, {deadline - time.time():.0f} s left)")
+        time.sleep(10)
+        data["check_before"] = machine_check("before")
     dm = DmNodes("soak", work, OFF_SOAK, [1, 2], "adaptive")
     fio = None
     prefix = os.path.join(OUT_DIR, "soak-fio")
@@ -2011,8 +2147,9 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,dm-one,dm-mirrored,dm-busy,"
-                         "variants,replay")
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,mem-floors,dm-one,dm-mirrored,"
+                         "dm-busy,variants,replay (mem-floors: nbdkit memory and tgtd on tmpfs, the protocol "
+                         "floors; the NVMe/TCP floor is nvme-mem)")
     ap.add_argument("--nvme-mem-before", type=lambda s: [float(x) for x in s.split(",")],
                     default=[63000.0, 67000.0], metavar="W,R",
                     help="serve-mem QD32 write,read IOPS before the data-path change (for the aims table)")
@@ -2075,7 +2212,7 @@ def main():
                       else os.path.join(ROOT, "docs", "benchmarks.png"))
     need = set()
     for t in (args.only or ["all"]):
-        if t in ("all", "dm-one", "dm-mirrored", "dm-busy", "nvme-mem"):
+        if t in ("all", "dm-one", "dm-mirrored", "dm-busy", "nvme-mem", "mem-floors"):
             need.update([DM, DM_NVME])
         if t in ("all", "link", "replay"):
             need.add(ENGINE_BENCH)
@@ -2098,8 +2235,7 @@ def main():
     log(f"wrote {args.out}, {args.chart}, {OUT_DIR}/results.json")
     print()
     for r in compute_aims(run):
-        verdict = {True: "pass", False: "FAIL", None: "not measured"}[r["passed"]]
-        print(f"  {r['name']:<78} {fmt(r['value'], 2):>6}  {r['aim']:<12} {verdict}")
+        print(f"  {r['name']:<80} {fmt(r['value'], 2):>6}  {r['aim'][:44]:<44} {aim_verdict(r, md=False)}")
     print()
     for r in compute_ratios(run):
         print(f"  {r['name']:<70} {fmt(r['value'], 2):>6}   {r['note']}")
