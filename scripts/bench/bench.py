@@ -1720,12 +1720,14 @@ SOAK_AIM_MIB = 256.0          # anonymous RSS of each node, at every sample
 SOAK_FLAT_GROWTH_MIB = 8.0    # from the warm-up sample to the last one
 SOAK_FLAT_SLOPE_MIB_MIN = 1.0  # least squares over the samples after the warm-up
 SOAK_WARMUP_S = 60            # or a quarter of a shorter run
+SOAK_SLOPE_MIN_WINDOW_S = 120  # the slope is judged over at least this long
 SOAK_HEADER = "## Soak: resident memory over a mirrored write soak"
 SOAK_RULE = (f"pass if, on each node, anonymous RSS (`RssAnon` of /proc/PID/status: file-backed pages such "
              f"as the mapped ring are not in it) is ≤ {SOAK_AIM_MIB:.0f} MiB at every sample, and flat: "
              f"from the first sample after the warm-up (the first {SOAK_WARMUP_S} s, or the first quarter of a "
              f"shorter run) to the last, it grows by ≤ {SOAK_FLAT_GROWTH_MIB:.0f} MiB and its least-squares "
-             f"slope is ≤ {SOAK_FLAT_SLOPE_MIB_MIN:.0f} MiB/min; fio and both nodes run to the end without an "
+             f"slope is ≤ {SOAK_FLAT_SLOPE_MIB_MIN:.0f} MiB/min (the slope is judged when those samples span "
+             f"at least {SOAK_SLOPE_MIN_WINDOW_S} s: over a shorter window a few hundred KiB make it); fio and both nodes run to the end without an "
              f"error; and after the load stops and the pair is in sync, the two nodes' volume files have the "
              f"same sha256")
 
@@ -1842,9 +1844,10 @@ def soak_analyse(data):
                         growth_mib=after[-1][1] - after[0][1])
             sl = lsq_slope([(t / 60.0, v) for t, v in after])
             info["slope_mib_per_min"] = sl
+            info["slope_judged"] = sl is not None and after[-1][0] - after[0][0] >= SOAK_SLOPE_MIN_WINDOW_S
             info["under_aim"] = info["max_anon_mib"] <= SOAK_AIM_MIB
             info["flat"] = (info["growth_mib"] <= SOAK_FLAT_GROWTH_MIB
-                            and (sl is None or sl <= SOAK_FLAT_SLOPE_MIB_MIN))
+                            and (not info["slope_judged"] or sl <= SOAK_FLAT_SLOPE_MIB_MIN))
         nodes[n] = info
     data["nodes"] = nodes
     reasons = []
@@ -2052,7 +2055,8 @@ def soak_section(data):
         L.append(f"| {n} | {fmt(i.get('max_rss_mib'), 1)} | {fmt(i.get('max_ring_map_mib'), 1)} | "
                  f"{fmt(i.get('max_anon_mib'), 1)} | {fmt(i.get('anon_at_warm_mib'), 1)} ({fmt(i.get('warm_t'))} s) | "
                  f"{fmt(i.get('anon_end_mib'), 1)} | {fmt(i.get('growth_mib'), 1)} | "
-                 f"{fmt(i.get('slope_mib_per_min'), 2)} | {yn[i.get('under_aim')]} | {yn[i.get('flat')]} |")
+                 f"{fmt(i.get('slope_mib_per_min'), 2)}{'' if i.get('slope_judged') else ' (not judged)'} | "
+                 f"{yn[i.get('under_aim')]} | {yn[i.get('flat')]} |")
     L.append("")
     fio_ = data.get("fio") or {}
     ipm = data.get("iops_per_minute") or []
@@ -2119,7 +2123,8 @@ def soak_main(args):
             print(f"  {n}: max rss_bytes {fmt(i['max_rss_mib'], 1)} MiB (ring mapping up to "
                   f"{fmt(i['max_ring_map_mib'], 1)}), max RssAnon {i['max_anon_mib']:.1f} MiB; RssAnon at "
                   f"{i['warm_t']:.0f} s {i['anon_at_warm_mib']:.1f} MiB, at the end {i['anon_end_mib']:.1f} MiB "
-                  f"(growth {i['growth_mib']:+.1f} MiB), slope {fmt(i['slope_mib_per_min'], 2)} MiB/min")
+                  f"(growth {i['growth_mib']:+.1f} MiB), slope {fmt(i['slope_mib_per_min'], 2)} MiB/min"
+                  + ("" if i["slope_judged"] else f" (not judged: under {SOAK_SLOPE_MIN_WINDOW_S} s of samples)"))
     ipm = data.get("iops_per_minute") or []
     print("  IOPS per minute: " + (", ".join(f"{m + 1}: {v:,.0f}" for m, v in ipm) or "–"))
     print(f"  images: {({True: 'identical', False: 'DIFFER', None: 'not compared'})[data.get('images_identical')]}")
