@@ -2164,8 +2164,9 @@ def main():
                     help="replay: MiB written and then remirrored to a new node 2 (bench default 1024)")
     ap.add_argument("--fg-entries", type=int, default=None,
                     help="replay: entries replayed while measuring foreground latency (bench default 100000)")
-    ap.add_argument("--workdir", default="/var/tmp/deltamirror-bench",
-                    help="scratch directory on the disk to measure (not tmpfs)")
+    ap.add_argument("--workdir", default=None,
+                    help="scratch directory on the disk to measure (not tmpfs; default /var/tmp/deltamirror-bench, "
+                         "with --soak /var/tmp/deltamirror-soak)")
     ap.add_argument("--out", default=None,
                     help="report path (default BENCHMARKS.md; target/bench/BENCHMARKS.md with --only)")
     ap.add_argument("--chart", default=None,
@@ -2182,6 +2183,8 @@ def main():
     args = ap.parse_args()
     if args.seconds is None:
         args.seconds = 600 if args.soak else 5
+    if args.workdir is None:
+        args.workdir = "/var/tmp/deltamirror-soak" if args.soak else "/var/tmp/deltamirror-bench"
     if args.seconds < 1 or args.sample_seconds < 1:
         sys.exit("bench: --seconds and --sample-seconds must be at least 1")
     if args.soak:
