@@ -1734,8 +1734,10 @@ SOAK_RULE = (f"pass if, on each node, anonymous RSS (`RssAnon` of /proc/PID/stat
 
 def proc_mem(pid, ring_path):
     """Resident memory of process `pid` in bytes: VmRSS, RssAnon, RssFile and
-    RssShmem from /proc/PID/status, and ring_map, the resident pages of its
-    mappings of `ring_path` (/proc/PID/smaps). None once it has exited."""
+    RssShmem from /proc/PID/status, ring_map, the resident pages of its
+    mappings of `ring_path` (/proc/PID/smaps), and anon_maps, the anonymous
+    mappings with 64 KiB or more resident ({start address: [size KiB, Rss
+    KiB, name]}: where a growth happened). None once it has exited."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -1744,15 +1746,23 @@ def proc_mem(pid, ring_path):
                 if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                     out[k] = int(v.split()[0]) * 1024
         ring = 0
-        in_ring = False
+        anon = {}
+        cur = None
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                     parts = line.rstrip("\n").split(None, 5)
-                    in_ring = len(parts) == 6 and parts[5].strip() == ring_path
-                elif in_ring and line.startswith("Rss:"):
-                    ring += int(line.split()[1]) * 1024
+                    name = parts[5].strip() if len(parts) == 6 else ""
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    cur = (parts[0].split("-")[0], (hi - lo) // 1024, name)
+                elif cur and line.startswith("Rss:"):
+                    kib = int(line.split()[1])
+                    if cur[2] == ring_path:
+                        ring += kib * 1024
+                    elif (cur[2] == "" or cur[2].startswith("[heap]") or cur[2].startswith("[anon")) and kib >= 64:
+                        anon[cur[0]] = [cur[1], kib, cur[2] or "anon"]
         out["ring_map"] = ring
+        out["anon_maps"] = anon
     except (OSError, ValueError, IndexError):
         return None
     return out
@@ -1848,6 +1858,18 @@ def soak_analyse(data):
             info["under_aim"] = info["max_anon_mib"] <= SOAK_AIM_MIB
             info["flat"] = (info["growth_mib"] <= SOAK_FLAT_GROWTH_MIB
                             and (not info["slope_judged"] or sl <= SOAK_FLAT_SLOPE_MIB_MIN))
+            # Which anonymous mappings grew from the warm-up sample to the last.
+            first = next(s[n] for s in samples if s.get(n) and s["t"] == after[0][0])
+            last = next(s[n] for s in reversed(samples) if s.get(n))
+            fm, lm = first.get("anon_maps") or {}, last.get("anon_maps") or {}
+            grew = []
+            for k in set(fm) | set(lm):
+                a, b = (fm.get(k) or [0, 0, ""]), (lm.get(k) or [0, 0, ""])
+                if abs(b[1] - a[1]) >= 1024:
+                    grew.append(dict(start=k, size_mib=max(a[0], b[0]) / 1024.0, name=b[2] or a[2],
+                                     from_mib=a[1] / 1024.0, to_mib=b[1] / 1024.0))
+            grew.sort(key=lambda g: -(g["to_mib"] - g["from_mib"]))
+            info["mappings_grown"] = grew
         nodes[n] = info
     data["nodes"] = nodes
     reasons = []
@@ -2028,6 +2050,11 @@ def soak(args):
     return data
 
 
+def soak_maps_text(grown):
+    return "; ".join(f"{g['name']} mapping of {g['size_mib']:,.1f} MiB at 0x{g['start']}: {g['from_mib']:,.1f} → "
+                     f"{g['to_mib']:,.1f} MiB" for g in grown[:6])
+
+
 def soak_section(data):
     """The Soak section of BENCHMARKS.md, as lines."""
     L = [SOAK_HEADER + "\n"]
@@ -2058,6 +2085,10 @@ def soak_section(data):
                  f"{fmt(i.get('slope_mib_per_min'), 2)}{'' if i.get('slope_judged') else ' (not judged)'} | "
                  f"{yn[i.get('under_aim')]} | {yn[i.get('flat')]} |")
     L.append("")
+    for n, i in data["nodes"].items():
+        if i.get("mappings_grown"):
+            L.append(f"{n}: anonymous mappings (/proc/PID/smaps) whose resident set moved by 1 MiB or more from the "
+                     f"warm-up sample to the last: {soak_maps_text(i['mappings_grown'])}.\n")
     fio_ = data.get("fio") or {}
     ipm = data.get("iops_per_minute") or []
     L.append(f"fio: {fmt(fio_.get('iops'))} IOPS over the whole run (p50 {fmt(fio_.get('p50_us'))} µs, "
@@ -2125,6 +2156,10 @@ def soak_main(args):
                   f"{i['warm_t']:.0f} s {i['anon_at_warm_mib']:.1f} MiB, at the end {i['anon_end_mib']:.1f} MiB "
                   f"(growth {i['growth_mib']:+.1f} MiB), slope {fmt(i['slope_mib_per_min'], 2)} MiB/min"
                   + ("" if i["slope_judged"] else f" (not judged: under {SOAK_SLOPE_MIN_WINDOW_S} s of samples)"))
+    for n, i in data["nodes"].items():
+        g = i.get("mappings_grown")
+        if g:
+            print(f"  {n}: mappings whose resident set moved by 1 MiB or more since the warm-up: " + soak_maps_text(g))
     ipm = data.get("iops_per_minute") or []
     print("  IOPS per minute: " + (", ".join(f"{m + 1}: {v:,.0f}" for m, v in ipm) or "–"))
     print(f"  images: {({True: 'identical', False: 'DIFFER', None: 'not compared'})[data.get('images_identical')]}")
