@@ -212,6 +212,26 @@ pub fn render(s: &NodeStatus) -> String {
         ),
     );
     line("memory", format!("rss {}", bytes(s.rss_bytes)));
+    let b = &s.buffers;
+    line(
+        "buffers",
+        format!(
+            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {})",
+            bytes(b.pool_in_use_bytes),
+            bytes(b.pool_bytes),
+            thousands(b.pool_misses),
+            if b.pool_registered {
+                format!("registered, {} fixed disk ops", thousands(b.fixed_disk_ops))
+            } else {
+                format!(
+                    "not registered ({} failures)",
+                    thousands(b.pool_registration_failures)
+                )
+            },
+            bytes(b.payload_copy_bytes),
+            bytes(b.link_receive_copy_bytes)
+        ),
+    );
     out
 }
 
@@ -396,7 +416,7 @@ fn micros(us: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engine::status::IoStats;
+    use engine::status::{BufferStats, IoStats};
 
     fn sample() -> NodeStatus {
         NodeStatus {
@@ -465,6 +485,16 @@ mod tests {
             link_peers_refused: 1,
             uptime_seconds: 3725.0,
             rss_bytes: 88_293_990,
+            buffers: BufferStats {
+                pool_bytes: 64 << 20,
+                pool_in_use_bytes: 1 << 20,
+                pool_misses: 2,
+                pool_registered: true,
+                pool_registration_failures: 0,
+                fixed_disk_ops: 1200,
+                payload_copy_bytes: 0,
+                link_receive_copy_bytes: 0,
+            },
         }
     }
 

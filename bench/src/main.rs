@@ -416,6 +416,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,
+        buffer_pool_bytes: 64 << 20,
     }
 }
 

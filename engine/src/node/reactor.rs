@@ -89,6 +89,13 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) peer_refused: Option<String>,
     /// The node failed and left the replication link ([`Reactor::leave_link`]).
     pub(super) link_left: bool,
+    /// The node's pool is registered with the backend (fixed buffers).
+    pub(super) pool_registered: bool,
+    pub(super) pool_reg_failures: u64,
+    /// Payload bytes of writes copied in user space (`BufferStats`), and
+    /// of those the link receive copies.
+    pub(super) payload_copy_bytes: u64,
+    pub(super) link_rx_copy_bytes: u64,
 }
 
 impl<B: Backend> Reactor<B> {
@@ -96,12 +103,13 @@ impl<B: Backend> Reactor<B> {
         opts: NodeOptions,
         shared: Arc<Shared>,
         core: Core<RingLog>,
-        backend: B,
+        mut backend: B,
         store: MetaStore,
         link: LinkManager,
         start: Instant,
     ) -> Self {
         let meta = MetaWriter::start(store, shared.clone());
+        let (pool_registered, pool_reg_failures) = register_pool(&mut backend, &shared.pool);
         Reactor {
             opts,
             shared,
@@ -135,6 +143,10 @@ impl<B: Backend> Reactor<B> {
             bytes_received: 0,
             peer_refused: None,
             link_left: false,
+            pool_registered,
+            pool_reg_failures,
+            payload_copy_bytes: 0,
+            link_rx_copy_bytes: 0,
         }
     }
 
@@ -322,7 +334,7 @@ impl<B: Backend> Reactor<B> {
                         start,
                         is_write: false,
                     });
-                    let buf = AlignedBuf::new(len as usize);
+                    let buf = read_buf(&self.shared.pool, len as usize);
                     self.submit(Inflight::HostRead(id), BackendOp::Read { offset, buf });
                 }
                 VolumeOp::Write { offset, data, fua } => {
@@ -530,8 +542,18 @@ impl<B: Backend> Reactor<B> {
             }
             Action::SendEntry(seq) => {
                 if let Some(c) = self.conn.as_mut() {
-                    if let Some((h, p)) = self.core.log().get(seq) {
-                        c.send_req(&h, p);
+                    let log = self.core.log();
+                    if let Some((h, p)) = log.get(seq) {
+                        // From the buffer the payload arrived in when the
+                        // ring still holds it; else from the ring's copy.
+                        let copied = match log.payload_buf(seq) {
+                            Some(b) if b.len() == p.len() => c.send_req_buf(&h, b),
+                            _ => {
+                                c.send_req(&h, p);
+                                p.len()
+                            }
+                        };
+                        self.payload_copy_bytes += copied as u64;
                         self.msgs_sent += 1;
                     }
                 }
@@ -542,42 +564,16 @@ impl<B: Backend> Reactor<B> {
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
-                let Some((h, p)) = self.core.log().get(seq) else {
-                    log::error!("execute of seq {seq} missing from the ring");
-                    self.core
-                        .fatal(format!("seq {seq} to execute is missing from the ring"));
-                    return;
-                };
-                let op = match h.kind {
-                    ReqKind::Write => BackendOp::Write {
-                        offset: h.offset,
-                        buf: AlignedBuf::from_slice(p),
-                        fua: h.fua,
-                    },
-                    ReqKind::WriteZeroes => BackendOp::WriteZeroes {
-                        offset: h.offset,
-                        len: h.len,
-                    },
-                    // BLKDISCARD does not promise zeroes: both disks must read
-                    // the same, so block devices zero the range instead.
-                    ReqKind::Discard if !self.backend.discard_reads_zeroes() => {
-                        BackendOp::WriteZeroes {
-                            offset: h.offset,
-                            len: h.len,
-                        }
+                match exec_op(self.core.log(), seq, self.backend.discard_reads_zeroes()) {
+                    Ok((op, copied)) => {
+                        self.payload_copy_bytes += copied;
+                        self.submit(Inflight::Exec(seq), op);
                     }
-                    ReqKind::Discard => BackendOp::Discard {
-                        offset: h.offset,
-                        len: h.len,
-                    },
-                    ReqKind::State => {
-                        // The core executes State entries itself (metadata).
-                        self.core
-                            .fatal(format!("seq {seq}: a state entry sent to the disk"));
-                        return;
+                    Err(e) => {
+                        log::error!("{e}");
+                        self.core.fatal(e);
                     }
-                };
-                self.submit(Inflight::Exec(seq), op);
+                }
             }
             Action::WriteExtent {
                 token,
@@ -769,7 +765,98 @@ impl<B: Backend> Reactor<B> {
                 + self.link.counters.fabric_refused.load(Ordering::Relaxed),
             uptime_seconds: now as f64 / 1000.0,
             rss_bytes: 0,
+            buffers: buffer_stats(
+                &self.shared.pool,
+                (self.pool_registered, self.pool_reg_failures),
+                &self.backend,
+                self.payload_copy_bytes,
+                self.link_rx_copy_bytes,
+            ),
         };
         *self.shared.status.lock().unwrap() = st;
+    }
+}
+
+/// The disk operation that executes ring entry `seq`, and the payload
+/// bytes copied for it. A write goes to the disk from the buffer its
+/// payload arrived in (`Log::payload_buf`: a fixed-buffer write when that
+/// buffer is in the registered pool), with no copy; only an entry the log
+/// no longer holds the buffer of (older, replayed) is copied out of the
+/// ring. `discard_reads_zeroes`: the backend's [`Backend::discard_reads_zeroes`].
+pub(super) fn exec_op<L: Log>(
+    log: &L,
+    seq: Seq,
+    discard_reads_zeroes: bool,
+) -> Result<(BackendOp, u64), String> {
+    let Some((h, p)) = log.get(seq) else {
+        return Err(format!("seq {seq} to execute is missing from the ring"));
+    };
+    let op = match h.kind {
+        ReqKind::Write => match log.payload_buf(seq) {
+            Some(buf) if buf.len() == p.len() => BackendOp::WriteShared {
+                offset: h.offset,
+                buf,
+                fua: h.fua,
+            },
+            _ => {
+                return Ok((
+                    BackendOp::Write {
+                        offset: h.offset,
+                        buf: AlignedBuf::from_slice(p),
+                        fua: h.fua,
+                    },
+                    p.len() as u64,
+                ))
+            }
+        },
+        ReqKind::WriteZeroes => BackendOp::WriteZeroes {
+            offset: h.offset,
+            len: h.len,
+        },
+        // BLKDISCARD does not promise zeroes: both disks must read the
+        // same, so block devices zero the range instead.
+        ReqKind::Discard if !discard_reads_zeroes => BackendOp::WriteZeroes {
+            offset: h.offset,
+            len: h.len,
+        },
+        ReqKind::Discard => BackendOp::Discard {
+            offset: h.offset,
+            len: h.len,
+        },
+        // The core executes State entries itself (metadata).
+        ReqKind::State => return Err(format!("seq {seq}: a state entry sent to the disk")),
+    };
+    Ok((op, 0))
+}
+
+/// A buffer for a host read: from the pool (the disk fills it with a
+/// fixed-buffer read and the front-end sends from it), from the heap when
+/// the pool has none free (a read never waits for a buffer).
+pub(super) fn read_buf(pool: &IoBufPool, len: usize) -> AlignedBuf {
+    if len <= pool.max_buf() {
+        if let Some(b) = pool.try_get(len) {
+            return b;
+        }
+    }
+    AlignedBuf::new(len)
+}
+
+/// The status's view of the node's buffers.
+pub(super) fn buffer_stats(
+    pool: &IoBufPool,
+    (registered, registration_failures): (bool, u64),
+    backend: &impl Backend,
+    payload_copy_bytes: u64,
+    link_receive_copy_bytes: u64,
+) -> crate::status::BufferStats {
+    crate::status::BufferStats {
+        pool_bytes: pool.total_bytes() as u64,
+        pool_in_use_bytes: pool.in_use_bytes() as u64,
+        pool_misses: pool.misses() as u64,
+        pool_registered: registered,
+        pool_registration_failures: registration_failures,
+        fixed_disk_ops: backend.fixed_ops(),
+        payload_copy_bytes,
+        link_receive_copy_bytes,
     }
 }

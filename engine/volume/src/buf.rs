@@ -386,6 +386,16 @@ impl IoBufPool {
     /// `len` exceeds the largest class. Its bytes are whatever an earlier
     /// user left.
     pub fn get(&self, len: usize) -> Option<IoBuf> {
+        let b = self.try_get(len);
+        if b.is_none() {
+            self.shared.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// [`IoBufPool::get`] for a caller that does not wait when the pool is
+    /// empty (it takes a heap buffer instead): not counted as a miss.
+    pub fn try_get(&self, len: usize) -> Option<IoBuf> {
         let s = &self.shared;
         for (i, c) in s.classes.iter().enumerate() {
             if c.size < len {
@@ -407,7 +417,6 @@ impl IoBufPool {
                 });
             }
         }
-        s.misses.fetch_add(1, Ordering::Relaxed);
         None
     }
 
