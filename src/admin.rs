@@ -636,8 +636,13 @@ fn render_metrics(s: &NodeStatus) -> String {
     );
     m.sample(
         "deltamirror_payload_copy_bytes_total",
-        "where=\"ring\"",
-        (b.payload_copy_bytes - b.link_receive_copy_bytes.min(b.payload_copy_bytes)) as f64,
+        "where=\"execute\"",
+        b.execute_copy_bytes as f64,
+    );
+    m.sample(
+        "deltamirror_payload_copy_bytes_total",
+        "where=\"link_send\"",
+        b.link_send_copy_bytes as f64,
     );
 
     m.gauge(

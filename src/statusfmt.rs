@@ -216,7 +216,7 @@ pub fn render(s: &NodeStatus) -> String {
     line(
         "buffers",
         format!(
-            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {})",
+            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {}, execute {}, link send {})",
             bytes(b.pool_in_use_bytes),
             bytes(b.pool_bytes),
             thousands(b.pool_misses),
@@ -229,7 +229,9 @@ pub fn render(s: &NodeStatus) -> String {
                 )
             },
             bytes(b.payload_copy_bytes),
-            bytes(b.link_receive_copy_bytes)
+            bytes(b.link_receive_copy_bytes),
+            bytes(b.execute_copy_bytes),
+            bytes(b.link_send_copy_bytes)
         ),
     );
     out
@@ -494,6 +496,8 @@ mod tests {
                 fixed_disk_ops: 1200,
                 payload_copy_bytes: 0,
                 link_receive_copy_bytes: 0,
+                execute_copy_bytes: 0,
+                link_send_copy_bytes: 0,
             },
         }
     }

@@ -201,8 +201,12 @@ pub struct BufferStats {
     /// are not counted here (docs/performance.md lists them).
     pub payload_copy_bytes: u64,
     /// Of `payload_copy_bytes`: the link receive copies (the backup's
-    /// one copy).
+    /// one copy), the ring-to-disk-buffer copies of `Execute`, and the
+    /// ring-to-transmit-buffer copies of the link (TCP without the
+    /// entry's buffer; fabric: always, into its staging ring).
     pub link_receive_copy_bytes: u64,
+    pub execute_copy_bytes: u64,
+    pub link_send_copy_bytes: u64,
 }
 
 /// The stale mark a primary waits for before it completes writes without

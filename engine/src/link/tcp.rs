@@ -209,3 +209,169 @@ impl Transport for TcpLink {
         self.tx_off = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ReqKind;
+    use crate::link::heap;
+    use std::net::TcpListener;
+    use volume::IoBufPool;
+
+    /// Sets a socket buffer size (`SO_SNDBUF` / `SO_RCVBUF`).
+    fn set_buf(s: &TcpStream, opt: libc::c_int, bytes: libc::c_int) {
+        // SAFETY: setsockopt reads one c_int from a live local; the
+        // descriptor is the stream's own.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &bytes as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    fn hdr(seq: u64, len: u64) -> ReqHeader {
+        ReqHeader {
+            seq,
+            gen: 1,
+            kind: ReqKind::Write,
+            fua: false,
+            offset: seq * 65536,
+            len,
+        }
+    }
+
+    /// REQ frames sent from shared pool buffers with writev, between small
+    /// messages, through a socket with tiny buffers: the first flush stops
+    /// part-way (a partial write), later flushes resume where it stopped,
+    /// and the peer decodes every frame in order with the payloads intact.
+    /// Each buffer is let go once its bytes left.
+    #[test]
+    fn vectored_send_resumes_partial_writes() {
+        let (a, b) = pair();
+        set_buf(&a, libc::SO_SNDBUF, 32 << 10);
+        set_buf(&b, libc::SO_RCVBUF, 32 << 10);
+        a.set_nonblocking(true).unwrap();
+        let mut link = TcpLink::new(a, 8 << 20);
+        let pool = IoBufPool::new(12 << 20, 64 << 10);
+        const N: u64 = 40;
+        let payload_of = |i: u64| -> Vec<u8> {
+            (0..65536u64)
+                .map(|j| ((i * 31 + j * 7) % 251) as u8)
+                .collect()
+        };
+        for i in 0..N {
+            link.send(&Msg::Ack1(i));
+            let mut buf = pool.get(65536).unwrap();
+            buf.copy_from_slice(&payload_of(i));
+            assert_eq!(link.send_req_buf(&hdr(i, 65536), buf.share()), 0);
+        }
+        link.send(&Msg::Ack2(N));
+        let total = link.queued_bytes();
+        assert!(total > (N * 65536) as usize);
+        let first = link.flush().unwrap() as usize;
+        assert!(
+            first > 0 && first < total,
+            "first flush sent {first} of {total}"
+        );
+        assert!(link.sleep_fd().unwrap().1, "waits for writability");
+        // The reader decodes frames as they come.
+        let reader = std::thread::spawn(move || {
+            let mut b = b;
+            let mut rx = Vec::new();
+            let mut chunk = vec![0u8; 3000];
+            let mut out = Vec::new();
+            while out.len() < 2 * N as usize + 1 {
+                let n = b.read(&mut chunk).unwrap();
+                assert!(n > 0, "sender closed early");
+                rx.extend_from_slice(&chunk[..n]);
+                let p = parse_frames(&rx, 8 << 20, &mut out, &mut heap).unwrap();
+                rx.drain(..p.used);
+            }
+            assert!(rx.is_empty());
+            out
+        });
+        let mut sent = first;
+        let mut flushes = 1;
+        while link.queued_bytes() > 0 {
+            sent += link.flush().unwrap() as usize;
+            flushes += 1;
+            std::thread::yield_now();
+        }
+        assert_eq!(sent, total);
+        assert!(flushes > 2);
+        assert!(!link.sleep_fd().unwrap().1);
+        // Every buffer left the queue with its bytes.
+        assert_eq!(pool.in_use_bytes(), 0);
+        let out = reader.join().unwrap();
+        for i in 0..N {
+            assert_eq!(out[2 * i as usize], Msg::Ack1(i));
+            match &out[2 * i as usize + 1] {
+                Msg::Req { hdr: h, payload } => {
+                    assert_eq!(*h, hdr(i, 65536));
+                    assert!(payload[..] == payload_of(i)[..], "payload {i} differs");
+                }
+                m => panic!("frame {i}: expected a REQ, got {m:?}"),
+            }
+        }
+        assert_eq!(out[2 * N as usize], Msg::Ack2(N));
+    }
+
+    /// A REQ that finds no payload buffer stays in the receive buffer (with
+    /// what follows it) and is decoded on a later call, even when no new
+    /// bytes arrived meanwhile.
+    #[test]
+    fn a_req_waits_for_a_pool_buffer() {
+        let (a, b) = pair();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut tx = TcpLink::new(a, 1 << 20);
+        let mut rx = TcpLink::new(b, 1 << 20);
+        let pool = IoBufPool::new(1 << 20, 4096);
+        tx.send(&Msg::Ack1(1));
+        tx.send_req(&hdr(2, 4096), &[9u8; 4096]);
+        tx.send(&Msg::Ack2(1));
+        while tx.queued_bytes() > 0 {
+            tx.flush().unwrap();
+        }
+        let mut out = Vec::new();
+        let mut got = 0;
+        while got < tx_len(&hdr(2, 4096)) {
+            got += rx.recv(&mut out, &mut |_| None).unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(out, vec![Msg::Ack1(1)]);
+        assert!(rx.rx_blocked);
+        // Still no buffer: nothing more.
+        assert_eq!(rx.recv(&mut out, &mut |_| None).unwrap(), 0);
+        assert_eq!(out.len(), 1);
+        // A buffer: the REQ and the ACK2 behind it, in order.
+        assert_eq!(rx.recv(&mut out, &mut |n| pool.get(n)).unwrap(), 0);
+        assert_eq!(out.len(), 3);
+        assert!(
+            matches!(&out[1], Msg::Req { payload, .. } if payload.is_pooled() && payload[..] == [9u8; 4096][..])
+        );
+        assert_eq!(out[2], Msg::Ack2(1));
+        assert!(!rx.rx_blocked);
+    }
+
+    /// Bytes of the three frames `a_req_waits_for_a_pool_buffer` sends.
+    fn tx_len(h: &ReqHeader) -> u64 {
+        let mut v = Vec::new();
+        push_frame(&mut v, &Msg::Ack1(1));
+        push_req_frame(&mut v, h, &[9u8; 4096]);
+        push_frame(&mut v, &Msg::Ack2(1));
+        v.len() as u64
+    }
+}

@@ -92,10 +92,8 @@ pub(super) struct Reactor<B: Backend> {
     /// The node's pool is registered with the backend (fixed buffers).
     pub(super) pool_registered: bool,
     pub(super) pool_reg_failures: u64,
-    /// Payload bytes of writes copied in user space (`BufferStats`), and
-    /// of those the link receive copies.
-    pub(super) payload_copy_bytes: u64,
-    pub(super) link_rx_copy_bytes: u64,
+    /// Payload bytes of writes copied in user space (`BufferStats`).
+    pub(super) copies: Copies,
 }
 
 impl<B: Backend> Reactor<B> {
@@ -145,8 +143,7 @@ impl<B: Backend> Reactor<B> {
             link_left: false,
             pool_registered,
             pool_reg_failures,
-            payload_copy_bytes: 0,
-            link_rx_copy_bytes: 0,
+            copies: Copies::default(),
         }
     }
 
@@ -553,7 +550,7 @@ impl<B: Backend> Reactor<B> {
                                 p.len()
                             }
                         };
-                        self.payload_copy_bytes += copied as u64;
+                        self.copies.link_send += copied as u64;
                         self.msgs_sent += 1;
                     }
                 }
@@ -566,7 +563,7 @@ impl<B: Backend> Reactor<B> {
             Action::Execute { seq } => {
                 match exec_op(self.core.log(), seq, self.backend.discard_reads_zeroes()) {
                     Ok((op, copied)) => {
-                        self.payload_copy_bytes += copied;
+                        self.copies.execute += copied;
                         self.submit(Inflight::Exec(seq), op);
                     }
                     Err(e) => {
@@ -769,8 +766,7 @@ impl<B: Backend> Reactor<B> {
                 &self.shared.pool,
                 (self.pool_registered, self.pool_reg_failures),
                 &self.backend,
-                self.payload_copy_bytes,
-                self.link_rx_copy_bytes,
+                self.copies,
             ),
         };
         *self.shared.status.lock().unwrap() = st;
@@ -846,8 +842,7 @@ pub(super) fn buffer_stats(
     pool: &IoBufPool,
     (registered, registration_failures): (bool, u64),
     backend: &impl Backend,
-    payload_copy_bytes: u64,
-    link_receive_copy_bytes: u64,
+    c: Copies,
 ) -> crate::status::BufferStats {
     crate::status::BufferStats {
         pool_bytes: pool.total_bytes() as u64,
@@ -856,7 +851,144 @@ pub(super) fn buffer_stats(
         pool_registered: registered,
         pool_registration_failures: registration_failures,
         fixed_disk_ops: backend.fixed_ops(),
-        payload_copy_bytes,
-        link_receive_copy_bytes,
+        payload_copy_bytes: c.link_receive + c.execute + c.link_send,
+        link_receive_copy_bytes: c.link_receive,
+        execute_copy_bytes: c.execute,
+        link_send_copy_bytes: c.link_send,
+    }
+}
+
+/// Payload bytes of writes the reactor copied, by where.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Copies {
+    pub(super) link_receive: u64,
+    pub(super) execute: u64,
+    pub(super) link_send: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volume::SharedBuf;
+
+    /// A log that holds each entry's buffer, or (`keeps_bufs` false) only
+    /// a copy of its bytes, like a ring that no longer has the buffer.
+    struct BufLog {
+        entries: Vec<(ReqHeader, SharedBuf)>,
+        keeps_bufs: bool,
+    }
+
+    impl Log for BufLog {
+        type Flush = ();
+        fn first_seq(&self) -> Seq {
+            1
+        }
+        fn next_seq(&self) -> Seq {
+            self.entries.len() as Seq + 1
+        }
+        fn fits(&self, _: usize) -> bool {
+            true
+        }
+        fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
+            self.entries.push((*h, payload));
+            true
+        }
+        fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
+            let (h, p) = self.entries.get(seq.checked_sub(1)? as usize)?;
+            Some((*h, &p[..]))
+        }
+        fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
+            let (_, p) = self.entries.get(seq.checked_sub(1)? as usize)?;
+            self.keeps_bufs.then(|| p.clone())
+        }
+        fn trim_through(&mut self, _: Seq) {}
+        fn truncate_after(&mut self, _: Seq) {}
+        fn reset(&mut self, _: Seq) {}
+        fn payload_bytes(&self) -> u64 {
+            0
+        }
+        fn capacity_bytes(&self) -> u64 {
+            u64::MAX
+        }
+        fn begin_flush(&mut self) -> (Seq, ()) {
+            (self.next_seq() - 1, ())
+        }
+        fn flush_completed(&mut self, _: Seq) {}
+        fn flush_failed(&mut self, _: Seq, _: String) {}
+        fn failure(&self) -> Option<&str> {
+            None
+        }
+        fn flush_now(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn write_hdr(seq: Seq, offset: u64, len: u64) -> ReqHeader {
+        ReqHeader {
+            seq,
+            gen: 1,
+            kind: ReqKind::Write,
+            fua: false,
+            offset,
+            len,
+        }
+    }
+
+    /// Execute writes the disk from the buffer the payload arrived in when
+    /// the log holds it (same bytes in memory, a pooled buffer, nothing
+    /// copied); from a copy of the ring's bytes only when it does not.
+    #[test]
+    fn execute_writes_from_the_payload_buffer_the_log_holds() {
+        let pool = IoBufPool::new(1 << 20, 64 << 10);
+        for keeps_bufs in [true, false] {
+            let mut log = BufLog {
+                entries: Vec::new(),
+                keeps_bufs,
+            };
+            let mut b = pool.get(8192).unwrap();
+            b.fill(0x5a);
+            let shared = b.share();
+            let ptr = shared.as_ptr();
+            log.append(&write_hdr(1, 4096, 8192), shared);
+            let mut disk = storage::backend::MemBackend::new(1 << 20, 4096, 4);
+            let (op, copied) = exec_op(&log, 1, true).unwrap();
+            match &op {
+                BackendOp::WriteShared { offset, buf, .. } => {
+                    assert!(keeps_bufs, "a shared write without the log's buffer");
+                    assert_eq!(*offset, 4096);
+                    assert_eq!(buf.as_ptr(), ptr, "not the payload's own buffer");
+                    assert!(buf.is_pooled());
+                    assert_eq!(copied, 0);
+                }
+                BackendOp::Write { buf, .. } => {
+                    assert!(!keeps_bufs, "copied although the log holds the buffer");
+                    assert_ne!(buf.as_ptr(), ptr);
+                    assert_eq!(copied, 8192);
+                }
+                other => panic!("unexpected op {other:?}"),
+            }
+            disk.submit(1, op).unwrap();
+            let mut done: Vec<BackendCompletion> = Vec::new();
+            disk.reap(&mut done);
+            assert_eq!(done[0].result, Ok(8192));
+            assert!(done[0].buf.as_ref().is_none_or(|b| !b.is_pooled()));
+            assert_eq!(&disk.contents()[4096..4096 + 8192], &[0x5a; 8192][..]);
+            assert_eq!(disk.shared_writes(), (keeps_bufs as u64, keeps_bufs as u64));
+        }
+        // The write's buffer went back to the pool with the log and the op.
+        assert_eq!(pool.in_use_bytes(), 0);
+        // A missing entry and a state entry are refused, not guessed at.
+        let log = BufLog {
+            entries: vec![(
+                ReqHeader {
+                    kind: ReqKind::State,
+                    ..write_hdr(1, 0, 0)
+                },
+                IoBuf::empty().share(),
+            )],
+            keeps_bufs: true,
+        };
+        assert!(exec_op(&log, 2, true).unwrap_err().contains("missing"));
+        assert!(exec_op(&log, 1, true).unwrap_err().contains("state entry"));
     }
 }

@@ -323,8 +323,7 @@ impl<B: Backend> Standalone<B> {
                 &self.shared.pool,
                 self.pool_registered,
                 &self.backend,
-                0,
-                0,
+                super::reactor::Copies::default(),
             ),
             ..NodeStatus::default()
         };

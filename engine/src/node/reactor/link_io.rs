@@ -58,8 +58,7 @@ impl<B: Backend> Reactor<B> {
             b
         };
         let r = c.recv(&mut self.msgs, &mut alloc);
-        self.payload_copy_bytes += copied;
-        self.link_rx_copy_bytes += copied;
+        self.copies.link_receive += copied;
         match r {
             Ok(0) if self.msgs.is_empty() => return false,
             Ok(n) => self.bytes_received += n,
