@@ -917,7 +917,7 @@ impl Config {
         if !(least..=1024).contains(&pool) {
             v.push(format!(
                 "reactor.buffer_pool_mib = {pool}: must be {least} to 1024 (at least 8 MiB and 8 × reactor.max_io_bytes, at most the 1 GiB io_uring registers as one buffer); e.g. reactor.buffer_pool_mib = {}",
-                least.max(64).min(1024)
+                least.clamp(64, 1024)
             ));
         }
     }

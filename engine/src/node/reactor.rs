@@ -561,7 +561,8 @@ impl<B: Backend> Reactor<B> {
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
-                match exec_op(self.core.log(), seq, self.backend.discard_reads_zeroes()) {
+                let zeroes = self.backend.discard_reads_zeroes();
+                match exec_op(self.core.log(), seq, zeroes, &self.shared.pool) {
                     Ok((op, copied)) => {
                         self.copies.execute += copied;
                         self.submit(Inflight::Exec(seq), op);
@@ -778,11 +779,13 @@ impl<B: Backend> Reactor<B> {
 /// payload arrived in (`Log::payload_buf`: a fixed-buffer write when that
 /// buffer is in the registered pool), with no copy; only an entry the log
 /// no longer holds the buffer of (older, replayed) is copied out of the
-/// ring. `discard_reads_zeroes`: the backend's [`Backend::discard_reads_zeroes`].
+/// ring, into a pool buffer when one is free (a fixed-buffer write still).
+/// `discard_reads_zeroes`: the backend's [`Backend::discard_reads_zeroes`].
 pub(super) fn exec_op<L: Log>(
     log: &L,
     seq: Seq,
     discard_reads_zeroes: bool,
+    pool: &IoBufPool,
 ) -> Result<(BackendOp, u64), String> {
     let Some((h, p)) = log.get(seq) else {
         return Err(format!("seq {seq} to execute is missing from the ring"));
@@ -795,14 +798,16 @@ pub(super) fn exec_op<L: Log>(
                 fua: h.fua,
             },
             _ => {
+                let mut buf = read_buf(pool, p.len());
+                buf.copy_from_slice(p);
                 return Ok((
                     BackendOp::Write {
                         offset: h.offset,
-                        buf: AlignedBuf::from_slice(p),
+                        buf,
                         fua: h.fua,
                     },
                     p.len() as u64,
-                ))
+                ));
             }
         },
         ReqKind::WriteZeroes => BackendOp::WriteZeroes {
@@ -825,9 +830,9 @@ pub(super) fn exec_op<L: Log>(
     Ok((op, 0))
 }
 
-/// A buffer for a host read: from the pool (the disk fills it with a
-/// fixed-buffer read and the front-end sends from it), from the heap when
-/// the pool has none free (a read never waits for a buffer).
+/// A buffer of `len` bytes for a host read or a disk write's copy: from
+/// the pool (fixed-buffer I/O; a read's buffer is what the front-end sends
+/// from), from the heap when the pool has none free (it never waits).
 pub(super) fn read_buf(pool: &IoBufPool, len: usize) -> AlignedBuf {
     if len <= pool.max_buf() {
         if let Some(b) = pool.try_get(len) {
@@ -951,7 +956,7 @@ mod tests {
             let ptr = shared.as_ptr();
             log.append(&write_hdr(1, 4096, 8192), shared);
             let mut disk = storage::backend::MemBackend::new(1 << 20, 4096, 4);
-            let (op, copied) = exec_op(&log, 1, true).unwrap();
+            let (op, copied) = exec_op(&log, 1, true, &pool).unwrap();
             match &op {
                 BackendOp::WriteShared { offset, buf, .. } => {
                     assert!(keeps_bufs, "a shared write without the log's buffer");
@@ -963,6 +968,7 @@ mod tests {
                 BackendOp::Write { buf, .. } => {
                     assert!(!keeps_bufs, "copied although the log holds the buffer");
                     assert_ne!(buf.as_ptr(), ptr);
+                    assert!(buf.is_pooled(), "the copy goes to a pool buffer");
                     assert_eq!(copied, 8192);
                 }
                 other => panic!("unexpected op {other:?}"),
@@ -971,7 +977,9 @@ mod tests {
             let mut done: Vec<BackendCompletion> = Vec::new();
             disk.reap(&mut done);
             assert_eq!(done[0].result, Ok(8192));
-            assert!(done[0].buf.as_ref().is_none_or(|b| !b.is_pooled()));
+            // A shared write hands no buffer back; a plain one its own.
+            assert_eq!(done[0].buf.is_some(), !keeps_bufs);
+            drop(done);
             assert_eq!(&disk.contents()[4096..4096 + 8192], &[0x5a; 8192][..]);
             assert_eq!(disk.shared_writes(), (keeps_bufs as u64, keeps_bufs as u64));
         }
@@ -988,7 +996,11 @@ mod tests {
             )],
             keeps_bufs: true,
         };
-        assert!(exec_op(&log, 2, true).unwrap_err().contains("missing"));
-        assert!(exec_op(&log, 1, true).unwrap_err().contains("state entry"));
+        assert!(exec_op(&log, 2, true, &pool)
+            .unwrap_err()
+            .contains("missing"));
+        assert!(exec_op(&log, 1, true, &pool)
+            .unwrap_err()
+            .contains("state entry"));
     }
 }
