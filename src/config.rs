@@ -1934,11 +1934,11 @@ mod tests {
         check_rejects(&c, "reactor.buffer_pool_mib");
         c.reactor.buffer_pool_mib = 2048;
         check_rejects(&c, "reactor.buffer_pool_mib");
-        c.reactor.buffer_pool_mib = 64;
-        c.reactor.max_io_bytes = 16 * MIB;
+        c.reactor.buffer_pool_mib = 16;
+        c.reactor.max_io_bytes = 4 * MIB;
         let e = check_rejects(&c, "reactor.buffer_pool_mib");
-        assert!(e.contains("must be 128 to 1024"), "{e}");
-        c.reactor.buffer_pool_mib = 128;
+        assert!(e.contains("must be 32 to 1024"), "{e}");
+        c.reactor.buffer_pool_mib = 32;
         c.validate().unwrap();
     }
 

@@ -213,7 +213,9 @@ pub fn render(s: &NodeStatus) -> String {
     );
     line("memory", format!("rss {}", bytes(s.rss_bytes)));
     let b = &s.buffers;
-    line(
+    // (A status from a node without a pool has none to show.)
+    if b.pool_bytes > 0 {
+        line(
         "buffers",
         format!(
             "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {}, execute {}, link send {})",
@@ -234,6 +236,7 @@ pub fn render(s: &NodeStatus) -> String {
             bytes(b.link_send_copy_bytes)
         ),
     );
+    }
     out
 }
 
@@ -568,6 +571,7 @@ latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
 stages    ring sync -   disk write -
 link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB  refused peers 1
 memory    rss 84.2 MiB
+buffers   pool 1.0 MiB in use of 64.0 MiB, 2 misses, registered, 1,200 fixed disk ops; payload copies 0 B (link receive 0 B, execute 0 B, link send 0 B)
 ";
         assert_eq!(text, expected, "\n{text}");
     }
