@@ -509,6 +509,9 @@ mod tests {
         assert!(pool.get(1).is_none());
         assert!(pool.get(2 << 20).is_none());
         assert_eq!(pool.misses(), 3);
+        // A caller with a fallback (`try_get`) is not a miss.
+        assert!(pool.try_get(4096).is_none());
+        assert_eq!(pool.misses(), 3);
         let n = held.len();
         let shared: Vec<SharedBuf> = held.into_iter().map(IoBuf::share).collect();
         let t = std::thread::spawn(move || {
