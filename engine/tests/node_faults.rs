@@ -538,12 +538,15 @@ fn payload_copies_on_a_mirrored_pair() {
         );
         assert!(w.is_ok(), "write {block}: {w:?}");
     }
-    let head = p.nodes[0].control.status().head_seq;
-    // Each status is one snapshot: counters and watermarks agree.
+    // Each status is one snapshot (published every 100 ms): counters and
+    // watermarks agree within it. Wait for one of the primary's that has
+    // every write, then for both nodes to have executed its head.
     wait("both nodes to execute every write", 30, || {
-        p.nodes
-            .iter()
-            .all(|n| n.control.status().executed_seq >= head)
+        let s1 = p.nodes[0].control.status();
+        s1.io.writes >= WRITES
+            && p.nodes
+                .iter()
+                .all(|n| n.control.status().executed_seq >= s1.head_seq)
     });
     let (s1, s2) = (p.nodes[0].control.status(), p.nodes[1].control.status());
     let written = WRITES * BLOCK;

@@ -578,7 +578,9 @@ impl<B: Backend> Reactor<B> {
                 offset,
                 data,
             } => {
-                let buf = AlignedBuf::from_slice(&data);
+                // A pool buffer when one is free: a fixed-buffer write.
+                let mut buf = read_buf(&self.shared.pool, data.len());
+                buf.copy_from_slice(&data);
                 self.submit(
                     Inflight::ExtentWrite(token),
                     BackendOp::Write {
@@ -589,7 +591,7 @@ impl<B: Backend> Reactor<B> {
                 );
             }
             Action::ReadExtent { token, offset, len } => {
-                let buf = AlignedBuf::new(len as usize);
+                let buf = read_buf(&self.shared.pool, len as usize);
                 self.submit(
                     Inflight::ExtentRead { token, offset },
                     BackendOp::Read { offset, buf },
