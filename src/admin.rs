@@ -588,6 +588,63 @@ fn render_metrics(s: &NodeStatus) -> String {
         s.link_peers_refused as f64,
     );
 
+    let b = &s.buffers;
+    m.gauge(
+        "deltamirror_buffer_pool_bytes",
+        "Bytes of the node's buffer pool (reactor.buffer_pool_mib).",
+        b.pool_bytes as f64,
+    );
+    m.gauge(
+        "deltamirror_buffer_pool_in_use_bytes",
+        "Bytes of the buffer pool handed out now.",
+        b.pool_in_use_bytes as f64,
+    );
+    m.family(
+        "deltamirror_buffer_pool_misses_total",
+        "counter",
+        "Requests that found the buffer pool empty (back-pressure events).",
+    );
+    m.sample(
+        "deltamirror_buffer_pool_misses_total",
+        "",
+        b.pool_misses as f64,
+    );
+    m.gauge(
+        "deltamirror_buffer_pool_registered",
+        "1 when the buffer pool is registered with the disk's io_uring (fixed-buffer I/O).",
+        if b.pool_registered { 1.0 } else { 0.0 },
+    );
+    m.family(
+        "deltamirror_fixed_disk_ops_total",
+        "counter",
+        "Disk reads and writes issued as io_uring fixed-buffer operations.",
+    );
+    m.sample(
+        "deltamirror_fixed_disk_ops_total",
+        "",
+        b.fixed_disk_ops as f64,
+    );
+    m.family(
+        "deltamirror_payload_copy_bytes_total",
+        "counter",
+        "Write payload bytes the engine copied in user space, by where.",
+    );
+    m.sample(
+        "deltamirror_payload_copy_bytes_total",
+        "where=\"link_receive\"",
+        b.link_receive_copy_bytes as f64,
+    );
+    m.sample(
+        "deltamirror_payload_copy_bytes_total",
+        "where=\"execute\"",
+        b.execute_copy_bytes as f64,
+    );
+    m.sample(
+        "deltamirror_payload_copy_bytes_total",
+        "where=\"link_send\"",
+        b.link_send_copy_bytes as f64,
+    );
+
     m.gauge(
         "deltamirror_resident_memory_bytes",
         "Resident set size of the node process.",

@@ -315,8 +315,13 @@ pub struct ReactorConfig {
     pub adaptive_spin_us: u64,
     /// Outstanding host I/Os per reactor, 1..=4096.
     pub queue_depth: u32,
-    /// Largest single host I/O accepted (sizes the buffer pool).
+    /// Largest single host I/O accepted (the pool's largest buffer).
     pub max_io_bytes: u64,
+    /// MiB of block-aligned buffers write payloads are received into (one
+    /// pool per node, registered with the disk's io_uring): 8 to 1024 and
+    /// at least 8 × max_io_bytes. An empty pool is back-pressure: the
+    /// front-ends stop reading until writes complete.
+    pub buffer_pool_mib: u64,
 }
 
 impl Default for ReactorConfig {
@@ -327,6 +332,7 @@ impl Default for ReactorConfig {
             adaptive_spin_us: 50,
             queue_depth: 128,
             max_io_bytes: MIB,
+            buffer_pool_mib: 64,
         }
     }
 }
@@ -903,6 +909,15 @@ impl Config {
         if !io.is_multiple_of(4096) || !(4096..=32 * MIB).contains(&io) {
             v.push(format!(
                 "reactor.max_io_bytes = {io}: must be a multiple of 4096 from 4 KiB to 32 MiB; e.g. reactor.max_io_bytes = {MIB}"
+            ));
+        }
+        let pool = r.buffer_pool_mib;
+        // io_uring registers at most 1 GiB as one fixed buffer.
+        let least = (8 * io).div_ceil(MIB).max(8);
+        if !(least..=1024).contains(&pool) {
+            v.push(format!(
+                "reactor.buffer_pool_mib = {pool}: must be {least} to 1024 (at least 8 MiB and 8 × reactor.max_io_bytes, at most the 1 GiB io_uring registers as one buffer); e.g. reactor.buffer_pool_mib = {}",
+                least.clamp(64, 1024)
             ));
         }
     }
@@ -1914,6 +1929,17 @@ mod tests {
         let mut c = base();
         c.reactor.adaptive_spin_us = 1_000_000;
         check_rejects(&c, "reactor.adaptive_spin_us");
+        let mut c = base();
+        c.reactor.buffer_pool_mib = 4;
+        check_rejects(&c, "reactor.buffer_pool_mib");
+        c.reactor.buffer_pool_mib = 2048;
+        check_rejects(&c, "reactor.buffer_pool_mib");
+        c.reactor.buffer_pool_mib = 16;
+        c.reactor.max_io_bytes = 4 * MIB;
+        let e = check_rejects(&c, "reactor.buffer_pool_mib");
+        assert!(e.contains("must be 32 to 1024"), "{e}");
+        c.reactor.buffer_pool_mib = 32;
+        c.validate().unwrap();
     }
 
     #[test]

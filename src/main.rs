@@ -319,6 +319,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
         queue_depth: cfg.reactor.queue_depth,
         max_io_bytes: cfg.reactor.max_io_bytes as u32,
         max_message_bytes: cfg.link.max_message_bytes as usize,
+        buffer_pool_bytes: (cfg.reactor.buffer_pool_mib << 20) as usize,
     })
 }
 

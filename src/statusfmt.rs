@@ -212,6 +212,31 @@ pub fn render(s: &NodeStatus) -> String {
         ),
     );
     line("memory", format!("rss {}", bytes(s.rss_bytes)));
+    let b = &s.buffers;
+    // (A status from a node without a pool has none to show.)
+    if b.pool_bytes > 0 {
+        line(
+        "buffers",
+        format!(
+            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {}, execute {}, link send {})",
+            bytes(b.pool_in_use_bytes),
+            bytes(b.pool_bytes),
+            thousands(b.pool_misses),
+            if b.pool_registered {
+                format!("registered, {} fixed disk ops", thousands(b.fixed_disk_ops))
+            } else {
+                format!(
+                    "not registered ({} failures)",
+                    thousands(b.pool_registration_failures)
+                )
+            },
+            bytes(b.payload_copy_bytes),
+            bytes(b.link_receive_copy_bytes),
+            bytes(b.execute_copy_bytes),
+            bytes(b.link_send_copy_bytes)
+        ),
+    );
+    }
     out
 }
 
@@ -396,7 +421,7 @@ fn micros(us: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engine::status::IoStats;
+    use engine::status::{BufferStats, IoStats};
 
     fn sample() -> NodeStatus {
         NodeStatus {
@@ -465,6 +490,18 @@ mod tests {
             link_peers_refused: 1,
             uptime_seconds: 3725.0,
             rss_bytes: 88_293_990,
+            buffers: BufferStats {
+                pool_bytes: 64 << 20,
+                pool_in_use_bytes: 1 << 20,
+                pool_misses: 2,
+                pool_registered: true,
+                pool_registration_failures: 0,
+                fixed_disk_ops: 1200,
+                payload_copy_bytes: 0,
+                link_receive_copy_bytes: 0,
+                execute_copy_bytes: 0,
+                link_send_copy_bytes: 0,
+            },
         }
     }
 
@@ -534,6 +571,7 @@ latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
 stages    ring sync -   disk write -
 link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB  refused peers 1
 memory    rss 84.2 MiB
+buffers   pool 1.0 MiB in use of 64.0 MiB, 2 misses, registered, 1,200 fixed disk ops; payload copies 0 B (link receive 0 B, execute 0 B, link send 0 B)
 ";
         assert_eq!(text, expected, "\n{text}");
     }

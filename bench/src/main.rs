@@ -366,6 +366,16 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8]) {
     }
 }
 
+/// A 4 KiB write payload in a buffer from the volume (the node's pool, as
+/// a front-end receives into), or the heap when the pool has none free.
+fn payload(vol: &dyn Volume, byte: u8) -> volume::IoBuf {
+    let mut b = vol
+        .alloc_buf(4096)
+        .unwrap_or_else(|| volume::IoBuf::new(4096));
+    b.fill(byte);
+    b
+}
+
 pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeOptions {
     let d = dir.join(format!("node{id}"));
     NodeOptions {
@@ -416,6 +426,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,
+        buffer_pool_bytes: 64 << 20,
     }
 }
 
@@ -485,7 +496,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric:
             &*vol,
             VolumeOp::Write {
                 offset: off,
-                data: vec![0x33; 4096].into(),
+                data: payload(&*vol, 0x33),
                 fua: false,
             },
         )
@@ -516,7 +527,7 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric:
         vol.submit(
             VolumeOp::Write {
                 offset: off,
-                data: vec![0x44; 4096].into(),
+                data: payload(&*vol, 0x44),
                 fua: false,
             },
             Box::new(move |r| {

@@ -40,6 +40,7 @@ use sha2::Sha256;
 use crate::core::msg::{encode_req, Msg};
 use crate::core::ReqHeader;
 use crate::sys::{random_bytes, EventFd};
+use volume::{IoBuf, SharedBuf};
 
 const MAGIC: &[u8; 8] = b"DMLINK01";
 const TRANSPORT_MAGIC: &[u8; 8] = b"DMXPORT1";
@@ -94,11 +95,29 @@ pub trait Transport: Send {
     fn kind(&self) -> &'static str;
     /// Queues a message; [`Transport::flush`] sends it.
     fn send(&mut self, m: &Msg);
-    /// Queues a `Msg::Req` built straight from a ring entry.
+    /// Queues a `Msg::Req` built straight from a ring entry (the payload
+    /// is copied into the transmit buffer).
     fn send_req(&mut self, hdr: &ReqHeader, payload: &[u8]);
+    /// Queues a `Msg::Req` whose payload is the buffer the write arrived
+    /// in; the transport keeps a clone until the bytes left. Returns the
+    /// payload bytes it copied in user space (TCP: none, it writes the
+    /// buffer with the frame's header in one writev; by default: all,
+    /// through [`Transport::send_req`]).
+    fn send_req_buf(&mut self, hdr: &ReqHeader, payload: SharedBuf) -> usize {
+        self.send_req(hdr, &payload);
+        payload.len()
+    }
     /// Takes what arrived, decoding messages into `out`; the bytes taken.
-    /// An error means the connection is lost (the text says why).
-    fn recv(&mut self, out: &mut Vec<Msg>) -> Result<u64, String>;
+    /// A REQ's payload goes into the buffer `alloc(len)` gives; when it
+    /// gives none, that frame and the ones behind it wait in the receive
+    /// buffer for the next call (never dropped or reordered; TCP stops
+    /// reading, so the sender is held back). An error means the
+    /// connection is lost (the text says why).
+    fn recv(
+        &mut self,
+        out: &mut Vec<Msg>,
+        alloc: &mut dyn FnMut(usize) -> Option<IoBuf>,
+    ) -> Result<u64, String>;
     /// Sends what is queued, as far as the transport takes it now; the
     /// bytes sent.
     fn flush(&mut self) -> Result<u64, String>;
@@ -485,6 +504,25 @@ pub fn push_req_frame(out: &mut Vec<u8>, hdr: &ReqHeader, payload: &[u8]) {
     seal(out, start);
 }
 
+/// The bytes of a `Msg::Req` frame before its payload (frame header and
+/// REQ header), its CRC computed over those and `payload` where it lies:
+/// the frame is these bytes followed by the payload, sent without copying
+/// it.
+pub fn req_frame_head(out: &mut Vec<u8>, hdr: &ReqHeader, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    encode_req(out, hdr, &[]);
+    // `encode_req` wrote a zero length before the (empty) payload bytes:
+    // put the payload's length there.
+    let n = out.len();
+    out[n - 8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let head = &out[start + FRAME_HEADER_BYTES..];
+    let len = (head.len() + payload.len()) as u32;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(head), payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
 fn seal(out: &mut [u8], start: usize) {
     let body = &out[start + FRAME_HEADER_BYTES..];
     let len = body.len() as u32;
@@ -512,9 +550,24 @@ impl std::fmt::Display for FrameError {
     }
 }
 
-/// Takes complete frames from the front of `buf`, decoding each. Returns
-/// how many bytes were consumed.
-pub fn parse_frames(buf: &[u8], max_frame: usize, out: &mut Vec<Msg>) -> Result<usize, FrameError> {
+/// What [`parse_frames`] took.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// Bytes consumed from the front of the buffer (whole frames).
+    pub used: usize,
+    /// A complete frame waits at `used`: its payload found no buffer.
+    pub blocked: bool,
+}
+
+/// Takes complete frames from the front of `buf`, decoding each; a REQ's
+/// payload goes into a buffer from `alloc` (see [`Msg::decode_with`]).
+/// Stops at a partial frame or at a REQ `alloc` has no buffer for.
+pub fn parse_frames(
+    buf: &[u8],
+    max_frame: usize,
+    out: &mut Vec<Msg>,
+    alloc: &mut dyn FnMut(usize) -> Option<IoBuf>,
+) -> Result<Parsed, FrameError> {
     let mut p = 0;
     while buf.len() - p >= FRAME_HEADER_BYTES {
         let len = u32::from_le_bytes(buf[p..p + 4].try_into().unwrap());
@@ -530,10 +583,26 @@ pub fn parse_frames(buf: &[u8], max_frame: usize, out: &mut Vec<Msg>) -> Result<
         if crc32c::crc32c(body) != crc {
             return Err(FrameError::BadChecksum);
         }
-        out.push(Msg::decode(body).map_err(|e| FrameError::Decode(e.to_string()))?);
+        match Msg::decode_with(body, alloc).map_err(|e| FrameError::Decode(e.to_string()))? {
+            Some(m) => out.push(m),
+            None => {
+                return Ok(Parsed {
+                    used: p,
+                    blocked: true,
+                })
+            }
+        }
         p += total;
     }
-    Ok(p)
+    Ok(Parsed {
+        used: p,
+        blocked: false,
+    })
+}
+
+/// An allocator for [`parse_frames`] that always gives a heap buffer.
+pub fn heap(n: usize) -> Option<IoBuf> {
+    Some(IoBuf::new(n))
 }
 
 #[cfg(test)]
@@ -555,7 +624,10 @@ mod tests {
         };
         push_req_frame(&mut b, &hdr, &[1, 2, 3]);
         let mut out = Vec::new();
-        assert_eq!(parse_frames(&b, 1 << 20, &mut out).unwrap(), b.len());
+        assert_eq!(
+            parse_frames(&b, 1 << 20, &mut out, &mut heap).unwrap().used,
+            b.len()
+        );
         assert_eq!(
             out[1],
             Msg::Req {
@@ -566,20 +638,91 @@ mod tests {
         // A partial frame is left for later.
         out.clear();
         assert_eq!(
-            parse_frames(&b[..b.len() - 1], 1 << 20, &mut out).unwrap(),
-            17
+            parse_frames(&b[..b.len() - 1], 1 << 20, &mut out, &mut heap).unwrap(),
+            Parsed {
+                used: 17,
+                blocked: false
+            }
         );
         let mut bad = b.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert_eq!(
-            parse_frames(&bad, 1 << 20, &mut Vec::new()),
+            parse_frames(&bad, 1 << 20, &mut Vec::new(), &mut heap),
             Err(FrameError::BadChecksum)
         );
         assert!(matches!(
-            parse_frames(&b, 4, &mut Vec::new()),
+            parse_frames(&b, 4, &mut Vec::new(), &mut heap),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_req_frame_head_and_payload_make_the_same_frame() {
+        let hdr = ReqHeader {
+            seq: 9,
+            gen: 2,
+            kind: ReqKind::Write,
+            fua: true,
+            offset: 8192,
+            len: 4096,
+        };
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let mut whole = Vec::new();
+        push_req_frame(&mut whole, &hdr, &payload);
+        let mut split = Vec::new();
+        req_frame_head(&mut split, &hdr, &payload);
+        split.extend_from_slice(&payload);
+        assert_eq!(whole, split);
+    }
+
+    #[test]
+    fn a_req_without_a_buffer_waits_in_place() {
+        let hdr = ReqHeader {
+            seq: 1,
+            gen: 1,
+            kind: ReqKind::Write,
+            fua: false,
+            offset: 0,
+            len: 4096,
+        };
+        let mut b = Vec::new();
+        push_frame(&mut b, &Msg::Ack1(5));
+        let first = b.len();
+        push_req_frame(&mut b, &hdr, &[7u8; 4096]);
+        push_frame(&mut b, &Msg::Ack2(4));
+        let mut out = Vec::new();
+        // No buffer: the ACK1 before the REQ is taken, the REQ and what
+        // follows it stay.
+        let p = parse_frames(&b, 1 << 20, &mut out, &mut |_| None).unwrap();
+        assert_eq!(
+            p,
+            Parsed {
+                used: first,
+                blocked: true
+            }
+        );
+        assert_eq!(out, vec![Msg::Ack1(5)]);
+        // A buffer from a pool: the payload is copied into it once.
+        let pool = volume::IoBufPool::new(1 << 20, 64 << 10);
+        let mut copied = 0;
+        let p = parse_frames(&b[first..], 1 << 20, &mut out, &mut |n| {
+            copied += n;
+            pool.get(n)
+        })
+        .unwrap();
+        assert_eq!(p.used, b.len() - first);
+        assert!(!p.blocked);
+        assert_eq!(copied, 4096);
+        match &out[1] {
+            Msg::Req { hdr: h, payload } => {
+                assert_eq!(*h, hdr);
+                assert!(payload.is_pooled());
+                assert_eq!(&payload[..], &[7u8; 4096][..]);
+            }
+            m => panic!("expected the REQ, got {m:?}"),
+        }
+        assert_eq!(out[2], Msg::Ack2(4));
     }
 
     #[test]

@@ -172,6 +172,41 @@ pub struct NodeStatus {
     pub uptime_seconds: f64,
     /// Resident set size of the process, bytes.
     pub rss_bytes: u64,
+    /// The node's buffer pool and the user-space copies of write payloads.
+    #[serde(default)]
+    pub buffers: BufferStats,
+}
+
+/// The node's buffer pool (`reactor.buffer_pool_mib`) and how often a
+/// write's payload was copied in user space by the engine.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BufferStats {
+    pub pool_bytes: u64,
+    /// Bytes of the pool's buffers handed out now.
+    pub pool_in_use_bytes: u64,
+    /// Requests that found the pool empty (back-pressure events: a
+    /// front-end or the link waited for a buffer).
+    pub pool_misses: u64,
+    /// The pool is registered with the disk's io_uring (fixed buffers).
+    pub pool_registered: bool,
+    /// Registrations that failed (then disk I/O uses plain buffers).
+    pub pool_registration_failures: u64,
+    /// Disk reads and writes issued as fixed-buffer operations.
+    pub fixed_disk_ops: u64,
+    /// Payload bytes of writes the engine copied in user space, where:
+    /// the link receive buffer into a pool buffer (backup), a ring
+    /// entry into a disk-write buffer (`Execute` of an entry the ring no
+    /// longer holds the buffer of), a ring entry into the link's transmit
+    /// buffer. The front-end's socket receive and the ring's own append
+    /// are not counted here (docs/performance.md lists them).
+    pub payload_copy_bytes: u64,
+    /// Of `payload_copy_bytes`: the link receive copies (the backup's
+    /// one copy), the ring-to-disk-buffer copies of `Execute`, and the
+    /// ring-to-transmit-buffer copies of the link (TCP without the
+    /// entry's buffer; fabric: always, into its staging ring).
+    pub link_receive_copy_bytes: u64,
+    pub execute_copy_bytes: u64,
+    pub link_send_copy_bytes: u64,
 }
 
 /// The stale mark a primary waits for before it completes writes without

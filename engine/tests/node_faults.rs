@@ -112,6 +112,7 @@ fn opts(dir: &Path, id: u32, ports: [u16; 2]) -> NodeOptions {
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,
+        buffer_pool_bytes: 16 << 20,
     }
 }
 
@@ -509,6 +510,88 @@ fn failed_primary_rejoins_as_backup_after_a_restart() {
     for &block in &rec.acked {
         let at = (block * BLOCK) as usize;
         assert_eq!(&a[at..at + BLOCK as usize], &data_of(block)[..]);
+    }
+}
+
+/// A healthy pair on files (io_uring, the pools registered): writes whose
+/// payloads come from the primary's pool (`Volume::alloc_buf`) reach both
+/// disks. The backup copies each payload exactly once from the link, the
+/// primary never from the link; every disk write that copied nothing was
+/// a fixed-buffer write; and once the ring hands its buffers out
+/// (`Log::payload_buf`), neither node copies anything more than that.
+#[test]
+fn payload_copies_on_a_mirrored_pair() {
+    let p = start_pair("copies", Disks::Files);
+    let vol = &p.nodes[0].volume;
+    const WRITES: u64 = 256;
+    for block in 0..WRITES {
+        let mut buf = vol.alloc_buf(BLOCK as usize).expect("the pool has room");
+        assert!(buf.is_pooled(), "alloc_buf gave a heap buffer");
+        buf.copy_from_slice(&data_of(block));
+        let w = submit_wait(
+            &**vol,
+            VolumeOp::Write {
+                offset: block * BLOCK,
+                data: buf,
+                fua: false,
+            },
+        );
+        assert!(w.is_ok(), "write {block}: {w:?}");
+    }
+    // Each status is one snapshot (published every 100 ms): counters and
+    // watermarks agree within it. Wait for one of the primary's that has
+    // every write, then for both nodes to have executed its head.
+    wait("both nodes to execute every write", 30, || {
+        let s1 = p.nodes[0].control.status();
+        s1.io.writes >= WRITES
+            && p.nodes
+                .iter()
+                .all(|n| n.control.status().executed_seq >= s1.head_seq)
+    });
+    let (s1, s2) = (p.nodes[0].control.status(), p.nodes[1].control.status());
+    let written = WRITES * BLOCK;
+    for (who, s) in [("primary", &s1), ("backup", &s2)] {
+        let b = &s.buffers;
+        eprintln!("{who}: {b:?}");
+        assert!(b.pool_registered, "{who}: pool not registered");
+        // The pool rounds its classes down to whole buffers.
+        let want = p.opts[0].buffer_pool_bytes as u64;
+        assert!(b.pool_bytes > want * 9 / 10 && b.pool_bytes <= want);
+        assert_eq!(
+            b.payload_copy_bytes,
+            b.link_receive_copy_bytes + b.execute_copy_bytes + b.link_send_copy_bytes
+        );
+        // Each write's execute either copied its payload or wrote the
+        // pool buffer as a fixed buffer.
+        assert!(
+            b.execute_copy_bytes / BLOCK + b.fixed_disk_ops >= WRITES,
+            "{who}: {b:?}"
+        );
+        assert!(b.execute_copy_bytes <= written, "{who}: {b:?}");
+    }
+    let (b1, b2) = (&s1.buffers, &s2.buffers);
+    assert_eq!(b1.link_receive_copy_bytes, 0);
+    assert_eq!(
+        b2.link_receive_copy_bytes, written,
+        "one link copy per byte"
+    );
+    assert_eq!(b2.link_send_copy_bytes, 0, "the backup sends no REQs");
+    assert!(b1.link_send_copy_bytes <= written);
+    if b1.execute_copy_bytes == 0 && b1.link_send_copy_bytes == 0 {
+        // The ring kept the buffers: no copy at all on the primary beyond
+        // the front-end's socket receive, one on the backup.
+        assert_eq!(b2.payload_copy_bytes, written);
+    }
+    drop(s1);
+    let mut nodes = p.nodes;
+    nodes.pop().unwrap().shutdown();
+    nodes.pop().unwrap().shutdown();
+    let a = std::fs::read(&p.opts[0].volume_path).unwrap();
+    let b = std::fs::read(&p.opts[1].volume_path).unwrap();
+    for block in 0..WRITES {
+        let at = (block * BLOCK) as usize;
+        assert_eq!(&a[at..at + BLOCK as usize], &data_of(block)[..], "primary");
+        assert_eq!(&b[at..at + BLOCK as usize], &data_of(block)[..], "backup");
     }
 }
 

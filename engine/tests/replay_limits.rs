@@ -58,6 +58,7 @@ fn opts(dir: &Path, id: u32, port: u16, floor: u64) -> NodeOptions {
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,
+        buffer_pool_bytes: 16 << 20,
     }
 }
 

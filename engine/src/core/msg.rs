@@ -360,7 +360,21 @@ impl Msg {
         }
     }
 
+    /// Decodes one message body, a REQ's payload into a heap buffer.
     pub fn decode(b: &[u8]) -> Result<Msg, DecodeError> {
+        Self::decode_with(b, &mut |n| Some(IoBuf::new(n)))?
+            .ok_or(DecodeError("no buffer for the payload"))
+    }
+
+    /// Decodes one message body; a REQ's payload is copied into the
+    /// buffer `alloc(len)` gives (`len` bytes, e.g. from the node's pool;
+    /// an empty payload asks for none). `Ok(None)` when `alloc` had no
+    /// buffer: nothing was consumed, the caller keeps the frame and tries
+    /// again later.
+    pub fn decode_with(
+        b: &[u8],
+        alloc: &mut dyn FnMut(usize) -> Option<IoBuf>,
+    ) -> Result<Option<Msg>, DecodeError> {
         let mut r = R { b, p: 0 };
         let m = match r.u8()? {
             1 => {
@@ -424,10 +438,26 @@ impl Msg {
                 if !ok {
                     return Err(DecodeError("payload length does not match the request"));
                 }
-                Msg::Req {
-                    hdr,
-                    payload: IoBuf::from_slice(payload).share(),
+                if r.p != b.len() {
+                    return Err(DecodeError("trailing bytes"));
                 }
+                let buf = if payload.is_empty() {
+                    IoBuf::empty()
+                } else {
+                    let Some(mut buf) = alloc(payload.len()) else {
+                        return Ok(None);
+                    };
+                    if buf.capacity() < payload.len() {
+                        return Err(DecodeError("the allocator gave a buffer too small"));
+                    }
+                    buf.set_len(payload.len());
+                    buf.copy_from_slice(payload);
+                    buf
+                };
+                return Ok(Some(Msg::Req {
+                    hdr,
+                    payload: buf.share(),
+                }));
             }
             4 => Msg::Ack1(r.u64()?),
             5 => Msg::Ack2(r.u64()?),
@@ -497,7 +527,7 @@ impl Msg {
         if r.p != b.len() {
             return Err(DecodeError("trailing bytes"));
         }
-        Ok(m)
+        Ok(Some(m))
     }
 }
 

@@ -25,6 +25,7 @@ use super::{parse_frames, push_frame, push_req_frame, Transport, FRAME_HEADER_BY
 use crate::core::msg::Msg;
 use crate::core::ReqHeader;
 use crate::sys::random_bytes;
+use volume::IoBuf;
 
 const FABRIC_MAGIC: &[u8; 8] = b"DMFAB001";
 
@@ -156,7 +157,14 @@ impl Transport for FabricLink {
         push_req_frame(&mut self.tx, hdr, payload);
     }
 
-    fn recv(&mut self, out: &mut Vec<Msg>) -> Result<u64, String> {
+    /// A landing-ring record is taken whole: a REQ whose payload finds no
+    /// buffer in `alloc` gets a heap one (the fabric has no back-pressure
+    /// through its ring short of not reading it).
+    fn recv(
+        &mut self,
+        out: &mut Vec<Msg>,
+        alloc: &mut dyn FnMut(usize) -> Option<IoBuf>,
+    ) -> Result<u64, String> {
         let mut bytes = 0u64;
         let mut bad = None;
         let max = self.max_frame;
@@ -165,8 +173,9 @@ impl Transport for FabricLink {
             if bad.is_some() {
                 return;
             }
-            match parse_frames(rec, max, out) {
-                Ok(used) if used == rec.len() => {}
+            let mut alloc = |n| alloc(n).or_else(|| Some(IoBuf::new(n)));
+            match parse_frames(rec, max, out, &mut alloc) {
+                Ok(p) if p.used == rec.len() => {}
                 Ok(_) => bad = Some("a fabric record ends inside a frame".to_string()),
                 Err(e) => bad = Some(e.to_string()),
             }

@@ -38,7 +38,8 @@ use storage::meta::MetaStore;
 use storage::ring::{RecordHeader, Ring};
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{
-    Completion, Geometry, IoError, PathCell, PathState, Volume, VolumeIdentity, VolumeOp,
+    Completion, Geometry, IoBuf, IoBufPool, IoError, PathCell, PathState, Volume, VolumeIdentity,
+    VolumeOp,
 };
 
 use crate::core::verify::VerifyState;
@@ -94,6 +95,10 @@ pub struct NodeOptions {
     pub queue_depth: u32,
     pub max_io_bytes: u32,
     pub max_message_bytes: usize,
+    /// Bytes of the node's buffer pool (`reactor.buffer_pool_mib`): the
+    /// block-aligned buffers write payloads are received into, registered
+    /// once with the backend's io_uring.
+    pub buffer_pool_bytes: usize,
 }
 
 /// Where the ring lives when `ring.path` is not set.
@@ -130,6 +135,9 @@ struct Shared {
     /// A connection reactor handed over for the reactor thread to drive.
     hosted: Mutex<Option<netreactor::Hosted>>,
     hosted_new: AtomicBool,
+    /// The node's buffer pool: what [`Volume::alloc_buf`] hands out, what
+    /// the backup receives REQ payloads into, registered with the backend.
+    pool: IoBufPool,
 }
 
 #[derive(Debug)]
@@ -259,6 +267,7 @@ impl Node {
             state: state::SharedState::mirrored(initial_state, state_room),
             hosted: Mutex::new(None),
             hosted_new: AtomicBool::new(false),
+            pool: IoBufPool::new(opts.buffer_pool_bytes, opts.max_io_bytes as usize),
         });
         let link = LinkManager::start(
             opts.link.clone(),
@@ -351,6 +360,7 @@ impl Node {
             state: state::SharedState::standalone(&opts.data_dir)?,
             hosted: Mutex::new(None),
             hosted_new: AtomicBool::new(false),
+            pool: IoBufPool::new(opts.buffer_pool_bytes, opts.max_io_bytes as usize),
         });
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
@@ -402,6 +412,26 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Registers the node's pool with its backend's kernel queue; a failure is
+/// logged once and leaves I/O on plain (unregistered) buffers. Returns
+/// whether the pool is registered and how many registrations failed.
+fn register_pool(backend: &mut impl Backend, pool: &IoBufPool) -> (bool, u64) {
+    match backend.register_pool(pool) {
+        Ok(true) => {
+            log::info!(
+                "buffer pool of {} bytes registered with the disk's io_uring (fixed-buffer I/O)",
+                pool.total_bytes()
+            );
+            (true, 0)
+        }
+        Ok(false) => (false, 0),
+        Err(e) => {
+            log::warn!("{e}; disk I/O uses plain writes and reads");
+            (false, 1)
+        }
     }
 }
 

@@ -80,6 +80,16 @@ impl Volume for NodeVolume {
         }
         self.wake();
     }
+    /// A buffer from the node's pool; `None` when the pool has none free
+    /// (the front-end retries on its next poll). A request larger than the
+    /// pool's largest buffer gets a heap buffer, so `submit` refuses it
+    /// with `TooLarge` instead of the front-end waiting for ever.
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        if len > self.shared.pool.max_buf() {
+            return Some(IoBuf::new(len));
+        }
+        self.shared.pool.get(len)
+    }
     fn persistent_state(&self) -> Option<Vec<u8>> {
         self.shared.state.get()
     }

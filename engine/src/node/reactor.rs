@@ -89,6 +89,11 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) peer_refused: Option<String>,
     /// The node failed and left the replication link ([`Reactor::leave_link`]).
     pub(super) link_left: bool,
+    /// The node's pool is registered with the backend (fixed buffers).
+    pub(super) pool_registered: bool,
+    pub(super) pool_reg_failures: u64,
+    /// Payload bytes of writes copied in user space (`BufferStats`).
+    pub(super) copies: Copies,
 }
 
 impl<B: Backend> Reactor<B> {
@@ -96,12 +101,13 @@ impl<B: Backend> Reactor<B> {
         opts: NodeOptions,
         shared: Arc<Shared>,
         core: Core<RingLog>,
-        backend: B,
+        mut backend: B,
         store: MetaStore,
         link: LinkManager,
         start: Instant,
     ) -> Self {
         let meta = MetaWriter::start(store, shared.clone());
+        let (pool_registered, pool_reg_failures) = register_pool(&mut backend, &shared.pool);
         Reactor {
             opts,
             shared,
@@ -135,6 +141,9 @@ impl<B: Backend> Reactor<B> {
             bytes_received: 0,
             peer_refused: None,
             link_left: false,
+            pool_registered,
+            pool_reg_failures,
+            copies: Copies::default(),
         }
     }
 
@@ -322,7 +331,7 @@ impl<B: Backend> Reactor<B> {
                         start,
                         is_write: false,
                     });
-                    let buf = AlignedBuf::new(len as usize);
+                    let buf = read_buf(&self.shared.pool, len as usize);
                     self.submit(Inflight::HostRead(id), BackendOp::Read { offset, buf });
                 }
                 VolumeOp::Write { offset, data, fua } => {
@@ -530,8 +539,18 @@ impl<B: Backend> Reactor<B> {
             }
             Action::SendEntry(seq) => {
                 if let Some(c) = self.conn.as_mut() {
-                    if let Some((h, p)) = self.core.log().get(seq) {
-                        c.send_req(&h, p);
+                    let log = self.core.log();
+                    if let Some((h, p)) = log.get(seq) {
+                        // From the buffer the payload arrived in when the
+                        // ring still holds it; else from the ring's copy.
+                        let copied = match log.payload_buf(seq) {
+                            Some(b) if b.len() == p.len() => c.send_req_buf(&h, b),
+                            _ => {
+                                c.send_req(&h, p);
+                                p.len()
+                            }
+                        };
+                        self.copies.link_send += copied as u64;
                         self.msgs_sent += 1;
                     }
                 }
@@ -542,49 +561,26 @@ impl<B: Backend> Reactor<B> {
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
-                let Some((h, p)) = self.core.log().get(seq) else {
-                    log::error!("execute of seq {seq} missing from the ring");
-                    self.core
-                        .fatal(format!("seq {seq} to execute is missing from the ring"));
-                    return;
-                };
-                let op = match h.kind {
-                    ReqKind::Write => BackendOp::Write {
-                        offset: h.offset,
-                        buf: AlignedBuf::from_slice(p),
-                        fua: h.fua,
-                    },
-                    ReqKind::WriteZeroes => BackendOp::WriteZeroes {
-                        offset: h.offset,
-                        len: h.len,
-                    },
-                    // BLKDISCARD does not promise zeroes: both disks must read
-                    // the same, so block devices zero the range instead.
-                    ReqKind::Discard if !self.backend.discard_reads_zeroes() => {
-                        BackendOp::WriteZeroes {
-                            offset: h.offset,
-                            len: h.len,
-                        }
+                let zeroes = self.backend.discard_reads_zeroes();
+                match exec_op(self.core.log(), seq, zeroes, &self.shared.pool) {
+                    Ok((op, copied)) => {
+                        self.copies.execute += copied;
+                        self.submit(Inflight::Exec(seq), op);
                     }
-                    ReqKind::Discard => BackendOp::Discard {
-                        offset: h.offset,
-                        len: h.len,
-                    },
-                    ReqKind::State => {
-                        // The core executes State entries itself (metadata).
-                        self.core
-                            .fatal(format!("seq {seq}: a state entry sent to the disk"));
-                        return;
+                    Err(e) => {
+                        log::error!("{e}");
+                        self.core.fatal(e);
                     }
-                };
-                self.submit(Inflight::Exec(seq), op);
+                }
             }
             Action::WriteExtent {
                 token,
                 offset,
                 data,
             } => {
-                let buf = AlignedBuf::from_slice(&data);
+                // A pool buffer when one is free: a fixed-buffer write.
+                let mut buf = read_buf(&self.shared.pool, data.len());
+                buf.copy_from_slice(&data);
                 self.submit(
                     Inflight::ExtentWrite(token),
                     BackendOp::Write {
@@ -595,7 +591,7 @@ impl<B: Backend> Reactor<B> {
                 );
             }
             Action::ReadExtent { token, offset, len } => {
-                let buf = AlignedBuf::new(len as usize);
+                let buf = read_buf(&self.shared.pool, len as usize);
                 self.submit(
                     Inflight::ExtentRead { token, offset },
                     BackendOp::Read { offset, buf },
@@ -769,7 +765,244 @@ impl<B: Backend> Reactor<B> {
                 + self.link.counters.fabric_refused.load(Ordering::Relaxed),
             uptime_seconds: now as f64 / 1000.0,
             rss_bytes: 0,
+            buffers: buffer_stats(
+                &self.shared.pool,
+                (self.pool_registered, self.pool_reg_failures),
+                &self.backend,
+                self.copies,
+            ),
         };
         *self.shared.status.lock().unwrap() = st;
+    }
+}
+
+/// The disk operation that executes ring entry `seq`, and the payload
+/// bytes copied for it. A write goes to the disk from the buffer its
+/// payload arrived in (`Log::payload_buf`: a fixed-buffer write when that
+/// buffer is in the registered pool), with no copy; only an entry the log
+/// no longer holds the buffer of (older, replayed) is copied out of the
+/// ring, into a pool buffer when one is free (a fixed-buffer write still).
+/// `discard_reads_zeroes`: the backend's [`Backend::discard_reads_zeroes`].
+pub(super) fn exec_op<L: Log>(
+    log: &L,
+    seq: Seq,
+    discard_reads_zeroes: bool,
+    pool: &IoBufPool,
+) -> Result<(BackendOp, u64), String> {
+    let Some((h, p)) = log.get(seq) else {
+        return Err(format!("seq {seq} to execute is missing from the ring"));
+    };
+    let op = match h.kind {
+        ReqKind::Write => match log.payload_buf(seq) {
+            Some(buf) if buf.len() == p.len() => BackendOp::WriteShared {
+                offset: h.offset,
+                buf,
+                fua: h.fua,
+            },
+            _ => {
+                let mut buf = read_buf(pool, p.len());
+                buf.copy_from_slice(p);
+                return Ok((
+                    BackendOp::Write {
+                        offset: h.offset,
+                        buf,
+                        fua: h.fua,
+                    },
+                    p.len() as u64,
+                ));
+            }
+        },
+        ReqKind::WriteZeroes => BackendOp::WriteZeroes {
+            offset: h.offset,
+            len: h.len,
+        },
+        // BLKDISCARD does not promise zeroes: both disks must read the
+        // same, so block devices zero the range instead.
+        ReqKind::Discard if !discard_reads_zeroes => BackendOp::WriteZeroes {
+            offset: h.offset,
+            len: h.len,
+        },
+        ReqKind::Discard => BackendOp::Discard {
+            offset: h.offset,
+            len: h.len,
+        },
+        // The core executes State entries itself (metadata).
+        ReqKind::State => return Err(format!("seq {seq}: a state entry sent to the disk")),
+    };
+    Ok((op, 0))
+}
+
+/// A buffer of `len` bytes for a host read or a disk write's copy: from
+/// the pool (fixed-buffer I/O; a read's buffer is what the front-end sends
+/// from), from the heap when the pool has none free (it never waits).
+pub(super) fn read_buf(pool: &IoBufPool, len: usize) -> AlignedBuf {
+    if len <= pool.max_buf() {
+        if let Some(b) = pool.try_get(len) {
+            return b;
+        }
+    }
+    AlignedBuf::new(len)
+}
+
+/// The status's view of the node's buffers.
+pub(super) fn buffer_stats(
+    pool: &IoBufPool,
+    (registered, registration_failures): (bool, u64),
+    backend: &impl Backend,
+    c: Copies,
+) -> crate::status::BufferStats {
+    crate::status::BufferStats {
+        pool_bytes: pool.total_bytes() as u64,
+        pool_in_use_bytes: pool.in_use_bytes() as u64,
+        pool_misses: pool.misses() as u64,
+        pool_registered: registered,
+        pool_registration_failures: registration_failures,
+        fixed_disk_ops: backend.fixed_ops(),
+        payload_copy_bytes: c.link_receive + c.execute + c.link_send,
+        link_receive_copy_bytes: c.link_receive,
+        execute_copy_bytes: c.execute,
+        link_send_copy_bytes: c.link_send,
+    }
+}
+
+/// Payload bytes of writes the reactor copied, by where.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Copies {
+    pub(super) link_receive: u64,
+    pub(super) execute: u64,
+    pub(super) link_send: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volume::SharedBuf;
+
+    /// A log that holds each entry's buffer, or (`keeps_bufs` false) only
+    /// a copy of its bytes, like a ring that no longer has the buffer.
+    struct BufLog {
+        entries: Vec<(ReqHeader, SharedBuf)>,
+        keeps_bufs: bool,
+    }
+
+    impl Log for BufLog {
+        type Flush = ();
+        fn first_seq(&self) -> Seq {
+            1
+        }
+        fn next_seq(&self) -> Seq {
+            self.entries.len() as Seq + 1
+        }
+        fn fits(&self, _: usize) -> bool {
+            true
+        }
+        fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
+            self.entries.push((*h, payload));
+            true
+        }
+        fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
+            let (h, p) = self.entries.get(seq.checked_sub(1)? as usize)?;
+            Some((*h, &p[..]))
+        }
+        fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
+            let (_, p) = self.entries.get(seq.checked_sub(1)? as usize)?;
+            self.keeps_bufs.then(|| p.clone())
+        }
+        fn trim_through(&mut self, _: Seq) {}
+        fn truncate_after(&mut self, _: Seq) {}
+        fn reset(&mut self, _: Seq) {}
+        fn payload_bytes(&self) -> u64 {
+            0
+        }
+        fn capacity_bytes(&self) -> u64 {
+            u64::MAX
+        }
+        fn begin_flush(&mut self) -> (Seq, ()) {
+            (self.next_seq() - 1, ())
+        }
+        fn flush_completed(&mut self, _: Seq) {}
+        fn flush_failed(&mut self, _: Seq, _: String) {}
+        fn failure(&self) -> Option<&str> {
+            None
+        }
+        fn flush_now(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn write_hdr(seq: Seq, offset: u64, len: u64) -> ReqHeader {
+        ReqHeader {
+            seq,
+            gen: 1,
+            kind: ReqKind::Write,
+            fua: false,
+            offset,
+            len,
+        }
+    }
+
+    /// Execute writes the disk from the buffer the payload arrived in when
+    /// the log holds it (same bytes in memory, a pooled buffer, nothing
+    /// copied); from a copy of the ring's bytes only when it does not.
+    #[test]
+    fn execute_writes_from_the_payload_buffer_the_log_holds() {
+        let pool = IoBufPool::new(1 << 20, 64 << 10);
+        for keeps_bufs in [true, false] {
+            let mut log = BufLog {
+                entries: Vec::new(),
+                keeps_bufs,
+            };
+            let mut b = pool.get(8192).unwrap();
+            b.fill(0x5a);
+            let shared = b.share();
+            let ptr = shared.as_ptr();
+            log.append(&write_hdr(1, 4096, 8192), shared);
+            let mut disk = storage::backend::MemBackend::new(1 << 20, 4096, 4);
+            let (op, copied) = exec_op(&log, 1, true, &pool).unwrap();
+            match &op {
+                BackendOp::WriteShared { offset, buf, .. } => {
+                    assert!(keeps_bufs, "a shared write without the log's buffer");
+                    assert_eq!(*offset, 4096);
+                    assert_eq!(buf.as_ptr(), ptr, "not the payload's own buffer");
+                    assert!(buf.is_pooled());
+                    assert_eq!(copied, 0);
+                }
+                BackendOp::Write { buf, .. } => {
+                    assert!(!keeps_bufs, "copied although the log holds the buffer");
+                    assert_ne!(buf.as_ptr(), ptr);
+                    assert!(buf.is_pooled(), "the copy goes to a pool buffer");
+                    assert_eq!(copied, 8192);
+                }
+                other => panic!("unexpected op {other:?}"),
+            }
+            disk.submit(1, op).unwrap();
+            let mut done: Vec<BackendCompletion> = Vec::new();
+            disk.reap(&mut done);
+            assert_eq!(done[0].result, Ok(8192));
+            // A shared write hands no buffer back; a plain one its own.
+            assert_eq!(done[0].buf.is_some(), !keeps_bufs);
+            drop(done);
+            assert_eq!(&disk.contents()[4096..4096 + 8192], &[0x5a; 8192][..]);
+            assert_eq!(disk.shared_writes(), (keeps_bufs as u64, keeps_bufs as u64));
+        }
+        // The write's buffer went back to the pool with the log and the op.
+        assert_eq!(pool.in_use_bytes(), 0);
+        // A missing entry and a state entry are refused, not guessed at.
+        let log = BufLog {
+            entries: vec![(
+                ReqHeader {
+                    kind: ReqKind::State,
+                    ..write_hdr(1, 0, 0)
+                },
+                IoBuf::empty().share(),
+            )],
+            keeps_bufs: true,
+        };
+        assert!(exec_op(&log, 2, true, &pool)
+            .unwrap_err()
+            .contains("missing"));
+        assert!(exec_op(&log, 1, true, &pool)
+            .unwrap_err()
+            .contains("state entry"));
     }
 }

@@ -19,7 +19,9 @@ use hdrhistogram::Histogram;
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use volume::{Completion, IoError, PathState, VolumeOp};
 
-use super::{poll_loop, sleep_on, Command, HostOp, NodeOptions, Overflow, Polled, Shared};
+use super::{
+    poll_loop, register_pool, sleep_on, Command, HostOp, NodeOptions, Overflow, Polled, Shared,
+};
 use crate::status::{IoStats, Latency, NodeStatus};
 use crate::sys::now_ms;
 
@@ -90,10 +92,15 @@ pub(super) struct Standalone<B: Backend> {
     io: IoStats,
     start: Instant,
     last_status_ms: u64,
+    /// (the pool is registered with the backend, registrations failed)
+    pool_registered: (bool, u64),
 }
 
 impl<B: Backend> Standalone<B> {
-    pub(super) fn new(opts: NodeOptions, shared: Arc<Shared>, backend: B) -> Self {
+    pub(super) fn new(opts: NodeOptions, shared: Arc<Shared>, mut backend: B) -> Self {
+        // Writes go to the disk from the front-end's pool buffer, reads
+        // fill one: fixed-buffer I/O once the pool is registered.
+        let pool_registered = register_pool(&mut backend, &shared.pool);
         let hist = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         Standalone {
             opts,
@@ -109,6 +116,7 @@ impl<B: Backend> Standalone<B> {
             io: IoStats::default(),
             start: Instant::now(),
             last_status_ms: 0,
+            pool_registered,
         }
     }
 
@@ -194,7 +202,7 @@ impl<B: Backend> Standalone<B> {
                     0,
                     BackendOp::Read {
                         offset,
-                        buf: AlignedBuf::new(len as usize),
+                        buf: super::reactor::read_buf(&self.shared.pool, len as usize),
                     },
                 ),
                 // The payload's buffer is the disk write's: no copy.
@@ -309,6 +317,14 @@ impl<B: Backend> Standalone<B> {
             peer_state: "none".into(),
             io,
             uptime_seconds: now as f64 / 1000.0,
+            // The standalone node copies no payload: the front-end's
+            // buffer is the disk write's.
+            buffers: super::reactor::buffer_stats(
+                &self.shared.pool,
+                self.pool_registered,
+                &self.backend,
+                super::reactor::Copies::default(),
+            ),
             ..NodeStatus::default()
         };
         *self.shared.status.lock().unwrap() = st;

@@ -234,6 +234,77 @@ fn uring_sync_fd_and_drop_with_operations_in_flight() {
     drop(b);
 }
 
+/// A registered pool: writes and reads of its buffers are fixed-buffer
+/// operations (counted), others plain; a `WriteShared` keeps its buffer
+/// until reaped and hands none back; the pool outlives the backend's use.
+#[test]
+fn uring_fixed_buffers_from_a_registered_pool() {
+    let dir = TempDir::new("uring-fixed");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let mut b = UringBackend::open(&path, &UringConfig::default()).unwrap();
+    let pool = volume::IoBufPool::new(4 << 20, 64 << 10);
+    assert_eq!(b.fixed_ops(), 0);
+    // Root (CAP_IPC_LOCK) or a memlock limit above 4 MiB: registration works.
+    assert_eq!(b.register_pool(&pool), Ok(true));
+    assert!(b.register_pool(&pool).is_err(), "registered twice");
+    let mut buf = pool.get(8192).unwrap();
+    buf.copy_from_slice(&pattern(8192, 3));
+    let shared = buf.share();
+    let keep = shared.clone();
+    let c = run(
+        &mut b,
+        1,
+        BackendOp::WriteShared {
+            offset: 4096,
+            buf: shared,
+            fua: false,
+        },
+    );
+    assert_eq!(c.result, Ok(8192));
+    assert!(c.buf.is_none());
+    assert_eq!(b.fixed_ops(), 1);
+    // The op let its clone go: ours is the only one left.
+    let buf = keep
+        .try_unwrap()
+        .expect("the backend still holds the buffer");
+    drop(buf);
+    assert_eq!(pool.in_use_bytes(), 0);
+    // A fixed read of a pool buffer, then a plain read of a heap one.
+    let c = run(
+        &mut b,
+        2,
+        BackendOp::Read {
+            offset: 4096,
+            buf: pool.get(8192).unwrap(),
+        },
+    );
+    assert_eq!(c.result, Ok(8192));
+    assert_eq!(c.buf.unwrap()[..], pattern(8192, 3)[..]);
+    assert_eq!(b.fixed_ops(), 2);
+    assert_eq!(read(&mut b, 4096, 8192).unwrap(), pattern(8192, 3));
+    assert_eq!(write(&mut b, 0, &pattern(4096, 5), false), Ok(4096));
+    assert_eq!(b.fixed_ops(), 2);
+    // A shared heap buffer is a plain write.
+    let c = run(
+        &mut b,
+        3,
+        BackendOp::WriteShared {
+            offset: 0,
+            buf: AlignedBuf::from_slice(&pattern(4096, 6)).share(),
+            fua: true,
+        },
+    );
+    assert_eq!(c.result, Ok(4096));
+    assert_eq!(b.fixed_ops(), 2);
+    assert_eq!(read(&mut b, 0, 4096).unwrap(), pattern(4096, 6));
+    // A memory backend has nothing to register.
+    assert_eq!(
+        MemBackend::new(DEV_BYTES, 4096, 8).register_pool(&pool),
+        Ok(false)
+    );
+}
+
 /// Whether the filesystem holding `path` accepts O_DIRECT, asked of the
 /// kernel with open(2) itself, independently of the backend.
 fn accepts_o_direct(path: &std::path::Path) -> bool {

@@ -386,6 +386,16 @@ impl IoBufPool {
     /// `len` exceeds the largest class. Its bytes are whatever an earlier
     /// user left.
     pub fn get(&self, len: usize) -> Option<IoBuf> {
+        let b = self.try_get(len);
+        if b.is_none() {
+            self.shared.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// [`IoBufPool::get`] for a caller that does not wait when the pool is
+    /// empty (it takes a heap buffer instead): not counted as a miss.
+    pub fn try_get(&self, len: usize) -> Option<IoBuf> {
         let s = &self.shared;
         for (i, c) in s.classes.iter().enumerate() {
             if c.size < len {
@@ -407,7 +417,6 @@ impl IoBufPool {
                 });
             }
         }
-        s.misses.fetch_add(1, Ordering::Relaxed);
         None
     }
 
@@ -499,6 +508,9 @@ mod tests {
         assert_eq!(pool.in_use_bytes(), pool.total_bytes());
         assert!(pool.get(1).is_none());
         assert!(pool.get(2 << 20).is_none());
+        assert_eq!(pool.misses(), 3);
+        // A caller with a fallback (`try_get`) is not a miss.
+        assert!(pool.try_get(4096).is_none());
         assert_eq!(pool.misses(), 3);
         let n = held.len();
         let shared: Vec<SharedBuf> = held.into_iter().map(IoBuf::share).collect();

@@ -38,7 +38,28 @@ impl<B: Backend> Reactor<B> {
             return false;
         };
         self.msgs.clear();
-        match c.recv(&mut self.msgs) {
+        // A REQ's payload is copied once, from the link's receive buffer
+        // into a buffer of the node's pool: the buffer the ring keeps and
+        // the disk write uses. No free buffer: the frame waits (see
+        // `Transport::recv`). A payload larger than the pool's largest
+        // buffer (a peer with a larger reactor.max_io_bytes) gets a heap
+        // buffer.
+        let pool = &self.shared.pool;
+        let mut copied = 0u64;
+        let mut alloc = |n: usize| {
+            let b = if n > pool.max_buf() {
+                Some(IoBuf::new(n))
+            } else {
+                pool.get(n)
+            };
+            if b.is_some() {
+                copied += n as u64;
+            }
+            b
+        };
+        let r = c.recv(&mut self.msgs, &mut alloc);
+        self.copies.link_receive += copied;
+        match r {
             Ok(0) if self.msgs.is_empty() => return false,
             Ok(n) => self.bytes_received += n,
             Err(e) => {

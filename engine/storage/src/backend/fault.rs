@@ -247,4 +247,12 @@ impl<B: Backend> Backend for FaultBackend<B> {
     fn take_fired(&mut self, fd: RawFd) -> bool {
         self.inner.take_fired(fd)
     }
+
+    fn register_pool(&mut self, pool: &volume::IoBufPool) -> Result<bool, String> {
+        self.inner.register_pool(pool)
+    }
+
+    fn fixed_ops(&self) -> u64 {
+        self.inner.fixed_ops()
+    }
 }

@@ -10,6 +10,10 @@ pub struct MemBackend {
     block_size: u32,
     queue_depth: usize,
     done: VecDeque<BackendCompletion>,
+    /// `WriteShared` operations executed, and those of them whose buffer
+    /// came from a pool (for tests of the zero-copy path).
+    shared_writes: u64,
+    pooled_writes: u64,
 }
 
 impl MemBackend {
@@ -30,7 +34,14 @@ impl MemBackend {
             block_size,
             queue_depth,
             done: VecDeque::with_capacity(queue_depth),
+            shared_writes: 0,
+            pooled_writes: 0,
         }
+    }
+
+    /// `(WriteShared operations, those with a pooled buffer)` so far.
+    pub fn shared_writes(&self) -> (u64, u64) {
+        (self.shared_writes, self.pooled_writes)
     }
 
     /// The device contents, for checks in tests.
@@ -51,6 +62,15 @@ impl MemBackend {
             BackendOp::Write { offset, buf, .. } => {
                 let start = *offset as usize;
                 self.data[start..start + buf.len()].copy_from_slice(buf.as_slice());
+                Ok(buf.len() as u32)
+            }
+            BackendOp::WriteShared { offset, buf, .. } => {
+                let start = *offset as usize;
+                self.data[start..start + buf.len()].copy_from_slice(buf);
+                self.shared_writes += 1;
+                if buf.is_pooled() {
+                    self.pooled_writes += 1;
+                }
                 Ok(buf.len() as u32)
             }
             BackendOp::Discard { offset, len } | BackendOp::WriteZeroes { offset, len } => {

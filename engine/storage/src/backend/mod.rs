@@ -35,6 +35,8 @@ pub use uring::{create_file_device, UringBackend, UringConfig};
 
 use std::os::unix::io::RawFd;
 
+use volume::{IoBufPool, SharedBuf};
+
 /// One backend operation. Offsets and lengths are bytes, aligned to
 /// [`Backend::block_size`].
 #[derive(Debug)]
@@ -46,6 +48,16 @@ pub enum BackendOp {
     Write {
         offset: u64,
         buf: AlignedBuf,
+        fua: bool,
+    },
+    /// Writes a buffer others share too (a payload the ring and the link
+    /// also hold): the operation keeps its clone until the completion is
+    /// reaped, and the completion hands no buffer back. A backend with a
+    /// registered pool ([`Backend::register_pool`]) writes it as a fixed
+    /// buffer when it lies in that pool.
+    WriteShared {
+        offset: u64,
+        buf: SharedBuf,
         fua: bool,
     },
     /// Make every completed write durable (fdatasync / NVMe flush).
@@ -127,6 +139,20 @@ pub trait Backend: Send {
         let _ = fd;
         false
     }
+    /// Registers `pool`'s region with the backend's kernel queue once, so
+    /// reads and writes of buffers inside it skip the per-request page
+    /// pinning (io_uring fixed buffers). `Ok(false)`: the backend has no
+    /// such queue (memory, nothing to do); `Err`: registration failed
+    /// (memlock limit, region too large) and I/O stays plain. The backend
+    /// keeps a handle on the pool, so the region outlives the registration.
+    fn register_pool(&mut self, pool: &IoBufPool) -> Result<bool, String> {
+        let _ = pool;
+        Ok(false)
+    }
+    /// Data transfers issued as fixed-buffer operations so far.
+    fn fixed_ops(&self) -> u64 {
+        0
+    }
 }
 
 impl BackendOp {
@@ -134,7 +160,10 @@ impl BackendOp {
     pub fn is_mutating(&self) -> bool {
         matches!(
             self,
-            BackendOp::Write { .. } | BackendOp::Discard { .. } | BackendOp::WriteZeroes { .. }
+            BackendOp::Write { .. }
+                | BackendOp::WriteShared { .. }
+                | BackendOp::Discard { .. }
+                | BackendOp::WriteZeroes { .. }
         )
     }
 
@@ -144,6 +173,7 @@ impl BackendOp {
             BackendOp::Read { offset, buf } | BackendOp::Write { offset, buf, .. } => {
                 Some((*offset, buf.len() as u64))
             }
+            BackendOp::WriteShared { offset, buf, .. } => Some((*offset, buf.len() as u64)),
             BackendOp::Discard { offset, len } | BackendOp::WriteZeroes { offset, len } => {
                 Some((*offset, *len))
             }
@@ -170,7 +200,11 @@ pub fn validate_op(op: &BackendOp, size_bytes: u64, block_size: u32) -> Result<(
     if offset % block != 0 || len % block != 0 {
         return Err(libc::EINVAL);
     }
-    if matches!(op, BackendOp::Read { .. } | BackendOp::Write { .. }) && len > u64::from(u32::MAX) {
+    if matches!(
+        op,
+        BackendOp::Read { .. } | BackendOp::Write { .. } | BackendOp::WriteShared { .. }
+    ) && len > u64::from(u32::MAX)
+    {
         return Err(libc::EINVAL);
     }
     match offset.checked_add(len) {

@@ -1,7 +1,10 @@
 //! io_uring backend for a regular file or a block device (raw NVMe
 //! namespaces included), opened with O_DIRECT.
 //!
-//! Reads, writes and flushes go through the ring. Discard and write-zeroes
+//! Reads, writes and flushes go through the ring. A node's buffer pool is
+//! registered with the ring once ([`Backend::register_pool`]): a read or
+//! write of a buffer inside it is a fixed-buffer operation (no page pinning
+//! per request). Discard and write-zeroes
 //! are synchronous system calls (fallocate or a block ioctl) whose results
 //! are queued and returned by the next [`Backend::reap`], like every other
 //! completion.
@@ -16,6 +19,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::time::Duration;
+use volume::{IoBufPool, SharedBuf};
 
 // Block-layer ioctls from <linux/fs.h> (generic encoding, as on x86_64 and
 // aarch64): BLKGETSIZE64 = _IOR(0x12, 114, size_t), BLKDISCARD = _IO(0x12, 119),
@@ -56,6 +60,8 @@ enum DeviceKind {
 struct InFlight {
     tag: u64,
     buf: Option<AlignedBuf>,
+    /// The clone of a shared buffer a `WriteShared` writes from.
+    shared: Option<SharedBuf>,
     /// Bytes a data transfer must move; `None` for flushes.
     transfer_len: Option<u32>,
 }
@@ -100,7 +106,14 @@ pub struct UringBackend {
     armed_polls: Vec<(RawFd, u32)>,
     /// Fds whose poll fired since [`Backend::take_fired`] last asked.
     fired_polls: Vec<RawFd>,
+    /// The pool registered as fixed buffer 0 (kept so its region outlives
+    /// the registration).
+    fixed_pool: Option<IoBufPool>,
+    fixed_ops: u64,
 }
+
+/// The largest buffer io_uring registers as one fixed buffer.
+pub const MAX_FIXED_BUFFER_BYTES: usize = 1 << 30;
 
 /// user_data of the poll entries [`Backend::wait`] arms: the top bit
 /// set (slot indices never reach it), the fd and the poll events below.
@@ -239,6 +252,8 @@ impl UringBackend {
             zero_buf: None,
             armed_polls: Vec::new(),
             fired_polls: Vec::new(),
+            fixed_pool: None,
+            fixed_ops: 0,
         })
     }
 
@@ -252,7 +267,39 @@ impl UringBackend {
         self.kind == DeviceKind::Block
     }
 
-    /// Queue an SQE for `op`, which must be Read, Write, Flush or SyncFd.
+    /// Whether `[ptr, ptr + len)` lies in the registered pool (fixed buffer 0).
+    fn is_fixed(&self, ptr: *const u8, len: u32) -> bool {
+        self.fixed_pool
+            .as_ref()
+            .is_some_and(|p| p.contains(ptr, len as usize))
+    }
+
+    /// The SQE of a write of `len` bytes at `ptr`: `WRITE_FIXED` when the
+    /// bytes lie in the registered pool, a plain `WRITE` otherwise.
+    fn write_entry(
+        &mut self,
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+        fua: bool,
+    ) -> io_uring::squeue::Entry {
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        if self.is_fixed(ptr, len) {
+            self.fixed_ops += 1;
+            own_fd!(self, fd => opcode::WriteFixed::new(fd, ptr, len, 0)
+                .offset(offset)
+                .rw_flags(flags)
+                .build())
+        } else {
+            own_fd!(self, fd => opcode::Write::new(fd, ptr, len)
+                .offset(offset)
+                .rw_flags(flags)
+                .build())
+        }
+    }
+
+    /// Queue an SQE for `op`, which must be Read, Write, WriteShared, Flush
+    /// or SyncFd.
     fn push_sqe(&mut self, tag: u64, op: BackendOp) -> Result<(), BackendOp> {
         if self.ring.submission().is_full() {
             self.flush_submissions();
@@ -268,14 +315,22 @@ impl UringBackend {
             BackendOp::Read { offset, mut buf } => {
                 let len = buf.len() as u32;
                 let ptr = buf.as_mut_ptr();
-                let e = own_fd!(self, fd => opcode::Read::new(fd, ptr, len)
-                    .offset(offset)
-                    .build());
+                let e = if self.is_fixed(ptr, len) {
+                    self.fixed_ops += 1;
+                    own_fd!(self, fd => opcode::ReadFixed::new(fd, ptr, len, 0)
+                        .offset(offset)
+                        .build())
+                } else {
+                    own_fd!(self, fd => opcode::Read::new(fd, ptr, len)
+                        .offset(offset)
+                        .build())
+                };
                 (
                     e,
                     InFlight {
                         tag,
                         buf: Some(buf),
+                        shared: None,
                         transfer_len: Some(len),
                     },
                 )
@@ -286,17 +341,27 @@ impl UringBackend {
                 fua,
             } => {
                 let len = buf.len() as u32;
-                let flags = if fua { libc::RWF_DSYNC } else { 0 };
                 let ptr = buf.as_mut_ptr();
-                let e = own_fd!(self, fd => opcode::Write::new(fd, ptr, len)
-                    .offset(offset)
-                    .rw_flags(flags)
-                    .build());
+                let e = self.write_entry(ptr, len, offset, fua);
                 (
                     e,
                     InFlight {
                         tag,
                         buf: Some(buf),
+                        shared: None,
+                        transfer_len: Some(len),
+                    },
+                )
+            }
+            BackendOp::WriteShared { offset, buf, fua } => {
+                let len = buf.len() as u32;
+                let e = self.write_entry(buf.as_ptr(), len, offset, fua);
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: None,
+                        shared: Some(buf),
                         transfer_len: Some(len),
                     },
                 )
@@ -310,6 +375,7 @@ impl UringBackend {
                     InFlight {
                         tag,
                         buf: None,
+                        shared: None,
                         transfer_len: None,
                     },
                 )
@@ -323,6 +389,7 @@ impl UringBackend {
                     InFlight {
                         tag,
                         buf: None,
+                        shared: None,
                         transfer_len: None,
                     },
                 )
@@ -332,7 +399,9 @@ impl UringBackend {
             }
         };
         let entry = entry.user_data(u64::from(slot));
-        // SAFETY: the buffer the entry points to is owned by `inflight`, which
+        // SAFETY: the buffer the entry points to is owned by `inflight` (an
+        // `AlignedBuf`, or a clone of the `SharedBuf` that keeps its bytes
+        // alive and unchanged: a shared buffer is read-only), which
         // lives in `self.slots` until the matching completion is reaped (and
         // Drop waits for every in-flight operation), so the kernel never sees
         // a dangling pointer. Our own fd lives as long as `self`; a SyncFd
@@ -618,6 +687,55 @@ impl Backend for UringBackend {
         true
     }
 
+    /// Registers the pool's region as fixed buffer 0 (one iovec; the kernel
+    /// takes at most 1 GiB in one, and pins the pages against
+    /// RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK).
+    fn register_pool(&mut self, pool: &IoBufPool) -> Result<bool, String> {
+        if self.fixed_pool.is_some() {
+            return Err("a buffer pool is already registered with this io_uring".into());
+        }
+        let (base, bytes) = pool.region();
+        if bytes > MAX_FIXED_BUFFER_BYTES {
+            return Err(format!(
+                "the buffer pool is {bytes} bytes; io_uring registers at most {MAX_FIXED_BUFFER_BYTES} in one buffer"
+            ));
+        }
+        let iov = libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: bytes,
+        };
+        // SAFETY: the iovec covers the pool's region, which stays allocated
+        // while any handle on the pool lives; `self.fixed_pool` keeps one
+        // until the ring (and with it the registration) is dropped, after
+        // every in-flight operation completed (Drop waits for them).
+        match unsafe { self.ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => {
+                self.fixed_pool = Some(pool.clone());
+                Ok(true)
+            }
+            Err(e) => {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit writes one rlimit into a live local.
+                let memlock = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0 {
+                    format!("RLIMIT_MEMLOCK {} bytes", limit.rlim_cur)
+                } else {
+                    "RLIMIT_MEMLOCK unknown".into()
+                };
+                Err(format!(
+                    "cannot register the {bytes}-byte buffer pool with the io_uring ({e}; {memlock}): \
+                     raise the memlock limit (ulimit -l, LimitMEMLOCK=) or lower reactor.buffer_pool_mib"
+                ))
+            }
+        }
+    }
+
+    fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
     /// Whether a poll that [`Backend::wait`] armed on `fd` fired since
     /// the last call (e.g. an eventfd that then needs draining: without it
     /// no read system call is spent on an eventfd nobody wrote).
@@ -648,10 +766,14 @@ impl Drop for UringBackend {
                         self.kernel_in_flight
                     );
                     for slot in self.slots.iter_mut() {
-                        if let Some(buf) = slot.take().and_then(|s| s.buf) {
-                            std::mem::forget(buf);
+                        if let Some(s) = slot.take() {
+                            std::mem::forget(s.buf);
+                            std::mem::forget(s.shared);
                         }
                     }
+                    // The registered pool's region may still be in the
+                    // kernel's hands too.
+                    std::mem::forget(self.fixed_pool.take());
                     return;
                 }
             }
