@@ -44,7 +44,10 @@ impl Log for RingLog {
         self.0.fits(payload_len)
     }
     fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
-        self.0.append(&to_record(h), &payload).is_ok()
+        self.0.append(&to_record(h), payload).is_ok()
+    }
+    fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
+        self.0.payload_buf(seq)
     }
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
         self.0.get(seq).map(|(r, p)| (from_record(&r), p))

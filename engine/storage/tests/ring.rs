@@ -6,7 +6,8 @@ use common::{Rng, TempDir};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use storage::ring::{RecordHeader, Ring, RingError, RingFull};
+use storage::backend::{Backend, BackendCompletion, BackendOp, IoSeg, MemBackend};
+use storage::ring::{RecordHeader, Ring, RingError, RingFull, RingWrite};
 
 fn hdr(seq: u64) -> RecordHeader {
     RecordHeader {
@@ -26,7 +27,8 @@ fn payload(seq: u64, len: usize) -> Vec<u8> {
 }
 
 fn append(ring: &mut Ring, seq: u64, len: usize) {
-    ring.append(&hdr(seq), &payload(seq, len)).expect("fits");
+    ring.append(&hdr(seq), payload(seq, len).into())
+        .expect("fits");
 }
 
 fn check(ring: &Ring, seq: u64, len: usize) {
@@ -41,6 +43,30 @@ fn find(path: &Path, needle: &[u8]) -> u64 {
     data.windows(needle.len())
         .position(|w| w == needle)
         .expect("bytes in file") as u64
+}
+
+/// Run one write of a batch as the node's backend would.
+fn run_write(fd: i32, offset: u64, segs: Vec<IoSeg>) -> Result<u32, i32> {
+    let mut be = MemBackend::new(4096, 512, 4);
+    be.submit(7, BackendOp::WriteVecFd { fd, offset, segs })
+        .expect("room");
+    let mut out: Vec<BackendCompletion> = Vec::new();
+    assert_eq!(be.reap(&mut out), 1);
+    out.pop().unwrap().result
+}
+
+/// Run a whole batch (every write, then the fdatasync) and report it.
+fn run_batch(ring: &mut Ring) -> u64 {
+    let RingWrite { through, writes } = ring.begin_write().expect("no batch in flight");
+    for (off, segs) in writes {
+        run_write(ring.fd(), off, segs).expect("ring write");
+    }
+    std::fs::File::open(ring.path())
+        .unwrap()
+        .sync_data()
+        .unwrap();
+    ring.sync_completed(through);
+    through
 }
 
 fn flip_byte(path: &Path, offset: u64) {
@@ -121,45 +147,39 @@ fn append_out_of_order_panics() {
 fn full_ring_and_space_reuse_after_a_durable_trim() {
     let dir = TempDir::new("ring-full");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 8192, 1).unwrap();
-    // Each record: 64-byte header + 960 payload = 1024 bytes; 8 fit.
-    for s in 1..=8 {
+    let mut ring = Ring::create(&path, 32768, 1).unwrap();
+    // Each record: a header block + one payload block = 8192 bytes; 4 fit.
+    for s in 1..=4 {
         assert!(ring.fits(960));
         append(&mut ring, s, 960);
     }
-    assert_eq!(ring.used_bytes(), 8192);
+    assert_eq!(ring.used_bytes(), 32768);
     assert!(!ring.fits(0));
-    assert_eq!(ring.append(&hdr(9), &payload(9, 960)), Err(RingFull));
-    assert_eq!(ring.next_seq(), 9, "a refused append changes nothing");
-    assert!(!ring.fits(8192), "larger than the ring: never fits");
+    assert_eq!(ring.append(&hdr(5), payload(5, 960).into()), Err(RingFull));
+    assert_eq!(ring.next_seq(), 5, "a refused append changes nothing");
+    assert!(!ring.fits(32768), "larger than the ring: never fits");
 
-    // Space in a block that still holds a retained record is not reused:
-    // writes are whole blocks, and records 3 and 4 share the first block
-    // with the trimmed 1 and 2.
-    ring.trim_through(2);
-    ring.sync().unwrap();
-    assert!(!ring.fits(960), "the first block still holds seqs 3 and 4");
     // Trimmed space is not reused before a header holding the new tail is durable.
-    ring.trim_through(4);
+    ring.trim_through(2);
     assert!(!ring.fits(960));
     let s = ring.prepare_sync();
-    assert_eq!(s, 8);
+    assert_eq!(s, 4);
     assert!(!ring.fits(960), "fdatasync not confirmed yet");
     ring.sync_completed(s);
     assert!(ring.fits(960));
-    for s in 9..=12 {
+    for s in 5..=6 {
         append(&mut ring, s, 960);
     }
-    assert_eq!(ring.append(&hdr(13), &payload(13, 960)), Err(RingFull));
-    for s in 5..=12 {
+    assert_eq!(ring.append(&hdr(7), payload(7, 960).into()), Err(RingFull));
+    for s in 3..=6 {
         check(&ring, s, 960);
     }
     // The records of the new lap are in the file after a flush.
     ring.sync().unwrap();
     drop(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
-    assert_eq!((rec.first_seq, rec.next_seq), (5, 13));
-    for s in 5..=12 {
+    assert_eq!((rec.first_seq, rec.next_seq), (3, 7));
+    for s in 3..=6 {
         check(&ring, s, 960);
     }
 }
@@ -168,8 +188,8 @@ fn full_ring_and_space_reuse_after_a_durable_trim() {
 fn wrap_around_and_reopen() {
     let dir = TempDir::new("ring-wrap");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 16384, 1).unwrap();
-    let len = |s: u64| (s as usize * 389) % 3000;
+    let mut ring = Ring::create(&path, 65536, 1).unwrap();
+    let len = |s: u64| (s as usize * 389) % 9000;
     let mut next = 1u64;
     // Many laps: append until full, trim half, sync, repeat.
     for _ in 0..40 {
@@ -253,8 +273,8 @@ fn torn_tail_is_cut_off() {
     assert_eq!((rec.first_seq, rec.next_seq, rec.records), (1, 7, 6));
     assert_eq!(
         rec.torn_tail_bytes,
-        2 * 384,
-        "seq 7 and 8 (384 bytes each) cut off"
+        2 * 8192,
+        "seq 7 and 8 (8192 bytes each) cut off"
     );
     check(&ring, 6, 300);
     assert!(ring.get(7).is_none());
@@ -286,7 +306,7 @@ fn mid_ring_corruption_is_reported() {
             detail,
         }) => {
             assert_eq!(seq_expected, 4);
-            assert_eq!(offset, at - 64, "offset of seq 4's record header");
+            assert_eq!(offset, at - 4096, "offset of seq 4's record header block");
             assert!(detail.contains("checksum"), "{detail}");
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
@@ -323,7 +343,7 @@ fn header_damage_and_foreign_files_are_errors() {
 fn truncation_is_durable_and_dropped_records_stay_dropped() {
     let dir = TempDir::new("ring-trunc");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
     for s in 1..=20 {
         append(&mut ring, s, 200);
     }
@@ -350,7 +370,7 @@ fn truncation_is_durable_and_dropped_records_stay_dropped() {
 fn delayed_and_out_of_order_sync_completions() {
     let dir = TempDir::new("ring-pending");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 8192, 1).unwrap();
+    let mut ring = Ring::create(&path, 40960, 1).unwrap();
     for s in 1..=4 {
         append(&mut ring, s, 960);
     }
@@ -362,10 +382,10 @@ fn delayed_and_out_of_order_sync_completions() {
     // The later sync completes first: it covers the earlier one.
     ring.sync_completed(b);
     assert_eq!(ring.durable_seq(), 5);
-    assert_eq!(ring.used_bytes(), 1024, "only seq 5 is left");
+    assert_eq!(ring.used_bytes(), 8192, "only seq 5 is left");
     ring.sync_completed(a); // stale: no effect
     assert_eq!(ring.durable_seq(), 5);
-    assert_eq!(ring.used_bytes(), 1024);
+    assert_eq!(ring.used_bytes(), 8192);
 }
 
 /// Seeded model test: random operations against a simple model, with random
@@ -381,7 +401,7 @@ fn model_run(seed: u64, steps: usize) {
     let dir = TempDir::new("ring-model");
     let path = dir.join("ring");
     let mut rng = Rng::new(seed);
-    let capacity = [8192u64, 16384, 65536][rng.below(3) as usize];
+    let capacity = [16384u64, 32768, 131072][rng.below(3) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     // Every record of the current chain by seq (trimmed ones stay, since an
     // unsynced trim may come back after a reopen).
@@ -399,7 +419,7 @@ fn model_run(seed: u64, steps: usize) {
                     _ => rng.below(capacity / 3) as usize,
                 };
                 let fits = ring.fits(len);
-                let r = ring.append(&hdr(next), &payload(next, len));
+                let r = ring.append(&hdr(next), payload(next, len).into());
                 assert_eq!(r.is_ok(), fits, "{ctx}: fits() agrees with append");
                 if r.is_ok() {
                     chain.insert(next, len);
@@ -460,14 +480,14 @@ fn model_run(seed: u64, steps: usize) {
         }
         assert!(ring.get(next).is_none() && (first == 1 || ring.get(first - 1).is_none()));
         // The ring must never wedge: with everything trimmed and synced,
-        // a record of a third of the ring fits.
+        // a record of half the ring (header block included) fits.
         if rng.below(50) == 0 {
             ring.trim_through(next);
             first = next;
             ring.sync().unwrap();
             prepared.clear();
             assert!(
-                ring.fits((capacity / 3) as usize),
+                ring.fits((capacity / 2 - 4096) as usize),
                 "{ctx}: empty ring accepts records"
             );
         }
@@ -504,7 +524,7 @@ fn torn_block_write_keeps_every_durable_record() {
     let image_path = dir.join("image");
     let mut rng = Rng::new(7);
     let len = |s: u64| 100 + (s as usize * 977) % 2500;
-    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
     // Durable records that end in the middle of a block.
     for s in 1..=5 {
         append(&mut ring, s, len(s));
@@ -554,7 +574,7 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
     let path = dir.join("ring");
     let image_path = dir.join("image");
     let mut rng = Rng::new(seed);
-    let capacity = [8192u64, 16384, 32768][rng.below(3) as usize];
+    let capacity = [16384u64, 32768, 65536][rng.below(3) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     let mut chain: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut first, mut next) = (1u64, 1u64);
@@ -570,7 +590,7 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
         match rng.below(100) {
             0..=54 => {
                 let len = rng.below(capacity / 4) as usize;
-                if ring.append(&hdr(next), &payload(next, len)).is_ok() {
+                if ring.append(&hdr(next), payload(next, len).into()).is_ok() {
                     chain.insert(next, len);
                     next += 1;
                 }

@@ -6,7 +6,7 @@
 //! are queued and returned by the next [`Backend::reap`], like every other
 //! completion.
 
-use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp};
+use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp, IoSeg};
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -56,8 +56,26 @@ enum DeviceKind {
 struct InFlight {
     tag: u64,
     buf: Option<AlignedBuf>,
+    /// A vectored write's pieces and the iovec array the SQE points to.
+    vec: Option<(Vec<IoSeg>, Iovecs)>,
     /// Bytes a data transfer must move; `None` for flushes.
     transfer_len: Option<u32>,
+}
+
+/// The iovec array of a vectored write in flight.
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs only point into the `SharedBuf`s kept beside them in the
+// same `InFlight` (read-only, `Send` themselves); the array is never read
+// through these pointers by this process, only by the kernel.
+unsafe impl Send for Iovecs {}
+
+/// The iovec of one piece of a vectored write.
+pub(crate) fn iovec_of(seg: &IoSeg) -> libc::iovec {
+    libc::iovec {
+        iov_base: seg.buf.as_ptr().wrapping_add(seg.start) as *mut libc::c_void,
+        iov_len: seg.len,
+    }
 }
 
 /// Builds an SQE on the backend's own device: `fd` is the registered slot
@@ -275,6 +293,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: Some(buf),
                         transfer_len: Some(len),
                     },
@@ -296,6 +315,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: Some(buf),
                         transfer_len: Some(len),
                     },
@@ -309,6 +329,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: None,
                         transfer_len: None,
                     },
@@ -322,8 +343,26 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: None,
                         transfer_len: None,
+                    },
+                )
+            }
+            BackendOp::WriteVecFd { fd, offset, segs } => {
+                let iov = Iovecs(segs.iter().map(iovec_of).collect());
+                let want: usize = segs.iter().map(|s| s.len).sum();
+                let e = opcode::Writev::new(types::Fd(fd), iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(offset)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: None,
+                        vec: Some((segs, iov)),
+                        // validate_op checked that it fits.
+                        transfer_len: Some(want as u32),
                     },
                 )
             }
@@ -332,7 +371,8 @@ impl UringBackend {
             }
         };
         let entry = entry.user_data(u64::from(slot));
-        // SAFETY: the buffer the entry points to is owned by `inflight`, which
+        // SAFETY: the buffer the entry points to (for a vectored write: the
+        // iovec array and the buffers it points into) is owned by `inflight`, which
         // lives in `self.slots` until the matching completion is reaped (and
         // Drop waits for every in-flight operation), so the kernel never sees
         // a dangling pointer. Our own fd lives as long as `self`; a SyncFd
@@ -483,6 +523,8 @@ impl UringBackend {
                     _ => Ok(res as u32),
                 }
             };
+            // The kernel is done with a vectored write's pieces: release them.
+            drop(inflight.vec);
             out.push(BackendCompletion {
                 tag: inflight.tag,
                 result,
