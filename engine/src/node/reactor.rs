@@ -37,10 +37,32 @@ impl Overflow {
 pub(super) enum Inflight {
     Exec(Seq),
     ExtentWrite(Token),
-    ExtentRead { token: Token, offset: u64 },
+    ExtentRead {
+        token: Token,
+        offset: u64,
+    },
     Flush(Token),
+    /// One write of the ring batch that makes `Seq` durable.
+    RingWrite(Seq),
+    /// The fdatasync after that batch's writes.
     RingFlush(Seq),
     HostRead(usize),
+}
+
+/// The ring batch in flight (one at a time; see [`RingFlushIo`]).
+#[derive(Default)]
+pub(super) struct RingIo {
+    fd: RawFd,
+    /// Writes of the batch not completed yet.
+    writes_left: usize,
+    /// The first write that failed (errno).
+    failed: Option<i32>,
+    /// `FlushRing` requests the batch answers (each gets its event).
+    answers: usize,
+    /// `FlushRing` requests that came while it was in flight: the next
+    /// batch, begun when this one is reported, answers them.
+    deferred: usize,
+    started: Option<Instant>,
 }
 
 pub(super) struct PendingHost {
@@ -71,6 +93,7 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) inflight_at: Vec<Instant>,
     pub(super) free_tags: Vec<usize>,
     pub(super) overflow: Overflow,
+    pub(super) ring_io: RingIo,
     pub(super) hosts: Vec<Option<PendingHost>>,
     pub(super) free_hosts: Vec<usize>,
     pub(super) write_hist: Histogram<u64>,
@@ -118,6 +141,7 @@ impl<B: Backend> Reactor<B> {
             inflight_at: Vec::new(),
             free_tags: Vec::new(),
             overflow: Overflow::default(),
+            ring_io: RingIo::default(),
             hosts: Vec::new(),
             free_hosts: Vec::new(),
             write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
@@ -444,9 +468,6 @@ impl<B: Backend> Reactor<B> {
             let res = c.result.map(|_| ());
             let us = (self.inflight_at[tag].elapsed().as_micros() as u64).max(1);
             match &what {
-                Inflight::RingFlush(_) => {
-                    let _ = self.sync_hist.record(us);
-                }
                 Inflight::Exec(_) | Inflight::ExtentWrite(_) => {
                     let _ = self.disk_write_hist.record(us);
                 }
@@ -471,18 +492,28 @@ impl<B: Backend> Reactor<B> {
                 Inflight::Flush(token) => {
                     self.core.handle(Event::DiskFlushed { token, result: res })
                 }
-                Inflight::RingFlush(through) => match res {
-                    Ok(()) => self.core.handle(Event::RingFlushed { through }),
-                    Err(e) => {
-                        // The kernel may have dropped what the flush was to
-                        // write: the core refuses further work.
-                        log::error!("ring flush failed (errno {e}); the node stops serving");
-                        self.core.handle(Event::RingFlushFailed {
-                            through,
-                            why: format!("flush failed (errno {e})"),
-                        });
+                Inflight::RingWrite(through) => {
+                    if let Err(e) = res {
+                        self.ring_io.failed.get_or_insert(e);
                     }
-                },
+                    self.ring_io.writes_left -= 1;
+                    if self.ring_io.writes_left == 0 {
+                        match self.ring_io.failed {
+                            // Every write completed in full: now the
+                            // fdatasync that makes them durable.
+                            None => self.submit(
+                                Inflight::RingFlush(through),
+                                BackendOp::SyncFd {
+                                    fd: self.ring_io.fd,
+                                },
+                            ),
+                            Some(e) => self.ring_flush_done(through, Err((e, "write"))),
+                        }
+                    }
+                }
+                Inflight::RingFlush(through) => {
+                    self.ring_flush_done(through, res.map_err(|e| (e, "fdatasync")))
+                }
                 Inflight::HostRead(id) => {
                     let r = match res {
                         // The buffer the disk read filled goes to the
@@ -496,6 +527,64 @@ impl<B: Backend> Reactor<B> {
         }
         self.comps = comps;
         true
+    }
+
+    /// Begin the ring batch `io` that makes `through` durable, answering
+    /// `answers` `FlushRing` requests; or defer them behind the batch in
+    /// flight. The writes go to the backend's io_uring: the reactor never
+    /// waits for them.
+    fn start_ring_flush(&mut self, through: Seq, io: RingFlushIo, answers: usize) {
+        match io {
+            RingFlushIo::Busy => self.ring_io.deferred += answers,
+            RingFlushIo::Batch { fd, writes } => {
+                self.ring_io.fd = fd;
+                self.ring_io.writes_left = writes.len();
+                self.ring_io.failed = None;
+                self.ring_io.answers = answers;
+                self.ring_io.started = Some(Instant::now());
+                for (offset, segs) in writes {
+                    self.submit(
+                        Inflight::RingWrite(through),
+                        BackendOp::WriteVecFd { fd, offset, segs },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The ring batch for `through` finished (its writes and fdatasync, or
+    /// the first of them that failed): tell the core, once per request it
+    /// answers, then begin the batch for the requests deferred behind it.
+    fn ring_flush_done(&mut self, through: Seq, res: Result<(), (i32, &str)>) {
+        if let Some(t) = self.ring_io.started.take() {
+            let _ = self
+                .sync_hist
+                .record((t.elapsed().as_micros() as u64).max(1));
+        }
+        let answers = std::mem::take(&mut self.ring_io.answers).max(1);
+        let deferred = std::mem::take(&mut self.ring_io.deferred);
+        match res {
+            Ok(()) => {
+                for _ in 0..answers {
+                    self.core.handle(Event::RingFlushed { through });
+                }
+                if deferred > 0 {
+                    let (through, io) = self.core.begin_log_flush();
+                    self.start_ring_flush(through, io, deferred);
+                }
+            }
+            Err((e, what)) => {
+                // The kernel may have dropped what the flush was to write:
+                // the core refuses further work.
+                log::error!("ring {what} failed (errno {e}); the node stops serving");
+                for _ in 0..answers + deferred {
+                    self.core.handle(Event::RingFlushFailed {
+                        through,
+                        why: format!("ring {what} failed (errno {e})"),
+                    });
+                }
+            }
+        }
     }
 
     pub(super) fn run_actions(&mut self) -> bool {
@@ -537,8 +626,8 @@ impl<B: Backend> Reactor<B> {
                 }
             }
             Action::FlushRing => {
-                let (through, op) = self.core.begin_log_flush();
-                self.submit(Inflight::RingFlush(through), op);
+                let (through, io) = self.core.begin_log_flush();
+                self.start_ring_flush(through, io, 1);
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {

@@ -678,3 +678,253 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
         }
     }
 }
+
+/// A batch written asynchronously (as the node does, through the backend)
+/// that wraps around the end of the data area: two writes, records back
+/// after a reopen.
+#[test]
+fn async_batch_that_wraps() {
+    let dir = TempDir::new("ring-async-wrap");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 65536, 1).unwrap();
+    // 3 records of 12 KiB (16 KiB each with the header block), trim them,
+    // so the head sits at 48 KiB with 16 KiB to the end.
+    for s in 1..=3 {
+        append(&mut ring, s, 12288);
+    }
+    run_batch(&mut ring);
+    ring.trim_through(3);
+    run_batch(&mut ring);
+    // 4: fits before the end; 5: needs a wrap marker and goes to offset 0.
+    append(&mut ring, 4, 8192);
+    append(&mut ring, 5, 8192);
+    append(&mut ring, 6, 512);
+    let w = ring.begin_write().expect("no batch in flight");
+    assert_eq!(w.through, 6);
+    let offsets: Vec<u64> = w.writes.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![8192 + 49152, 8192, 4096],
+        "records 4 and the wrap marker, then 5 and 6 at the start, then header slot 1"
+    );
+    assert!(ring.begin_write().is_none(), "one batch at a time");
+    for (off, segs) in w.writes {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    ring.sync_completed(w.through);
+    assert!(!ring.write_in_flight());
+    assert_eq!(ring.durable_seq(), 6);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (4, 7, 0)
+    );
+    check(&ring, 4, 8192);
+    check(&ring, 5, 8192);
+    check(&ring, 6, 512);
+}
+
+/// 512-byte payloads (a volume of 512-byte blocks): the last partial block
+/// is written zero padded, the record header holds the real length.
+#[test]
+fn payloads_not_a_multiple_of_the_block() {
+    let dir = TempDir::new("ring-512");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
+    for (s, len) in [
+        (1u64, 512usize),
+        (2, 4096 + 512),
+        (3, 1),
+        (4, 0),
+        (5, 12288),
+    ] {
+        append(&mut ring, s, len);
+    }
+    run_batch(&mut ring);
+    let file = std::fs::read(&path).unwrap();
+    // Record 1: header block at 8192, payload at 12288, zeroes after 512 bytes.
+    assert_eq!(&file[12288..12288 + 512], &payload(1, 512)[..]);
+    assert!(file[12288 + 512..16384].iter().all(|&b| b == 0));
+    // Record 2 starts at 16384; its payload at 20480 runs 4608 bytes.
+    assert_eq!(&file[20480..20480 + 4608], &payload(2, 4608)[..]);
+    assert!(file[20480 + 4608..28672].iter().all(|&b| b == 0));
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 6);
+    for (s, len) in [
+        (1u64, 512usize),
+        (2, 4096 + 512),
+        (3, 1),
+        (4, 0),
+        (5, 12288),
+    ] {
+        check(&ring, s, len);
+    }
+}
+
+/// A failed batch write fails the flush: nothing becomes durable by it, nor
+/// by any later sync, and the ring says why.
+#[test]
+fn failed_vectored_write() {
+    use storage::backend::{FaultBackend, FaultControl};
+    let dir = TempDir::new("ring-write-fail");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    append(&mut ring, 1, 100);
+    run_batch(&mut ring);
+    append(&mut ring, 2, 100);
+    let ctl = FaultControl::new();
+    ctl.fail_fd_writes(true);
+    let mut be = FaultBackend::new(MemBackend::new(4096, 512, 8), ctl.clone());
+    let w = ring.begin_write().unwrap();
+    let n = w.writes.len();
+    for (i, (offset, segs)) in w.writes.into_iter().enumerate() {
+        be.submit(
+            i as u64,
+            BackendOp::WriteVecFd {
+                fd: ring.fd(),
+                offset,
+                segs,
+            },
+        )
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    assert_eq!(be.reap(&mut out), n);
+    assert!(out.iter().all(|c| c.result == Err(libc::EIO)));
+    assert_eq!(ctl.injected(), n as u64);
+    ring.sync_failed(w.through, "write failed (errno 5)".into());
+    assert!(ring.write_error().unwrap().contains("seq 2"));
+    assert!(!ring.write_in_flight());
+    ring.sync_completed(w.through);
+    assert_eq!(
+        ring.durable_seq(),
+        1,
+        "a failed write makes nothing durable"
+    );
+    assert!(ring.sync().is_err(), "the ring's state is unknown: no sync");
+}
+
+/// Buffers are kept only while needed: every record not yet durable, and
+/// durable ones until released or beyond the keep limit; then reads go
+/// through the mapping. A backup that never trims (its peer's ACK3s are
+/// behind the REQs it cannot receive without a buffer) still gets pool
+/// buffers, since the ring gives them back once they are durable.
+#[test]
+fn kept_buffers_are_bounded_and_a_full_pool_cannot_wedge() {
+    use volume::IoBufPool;
+    let dir = TempDir::new("ring-keep");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 16 << 20, 1).unwrap();
+    ring.set_keep_bytes(64 << 10);
+    // Room for the keep limit and two batches of 16 writes of 4 KiB.
+    let pool = IoBufPool::new((64 << 10) + 2 * 16 * 4096, 4096);
+    let mut next = 1u64;
+    for round in 0..200 {
+        for _ in 0..16 {
+            let mut b = pool
+                .get(4096)
+                .unwrap_or_else(|| panic!("round {round}: pool empty, the pipeline would wedge"));
+            b.copy_from_slice(&payload(next, 4096));
+            ring.append(&hdr(next), b.share()).expect("fits");
+            next += 1;
+        }
+        assert!(ring.kept_bytes() <= (64 << 10) + 16 * 4096);
+        run_batch(&mut ring);
+        assert!(
+            ring.kept_bytes() <= 64 << 10,
+            "durable buffers beyond the limit dropped"
+        );
+        if next > 1000 {
+            ring.trim_through(next - 1000);
+        }
+    }
+    // Old records read through the mapping, recent ones from their buffer.
+    let first = ring.first_seq();
+    check(&ring, first, 4096);
+    assert!(ring.payload_buf(first).is_none());
+    assert!(ring.payload_buf(next - 1).is_some());
+    check(&ring, next - 1, 4096);
+    // Released buffers go as soon as they are durable.
+    append(&mut ring, next, 4096);
+    ring.release_through(next);
+    assert!(ring.payload_buf(next).is_some(), "not durable yet: kept");
+    run_batch(&mut ring);
+    assert_eq!(ring.kept_bytes(), 0);
+    assert!(ring.payload_buf(next).is_none());
+    check(&ring, next, 4096);
+}
+
+/// Truncations (synchronous) while a batch is in flight, whose writes land
+/// only afterwards: the batch's header slot holds an older store and its
+/// records are dropped ones, yet the last truncation stands after a reopen
+/// (both truncations stored their header in the other slot).
+#[test]
+fn truncation_while_a_batch_is_in_flight() {
+    let dir = TempDir::new("ring-trunc-inflight");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
+    for s in 1..=4 {
+        append(&mut ring, s, 1000);
+    }
+    run_batch(&mut ring);
+    for s in 5..=8 {
+        append(&mut ring, s, 1000);
+    }
+    let w = ring.begin_write().unwrap();
+    ring.truncate_after(5);
+    ring.truncate_after(3);
+    assert_eq!(ring.durable_seq(), 3);
+    // The stale batch lands now, header slot included.
+    for (off, segs) in w.writes {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    ring.sync_completed(w.through);
+    assert_eq!(ring.durable_seq(), 3, "the stale batch confirms nothing");
+    std::mem::forget(ring); // a crash: nothing more written
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq),
+        (1, 4),
+        "seqs 4..8 stay dropped"
+    );
+    for s in 1..=3 {
+        check(&ring, s, 1000);
+    }
+    append(&mut ring, 4, 10);
+    run_batch(&mut ring);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 5);
+    check(&ring, 4, 10);
+}
+
+/// A ring of the previous format is refused by name, with what to do.
+#[test]
+fn version_1_ring_is_refused() {
+    let dir = TempDir::new("ring-v1");
+    let path = dir.join("ring");
+    drop(Ring::create(&path, 1 << 16, 1).unwrap());
+    // Make slot 0 say version 1, as a ring of the previous format does.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+    match Ring::open(&path) {
+        Err(
+            e @ RingError::BadVersion {
+                found: 1,
+                supported: 2,
+                ..
+            },
+        ) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("Drain it") && msg.contains("format --force --replace"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected BadVersion, got {:?}", other.map(|(_, r)| r)),
+    }
+}
