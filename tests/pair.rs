@@ -743,7 +743,7 @@ fn e_delta_queue_overflow_resyncs_dirty_extents_without_remirror() {
     if !need(&["fio"]) {
         return;
     }
-    // A 16 MiB ring holds about 3,900 4 KiB entries.
+    // A 16 MiB ring holds about 2,000 4 KiB entries (8 KiB each).
     let mut p = Pair::new("e", 3400, |_, t| {
         t.replace("size_bytes = 67108864", "size_bytes = 16777216")
     });

@@ -42,27 +42,37 @@ pub(super) enum Inflight {
         offset: u64,
     },
     Flush(Token),
-    /// One write of the ring batch that makes `Seq` durable.
-    RingWrite(Seq),
+    /// One write of ring batch number `u64` ([`RingIo`]).
+    RingWrite(u64),
     /// The fdatasync after that batch's writes.
-    RingFlush(Seq),
+    RingFlush(u64),
     HostRead(usize),
 }
 
-/// The ring batch in flight (one at a time; see [`RingFlushIo`]).
+/// The ring batches in flight (at most two; see [`RingFlushIo`]), oldest
+/// first, and the `FlushRing` requests waiting for a batch.
 #[derive(Default)]
 pub(super) struct RingIo {
+    batches: VecDeque<RingBatch>,
+    next_id: u64,
+    /// `FlushRing` requests that came while the ring had no batch to spare:
+    /// the next batch, begun when one is reported, answers them.
+    deferred: usize,
+}
+
+struct RingBatch {
+    id: u64,
+    through: Seq,
     fd: RawFd,
-    /// Writes of the batch not completed yet.
+    /// Writes not completed yet.
     writes_left: usize,
     /// The first write that failed (errno).
     failed: Option<i32>,
-    /// `FlushRing` requests the batch answers (each gets its event).
+    /// Its fdatasync was submitted.
+    syncing: bool,
+    /// `FlushRing` requests it answers (each gets its event).
     answers: usize,
-    /// `FlushRing` requests that came while it was in flight: the next
-    /// batch, begun when this one is reported, answers them.
-    deferred: usize,
-    started: Option<Instant>,
+    started: Instant,
 }
 
 pub(super) struct PendingHost {
@@ -492,27 +502,17 @@ impl<B: Backend> Reactor<B> {
                 Inflight::Flush(token) => {
                     self.core.handle(Event::DiskFlushed { token, result: res })
                 }
-                Inflight::RingWrite(through) => {
-                    if let Err(e) = res {
-                        self.ring_io.failed.get_or_insert(e);
-                    }
-                    self.ring_io.writes_left -= 1;
-                    if self.ring_io.writes_left == 0 {
-                        match self.ring_io.failed {
-                            // Every write completed in full: now the
-                            // fdatasync that makes them durable.
-                            None => self.submit(
-                                Inflight::RingFlush(through),
-                                BackendOp::SyncFd {
-                                    fd: self.ring_io.fd,
-                                },
-                            ),
-                            Some(e) => self.ring_flush_done(through, Err((e, "write"))),
+                Inflight::RingWrite(id) => {
+                    if let Some(b) = self.ring_io.batches.iter_mut().find(|b| b.id == id) {
+                        if let Err(e) = res {
+                            b.failed.get_or_insert(e);
                         }
+                        b.writes_left -= 1;
                     }
+                    self.ring_advance();
                 }
-                Inflight::RingFlush(through) => {
-                    self.ring_flush_done(through, res.map_err(|e| (e, "fdatasync")))
+                Inflight::RingFlush(id) => {
+                    self.ring_flush_done(id, res.map_err(|e| (e, "fdatasync")))
                 }
                 Inflight::HostRead(id) => {
                     let r = match res {
@@ -530,21 +530,28 @@ impl<B: Backend> Reactor<B> {
     }
 
     /// Begin the ring batch `io` that makes `through` durable, answering
-    /// `answers` `FlushRing` requests; or defer them behind the batch in
-    /// flight. The writes go to the backend's io_uring: the reactor never
-    /// waits for them.
+    /// `answers` `FlushRing` requests; or defer them until a batch in
+    /// flight is reported. The writes go to the backend's io_uring: the
+    /// reactor never waits for them.
     fn start_ring_flush(&mut self, through: Seq, io: RingFlushIo, answers: usize) {
         match io {
             RingFlushIo::Busy => self.ring_io.deferred += answers,
             RingFlushIo::Batch { fd, writes } => {
-                self.ring_io.fd = fd;
-                self.ring_io.writes_left = writes.len();
-                self.ring_io.failed = None;
-                self.ring_io.answers = answers;
-                self.ring_io.started = Some(Instant::now());
+                let id = self.ring_io.next_id;
+                self.ring_io.next_id += 1;
+                self.ring_io.batches.push_back(RingBatch {
+                    id,
+                    through,
+                    fd,
+                    writes_left: writes.len(),
+                    failed: None,
+                    syncing: false,
+                    answers,
+                    started: Instant::now(),
+                });
                 for (offset, segs) in writes {
                     self.submit(
-                        Inflight::RingWrite(through),
+                        Inflight::RingWrite(id),
                         BackendOp::WriteVecFd { fd, offset, segs },
                     );
                 }
@@ -552,22 +559,50 @@ impl<B: Backend> Reactor<B> {
         }
     }
 
-    /// The ring batch for `through` finished (its writes and fdatasync, or
-    /// the first of them that failed): tell the core, once per request it
-    /// answers, then begin the batch for the requests deferred behind it.
-    fn ring_flush_done(&mut self, through: Seq, res: Result<(), (i32, &str)>) {
-        if let Some(t) = self.ring_io.started.take() {
-            let _ = self
-                .sync_hist
-                .record((t.elapsed().as_micros() as u64).max(1));
+    /// Issue the fdatasync of every batch whose writes, and the writes of
+    /// every batch before it, completed in full (an fdatasync covers only
+    /// writes completed before it was issued, and reporting a batch durable
+    /// reports the ones before it durable too); fail a batch whose write
+    /// failed.
+    fn ring_advance(&mut self) {
+        let mut i = 0;
+        while i < self.ring_io.batches.len() {
+            let b = &mut self.ring_io.batches[i];
+            if b.writes_left > 0 {
+                break;
+            }
+            if let Some(e) = b.failed {
+                let id = b.id;
+                self.ring_flush_done(id, Err((e, "write")));
+                continue;
+            }
+            if !b.syncing {
+                b.syncing = true;
+                let (id, fd) = (b.id, b.fd);
+                self.submit(Inflight::RingFlush(id), BackendOp::SyncFd { fd });
+            }
+            i += 1;
         }
-        let answers = std::mem::take(&mut self.ring_io.answers).max(1);
-        let deferred = std::mem::take(&mut self.ring_io.deferred);
+    }
+
+    /// Ring batch `id` finished (its writes and fdatasync, or a write that
+    /// failed): tell the core, once per request it answers, then begin a
+    /// batch for the requests deferred meanwhile.
+    fn ring_flush_done(&mut self, id: u64, res: Result<(), (i32, &str)>) {
+        let Some(i) = self.ring_io.batches.iter().position(|b| b.id == id) else {
+            return;
+        };
+        let b = self.ring_io.batches.remove(i).expect("found");
+        let _ = self
+            .sync_hist
+            .record((b.started.elapsed().as_micros() as u64).max(1));
+        let through = b.through;
         match res {
             Ok(()) => {
-                for _ in 0..answers {
+                for _ in 0..b.answers {
                     self.core.handle(Event::RingFlushed { through });
                 }
+                let deferred = std::mem::take(&mut self.ring_io.deferred);
                 if deferred > 0 {
                     let (through, io) = self.core.begin_log_flush();
                     self.start_ring_flush(through, io, deferred);
@@ -577,7 +612,8 @@ impl<B: Backend> Reactor<B> {
                 // The kernel may have dropped what the flush was to write:
                 // the core refuses further work.
                 log::error!("ring {what} failed (errno {e}); the node stops serving");
-                for _ in 0..answers + deferred {
+                let deferred = std::mem::take(&mut self.ring_io.deferred);
+                for _ in 0..b.answers + deferred {
                     self.core.handle(Event::RingFlushFailed {
                         through,
                         why: format!("ring {what} failed (errno {e})"),

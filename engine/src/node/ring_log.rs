@@ -8,16 +8,15 @@ use volume::SharedBuf;
 /// *Durability protocol*).
 pub enum RingFlushIo {
     /// Run `writes` on the ring file `fd` (`BackendOp::WriteVecFd`; they do
-    /// not overlap, so all at once), then, once every one completed in
-    /// full, `BackendOp::SyncFd { fd }`. A failed or short write fails the
-    /// flush.
+    /// not overlap, so all at once), then, once every one completed in full
+    /// and so did the writes of every batch begun before, `BackendOp::SyncFd
+    /// { fd }`. A failed or short write fails the flush.
     Batch {
         fd: RawFd,
         writes: Vec<(u64, Vec<IoSeg>)>,
     },
-    /// The previous batch is still in flight (one at a time: group commit).
-    /// Begin the flush again once that one was reported; what it makes
-    /// durable then covers this request.
+    /// Two batches are in flight already. Begin the flush again once one
+    /// was reported; what that batch makes durable covers this request.
     Busy,
 }
 

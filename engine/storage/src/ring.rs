@@ -3,8 +3,8 @@
 //!
 //! The byte format and the recovery rules are specified in
 //! `docs/ring-format.md`; this module is the reference implementation. In
-//! short: two 4 KiB header slots hold the cursors (each store goes to the
-//! slot the previous one did not use; recovery takes the valid one stored
+//! short: three 4 KiB header slots hold the cursors (a store never goes to
+//! a slot a batch in flight writes; recovery takes the valid one stored
 //! last); records follow in a circular data area, each a 4 KiB header block
 //! followed by its payload padded to whole 4 KiB blocks, so every payload
 //! sits at a block-aligned file offset and no two records share a block; a
@@ -20,8 +20,9 @@
 //! them on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]). Only
 //! the header blocks and the last partial block of a payload whose length
 //! is not a multiple of 4 KiB are built in a small staging buffer (zero
-//! padded). One batch is in flight at a time: appends made meanwhile go
-//! into the next one (group commit).
+//! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
+//! appends made meanwhile go into a later one (group commit), and a batch's
+//! fdatasync waits until the writes of the batches before it completed.
 //!
 //! A record's buffer is kept while the record may not be in the file yet
 //! and, once durable, until the driver releases it ([`Ring::release_through`])
@@ -47,10 +48,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
-/// Size of one header slot; the file starts with two.
+/// Size of one header slot.
 pub const RING_HEADER_SLOT_BYTES: u64 = 4096;
-/// Size of the header area (two slots) that precedes the data area.
-pub const RING_HEADER_BYTES: u64 = 2 * RING_HEADER_SLOT_BYTES;
+/// Header slots at the start of the file: one more than the batches that
+/// may be in flight, so a store never goes to a slot a store in flight may
+/// still land in.
+pub const RING_HEADER_SLOTS: usize = MAX_BATCHES_IN_FLIGHT + 1;
+/// Size of the header area (the slots) that precedes the data area.
+pub const RING_HEADER_BYTES: u64 = RING_HEADER_SLOTS as u64 * RING_HEADER_SLOT_BYTES;
+/// Batch writes ([`Ring::begin_write`]) that may be in flight at once.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
 /// Unit of every write to the ring file and of every record: records,
 /// payloads and wrap markers start on multiples of this and fill whole
 /// blocks, so no two records share a block.
@@ -214,6 +221,9 @@ impl std::error::Error for RingFull {}
 struct PendingSync {
     seq: u64,
     tail_pos: u64,
+    /// The `sync_count` of its header store: tells apart syncs of the same
+    /// seq.
+    id: u64,
 }
 
 /// A record or wrap marker appended and not yet known to be in the file:
@@ -221,13 +231,17 @@ struct PendingSync {
 #[derive(Clone)]
 struct Chunk {
     pos: u64,
+    /// The record's seq (a wrap marker: the seq of the record after it).
+    seq: u64,
     hdr: [u8; RECORD_HEADER_BYTES as usize],
     payload: Option<SharedBuf>,
 }
 
-/// The asynchronous batch write in flight ([`Ring::begin_write`]).
+/// An asynchronous batch write in flight ([`Ring::begin_write`]).
 struct InFlightBatch {
     through: u64,
+    /// Its [`PendingSync::id`].
+    id: u64,
     /// What it writes: a synchronous write while it is in flight rewrites
     /// these (same bytes) so that it does not depend on the batch.
     chunks: Vec<Chunk>,
@@ -289,7 +303,13 @@ pub struct Ring {
     last_slot: usize,
     /// Records and wrap markers appended since the last write was planned.
     unwritten: Vec<Chunk>,
-    in_flight: Option<InFlightBatch>,
+    /// Batches begun and not reported yet, oldest first.
+    in_flight: VecDeque<InFlightBatch>,
+    /// A truncation moved the head back over space that batches in flight
+    /// still write: nothing appended since is written (no batch begins,
+    /// synchronous writes leave it out) until those batches are reported,
+    /// so a write of theirs that lands late cannot overwrite a new record.
+    hold: bool,
     /// Buffers of the records `kept_first..next_seq`.
     kept: VecDeque<Kept>,
     kept_first: u64,
@@ -628,9 +648,10 @@ impl Ring {
             pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
             sync_count: 0,
             // The first store goes to slot 0.
-            last_slot: 1,
+            last_slot: RING_HEADER_SLOTS - 1,
             unwritten: Vec::new(),
-            in_flight: None,
+            in_flight: VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT),
+            hold: false,
             kept: VecDeque::new(),
             kept_first: 0,
             kept_bytes: 0,
@@ -671,7 +692,7 @@ impl Ring {
         }
         let map = Self::map(&file)?;
         let slot_len = RING_HEADER_SLOT_BYTES as usize;
-        let slots = (file_len / RING_HEADER_SLOT_BYTES).min(2) as usize;
+        let slots = (file_len / RING_HEADER_SLOT_BYTES).min(RING_HEADER_SLOTS as u64) as usize;
         let has_magic = |i: usize| {
             let at = i * slot_len;
             map[at + H_MAGIC..at + H_MAGIC + 8] == RING_MAGIC[..]
@@ -682,7 +703,7 @@ impl Ring {
             });
         }
         // Another format version (version 1 has a single header at offset
-        // 0) is refused by name, whatever the other slot holds.
+        // 0) is refused by name, whatever the other slots hold.
         for i in (0..slots).filter(|&i| has_magic(i)) {
             let version = rd_u32(&map[i * slot_len..], H_VERSION);
             if version != RING_VERSION {
@@ -698,10 +719,10 @@ impl Ring {
             return Err(header_corrupt(format!("file is only {file_len} bytes")));
         }
         // The valid slot stored last wins: a store torn by a crash, or one
-        // that landed late, leaves the other slot's.
+        // that landed late, leaves another slot's header in force.
         let mut best: Option<(usize, StoredHeader)> = None;
         let mut why = Vec::new();
-        for i in 0..2 {
+        for i in 0..RING_HEADER_SLOTS {
             let h = &map[i * slot_len..(i + 1) * slot_len];
             if !has_magic(i) {
                 why.push(format!("slot {i}: no header"));
@@ -727,8 +748,8 @@ impl Ring {
         ring.next_seq = h.first_seq;
         ring.reclaim_pos = h.tail_pos;
         ring.sync_count = h.sync_count;
-        // The next store goes to the other slot: this one stays valid until
-        // that store is durable.
+        // The next store goes to the next slot: this one stays as it is
+        // until that store is durable.
         ring.last_slot = slot;
         let torn_tail_bytes = ring.scan(h.head_pos, h.synced_seq)?;
         if torn_tail_bytes > 0 {
@@ -865,14 +886,15 @@ impl Ring {
         Ok(0)
     }
 
-    /// The header slot the next store goes to: the one the last store did
-    /// not use, and never the one a batch in flight is writing (a store
-    /// that lands late must not overwrite a newer one).
+    /// The header slot the next store goes to: the next one after the last
+    /// store's that no batch in flight is writing (a store that lands late
+    /// must not replace a newer one in its slot).
     fn next_slot(&mut self) -> usize {
-        let mut slot = 1 - self.last_slot;
-        if self.in_flight.as_ref().is_some_and(|f| f.slot == slot) {
-            slot = 1 - slot;
-        }
+        let n = RING_HEADER_SLOTS;
+        let slot = (1..=n)
+            .map(|i| (self.last_slot + i) % n)
+            .find(|&s| !self.in_flight.iter().any(|f| f.slot == s))
+            .expect("a slot free: more slots than batches in flight");
         self.last_slot = slot;
         slot
     }
@@ -939,12 +961,14 @@ impl Ring {
     /// Write synchronously every chunk not known to be in the file: the
     /// batch in flight's (again, the same bytes) and those appended since.
     fn write_out(&mut self) {
-        let mut chunks = self
+        let mut chunks: Vec<Chunk> = self
             .in_flight
-            .as_ref()
-            .map(|f| f.chunks.clone())
-            .unwrap_or_default();
-        chunks.append(&mut self.unwritten);
+            .iter()
+            .flat_map(|f| f.chunks.iter().cloned())
+            .collect();
+        if !self.hold {
+            chunks.append(&mut self.unwritten);
+        }
         if chunks.is_empty() {
             return;
         }
@@ -963,7 +987,7 @@ impl Ring {
         }
         self.file.sync_data()?;
         self.pending.clear();
-        self.durable_seq = self.next_seq - 1;
+        self.durable_seq = self.written_through();
         self.reclaim_pos = self.tail_pos;
         self.release_kept();
         Ok(())
@@ -996,8 +1020,21 @@ impl Ring {
         } else {
             (self.head_pos + room_to_end, room_to_end + size)
         };
-        let limit = round_down(self.reclaim_pos + self.capacity);
+        let mut limit = round_down(self.reclaim_pos + self.capacity);
+        // Never where a batch in flight may still land (a synchronous
+        // operation may have made its records durable and trimmable).
+        if let Some(c) = self.in_flight.iter().find_map(|f| f.chunks.first()) {
+            limit = limit.min(c.pos + self.capacity);
+        }
         (size <= self.capacity && self.head_pos + need <= limit).then_some((write_pos, need))
+    }
+
+    /// The highest seq whose record is in the file or being written: all
+    /// of them, except under a hold (the `hold` field).
+    fn written_through(&self) -> u64 {
+        self.unwritten
+            .first()
+            .map_or(self.next_seq - 1, |c| c.seq - 1)
     }
 
     /// Append a record; `h.seq` must be [`Ring::next_seq`]. The ring keeps
@@ -1025,12 +1062,14 @@ impl Ring {
             };
             self.unwritten.push(Chunk {
                 pos: self.head_pos,
+                seq: h.seq,
                 hdr: record_header(WRAP_MAGIC, &marker, self.epoch, &[]),
                 payload: None,
             });
         }
         self.unwritten.push(Chunk {
             pos: write_pos,
+            seq: h.seq,
             hdr: record_header(RECORD_MAGIC, h, self.epoch, &payload),
             payload: (!payload.is_empty()).then(|| payload.clone()),
         });
@@ -1238,8 +1277,12 @@ impl Ring {
             self.payload_bytes -= self.payload_len_of(s);
         }
         // What is appended goes to the file first, so the records kept are
-        // there before the head moves back.
+        // there before the head moves back (under a hold, what was appended
+        // since the hold began waits; the dropped part of it is forgotten).
         self.write_out();
+        self.unwritten.retain(|c| c.seq <= seq);
+        // Batches in flight may write where the head goes back to.
+        self.hold |= !self.in_flight.is_empty();
         let last_pos = self.pos_of(seq);
         self.head_pos = last_pos + record_size(self.payload_len_of(seq) as usize);
         self.index.truncate((seq + 1 - self.first_seq) as usize);
@@ -1250,7 +1293,16 @@ impl Ring {
         self.next_seq = seq + 1;
         self.kept_first = self.kept_first.min(self.next_seq);
         self.epoch += 1;
-        self.epoch_first_seq = self.next_seq;
+        // The new epoch starts at the first record not in the file: under a
+        // hold, the kept records still waiting are stamped with it, since
+        // what the file holds where they go is older and must not pass.
+        let epoch = self.epoch;
+        for c in &mut self.unwritten {
+            wr_u64(&mut c.hdr, R_EPOCH, epoch);
+            let crc = record_crc(&c.hdr, c.payload.as_deref().unwrap_or(&[]));
+            wr_u32(&mut c.hdr, R_CRC, crc);
+        }
+        self.epoch_first_seq = self.written_through() + 1;
         self.sync_header_or_fail("truncation");
     }
 
@@ -1260,9 +1312,10 @@ impl Ring {
     pub fn reset(&mut self, next_seq: u64) {
         assert!(next_seq >= 1, "seqs start at 1");
         // The dropped records may not be in the file yet: write them out so
-        // the file holds what the batch in flight claims before the head
-        // moves on.
+        // the file holds what the batches in flight claim before the head
+        // moves on (under a hold, what waits is dropped with them).
         self.write_out();
+        self.unwritten.clear();
         self.index.clear();
         self.kept.clear();
         self.kept_bytes = 0;
@@ -1310,19 +1363,21 @@ impl Ring {
         self.pending.push_back(PendingSync {
             seq,
             tail_pos: self.tail_pos,
+            id: self.sync_count,
         });
     }
 
     /// Begin the asynchronous write of everything appended since the last
-    /// one and of the header: `None` while the previous batch is in flight
-    /// (appends made meanwhile go into the next batch; call again once it
-    /// was reported). The caller runs the returned writes, then an
+    /// one and of the header: `None` while [`MAX_BATCHES_IN_FLIGHT`] batches
+    /// are in flight (appends made meanwhile go into a later batch; call
+    /// again once one was reported). The fdatasync of a batch must be issued
+    /// only once the writes of every batch begun before it completed too. The caller runs the returned writes, then an
     /// fdatasync of [`Ring::fd`], and reports with
     /// [`Ring::sync_completed`] (or [`Ring::sync_failed`] if any write was
     /// not complete or the fdatasync failed). The writes hold the payload
     /// buffers they write from until they complete.
     pub fn begin_write(&mut self) -> Option<RingWrite> {
-        if self.in_flight.is_some() {
+        if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT || self.hold {
             return None;
         }
         let chunks = std::mem::take(&mut self.unwritten);
@@ -1334,17 +1389,38 @@ impl Ring {
         ));
         let through = self.next_seq - 1;
         self.push_pending(through);
-        self.in_flight = Some(InFlightBatch {
+        self.in_flight.push_back(InFlightBatch {
             through,
+            id: self.sync_count,
             chunks,
             slot,
         });
         Some(RingWrite { through, writes })
     }
 
-    /// Whether a batch begun by [`Ring::begin_write`] was not reported yet.
-    pub fn write_in_flight(&self) -> bool {
-        self.in_flight.is_some()
+    /// Batches begun by [`Ring::begin_write`] and not reported yet.
+    pub fn writes_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A batch for `through` was reported: forget the oldest batch in
+    /// flight for it, and those before it. Its fdatasync was issued after
+    /// the writes of every batch begun before it completed, so none of
+    /// their stores can land any more. Returns the reported batch's sync id,
+    /// if it was still in flight.
+    fn batch_reported(&mut self, through: u64) -> Option<u64> {
+        let i = self.in_flight.iter().position(|f| f.through >= through);
+        let i = i.unwrap_or(self.in_flight.len());
+        let reported = self
+            .in_flight
+            .get(i)
+            .filter(|f| f.through == through)
+            .map(|f| f.id);
+        self.in_flight.drain(..i + usize::from(reported.is_some()));
+        if self.in_flight.is_empty() {
+            self.hold = false;
+        }
+        reported
     }
 
     /// Write what was appended since the last write and the header block,
@@ -1357,7 +1433,7 @@ impl Ring {
     pub fn prepare_sync(&mut self) -> u64 {
         self.write_out();
         self.store_header();
-        let seq = self.next_seq - 1;
+        let seq = self.written_through();
         self.push_pending(seq);
         seq
     }
@@ -1367,19 +1443,19 @@ impl Ring {
     /// Call once per completed fdatasync, in any order. (A failed write or
     /// fdatasync must not be reported here: see [`Ring::sync_failed`].)
     pub fn sync_completed(&mut self, synced_seq: u64) {
-        if self
-            .in_flight
-            .as_ref()
-            .is_some_and(|f| f.through == synced_seq)
-        {
-            self.in_flight = None;
-        }
+        let batch = self.batch_reported(synced_seq);
         if self.write_error.is_some() {
             // After a failed write or fdatasync a later fdatasync may succeed
             // without what the failed one lost: nothing becomes durable.
             return;
         }
-        let Some(i) = self.pending.iter().position(|p| p.seq == synced_seq) else {
+        // A batch's own sync (a synchronous operation since may have made it
+        // moot: then it is gone), else a `prepare_sync`'s of that seq.
+        let found = match batch {
+            Some(id) => self.pending.iter().position(|p| p.id == id),
+            None => self.pending.iter().position(|p| p.seq == synced_seq),
+        };
+        let Some(i) = found else {
             return; // covered by a later sync that completed first
         };
         let done = self.pending[i];
@@ -1394,13 +1470,7 @@ impl Ring {
     /// dirty pages, so its on-disk state is unknown. Kept for
     /// [`Ring::write_error`]; nothing is reported durable by it.
     pub fn sync_failed(&mut self, synced_seq: u64, why: String) {
-        if self
-            .in_flight
-            .as_ref()
-            .is_some_and(|f| f.through == synced_seq)
-        {
-            self.in_flight = None;
-        }
+        self.batch_reported(synced_seq);
         if self.write_error.is_none() {
             self.write_error = Some(format!(
                 "{}: the write or fdatasync that was to make seq {synced_seq} durable failed: \

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use storage::backend::{Backend, BackendCompletion, BackendOp, IoSeg, MemBackend};
-use storage::ring::{RecordHeader, Ring, RingError, RingFull, RingWrite};
+use storage::ring::{RecordHeader, Ring, RingError, RingFull, RingWrite, RING_HEADER_BYTES};
 
 fn hdr(seq: u64) -> RecordHeader {
     RecordHeader {
@@ -569,6 +569,9 @@ fn torn_block_write_keeps_every_durable_record() {
     assert!(cut_somewhere, "some tear cut records off");
 }
 
+/// A batch's writes not landed yet: (file offset, pieces).
+type Writes = Vec<(u64, Vec<IoSeg>)>;
+
 fn crash_run(seed: u64, steps: usize, unit: usize) {
     let dir = TempDir::new("ring-crash");
     let path = dir.join("ring");
@@ -583,11 +586,14 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
     let mut base = 0usize; // snapshot number of snaps[0]
     let mut prepared: Vec<(u64, usize)> = Vec::new(); // (seq, snapshot number)
     let mut durable = 0u64;
+    // Asynchronous batches (as the node runs them): writes not landed yet,
+    // and whether a synchronous operation made the batch moot for the model.
+    let mut batches: Vec<(u64, Writes, bool)> = Vec::new();
     for step in 0..steps {
         let ctx = format!("seed {seed} step {step}");
         let mut floor = None; // new durable floor, as a snapshot number
         let now = base + snaps.len(); // number of the snapshot taken after this op
-        match rng.below(100) {
+        match rng.below(115) {
             0..=54 => {
                 let len = rng.below(capacity / 4) as usize;
                 if ring.append(&hdr(next), payload(next, len).into()).is_ok() {
@@ -602,7 +608,37 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                     first = (s + 1).min(next);
                 }
             }
+            // (The node uses either protocol, not both at once: a prepared
+            // sync's completion would be taken for a batch's.)
+            100..=104 if prepared.is_empty() => {
+                if let Some(w) = ring.begin_write() {
+                    batches.push((w.through, w.writes, false));
+                }
+            }
+            105..=114 if batches.iter().any(|b| !b.1.is_empty()) => {
+                // One write lands (any batch, any order); a batch whose
+                // writes and all earlier batches' writes landed gets its
+                // fdatasync, which completes at once.
+                let open: Vec<usize> = (0..batches.len())
+                    .filter(|&i| !batches[i].1.is_empty())
+                    .collect();
+                let b = open[rng.below(open.len() as u64) as usize];
+                let k = rng.below(batches[b].1.len() as u64) as usize;
+                let (off, segs) = batches[b].1.remove(k);
+                run_write(ring.fd(), off, segs).unwrap();
+                while batches.first().is_some_and(|b| b.1.is_empty()) {
+                    let (through, _, moot) = batches.remove(0);
+                    ring.sync_completed(through);
+                    if !moot {
+                        durable = durable.max(through);
+                        floor = Some(now);
+                    }
+                }
+            }
             70..=72 => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 let s = first.saturating_sub(1) + rng.below(next - first + 1);
                 ring.truncate_after(s);
                 chain.retain(|&k, _| k <= s);
@@ -610,18 +646,21 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                 first = first.min(next);
                 floor = Some(now);
                 prepared.clear();
-                durable = next - 1;
+                durable = ring.durable_seq();
             }
             73 => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 let n = next + rng.below(5);
                 ring.reset(n);
                 chain.clear();
                 (first, next) = (n, n);
                 floor = Some(now);
                 prepared.clear();
-                durable = n - 1;
+                durable = ring.durable_seq();
             }
-            74..=83 => prepared.push((ring.prepare_sync(), now)),
+            74..=83 if batches.is_empty() => prepared.push((ring.prepare_sync(), now)),
             84..=95 if !prepared.is_empty() => {
                 let (s, snap) = prepared.remove(rng.below(prepared.len() as u64) as usize);
                 // The fdatasync issued after that prepare completed: every
@@ -631,17 +670,23 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                 floor = Some(snap);
             }
             _ => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 ring.sync().unwrap();
                 floor = Some(now);
                 prepared.clear();
-                durable = next - 1;
+                durable = ring.durable_seq();
             }
         }
         snaps.push(std::fs::read(&path).unwrap());
         if snaps.len() > 48 {
+            for b in batches.iter_mut() {
+                b.2 = true;
+            }
             ring.sync().unwrap();
             prepared.clear();
-            durable = next - 1;
+            durable = ring.durable_seq();
             floor = Some(base + snaps.len() - 1);
             *snaps.last_mut().unwrap() = std::fs::read(&path).unwrap();
         }
@@ -702,18 +747,31 @@ fn async_batch_that_wraps() {
     let w = ring.begin_write().expect("no batch in flight");
     assert_eq!(w.through, 6);
     let offsets: Vec<u64> = w.writes.iter().map(|(o, _)| *o).collect();
+    let h = RING_HEADER_BYTES;
     assert_eq!(
         offsets,
-        vec![8192 + 49152, 8192, 4096],
-        "records 4 and the wrap marker, then 5 and 6 at the start, then header slot 1"
+        vec![h + 49152, h, 0],
+        "records 4 and the wrap marker, then 5 and 6 at the start, then header slot 0"
     );
-    assert!(ring.begin_write().is_none(), "one batch at a time");
-    for (off, segs) in w.writes {
+    let w2 = ring.begin_write().expect("a second batch may be in flight");
+    assert_eq!(
+        (w2.through, w2.writes.len()),
+        (6, 1),
+        "only its header store"
+    );
+    assert_eq!(w2.writes[0].0, 4096, "header slot 1: not slot 0, in flight");
+    assert!(
+        ring.begin_write().is_none(),
+        "at most two batches in flight"
+    );
+    for (off, segs) in w.writes.into_iter().chain(w2.writes) {
         run_write(ring.fd(), off, segs).unwrap();
     }
     std::fs::File::open(&path).unwrap().sync_data().unwrap();
     ring.sync_completed(w.through);
-    assert!(!ring.write_in_flight());
+    assert_eq!(ring.writes_in_flight(), 1);
+    ring.sync_completed(w2.through);
+    assert_eq!(ring.writes_in_flight(), 0);
     assert_eq!(ring.durable_seq(), 6);
     drop(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
@@ -744,12 +802,13 @@ fn payloads_not_a_multiple_of_the_block() {
     }
     run_batch(&mut ring);
     let file = std::fs::read(&path).unwrap();
-    // Record 1: header block at 8192, payload at 12288, zeroes after 512 bytes.
-    assert_eq!(&file[12288..12288 + 512], &payload(1, 512)[..]);
-    assert!(file[12288 + 512..16384].iter().all(|&b| b == 0));
-    // Record 2 starts at 16384; its payload at 20480 runs 4608 bytes.
-    assert_eq!(&file[20480..20480 + 4608], &payload(2, 4608)[..]);
-    assert!(file[20480 + 4608..28672].iter().all(|&b| b == 0));
+    let h = RING_HEADER_BYTES as usize;
+    // Record 1: header block at h, payload at h + 4096, zeroes after 512 bytes.
+    assert_eq!(&file[h + 4096..h + 4096 + 512], &payload(1, 512)[..]);
+    assert!(file[h + 4096 + 512..h + 8192].iter().all(|&b| b == 0));
+    // Record 2 starts at h + 8192; its payload at h + 12288 runs 4608 bytes.
+    assert_eq!(&file[h + 12288..h + 12288 + 4608], &payload(2, 4608)[..]);
+    assert!(file[h + 12288 + 4608..h + 20480].iter().all(|&b| b == 0));
     drop(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
     assert_eq!(rec.next_seq, 6);
@@ -797,7 +856,7 @@ fn failed_vectored_write() {
     assert_eq!(ctl.injected(), n as u64);
     ring.sync_failed(w.through, "write failed (errno 5)".into());
     assert!(ring.write_error().unwrap().contains("seq 2"));
-    assert!(!ring.write_in_flight());
+    assert_eq!(ring.writes_in_flight(), 0);
     ring.sync_completed(w.through);
     assert_eq!(
         ring.durable_seq(),
@@ -870,20 +929,25 @@ fn truncation_while_a_batch_is_in_flight() {
         append(&mut ring, s, 1000);
     }
     run_batch(&mut ring);
-    for s in 5..=8 {
-        append(&mut ring, s, 1000);
-    }
+    // Two batches in flight: 5 and 6, then 7 and 8.
+    append(&mut ring, 5, 1000);
+    append(&mut ring, 6, 1000);
     let w = ring.begin_write().unwrap();
+    append(&mut ring, 7, 1000);
+    append(&mut ring, 8, 1000);
+    let w2 = ring.begin_write().unwrap();
     ring.truncate_after(5);
     ring.truncate_after(3);
     assert_eq!(ring.durable_seq(), 3);
-    // The stale batch lands now, header slot included.
-    for (off, segs) in w.writes {
+    // The stale batches land now, header slots included.
+    for (off, segs) in w.writes.into_iter().chain(w2.writes) {
         run_write(ring.fd(), off, segs).unwrap();
     }
     std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    ring.sync_completed(w2.through);
     ring.sync_completed(w.through);
-    assert_eq!(ring.durable_seq(), 3, "the stale batch confirms nothing");
+    assert_eq!(ring.durable_seq(), 3, "the stale batches confirm nothing");
+    assert_eq!(ring.writes_in_flight(), 0);
     std::mem::forget(ring); // a crash: nothing more written
     let (mut ring, rec) = Ring::open(&path).unwrap();
     assert_eq!(
