@@ -63,8 +63,9 @@ pub(crate) struct Args {
     /// Replay mode: outage sizes (random 4 KiB writes while node 2 is down).
     #[arg(long, default_value = "1000,10000,100000")]
     replay_n: String,
-    /// Replay mode: ring size in MiB (must hold the largest N x 4160 bytes).
-    #[arg(long, default_value_t = 512)]
+    /// Replay mode: ring size in MiB (must hold the largest N x 8192 bytes:
+    /// a 4 KiB write takes a header block and a payload block).
+    #[arg(long, default_value_t = 1024)]
     replay_ring_mib: u64,
     /// Replay mode: entries replayed while measuring foreground latency.
     #[arg(long, default_value_t = 100_000)]

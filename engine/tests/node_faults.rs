@@ -49,6 +49,8 @@ enum Fault {
     DiskWrite,
     /// The ring's flush (fdatasync through the backend) fails.
     RingFlush,
+    /// The ring's batch write (a vectored write through the backend) fails.
+    RingWrite,
 }
 
 struct TempDir(PathBuf);
@@ -268,6 +270,7 @@ fn arm(ctl: &FaultControl, fault: Fault) {
             ctl.fail_after(0);
         }
         Fault::RingFlush => ctl.fail_fd_syncs(true),
+        Fault::RingWrite => ctl.fail_fd_writes(true),
     }
 }
 
@@ -275,7 +278,7 @@ fn arm(ctl: &FaultControl, fault: Fault) {
 fn failed_reason(fault: Fault) -> &'static str {
     match fault {
         Fault::DiskWrite => "disk write error",
-        Fault::RingFlush => "the ring failed",
+        Fault::RingFlush | Fault::RingWrite => "the ring failed",
     }
 }
 
@@ -613,6 +616,16 @@ fn ring_flush_failure_on_the_primary() {
 #[test]
 fn ring_flush_failure_on_the_backup() {
     backup_fault("flush-backup", Fault::RingFlush);
+}
+
+#[test]
+fn ring_write_failure_on_the_primary() {
+    primary_fault("ringwrite-primary", Fault::RingWrite);
+}
+
+#[test]
+fn ring_write_failure_on_the_backup() {
+    backup_fault("ringwrite-backup", Fault::RingWrite);
 }
 
 /// The standalone node runs on any backend too: a disk EIO reaches the

@@ -94,7 +94,8 @@ fn replay_left_when_a_write_completed(name: &str, port: u16, floor: u64) -> u64 
         std::fs::create_dir_all(&x.data_dir).unwrap();
         create_file_device(&x.volume_path, 256 * MIB).unwrap();
         let role = if id == 1 { Role::Primary } else { Role::Backup };
-        format(&x, 128 * MIB, role, true, false).unwrap();
+        // The ring holds the 20,000 writes of the outage (8 KiB a record).
+        format(&x, 256 * MIB, role, true, false).unwrap();
         o.push(x);
     }
     let n1 = Node::start(o[0].clone()).unwrap();

@@ -65,7 +65,7 @@ use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
 use reactor::{Overflow, PendingHost, Reactor};
-pub use ring_log::RingLog;
+pub use ring_log::{RingFlushIo, RingLog};
 pub use state::state_file;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -37,10 +37,42 @@ impl Overflow {
 pub(super) enum Inflight {
     Exec(Seq),
     ExtentWrite(Token),
-    ExtentRead { token: Token, offset: u64 },
+    ExtentRead {
+        token: Token,
+        offset: u64,
+    },
     Flush(Token),
-    RingFlush(Seq),
+    /// One write of ring batch number `u64` ([`RingIo`]).
+    RingWrite(u64),
+    /// The fdatasync after that batch's writes.
+    RingFlush(u64),
     HostRead(usize),
+}
+
+/// The ring batches in flight (at most two; see [`RingFlushIo`]), oldest
+/// first, and the `FlushRing` requests waiting for a batch.
+#[derive(Default)]
+pub(super) struct RingIo {
+    batches: VecDeque<RingBatch>,
+    next_id: u64,
+    /// `FlushRing` requests that came while the ring had no batch to spare:
+    /// the next batch, begun when one is reported, answers them.
+    deferred: usize,
+}
+
+struct RingBatch {
+    id: u64,
+    through: Seq,
+    fd: RawFd,
+    /// Writes not completed yet.
+    writes_left: usize,
+    /// The first write that failed (errno).
+    failed: Option<i32>,
+    /// Its fdatasync was submitted.
+    syncing: bool,
+    /// `FlushRing` requests it answers (each gets its event).
+    answers: usize,
+    started: Instant,
 }
 
 pub(super) struct PendingHost {
@@ -71,6 +103,7 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) inflight_at: Vec<Instant>,
     pub(super) free_tags: Vec<usize>,
     pub(super) overflow: Overflow,
+    pub(super) ring_io: RingIo,
     pub(super) hosts: Vec<Option<PendingHost>>,
     pub(super) free_hosts: Vec<usize>,
     pub(super) write_hist: Histogram<u64>,
@@ -124,6 +157,7 @@ impl<B: Backend> Reactor<B> {
             inflight_at: Vec::new(),
             free_tags: Vec::new(),
             overflow: Overflow::default(),
+            ring_io: RingIo::default(),
             hosts: Vec::new(),
             free_hosts: Vec::new(),
             write_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
@@ -453,9 +487,6 @@ impl<B: Backend> Reactor<B> {
             let res = c.result.map(|_| ());
             let us = (self.inflight_at[tag].elapsed().as_micros() as u64).max(1);
             match &what {
-                Inflight::RingFlush(_) => {
-                    let _ = self.sync_hist.record(us);
-                }
                 Inflight::Exec(_) | Inflight::ExtentWrite(_) => {
                     let _ = self.disk_write_hist.record(us);
                 }
@@ -480,18 +511,18 @@ impl<B: Backend> Reactor<B> {
                 Inflight::Flush(token) => {
                     self.core.handle(Event::DiskFlushed { token, result: res })
                 }
-                Inflight::RingFlush(through) => match res {
-                    Ok(()) => self.core.handle(Event::RingFlushed { through }),
-                    Err(e) => {
-                        // The kernel may have dropped what the flush was to
-                        // write: the core refuses further work.
-                        log::error!("ring flush failed (errno {e}); the node stops serving");
-                        self.core.handle(Event::RingFlushFailed {
-                            through,
-                            why: format!("flush failed (errno {e})"),
-                        });
+                Inflight::RingWrite(id) => {
+                    if let Some(b) = self.ring_io.batches.iter_mut().find(|b| b.id == id) {
+                        if let Err(e) = res {
+                            b.failed.get_or_insert(e);
+                        }
+                        b.writes_left -= 1;
                     }
-                },
+                    self.ring_advance();
+                }
+                Inflight::RingFlush(id) => {
+                    self.ring_flush_done(id, res.map_err(|e| (e, "fdatasync")))
+                }
                 Inflight::HostRead(id) => {
                     let r = match res {
                         // The buffer the disk read filled goes to the
@@ -505,6 +536,100 @@ impl<B: Backend> Reactor<B> {
         }
         self.comps = comps;
         true
+    }
+
+    /// Begin the ring batch `io` that makes `through` durable, answering
+    /// `answers` `FlushRing` requests; or defer them until a batch in
+    /// flight is reported. The writes go to the backend's io_uring: the
+    /// reactor never waits for them.
+    fn start_ring_flush(&mut self, through: Seq, io: RingFlushIo, answers: usize) {
+        match io {
+            RingFlushIo::Busy => self.ring_io.deferred += answers,
+            RingFlushIo::Batch { fd, writes } => {
+                let id = self.ring_io.next_id;
+                self.ring_io.next_id += 1;
+                self.ring_io.batches.push_back(RingBatch {
+                    id,
+                    through,
+                    fd,
+                    writes_left: writes.len(),
+                    failed: None,
+                    syncing: false,
+                    answers,
+                    started: Instant::now(),
+                });
+                for (offset, segs) in writes {
+                    self.submit(
+                        Inflight::RingWrite(id),
+                        BackendOp::WriteVecFd { fd, offset, segs },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Issue the fdatasync of every batch whose writes, and the writes of
+    /// every batch before it, completed in full (an fdatasync covers only
+    /// writes completed before it was issued, and reporting a batch durable
+    /// reports the ones before it durable too); fail a batch whose write
+    /// failed.
+    fn ring_advance(&mut self) {
+        let mut i = 0;
+        while i < self.ring_io.batches.len() {
+            let b = &mut self.ring_io.batches[i];
+            if b.writes_left > 0 {
+                break;
+            }
+            if let Some(e) = b.failed {
+                let id = b.id;
+                self.ring_flush_done(id, Err((e, "write")));
+                continue;
+            }
+            if !b.syncing {
+                b.syncing = true;
+                let (id, fd) = (b.id, b.fd);
+                self.submit(Inflight::RingFlush(id), BackendOp::SyncFd { fd });
+            }
+            i += 1;
+        }
+    }
+
+    /// Ring batch `id` finished (its writes and fdatasync, or a write that
+    /// failed): tell the core, once per request it answers, then begin a
+    /// batch for the requests deferred meanwhile.
+    fn ring_flush_done(&mut self, id: u64, res: Result<(), (i32, &str)>) {
+        let Some(i) = self.ring_io.batches.iter().position(|b| b.id == id) else {
+            return;
+        };
+        let b = self.ring_io.batches.remove(i).expect("found");
+        let _ = self
+            .sync_hist
+            .record((b.started.elapsed().as_micros() as u64).max(1));
+        let through = b.through;
+        match res {
+            Ok(()) => {
+                for _ in 0..b.answers {
+                    self.core.handle(Event::RingFlushed { through });
+                }
+                let deferred = std::mem::take(&mut self.ring_io.deferred);
+                if deferred > 0 {
+                    let (through, io) = self.core.begin_log_flush();
+                    self.start_ring_flush(through, io, deferred);
+                }
+            }
+            Err((e, what)) => {
+                // The kernel may have dropped what the flush was to write:
+                // the core refuses further work.
+                log::error!("ring {what} failed (errno {e}); the node stops serving");
+                let deferred = std::mem::take(&mut self.ring_io.deferred);
+                for _ in 0..b.answers + deferred {
+                    self.core.handle(Event::RingFlushFailed {
+                        through,
+                        why: format!("ring {what} failed (errno {e})"),
+                    });
+                }
+            }
+        }
     }
 
     pub(super) fn run_actions(&mut self) -> bool {
@@ -556,8 +681,8 @@ impl<B: Backend> Reactor<B> {
                 }
             }
             Action::FlushRing => {
-                let (through, op) = self.core.begin_log_flush();
-                self.submit(Inflight::RingFlush(through), op);
+                let (through, io) = self.core.begin_log_flush();
+                self.start_ring_flush(through, io, 1);
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {

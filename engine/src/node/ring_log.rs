@@ -1,7 +1,24 @@
 //! The persistent ring as the core's `Log`.
 
 use super::*;
+use storage::backend::IoSeg;
 use volume::SharedBuf;
+
+/// The I/O that completes a ring flush (see `docs/ring-format.md`,
+/// *Durability protocol*).
+pub enum RingFlushIo {
+    /// Run `writes` on the ring file `fd` (`BackendOp::WriteVecFd`; they do
+    /// not overlap, so all at once), then, once every one completed in full
+    /// and so did the writes of every batch begun before, `BackendOp::SyncFd
+    /// { fd }`. A failed or short write fails the flush.
+    Batch {
+        fd: RawFd,
+        writes: Vec<(u64, Vec<IoSeg>)>,
+    },
+    /// Two batches are in flight already. Begin the flush again once one
+    /// was reported; what that batch makes durable covers this request.
+    Busy,
+}
 
 /// Adapts the persistent ring to the core's `Log`. The node reaches the
 /// ring only through that trait.
@@ -30,9 +47,9 @@ fn from_record(r: &RecordHeader) -> ReqHeader {
 }
 
 impl Log for RingLog {
-    /// The backend operation that completes a flush: an fdatasync of the
-    /// ring file, issued beside the disk I/O.
-    type Flush = BackendOp;
+    /// The backend operations that complete a flush: the batch's writes and
+    /// the fdatasync after them, issued beside the disk I/O.
+    type Flush = RingFlushIo;
 
     fn first_seq(&self) -> Seq {
         self.0.first_seq()
@@ -44,7 +61,10 @@ impl Log for RingLog {
         self.0.fits(payload_len)
     }
     fn append(&mut self, h: &ReqHeader, payload: SharedBuf) -> bool {
-        self.0.append(&to_record(h), &payload).is_ok()
+        self.0.append(&to_record(h), payload).is_ok()
+    }
+    fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
+        self.0.payload_buf(seq)
     }
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
         self.0.get(seq).map(|(r, p)| (from_record(&r), p))
@@ -64,9 +84,17 @@ impl Log for RingLog {
     fn capacity_bytes(&self) -> u64 {
         self.0.capacity_bytes()
     }
-    fn begin_flush(&mut self) -> (Seq, BackendOp) {
-        let through = self.0.prepare_sync();
-        (through, BackendOp::SyncFd { fd: self.0.fd() })
+    fn begin_flush(&mut self) -> (Seq, RingFlushIo) {
+        match self.0.begin_write() {
+            Some(w) => (
+                w.through,
+                RingFlushIo::Batch {
+                    fd: self.0.fd(),
+                    writes: w.writes,
+                },
+            ),
+            None => (self.0.next_seq() - 1, RingFlushIo::Busy),
+        }
     }
     fn flush_completed(&mut self, through: Seq) {
         self.0.sync_completed(through)

@@ -1,37 +1,44 @@
-//! The persistent ring: a memory-mapped file holding a node's delay buffer
-//! and delta queue as one gap-free sequence of records.
+//! The persistent ring: a file holding a node's delay buffer and delta queue
+//! as one gap-free sequence of records.
 //!
 //! The byte format and the recovery rules are specified in
 //! `docs/ring-format.md`; this module is the reference implementation. In
-//! short: a 4 KiB header block holds the cursors; records (64-byte header +
-//! payload, padded to 64 bytes) follow in a circular data area; a record never
-//! straddles the end of the area (a wrap marker sends readers back to the
-//! start). Positions are *logical* byte counts that only grow; the physical
-//! offset in the data area is `pos % capacity`.
+//! short: three 4 KiB header slots hold the cursors (a store never goes to
+//! a slot a batch in flight writes; recovery takes the valid one stored
+//! last); records follow in a circular data area, each a 4 KiB header block
+//! followed by its payload padded to whole 4 KiB blocks, so every payload
+//! sits at a block-aligned file offset and no two records share a block; a
+//! record never straddles the end of the area (a wrap marker block sends
+//! readers back to the start). Positions are *logical* byte counts that only
+//! grow; the physical offset in the data area is `pos % capacity`.
 //!
-//! Writes: the file is opened with O_DIRECT (where the filesystem refuses
-//! it, e.g. tmpfs before Linux 6.6, the ring logs so and writes through the page cache).
-//! Appends are built in place in a block-aligned staging area; nothing
-//! reaches the file until [`Ring::prepare_sync`], which writes everything
-//! appended since the previous one as one contiguous write (two where the
-//! records wrap around the end of the data area), from the block that holds
-//! the first new byte to the block that holds the last. It then writes the
-//! header block and returns the highest seq a following `fdatasync(fd())`
-//! makes durable; the caller issues that fdatasync (through the backend) and
-//! reports its completion with [`Ring::sync_completed`]: one flush per batch
-//! of appends, whatever the batch size (group commit). The staging area
-//! keeps the most recent records (up to [`STAGE_BYTES`]), so sending and
-//! executing them reads memory; older records are read through a read-only
-//! mapping of the file. Until then the ring does not
-//! reuse trimmed space, so a crash can never leave the on-disk header
-//! pointing at records that were overwritten. [`Ring::truncate_after`] and
-//! [`Ring::reset`] are rare (start-up, handshake, failover) and make
-//! themselves durable before returning.
+//! No payload is copied: [`Ring::append`] keeps the `SharedBuf` the payload
+//! arrived in, and a batch write takes its pieces straight from those
+//! buffers ([`Ring::begin_write`]: one vectored O_DIRECT write per run of
+//! consecutive records, two where the batch wraps around the end of the
+//! area, then the header slot, then the caller's fdatasync; the driver runs
+//! them on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]). Only
+//! the header blocks and the last partial block of a payload whose length
+//! is not a multiple of 4 KiB are built in a small staging buffer (zero
+//! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
+//! appends made meanwhile go into a later one (group commit), and a batch's
+//! fdatasync waits until the writes of the batches before it completed.
 //!
-//! Memory: the index of record offsets is the only heap structure (4 bytes
-//! per retained record, at most `capacity_bytes / 16` bytes).
+//! A record's buffer is kept while the record may not be in the file yet
+//! and, once durable, until the driver releases it ([`Ring::release_through`])
+//! or the durable buffers kept exceed [`KEEP_DURABLE_BYTES`]; after that the
+//! record is read through a read-only mapping of the file. Until a trim is
+//! durable the ring does not reuse the trimmed space, so a crash can never
+//! leave the on-disk header pointing at records that were overwritten.
+//! [`Ring::truncate_after`] and [`Ring::reset`] are rare (start-up,
+//! handshake, failover) and make themselves durable before returning, with
+//! synchronous writes (they rewrite, with the same bytes, what a batch in
+//! flight carries).
+//!
+//! Where the filesystem refuses O_DIRECT (e.g. tmpfs before Linux 6.6) the
+//! ring logs so and the same writes go through the page cache.
 
-use crate::backend::AlignedBuf;
+use crate::backend::{AlignedBuf, IoSeg, SharedBuf, MAX_WRITE_SEGS};
 use memmap2::Mmap;
 use std::collections::VecDeque;
 use std::fmt;
@@ -41,28 +48,34 @@ use std::os::fd::AsRawFd;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
-/// Size of the header block that precedes the data area.
-pub const RING_HEADER_BYTES: u64 = 4096;
-/// Records and wrap markers start on multiples of this.
-pub const RECORD_ALIGN_BYTES: u64 = 64;
-/// Size of a record header (and of a wrap marker).
-pub const RECORD_HEADER_BYTES: u64 = 64;
-/// Largest data area: record offsets are kept as `u32` multiples of 64.
-pub const MAX_CAPACITY_BYTES: u64 = (u32::MAX as u64 + 1) * RECORD_ALIGN_BYTES;
-/// Format version written by this code.
-pub const RING_VERSION: u32 = 1;
-/// Unit of every write to the ring file: writes start and end on multiples
-/// of this (O_DIRECT), and appends never use the last partial block before
-/// space that is still retained, so a write never covers a retained record
-/// it does not rewrite with the same bytes.
+/// Size of one header slot.
+pub const RING_HEADER_SLOT_BYTES: u64 = 4096;
+/// Header slots at the start of the file: one more than the batches that
+/// may be in flight, so a store never goes to a slot a store in flight may
+/// still land in.
+pub const RING_HEADER_SLOTS: usize = MAX_BATCHES_IN_FLIGHT + 1;
+/// Size of the header area (the slots) that precedes the data area.
+pub const RING_HEADER_BYTES: u64 = RING_HEADER_SLOTS as u64 * RING_HEADER_SLOT_BYTES;
+/// Batch writes ([`Ring::begin_write`]) that may be in flight at once.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Unit of every write to the ring file and of every record: records,
+/// payloads and wrap markers start on multiples of this and fill whole
+/// blocks, so no two records share a block.
 pub const RING_BLOCK_BYTES: u64 = 4096;
-/// Size of the staging area appends are built in (larger when one record
-/// needs it). It is also the window of recent records read from memory.
-pub const STAGE_BYTES: u64 = 8 << 20;
-/// When the staging area is full, the most recent bytes it held (at most
-/// this many) stay in it, so records appended just before are still read
-/// from memory.
-const STAGE_KEEP_BYTES: u64 = 1 << 20;
+/// Records and wrap markers start on multiples of this.
+pub const RECORD_ALIGN_BYTES: u64 = RING_BLOCK_BYTES;
+/// Bytes of a record's header block that are used (the rest is zero).
+pub const RECORD_HEADER_BYTES: u64 = 64;
+/// Largest data area: record offsets are kept as `u32` multiples of 4096.
+pub const MAX_CAPACITY_BYTES: u64 = (u32::MAX as u64 + 1) * RECORD_ALIGN_BYTES;
+/// Format version written (and read) by this code.
+pub const RING_VERSION: u32 = 2;
+/// Payload bytes of durable records whose buffers the ring keeps, by
+/// default, when the driver has not released them: reads of recent records
+/// (sending, executing) come from memory instead of the mapping.
+pub const KEEP_DURABLE_BYTES: u64 = 8 << 20;
+/// Largest single vectored write a batch is split into.
+const MAX_WRITE_BYTES: u64 = 1 << 30;
 
 const RING_MAGIC: &[u8; 8] = b"DMIRRING";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DMRC");
@@ -161,8 +174,12 @@ impl fmt::Display for RingError {
                 supported,
             } => write!(
                 f,
-                "{} has ring format version {found}, this build reads version {supported}; \
-                 run a deltamirror build that supports version {found}",
+                "{} has ring format version {found}, this build reads version {supported} \
+                 (docs/ring-format.md, Versions). Drain it with the build that wrote it: run \
+                 that build until the pair is in sync and this node's delta queue is empty, so \
+                 no acknowledged write lives only in this ring; then re-create the node with \
+                 this build, `deltamirror format --force --replace` (it rejoins as backup and \
+                 receives a full remirror from its peer)",
                 path.display()
             ),
             RingError::Corrupt {
@@ -204,6 +221,51 @@ impl std::error::Error for RingFull {}
 struct PendingSync {
     seq: u64,
     tail_pos: u64,
+    /// The `sync_count` of its header store: tells apart syncs of the same
+    /// seq.
+    id: u64,
+}
+
+/// A record or wrap marker appended and not yet known to be in the file:
+/// its 64-byte header and its payload (the buffer it arrived in).
+#[derive(Clone)]
+struct Chunk {
+    pos: u64,
+    /// The record's seq (a wrap marker: the seq of the record after it).
+    seq: u64,
+    hdr: [u8; RECORD_HEADER_BYTES as usize],
+    payload: Option<SharedBuf>,
+}
+
+/// An asynchronous batch write in flight ([`Ring::begin_write`]).
+struct InFlightBatch {
+    through: u64,
+    /// Its [`PendingSync::id`].
+    id: u64,
+    /// What it writes: a synchronous write while it is in flight rewrites
+    /// these (same bytes) so that it does not depend on the batch.
+    chunks: Vec<Chunk>,
+    /// The header slot it writes.
+    slot: usize,
+}
+
+/// A retained record whose payload buffer the ring still holds.
+struct Kept {
+    h: RecordHeader,
+    buf: SharedBuf,
+}
+
+/// One batch write begun by [`Ring::begin_write`]: run `writes` on the ring
+/// file (in any order, or all at once: no two overlap), then, once every one
+/// completed in full, an fdatasync of [`Ring::fd`]; report the outcome with
+/// [`Ring::sync_completed`] or [`Ring::sync_failed`] for `through`.
+pub struct RingWrite {
+    /// The highest seq the batch makes durable.
+    pub through: u64,
+    /// `(file offset, pieces)`: the records' runs (header blocks from a
+    /// staging buffer, payloads from the buffers they arrived in), then the
+    /// header slot.
+    pub writes: Vec<(u64, Vec<IoSeg>)>,
 }
 
 pub struct Ring {
@@ -211,24 +273,9 @@ pub struct Ring {
     file: File,
     /// Whether `file` was opened with O_DIRECT.
     direct: bool,
-    /// Read-only view of the file, for records no longer in the staging
-    /// area (see [`Ring::bytes_at`]).
+    /// Read-only view of the file, for records whose buffer is no longer
+    /// kept (see [`Ring::get`]).
     map: Mmap,
-    /// Records are built here and written from here (see [`Ring::write_out`]).
-    /// Byte `i` is logical position `stage_start + i`; the bytes before
-    /// `stage_end` are exactly what the ring holds (or will hold) there.
-    stage: AlignedBuf,
-    /// Block-aligned logical position of `stage[0]`. The staged range never
-    /// spans the end of the data area.
-    stage_start: u64,
-    /// End of the bytes built in the stage (the head, or the end of a wrap
-    /// marker that precedes the head).
-    stage_end: u64,
-    /// Every staged byte before this logical position has been written to
-    /// the file.
-    written_pos: u64,
-    /// The header block, built here for its write.
-    header_buf: AlignedBuf,
     /// The first failed write or fdatasync, if any: the ring's state is
     /// unknown from then on.
     write_error: Option<String>,
@@ -242,16 +289,36 @@ pub struct Ring {
     head_pos: u64,
     first_seq: u64,
     next_seq: u64,
-    /// Highest seq known durable (an fdatasync after it completed).
+    /// Highest seq known durable (an fdatasync after its write completed).
     durable_seq: u64,
     /// Appends never write at or beyond `reclaim_pos + capacity`: the tail
     /// that a durable header holds.
     reclaim_pos: u64,
-    /// Physical offset / 64 of each retained record, `first_seq` first.
+    /// Physical offset / 4096 of each retained record, `first_seq` first.
     index: VecDeque<u32>,
     payload_bytes: u64,
     pending: VecDeque<PendingSync>,
     sync_count: u64,
+    /// The header slot of the last header store.
+    last_slot: usize,
+    /// Records and wrap markers appended since the last write was planned.
+    unwritten: Vec<Chunk>,
+    /// Batches begun and not reported yet, oldest first.
+    in_flight: VecDeque<InFlightBatch>,
+    /// A truncation moved the head back over space that batches in flight
+    /// still write: nothing appended since is written (no batch begins,
+    /// synchronous writes leave it out) until those batches are reported,
+    /// so a write of theirs that lands late cannot overwrite a new record.
+    hold: bool,
+    /// Buffers of the records `kept_first..next_seq`.
+    kept: VecDeque<Kept>,
+    kept_first: u64,
+    /// Payload bytes in `kept`.
+    kept_bytes: u64,
+    /// Durable records' buffers are dropped, oldest first, beyond this.
+    keep_limit: u64,
+    /// The driver needs no buffer of a seq <= this any more.
+    released_through: u64,
 }
 
 /// Overwrite the first `len` bytes of `file` with zeroes and make them durable.
@@ -284,9 +351,10 @@ fn wr_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Bytes a record with `payload_len` bytes of payload occupies.
+/// Bytes a record with `payload_len` bytes of payload occupies: its header
+/// block and its payload padded to whole blocks.
 pub fn record_size(payload_len: usize) -> u64 {
-    (RECORD_HEADER_BYTES + payload_len as u64).next_multiple_of(RECORD_ALIGN_BYTES)
+    RING_BLOCK_BYTES + (payload_len as u64).next_multiple_of(RING_BLOCK_BYTES)
 }
 
 fn record_crc(hdr: &[u8], payload: &[u8]) -> u32 {
@@ -303,10 +371,6 @@ struct RawRecord {
 
 fn round_down(pos: u64) -> u64 {
     pos / RING_BLOCK_BYTES * RING_BLOCK_BYTES
-}
-
-fn round_up(pos: u64) -> u64 {
-    pos.next_multiple_of(RING_BLOCK_BYTES)
 }
 
 /// Open the ring file for reading and writing, with O_DIRECT where the
@@ -344,6 +408,157 @@ fn corrupt(offset: u64, seq_expected: u64, detail: String) -> RingError {
     }
 }
 
+/// The cursors one header slot holds.
+#[derive(Clone, Copy)]
+struct StoredHeader {
+    capacity: u64,
+    epoch: u64,
+    epoch_first_seq: u64,
+    tail_pos: u64,
+    first_seq: u64,
+    head_pos: u64,
+    next_seq: u64,
+    synced_seq: u64,
+    sync_count: u64,
+}
+
+/// Parse a header slot (magic and version already checked): why it is not
+/// valid, or its cursors.
+fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
+    if crc32c::crc32c(&h[..H_CRC]) != rd_u32(h, H_CRC) {
+        return Err("checksum mismatch".into());
+    }
+    let s = StoredHeader {
+        capacity: rd_u64(h, H_CAPACITY),
+        epoch: rd_u64(h, H_EPOCH),
+        epoch_first_seq: rd_u64(h, H_EPOCH_FIRST_SEQ),
+        tail_pos: rd_u64(h, H_TAIL_POS),
+        first_seq: rd_u64(h, H_FIRST_SEQ),
+        head_pos: rd_u64(h, H_HEAD_POS),
+        next_seq: rd_u64(h, H_NEXT_SEQ),
+        synced_seq: rd_u64(h, H_SYNCED_SEQ),
+        sync_count: rd_u64(h, H_SYNC_COUNT),
+    };
+    let sane = u64::from(rd_u32(h, H_HEADER_BYTES)) == RING_HEADER_BYTES
+        && s.capacity == file_len - RING_HEADER_BYTES
+        && s.capacity.is_multiple_of(RING_BLOCK_BYTES)
+        && s.capacity <= MAX_CAPACITY_BYTES
+        && s.tail_pos <= s.head_pos
+        && s.head_pos - s.tail_pos <= s.capacity
+        && s.tail_pos.is_multiple_of(RECORD_ALIGN_BYTES)
+        && s.first_seq >= 1
+        && s.first_seq <= s.next_seq
+        && s.synced_seq < s.next_seq
+        && s.epoch_first_seq <= s.next_seq;
+    if !sane {
+        return Err(format!(
+            "inconsistent cursors (capacity {}, file {file_len} bytes, tail {}/seq {}, head {}/seq \
+             {}, synced seq {})",
+            s.capacity, s.tail_pos, s.first_seq, s.head_pos, s.next_seq, s.synced_seq
+        ));
+    }
+    Ok(s)
+}
+
+/// A record's (or wrap marker's) 64-byte header, checksum included.
+fn record_header(
+    magic: u32,
+    h: &RecordHeader,
+    epoch: u64,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_BYTES as usize] {
+    let mut rec = [0u8; RECORD_HEADER_BYTES as usize];
+    wr_u32(&mut rec, R_MAGIC, magic);
+    rec[R_KIND] = h.kind;
+    rec[R_FLAGS] = h.flags;
+    wr_u64(&mut rec, R_SEQ, h.seq);
+    wr_u64(&mut rec, R_GEN, h.gen);
+    wr_u64(&mut rec, R_OFFSET, h.offset);
+    wr_u64(&mut rec, R_LEN, h.len);
+    wr_u64(&mut rec, R_EPOCH, epoch);
+    wr_u32(&mut rec, R_PAYLOAD_LEN, payload.len() as u32);
+    let crc = record_crc(&rec, payload);
+    wr_u32(&mut rec, R_CRC, crc);
+    rec
+}
+
+/// A piece of a planned write: from the staging buffer, or from a payload.
+enum Piece {
+    Stage { at: usize, len: usize },
+    Payload { buf: SharedBuf, len: usize },
+}
+
+/// The writes that put `chunks` (in append order) into a ring file with a
+/// data area of `capacity` bytes: one per run of consecutive chunks (a run
+/// ends at the end of the data area, and at [`MAX_WRITE_SEGS`] pieces or
+/// [`MAX_WRITE_BYTES`]). Header blocks, and the last partial block of a
+/// payload whose length is not a multiple of the block size (zero padded),
+/// are built in one staging buffer; whole payload blocks are written from
+/// the payload's own buffer.
+fn plan_writes(chunks: &[Chunk], capacity: u64) -> Vec<(u64, Vec<IoSeg>)> {
+    let block = RING_BLOCK_BYTES as usize;
+    let stage_blocks: usize = chunks
+        .iter()
+        .map(|c| {
+            let tail = c.payload.as_ref().is_some_and(|p| p.len() % block != 0);
+            1 + usize::from(tail)
+        })
+        .sum();
+    let mut stage = AlignedBuf::new(stage_blocks * block);
+    let mut runs: Vec<(u64, Vec<Piece>)> = Vec::new();
+    let (mut run_end, mut run_bytes) = (u64::MAX, 0u64);
+    let mut at = 0usize;
+    for c in chunks {
+        let size = record_size(c.payload.as_ref().map_or(0, |p| p.len()));
+        let new_run = c.pos != run_end
+            || c.pos.is_multiple_of(capacity)
+            || runs.last().is_none_or(|r| r.1.len() + 3 > MAX_WRITE_SEGS)
+            || run_bytes + size > MAX_WRITE_BYTES;
+        if new_run {
+            runs.push((RING_HEADER_BYTES + c.pos % capacity, Vec::new()));
+            run_bytes = 0;
+        }
+        let pieces = &mut runs.last_mut().expect("a run").1;
+        stage.as_mut_slice()[at..at + RECORD_HEADER_BYTES as usize].copy_from_slice(&c.hdr);
+        pieces.push(Piece::Stage { at, len: block });
+        at += block;
+        if let Some(p) = &c.payload {
+            let whole = p.len() / block * block;
+            if whole > 0 {
+                pieces.push(Piece::Payload {
+                    buf: p.clone(),
+                    len: whole,
+                });
+            }
+            if whole < p.len() {
+                let rest = p.len() - whole;
+                stage.as_mut_slice()[at..at + rest].copy_from_slice(&p[whole..]);
+                pieces.push(Piece::Stage { at, len: block });
+                at += block;
+            }
+        }
+        run_end = c.pos + size;
+        run_bytes += size;
+    }
+    let stage = stage.share();
+    runs.into_iter()
+        .map(|(offset, pieces)| {
+            let segs = pieces
+                .into_iter()
+                .map(|p| match p {
+                    Piece::Stage { at, len } => IoSeg {
+                        buf: stage.clone(),
+                        start: at,
+                        len,
+                    },
+                    Piece::Payload { buf, len } => IoSeg { buf, start: 0, len },
+                })
+                .collect();
+            (offset, segs)
+        })
+        .collect()
+}
+
 impl Ring {
     /// Create (or overwrite) the ring file at `path` with a data area of
     /// `capacity_bytes` (a multiple of 4096, at most [`MAX_CAPACITY_BYTES`]);
@@ -351,7 +566,7 @@ impl Ring {
     /// preallocated so that page faults on the mapping never hit ENOSPC.
     pub fn create(path: &Path, capacity_bytes: u64, first_seq: u64) -> Result<Ring, RingError> {
         if capacity_bytes == 0
-            || !capacity_bytes.is_multiple_of(4096)
+            || !capacity_bytes.is_multiple_of(RING_BLOCK_BYTES)
             || capacity_bytes > MAX_CAPACITY_BYTES
         {
             return Err(RingError::Io(io::Error::new(
@@ -396,31 +611,13 @@ impl Ring {
             )
         })?;
         let map = Self::map(&file)?;
-        let mut ring = Ring {
-            path: path.to_path_buf(),
-            file,
-            direct,
-            map,
-            stage: AlignedBuf::new(Self::stage_len(capacity_bytes)),
-            stage_start: 0,
-            stage_end: 0,
-            written_pos: 0,
-            header_buf: AlignedBuf::new(RING_HEADER_BYTES as usize),
-            write_error: None,
-            capacity: capacity_bytes,
-            epoch: 1,
-            epoch_first_seq: first_seq,
-            tail_pos: 0,
-            head_pos: 0,
-            first_seq,
-            next_seq: first_seq,
-            durable_seq: first_seq - 1,
-            reclaim_pos: 0,
-            index: VecDeque::new(),
-            payload_bytes: 0,
-            pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
-            sync_count: 0,
-        };
+        let mut ring = Ring::with(path, file, direct, map, capacity_bytes);
+        ring.epoch = 1;
+        ring.epoch_first_seq = first_seq;
+        ring.first_seq = first_seq;
+        ring.next_seq = first_seq;
+        ring.kept_first = first_seq;
+        ring.durable_seq = first_seq - 1;
         ring.sync_header()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Make the new directory entry durable too.
@@ -429,21 +626,49 @@ impl Ring {
         Ok(ring)
     }
 
+    /// An empty ring over `file` (cursors at zero).
+    fn with(path: &Path, file: File, direct: bool, map: Mmap, capacity: u64) -> Ring {
+        Ring {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            map,
+            write_error: None,
+            capacity,
+            epoch: 0,
+            epoch_first_seq: 0,
+            tail_pos: 0,
+            head_pos: 0,
+            first_seq: 0,
+            next_seq: 0,
+            durable_seq: 0,
+            reclaim_pos: 0,
+            index: VecDeque::new(),
+            payload_bytes: 0,
+            pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
+            sync_count: 0,
+            // The first store goes to slot 0.
+            last_slot: RING_HEADER_SLOTS - 1,
+            unwritten: Vec::new(),
+            in_flight: VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT),
+            hold: false,
+            kept: VecDeque::new(),
+            kept_first: 0,
+            kept_bytes: 0,
+            keep_limit: KEEP_DURABLE_BYTES,
+            released_through: 0,
+        }
+    }
+
     fn map(file: &File) -> io::Result<Mmap> {
         // SAFETY: the mapping is MAP_SHARED over a file this process opened
         // read/write and owns for the ring's lifetime; deltamirror never
         // resizes it, and other processes must not modify a ring in use (the
         // same rule as for any database file).
-        // The mapping is read-only: records go in with (O_DIRECT) pwrite from
-        // the staging area, and the kernel drops cached pages of a range an
-        // O_DIRECT write covered, so reads through the mapping see the file.
+        // The mapping is read-only: records go in with (O_DIRECT) writes, and
+        // the kernel drops cached pages of a range an O_DIRECT write covered,
+        // so reads through the mapping see the file.
         unsafe { memmap2::MmapOptions::new().map(file) }
-    }
-
-    /// Staging area size for a ring of `capacity` bytes: room for any record
-    /// plus the block before it, up to [`STAGE_BYTES`].
-    fn stage_len(capacity: u64) -> usize {
-        (capacity.min(STAGE_BYTES) + RING_BLOCK_BYTES) as usize
     }
 
     /// Whether the ring file is written with O_DIRECT.
@@ -466,80 +691,67 @@ impl Ring {
             });
         }
         let map = Self::map(&file)?;
-        let h = &map[..];
-        if &h[H_MAGIC..H_MAGIC + 8] != RING_MAGIC {
+        let slot_len = RING_HEADER_SLOT_BYTES as usize;
+        let slots = (file_len / RING_HEADER_SLOT_BYTES).min(RING_HEADER_SLOTS as u64) as usize;
+        let has_magic = |i: usize| {
+            let at = i * slot_len;
+            map[at + H_MAGIC..at + H_MAGIC + 8] == RING_MAGIC[..]
+        };
+        if !(0..slots).any(has_magic) {
             return Err(RingError::BadMagic {
                 path: path.to_path_buf(),
             });
         }
-        let version = rd_u32(h, H_VERSION);
-        if version != RING_VERSION {
-            return Err(RingError::BadVersion {
-                path: path.to_path_buf(),
-                found: version,
-                supported: RING_VERSION,
-            });
+        // Another format version (version 1 has a single header at offset
+        // 0) is refused by name, whatever the other slots hold.
+        for i in (0..slots).filter(|&i| has_magic(i)) {
+            let version = rd_u32(&map[i * slot_len..], H_VERSION);
+            if version != RING_VERSION {
+                return Err(RingError::BadVersion {
+                    path: path.to_path_buf(),
+                    found: version,
+                    supported: RING_VERSION,
+                });
+            }
         }
         let header_corrupt = |detail: String| corrupt(0, 0, format!("{shown}: header: {detail}"));
-        if file_len < RING_HEADER_BYTES + 4096 {
+        if file_len < RING_HEADER_BYTES + RING_BLOCK_BYTES {
             return Err(header_corrupt(format!("file is only {file_len} bytes")));
         }
-        if crc32c::crc32c(&h[..H_CRC]) != rd_u32(h, H_CRC) {
-            return Err(header_corrupt("checksum mismatch".into()));
+        // The valid slot stored last wins: a store torn by a crash, or one
+        // that landed late, leaves another slot's header in force.
+        let mut best: Option<(usize, StoredHeader)> = None;
+        let mut why = Vec::new();
+        for i in 0..RING_HEADER_SLOTS {
+            let h = &map[i * slot_len..(i + 1) * slot_len];
+            if !has_magic(i) {
+                why.push(format!("slot {i}: no header"));
+                continue;
+            }
+            match parse_header(h, file_len) {
+                Ok(s) if best.is_none_or(|(_, b)| s.sync_count > b.sync_count) => {
+                    best = Some((i, s))
+                }
+                Ok(_) => {}
+                Err(e) => why.push(format!("slot {i}: {e}")),
+            }
         }
-        let capacity = rd_u64(h, H_CAPACITY);
-        let epoch = rd_u64(h, H_EPOCH);
-        let epoch_first_seq = rd_u64(h, H_EPOCH_FIRST_SEQ);
-        let tail_pos = rd_u64(h, H_TAIL_POS);
-        let first_seq = rd_u64(h, H_FIRST_SEQ);
-        let head_pos = rd_u64(h, H_HEAD_POS);
-        let next_seq = rd_u64(h, H_NEXT_SEQ);
-        let synced_seq = rd_u64(h, H_SYNCED_SEQ);
-        let sync_count = rd_u64(h, H_SYNC_COUNT);
-        let sane = u64::from(rd_u32(h, H_HEADER_BYTES)) == RING_HEADER_BYTES
-            && capacity == file_len - RING_HEADER_BYTES
-            && capacity.is_multiple_of(4096)
-            && capacity <= MAX_CAPACITY_BYTES
-            && tail_pos <= head_pos
-            && head_pos - tail_pos <= capacity
-            && tail_pos.is_multiple_of(RECORD_ALIGN_BYTES)
-            && first_seq >= 1
-            && first_seq <= next_seq
-            && synced_seq < next_seq
-            && epoch_first_seq <= next_seq;
-        if !sane {
-            return Err(header_corrupt(format!(
-                "inconsistent cursors (capacity {capacity}, file {file_len} bytes, tail {tail_pos}/\
-                 seq {first_seq}, head {head_pos}/seq {next_seq}, synced seq {synced_seq})"
-            )));
-        }
-
-        let mut ring = Ring {
-            path: path.to_path_buf(),
-            file,
-            direct,
-            map,
-            stage: AlignedBuf::new(Self::stage_len(capacity)),
-            stage_start: 0,
-            stage_end: 0,
-            written_pos: 0,
-            header_buf: AlignedBuf::new(RING_HEADER_BYTES as usize),
-            write_error: None,
-            capacity,
-            epoch,
-            epoch_first_seq,
-            tail_pos,
-            head_pos: tail_pos,
-            first_seq,
-            next_seq: first_seq,
-            durable_seq: 0,
-            reclaim_pos: tail_pos,
-            index: VecDeque::new(),
-            payload_bytes: 0,
-            pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
-            sync_count,
+        let Some((slot, h)) = best else {
+            return Err(header_corrupt(why.join("; ")));
         };
-        let torn_tail_bytes = ring.scan(head_pos, synced_seq)?;
+        let mut ring = Ring::with(path, file, direct, map, h.capacity);
+        ring.epoch = h.epoch;
+        ring.epoch_first_seq = h.epoch_first_seq;
+        ring.tail_pos = h.tail_pos;
+        ring.head_pos = h.tail_pos;
+        ring.first_seq = h.first_seq;
+        ring.next_seq = h.first_seq;
+        ring.reclaim_pos = h.tail_pos;
+        ring.sync_count = h.sync_count;
+        // The next store goes to the next slot: this one stays as it is
+        // until that store is durable.
+        ring.last_slot = slot;
+        let torn_tail_bytes = ring.scan(h.head_pos, h.synced_seq)?;
         if torn_tail_bytes > 0 {
             log::warn!(
                 "{shown}: torn tail cut off at seq {} ({torn_tail_bytes} bytes); \
@@ -547,9 +759,7 @@ impl Ring {
                 ring.next_seq
             );
         }
-        // Appends continue in the block that holds the head: stage what the
-        // file holds before the head in that block.
-        ring.restage_at(ring.head_pos);
+        ring.kept_first = ring.next_seq;
         // A new epoch makes every record left beyond the recovered head (the
         // torn tail, older laps) invalid for good, even if a later crash
         // leaves a new record of the same length in front of it.
@@ -602,8 +812,8 @@ impl Ring {
                 "payload length {payload_len} runs past the end of the data area"
             ));
         }
-        let payload = &self.map[at + RECORD_HEADER_BYTES as usize
-            ..at + RECORD_HEADER_BYTES as usize + payload_len as usize];
+        let payload = &self.map
+            [at + RING_BLOCK_BYTES as usize..at + RING_BLOCK_BYTES as usize + payload_len as usize];
         if record_crc(hdr, payload) != rd_u32(hdr, R_CRC) {
             return Some("checksum mismatch".into());
         }
@@ -627,7 +837,7 @@ impl Ring {
         loop {
             let phys = pos % self.capacity;
             let seq = self.next_seq;
-            if pos + RECORD_HEADER_BYTES > limit {
+            if pos + RING_BLOCK_BYTES > limit {
                 break;
             }
             if let Some(why) = self.check_at(phys, seq) {
@@ -676,13 +886,26 @@ impl Ring {
         Ok(0)
     }
 
-    /// Write the cursors into the header block (durable with the next
-    /// fdatasync).
-    fn store_header(&mut self) {
+    /// The header slot the next store goes to: the next one after the last
+    /// store's that no batch in flight is writing (a store that lands late
+    /// must not replace a newer one in its slot).
+    fn next_slot(&mut self) -> usize {
+        let n = RING_HEADER_SLOTS;
+        let slot = (1..=n)
+            .map(|i| (self.last_slot + i) % n)
+            .find(|&s| !self.in_flight.iter().any(|f| f.slot == s))
+            .expect("a slot free: more slots than batches in flight");
+        self.last_slot = slot;
+        slot
+    }
+
+    /// The header block holding the current cursors, and the slot it goes
+    /// to (durable with the next fdatasync after its write).
+    fn header_block(&mut self) -> (usize, AlignedBuf) {
         self.sync_count += 1;
-        let mut hb = std::mem::replace(&mut self.header_buf, AlignedBuf::new(0));
+        let slot = self.next_slot();
+        let mut hb = AlignedBuf::new(RING_HEADER_SLOT_BYTES as usize);
         let h = hb.as_mut_slice();
-        h.fill(0);
         h[H_MAGIC..H_MAGIC + 8].copy_from_slice(RING_MAGIC);
         wr_u32(h, H_VERSION, RING_VERSION);
         wr_u32(h, H_HEADER_BYTES, RING_HEADER_BYTES as u32);
@@ -702,22 +925,28 @@ impl Ring {
         wr_u64(h, H_SYNC_COUNT, self.sync_count);
         let crc = crc32c::crc32c(&h[..H_CRC]);
         wr_u32(h, H_CRC, crc);
-        self.write_at(0, hb.as_slice());
-        self.header_buf = hb;
+        (slot, hb)
     }
 
-    /// One pwrite of whole blocks (O_DIRECT: it reaches the device before
-    /// returning; the next fdatasync makes it durable). A failure is kept
-    /// and reported by [`Ring::write_error`]: the node must stop, since the
-    /// ring no longer holds what it was told to.
-    fn write_at(&mut self, at: u64, bytes: &[u8]) {
-        use std::os::unix::fs::FileExt;
-        if let Err(e) = self.file.write_all_at(bytes, at) {
+    /// Write the header block now (synchronously).
+    fn store_header(&mut self) {
+        let (slot, hb) = self.header_block();
+        let segs = [IoSeg::whole(hb.share())];
+        self.write_segs(slot as u64 * RING_HEADER_SLOT_BYTES, &segs);
+    }
+
+    /// One synchronous vectored write (O_DIRECT: it reaches the device
+    /// before returning; the next fdatasync makes it durable). A failure is
+    /// kept and reported by [`Ring::write_error`]: the node must stop, since
+    /// the ring no longer holds what it was told to.
+    fn write_segs(&mut self, at: u64, segs: &[IoSeg]) {
+        if let Err(errno) = crate::backend::mem::write_vec_fd(self.fd(), at, segs) {
             if self.write_error.is_none() {
+                let len: usize = segs.iter().map(|s| s.len).sum();
                 self.write_error = Some(format!(
-                    "{}: write of {} bytes at offset {at} failed: {e}",
+                    "{}: write of {len} bytes at offset {at} failed: {}",
                     self.path.display(),
-                    bytes.len()
+                    io::Error::from_raw_os_error(errno)
                 ));
             }
         }
@@ -729,97 +958,26 @@ impl Ring {
         self.write_error.as_deref()
     }
 
-    /// Write the staged bytes not yet in the file: one write from the block
-    /// that holds the first of them to the block that holds the last. The
-    /// rest of that last block is zero in the stage; it is free space in the
-    /// file (appends never use a block that also holds retained records of
-    /// an earlier lap, see [`Ring::placement`]).
+    /// Write synchronously every chunk not known to be in the file: the
+    /// batch in flight's (again, the same bytes) and those appended since.
     fn write_out(&mut self) {
-        if self.stage_end <= self.written_pos {
+        let mut chunks: Vec<Chunk> = self
+            .in_flight
+            .iter()
+            .flat_map(|f| f.chunks.iter().cloned())
+            .collect();
+        if !self.hold {
+            chunks.append(&mut self.unwritten);
+        }
+        if chunks.is_empty() {
             return;
         }
-        let from = round_down(self.written_pos);
-        let to = round_up(self.stage_end);
-        let base = self.stage_start;
-        let end_in_stage = (self.stage_end - base) as usize;
-        let to_in_stage = (to - base) as usize;
-        self.stage.as_mut_slice()[end_in_stage..to_in_stage].fill(0);
-        let stage = std::mem::replace(&mut self.stage, AlignedBuf::new(0));
-        let at = RING_HEADER_BYTES + from % self.capacity;
-        self.write_at(at, &stage.as_slice()[(from - base) as usize..to_in_stage]);
-        self.stage = stage;
-        self.written_pos = self.stage_end;
-    }
-
-    /// Start the staging area afresh at the block that holds logical
-    /// position `pos` (the head), with the bytes the ring holds before `pos`
-    /// in that block: from the current stage if it has them, else from the
-    /// file. Everything staged before must already be written.
-    fn restage_at(&mut self, pos: u64) {
-        debug_assert!(self.written_pos >= self.stage_end || self.stage_end == 0);
-        let start = round_down(pos);
-        let keep = (pos - start) as usize;
-        if keep > 0 {
-            if start >= self.stage_start && pos <= self.stage_end {
-                let from = (start - self.stage_start) as usize;
-                self.stage.as_mut_slice().copy_within(from..from + keep, 0);
-            } else {
-                let at = (RING_HEADER_BYTES + start % self.capacity) as usize;
-                let (map, stage) = (&self.map, &mut self.stage);
-                stage.as_mut_slice()[..keep].copy_from_slice(&map[at..at + keep]);
-            }
-        }
-        self.stage_start = start;
-        self.stage_end = pos;
-        self.written_pos = pos;
-    }
-
-    /// Make the stage hold `size` bytes at logical position `pos` (>= the
-    /// stage end): when they would run past the stage or the end of the
-    /// data area, write out what is staged and start the stage again,
-    /// keeping the most recent bytes (up to [`STAGE_KEEP_BYTES`]) of the
-    /// same lap for reads.
-    fn stage_room(&mut self, pos: u64, size: u64) {
-        let same_lap = pos / self.capacity == self.stage_start / self.capacity
-            && (pos + size - 1) / self.capacity == self.stage_start / self.capacity;
-        if same_lap && pos + size - self.stage_start <= self.stage.len() as u64 {
-            return;
-        }
-        self.write_out();
-        let stage_len = self.stage.len() as u64;
-        if same_lap {
-            // Keep the recent bytes before `pos`, whole blocks from the block
-            // that holds `pos` back.
-            let room = stage_len.saturating_sub(size + RING_BLOCK_BYTES);
-            let keep_from =
-                round_down(pos.saturating_sub(STAGE_KEEP_BYTES.min(room))).max(self.stage_start);
-            let from = (keep_from - self.stage_start) as usize;
-            let to = (pos - self.stage_start) as usize;
-            self.stage.as_mut_slice().copy_within(from..to, 0);
-            self.stage_start = keep_from;
-        } else {
-            self.stage_start = round_down(pos);
-            let keep = (pos - self.stage_start) as usize;
-            if keep > 0 {
-                // Not reached: a new lap starts at a block boundary.
-                let at = (RING_HEADER_BYTES + self.stage_start % self.capacity) as usize;
-                let (map, stage) = (&self.map, &mut self.stage);
-                stage.as_mut_slice()[..keep].copy_from_slice(&map[at..at + keep]);
-            }
-        }
-        self.stage_end = pos;
-        self.written_pos = pos;
-        let need = pos + size - self.stage_start;
-        if need > self.stage.len() as u64 {
-            // One record larger than the stage: grow it (kept for later).
-            let mut bigger = AlignedBuf::new(round_up(need) as usize);
-            let keep = (pos - self.stage_start) as usize;
-            bigger.as_mut_slice()[..keep].copy_from_slice(&self.stage.as_slice()[..keep]);
-            self.stage = bigger;
+        for (at, segs) in plan_writes(&chunks, self.capacity) {
+            self.write_segs(at, &segs);
         }
     }
 
-    /// Write what is staged and the header, and fdatasync now; everything
+    /// Write what is appended and the header, and fdatasync now; everything
     /// is durable afterwards.
     fn sync_header(&mut self) -> io::Result<()> {
         self.write_out();
@@ -829,8 +987,9 @@ impl Ring {
         }
         self.file.sync_data()?;
         self.pending.clear();
-        self.durable_seq = self.next_seq - 1;
+        self.durable_seq = self.written_through();
         self.reclaim_pos = self.tail_pos;
+        self.release_kept();
         Ok(())
     }
 
@@ -852,9 +1011,7 @@ impl Ring {
 
     /// Where a record of `size` bytes would go: (logical write position,
     /// bytes consumed including a skipped end of the area), or `None`.
-    /// Appends stop at the block boundary at or before the oldest byte a
-    /// durable header may still hold, so the block-sized writes never touch
-    /// a retained record they do not hold in the stage.
+    /// Appends stop at the oldest byte a durable header may still hold.
     fn placement(&self, size: u64) -> Option<(u64, u64)> {
         let phys = self.head_pos % self.capacity;
         let room_to_end = self.capacity - phys;
@@ -863,44 +1020,35 @@ impl Ring {
         } else {
             (self.head_pos + room_to_end, room_to_end + size)
         };
-        let limit = round_down(self.reclaim_pos + self.capacity);
+        let mut limit = round_down(self.reclaim_pos + self.capacity);
+        // Never where a batch in flight may still land (a synchronous
+        // operation may have made its records durable and trimmable).
+        if let Some(c) = self.in_flight.iter().find_map(|f| f.chunks.first()) {
+            limit = limit.min(c.pos + self.capacity);
+        }
         (size <= self.capacity && self.head_pos + need <= limit).then_some((write_pos, need))
     }
 
-    /// Build a record (or wrap marker) at logical position `pos` in the stage.
-    fn put_chunk(&mut self, pos: u64, magic: u32, h: &RecordHeader, payload: &[u8]) {
-        let size = record_size(payload.len());
-        self.stage_room(pos, size);
-        let epoch = self.epoch;
-        let at = (pos - self.stage_start) as usize;
-        let rec = &mut self.stage.as_mut_slice()[at..at + size as usize];
-        let hl = RECORD_HEADER_BYTES as usize;
-        rec[..hl].fill(0);
-        wr_u32(rec, R_MAGIC, magic);
-        rec[R_KIND] = h.kind;
-        rec[R_FLAGS] = h.flags;
-        wr_u64(rec, R_SEQ, h.seq);
-        wr_u64(rec, R_GEN, h.gen);
-        wr_u64(rec, R_OFFSET, h.offset);
-        wr_u64(rec, R_LEN, h.len);
-        wr_u64(rec, R_EPOCH, epoch);
-        wr_u32(rec, R_PAYLOAD_LEN, payload.len() as u32);
-        rec[hl..hl + payload.len()].copy_from_slice(payload);
-        rec[hl + payload.len()..].fill(0);
-        let crc = record_crc(&rec[..hl], payload);
-        wr_u32(rec, R_CRC, crc);
-        self.stage_end = pos + size;
+    /// The highest seq whose record is in the file or being written: all
+    /// of them, except under a hold (the `hold` field).
+    fn written_through(&self) -> u64 {
+        self.unwritten
+            .first()
+            .map_or(self.next_seq - 1, |c| c.seq - 1)
     }
 
-    /// Append a record; `h.seq` must be [`Ring::next_seq`]. It is built in
-    /// the staging area; not in the file until the next
-    /// [`Ring::prepare_sync`], and not durable until the fdatasync after it.
-    pub fn append(&mut self, h: &RecordHeader, payload: &[u8]) -> Result<(), RingFull> {
+    /// Append a record; `h.seq` must be [`Ring::next_seq`]. The ring keeps
+    /// `payload` (no copy) and writes the record from it with the next batch
+    /// ([`Ring::begin_write`] or [`Ring::prepare_sync`]); it is not durable
+    /// until the fdatasync after that.
+    pub fn append(&mut self, h: &RecordHeader, payload: SharedBuf) -> Result<(), RingFull> {
         assert_eq!(
             h.seq, self.next_seq,
             "ring append out of order: seqs are gap-free"
         );
-        assert!(payload.len() <= u32::MAX as usize, "payload too large");
+        if payload.len() > u32::MAX as usize {
+            return Err(RingFull);
+        }
         let size = record_size(payload.len());
         let (write_pos, _) = self.placement(size).ok_or(RingFull)?;
         if write_pos != self.head_pos {
@@ -912,10 +1060,20 @@ impl Ring {
                 offset: 0,
                 len: 0,
             };
-            self.put_chunk(self.head_pos, WRAP_MAGIC, &marker, &[]);
+            self.unwritten.push(Chunk {
+                pos: self.head_pos,
+                seq: h.seq,
+                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, &[]),
+                payload: None,
+            });
         }
+        self.unwritten.push(Chunk {
+            pos: write_pos,
+            seq: h.seq,
+            hdr: record_header(RECORD_MAGIC, h, self.epoch, &payload),
+            payload: (!payload.is_empty()).then(|| payload.clone()),
+        });
         let phys = write_pos % self.capacity;
-        self.put_chunk(write_pos, RECORD_MAGIC, h, payload);
         if self.index.is_empty() {
             self.tail_pos = write_pos;
         }
@@ -923,6 +1081,11 @@ impl Ring {
         self.head_pos = write_pos + size;
         self.next_seq += 1;
         self.payload_bytes += payload.len() as u64;
+        self.kept_bytes += payload.len() as u64;
+        self.kept.push_back(Kept {
+            h: *h,
+            buf: payload,
+        });
         Ok(())
     }
 
@@ -960,16 +1123,22 @@ impl Ring {
         self.tail_pos + (phys + self.capacity - tail_phys) % self.capacity
     }
 
-    /// The record `seq` and its payload, if retained. The checksum is
-    /// verified on every read: a mismatch means the mapped file changed under
-    /// us (disk or memory corruption), and the node stops rather than serve it.
+    /// The record `seq` and its payload, if retained: from the buffer it
+    /// arrived in while the ring keeps it, else through the mapping. The
+    /// checksum is verified on every read from the mapping: a mismatch means
+    /// the file changed under us (disk or memory corruption), and the node
+    /// stops rather than serve it.
     pub fn get(&self, seq: u64) -> Option<(RecordHeader, &[u8])> {
         if seq < self.first_seq || seq >= self.next_seq {
             return None;
         }
+        if seq >= self.kept_first {
+            let k = &self.kept[(seq - self.kept_first) as usize];
+            return Some((k.h, &k.buf[..]));
+        }
         let phys = self.phys_of(seq);
-        let hl = RECORD_HEADER_BYTES as usize;
-        let hdr = self.bytes_at(self.pos_of(seq), RECORD_HEADER_BYTES);
+        let at = (RING_HEADER_BYTES + phys) as usize;
+        let hdr = &self.map[at..at + RECORD_HEADER_BYTES as usize];
         let payload_len = rd_u32(hdr, R_PAYLOAD_LEN) as usize;
         assert!(
             rd_u32(hdr, R_MAGIC) == RECORD_MAGIC
@@ -978,7 +1147,8 @@ impl Ring {
             "{}: index points to a damaged record for seq {seq} at data offset {phys}",
             self.path.display()
         );
-        let payload = &self.bytes_at(self.pos_of(seq), (hl + payload_len) as u64)[hl..];
+        let from = at + RING_BLOCK_BYTES as usize;
+        let payload = &self.map[from..from + payload_len];
         assert_eq!(
             record_crc(hdr, payload),
             rd_u32(hdr, R_CRC),
@@ -996,22 +1166,59 @@ impl Ring {
         Some((h, payload))
     }
 
-    fn payload_len_of(&self, seq: u64) -> u64 {
-        let hdr = self.bytes_at(self.pos_of(seq), RECORD_HEADER_BYTES);
-        u64::from(rd_u32(hdr, R_PAYLOAD_LEN))
+    /// The buffer record `seq`'s payload arrived in, while the ring keeps
+    /// it (see [`Ring::release_through`]).
+    pub fn payload_buf(&self, seq: u64) -> Option<SharedBuf> {
+        if seq < self.first_seq.max(self.kept_first) || seq >= self.next_seq {
+            return None;
+        }
+        Some(self.kept[(seq - self.kept_first) as usize].buf.clone())
     }
 
-    /// `len` bytes of what the ring holds at logical position `pos`: from
-    /// the staging area if it has them, else through the mapping (the file
-    /// holds every byte staged before `stage_start`).
-    fn bytes_at(&self, pos: u64, len: u64) -> &[u8] {
-        if pos >= self.stage_start && pos + len <= self.stage_end {
-            let at = (pos - self.stage_start) as usize;
-            &self.stage.as_slice()[at..at + len as usize]
-        } else {
-            let at = (RING_HEADER_BYTES + pos % self.capacity) as usize;
-            &self.map[at..at + len as usize]
+    /// The driver needs no payload buffer of a seq <= `seq` any more (it
+    /// executed and sent those entries): the ring drops them once they are
+    /// durable, and reads those records through the mapping from then on.
+    pub fn release_through(&mut self, seq: u64) {
+        self.released_through = self.released_through.max(seq);
+        self.release_kept();
+    }
+
+    /// Keep at most `bytes` of payload buffers of durable records that were
+    /// not released (default [`KEEP_DURABLE_BYTES`]).
+    pub fn set_keep_bytes(&mut self, bytes: u64) {
+        self.keep_limit = bytes;
+        self.release_kept();
+    }
+
+    /// Payload bytes of the buffers the ring holds now: at most the
+    /// payloads appended and not yet durable plus the keep limit.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept_bytes
+    }
+
+    /// Drop the buffers of durable records, oldest first, that were released
+    /// or exceed the keep limit. A record not yet durable keeps its buffer:
+    /// its write may not have reached the file.
+    fn release_kept(&mut self) {
+        while let Some(k) = self.kept.front() {
+            let seq = self.kept_first;
+            if seq > self.durable_seq
+                || (seq > self.released_through && self.kept_bytes <= self.keep_limit)
+            {
+                break;
+            }
+            self.kept_bytes -= k.buf.len() as u64;
+            self.kept.pop_front();
+            self.kept_first += 1;
         }
+    }
+
+    fn payload_len_of(&self, seq: u64) -> u64 {
+        if seq >= self.kept_first {
+            return self.kept[(seq - self.kept_first) as usize].buf.len() as u64;
+        }
+        let at = (RING_HEADER_BYTES + self.phys_of(seq)) as usize;
+        u64::from(rd_u32(&self.map[at..], R_PAYLOAD_LEN))
     }
 
     /// Drop every record with a seq <= `seq` (the peer executed them). Seqs
@@ -1032,6 +1239,14 @@ impl Ring {
             self.pos_of(new_first)
         };
         self.index.drain(..(new_first - self.first_seq) as usize);
+        while self.kept_first < new_first {
+            let k = self
+                .kept
+                .pop_front()
+                .expect("kept covers kept_first..next_seq");
+            self.kept_bytes -= k.buf.len() as u64;
+            self.kept_first += 1;
+        }
         self.first_seq = new_first;
         self.tail_pos = new_tail;
     }
@@ -1061,16 +1276,33 @@ impl Ring {
         for s in seq + 1..self.next_seq {
             self.payload_bytes -= self.payload_len_of(s);
         }
-        // What is staged goes to the file first, so the records kept are
-        // there and the stage can restart at the new head.
+        // What is appended goes to the file first, so the records kept are
+        // there before the head moves back (under a hold, what was appended
+        // since the hold began waits; the dropped part of it is forgotten).
         self.write_out();
+        self.unwritten.retain(|c| c.seq <= seq);
+        // Batches in flight may write where the head goes back to.
+        self.hold |= !self.in_flight.is_empty();
         let last_pos = self.pos_of(seq);
         self.head_pos = last_pos + record_size(self.payload_len_of(seq) as usize);
-        self.restage_at(self.head_pos);
         self.index.truncate((seq + 1 - self.first_seq) as usize);
+        while self.kept_first + self.kept.len() as u64 > seq + 1 {
+            let Some(k) = self.kept.pop_back() else { break };
+            self.kept_bytes -= k.buf.len() as u64;
+        }
         self.next_seq = seq + 1;
+        self.kept_first = self.kept_first.min(self.next_seq);
         self.epoch += 1;
-        self.epoch_first_seq = self.next_seq;
+        // The new epoch starts at the first record not in the file: under a
+        // hold, the kept records still waiting are stamped with it, since
+        // what the file holds where they go is older and must not pass.
+        let epoch = self.epoch;
+        for c in &mut self.unwritten {
+            wr_u64(&mut c.hdr, R_EPOCH, epoch);
+            let crc = record_crc(&c.hdr, c.payload.as_deref().unwrap_or(&[]));
+            wr_u32(&mut c.hdr, R_CRC, crc);
+        }
+        self.epoch_first_seq = self.written_through() + 1;
         self.sync_header_or_fail("truncation");
     }
 
@@ -1079,10 +1311,15 @@ impl Ring {
     /// [`Ring::write_error`] reports a failure.
     pub fn reset(&mut self, next_seq: u64) {
         assert!(next_seq >= 1, "seqs start at 1");
-        // The dropped records may still be staged: write them out so the
-        // stage and the file agree before the head moves on.
+        // The dropped records may not be in the file yet: write them out so
+        // the file holds what the batches in flight claim before the head
+        // moves on (under a hold, what waits is dropped with them).
         self.write_out();
+        self.unwritten.clear();
         self.index.clear();
+        self.kept.clear();
+        self.kept_bytes = 0;
+        self.kept_first = next_seq;
         self.payload_bytes = 0;
         self.tail_pos = self.head_pos;
         self.first_seq = next_seq;
@@ -1108,8 +1345,8 @@ impl Ring {
         self.payload_bytes
     }
 
-    /// The ring file, for an fdatasync issued through the backend
-    /// (`BackendOp::SyncFd`).
+    /// The ring file, for the batch writes and the fdatasync issued through
+    /// the backend (`BackendOp::WriteVecFd`, `BackendOp::SyncFd`).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -1118,53 +1355,126 @@ impl Ring {
         &self.path
     }
 
-    /// Write what was appended since the last call (one contiguous write of
-    /// whole blocks, two at a wrap of the data area) and the header block.
-    /// Returns the highest seq that an fdatasync of [`Ring::fd`] issued
-    /// after this call makes durable
-    /// (`next_seq() - 1`). Report that fdatasync's success with
-    /// [`Ring::sync_completed`]; without it trimmed space is never reused.
-    pub fn prepare_sync(&mut self) -> u64 {
-        self.write_out();
-        self.store_header();
-        let seq = self.next_seq - 1;
+    /// Remember a sync prepared for `seq`, with the tail its header holds.
+    fn push_pending(&mut self, seq: u64) {
         if self.pending.len() == MAX_PENDING_SYNCS {
             self.pending.pop_front();
         }
         self.pending.push_back(PendingSync {
             seq,
             tail_pos: self.tail_pos,
+            id: self.sync_count,
         });
+    }
+
+    /// Begin the asynchronous write of everything appended since the last
+    /// one and of the header: `None` while [`MAX_BATCHES_IN_FLIGHT`] batches
+    /// are in flight (appends made meanwhile go into a later batch; call
+    /// again once one was reported). The fdatasync of a batch must be issued
+    /// only once the writes of every batch begun before it completed too. The caller runs the returned writes, then an
+    /// fdatasync of [`Ring::fd`], and reports with
+    /// [`Ring::sync_completed`] (or [`Ring::sync_failed`] if any write was
+    /// not complete or the fdatasync failed). The writes hold the payload
+    /// buffers they write from until they complete.
+    pub fn begin_write(&mut self) -> Option<RingWrite> {
+        if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT || self.hold {
+            return None;
+        }
+        let chunks = std::mem::take(&mut self.unwritten);
+        let mut writes = plan_writes(&chunks, self.capacity);
+        let (slot, hb) = self.header_block();
+        writes.push((
+            slot as u64 * RING_HEADER_SLOT_BYTES,
+            vec![IoSeg::whole(hb.share())],
+        ));
+        let through = self.next_seq - 1;
+        self.push_pending(through);
+        self.in_flight.push_back(InFlightBatch {
+            through,
+            id: self.sync_count,
+            chunks,
+            slot,
+        });
+        Some(RingWrite { through, writes })
+    }
+
+    /// Batches begun by [`Ring::begin_write`] and not reported yet.
+    pub fn writes_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A batch for `through` was reported: forget the oldest batch in
+    /// flight for it, and those before it. Its fdatasync was issued after
+    /// the writes of every batch begun before it completed, so none of
+    /// their stores can land any more. Returns the reported batch's sync id,
+    /// if it was still in flight.
+    fn batch_reported(&mut self, through: u64) -> Option<u64> {
+        let i = self.in_flight.iter().position(|f| f.through >= through);
+        let i = i.unwrap_or(self.in_flight.len());
+        let reported = self
+            .in_flight
+            .get(i)
+            .filter(|f| f.through == through)
+            .map(|f| f.id);
+        self.in_flight.drain(..i + usize::from(reported.is_some()));
+        if self.in_flight.is_empty() {
+            self.hold = false;
+        }
+        reported
+    }
+
+    /// Write what was appended since the last write and the header block,
+    /// synchronously. Returns the highest seq that an fdatasync of
+    /// [`Ring::fd`] issued after this call makes durable (`next_seq() - 1`).
+    /// Report that fdatasync's success with [`Ring::sync_completed`];
+    /// without it trimmed space is never reused. (The node uses
+    /// [`Ring::begin_write`]; this is the same protocol on the caller's
+    /// thread.)
+    pub fn prepare_sync(&mut self) -> u64 {
+        self.write_out();
+        self.store_header();
+        let seq = self.written_through();
+        self.push_pending(seq);
         seq
     }
 
-    /// An fdatasync of [`Ring::fd`] issued after the `prepare_sync` that
-    /// returned `synced_seq` completed successfully. Call once per completed
-    /// fdatasync, in any order. (A failed fdatasync must not be reported: the
-    /// node should stop, as the kernel may have dropped the dirty pages.)
+    /// The fdatasync issued after the `prepare_sync` (or after the writes of
+    /// the `begin_write`) that returned `synced_seq` completed successfully.
+    /// Call once per completed fdatasync, in any order. (A failed write or
+    /// fdatasync must not be reported here: see [`Ring::sync_failed`].)
     pub fn sync_completed(&mut self, synced_seq: u64) {
+        let batch = self.batch_reported(synced_seq);
         if self.write_error.is_some() {
             // After a failed write or fdatasync a later fdatasync may succeed
             // without what the failed one lost: nothing becomes durable.
             return;
         }
-        let Some(i) = self.pending.iter().position(|p| p.seq == synced_seq) else {
+        // A batch's own sync (a synchronous operation since may have made it
+        // moot: then it is gone), else a `prepare_sync`'s of that seq.
+        let found = match batch {
+            Some(id) => self.pending.iter().position(|p| p.id == id),
+            None => self.pending.iter().position(|p| p.seq == synced_seq),
+        };
+        let Some(i) = found else {
             return; // covered by a later sync that completed first
         };
         let done = self.pending[i];
         self.pending.drain(..=i);
         self.durable_seq = self.durable_seq.max(done.seq);
         self.reclaim_pos = self.reclaim_pos.max(done.tail_pos);
+        self.release_kept();
     }
 
-    /// The fdatasync issued after the `prepare_sync` that returned
-    /// `synced_seq` failed: the kernel may have dropped the ring's dirty
-    /// pages, so its on-disk state is unknown. Kept for
+    /// A write of the batch, or the fdatasync issued after the sync that
+    /// returned `synced_seq`, failed: the kernel may have dropped the ring's
+    /// dirty pages, so its on-disk state is unknown. Kept for
     /// [`Ring::write_error`]; nothing is reported durable by it.
     pub fn sync_failed(&mut self, synced_seq: u64, why: String) {
+        self.batch_reported(synced_seq);
         if self.write_error.is_none() {
             self.write_error = Some(format!(
-                "{}: the fdatasync that was to make seq {synced_seq} durable failed: {why}",
+                "{}: the write or fdatasync that was to make seq {synced_seq} durable failed: \
+                 {why}",
                 self.path.display()
             ));
         }
@@ -1186,6 +1496,9 @@ impl Ring {
     pub fn sync(&mut self) -> io::Result<()> {
         for _ in 0..2 {
             self.prepare_sync();
+            if let Some(e) = &self.write_error {
+                return Err(io::Error::other(e.clone()));
+            }
             self.file.sync_data()?;
             // This fdatasync covers every sync prepared so far.
             let latest = self.pending.pop_back().expect("just prepared");
@@ -1193,15 +1506,15 @@ impl Ring {
             self.durable_seq = self.durable_seq.max(latest.seq);
             self.reclaim_pos = self.reclaim_pos.max(latest.tail_pos);
         }
+        self.release_kept();
         Ok(())
     }
 }
 
 impl Drop for Ring {
-    /// A clean close writes what is staged (without making it durable), as
-    /// page-cache writes used to leave it in the file. A process that is
-    /// killed loses what it staged since its last flush: those records were
-    /// never durable.
+    /// A clean close writes what was appended (without making it durable).
+    /// A process that is killed loses what it appended since its last
+    /// flush: those records were never durable.
     fn drop(&mut self) {
         if self.write_error.is_none() {
             self.write_out();

@@ -6,7 +6,8 @@ use common::{Rng, TempDir};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use storage::ring::{RecordHeader, Ring, RingError, RingFull};
+use storage::backend::{Backend, BackendCompletion, BackendOp, IoSeg, MemBackend};
+use storage::ring::{RecordHeader, Ring, RingError, RingFull, RingWrite, RING_HEADER_BYTES};
 
 fn hdr(seq: u64) -> RecordHeader {
     RecordHeader {
@@ -26,7 +27,8 @@ fn payload(seq: u64, len: usize) -> Vec<u8> {
 }
 
 fn append(ring: &mut Ring, seq: u64, len: usize) {
-    ring.append(&hdr(seq), &payload(seq, len)).expect("fits");
+    ring.append(&hdr(seq), payload(seq, len).into())
+        .expect("fits");
 }
 
 fn check(ring: &Ring, seq: u64, len: usize) {
@@ -41,6 +43,30 @@ fn find(path: &Path, needle: &[u8]) -> u64 {
     data.windows(needle.len())
         .position(|w| w == needle)
         .expect("bytes in file") as u64
+}
+
+/// Run one write of a batch as the node's backend would.
+fn run_write(fd: i32, offset: u64, segs: Vec<IoSeg>) -> Result<u32, i32> {
+    let mut be = MemBackend::new(4096, 512, 4);
+    be.submit(7, BackendOp::WriteVecFd { fd, offset, segs })
+        .expect("room");
+    let mut out: Vec<BackendCompletion> = Vec::new();
+    assert_eq!(be.reap(&mut out), 1);
+    out.pop().unwrap().result
+}
+
+/// Run a whole batch (every write, then the fdatasync) and report it.
+fn run_batch(ring: &mut Ring) -> u64 {
+    let RingWrite { through, writes } = ring.begin_write().expect("no batch in flight");
+    for (off, segs) in writes {
+        run_write(ring.fd(), off, segs).expect("ring write");
+    }
+    std::fs::File::open(ring.path())
+        .unwrap()
+        .sync_data()
+        .unwrap();
+    ring.sync_completed(through);
+    through
 }
 
 fn flip_byte(path: &Path, offset: u64) {
@@ -121,45 +147,39 @@ fn append_out_of_order_panics() {
 fn full_ring_and_space_reuse_after_a_durable_trim() {
     let dir = TempDir::new("ring-full");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 8192, 1).unwrap();
-    // Each record: 64-byte header + 960 payload = 1024 bytes; 8 fit.
-    for s in 1..=8 {
+    let mut ring = Ring::create(&path, 32768, 1).unwrap();
+    // Each record: a header block + one payload block = 8192 bytes; 4 fit.
+    for s in 1..=4 {
         assert!(ring.fits(960));
         append(&mut ring, s, 960);
     }
-    assert_eq!(ring.used_bytes(), 8192);
+    assert_eq!(ring.used_bytes(), 32768);
     assert!(!ring.fits(0));
-    assert_eq!(ring.append(&hdr(9), &payload(9, 960)), Err(RingFull));
-    assert_eq!(ring.next_seq(), 9, "a refused append changes nothing");
-    assert!(!ring.fits(8192), "larger than the ring: never fits");
+    assert_eq!(ring.append(&hdr(5), payload(5, 960).into()), Err(RingFull));
+    assert_eq!(ring.next_seq(), 5, "a refused append changes nothing");
+    assert!(!ring.fits(32768), "larger than the ring: never fits");
 
-    // Space in a block that still holds a retained record is not reused:
-    // writes are whole blocks, and records 3 and 4 share the first block
-    // with the trimmed 1 and 2.
-    ring.trim_through(2);
-    ring.sync().unwrap();
-    assert!(!ring.fits(960), "the first block still holds seqs 3 and 4");
     // Trimmed space is not reused before a header holding the new tail is durable.
-    ring.trim_through(4);
+    ring.trim_through(2);
     assert!(!ring.fits(960));
     let s = ring.prepare_sync();
-    assert_eq!(s, 8);
+    assert_eq!(s, 4);
     assert!(!ring.fits(960), "fdatasync not confirmed yet");
     ring.sync_completed(s);
     assert!(ring.fits(960));
-    for s in 9..=12 {
+    for s in 5..=6 {
         append(&mut ring, s, 960);
     }
-    assert_eq!(ring.append(&hdr(13), &payload(13, 960)), Err(RingFull));
-    for s in 5..=12 {
+    assert_eq!(ring.append(&hdr(7), payload(7, 960).into()), Err(RingFull));
+    for s in 3..=6 {
         check(&ring, s, 960);
     }
     // The records of the new lap are in the file after a flush.
     ring.sync().unwrap();
     drop(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
-    assert_eq!((rec.first_seq, rec.next_seq), (5, 13));
-    for s in 5..=12 {
+    assert_eq!((rec.first_seq, rec.next_seq), (3, 7));
+    for s in 3..=6 {
         check(&ring, s, 960);
     }
 }
@@ -168,8 +188,8 @@ fn full_ring_and_space_reuse_after_a_durable_trim() {
 fn wrap_around_and_reopen() {
     let dir = TempDir::new("ring-wrap");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 16384, 1).unwrap();
-    let len = |s: u64| (s as usize * 389) % 3000;
+    let mut ring = Ring::create(&path, 65536, 1).unwrap();
+    let len = |s: u64| (s as usize * 389) % 9000;
     let mut next = 1u64;
     // Many laps: append until full, trim half, sync, repeat.
     for _ in 0..40 {
@@ -253,8 +273,8 @@ fn torn_tail_is_cut_off() {
     assert_eq!((rec.first_seq, rec.next_seq, rec.records), (1, 7, 6));
     assert_eq!(
         rec.torn_tail_bytes,
-        2 * 384,
-        "seq 7 and 8 (384 bytes each) cut off"
+        2 * 8192,
+        "seq 7 and 8 (8192 bytes each) cut off"
     );
     check(&ring, 6, 300);
     assert!(ring.get(7).is_none());
@@ -286,7 +306,7 @@ fn mid_ring_corruption_is_reported() {
             detail,
         }) => {
             assert_eq!(seq_expected, 4);
-            assert_eq!(offset, at - 64, "offset of seq 4's record header");
+            assert_eq!(offset, at - 4096, "offset of seq 4's record header block");
             assert!(detail.contains("checksum"), "{detail}");
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
@@ -323,7 +343,7 @@ fn header_damage_and_foreign_files_are_errors() {
 fn truncation_is_durable_and_dropped_records_stay_dropped() {
     let dir = TempDir::new("ring-trunc");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
     for s in 1..=20 {
         append(&mut ring, s, 200);
     }
@@ -350,7 +370,7 @@ fn truncation_is_durable_and_dropped_records_stay_dropped() {
 fn delayed_and_out_of_order_sync_completions() {
     let dir = TempDir::new("ring-pending");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 8192, 1).unwrap();
+    let mut ring = Ring::create(&path, 40960, 1).unwrap();
     for s in 1..=4 {
         append(&mut ring, s, 960);
     }
@@ -362,10 +382,10 @@ fn delayed_and_out_of_order_sync_completions() {
     // The later sync completes first: it covers the earlier one.
     ring.sync_completed(b);
     assert_eq!(ring.durable_seq(), 5);
-    assert_eq!(ring.used_bytes(), 1024, "only seq 5 is left");
+    assert_eq!(ring.used_bytes(), 8192, "only seq 5 is left");
     ring.sync_completed(a); // stale: no effect
     assert_eq!(ring.durable_seq(), 5);
-    assert_eq!(ring.used_bytes(), 1024);
+    assert_eq!(ring.used_bytes(), 8192);
 }
 
 /// Seeded model test: random operations against a simple model, with random
@@ -381,7 +401,7 @@ fn model_run(seed: u64, steps: usize) {
     let dir = TempDir::new("ring-model");
     let path = dir.join("ring");
     let mut rng = Rng::new(seed);
-    let capacity = [8192u64, 16384, 65536][rng.below(3) as usize];
+    let capacity = [16384u64, 32768, 131072][rng.below(3) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     // Every record of the current chain by seq (trimmed ones stay, since an
     // unsynced trim may come back after a reopen).
@@ -399,7 +419,7 @@ fn model_run(seed: u64, steps: usize) {
                     _ => rng.below(capacity / 3) as usize,
                 };
                 let fits = ring.fits(len);
-                let r = ring.append(&hdr(next), &payload(next, len));
+                let r = ring.append(&hdr(next), payload(next, len).into());
                 assert_eq!(r.is_ok(), fits, "{ctx}: fits() agrees with append");
                 if r.is_ok() {
                     chain.insert(next, len);
@@ -460,14 +480,14 @@ fn model_run(seed: u64, steps: usize) {
         }
         assert!(ring.get(next).is_none() && (first == 1 || ring.get(first - 1).is_none()));
         // The ring must never wedge: with everything trimmed and synced,
-        // a record of a third of the ring fits.
+        // a record of half the ring (header block included) fits.
         if rng.below(50) == 0 {
             ring.trim_through(next);
             first = next;
             ring.sync().unwrap();
             prepared.clear();
             assert!(
-                ring.fits((capacity / 3) as usize),
+                ring.fits((capacity / 2 - 4096) as usize),
                 "{ctx}: empty ring accepts records"
             );
         }
@@ -504,7 +524,7 @@ fn torn_block_write_keeps_every_durable_record() {
     let image_path = dir.join("image");
     let mut rng = Rng::new(7);
     let len = |s: u64| 100 + (s as usize * 977) % 2500;
-    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
     // Durable records that end in the middle of a block.
     for s in 1..=5 {
         append(&mut ring, s, len(s));
@@ -549,12 +569,15 @@ fn torn_block_write_keeps_every_durable_record() {
     assert!(cut_somewhere, "some tear cut records off");
 }
 
+/// A batch's writes not landed yet: (file offset, pieces).
+type Writes = Vec<(u64, Vec<IoSeg>)>;
+
 fn crash_run(seed: u64, steps: usize, unit: usize) {
     let dir = TempDir::new("ring-crash");
     let path = dir.join("ring");
     let image_path = dir.join("image");
     let mut rng = Rng::new(seed);
-    let capacity = [8192u64, 16384, 32768][rng.below(3) as usize];
+    let capacity = [16384u64, 32768, 65536][rng.below(3) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     let mut chain: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut first, mut next) = (1u64, 1u64);
@@ -563,14 +586,17 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
     let mut base = 0usize; // snapshot number of snaps[0]
     let mut prepared: Vec<(u64, usize)> = Vec::new(); // (seq, snapshot number)
     let mut durable = 0u64;
+    // Asynchronous batches (as the node runs them): writes not landed yet,
+    // and whether a synchronous operation made the batch moot for the model.
+    let mut batches: Vec<(u64, Writes, bool)> = Vec::new();
     for step in 0..steps {
         let ctx = format!("seed {seed} step {step}");
         let mut floor = None; // new durable floor, as a snapshot number
         let now = base + snaps.len(); // number of the snapshot taken after this op
-        match rng.below(100) {
+        match rng.below(115) {
             0..=54 => {
                 let len = rng.below(capacity / 4) as usize;
-                if ring.append(&hdr(next), &payload(next, len)).is_ok() {
+                if ring.append(&hdr(next), payload(next, len).into()).is_ok() {
                     chain.insert(next, len);
                     next += 1;
                 }
@@ -582,7 +608,37 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                     first = (s + 1).min(next);
                 }
             }
+            // (The node uses either protocol, not both at once: a prepared
+            // sync's completion would be taken for a batch's.)
+            100..=104 if prepared.is_empty() => {
+                if let Some(w) = ring.begin_write() {
+                    batches.push((w.through, w.writes, false));
+                }
+            }
+            105..=114 if batches.iter().any(|b| !b.1.is_empty()) => {
+                // One write lands (any batch, any order); a batch whose
+                // writes and all earlier batches' writes landed gets its
+                // fdatasync, which completes at once.
+                let open: Vec<usize> = (0..batches.len())
+                    .filter(|&i| !batches[i].1.is_empty())
+                    .collect();
+                let b = open[rng.below(open.len() as u64) as usize];
+                let k = rng.below(batches[b].1.len() as u64) as usize;
+                let (off, segs) = batches[b].1.remove(k);
+                run_write(ring.fd(), off, segs).unwrap();
+                while batches.first().is_some_and(|b| b.1.is_empty()) {
+                    let (through, _, moot) = batches.remove(0);
+                    ring.sync_completed(through);
+                    if !moot {
+                        durable = durable.max(through);
+                        floor = Some(now);
+                    }
+                }
+            }
             70..=72 => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 let s = first.saturating_sub(1) + rng.below(next - first + 1);
                 ring.truncate_after(s);
                 chain.retain(|&k, _| k <= s);
@@ -590,18 +646,21 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                 first = first.min(next);
                 floor = Some(now);
                 prepared.clear();
-                durable = next - 1;
+                durable = ring.durable_seq();
             }
             73 => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 let n = next + rng.below(5);
                 ring.reset(n);
                 chain.clear();
                 (first, next) = (n, n);
                 floor = Some(now);
                 prepared.clear();
-                durable = n - 1;
+                durable = ring.durable_seq();
             }
-            74..=83 => prepared.push((ring.prepare_sync(), now)),
+            74..=83 if batches.is_empty() => prepared.push((ring.prepare_sync(), now)),
             84..=95 if !prepared.is_empty() => {
                 let (s, snap) = prepared.remove(rng.below(prepared.len() as u64) as usize);
                 // The fdatasync issued after that prepare completed: every
@@ -611,17 +670,23 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                 floor = Some(snap);
             }
             _ => {
+                for b in batches.iter_mut() {
+                    b.2 = true;
+                }
                 ring.sync().unwrap();
                 floor = Some(now);
                 prepared.clear();
-                durable = next - 1;
+                durable = ring.durable_seq();
             }
         }
         snaps.push(std::fs::read(&path).unwrap());
         if snaps.len() > 48 {
+            for b in batches.iter_mut() {
+                b.2 = true;
+            }
             ring.sync().unwrap();
             prepared.clear();
-            durable = next - 1;
+            durable = ring.durable_seq();
             floor = Some(base + snaps.len() - 1);
             *snaps.last_mut().unwrap() = std::fs::read(&path).unwrap();
         }
@@ -656,5 +721,274 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
                 .unwrap_or_else(|| panic!("{ctx}: seq {s} never appended"));
             check(&img, s, len);
         }
+    }
+}
+
+/// A batch written asynchronously (as the node does, through the backend)
+/// that wraps around the end of the data area: two writes, records back
+/// after a reopen.
+#[test]
+fn async_batch_that_wraps() {
+    let dir = TempDir::new("ring-async-wrap");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 65536, 1).unwrap();
+    // 3 records of 12 KiB (16 KiB each with the header block), trim them,
+    // so the head sits at 48 KiB with 16 KiB to the end.
+    for s in 1..=3 {
+        append(&mut ring, s, 12288);
+    }
+    run_batch(&mut ring);
+    ring.trim_through(3);
+    run_batch(&mut ring);
+    // 4: fits before the end; 5: needs a wrap marker and goes to offset 0.
+    append(&mut ring, 4, 8192);
+    append(&mut ring, 5, 8192);
+    append(&mut ring, 6, 512);
+    let w = ring.begin_write().expect("no batch in flight");
+    assert_eq!(w.through, 6);
+    let offsets: Vec<u64> = w.writes.iter().map(|(o, _)| *o).collect();
+    let h = RING_HEADER_BYTES;
+    assert_eq!(
+        offsets,
+        vec![h + 49152, h, 0],
+        "records 4 and the wrap marker, then 5 and 6 at the start, then header slot 0"
+    );
+    let w2 = ring.begin_write().expect("a second batch may be in flight");
+    assert_eq!(
+        (w2.through, w2.writes.len()),
+        (6, 1),
+        "only its header store"
+    );
+    assert_eq!(w2.writes[0].0, 4096, "header slot 1: not slot 0, in flight");
+    assert!(
+        ring.begin_write().is_none(),
+        "at most two batches in flight"
+    );
+    for (off, segs) in w.writes.into_iter().chain(w2.writes) {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    ring.sync_completed(w.through);
+    assert_eq!(ring.writes_in_flight(), 1);
+    ring.sync_completed(w2.through);
+    assert_eq!(ring.writes_in_flight(), 0);
+    assert_eq!(ring.durable_seq(), 6);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (4, 7, 0)
+    );
+    check(&ring, 4, 8192);
+    check(&ring, 5, 8192);
+    check(&ring, 6, 512);
+}
+
+/// 512-byte payloads (a volume of 512-byte blocks): the last partial block
+/// is written zero padded, the record header holds the real length.
+#[test]
+fn payloads_not_a_multiple_of_the_block() {
+    let dir = TempDir::new("ring-512");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
+    for (s, len) in [
+        (1u64, 512usize),
+        (2, 4096 + 512),
+        (3, 1),
+        (4, 0),
+        (5, 12288),
+    ] {
+        append(&mut ring, s, len);
+    }
+    run_batch(&mut ring);
+    let file = std::fs::read(&path).unwrap();
+    let h = RING_HEADER_BYTES as usize;
+    // Record 1: header block at h, payload at h + 4096, zeroes after 512 bytes.
+    assert_eq!(&file[h + 4096..h + 4096 + 512], &payload(1, 512)[..]);
+    assert!(file[h + 4096 + 512..h + 8192].iter().all(|&b| b == 0));
+    // Record 2 starts at h + 8192; its payload at h + 12288 runs 4608 bytes.
+    assert_eq!(&file[h + 12288..h + 12288 + 4608], &payload(2, 4608)[..]);
+    assert!(file[h + 12288 + 4608..h + 20480].iter().all(|&b| b == 0));
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 6);
+    for (s, len) in [
+        (1u64, 512usize),
+        (2, 4096 + 512),
+        (3, 1),
+        (4, 0),
+        (5, 12288),
+    ] {
+        check(&ring, s, len);
+    }
+}
+
+/// A failed batch write fails the flush: nothing becomes durable by it, nor
+/// by any later sync, and the ring says why.
+#[test]
+fn failed_vectored_write() {
+    use storage::backend::{FaultBackend, FaultControl};
+    let dir = TempDir::new("ring-write-fail");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    append(&mut ring, 1, 100);
+    run_batch(&mut ring);
+    append(&mut ring, 2, 100);
+    let ctl = FaultControl::new();
+    ctl.fail_fd_writes(true);
+    let mut be = FaultBackend::new(MemBackend::new(4096, 512, 8), ctl.clone());
+    let w = ring.begin_write().unwrap();
+    let n = w.writes.len();
+    for (i, (offset, segs)) in w.writes.into_iter().enumerate() {
+        be.submit(
+            i as u64,
+            BackendOp::WriteVecFd {
+                fd: ring.fd(),
+                offset,
+                segs,
+            },
+        )
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    assert_eq!(be.reap(&mut out), n);
+    assert!(out.iter().all(|c| c.result == Err(libc::EIO)));
+    assert_eq!(ctl.injected(), n as u64);
+    ring.sync_failed(w.through, "write failed (errno 5)".into());
+    assert!(ring.write_error().unwrap().contains("seq 2"));
+    assert_eq!(ring.writes_in_flight(), 0);
+    ring.sync_completed(w.through);
+    assert_eq!(
+        ring.durable_seq(),
+        1,
+        "a failed write makes nothing durable"
+    );
+    assert!(ring.sync().is_err(), "the ring's state is unknown: no sync");
+}
+
+/// Buffers are kept only while needed: every record not yet durable, and
+/// durable ones until released or beyond the keep limit; then reads go
+/// through the mapping. A backup that never trims (its peer's ACK3s are
+/// behind the REQs it cannot receive without a buffer) still gets pool
+/// buffers, since the ring gives them back once they are durable.
+#[test]
+fn kept_buffers_are_bounded_and_a_full_pool_cannot_wedge() {
+    use volume::IoBufPool;
+    let dir = TempDir::new("ring-keep");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 16 << 20, 1).unwrap();
+    ring.set_keep_bytes(64 << 10);
+    // Room for the keep limit and two batches of 16 writes of 4 KiB.
+    let pool = IoBufPool::new((64 << 10) + 2 * 16 * 4096, 4096);
+    let mut next = 1u64;
+    for round in 0..200 {
+        for _ in 0..16 {
+            let mut b = pool
+                .get(4096)
+                .unwrap_or_else(|| panic!("round {round}: pool empty, the pipeline would wedge"));
+            b.copy_from_slice(&payload(next, 4096));
+            ring.append(&hdr(next), b.share()).expect("fits");
+            next += 1;
+        }
+        assert!(ring.kept_bytes() <= (64 << 10) + 16 * 4096);
+        run_batch(&mut ring);
+        assert!(
+            ring.kept_bytes() <= 64 << 10,
+            "durable buffers beyond the limit dropped"
+        );
+        if next > 1000 {
+            ring.trim_through(next - 1000);
+        }
+    }
+    // Old records read through the mapping, recent ones from their buffer.
+    let first = ring.first_seq();
+    check(&ring, first, 4096);
+    assert!(ring.payload_buf(first).is_none());
+    assert!(ring.payload_buf(next - 1).is_some());
+    check(&ring, next - 1, 4096);
+    // Released buffers go as soon as they are durable.
+    append(&mut ring, next, 4096);
+    ring.release_through(next);
+    assert!(ring.payload_buf(next).is_some(), "not durable yet: kept");
+    run_batch(&mut ring);
+    assert_eq!(ring.kept_bytes(), 0);
+    assert!(ring.payload_buf(next).is_none());
+    check(&ring, next, 4096);
+}
+
+/// Truncations (synchronous) while a batch is in flight, whose writes land
+/// only afterwards: the batch's header slot holds an older store and its
+/// records are dropped ones, yet the last truncation stands after a reopen
+/// (both truncations stored their header in the other slot).
+#[test]
+fn truncation_while_a_batch_is_in_flight() {
+    let dir = TempDir::new("ring-trunc-inflight");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 18, 1).unwrap();
+    for s in 1..=4 {
+        append(&mut ring, s, 1000);
+    }
+    run_batch(&mut ring);
+    // Two batches in flight: 5 and 6, then 7 and 8.
+    append(&mut ring, 5, 1000);
+    append(&mut ring, 6, 1000);
+    let w = ring.begin_write().unwrap();
+    append(&mut ring, 7, 1000);
+    append(&mut ring, 8, 1000);
+    let w2 = ring.begin_write().unwrap();
+    ring.truncate_after(5);
+    ring.truncate_after(3);
+    assert_eq!(ring.durable_seq(), 3);
+    // The stale batches land now, header slots included.
+    for (off, segs) in w.writes.into_iter().chain(w2.writes) {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    ring.sync_completed(w2.through);
+    ring.sync_completed(w.through);
+    assert_eq!(ring.durable_seq(), 3, "the stale batches confirm nothing");
+    assert_eq!(ring.writes_in_flight(), 0);
+    std::mem::forget(ring); // a crash: nothing more written
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq),
+        (1, 4),
+        "seqs 4..8 stay dropped"
+    );
+    for s in 1..=3 {
+        check(&ring, s, 1000);
+    }
+    append(&mut ring, 4, 10);
+    run_batch(&mut ring);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 5);
+    check(&ring, 4, 10);
+}
+
+/// A ring of the previous format is refused by name, with what to do.
+#[test]
+fn version_1_ring_is_refused() {
+    let dir = TempDir::new("ring-v1");
+    let path = dir.join("ring");
+    drop(Ring::create(&path, 1 << 16, 1).unwrap());
+    // Make slot 0 say version 1, as a ring of the previous format does.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+    match Ring::open(&path) {
+        Err(
+            e @ RingError::BadVersion {
+                found: 1,
+                supported: 2,
+                ..
+            },
+        ) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("Drain it") && msg.contains("format --force --replace"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected BadVersion, got {:?}", other.map(|(_, r)| r)),
     }
 }

@@ -38,6 +38,7 @@ pub struct FaultControl {
     ops: AtomicU8,
     fail_flushes: AtomicBool,
     fail_fd_syncs: AtomicBool,
+    fail_fd_writes: AtomicBool,
     injected: AtomicU64,
 }
 
@@ -50,6 +51,7 @@ impl Default for FaultControl {
             ops: AtomicU8::new(0),
             fail_flushes: AtomicBool::new(false),
             fail_fd_syncs: AtomicBool::new(false),
+            fail_fd_writes: AtomicBool::new(false),
             injected: AtomicU64::new(0),
         }
     }
@@ -107,6 +109,14 @@ impl FaultControl {
         self.ops.store(0, Ordering::SeqCst);
         self.fail_flushes.store(false, Ordering::SeqCst);
         self.fail_fd_syncs.store(false, Ordering::SeqCst);
+        self.fail_fd_writes.store(false, Ordering::SeqCst);
+    }
+
+    /// Make WriteVecFd (a write to another file through this backend: a
+    /// mirror node's ring batch) fail (or succeed again); the device's own
+    /// operations are left alone.
+    pub fn fail_fd_writes(&self, on: bool) {
+        self.fail_fd_writes.store(on, Ordering::SeqCst);
     }
 
     /// Operations failed so far.
@@ -130,6 +140,9 @@ impl FaultControl {
         }
         if matches!(op, BackendOp::SyncFd { .. }) && self.fail_fd_syncs.load(Ordering::SeqCst) {
             return true;
+        }
+        if matches!(op, BackendOp::WriteVecFd { .. }) {
+            return self.fail_fd_writes.load(Ordering::SeqCst);
         }
         if !self.selected(op) {
             return false;

@@ -81,6 +81,7 @@ impl MemBackend {
                 Ok(0)
             }
             BackendOp::Flush => Ok(0),
+            BackendOp::WriteVecFd { fd, offset, segs } => write_vec_fd(*fd, *offset, segs),
             BackendOp::SyncFd { fd } => {
                 // SAFETY: fdatasync only reads the descriptor number; an
                 // invalid one yields EBADF, which is returned as the result.
@@ -95,6 +96,26 @@ impl MemBackend {
             }
         }
     }
+}
+
+/// A [`BackendOp::WriteVecFd`] done at once: one `pwritev`. A short write
+/// is `Err(EIO)`.
+pub(crate) fn write_vec_fd(fd: RawFd, offset: u64, segs: &[super::IoSeg]) -> Result<u32, i32> {
+    let iov: Vec<libc::iovec> = segs.iter().map(super::uring::iovec_of).collect();
+    let want: usize = segs.iter().map(|s| s.len).sum();
+    // SAFETY: every iovec points into a buffer `segs` holds for the whole
+    // call (the kernel only reads them); the descriptor number is only read,
+    // and an invalid one yields EBADF, returned as the result.
+    let rc = unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, offset as libc::off_t) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    if rc as usize != want {
+        return Err(libc::EIO);
+    }
+    Ok(want as u32)
 }
 
 impl Backend for MemBackend {

@@ -32,10 +32,38 @@ pub use aligned::{AlignedBuf, BufPool, BUF_ALIGN_BYTES};
 pub use fault::{FaultBackend, FaultControl, FaultOps};
 pub use mem::MemBackend;
 pub use uring::{create_file_device, UringBackend, UringConfig};
+pub use volume::SharedBuf;
 
 use std::os::unix::io::RawFd;
 
-use volume::{IoBufPool, SharedBuf};
+use volume::IoBufPool;
+
+/// A piece of a vectored write: `len` bytes of `buf` from byte `start`. The
+/// operation holds the buffer (a clone of the shared handle) until its
+/// completion is reaped.
+#[derive(Clone, Debug)]
+pub struct IoSeg {
+    pub buf: SharedBuf,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl IoSeg {
+    /// The whole of `buf`.
+    pub fn whole(buf: SharedBuf) -> IoSeg {
+        let len = buf.len();
+        IoSeg { buf, start: 0, len }
+    }
+
+    /// The bytes this piece writes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// Longest list of pieces one [`BackendOp::WriteVecFd`] may carry (the
+/// kernel's `IOV_MAX`).
+pub const MAX_WRITE_SEGS: usize = 1024;
 
 /// One backend operation. Offsets and lengths are bytes, aligned to
 /// [`Backend::block_size`].
@@ -79,6 +107,16 @@ pub enum BackendOp {
     /// persistent ring so its flush runs beside the disk I/O.
     SyncFd {
         fd: RawFd,
+    },
+    /// Write `segs`, one after the other, to another file at byte `offset`
+    /// (one `pwritev`; the persistent ring's batch write). The pieces'
+    /// addresses and lengths must suit that file's O_DIRECT alignment; at
+    /// most [`MAX_WRITE_SEGS`] pieces and `u32::MAX` bytes. A short write
+    /// completes with `Err(EIO)`, like any data transfer.
+    WriteVecFd {
+        fd: RawFd,
+        offset: u64,
+        segs: Vec<IoSeg>,
     },
 }
 
@@ -177,7 +215,7 @@ impl BackendOp {
             BackendOp::Discard { offset, len } | BackendOp::WriteZeroes { offset, len } => {
                 Some((*offset, *len))
             }
-            BackendOp::Flush | BackendOp::SyncFd { .. } => None,
+            BackendOp::Flush | BackendOp::SyncFd { .. } | BackendOp::WriteVecFd { .. } => None,
         }
     }
 
@@ -193,6 +231,12 @@ impl BackendOp {
 /// Check an operation against the device geometry; `Err(errno)` as described
 /// in the module documentation. Data transfers must also fit in a `u32`.
 pub fn validate_op(op: &BackendOp, size_bytes: u64, block_size: u32) -> Result<(), i32> {
+    if let BackendOp::WriteVecFd { segs, .. } = op {
+        let total: u64 = segs.iter().map(|s| s.len as u64).sum();
+        if segs.len() > MAX_WRITE_SEGS || total > u64::from(u32::MAX) {
+            return Err(libc::EINVAL);
+        }
+    }
     let Some((offset, len)) = op.byte_range() else {
         return Ok(());
     };

@@ -9,7 +9,7 @@
 //! are queued and returned by the next [`Backend::reap`], like every other
 //! completion.
 
-use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp};
+use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp, IoSeg};
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -62,8 +62,26 @@ struct InFlight {
     buf: Option<AlignedBuf>,
     /// The clone of a shared buffer a `WriteShared` writes from.
     shared: Option<SharedBuf>,
+    /// A vectored write's pieces and the iovec array the SQE points to.
+    vec: Option<(Vec<IoSeg>, Iovecs)>,
     /// Bytes a data transfer must move; `None` for flushes.
     transfer_len: Option<u32>,
+}
+
+/// The iovec array of a vectored write in flight.
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs only point into the `SharedBuf`s kept beside them in the
+// same `InFlight` (read-only, `Send` themselves); the array is never read
+// through these pointers by this process, only by the kernel.
+unsafe impl Send for Iovecs {}
+
+/// The iovec of one piece of a vectored write.
+pub(crate) fn iovec_of(seg: &IoSeg) -> libc::iovec {
+    libc::iovec {
+        iov_base: seg.buf.as_ptr().wrapping_add(seg.start) as *mut libc::c_void,
+        iov_len: seg.len,
+    }
 }
 
 /// Builds an SQE on the backend's own device: `fd` is the registered slot
@@ -329,6 +347,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: Some(buf),
                         shared: None,
                         transfer_len: Some(len),
@@ -347,6 +366,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: Some(buf),
                         shared: None,
                         transfer_len: Some(len),
@@ -360,6 +380,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: None,
                         shared: Some(buf),
                         transfer_len: Some(len),
@@ -374,6 +395,7 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: None,
                         shared: None,
                         transfer_len: None,
@@ -388,9 +410,28 @@ impl UringBackend {
                     e,
                     InFlight {
                         tag,
+                        vec: None,
                         buf: None,
                         shared: None,
                         transfer_len: None,
+                    },
+                )
+            }
+            BackendOp::WriteVecFd { fd, offset, segs } => {
+                let iov = Iovecs(segs.iter().map(iovec_of).collect());
+                let want: usize = segs.iter().map(|s| s.len).sum();
+                let e = opcode::Writev::new(types::Fd(fd), iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(offset)
+                    .build();
+                (
+                    e,
+                    InFlight {
+                        tag,
+                        buf: None,
+                        shared: None,
+                        vec: Some((segs, iov)),
+                        // validate_op checked that it fits.
+                        transfer_len: Some(want as u32),
                     },
                 )
             }
@@ -399,9 +440,10 @@ impl UringBackend {
             }
         };
         let entry = entry.user_data(u64::from(slot));
-        // SAFETY: the buffer the entry points to is owned by `inflight` (an
-        // `AlignedBuf`, or a clone of the `SharedBuf` that keeps its bytes
-        // alive and unchanged: a shared buffer is read-only), which
+        // SAFETY: the buffer the entry points to (an `AlignedBuf`, a clone of
+        // the `SharedBuf` that keeps its bytes alive and unchanged — a shared
+        // buffer is read-only — or, for a vectored write, the iovec array and
+        // the buffers it points into) is owned by `inflight`, which
         // lives in `self.slots` until the matching completion is reaped (and
         // Drop waits for every in-flight operation), so the kernel never sees
         // a dangling pointer. Our own fd lives as long as `self`; a SyncFd
@@ -552,6 +594,8 @@ impl UringBackend {
                     _ => Ok(res as u32),
                 }
             };
+            // The kernel is done with a vectored write's pieces: release them.
+            drop(inflight.vec);
             out.push(BackendCompletion {
                 tag: inflight.tag,
                 result,
