@@ -55,6 +55,13 @@ pub trait Log {
         let _ = seq;
         None
     }
+    /// Every entry through `seq` executed here (and, on a sender, was sent:
+    /// it executed after its ACK1), so the driver needs none of their
+    /// payload buffers any more; the log may let them go (the payloads stay
+    /// readable through `get`).
+    fn release_through(&mut self, seq: Seq) {
+        let _ = seq;
+    }
     fn trim_through(&mut self, seq: Seq);
     fn truncate_after(&mut self, seq: Seq);
     fn reset(&mut self, next_seq: Seq);

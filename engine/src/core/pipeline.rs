@@ -453,6 +453,7 @@ impl<L: Log> Core<L> {
             return self.fail(format!("disk write error {e} executing seq {seq}"));
         }
         self.pipe.entry_executed(seq);
+        self.log.release_through(self.pipe.executed);
         if let Some(id) = self.host_of.remove(&seq) {
             // I2: durable in the ring, executed, and covered by ACK1 (or
             // degraded with the peer durably recorded as stale).

@@ -66,6 +66,9 @@ impl Log for RingLog {
     fn payload_buf(&self, seq: Seq) -> Option<SharedBuf> {
         self.0.payload_buf(seq)
     }
+    fn release_through(&mut self, seq: Seq) {
+        self.0.release_through(seq)
+    }
     fn get(&self, seq: Seq) -> Option<(ReqHeader, &[u8])> {
         self.0.get(seq).map(|(r, p)| (from_record(&r), p))
     }
