@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Reactors, Waker};
+use netreactor::{Input, Outbox, Reactors, Waker};
 use volume::{PathState, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
@@ -456,17 +456,21 @@ impl IscsiConn {
 
     /// Encodes one target PDU with the current StatSN, ExpCmdSN and
     /// MaxCmdSN.
-    fn emit(&mut self, out: &mut Vec<u8>, mut p: Pdu, sn: Sn) {
+    fn emit(&mut self, out: &mut Outbox, mut p: Pdu, sn: Sn) {
         p.set_u32(24, self.stat_sn);
         if sn == Sn::Advance {
             self.stat_sn = self.stat_sn.wrapping_add(1);
         }
         p.set_u32(28, self.exp_cmd_sn);
         p.set_u32(32, self.max_cmd_sn);
-        p.encode_into(out, self.params.header_digest, self.params.data_digest);
+        p.encode_into(
+            out.bytes_mut(),
+            self.params.header_digest,
+            self.params.data_digest,
+        );
     }
 
-    fn reject(&mut self, out: &mut Vec<u8>, reason: u8, bhs: &[u8; BHS_LEN]) {
+    fn reject(&mut self, out: &mut Outbox, reason: u8, bhs: &[u8; BHS_LEN]) {
         let mut p = Pdu::new(pdu::OP_REJECT);
         p.bhs[1] = 0x80;
         p.bhs[2] = reason;
@@ -481,7 +485,7 @@ impl IscsiConn {
     }
 
     /// A reset on another connection aborted every task of this one.
-    fn check_resets(&mut self, out: &mut Vec<u8>) {
+    fn check_resets(&mut self, out: &mut Outbox) {
         let r = self.ctl.resets.load(Ordering::Acquire);
         if r != self.seen_resets {
             self.seen_resets = r;
@@ -508,7 +512,7 @@ impl IscsiConn {
     /// Drops collecting writes (all, those of `lun`, or `itt`), returning
     /// their budget (which may start the R2Ts of waiting writes). Their
     /// tasks stay (the caller aborts them).
-    fn drop_writes(&mut self, lun: Option<u64>, itt: Option<u32>, out: &mut Vec<u8>) {
+    fn drop_writes(&mut self, lun: Option<u64>, itt: Option<u32>, out: &mut Outbox) {
         let mut freed = 0;
         self.writes.retain(|&k, w| {
             let hit = lun.is_none_or(|l| l == w.lun) && itt.is_none_or(|i| i == k);
@@ -544,7 +548,7 @@ impl IscsiConn {
     }
 
     /// Sends R2Ts for `itt` up to MaxOutstandingR2T.
-    fn issue_r2ts(&mut self, itt: u32, out: &mut Vec<u8>) {
+    fn issue_r2ts(&mut self, itt: u32, out: &mut Outbox) {
         let p = self.params;
         let mut r2ts = Vec::new();
         {
@@ -581,7 +585,7 @@ impl IscsiConn {
     }
 
     /// Returns budget and starts waiting writes that now fit.
-    fn release(&mut self, charged: u64, out: &mut Vec<u8>) {
+    fn release(&mut self, charged: u64, out: &mut Outbox) {
         self.used_bytes = self.used_bytes.saturating_sub(charged);
         while let Some(&itt) = self.waiting.front() {
             if !self.writes.contains_key(&itt) {
@@ -612,7 +616,7 @@ impl IscsiConn {
         true
     }
 
-    fn dispatch(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn dispatch(&mut self, p: Pdu, out: &mut Outbox) {
         match p.opcode() {
             pdu::OP_NOP_OUT => {
                 if !self.accept_cmd_sn(&p.bhs) {
@@ -676,7 +680,7 @@ impl IscsiConn {
         }
     }
 
-    fn text(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn text(&mut self, p: Pdu, out: &mut Outbox) {
         let mut r = Pdu::new(pdu::OP_TEXT_RESP);
         r.bhs[1] = 0x80;
         r.set_u32(16, p.itt());
@@ -724,7 +728,7 @@ impl IscsiConn {
         self.emit(out, r, Sn::Advance);
     }
 
-    fn logout(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn logout(&mut self, p: Pdu, out: &mut Outbox) {
         let reason = p.flags() & 0x7f;
         let mut r = Pdu::new(pdu::OP_LOGOUT_RESP);
         r.bhs[1] = 0x80;
@@ -755,7 +759,7 @@ impl IscsiConn {
     }
 
     /// Sends the pending logout response once nothing is in flight.
-    fn try_logout(&mut self, out: &mut Vec<u8>) {
+    fn try_logout(&mut self, out: &mut Outbox) {
         if self.inflight == 0 {
             if let Some(r) = self.logout.take() {
                 self.emit(out, r, Sn::Advance);
@@ -764,7 +768,7 @@ impl IscsiConn {
         }
     }
 
-    fn task_management(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn task_management(&mut self, p: Pdu, out: &mut Outbox) {
         let func = p.flags() & 0x7f;
         let lun = decode_lun(p.lun());
         let rtt = p.u32_at(20);
@@ -824,7 +828,7 @@ impl IscsiConn {
     }
 
     /// Aborts every task of every session and raises the unit attention.
-    fn reset_all(&mut self, ua: Sense, out: &mut Vec<u8>) {
+    fn reset_all(&mut self, ua: Sense, out: &mut Outbox) {
         self.drop_writes(None, None, out);
         self.abort_tasks(None);
         for (&k, reg) in self.shared.sessions.lock().unwrap().iter() {
@@ -844,7 +848,7 @@ impl IscsiConn {
         self.shared.lun.reset(&ids, ua);
     }
 
-    fn scsi_command(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn scsi_command(&mut self, p: Pdu, out: &mut Outbox) {
         let flags = p.flags();
         let final_bit = flags & 0x80 != 0;
         let read = flags & 0x40 != 0;
@@ -932,7 +936,7 @@ impl IscsiConn {
     }
 
     /// A Data-Out error under ERL 0: the command ends with CHECK CONDITION.
-    fn fail_write(&mut self, itt: u32, out: &mut Vec<u8>) {
+    fn fail_write(&mut self, itt: u32, out: &mut Outbox) {
         if let Some(w) = self.writes.remove(&itt) {
             self.release(w.charged, out);
             let Some(info) = self.tasks.get(&itt).copied() else {
@@ -953,7 +957,7 @@ impl IscsiConn {
         }
     }
 
-    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: &[u8], out: &mut Vec<u8>) {
+    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: &[u8], out: &mut Outbox) {
         let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
         let (itt, ttt, data_sn, offset) = (be(16), be(20), be(36), be(40));
         let final_bit = bhs[1] & 0x80 != 0;
@@ -1048,7 +1052,7 @@ impl IscsiConn {
     }
 
     /// Encodes a task's response PDUs unless the task was aborted meanwhile.
-    fn finish(&mut self, meta: Meta, res: ScsiResult, out: &mut Vec<u8>) {
+    fn finish(&mut self, meta: Meta, res: ScsiResult, out: &mut Outbox) {
         match self.tasks.get(&meta.itt) {
             Some(info) if info.tid == meta.tid => {}
             _ => return,
@@ -1065,13 +1069,13 @@ impl IscsiConn {
 }
 
 impl netreactor::Conn for IscsiConn {
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         let r = self.take_input(input, out);
         self.queued_out = out.len();
         r
     }
 
-    fn poll(&mut self, out: &mut Vec<u8>) {
+    fn poll(&mut self, out: &mut Outbox) {
         self.check_resets(out);
         while let Some(d) = self.done.pop() {
             self.inflight -= 1;
@@ -1116,7 +1120,7 @@ impl netreactor::Conn for IscsiConn {
 impl IscsiConn {
     /// Frames and handles the PDUs `input` holds, as long as the
     /// connection takes input.
-    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn take_input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         self.check_resets(out);
         let mut at = 0;
         while self.end.is_none()

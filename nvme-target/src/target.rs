@@ -11,7 +11,7 @@ use crate::queue_io::{Out, OutTx};
 use crate::spec::*;
 use crate::subsystem::Shared;
 pub use crate::subsystem::{DiscoveryPort, NvmeConfig};
-use netreactor::{Input, ReactorConfig, Reactors, Waker};
+use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, Waker};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -216,7 +216,7 @@ fn frame(b: &[u8], max_plen: u32) -> Result<usize, TransportError> {
 }
 
 impl netreactor::Conn for NvmeConn {
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn input(&mut self, input: &[u8], out: &mut NetOut) -> Input {
         let mut at = 0;
         while !self.closing {
             let avail = &input[at..];
@@ -259,7 +259,7 @@ impl netreactor::Conn for NvmeConn {
         }
     }
 
-    fn poll(&mut self, out: &mut Vec<u8>) {
+    fn poll(&mut self, out: &mut NetOut) {
         loop {
             match self.rx.try_recv() {
                 Ok(Out::Bytes(b)) => out.extend_from_slice(&b),
