@@ -499,7 +499,7 @@ impl QueueCore {
                 self.sh.vol.submit(
                     op,
                     Box::new(move |r: IoResult| match r {
-                        Ok(d) if is_read => io.complete(cid, Status::SUCCESS, 0, &d),
+                        Ok(d) if is_read => io.complete_read(cid, d),
                         Ok(_) => io.complete(cid, Status::SUCCESS, 0, &[]),
                         Err(e) => io.complete(cid, status_of(e, is_read), 0, &[]),
                     }),

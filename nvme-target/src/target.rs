@@ -263,6 +263,7 @@ impl netreactor::Conn for NvmeConn {
         loop {
             match self.rx.try_recv() {
                 Ok(Out::Bytes(b)) => out.extend_from_slice(&b),
+                Ok(Out::Spliced(o)) => out.append(o),
                 Ok(Out::Close) | Err(TryRecvError::Disconnected) => {
                     self.closing = true;
                     // Nothing posted after a Close is sent.

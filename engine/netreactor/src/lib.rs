@@ -185,6 +185,19 @@ impl Outbox {
         });
     }
 
+    /// Moves everything `other` holds to the end of this one (its buffers
+    /// by reference).
+    pub fn append(&mut self, other: Outbox) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.spliced_bytes += other.spliced_bytes;
+        self.spliced
+            .extend(other.spliced.into_iter().map(|s| Spliced {
+                at: base + s.at,
+                ..s
+            }));
+    }
+
     /// Bytes queued, spliced buffers included.
     pub fn len(&self) -> usize {
         self.bytes.len() + self.spliced_bytes
