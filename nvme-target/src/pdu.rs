@@ -129,6 +129,31 @@ pub fn read_pdu<R: Read>(
     Ok(RawPdu { ch, bytes })
 }
 
+/// For a PDU that carries data: checks what [`check_pdu`] checks that lies
+/// before the data (digest flags, the header digest, PDO), given the
+/// common header and `head`, the PDU's first PDO bytes. Returns the data's
+/// length (without padding or digest); any error means: check the whole PDU
+/// with [`check_pdu`] instead. Pure.
+pub fn check_head(ch: CommonHeader, head: &[u8], dg: Digests) -> Result<usize, TransportError> {
+    let bad = TransportError::new(FES_INVALID_HEADER_FIELD, 0);
+    let (hlen, pdo, plen) = (ch.hlen as usize, ch.pdo as usize, ch.plen as usize);
+    if !digests_apply(ch.pdu_type) || head.len() != pdo {
+        return Err(bad);
+    }
+    if (ch.flags & FLAG_HDGSTF != 0) != dg.header || (ch.flags & FLAG_DDGSTF != 0) != dg.data {
+        return Err(bad);
+    }
+    let hd_len = if dg.header { DIGEST_LEN } else { 0 };
+    let dd_len = if dg.data { DIGEST_LEN } else { 0 };
+    if pdo < hlen + hd_len || pdo + dd_len >= plen {
+        return Err(bad);
+    }
+    if dg.header && get_u32(head, hlen) != crc(&head[..hlen]) {
+        return Err(TransportError::new(FES_HEADER_DIGEST_ERROR, 0));
+    }
+    Ok(plen - pdo - dd_len)
+}
+
 /// Checks digest flags, the header digest, PDO and the data digest of a
 /// framed PDU against the negotiated digests.
 pub fn check_pdu(raw: &RawPdu, dg: Digests) -> Result<CheckedPdu<'_>, TransportError> {
