@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
 use netreactor::{Input, Outbox, Reactors, Waker};
-use volume::{PathState, Volume};
+use volume::{PathState, SharedBuf, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
 use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
@@ -1062,8 +1063,43 @@ impl IscsiConn {
                 self.retire();
             }
         }
-        for (p, sn) in build_response(&meta, &self.params, res) {
-            self.emit(out, p, sn);
+        for r in build_response(&meta, &self.params, res) {
+            match r.data {
+                None => self.emit(out, r.pdu, r.sn),
+                Some((buf, range)) => self.emit_data(out, r.pdu, r.sn, &buf, range),
+            }
+        }
+    }
+
+    /// Encodes a Data-In PDU whose data is `buf[range]`, sent from there:
+    /// the padding comes from a static zero array and the data digest is
+    /// computed over the slice (a read, not a copy).
+    fn emit_data(
+        &mut self,
+        out: &mut Outbox,
+        mut p: Pdu,
+        sn: Sn,
+        buf: &SharedBuf,
+        range: Range<usize>,
+    ) {
+        static ZEROS: [u8; 4] = [0; 4];
+        p.set_u32(24, self.stat_sn);
+        if sn == Sn::Advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        p.set_u32(28, self.exp_cmd_sn);
+        p.set_u32(32, self.max_cmd_sn);
+        let n = range.len();
+        p.encode_head_into(out.bytes_mut(), self.params.header_digest, n);
+        let pad = &ZEROS[..n.next_multiple_of(4) - n];
+        let crc = self
+            .params
+            .data_digest
+            .then(|| crc32c::crc32c_append(crc32c::crc32c(&buf[range.clone()]), pad));
+        out.push_shared(buf, range);
+        out.extend_from_slice(pad);
+        if let Some(crc) = crc {
+            out.extend_from_slice(&crc.to_le_bytes());
         }
     }
 }
@@ -1206,8 +1242,16 @@ fn encode_lun(lun: u64) -> u64 {
     }
 }
 
+/// One response PDU; a Data-In PDU's data is a slice of the command's
+/// buffer, encoded by reference.
+struct Resp {
+    pdu: Pdu,
+    sn: Sn,
+    data: Option<(SharedBuf, Range<usize>)>,
+}
+
 /// Data-In PDUs and the status for one finished command, with residuals.
-fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
+fn build_response(m: &Meta, p: &Params, res: ScsiResult) -> Vec<Resp> {
     let Meta {
         itt,
         lun,
@@ -1243,6 +1287,8 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
         0
     };
     let collapse = res.status == STATUS_GOOD && res.sense.is_none() && send_len > 0;
+    let (status, sense) = (res.status, res.sense);
+    let data = res.data.share();
     let mut data_sn = 0u32;
     if send_len > 0 {
         let seg = p.send_max_data_segment_bytes.max(512) as usize;
@@ -1260,7 +1306,7 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
             let mut sn = Sn::Current;
             if last && collapse {
                 f |= 0x01 | resid_flags;
-                d.bhs[3] = res.status;
+                d.bhs[3] = status;
                 d.set_u32(44, residual);
                 sn = Sn::Advance;
             }
@@ -1270,15 +1316,13 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
             d.set_u32(20, RSVD_TAG);
             d.set_u32(36, data_sn);
             d.set_u32(40, at as u32);
-            // A single Data-In PDU takes the buffer without a copy.
-            d.data = if at == 0 && n == res.data.len() {
-                std::mem::take(&mut res.data)
-            } else {
-                res.data[at..at + n].to_vec()
-            };
+            pdus.push(Resp {
+                pdu: d,
+                sn,
+                data: Some((data.clone(), at..at + n)),
+            });
             data_sn += 1;
             at += n;
-            pdus.push((d, sn));
         }
     }
     if collapse {
@@ -1287,17 +1331,21 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
     let mut r = Pdu::new(pdu::OP_SCSI_RESP);
     r.bhs[1] = 0x80 | resid_flags;
     r.bhs[2] = 0; // command completed at target
-    r.bhs[3] = res.status;
+    r.bhs[3] = status;
     r.set_u32(16, itt);
     r.set_u32(36, data_sn);
     r.set_u32(44, residual);
-    if let Some(s) = res.sense {
+    if let Some(s) = sense {
         let sb = s.to_bytes(false);
         let mut d = (sb.len() as u16).to_be_bytes().to_vec();
         d.extend(sb);
         r.data = d;
     }
-    pdus.push((r, Sn::Advance));
+    pdus.push(Resp {
+        pdu: r,
+        sn: Sn::Advance,
+        data: None,
+    });
     pdus
 }
 

@@ -147,6 +147,24 @@ impl Pdu {
         }
     }
 
+    /// Serializes the header part of a PDU whose `data_len` bytes of data
+    /// the caller sends from a buffer of its own (then the padding to 4
+    /// bytes and, with data digests, the digest over data and padding).
+    /// `self.data` must be empty.
+    pub fn encode_head_into(&mut self, out: &mut Vec<u8>, header_digest: bool, data_len: usize) {
+        debug_assert!(self.ahs.len().is_multiple_of(4) && self.data.is_empty());
+        self.bhs[4] = (self.ahs.len() / 4) as u8;
+        let dlen = data_len as u32;
+        self.bhs[5..8].copy_from_slice(&dlen.to_be_bytes()[1..4]);
+        let start = out.len();
+        out.extend_from_slice(&self.bhs);
+        out.extend_from_slice(&self.ahs);
+        if header_digest {
+            let crc = crc32c::crc32c(&out[start..]);
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
+    }
+
     pub fn encode(&mut self, header_digest: bool, data_digest: bool) -> Vec<u8> {
         let mut v = Vec::with_capacity(BHS_LEN + 8 + pad4(self.data.len()) + 4);
         self.encode_into(&mut v, header_digest, data_digest);

@@ -379,7 +379,7 @@ fn read_async(lun: &Arc<Lun>, offset: u64, len: u32, done: Done) {
         return lun.vol.submit(
             VolumeOp::Read { offset, len },
             Box::new(move |r| match r {
-                Ok(d) => done(ScsiResult::good(d.to_vec())),
+                Ok(d) => done(ScsiResult::good(d)),
                 Err(e) => done(ScsiResult::check(io_error_sense(e, false))),
             }),
         );
