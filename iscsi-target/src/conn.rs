@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
 use netreactor::{Input, Outbox, Reactors, Waker};
-use volume::{PathState, SharedBuf, Volume};
+use volume::{IoBuf, PathState, SharedBuf, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
 use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
@@ -63,6 +63,10 @@ pub struct Shared {
     next_tsih: AtomicU16,
     /// Connections open (logging in or on a reactor).
     live: AtomicUsize,
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (received into a connection's buffer instead of straight into the
+    /// write's buffer), over all connections.
+    pub payload_copied: AtomicU64,
     sessions: Mutex<HashMap<u64, SessionReg>>,
     /// Login threads (each ends once its connection is on a reactor).
     logins: Mutex<Vec<JoinHandle<()>>>,
@@ -103,6 +107,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
             live: AtomicUsize::new(0),
+            payload_copied: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             logins: Mutex::new(Vec::new()),
         })
@@ -339,7 +344,10 @@ struct WriteTask {
     lun: u64,
     cdb: Vec<u8>,
     edtl: u32,
-    buf: Vec<u8>,
+    /// The write's buffer (`edtl` bytes, from the volume's pool), once
+    /// data arrived; `filled` bytes of it are received (in order).
+    buf: Option<IoBuf>,
+    filled: usize,
     /// Unsolicited Data-Out is still expected (F bit not yet seen).
     unsolicited_open: bool,
     /// Offset up to which R2Ts have been sent.
@@ -352,6 +360,25 @@ struct WriteTask {
     read: bool,
     /// Budget bytes reserved when its R2Ts were allowed to start (0: waiting).
     charged: u64,
+}
+
+impl WriteTask {
+    /// Takes `len` bytes of data at `filled`: `data` copied into the buffer
+    /// (allocated now if it is not yet), or already received there
+    /// (`None`). Returns the bytes copied.
+    fn take_data(&mut self, data: Option<&[u8]>, len: u32, vol: &dyn Volume) -> usize {
+        let at = self.filled;
+        self.filled += len as usize;
+        let Some(d) = data else {
+            return 0;
+        };
+        let edtl = self.edtl as usize;
+        let buf = self
+            .buf
+            .get_or_insert_with(|| vol.alloc_buf(edtl).unwrap_or_else(|| IoBuf::new(edtl)));
+        buf[at..at + d.len()].copy_from_slice(d);
+        d.len()
+    }
 }
 
 /// Solicited Data-Out buffered per session (reserved when a write's R2Ts
@@ -538,9 +565,6 @@ impl IscsiConn {
         let need = (w.edtl as u64).max(1);
         if used == 0 || used + need <= budget {
             w.charged = need;
-            // The buffer is allocated only now, when its data may come.
-            w.buf
-                .reserve_exact((w.edtl as usize).saturating_sub(w.buf.len()));
             self.used_bytes += need;
             true
         } else {
@@ -617,7 +641,9 @@ impl IscsiConn {
         true
     }
 
-    fn dispatch(&mut self, p: Pdu, out: &mut Outbox) {
+    /// Handles one PDU; `imm` is a SCSI command's immediate data when it
+    /// was received straight into a buffer (see [`IscsiConn::data_target`]).
+    fn dispatch(&mut self, p: Pdu, imm: Option<IoBuf>, out: &mut Outbox) {
         match p.opcode() {
             pdu::OP_NOP_OUT => {
                 if !self.accept_cmd_sn(&p.bhs) {
@@ -646,7 +672,7 @@ impl IscsiConn {
                 if !self.accept_cmd_sn(&p.bhs) {
                     return;
                 }
-                self.scsi_command(p, out);
+                self.scsi_command(p, imm, out);
             }
             pdu::OP_TMF_REQ => {
                 if !self.accept_cmd_sn(&p.bhs) {
@@ -849,7 +875,9 @@ impl IscsiConn {
         self.shared.lun.reset(&ids, ua);
     }
 
-    fn scsi_command(&mut self, p: Pdu, out: &mut Outbox) {
+    /// A SCSI command; `imm` holds its immediate data when that was
+    /// received straight into a buffer (`p.data` is then empty).
+    fn scsi_command(&mut self, p: Pdu, imm_buf: Option<IoBuf>, out: &mut Outbox) {
         let flags = p.flags();
         let final_bit = flags & 0x80 != 0;
         let read = flags & 0x40 != 0;
@@ -862,7 +890,7 @@ impl IscsiConn {
             cdb.extend_from_slice(ext);
         }
         let windowed = !p.immediate();
-        let imm = p.data.len() as u32;
+        let imm = imm_buf.as_ref().map_or(p.data.len(), |b| b.len()) as u32;
         let pp = &self.params;
         let bad = (imm > 0 && (!write || !pp.immediate_data))
             || imm > edtl
@@ -909,11 +937,25 @@ impl IscsiConn {
                 self.finish(meta, ScsiResult::check(scsi::SENSE_INVALID_FIELD_CDB), out);
                 return;
             }
+            let buf = match imm_buf {
+                Some(mut b) => {
+                    b.set_len(edtl as usize);
+                    Some(b)
+                }
+                None if imm > 0 => {
+                    let mut b = self.payload_buf(edtl as usize);
+                    b[..imm as usize].copy_from_slice(&p.data);
+                    self.count_copied(imm as usize);
+                    Some(b)
+                }
+                None => None,
+            };
             let mut w = WriteTask {
                 lun,
                 cdb,
                 edtl,
-                buf: p.data,
+                buf,
+                filled: imm as usize,
                 unsolicited_open: !final_bit,
                 r2t_offset: 0,
                 r2t_sn: 0,
@@ -933,7 +975,35 @@ impl IscsiConn {
             }
             return;
         }
-        self.execute(meta, cdb, p.data);
+        let data = match imm_buf {
+            Some(b) => b,
+            None => {
+                if write {
+                    self.count_copied(p.data.len());
+                }
+                let mut b = self.payload_buf(p.data.len());
+                b.copy_from_slice(&p.data);
+                b
+            }
+        };
+        self.execute(meta, cdb, data);
+    }
+
+    /// A buffer for `len` bytes of a write's data: from the volume's pool,
+    /// or (for data already received into the connection's buffer, which
+    /// is copied anyway) the heap when the pool is empty.
+    fn payload_buf(&self, len: usize) -> IoBuf {
+        self.shared
+            .lun
+            .vol
+            .alloc_buf(len)
+            .unwrap_or_else(|| IoBuf::new(len))
+    }
+
+    fn count_copied(&self, n: usize) {
+        self.shared
+            .payload_copied
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// A Data-Out error under ERL 0: the command ends with CHECK CONDITION.
@@ -958,11 +1028,14 @@ impl IscsiConn {
         }
     }
 
-    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: &[u8], out: &mut Outbox) {
+    /// A Data-Out PDU; `data` is its data segment, or `None` when it was
+    /// received in place into the write's buffer (`split` said where).
+    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: Option<&[u8]>, out: &mut Outbox) {
         let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
         let (itt, ttt, data_sn, offset) = (be(16), be(20), be(36), be(40));
         let final_bit = bhs[1] & 0x80 != 0;
-        let len = data.len() as u32;
+        let len = data.map_or(be(4) & 0x00ff_ffff, |d| d.len() as u32);
+        let mut copied = 0;
         let first_burst = self.params.first_burst_bytes;
         let Some(w) = self.writes.get_mut(&itt) else {
             // Data for an unknown or aborted task: discarded.
@@ -971,14 +1044,14 @@ impl IscsiConn {
         let ok = if ttt == RSVD_TAG {
             let good = w.unsolicited_open
                 && data_sn == w.unsol_data_sn
-                && offset == w.buf.len() as u32
+                && offset as usize == w.filled
                 && offset as u64 + len as u64 <= first_burst.min(w.edtl) as u64;
             if good {
                 w.unsol_data_sn += 1;
-                w.buf.extend_from_slice(data);
+                copied += w.take_data(data, len, &*self.shared.lun.vol);
                 if final_bit {
                     w.unsolicited_open = false;
-                    w.r2t_offset = w.buf.len() as u32;
+                    w.r2t_offset = w.filled as u32;
                 }
             }
             good
@@ -988,14 +1061,14 @@ impl IscsiConn {
                     let (_, r_off, r_len, sn) = w.r2ts[i];
                     let good = !w.unsolicited_open
                         && data_sn == sn
-                        && offset == w.buf.len() as u32
+                        && offset as usize == w.filled
                         && offset >= r_off
                         && offset as u64 + len as u64 <= r_off as u64 + r_len as u64;
                     if good {
                         w.r2ts[i].3 += 1;
-                        w.buf.extend_from_slice(data);
+                        copied += w.take_data(data, len, &*self.shared.lun.vol);
                         if final_bit {
-                            if w.buf.len() as u32 != r_off + r_len {
+                            if w.filled as u32 != r_off + r_len {
                                 false
                             } else {
                                 w.r2ts.remove(i);
@@ -1011,12 +1084,16 @@ impl IscsiConn {
                 None => false,
             }
         };
+        self.count_copied(copied);
         if !ok {
             self.reject(out, pdu::REJECT_PROTOCOL_ERROR, bhs);
             self.fail_write(itt, out);
             return;
         }
-        if w.buf.len() as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
+        let Some(w) = self.writes.get_mut(&itt) else {
+            return;
+        };
+        if w.filled as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
             let Some(w) = self.writes.remove(&itt) else {
                 return;
             };
@@ -1034,7 +1111,8 @@ impl IscsiConn {
                 out_len: scsi::data_out_len(&w.cdb, bs),
                 charged: w.charged,
             };
-            self.execute(meta, w.cdb, w.buf);
+            let data = w.buf.unwrap_or_else(|| IoBuf::new(w.edtl as usize));
+            self.execute(meta, w.cdb, data);
             return;
         }
         self.issue_r2ts(itt, out);
@@ -1042,7 +1120,7 @@ impl IscsiConn {
 
     /// Submits a command whose Data-Out (if any) is complete. Its result
     /// comes back through `done` and the waker.
-    fn execute(&mut self, meta: Meta, cdb: Vec<u8>, data: Vec<u8>) {
+    fn execute(&mut self, meta: Meta, cdb: Vec<u8>, data: IoBuf) {
         let (queue, waker) = (self.done.clone(), self.waker.clone());
         let done: scsi::Done = Box::new(move |res| {
             queue.push(Done { meta, res });
@@ -1208,14 +1286,14 @@ impl IscsiConn {
             if f.bhs[0] & 0x3f == pdu::OP_DATA_OUT {
                 // The payload goes from the receive buffer straight into
                 // its write's buffer.
-                self.data_out(&f.bhs, &rest[f.data], out);
+                self.data_out(&f.bhs, Some(&rest[f.data]), out);
             } else {
                 let p = Pdu {
                     bhs: f.bhs,
                     ahs: rest[f.ahs].to_vec(),
                     data: rest[f.data].to_vec(),
                 };
-                self.dispatch(p, out);
+                self.dispatch(p, None, out);
             }
         }
         Input {
