@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Outbox, Reactors, Waker};
+use netreactor::{Input, Outbox, Reactors, RxBuf, Waker};
 use volume::{IoBuf, PathState, SharedBuf, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
@@ -381,6 +381,22 @@ impl WriteTask {
     }
 }
 
+/// A PDU split at its data segment: `head` (BHS, AHS, header digest) is
+/// in, the data goes into `buf` (lent to the reactor while it receives
+/// into it), then `tail` bytes of padding and data digest follow.
+struct Split {
+    head: Vec<u8>,
+    buf: Option<RxBuf>,
+    tail: usize,
+}
+
+/// Where a PDU's data segment goes.
+enum DataPlace {
+    Inline,
+    Stall,
+    Target(RxBuf),
+}
+
 /// Solicited Data-Out buffered per session (reserved when a write's R2Ts
 /// start, released when the volume completes it): bounds memory whatever
 /// the initiator queues. A single write larger than this still proceeds
@@ -427,6 +443,11 @@ pub struct IscsiConn {
     queued_out: usize,
     /// A logout response waiting for the commands in flight.
     logout: Option<Pdu>,
+    /// A PDU whose data segment is being received straight into a write's
+    /// buffer.
+    split: Option<Split>,
+    /// The last PDU header waits for a buffer from the volume's pool.
+    stalled: bool,
     /// Why the connection ends, once it does.
     end: Option<String>,
 }
@@ -476,6 +497,8 @@ impl IscsiConn {
             inflight: 0,
             queued_out: 0,
             logout: None,
+            split: None,
+            stalled: false,
             end: None,
             shared,
             id,
@@ -989,6 +1012,102 @@ impl IscsiConn {
         self.execute(meta, cdb, data);
     }
 
+    /// Where the `dlen`-byte data segment of the PDU with header `bhs` goes:
+    /// a write command's immediate data or a Data-Out that fits its write
+    /// go straight into the write's buffer; anything unusual is framed
+    /// whole (and judged) as before.
+    fn data_target(&mut self, bhs: &[u8; BHS_LEN], dlen: usize) -> DataPlace {
+        let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
+        let vol = &self.shared.lun.vol;
+        if bhs[0] & 0x3f == pdu::OP_SCSI_CMD {
+            let edtl = be(20) as usize;
+            let plain = !self.discovery
+                && self.params.immediate_data
+                && dlen <= self.params.first_burst_bytes as usize
+                && dlen <= edtl
+                && edtl <= self.shared.lun.max_cmd_bytes as usize
+                && bhs[1] & 0x40 == 0;
+            if !plain {
+                return DataPlace::Inline;
+            }
+            return match vol.alloc_buf(edtl) {
+                Some(mut buf) => {
+                    buf.set_len(dlen);
+                    DataPlace::Target(RxBuf { buf, at: 0 })
+                }
+                None => DataPlace::Stall,
+            };
+        }
+        let (itt, offset) = (be(16), be(40) as usize);
+        let Some(w) = self.writes.get_mut(&itt) else {
+            return DataPlace::Inline;
+        };
+        let edtl = w.edtl as usize;
+        if offset != w.filled || offset + dlen > edtl {
+            return DataPlace::Inline;
+        }
+        if w.buf.is_none() {
+            w.buf = vol.alloc_buf(edtl);
+        }
+        let Some(mut buf) = w.buf.take() else {
+            return DataPlace::Stall;
+        };
+        buf.set_len(offset + dlen);
+        DataPlace::Target(RxBuf { buf, at: offset })
+    }
+
+    /// The split PDU's data is in, and its `tail` (padding, digest): hand
+    /// it on as the inline path would.
+    fn finish_split(&mut self, tail: &[u8], out: &mut Outbox) {
+        let Some(Split {
+            head,
+            buf: Some(rb),
+            ..
+        }) = self.split.take()
+        else {
+            return;
+        };
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&head[..BHS_LEN]);
+        let op = bhs[0] & 0x3f;
+        let mut buf = rb.buf;
+        let start = if op == pdu::OP_DATA_OUT {
+            u32::from_be_bytes(bhs[40..44].try_into().unwrap()) as usize
+        } else {
+            0
+        };
+        if self.params.data_digest {
+            let (pad, digest) = tail.split_at(tail.len() - 4);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[start..]), pad);
+            if crc.to_le_bytes() != digest {
+                // As for a PDU framed whole: discarded, ERL 0 cannot
+                // recover the data.
+                self.reject(out, pdu::REJECT_DATA_DIGEST, &bhs);
+                if op == pdu::OP_DATA_OUT {
+                    let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
+                    self.fail_write(itt, out);
+                }
+                return;
+            }
+        }
+        if op == pdu::OP_DATA_OUT {
+            let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
+            if let Some(w) = self.writes.get_mut(&itt) {
+                buf.set_len(w.edtl as usize);
+                w.buf = Some(buf);
+            }
+            self.data_out(&bhs, None, out);
+        } else {
+            let ahs_len = bhs[4] as usize * 4;
+            let p = Pdu {
+                bhs,
+                ahs: head[BHS_LEN..BHS_LEN + ahs_len].to_vec(),
+                data: Vec::new(),
+            };
+            self.dispatch(p, Some(buf), out);
+        }
+    }
+
     /// A buffer for `len` bytes of a write's data: from the volume's pool,
     /// or (for data already received into the connection's buffer, which
     /// is copied anyway) the heap when the pool is empty.
@@ -1221,6 +1340,33 @@ impl netreactor::Conn for IscsiConn {
         self.shared.stopping.load(Ordering::Acquire)
     }
 
+    fn take_payload_target(&mut self) -> Option<RxBuf> {
+        self.split.as_mut()?.buf.take()
+    }
+
+    fn payload_received(&mut self, buf: RxBuf, out: &mut Outbox) {
+        let Some(sp) = &mut self.split else {
+            return;
+        };
+        sp.buf = Some(buf);
+        if sp.tail == 0 {
+            self.finish_split(&[], out);
+            self.queued_out = out.len();
+        }
+        // Otherwise the padding and digest arrive as input.
+    }
+
+    fn receive_limit(&self) -> usize {
+        // One PDU header at a time, so that a write's data after it is
+        // received straight into its buffer.
+        let tail = self.split.as_ref().map_or(0, |sp| sp.tail);
+        tail + BHS_LEN + if self.params.header_digest { 4 } else { 0 }
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+
     fn closed(&mut self, why: &str) {
         log::debug!("iscsi: connection {} closed ({why})", self.id);
         // Tasks still in flight lose their responses; the volume completes
@@ -1237,12 +1383,42 @@ impl IscsiConn {
     fn take_input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         self.check_resets(out);
         let mut at = 0;
+        self.stalled = false;
         while self.end.is_none()
             && self.logout.is_none()
             && self.inflight < MAX_INFLIGHT
             && out.len() < MAX_QUEUED_OUT_BYTES
         {
             let rest = &input[at..];
+            if let Some(sp) = &mut self.split {
+                let Some(b) = sp.buf.as_mut() else {
+                    break;
+                };
+                // Data that came with the header (or a driver without
+                // payload targets): copied into the buffer.
+                let n = (b.buf.len() - b.at).min(rest.len());
+                b.buf[b.at..b.at + n].copy_from_slice(&rest[..n]);
+                b.at += n;
+                at += n;
+                self.shared
+                    .payload_copied
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if b.at < b.buf.len() {
+                    break;
+                }
+                let tail = sp.tail;
+                let rest = &input[at..];
+                if rest.len() < tail {
+                    return Input {
+                        consumed: at,
+                        need: tail,
+                    };
+                }
+                let tail_bytes = rest[..tail].to_vec();
+                at += tail;
+                self.finish_split(&tail_bytes, out);
+                continue;
+            }
             if rest.len() < BHS_LEN {
                 return Input {
                     consumed: at,
@@ -1251,6 +1427,36 @@ impl IscsiConn {
             }
             let mut bhs = [0u8; BHS_LEN];
             bhs.copy_from_slice(&rest[..BHS_LEN]);
+            let op = bhs[0] & 0x3f;
+            if op == pdu::OP_DATA_OUT || op == pdu::OP_SCSI_CMD && bhs[1] & 0x20 != 0 {
+                // A write's data: once the header is in, it may go
+                // straight into the write's buffer.
+                match pdu::frame_head(rest, &self.lim) {
+                    Ok(h) if h.dlen > 0 => match self.data_target(&bhs, h.dlen) {
+                        DataPlace::Stall => {
+                            self.stalled = true;
+                            return Input {
+                                consumed: at,
+                                need: 0,
+                            };
+                        }
+                        DataPlace::Target(buf) => {
+                            self.split = Some(Split {
+                                head: rest[..h.hlen].to_vec(),
+                                buf: Some(buf),
+                                tail: h.tail,
+                            });
+                            at += h.hlen;
+                            continue;
+                        }
+                        DataPlace::Inline => {}
+                    },
+                    Err(ParseError::Incomplete { need }) => {
+                        return Input { consumed: at, need };
+                    }
+                    _ => {}
+                }
+            }
             let f = match pdu::frame(rest, &self.lim) {
                 Ok(f) => f,
                 Err(ParseError::Incomplete { need }) => {

@@ -406,8 +406,10 @@ impl netreactor::Conn for NvmeConn {
     fn receive_limit(&self) -> usize {
         // One PDU header at a time, so that data after it is received
         // straight into its buffer: a command capsule's, or the common
-        // header alone while H2CData may come.
-        if self.split.is_some() {
+        // header alone while H2CData may come; with a data digest to come
+        // after a payload, only the digest (the next header's size is not
+        // known before the digest is checked).
+        if self.split.as_ref().is_some_and(|sp| sp.dd) {
             DIGEST_LEN
         } else if self.core.expects_h2c() {
             CH_LEN

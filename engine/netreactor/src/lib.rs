@@ -94,10 +94,13 @@ pub trait Conn: Send {
     /// The buffer from [`Conn::take_payload_target`], now full.
     fn payload_received(&mut self, _buf: RxBuf, _out: &mut Outbox) {}
     /// At most this many bytes go to the connection's receive buffer per
-    /// receive (e.g. one request header, so that a payload that follows is
-    /// not received there but straight into its own buffer); 0: no limit.
+    /// receive, counting those it holds unconsumed (e.g. one request
+    /// header, so that a payload that follows is not received there but
+    /// straight into its own buffer), or more if [`Input::need`] asks for
+    /// more. With a payload target posted, 0 is allowed (receive only the
+    /// payload). Default: no limit.
     fn receive_limit(&self) -> usize {
-        0
+        usize::MAX
     }
     /// Waiting for a resource that comes back without a wake-up (a payload
     /// buffer from the volume's pool): the reactor receives nothing more
@@ -1097,12 +1100,10 @@ impl Reactor {
                 let mut rx_n = 0;
                 if more {
                     make_room(s);
-                    rx_n = s.rx.len() - s.hi;
-                    let limit = s.conn.receive_limit();
-                    if limit > 0 {
-                        let want = limit.max(s.need).saturating_sub(s.hi - s.lo);
-                        rx_n = rx_n.min(want.max(1));
-                    }
+                    let want = s.conn.receive_limit().max(s.need);
+                    let want = want.saturating_sub(s.hi - s.lo);
+                    let floor = if s.target.is_some() { 0 } else { 1 };
+                    rx_n = (s.rx.len() - s.hi).min(want.max(floor));
                 }
                 if let Some(t) = &mut s.target {
                     let at = t.at;
