@@ -448,6 +448,10 @@ pub struct IscsiConn {
     split: Option<Split>,
     /// The last PDU header waits for a buffer from the volume's pool.
     stalled: bool,
+    /// Receive one PDU header at a time (writes are flowing: their data
+    /// then arrives straight in their buffers) rather than in bulk (after
+    /// a read: many commands per receive).
+    header_only: bool,
     /// Why the connection ends, once it does.
     end: Option<String>,
 }
@@ -499,6 +503,7 @@ impl IscsiConn {
             logout: None,
             split: None,
             stalled: false,
+            header_only: true,
             end: None,
             shared,
             id,
@@ -1360,6 +1365,10 @@ impl netreactor::Conn for IscsiConn {
         // One PDU header at a time, so that a write's data after it is
         // received straight into its buffer.
         let tail = self.split.as_ref().map_or(0, |sp| sp.tail);
+        if !self.header_only && self.split.is_none() && self.writes.is_empty() {
+            // After a read, with no Data-Out to come: in bulk.
+            return usize::MAX;
+        }
         tail + BHS_LEN + if self.params.header_digest { 4 } else { 0 }
     }
 
@@ -1428,6 +1437,9 @@ impl IscsiConn {
             let mut bhs = [0u8; BHS_LEN];
             bhs.copy_from_slice(&rest[..BHS_LEN]);
             let op = bhs[0] & 0x3f;
+            if op == pdu::OP_SCSI_CMD {
+                self.header_only = bhs[1] & 0x20 != 0;
+            }
             if op == pdu::OP_DATA_OUT || op == pdu::OP_SCSI_CMD && bhs[1] & 0x20 != 0 {
                 // A write's data: once the header is in, it may go
                 // straight into the write's buffer.

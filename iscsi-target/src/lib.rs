@@ -223,9 +223,7 @@ impl IscsiTarget {
     /// (received into a connection's buffer instead of straight into the
     /// write's buffer); 0 in steady state.
     pub fn payload_copied_bytes(&self) -> u64 {
-        self.shared
-            .payload_copied
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.payload_copied.load(Ordering::Relaxed)
     }
 
     /// Connections open (logging in or in the full feature phase).

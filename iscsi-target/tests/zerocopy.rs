@@ -86,23 +86,34 @@ fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
         assert_eq!((c.hd, c.dd), (digests, digests));
         let mut n = 0;
         // 1 and 4 KiB go as immediate data; 128 KiB as 8 KiB immediate
-        // data and 8 KiB Data-Out PDUs after an R2T.
-        for len in [1024usize, 4096, 128 * 1024] {
+        // data and 8 KiB Data-Out PDUs after an R2T. Writes first (a
+        // connection receives in bulk after a read, see
+        // IscsiConn::receive_limit).
+        let mut written = Vec::new();
+        for (k, len) in [1024usize, 4096, 128 * 1024].into_iter().enumerate() {
             for i in 0..4u32 {
-                let lba = i * 512;
+                let lba = i * 512 + k as u32 * 2048;
                 let data = pattern(i + len as u32, len);
                 assert_eq!(c.write10(lba, &data).status, 0);
                 n += 1;
-                let r = c.read10(lba, (len / 512) as u16);
-                assert_eq!(r.status, 0);
-                assert!(r.data == data, "{len} bytes at {lba} read back wrong");
+                written.push((lba, data));
             }
         }
-        // A 1 MiB read: Data-In PDUs cut from one buffer.
         let big = pattern(99, 1 << 20);
-        assert_eq!(c.write10(8192, &big).status, 0);
+        assert_eq!(c.write10(16384, &big).status, 0);
         n += 1;
-        let r = c.read10(8192, 2048);
+        assert_eq!(t.payload_copied_bytes(), 0, "digests {digests}");
+        for (lba, data) in written {
+            let r = c.read10(lba, (data.len() / 512) as u16);
+            assert_eq!(r.status, 0);
+            assert!(
+                r.data == data,
+                "{} bytes at {lba} read back wrong",
+                data.len()
+            );
+        }
+        // A 1 MiB read: Data-In PDUs cut from one buffer.
+        let r = c.read10(16384, 2048);
         assert!(r.status == 0 && r.data == big);
         assert_eq!(vol.writes.load(Ordering::Relaxed), n, "digests {digests}");
         assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0, "digests {digests}");

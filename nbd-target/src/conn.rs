@@ -125,6 +125,10 @@ pub struct NbdConn {
     /// A refused write's payload still to skip: (bytes left, handle, errno).
     drain: Option<(u32, u64, u32)>,
     pending: Option<PendingWrite>,
+    /// Receive one request header at a time (writes are flowing: their
+    /// payloads then arrive straight in their buffers) rather than in bulk
+    /// (reads: many headers per receive).
+    header_only: bool,
     /// Payload bytes copied in user space (from the receive buffer into a
     /// write's buffer), shared by the server's connections.
     copied: Arc<AtomicU64>,
@@ -155,6 +159,7 @@ impl NbdConn {
             queued_out: 0,
             drain: None,
             pending: None,
+            header_only: true,
             copied: ctx.payload_copied.clone(),
             end: None,
             warned_backup: false,
@@ -363,9 +368,15 @@ impl netreactor::Conn for NbdConn {
     }
 
     fn receive_limit(&self) -> usize {
-        // One request header at a time: a write's payload that follows is
-        // received straight into its own buffer.
-        REQUEST_HEADER_BYTES
+        // While writes flow, one request header at a time: a write's
+        // payload that follows is received straight into its own buffer.
+        // After a read, in bulk: a header per receive would cost a system
+        // call per read. (A refused write's payload being skipped comes in
+        // whole.)
+        if !self.header_only {
+            return usize::MAX;
+        }
+        self.drain.map_or(0, |(left, _, _)| left as usize) + REQUEST_HEADER_BYTES
     }
 
     fn stalled(&self) -> bool {
@@ -456,6 +467,7 @@ impl NbdConn {
                 }
             };
             let handle = h.handle;
+            self.header_only = !matches!(cmd, Command::Read { .. });
             match cmd {
                 Command::Read { offset, len } => {
                     at += REQUEST_HEADER_BYTES;

@@ -189,6 +189,10 @@ struct NvmeConn {
     split: Option<Split>,
     /// The last PDU header waits for a buffer from the volume's pool.
     stalled: bool,
+    /// Receive one PDU header at a time (writes are flowing: their data
+    /// then arrives straight in their buffers) rather than in bulk (after
+    /// other commands: many capsules per receive).
+    header_only: bool,
     sh: Arc<Shared>,
     rx: Receiver<Out>,
     /// The queue ended the connection (`Out::Close`, a terminated
@@ -214,6 +218,7 @@ impl NvmeConn {
             core: QueueCore::new(sh.clone(), OutTx::new(tx, waker)),
             split: None,
             stalled: false,
+            header_only: true,
             sh,
             rx,
             closing: false,
@@ -295,6 +300,10 @@ impl netreactor::Conn for NvmeConn {
             };
             let ch = CommonHeader::parse(&avail[..CH_LEN]);
             let pdo = ch.pdo as usize;
+            if ch.pdu_type == PDU_CAPSULE_CMD && avail.len() > CH_LEN {
+                // Byte 0 of the SQE: the opcode.
+                self.header_only = pdo != 0 || avail[CH_LEN] == IO_WRITE || self.core.expects_h2c();
+            }
             if matches!(ch.pdu_type, PDU_CAPSULE_CMD | PDU_H2C_DATA) && pdo >= CH_LEN && pdo < plen
             {
                 // A PDU with data: once its header is in, its data may go
@@ -411,6 +420,9 @@ impl netreactor::Conn for NvmeConn {
         // known before the digest is checked).
         if self.split.as_ref().is_some_and(|sp| sp.dd) {
             DIGEST_LEN
+        } else if !self.header_only && !self.core.expects_h2c() {
+            // After a command without data (a read): in bulk.
+            usize::MAX
         } else if self.core.expects_h2c() {
             CH_LEN
         } else {

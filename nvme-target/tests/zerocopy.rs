@@ -77,21 +77,27 @@ fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
         };
         let c = Controller::connect(t.local_addr(), &h).unwrap();
         let mut n = 0;
-        // 4 KiB goes in-capsule, 128 KiB after an R2T.
+        // 4 KiB goes in-capsule, 128 KiB after an R2T; writes first (a
+        // queue receives in bulk after a read, see NvmeConn::receive_limit).
+        let mut written = Vec::new();
         for len in [4096usize, 128 * 1024] {
             for i in 0..8u64 {
-                let slba = i * 512;
+                let slba = i * 512 + if len == 4096 { 0 } else { 4096 };
                 let data = pattern(i + len as u64, len);
                 c.write(slba, data.clone(), i % 2 == 0).unwrap();
                 n += 1;
-                assert!(c.read(slba, (len / 512) as u32).unwrap() == data);
+                written.push((slba, data));
             }
         }
-        // A 1 MiB read: eight C2HData PDUs cut from one buffer.
         let big = pattern(99, 1 << 20);
-        c.write(8192, big.clone(), false).unwrap();
+        c.write(16384, big.clone(), false).unwrap();
         n += 1;
-        assert!(c.read(8192, 2048).unwrap() == big);
+        assert_eq!(t.payload_copied_bytes(), 0, "digests {digests}");
+        for (slba, data) in written {
+            assert!(c.read(slba, (data.len() / 512) as u32).unwrap() == data);
+        }
+        // A 1 MiB read: eight C2HData PDUs cut from one buffer.
+        assert!(c.read(16384, 2048).unwrap() == big);
         c.disconnect();
         assert_eq!(vol.writes.load(Ordering::Relaxed), n, "digests {digests}");
         assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0, "digests {digests}");

@@ -1259,6 +1259,32 @@ mod tests {
     }
 
     #[test]
+    fn an_outbox_keeps_bytes_and_spliced_buffers_in_order() {
+        let buf = SharedBuf::from(b"0123456789".to_vec());
+        let mut o = Outbox::new();
+        o.extend_from_slice(b"<h1>");
+        o.push_shared(&buf, 2..5);
+        o.push_shared(&buf, 5..5);
+        o.push_shared(&buf, 0..1);
+        o.extend_from_slice(b"<h2>");
+        let mut o2 = Outbox::new();
+        o2.extend_from_slice(b"[");
+        o2.push_buf(IoBuf::from_slice(b"xyz"));
+        o2.extend_from_slice(b"]");
+        o.append(o2);
+        assert_eq!(o.to_vec(), b"<h1>2340<h2>[xyz]".to_vec());
+        assert_eq!(o.len(), 17);
+        assert_eq!(o.spliced_bytes(), 7);
+        let segs: Vec<&[u8]> = o.segments().collect();
+        assert_eq!(
+            segs,
+            [&b"<h1>"[..], b"234", b"0", b"<h2>[", b"xyz", b"]"].to_vec()
+        );
+        o.clear();
+        assert!(o.is_empty() && o.segments().next().is_none());
+    }
+
+    #[test]
     fn completions_from_other_threads_wake_a_sleeping_reactor() {
         let r = Reactors::start(&ReactorConfig::single("test-reactor")).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
