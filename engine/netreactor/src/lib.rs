@@ -1105,7 +1105,8 @@ impl Reactor {
                     let floor = if s.target.is_some() { 0 } else { 1 };
                     rx_n = (s.rx.len() - s.hi).min(want.max(floor));
                 }
-                if let Some(t) = &mut s.target {
+                // (A lent target is never full: a full one went back above.)
+                if let Some(t) = s.target.as_mut().filter(|t| t.at < t.buf.len()) {
                     let at = t.at;
                     let payload = &mut t.buf[at..];
                     let segs = [
