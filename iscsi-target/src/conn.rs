@@ -16,14 +16,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Reactors, Waker};
-use volume::{PathState, Volume};
+use netreactor::{Input, Outbox, Reactors, RxBuf, Waker};
+use volume::{IoBuf, PathState, SharedBuf, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
 use crate::pdu::{self, ParseError, ParseLimits, Pdu, BHS_LEN, RSVD_TAG};
@@ -62,6 +63,10 @@ pub struct Shared {
     next_tsih: AtomicU16,
     /// Connections open (logging in or on a reactor).
     live: AtomicUsize,
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (received into a connection's buffer instead of straight into the
+    /// write's buffer), over all connections.
+    pub payload_copied: AtomicU64,
     sessions: Mutex<HashMap<u64, SessionReg>>,
     /// Login threads (each ends once its connection is on a reactor).
     logins: Mutex<Vec<JoinHandle<()>>>,
@@ -102,6 +107,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
             live: AtomicUsize::new(0),
+            payload_copied: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             logins: Mutex::new(Vec::new()),
         })
@@ -338,7 +344,10 @@ struct WriteTask {
     lun: u64,
     cdb: Vec<u8>,
     edtl: u32,
-    buf: Vec<u8>,
+    /// The write's buffer (`edtl` bytes, from the volume's pool), once
+    /// data arrived; `filled` bytes of it are received (in order).
+    buf: Option<IoBuf>,
+    filled: usize,
     /// Unsolicited Data-Out is still expected (F bit not yet seen).
     unsolicited_open: bool,
     /// Offset up to which R2Ts have been sent.
@@ -351,6 +360,41 @@ struct WriteTask {
     read: bool,
     /// Budget bytes reserved when its R2Ts were allowed to start (0: waiting).
     charged: u64,
+}
+
+impl WriteTask {
+    /// Takes `len` bytes of data at `filled`: `data` copied into the buffer
+    /// (allocated now if it is not yet), or already received there
+    /// (`None`). Returns the bytes copied.
+    fn take_data(&mut self, data: Option<&[u8]>, len: u32, vol: &dyn Volume) -> usize {
+        let at = self.filled;
+        self.filled += len as usize;
+        let Some(d) = data else {
+            return 0;
+        };
+        let edtl = self.edtl as usize;
+        let buf = self
+            .buf
+            .get_or_insert_with(|| vol.alloc_buf(edtl).unwrap_or_else(|| IoBuf::new(edtl)));
+        buf[at..at + d.len()].copy_from_slice(d);
+        d.len()
+    }
+}
+
+/// A PDU split at its data segment: `head` (BHS, AHS, header digest) is
+/// in, the data goes into `buf` (lent to the reactor while it receives
+/// into it), then `tail` bytes of padding and data digest follow.
+struct Split {
+    head: Vec<u8>,
+    buf: Option<RxBuf>,
+    tail: usize,
+}
+
+/// Where a PDU's data segment goes.
+enum DataPlace {
+    Inline,
+    Stall,
+    Target(RxBuf),
 }
 
 /// Solicited Data-Out buffered per session (reserved when a write's R2Ts
@@ -399,6 +443,15 @@ pub struct IscsiConn {
     queued_out: usize,
     /// A logout response waiting for the commands in flight.
     logout: Option<Pdu>,
+    /// A PDU whose data segment is being received straight into a write's
+    /// buffer.
+    split: Option<Split>,
+    /// The last PDU header waits for a buffer from the volume's pool.
+    stalled: bool,
+    /// Receive one PDU header at a time (writes are flowing: their data
+    /// then arrives straight in their buffers) rather than in bulk (after
+    /// a read: many commands per receive).
+    header_only: bool,
     /// Why the connection ends, once it does.
     end: Option<String>,
 }
@@ -448,6 +501,9 @@ impl IscsiConn {
             inflight: 0,
             queued_out: 0,
             logout: None,
+            split: None,
+            stalled: false,
+            header_only: true,
             end: None,
             shared,
             id,
@@ -456,17 +512,21 @@ impl IscsiConn {
 
     /// Encodes one target PDU with the current StatSN, ExpCmdSN and
     /// MaxCmdSN.
-    fn emit(&mut self, out: &mut Vec<u8>, mut p: Pdu, sn: Sn) {
+    fn emit(&mut self, out: &mut Outbox, mut p: Pdu, sn: Sn) {
         p.set_u32(24, self.stat_sn);
         if sn == Sn::Advance {
             self.stat_sn = self.stat_sn.wrapping_add(1);
         }
         p.set_u32(28, self.exp_cmd_sn);
         p.set_u32(32, self.max_cmd_sn);
-        p.encode_into(out, self.params.header_digest, self.params.data_digest);
+        p.encode_into(
+            out.bytes_mut(),
+            self.params.header_digest,
+            self.params.data_digest,
+        );
     }
 
-    fn reject(&mut self, out: &mut Vec<u8>, reason: u8, bhs: &[u8; BHS_LEN]) {
+    fn reject(&mut self, out: &mut Outbox, reason: u8, bhs: &[u8; BHS_LEN]) {
         let mut p = Pdu::new(pdu::OP_REJECT);
         p.bhs[1] = 0x80;
         p.bhs[2] = reason;
@@ -481,7 +541,7 @@ impl IscsiConn {
     }
 
     /// A reset on another connection aborted every task of this one.
-    fn check_resets(&mut self, out: &mut Vec<u8>) {
+    fn check_resets(&mut self, out: &mut Outbox) {
         let r = self.ctl.resets.load(Ordering::Acquire);
         if r != self.seen_resets {
             self.seen_resets = r;
@@ -508,7 +568,7 @@ impl IscsiConn {
     /// Drops collecting writes (all, those of `lun`, or `itt`), returning
     /// their budget (which may start the R2Ts of waiting writes). Their
     /// tasks stay (the caller aborts them).
-    fn drop_writes(&mut self, lun: Option<u64>, itt: Option<u32>, out: &mut Vec<u8>) {
+    fn drop_writes(&mut self, lun: Option<u64>, itt: Option<u32>, out: &mut Outbox) {
         let mut freed = 0;
         self.writes.retain(|&k, w| {
             let hit = lun.is_none_or(|l| l == w.lun) && itt.is_none_or(|i| i == k);
@@ -533,9 +593,6 @@ impl IscsiConn {
         let need = (w.edtl as u64).max(1);
         if used == 0 || used + need <= budget {
             w.charged = need;
-            // The buffer is allocated only now, when its data may come.
-            w.buf
-                .reserve_exact((w.edtl as usize).saturating_sub(w.buf.len()));
             self.used_bytes += need;
             true
         } else {
@@ -544,7 +601,7 @@ impl IscsiConn {
     }
 
     /// Sends R2Ts for `itt` up to MaxOutstandingR2T.
-    fn issue_r2ts(&mut self, itt: u32, out: &mut Vec<u8>) {
+    fn issue_r2ts(&mut self, itt: u32, out: &mut Outbox) {
         let p = self.params;
         let mut r2ts = Vec::new();
         {
@@ -581,7 +638,7 @@ impl IscsiConn {
     }
 
     /// Returns budget and starts waiting writes that now fit.
-    fn release(&mut self, charged: u64, out: &mut Vec<u8>) {
+    fn release(&mut self, charged: u64, out: &mut Outbox) {
         self.used_bytes = self.used_bytes.saturating_sub(charged);
         while let Some(&itt) = self.waiting.front() {
             if !self.writes.contains_key(&itt) {
@@ -612,7 +669,9 @@ impl IscsiConn {
         true
     }
 
-    fn dispatch(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    /// Handles one PDU; `imm` is a SCSI command's immediate data when it
+    /// was received straight into a buffer (see [`IscsiConn::data_target`]).
+    fn dispatch(&mut self, p: Pdu, imm: Option<IoBuf>, out: &mut Outbox) {
         match p.opcode() {
             pdu::OP_NOP_OUT => {
                 if !self.accept_cmd_sn(&p.bhs) {
@@ -641,7 +700,7 @@ impl IscsiConn {
                 if !self.accept_cmd_sn(&p.bhs) {
                     return;
                 }
-                self.scsi_command(p, out);
+                self.scsi_command(p, imm, out);
             }
             pdu::OP_TMF_REQ => {
                 if !self.accept_cmd_sn(&p.bhs) {
@@ -676,7 +735,7 @@ impl IscsiConn {
         }
     }
 
-    fn text(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn text(&mut self, p: Pdu, out: &mut Outbox) {
         let mut r = Pdu::new(pdu::OP_TEXT_RESP);
         r.bhs[1] = 0x80;
         r.set_u32(16, p.itt());
@@ -724,7 +783,7 @@ impl IscsiConn {
         self.emit(out, r, Sn::Advance);
     }
 
-    fn logout(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn logout(&mut self, p: Pdu, out: &mut Outbox) {
         let reason = p.flags() & 0x7f;
         let mut r = Pdu::new(pdu::OP_LOGOUT_RESP);
         r.bhs[1] = 0x80;
@@ -755,7 +814,7 @@ impl IscsiConn {
     }
 
     /// Sends the pending logout response once nothing is in flight.
-    fn try_logout(&mut self, out: &mut Vec<u8>) {
+    fn try_logout(&mut self, out: &mut Outbox) {
         if self.inflight == 0 {
             if let Some(r) = self.logout.take() {
                 self.emit(out, r, Sn::Advance);
@@ -764,7 +823,7 @@ impl IscsiConn {
         }
     }
 
-    fn task_management(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    fn task_management(&mut self, p: Pdu, out: &mut Outbox) {
         let func = p.flags() & 0x7f;
         let lun = decode_lun(p.lun());
         let rtt = p.u32_at(20);
@@ -824,7 +883,7 @@ impl IscsiConn {
     }
 
     /// Aborts every task of every session and raises the unit attention.
-    fn reset_all(&mut self, ua: Sense, out: &mut Vec<u8>) {
+    fn reset_all(&mut self, ua: Sense, out: &mut Outbox) {
         self.drop_writes(None, None, out);
         self.abort_tasks(None);
         for (&k, reg) in self.shared.sessions.lock().unwrap().iter() {
@@ -844,7 +903,9 @@ impl IscsiConn {
         self.shared.lun.reset(&ids, ua);
     }
 
-    fn scsi_command(&mut self, p: Pdu, out: &mut Vec<u8>) {
+    /// A SCSI command; `imm` holds its immediate data when that was
+    /// received straight into a buffer (`p.data` is then empty).
+    fn scsi_command(&mut self, p: Pdu, imm_buf: Option<IoBuf>, out: &mut Outbox) {
         let flags = p.flags();
         let final_bit = flags & 0x80 != 0;
         let read = flags & 0x40 != 0;
@@ -857,7 +918,7 @@ impl IscsiConn {
             cdb.extend_from_slice(ext);
         }
         let windowed = !p.immediate();
-        let imm = p.data.len() as u32;
+        let imm = imm_buf.as_ref().map_or(p.data.len(), |b| b.len()) as u32;
         let pp = &self.params;
         let bad = (imm > 0 && (!write || !pp.immediate_data))
             || imm > edtl
@@ -904,11 +965,25 @@ impl IscsiConn {
                 self.finish(meta, ScsiResult::check(scsi::SENSE_INVALID_FIELD_CDB), out);
                 return;
             }
+            let buf = match imm_buf {
+                Some(mut b) => {
+                    b.set_len(edtl as usize);
+                    Some(b)
+                }
+                None if imm > 0 => {
+                    let mut b = self.payload_buf(edtl as usize);
+                    b[..imm as usize].copy_from_slice(&p.data);
+                    self.count_copied(imm as usize);
+                    Some(b)
+                }
+                None => None,
+            };
             let mut w = WriteTask {
                 lun,
                 cdb,
                 edtl,
-                buf: p.data,
+                buf,
+                filled: imm as usize,
                 unsolicited_open: !final_bit,
                 r2t_offset: 0,
                 r2t_sn: 0,
@@ -928,11 +1003,135 @@ impl IscsiConn {
             }
             return;
         }
-        self.execute(meta, cdb, p.data);
+        let data = match imm_buf {
+            Some(b) => b,
+            None => {
+                if write {
+                    self.count_copied(p.data.len());
+                }
+                let mut b = self.payload_buf(p.data.len());
+                b.copy_from_slice(&p.data);
+                b
+            }
+        };
+        self.execute(meta, cdb, data);
+    }
+
+    /// Where the `dlen`-byte data segment of the PDU with header `bhs` goes:
+    /// a write command's immediate data or a Data-Out that fits its write
+    /// go straight into the write's buffer; anything unusual is framed
+    /// whole (and judged) as before.
+    fn data_target(&mut self, bhs: &[u8; BHS_LEN], dlen: usize) -> DataPlace {
+        let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
+        let vol = &self.shared.lun.vol;
+        if bhs[0] & 0x3f == pdu::OP_SCSI_CMD {
+            let edtl = be(20) as usize;
+            let plain = !self.discovery
+                && self.params.immediate_data
+                && dlen <= self.params.first_burst_bytes as usize
+                && dlen <= edtl
+                && edtl <= self.shared.lun.max_cmd_bytes as usize
+                && bhs[1] & 0x40 == 0;
+            if !plain {
+                return DataPlace::Inline;
+            }
+            return match vol.alloc_buf(edtl) {
+                Some(mut buf) => {
+                    buf.set_len(dlen);
+                    DataPlace::Target(RxBuf { buf, at: 0 })
+                }
+                None => DataPlace::Stall,
+            };
+        }
+        let (itt, offset) = (be(16), be(40) as usize);
+        let Some(w) = self.writes.get_mut(&itt) else {
+            return DataPlace::Inline;
+        };
+        let edtl = w.edtl as usize;
+        if offset != w.filled || offset + dlen > edtl {
+            return DataPlace::Inline;
+        }
+        if w.buf.is_none() {
+            w.buf = vol.alloc_buf(edtl);
+        }
+        let Some(mut buf) = w.buf.take() else {
+            return DataPlace::Stall;
+        };
+        buf.set_len(offset + dlen);
+        DataPlace::Target(RxBuf { buf, at: offset })
+    }
+
+    /// The split PDU's data is in, and its `tail` (padding, digest): hand
+    /// it on as the inline path would.
+    fn finish_split(&mut self, tail: &[u8], out: &mut Outbox) {
+        let Some(Split {
+            head,
+            buf: Some(rb),
+            ..
+        }) = self.split.take()
+        else {
+            return;
+        };
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&head[..BHS_LEN]);
+        let op = bhs[0] & 0x3f;
+        let mut buf = rb.buf;
+        let start = if op == pdu::OP_DATA_OUT {
+            u32::from_be_bytes(bhs[40..44].try_into().unwrap()) as usize
+        } else {
+            0
+        };
+        if self.params.data_digest {
+            let (pad, digest) = tail.split_at(tail.len() - 4);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[start..]), pad);
+            if crc.to_le_bytes() != digest {
+                // As for a PDU framed whole: discarded, ERL 0 cannot
+                // recover the data.
+                self.reject(out, pdu::REJECT_DATA_DIGEST, &bhs);
+                if op == pdu::OP_DATA_OUT {
+                    let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
+                    self.fail_write(itt, out);
+                }
+                return;
+            }
+        }
+        if op == pdu::OP_DATA_OUT {
+            let itt = u32::from_be_bytes(bhs[16..20].try_into().unwrap());
+            if let Some(w) = self.writes.get_mut(&itt) {
+                buf.set_len(w.edtl as usize);
+                w.buf = Some(buf);
+            }
+            self.data_out(&bhs, None, out);
+        } else {
+            let ahs_len = bhs[4] as usize * 4;
+            let p = Pdu {
+                bhs,
+                ahs: head[BHS_LEN..BHS_LEN + ahs_len].to_vec(),
+                data: Vec::new(),
+            };
+            self.dispatch(p, Some(buf), out);
+        }
+    }
+
+    /// A buffer for `len` bytes of a write's data: from the volume's pool,
+    /// or (for data already received into the connection's buffer, which
+    /// is copied anyway) the heap when the pool is empty.
+    fn payload_buf(&self, len: usize) -> IoBuf {
+        self.shared
+            .lun
+            .vol
+            .alloc_buf(len)
+            .unwrap_or_else(|| IoBuf::new(len))
+    }
+
+    fn count_copied(&self, n: usize) {
+        self.shared
+            .payload_copied
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// A Data-Out error under ERL 0: the command ends with CHECK CONDITION.
-    fn fail_write(&mut self, itt: u32, out: &mut Vec<u8>) {
+    fn fail_write(&mut self, itt: u32, out: &mut Outbox) {
         if let Some(w) = self.writes.remove(&itt) {
             self.release(w.charged, out);
             let Some(info) = self.tasks.get(&itt).copied() else {
@@ -953,11 +1152,14 @@ impl IscsiConn {
         }
     }
 
-    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: &[u8], out: &mut Vec<u8>) {
+    /// A Data-Out PDU; `data` is its data segment, or `None` when it was
+    /// received in place into the write's buffer (`split` said where).
+    fn data_out(&mut self, bhs: &[u8; BHS_LEN], data: Option<&[u8]>, out: &mut Outbox) {
         let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap());
         let (itt, ttt, data_sn, offset) = (be(16), be(20), be(36), be(40));
         let final_bit = bhs[1] & 0x80 != 0;
-        let len = data.len() as u32;
+        let len = data.map_or(be(4) & 0x00ff_ffff, |d| d.len() as u32);
+        let mut copied = 0;
         let first_burst = self.params.first_burst_bytes;
         let Some(w) = self.writes.get_mut(&itt) else {
             // Data for an unknown or aborted task: discarded.
@@ -966,14 +1168,14 @@ impl IscsiConn {
         let ok = if ttt == RSVD_TAG {
             let good = w.unsolicited_open
                 && data_sn == w.unsol_data_sn
-                && offset == w.buf.len() as u32
+                && offset as usize == w.filled
                 && offset as u64 + len as u64 <= first_burst.min(w.edtl) as u64;
             if good {
                 w.unsol_data_sn += 1;
-                w.buf.extend_from_slice(data);
+                copied += w.take_data(data, len, &*self.shared.lun.vol);
                 if final_bit {
                     w.unsolicited_open = false;
-                    w.r2t_offset = w.buf.len() as u32;
+                    w.r2t_offset = w.filled as u32;
                 }
             }
             good
@@ -983,14 +1185,14 @@ impl IscsiConn {
                     let (_, r_off, r_len, sn) = w.r2ts[i];
                     let good = !w.unsolicited_open
                         && data_sn == sn
-                        && offset == w.buf.len() as u32
+                        && offset as usize == w.filled
                         && offset >= r_off
                         && offset as u64 + len as u64 <= r_off as u64 + r_len as u64;
                     if good {
                         w.r2ts[i].3 += 1;
-                        w.buf.extend_from_slice(data);
+                        copied += w.take_data(data, len, &*self.shared.lun.vol);
                         if final_bit {
-                            if w.buf.len() as u32 != r_off + r_len {
+                            if w.filled as u32 != r_off + r_len {
                                 false
                             } else {
                                 w.r2ts.remove(i);
@@ -1006,12 +1208,16 @@ impl IscsiConn {
                 None => false,
             }
         };
+        self.count_copied(copied);
         if !ok {
             self.reject(out, pdu::REJECT_PROTOCOL_ERROR, bhs);
             self.fail_write(itt, out);
             return;
         }
-        if w.buf.len() as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
+        let Some(w) = self.writes.get_mut(&itt) else {
+            return;
+        };
+        if w.filled as u32 == w.edtl && w.r2ts.is_empty() && !w.unsolicited_open {
             let Some(w) = self.writes.remove(&itt) else {
                 return;
             };
@@ -1029,7 +1235,8 @@ impl IscsiConn {
                 out_len: scsi::data_out_len(&w.cdb, bs),
                 charged: w.charged,
             };
-            self.execute(meta, w.cdb, w.buf);
+            let data = w.buf.unwrap_or_else(|| IoBuf::new(w.edtl as usize));
+            self.execute(meta, w.cdb, data);
             return;
         }
         self.issue_r2ts(itt, out);
@@ -1037,7 +1244,7 @@ impl IscsiConn {
 
     /// Submits a command whose Data-Out (if any) is complete. Its result
     /// comes back through `done` and the waker.
-    fn execute(&mut self, meta: Meta, cdb: Vec<u8>, data: Vec<u8>) {
+    fn execute(&mut self, meta: Meta, cdb: Vec<u8>, data: IoBuf) {
         let (queue, waker) = (self.done.clone(), self.waker.clone());
         let done: scsi::Done = Box::new(move |res| {
             queue.push(Done { meta, res });
@@ -1048,7 +1255,7 @@ impl IscsiConn {
     }
 
     /// Encodes a task's response PDUs unless the task was aborted meanwhile.
-    fn finish(&mut self, meta: Meta, res: ScsiResult, out: &mut Vec<u8>) {
+    fn finish(&mut self, meta: Meta, res: ScsiResult, out: &mut Outbox) {
         match self.tasks.get(&meta.itt) {
             Some(info) if info.tid == meta.tid => {}
             _ => return,
@@ -1058,20 +1265,55 @@ impl IscsiConn {
                 self.retire();
             }
         }
-        for (p, sn) in build_response(&meta, &self.params, res) {
-            self.emit(out, p, sn);
+        for r in build_response(&meta, &self.params, res) {
+            match r.data {
+                None => self.emit(out, r.pdu, r.sn),
+                Some((buf, range)) => self.emit_data(out, r.pdu, r.sn, &buf, range),
+            }
+        }
+    }
+
+    /// Encodes a Data-In PDU whose data is `buf[range]`, sent from there:
+    /// the padding comes from a static zero array and the data digest is
+    /// computed over the slice (a read, not a copy).
+    fn emit_data(
+        &mut self,
+        out: &mut Outbox,
+        mut p: Pdu,
+        sn: Sn,
+        buf: &SharedBuf,
+        range: Range<usize>,
+    ) {
+        static ZEROS: [u8; 4] = [0; 4];
+        p.set_u32(24, self.stat_sn);
+        if sn == Sn::Advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        p.set_u32(28, self.exp_cmd_sn);
+        p.set_u32(32, self.max_cmd_sn);
+        let n = range.len();
+        p.encode_head_into(out.bytes_mut(), self.params.header_digest, n);
+        let pad = &ZEROS[..n.next_multiple_of(4) - n];
+        let crc = self
+            .params
+            .data_digest
+            .then(|| crc32c::crc32c_append(crc32c::crc32c(&buf[range.clone()]), pad));
+        out.push_shared(buf, range);
+        out.extend_from_slice(pad);
+        if let Some(crc) = crc {
+            out.extend_from_slice(&crc.to_le_bytes());
         }
     }
 }
 
 impl netreactor::Conn for IscsiConn {
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         let r = self.take_input(input, out);
         self.queued_out = out.len();
         r
     }
 
-    fn poll(&mut self, out: &mut Vec<u8>) {
+    fn poll(&mut self, out: &mut Outbox) {
         self.check_resets(out);
         while let Some(d) = self.done.pop() {
             self.inflight -= 1;
@@ -1103,6 +1345,37 @@ impl netreactor::Conn for IscsiConn {
         self.shared.stopping.load(Ordering::Acquire)
     }
 
+    fn take_payload_target(&mut self) -> Option<RxBuf> {
+        self.split.as_mut()?.buf.take()
+    }
+
+    fn payload_received(&mut self, buf: RxBuf, out: &mut Outbox) {
+        let Some(sp) = &mut self.split else {
+            return;
+        };
+        sp.buf = Some(buf);
+        if sp.tail == 0 {
+            self.finish_split(&[], out);
+            self.queued_out = out.len();
+        }
+        // Otherwise the padding and digest arrive as input.
+    }
+
+    fn receive_limit(&self) -> usize {
+        // One PDU header at a time, so that a write's data after it is
+        // received straight into its buffer.
+        let tail = self.split.as_ref().map_or(0, |sp| sp.tail);
+        if !self.header_only && self.split.is_none() && self.writes.is_empty() {
+            // After a read, with no Data-Out to come: in bulk.
+            return usize::MAX;
+        }
+        tail + BHS_LEN + if self.params.header_digest { 4 } else { 0 }
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+
     fn closed(&mut self, why: &str) {
         log::debug!("iscsi: connection {} closed ({why})", self.id);
         // Tasks still in flight lose their responses; the volume completes
@@ -1116,15 +1389,45 @@ impl netreactor::Conn for IscsiConn {
 impl IscsiConn {
     /// Frames and handles the PDUs `input` holds, as long as the
     /// connection takes input.
-    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn take_input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         self.check_resets(out);
         let mut at = 0;
+        self.stalled = false;
         while self.end.is_none()
             && self.logout.is_none()
             && self.inflight < MAX_INFLIGHT
             && out.len() < MAX_QUEUED_OUT_BYTES
         {
             let rest = &input[at..];
+            if let Some(sp) = &mut self.split {
+                let Some(b) = sp.buf.as_mut() else {
+                    break;
+                };
+                // Data that came with the header (or a driver without
+                // payload targets): copied into the buffer.
+                let n = (b.buf.len() - b.at).min(rest.len());
+                b.buf[b.at..b.at + n].copy_from_slice(&rest[..n]);
+                b.at += n;
+                at += n;
+                self.shared
+                    .payload_copied
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if b.at < b.buf.len() {
+                    break;
+                }
+                let tail = sp.tail;
+                let rest = &input[at..];
+                if rest.len() < tail {
+                    return Input {
+                        consumed: at,
+                        need: tail,
+                    };
+                }
+                let tail_bytes = rest[..tail].to_vec();
+                at += tail;
+                self.finish_split(&tail_bytes, out);
+                continue;
+            }
             if rest.len() < BHS_LEN {
                 return Input {
                     consumed: at,
@@ -1133,6 +1436,39 @@ impl IscsiConn {
             }
             let mut bhs = [0u8; BHS_LEN];
             bhs.copy_from_slice(&rest[..BHS_LEN]);
+            let op = bhs[0] & 0x3f;
+            if op == pdu::OP_SCSI_CMD {
+                self.header_only = bhs[1] & 0x20 != 0;
+            }
+            if op == pdu::OP_DATA_OUT || op == pdu::OP_SCSI_CMD && bhs[1] & 0x20 != 0 {
+                // A write's data: once the header is in, it may go
+                // straight into the write's buffer.
+                match pdu::frame_head(rest, &self.lim) {
+                    Ok(h) if h.dlen > 0 => match self.data_target(&bhs, h.dlen) {
+                        DataPlace::Stall => {
+                            self.stalled = true;
+                            return Input {
+                                consumed: at,
+                                need: 0,
+                            };
+                        }
+                        DataPlace::Target(buf) => {
+                            self.split = Some(Split {
+                                head: rest[..h.hlen].to_vec(),
+                                buf: Some(buf),
+                                tail: h.tail,
+                            });
+                            at += h.hlen;
+                            continue;
+                        }
+                        DataPlace::Inline => {}
+                    },
+                    Err(ParseError::Incomplete { need }) => {
+                        return Input { consumed: at, need };
+                    }
+                    _ => {}
+                }
+            }
             let f = match pdu::frame(rest, &self.lim) {
                 Ok(f) => f,
                 Err(ParseError::Incomplete { need }) => {
@@ -1168,14 +1504,14 @@ impl IscsiConn {
             if f.bhs[0] & 0x3f == pdu::OP_DATA_OUT {
                 // The payload goes from the receive buffer straight into
                 // its write's buffer.
-                self.data_out(&f.bhs, &rest[f.data], out);
+                self.data_out(&f.bhs, Some(&rest[f.data]), out);
             } else {
                 let p = Pdu {
                     bhs: f.bhs,
                     ahs: rest[f.ahs].to_vec(),
                     data: rest[f.data].to_vec(),
                 };
-                self.dispatch(p, out);
+                self.dispatch(p, None, out);
             }
         }
         Input {
@@ -1202,8 +1538,16 @@ fn encode_lun(lun: u64) -> u64 {
     }
 }
 
+/// One response PDU; a Data-In PDU's data is a slice of the command's
+/// buffer, encoded by reference.
+struct Resp {
+    pdu: Pdu,
+    sn: Sn,
+    data: Option<(SharedBuf, Range<usize>)>,
+}
+
 /// Data-In PDUs and the status for one finished command, with residuals.
-fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
+fn build_response(m: &Meta, p: &Params, res: ScsiResult) -> Vec<Resp> {
     let Meta {
         itt,
         lun,
@@ -1239,6 +1583,8 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
         0
     };
     let collapse = res.status == STATUS_GOOD && res.sense.is_none() && send_len > 0;
+    let (status, sense) = (res.status, res.sense);
+    let data = res.data.share();
     let mut data_sn = 0u32;
     if send_len > 0 {
         let seg = p.send_max_data_segment_bytes.max(512) as usize;
@@ -1256,7 +1602,7 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
             let mut sn = Sn::Current;
             if last && collapse {
                 f |= 0x01 | resid_flags;
-                d.bhs[3] = res.status;
+                d.bhs[3] = status;
                 d.set_u32(44, residual);
                 sn = Sn::Advance;
             }
@@ -1266,15 +1612,13 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
             d.set_u32(20, RSVD_TAG);
             d.set_u32(36, data_sn);
             d.set_u32(40, at as u32);
-            // A single Data-In PDU takes the buffer without a copy.
-            d.data = if at == 0 && n == res.data.len() {
-                std::mem::take(&mut res.data)
-            } else {
-                res.data[at..at + n].to_vec()
-            };
+            pdus.push(Resp {
+                pdu: d,
+                sn,
+                data: Some((data.clone(), at..at + n)),
+            });
             data_sn += 1;
             at += n;
-            pdus.push((d, sn));
         }
     }
     if collapse {
@@ -1283,17 +1627,21 @@ fn build_response(m: &Meta, p: &Params, mut res: ScsiResult) -> Vec<(Pdu, Sn)> {
     let mut r = Pdu::new(pdu::OP_SCSI_RESP);
     r.bhs[1] = 0x80 | resid_flags;
     r.bhs[2] = 0; // command completed at target
-    r.bhs[3] = res.status;
+    r.bhs[3] = status;
     r.set_u32(16, itt);
     r.set_u32(36, data_sn);
     r.set_u32(44, residual);
-    if let Some(s) = res.sense {
+    if let Some(s) = sense {
         let sb = s.to_bytes(false);
         let mut d = (sb.len() as u16).to_be_bytes().to_vec();
         d.extend(sb);
         r.data = d;
     }
-    pdus.push((r, Sn::Advance));
+    pdus.push(Resp {
+        pdu: r,
+        sn: Sn::Advance,
+        data: None,
+    });
     pdus
 }
 

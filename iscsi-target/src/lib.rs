@@ -219,6 +219,13 @@ impl IscsiTarget {
         self.addr
     }
 
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (received into a connection's buffer instead of straight into the
+    /// write's buffer); 0 in steady state.
+    pub fn payload_copied_bytes(&self) -> u64 {
+        self.shared.payload_copied.load(Ordering::Relaxed)
+    }
+
     /// Connections open (logging in or in the full feature phase).
     pub fn connections(&self) -> usize {
         self.shared.live()

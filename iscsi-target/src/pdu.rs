@@ -147,6 +147,24 @@ impl Pdu {
         }
     }
 
+    /// Serializes the header part of a PDU whose `data_len` bytes of data
+    /// the caller sends from a buffer of its own (then the padding to 4
+    /// bytes and, with data digests, the digest over data and padding).
+    /// `self.data` must be empty.
+    pub fn encode_head_into(&mut self, out: &mut Vec<u8>, header_digest: bool, data_len: usize) {
+        debug_assert!(self.ahs.len().is_multiple_of(4) && self.data.is_empty());
+        self.bhs[4] = (self.ahs.len() / 4) as u8;
+        let dlen = data_len as u32;
+        self.bhs[5..8].copy_from_slice(&dlen.to_be_bytes()[1..4]);
+        let start = out.len();
+        out.extend_from_slice(&self.bhs);
+        out.extend_from_slice(&self.ahs);
+        if header_digest {
+            let crc = crc32c::crc32c(&out[start..]);
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
+    }
+
     pub fn encode(&mut self, header_digest: bool, data_digest: bool) -> Vec<u8> {
         let mut v = Vec::with_capacity(BHS_LEN + 8 + pad4(self.data.len()) + 4);
         self.encode_into(&mut v, header_digest, data_digest);
@@ -228,6 +246,42 @@ pub fn frame(buf: &[u8], lim: &ParseLimits) -> Result<Frame, ParseError> {
         data: at..at + dlen,
         len: total,
     })
+}
+
+/// Where the data segment of the PDU at the front of `buf` starts and how
+/// it ends, once its header segments are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Bytes before the data segment (BHS, AHS, header digest).
+    pub hlen: usize,
+    /// The data segment's length, without padding.
+    pub dlen: usize,
+    /// Bytes after the data segment: padding to 4 bytes, data digest.
+    pub tail: usize,
+}
+
+/// Checks what [`frame`] checks of a PDU's header segments (length limit,
+/// header digest, AHS) with only those in `buf`, for a reader that
+/// receives the data segment elsewhere. Any error other than `Incomplete`
+/// means: frame the whole PDU with [`frame`], which reports it. Pure.
+pub fn frame_head(buf: &[u8], lim: &ParseLimits) -> Result<Head, ParseError> {
+    pdu_len(buf, lim)?;
+    let ahs_len = buf[4] as usize * 4;
+    let dlen = u32::from_be_bytes([0, buf[5], buf[6], buf[7]]) as usize;
+    let digest_at = BHS_LEN + ahs_len;
+    let hlen = digest_at + if lim.header_digest { 4 } else { 0 };
+    if buf.len() < hlen {
+        return Err(ParseError::Incomplete { need: hlen });
+    }
+    if lim.header_digest {
+        let want = u32::from_le_bytes(buf[digest_at..hlen].try_into().unwrap());
+        if crc32c::crc32c(&buf[..digest_at]) != want {
+            return Err(ParseError::HeaderDigest);
+        }
+    }
+    check_ahs(&buf[BHS_LEN..digest_at])?;
+    let tail = pad4(dlen) - dlen + if lim.data_digest && dlen > 0 { 4 } else { 0 };
+    Ok(Head { hlen, dlen, tail })
 }
 
 /// Parses one complete PDU from the front of `buf`; returns it and the number

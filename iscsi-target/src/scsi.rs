@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use volume::{submit_wait, Geometry, IoError, VolumeOp};
+use volume::{submit_wait, Geometry, IoBuf, IoError, VolumeOp};
 
 use crate::lun::{
     lbppbe, max_atomic_blocks, MAX_COMPARE_WRITE_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
@@ -83,14 +83,7 @@ fn allowed_in_standby(op: u8) -> bool {
 }
 
 /// Executes one SCSI command on LUN `lun_id` and calls `done` once.
-pub fn execute(
-    lun: &Arc<Lun>,
-    nx: &Arc<Nexus>,
-    lun_id: u64,
-    cdb: &[u8],
-    data: Vec<u8>,
-    done: Done,
-) {
+pub fn execute(lun: &Arc<Lun>, nx: &Arc<Nexus>, lun_id: u64, cdb: &[u8], data: IoBuf, done: Done) {
     if cdb.is_empty() {
         return done(ScsiResult::check(SENSE_INVALID_OPCODE));
     }
@@ -207,7 +200,7 @@ pub fn execute(
                 return done(ScsiResult::good(Vec::new()));
             }
             let mut data = data;
-            data.truncate(len as usize);
+            data.set_len(len as usize);
             let fua = op != 0x0a && cdb[1] & 0x08 != 0;
             write_async(lun, lba * bs, data, fua, done)
         }
@@ -379,7 +372,7 @@ fn read_async(lun: &Arc<Lun>, offset: u64, len: u32, done: Done) {
         return lun.vol.submit(
             VolumeOp::Read { offset, len },
             Box::new(move |r| match r {
-                Ok(d) => done(ScsiResult::good(d.to_vec())),
+                Ok(d) => done(ScsiResult::good(d)),
                 Err(e) => done(ScsiResult::check(io_error_sense(e, false))),
             }),
         );
@@ -426,7 +419,7 @@ fn read_async(lun: &Arc<Lun>, offset: u64, len: u32, done: Done) {
     }
 }
 
-fn write_async(lun: &Arc<Lun>, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
+fn write_async(lun: &Arc<Lun>, offset: u64, data: IoBuf, fua: bool, done: Done) {
     let parts = pieces(offset, data.len() as u64, max_piece(lun));
     let finish = |r: Result<(), IoError>, done: Done| match r {
         Ok(()) => done(ScsiResult::good(Vec::new())),
@@ -434,11 +427,7 @@ fn write_async(lun: &Arc<Lun>, offset: u64, data: Vec<u8>, fua: bool, done: Done
     };
     if parts.len() == 1 {
         return lun.vol.submit(
-            VolumeOp::Write {
-                offset,
-                data: data.into(),
-                fua,
-            },
+            VolumeOp::Write { offset, data, fua },
             Box::new(move |r| finish(r.map(|_| ()), done)),
         );
     }

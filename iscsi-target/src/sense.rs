@@ -2,7 +2,7 @@
 //! command modules (`scsi`, `pr`, `xcopy`, `opcodes`) answer in, and the one
 //! place where volume errors become sense (`io_error_sense`).
 
-use volume::IoError;
+use volume::{IoBuf, IoError};
 
 pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
@@ -98,30 +98,33 @@ pub const SENSE_REGISTRATIONS_PREEMPTED: Sense = Sense::new(KEY_UNIT_ATTENTION, 
 pub struct ScsiResult {
     pub status: u8,
     pub sense: Option<Sense>,
-    /// Data-In (before truncation to the expected transfer length).
-    pub data: Vec<u8>,
+    /// Data-In (before truncation to the expected transfer length): for a
+    /// READ, the buffer the volume read into (sent from there).
+    pub data: IoBuf,
 }
 
 impl ScsiResult {
-    pub fn good(data: Vec<u8>) -> ScsiResult {
+    /// Success with Data-In: a read's buffer as is, or (for the small
+    /// replies of control commands) a copy of a vector.
+    pub fn good(data: impl Into<IoBuf>) -> ScsiResult {
         ScsiResult {
             status: STATUS_GOOD,
             sense: None,
-            data,
+            data: data.into(),
         }
     }
     pub fn check(s: Sense) -> ScsiResult {
         ScsiResult {
             status: STATUS_CHECK_CONDITION,
             sense: Some(s),
-            data: Vec::new(),
+            data: IoBuf::empty(),
         }
     }
     pub fn conflict() -> ScsiResult {
         ScsiResult {
             status: STATUS_RESERVATION_CONFLICT,
             sense: None,
-            data: Vec::new(),
+            data: IoBuf::empty(),
         }
     }
 }

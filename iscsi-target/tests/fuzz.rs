@@ -253,7 +253,7 @@ fn scsi_layer_survives_random_cdbs() {
             &nx,
             lun_id,
             &cdb,
-            data,
+            data.into(),
             Box::new(move |res| tx.send(res.status).unwrap()),
         );
         let status = rx

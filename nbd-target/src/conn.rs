@@ -16,11 +16,11 @@
 //! sent: a client that sends reads and never reads the replies is pushed
 //! back by TCP instead of growing the node's memory.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Waker};
+use netreactor::{Input, Outbox, RxBuf, Waker};
 use volume::{Completion, IoError, IoResult, Volume, VolumeOp};
 
 use crate::proto::*;
@@ -96,6 +96,19 @@ struct Reply {
 /// request, and at most `max_inflight` are admitted.
 type Done = Arc<SegQueue<Reply>>;
 
+/// A write whose header is parsed and whose payload is being received.
+struct PendingWrite {
+    handle: u64,
+    offset: u64,
+    fua: bool,
+    len: u32,
+    /// The payload buffer from [`Volume::alloc_buf`]: `None` while the
+    /// volume's pool is empty (the connection is stalled) or while the
+    /// reactor receives into it (`lent`).
+    buf: Option<RxBuf>,
+    lent: bool,
+}
+
 /// A connection's transmission phase.
 pub struct NbdConn {
     vol: Arc<dyn Volume>,
@@ -111,6 +124,14 @@ pub struct NbdConn {
     queued_out: usize,
     /// A refused write's payload still to skip: (bytes left, handle, errno).
     drain: Option<(u32, u64, u32)>,
+    pending: Option<PendingWrite>,
+    /// Receive one request header at a time (writes are flowing: their
+    /// payloads then arrive straight in their buffers) rather than in bulk
+    /// (reads: many headers per receive).
+    header_only: bool,
+    /// Payload bytes copied in user space (from the receive buffer into a
+    /// write's buffer), shared by the server's connections.
+    copied: Arc<AtomicU64>,
     end: Option<SessionEnd>,
     warned_backup: bool,
     on_close: Option<Box<dyn FnOnce() + Send>>,
@@ -137,6 +158,9 @@ impl NbdConn {
             inflight_bytes: 0,
             queued_out: 0,
             drain: None,
+            pending: None,
+            header_only: true,
+            copied: ctx.payload_copied.clone(),
             end: None,
             warned_backup: false,
             on_close,
@@ -171,13 +195,56 @@ impl NbdConn {
         self.vol.submit(op, done);
     }
 
-    fn take_buffer(&self, len: usize) -> Vec<u8> {
-        Vec::with_capacity(len)
+    /// Submits the pending write once its payload is complete.
+    fn submit_if_whole(&mut self) {
+        let whole = self
+            .pending
+            .as_ref()
+            .and_then(|p| p.buf.as_ref())
+            .is_some_and(|b| b.at == b.buf.len());
+        if !whole {
+            return;
+        }
+        let Some(PendingWrite {
+            handle,
+            offset,
+            fua,
+            len,
+            buf: Some(b),
+            ..
+        }) = self.pending.take()
+        else {
+            return;
+        };
+        self.submit(
+            VolumeOp::Write {
+                offset,
+                data: b.buf,
+                fua,
+            },
+            Kind::Write(len),
+            handle,
+        );
+    }
+
+    /// Gets the pending write its buffer if it has none; false while the
+    /// volume has none to give.
+    fn pending_buffer(&mut self) -> bool {
+        let Some(p) = &mut self.pending else {
+            return true;
+        };
+        if p.buf.is_none() && !p.lent {
+            match self.vol.alloc_buf(p.len as usize) {
+                Some(buf) => p.buf = Some(RxBuf { buf, at: 0 }),
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Either submits the next step of a range request (false) or encodes
     /// the reply (true).
-    fn handle(&mut self, rep: Reply, out: &mut Vec<u8>) -> bool {
+    fn handle(&mut self, rep: Reply, out: &mut Outbox) -> bool {
         if let Kind::Range(r) = rep.kind {
             match &rep.result {
                 Err(IoError::TooLarge) if r.stage == Stage::Whole => {
@@ -216,12 +283,12 @@ impl NbdConn {
                         out.extend_from_slice(&simple_reply(EIO, rep.handle));
                     }
                     Kind::Read(_) => {
+                        // Sent from the buffer the volume read into.
                         out.extend_from_slice(&simple_reply(0, rep.handle));
-                        out.extend_from_slice(&data);
+                        out.push_buf(data);
                     }
                     _ => out.extend_from_slice(&simple_reply(0, rep.handle)),
                 }
-                drop(data);
                 return true;
             }
             Err(e) => {
@@ -242,13 +309,13 @@ impl NbdConn {
 }
 
 impl netreactor::Conn for NbdConn {
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         let r = self.take_input(input, out);
         self.queued_out = out.len();
         r
     }
 
-    fn poll(&mut self, out: &mut Vec<u8>) {
+    fn poll(&mut self, out: &mut Outbox) {
         while let Some(rep) = self.done.pop() {
             let charge = rep.kind.charge();
             if self.handle(rep, out) {
@@ -281,15 +348,79 @@ impl netreactor::Conn for NbdConn {
             f();
         }
     }
+
+    fn take_payload_target(&mut self) -> Option<RxBuf> {
+        if !self.pending_buffer() {
+            return None;
+        }
+        let p = self.pending.as_mut()?;
+        let b = p.buf.take()?;
+        p.lent = true;
+        Some(b)
+    }
+
+    fn payload_received(&mut self, buf: RxBuf, _out: &mut Outbox) {
+        if let Some(p) = &mut self.pending {
+            p.lent = false;
+            p.buf = Some(buf);
+        }
+        self.submit_if_whole();
+    }
+
+    fn receive_limit(&self) -> usize {
+        // While writes flow, one request header at a time: a write's
+        // payload that follows is received straight into its own buffer.
+        // After a read, in bulk: a header per receive would cost a system
+        // call per read. (A refused write's payload being skipped comes in
+        // whole.)
+        if !self.header_only {
+            return usize::MAX;
+        }
+        self.drain.map_or(0, |(left, _, _)| left as usize) + REQUEST_HEADER_BYTES
+    }
+
+    fn stalled(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.buf.is_none() && !p.lent)
+    }
+}
+
+impl NbdConn {
+    /// Payload bytes this connection's server copied in user space.
+    pub fn payload_copied_bytes(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
 }
 
 impl NbdConn {
     /// Parses and submits the requests `input` holds, as long as the
     /// connection takes input.
-    fn take_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn take_input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
         let mut at = 0;
         while self.end.is_none() {
             let avail = input.len() - at;
+            if self.pending.is_some() {
+                // A write's payload that reached the receive buffer (a
+                // driver without payload targets, or bytes received with
+                // its header): copied into the write's buffer.
+                if !self.pending_buffer() {
+                    break;
+                }
+                let Some(b) = self.pending.as_mut().and_then(|p| p.buf.as_mut()) else {
+                    break;
+                };
+                let n = (b.buf.len() - b.at).min(avail);
+                b.buf[b.at..b.at + n].copy_from_slice(&input[at..at + n]);
+                b.at += n;
+                at += n;
+                self.copied.fetch_add(n as u64, Ordering::Relaxed);
+                self.submit_if_whole();
+                if self.pending.is_some() {
+                    break;
+                }
+                continue;
+            }
             if let Some((left, handle, errno)) = self.drain {
                 let n = (left as usize).min(avail);
                 at += n;
@@ -336,33 +467,25 @@ impl NbdConn {
                 }
             };
             let handle = h.handle;
+            self.header_only = !matches!(cmd, Command::Read { .. });
             match cmd {
                 Command::Read { offset, len } => {
                     at += REQUEST_HEADER_BYTES;
                     self.submit(VolumeOp::Read { offset, len }, Kind::Read(len), handle);
                 }
                 Command::Write { offset, len, fua } => {
-                    // The whole payload is taken before anything is
-                    // submitted, so the stream stays in sync.
-                    let whole = REQUEST_HEADER_BYTES + len as usize;
-                    if avail < whole {
-                        return Input {
-                            consumed: at,
-                            need: whole,
-                        };
-                    }
-                    let mut data = self.take_buffer(len as usize);
-                    data.extend_from_slice(&input[at + REQUEST_HEADER_BYTES..at + whole]);
-                    at += whole;
-                    self.submit(
-                        VolumeOp::Write {
-                            offset,
-                            data: data.into(),
-                            fua,
-                        },
-                        Kind::Write(len),
+                    // The payload goes into a buffer of the volume's (the
+                    // reactor receives it there); the write is submitted
+                    // once it is whole, so the stream stays in sync.
+                    at += REQUEST_HEADER_BYTES;
+                    self.pending = Some(PendingWrite {
                         handle,
-                    );
+                        offset,
+                        fua,
+                        len,
+                        buf: None,
+                        lent: false,
+                    });
                 }
                 Command::Flush => {
                     at += REQUEST_HEADER_BYTES;

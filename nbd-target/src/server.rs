@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -60,6 +60,7 @@ pub struct NbdServer {
     reactors: Arc<Reactors>,
     /// Reactors this server started itself (and stops).
     own_reactors: bool,
+    payload_copied: Arc<AtomicU64>,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -142,6 +143,7 @@ fn start_inner(
         MAX_INFLIGHT_PER_CONNECTION,
         stop.clone(),
     ));
+    let payload_copied = ctx.payload_copied.clone();
     let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
     let accept = {
         let (stop, conns, reactors) = (stop.clone(), conns.clone(), reactors.clone());
@@ -157,6 +159,7 @@ fn start_inner(
         conns,
         reactors,
         own_reactors,
+        payload_copied,
     })
 }
 
@@ -302,6 +305,13 @@ impl NbdServer {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (a payload received into a connection's receive buffer instead of
+    /// straight into the volume's buffer); 0 in steady state.
+    pub fn payload_copied_bytes(&self) -> u64 {
+        self.payload_copied.load(Ordering::Relaxed)
     }
 
     /// Number of connections currently open.

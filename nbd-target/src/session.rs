@@ -11,12 +11,12 @@
 //! it can hold (to that budget plus one request).
 
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use netreactor::{Conn, Input, Waker};
+use netreactor::{Conn, Input, Outbox, Waker};
 use volume::Volume;
 
 use crate::conn::NbdConn;
@@ -43,6 +43,10 @@ pub struct SessionCtx {
     pub max_inflight: usize,
     /// Set when the server shuts down.
     pub stop: Arc<AtomicBool>,
+    /// Write payload bytes copied in user space on their way to the
+    /// volume, over all connections (0 while payloads are received
+    /// straight into the volume's buffers).
+    pub payload_copied: Arc<AtomicU64>,
 }
 
 impl SessionCtx {
@@ -78,6 +82,7 @@ impl SessionCtx {
             vol,
             max_inflight: max_inflight.max(1),
             stop,
+            payload_copied: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -145,7 +150,7 @@ fn transmission<R: Read, W: Write>(
     let mut buf = r.buffer().to_vec();
     r.consume(buf.len());
     let mut chunk = vec![0u8; READ_BUFFER_BYTES];
-    let mut out = Vec::new();
+    let mut out = Outbox::new();
     let mut input_end: Option<SessionEnd> = None;
     loop {
         loop {
@@ -160,7 +165,8 @@ fn transmission<R: Read, W: Write>(
             }
         }
         if !out.is_empty() {
-            if let Err(e) = w.write_all(&out).and_then(|_| w.flush()) {
+            let sent = out.segments().try_for_each(|seg| w.write_all(seg));
+            if let Err(e) = sent.and_then(|_| w.flush()) {
                 log::info!("nbd {peer}: sending replies failed: {e}");
                 return SessionEnd::Stopped;
             }

@@ -137,8 +137,10 @@ impl Harness {
         core.teardown();
         let mut bytes = Vec::new();
         for m in sent {
-            if let Out::Bytes(b) = m {
-                bytes.extend_from_slice(&b);
+            match m {
+                Out::Bytes(b) => bytes.extend_from_slice(&b),
+                Out::Spliced(o) => bytes.extend_from_slice(&o.to_vec()),
+                Out::Close => {}
             }
         }
         bytes
@@ -162,6 +164,7 @@ impl Harness {
         for m in sent {
             match m {
                 Out::Bytes(b) => bytes.extend_from_slice(&b),
+                Out::Spliced(o) => bytes.extend_from_slice(&o.to_vec()),
                 Out::Close => {
                     out.closed = true;
                     break;

@@ -129,6 +129,31 @@ pub fn read_pdu<R: Read>(
     Ok(RawPdu { ch, bytes })
 }
 
+/// For a PDU that carries data: checks what [`check_pdu`] checks that lies
+/// before the data (digest flags, the header digest, PDO), given the
+/// common header and `head`, the PDU's first PDO bytes. Returns the data's
+/// length (without padding or digest); any error means: check the whole PDU
+/// with [`check_pdu`] instead. Pure.
+pub fn check_head(ch: CommonHeader, head: &[u8], dg: Digests) -> Result<usize, TransportError> {
+    let bad = TransportError::new(FES_INVALID_HEADER_FIELD, 0);
+    let (hlen, pdo, plen) = (ch.hlen as usize, ch.pdo as usize, ch.plen as usize);
+    if !digests_apply(ch.pdu_type) || head.len() != pdo {
+        return Err(bad);
+    }
+    if (ch.flags & FLAG_HDGSTF != 0) != dg.header || (ch.flags & FLAG_DDGSTF != 0) != dg.data {
+        return Err(bad);
+    }
+    let hd_len = if dg.header { DIGEST_LEN } else { 0 };
+    let dd_len = if dg.data { DIGEST_LEN } else { 0 };
+    if pdo < hlen + hd_len || pdo + dd_len >= plen {
+        return Err(bad);
+    }
+    if dg.header && get_u32(head, hlen) != crc(&head[..hlen]) {
+        return Err(TransportError::new(FES_HEADER_DIGEST_ERROR, 0));
+    }
+    Ok(plen - pdo - dd_len)
+}
+
 /// Checks digest flags, the header digest, PDO and the data digest of a
 /// framed PDU against the negotiated digests.
 pub fn check_pdu(raw: &RawPdu, dg: Digests) -> Result<CheckedPdu<'_>, TransportError> {
@@ -203,16 +228,36 @@ fn align_up(v: usize, a: usize) -> usize {
 /// offset aligned to `data_align` bytes (the peer's PDA).
 pub fn build_pdu(
     pdu_type: u8,
-    mut flags: u8,
+    flags: u8,
     psh: &[u8],
     data: &[u8],
+    dg: Digests,
+    data_align: usize,
+) -> Vec<u8> {
+    let mut b = build_pdu_head(pdu_type, flags, psh, data.len(), dg, data_align);
+    b.extend_from_slice(data);
+    if digests_apply(pdu_type) && dg.data && !data.is_empty() {
+        b.extend_from_slice(&crc(data).to_le_bytes());
+    }
+    b
+}
+
+/// The bytes of a PDU that come before its `data_len` bytes of data (the
+/// headers, their digest and the padding up to PDO), for a sender that
+/// sends the data from a buffer of its own and then, with data digests,
+/// the data's CRC32C (little-endian). Pure.
+pub fn build_pdu_head(
+    pdu_type: u8,
+    mut flags: u8,
+    psh: &[u8],
+    data_len: usize,
     dg: Digests,
     data_align: usize,
 ) -> Vec<u8> {
     let hlen = CH_LEN + psh.len();
     let applies = digests_apply(pdu_type);
     let hd = applies && dg.header;
-    let dd = applies && dg.data && !data.is_empty();
+    let dd = applies && dg.data && data_len > 0;
     if hd {
         flags |= FLAG_HDGSTF;
     }
@@ -220,20 +265,20 @@ pub fn build_pdu(
         flags |= FLAG_DDGSTF;
     }
     let hdr_end = hlen + if hd { DIGEST_LEN } else { 0 };
-    let pdo = if data.is_empty() || !applies {
+    let pdo = if data_len == 0 || !applies {
         0
     } else {
         align_up(hdr_end, data_align.max(1))
     };
-    let data_start = if data.is_empty() {
+    let data_start = if data_len == 0 {
         hdr_end
     } else if applies {
         pdo
     } else {
         hlen
     };
-    let plen = data_start + data.len() + if dd { DIGEST_LEN } else { 0 };
-    let mut b = vec![0u8; plen];
+    let plen = data_start + data_len + if dd { DIGEST_LEN } else { 0 };
+    let mut b = vec![0u8; data_start];
     CommonHeader {
         pdu_type,
         flags,
@@ -246,10 +291,6 @@ pub fn build_pdu(
     if hd {
         let c = crc(&b[..hlen]);
         put_u32(&mut b, hlen, c);
-    }
-    b[data_start..data_start + data.len()].copy_from_slice(data);
-    if dd {
-        put_u32(&mut b, plen - DIGEST_LEN, crc(data));
     }
     b
 }
@@ -362,6 +403,27 @@ pub struct XferHeader {
     pub ttag: u16,
     pub offset: u32,
     pub len: u32,
+}
+
+/// [`encode_xfer`] without the data: the bytes before it (see
+/// [`build_pdu_head`]).
+#[allow(clippy::too_many_arguments)] // one argument per header field
+pub fn encode_xfer_head(
+    pdu_type: u8,
+    flags: u8,
+    cccid: u16,
+    ttag: u16,
+    offset: u32,
+    len: u32,
+    dg: Digests,
+    align: usize,
+) -> Vec<u8> {
+    let mut psh = [0u8; DATA_HLEN - CH_LEN];
+    put_u16(&mut psh, 0, cccid);
+    put_u16(&mut psh, 2, ttag);
+    put_u32(&mut psh, 4, offset);
+    put_u32(&mut psh, 8, len);
+    build_pdu_head(pdu_type, flags, &psh, len as usize, dg, align)
 }
 
 pub fn decode_xfer(header: &[u8]) -> XferHeader {

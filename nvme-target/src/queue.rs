@@ -9,11 +9,12 @@ use crate::pdu::*;
 use crate::queue_io::{Out, OutTx, QueueIo};
 use crate::spec::*;
 use crate::subsystem::{Ctrl, Shared};
+use netreactor::RxBuf;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use volume::{IoError, IoResult, PathState, VolumeOp};
+use volume::{IoBuf, IoError, IoResult, PathState, VolumeOp};
 
 /// Data a queue may wait for (R2Ts issued, H2CData not yet received).
 const R2T_BUDGET_BYTES: usize = 16 << 20;
@@ -28,8 +29,56 @@ struct Transfer {
     cid: u16,
     sqe: Sqe,
     len: usize,
-    buf: Vec<u8>,
+    /// The write's buffer, from the volume's pool at the first H2CData
+    /// (`None` before, and while the connection receives into it).
+    buf: Option<IoBuf>,
+    /// Bytes of `buf` received so far (H2CData arrive in order).
+    received: usize,
     digest_failed: bool,
+}
+
+/// Where the data of a PDU goes (see [`QueueCore::data_target`]).
+pub enum DataPlace {
+    /// Receive the whole PDU and [`QueueCore::feed`] it.
+    Inline,
+    /// The volume has no buffer free: leave the header unconsumed and ask
+    /// again later.
+    Stall,
+    /// Receive the data straight into `buf[at..]` (up to its length), then
+    /// [`QueueCore::feed_split`].
+    Target(RxBuf),
+}
+
+/// A capsule's data: a slice of a received PDU, or a buffer it was
+/// received into.
+enum CapsuleData<'a> {
+    Slice(&'a [u8]),
+    Owned(IoBuf),
+}
+
+impl CapsuleData<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            CapsuleData::Slice(s) => s,
+            CapsuleData::Owned(b) => b,
+        }
+    }
+}
+
+/// An H2CData PDU's data: a slice of the received PDU, or `n` bytes
+/// already received in place into the transfer's buffer.
+enum H2cData<'a> {
+    Slice(&'a [u8]),
+    InPlace(usize),
+}
+
+impl H2cData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            H2cData::Slice(s) => s.len(),
+            H2cData::InPlace(n) => *n,
+        }
+    }
 }
 
 /// Result of dispatching a command.
@@ -131,8 +180,16 @@ impl QueueCore {
             Err(e) => return self.terminate(e, &raw.bytes),
         };
         match p.ch.pdu_type {
-            PDU_CAPSULE_CMD => self.on_capsule(&io, &p),
-            PDU_H2C_DATA => self.on_h2c_data(&io, &p),
+            PDU_CAPSULE_CMD => {
+                self.on_capsule(&io, p.header, CapsuleData::Slice(p.data), p.data_digest_ok)
+            }
+            PDU_H2C_DATA => self.on_h2c_data(
+                &io,
+                p.ch.flags,
+                p.header,
+                H2cData::Slice(p.data),
+                p.data_digest_ok,
+            ),
             PDU_H2C_TERM_REQ => {
                 log::debug!(
                     "nvme-tcp: host terminated the connection (FES {:#x})",
@@ -179,9 +236,113 @@ impl QueueCore {
         true
     }
 
-    fn on_capsule(&mut self, io: &Arc<QueueIo>, p: &CheckedPdu<'_>) -> bool {
+    /// Where the data of the PDU whose bytes up to its data (PDO) are
+    /// `head` should be received: straight into a write's buffer for an
+    /// in-capsule write or an H2CData PDU whose header checks out, else
+    /// inline (the whole PDU through [`QueueCore::feed`], which also reports
+    /// whatever is wrong with it).
+    pub fn data_target(&mut self, head: &[u8]) -> DataPlace {
+        let Some(io) = &self.io else {
+            return DataPlace::Inline;
+        };
+        if head.len() < CH_LEN {
+            return DataPlace::Inline;
+        }
+        let ch = CommonHeader::parse(&head[..CH_LEN]);
+        let Ok(len) = check_head(ch, head, io.dg) else {
+            return DataPlace::Inline;
+        };
+        match ch.pdu_type {
+            PDU_CAPSULE_CMD if matches!(self.qid, Some(q) if q != 0) => {
+                let mut sq = [0u8; 64];
+                sq.copy_from_slice(&head[CH_LEN..CMD_HLEN]);
+                let sqe = Sqe(sq);
+                let (addr, sgl_len, sgl_id) = sqe.sgl();
+                let plain_write = sqe.opcode() == IO_WRITE
+                    && sgl_id == SGL_ICD
+                    && addr == 0
+                    && sgl_len as usize == len
+                    && sgl_len <= self.sh.icd_bytes
+                    && sqe.flags() & 0x03 == 0;
+                if !plain_write {
+                    return DataPlace::Inline;
+                }
+                match self.sh.vol.alloc_buf(len) {
+                    Some(buf) => DataPlace::Target(RxBuf { buf, at: 0 }),
+                    None => DataPlace::Stall,
+                }
+            }
+            PDU_H2C_DATA => {
+                let x = decode_xfer(head);
+                let Some(t) = self.transfers.get_mut(&x.ttag) else {
+                    return DataPlace::Inline;
+                };
+                let (off, n) = (x.offset as usize, x.len as usize);
+                if t.cid != x.cccid
+                    || n != len
+                    || n == 0
+                    || x.len > self.sh.max_h2c_data
+                    || off != t.received
+                    || off + n > t.len
+                {
+                    return DataPlace::Inline;
+                }
+                if t.buf.is_none() {
+                    t.buf = self.sh.vol.alloc_buf(t.len);
+                }
+                let Some(mut buf) = t.buf.take() else {
+                    return DataPlace::Stall;
+                };
+                buf.set_len(off + n);
+                DataPlace::Target(RxBuf { buf, at: off })
+            }
+            _ => DataPlace::Inline,
+        }
+    }
+
+    /// Handles a PDU whose data was received into the buffer
+    /// [`QueueCore::data_target`] gave: `head` as given there, `buf` full,
+    /// `digest` the data digest that followed (if negotiated). Returns
+    /// false when the connection must end.
+    pub fn feed_split(&mut self, head: &[u8], mut buf: IoBuf, digest: Option<u32>) -> bool {
+        let Some(io) = self.io.clone() else {
+            return false;
+        };
+        let ch = CommonHeader::parse(&head[..CH_LEN]);
+        let header = &head[..ch.hlen as usize];
+        match ch.pdu_type {
+            PDU_CAPSULE_CMD => {
+                let ok = digest.is_none_or(|d| d == crc(&buf));
+                self.on_capsule(&io, header, CapsuleData::Owned(buf), ok)
+            }
+            _ => {
+                let x = decode_xfer(header);
+                let (off, n) = (x.offset as usize, x.len as usize);
+                let ok = digest.is_none_or(|d| d == crc(&buf[off..off + n]));
+                let Some(t) = self.transfers.get_mut(&x.ttag) else {
+                    return false;
+                };
+                buf.set_len(t.len);
+                t.buf = Some(buf);
+                self.on_h2c_data(&io, ch.flags, header, H2cData::InPlace(n), ok)
+            }
+        }
+    }
+
+    /// Whether H2CData may come next (transfers wait for data).
+    pub fn expects_h2c(&self) -> bool {
+        !self.transfers.is_empty()
+    }
+
+    fn on_capsule(
+        &mut self,
+        io: &Arc<QueueIo>,
+        header: &[u8],
+        data: CapsuleData<'_>,
+        data_digest_ok: bool,
+    ) -> bool {
         let mut sq = [0u8; 64];
-        sq.copy_from_slice(&p.header[CH_LEN..CMD_HLEN]);
+        sq.copy_from_slice(&header[CH_LEN..CMD_HLEN]);
         let sqe = Sqe(sq);
         let cid = sqe.cid();
         io.sq_head.fetch_add(1, Ordering::Relaxed);
@@ -200,11 +361,11 @@ impl QueueCore {
             let mut inflight = io.inflight.lock().unwrap();
             if inflight.len() as u32 >= self.sq_entries {
                 drop(inflight);
-                return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), p.header);
+                return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), header);
             }
             inflight.insert(cid);
         }
-        if !p.data_digest_ok {
+        if !data_digest_ok {
             self.fail(
                 io,
                 cid,
@@ -231,7 +392,7 @@ impl QueueCore {
             }
         };
         let (addr, sgl_len, sgl_id) = sqe.sgl();
-        let icd = p.data;
+        let icd = data.as_slice();
         match need {
             Some(n) if n > 0 => {
                 if sgl_len != n {
@@ -268,7 +429,17 @@ impl QueueCore {
                                 "in-capsule data length is not the SGL length",
                             );
                         } else {
-                            self.run(io, cid, &sqe, icd.to_vec());
+                            let buf = match data {
+                                CapsuleData::Owned(b) => b,
+                                CapsuleData::Slice(d) => {
+                                    // Connect data and the like are no
+                                    // write payload.
+                                    let payload = matches!(self.qid, Some(q) if q != 0)
+                                        && sqe.opcode() == IO_WRITE;
+                                    self.copied_buf(d, payload)
+                                }
+                            };
+                            self.run(io, cid, &sqe, buf);
                         }
                     }
                     SGL_TRANSPORT => {
@@ -299,7 +470,7 @@ impl QueueCore {
                 } else if sgl_len != 0 && sgl_id != SGL_TRANSPORT {
                     io.complete(cid, SC_SGL_TYPE_INVALID, 0, &[]);
                 } else {
-                    self.run(io, cid, &sqe, Vec::new());
+                    self.run(io, cid, &sqe, IoBuf::empty());
                 }
             }
         }
@@ -362,7 +533,8 @@ impl QueueCore {
                 cid,
                 sqe,
                 len: len as usize,
-                buf: Vec::with_capacity(len as usize),
+                buf: None,
+                received: 0,
                 digest_failed: false,
             },
         );
@@ -382,32 +554,71 @@ impl QueueCore {
         }
     }
 
-    fn on_h2c_data(&mut self, io: &Arc<QueueIo>, p: &CheckedPdu<'_>) -> bool {
-        let x = decode_xfer(p.header);
+    /// Capsule data that reached a receive buffer: copied into a buffer of
+    /// the volume's (from its pool if it has one free), and counted if it
+    /// is a write's `payload`.
+    fn copied_buf(&self, d: &[u8], payload: bool) -> IoBuf {
+        let mut b = self
+            .sh
+            .vol
+            .alloc_buf(d.len())
+            .unwrap_or_else(|| IoBuf::new(d.len()));
+        b.copy_from_slice(d);
+        if payload {
+            self.sh
+                .payload_copied
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        b
+    }
+
+    fn on_h2c_data(
+        &mut self,
+        io: &Arc<QueueIo>,
+        flags: u8,
+        header: &[u8],
+        data: H2cData<'_>,
+        data_digest_ok: bool,
+    ) -> bool {
+        let p_header = header;
+        let x = decode_xfer(header);
         let max_h2c = self.sh.max_h2c_data;
         let t = match self.transfers.get_mut(&x.ttag) {
             Some(t) => t,
             None => {
-                return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 10), p.header)
+                return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 10), p_header)
             }
         };
         if t.cid != x.cccid {
-            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 8), p.header);
+            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 8), p_header);
         }
-        if x.len as usize != p.data.len() || x.len == 0 {
-            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 16), p.header);
+        if x.len as usize != data.len() || x.len == 0 {
+            return self.terminate(TransportError::new(FES_INVALID_HEADER_FIELD, 16), p_header);
         }
         if x.len > max_h2c {
-            return self.terminate(TransportError::new(FES_DATA_LIMIT_EXCEEDED, 16), p.header);
+            return self.terminate(TransportError::new(FES_DATA_LIMIT_EXCEEDED, 16), p_header);
         }
-        if x.offset as usize != t.buf.len() || x.offset as usize + x.len as usize > t.len {
-            return self.terminate(TransportError::new(FES_DATA_OUT_OF_RANGE, 12), p.header);
+        if x.offset as usize != t.received || x.offset as usize + x.len as usize > t.len {
+            return self.terminate(TransportError::new(FES_DATA_OUT_OF_RANGE, 12), p_header);
         }
-        t.buf.extend_from_slice(p.data);
-        t.digest_failed |= !p.data_digest_ok;
-        let complete = t.buf.len() == t.len;
-        if p.ch.flags & FLAG_LAST_PDU != 0 && !complete {
-            return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 1), p.header);
+        if let H2cData::Slice(d) = data {
+            // Received with its header: copied into the write's buffer.
+            let buf = t.buf.get_or_insert_with(|| {
+                self.sh
+                    .vol
+                    .alloc_buf(t.len)
+                    .unwrap_or_else(|| IoBuf::new(t.len))
+            });
+            buf[t.received..t.received + d.len()].copy_from_slice(d);
+            self.sh
+                .payload_copied
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        t.received += data.len();
+        t.digest_failed |= !data_digest_ok;
+        let complete = t.received == t.len;
+        if flags & FLAG_LAST_PDU != 0 && !complete {
+            return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 1), p_header);
         }
         if complete {
             let t = self
@@ -424,7 +635,8 @@ impl QueueCore {
                     "data digest mismatch",
                 );
             } else {
-                self.run(io, t.cid, &t.sqe, t.buf);
+                let buf = t.buf.unwrap_or_else(|| IoBuf::new(t.len));
+                self.run(io, t.cid, &t.sqe, buf);
             }
         }
         true
@@ -477,7 +689,7 @@ impl QueueCore {
         Ok((slba * g.block_size as u64, len.min(u32::MAX as u64) as u32))
     }
 
-    fn run(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: &Sqe, data: Vec<u8>) {
+    fn run(&mut self, io: &Arc<QueueIo>, cid: u16, sqe: &Sqe, data: IoBuf) {
         let (_, sgl_len, _) = sqe.sgl();
         let outcome = match self.qid {
             None => self.connect(io, sqe, &data),
@@ -499,7 +711,7 @@ impl QueueCore {
                 self.sh.vol.submit(
                     op,
                     Box::new(move |r: IoResult| match r {
-                        Ok(d) if is_read => io.complete(cid, Status::SUCCESS, 0, &d),
+                        Ok(d) if is_read => io.complete_read(cid, d),
                         Ok(_) => io.complete(cid, Status::SUCCESS, 0, &[]),
                         Err(e) => io.complete(cid, status_of(e, is_read), 0, &[]),
                     }),
@@ -931,7 +1143,7 @@ impl QueueCore {
         Outcome::Done(Status::SUCCESS, v as u64, Vec::new())
     }
 
-    fn io_cmd(&mut self, sqe: &Sqe, data: Vec<u8>) -> Outcome {
+    fn io_cmd(&mut self, sqe: &Sqe, data: IoBuf) -> Outcome {
         if sqe.opcode() == OPC_FABRICS {
             return if sqe.fctype() == FCTYPE_CONNECT {
                 self.connect_again()
@@ -965,7 +1177,7 @@ impl QueueCore {
                     assert_eq!(data.len(), len as usize, "write data length");
                     Outcome::Submit(VolumeOp::Write {
                         offset,
-                        data: data.into(),
+                        data,
                         fua: sqe.cdw(12) & (1 << 30) != 0,
                     })
                 }

@@ -16,6 +16,8 @@ pub const C2H_CHUNK_BYTES: usize = 128 * 1024;
 #[derive(Debug)]
 pub enum Out {
     Bytes(Vec<u8>),
+    /// PDUs whose data is sent from the buffer a read filled.
+    Spliced(netreactor::Outbox),
     /// Shut the socket down (both directions) and stop.
     Close,
 }
@@ -97,6 +99,64 @@ impl QueueIo {
         self.send_completion(cid, status, result, data);
     }
 
+    /// Completes a read with the buffer the volume filled: the C2HData PDUs
+    /// carry slices of it (no copy; the data digest is computed over it),
+    /// then a CapsuleResp unless the SUCCESS flag replaces it.
+    pub fn complete_read(&self, cid: u16, buf: volume::IoBuf) {
+        self.inflight.lock().unwrap().remove(&cid);
+        if buf.is_empty() {
+            self.send_completion(cid, Status::SUCCESS, 0, &[]);
+            return;
+        }
+        let buf = buf.share();
+        let mut out = netreactor::Outbox::new();
+        let n = buf.len().div_ceil(C2H_CHUNK_BYTES);
+        let success_flag = self.sqflow_disabled.load(Ordering::Relaxed);
+        for i in 0..n {
+            let start = i * C2H_CHUNK_BYTES;
+            let end = (start + C2H_CHUNK_BYTES).min(buf.len());
+            let mut flags = 0;
+            if i + 1 == n {
+                flags |= FLAG_LAST_PDU;
+                if success_flag {
+                    flags |= FLAG_SUCCESS;
+                }
+            }
+            out.extend_from_slice(&encode_xfer_head(
+                PDU_C2H_DATA,
+                flags,
+                cid,
+                0,
+                start as u32,
+                (end - start) as u32,
+                self.dg,
+                self.c2h_align,
+            ));
+            out.push_shared(&buf, start..end);
+            if self.dg.data {
+                out.extend_from_slice(&crc(&buf[start..end]).to_le_bytes());
+            }
+        }
+        if !success_flag {
+            out.extend_from_slice(&encode_capsule_resp(
+                &self.cqe(cid, Status::SUCCESS, 0),
+                self.dg,
+            ));
+        }
+        let _ = self.out.send(Out::Spliced(out));
+    }
+
+    fn cqe(&self, cid: u16, status: Status, result: u64) -> Cqe {
+        Cqe {
+            dw0: result as u32,
+            dw1: (result >> 32) as u32,
+            sqhd: self.sqhd(),
+            sqid: self.qid.load(Ordering::Relaxed) as u16,
+            cid,
+            status,
+        }
+    }
+
     /// Sends the completion PDUs without touching the in-flight set.
     pub(crate) fn send_completion(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
         let mut bytes = Vec::new();
@@ -128,15 +188,10 @@ impl QueueIo {
             }
         }
         if resp_needed {
-            let cqe = Cqe {
-                dw0: result as u32,
-                dw1: (result >> 32) as u32,
-                sqhd: self.sqhd(),
-                sqid: self.qid.load(Ordering::Relaxed) as u16,
-                cid,
-                status,
-            };
-            bytes.extend_from_slice(&encode_capsule_resp(&cqe, self.dg));
+            bytes.extend_from_slice(&encode_capsule_resp(
+                &self.cqe(cid, status, result),
+                self.dg,
+            ));
         }
         let _ = self.out.send(Out::Bytes(bytes));
     }

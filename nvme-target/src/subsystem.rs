@@ -131,6 +131,10 @@ pub struct Shared {
     /// In-capsule data accepted on I/O queues: the config, at most MDTS.
     pub icd_bytes: u32,
     pub local_addr: SocketAddr,
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (received with a PDU into a connection's buffer instead of straight
+    /// into the write's buffer), over all queues.
+    pub payload_copied: AtomicU64,
     ctrls: Mutex<HashMap<u16, Arc<Ctrl>>>,
     next_cntlid: Mutex<u16>,
     last_epoch: AtomicU64,
@@ -154,6 +158,7 @@ impl Shared {
             max_h2c_data: mdts_bytes,
             icd_bytes: cfg.in_capsule_data_bytes.min(mdts_bytes),
             local_addr,
+            payload_copied: AtomicU64::new(0),
             ctrls: Mutex::new(HashMap::new()),
             next_cntlid: Mutex::new(1),
             last_epoch: AtomicU64::new(vol.path_epoch()),

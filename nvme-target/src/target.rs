@@ -6,12 +6,12 @@
 //! whose output the same reactor sends. No thread per connection.
 
 use crate::pdu::{expected_hlen, CommonHeader, RawPdu, TransportError};
-use crate::queue::QueueCore;
+use crate::queue::{DataPlace, QueueCore};
 use crate::queue_io::{Out, OutTx};
 use crate::spec::*;
 use crate::subsystem::Shared;
 pub use crate::subsystem::{DiscoveryPort, NvmeConfig};
-use netreactor::{Input, ReactorConfig, Reactors, Waker};
+use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, RxBuf, Waker};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -117,6 +117,12 @@ impl NvmeTarget {
         self.shared.local_addr
     }
 
+    /// Write payload bytes copied in user space on their way to the volume
+    /// (0 in steady state: payloads are received into the volume's buffers).
+    pub fn payload_copied_bytes(&self) -> u64 {
+        self.shared.payload_copied.load(Ordering::Relaxed)
+    }
+
     /// Live controllers (admin associations).
     pub fn controller_count(&self) -> usize {
         self.shared.controller_count()
@@ -179,6 +185,15 @@ fn accept_loop(
 /// completions post to the reactor to send.
 struct NvmeConn {
     core: QueueCore,
+    /// A PDU whose data is being received straight into a write's buffer.
+    split: Option<Split>,
+    /// The last PDU header waits for a buffer from the volume's pool.
+    stalled: bool,
+    /// Receive one PDU header at a time (writes are flowing: their data
+    /// then arrives straight in their buffers) rather than in bulk (after
+    /// other commands: many capsules per receive).
+    header_only: bool,
+    sh: Arc<Shared>,
     rx: Receiver<Out>,
     /// The queue ended the connection (`Out::Close`, a terminated
     /// transport, or a failed feed): send what is queued, then close.
@@ -187,11 +202,24 @@ struct NvmeConn {
     conns: Arc<AtomicUsize>,
 }
 
+/// A PDU split at its data: `head` (the bytes up to PDO) is parsed, the
+/// data goes into `buf` (lent to the reactor while it receives into it),
+/// and a data digest (`dd`) follows the data.
+struct Split {
+    head: Vec<u8>,
+    buf: Option<RxBuf>,
+    dd: bool,
+}
+
 impl NvmeConn {
     fn new(sh: Arc<Shared>, stop: Arc<AtomicBool>, waker: Waker, conns: Arc<AtomicUsize>) -> Self {
         let (tx, rx) = mpsc::channel();
         NvmeConn {
-            core: QueueCore::new(sh, OutTx::new(tx, waker)),
+            core: QueueCore::new(sh.clone(), OutTx::new(tx, waker)),
+            split: None,
+            stalled: false,
+            header_only: true,
+            sh,
             rx,
             closing: false,
             stop,
@@ -216,10 +244,43 @@ fn frame(b: &[u8], max_plen: u32) -> Result<usize, TransportError> {
 }
 
 impl netreactor::Conn for NvmeConn {
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input {
+    fn input(&mut self, input: &[u8], out: &mut NetOut) -> Input {
         let mut at = 0;
+        self.stalled = false;
         while !self.closing {
             let avail = &input[at..];
+            if let Some(sp) = &mut self.split {
+                let Some(b) = sp.buf.as_mut() else {
+                    break;
+                };
+                // Data that came with the header (or a driver without
+                // payload targets): copied into the buffer.
+                let n = (b.buf.len() - b.at).min(avail.len());
+                b.buf[b.at..b.at + n].copy_from_slice(&avail[..n]);
+                b.at += n;
+                at += n;
+                self.sh
+                    .payload_copied
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if b.at < b.buf.len() {
+                    break;
+                }
+                let digest = if sp.dd {
+                    let rest = &input[at..];
+                    if rest.len() < DIGEST_LEN {
+                        return Input {
+                            consumed: at,
+                            need: DIGEST_LEN,
+                        };
+                    }
+                    at += DIGEST_LEN;
+                    Some(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]))
+                } else {
+                    None
+                };
+                self.finish_split(digest);
+                continue;
+            }
             if avail.len() < CH_LEN {
                 return Input {
                     consumed: at,
@@ -237,6 +298,42 @@ impl netreactor::Conn for NvmeConn {
                     break;
                 }
             };
+            let ch = CommonHeader::parse(&avail[..CH_LEN]);
+            let pdo = ch.pdo as usize;
+            if ch.pdu_type == PDU_CAPSULE_CMD && avail.len() > CH_LEN {
+                // Byte 0 of the SQE: the opcode.
+                self.header_only = pdo != 0 || avail[CH_LEN] == IO_WRITE || self.core.expects_h2c();
+            }
+            if matches!(ch.pdu_type, PDU_CAPSULE_CMD | PDU_H2C_DATA) && pdo >= CH_LEN && pdo < plen
+            {
+                // A PDU with data: once its header is in, its data may go
+                // straight into the write's buffer.
+                if avail.len() < pdo {
+                    return Input {
+                        consumed: at,
+                        need: pdo,
+                    };
+                }
+                match self.core.data_target(&avail[..pdo]) {
+                    DataPlace::Stall => {
+                        self.stalled = true;
+                        return Input {
+                            consumed: at,
+                            need: 0,
+                        };
+                    }
+                    DataPlace::Target(buf) => {
+                        self.split = Some(Split {
+                            head: avail[..pdo].to_vec(),
+                            buf: Some(buf),
+                            dd: ch.flags & FLAG_DDGSTF != 0,
+                        });
+                        at += pdo;
+                        continue;
+                    }
+                    DataPlace::Inline => {}
+                }
+            }
             if avail.len() < plen {
                 return Input {
                     consumed: at,
@@ -259,10 +356,11 @@ impl netreactor::Conn for NvmeConn {
         }
     }
 
-    fn poll(&mut self, out: &mut Vec<u8>) {
+    fn poll(&mut self, out: &mut NetOut) {
         loop {
             match self.rx.try_recv() {
                 Ok(Out::Bytes(b)) => out.extend_from_slice(&b),
+                Ok(Out::Spliced(o)) => out.append(o),
                 Ok(Out::Close) | Err(TryRecvError::Disconnected) => {
                     self.closing = true;
                     // Nothing posted after a Close is sent.
@@ -296,5 +394,58 @@ impl netreactor::Conn for NvmeConn {
         log::debug!("nvme-tcp: connection closed ({why})");
         self.core.teardown();
         self.conns.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn take_payload_target(&mut self) -> Option<RxBuf> {
+        self.split.as_mut()?.buf.take()
+    }
+
+    fn payload_received(&mut self, buf: RxBuf, _out: &mut NetOut) {
+        let Some(sp) = &mut self.split else {
+            return;
+        };
+        let dd = sp.dd;
+        sp.buf = Some(buf);
+        if !dd {
+            self.finish_split(None);
+        }
+        // With a data digest, the digest arrives as input.
+    }
+
+    fn receive_limit(&self) -> usize {
+        // One PDU header at a time, so that data after it is received
+        // straight into its buffer: a command capsule's, or the common
+        // header alone while H2CData may come; with a data digest to come
+        // after a payload, only the digest (the next header's size is not
+        // known before the digest is checked).
+        if self.split.as_ref().is_some_and(|sp| sp.dd) {
+            DIGEST_LEN
+        } else if !self.header_only && !self.core.expects_h2c() {
+            // After a command without data (a read): in bulk.
+            usize::MAX
+        } else if self.core.expects_h2c() {
+            CH_LEN
+        } else {
+            CMD_HLEN
+        }
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+}
+
+impl NvmeConn {
+    /// The split PDU's data is whole: hand it to the queue.
+    fn finish_split(&mut self, digest: Option<u32>) {
+        let Some(Split {
+            head, buf: Some(b), ..
+        }) = self.split.take()
+        else {
+            return;
+        };
+        if !self.core.feed_split(&head, b.buf, digest) {
+            self.closing = true;
+        }
     }
 }

@@ -33,6 +33,7 @@
 
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types, IoUring};
+pub use volume::{IoBuf, SharedBuf};
 
 /// Bytes a connection's receive buffer starts with.
 pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
@@ -65,10 +67,10 @@ pub trait Conn: Send {
     /// Parses and submits the requests `input` holds (bytes received and not
     /// yet consumed, oldest first) and appends any replies it can give at
     /// once (refusals) to `out`.
-    fn input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Input;
+    fn input(&mut self, input: &[u8], out: &mut Outbox) -> Input;
     /// Takes the completions that arrived since the last call (the
     /// connection's [`Waker`] was woken) and appends their replies to `out`.
-    fn poll(&mut self, out: &mut Vec<u8>);
+    fn poll(&mut self, out: &mut Outbox);
     /// May the reactor hand it more input now? False while too much is in
     /// flight: the reactor then stops receiving (TCP pushes back).
     fn wants_input(&self) -> bool;
@@ -81,6 +83,177 @@ pub trait Conn: Send {
     fn aborted(&self) -> bool;
     /// The connection is gone (`why` says how); called once, last.
     fn closed(&mut self, why: &str);
+    /// After [`Conn::input`] consumed everything it was given: a payload
+    /// buffer whose unfilled rest (`buf[at..]`) the next bytes of the stream
+    /// belong in. The reactor receives them straight into it (no copy) and
+    /// gives it back through [`Conn::payload_received`] once full. `None`:
+    /// the next bytes go to the connection's receive buffer as usual.
+    fn take_payload_target(&mut self) -> Option<RxBuf> {
+        None
+    }
+    /// The buffer from [`Conn::take_payload_target`], now full.
+    fn payload_received(&mut self, _buf: RxBuf, _out: &mut Outbox) {}
+    /// At most this many bytes go to the connection's receive buffer per
+    /// receive, counting those it holds unconsumed (e.g. one request
+    /// header, so that a payload that follows is not received there but
+    /// straight into its own buffer), or more if [`Input::need`] asks for
+    /// more. With a payload target posted, 0 is allowed (receive only the
+    /// payload). Default: no limit.
+    fn receive_limit(&self) -> usize {
+        usize::MAX
+    }
+    /// Waiting for a resource that comes back without a wake-up (a payload
+    /// buffer from the volume's pool): the reactor receives nothing more
+    /// for it and drives it again at its next pass or, asleep, within
+    /// [`STALL_RETRY`].
+    fn stalled(&self) -> bool {
+        false
+    }
+}
+
+/// How soon a sleeping reactor drives a [`Conn::stalled`] connection again.
+pub const STALL_RETRY: Duration = Duration::from_millis(1);
+
+/// A payload buffer handed to the reactor to receive into: `buf[..at]` is
+/// filled, `buf[at..]` is what the stream's next bytes fill.
+#[derive(Debug)]
+pub struct RxBuf {
+    pub buf: IoBuf,
+    pub at: usize,
+}
+
+/// The iovecs a connection's vectored send or receive hands the kernel.
+const MAX_IOV: usize = 64;
+
+/// Replies queued for a connection's socket: bytes, with buffers (read data)
+/// spliced in between them by reference: a read's data is sent from the
+/// buffer the volume filled, never copied here.
+#[derive(Default)]
+pub struct Outbox {
+    bytes: Vec<u8>,
+    spliced: Vec<Spliced>,
+    spliced_bytes: usize,
+}
+
+/// `buf[start..end]`, to be sent after `bytes[..at]`.
+struct Spliced {
+    at: usize,
+    buf: SharedBuf,
+    start: usize,
+    end: usize,
+}
+
+impl Outbox {
+    pub fn new() -> Outbox {
+        Outbox::default()
+    }
+
+    /// Appends a copy of `b` (headers and other small replies).
+    pub fn extend_from_slice(&mut self, b: &[u8]) {
+        self.bytes.extend_from_slice(b);
+    }
+
+    /// The byte part, to encode into in place: append only (bytes already
+    /// there may have buffers spliced after them).
+    pub fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    /// Appends a whole buffer by reference.
+    pub fn push_buf(&mut self, buf: IoBuf) {
+        let len = buf.len();
+        self.push_shared(&buf.share(), 0..len);
+    }
+
+    /// Appends `buf[range]` by reference (a clone of the handle, not of the
+    /// bytes): the buffer is dropped once the send completed.
+    ///
+    /// # Panics
+    /// If `range` is not within the buffer (a caller bug).
+    pub fn push_shared(&mut self, buf: &SharedBuf, range: Range<usize>) {
+        assert!(
+            range.start <= range.end && range.end <= buf.len(),
+            "Outbox::push_shared: range {range:?} outside a {}-byte buffer",
+            buf.len()
+        );
+        if range.is_empty() {
+            return;
+        }
+        self.spliced_bytes += range.len();
+        self.spliced.push(Spliced {
+            at: self.bytes.len(),
+            buf: buf.clone(),
+            start: range.start,
+            end: range.end,
+        });
+    }
+
+    /// Moves everything `other` holds to the end of this one (its buffers
+    /// by reference).
+    pub fn append(&mut self, other: Outbox) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.spliced_bytes += other.spliced_bytes;
+        self.spliced
+            .extend(other.spliced.into_iter().map(|s| Spliced {
+                at: base + s.at,
+                ..s
+            }));
+    }
+
+    /// Bytes queued, spliced buffers included.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.spliced_bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes queued by reference (read data).
+    pub fn spliced_bytes(&self) -> usize {
+        self.spliced_bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.spliced.clear();
+        self.spliced_bytes = 0;
+    }
+
+    /// The queued bytes in order, as slices (for a plain stream: write
+    /// each; the byte-buffer drivers of tests and fuzzers).
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        let mut prev = 0;
+        let tail = self.spliced.last().map_or(0, |s| s.at);
+        self.spliced
+            .iter()
+            .flat_map(move |s| {
+                let before = &self.bytes[prev..s.at];
+                prev = s.at;
+                [before, &s.buf[s.start..s.end]]
+            })
+            .chain(std::iter::once(&self.bytes[tail..]))
+            .filter(|b| !b.is_empty())
+    }
+
+    /// Everything queued, copied into one vector (tests, fuzzers).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        for seg in self.segments() {
+            v.extend_from_slice(seg);
+        }
+        v
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("len", &self.len())
+            .field("spliced_bytes", &self.spliced_bytes)
+            .finish()
+    }
 }
 
 struct WakerInner {
@@ -430,20 +603,64 @@ struct Slot {
     hi: usize,
     need: usize,
     recv_posted: bool,
-    /// Bytes being sent (`tx[tx_off..]`); never touched while a send is
-    /// posted. Replies produced meanwhile collect in `out`.
-    tx: Vec<u8>,
+    /// The payload buffer the next bytes are received into, ahead of
+    /// `rx[hi..]` (see [`Conn::take_payload_target`]); held here, not moved
+    /// or dropped, while a receive is posted.
+    target: Option<RxBuf>,
+    rx_msg: MsgHdr,
+    /// Bytes being sent (`tx`, from byte `tx_off` on); never touched while a
+    /// send is posted. Replies produced meanwhile collect in `out`.
+    tx: Outbox,
     tx_off: usize,
     send_posted: bool,
-    out: Vec<u8>,
+    tx_msg: MsgHdr,
+    out: Outbox,
     /// The peer closed, or the socket failed.
     eof: Option<String>,
     shut: bool,
 }
 
+/// A `msghdr` and its iovecs for a vectored send or receive; it lives in
+/// the (boxed) slot, so its address is stable while the operation is
+/// posted, and it is rebuilt only when none is.
+struct MsgHdr {
+    msg: libc::msghdr,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers point into buffers of the same slot, and only
+// the reactor thread that owns the slot touches them.
+unsafe impl Send for MsgHdr {}
+
+impl MsgHdr {
+    fn new() -> MsgHdr {
+        MsgHdr {
+            // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no
+            // control data).
+            msg: unsafe { std::mem::zeroed() },
+            iov: Vec::with_capacity(MAX_IOV),
+        }
+    }
+
+    /// Points the header at `segs` (at most [`MAX_IOV`] of them).
+    fn set(&mut self, segs: impl Iterator<Item = (*mut u8, usize)>) -> *mut libc::msghdr {
+        self.iov.clear();
+        for (base, len) in segs.take(MAX_IOV) {
+            self.iov.push(libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len() as _;
+        &mut self.msg
+    }
+}
+
 const OP_RECV: u64 = 0;
 const OP_SEND: u64 = 1;
 const WAKE_TAG: u64 = u64::MAX;
+const TICK_TAG: u64 = u64::MAX - 1;
 
 struct Reactor {
     ring: IoUring,
@@ -454,6 +671,12 @@ struct Reactor {
     /// The eventfd read's target; boxed so its address is stable.
     wake_buf: Box<u64>,
     wake_posted: bool,
+    /// Connections that reported [`Conn::stalled`], driven again at the
+    /// next pass; while any is, a sleep ends after [`STALL_RETRY`].
+    stalled: Vec<usize>,
+    is_stalled: Vec<bool>,
+    tick: Box<types::Timespec>,
+    tick_posted: bool,
     busy: bool,
     spin: Duration,
 }
@@ -488,6 +711,10 @@ impl Reactor {
             is_dirty: vec![false; max],
             wake_buf: Box::new(0),
             wake_posted: false,
+            stalled: Vec::new(),
+            is_stalled: vec![false; max],
+            tick: Box::new(types::Timespec::from(STALL_RETRY)),
+            tick_posted: false,
             busy: cfg.busy,
             spin: Duration::from_micros(cfg.spin_us),
         })
@@ -554,6 +781,12 @@ impl Reactor {
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
             self.wake_posted = false;
         }
+        if self.tick_posted {
+            // Likewise the stall retry's timespec.
+            let zero = types::Timespec::new();
+            std::mem::forget(std::mem::replace(&mut self.tick, Box::new(zero)));
+            self.tick_posted = false;
+        }
         self.shared.finished.store(true, Ordering::Release);
     }
 
@@ -561,6 +794,11 @@ impl Reactor {
     /// arrived meanwhile (then the caller must not sleep).
     fn prepare_sleep(&mut self) -> bool {
         self.post_wake_read();
+        if !self.stalled.is_empty() && !self.tick_posted {
+            let ts: *const types::Timespec = &*self.tick;
+            self.push(opcode::Timeout::new(ts).build().user_data(TICK_TAG));
+            self.tick_posted = true;
+        }
         if !self.ring.submission().is_empty() {
             if let Err(e) = self.ring.submit() {
                 log::warn!("netreactor: io_uring submit failed: {e}");
@@ -598,8 +836,9 @@ impl Reactor {
     fn push(&mut self, e: io_uring::squeue::Entry) {
         loop {
             // SAFETY: every entry pushed here points at memory that stays
-            // valid until its completion is reaped: a slot's rx/tx buffers
-            // (not moved or freed while posted, see `Slot`) or `wake_buf`.
+            // valid until its completion is reaped: a slot's rx/tx buffers,
+            // payload target and msghdrs (not moved or freed while posted,
+            // see `Slot`), `wake_buf` or `tick`.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
                 return;
             }
@@ -620,6 +859,12 @@ impl Reactor {
     /// happened.
     fn iteration(&mut self) -> bool {
         let mut did = false;
+        // Stalled connections try again (not counted as work: a reactor
+        // with nothing else to do still sleeps, for at most STALL_RETRY).
+        for i in std::mem::take(&mut self.stalled) {
+            self.is_stalled[i] = false;
+            self.mark(i);
+        }
         while let Some(inc) = self.shared.incoming.pop() {
             did = true;
             self.add(inc);
@@ -682,10 +927,13 @@ impl Reactor {
             lo: 0,
             need: 0,
             recv_posted: false,
-            tx: Vec::new(),
+            target: None,
+            rx_msg: MsgHdr::new(),
+            tx: Outbox::new(),
             tx_off: 0,
             send_posted: false,
-            out: Vec::new(),
+            tx_msg: MsgHdr::new(),
+            out: Outbox::new(),
             eof: None,
             shut: false,
         }));
@@ -697,6 +945,10 @@ impl Reactor {
             self.wake_posted = false;
             return;
         }
+        if tag == TICK_TAG {
+            self.tick_posted = false;
+            return;
+        }
         let (i, op) = ((tag >> 1) as usize, tag & 1);
         let Some(Some(s)) = self.slots.get_mut(i) else {
             log::error!("netreactor: completion for an empty slot {i}");
@@ -705,7 +957,15 @@ impl Reactor {
         if op == OP_RECV {
             s.recv_posted = false;
             match res {
-                n if n > 0 => s.hi += n as usize,
+                n if n > 0 => {
+                    let mut n = n as usize;
+                    if let Some(t) = &mut s.target {
+                        let k = n.min(t.buf.len() - t.at);
+                        t.at += k;
+                        n -= k;
+                    }
+                    s.hi += n;
+                }
                 0 => {
                     s.eof.get_or_insert_with(|| "closed by the peer".into());
                 }
@@ -770,9 +1030,20 @@ impl Reactor {
                 return;
             };
             s.conn.poll(&mut s.out);
+            // A payload target that is full goes back to the connection
+            // before anything received after it.
+            if !s.recv_posted && s.target.as_ref().is_some_and(|t| t.at >= t.buf.len()) {
+                if let Some(t) = s.target.take() {
+                    s.conn.payload_received(t, &mut s.out);
+                }
+            }
             // Feed what was received, as long as the connection takes it.
             // (Input received before the peer closed is still served.)
-            while s.lo < s.hi && s.hi - s.lo >= s.need && !s.conn.closing() && s.conn.wants_input()
+            while s.target.is_none()
+                && s.lo < s.hi
+                && s.hi - s.lo >= s.need
+                && !s.conn.closing()
+                && s.conn.wants_input()
             {
                 let r = s.conn.input(&s.rx[s.lo..s.hi], &mut s.out);
                 s.lo += r.consumed.min(s.hi - s.lo);
@@ -785,13 +1056,30 @@ impl Reactor {
             if s.lo == s.hi {
                 s.lo = 0;
                 s.hi = 0;
+                if s.target.is_none() && !s.recv_posted {
+                    s.target = s.conn.take_payload_target();
+                }
             }
             let fd = s.stream.as_raw_fd();
             if !s.send_posted && s.tx.is_empty() && !s.out.is_empty() && !s.shut {
                 std::mem::swap(&mut s.tx, &mut s.out);
             }
             if !s.send_posted && s.tx_off < s.tx.len() && !s.shut {
-                posts.push(send_entry(fd, &s.tx[s.tx_off..], i));
+                if s.tx.spliced.is_empty() {
+                    posts.push(send_entry(fd, &s.tx.bytes[s.tx_off..], i));
+                } else {
+                    let mut skip = s.tx_off;
+                    let segs = s.tx.segments().filter_map(|seg| {
+                        if skip >= seg.len() {
+                            skip -= seg.len();
+                            return None;
+                        }
+                        let rest = &seg[skip..];
+                        skip = 0;
+                        Some((rest.as_ptr() as *mut u8, rest.len()))
+                    });
+                    posts.push(sendmsg_entry(fd, s.tx_msg.set(segs), i));
+                }
                 s.send_posted = true;
             }
             let ending = stopping
@@ -800,15 +1088,36 @@ impl Reactor {
                     && s.conn.quiescent()
                     && s.tx.is_empty()
                     && s.out.is_empty();
+            let more = s.conn.wants_input() && !s.conn.stalled();
             if !s.recv_posted
                 && !ending
                 && s.eof.is_none()
                 && !s.conn.closing()
-                && s.conn.wants_input()
+                && (more || s.target.is_some())
             {
-                make_room(s);
-                if s.hi < s.rx.len() {
-                    posts.push(recv_entry(fd, &mut s.rx[s.hi..], i));
+                // How much may go to the receive buffer: none while only a
+                // payload is wanted, else up to the connection's limit.
+                let mut rx_n = 0;
+                if more {
+                    make_room(s);
+                    let want = s.conn.receive_limit().max(s.need);
+                    let want = want.saturating_sub(s.hi - s.lo);
+                    let floor = if s.target.is_some() { 0 } else { 1 };
+                    rx_n = (s.rx.len() - s.hi).min(want.max(floor));
+                }
+                // (A lent target is never full: a full one went back above.)
+                if let Some(t) = s.target.as_mut().filter(|t| t.at < t.buf.len()) {
+                    let at = t.at;
+                    let payload = &mut t.buf[at..];
+                    let segs = [
+                        (payload.as_mut_ptr(), payload.len()),
+                        (s.rx[s.hi..].as_mut_ptr(), rx_n),
+                    ];
+                    let segs = segs.into_iter().filter(|&(_, n)| n > 0);
+                    posts.push(recvmsg_entry(fd, s.rx_msg.set(segs), i));
+                    s.recv_posted = true;
+                } else if rx_n > 0 {
+                    posts.push(recv_entry(fd, &mut s.rx[s.hi..s.hi + rx_n], i));
                     s.recv_posted = true;
                 }
             }
@@ -824,6 +1133,11 @@ impl Reactor {
         }
         for e in posts {
             self.push(e);
+        }
+        if !free && !self.is_stalled[i] && self.slots[i].as_ref().is_some_and(|s| s.conn.stalled())
+        {
+            self.is_stalled[i] = true;
+            self.stalled.push(i);
         }
         if free {
             if let Some(mut s) = self.slots[i].take() {
@@ -866,6 +1180,19 @@ fn recv_entry(fd: RawFd, buf: &mut [u8], slot: usize) -> io_uring::squeue::Entry
         .user_data(((slot as u64) << 1) | OP_RECV)
 }
 
+fn recvmsg_entry(fd: RawFd, msg: *mut libc::msghdr, slot: usize) -> io_uring::squeue::Entry {
+    opcode::RecvMsg::new(types::Fd(fd), msg)
+        .build()
+        .user_data(((slot as u64) << 1) | OP_RECV)
+}
+
+fn sendmsg_entry(fd: RawFd, msg: *mut libc::msghdr, slot: usize) -> io_uring::squeue::Entry {
+    opcode::SendMsg::new(types::Fd(fd), msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+        .user_data(((slot as u64) << 1) | OP_SEND)
+}
+
 fn send_entry(fd: RawFd, buf: &[u8], slot: usize) -> io_uring::squeue::Entry {
     opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
         .flags(libc::MSG_NOSIGNAL)
@@ -890,7 +1217,7 @@ mod tests {
     }
 
     impl Conn for Upper {
-        fn input(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Input {
+        fn input(&mut self, input: &[u8], _out: &mut Outbox) -> Input {
             let Some(n) = input.iter().position(|&b| b == b'\n') else {
                 return Input {
                     consumed: 0,
@@ -909,10 +1236,11 @@ mod tests {
                 need: 0,
             }
         }
-        fn poll(&mut self, out: &mut Vec<u8>) {
+        fn poll(&mut self, out: &mut Outbox) {
             let mut d = self.done.lock().unwrap();
             self.inflight -= d.iter().filter(|&&b| b == b'\n').count();
-            out.append(&mut d);
+            out.extend_from_slice(&d);
+            d.clear();
         }
         fn wants_input(&self) -> bool {
             true
@@ -929,6 +1257,32 @@ mod tests {
         fn closed(&mut self, _why: &str) {
             self.closed.store(true, Ordering::Release);
         }
+    }
+
+    #[test]
+    fn an_outbox_keeps_bytes_and_spliced_buffers_in_order() {
+        let buf = SharedBuf::from(b"0123456789".to_vec());
+        let mut o = Outbox::new();
+        o.extend_from_slice(b"<h1>");
+        o.push_shared(&buf, 2..5);
+        o.push_shared(&buf, 5..5);
+        o.push_shared(&buf, 0..1);
+        o.extend_from_slice(b"<h2>");
+        let mut o2 = Outbox::new();
+        o2.extend_from_slice(b"[");
+        o2.push_buf(IoBuf::from_slice(b"xyz"));
+        o2.extend_from_slice(b"]");
+        o.append(o2);
+        assert_eq!(o.to_vec(), b"<h1>2340<h2>[xyz]".to_vec());
+        assert_eq!(o.len(), 17);
+        assert_eq!(o.spliced_bytes(), 7);
+        let segs: Vec<&[u8]> = o.segments().collect();
+        assert_eq!(
+            segs,
+            [&b"<h1>"[..], b"234", b"0", b"<h2>[", b"xyz", b"]"].to_vec()
+        );
+        o.clear();
+        assert!(o.is_empty() && o.segments().next().is_none());
     }
 
     #[test]

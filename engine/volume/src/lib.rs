@@ -302,6 +302,8 @@ pub struct MemVolume {
     pub writes: AtomicU64,
     /// The replicated state blob (in memory: nothing to replicate to).
     state: Mutex<Option<Vec<u8>>>,
+    /// Where write payload and read buffers come from, if not the heap.
+    pool: Option<IoBufPool>,
 }
 
 impl MemVolume {
@@ -321,7 +323,20 @@ impl MemVolume {
             path: PathCell::new(PathState::Optimized),
             writes: AtomicU64::new(0),
             state: Mutex::new(None),
+            pool: None,
         }
+    }
+
+    /// Payload buffers ([`Volume::alloc_buf`]) come from `pool`, so that
+    /// tests see the back-pressure of an empty pool; reads fill a pool
+    /// buffer when one is free.
+    pub fn with_pool(mut self, pool: IoBufPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    pub fn pool(&self) -> Option<&IoBufPool> {
+        self.pool.as_ref()
     }
 
     pub fn with_identity(mut self, identity: VolumeIdentity) -> Self {
@@ -342,9 +357,14 @@ impl MemVolume {
                     return Err(IoError::NotPrimary);
                 }
                 g.check_range(offset, len as u64)?;
-                Ok(IoBuf::from_slice(
-                    &data[offset as usize..offset as usize + len as usize],
-                ))
+                let src = &data[offset as usize..offset as usize + len as usize];
+                match self.pool.as_ref().and_then(|p| p.get(src.len())) {
+                    Some(mut b) => {
+                        b.copy_from_slice(src);
+                        Ok(b)
+                    }
+                    None => Ok(IoBuf::from_slice(src)),
+                }
             }
             VolumeOp::Write {
                 offset, data: buf, ..
@@ -383,6 +403,12 @@ impl Volume for MemVolume {
     }
     fn submit(&self, op: VolumeOp, done: Completion) {
         done(self.execute(op))
+    }
+    fn alloc_buf(&self, len: usize) -> Option<IoBuf> {
+        match &self.pool {
+            Some(p) => p.get(len),
+            None => Some(IoBuf::new(len)),
+        }
     }
     fn persistent_state(&self) -> Option<Vec<u8>> {
         self.state.lock().unwrap().clone()

@@ -1,0 +1,165 @@
+//! Write payloads (immediate data, Data-Out after R2T) arrive in the
+//! volume's pool buffers with no copy in user space, an empty pool pushes
+//! back without failing requests, and reads are sent from the volume's
+//! buffer.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use iscsi_target::pdu;
+use iscsi_target::IscsiConfig;
+use volume::{Completion, IoBufPool, MemVolume, Volume, VolumeOp, Wrapper};
+
+/// Counts writes whose payload is not a pool buffer, and completes every
+/// request on a worker thread after `hold` (holding its buffer meanwhile).
+struct PoolChecked {
+    inner: Arc<MemVolume>,
+    writes: AtomicU64,
+    unpooled: AtomicU64,
+    queue: Mutex<Sender<(VolumeOp, Completion)>>,
+}
+
+impl PoolChecked {
+    fn new(inner: Arc<MemVolume>, hold: Duration) -> Arc<PoolChecked> {
+        let (tx, rx) = channel::<(VolumeOp, Completion)>();
+        let worker = inner.clone();
+        std::thread::spawn(move || {
+            for (op, done) in rx {
+                if !hold.is_zero() {
+                    std::thread::sleep(hold);
+                }
+                worker.submit(op, done);
+            }
+        });
+        Arc::new(PoolChecked {
+            inner,
+            writes: AtomicU64::new(0),
+            unpooled: AtomicU64::new(0),
+            queue: Mutex::new(tx),
+        })
+    }
+}
+
+impl Wrapper for PoolChecked {
+    fn inner(&self) -> &dyn Volume {
+        &*self.inner
+    }
+    fn take(&self, op: VolumeOp, done: Completion) {
+        if let VolumeOp::Write { data, .. } = &op {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if !data.is_pooled() {
+                self.unpooled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = self.queue.lock().unwrap().send((op, done));
+    }
+}
+
+fn pooled(total: usize, max_buf: usize) -> Arc<MemVolume> {
+    Arc::new(MemVolume::new(512, 32 * 2048).with_pool(IoBufPool::new(total, max_buf)))
+}
+
+fn serve(vol: Arc<dyn Volume>) -> iscsi_target::IscsiTarget {
+    let cfg = IscsiConfig::new("127.0.0.1:0".parse().unwrap(), IQN);
+    iscsi_target::start(cfg, vol).expect("start target")
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as u8)
+        .collect()
+}
+
+#[test]
+fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
+    for digests in [false, true] {
+        let vol = PoolChecked::new(pooled(16 << 20, 1 << 20), Duration::ZERO);
+        let t = serve(vol.clone());
+        let mut c = Initiator::connect(t.local_addr());
+        let dg = if digests { "CRC32C" } else { "None" };
+        c.login(&[("HeaderDigest", dg), ("DataDigest", dg)]);
+        assert_eq!((c.hd, c.dd), (digests, digests));
+        let mut n = 0;
+        // 1 and 4 KiB go as immediate data; 128 KiB as 8 KiB immediate
+        // data and 8 KiB Data-Out PDUs after an R2T. Writes first (a
+        // connection receives in bulk after a read, see
+        // IscsiConn::receive_limit).
+        let mut written = Vec::new();
+        for (k, len) in [1024usize, 4096, 128 * 1024].into_iter().enumerate() {
+            for i in 0..4u32 {
+                let lba = i * 512 + k as u32 * 2048;
+                let data = pattern(i + len as u32, len);
+                assert_eq!(c.write10(lba, &data).status, 0);
+                n += 1;
+                written.push((lba, data));
+            }
+        }
+        let big = pattern(99, 1 << 20);
+        assert_eq!(c.write10(16384, &big).status, 0);
+        n += 1;
+        assert_eq!(t.payload_copied_bytes(), 0, "digests {digests}");
+        for (lba, data) in written {
+            let r = c.read10(lba, (data.len() / 512) as u16);
+            assert_eq!(r.status, 0);
+            assert!(
+                r.data == data,
+                "{} bytes at {lba} read back wrong",
+                data.len()
+            );
+        }
+        // A 1 MiB read: Data-In PDUs cut from one buffer.
+        let r = c.read10(16384, 2048);
+        assert!(r.status == 0 && r.data == big);
+        assert_eq!(vol.writes.load(Ordering::Relaxed), n, "digests {digests}");
+        assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0, "digests {digests}");
+        assert_eq!(t.payload_copied_bytes(), 0, "digests {digests}");
+        t.shutdown();
+    }
+}
+
+#[test]
+fn an_empty_pool_pushes_back_and_fails_nothing() {
+    // Four 4 KiB buffers; every write holds its buffer for a while; 64
+    // writes with immediate data sent at once on one connection.
+    let mem = pooled(4 * 4096, 4096);
+    let vol = PoolChecked::new(mem.clone(), Duration::from_millis(2));
+    let t = serve(vol.clone());
+    let mut c = Initiator::connect(t.local_addr());
+    c.login(&[]);
+    let mut itts = Vec::new();
+    for i in 0..64u32 {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&(i * 8).to_be_bytes());
+        cdb[7..9].copy_from_slice(&8u16.to_be_bytes());
+        let mut p = c.cmd_pdu(&cdb, 4096, false, true);
+        p.data = pattern(i, 4096);
+        itts.push(p.itt());
+        c.send(&mut p);
+    }
+    for _ in 0..64 {
+        let r = c.recv().expect("a response");
+        assert_eq!(r.opcode(), pdu::OP_SCSI_RESP);
+        assert_eq!(r.bhs[3], 0, "status of ITT {}", r.itt());
+        assert!(itts.contains(&r.itt()));
+        c.exp_stat_sn = r.u32_at(24).wrapping_add(1);
+    }
+    for i in 0..64u32 {
+        let r = c.read10(i * 8, 8);
+        assert!(r.status == 0 && r.data == pattern(i, 4096), "write {i}");
+    }
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 64);
+    assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0);
+    let pool = mem.pool().unwrap();
+    assert!(
+        pool.misses() > 0,
+        "the pool never ran empty: no back-pressure tested"
+    );
+    t.shutdown();
+    assert_eq!(pool.in_use_bytes(), 0);
+}
