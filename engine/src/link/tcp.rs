@@ -70,7 +70,12 @@ impl TcpLink {
     pub fn new(sock: TcpStream, max_frame: usize) -> TcpLink {
         TcpLink {
             sock,
-            rx: vec![0; RX_BUF_BYTES.max(max_frame + 64)],
+            // Filled with a non-zero byte so that every page is resident
+            // from the start (a zeroed allocation's pages would become
+            // resident one by one as frames first reach them: a memory
+            // step in the middle of a long run). Its contents before
+            // `rx_len` are never read.
+            rx: vec![0xa5; RX_BUF_BYTES.max(max_frame + 64)],
             rx_len: 0,
             rx_blocked: false,
             tx: VecDeque::new(),
