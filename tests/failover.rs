@@ -1056,7 +1056,16 @@ fn h_etcd_down_then_a_link_cut_writes_wait_then_fail_and_none_completes_alone() 
         serving_primary(s) && s["self_fenced_reason"].is_null()
     });
     writes_ok(&p, 0, 3, 6000, 100);
+    // Status is published every 100 ms: wait until it shows the 100
+    // writes before judging the pair in sync.
+    p.wait(0, "the 100 writes in the status", 10, |s| {
+        u(s, "head_seq") >= head0 + 100
+    });
     let (sp, _) = p.wait_in_sync(0);
-    assert!(u(&sp, "head_seq") >= head0 + 100);
+    assert!(
+        u(&sp, "head_seq") >= head0 + 100,
+        "head {} after 100 more writes from {head0}: {sp}",
+        u(&sp, "head_seq")
+    );
     assert!(images_identical(&p.n[0].volume, &p.n[1].volume));
 }
