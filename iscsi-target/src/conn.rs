@@ -1405,14 +1405,8 @@ impl IscsiConn {
                 };
                 // Data that came with the header (or a driver without
                 // payload targets): copied into the buffer.
-                let n = (b.buf.len() - b.at).min(rest.len());
-                b.buf[b.at..b.at + n].copy_from_slice(&rest[..n]);
-                b.at += n;
-                at += n;
-                self.shared
-                    .payload_copied
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if b.at < b.buf.len() {
+                at += b.fill_from(rest, &self.shared.payload_copied);
+                if !b.is_full() {
                     break;
                 }
                 let tail = sp.tail;

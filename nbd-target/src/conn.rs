@@ -410,11 +410,7 @@ impl NbdConn {
                 let Some(b) = self.pending.as_mut().and_then(|p| p.buf.as_mut()) else {
                     break;
                 };
-                let n = (b.buf.len() - b.at).min(avail);
-                b.buf[b.at..b.at + n].copy_from_slice(&input[at..at + n]);
-                b.at += n;
-                at += n;
-                self.copied.fetch_add(n as u64, Ordering::Relaxed);
+                at += b.fill_from(&input[at..at + avail], &self.copied);
                 self.submit_if_whole();
                 if self.pending.is_some() {
                     break;

@@ -255,14 +255,8 @@ impl netreactor::Conn for NvmeConn {
                 };
                 // Data that came with the header (or a driver without
                 // payload targets): copied into the buffer.
-                let n = (b.buf.len() - b.at).min(avail.len());
-                b.buf[b.at..b.at + n].copy_from_slice(&avail[..n]);
-                b.at += n;
-                at += n;
-                self.sh
-                    .payload_copied
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if b.at < b.buf.len() {
+                at += b.fill_from(avail, &self.sh.payload_copied);
+                if !b.is_full() {
                     break;
                 }
                 let digest = if sp.dd {

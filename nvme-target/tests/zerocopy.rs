@@ -5,60 +5,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use nvme_host::initiator::Controller;
 use nvme_target::pdu::Digests;
-use volume::{Completion, IoBufPool, MemVolume, Volume, VolumeOp, Wrapper};
-
-/// Counts writes whose payload is not a pool buffer, and completes every
-/// request on a worker thread after `hold` (holding its buffer meanwhile).
-struct PoolChecked {
-    inner: Arc<MemVolume>,
-    writes: AtomicU64,
-    unpooled: AtomicU64,
-    queue: Mutex<Sender<(VolumeOp, Completion)>>,
-}
-
-impl PoolChecked {
-    fn new(inner: Arc<MemVolume>, hold: Duration) -> Arc<PoolChecked> {
-        let (tx, rx) = channel::<(VolumeOp, Completion)>();
-        let worker = inner.clone();
-        std::thread::spawn(move || {
-            for (op, done) in rx {
-                if !hold.is_zero() {
-                    std::thread::sleep(hold);
-                }
-                worker.submit(op, done);
-            }
-        });
-        Arc::new(PoolChecked {
-            inner,
-            writes: AtomicU64::new(0),
-            unpooled: AtomicU64::new(0),
-            queue: Mutex::new(tx),
-        })
-    }
-}
-
-impl Wrapper for PoolChecked {
-    fn inner(&self) -> &dyn Volume {
-        &*self.inner
-    }
-    fn take(&self, op: VolumeOp, done: Completion) {
-        if let VolumeOp::Write { data, .. } = &op {
-            self.writes.fetch_add(1, Ordering::Relaxed);
-            if !data.is_pooled() {
-                self.unpooled.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let _ = self.queue.lock().unwrap().send((op, done));
-    }
-}
+use volume::{IoBufPool, MemVolume, PoolChecked};
 
 fn pooled(total: usize, max_buf: usize) -> Arc<MemVolume> {
     Arc::new(MemVolume::new(512, 32 * 2048).with_pool(IoBufPool::new(total, max_buf)))

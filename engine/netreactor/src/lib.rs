@@ -122,6 +122,24 @@ pub struct RxBuf {
     pub at: usize,
 }
 
+impl RxBuf {
+    /// Copies what `src` holds of the rest of the buffer (payload bytes that
+    /// came in the same receive as their header), counts them in `copied`,
+    /// and returns how many bytes of `src` it took.
+    pub fn fill_from(&mut self, src: &[u8], copied: &AtomicU64) -> usize {
+        let n = (self.buf.len() - self.at).min(src.len());
+        self.buf[self.at..self.at + n].copy_from_slice(&src[..n]);
+        self.at += n;
+        copied.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Every byte of the buffer is in.
+    pub fn is_full(&self) -> bool {
+        self.at == self.buf.len()
+    }
+}
+
 /// The iovecs a connection's vectored send or receive hands the kernel.
 const MAX_IOV: usize = 64;
 

@@ -229,6 +229,55 @@ impl<W: Wrapper> Volume for W {
     }
 }
 
+/// A test volume around a [`MemVolume`]: counts the writes whose payload
+/// is not a pool buffer (a front-end that copied it into a buffer of its
+/// own), and completes every request on a worker thread after `hold`
+/// (holding its buffer meanwhile, so a small pool runs dry).
+pub struct PoolChecked {
+    inner: Arc<MemVolume>,
+    /// Writes seen.
+    pub writes: AtomicU64,
+    /// Writes whose payload was not a pool buffer.
+    pub unpooled: AtomicU64,
+    queue: Mutex<std::sync::mpsc::Sender<(VolumeOp, Completion)>>,
+}
+
+impl PoolChecked {
+    pub fn new(inner: Arc<MemVolume>, hold: std::time::Duration) -> Arc<PoolChecked> {
+        let (tx, rx) = std::sync::mpsc::channel::<(VolumeOp, Completion)>();
+        let worker = inner.clone();
+        std::thread::spawn(move || {
+            for (op, done) in rx {
+                if !hold.is_zero() {
+                    std::thread::sleep(hold);
+                }
+                worker.submit(op, done);
+            }
+        });
+        Arc::new(PoolChecked {
+            inner,
+            writes: AtomicU64::new(0),
+            unpooled: AtomicU64::new(0),
+            queue: Mutex::new(tx),
+        })
+    }
+}
+
+impl Wrapper for PoolChecked {
+    fn inner(&self) -> &dyn Volume {
+        &*self.inner
+    }
+    fn take(&self, op: VolumeOp, done: Completion) {
+        if let VolumeOp::Write { data, .. } = &op {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if !data.is_pooled() {
+                self.unpooled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = self.queue.lock().unwrap().send((op, done));
+    }
+}
+
 /// Submit and wait: a helper for front-end code paths that are not
 /// performance critical (and for tests).
 pub fn submit_wait(vol: &dyn Volume, op: VolumeOp) -> IoResult {
