@@ -317,6 +317,8 @@ pub struct Ring {
     kept_bytes: u64,
     /// Durable records' buffers are dropped, oldest first, beyond this.
     keep_limit: u64,
+    /// Staging buffers of earlier batches, reused once their writes are done.
+    stage_spare: Vec<SharedBuf>,
     /// The driver needs no buffer of a seq <= this any more.
     released_through: u64,
 }
@@ -495,7 +497,42 @@ enum Piece {
 /// payload whose length is not a multiple of the block size (zero padded),
 /// are built in one staging buffer; whole payload blocks are written from
 /// the payload's own buffer.
-fn plan_writes(chunks: &[Chunk], capacity: u64) -> Vec<(u64, Vec<IoSeg>)> {
+/// Staging buffers a ring keeps for reuse (a batch's writes hold theirs
+/// until they complete; at most two batches are in flight).
+const MAX_SPARE_STAGES: usize = 4;
+
+/// A zeroed staging buffer of `len` bytes: one of `spare` that no write
+/// holds any more and is large enough, else a new one (sized up to a power
+/// of two, at least 64 KiB, so that later batches can reuse it). Reusing
+/// them keeps a busy ring from allocating a differently sized aligned
+/// buffer per batch, which fragments the heap.
+fn stage_buf(spare: &mut Vec<SharedBuf>, len: usize) -> AlignedBuf {
+    let mut found = None;
+    let mut kept = Vec::with_capacity(spare.len());
+    for s in spare.drain(..) {
+        if found.is_some() {
+            kept.push(s);
+            continue;
+        }
+        match s.try_unwrap() {
+            Ok(b) if b.capacity() >= len => found = Some(b),
+            // Free but too small: dropped (a larger one replaces it).
+            Ok(_) => {}
+            Err(s) => kept.push(s),
+        }
+    }
+    *spare = kept;
+    let mut b = found.unwrap_or_else(|| AlignedBuf::new(len.next_power_of_two().max(64 << 10)));
+    b.set_len(len);
+    b.as_mut_slice().fill(0);
+    b
+}
+
+fn plan_writes(
+    chunks: &[Chunk],
+    capacity: u64,
+    spare: &mut Vec<SharedBuf>,
+) -> Vec<(u64, Vec<IoSeg>)> {
     let block = RING_BLOCK_BYTES as usize;
     let stage_blocks: usize = chunks
         .iter()
@@ -504,7 +541,7 @@ fn plan_writes(chunks: &[Chunk], capacity: u64) -> Vec<(u64, Vec<IoSeg>)> {
             1 + usize::from(tail)
         })
         .sum();
-    let mut stage = AlignedBuf::new(stage_blocks * block);
+    let mut stage = stage_buf(spare, stage_blocks * block);
     let mut runs: Vec<(u64, Vec<Piece>)> = Vec::new();
     let (mut run_end, mut run_bytes) = (u64::MAX, 0u64);
     let mut at = 0usize;
@@ -541,6 +578,9 @@ fn plan_writes(chunks: &[Chunk], capacity: u64) -> Vec<(u64, Vec<IoSeg>)> {
         run_bytes += size;
     }
     let stage = stage.share();
+    if spare.len() < MAX_SPARE_STAGES {
+        spare.push(stage.clone());
+    }
     runs.into_iter()
         .map(|(offset, pieces)| {
             let segs = pieces
@@ -656,6 +696,7 @@ impl Ring {
             kept_first: 0,
             kept_bytes: 0,
             keep_limit: KEEP_DURABLE_BYTES,
+            stage_spare: Vec::new(),
             released_through: 0,
         }
     }
@@ -972,7 +1013,7 @@ impl Ring {
         if chunks.is_empty() {
             return;
         }
-        for (at, segs) in plan_writes(&chunks, self.capacity) {
+        for (at, segs) in plan_writes(&chunks, self.capacity, &mut self.stage_spare) {
             self.write_segs(at, &segs);
         }
     }
@@ -1381,7 +1422,7 @@ impl Ring {
             return None;
         }
         let chunks = std::mem::take(&mut self.unwritten);
-        let mut writes = plan_writes(&chunks, self.capacity);
+        let mut writes = plan_writes(&chunks, self.capacity, &mut self.stage_spare);
         let (slot, hb) = self.header_block();
         writes.push((
             slot as u64 * RING_HEADER_SLOT_BYTES,
