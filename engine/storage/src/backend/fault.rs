@@ -237,7 +237,7 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.queue_depth()
     }
 
-    fn wait_fd(&self) -> Option<RawFd> {
+    fn wait_fd(&mut self) -> Option<RawFd> {
         self.inner.wait_fd()
     }
 

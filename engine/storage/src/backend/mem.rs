@@ -156,7 +156,7 @@ impl Backend for MemBackend {
         self.queue_depth
     }
 
-    fn wait_fd(&self) -> Option<RawFd> {
+    fn wait_fd(&mut self) -> Option<RawFd> {
         None
     }
 

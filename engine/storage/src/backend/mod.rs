@@ -148,9 +148,11 @@ pub trait Backend: Send {
     /// anything beyond this.
     fn queue_depth(&self) -> usize;
     /// A file descriptor that becomes readable when completions are ready
-    /// (an eventfd), so an idle reactor can sleep in poll(2). `None` for
-    /// backends that complete inline.
-    fn wait_fd(&self) -> Option<RawFd>;
+    /// (an eventfd), so an idle reactor can sleep in poll(2): call it just
+    /// before that poll (the io_uring backend signals the fd only from this
+    /// call to the next reap, so a busy reactor pays no signal or read per
+    /// completion). `None` for backends that complete inline.
+    fn wait_fd(&mut self) -> Option<RawFd>;
     /// Completions produced without the kernel (inline, injected, refused)
     /// are waiting for [`Backend::reap`]: they signal no fd, so the caller
     /// must not sleep.

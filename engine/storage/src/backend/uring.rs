@@ -107,6 +107,9 @@ pub struct UringBackend {
     block_size: u32,
     queue_depth: usize,
     eventfd: OwnedFd,
+    /// Whether completions signal `eventfd` now: only from `wait_fd` (a
+    /// poll(2) fallback is about to sleep on it) to the next reap.
+    eventfd_enabled: bool,
     /// The device's descriptor is registered with the ring (slot 0), so an
     /// SQE names it by index and the kernel skips the per-request file
     /// lookup and reference count; `false` if registration failed.
@@ -230,7 +233,7 @@ impl UringBackend {
                 format!("{shown} is neither a regular file nor a block device"),
             ));
         };
-        let ring = IoUring::new(config.queue_depth)
+        let mut ring = IoUring::new(config.queue_depth)
             .map_err(|e| with_context(e, format!("{shown}: cannot set up an io_uring (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp policy?)")))?;
         // SAFETY: eventfd has no memory arguments; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -240,6 +243,10 @@ impl UringBackend {
         // SAFETY: `efd` is a freshly created descriptor owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(efd)?;
+        // Signalled only while a poll(2) fallback sleeps on it (see
+        // `wait_fd`): otherwise every completion would cost the kernel a
+        // signal and us a read.
+        ring.completion().disable_eventfd();
         let fixed_file = match ring.submitter().register_files(&[fd]) {
             Ok(()) => true,
             Err(e) => {
@@ -262,6 +269,7 @@ impl UringBackend {
             block_size,
             queue_depth,
             eventfd,
+            eventfd_enabled: false,
             fixed_file,
             slots: (0..queue_depth).map(|_| None).collect(),
             free_slots: (0..queue_depth as u32).rev().collect(),
@@ -542,19 +550,32 @@ impl UringBackend {
         }
     }
 
+    /// Make the eventfd readable now (completions arrived before it was
+    /// enabled, so the kernel did not signal them).
+    fn signal_eventfd(eventfd: RawFd) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live local u64; a full counter
+        // (EAGAIN) is readable already.
+        unsafe {
+            libc::write(eventfd, &one as *const u64 as *const libc::c_void, 8);
+        }
+    }
+
     /// Turn the ring's completions into typed results.
     fn reap_kernel(&mut self, out: &mut Vec<BackendCompletion>) -> usize {
         if self.kernel_in_flight == 0 && self.armed_polls.is_empty() {
             return 0;
         }
-        let eventfd = self.eventfd.as_raw_fd();
+        let enabled = std::mem::take(&mut self.eventfd_enabled);
         let mut cq = self.ring.completion();
+        if enabled {
+            // The poll(2) fallback is over: back to no signals (the next
+            // `wait_fd` drains what is left in the counter).
+            cq.disable_eventfd();
+        }
         if cq.is_empty() {
             return 0;
         }
-        // Drain the eventfd before draining the queue: a completion arriving
-        // after this read signals the eventfd again, so no wakeup is lost.
-        Self::drain_eventfd(eventfd);
         cq.sync();
         let mut n = 0;
         for cqe in cq {
@@ -675,8 +696,25 @@ impl Backend for UringBackend {
         self.queue_depth
     }
 
-    fn wait_fd(&self) -> Option<RawFd> {
-        Some(self.eventfd.as_raw_fd())
+    /// Enables the eventfd's signals until the next reap and clears its
+    /// counter; if completions are already queued (they came while it was
+    /// disabled and signalled nothing) it is made readable at once, so a
+    /// poll(2) on it never sleeps past them.
+    fn wait_fd(&mut self) -> Option<RawFd> {
+        let fd = self.eventfd.as_raw_fd();
+        let mut cq = self.ring.completion();
+        if !self.eventfd_enabled {
+            cq.enable_eventfd();
+            self.eventfd_enabled = true;
+        }
+        // Enabled before the drain and the check: a completion after the
+        // check signals the fd; one before it is seen by the check.
+        Self::drain_eventfd(fd);
+        cq.sync();
+        if !cq.is_empty() {
+            Self::signal_eventfd(fd);
+        }
+        Some(fd)
     }
 
     fn has_ready(&self) -> bool {
