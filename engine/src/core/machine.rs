@@ -262,7 +262,8 @@ pub struct Core<L: Log> {
     /// Resync extents received, waiting for their turn on the disk.
     extents: BTreeMap<Token, (u64, Vec<u8>)>,
     next_token: u64,
-    /// (ACK1 seq, when it arrived): the timeout confirm rule's clock.
+    /// (ACK1 seq, when it arrived): the timeout confirm rule's clock, kept
+    /// only under `ConfirmMode::Timeout` (`note_ack1`).
     ack_times: VecDeque<(Seq, u64)>,
     /// Overflow: the metadata version holding the folded entries' extents
     /// and the seq the ring is trimmed through once it is durable.
@@ -378,6 +379,12 @@ impl<L: Log> Core<L> {
     pub fn is_degraded(&self) -> bool {
         self.roles.is_degraded()
     }
+    /// How many ACK1 times the timeout confirm rule holds (`note_ack1`).
+    #[cfg(test)]
+    pub(crate) fn ack1_times_held(&self) -> usize {
+        self.ack_times.len()
+    }
+
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
     }
@@ -1056,7 +1063,7 @@ impl<L: Log> Core<L> {
                     return self.reset_link(format!("bad ACK1({s})"));
                 }
                 if self.pipe.ack1_received(s) {
-                    self.ack_times.push_back((s, self.now_ms));
+                    self.note_ack1(s);
                 }
             }
             Msg::Ack2(s) => {

@@ -508,7 +508,7 @@ impl<L: Log> Core<L> {
                 }
             }
             self.pipe.sent_ack1 = a1;
-            self.ack_times.push_back((a1, self.now_ms));
+            self.note_ack1(a1);
             self.out.push(Action::Send(Msg::Ack1(a1)));
         }
         if self.cfg.confirm == ConfirmMode::Ack
@@ -522,6 +522,17 @@ impl<L: Log> Core<L> {
             }
             self.pipe.sent_ack2 = self.pipe.executed;
             self.out.push(Action::Send(Msg::Ack2(self.pipe.executed)));
+        }
+    }
+
+    /// Starts the timeout confirm rule's clock for ACK1 through `s` (sent
+    /// or received). Only `ConfirmMode::Timeout` reads and drains these
+    /// times (`trim`); under `ConfirmMode::Ack` they are not kept, since
+    /// nothing would ever drop them: one entry per ACK1 for the whole
+    /// session, the steady heap rise of the 600 s soak.
+    pub(super) fn note_ack1(&mut self, s: Seq) {
+        if matches!(self.cfg.confirm, ConfirmMode::Timeout { .. }) {
+            self.ack_times.push_back((s, self.now_ms));
         }
     }
 

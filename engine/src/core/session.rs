@@ -539,7 +539,7 @@ impl<L: Log> Core<L> {
         // A new session: the receiver holds (durably) every entry through `head`.
         self.pipe.ack1 = head.min(self.log.head());
         self.ack_times.clear();
-        self.ack_times.push_back((self.pipe.ack1, self.now_ms));
+        self.note_ack1(self.pipe.ack1);
         self.pipe.sent_ack3 = 0;
         for (o, l) in &rollback {
             self.meta.dirty.mark(*o, *l);
@@ -662,7 +662,7 @@ impl<L: Log> Core<L> {
         self.pipe.sent_ack1 = self.log.head();
         self.pipe.sent_ack2 = 0;
         self.ack_times.clear();
-        self.ack_times.push_back((self.pipe.sent_ack1, self.now_ms));
+        self.note_ack1(self.pipe.sent_ack1);
         self.session.ready_sent();
     }
 }

@@ -1842,6 +1842,48 @@ mod tests {
         );
     }
 
+    /// The soak's steady heap rise: every ACK1 (sent by the backup, received
+    /// by the primary) left its time in a queue that only the timeout
+    /// confirm rule drains, so under `confirm = "ack"` it grew by one entry
+    /// per ACK1 for the whole session. Under the ack rule neither node may
+    /// hold any; under the timeout rule the queue is drained as periods
+    /// pass, so it holds far fewer than the ACK1s exchanged.
+    #[test]
+    fn ack1_times_are_kept_only_for_the_timeout_rule() {
+        for seed in 0..10 {
+            for timeout_confirm in [false, true] {
+                let mut sim = Sim::with_params(
+                    seed,
+                    SimParams {
+                        timeout_confirm,
+                        steps: 3000,
+                        ..calm(seed)
+                    },
+                );
+                let mut held = 0;
+                for _ in 0..3000 {
+                    sim.step();
+                    for n in &sim.nodes {
+                        if let Some(c) = n.core.as_ref() {
+                            held = held.max(c.ack1_times_held());
+                        }
+                    }
+                }
+                let acks = sim.ack1s_sent as usize;
+                assert!(acks > 200, "seed {seed}: only {acks} ACK1s");
+                if timeout_confirm {
+                    assert!(held > 0, "seed {seed}: the timeout rule kept no ACK1 time");
+                    assert!(
+                        held * 10 < acks,
+                        "seed {seed}: held {held} ACK1 times of {acks} ACK1s"
+                    );
+                } else {
+                    assert_eq!(held, 0, "seed {seed}: ACK1 times kept under the ack rule");
+                }
+            }
+        }
+    }
+
     /// Scenario (issue 14 item 2): the primary's ring device fails a flush.
     /// The flush goes through the same `Log` methods as in the node; the
     /// primary refuses further work (its path turns inaccessible) and fails
