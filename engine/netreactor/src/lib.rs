@@ -1364,6 +1364,27 @@ mod tests {
     }
 
     #[test]
+    fn rx_mode_receives_a_header_alone_only_after_a_zero_copy_write() {
+        let mut m = RxMode::new(16 * 1024);
+        assert!(m.header_only(), "the first header comes alone");
+        assert!(!m.zero_copy(16 * 1024 - 1) && m.zero_copy(16 * 1024));
+        m.saw(4096);
+        assert!(!m.header_only(), "after a small write: in bulk");
+        m.saw(128 * 1024);
+        assert!(m.header_only(), "after a zero-copy write: one header");
+        m.saw(0);
+        assert!(!m.header_only(), "after a read: in bulk");
+        // Threshold 0: every write zero-copy, as before the knob.
+        let mut z = RxMode::new(0);
+        assert!(z.zero_copy(1) && z.zero_copy(4096));
+        z.saw(512);
+        assert!(z.header_only());
+        z.saw(0);
+        assert!(!z.header_only());
+        assert_eq!(z.zero_copy_min_bytes(), 0);
+    }
+
+    #[test]
     fn completions_from_other_threads_wake_a_sleeping_reactor() {
         let r = Reactors::start(&ReactorConfig::single("test-reactor")).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
