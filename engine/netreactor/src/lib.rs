@@ -144,7 +144,7 @@ impl RxBuf {
 /// a write whose data in one PDU is below this is received in bulk and
 /// copied once; at or above it, straight into its buffer. See
 /// docs/performance.md for the measurement behind the value.
-pub const DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES: usize = 16 * 1024;
+pub const DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES: usize = 64 * 1024;
 
 /// How a connection receives a write's data, chosen per PDU: at or above
 /// the threshold straight into the write's buffer (one receive per write:
