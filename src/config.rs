@@ -322,6 +322,12 @@ pub struct ReactorConfig {
     /// at least 8 × max_io_bytes. An empty pool is back-pressure: the
     /// front-ends stop reading until writes complete.
     pub buffer_pool_mib: u64,
+    /// Front-ends receive a write's data straight into its pool buffer when
+    /// a PDU carries at least this many bytes of it (one receive per
+    /// write); smaller data is received in bulk with the requests around
+    /// it and copied once (a memcpy costs less than a receive). 0: every
+    /// write zero-copy. At most 1 MiB.
+    pub zero_copy_receive_min_bytes: u64,
 }
 
 impl Default for ReactorConfig {
@@ -333,6 +339,7 @@ impl Default for ReactorConfig {
             queue_depth: 128,
             max_io_bytes: MIB,
             buffer_pool_mib: 64,
+            zero_copy_receive_min_bytes: netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES as u64,
         }
     }
 }
@@ -918,6 +925,13 @@ impl Config {
             v.push(format!(
                 "reactor.buffer_pool_mib = {pool}: must be {least} to 1024 (at least 8 MiB and 8 × reactor.max_io_bytes, at most the 1 GiB io_uring registers as one buffer); e.g. reactor.buffer_pool_mib = {}",
                 least.clamp(64, 1024)
+            ));
+        }
+        if r.zero_copy_receive_min_bytes > MIB {
+            v.push(format!(
+                "reactor.zero_copy_receive_min_bytes = {}: must be 0 to 1048576 (1 MiB); writes below it are copied, so a larger value only adds copies; e.g. reactor.zero_copy_receive_min_bytes = {}",
+                r.zero_copy_receive_min_bytes,
+                netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES
             ));
         }
     }
@@ -1940,6 +1954,14 @@ mod tests {
         assert!(e.contains("must be 32 to 1024"), "{e}");
         c.reactor.buffer_pool_mib = 32;
         c.validate().unwrap();
+        let mut c = base();
+        c.reactor.zero_copy_receive_min_bytes = MIB + 1;
+        let e = check_rejects(&c, "reactor.zero_copy_receive_min_bytes");
+        assert!(e.contains("must be 0 to 1048576"), "{e}");
+        for ok in [0, 4096, 16 * 1024, MIB] {
+            c.reactor.zero_copy_receive_min_bytes = ok;
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -380,6 +380,7 @@ fn start_targets(
             export_name: cfg.nbd.export_name.clone(),
             description: format!("deltamirror volume on {}", cfg.node.name),
             max_connections: 64,
+            zero_copy_receive_min_bytes: cfg.reactor.zero_copy_receive_min_bytes as usize,
         };
         Some(
             nbd_target::start_on(c, vol.clone(), reactors.clone())
@@ -394,6 +395,7 @@ fn start_targets(
         c.port_id = cfg.nvme.port_id;
         // One ANA group for the namespace on both nodes; only its state differs.
         c.ana_group_id = 1;
+        c.zero_copy_receive_min_bytes = cfg.reactor.zero_copy_receive_min_bytes as usize;
         c.mdts_bytes = (cfg.reactor.max_io_bytes as u32)
             .next_power_of_two()
             .max(4096);
@@ -418,6 +420,7 @@ fn start_targets(
     let iscsi = if cfg.iscsi.enabled {
         let mut c = iscsi_target::IscsiConfig::new(cfg.iscsi.listen, cfg.iscsi.target_iqn.clone());
         c.portal_group_tag = cfg.iscsi.portal_group_tag;
+        c.zero_copy_receive_min_bytes = cfg.reactor.zero_copy_receive_min_bytes as usize;
         c.peer_portals = cfg.iscsi.peer_listen.into_iter().collect();
         c.peer_portal_group_tag = cfg.iscsi.peer_portal_group_tag;
         if let (Some(u), Some(s)) = (&cfg.iscsi.chap_user, &cfg.iscsi.chap_secret) {

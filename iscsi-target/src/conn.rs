@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Outbox, Reactors, RxBuf, Waker};
+use netreactor::{Input, Outbox, Reactors, RxBuf, RxMode, Waker};
 use volume::{IoBuf, PathState, SharedBuf, Volume};
 
 use crate::login::{Login, Outcome, Params, SessionType, Step};
@@ -388,6 +388,9 @@ struct Split {
     head: Vec<u8>,
     buf: Option<RxBuf>,
     tail: usize,
+    /// The data is received straight into `buf` (lent to the reactor);
+    /// false: it comes as input, with what follows, and is copied.
+    zero_copy: bool,
 }
 
 /// Where a PDU's data segment goes.
@@ -448,10 +451,10 @@ pub struct IscsiConn {
     split: Option<Split>,
     /// The last PDU header waits for a buffer from the volume's pool.
     stalled: bool,
-    /// Receive one PDU header at a time (writes are flowing: their data
-    /// then arrives straight in their buffers) rather than in bulk (after
-    /// a read: many commands per receive).
-    header_only: bool,
+    /// How write data is received: at or above the threshold straight into
+    /// its buffer, one PDU header per receive while such writes flow;
+    /// below it (and after reads) in bulk, copied.
+    rx: RxMode,
     /// Why the connection ends, once it does.
     end: Option<String>,
 }
@@ -503,7 +506,7 @@ impl IscsiConn {
             logout: None,
             split: None,
             stalled: false,
-            header_only: true,
+            rx: RxMode::new(shared.cfg.zero_copy_receive_min_bytes),
             end: None,
             shared,
             id,
@@ -1346,7 +1349,7 @@ impl netreactor::Conn for IscsiConn {
     }
 
     fn take_payload_target(&mut self) -> Option<RxBuf> {
-        self.split.as_mut()?.buf.take()
+        self.split.as_mut().filter(|sp| sp.zero_copy)?.buf.take()
     }
 
     fn payload_received(&mut self, buf: RxBuf, out: &mut Outbox) {
@@ -1362,12 +1365,15 @@ impl netreactor::Conn for IscsiConn {
     }
 
     fn receive_limit(&self) -> usize {
-        // One PDU header at a time, so that a write's data after it is
-        // received straight into its buffer.
+        // While writes at or above the zero-copy threshold flow, one PDU
+        // header at a time, so that a write's data after it is received
+        // straight into its buffer. After smaller writes and reads: in bulk
+        // (their data is copied).
         let tail = self.split.as_ref().map_or(0, |sp| sp.tail);
-        if !self.header_only && self.split.is_none() && self.writes.is_empty() {
-            // After a read, with no Data-Out to come: in bulk.
-            return usize::MAX;
+        match &self.split {
+            Some(sp) if !sp.zero_copy => return usize::MAX,
+            None if !self.rx.header_only() => return usize::MAX,
+            _ => {}
         }
         tail + BHS_LEN + if self.params.header_digest { 4 } else { 0 }
     }
@@ -1387,6 +1393,22 @@ impl netreactor::Conn for IscsiConn {
 }
 
 impl IscsiConn {
+    /// Sizes the next receives by the PDU whose header is `bhs`: a write
+    /// command by its expected transfer length, Data-Out by its data
+    /// segment, a read by none (unless Data-Out is still due: then the
+    /// mode its write chose stays).
+    fn note_pdu(&mut self, bhs: &[u8; BHS_LEN]) {
+        let be = |at: usize| u32::from_be_bytes(bhs[at..at + 4].try_into().unwrap()) as usize;
+        let data_len = match bhs[0] & 0x3f {
+            pdu::OP_SCSI_CMD if bhs[1] & 0x20 != 0 => be(20),
+            pdu::OP_SCSI_CMD if self.writes.is_empty() => 0,
+            // DataSegmentLength: bytes 5..8.
+            pdu::OP_DATA_OUT => be(4) & 0x00ff_ffff,
+            _ => return,
+        };
+        self.rx.saw(data_len);
+    }
+
     /// Frames and handles the PDUs `input` holds, as long as the
     /// connection takes input.
     fn take_input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
@@ -1431,9 +1453,7 @@ impl IscsiConn {
             let mut bhs = [0u8; BHS_LEN];
             bhs.copy_from_slice(&rest[..BHS_LEN]);
             let op = bhs[0] & 0x3f;
-            if op == pdu::OP_SCSI_CMD {
-                self.header_only = bhs[1] & 0x20 != 0;
-            }
+            self.note_pdu(&bhs);
             if op == pdu::OP_DATA_OUT || op == pdu::OP_SCSI_CMD && bhs[1] & 0x20 != 0 {
                 // A write's data: once the header is in, it may go
                 // straight into the write's buffer.
@@ -1451,6 +1471,7 @@ impl IscsiConn {
                                 head: rest[..h.hlen].to_vec(),
                                 buf: Some(buf),
                                 tail: h.tail,
+                                zero_copy: self.rx.zero_copy(h.dlen),
                             });
                             at += h.hlen;
                             continue;

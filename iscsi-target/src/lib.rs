@@ -22,6 +22,8 @@ use std::thread::JoinHandle;
 use netreactor::{ReactorConfig, Reactors};
 use volume::Volume;
 
+pub use netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES;
+
 mod conn;
 pub mod login;
 mod lun;
@@ -70,6 +72,10 @@ pub struct IscsiConfig {
     pub max_burst_bytes: u32,
     /// Upper bound offered for FirstBurstLength.
     pub first_burst_bytes: u32,
+    /// Write data of at least this many bytes per PDU is received straight
+    /// into its buffer, smaller data in bulk and copied
+    /// ([`netreactor::RxMode`]; 0: all zero-copy).
+    pub zero_copy_receive_min_bytes: usize,
 }
 
 impl IscsiConfig {
@@ -85,6 +91,7 @@ impl IscsiConfig {
             max_recv_data_segment_bytes: 256 * 1024,
             max_burst_bytes: 1024 * 1024,
             first_burst_bytes: 256 * 1024,
+            zero_copy_receive_min_bytes: DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
         }
     }
 

@@ -153,6 +153,7 @@ fn main() {
         export_name: "vol0".into(),
         description: format!("nbd_serve {backing}"),
         max_connections: 16,
+        zero_copy_receive_min_bytes: nbd_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
     };
     let srv = start(cfg, vol).expect("start");
     println!("serving nbd://{}/vol0", srv.local_addr());

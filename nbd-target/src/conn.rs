@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_queue::SegQueue;
-use netreactor::{Input, Outbox, RxBuf, Waker};
+use netreactor::{Input, Outbox, RxBuf, RxMode, Waker};
 use volume::{Completion, IoError, IoResult, Volume, VolumeOp};
 
 use crate::proto::*;
@@ -125,10 +125,10 @@ pub struct NbdConn {
     /// A refused write's payload still to skip: (bytes left, handle, errno).
     drain: Option<(u32, u64, u32)>,
     pending: Option<PendingWrite>,
-    /// Receive one request header at a time (writes are flowing: their
-    /// payloads then arrive straight in their buffers) rather than in bulk
-    /// (reads: many headers per receive).
-    header_only: bool,
+    /// How write payloads are received: at or above the threshold straight
+    /// into their buffers, one request header per receive while such
+    /// writes flow; below it (and after reads) in bulk, copied.
+    rx: RxMode,
     /// Payload bytes copied in user space (from the receive buffer into a
     /// write's buffer), shared by the server's connections.
     copied: Arc<AtomicU64>,
@@ -159,7 +159,7 @@ impl NbdConn {
             queued_out: 0,
             drain: None,
             pending: None,
-            header_only: true,
+            rx: RxMode::new(ctx.zero_copy_receive_min_bytes),
             copied: ctx.payload_copied.clone(),
             end: None,
             warned_backup: false,
@@ -354,6 +354,10 @@ impl netreactor::Conn for NbdConn {
             return None;
         }
         let p = self.pending.as_mut()?;
+        if !self.rx.zero_copy(p.len as usize) {
+            // Received in bulk with what follows, and copied.
+            return None;
+        }
         let b = p.buf.take()?;
         p.lent = true;
         Some(b)
@@ -368,12 +372,12 @@ impl netreactor::Conn for NbdConn {
     }
 
     fn receive_limit(&self) -> usize {
-        // While writes flow, one request header at a time: a write's
-        // payload that follows is received straight into its own buffer.
-        // After a read, in bulk: a header per receive would cost a system
-        // call per read. (A refused write's payload being skipped comes in
-        // whole.)
-        if !self.header_only {
+        // While writes at or above the zero-copy threshold flow, one request
+        // header at a time: a write's payload that follows is received
+        // straight into its own buffer. After a smaller write or a read, in
+        // bulk: a receive per request would cost more than copying its
+        // payload. (A refused write's payload being skipped comes in whole.)
+        if !self.rx.header_only() {
             return usize::MAX;
         }
         self.drain.map_or(0, |(left, _, _)| left as usize) + REQUEST_HEADER_BYTES
@@ -463,7 +467,10 @@ impl NbdConn {
                 }
             };
             let handle = h.handle;
-            self.header_only = !matches!(cmd, Command::Read { .. });
+            self.rx.saw(match cmd {
+                Command::Write { len, .. } => len as usize,
+                _ => 0,
+            });
             match cmd {
                 Command::Read { offset, len } => {
                     at += REQUEST_HEADER_BYTES;

@@ -22,6 +22,8 @@ pub mod proto;
 mod server;
 pub mod session;
 
+pub use netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES;
+
 pub use server::{
     start, start_on, NbdConfig, NbdServer, HANDSHAKE_TIMEOUT_MS, MAX_INFLIGHT_PER_CONNECTION,
 };

@@ -39,6 +39,10 @@ pub struct NbdConfig {
     pub description: String,
     /// Connections served at once; further ones are closed at accept.
     pub max_connections: usize,
+    /// Write payloads of at least this many bytes are received straight
+    /// into their buffers, smaller ones in bulk and copied
+    /// ([`netreactor::RxMode`]; 0: all zero-copy).
+    pub zero_copy_receive_min_bytes: usize,
 }
 
 /// One open connection: a handle on its socket (to close it at shutdown)
@@ -136,13 +140,15 @@ fn start_inner(
     })?;
     let local_addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let ctx = Arc::new(SessionCtx::new(
+    let mut ctx = SessionCtx::new(
         vol,
         cfg.export_name.clone(),
         cfg.description.clone(),
         MAX_INFLIGHT_PER_CONNECTION,
         stop.clone(),
-    ));
+    );
+    ctx.zero_copy_receive_min_bytes = cfg.zero_copy_receive_min_bytes;
+    let ctx = Arc::new(ctx);
     let payload_copied = ctx.payload_copied.clone();
     let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
     let accept = {

@@ -47,6 +47,10 @@ pub struct SessionCtx {
     /// volume, over all connections (0 while payloads are received
     /// straight into the volume's buffers).
     pub payload_copied: Arc<AtomicU64>,
+    /// Write payloads of at least this many bytes are received straight
+    /// into their buffers; smaller ones in bulk and copied
+    /// ([`netreactor::RxMode`]).
+    pub zero_copy_receive_min_bytes: usize,
 }
 
 impl SessionCtx {
@@ -83,6 +87,7 @@ impl SessionCtx {
             max_inflight: max_inflight.max(1),
             stop,
             payload_copied: Arc::new(AtomicU64::new(0)),
+            zero_copy_receive_min_bytes: netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
         }
     }
 }

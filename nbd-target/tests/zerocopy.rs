@@ -1,6 +1,8 @@
-//! Write payloads arrive in the volume's pool buffers (no copy in user
-//! space), an empty pool pushes back without failing requests, and large
-//! reads are sent from the volume's buffer to a client that reads slowly.
+//! Write payloads at or above the zero-copy threshold arrive in the
+//! volume's pool buffers (no copy in user space), smaller ones are received
+//! in bulk and copied once, a connection mixing both serves both, an empty
+//! pool pushes back without failing requests, and large reads are sent
+//! from the volume's buffer to a client that reads slowly.
 
 mod common;
 
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use nbd_target::proto::*;
+use nbd_target::{start, NbdConfig, NbdServer};
 use volume::{IoBufPool, MemVolume, PoolChecked};
 
 const BS: u32 = 512;
@@ -58,12 +61,27 @@ fn verify(c: &mut Client, n: usize, len: usize) {
     }
 }
 
-#[test]
-fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
+/// A server whose connections receive write payloads of `min` bytes and
+/// more zero-copy.
+fn serve_zero_copy_from(vol: Arc<dyn volume::Volume>, min: usize) -> NbdServer {
+    let cfg = NbdConfig {
+        zero_copy_receive_min_bytes: min,
+        ..config(8)
+    };
+    start(cfg, vol).unwrap()
+}
+
+fn pooled() -> Arc<PoolChecked> {
     let pool = IoBufPool::new(16 << 20, 1 << 20);
     let mem = Arc::new(MemVolume::new(BS, BLOCKS).with_pool(pool));
-    let vol = PoolChecked::new(mem, Duration::ZERO);
-    let srv = serve_dyn(vol.clone());
+    PoolChecked::new(mem, Duration::ZERO)
+}
+
+#[test]
+fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
+    let vol = pooled();
+    // Threshold 0: every payload zero-copy.
+    let srv = serve_zero_copy_from(vol.clone(), 0);
     let (mut c, _, _) = Client::go(srv.local_addr());
     // Writes only (a connection receives in bulk after a read, so that a
     // write right behind reads may be copied; see NbdConn::receive_limit).
@@ -83,12 +101,101 @@ fn write_payloads_arrive_in_pool_buffers_without_a_copy() {
 }
 
 #[test]
+fn writes_below_the_threshold_are_copied_once_and_those_at_it_not() {
+    const MIN: usize = 16 * 1024;
+    // Below: every payload byte copied once (received in bulk).
+    let vol = pooled();
+    let srv = serve_zero_copy_from(vol.clone(), MIN);
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    for len in [4096, MIN - 4096] {
+        pipelined_writes(&mut c, 32, len);
+        verify(&mut c, 32, len);
+    }
+    assert_eq!(srv.payload_copied_bytes(), 32 * (4096 + MIN as u64 - 4096));
+    assert_eq!(vol.writes.load(Ordering::Relaxed), 64);
+    assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0);
+    srv.shutdown();
+    // At and above: none (writes only: a connection receives in bulk
+    // after a read or a small write).
+    let vol = pooled();
+    let srv = serve_zero_copy_from(vol.clone(), MIN);
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    for len in [MIN, 128 * 1024] {
+        let (errno, _) = c.call(CMD_WRITE, 0, 8 << 20, len as u32, &pattern(3, len));
+        assert_eq!(errno, 0);
+        pipelined_writes(&mut c, 32, len);
+    }
+    assert_eq!(srv.payload_copied_bytes(), 0);
+    verify(&mut c, 32, 128 * 1024);
+    assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0);
+    srv.shutdown();
+}
+
+#[test]
+fn a_connection_mixing_small_and_large_writes_serves_both() {
+    const MIN: usize = 16 * 1024;
+    let vol = pooled();
+    let srv = serve_zero_copy_from(vol.clone(), MIN);
+    let (mut c, _, _) = Client::go(srv.local_addr());
+    // 4 KiB, 128 KiB, 4 KiB, 4 KiB, 128 KiB, ... in one stream, each at
+    // its own offset.
+    let sizes: Vec<usize> = (0..48)
+        .map(|i| if i % 3 == 1 { 128 * 1024 } else { 4096 })
+        .collect();
+    let slot = 128 * 1024;
+    let mut all = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        all.extend_from_slice(&write_request(
+            i as u64,
+            (i * slot) as u64,
+            &pattern(i as u8, len),
+        ));
+    }
+    c.send(&all);
+    for _ in &sizes {
+        let (errno, handle) = c.reply();
+        assert_eq!(errno, 0, "write {handle} failed");
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        let (errno, got) = c.call(CMD_READ, 0, (i * slot) as u64, len as u32, &[]);
+        assert_eq!(errno, 0);
+        assert!(
+            got == pattern(i as u8, len),
+            "write {i} ({len} bytes) reads back wrong"
+        );
+    }
+    let small: u64 = sizes.iter().filter(|&&n| n < MIN).map(|&n| n as u64).sum();
+    let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+    let copied = srv.payload_copied_bytes();
+    // Every small payload is copied; of a large one at most what came in
+    // the bulk receive with its header (the connection's 64 KiB buffer).
+    assert!(
+        copied >= small,
+        "copied {copied} < the small writes' {small}"
+    );
+    assert!(
+        copied <= small + 16 * netreactor::RECV_BUFFER_BYTES as u64 && copied < total,
+        "copied {copied} of {total}: the large writes were not received zero-copy"
+    );
+    assert_eq!(vol.writes.load(Ordering::Relaxed), sizes.len() as u64);
+    assert_eq!(vol.unpooled.load(Ordering::Relaxed), 0);
+    srv.shutdown();
+}
+
+#[test]
 fn an_empty_pool_pushes_back_and_fails_nothing() {
+    // Copied (the default threshold) and zero-copy.
+    for min in [nbd_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES, 0] {
+        empty_pool_pushes_back(min);
+    }
+}
+
+fn empty_pool_pushes_back(min: usize) {
     // Four 4 KiB buffers; every write holds its buffer for a while.
     let pool = IoBufPool::new(4 * 4096, 4096);
     let mem = Arc::new(MemVolume::new(BS, BLOCKS).with_pool(pool));
     let vol = PoolChecked::new(mem.clone(), Duration::from_millis(2));
-    let srv = serve_dyn(vol.clone());
+    let srv = serve_zero_copy_from(vol.clone(), min);
     let (mut c, _, _) = Client::go(srv.local_addr());
     pipelined_writes(&mut c, 64, 4096);
     verify(&mut c, 64, 4096);

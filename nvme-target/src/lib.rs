@@ -21,3 +21,5 @@ pub mod subsystem;
 pub mod target;
 
 pub use target::{start, start_on, DiscoveryPort, NvmeConfig, NvmeTarget};
+
+pub use netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES;

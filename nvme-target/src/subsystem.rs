@@ -42,6 +42,10 @@ pub struct NvmeConfig {
     pub mdts_bytes: u32,
     /// Largest keep-alive timeout a host may ask for.
     pub keep_alive_max_ms: u32,
+    /// Write data of at least this many bytes per PDU is received straight
+    /// into its buffer, smaller data in bulk and copied
+    /// ([`netreactor::RxMode`]; 0: all zero-copy).
+    pub zero_copy_receive_min_bytes: usize,
 }
 
 impl NvmeConfig {
@@ -58,6 +62,7 @@ impl NvmeConfig {
             in_capsule_data_bytes: 8192,
             mdts_bytes: 1 << 20,
             keep_alive_max_ms: 120_000,
+            zero_copy_receive_min_bytes: netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
         }
     }
 

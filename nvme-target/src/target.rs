@@ -11,7 +11,7 @@ use crate::queue_io::{Out, OutTx};
 use crate::spec::*;
 use crate::subsystem::Shared;
 pub use crate::subsystem::{DiscoveryPort, NvmeConfig};
-use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, RxBuf, Waker};
+use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, RxBuf, RxMode, Waker};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -189,10 +189,10 @@ struct NvmeConn {
     split: Option<Split>,
     /// The last PDU header waits for a buffer from the volume's pool.
     stalled: bool,
-    /// Receive one PDU header at a time (writes are flowing: their data
-    /// then arrives straight in their buffers) rather than in bulk (after
-    /// other commands: many capsules per receive).
-    header_only: bool,
+    /// How write data is received: at or above the threshold straight into
+    /// its buffer, one PDU header per receive while such writes flow;
+    /// below it (and after other commands) in bulk, copied.
+    rx_mode: RxMode,
     sh: Arc<Shared>,
     rx: Receiver<Out>,
     /// The queue ended the connection (`Out::Close`, a terminated
@@ -209,6 +209,9 @@ struct Split {
     head: Vec<u8>,
     buf: Option<RxBuf>,
     dd: bool,
+    /// The data is received straight into `buf` (lent to the reactor);
+    /// false: it comes as input, with what follows, and is copied.
+    zero_copy: bool,
 }
 
 impl NvmeConn {
@@ -218,7 +221,7 @@ impl NvmeConn {
             core: QueueCore::new(sh.clone(), OutTx::new(tx, waker)),
             split: None,
             stalled: false,
-            header_only: true,
+            rx_mode: RxMode::new(sh.cfg.zero_copy_receive_min_bytes),
             sh,
             rx,
             closing: false,
@@ -294,10 +297,7 @@ impl netreactor::Conn for NvmeConn {
             };
             let ch = CommonHeader::parse(&avail[..CH_LEN]);
             let pdo = ch.pdo as usize;
-            if ch.pdu_type == PDU_CAPSULE_CMD && avail.len() > CH_LEN {
-                // Byte 0 of the SQE: the opcode.
-                self.header_only = pdo != 0 || avail[CH_LEN] == IO_WRITE || self.core.expects_h2c();
-            }
+            self.note_pdu(&ch, avail);
             if matches!(ch.pdu_type, PDU_CAPSULE_CMD | PDU_H2C_DATA) && pdo >= CH_LEN && pdo < plen
             {
                 // A PDU with data: once its header is in, its data may go
@@ -317,10 +317,12 @@ impl netreactor::Conn for NvmeConn {
                         };
                     }
                     DataPlace::Target(buf) => {
+                        let zero_copy = self.rx_mode.zero_copy(buf.buf.len() - buf.at);
                         self.split = Some(Split {
                             head: avail[..pdo].to_vec(),
                             buf: Some(buf),
                             dd: ch.flags & FLAG_DDGSTF != 0,
+                            zero_copy,
                         });
                         at += pdo;
                         continue;
@@ -391,7 +393,7 @@ impl netreactor::Conn for NvmeConn {
     }
 
     fn take_payload_target(&mut self) -> Option<RxBuf> {
-        self.split.as_mut()?.buf.take()
+        self.split.as_mut().filter(|sp| sp.zero_copy)?.buf.take()
     }
 
     fn payload_received(&mut self, buf: RxBuf, _out: &mut NetOut) {
@@ -407,20 +409,19 @@ impl netreactor::Conn for NvmeConn {
     }
 
     fn receive_limit(&self) -> usize {
-        // One PDU header at a time, so that data after it is received
-        // straight into its buffer: a command capsule's, or the common
-        // header alone while H2CData may come; with a data digest to come
-        // after a payload, only the digest (the next header's size is not
-        // known before the digest is checked).
-        if self.split.as_ref().is_some_and(|sp| sp.dd) {
-            DIGEST_LEN
-        } else if !self.header_only && !self.core.expects_h2c() {
-            // After a command without data (a read): in bulk.
-            usize::MAX
-        } else if self.core.expects_h2c() {
-            CH_LEN
-        } else {
-            CMD_HLEN
+        // While writes at or above the zero-copy threshold flow, one PDU
+        // header at a time, so that data after it is received straight
+        // into its buffer: a command capsule's, or the common header alone
+        // while H2CData may come; with a data digest to come after a
+        // payload received so, only the digest (the next header's size is
+        // not known before the digest is checked). After smaller writes
+        // and other commands: in bulk (their data is copied).
+        match &self.split {
+            Some(sp) if !sp.zero_copy => usize::MAX,
+            Some(sp) if sp.dd => DIGEST_LEN,
+            _ if !self.rx_mode.header_only() => usize::MAX,
+            _ if self.core.expects_h2c() => CH_LEN,
+            _ => CMD_HLEN,
         }
     }
 
@@ -430,6 +431,35 @@ impl netreactor::Conn for NvmeConn {
 }
 
 impl NvmeConn {
+    /// Sizes the next receives by the PDU that starts `b` (header `ch`,
+    /// framed): the write data it carries or, for a write command without
+    /// in-capsule data, announces (its H2CData to come).
+    fn note_pdu(&mut self, ch: &CommonHeader, b: &[u8]) {
+        let (pdo, plen) = (ch.pdo as usize, ch.plen as usize);
+        let dd = if ch.flags & FLAG_DDGSTF != 0 {
+            DIGEST_LEN
+        } else {
+            0
+        };
+        let data_len = match ch.pdu_type {
+            PDU_CAPSULE_CMD | PDU_H2C_DATA if pdo >= CH_LEN && pdo < plen => {
+                plen.saturating_sub(pdo + dd)
+            }
+            // A write whose data comes in H2CData PDUs: the SGL's length
+            // (SQE bytes 32..36), or large if not yet received.
+            PDU_CAPSULE_CMD if b.len() > CH_LEN && b[CH_LEN] == IO_WRITE => {
+                b.get(CH_LEN + 32..CH_LEN + 36).map_or(usize::MAX, |l| {
+                    u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize
+                })
+            }
+            // Another command while H2CData is still due: keep the mode
+            // that data's command chose.
+            _ if self.core.expects_h2c() => return,
+            _ => 0,
+        };
+        self.rx_mode.saw(data_len);
+    }
+
     /// The split PDU's data is whole: hand it to the queue.
     fn finish_split(&mut self, digest: Option<u32>) {
         let Some(Split {

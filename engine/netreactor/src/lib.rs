@@ -140,6 +140,66 @@ impl RxBuf {
     }
 }
 
+/// Default of [`RxMode`]'s threshold (`reactor.zero_copy_receive_min_bytes`):
+/// a write whose data in one PDU is below this is received in bulk and
+/// copied once; at or above it, straight into its buffer. See
+/// docs/performance.md for the measurement behind the value.
+pub const DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES: usize = 64 * 1024;
+
+/// How a connection receives a write's data, chosen per PDU: at or above
+/// the threshold straight into the write's buffer (one receive per write:
+/// the rest of its data and the next PDU header), below it in bulk (many
+/// PDUs per receive into the connection's buffer) with the data copied
+/// once into the write's buffer ([`RxBuf::fill_from`]). A memcpy of a few
+/// KiB costs less than the receive round trip a zero-copy receive adds
+/// per write; for large writes the copy costs more. SPDK's posix sock
+/// layer makes the same choice.
+///
+/// A PDU's size is known only once its header is in, so the receive
+/// that brings the next header is sized by the last PDU seen: header-only
+/// after a write received zero-copy (the next is likely large too, and
+/// then none of its data lands in the connection's buffer), in bulk after
+/// anything else. A large write that arrives in a bulk receive has the
+/// part that came with its header copied and the rest received zero-copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxMode {
+    zero_copy_min: usize,
+    header_only: bool,
+}
+
+impl RxMode {
+    /// `zero_copy_min_bytes`: the threshold (0: every write's data is
+    /// received zero-copy).
+    pub fn new(zero_copy_min_bytes: usize) -> RxMode {
+        RxMode {
+            zero_copy_min: zero_copy_min_bytes,
+            header_only: true,
+        }
+    }
+
+    /// Is a PDU with `data_len` bytes of write data received straight into
+    /// its buffer?
+    pub fn zero_copy(&self, data_len: usize) -> bool {
+        data_len >= self.zero_copy_min
+    }
+
+    /// A PDU header was parsed that carries or announces `data_len` bytes
+    /// of write data (0: none, e.g. a read): sizes the next receives.
+    pub fn saw(&mut self, data_len: usize) {
+        self.header_only = data_len > 0 && self.zero_copy(data_len);
+    }
+
+    /// Receive one PDU header at a time (true) or in bulk.
+    pub fn header_only(&self) -> bool {
+        self.header_only
+    }
+
+    /// The threshold.
+    pub fn zero_copy_min_bytes(&self) -> usize {
+        self.zero_copy_min
+    }
+}
+
 /// The iovecs a connection's vectored send or receive hands the kernel.
 const MAX_IOV: usize = 64;
 
@@ -1301,6 +1361,27 @@ mod tests {
         );
         o.clear();
         assert!(o.is_empty() && o.segments().next().is_none());
+    }
+
+    #[test]
+    fn rx_mode_receives_a_header_alone_only_after_a_zero_copy_write() {
+        let mut m = RxMode::new(16 * 1024);
+        assert!(m.header_only(), "the first header comes alone");
+        assert!(!m.zero_copy(16 * 1024 - 1) && m.zero_copy(16 * 1024));
+        m.saw(4096);
+        assert!(!m.header_only(), "after a small write: in bulk");
+        m.saw(128 * 1024);
+        assert!(m.header_only(), "after a zero-copy write: one header");
+        m.saw(0);
+        assert!(!m.header_only(), "after a read: in bulk");
+        // Threshold 0: every write zero-copy, as before the knob.
+        let mut z = RxMode::new(0);
+        assert!(z.zero_copy(1) && z.zero_copy(4096));
+        z.saw(512);
+        assert!(z.header_only());
+        z.saw(0);
+        assert!(!z.header_only());
+        assert_eq!(z.zero_copy_min_bytes(), 0);
     }
 
     #[test]

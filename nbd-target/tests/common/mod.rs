@@ -289,6 +289,7 @@ pub fn config(max_connections: usize) -> NbdConfig {
         export_name: EXPORT.into(),
         description: "deltamirror test volume".into(),
         max_connections,
+        zero_copy_receive_min_bytes: nbd_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
     }
 }
 

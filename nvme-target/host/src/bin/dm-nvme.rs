@@ -92,6 +92,11 @@ enum Cmd {
         size_mb: u64,
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
+        /// Write data of at least this many bytes per PDU is received
+        /// straight into its buffer, smaller data in bulk and copied (0:
+        /// all zero-copy); the node's reactor.zero_copy_receive_min_bytes.
+        #[arg(long, default_value_t = nvme_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES)]
+        zero_copy_receive_min_bytes: usize,
     },
     /// Keep writing with verification over two paths, following ANA.
     Failover {
@@ -219,12 +224,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             size_mb,
             block_size,
+            zero_copy_receive_min_bytes,
         } => {
             let vol = Arc::new(volume::MemVolume::new(
                 block_size,
                 (size_mb << 20) / block_size as u64,
             ));
-            let t = nvme_target::start(nvme_target::NvmeConfig::new(listen, cli.nqn.clone()), vol)?;
+            let mut cfg = nvme_target::NvmeConfig::new(listen, cli.nqn.clone());
+            cfg.zero_copy_receive_min_bytes = zero_copy_receive_min_bytes;
+            let t = nvme_target::start(cfg, vol)?;
             println!(
                 "serving {} ({size_mb} MiB in memory) on {}",
                 cli.nqn,
