@@ -627,7 +627,8 @@ fn render_metrics(s: &NodeStatus) -> String {
     m.family(
         "deltamirror_payload_copy_bytes_total",
         "counter",
-        "Write payload bytes the engine copied in user space, by where.",
+        "Write payload bytes copied in user space, by where (frontend_receive: the \
+         front-ends' copy of writes below reactor.zero_copy_receive_min_bytes).",
     );
     m.sample(
         "deltamirror_payload_copy_bytes_total",
@@ -643,6 +644,11 @@ fn render_metrics(s: &NodeStatus) -> String {
         "deltamirror_payload_copy_bytes_total",
         "where=\"link_send\"",
         b.link_send_copy_bytes as f64,
+    );
+    m.sample(
+        "deltamirror_payload_copy_bytes_total",
+        "where=\"frontend_receive\"",
+        b.frontend_receive_copy_bytes as f64,
     );
 
     m.gauge(

@@ -9,8 +9,8 @@ mod nbdclient;
 mod statusfmt;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -360,6 +360,40 @@ pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> 
     Ok(())
 }
 
+/// The node's control as the admin endpoint sees it: the node's (or the
+/// failover agent's) status, with the front-ends' receive copies added
+/// (the targets start after the endpoint, so their counters join later).
+struct WithFrontends {
+    inner: Arc<dyn engine::status::Control>,
+    copied: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl engine::status::Control for WithFrontends {
+    fn status(&self) -> engine::status::NodeStatus {
+        let mut s = self.inner.status();
+        s.buffers.frontend_receive_copy_bytes = self
+            .copied
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        s
+    }
+    fn promote(&self, force: bool) -> Result<(), String> {
+        self.inner.promote(force)
+    }
+    fn demote(&self) -> Result<(), String> {
+        self.inner.demote()
+    }
+    fn reset_latency(&self) -> Result<(), String> {
+        self.inner.reset_latency()
+    }
+    fn verify(&self, req: engine::status::VerifyRequest) -> Result<(), String> {
+        self.inner.verify(req)
+    }
+}
+
 /// Running front-ends of a node.
 struct Targets {
     /// The connection reactors the targets' connections live on.
@@ -478,7 +512,11 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     } else {
         (node.control.clone(), None)
     };
-    let adm = admin::start(cfg.admin.listen, control).with_context(|| {
+    let control = Arc::new(WithFrontends {
+        inner: control,
+        copied: Mutex::new(Vec::new()),
+    });
+    let adm = admin::start(cfg.admin.listen, control.clone()).with_context(|| {
         format!(
             "starting the admin endpoint on admin.listen = {}",
             cfg.admin.listen
@@ -499,6 +537,15 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     .context("starting the connection reactors (io_uring)")?;
     node.host_connections(hosted);
     let targets = start_targets(&cfg, vol, reactors)?;
+    control.copied.lock().unwrap().extend(
+        [
+            targets.nbd.as_ref().map(|t| t.payload_copied_counter()),
+            targets.nvme.as_ref().map(|t| t.payload_copied_counter()),
+            targets.iscsi.as_ref().map(|t| t.payload_copied_counter()),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     log::info!(
         "node {} ({}) listening: admin http://{}{}{}{} (whether it serves is logged as \
          'path state' and shown by `deltamirror status`)",

@@ -218,7 +218,7 @@ pub fn render(s: &NodeStatus) -> String {
         line(
         "buffers",
         format!(
-            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {}, execute {}, link send {})",
+            "pool {} in use of {}, {} misses, {}; payload copies {} (link receive {}, execute {}, link send {}), front-end receive {}",
             bytes(b.pool_in_use_bytes),
             bytes(b.pool_bytes),
             thousands(b.pool_misses),
@@ -233,7 +233,8 @@ pub fn render(s: &NodeStatus) -> String {
             bytes(b.payload_copy_bytes),
             bytes(b.link_receive_copy_bytes),
             bytes(b.execute_copy_bytes),
-            bytes(b.link_send_copy_bytes)
+            bytes(b.link_send_copy_bytes),
+            bytes(b.frontend_receive_copy_bytes)
         ),
     );
     }
@@ -501,6 +502,7 @@ mod tests {
                 link_receive_copy_bytes: 0,
                 execute_copy_bytes: 0,
                 link_send_copy_bytes: 0,
+                frontend_receive_copy_bytes: 8192,
             },
         }
     }
@@ -571,7 +573,7 @@ latency   read p50 85 us p99 210 us p99.9 12.5 ms   write -
 stages    ring sync -   disk write -
 link      sent 3,000 msgs 8.1 MiB  received 2,990 msgs 117.2 KiB  refused peers 1
 memory    rss 84.2 MiB
-buffers   pool 1.0 MiB in use of 64.0 MiB, 2 misses, registered, 1,200 fixed disk ops; payload copies 0 B (link receive 0 B, execute 0 B, link send 0 B)
+buffers   pool 1.0 MiB in use of 64.0 MiB, 2 misses, registered, 1,200 fixed disk ops; payload copies 0 B (link receive 0 B, execute 0 B, link send 0 B), front-end receive 8.0 KiB
 ";
         assert_eq!(text, expected, "\n{text}");
     }

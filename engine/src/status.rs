@@ -207,6 +207,13 @@ pub struct BufferStats {
     pub link_receive_copy_bytes: u64,
     pub execute_copy_bytes: u64,
     pub link_send_copy_bytes: u64,
+    /// Payload bytes the front-ends (NBD, NVMe/TCP, iSCSI) copied from a
+    /// connection's receive buffer into the write's buffer: writes below
+    /// `reactor.zero_copy_receive_min_bytes`, received in bulk, and the
+    /// part of a larger write that came in the same receive as its header.
+    /// Filled in by the binary (not part of `payload_copy_bytes`).
+    #[serde(default)]
+    pub frontend_receive_copy_bytes: u64,
 }
 
 /// The stale mark a primary waits for before it completes writes without

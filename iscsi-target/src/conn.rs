@@ -66,7 +66,7 @@ pub struct Shared {
     /// Write payload bytes copied in user space on their way to the volume
     /// (received into a connection's buffer instead of straight into the
     /// write's buffer), over all connections.
-    pub payload_copied: AtomicU64,
+    pub payload_copied: Arc<AtomicU64>,
     sessions: Mutex<HashMap<u64, SessionReg>>,
     /// Login threads (each ends once its connection is on a reactor).
     logins: Mutex<Vec<JoinHandle<()>>>,
@@ -107,7 +107,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
             live: AtomicUsize::new(0),
-            payload_copied: AtomicU64::new(0),
+            payload_copied: Arc::new(AtomicU64::new(0)),
             sessions: Mutex::new(HashMap::new()),
             logins: Mutex::new(Vec::new()),
         })

@@ -15,7 +15,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -226,11 +226,18 @@ impl IscsiTarget {
         self.addr
     }
 
-    /// Write payload bytes copied in user space on their way to the volume
-    /// (received into a connection's buffer instead of straight into the
-    /// write's buffer); 0 in steady state.
+    /// Write payload bytes copied in user space on their way to the volume:
+    /// writes below `zero_copy_receive_min_bytes`, received in bulk with
+    /// the PDUs around them and copied once into their buffer, and the
+    /// part of a larger write that came in the same receive as its header.
     pub fn payload_copied_bytes(&self) -> u64 {
         self.shared.payload_copied.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Self::payload_copied_bytes`], to read after the
+    /// target is gone or from another thread (the node's status).
+    pub fn payload_copied_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.shared.payload_copied)
     }
 
     /// Connections open (logging in or in the full feature phase).

@@ -313,11 +313,18 @@ impl NbdServer {
         self.local_addr
     }
 
-    /// Write payload bytes copied in user space on their way to the volume
-    /// (a payload received into a connection's receive buffer instead of
-    /// straight into the volume's buffer); 0 in steady state.
+    /// Write payload bytes copied in user space on their way to the volume:
+    /// writes below `zero_copy_receive_min_bytes`, received in bulk with
+    /// the PDUs around them and copied once into their buffer, and the
+    /// part of a larger write that came in the same receive as its header.
     pub fn payload_copied_bytes(&self) -> u64 {
         self.payload_copied.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Self::payload_copied_bytes`], to read after the
+    /// server is gone or from another thread (the node's status).
+    pub fn payload_copied_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.payload_copied)
     }
 
     /// Number of connections currently open.

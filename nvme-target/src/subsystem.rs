@@ -139,7 +139,7 @@ pub struct Shared {
     /// Write payload bytes copied in user space on their way to the volume
     /// (received with a PDU into a connection's buffer instead of straight
     /// into the write's buffer), over all queues.
-    pub payload_copied: AtomicU64,
+    pub payload_copied: Arc<AtomicU64>,
     ctrls: Mutex<HashMap<u16, Arc<Ctrl>>>,
     next_cntlid: Mutex<u16>,
     last_epoch: AtomicU64,
@@ -163,7 +163,7 @@ impl Shared {
             max_h2c_data: mdts_bytes,
             icd_bytes: cfg.in_capsule_data_bytes.min(mdts_bytes),
             local_addr,
-            payload_copied: AtomicU64::new(0),
+            payload_copied: Arc::new(AtomicU64::new(0)),
             ctrls: Mutex::new(HashMap::new()),
             next_cntlid: Mutex::new(1),
             last_epoch: AtomicU64::new(vol.path_epoch()),

@@ -14,7 +14,7 @@ pub use crate::subsystem::{DiscoveryPort, NvmeConfig};
 use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, RxBuf, RxMode, Waker};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -117,10 +117,18 @@ impl NvmeTarget {
         self.shared.local_addr
     }
 
-    /// Write payload bytes copied in user space on their way to the volume
-    /// (0 in steady state: payloads are received into the volume's buffers).
+    /// Write payload bytes copied in user space on their way to the volume:
+    /// writes below `zero_copy_receive_min_bytes`, received in bulk with
+    /// the PDUs around them and copied once into their buffer, and the
+    /// part of a larger write that came in the same receive as its header.
     pub fn payload_copied_bytes(&self) -> u64 {
         self.shared.payload_copied.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Self::payload_copied_bytes`], to read after the
+    /// target is gone or from another thread (the node's status).
+    pub fn payload_copied_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.shared.payload_copied)
     }
 
     /// Live controllers (admin associations).

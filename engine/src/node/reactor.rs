@@ -987,6 +987,8 @@ pub(super) fn buffer_stats(
         link_receive_copy_bytes: c.link_receive,
         execute_copy_bytes: c.execute,
         link_send_copy_bytes: c.link_send,
+        // The binary adds the front-ends' (they live outside the engine).
+        frontend_receive_copy_bytes: 0,
     }
 }
 
