@@ -403,6 +403,16 @@ fn a_backup_killed_under_load_gets_only_the_missed_writes() {
     assert!(head_before_restart >= head_after_load + 2000);
     p.start(1);
     let (sp, sb) = p.wait_in_sync(0);
+    // The 2,000 writes of 4 KiB are below reactor.zero_copy_receive_min_bytes:
+    // the primary's NBD front-end received them in bulk and copied each
+    // once, and its status counts that; the backup serves no host.
+    let fe = |s: &Value| u(&s["buffers"], "frontend_receive_copy_bytes");
+    assert!(
+        fe(&sp) >= 2000 * 4096,
+        "primary's front-end receive copies {} < the 2,000 small writes' payloads",
+        fe(&sp)
+    );
+    assert_eq!(fe(&sb), 0, "the backup's front-ends copied nothing");
     // What the backup held when it came back: its ring, as it recovered it.
     let (_, backup_next) = ring_recovered(&p.n[1].log);
     let r = &sp["last_replay"];
