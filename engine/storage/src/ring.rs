@@ -16,13 +16,14 @@
 //! arrived in, and a batch write takes its pieces straight from those
 //! buffers ([`Ring::begin_write`]: one vectored O_DIRECT write per run of
 //! consecutive records, two where the batch wraps around the end of the
-//! area, then the header slot, then the caller's fdatasync; the driver runs
-//! them on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]). Only
+//! area, then the header slot, each a durable write (`RWF_DSYNC`) that the
+//! driver runs on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]
+//! with `dsync`: no separate fdatasync). Only
 //! the header blocks and the last partial block of a payload whose length
 //! is not a multiple of 4 KiB are built in a small staging buffer (zero
 //! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
-//! appends made meanwhile go into a later one (group commit), and a batch's
-//! fdatasync waits until the writes of the batches before it completed.
+//! appends made meanwhile go into a later one (group commit), and a batch
+//! is reported durable only after every batch begun before it.
 //!
 //! A record's buffer is kept while the record may not be in the file yet
 //! and, once durable, until the driver releases it ([`Ring::release_through`])
@@ -256,9 +257,10 @@ struct Kept {
 }
 
 /// One batch write begun by [`Ring::begin_write`]: run `writes` on the ring
-/// file (in any order, or all at once: no two overlap), then, once every one
-/// completed in full, an fdatasync of [`Ring::fd`]; report the outcome with
-/// [`Ring::sync_completed`] or [`Ring::sync_failed`] for `through`.
+/// file as durable writes (`RWF_DSYNC`; in any order, or all at once: no two
+/// overlap); once every one completed in full, and every batch begun before
+/// was reported, report the outcome with [`Ring::sync_completed`] (or
+/// [`Ring::sync_failed`] for a failed or short write) for `through`.
 pub struct RingWrite {
     /// The highest seq the batch makes durable.
     pub through: u64,
@@ -289,7 +291,8 @@ pub struct Ring {
     head_pos: u64,
     first_seq: u64,
     next_seq: u64,
-    /// Highest seq known durable (an fdatasync after its write completed).
+    /// Highest seq known durable (its batch's durable writes completed, or
+    /// an fdatasync after its write).
     durable_seq: u64,
     /// Appends never write at or beyond `reclaim_pos + capacity`: the tail
     /// that a durable header holds.
@@ -981,7 +984,7 @@ impl Ring {
     /// kept and reported by [`Ring::write_error`]: the node must stop, since
     /// the ring no longer holds what it was told to.
     fn write_segs(&mut self, at: u64, segs: &[IoSeg]) {
-        if let Err(errno) = crate::backend::mem::write_vec_fd(self.fd(), at, segs) {
+        if let Err(errno) = crate::backend::mem::write_vec_fd(self.fd(), at, segs, false) {
             if self.write_error.is_none() {
                 let len: usize = segs.iter().map(|s| s.len).sum();
                 self.write_error = Some(format!(
@@ -1081,7 +1084,8 @@ impl Ring {
     /// Append a record; `h.seq` must be [`Ring::next_seq`]. The ring keeps
     /// `payload` (no copy) and writes the record from it with the next batch
     /// ([`Ring::begin_write`] or [`Ring::prepare_sync`]); it is not durable
-    /// until the fdatasync after that.
+    /// until that batch's durable writes (or the fdatasync after that
+    /// prepare) completed.
     pub fn append(&mut self, h: &RecordHeader, payload: SharedBuf) -> Result<(), RingFull> {
         assert_eq!(
             h.seq, self.next_seq,
@@ -1386,8 +1390,8 @@ impl Ring {
         self.payload_bytes
     }
 
-    /// The ring file, for the batch writes and the fdatasync issued through
-    /// the backend (`BackendOp::WriteVecFd`, `BackendOp::SyncFd`).
+    /// The ring file, for the batch writes issued through the backend
+    /// (`BackendOp::WriteVecFd` with `dsync`).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -1411,12 +1415,12 @@ impl Ring {
     /// Begin the asynchronous write of everything appended since the last
     /// one and of the header: `None` while [`MAX_BATCHES_IN_FLIGHT`] batches
     /// are in flight (appends made meanwhile go into a later batch; call
-    /// again once one was reported). The fdatasync of a batch must be issued
-    /// only once the writes of every batch begun before it completed too. The caller runs the returned writes, then an
-    /// fdatasync of [`Ring::fd`], and reports with
-    /// [`Ring::sync_completed`] (or [`Ring::sync_failed`] if any write was
-    /// not complete or the fdatasync failed). The writes hold the payload
-    /// buffers they write from until they complete.
+    /// again once one was reported). The caller runs the returned writes,
+    /// each a durable write (`RWF_DSYNC`: complete means on stable storage),
+    /// and reports with [`Ring::sync_completed`] once all of them completed
+    /// in full and every batch begun before was reported (or with
+    /// [`Ring::sync_failed`] if any write failed or was short). The writes
+    /// hold the payload buffers they write from until they complete.
     pub fn begin_write(&mut self) -> Option<RingWrite> {
         if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT || self.hold {
             return None;
@@ -1445,10 +1449,10 @@ impl Ring {
     }
 
     /// A batch for `through` was reported: forget the oldest batch in
-    /// flight for it, and those before it. Its fdatasync was issued after
-    /// the writes of every batch begun before it completed, so none of
-    /// their stores can land any more. Returns the reported batch's sync id,
-    /// if it was still in flight.
+    /// flight for it, and those before it. Batches are reported in order,
+    /// once every write of theirs completed, so none of their stores can
+    /// land any more. Returns the reported batch's sync id, if it was still
+    /// in flight.
     fn batch_reported(&mut self, through: u64) -> Option<u64> {
         let i = self.in_flight.iter().position(|f| f.through >= through);
         let i = i.unwrap_or(self.in_flight.len());
@@ -1479,8 +1483,9 @@ impl Ring {
         seq
     }
 
-    /// The fdatasync issued after the `prepare_sync` (or after the writes of
-    /// the `begin_write`) that returned `synced_seq` completed successfully.
+    /// The fdatasync issued after the `prepare_sync` that returned
+    /// `synced_seq` completed successfully, or so did every durable write of
+    /// the `begin_write` batch of that `through` (and of those before it).
     /// Call once per completed fdatasync, in any order. (A failed write or
     /// fdatasync must not be reported here: see [`Ring::sync_failed`].)
     pub fn sync_completed(&mut self, synced_seq: u64) {
