@@ -110,6 +110,9 @@ const R_OFFSET: usize = 24;
 const R_LEN: usize = 32;
 const R_EPOCH: usize = 40;
 const R_PAYLOAD_LEN: usize = 48;
+/// The highest seq confirmed durable when the record was appended (0 in
+/// rings written before this field was used: it claims nothing).
+const R_SYNCED_SEQ: usize = 52;
 const R_CRC: usize = 60;
 
 /// The engine's description of a record; `kind` and `flags` are opaque to
@@ -222,8 +225,7 @@ impl std::error::Error for RingFull {}
 struct PendingSync {
     seq: u64,
     tail_pos: u64,
-    /// The `sync_count` of its header store: tells apart syncs of the same
-    /// seq.
+    /// Tells apart syncs of the same seq (a count of prepared syncs).
     id: u64,
 }
 
@@ -246,8 +248,8 @@ struct InFlightBatch {
     /// What it writes: a synchronous write while it is in flight rewrites
     /// these (same bytes) so that it does not depend on the batch.
     chunks: Vec<Chunk>,
-    /// The header slot it writes.
-    slot: usize,
+    /// The header slot it writes, if it carries a header store.
+    slot: Option<usize>,
 }
 
 /// A retained record whose payload buffer the ring still holds.
@@ -302,6 +304,8 @@ pub struct Ring {
     payload_bytes: u64,
     pending: VecDeque<PendingSync>,
     sync_count: u64,
+    /// Syncs prepared so far (their [`PendingSync::id`]).
+    sync_ids: u64,
     /// The header slot of the last header store.
     last_slot: usize,
     /// Records and wrap markers appended since the last write was planned.
@@ -466,10 +470,12 @@ fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
 }
 
 /// A record's (or wrap marker's) 64-byte header, checksum included.
+/// `synced_seq`: the highest seq confirmed durable now.
 fn record_header(
     magic: u32,
     h: &RecordHeader,
     epoch: u64,
+    synced_seq: u64,
     payload: &[u8],
 ) -> [u8; RECORD_HEADER_BYTES as usize] {
     let mut rec = [0u8; RECORD_HEADER_BYTES as usize];
@@ -482,6 +488,7 @@ fn record_header(
     wr_u64(&mut rec, R_LEN, h.len);
     wr_u64(&mut rec, R_EPOCH, epoch);
     wr_u32(&mut rec, R_PAYLOAD_LEN, payload.len() as u32);
+    wr_u64(&mut rec, R_SYNCED_SEQ, synced_seq);
     let crc = record_crc(&rec, payload);
     wr_u32(&mut rec, R_CRC, crc);
     rec
@@ -690,6 +697,7 @@ impl Ring {
             payload_bytes: 0,
             pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
             sync_count: 0,
+            sync_ids: 0,
             // The first store goes to slot 0.
             last_slot: RING_HEADER_SLOTS - 1,
             unwritten: Vec::new(),
@@ -896,6 +904,20 @@ impl Ring {
                         ),
                     ));
                 }
+                // The header's synced_seq may be old (batches store it only
+                // now and then): a record appended later that is whole and
+                // says `seq` was durable proves this is damage, not a tear.
+                if let Some((at, m, claim)) = self.later_claim(pos, limit, seq) {
+                    return Err(corrupt(
+                        RING_HEADER_BYTES + phys,
+                        seq,
+                        format!(
+                            "{}: {why}; record seq {m} (file offset {at}), appended later, says \
+                             every record up to seq {claim} was durable",
+                            self.path.display()
+                        ),
+                    ));
+                }
                 let raw = self.read_raw(phys);
                 let mut claimed_end = header_head_pos;
                 // A record that carries the expected seq but fails its
@@ -930,6 +952,29 @@ impl Ring {
         Ok(0)
     }
 
+    /// A valid record of the current chain between `from` and `limit`
+    /// (logical positions) with a seq above `seq` that says `seq` was
+    /// durable when it was appended: (file offset, its seq, its claim).
+    /// Reads a record header per block up to `limit`: only a scan that
+    /// stopped early pays it.
+    fn later_claim(&self, from: u64, limit: u64, seq: u64) -> Option<(u64, u64, u64)> {
+        let mut pos = from + RING_BLOCK_BYTES;
+        while pos + RING_BLOCK_BYTES <= limit {
+            let phys = pos % self.capacity;
+            pos += RING_BLOCK_BYTES;
+            let at = (RING_HEADER_BYTES + phys) as usize;
+            let hdr = &self.map[at..at + RECORD_HEADER_BYTES as usize];
+            let (m, claim) = (rd_u64(hdr, R_SEQ), rd_u64(hdr, R_SYNCED_SEQ));
+            if rd_u32(hdr, R_MAGIC) != RECORD_MAGIC || m <= seq || claim < seq {
+                continue;
+            }
+            if self.check_at(phys, m).is_none() {
+                return Some((RING_HEADER_BYTES + phys, m, claim));
+            }
+        }
+        None
+    }
+
     /// The header slot the next store goes to: the next one after the last
     /// store's that no batch in flight is writing (a store that lands late
     /// must not replace a newer one in its slot).
@@ -937,7 +982,7 @@ impl Ring {
         let n = RING_HEADER_SLOTS;
         let slot = (1..=n)
             .map(|i| (self.last_slot + i) % n)
-            .find(|&s| !self.in_flight.iter().any(|f| f.slot == s))
+            .find(|&s| !self.in_flight.iter().any(|f| f.slot == Some(s)))
             .expect("a slot free: more slots than batches in flight");
         self.last_slot = slot;
         slot
@@ -1108,14 +1153,14 @@ impl Ring {
             self.unwritten.push(Chunk {
                 pos: self.head_pos,
                 seq: h.seq,
-                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, &[]),
+                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, self.durable_seq, &[]),
                 payload: None,
             });
         }
         self.unwritten.push(Chunk {
             pos: write_pos,
             seq: h.seq,
-            hdr: record_header(RECORD_MAGIC, h, self.epoch, &payload),
+            hdr: record_header(RECORD_MAGIC, h, self.epoch, self.durable_seq, &payload),
             payload: (!payload.is_empty()).then(|| payload.clone()),
         });
         let phys = write_pos % self.capacity;
@@ -1402,14 +1447,19 @@ impl Ring {
 
     /// Remember a sync prepared for `seq`, with the tail its header holds.
     fn push_pending(&mut self, seq: u64) {
+        self.push_pending_tail(seq, self.tail_pos);
+    }
+
+    /// Remember a sync prepared for `seq` that makes `tail_pos` the durable
+    /// tail; returns its id.
+    fn push_pending_tail(&mut self, seq: u64, tail_pos: u64) -> u64 {
         if self.pending.len() == MAX_PENDING_SYNCS {
             self.pending.pop_front();
         }
-        self.pending.push_back(PendingSync {
-            seq,
-            tail_pos: self.tail_pos,
-            id: self.sync_count,
-        });
+        self.sync_ids += 1;
+        let id = self.sync_ids;
+        self.pending.push_back(PendingSync { seq, tail_pos, id });
+        id
     }
 
     /// Begin the asynchronous write of everything appended since the last
@@ -1427,20 +1477,43 @@ impl Ring {
         }
         let chunks = std::mem::take(&mut self.unwritten);
         let mut writes = plan_writes(&chunks, self.capacity, &mut self.stage_spare);
-        let (slot, hb) = self.header_block();
-        writes.push((
-            slot as u64 * RING_HEADER_SLOT_BYTES,
-            vec![IoSeg::whole(hb.share())],
-        ));
+        // The header goes along only when its tail is worth making durable
+        // (or when there is nothing else to write): recovery finds the new
+        // records by scanning, and each record says what was durable.
+        let store = chunks.is_empty() || self.header_due();
+        let slot = store.then(|| {
+            let (slot, hb) = self.header_block();
+            writes.push((
+                slot as u64 * RING_HEADER_SLOT_BYTES,
+                vec![IoSeg::whole(hb.share())],
+            ));
+            slot
+        });
         let through = self.next_seq - 1;
-        self.push_pending(through);
+        // A batch without a header store frees no trimmed space.
+        let tail = if store {
+            self.tail_pos
+        } else {
+            self.reclaim_pos
+        };
+        let id = self.push_pending_tail(through, tail);
         self.in_flight.push_back(InFlightBatch {
             through,
-            id: self.sync_count,
+            id,
             chunks,
             slot,
         });
         Some(RingWrite { through, writes })
+    }
+
+    /// Whether the next batch should store the header: trimmed space waits
+    /// for it, and either an eighth of the ring waits or the ring is more
+    /// than half full. (A mirrored pair trims after nearly every batch; a
+    /// header store per batch would double a batch's durable writes.)
+    fn header_due(&self) -> bool {
+        self.reclaim_pending()
+            && (self.tail_pos - self.reclaim_pos >= self.capacity / 8
+                || self.used_bytes() > self.capacity / 2)
     }
 
     /// Batches begun by [`Ring::begin_write`] and not reported yet.
