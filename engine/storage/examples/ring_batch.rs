@@ -19,8 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use storage::backend::{
-    create_file_device, Backend, BackendCompletion, BackendOp, SharedBuf, UringBackend,
-    UringConfig,
+    create_file_device, Backend, BackendCompletion, BackendOp, SharedBuf, UringBackend, UringConfig,
 };
 use storage::ring::{RecordHeader, Ring};
 use storage::AlignedBuf;

@@ -16,9 +16,12 @@
 //! arrived in, and a batch write takes its pieces straight from those
 //! buffers ([`Ring::begin_write`]: one vectored O_DIRECT write per run of
 //! consecutive records, two where the batch wraps around the end of the
-//! area, then the header slot, each a durable write (`RWF_DSYNC`) that the
-//! driver runs on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]
-//! with `dsync`: no separate fdatasync). Only
+//! area, and the header slot only when a store is due (trimmed space waits
+//! for it), each a durable write (`RWF_DSYNC`) that the driver runs on its
+//! io_uring as [`crate::backend::BackendOp::WriteVecFd`] with `dsync`: no
+//! separate fdatasync). Each record says which seqs were durable when it
+//! was appended, so recovery tells damage from a torn tail even when the
+//! header's own word on that is old. Only
 //! the header blocks and the last partial block of a payload whose length
 //! is not a multiple of 4 KiB are built in a small staging buffer (zero
 //! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:

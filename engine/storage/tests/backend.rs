@@ -254,28 +254,51 @@ fn write_vec_fd_plain_and_durable() {
     let fd = file.as_raw_fd();
     let pieces = |seed: u8| {
         let a: storage::backend::SharedBuf = AlignedBuf::from_slice(&pattern(4096, seed)).share();
-        let b: storage::backend::SharedBuf = AlignedBuf::from_slice(&pattern(8192, seed + 1)).share();
-        vec![IoSeg::whole(a), IoSeg { buf: b, start: 4096, len: 4096 }]
+        let b: storage::backend::SharedBuf =
+            AlignedBuf::from_slice(&pattern(8192, seed + 1)).share();
+        vec![
+            IoSeg::whole(a),
+            IoSeg {
+                buf: b,
+                start: 4096,
+                len: 4096,
+            },
+        ]
     };
     let mut uring = UringBackend::open(&path, &UringConfig::default()).unwrap();
     let mut mem = MemBackend::new(DEV_BYTES, 4096, 8);
     for (i, dsync) in [false, true].into_iter().enumerate() {
         let seed = 10 * i as u8;
         let at = 16384 * i as u64;
-        let op = |segs| BackendOp::WriteVecFd { fd, offset: at, segs, dsync };
+        let op = |segs| BackendOp::WriteVecFd {
+            fd,
+            offset: at,
+            segs,
+            dsync,
+        };
         assert_eq!(run(&mut uring, 1, op(pieces(seed))).result, Ok(8192));
         let data = std::fs::read(&target).unwrap();
         let at = at as usize;
         assert_eq!(data[at..at + 4096], pattern(4096, seed)[..]);
         assert_eq!(data[at + 4096..at + 8192], pattern(8192, seed + 1)[4096..]);
         let at2 = at as u64 + 8192;
-        let op = BackendOp::WriteVecFd { fd, offset: at2, segs: pieces(seed + 3), dsync };
+        let op = BackendOp::WriteVecFd {
+            fd,
+            offset: at2,
+            segs: pieces(seed + 3),
+            dsync,
+        };
         assert_eq!(run(&mut mem, 2, op).result, Ok(8192));
         let data = std::fs::read(&target).unwrap();
         assert_eq!(data[at + 8192..at + 12288], pattern(4096, seed + 3)[..]);
     }
     for dsync in [false, true] {
-        let op = BackendOp::WriteVecFd { fd: -1, offset: 0, segs: pieces(1), dsync };
+        let op = BackendOp::WriteVecFd {
+            fd: -1,
+            offset: 0,
+            segs: pieces(1),
+            dsync,
+        };
         assert_eq!(run(&mut uring, 3, op).result, Err(libc::EBADF));
     }
 }
@@ -290,14 +313,19 @@ fn fault_fd_syncs_fail_durable_fd_writes() {
     let dir = TempDir::new("fault-dsync");
     let target = dir.join("ring");
     std::fs::write(&target, vec![0u8; 8192]).unwrap();
-    let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
     let fd = file.as_raw_fd();
     let ctl = FaultControl::new();
     let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
     let op = |dsync| BackendOp::WriteVecFd {
         fd,
         offset: 0,
-        segs: vec![IoSeg::whole(AlignedBuf::from_slice(&pattern(4096, 5)).share())],
+        segs: vec![IoSeg::whole(
+            AlignedBuf::from_slice(&pattern(4096, 5)).share(),
+        )],
         dsync,
     };
     ctl.fail_fd_syncs(true);

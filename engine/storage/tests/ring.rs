@@ -350,7 +350,10 @@ fn damage_a_later_record_vouches_for_is_corruption() {
     std::mem::forget(ring); // a crash: the header on disk says nothing is durable
     let pristine = std::fs::read(&path).unwrap();
     let (img, rec) = Ring::open(&path).unwrap();
-    assert_eq!((rec.first_seq, rec.next_seq, rec.torn_tail_bytes), (1, 7, 0));
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (1, 7, 0)
+    );
     drop(img);
     // Seq 2: seqs 4..6 were appended once 1..3 were durable and say so.
     std::fs::write(&path, &pristine).unwrap();
@@ -405,7 +408,10 @@ fn header_store_rides_along_when_trimmed_space_waits() {
     append(&mut ring, 6, 4096);
     let w = ring.begin_write().unwrap();
     assert_eq!(w.writes.len(), 2, "records and the header slot");
-    assert!(w.writes[1].0 < RING_HEADER_BYTES, "the second is a header slot");
+    assert!(
+        w.writes[1].0 < RING_HEADER_BYTES,
+        "the second is a header slot"
+    );
     for (off, segs) in w.writes {
         run_write(ring.fd(), off, segs).unwrap();
     }
