@@ -955,25 +955,37 @@ impl Ring {
         Ok(0)
     }
 
-    /// A valid record of the current chain between `from` and `limit`
-    /// (logical positions) with a seq above `seq` that says `seq` was
-    /// durable when it was appended: (file offset, its seq, its claim).
-    /// Reads a record header per block up to `limit`: only a scan that
-    /// stopped early pays it.
+    /// Whether the records that follow the damaged record `seq` at logical
+    /// position `from` say that `seq` was durable: (file offset, seq, claim)
+    /// of the first that does. The damaged record's own header tells where
+    /// the next one starts (its payload length is not verified: damage to
+    /// the payload, the usual case, leaves it right); the chain is followed
+    /// from there, seq by seq, up to `limit` or its first invalid record, so
+    /// this costs a read per record that follows, not a scan of the ring.
     fn later_claim(&self, from: u64, limit: u64, seq: u64) -> Option<(u64, u64, u64)> {
-        let mut pos = from + RING_BLOCK_BYTES;
+        let raw = self.read_raw(from % self.capacity);
+        if raw.magic != RECORD_MAGIC || raw.payload_len > self.capacity {
+            return None;
+        }
+        let mut pos = from + record_size(raw.payload_len as usize);
+        let mut expected = seq + 1;
         while pos + RING_BLOCK_BYTES <= limit {
             let phys = pos % self.capacity;
-            pos += RING_BLOCK_BYTES;
-            let at = (RING_HEADER_BYTES + phys) as usize;
-            let hdr = &self.map[at..at + RECORD_HEADER_BYTES as usize];
-            let (m, claim) = (rd_u64(hdr, R_SEQ), rd_u64(hdr, R_SYNCED_SEQ));
-            if rd_u32(hdr, R_MAGIC) != RECORD_MAGIC || m <= seq || claim < seq {
+            if self.check_at(phys, expected).is_some() {
+                return None;
+            }
+            let next = self.read_raw(phys);
+            if next.magic == WRAP_MAGIC {
+                pos += self.capacity - phys;
                 continue;
             }
-            if self.check_at(phys, m).is_none() {
-                return Some((RING_HEADER_BYTES + phys, m, claim));
+            let at = (RING_HEADER_BYTES + phys) as usize;
+            let claim = rd_u64(&self.map[at..], R_SYNCED_SEQ);
+            if claim >= seq {
+                return Some((RING_HEADER_BYTES + phys, expected, claim));
             }
+            pos += record_size(next.payload_len as usize);
+            expected += 1;
         }
         None
     }

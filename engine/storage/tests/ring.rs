@@ -371,6 +371,17 @@ fn damage_a_later_record_vouches_for_is_corruption() {
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
     }
+    // Seq 2's header block damaged (its gen field): its length still says
+    // where seq 3 starts, and seq 4 vouches for it.
+    std::fs::write(&path, &pristine).unwrap();
+    flip_byte(&path, at - 4096 + 20);
+    assert!(matches!(
+        Ring::open(&path),
+        Err(RingError::Corrupt {
+            seq_expected: 2,
+            ..
+        })
+    ));
     // Seq 5: nothing appended later vouches for it: a torn tail.
     std::fs::write(&path, &pristine).unwrap();
     flip_byte(&path, find(&path, b"<seq 00000005>") + 10);
