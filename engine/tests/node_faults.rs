@@ -2,8 +2,8 @@
 //! reactors, the TCP link on 127.0.0.1) whose disks are in memory behind a
 //! fault-injecting backend (`FaultBackend<MemBackend>`). The rings and the
 //! metadata are real files in a temporary directory, and every ring flush
-//! goes through the node's backend (`BackendOp::SyncFd`), where the fault
-//! backend fails it on demand.
+//! goes through the node's backend (durable writes, `BackendOp::WriteVecFd`
+//! with `dsync`), where the fault backend fails it on demand.
 //!
 //! Four host writers write blocks of their own, each block once, while the
 //! pair is healthy; then one node's disk fails a write, or its ring flush
@@ -47,7 +47,8 @@ const AFTER_FAULT: usize = 200;
 enum Fault {
     /// The disk fails every write from now on (EIO).
     DiskWrite,
-    /// The ring's flush (fdatasync through the backend) fails.
+    /// The ring's flush fails: its durable batch writes fail as a failed
+    /// fdatasync of the ring would (`fail_fd_syncs`).
     RingFlush,
     /// The ring's batch write (a vectored write through the backend) fails.
     RingWrite,

@@ -42,10 +42,8 @@ pub(super) enum Inflight {
         offset: u64,
     },
     Flush(Token),
-    /// One write of ring batch number `u64` ([`RingIo`]).
+    /// One durable write of ring batch number `u64` ([`RingIo`]).
     RingWrite(u64),
-    /// The fdatasync after that batch's writes.
-    RingFlush(u64),
     HostRead(usize),
 }
 
@@ -63,13 +61,10 @@ pub(super) struct RingIo {
 struct RingBatch {
     id: u64,
     through: Seq,
-    fd: RawFd,
     /// Writes not completed yet.
     writes_left: usize,
     /// The first write that failed (errno).
     failed: Option<i32>,
-    /// Its fdatasync was submitted.
-    syncing: bool,
     /// `FlushRing` requests it answers (each gets its event).
     answers: usize,
     started: Instant,
@@ -520,9 +515,6 @@ impl<B: Backend> Reactor<B> {
                     }
                     self.ring_advance();
                 }
-                Inflight::RingFlush(id) => {
-                    self.ring_flush_done(id, res.map_err(|e| (e, "fdatasync")))
-                }
                 Inflight::HostRead(id) => {
                     let r = match res {
                         // The buffer the disk read filled goes to the
@@ -540,8 +532,9 @@ impl<B: Backend> Reactor<B> {
 
     /// Begin the ring batch `io` that makes `through` durable, answering
     /// `answers` `FlushRing` requests; or defer them until a batch in
-    /// flight is reported. The writes go to the backend's io_uring: the
-    /// reactor never waits for them.
+    /// flight is reported. The writes go to the backend's io_uring as
+    /// durable writes (`RWF_DSYNC`: one operation each, no fdatasync after
+    /// them): the reactor never waits for them.
     fn start_ring_flush(&mut self, through: Seq, io: RingFlushIo, answers: usize) {
         match io {
             RingFlushIo::Busy => self.ring_io.deferred += answers,
@@ -551,50 +544,45 @@ impl<B: Backend> Reactor<B> {
                 self.ring_io.batches.push_back(RingBatch {
                     id,
                     through,
-                    fd,
                     writes_left: writes.len(),
                     failed: None,
-                    syncing: false,
                     answers,
                     started: Instant::now(),
                 });
                 for (offset, segs) in writes {
                     self.submit(
                         Inflight::RingWrite(id),
-                        BackendOp::WriteVecFd { fd, offset, segs },
+                        BackendOp::WriteVecFd {
+                            fd,
+                            offset,
+                            segs,
+                            dsync: true,
+                        },
                     );
                 }
             }
         }
     }
 
-    /// Issue the fdatasync of every batch whose writes, and the writes of
-    /// every batch before it, completed in full (an fdatasync covers only
-    /// writes completed before it was issued, and reporting a batch durable
-    /// reports the ones before it durable too); fail a batch whose write
-    /// failed.
+    /// Report, oldest first, every batch whose durable writes all
+    /// completed: a batch is reported only after every batch begun before
+    /// it (reporting it durable reports them durable too), so one whose
+    /// writes finished first waits for them. A batch with a failed write
+    /// fails.
     fn ring_advance(&mut self) {
-        let mut i = 0;
-        while i < self.ring_io.batches.len() {
-            let b = &mut self.ring_io.batches[i];
+        while let Some(b) = self.ring_io.batches.front() {
             if b.writes_left > 0 {
                 break;
             }
-            if let Some(e) = b.failed {
-                let id = b.id;
-                self.ring_flush_done(id, Err((e, "write")));
-                continue;
+            let id = b.id;
+            match b.failed {
+                Some(e) => self.ring_flush_done(id, Err((e, "durable write"))),
+                None => self.ring_flush_done(id, Ok(())),
             }
-            if !b.syncing {
-                b.syncing = true;
-                let (id, fd) = (b.id, b.fd);
-                self.submit(Inflight::RingFlush(id), BackendOp::SyncFd { fd });
-            }
-            i += 1;
         }
     }
 
-    /// Ring batch `id` finished (its writes and fdatasync, or a write that
+    /// Ring batch `id` finished (its durable writes, or a write that
     /// failed): tell the core, once per request it answers, then begin a
     /// batch for the requests deferred meanwhile.
     fn ring_flush_done(&mut self, id: u64, res: Result<(), (i32, &str)>) {

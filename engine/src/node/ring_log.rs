@@ -7,10 +7,12 @@ use volume::SharedBuf;
 /// The I/O that completes a ring flush (see `docs/ring-format.md`,
 /// *Durability protocol*).
 pub enum RingFlushIo {
-    /// Run `writes` on the ring file `fd` (`BackendOp::WriteVecFd`; they do
-    /// not overlap, so all at once), then, once every one completed in full
-    /// and so did the writes of every batch begun before, `BackendOp::SyncFd
-    /// { fd }`. A failed or short write fails the flush.
+    /// Run `writes` on the ring file `fd` as durable writes
+    /// (`BackendOp::WriteVecFd` with `dsync`: `RWF_DSYNC`, so a write is
+    /// on stable storage when it completes; they do not overlap, so all at
+    /// once). The batch is durable once every one completed in full and
+    /// every batch begun before it was reported; a failed or short write
+    /// fails the flush.
     Batch {
         fd: RawFd,
         writes: Vec<(u64, Vec<IoSeg>)>,
@@ -47,8 +49,8 @@ fn from_record(r: &RecordHeader) -> ReqHeader {
 }
 
 impl Log for RingLog {
-    /// The backend operations that complete a flush: the batch's writes and
-    /// the fdatasync after them, issued beside the disk I/O.
+    /// The backend operations that complete a flush: the batch's durable
+    /// writes, issued beside the disk I/O.
     type Flush = RingFlushIo;
 
     fn first_seq(&self) -> Seq {

@@ -16,13 +16,17 @@
 //! arrived in, and a batch write takes its pieces straight from those
 //! buffers ([`Ring::begin_write`]: one vectored O_DIRECT write per run of
 //! consecutive records, two where the batch wraps around the end of the
-//! area, then the header slot, then the caller's fdatasync; the driver runs
-//! them on its io_uring as [`crate::backend::BackendOp::WriteVecFd`]). Only
+//! area, and the header slot only when a store is due (trimmed space waits
+//! for it), each a durable write (`RWF_DSYNC`) that the driver runs on its
+//! io_uring as [`crate::backend::BackendOp::WriteVecFd`] with `dsync`: no
+//! separate fdatasync). Each record says which seqs were durable when it
+//! was appended, so recovery tells damage from a torn tail even when the
+//! header's own word on that is old. Only
 //! the header blocks and the last partial block of a payload whose length
 //! is not a multiple of 4 KiB are built in a small staging buffer (zero
 //! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
-//! appends made meanwhile go into a later one (group commit), and a batch's
-//! fdatasync waits until the writes of the batches before it completed.
+//! appends made meanwhile go into a later one (group commit), and a batch
+//! is reported durable only after every batch begun before it.
 //!
 //! A record's buffer is kept while the record may not be in the file yet
 //! and, once durable, until the driver releases it ([`Ring::release_through`])
@@ -109,6 +113,9 @@ const R_OFFSET: usize = 24;
 const R_LEN: usize = 32;
 const R_EPOCH: usize = 40;
 const R_PAYLOAD_LEN: usize = 48;
+/// The highest seq confirmed durable when the record was appended (0 in
+/// rings written before this field was used: it claims nothing).
+const R_SYNCED_SEQ: usize = 52;
 const R_CRC: usize = 60;
 
 /// The engine's description of a record; `kind` and `flags` are opaque to
@@ -221,8 +228,7 @@ impl std::error::Error for RingFull {}
 struct PendingSync {
     seq: u64,
     tail_pos: u64,
-    /// The `sync_count` of its header store: tells apart syncs of the same
-    /// seq.
+    /// Tells apart syncs of the same seq (a count of prepared syncs).
     id: u64,
 }
 
@@ -245,8 +251,8 @@ struct InFlightBatch {
     /// What it writes: a synchronous write while it is in flight rewrites
     /// these (same bytes) so that it does not depend on the batch.
     chunks: Vec<Chunk>,
-    /// The header slot it writes.
-    slot: usize,
+    /// The header slot it writes, if it carries a header store.
+    slot: Option<usize>,
 }
 
 /// A retained record whose payload buffer the ring still holds.
@@ -256,9 +262,10 @@ struct Kept {
 }
 
 /// One batch write begun by [`Ring::begin_write`]: run `writes` on the ring
-/// file (in any order, or all at once: no two overlap), then, once every one
-/// completed in full, an fdatasync of [`Ring::fd`]; report the outcome with
-/// [`Ring::sync_completed`] or [`Ring::sync_failed`] for `through`.
+/// file as durable writes (`RWF_DSYNC`; in any order, or all at once: no two
+/// overlap); once every one completed in full, and every batch begun before
+/// was reported, report the outcome with [`Ring::sync_completed`] (or
+/// [`Ring::sync_failed`] for a failed or short write) for `through`.
 pub struct RingWrite {
     /// The highest seq the batch makes durable.
     pub through: u64,
@@ -289,7 +296,8 @@ pub struct Ring {
     head_pos: u64,
     first_seq: u64,
     next_seq: u64,
-    /// Highest seq known durable (an fdatasync after its write completed).
+    /// Highest seq known durable (its batch's durable writes completed, or
+    /// an fdatasync after its write).
     durable_seq: u64,
     /// Appends never write at or beyond `reclaim_pos + capacity`: the tail
     /// that a durable header holds.
@@ -299,6 +307,8 @@ pub struct Ring {
     payload_bytes: u64,
     pending: VecDeque<PendingSync>,
     sync_count: u64,
+    /// Syncs prepared so far (their [`PendingSync::id`]).
+    sync_ids: u64,
     /// The header slot of the last header store.
     last_slot: usize,
     /// Records and wrap markers appended since the last write was planned.
@@ -463,10 +473,12 @@ fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
 }
 
 /// A record's (or wrap marker's) 64-byte header, checksum included.
+/// `synced_seq`: the highest seq confirmed durable now.
 fn record_header(
     magic: u32,
     h: &RecordHeader,
     epoch: u64,
+    synced_seq: u64,
     payload: &[u8],
 ) -> [u8; RECORD_HEADER_BYTES as usize] {
     let mut rec = [0u8; RECORD_HEADER_BYTES as usize];
@@ -479,6 +491,7 @@ fn record_header(
     wr_u64(&mut rec, R_LEN, h.len);
     wr_u64(&mut rec, R_EPOCH, epoch);
     wr_u32(&mut rec, R_PAYLOAD_LEN, payload.len() as u32);
+    wr_u64(&mut rec, R_SYNCED_SEQ, synced_seq);
     let crc = record_crc(&rec, payload);
     wr_u32(&mut rec, R_CRC, crc);
     rec
@@ -687,6 +700,7 @@ impl Ring {
             payload_bytes: 0,
             pending: VecDeque::with_capacity(MAX_PENDING_SYNCS),
             sync_count: 0,
+            sync_ids: 0,
             // The first store goes to slot 0.
             last_slot: RING_HEADER_SLOTS - 1,
             unwritten: Vec::new(),
@@ -893,6 +907,20 @@ impl Ring {
                         ),
                     ));
                 }
+                // The header's synced_seq may be old (batches store it only
+                // now and then): a record appended later that is whole and
+                // says `seq` was durable proves this is damage, not a tear.
+                if let Some((at, m, claim)) = self.later_claim(pos, limit, seq) {
+                    return Err(corrupt(
+                        RING_HEADER_BYTES + phys,
+                        seq,
+                        format!(
+                            "{}: {why}; record seq {m} (file offset {at}), appended later, says \
+                             every record up to seq {claim} was durable",
+                            self.path.display()
+                        ),
+                    ));
+                }
                 let raw = self.read_raw(phys);
                 let mut claimed_end = header_head_pos;
                 // A record that carries the expected seq but fails its
@@ -927,6 +955,41 @@ impl Ring {
         Ok(0)
     }
 
+    /// Whether the records that follow the damaged record `seq` at logical
+    /// position `from` say that `seq` was durable: (file offset, seq, claim)
+    /// of the first that does. The damaged record's own header tells where
+    /// the next one starts (its payload length is not verified: damage to
+    /// the payload, the usual case, leaves it right); the chain is followed
+    /// from there, seq by seq, up to `limit` or its first invalid record, so
+    /// this costs a read per record that follows, not a scan of the ring.
+    fn later_claim(&self, from: u64, limit: u64, seq: u64) -> Option<(u64, u64, u64)> {
+        let raw = self.read_raw(from % self.capacity);
+        if raw.magic != RECORD_MAGIC || raw.payload_len > self.capacity {
+            return None;
+        }
+        let mut pos = from + record_size(raw.payload_len as usize);
+        let mut expected = seq + 1;
+        while pos + RING_BLOCK_BYTES <= limit {
+            let phys = pos % self.capacity;
+            if self.check_at(phys, expected).is_some() {
+                return None;
+            }
+            let next = self.read_raw(phys);
+            if next.magic == WRAP_MAGIC {
+                pos += self.capacity - phys;
+                continue;
+            }
+            let at = (RING_HEADER_BYTES + phys) as usize;
+            let claim = rd_u64(&self.map[at..], R_SYNCED_SEQ);
+            if claim >= seq {
+                return Some((RING_HEADER_BYTES + phys, expected, claim));
+            }
+            pos += record_size(next.payload_len as usize);
+            expected += 1;
+        }
+        None
+    }
+
     /// The header slot the next store goes to: the next one after the last
     /// store's that no batch in flight is writing (a store that lands late
     /// must not replace a newer one in its slot).
@@ -934,7 +997,7 @@ impl Ring {
         let n = RING_HEADER_SLOTS;
         let slot = (1..=n)
             .map(|i| (self.last_slot + i) % n)
-            .find(|&s| !self.in_flight.iter().any(|f| f.slot == s))
+            .find(|&s| !self.in_flight.iter().any(|f| f.slot == Some(s)))
             .expect("a slot free: more slots than batches in flight");
         self.last_slot = slot;
         slot
@@ -981,7 +1044,7 @@ impl Ring {
     /// kept and reported by [`Ring::write_error`]: the node must stop, since
     /// the ring no longer holds what it was told to.
     fn write_segs(&mut self, at: u64, segs: &[IoSeg]) {
-        if let Err(errno) = crate::backend::mem::write_vec_fd(self.fd(), at, segs) {
+        if let Err(errno) = crate::backend::mem::write_vec_fd(self.fd(), at, segs, false) {
             if self.write_error.is_none() {
                 let len: usize = segs.iter().map(|s| s.len).sum();
                 self.write_error = Some(format!(
@@ -1081,7 +1144,8 @@ impl Ring {
     /// Append a record; `h.seq` must be [`Ring::next_seq`]. The ring keeps
     /// `payload` (no copy) and writes the record from it with the next batch
     /// ([`Ring::begin_write`] or [`Ring::prepare_sync`]); it is not durable
-    /// until the fdatasync after that.
+    /// until that batch's durable writes (or the fdatasync after that
+    /// prepare) completed.
     pub fn append(&mut self, h: &RecordHeader, payload: SharedBuf) -> Result<(), RingFull> {
         assert_eq!(
             h.seq, self.next_seq,
@@ -1104,14 +1168,14 @@ impl Ring {
             self.unwritten.push(Chunk {
                 pos: self.head_pos,
                 seq: h.seq,
-                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, &[]),
+                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, self.durable_seq, &[]),
                 payload: None,
             });
         }
         self.unwritten.push(Chunk {
             pos: write_pos,
             seq: h.seq,
-            hdr: record_header(RECORD_MAGIC, h, self.epoch, &payload),
+            hdr: record_header(RECORD_MAGIC, h, self.epoch, self.durable_seq, &payload),
             payload: (!payload.is_empty()).then(|| payload.clone()),
         });
         let phys = write_pos % self.capacity;
@@ -1386,8 +1450,8 @@ impl Ring {
         self.payload_bytes
     }
 
-    /// The ring file, for the batch writes and the fdatasync issued through
-    /// the backend (`BackendOp::WriteVecFd`, `BackendOp::SyncFd`).
+    /// The ring file, for the batch writes issued through the backend
+    /// (`BackendOp::WriteVecFd` with `dsync`).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -1398,45 +1462,73 @@ impl Ring {
 
     /// Remember a sync prepared for `seq`, with the tail its header holds.
     fn push_pending(&mut self, seq: u64) {
+        self.push_pending_tail(seq, self.tail_pos);
+    }
+
+    /// Remember a sync prepared for `seq` that makes `tail_pos` the durable
+    /// tail; returns its id.
+    fn push_pending_tail(&mut self, seq: u64, tail_pos: u64) -> u64 {
         if self.pending.len() == MAX_PENDING_SYNCS {
             self.pending.pop_front();
         }
-        self.pending.push_back(PendingSync {
-            seq,
-            tail_pos: self.tail_pos,
-            id: self.sync_count,
-        });
+        self.sync_ids += 1;
+        let id = self.sync_ids;
+        self.pending.push_back(PendingSync { seq, tail_pos, id });
+        id
     }
 
     /// Begin the asynchronous write of everything appended since the last
     /// one and of the header: `None` while [`MAX_BATCHES_IN_FLIGHT`] batches
     /// are in flight (appends made meanwhile go into a later batch; call
-    /// again once one was reported). The fdatasync of a batch must be issued
-    /// only once the writes of every batch begun before it completed too. The caller runs the returned writes, then an
-    /// fdatasync of [`Ring::fd`], and reports with
-    /// [`Ring::sync_completed`] (or [`Ring::sync_failed`] if any write was
-    /// not complete or the fdatasync failed). The writes hold the payload
-    /// buffers they write from until they complete.
+    /// again once one was reported). The caller runs the returned writes,
+    /// each a durable write (`RWF_DSYNC`: complete means on stable storage),
+    /// and reports with [`Ring::sync_completed`] once all of them completed
+    /// in full and every batch begun before was reported (or with
+    /// [`Ring::sync_failed`] if any write failed or was short). The writes
+    /// hold the payload buffers they write from until they complete.
     pub fn begin_write(&mut self) -> Option<RingWrite> {
         if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT || self.hold {
             return None;
         }
         let chunks = std::mem::take(&mut self.unwritten);
         let mut writes = plan_writes(&chunks, self.capacity, &mut self.stage_spare);
-        let (slot, hb) = self.header_block();
-        writes.push((
-            slot as u64 * RING_HEADER_SLOT_BYTES,
-            vec![IoSeg::whole(hb.share())],
-        ));
+        // The header goes along only when its tail is worth making durable
+        // (or when there is nothing else to write): recovery finds the new
+        // records by scanning, and each record says what was durable.
+        let store = chunks.is_empty() || self.header_due();
+        let slot = store.then(|| {
+            let (slot, hb) = self.header_block();
+            writes.push((
+                slot as u64 * RING_HEADER_SLOT_BYTES,
+                vec![IoSeg::whole(hb.share())],
+            ));
+            slot
+        });
         let through = self.next_seq - 1;
-        self.push_pending(through);
+        // A batch without a header store frees no trimmed space.
+        let tail = if store {
+            self.tail_pos
+        } else {
+            self.reclaim_pos
+        };
+        let id = self.push_pending_tail(through, tail);
         self.in_flight.push_back(InFlightBatch {
             through,
-            id: self.sync_count,
+            id,
             chunks,
             slot,
         });
         Some(RingWrite { through, writes })
+    }
+
+    /// Whether the next batch should store the header: trimmed space waits
+    /// for it, and either an eighth of the ring waits or the ring is more
+    /// than half full. (A mirrored pair trims after nearly every batch; a
+    /// header store per batch would double a batch's durable writes.)
+    fn header_due(&self) -> bool {
+        self.reclaim_pending()
+            && (self.tail_pos - self.reclaim_pos >= self.capacity / 8
+                || self.used_bytes() > self.capacity / 2)
     }
 
     /// Batches begun by [`Ring::begin_write`] and not reported yet.
@@ -1445,10 +1537,10 @@ impl Ring {
     }
 
     /// A batch for `through` was reported: forget the oldest batch in
-    /// flight for it, and those before it. Its fdatasync was issued after
-    /// the writes of every batch begun before it completed, so none of
-    /// their stores can land any more. Returns the reported batch's sync id,
-    /// if it was still in flight.
+    /// flight for it, and those before it. Batches are reported in order,
+    /// once every write of theirs completed, so none of their stores can
+    /// land any more. Returns the reported batch's sync id, if it was still
+    /// in flight.
     fn batch_reported(&mut self, through: u64) -> Option<u64> {
         let i = self.in_flight.iter().position(|f| f.through >= through);
         let i = i.unwrap_or(self.in_flight.len());
@@ -1479,8 +1571,9 @@ impl Ring {
         seq
     }
 
-    /// The fdatasync issued after the `prepare_sync` (or after the writes of
-    /// the `begin_write`) that returned `synced_seq` completed successfully.
+    /// The fdatasync issued after the `prepare_sync` that returned
+    /// `synced_seq` completed successfully, or so did every durable write of
+    /// the `begin_write` batch of that `through` (and of those before it).
     /// Call once per completed fdatasync, in any order. (A failed write or
     /// fdatasync must not be reported here: see [`Ring::sync_failed`].)
     pub fn sync_completed(&mut self, synced_seq: u64) {

@@ -234,6 +234,114 @@ fn uring_sync_fd_and_drop_with_operations_in_flight() {
     drop(b);
 }
 
+/// The ring's batch write through io_uring and the in-memory backend: the
+/// pieces land in order at the offset, as a plain write or a durable one
+/// (`RWF_DSYNC`); a bad descriptor fails it with the kernel's errno.
+#[test]
+fn write_vec_fd_plain_and_durable() {
+    use std::os::fd::AsRawFd;
+    use storage::backend::IoSeg;
+    let dir = TempDir::new("write-vec-fd");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let target = dir.join("ring");
+    std::fs::write(&target, vec![0u8; 65536]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&target)
+        .unwrap();
+    let fd = file.as_raw_fd();
+    let pieces = |seed: u8| {
+        let a: storage::backend::SharedBuf = AlignedBuf::from_slice(&pattern(4096, seed)).share();
+        let b: storage::backend::SharedBuf =
+            AlignedBuf::from_slice(&pattern(8192, seed + 1)).share();
+        vec![
+            IoSeg::whole(a),
+            IoSeg {
+                buf: b,
+                start: 4096,
+                len: 4096,
+            },
+        ]
+    };
+    let mut uring = UringBackend::open(&path, &UringConfig::default()).unwrap();
+    let mut mem = MemBackend::new(DEV_BYTES, 4096, 8);
+    for (i, dsync) in [false, true].into_iter().enumerate() {
+        let seed = 10 * i as u8;
+        let at = 16384 * i as u64;
+        let op = |segs| BackendOp::WriteVecFd {
+            fd,
+            offset: at,
+            segs,
+            dsync,
+        };
+        assert_eq!(run(&mut uring, 1, op(pieces(seed))).result, Ok(8192));
+        let data = std::fs::read(&target).unwrap();
+        let at = at as usize;
+        assert_eq!(data[at..at + 4096], pattern(4096, seed)[..]);
+        assert_eq!(data[at + 4096..at + 8192], pattern(8192, seed + 1)[4096..]);
+        let at2 = at as u64 + 8192;
+        let op = BackendOp::WriteVecFd {
+            fd,
+            offset: at2,
+            segs: pieces(seed + 3),
+            dsync,
+        };
+        assert_eq!(run(&mut mem, 2, op).result, Ok(8192));
+        let data = std::fs::read(&target).unwrap();
+        assert_eq!(data[at + 8192..at + 12288], pattern(4096, seed + 3)[..]);
+    }
+    for dsync in [false, true] {
+        let op = BackendOp::WriteVecFd {
+            fd: -1,
+            offset: 0,
+            segs: pieces(1),
+            dsync,
+        };
+        assert_eq!(run(&mut uring, 3, op).result, Err(libc::EBADF));
+    }
+}
+
+/// A durable write to another file is its write and its flush in one: the
+/// fault backend fails it when that file's flushes fail, and leaves a plain
+/// one alone.
+#[test]
+fn fault_fd_syncs_fail_durable_fd_writes() {
+    use std::os::fd::AsRawFd;
+    use storage::backend::IoSeg;
+    let dir = TempDir::new("fault-dsync");
+    let target = dir.join("ring");
+    std::fs::write(&target, vec![0u8; 8192]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    let fd = file.as_raw_fd();
+    let ctl = FaultControl::new();
+    let mut b = FaultBackend::new(MemBackend::new(DEV_BYTES, 4096, 8), ctl.clone());
+    let op = |dsync| BackendOp::WriteVecFd {
+        fd,
+        offset: 0,
+        segs: vec![IoSeg::whole(
+            AlignedBuf::from_slice(&pattern(4096, 5)).share(),
+        )],
+        dsync,
+    };
+    ctl.fail_fd_syncs(true);
+    assert_eq!(run(&mut b, 1, op(true)).result, Err(libc::EIO));
+    assert_eq!(run(&mut b, 2, op(false)).result, Ok(4096));
+    assert_eq!(ctl.injected(), 1);
+    ctl.clear();
+    ctl.fail_flushes(true);
+    assert_eq!(run(&mut b, 3, op(true)).result, Err(libc::EIO));
+    ctl.clear();
+    assert_eq!(run(&mut b, 4, op(true)).result, Ok(4096));
+    ctl.fail_fd_writes(true);
+    assert_eq!(run(&mut b, 5, op(false)).result, Err(libc::EIO));
+    assert_eq!(run(&mut b, 6, op(true)).result, Err(libc::EIO));
+}
+
 /// A registered pool: writes and reads of its buffers are fixed-buffer
 /// operations (counted), others plain; a `WriteShared` keeps its buffer
 /// until reaped and hands none back; the pool outlives the backend's use.

@@ -89,13 +89,15 @@ impl FaultControl {
         self.ops.store(v, Ordering::SeqCst);
     }
 
-    /// Make Flush and SyncFd fail (or succeed again).
+    /// Make Flush and SyncFd, and durable (`dsync`) WriteVecFd, fail (or
+    /// succeed again).
     pub fn fail_flushes(&self, on: bool) {
         self.fail_flushes.store(on, Ordering::SeqCst);
     }
 
-    /// Make SyncFd fail (or succeed again) and leave Flush alone: the flush
-    /// of another file through this backend (a mirror node's ring) fails
+    /// Make SyncFd and durable (`dsync`) WriteVecFd fail (or succeed again)
+    /// and leave Flush alone: the flush of another file through this backend
+    /// (a mirror node's ring, whose batch writes are durable writes) fails
     /// while the device's own flushes still work.
     pub fn fail_fd_syncs(&self, on: bool) {
         self.fail_fd_syncs.store(on, Ordering::SeqCst);
@@ -141,8 +143,13 @@ impl FaultControl {
         if matches!(op, BackendOp::SyncFd { .. }) && self.fail_fd_syncs.load(Ordering::SeqCst) {
             return true;
         }
-        if matches!(op, BackendOp::WriteVecFd { .. }) {
-            return self.fail_fd_writes.load(Ordering::SeqCst);
+        if let BackendOp::WriteVecFd { dsync, .. } = op {
+            // A durable write is the write and its flush in one: a failed
+            // flush of the ring fails it too.
+            return self.fail_fd_writes.load(Ordering::SeqCst)
+                || (*dsync
+                    && (self.fail_fd_syncs.load(Ordering::SeqCst)
+                        || self.fail_flushes.load(Ordering::SeqCst)));
         }
         if !self.selected(op) {
             return false;

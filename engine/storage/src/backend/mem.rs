@@ -81,7 +81,12 @@ impl MemBackend {
                 Ok(0)
             }
             BackendOp::Flush => Ok(0),
-            BackendOp::WriteVecFd { fd, offset, segs } => write_vec_fd(*fd, *offset, segs),
+            BackendOp::WriteVecFd {
+                fd,
+                offset,
+                segs,
+                dsync,
+            } => write_vec_fd(*fd, *offset, segs, *dsync),
             BackendOp::SyncFd { fd } => {
                 // SAFETY: fdatasync only reads the descriptor number; an
                 // invalid one yields EBADF, which is returned as the result.
@@ -98,15 +103,30 @@ impl MemBackend {
     }
 }
 
-/// A [`BackendOp::WriteVecFd`] done at once: one `pwritev`. A short write
-/// is `Err(EIO)`.
-pub(crate) fn write_vec_fd(fd: RawFd, offset: u64, segs: &[super::IoSeg]) -> Result<u32, i32> {
+/// A [`BackendOp::WriteVecFd`] done at once: one `pwritev2`, with
+/// `RWF_DSYNC` when `dsync` (durable when it returns). A short write is
+/// `Err(EIO)`.
+pub(crate) fn write_vec_fd(
+    fd: RawFd,
+    offset: u64,
+    segs: &[super::IoSeg],
+    dsync: bool,
+) -> Result<u32, i32> {
     let iov: Vec<libc::iovec> = segs.iter().map(super::uring::iovec_of).collect();
     let want: usize = segs.iter().map(|s| s.len).sum();
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     // SAFETY: every iovec points into a buffer `segs` holds for the whole
     // call (the kernel only reads them); the descriptor number is only read,
     // and an invalid one yields EBADF, returned as the result.
-    let rc = unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, offset as libc::off_t) };
+    let rc = unsafe {
+        libc::pwritev2(
+            fd,
+            iov.as_ptr(),
+            iov.len() as i32,
+            offset as libc::off_t,
+            flags,
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error()
             .raw_os_error()

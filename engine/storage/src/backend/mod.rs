@@ -109,14 +109,18 @@ pub enum BackendOp {
         fd: RawFd,
     },
     /// Write `segs`, one after the other, to another file at byte `offset`
-    /// (one `pwritev`; the persistent ring's batch write). The pieces'
+    /// (one `pwritev2`; the persistent ring's batch write). The pieces'
     /// addresses and lengths must suit that file's O_DIRECT alignment; at
     /// most [`MAX_WRITE_SEGS`] pieces and `u32::MAX` bytes. A short write
-    /// completes with `Err(EIO)`, like any data transfer.
+    /// completes with `Err(EIO)`, like any data transfer. With `dsync` the
+    /// write carries `RWF_DSYNC`: it completes only once its bytes are
+    /// durable (a FUA write, or the write and a cache flush, as the device
+    /// needs), so no separate `SyncFd` is needed for them.
     WriteVecFd {
         fd: RawFd,
         offset: u64,
         segs: Vec<IoSeg>,
+        dsync: bool,
     },
 }
 

@@ -425,11 +425,18 @@ impl UringBackend {
                     },
                 )
             }
-            BackendOp::WriteVecFd { fd, offset, segs } => {
+            BackendOp::WriteVecFd {
+                fd,
+                offset,
+                segs,
+                dsync,
+            } => {
                 let iov = Iovecs(segs.iter().map(iovec_of).collect());
                 let want: usize = segs.iter().map(|s| s.len).sum();
+                let flags = if dsync { libc::RWF_DSYNC } else { 0 };
                 let e = opcode::Writev::new(types::Fd(fd), iov.0.as_ptr(), iov.0.len() as u32)
                     .offset(offset)
+                    .rw_flags(flags)
                     .build();
                 (
                     e,
