@@ -636,8 +636,9 @@ class Run:
         self.workloads("local disk (fio io_uring)", "floor", "local", path, lambda: {})
 
     def fsync_floor(self):
-        """4 KiB buffered write + fdatasync at QD1: the cost of making a ring
-        append durable (the ring is a mapped file flushed with fdatasync)."""
+        """4 KiB buffered write + fdatasync at QD1: the issue's floor for making
+        a ring append durable (the ring itself makes a batch durable with one
+        O_DIRECT RWF_DSYNC write, which can come in under it)."""
         log("floor: 4 KiB write + fdatasync (fio sync engine), the ring-durability floor")
         path = os.path.join(self.work, "fsync.img")
         out = os.path.join(OUT_DIR, "fsync-floor.json")
@@ -1545,7 +1546,7 @@ def write_report(run, path_md, path_png):
             L.append("## Server-side latency per workload\n")
             L.append("Each node's own histograms, reset before the workload (`POST /reset-latency`) and read "
                      "after it: *host* is volume submit to completion on node 1 (no network, no client), "
-                     "*ring sync* the ring fdatasync, *disk write* the O_DIRECT writes a node executed. "
+                     "*ring sync* a ring batch's durable write (from its start to its report), *disk write* the O_DIRECT writes a node executed. "
                      "The client's p50 minus node 1's host p50 is what the protocol front-end, the "
                      "network stack and the client add.\n")
             L.append("| target | workload | client p50 µs | node 1 host p50 / p99 µs | node 1 ring sync p50 µs "
