@@ -232,9 +232,13 @@ impl<B: Backend> Polled for Reactor<B> {
         self.core.poll();
         did |= self.run_actions();
         self.publish_state();
+        // The link first: a REQ starts the backup's path (receive, ring,
+        // ACK1), which is longer than this node's own ring write, and an
+        // ACK1 is what the primary waits for; a disk submission costs a
+        // doorbell (on a virtual disk a VM exit) that would delay them.
+        did |= self.write_socket();
         self.overflow.retry(&mut self.backend);
         self.backend.flush_submissions();
-        did |= self.write_socket();
         if now >= self.last_status_ms + 100 {
             self.last_status_ms = now;
             self.publish_status(now);
