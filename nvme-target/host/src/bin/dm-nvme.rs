@@ -226,11 +226,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             block_size,
             zero_copy_receive_min_bytes,
         } => {
-            let vol = Arc::new(volume::MemVolume::new(
-                block_size,
-                (size_mb << 20) / block_size as u64,
-            ));
             let mut cfg = nvme_target::NvmeConfig::new(listen, cli.nqn.clone());
+            // Payloads in pool buffers, as on a node (`reactor.buffer_pool_mib`
+            // 64, buffers up to the transfer limit): no heap allocation per
+            // write.
+            let pool = volume::IoBufPool::new(64 << 20, cfg.mdts_bytes as usize);
+            let vol = Arc::new(
+                volume::MemVolume::new(block_size, (size_mb << 20) / block_size as u64)
+                    .with_pool(pool),
+            );
             cfg.zero_copy_receive_min_bytes = zero_copy_receive_min_bytes;
             let t = nvme_target::start(cfg, vol)?;
             println!(
