@@ -546,6 +546,24 @@ fn render_metrics(s: &NodeStatus) -> String {
     ] {
         m.latency("deltamirror_stage_latency_seconds", "stage", stage, lat);
     }
+    m.family(
+        "deltamirror_write_path_seconds",
+        "summary",
+        "Where a sampled mirrored write's time goes: time from its start (primary: the \
+         front-end's receipt; backup: the REQ's arrival) to each stage.",
+    );
+    let st = &io.stages;
+    for (stage, lat) in [
+        ("req_sent", &st.req_sent),
+        ("ring_durable", &st.ring_durable),
+        ("ack1", &st.ack1),
+        ("execute", &st.execute),
+        ("executed", &st.executed),
+    ] {
+        if lat.count > 0 {
+            m.latency("deltamirror_write_path_seconds", "stage", stage, lat);
+        }
+    }
 
     m.family(
         "deltamirror_link_messages_total",

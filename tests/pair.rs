@@ -413,6 +413,25 @@ fn a_backup_killed_under_load_gets_only_the_missed_writes() {
         fe(&sp)
     );
     assert_eq!(fe(&sb), 0, "the backup's front-ends copied nothing");
+    // The write path stages: the primary sampled mirrored writes through
+    // to their disk writes, the backup REQs through to their ACK1s.
+    let stage = |s: &Value, name: &str| {
+        let l = &s["io"]["stages"][name];
+        (u(l, "count"), l["p50_us"].as_f64().unwrap())
+    };
+    let (sent, sent_p50) = stage(&sp, "req_sent");
+    let (done, done_p50) = stage(&sp, "executed");
+    assert!(
+        sent > 0 && done > 0,
+        "primary stages: {}",
+        sp["io"]["stages"]
+    );
+    assert!(
+        sent_p50 <= done_p50,
+        "primary stages: {}",
+        sp["io"]["stages"]
+    );
+    assert!(stage(&sb, "ack1").0 > 0 && stage(&sb, "ring_durable").0 > 0);
     // What the backup held when it came back: its ring, as it recovered it.
     let (_, backup_next) = ring_recovered(&p.n[1].log);
     let r = &sp["last_replay"];

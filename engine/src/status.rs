@@ -83,6 +83,29 @@ pub struct IoStats {
     /// Disk writes this node executed (host REQs and replayed ones alike).
     #[serde(default)]
     pub disk_write_latency: Latency,
+    /// Where a mirrored write's time goes, sampled one write at a time
+    /// (every write at QD1): see [`WriteStages`].
+    #[serde(default)]
+    pub stages: WriteStages,
+}
+
+/// The stages of a mirrored write, each measured from the stage's start
+/// point to when it was reached, for one sampled write at a time (a new
+/// sample begins once the last one finished: every write at queue depth 1,
+/// a fraction at depth). On the primary from when the front-end received
+/// the write; on the backup from when the REQ arrived.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WriteStages {
+    /// Primary: the REQ handed to the replication link.
+    pub req_sent: Latency,
+    /// Primary and backup: the write's ring batch durable.
+    pub ring_durable: Latency,
+    /// Primary: the ACK1 covering it received. Backup: that ACK1 sent.
+    pub ack1: Latency,
+    /// Primary: the disk write issued (both conditions met).
+    pub execute: Latency,
+    /// Primary: the disk write done (the host's completion follows).
+    pub executed: Latency,
 }
 
 /// One node's full status. `peer_state` is one of "connected",

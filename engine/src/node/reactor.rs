@@ -5,6 +5,9 @@
 use super::*;
 
 mod link_io;
+mod stages;
+
+pub(super) use stages::Stages;
 
 /// Backend operations the backend's queue could not take yet: resubmitted
 /// in order, and new operations queue behind them so none overtakes another.
@@ -105,6 +108,8 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) read_hist: Histogram<u64>,
     pub(super) sync_hist: Histogram<u64>,
     pub(super) disk_write_hist: Histogram<u64>,
+    /// Where a sampled mirrored write's time goes (status `stages`).
+    pub(super) stages: Stages,
     pub(super) io: IoStats,
     pub(super) last_status_ms: u64,
     /// `Core::state_changes` when the blob was last published.
@@ -160,6 +165,7 @@ impl<B: Backend> Reactor<B> {
             sync_hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             disk_write_hist: Histogram::new_with_bounds(1, 60_000_000, 3)
                 .expect("histogram bounds"),
+            stages: Stages::new(),
             io: IoStats::default(),
             last_status_ms: 0,
             state_published: 0,
@@ -319,6 +325,7 @@ impl<B: Backend> Reactor<B> {
                 ] {
                     h.reset();
                 }
+                self.stages.reset();
                 self.last_status_ms = 0; // publish the empty histograms now
                 Ok(())
             }
@@ -492,10 +499,13 @@ impl<B: Backend> Reactor<B> {
                 _ => {}
             }
             match what {
-                Inflight::Exec(seq) => self.core.handle(Event::Executed {
-                    token: Token::Entry(seq),
-                    result: res,
-                }),
+                Inflight::Exec(seq) => {
+                    self.stages.executed(seq);
+                    self.core.handle(Event::Executed {
+                        token: Token::Entry(seq),
+                        result: res,
+                    })
+                }
                 Inflight::ExtentWrite(token) => {
                     self.core.handle(Event::Executed { token, result: res })
                 }
@@ -600,6 +610,7 @@ impl<B: Backend> Reactor<B> {
         let through = b.through;
         match res {
             Ok(()) => {
+                self.stages.ring_durable(through);
                 for _ in 0..b.answers {
                     self.core.handle(Event::RingFlushed { through });
                 }
@@ -652,6 +663,9 @@ impl<B: Backend> Reactor<B> {
                 if let Some(c) = self.conn.as_mut() {
                     c.send(&m);
                     self.msgs_sent += 1;
+                    if let Msg::Ack1(s) = m {
+                        self.stages.ack1_sent(s);
+                    }
                 }
             }
             Action::SendEntry(seq) => {
@@ -669,6 +683,15 @@ impl<B: Backend> Reactor<B> {
                         };
                         self.copies.link_send += copied as u64;
                         self.msgs_sent += 1;
+                        // The host's clock: a host write's REQ (not a
+                        // replayed one) starts a sample.
+                        let host = self
+                            .core
+                            .host_id_of(seq)
+                            .and_then(|id| self.hosts.get(id as usize)?.as_ref().map(|h| h.start));
+                        if let Some(start) = host {
+                            self.stages.req_sent(seq, start);
+                        }
                     }
                 }
             }
@@ -678,6 +701,7 @@ impl<B: Backend> Reactor<B> {
             }
             Action::PersistMeta { version, bytes } => self.meta.write(version, bytes),
             Action::Execute { seq } => {
+                self.stages.execute(seq);
                 let zeroes = self.backend.discard_reads_zeroes();
                 match exec_op(self.core.log(), seq, zeroes, &self.shared.pool) {
                     Ok((op, copied)) => {
@@ -808,6 +832,7 @@ impl<B: Backend> Reactor<B> {
         io.read_latency = lat(&self.read_hist);
         io.ring_sync_latency = lat(&self.sync_hist);
         io.disk_write_latency = lat(&self.disk_write_hist);
+        io.stages = self.stages.report(lat);
         let st = NodeStatus {
             pid: std::process::id(),
             node_id: self.opts.node_id,

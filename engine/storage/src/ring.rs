@@ -70,6 +70,23 @@ pub const RING_BLOCK_BYTES: u64 = 4096;
 pub const RECORD_ALIGN_BYTES: u64 = RING_BLOCK_BYTES;
 /// Bytes of a record's header block that are used (the rest is zero).
 pub const RECORD_HEADER_BYTES: u64 = 64;
+/// A retained record in [`Ring`]'s index: its physical offset / 4096 and
+/// its payload length.
+#[derive(Clone, Copy)]
+struct Slot {
+    block: u32,
+    payload_len: u32,
+}
+
+impl Slot {
+    fn new(phys: u64, payload_len: u64) -> Slot {
+        Slot {
+            block: (phys / RECORD_ALIGN_BYTES) as u32,
+            payload_len: payload_len as u32,
+        }
+    }
+}
+
 /// Largest data area: record offsets are kept as `u32` multiples of 4096.
 pub const MAX_CAPACITY_BYTES: u64 = (u32::MAX as u64 + 1) * RECORD_ALIGN_BYTES;
 /// Format version written (and read) by this code.
@@ -302,8 +319,11 @@ pub struct Ring {
     /// Appends never write at or beyond `reclaim_pos + capacity`: the tail
     /// that a durable header holds.
     reclaim_pos: u64,
-    /// Physical offset / 4096 of each retained record, `first_seq` first.
-    index: VecDeque<u32>,
+    /// Where each retained record is and its payload length, `first_seq`
+    /// first: trimming counts payload bytes from here, never from the
+    /// mapping (a page the ring's O_DIRECT writes left out of the page
+    /// cache would be a synchronous disk read on the reactor).
+    index: VecDeque<Slot>,
     payload_bytes: u64,
     pending: VecDeque<PendingSync>,
     sync_count: u64,
@@ -946,7 +966,7 @@ impl Ring {
             if self.index.is_empty() {
                 self.tail_pos = pos;
             }
-            self.index.push_back((phys / RECORD_ALIGN_BYTES) as u32);
+            self.index.push_back(Slot::new(phys, raw.payload_len));
             self.payload_bytes += raw.payload_len;
             self.next_seq += 1;
             pos += size;
@@ -1182,7 +1202,7 @@ impl Ring {
         if self.index.is_empty() {
             self.tail_pos = write_pos;
         }
-        self.index.push_back((phys / RECORD_ALIGN_BYTES) as u32);
+        self.index.push_back(Slot::new(phys, payload.len() as u64));
         self.head_pos = write_pos + size;
         self.next_seq += 1;
         self.payload_bytes += payload.len() as u64;
@@ -1218,7 +1238,7 @@ impl Ring {
     }
 
     fn phys_of(&self, seq: u64) -> u64 {
-        u64::from(self.index[(seq - self.first_seq) as usize]) * RECORD_ALIGN_BYTES
+        u64::from(self.index[(seq - self.first_seq) as usize].block) * RECORD_ALIGN_BYTES
     }
 
     /// Logical position of retained record `seq`.
@@ -1319,11 +1339,7 @@ impl Ring {
     }
 
     fn payload_len_of(&self, seq: u64) -> u64 {
-        if seq >= self.kept_first {
-            return self.kept[(seq - self.kept_first) as usize].buf.len() as u64;
-        }
-        let at = (RING_HEADER_BYTES + self.phys_of(seq)) as usize;
-        u64::from(rd_u32(&self.map[at..], R_PAYLOAD_LEN))
+        u64::from(self.index[(seq - self.first_seq) as usize].payload_len)
     }
 
     /// Drop every record with a seq <= `seq` (the peer executed them). Seqs

@@ -1112,3 +1112,57 @@ fn version_1_ring_is_refused() {
         other => panic!("expected BadVersion, got {:?}", other.map(|(_, r)| r)),
     }
 }
+
+/// Pages of `path` in the page cache within `[from, from + len)`.
+fn resident_pages(path: &Path, from: u64, len: usize) -> usize {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only mapping of a file this test owns; nothing
+    // writes it through the mapping and it is dropped before returning.
+    let map = unsafe { memmap2::MmapOptions::new().offset(from).len(len).map(&f) }.unwrap();
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `map` covers `len` bytes from a page-aligned address and
+    // `vec` holds one byte per page of it.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|b| **b & 1 == 1).count()
+}
+
+/// Trimming durable records whose buffers were released reads nothing back
+/// from the file: each page it touched through the mapping would be a
+/// synchronous disk read on the reactor (the O_DIRECT writes leave none of
+/// them in the page cache).
+#[test]
+fn trimming_reads_no_record_back_from_the_file() {
+    let dir = TempDir::new("ring-trim-reads");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 4 << 20, 1).unwrap();
+    if !ring.is_direct() {
+        eprintln!(
+            "skipped: {} takes no O_DIRECT (tmpfs?): its pages stay cached",
+            dir.path().display()
+        );
+        return;
+    }
+    for seq in 1..=64 {
+        append(&mut ring, seq, 4096);
+    }
+    assert_eq!(run_batch(&mut ring), 64);
+    ring.release_through(64);
+    assert_eq!(ring.kept_bytes(), 0);
+    let span = 64 * 8192;
+    let f = std::fs::File::open(&path).unwrap();
+    // SAFETY: posix_fadvise takes no memory arguments.
+    let rc = unsafe {
+        use std::os::unix::io::AsRawFd;
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+    };
+    assert_eq!(rc, 0);
+    assert_eq!(resident_pages(&path, RING_HEADER_BYTES, span), 0);
+    ring.trim_through(64);
+    assert_eq!(ring.payload_bytes(), 0);
+    assert_eq!(
+        resident_pages(&path, RING_HEADER_BYTES, span),
+        0,
+        "trimming read records back through the mapping"
+    );
+}

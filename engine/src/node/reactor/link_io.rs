@@ -13,6 +13,7 @@ impl<B: Backend> Reactor<B> {
             self.drop_socket(false);
         }
         self.conn = Some(c);
+        self.stages.drop_samples();
         self.peer_refused = None;
         self.core.handle(Event::PeerConnected);
         true
@@ -27,6 +28,7 @@ impl<B: Backend> Reactor<B> {
 
     pub(super) fn drop_socket(&mut self, reconnect: bool) {
         self.close_socket();
+        self.stages.drop_samples();
         self.core.handle(Event::PeerDisconnected);
         if reconnect {
             self.link.request();
@@ -70,11 +72,14 @@ impl<B: Backend> Reactor<B> {
         }
         self.msgs_received += self.msgs.len() as u64;
         for m in std::mem::take(&mut self.msgs) {
-            if let Msg::Refuse { reason } = &m {
-                self.peer_refused = Some(reason.clone());
+            match &m {
+                Msg::Refuse { reason } => self.peer_refused = Some(reason.clone()),
+                Msg::Req { hdr, .. } => self.stages.req_received(hdr.seq),
+                _ => {}
             }
             self.core.handle(Event::PeerMsg(m));
         }
+        self.stages.ack1_received(self.core.watermarks().0);
         true
     }
 
