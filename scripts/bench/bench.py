@@ -542,6 +542,8 @@ class DmNodes:
             out[str(n)] = {k: {"count": io.get(k, {}).get("count", 0), "p50_us": io.get(k, {}).get("p50_us"),
                                "p99_us": io.get(k, {}).get("p99_us")}
                            for k in ("write_latency", "read_latency", "ring_sync_latency", "disk_write_latency")}
+            out[str(n)]["stages"] = {k: {"count": v.get("count", 0), "p50_us": v.get("p50_us")}
+                                     for k, v in (io.get("stages") or {}).items()}
         return out
 
     def settle(self):
@@ -1565,6 +1567,28 @@ def write_report(run, path_md, path_png):
                          f"{p50(n1, 'disk_write_latency')} | {p50(n2, 'ring_sync_latency')} | "
                          f"{p50(n2, 'disk_write_latency')} |")
             L.append("")
+            prows = [r for r in srows if (r["server"].get("1", {}).get("stages", {}).get("executed") or {}).get("count")]
+            if prows:
+                L.append("## Where a mirrored write's time goes (status `path`)\n")
+                L.append("The nodes' `path` stages over the same workloads: one sampled write at a time (every "
+                         "write at QD1), p50 µs from its receipt by node 1's front-end to each stage, and on node 2 "
+                         "from the REQ's arrival. A write completes to the host just after node 1's *disk done*; "
+                         "the client's p50 minus it is the front-end, the network stack and the client.\n")
+                L.append("| target | workload | client p50 | node 1 REQ sent | ring durable | ACK1 | execute | "
+                         "disk done | node 2 ring durable | ACK1 sent | writes sampled |")
+                L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                for r in prows:
+                    s1 = r["server"].get("1", {}).get("stages", {})
+                    s2 = r["server"].get("2", {}).get("stages", {})
+
+                    def st(d, k):
+                        v = d.get(k) or {}
+                        return fmt(v.get("p50_us")) if v.get("count") else "–"
+                    L.append(f"| {r['target']} | {WL[r['workload']]['label']} | {fmt(r['p50_us'])} | "
+                             f"{st(s1, 'req_sent')} | {st(s1, 'ring_durable')} | {st(s1, 'ack1')} | "
+                             f"{st(s1, 'execute')} | {st(s1, 'executed')} | {st(s2, 'ring_durable')} | "
+                             f"{st(s2, 'ack1')} | {fmt((s1.get('executed') or {}).get('count'))} |")
+                L.append("")
         L.append("## Node state at the end of each configuration\n")
         L.append("From `deltamirror status --json` after the last workload. Server-side write latency is the "
                  "node's own histogram over all workloads of that configuration (volume submit to completion, "
