@@ -71,6 +71,16 @@ impl Completion {
 
 pub type Callback = Box<dyn FnOnce(HostResult<Completion>) + Send + 'static>;
 
+/// One command for [`QueuePair::submit_batch`]: the SQE, the data to send
+/// (in-capsule when it fits, else on R2T), the bytes to receive, and what
+/// to call with the completion.
+pub struct Command {
+    pub sqe: Sqe,
+    pub data_out: Option<Arc<Vec<u8>>>,
+    pub data_in_len: u32,
+    pub done: Callback,
+}
+
 /// Host settings.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
@@ -236,44 +246,76 @@ impl QueuePair {
     /// `data_out` goes in-capsule when it fits, else via R2T/H2CData.
     pub fn submit(
         &self,
-        mut sqe: Sqe,
+        sqe: Sqe,
         data_out: Option<Arc<Vec<u8>>>,
         data_in_len: u32,
         done: Callback,
     ) -> HostResult<()> {
-        let cid = {
+        self.submit_batch(vec![Command {
+            sqe,
+            data_out,
+            data_in_len,
+            done,
+        }])
+    }
+
+    /// Submits commands in order with one socket write for all their
+    /// capsules (a host's doorbell batching); blocks only while all CIDs
+    /// are in use.
+    pub fn submit_batch(&self, cmds: Vec<Command>) -> HostResult<()> {
+        let mut pdus = Vec::new();
+        for c in cmds {
+            let Command {
+                mut sqe,
+                data_out,
+                data_in_len,
+                done,
+            } = c;
             let mut s = self.shared.slots.lock().unwrap();
-            loop {
+            let cid = loop {
                 if self.is_dead() {
                     return Err(HostError::Disconnected("queue closed".into()));
                 }
                 if let Some(c) = s.free.pop() {
                     break c;
                 }
+                if !pdus.is_empty() {
+                    // Send what is encoded before waiting: its completions
+                    // are what frees a CID.
+                    drop(s);
+                    self.write_pdus(&pdus)?;
+                    pdus.clear();
+                    s = self.shared.slots.lock().unwrap();
+                    continue;
+                }
                 s = self.shared.cv.wait(s).unwrap();
+            };
+            sqe.set_cid(cid);
+            let mut icd: &[u8] = &[];
+            match &data_out {
+                Some(d) if d.len() as u32 <= self.icd_max => {
+                    sqe.set_sgl(0, d.len() as u32, SGL_ICD);
+                    icd = d;
+                }
+                Some(d) => sqe.set_sgl(0, d.len() as u32, SGL_TRANSPORT),
+                None => sqe.set_sgl(0, data_in_len, SGL_TRANSPORT),
             }
-        };
-        sqe.set_cid(cid);
-        let mut icd: &[u8] = &[];
-        match &data_out {
-            Some(d) if d.len() as u32 <= self.icd_max => {
-                sqe.set_sgl(0, d.len() as u32, SGL_ICD);
-                icd = d;
-            }
-            Some(d) => sqe.set_sgl(0, d.len() as u32, SGL_TRANSPORT),
-            None => sqe.set_sgl(0, data_in_len, SGL_TRANSPORT),
+            pdus.extend_from_slice(&encode_capsule_cmd(&sqe, icd, self.dg));
+            s.pending.insert(
+                cid,
+                Pending {
+                    data_out,
+                    data_in: Vec::with_capacity(data_in_len as usize),
+                    digest_error: false,
+                    done,
+                },
+            );
         }
-        let pdu = encode_capsule_cmd(&sqe, icd, self.dg);
-        self.shared.slots.lock().unwrap().pending.insert(
-            cid,
-            Pending {
-                data_out,
-                data_in: Vec::new(),
-                digest_error: false,
-                done,
-            },
-        );
-        let r = self.writer.lock().unwrap().write_all(&pdu);
+        self.write_pdus(&pdus)
+    }
+
+    fn write_pdus(&self, pdus: &[u8]) -> HostResult<()> {
+        let r = self.writer.lock().unwrap().write_all(pdus);
         if let Err(e) = r {
             self.fail_all(&format!("send failed: {e}"));
             return Err(HostError::Io(e));

@@ -2,7 +2,9 @@
 //! latency histogram and data verification, and a multipath failover run
 //! that follows ANA and proves no completed write was lost.
 
-use crate::initiator::{Completion, Controller, HostConfig, HostError, HostResult};
+use crate::initiator::{
+    Callback, Command, Completion, Controller, HostConfig, HostError, HostResult,
+};
 use hdrhistogram::Histogram;
 use nvme_target::fuzz::Rng;
 use nvme_target::pdu::rw_sqe;
@@ -153,8 +155,12 @@ pub fn run_io(c: &Controller, spec: &IoSpec) -> HostResult<IoReport> {
     let mut n = 0usize;
     let start = Instant::now();
     let deadline = start + spec.duration;
+    // Without verification every write sends the same bytes.
+    let fill = Arc::new(vec![0xA5; chunk_bytes as usize]);
     loop {
         let running = Instant::now() < deadline;
+        // The commands of this round, per queue: one socket write each.
+        let mut batches: Vec<Vec<Command>> = c.io.iter().map(|_| Vec::new()).collect();
         while running && inflight < spec.queue_depth {
             let is_write = match spec.rw {
                 Rw::Read | Rw::RandRead => false,
@@ -178,80 +184,89 @@ pub fn run_io(c: &Controller, spec: &IoSpec) -> HostResult<IoReport> {
                 break;
             }
             busy.insert(chunk);
-            let q = &c.io[n % c.io.len()];
+            let q = n % c.io.len();
             n += 1;
             let slba = chunk * chunk_bytes / bs;
             let tx = tx.clone();
             let started = Instant::now();
-            let r = if is_write {
+            let g = if is_write {
                 generation += 1;
-                let g = generation;
-                let data = if spec.verify {
-                    chunk_data(chunk, g, chunk_bytes as usize)
-                } else {
-                    vec![0xA5; chunk_bytes as usize]
-                };
-                q.submit(
-                    rw_sqe(IO_WRITE, 1, slba, nlb, false),
-                    Some(Arc::new(data)),
-                    0,
-                    Box::new(move |result| {
-                        drop(tx.send(Done {
-                            chunk,
-                            generation: g,
-                            is_write,
-                            started,
-                            result,
-                        }))
-                    }),
-                )
+                generation
             } else {
-                q.submit(
-                    rw_sqe(IO_READ, 1, slba, nlb, false),
-                    None,
-                    chunk_bytes as u32,
-                    Box::new(move |result| {
-                        drop(tx.send(Done {
-                            chunk,
-                            generation: 0,
-                            is_write,
-                            started,
-                            result,
-                        }))
-                    }),
-                )
+                0
             };
-            r?;
+            let done: Callback = Box::new(move |result| {
+                drop(tx.send(Done {
+                    chunk,
+                    generation: g,
+                    is_write,
+                    started,
+                    result,
+                }))
+            });
+            batches[q].push(if is_write {
+                Command {
+                    sqe: rw_sqe(IO_WRITE, 1, slba, nlb, false),
+                    data_out: Some(if spec.verify {
+                        Arc::new(chunk_data(chunk, g, chunk_bytes as usize))
+                    } else {
+                        fill.clone()
+                    }),
+                    data_in_len: 0,
+                    done,
+                }
+            } else {
+                Command {
+                    sqe: rw_sqe(IO_READ, 1, slba, nlb, false),
+                    data_out: None,
+                    data_in_len: chunk_bytes as u32,
+                    done,
+                }
+            });
             inflight += 1;
+        }
+        for (q, batch) in c.io.iter().zip(batches) {
+            if !batch.is_empty() {
+                q.submit_batch(batch)?;
+            }
         }
         if inflight == 0 {
             break;
         }
-        let d = rx
-            .recv_timeout(c.cfg.timeout)
-            .map_err(|_| HostError::Timeout)?;
-        inflight -= 1;
-        busy.remove(&d.chunk);
-        let _ = hist.record(d.started.elapsed().as_nanos().max(1) as u64);
-        match d.result.and_then(|c| c.ok()) {
-            Ok(comp) => {
-                report.ops += 1;
-                report.bytes += chunk_bytes;
-                if spec.verify {
-                    if d.is_write {
-                        model[d.chunk as usize] = d.generation;
-                    } else if model[d.chunk as usize] != 0 {
-                        report.verified_chunks += 1;
-                        if comp.data
-                            != chunk_data(d.chunk, model[d.chunk as usize], chunk_bytes as usize)
-                        {
-                            report.verify_errors += 1;
+        // Take every completion that is in, then refill in one round.
+        let mut next = Some(
+            rx.recv_timeout(c.cfg.timeout)
+                .map_err(|_| HostError::Timeout)?,
+        );
+        while let Some(d) = next.take() {
+            next = rx.try_recv().ok();
+            inflight -= 1;
+            busy.remove(&d.chunk);
+            let _ = hist.record(d.started.elapsed().as_nanos().max(1) as u64);
+            match d.result.and_then(|c| c.ok()) {
+                Ok(comp) => {
+                    report.ops += 1;
+                    report.bytes += chunk_bytes;
+                    if spec.verify {
+                        if d.is_write {
+                            model[d.chunk as usize] = d.generation;
+                        } else if model[d.chunk as usize] != 0 {
+                            report.verified_chunks += 1;
+                            if comp.data
+                                != chunk_data(
+                                    d.chunk,
+                                    model[d.chunk as usize],
+                                    chunk_bytes as usize,
+                                )
+                            {
+                                report.verify_errors += 1;
+                            }
                         }
                     }
                 }
+                Err(HostError::Status(_)) => report.errors += 1,
+                Err(e) => return Err(e),
             }
-            Err(HostError::Status(_)) => report.errors += 1,
-            Err(e) => return Err(e),
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
