@@ -333,9 +333,9 @@ struct Kept {
 pub struct RingWrite {
     /// The highest seq the batch makes durable.
     pub through: u64,
-    /// `(file offset, pieces)`: the records' runs (header blocks from a
-    /// staging buffer, payloads from the buffers they arrived in), then the
-    /// header slot.
+    /// `(file offset, pieces)`: the records' runs (group blocks and wrap
+    /// markers from a staging buffer, payloads from the buffers they arrived
+    /// in), then the header slot.
     pub writes: Vec<(u64, Vec<IoSeg>)>,
 }
 
@@ -434,13 +434,6 @@ fn wr_u32(b: &mut [u8], at: usize, v: u32) {
 
 fn wr_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-/// The most ring bytes a record with `payload_len` bytes of payload takes:
-/// a group block of its own and its payload padded to whole blocks (a
-/// record that joins an open group takes only its payload's blocks).
-pub fn record_size(payload_len: usize) -> u64 {
-    RING_BLOCK_BYTES + padded(payload_len as u64)
 }
 
 /// `len` rounded up to whole blocks.
