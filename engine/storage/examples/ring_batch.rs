@@ -13,7 +13,8 @@
 //! device file are created there and removed afterwards); BATCHES per round
 //! and mode (default 500); RECORDS of 4 KiB per batch (default 1: a QD1
 //! write); ROUNDS (default 4). Prints each mode's batch latency p50 / p90 /
-//! p99 in microseconds, one batch at a time.
+//! p99 in microseconds, one batch at a time, and the ring bytes a batch
+//! writes (its records and, when one is due, the header slot).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -68,6 +69,7 @@ fn main() {
     let mut ring = Ring::create(&ring_path, 64 << 20, 1).expect("ring");
     let payload: SharedBuf = AlignedBuf::from_slice(&[0x5a; 4096]).share();
     let mut lat: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut bytes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
         for (mode, dsync) in [(0, false), (1, true)] {
             for _ in 0..batches {
@@ -86,6 +88,12 @@ fn main() {
                 let start = Instant::now();
                 let w = ring.begin_write().expect("no batch in flight");
                 let fd = ring.fd();
+                bytes[mode].push(
+                    w.writes
+                        .iter()
+                        .flat_map(|(_, segs)| segs.iter().map(|s| s.len as u64))
+                        .sum(),
+                );
                 let ops = w
                     .writes
                     .into_iter()
@@ -108,12 +116,16 @@ fn main() {
     }
     for (mode, name) in [(0, "writes + fdatasync"), (1, "durable writes (RWF_DSYNC)")] {
         let v = &mut lat[mode];
+        let b = &mut bytes[mode];
+        let mean = b.iter().sum::<u64>() / b.len().max(1) as u64;
         println!(
-            "{name:28} {records} x 4 KiB per batch, {} batches: p50 {} µs  p90 {} µs  p99 {} µs",
+            "{name:28} {records} x 4 KiB per batch, {} batches: p50 {} µs  p90 {} µs  p99 {} µs; \
+             ring bytes per batch: mean {mean}, max {}",
             v.len(),
             pct(v, 0.5),
             pct(v, 0.9),
-            pct(v, 0.99)
+            pct(v, 0.99),
+            pct(b, 1.0)
         );
     }
     drop(ring);

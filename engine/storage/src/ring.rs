@@ -5,12 +5,17 @@
 //! `docs/ring-format.md`; this module is the reference implementation. In
 //! short: three 4 KiB header slots hold the cursors (a store never goes to
 //! a slot a batch in flight writes; recovery takes the valid one stored
-//! last); records follow in a circular data area, each a 4 KiB header block
-//! followed by its payload padded to whole 4 KiB blocks, so every payload
-//! sits at a block-aligned file offset and no two records share a block; a
-//! record never straddles the end of the area (a wrap marker block sends
-//! readers back to the start). Positions are *logical* byte counts that only
-//! grow; the physical offset in the data area is `pos % capacity`.
+//! last); records follow in a circular data area in *groups* (format 3): a
+//! 4 KiB group block holding the 64-byte headers of up to
+//! [`GROUP_RECORDS`] consecutive records, followed by their payloads, each
+//! padded to whole 4 KiB blocks, so every payload sits at a block-aligned
+//! file offset and a 4 KiB write costs 4 KiB of ring plus its share of the
+//! group block. A group belongs to one batch and never straddles the end of
+//! the area (a wrap marker block sends readers back to the start). Rings of
+//! format 2 (a header block per record) are still read: a ring upgraded in
+//! place holds format 2 records followed by groups. Positions are *logical*
+//! byte counts that only grow; the physical offset in the data area is
+//! `pos % capacity`.
 //!
 //! No payload is copied: [`Ring::append`] keeps the `SharedBuf` the payload
 //! arrived in, and a batch write takes its pieces straight from those
@@ -22,9 +27,9 @@
 //! separate fdatasync). Each record says which seqs were durable when it
 //! was appended, so recovery tells damage from a torn tail even when the
 //! header's own word on that is old. Only
-//! the header blocks and the last partial block of a payload whose length
-//! is not a multiple of 4 KiB are built in a small staging buffer (zero
-//! padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
+//! the group blocks (built when the batch is written, all their records
+//! known then) and the last partial block of a payload whose length is not
+//! a multiple of 4 KiB are built in a small staging buffer (zero padded). At most [`MAX_BATCHES_IN_FLIGHT`] batches are in flight:
 //! appends made meanwhile go into a later one (group commit), and a batch
 //! is reported durable only after every batch begun before it.
 //!
@@ -62,26 +67,42 @@ pub const RING_HEADER_SLOTS: usize = MAX_BATCHES_IN_FLIGHT + 1;
 pub const RING_HEADER_BYTES: u64 = RING_HEADER_SLOTS as u64 * RING_HEADER_SLOT_BYTES;
 /// Batch writes ([`Ring::begin_write`]) that may be in flight at once.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
-/// Unit of every write to the ring file and of every record: records,
-/// payloads and wrap markers start on multiples of this and fill whole
-/// blocks, so no two records share a block.
+/// Unit of every write to the ring file: group blocks, payloads and wrap
+/// markers start on multiples of this and fill whole blocks, so no two
+/// payloads share a block and a group block holds nothing but headers.
 pub const RING_BLOCK_BYTES: u64 = 4096;
-/// Records and wrap markers start on multiples of this.
+/// Group blocks (and format 2 records) and wrap markers start on multiples
+/// of this.
 pub const RECORD_ALIGN_BYTES: u64 = RING_BLOCK_BYTES;
-/// Bytes of a record's header block that are used (the rest is zero).
+/// Bytes of one record header (in a group block; format 2: at the start of
+/// the record's own header block).
 pub const RECORD_HEADER_BYTES: u64 = 64;
-/// A retained record in [`Ring`]'s index: its physical offset / 4096 and
-/// its payload length.
+/// Bytes of a group block's own header, before its record headers.
+pub const GROUP_HEADER_BYTES: u64 = 64;
+/// Records one group block holds at most: its header, then one record
+/// header each.
+pub const GROUP_RECORDS: usize =
+    ((RING_BLOCK_BYTES - GROUP_HEADER_BYTES) / RECORD_HEADER_BYTES) as usize;
+
+/// A retained record in [`Ring`]'s index: the physical offset / 4096 of the
+/// block holding its header (its group block; format 2: its own header
+/// block), where its payload starts relative to that block (in blocks), and
+/// its payload length. Enough to trim, truncate and find the record without
+/// reading the file.
 #[derive(Clone, Copy)]
 struct Slot {
     block: u32,
+    rel: u32,
     payload_len: u32,
 }
 
 impl Slot {
-    fn new(phys: u64, payload_len: u64) -> Slot {
+    /// A record whose header sits in the block at physical offset
+    /// `block_phys` and whose payload starts `rel_bytes` after it.
+    fn new(block_phys: u64, rel_bytes: u64, payload_len: u64) -> Slot {
         Slot {
-            block: (phys / RECORD_ALIGN_BYTES) as u32,
+            block: (block_phys / RECORD_ALIGN_BYTES) as u32,
+            rel: (rel_bytes / RING_BLOCK_BYTES) as u32,
             payload_len: payload_len as u32,
         }
     }
@@ -89,8 +110,11 @@ impl Slot {
 
 /// Largest data area: record offsets are kept as `u32` multiples of 4096.
 pub const MAX_CAPACITY_BYTES: u64 = (u32::MAX as u64 + 1) * RECORD_ALIGN_BYTES;
-/// Format version written (and read) by this code.
-pub const RING_VERSION: u32 = 2;
+/// Format version written by this code (format 3: records in groups).
+pub const RING_VERSION: u32 = 3;
+/// Oldest format version [`Ring::open`] reads: format 2 records (a header
+/// block each) are read, and new records follow them in groups.
+pub const RING_MIN_VERSION: u32 = 2;
 /// Payload bytes of durable records whose buffers the ring keeps, by
 /// default, when the driver has not released them: reads of recent records
 /// (sending, executing) come from memory instead of the mapping.
@@ -101,6 +125,7 @@ const MAX_WRITE_BYTES: u64 = 1 << 30;
 const RING_MAGIC: &[u8; 8] = b"DMIRRING";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DMRC");
 const WRAP_MAGIC: u32 = u32::from_le_bytes(*b"DMWR");
+const GROUP_MAGIC: u32 = u32::from_le_bytes(*b"DMGR");
 /// Prepared-but-unconfirmed syncs remembered; older ones are forgotten, which
 /// only delays the reuse of trimmed space.
 const MAX_PENDING_SYNCS: usize = 16;
@@ -134,6 +159,12 @@ const R_PAYLOAD_LEN: usize = 48;
 /// rings written before this field was used: it claims nothing).
 const R_SYNCED_SEQ: usize = 52;
 const R_CRC: usize = 60;
+
+// Group header field offsets (the first 64 bytes of a group block).
+const G_MAGIC: usize = 0;
+const G_COUNT: usize = 4;
+const G_FIRST_SEQ: usize = 8;
+const G_CRC: usize = 60;
 
 /// The engine's description of a record; `kind` and `flags` are opaque to
 /// the ring.
@@ -198,8 +229,8 @@ impl fmt::Display for RingError {
                 supported,
             } => write!(
                 f,
-                "{} has ring format version {found}, this build reads version {supported} \
-                 (docs/ring-format.md, Versions). Drain it with the build that wrote it: run \
+                "{} has ring format version {found}, this build reads versions \
+                 {RING_MIN_VERSION} to {supported} (docs/ring-format.md, Versions). Drain it with the build that wrote it: run \
                  that build until the pair is in sync and this node's delta queue is empty, so \
                  no acknowledged write lives only in this ring; then re-create the node with \
                  this build, `deltamirror format --force --replace` (it rejoins as backup and \
@@ -249,12 +280,28 @@ struct PendingSync {
     id: u64,
 }
 
-/// A record or wrap marker appended and not yet known to be in the file:
-/// its 64-byte header and its payload (the buffer it arrived in).
+/// What a [`Chunk`] is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkKind {
+    /// A wrap marker block.
+    Wrap,
+    /// A group block: built when the batch is written, from the headers of
+    /// the records that follow it in the chunk list.
+    Group,
+    /// A record of the group before it: `pos` is where its payload goes.
+    Record,
+}
+
+/// A group block, record or wrap marker appended and not yet known to be
+/// in the file: its 64-byte header (a record's or a marker's) and its
+/// payload (the buffer it arrived in).
 #[derive(Clone)]
 struct Chunk {
+    kind: ChunkKind,
+    /// Logical position of the block (a record: of its payload).
     pos: u64,
-    /// The record's seq (a wrap marker: the seq of the record after it).
+    /// The record's seq (a wrap marker or group block: the seq of the
+    /// record after it).
     seq: u64,
     hdr: [u8; RECORD_HEADER_BYTES as usize],
     payload: Option<SharedBuf>,
@@ -286,9 +333,9 @@ struct Kept {
 pub struct RingWrite {
     /// The highest seq the batch makes durable.
     pub through: u64,
-    /// `(file offset, pieces)`: the records' runs (header blocks from a
-    /// staging buffer, payloads from the buffers they arrived in), then the
-    /// header slot.
+    /// `(file offset, pieces)`: the records' runs (group blocks and wrap
+    /// markers from a staging buffer, payloads from the buffers they arrived
+    /// in), then the header slot.
     pub writes: Vec<(u64, Vec<IoSeg>)>,
 }
 
@@ -335,6 +382,12 @@ pub struct Ring {
     unwritten: Vec<Chunk>,
     /// Batches begun and not reported yet, oldest first.
     in_flight: VecDeque<InFlightBatch>,
+    /// The group the next append joins if it has room and the payload fits
+    /// before the end of the group's lap: (logical position of its group
+    /// block, records in it). Every write of what was appended closes it
+    /// (a group belongs to one batch), and so does anything that moves the
+    /// head otherwise (truncation, reset, a trim of every record).
+    open_group: Option<(u64, usize)>,
     /// A truncation moved the head back over space that batches in flight
     /// still write: nothing appended since is written (no batch begins,
     /// synchronous writes leave it out) until those batches are reported,
@@ -383,22 +436,97 @@ fn wr_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Bytes a record with `payload_len` bytes of payload occupies: its header
-/// block and its payload padded to whole blocks.
-pub fn record_size(payload_len: usize) -> u64 {
-    RING_BLOCK_BYTES + (payload_len as u64).next_multiple_of(RING_BLOCK_BYTES)
+/// `len` rounded up to whole blocks.
+fn padded(len: u64) -> u64 {
+    len.next_multiple_of(RING_BLOCK_BYTES)
 }
 
 fn record_crc(hdr: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&hdr[..R_CRC]), payload)
 }
 
-/// A record or wrap marker as read from the data area.
-struct RawRecord {
+/// Where an entry of the chain sits.
+#[derive(Clone, Copy, Debug)]
+enum Loc {
+    /// At the block at this logical position: a format 2 record, a wrap
+    /// marker, or a group block (its first record).
+    Block(u64),
+    /// Record `idx` (> 0) of the `count` in the group block at logical
+    /// position `group`, its payload at logical position `payload`.
+    Member {
+        group: u64,
+        idx: usize,
+        count: usize,
+        payload: u64,
+    },
+}
+
+impl Loc {
+    /// Where the chain stops if this entry is not valid: the ring's head
+    /// after recovery.
+    fn pos(self) -> u64 {
+        match self {
+            Loc::Block(pos) => pos,
+            Loc::Member { payload, .. } => payload,
+        }
+    }
+}
+
+/// A record or wrap marker as read from the data area: its structure
+/// checked (magic, lengths), its checksum, seq and epoch not.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// `RECORD_MAGIC` or `WRAP_MAGIC`.
     magic: u32,
+    /// Logical position of the block holding its header (its group block,
+    /// or its own).
+    block: u64,
+    /// Physical data-area offset of its 64-byte header.
+    hdr: u64,
+    /// (index, records in the group) for a record of a group.
+    member: Option<(usize, usize)>,
     seq: u64,
     epoch: u64,
     payload_len: u64,
+    /// Logical position of its payload.
+    payload: u64,
+}
+
+impl Entry {
+    /// Logical position where it ends (a wrap marker: its block).
+    fn end(&self) -> u64 {
+        if self.magic == WRAP_MAGIC {
+            self.block + RING_BLOCK_BYTES
+        } else {
+            self.payload + padded(self.payload_len)
+        }
+    }
+
+    /// Where the next entry of the chain sits.
+    fn next(&self, capacity: u64) -> Loc {
+        match self.member {
+            _ if self.magic == WRAP_MAGIC => Loc::Block((self.block / capacity + 1) * capacity),
+            Some((idx, count)) if idx + 1 < count => Loc::Member {
+                group: self.block,
+                idx: idx + 1,
+                count,
+                payload: self.end(),
+            },
+            _ => Loc::Block(self.end()),
+        }
+    }
+}
+
+/// Why the chain stops at an entry (see [`Ring::follow`]).
+struct Stop {
+    /// Logical position where the chain stops (the new head).
+    at: u64,
+    /// File offset of the bad record's header (or of the block that holds
+    /// no record), for the corruption report.
+    offset: u64,
+    /// The bad record, if its structure could be read.
+    entry: Option<Entry>,
+    why: String,
 }
 
 fn round_down(pos: u64) -> u64 {
@@ -517,19 +645,23 @@ fn record_header(
     rec
 }
 
+/// Where an append goes ([`Ring::placement`]): logical positions.
+struct Placement {
+    /// A wrap marker first, here.
+    marker: Option<u64>,
+    /// A new group block, here (else the record joins the open group).
+    group: Option<u64>,
+    payload: u64,
+    /// Where the head goes.
+    end: u64,
+}
+
 /// A piece of a planned write: from the staging buffer, or from a payload.
 enum Piece {
     Stage { at: usize, len: usize },
     Payload { buf: SharedBuf, len: usize },
 }
 
-/// The writes that put `chunks` (in append order) into a ring file with a
-/// data area of `capacity` bytes: one per run of consecutive chunks (a run
-/// ends at the end of the data area, and at [`MAX_WRITE_SEGS`] pieces or
-/// [`MAX_WRITE_BYTES`]). Header blocks, and the last partial block of a
-/// payload whose length is not a multiple of the block size (zero padded),
-/// are built in one staging buffer; whole payload blocks are written from
-/// the payload's own buffer.
 /// Staging buffers a ring keeps for reuse (a batch's writes hold theirs
 /// until they complete; at most two batches are in flight).
 const MAX_SPARE_STAGES: usize = 4;
@@ -561,6 +693,23 @@ fn stage_buf(spare: &mut Vec<SharedBuf>, len: usize) -> AlignedBuf {
     b
 }
 
+/// Write a group block's header: `count` records from `first_seq` on.
+fn finish_group(block: &mut [u8], first_seq: u64, count: usize) {
+    wr_u32(block, G_MAGIC, GROUP_MAGIC);
+    block[G_COUNT..G_COUNT + 2].copy_from_slice(&(count as u16).to_le_bytes());
+    wr_u64(block, G_FIRST_SEQ, first_seq);
+    let crc = crc32c::crc32c(&block[..G_CRC]);
+    wr_u32(block, G_CRC, crc);
+}
+
+/// The writes that put `chunks` (in append order: each group block before
+/// its records) into a ring file with a data area of `capacity` bytes: one
+/// per run of consecutive chunks (a run ends at the end of the data area,
+/// and at [`MAX_WRITE_SEGS`] pieces or [`MAX_WRITE_BYTES`]). Group blocks
+/// (their header and the headers of the records that follow them), wrap
+/// markers, and the last partial block of a payload whose length is not a
+/// multiple of the block size (zero padded), are built in one staging
+/// buffer; whole payload blocks are written from the payload's own buffer.
 fn plan_writes(
     chunks: &[Chunk],
     capacity: u64,
@@ -569,46 +718,81 @@ fn plan_writes(
     let block = RING_BLOCK_BYTES as usize;
     let stage_blocks: usize = chunks
         .iter()
-        .map(|c| {
-            let tail = c.payload.as_ref().is_some_and(|p| p.len() % block != 0);
-            1 + usize::from(tail)
+        .map(|c| match c.kind {
+            ChunkKind::Wrap | ChunkKind::Group => 1,
+            ChunkKind::Record => {
+                usize::from(c.payload.as_ref().is_some_and(|p| p.len() % block != 0))
+            }
         })
         .sum();
     let mut stage = stage_buf(spare, stage_blocks * block);
     let mut runs: Vec<(u64, Vec<Piece>)> = Vec::new();
     let (mut run_end, mut run_bytes) = (u64::MAX, 0u64);
     let mut at = 0usize;
+    // The group block being filled: (its offset in `stage`, first seq,
+    // records so far).
+    let mut group: Option<(usize, u64, usize)> = None;
     for c in chunks {
-        let size = record_size(c.payload.as_ref().map_or(0, |p| p.len()));
-        let new_run = c.pos != run_end
-            || c.pos.is_multiple_of(capacity)
-            || runs.last().is_none_or(|r| r.1.len() + 3 > MAX_WRITE_SEGS)
-            || run_bytes + size > MAX_WRITE_BYTES;
-        if new_run {
-            runs.push((RING_HEADER_BYTES + c.pos % capacity, Vec::new()));
-            run_bytes = 0;
-        }
-        let pieces = &mut runs.last_mut().expect("a run").1;
-        stage.as_mut_slice()[at..at + RECORD_HEADER_BYTES as usize].copy_from_slice(&c.hdr);
-        pieces.push(Piece::Stage { at, len: block });
-        at += block;
-        if let Some(p) = &c.payload {
-            let whole = p.len() / block * block;
-            if whole > 0 {
-                pieces.push(Piece::Payload {
-                    buf: p.clone(),
-                    len: whole,
-                });
+        if c.kind != ChunkKind::Record {
+            if let Some((g, first, n)) = group.take() {
+                finish_group(&mut stage.as_mut_slice()[g..g + block], first, n);
             }
-            if whole < p.len() {
-                let rest = p.len() - whole;
-                stage.as_mut_slice()[at..at + rest].copy_from_slice(&p[whole..]);
+        }
+        let size = match c.kind {
+            ChunkKind::Wrap | ChunkKind::Group => RING_BLOCK_BYTES,
+            ChunkKind::Record => padded(c.payload.as_ref().map_or(0, |p| p.len()) as u64),
+        };
+        if size > 0 {
+            let new_run = c.pos != run_end
+                || c.pos.is_multiple_of(capacity)
+                || runs.last().is_none_or(|r| r.1.len() + 3 > MAX_WRITE_SEGS)
+                || run_bytes + size > MAX_WRITE_BYTES;
+            if new_run {
+                runs.push((RING_HEADER_BYTES + c.pos % capacity, Vec::new()));
+                run_bytes = 0;
+            }
+            run_end = c.pos + size;
+            run_bytes += size;
+        }
+        match c.kind {
+            ChunkKind::Wrap | ChunkKind::Group => {
+                if c.kind == ChunkKind::Wrap {
+                    stage.as_mut_slice()[at..at + RECORD_HEADER_BYTES as usize]
+                        .copy_from_slice(&c.hdr);
+                } else {
+                    group = Some((at, c.seq, 0));
+                }
+                let pieces = &mut runs.last_mut().expect("a run").1;
                 pieces.push(Piece::Stage { at, len: block });
                 at += block;
             }
+            ChunkKind::Record => {
+                let (g, _, n) = group
+                    .as_mut()
+                    .expect("a record follows its group block in the chunk list");
+                let h = *g + (GROUP_HEADER_BYTES + *n as u64 * RECORD_HEADER_BYTES) as usize;
+                stage.as_mut_slice()[h..h + RECORD_HEADER_BYTES as usize].copy_from_slice(&c.hdr);
+                *n += 1;
+                let Some(p) = &c.payload else { continue };
+                let pieces = &mut runs.last_mut().expect("a run").1;
+                let whole = p.len() / block * block;
+                if whole > 0 {
+                    pieces.push(Piece::Payload {
+                        buf: p.clone(),
+                        len: whole,
+                    });
+                }
+                if whole < p.len() {
+                    let rest = p.len() - whole;
+                    stage.as_mut_slice()[at..at + rest].copy_from_slice(&p[whole..]);
+                    pieces.push(Piece::Stage { at, len: block });
+                    at += block;
+                }
+            }
         }
-        run_end = c.pos + size;
-        run_bytes += size;
+    }
+    if let Some((g, first, n)) = group {
+        finish_group(&mut stage.as_mut_slice()[g..g + block], first, n);
     }
     let stage = stage.share();
     if spare.len() < MAX_SPARE_STAGES {
@@ -724,6 +908,7 @@ impl Ring {
             // The first store goes to slot 0.
             last_slot: RING_HEADER_SLOTS - 1,
             unwritten: Vec::new(),
+            open_group: None,
             in_flight: VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT),
             hold: false,
             kept: VecDeque::new(),
@@ -778,10 +963,13 @@ impl Ring {
             });
         }
         // Another format version (version 1 has a single header at offset
-        // 0) is refused by name, whatever the other slots hold.
+        // 0) is refused by name, whatever the other slots hold. Version 2
+        // is read (its records; new ones go in groups and the header is
+        // stored as version 3), and a ring upgraded in place may hold slots
+        // of both.
         for i in (0..slots).filter(|&i| has_magic(i)) {
             let version = rd_u32(&map[i * slot_len..], H_VERSION);
-            if version != RING_VERSION {
+            if !(RING_MIN_VERSION..=RING_VERSION).contains(&version) {
                 return Err(RingError::BadVersion {
                     path: path.to_path_buf(),
                     found: version,
@@ -850,17 +1038,6 @@ impl Ring {
         Ok((ring, recovery))
     }
 
-    fn read_raw(&self, phys: u64) -> RawRecord {
-        let at = (RING_HEADER_BYTES + phys) as usize;
-        let b = &self.map[at..at + RECORD_HEADER_BYTES as usize];
-        RawRecord {
-            magic: rd_u32(b, R_MAGIC),
-            seq: rd_u64(b, R_SEQ),
-            epoch: rd_u64(b, R_EPOCH),
-            payload_len: u64::from(rd_u32(b, R_PAYLOAD_LEN)),
-        }
-    }
-
     /// Whether a record or marker carrying `seq` and `epoch` may belong to
     /// the current chain (see "Epochs" in docs/ring-format.md).
     fn epoch_ok(&self, seq: u64, epoch: u64) -> bool {
@@ -871,143 +1048,288 @@ impl Ring {
         }
     }
 
-    /// Why the record or marker at `phys` is not the expected `seq`, or
-    /// `None` if it is valid.
-    fn check_at(&self, phys: u64, seq: u64) -> Option<String> {
-        let raw = self.read_raw(phys);
+    /// The 64 bytes at physical data-area offset `phys`.
+    fn hdr_bytes(&self, phys: u64) -> &[u8] {
         let at = (RING_HEADER_BYTES + phys) as usize;
-        let hdr = &self.map[at..at + RECORD_HEADER_BYTES as usize];
-        let payload_len = match raw.magic {
-            RECORD_MAGIC => raw.payload_len,
-            WRAP_MAGIC => 0,
-            m => return Some(format!("no record here (magic {m:#010x})")),
+        &self.map[at..at + RECORD_HEADER_BYTES as usize]
+    }
+
+    /// The entry at `loc`, its structure checked (magic, a group header's
+    /// checksum and count, a payload that ends inside its lap), or why
+    /// there is none.
+    fn entry(&self, loc: Loc) -> Result<Entry, String> {
+        let cap = self.capacity;
+        let (block, hdr, member, payload) = match loc {
+            Loc::Block(pos) => {
+                let phys = pos % cap;
+                let b = self.hdr_bytes(phys);
+                match rd_u32(b, R_MAGIC) {
+                    RECORD_MAGIC | WRAP_MAGIC => (pos, phys, None, pos + RING_BLOCK_BYTES),
+                    GROUP_MAGIC => {
+                        if crc32c::crc32c(&b[..G_CRC]) != rd_u32(b, G_CRC) {
+                            return Err("group block header checksum mismatch".into());
+                        }
+                        let count = usize::from(u16::from_le_bytes([b[G_COUNT], b[G_COUNT + 1]]));
+                        if count == 0 || count > GROUP_RECORDS {
+                            return Err(format!("group block says it holds {count} records"));
+                        }
+                        (
+                            pos,
+                            phys + GROUP_HEADER_BYTES,
+                            Some((0, count)),
+                            pos + RING_BLOCK_BYTES,
+                        )
+                    }
+                    m => return Err(format!("no record here (magic {m:#010x})")),
+                }
+            }
+            Loc::Member {
+                group,
+                idx,
+                count,
+                payload,
+            } => {
+                let hdr = group % cap + GROUP_HEADER_BYTES + idx as u64 * RECORD_HEADER_BYTES;
+                (group, hdr, Some((idx, count)), payload)
+            }
         };
-        if raw.magic == RECORD_MAGIC && phys + record_size(payload_len as usize) > self.capacity {
-            return Some(format!(
+        let b = self.hdr_bytes(hdr);
+        let magic = rd_u32(b, R_MAGIC);
+        if member.is_some() && magic != RECORD_MAGIC {
+            return Err(format!(
+                "no record header in the group block (magic {magic:#010x})"
+            ));
+        }
+        let payload_len = if magic == WRAP_MAGIC {
+            0
+        } else {
+            u64::from(rd_u32(b, R_PAYLOAD_LEN))
+        };
+        let lap_end = (block / cap + 1) * cap;
+        if payload + padded(payload_len) > lap_end {
+            return Err(format!(
                 "payload length {payload_len} runs past the end of the data area"
             ));
         }
-        let payload = &self.map
-            [at + RING_BLOCK_BYTES as usize..at + RING_BLOCK_BYTES as usize + payload_len as usize];
-        if record_crc(hdr, payload) != rd_u32(hdr, R_CRC) {
+        Ok(Entry {
+            magic,
+            block,
+            hdr,
+            member,
+            seq: rd_u64(b, R_SEQ),
+            epoch: rd_u64(b, R_EPOCH),
+            payload_len,
+            payload,
+        })
+    }
+
+    /// Whether the record or marker `e` is whole (its checksum over header
+    /// and payload holds).
+    fn whole(&self, e: &Entry) -> bool {
+        let hdr = self.hdr_bytes(e.hdr);
+        let at = (RING_HEADER_BYTES + e.payload % self.capacity) as usize;
+        let payload = &self.map[at..at + e.payload_len as usize];
+        record_crc(hdr, payload) == rd_u32(hdr, R_CRC)
+    }
+
+    /// Why `e` is not the expected `seq` of the chain, or `None` if it is.
+    fn check(&self, e: &Entry, seq: u64) -> Option<String> {
+        if !self.whole(e) {
             return Some("checksum mismatch".into());
         }
-        if raw.seq != seq {
-            return Some(format!("found seq {} instead", raw.seq));
+        if e.seq != seq {
+            return Some(format!("found seq {} instead", e.seq));
         }
-        if !self.epoch_ok(raw.seq, raw.epoch) {
+        if !self.epoch_ok(e.seq, e.epoch) {
             return Some(format!(
                 "stale record of epoch {} (ring epoch {}, epoch starts at seq {})",
-                raw.epoch, self.epoch, self.epoch_first_seq
+                e.epoch, self.epoch, self.epoch_first_seq
             ));
         }
         None
+    }
+
+    /// The entry for `seq` that the chain holds at `loc`. A later record of
+    /// a group that is not `seq` may be a leftover of a truncation that cut
+    /// the group short: the chain then goes on at the block where the
+    /// record before it ended. Otherwise, or if nothing valid is there
+    /// either, why the chain stops.
+    fn follow(&self, loc: Loc, seq: u64) -> Result<Entry, Stop> {
+        let cap = self.capacity;
+        let stop_at = |pos: u64, entry: Option<Entry>, why: String| Stop {
+            at: pos,
+            offset: RING_HEADER_BYTES + entry.map_or(pos % cap, |e| e.hdr),
+            entry,
+            why,
+        };
+        let e = self
+            .entry(loc)
+            .map_err(|why| stop_at(loc.pos(), None, why))?;
+        let Some(why) = self.check(&e, seq) else {
+            return Ok(e);
+        };
+        if let Loc::Member { payload, .. } = loc {
+            let cont = self.entry(Loc::Block(payload));
+            let cont_why = match cont {
+                Ok(c) => match self.check(&c, seq) {
+                    None => return Ok(c),
+                    Some(w) => w,
+                },
+                Err(ref w) => w.clone(),
+            };
+            if self.whole(&e) {
+                // A whole record of another seq or epoch: what was to
+                // follow in the chain is what is missing.
+                return Err(stop_at(payload, cont.ok(), cont_why));
+            }
+        }
+        Err(stop_at(loc.pos(), Some(e), why))
     }
 
     /// Rebuild the index from `tail_pos`. Returns the torn-tail byte count,
     /// or `Err(Corrupt)` for a bad record at or before `synced_seq`.
     fn scan(&mut self, header_head_pos: u64, synced_seq: u64) -> Result<u64, RingError> {
-        let mut pos = self.tail_pos;
-        let limit = self.tail_pos + self.capacity;
+        let cap = self.capacity;
+        let start = self.tail_pos;
+        let limit = start + cap;
+        let mut loc = Loc::Block(start);
         loop {
-            let phys = pos % self.capacity;
             let seq = self.next_seq;
-            if pos + RING_BLOCK_BYTES > limit {
-                break;
+            if let Loc::Block(pos) = loc {
+                if pos + RING_BLOCK_BYTES > limit {
+                    break;
+                }
             }
-            if let Some(why) = self.check_at(phys, seq) {
-                if seq <= synced_seq {
-                    return Err(corrupt(
-                        RING_HEADER_BYTES + phys,
-                        seq,
-                        format!(
-                            "{}: {why}; the header says every record up to seq {synced_seq} \
-                             was durable",
-                            self.path.display()
-                        ),
-                    ));
-                }
-                // The header's synced_seq may be old (batches store it only
-                // now and then): a record appended later that is whole and
-                // says `seq` was durable proves this is damage, not a tear.
-                if let Some((at, m, claim)) = self.later_claim(pos, limit, seq) {
-                    return Err(corrupt(
-                        RING_HEADER_BYTES + phys,
-                        seq,
-                        format!(
-                            "{}: {why}; record seq {m} (file offset {at}), appended later, says \
-                             every record up to seq {claim} was durable",
-                            self.path.display()
-                        ),
-                    ));
-                }
-                let raw = self.read_raw(phys);
-                let mut claimed_end = header_head_pos;
-                // A record that carries the expected seq but fails its
-                // checksum is the partly written one; stale records of older
-                // laps or epochs are not part of the torn tail.
-                if raw.magic == RECORD_MAGIC && raw.seq == seq && raw.epoch == self.epoch {
-                    let end = pos + record_size(raw.payload_len as usize);
-                    if end <= limit {
-                        claimed_end = claimed_end.max(end);
+            // The header's tail may be a group whose first records were
+            // trimmed (trimmed space is reused by whole groups only).
+            if self.index.is_empty() {
+                if let Ok(e) = self.entry(loc) {
+                    if e.member.is_some() && e.block == start && e.seq < seq && e.end() <= limit {
+                        loc = e.next(cap);
+                        continue;
                     }
                 }
-                return Ok(claimed_end.saturating_sub(pos));
             }
-            let raw = self.read_raw(phys);
-            if raw.magic == WRAP_MAGIC {
-                pos += self.capacity - phys;
-                continue;
-            }
-            let size = record_size(raw.payload_len as usize);
-            if pos + size > limit {
+            let e = match self.follow(loc, seq) {
+                Ok(e) => e,
+                Err(stop) => return self.stopped(stop, seq, header_head_pos, synced_seq, limit),
+            };
+            if e.end() > limit {
                 break;
             }
-            if self.index.is_empty() {
-                self.tail_pos = pos;
+            if e.magic == WRAP_MAGIC {
+                loc = e.next(cap);
+                continue;
             }
-            self.index.push_back(Slot::new(phys, raw.payload_len));
-            self.payload_bytes += raw.payload_len;
+            if self.index.is_empty() {
+                self.tail_pos = e.block;
+            }
+            self.index
+                .push_back(Slot::new(e.block % cap, e.payload - e.block, e.payload_len));
+            self.payload_bytes += e.payload_len;
             self.next_seq += 1;
-            pos += size;
-            self.head_pos = pos;
+            self.head_pos = e.end();
+            loc = e.next(cap);
         }
         Ok(0)
     }
 
-    /// Whether the records that follow the damaged record `seq` at logical
-    /// position `from` say that `seq` was durable: (file offset, seq, claim)
-    /// of the first that does. The damaged record's own header tells where
-    /// the next one starts (its payload length is not verified: damage to
-    /// the payload, the usual case, leaves it right); the chain is followed
-    /// from there, seq by seq, up to `limit` or its first invalid record, so
-    /// this costs a read per record that follows, not a scan of the ring.
-    fn later_claim(&self, from: u64, limit: u64, seq: u64) -> Option<(u64, u64, u64)> {
-        let raw = self.read_raw(from % self.capacity);
-        if raw.magic != RECORD_MAGIC || raw.payload_len > self.capacity {
+    /// The scan stopped at `stop` expecting `seq`: corruption (`Err`) if a
+    /// record that was durable is missing, else a torn tail (its bytes).
+    fn stopped(
+        &self,
+        stop: Stop,
+        seq: u64,
+        header_head_pos: u64,
+        synced_seq: u64,
+        limit: u64,
+    ) -> Result<u64, RingError> {
+        let Stop {
+            at,
+            offset,
+            entry,
+            why,
+        } = stop;
+        if seq <= synced_seq {
+            return Err(corrupt(
+                offset,
+                seq,
+                format!(
+                    "{}: {why}; the header says every record up to seq {synced_seq} was durable",
+                    self.path.display()
+                ),
+            ));
+        }
+        // The header's synced_seq may be old (batches store it only now and
+        // then): a record appended later that is whole and says `seq` was
+        // durable proves this is damage, not a tear.
+        if let Some((claim_at, m, claim)) = entry.and_then(|e| self.later_claim(&e, limit, seq)) {
+            return Err(corrupt(
+                offset,
+                seq,
+                format!(
+                    "{}: {why}; record seq {m} (file offset {claim_at}), appended later, says                      every record up to seq {claim} was durable",
+                    self.path.display()
+                ),
+            ));
+        }
+        let mut claimed_end = header_head_pos;
+        // A record that carries the expected seq but fails its checksum is
+        // the partly written one; stale records of older laps or epochs are
+        // not part of the torn tail.
+        if let Some(e) = entry {
+            if e.magic == RECORD_MAGIC && e.seq == seq && e.epoch == self.epoch && e.end() <= limit
+            {
+                claimed_end = claimed_end.max(e.end());
+                // The rest of its group was written in the same batch.
+                let mut last = e;
+                while let next @ Loc::Member { .. } = last.next(self.capacity) {
+                    match self.entry(next) {
+                        Ok(m) if m.end() <= limit => {
+                            claimed_end = claimed_end.max(m.end());
+                            last = m;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(claimed_end.saturating_sub(at))
+    }
+
+    /// Whether the records that follow the damaged record `bad` (expected
+    /// to be `seq`) say that `seq` was durable: (file offset, seq, claim) of
+    /// the first that does. The damaged record's own header tells where the
+    /// next one starts (its payload length is not verified: damage to the
+    /// payload, the usual case, leaves it right); the chain is followed from
+    /// there, seq by seq, up to `limit` or its first invalid record, so this
+    /// costs a read per record that follows, not a scan of the ring.
+    fn later_claim(&self, bad: &Entry, limit: u64, seq: u64) -> Option<(u64, u64, u64)> {
+        if bad.magic != RECORD_MAGIC {
             return None;
         }
-        let mut pos = from + record_size(raw.payload_len as usize);
+        let mut loc = bad.next(self.capacity);
         let mut expected = seq + 1;
-        while pos + RING_BLOCK_BYTES <= limit {
-            let phys = pos % self.capacity;
-            if self.check_at(phys, expected).is_some() {
+        loop {
+            if let Loc::Block(pos) = loc {
+                if pos + RING_BLOCK_BYTES > limit {
+                    return None;
+                }
+            }
+            let next = self.follow(loc, expected).ok()?;
+            if next.end() > limit {
                 return None;
             }
-            let next = self.read_raw(phys);
+            loc = next.next(self.capacity);
             if next.magic == WRAP_MAGIC {
-                pos += self.capacity - phys;
                 continue;
             }
-            let at = (RING_HEADER_BYTES + phys) as usize;
-            let claim = rd_u64(&self.map[at..], R_SYNCED_SEQ);
+            let claim = rd_u64(self.hdr_bytes(next.hdr), R_SYNCED_SEQ);
             if claim >= seq {
-                return Some((RING_HEADER_BYTES + phys, expected, claim));
+                return Some((RING_HEADER_BYTES + next.hdr, expected, claim));
             }
-            pos += record_size(next.payload_len as usize);
             expected += 1;
         }
-        None
     }
 
     /// The header slot the next store goes to: the next one after the last
@@ -1092,6 +1414,8 @@ impl Ring {
             .collect();
         if !self.hold {
             chunks.append(&mut self.unwritten);
+            // Its group block goes out now: later appends open another.
+            self.open_group = None;
         }
         if chunks.is_empty() {
             return;
@@ -1133,24 +1457,75 @@ impl Ring {
         }
     }
 
-    /// Where a record of `size` bytes would go: (logical write position,
-    /// bytes consumed including a skipped end of the area), or `None`.
-    /// Appends stop at the oldest byte a durable header may still hold.
-    fn placement(&self, size: u64) -> Option<(u64, u64)> {
-        let phys = self.head_pos % self.capacity;
-        let room_to_end = self.capacity - phys;
-        let (write_pos, need) = if size <= room_to_end {
-            (self.head_pos, size)
-        } else {
-            (self.head_pos + room_to_end, room_to_end + size)
+    /// Where a record with `payload_len` bytes of payload would go, or
+    /// `None` if it does not fit now. A record with a payload joins the
+    /// open group if that has room, the payload ends before the end of the
+    /// group's lap and the group then spans at most
+    /// [`Ring::max_group_span`]; else (and always without a payload) it
+    /// opens a group at the head, or, if the group block and payload do
+    /// not fit before the end of the area, after a wrap marker at the start
+    /// of the next lap. Appends stop at the oldest byte a durable header may
+    /// still hold.
+    fn placement(&self, payload_len: u64) -> Option<Placement> {
+        let cap = self.capacity;
+        let padded = padded(payload_len);
+        let head = self.head_pos;
+        let place = match self.open_group {
+            Some((g, n))
+                if n < GROUP_RECORDS
+                    && payload_len > 0
+                    && head + padded <= (g / cap + 1) * cap
+                    && head + padded - g <= self.max_group_span() =>
+            {
+                Placement {
+                    marker: None,
+                    group: None,
+                    payload: head,
+                    end: head + padded,
+                }
+            }
+            _ => {
+                let size = RING_BLOCK_BYTES + padded;
+                if size > cap {
+                    return None;
+                }
+                let room_to_end = cap - head % cap;
+                let g = if size <= room_to_end {
+                    head
+                } else {
+                    head + room_to_end
+                };
+                Placement {
+                    marker: (g != head).then_some(head),
+                    group: Some(g),
+                    payload: g + RING_BLOCK_BYTES,
+                    end: g + size,
+                }
+            }
         };
-        let mut limit = round_down(self.reclaim_pos + self.capacity);
+        let mut limit = round_down(self.reclaim_pos + cap);
         // Never where a batch in flight may still land (a synchronous
         // operation may have made its records durable and trimmable).
         if let Some(c) = self.in_flight.iter().find_map(|f| f.chunks.first()) {
-            limit = limit.min(c.pos + self.capacity);
+            limit = limit.min(c.pos + cap);
         }
-        (size <= self.capacity && self.head_pos + need <= limit).then_some((write_pos, need))
+        // Nor where something appended is still to be written: under a
+        // hold, records trimmed before they were written still go out
+        // once it ends, although a header store may have moved the
+        // durable tail past them.
+        if let Some(c) = self.unwritten.first() {
+            limit = limit.min(c.pos + cap);
+        }
+        (place.end <= limit).then_some(place)
+    }
+
+    /// The most bytes (group block and payloads) a group grows to by
+    /// records joining it: an eighth of the data area. Trimmed space is
+    /// reused by whole groups (the tail is a group block), so this bounds
+    /// what a partly trimmed group holds back. (A record larger than that
+    /// opens a group of its own.)
+    fn max_group_span(&self) -> u64 {
+        round_down(self.capacity / 8)
     }
 
     /// The highest seq whose record is in the file or being written: all
@@ -1174,9 +1549,15 @@ impl Ring {
         if payload.len() > u32::MAX as usize {
             return Err(RingFull);
         }
-        let size = record_size(payload.len());
-        let (write_pos, _) = self.placement(size).ok_or(RingFull)?;
-        if write_pos != self.head_pos {
+        let place = self.placement(payload.len() as u64).ok_or(RingFull)?;
+        let chunk = |kind, pos, hdr| Chunk {
+            kind,
+            pos,
+            seq: h.seq,
+            hdr,
+            payload: None,
+        };
+        if let Some(at) = place.marker {
             let marker = RecordHeader {
                 seq: h.seq,
                 gen: 0,
@@ -1185,25 +1566,34 @@ impl Ring {
                 offset: 0,
                 len: 0,
             };
-            self.unwritten.push(Chunk {
-                pos: self.head_pos,
-                seq: h.seq,
-                hdr: record_header(WRAP_MAGIC, &marker, self.epoch, self.durable_seq, &[]),
-                payload: None,
-            });
+            let hdr = record_header(WRAP_MAGIC, &marker, self.epoch, self.durable_seq, &[]);
+            self.unwritten.push(chunk(ChunkKind::Wrap, at, hdr));
         }
+        if let Some(at) = place.group {
+            self.unwritten.push(chunk(
+                ChunkKind::Group,
+                at,
+                [0; RECORD_HEADER_BYTES as usize],
+            ));
+            self.open_group = Some((at, 0));
+        }
+        let hdr = record_header(RECORD_MAGIC, h, self.epoch, self.durable_seq, &payload);
         self.unwritten.push(Chunk {
-            pos: write_pos,
-            seq: h.seq,
-            hdr: record_header(RECORD_MAGIC, h, self.epoch, self.durable_seq, &payload),
             payload: (!payload.is_empty()).then(|| payload.clone()),
+            ..chunk(ChunkKind::Record, place.payload, hdr)
         });
-        let phys = write_pos % self.capacity;
+        let (group, members) = self.open_group.as_mut().expect("a group is open");
+        *members += 1;
+        let group = *group;
         if self.index.is_empty() {
-            self.tail_pos = write_pos;
+            self.tail_pos = group;
         }
-        self.index.push_back(Slot::new(phys, payload.len() as u64));
-        self.head_pos = write_pos + size;
+        self.index.push_back(Slot::new(
+            group % self.capacity,
+            place.payload - group,
+            payload.len() as u64,
+        ));
+        self.head_pos = place.end;
         self.next_seq += 1;
         self.payload_bytes += payload.len() as u64;
         self.kept_bytes += payload.len() as u64;
@@ -1216,7 +1606,7 @@ impl Ring {
 
     /// Whether a record with `payload_len` bytes of payload fits now.
     pub fn fits(&self, payload_len: usize) -> bool {
-        payload_len <= u32::MAX as usize && self.placement(record_size(payload_len)).is_some()
+        payload_len <= u32::MAX as usize && self.placement(payload_len as u64).is_some()
     }
 
     /// Oldest retained seq (== `next_seq()` when empty).
@@ -1237,15 +1627,27 @@ impl Ring {
         self.index.is_empty()
     }
 
-    fn phys_of(&self, seq: u64) -> u64 {
-        u64::from(self.index[(seq - self.first_seq) as usize].block) * RECORD_ALIGN_BYTES
+    fn slot(&self, seq: u64) -> Slot {
+        self.index[(seq - self.first_seq) as usize]
     }
 
-    /// Logical position of retained record `seq`.
+    /// Logical position of the block holding retained record `seq`'s
+    /// header (its group block; format 2: its own header block). A group's
+    /// block lies at or after the tail and before the head, so within one
+    /// lap of the tail.
     fn pos_of(&self, seq: u64) -> u64 {
         let tail_phys = self.tail_pos % self.capacity;
-        let phys = self.phys_of(seq);
+        let phys = u64::from(self.slot(seq).block) * RECORD_ALIGN_BYTES;
         self.tail_pos + (phys + self.capacity - tail_phys) % self.capacity
+    }
+
+    /// Logical position where retained record `seq` ends (its payload's
+    /// last block).
+    fn end_of(&self, seq: u64) -> u64 {
+        let slot = self.slot(seq);
+        self.pos_of(seq)
+            + u64::from(slot.rel) * RING_BLOCK_BYTES
+            + padded(u64::from(slot.payload_len))
     }
 
     /// The record `seq` and its payload, if retained: from the buffer it
@@ -1261,18 +1663,39 @@ impl Ring {
             let k = &self.kept[(seq - self.kept_first) as usize];
             return Some((k.h, &k.buf[..]));
         }
-        let phys = self.phys_of(seq);
-        let at = (RING_HEADER_BYTES + phys) as usize;
-        let hdr = &self.map[at..at + RECORD_HEADER_BYTES as usize];
+        let slot = self.slot(seq);
+        let phys = u64::from(slot.block) * RECORD_ALIGN_BYTES;
+        let block = self.hdr_bytes(phys);
+        let damaged = || {
+            format!(
+                "{}: index points to a damaged record for seq {seq} at data offset {phys}",
+                self.path.display()
+            )
+        };
+        let hdr_phys = match rd_u32(block, R_MAGIC) {
+            RECORD_MAGIC => phys,
+            GROUP_MAGIC => {
+                let idx = seq.checked_sub(rd_u64(block, G_FIRST_SEQ));
+                let count = u64::from(u16::from_le_bytes([block[G_COUNT], block[G_COUNT + 1]]));
+                let idx = idx
+                    .filter(|&i| i < count)
+                    .unwrap_or_else(|| panic!("{}", damaged()));
+                phys + GROUP_HEADER_BYTES + idx * RECORD_HEADER_BYTES
+            }
+            _ => panic!("{}", damaged()),
+        };
+        let hdr = self.hdr_bytes(hdr_phys);
         let payload_len = rd_u32(hdr, R_PAYLOAD_LEN) as usize;
+        let from = phys + u64::from(slot.rel) * RING_BLOCK_BYTES;
         assert!(
             rd_u32(hdr, R_MAGIC) == RECORD_MAGIC
                 && rd_u64(hdr, R_SEQ) == seq
-                && phys + record_size(payload_len) <= self.capacity,
-            "{}: index points to a damaged record for seq {seq} at data offset {phys}",
-            self.path.display()
+                && payload_len == slot.payload_len as usize
+                && from + payload_len as u64 <= self.capacity,
+            "{}",
+            damaged()
         );
-        let from = at + RING_BLOCK_BYTES as usize;
+        let from = (RING_HEADER_BYTES + from) as usize;
         let payload = &self.map[from..from + payload_len];
         assert_eq!(
             record_crc(hdr, payload),
@@ -1355,6 +1778,8 @@ impl Ring {
         }
         let new_first = last + 1;
         let new_tail = if new_first == self.next_seq {
+            // Nothing left: the next append opens a group at the head.
+            self.open_group = None;
             self.head_pos
         } else {
             self.pos_of(new_first)
@@ -1404,8 +1829,9 @@ impl Ring {
         self.unwritten.retain(|c| c.seq <= seq);
         // Batches in flight may write where the head goes back to.
         self.hold |= !self.in_flight.is_empty();
-        let last_pos = self.pos_of(seq);
-        self.head_pos = last_pos + record_size(self.payload_len_of(seq) as usize);
+        self.head_pos = self.end_of(seq);
+        // The next append opens a group at the new head.
+        self.open_group = None;
         self.index.truncate((seq + 1 - self.first_seq) as usize);
         while self.kept_first + self.kept.len() as u64 > seq + 1 {
             let Some(k) = self.kept.pop_back() else { break };
@@ -1418,7 +1844,11 @@ impl Ring {
         // hold, the kept records still waiting are stamped with it, since
         // what the file holds where they go is older and must not pass.
         let epoch = self.epoch;
-        for c in &mut self.unwritten {
+        for c in self
+            .unwritten
+            .iter_mut()
+            .filter(|c| c.kind != ChunkKind::Group)
+        {
             wr_u64(&mut c.hdr, R_EPOCH, epoch);
             let crc = record_crc(&c.hdr, c.payload.as_deref().unwrap_or(&[]));
             wr_u32(&mut c.hdr, R_CRC, crc);
@@ -1437,6 +1867,7 @@ impl Ring {
         // moves on (under a hold, what waits is dropped with them).
         self.write_out();
         self.unwritten.clear();
+        self.open_group = None;
         self.index.clear();
         self.kept.clear();
         self.kept_bytes = 0;
@@ -1507,6 +1938,8 @@ impl Ring {
             return None;
         }
         let chunks = std::mem::take(&mut self.unwritten);
+        // A group belongs to one batch: the next append opens another.
+        self.open_group = None;
         let mut writes = plan_writes(&chunks, self.capacity, &mut self.stage_spare);
         // The header goes along only when its tail is worth making durable
         // (or when there is nothing else to write): recovery finds the new

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use storage::backend::{Backend, BackendCompletion, BackendOp, IoSeg, MemBackend};
-use storage::ring::{RecordHeader, Ring, RingError, RingFull, RingWrite, RING_HEADER_BYTES};
+use storage::ring::{
+    RecordHeader, Ring, RingError, RingFull, RingWrite, GROUP_HEADER_BYTES, GROUP_RECORDS,
+    RECORD_HEADER_BYTES, RING_HEADER_BYTES,
+};
 
 fn hdr(seq: u64) -> RecordHeader {
     RecordHeader {
@@ -35,6 +38,12 @@ fn check(ring: &Ring, seq: u64, len: usize) {
     let (h, p) = ring.get(seq).unwrap_or_else(|| panic!("seq {seq} missing"));
     assert_eq!(h, hdr(seq));
     assert_eq!(p, payload(seq, len));
+}
+
+/// File offset of record `seq`'s 64-byte header in the group block at file
+/// offset `group`, whose first record is `first`.
+fn member_hdr(group: u64, first: u64, seq: u64) -> u64 {
+    group + GROUP_HEADER_BYTES + (seq - first) * RECORD_HEADER_BYTES
 }
 
 /// File offset of the first occurrence of `needle`.
@@ -295,13 +304,17 @@ fn torn_tail_is_cut_off() {
 fn mid_ring_corruption_is_reported() {
     let dir = TempDir::new("ring-corrupt");
     let path = dir.join("ring");
-    let mut ring = Ring::create(&path, 1 << 16, 1).unwrap();
+    let mut ring = Ring::create(&path, 1 << 20, 1).unwrap();
     for s in 1..=8 {
         append(&mut ring, s, 300);
     }
     ring.sync().unwrap();
     drop(ring);
+    // One group: its block, then the 8 payloads.
+    let group = find(&path, b"<seq 00000001>") - 4096;
+    assert_eq!(group, RING_HEADER_BYTES);
     let at = find(&path, b"<seq 00000004>");
+    assert_eq!(at, group + 4 * 4096);
     flip_byte(&path, at + 100);
     match Ring::open(&path) {
         Err(RingError::Corrupt {
@@ -310,7 +323,11 @@ fn mid_ring_corruption_is_reported() {
             detail,
         }) => {
             assert_eq!(seq_expected, 4);
-            assert_eq!(offset, at - 4096, "offset of seq 4's record header block");
+            assert_eq!(
+                offset,
+                member_hdr(group, 1, 4),
+                "offset of seq 4's record header in the group block"
+            );
             assert!(detail.contains("checksum"), "{detail}");
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
@@ -356,7 +373,9 @@ fn damage_a_later_record_vouches_for_is_corruption() {
     );
     drop(img);
     // Seq 2: seqs 4..6 were appended once 1..3 were durable and say so.
+    // (Each batch is one group: its block, then its payloads.)
     std::fs::write(&path, &pristine).unwrap();
+    let group = find(&path, b"<seq 00000001>") - 4096;
     let at = find(&path, b"<seq 00000002>");
     flip_byte(&path, at + 10);
     match Ring::open(&path) {
@@ -365,16 +384,16 @@ fn damage_a_later_record_vouches_for_is_corruption() {
             seq_expected,
             detail,
         }) => {
-            assert_eq!((offset, seq_expected), (at - 4096, 2));
+            assert_eq!((offset, seq_expected), (member_hdr(group, 1, 2), 2));
             assert!(detail.contains("record seq 4"), "{detail}");
             assert!(detail.contains("up to seq 3 was durable"), "{detail}");
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
     }
-    // Seq 2's header block damaged (its gen field): its length still says
-    // where seq 3 starts, and seq 4 vouches for it.
+    // Seq 2's record header damaged (its gen field): its length still
+    // says where seq 3 starts, and seq 4 vouches for it.
     std::fs::write(&path, &pristine).unwrap();
-    flip_byte(&path, at - 4096 + 20);
+    flip_byte(&path, member_hdr(group, 1, 2) + 20);
     assert!(matches!(
         Ring::open(&path),
         Err(RingError::Corrupt {
@@ -402,12 +421,15 @@ fn header_store_rides_along_when_trimmed_space_waits() {
     let path = dir.join("ring");
     let cap = 1u64 << 18;
     let mut ring = Ring::create(&path, cap, 1).unwrap();
-    for s in 1..=4 {
+    // Two batches, so two groups: 1 (8 KiB), 2..8 (32 KiB).
+    append(&mut ring, 1, 4096);
+    run_batch(&mut ring);
+    for s in 2..=8 {
         append(&mut ring, s, 4096);
     }
     run_batch(&mut ring);
     ring.trim_through(1); // 8 KiB trimmed: under an eighth (32 KiB)
-    append(&mut ring, 5, 4096);
+    append(&mut ring, 9, 4096);
     let w = ring.begin_write().unwrap();
     assert_eq!(w.writes.len(), 1, "records only");
     for (off, segs) in w.writes {
@@ -415,8 +437,8 @@ fn header_store_rides_along_when_trimmed_space_waits() {
     }
     ring.sync_completed(w.through);
     assert!(ring.reclaim_pending(), "the trim is not durable yet");
-    ring.trim_through(4); // 32 KiB trimmed: due
-    append(&mut ring, 6, 4096);
+    ring.trim_through(8); // 40 KiB trimmed: due
+    append(&mut ring, 10, 4096);
     let w = ring.begin_write().unwrap();
     assert_eq!(w.writes.len(), 2, "records and the header slot");
     assert!(
@@ -430,9 +452,9 @@ fn header_store_rides_along_when_trimmed_space_waits() {
     assert!(!ring.reclaim_pending(), "the new tail is durable");
     std::mem::forget(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
-    assert_eq!((rec.first_seq, rec.next_seq), (5, 7));
-    check(&ring, 5, 4096);
-    check(&ring, 6, 4096);
+    assert_eq!((rec.first_seq, rec.next_seq), (9, 11));
+    check(&ring, 9, 4096);
+    check(&ring, 10, 4096);
 }
 
 #[test]
@@ -516,7 +538,9 @@ fn model_run(seed: u64, steps: usize) {
     let dir = TempDir::new("ring-model");
     let path = dir.join("ring");
     let mut rng = Rng::new(seed);
-    let capacity = [16384u64, 32768, 131072][rng.below(3) as usize];
+    // Small rings wrap often; in the larger ones (a group spans up to an
+    // eighth of the ring) small records share groups.
+    let capacity = [16384u64, 32768, 131072, 1 << 20][rng.below(4) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     // Every record of the current chain by seq (trimmed ones stay, since an
     // unsynced trim may come back after a reopen).
@@ -528,9 +552,10 @@ fn model_run(seed: u64, steps: usize) {
         let ctx = format!("seed {seed} step {step}");
         match rng.below(100) {
             0..=49 => {
-                let len = match rng.below(4) {
+                let len = match rng.below(5) {
                     0 => 0,
                     1 => rng.below(64) as usize,
+                    2 => rng.below(8192) as usize,
                     _ => rng.below(capacity / 3) as usize,
                 };
                 let fits = ring.fits(len);
@@ -692,7 +717,9 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
     let path = dir.join("ring");
     let image_path = dir.join("image");
     let mut rng = Rng::new(seed);
-    let capacity = [16384u64, 32768, 65536][rng.below(3) as usize];
+    // Small rings wrap often; in the larger ones (a group spans up to an
+    // eighth of the ring) small records share groups.
+    let capacity = [16384u64, 65536, 262144, 1 << 20][rng.below(4) as usize];
     let mut ring = Ring::create(&path, capacity, 1).unwrap();
     let mut chain: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut first, mut next) = (1u64, 1u64);
@@ -710,7 +737,11 @@ fn crash_run(seed: u64, steps: usize, unit: usize) {
         let now = base + snaps.len(); // number of the snapshot taken after this op
         match rng.below(115) {
             0..=54 => {
-                let len = rng.below(capacity / 4) as usize;
+                let len = match rng.below(3) {
+                    0 => rng.below(100),
+                    1 => rng.below(8192),
+                    _ => rng.below(capacity / 4),
+                } as usize;
                 if ring.append(&hdr(next), payload(next, len).into()).is_ok() {
                     chain.insert(next, len);
                     next += 1;
@@ -923,12 +954,16 @@ fn payloads_not_a_multiple_of_the_block() {
     run_batch(&mut ring);
     let file = std::fs::read(&path).unwrap();
     let h = RING_HEADER_BYTES as usize;
-    // Record 1: header block at h, payload at h + 4096, zeroes after 512 bytes.
+    // One group: its block at h, record 1's payload at h + 4096, zeroes
+    // after 512 bytes.
     assert_eq!(&file[h + 4096..h + 4096 + 512], &payload(1, 512)[..]);
     assert!(file[h + 4096 + 512..h + 8192].iter().all(|&b| b == 0));
-    // Record 2 starts at h + 8192; its payload at h + 12288 runs 4608 bytes.
-    assert_eq!(&file[h + 12288..h + 12288 + 4608], &payload(2, 4608)[..]);
-    assert!(file[h + 12288 + 4608..h + 20480].iter().all(|&b| b == 0));
+    // Record 2's payload at h + 8192 runs 4608 bytes.
+    assert_eq!(&file[h + 8192..h + 8192 + 4608], &payload(2, 4608)[..]);
+    assert!(file[h + 8192 + 4608..h + 16384].iter().all(|&b| b == 0));
+    // Record 3 (1 byte) at h + 16384. Record 4 has no payload: it opens a
+    // group of its own (block at h + 20480), which record 5 joins.
+    assert_eq!(&file[h + 24576..h + 24576 + 12288], &payload(5, 12288)[..]);
     drop(ring);
     let (ring, rec) = Ring::open(&path).unwrap();
     assert_eq!(rec.next_seq, 6);
@@ -1086,7 +1121,7 @@ fn truncation_while_a_batch_is_in_flight() {
     check(&ring, 4, 10);
 }
 
-/// A ring of the previous format is refused by name, with what to do.
+/// A ring of format 1 is refused by name, with what to do.
 #[test]
 fn version_1_ring_is_refused() {
     let dir = TempDir::new("ring-v1");
@@ -1099,13 +1134,15 @@ fn version_1_ring_is_refused() {
         Err(
             e @ RingError::BadVersion {
                 found: 1,
-                supported: 2,
+                supported: 3,
                 ..
             },
         ) => {
             let msg = e.to_string();
             assert!(
-                msg.contains("Drain it") && msg.contains("format --force --replace"),
+                msg.contains("Drain it")
+                    && msg.contains("reads versions 2 to 3")
+                    && msg.contains("format --force --replace"),
                 "{msg}"
             );
         }
@@ -1165,4 +1202,428 @@ fn trimming_reads_no_record_back_from_the_file() {
         0,
         "trimming read records back through the mapping"
     );
+}
+
+/// Read the group block at file offset `at`: (record count, first seq).
+fn group_at(file: &[u8], at: usize) -> (usize, u64) {
+    assert_eq!(
+        &file[at..at + 4],
+        b"DMGR",
+        "a group block at file offset {at}"
+    );
+    let count = u16::from_le_bytes([file[at + 4], file[at + 5]]) as usize;
+    let first = u64::from_le_bytes(file[at + 8..at + 16].try_into().unwrap());
+    (count, first)
+}
+
+/// Ring bytes one batch writes.
+fn batch_bytes(w: &RingWrite) -> u64 {
+    w.writes
+        .iter()
+        .flat_map(|(_, segs)| segs.iter().map(|s| s.len as u64))
+        .sum()
+}
+
+/// More records in one batch than a group block holds: the batch is two
+/// groups, back to back, and every record reads back (from its buffer,
+/// through the mapping, and after a reopen).
+#[test]
+fn a_group_fills_up() {
+    let dir = TempDir::new("ring-group-full");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 4 << 20, 1).unwrap();
+    let n = GROUP_RECORDS as u64 + 37;
+    for s in 1..=n {
+        append(&mut ring, s, 4096);
+    }
+    let w = ring.begin_write().unwrap();
+    assert_eq!(w.writes.len(), 1, "one run, no header store");
+    assert_eq!(batch_bytes(&w), (n + 2) * 4096, "two group blocks");
+    for (off, segs) in w.writes {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    ring.sync_completed(w.through);
+    let file = std::fs::read(&path).unwrap();
+    let h = RING_HEADER_BYTES as usize;
+    assert_eq!(group_at(&file, h), (GROUP_RECORDS, 1));
+    let second = h + (GROUP_RECORDS + 1) * 4096;
+    assert_eq!(group_at(&file, second), (37, GROUP_RECORDS as u64 + 1));
+    assert_eq!(
+        &file[second + 4096..second + 8192],
+        &payload(GROUP_RECORDS as u64 + 1, 4096)[..]
+    );
+    // Through the mapping once the buffers are gone.
+    ring.release_through(n);
+    assert_eq!(ring.kept_bytes(), 0);
+    for s in 1..=n {
+        check(&ring, s, 4096);
+    }
+    std::mem::forget(ring); // a crash: the records were durable
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (1, n + 1, 0)
+    );
+    for s in 1..=n {
+        check(&ring, s, 4096);
+    }
+}
+
+/// A batch whose group reaches the end of the data area: a record whose
+/// payload does not fit before it opens a group after a wrap marker, at
+/// the start of the next lap; one that ends exactly there stays in its
+/// group, and the next opens a group at the start without a marker.
+#[test]
+fn a_batch_whose_group_hits_the_wrap() {
+    let dir = TempDir::new("ring-group-wrap");
+    let path = dir.join("ring");
+    let cap = 1u64 << 20;
+    let h = RING_HEADER_BYTES;
+    let mut ring = Ring::create(&path, cap, 1).unwrap();
+    // Move the head to 12 KiB before the end.
+    append(&mut ring, 1, (cap - 16384) as usize);
+    run_batch(&mut ring);
+    ring.trim_through(1);
+    run_batch(&mut ring);
+    // 2 opens a group at cap - 12 KiB; 3 (8 KiB) no longer fits before
+    // the end: a marker at cap - 4 KiB, a group at 0; 4 joins it.
+    append(&mut ring, 2, 4096);
+    append(&mut ring, 3, 8192);
+    append(&mut ring, 4, 4096);
+    let w = ring.begin_write().unwrap();
+    let offsets: Vec<u64> = w.writes.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![h + cap - 12288, h],
+        "before and after the wrap"
+    );
+    assert_eq!(batch_bytes(&w), 4 * 4096 + 3 * 4096);
+    for (off, segs) in w.writes {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    ring.sync_completed(w.through);
+    let file = std::fs::read(&path).unwrap();
+    assert_eq!(group_at(&file, (h + cap - 12288) as usize), (1, 2));
+    assert_eq!(&file[(h + cap - 4096) as usize..][..4], b"DMWR");
+    assert_eq!(group_at(&file, h as usize), (2, 3));
+    // 6 and 7 end exactly at the end of the area, in one group; 8 opens a
+    // group at the start of the next lap, without a marker.
+    ring.trim_through(4);
+    append(&mut ring, 5, (cap - 32768) as usize); // 16 KiB .. cap - 12 KiB
+    run_batch(&mut ring);
+    ring.sync().unwrap(); // the trim is durable: the start is free again
+    append(&mut ring, 6, 4096);
+    append(&mut ring, 7, 4096);
+    append(&mut ring, 8, 4096);
+    let w = ring.begin_write().unwrap();
+    let offsets: Vec<u64> = w.writes.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![h + cap - 12288, h],
+        "up to the end, then the start"
+    );
+    assert_eq!(batch_bytes(&w), 5 * 4096, "no marker");
+    for (off, segs) in w.writes {
+        run_write(ring.fd(), off, segs).unwrap();
+    }
+    ring.sync_completed(w.through);
+    let file = std::fs::read(&path).unwrap();
+    assert_eq!(group_at(&file, (h + cap - 12288) as usize), (2, 6));
+    assert_eq!(group_at(&file, h as usize), (1, 8));
+    ring.release_through(8);
+    check(&ring, 7, 4096);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (5, 9, 0)
+    );
+    check(&ring, 5, (cap - 32768) as usize);
+    for s in 6..=8 {
+        check(&ring, s, 4096);
+    }
+}
+
+/// A crash while a batch's group is written: the group block landed but
+/// the last payload did not; a payload in the middle did not; the group
+/// block did not. Each is a torn tail (the records were not durable): the
+/// records before the tear stay, the rest of the group is cut off.
+#[test]
+fn a_torn_group_is_cut_as_a_torn_tail() {
+    let dir = TempDir::new("ring-group-torn");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 20, 1).unwrap();
+    for s in 1..=3 {
+        append(&mut ring, s, 4096);
+    }
+    run_batch(&mut ring);
+    for s in 4..=8 {
+        append(&mut ring, s, 4096);
+    }
+    let w = ring.begin_write().unwrap();
+    assert_eq!(w.writes.len(), 1);
+    let (off, segs) = w.writes.into_iter().next().unwrap();
+    std::mem::forget(ring); // the crash: what lands is up to the test
+    let pristine = std::fs::read(&path).unwrap();
+    // segs: the group block, then the five payloads.
+    assert_eq!(segs.len(), 6);
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let land = |skip: usize| {
+        std::fs::write(&path, &pristine).unwrap();
+        let mut at = off;
+        for (i, s) in segs.iter().enumerate() {
+            if i != skip {
+                fd.write_all_at(&s.buf[s.start..s.start + s.len], at)
+                    .unwrap();
+            }
+            at += s.len as u64;
+        }
+    };
+    // Seq 8's payload missing.
+    land(5);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (1, 8));
+    assert_eq!(rec.torn_tail_bytes, 4096, "seq 8's payload block");
+    for s in 1..=7 {
+        check(&ring, s, 4096);
+    }
+    drop(ring);
+    // Seq 5's payload missing: 6..8 are whole but follow a gap.
+    land(2);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (1, 5));
+    assert_eq!(
+        rec.torn_tail_bytes,
+        4 * 4096,
+        "seqs 5..8, the rest of the group"
+    );
+    check(&ring, 4, 4096);
+    drop(ring);
+    // The group block missing: the whole batch is gone.
+    land(0);
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (1, 4));
+    for s in 1..=3 {
+        check(&ring, s, 4096);
+    }
+    // The ring goes on where the torn group was.
+    append(&mut ring, 4, 100);
+    run_batch(&mut ring);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 5);
+    check(&ring, 4, 100);
+}
+
+/// At depth, a 4 KiB write costs 4 KiB of ring plus its share of a group
+/// block: 32 records in one batch take 33 blocks (format 2: 64).
+#[test]
+fn ring_bytes_per_4k_record_at_depth() {
+    let dir = TempDir::new("ring-bytes");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 16 << 20, 1).unwrap();
+    let mut next = 1u64;
+    for depth in [1u64, 32, 63, 64, 200] {
+        let used = ring.used_bytes();
+        for _ in 0..depth {
+            append(&mut ring, next, 4096);
+            next += 1;
+        }
+        let groups = depth.div_ceil(GROUP_RECORDS as u64);
+        assert_eq!(ring.used_bytes() - used, (depth + groups) * 4096);
+        let w = ring.begin_write().unwrap();
+        assert_eq!(
+            batch_bytes(&w),
+            (depth + groups) * 4096,
+            "{depth} records: one block each plus one per group"
+        );
+        for (off, segs) in w.writes {
+            run_write(ring.fd(), off, segs).unwrap();
+        }
+        ring.sync_completed(w.through);
+    }
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, next);
+    for s in 1..next {
+        check(&ring, s, 4096);
+    }
+}
+
+/// A truncation that cuts a written group short: the new records go in a
+/// new group where the last kept one ended, and the dropped ones, still
+/// listed in the old group block, never come back. A trim that keeps part
+/// of a group keeps its group block as the tail.
+#[test]
+fn truncation_and_trim_inside_a_group() {
+    let dir = TempDir::new("ring-group-trunc");
+    let path = dir.join("ring");
+    let mut ring = Ring::create(&path, 1 << 20, 1).unwrap();
+    for s in 1..=10 {
+        append(&mut ring, s, 4096);
+    }
+    run_batch(&mut ring);
+    ring.truncate_after(6);
+    append(&mut ring, 7, 100);
+    append(&mut ring, 8, 0);
+    append(&mut ring, 9, 5000);
+    run_batch(&mut ring);
+    std::mem::forget(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (rec.first_seq, rec.next_seq, rec.torn_tail_bytes),
+        (1, 10, 0)
+    );
+    for s in 1..=6 {
+        check(&ring, s, 4096);
+    }
+    check(&ring, 7, 100);
+    check(&ring, 8, 0);
+    check(&ring, 9, 5000);
+    // A second reopen (a new epoch) still does not take the old 7..10.
+    drop(ring);
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 10);
+    check(&ring, 9, 5000);
+    // Trim into the first group; the header holds its block as the tail.
+    ring.trim_through(3);
+    ring.sync().unwrap();
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (4, 10));
+    for s in 4..=6 {
+        check(&ring, s, 4096);
+    }
+    check(&ring, 7, 100);
+    drop(ring);
+    // Dropping the appended records again: the third group goes too.
+    let (mut ring, _) = Ring::open(&path).unwrap();
+    ring.truncate_after(5);
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (4, 6));
+    check(&ring, 5, 4096);
+}
+
+/// Writes a format 2 ring file from its specification (docs/ring-format.md,
+/// version 2), independently of the ring code: three header slots (slot 0
+/// used), records of a 4 KiB header block followed by the payload padded to
+/// whole blocks, starting at data offset `tail`.
+fn write_format_2_ring(path: &Path, capacity: u64, tail: u64, records: &[(u64, usize)]) {
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let h = RING_HEADER_BYTES as usize;
+    let mut file = vec![0u8; h + capacity as usize];
+    let mut pos = tail as usize;
+    for &(seq, len) in records {
+        let r = &mut file[h + pos..h + pos + 64];
+        r[0..4].copy_from_slice(b"DMRC");
+        let head = hdr(seq);
+        r[4] = head.kind;
+        r[5] = head.flags;
+        put64(r, 8, seq);
+        put64(r, 16, head.gen);
+        put64(r, 24, head.offset);
+        put64(r, 32, head.len);
+        put64(r, 40, 1); // epoch
+        put32(r, 48, len as u32);
+        put64(r, 52, seq - 1); // synced_seq: every earlier record was durable
+        let p = payload(seq, len);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&r[..60]), &p);
+        put32(r, 60, crc);
+        file[h + pos + 4096..h + pos + 4096 + len].copy_from_slice(&p);
+        pos += 4096 + len.next_multiple_of(4096);
+    }
+    let (first, next) = (records[0].0, records.last().unwrap().0 + 1);
+    let s = &mut file[..128];
+    s[0..8].copy_from_slice(b"DMIRRING");
+    put32(s, 8, 2);
+    put32(s, 12, RING_HEADER_BYTES as u32);
+    put64(s, 16, capacity);
+    put64(s, 24, 1); // epoch
+    put64(s, 32, first); // epoch_first_seq
+    put64(s, 40, tail);
+    put64(s, 48, first);
+    put64(s, 56, pos as u64); // head
+    put64(s, 64, next);
+    put64(s, 72, next - 1); // synced_seq
+    put64(s, 80, 1); // sync_count
+    let crc = crc32c::crc32c(&s[..120]);
+    put32(s, 120, crc);
+    std::fs::write(path, &file).unwrap();
+}
+
+/// A ring written by format 2 (a header block per record) opens: its
+/// records read back, new ones follow in groups (here across the end of
+/// the data area), the header is stored as version 3, and after reopens,
+/// trims and the last format 2 record's trim, everything reads back.
+#[test]
+fn format_2_ring_is_read_and_upgraded() {
+    let dir = TempDir::new("ring-v2");
+    let path = dir.join("ring");
+    let cap = 1u64 << 18;
+    let old = [(1u64, 4096usize), (2, 100), (3, 0), (4, 8192)];
+    // 8 + 8 + 4 + 12 KiB, ending 8 KiB before the end of the area.
+    write_format_2_ring(&path, cap, cap - 40960, &old);
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!(
+        (
+            rec.first_seq,
+            rec.next_seq,
+            rec.records,
+            rec.torn_tail_bytes
+        ),
+        (1, 5, 4, 0)
+    );
+    for &(s, len) in &old {
+        check(&ring, s, len);
+    }
+    let file = std::fs::read(&path).unwrap();
+    let versions: Vec<u32> = (0..3)
+        .map(|i| u32::from_le_bytes(file[i * 4096 + 8..i * 4096 + 12].try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![2, 3, 0],
+        "the open stored version 3 in slot 1"
+    );
+    // 5 fills the last 8 KiB (its group block and payload); 6 opens a
+    // group at the start of the next lap, 7..10 join it.
+    let len = |s: u64| 1000 * s as usize;
+    for s in 5..=10 {
+        append(&mut ring, s, len(s));
+    }
+    run_batch(&mut ring);
+    drop(ring);
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (1, 11));
+    for &(s, l) in &old {
+        check(&ring, s, l);
+    }
+    for s in 5..=10 {
+        check(&ring, s, len(s));
+    }
+    ring.trim_through(2);
+    ring.sync().unwrap();
+    drop(ring);
+    let (mut ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (3, 11));
+    check(&ring, 3, 0);
+    check(&ring, 4, 8192);
+    ring.trim_through(4);
+    ring.sync().unwrap();
+    drop(ring);
+    let (ring, rec) = Ring::open(&path).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq), (5, 11));
+    for s in 5..=10 {
+        check(&ring, s, len(s));
+    }
 }
