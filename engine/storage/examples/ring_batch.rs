@@ -16,6 +16,9 @@
 //! p99 in microseconds, one batch at a time, and the ring bytes a batch
 //! writes (its records and, when one is due, the header slot).
 
+mod common;
+use common::arg;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,16 +27,6 @@ use storage::backend::{
 };
 use storage::ring::{RecordHeader, Ring};
 use storage::AlignedBuf;
-
-fn arg(i: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(i)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| panic!("argument {i} ({a}) must be a number"))
-        })
-        .unwrap_or(default)
-}
 
 /// Submit `ops` and wait for all of them; `Err` on the first failure.
 fn run_all(b: &mut UringBackend, ops: Vec<BackendOp>) -> Result<(), i32> {

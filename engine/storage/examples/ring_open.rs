@@ -14,6 +14,9 @@
 //! after dropping the file's pages from the page cache (cold, as after a
 //! reboot), the second with them cached.
 
+mod common;
+use common::arg;
+
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,16 +24,6 @@ use std::time::Instant;
 use storage::backend::SharedBuf;
 use storage::ring::{RecordHeader, Ring};
 use storage::AlignedBuf;
-
-fn arg(i: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(i)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| panic!("argument {i} ({a}) must be a number"))
-        })
-        .unwrap_or(default)
-}
 
 /// Drop the file's cached pages (they are clean after the sync).
 fn drop_cache(path: &std::path::Path) {
