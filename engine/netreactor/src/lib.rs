@@ -200,8 +200,11 @@ impl RxMode {
     }
 }
 
-/// The iovecs a connection's vectored send or receive hands the kernel.
-const MAX_IOV: usize = 64;
+/// The most iovecs a connection's vectored send or receive hands the
+/// kernel at once (the kernel's UIO_MAXIOV). A burst of 32 read replies
+/// is 65 segments (a header run before each buffer, the last response
+/// after them): with 64 the last response waited for the next send.
+const MAX_IOV: usize = 1024;
 
 /// Replies queued for a connection's socket: bytes, with buffers (read data)
 /// spliced in between them by reference: a read's data is sent from the
@@ -531,6 +534,12 @@ impl Reactors {
             .filter(|s| !s.stop.load(Ordering::Acquire))
             .min_by_key(|s| s.conns.load(Ordering::Acquire));
         let Some(sh) = sh else { return Err(stream) };
+        // Replies go out as they complete, often smaller than a segment
+        // while earlier ones are unacknowledged: Nagle would hold each one
+        // back until the host's ACK came.
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("TCP_NODELAY on an adopted connection failed: {e}");
+        }
         let cap = sh.incoming.capacity();
         if sh.conns.fetch_add(1, Ordering::AcqRel) >= cap {
             sh.conns.fetch_sub(1, Ordering::AcqRel);
@@ -716,7 +725,7 @@ impl MsgHdr {
             // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no
             // control data).
             msg: unsafe { std::mem::zeroed() },
-            iov: Vec::with_capacity(MAX_IOV),
+            iov: Vec::new(),
         }
     }
 
@@ -1384,12 +1393,80 @@ mod tests {
         assert_eq!(z.zero_copy_min_bytes(), 0);
     }
 
+    /// Answers each line with 300 spliced one-byte buffers around header
+    /// bytes (more iovecs than one `sendmsg` used to take).
+    struct Spliced300;
+
+    impl Conn for Spliced300 {
+        fn input(&mut self, input: &[u8], out: &mut Outbox) -> Input {
+            let Some(n) = input.iter().position(|&b| b == b'\n') else {
+                return Input {
+                    consumed: 0,
+                    need: input.len() + 1,
+                };
+            };
+            let digits = SharedBuf::from(b"0123456789".to_vec());
+            for i in 0..300 {
+                out.extend_from_slice(b"<");
+                out.push_shared(&digits, i % 10..i % 10 + 1);
+            }
+            out.extend_from_slice(b"\n");
+            Input {
+                consumed: n + 1,
+                need: 0,
+            }
+        }
+        fn poll(&mut self, _out: &mut Outbox) {}
+        fn wants_input(&self) -> bool {
+            true
+        }
+        fn closing(&self) -> bool {
+            false
+        }
+        fn quiescent(&self) -> bool {
+            true
+        }
+        fn aborted(&self) -> bool {
+            false
+        }
+        fn closed(&mut self, _why: &str) {}
+    }
+
+    #[test]
+    fn a_reply_of_hundreds_of_spliced_buffers_arrives_whole_and_in_order() {
+        let r = Reactors::start(&ReactorConfig::single("test-iov")).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        r.adopt(
+            s,
+            Vec::new(),
+            Box::new(|_| Box::new(Spliced300) as Box<dyn Conn>),
+        )
+        .map_err(|_| ())
+        .unwrap();
+        let want: Vec<u8> = (0..300)
+            .flat_map(|i| [b'<', b'0' + (i % 10) as u8])
+            .chain([b'\n'])
+            .collect();
+        for _ in 0..3 {
+            c.write_all(b"go\n").unwrap();
+            let mut got = vec![0u8; want.len()];
+            c.read_exact(&mut got).unwrap();
+            assert_eq!(got, want);
+        }
+        drop(c);
+        r.shutdown();
+    }
+
     #[test]
     fn completions_from_other_threads_wake_a_sleeping_reactor() {
         let r = Reactors::start(&ReactorConfig::single("test-reactor")).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
+        let probe = s.try_clone().unwrap();
+        assert!(!probe.nodelay().unwrap());
         let closed = Arc::new(AtomicBool::new(false));
         let closed2 = closed.clone();
         r.adopt(
@@ -1406,6 +1483,9 @@ mod tests {
         )
         .map_err(|_| ())
         .unwrap();
+        // Replies are not held back for the host's ACK (Nagle).
+        assert!(probe.nodelay().unwrap());
+        drop(probe);
         let mut got = vec![0u8; 6];
         for (i, part) in [&b"lo\nwor"[..], b"ld\n"].iter().enumerate() {
             // Let the reactor fall asleep between the two.
