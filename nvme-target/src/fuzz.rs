@@ -5,11 +5,11 @@
 
 use crate::pdu::*;
 use crate::queue::QueueCore;
-use crate::queue_io::Out;
+use crate::queue_io::OutTx;
 use crate::spec::*;
 use crate::subsystem::{NvmeConfig, Shared};
+use netreactor::{Outbox, Waker};
 use std::io;
-use std::sync::mpsc;
 use std::sync::Arc;
 use volume::Volume;
 
@@ -130,48 +130,31 @@ impl Harness {
 
     /// The raw bytes the target sends for `input` (one connection, torn down).
     pub fn session_bytes(&self, input: &[u8]) -> Vec<u8> {
-        let (tx, rx) = mpsc::channel();
-        let mut core = QueueCore::new(self.sh.clone(), tx);
+        let mut core = QueueCore::new(self.sh.clone(), OutTx::new(Waker::noop()));
         drive(&mut core, input);
-        let sent: Vec<Out> = rx.try_iter().collect();
+        let mut sent = Outbox::new();
+        core.drain(&mut sent);
         core.teardown();
-        let mut bytes = Vec::new();
-        for m in sent {
-            match m {
-                Out::Bytes(b) => bytes.extend_from_slice(&b),
-                Out::Spliced(o) => bytes.extend_from_slice(&o.to_vec()),
-                Out::Close => {}
-            }
-        }
-        bytes
+        sent.to_vec()
     }
 
     /// Feeds `input` as one connection. With `teardown` false the queue's
     /// controller outlives the session (to connect I/O queues to it).
     pub fn session(&self, input: &[u8], teardown: bool) -> SessionOutput {
-        let (tx, rx) = mpsc::channel();
-        let mut core = QueueCore::new(self.sh.clone(), tx);
+        let mut core = QueueCore::new(self.sh.clone(), OutTx::new(Waker::noop()));
         drive(&mut core, input);
         // What the target sent on its own, before the harness closes the
         // connection from the host side.
-        let sent: Vec<Out> = rx.try_iter().collect();
+        let mut sent = Outbox::new();
+        let mut out = SessionOutput {
+            closed: !core.drain(&mut sent),
+            ..SessionOutput::default()
+        };
         if teardown {
             core.teardown();
         }
         drop(core);
-        let mut out = SessionOutput::default();
-        let mut bytes = Vec::new();
-        for m in sent {
-            match m {
-                Out::Bytes(b) => bytes.extend_from_slice(&b),
-                Out::Spliced(o) => bytes.extend_from_slice(&o.to_vec()),
-                Out::Close => {
-                    out.closed = true;
-                    break;
-                }
-            }
-        }
-        (out.replies, out.unframed_bytes) = parse_replies_counted(&bytes);
+        (out.replies, out.unframed_bytes) = parse_replies_counted(&sent.to_vec());
         out
     }
 }

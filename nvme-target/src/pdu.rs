@@ -248,12 +248,27 @@ pub fn build_pdu(
 /// the data's CRC32C (little-endian). Pure.
 pub fn build_pdu_head(
     pdu_type: u8,
-    mut flags: u8,
+    flags: u8,
     psh: &[u8],
     data_len: usize,
     dg: Digests,
     data_align: usize,
 ) -> Vec<u8> {
+    let mut b = Vec::new();
+    put_pdu_head(&mut b, pdu_type, flags, psh, data_len, dg, data_align);
+    b
+}
+
+/// [`build_pdu_head`], appended to `out` (no allocation of its own). Pure.
+pub fn put_pdu_head(
+    out: &mut Vec<u8>,
+    pdu_type: u8,
+    mut flags: u8,
+    psh: &[u8],
+    data_len: usize,
+    dg: Digests,
+    data_align: usize,
+) {
     let hlen = CH_LEN + psh.len();
     let applies = digests_apply(pdu_type);
     let hd = applies && dg.header;
@@ -278,7 +293,9 @@ pub fn build_pdu_head(
         hlen
     };
     let plen = data_start + data_len + if dd { DIGEST_LEN } else { 0 };
-    let mut b = vec![0u8; data_start];
+    let at = out.len();
+    out.resize(at + data_start, 0);
+    let b = &mut out[at..];
     CommonHeader {
         pdu_type,
         flags,
@@ -286,13 +303,12 @@ pub fn build_pdu_head(
         pdo: pdo as u8,
         plen: plen as u32,
     }
-    .write(&mut b);
+    .write(b);
     b[CH_LEN..hlen].copy_from_slice(psh);
     if hd {
         let c = crc(&b[..hlen]);
-        put_u32(&mut b, hlen, c);
+        put_u32(b, hlen, c);
     }
-    b
 }
 
 /// ICReq / ICResp parameters.
@@ -374,6 +390,11 @@ pub fn encode_capsule_resp(cqe: &Cqe, dg: Digests) -> Vec<u8> {
     build_pdu(PDU_CAPSULE_RESP, 0, &cqe.encode(), &[], dg, 4)
 }
 
+/// [`encode_capsule_resp`], appended to `out`.
+pub fn put_capsule_resp(out: &mut Vec<u8>, cqe: &Cqe, dg: Digests) {
+    put_pdu_head(out, PDU_CAPSULE_RESP, 0, &cqe.encode(), 0, dg, 4);
+}
+
 #[allow(clippy::too_many_arguments)] // one argument per header field
 /// H2CData / C2HData / R2T share one layout: cccid, ttag (reserved in
 /// C2HData), offset, length.
@@ -418,12 +439,30 @@ pub fn encode_xfer_head(
     dg: Digests,
     align: usize,
 ) -> Vec<u8> {
+    let mut b = Vec::new();
+    put_xfer_head(&mut b, pdu_type, flags, cccid, ttag, offset, len, dg, align);
+    b
+}
+
+#[allow(clippy::too_many_arguments)] // one argument per header field
+/// [`encode_xfer_head`], appended to `out`.
+pub fn put_xfer_head(
+    out: &mut Vec<u8>,
+    pdu_type: u8,
+    flags: u8,
+    cccid: u16,
+    ttag: u16,
+    offset: u32,
+    len: u32,
+    dg: Digests,
+    align: usize,
+) {
     let mut psh = [0u8; DATA_HLEN - CH_LEN];
     put_u16(&mut psh, 0, cccid);
     put_u16(&mut psh, 2, ttag);
     put_u32(&mut psh, 4, offset);
     put_u32(&mut psh, 8, len);
-    build_pdu_head(pdu_type, flags, &psh, len as usize, dg, align)
+    put_pdu_head(out, pdu_type, flags, &psh, len as usize, dg, align);
 }
 
 pub fn decode_xfer(header: &[u8]) -> XferHeader {

@@ -6,11 +6,11 @@
 
 use crate::admin::{self, ADMIN_QUEUE_ENTRIES, AER_LIMIT, IDENTIFY_LEN};
 use crate::pdu::*;
-use crate::queue_io::{Out, OutTx, QueueIo};
+use crate::queue_io::{drain_queue, Out, OutTx, QueueIo};
 use crate::spec::*;
 use crate::subsystem::{Ctrl, Shared};
 use netreactor::RxBuf;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -114,6 +114,11 @@ pub struct QueueCore {
     qid: Option<u16>,
     ctrl: Option<Arc<Ctrl>>,
     sq_entries: u32,
+    /// CIDs of the commands in flight: added when a command is taken,
+    /// removed when its completion is encoded (both on this thread).
+    inflight: HashSet<u16>,
+    /// [`QueueCore::drain`] met a close: nothing more is sent.
+    closed: bool,
     transfers: HashMap<u16, Transfer>,
     /// Bytes of the transfers waiting for H2CData.
     r2t_bytes: usize,
@@ -122,14 +127,16 @@ pub struct QueueCore {
 }
 
 impl QueueCore {
-    pub fn new(sh: Arc<Shared>, out: impl Into<OutTx>) -> Self {
+    pub fn new(sh: Arc<Shared>, out: OutTx) -> Self {
         QueueCore {
             sh,
-            out: out.into(),
+            out,
             io: None,
             qid: None,
             ctrl: None,
             sq_entries: ADMIN_QUEUE_ENTRIES as u32,
+            inflight: HashSet::new(),
+            closed: false,
             transfers: HashMap::new(),
             r2t_bytes: 0,
             r2t_waiting: VecDeque::new(),
@@ -157,11 +164,26 @@ impl QueueCore {
             e.fes,
             e.fei
         );
-        let _ = self
-            .out
+        self.out
             .send(Out::Bytes(encode_term(PDU_C2H_TERM_REQ, e, hdr)));
-        let _ = self.out.send(Out::Close);
+        self.out.send(Out::Close);
         false
+    }
+
+    /// Encodes what the queue and its completions posted into `out`.
+    /// Returns false once the queue asked for the connection to close
+    /// (nothing posted after that is sent).
+    pub fn drain(&mut self, out: &mut netreactor::Outbox) -> bool {
+        if self.closed {
+            while self.out.pop().is_some() {}
+            return false;
+        }
+        let open = match &self.io {
+            Some(io) => io.drain(&mut self.inflight, out),
+            None => drain_queue(&self.out, None, &mut self.inflight, out),
+        };
+        self.closed = !open;
+        open
     }
 
     /// Reports a framing error found before a PDU could be read whole.
@@ -195,7 +217,7 @@ impl QueueCore {
                     "nvme-tcp: host terminated the connection (FES {:#x})",
                     get_u16(p.header, 8)
                 );
-                let _ = self.out.send(Out::Close);
+                self.out.send(Out::Close);
                 false
             }
             PDU_ICREQ => self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), &raw.bytes),
@@ -227,7 +249,7 @@ impl QueueCore {
             digests: ic.digests,
             max: self.sh.max_h2c_data,
         };
-        let _ = self.out.send(Out::Bytes(encode_ic(PDU_ICRESP, resp)));
+        self.out.send(Out::Bytes(encode_ic(PDU_ICRESP, resp)));
         self.io = Some(Arc::new(QueueIo::new(
             self.out.clone(),
             ic.digests,
@@ -347,23 +369,22 @@ impl QueueCore {
         let cid = sqe.cid();
         io.sq_head.fetch_add(1, Ordering::Relaxed);
         self.sh.poll_path_epoch();
-        // Only this thread adds to the in-flight set; completions only
-        // remove from it. So a CID absent here stays absent until inserted
-        // below, and one present for a retired AER stays present.
-        let in_flight = io.inflight.lock().unwrap().contains(&cid);
+        // The in-flight set is this thread's: a CID leaves it when its
+        // completion is encoded, i.e. before the host can see it free. One
+        // present for a retired AER stays present (the new command takes
+        // its place).
+        let in_flight = self.inflight.contains(&cid);
         if in_flight && !self.retire_aer(cid) {
             // The first command with this CID is still in flight and
             // keeps its slot.
-            io.send_completion(cid, SC_CID_CONFLICT, 0, &[]);
+            io.refuse(cid, SC_CID_CONFLICT);
             return true;
         }
         if !in_flight {
-            let mut inflight = io.inflight.lock().unwrap();
-            if inflight.len() as u32 >= self.sq_entries {
-                drop(inflight);
+            if self.inflight.len() as u32 >= self.sq_entries {
                 return self.terminate(TransportError::new(FES_PDU_SEQUENCE_ERROR, 0), header);
             }
-            inflight.insert(cid);
+            self.inflight.insert(cid);
         }
         if !data_digest_ok {
             self.fail(
@@ -539,7 +560,7 @@ impl QueueCore {
             },
         );
         let pdu = encode_xfer(PDU_R2T, 0, cid, ttag, 0, len, &[], io.dg, 4);
-        let _ = self.out.send(Out::Bytes(pdu));
+        self.out.send(Out::Bytes(pdu));
     }
 
     /// A transfer finished: issue R2Ts that waited for budget.
@@ -1243,9 +1264,7 @@ impl QueueCore {
     pub fn teardown(&mut self) {
         self.r2t_waiting.clear();
         for (_, t) in self.transfers.drain() {
-            if let Some(io) = &self.io {
-                io.inflight.lock().unwrap().remove(&t.cid);
-            }
+            self.inflight.remove(&t.cid);
         }
         if let (Some(ctrl), Some(qid)) = (self.ctrl.take(), self.qid) {
             if qid == 0 {
@@ -1254,7 +1273,7 @@ impl QueueCore {
                 ctrl.st.lock().unwrap().io_queues.remove(&qid);
             }
         }
-        let _ = self.out.send(Out::Close);
+        self.out.send(Out::Close);
     }
 }
 

@@ -1,54 +1,74 @@
-//! The sending half of an NVMe/TCP queue: the channel its output goes to
-//! (drained by the connection's reactor, or by the fuzz harness) and
-//! [`QueueIo`], what a completion needs to answer a command from any
-//! thread (framing, digests, SQ head).
+//! The sending half of an NVMe/TCP queue. Completions may come from any
+//! thread (the volume's, a controller's AER): [`QueueIo`] queues each as a
+//! small record on a lock-free queue and wakes the connection's reactor;
+//! the reactor, which owns the queue's [`crate::queue::QueueCore`], encodes
+//! the records straight into the connection's outbox ([`QueueIo::drain`]):
+//! no channel, no buffer per PDU, no lock on the data path.
 
 use crate::pdu::*;
 use crate::spec::*;
+use crossbeam_queue::SegQueue;
+use netreactor::Outbox;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{SendError, Sender};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 /// Largest data carried by one C2HData PDU; longer reads are split.
 pub const C2H_CHUNK_BYTES: usize = 128 * 1024;
-/// What a queue sends to its writer.
+
+/// What a queue posts for its connection to send.
 #[derive(Debug)]
 pub enum Out {
+    /// PDUs already encoded (ICResp, R2T, a termination request).
     Bytes(Vec<u8>),
-    /// PDUs whose data is sent from the buffer a read filled.
-    Spliced(netreactor::Outbox),
+    /// Command `cid` completed: C2HData for `data` (on success), then a
+    /// CapsuleResp unless the SUCCESS flag on the last C2HData replaces it.
+    /// `retire`: the command leaves the in-flight set (false for a refusal
+    /// of a CID that is still in flight: that command keeps its slot).
+    Done {
+        cid: u16,
+        status: Status,
+        result: u64,
+        data: Vec<u8>,
+        retire: bool,
+    },
+    /// A read completed with the buffer the volume filled: its C2HData PDUs
+    /// carry slices of it (no copy).
+    Read { cid: u16, buf: volume::IoBuf },
+    /// Command `cid` will never complete (an AER at reset): its CID is free.
+    Forget(u16),
     /// Shut the socket down (both directions) and stop.
     Close,
 }
 
-/// Where a queue's output goes: a channel, and the waker of whoever drains
-/// it (the connection's reactor; a no-op for the fuzz harness).
+/// Where a queue's output goes: a lock-free queue, and the waker of whoever
+/// drains it (the connection's reactor; a no-op for the fuzz harness).
 #[derive(Clone)]
 pub struct OutTx {
-    tx: Sender<Out>,
+    q: Arc<SegQueue<Out>>,
     waker: netreactor::Waker,
 }
 
 impl OutTx {
-    pub fn new(tx: Sender<Out>, waker: netreactor::Waker) -> OutTx {
-        OutTx { tx, waker }
+    pub fn new(waker: netreactor::Waker) -> OutTx {
+        OutTx {
+            q: Arc::new(SegQueue::new()),
+            waker,
+        }
     }
 
-    pub(crate) fn send(&self, o: Out) -> Result<(), SendError<Out>> {
-        let r = self.tx.send(o);
+    pub(crate) fn send(&self, o: Out) {
+        self.q.push(o);
         self.waker.wake();
-        r
+    }
+
+    pub(crate) fn pop(&self) -> Option<Out> {
+        self.q.pop()
     }
 }
 
-impl From<Sender<Out>> for OutTx {
-    fn from(tx: Sender<Out>) -> OutTx {
-        OutTx::new(tx, netreactor::Waker::noop())
-    }
-}
-
-/// The part of a queue that completions need: where to send, how to frame.
+/// The part of a queue that completions need: where to post, and what the
+/// encoder reads (framing, digests, SQ head).
 pub struct QueueIo {
     out: OutTx,
     pub(crate) dg: Digests,
@@ -59,7 +79,6 @@ pub struct QueueIo {
     pub(crate) sq_entries: AtomicU32,
     pub(crate) sq_head: AtomicU32,
     pub(crate) sqflow_disabled: AtomicBool,
-    pub(crate) inflight: Mutex<HashSet<u16>>,
 }
 
 impl QueueIo {
@@ -72,94 +91,73 @@ impl QueueIo {
             sq_entries: AtomicU32::new(u16::MAX as u32 + 1),
             sq_head: AtomicU32::new(0),
             sqflow_disabled: AtomicBool::new(false),
-            inflight: Mutex::new(HashSet::new()),
         }
     }
 
     /// Drops a command that will never complete (an AER at reset).
     pub fn forget(&self, cid: u16) {
-        self.inflight.lock().unwrap().remove(&cid);
+        self.out.send(Out::Forget(cid));
     }
 
     pub fn close(&self) {
-        let _ = self.out.send(Out::Close);
-    }
-
-    fn sqhd(&self) -> u16 {
-        if self.sqflow_disabled.load(Ordering::Relaxed) {
-            return 0xFFFF;
-        }
-        (self.sq_head.load(Ordering::Relaxed) % self.sq_entries.load(Ordering::Relaxed)) as u16
+        self.out.send(Out::Close);
     }
 
     /// Completes command `cid`: C2HData for `data` (on success) and a
     /// CapsuleResp, unless the SUCCESS flag on the last C2HData replaces it.
     pub fn complete(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
-        self.inflight.lock().unwrap().remove(&cid);
-        self.send_completion(cid, status, result, data);
+        self.out.send(Out::Done {
+            cid,
+            status,
+            result,
+            data: data.to_vec(),
+            retire: true,
+        });
     }
 
-    /// Completes a read with the buffer the volume filled: the C2HData PDUs
-    /// carry slices of it (no copy; the data digest is computed over it),
-    /// then a CapsuleResp unless the SUCCESS flag replaces it.
+    /// Completes a read with the buffer the volume filled (sent from it).
     pub fn complete_read(&self, cid: u16, buf: volume::IoBuf) {
-        self.inflight.lock().unwrap().remove(&cid);
-        if buf.is_empty() {
-            self.send_completion(cid, Status::SUCCESS, 0, &[]);
-            return;
-        }
-        let buf = buf.share();
-        let mut out = netreactor::Outbox::new();
-        let n = buf.len().div_ceil(C2H_CHUNK_BYTES);
-        let success_flag = self.sqflow_disabled.load(Ordering::Relaxed);
-        for i in 0..n {
-            let start = i * C2H_CHUNK_BYTES;
-            let end = (start + C2H_CHUNK_BYTES).min(buf.len());
-            let mut flags = 0;
-            if i + 1 == n {
-                flags |= FLAG_LAST_PDU;
-                if success_flag {
-                    flags |= FLAG_SUCCESS;
-                }
-            }
-            out.extend_from_slice(&encode_xfer_head(
-                PDU_C2H_DATA,
-                flags,
-                cid,
-                0,
-                start as u32,
-                (end - start) as u32,
-                self.dg,
-                self.c2h_align,
-            ));
-            out.push_shared(&buf, start..end);
-            if self.dg.data {
-                out.extend_from_slice(&crc(&buf[start..end]).to_le_bytes());
-            }
-        }
-        if !success_flag {
-            out.extend_from_slice(&encode_capsule_resp(
-                &self.cqe(cid, Status::SUCCESS, 0),
-                self.dg,
-            ));
-        }
-        let _ = self.out.send(Out::Spliced(out));
+        self.out.send(Out::Read { cid, buf });
+    }
+
+    /// Answers `cid` without touching the in-flight set.
+    pub(crate) fn refuse(&self, cid: u16, status: Status) {
+        self.out.send(Out::Done {
+            cid,
+            status,
+            result: 0,
+            data: Vec::new(),
+            retire: false,
+        });
     }
 
     fn cqe(&self, cid: u16, status: Status, result: u64) -> Cqe {
+        let sqhd = if self.sqflow_disabled.load(Ordering::Relaxed) {
+            0xFFFF
+        } else {
+            (self.sq_head.load(Ordering::Relaxed) % self.sq_entries.load(Ordering::Relaxed)) as u16
+        };
         Cqe {
             dw0: result as u32,
             dw1: (result >> 32) as u32,
-            sqhd: self.sqhd(),
+            sqhd,
             sqid: self.qid.load(Ordering::Relaxed) as u16,
             cid,
             status,
         }
     }
 
-    /// Sends the completion PDUs without touching the in-flight set.
-    pub(crate) fn send_completion(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
-        let mut bytes = Vec::new();
+    /// Encodes everything posted so far into `out` (on the thread that owns
+    /// the queue), retiring completed commands from `inflight`. Returns
+    /// false once a [`Out::Close`] was taken: nothing posted after it is
+    /// sent.
+    pub(crate) fn drain(&self, inflight: &mut HashSet<u16>, out: &mut Outbox) -> bool {
+        drain_queue(&self.out, Some(self), inflight, out)
+    }
+
+    /// Appends the PDUs that answer `cid`.
+    fn encode(&self, cid: u16, status: Status, result: u64, data: &[u8], out: &mut Outbox) {
+        let b = out.bytes_mut();
         let mut resp_needed = true;
         if status.is_success() && !data.is_empty() {
             let n = data.len().div_ceil(C2H_CHUNK_BYTES);
@@ -174,25 +172,112 @@ impl QueueIo {
                     }
                 }
                 let off = (i * C2H_CHUNK_BYTES) as u32;
-                bytes.extend_from_slice(&encode_xfer(
+                let len = chunk.len() as u32;
+                put_xfer_head(
+                    b,
                     PDU_C2H_DATA,
                     flags,
                     cid,
                     0,
                     off,
-                    chunk.len() as u32,
-                    chunk,
+                    len,
                     self.dg,
                     self.c2h_align,
-                ));
+                );
+                b.extend_from_slice(chunk);
+                if self.dg.data {
+                    b.extend_from_slice(&crc(chunk).to_le_bytes());
+                }
             }
         }
         if resp_needed {
-            bytes.extend_from_slice(&encode_capsule_resp(
-                &self.cqe(cid, status, result),
-                self.dg,
-            ));
+            put_capsule_resp(b, &self.cqe(cid, status, result), self.dg);
         }
-        let _ = self.out.send(Out::Bytes(bytes));
     }
+
+    /// Appends a read's C2HData PDUs, their data by reference.
+    fn encode_read(&self, cid: u16, buf: volume::IoBuf, out: &mut Outbox) {
+        if buf.is_empty() {
+            self.encode(cid, Status::SUCCESS, 0, &[], out);
+            return;
+        }
+        let buf = buf.share();
+        let n = buf.len().div_ceil(C2H_CHUNK_BYTES);
+        let success_flag = self.sqflow_disabled.load(Ordering::Relaxed);
+        for i in 0..n {
+            let start = i * C2H_CHUNK_BYTES;
+            let end = (start + C2H_CHUNK_BYTES).min(buf.len());
+            let mut flags = 0;
+            if i + 1 == n {
+                flags |= FLAG_LAST_PDU;
+                if success_flag {
+                    flags |= FLAG_SUCCESS;
+                }
+            }
+            put_xfer_head(
+                out.bytes_mut(),
+                PDU_C2H_DATA,
+                flags,
+                cid,
+                0,
+                start as u32,
+                (end - start) as u32,
+                self.dg,
+                self.c2h_align,
+            );
+            out.push_shared(&buf, start..end);
+            if self.dg.data {
+                out.extend_from_slice(&crc(&buf[start..end]).to_le_bytes());
+            }
+        }
+        if !success_flag {
+            put_capsule_resp(out.bytes_mut(), &self.cqe(cid, Status::SUCCESS, 0), self.dg);
+        }
+    }
+}
+
+/// Drains `q` into `out`. Before the queue has its [`QueueIo`] (no ICReq
+/// yet) only raw bytes and closes are posted.
+pub(crate) fn drain_queue(
+    q: &OutTx,
+    io: Option<&QueueIo>,
+    inflight: &mut HashSet<u16>,
+    out: &mut Outbox,
+) -> bool {
+    while let Some(o) = q.pop() {
+        match (o, io) {
+            (Out::Bytes(b), _) => out.extend_from_slice(&b),
+            (Out::Close, _) => {
+                // Nothing posted after a Close is sent.
+                while q.pop().is_some() {}
+                return false;
+            }
+            (Out::Forget(cid), _) => {
+                inflight.remove(&cid);
+            }
+            (
+                Out::Done {
+                    cid,
+                    status,
+                    result,
+                    data,
+                    retire,
+                },
+                Some(io),
+            ) => {
+                if retire {
+                    inflight.remove(&cid);
+                }
+                io.encode(cid, status, result, &data, out);
+            }
+            (Out::Read { cid, buf }, Some(io)) => {
+                inflight.remove(&cid);
+                io.encode_read(cid, buf, out);
+            }
+            // A completion needs the queue's framing, which exists from the
+            // ICReq on, before any command: not reachable.
+            (Out::Done { .. } | Out::Read { .. }, None) => {}
+        }
+    }
+    true
 }

@@ -7,7 +7,7 @@
 
 use crate::pdu::{expected_hlen, CommonHeader, RawPdu, TransportError};
 use crate::queue::{DataPlace, QueueCore};
-use crate::queue_io::{Out, OutTx};
+use crate::queue_io::OutTx;
 use crate::spec::*;
 use crate::subsystem::Shared;
 pub use crate::subsystem::{DiscoveryPort, NvmeConfig};
@@ -15,7 +15,6 @@ use netreactor::{Input, Outbox as NetOut, ReactorConfig, Reactors, RxBuf, RxMode
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -202,7 +201,6 @@ struct NvmeConn {
     /// below it (and after other commands) in bulk, copied.
     rx_mode: RxMode,
     sh: Arc<Shared>,
-    rx: Receiver<Out>,
     /// The queue ended the connection (`Out::Close`, a terminated
     /// transport, or a failed feed): send what is queued, then close.
     closing: bool,
@@ -224,14 +222,12 @@ struct Split {
 
 impl NvmeConn {
     fn new(sh: Arc<Shared>, stop: Arc<AtomicBool>, waker: Waker, conns: Arc<AtomicUsize>) -> Self {
-        let (tx, rx) = mpsc::channel();
         NvmeConn {
-            core: QueueCore::new(sh.clone(), OutTx::new(tx, waker)),
+            core: QueueCore::new(sh.clone(), OutTx::new(waker)),
             split: None,
             stalled: false,
             rx_mode: RxMode::new(sh.cfg.zero_copy_receive_min_bytes),
             sh,
-            rx,
             closing: false,
             stop,
             conns,
@@ -361,18 +357,10 @@ impl netreactor::Conn for NvmeConn {
     }
 
     fn poll(&mut self, out: &mut NetOut) {
-        loop {
-            match self.rx.try_recv() {
-                Ok(Out::Bytes(b)) => out.extend_from_slice(&b),
-                Ok(Out::Spliced(o)) => out.append(o),
-                Ok(Out::Close) | Err(TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    // Nothing posted after a Close is sent.
-                    while self.rx.try_recv().is_ok() {}
-                    return;
-                }
-                Err(TryRecvError::Empty) => return,
-            }
+        // Completions are encoded here, on the reactor thread, straight
+        // into the connection's outbox.
+        if !self.core.drain(out) {
+            self.closing = true;
         }
     }
 
