@@ -97,6 +97,11 @@ pub struct HostConfig {
     pub queue_depth: u16,
     /// Ask the controller to disable SQ flow control (enables C2H SUCCESS).
     pub disable_sqflow: bool,
+    /// I/O queues without a reader thread: the thread that waits for a
+    /// completion reads the socket itself ([`QueuePair::poll`]) and runs
+    /// the callbacks inline, as SPDK's perf tool polls its qpairs. The
+    /// admin queue always has its reader (AERs, keep-alive).
+    pub polled_io: bool,
     pub timeout: Duration,
 }
 
@@ -112,6 +117,7 @@ impl HostConfig {
             io_queues: 1,
             queue_depth: 32,
             disable_sqflow: false,
+            polled_io: false,
             timeout: Duration::from_secs(10),
         }
     }
@@ -146,6 +152,9 @@ pub struct QueuePair {
     dg: Digests,
     icd_max: u32,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// A polled queue's receiving side (no reader thread).
+    polled: Option<Mutex<BufReader<TcpStream>>>,
+    ctx: Arc<ReaderCtx>,
 }
 
 struct ReaderCtx {
@@ -194,7 +203,10 @@ impl QueuePair {
         if ic.pfv != 0 || ic.digests != cfg.digests || ic.max < 4096 {
             return Err(HostError::Disconnected(format!("bad ICResp {ic:?}")));
         }
-        r.set_read_timeout(None)?;
+        let polled = cfg.polled_io && qid != 0;
+        // A polled queue reads only while a completion is due: a silent
+        // controller for the whole timeout is a lost connection.
+        r.set_read_timeout(polled.then_some(cfg.timeout))?;
         let shared = Arc::new(QShared {
             slots: Mutex::new(Slots {
                 free: (0..entries.saturating_sub(1).max(1)).rev().collect(),
@@ -204,16 +216,25 @@ impl QueuePair {
             dead: AtomicBool::new(false),
         });
         let writer = Arc::new(Mutex::new(stream.try_clone()?));
-        let ctx = ReaderCtx {
+        let ctx = Arc::new(ReaderCtx {
             shared: shared.clone(),
             writer: writer.clone(),
             dg: cfg.digests,
             max_h2c: ic.max,
             hpda_align: (ic.pda as usize + 1) * 4,
+        });
+        let (reader, polled) = if polled {
+            (
+                None,
+                Some(Mutex::new(BufReader::with_capacity(READ_BUFFER_BYTES, r))),
+            )
+        } else {
+            let ctx = ctx.clone();
+            let h = thread::Builder::new()
+                .name(format!("dm-nvme-q{qid}"))
+                .spawn(move || reader_loop(r, &ctx))?;
+            (Some(h), None)
         };
-        let reader = thread::Builder::new()
-            .name(format!("dm-nvme-q{qid}"))
-            .spawn(move || reader_loop(r, ctx))?;
         let qp = Arc::new(QueuePair {
             qid,
             writer,
@@ -221,7 +242,9 @@ impl QueuePair {
             shared,
             dg: cfg.digests,
             icd_max,
-            reader: Mutex::new(Some(reader)),
+            reader: Mutex::new(reader),
+            polled,
+            ctx,
         });
         let mut sqe = Sqe::new(OPC_FABRICS, 0);
         sqe.0[4] = FCTYPE_CONNECT;
@@ -343,9 +366,50 @@ impl QueuePair {
             data_in_len,
             Box::new(move |r| drop(tx.send(r))),
         )?;
+        if self.is_polled() {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Ok(r) = rx.try_recv() {
+                    return r;
+                }
+                if Instant::now() > deadline {
+                    return Err(HostError::Timeout);
+                }
+                self.poll()?;
+            }
+        }
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(_) => Err(HostError::Timeout),
+        }
+    }
+
+    /// The queue has no reader thread: its owner calls [`QueuePair::poll`].
+    pub fn is_polled(&self) -> bool {
+        self.polled.is_some()
+    }
+
+    /// A polled queue: waits for the controller's next PDU, then handles
+    /// it and every further one already received (completions run their
+    /// callbacks on this thread; R2Ts are answered). Call it only while a
+    /// command is in flight. A no-op on a queue with a reader thread.
+    pub fn poll(&self) -> HostResult<()> {
+        let Some(r) = &self.polled else {
+            return Ok(());
+        };
+        let mut r = r.lock().unwrap();
+        if self.is_dead() {
+            return Err(HostError::Disconnected("queue closed".into()));
+        }
+        loop {
+            if let Err(why) = read_and_handle(&mut r, &self.ctx) {
+                let _ = self.ctx.writer.lock().unwrap().shutdown(Shutdown::Both);
+                fail_all(&self.shared, &why);
+                return Err(HostError::Disconnected(why));
+            }
+            if r.buffer().is_empty() {
+                return Ok(());
+            }
         }
     }
 
@@ -406,91 +470,97 @@ fn finish(ctx: &ReaderCtx, cid: u16, status: Status, dw0: u32, dw1: u32) {
     }
 }
 
-fn reader_loop(stream: TcpStream, ctx: ReaderCtx) {
-    let mut r = BufReader::with_capacity(256 * 1024, stream);
+/// Bytes a queue's receiving side buffers (one read takes many PDUs).
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+fn reader_loop(stream: TcpStream, ctx: &ReaderCtx) {
+    let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     let why = loop {
-        let raw = match read_pdu(&mut r, 16 << 20) {
-            Ok(raw) => raw,
-            Err(e) => break format!("{e:?}"),
-        };
-        let p = match check_pdu(&raw, ctx.dg) {
-            Ok(p) => p,
-            Err(e) => break format!("bad PDU from controller: {e:?}"),
-        };
-        match p.ch.pdu_type {
-            PDU_CAPSULE_RESP => {
-                let cqe = Cqe::decode(&p.header[CH_LEN..]);
-                finish(&ctx, cqe.cid, cqe.status, cqe.dw0, cqe.dw1);
-            }
-            PDU_C2H_DATA => {
-                let x = decode_xfer(p.header);
-                let ok = {
-                    let mut s = ctx.shared.slots.lock().unwrap();
-                    match s.pending.get_mut(&x.cccid) {
-                        Some(pd) if pd.data_in.len() == x.offset as usize => {
-                            pd.data_in.extend_from_slice(p.data);
-                            pd.digest_error |= !p.data_digest_ok;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if !ok {
-                    break format!("unexpected C2HData for cid {}", x.cccid);
-                }
-                if p.ch.flags & FLAG_SUCCESS != 0 {
-                    finish(&ctx, x.cccid, Status::SUCCESS, 0, 0);
-                }
-            }
-            PDU_R2T => {
-                let x = decode_xfer(p.header);
-                let data = ctx
-                    .shared
-                    .slots
-                    .lock()
-                    .unwrap()
-                    .pending
-                    .get(&x.cccid)
-                    .and_then(|pd| pd.data_out.clone());
-                let data = match data {
-                    Some(d) if x.offset as usize + x.len as usize <= d.len() => d,
-                    _ => break format!("unexpected R2T for cid {}", x.cccid),
-                };
-                let mut off = x.offset as usize;
-                let end = off + x.len as usize;
-                let mut bytes = Vec::new();
-                while off < end {
-                    let n = (end - off).min(ctx.max_h2c as usize);
-                    let flags = if off + n == end { FLAG_LAST_PDU } else { 0 };
-                    bytes.extend_from_slice(&encode_xfer(
-                        PDU_H2C_DATA,
-                        flags,
-                        x.cccid,
-                        x.ttag,
-                        off as u32,
-                        n as u32,
-                        &data[off..off + n],
-                        ctx.dg,
-                        ctx.hpda_align,
-                    ));
-                    off += n;
-                }
-                if ctx.writer.lock().unwrap().write_all(&bytes).is_err() {
-                    break "send failed".into();
-                }
-            }
-            PDU_C2H_TERM_REQ => {
-                break format!(
-                    "controller terminated the connection: FES {:#x} FEI {}",
-                    get_u16(p.header, 8),
-                    get_u32(p.header, 10)
-                )
-            }
-            t => break format!("unexpected PDU type {t:#x}"),
+        if let Err(why) = read_and_handle(&mut r, ctx) {
+            break why;
         }
     };
     let _ = ctx.writer.lock().unwrap().shutdown(Shutdown::Both);
     fail_all(&ctx.shared, &why);
+}
+
+/// Reads the controller's next PDU and handles it; `Err` ends the queue
+/// (with why).
+fn read_and_handle(r: &mut BufReader<TcpStream>, ctx: &ReaderCtx) -> Result<(), String> {
+    let raw = read_pdu(r, 16 << 20).map_err(|e| format!("{e:?}"))?;
+    let p = check_pdu(&raw, ctx.dg).map_err(|e| format!("bad PDU from controller: {e:?}"))?;
+    match p.ch.pdu_type {
+        PDU_CAPSULE_RESP => {
+            let cqe = Cqe::decode(&p.header[CH_LEN..]);
+            finish(ctx, cqe.cid, cqe.status, cqe.dw0, cqe.dw1);
+        }
+        PDU_C2H_DATA => {
+            let x = decode_xfer(p.header);
+            let ok = {
+                let mut s = ctx.shared.slots.lock().unwrap();
+                match s.pending.get_mut(&x.cccid) {
+                    Some(pd) if pd.data_in.len() == x.offset as usize => {
+                        pd.data_in.extend_from_slice(p.data);
+                        pd.digest_error |= !p.data_digest_ok;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !ok {
+                return Err(format!("unexpected C2HData for cid {}", x.cccid));
+            }
+            if p.ch.flags & FLAG_SUCCESS != 0 {
+                finish(ctx, x.cccid, Status::SUCCESS, 0, 0);
+            }
+        }
+        PDU_R2T => {
+            let x = decode_xfer(p.header);
+            let data = ctx
+                .shared
+                .slots
+                .lock()
+                .unwrap()
+                .pending
+                .get(&x.cccid)
+                .and_then(|pd| pd.data_out.clone());
+            let data = match data {
+                Some(d) if x.offset as usize + x.len as usize <= d.len() => d,
+                _ => return Err(format!("unexpected R2T for cid {}", x.cccid)),
+            };
+            let mut off = x.offset as usize;
+            let end = off + x.len as usize;
+            let mut bytes = Vec::new();
+            while off < end {
+                let n = (end - off).min(ctx.max_h2c as usize);
+                let flags = if off + n == end { FLAG_LAST_PDU } else { 0 };
+                bytes.extend_from_slice(&encode_xfer(
+                    PDU_H2C_DATA,
+                    flags,
+                    x.cccid,
+                    x.ttag,
+                    off as u32,
+                    n as u32,
+                    &data[off..off + n],
+                    ctx.dg,
+                    ctx.hpda_align,
+                ));
+                off += n;
+            }
+            if ctx.writer.lock().unwrap().write_all(&bytes).is_err() {
+                return Err("send failed".into());
+            }
+        }
+        PDU_C2H_TERM_REQ => {
+            return Err(format!(
+                "controller terminated the connection: FES {:#x} FEI {}",
+                get_u16(p.header, 8),
+                get_u32(p.header, 10)
+            ))
+        }
+        t => return Err(format!("unexpected PDU type {t:#x}")),
+    }
+    Ok(())
 }
 
 /// Identify Controller fields the host uses.

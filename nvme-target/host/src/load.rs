@@ -233,11 +233,20 @@ pub fn run_io(c: &Controller, spec: &IoSpec) -> HostResult<IoReport> {
         if inflight == 0 {
             break;
         }
-        // Take every completion that is in, then refill in one round.
-        let mut next = Some(
-            rx.recv_timeout(c.cfg.timeout)
+        // Take every completion that is in, then refill in one round. A
+        // polled queue is read here: its completions come on this thread.
+        let first = match c.io.as_slice() {
+            [q] if q.is_polled() => loop {
+                if let Ok(d) = rx.try_recv() {
+                    break d;
+                }
+                q.poll()?;
+            },
+            _ => rx
+                .recv_timeout(c.cfg.timeout)
                 .map_err(|_| HostError::Timeout)?,
-        );
+        };
+        let mut next = Some(first);
         while let Some(d) = next.take() {
             next = rx.try_recv().ok();
             inflight -= 1;

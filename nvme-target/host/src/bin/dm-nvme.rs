@@ -83,6 +83,12 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// With one queue: the submitting thread reads the socket itself
+        /// and refills at once (as SPDK's perf tool polls its qpairs)
+        /// instead of a reader thread handing it the completions. Fewer
+        /// wake-ups per round; the refills come in larger rounds.
+        #[arg(long)]
+        polled: bool,
     },
     /// Serve an in-memory volume (for trying hosts and measuring the transport).
     ServeMem {
@@ -191,8 +197,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             verify,
             json,
             seed,
+            polled,
         } => {
             h.io_queues = queues.max(1);
+            h.polled_io = h.io_queues == 1 && polled;
             // The target's default queue holds 128 entries: 127 commands.
             h.queue_depth = (qd.div_ceil(queues.max(1) as usize) as u16).clamp(1, 127);
             let c = Controller::connect(addr, &h)?;
