@@ -224,16 +224,13 @@ impl Node {
             )
         })?;
         log::info!(
-            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; written {}",
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; {}: {}",
             recovery.records,
             recovery.first_seq,
             recovery.next_seq,
             recovery.torn_tail_bytes,
-            if ring.is_direct() {
-                "with O_DIRECT"
-            } else {
-                "through the page cache"
-            }
+            opts.ring_path.display(),
+            ring.describe()
         );
         meta.incarnation += 1;
         store

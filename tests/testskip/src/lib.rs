@@ -88,6 +88,54 @@ pub fn on_path(tool: &str) -> bool {
     })
 }
 
+/// A loop device over a file for a test, detached on drop (also when the
+/// test fails). [`LoopDevice::attach`] gives `None`, with the skip recorded,
+/// only where loop devices truly cannot exist: no `losetup` (util-linux) or
+/// no `/dev/loop-control` (no loop driver). Any other failure to attach
+/// (not root, no free device) fails the test.
+pub struct LoopDevice(std::path::PathBuf);
+
+impl LoopDevice {
+    /// Attach `file` with logical blocks of `sector_size` bytes.
+    pub fn attach(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
+        if !on_path("losetup") {
+            skip("losetup is not installed (util-linux; scripts/test.sh installs it)");
+            return None;
+        }
+        if !std::path::Path::new("/dev/loop-control").exists() {
+            skip("no /dev/loop-control: this kernel has no loop driver");
+            return None;
+        }
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "-b", &sector_size.to_string()])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup -f --show -b {sector_size} {} failed (loop devices need root): {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).expect("losetup prints a device path");
+        Some(LoopDevice(dev.trim().into()))
+    }
+
+    /// The device, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,303 @@
+//! The ring on a raw block device (a loop device over a file in a scratch
+//! directory): the same behaviour as on a file (batches through io_uring,
+//! wrap, reopen, torn tail), its size from the device, and the device held
+//! exclusively. Needs root and the loop driver; skipped (testskip) only
+//! where losetup or /dev/loop-control is missing.
+
+mod common;
+
+use common::TempDir;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use storage::backend::{
+    create_file_device, Backend, BackendCompletion, BackendOp, UringBackend, UringConfig,
+};
+use storage::blockdev::{self, Signature};
+use storage::ring::{RecordHeader, Ring, RingError, RING_HEADER_BYTES};
+use testskip::LoopDevice;
+
+fn hdr(seq: u64) -> RecordHeader {
+    RecordHeader {
+        seq,
+        gen: 5,
+        kind: 1,
+        flags: 0,
+        offset: seq * 4096,
+        len: 4096,
+    }
+}
+
+/// A payload that identifies its seq, so the test can find it on the device.
+fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let tag = format!("<dev seq {seq:08}>");
+    tag.bytes().cycle().take(len).collect()
+}
+
+fn append(ring: &mut Ring, seq: u64, len: usize) {
+    ring.append(&hdr(seq), payload(seq, len).into())
+        .expect("fits");
+}
+
+fn check(ring: &Ring, seq: u64, len: usize) {
+    let (h, p) = ring.get(seq).unwrap_or_else(|| panic!("seq {seq} missing"));
+    assert_eq!(h, hdr(seq));
+    assert_eq!(p, payload(seq, len), "payload of seq {seq}");
+}
+
+/// A loop device of `bytes` over a file in `dir`, with logical blocks of
+/// `sector` bytes; `None` when the test is skipped.
+fn loop_device(dir: &TempDir, bytes: u64, sector: u32) -> Option<LoopDevice> {
+    let backing = dir.join("backing");
+    create_file_device(&backing, bytes).unwrap();
+    LoopDevice::attach(&backing, sector)
+}
+
+/// The io_uring backend the batches go through, as in the node (over a
+/// small file device: only its ring is used, for the ring's descriptor).
+fn backend(dir: &TempDir) -> UringBackend {
+    let dev = dir.join("volume");
+    create_file_device(&dev, 1 << 20).unwrap();
+    UringBackend::open(&dev, &UringConfig::default()).unwrap()
+}
+
+/// Begin a batch, run its durable writes on `be`'s io_uring and report it.
+fn run_batch(ring: &mut Ring, be: &mut UringBackend) {
+    let w = ring.begin_write().expect("no batch in flight");
+    let fd = ring.fd();
+    let n = w.writes.len();
+    for (i, (offset, segs)) in w.writes.into_iter().enumerate() {
+        let op = BackendOp::WriteVecFd {
+            fd,
+            offset,
+            segs,
+            dsync: true,
+        };
+        be.submit(i as u64, op).expect("room");
+    }
+    be.flush_submissions();
+    let mut out: Vec<BackendCompletion> = Vec::new();
+    while out.len() < n {
+        if be.reap(&mut out) == 0 {
+            be.wait(&[], 1000);
+        }
+    }
+    for c in &out {
+        c.result.expect("durable ring write");
+    }
+    ring.sync_completed(w.through);
+}
+
+/// Byte offset of the first occurrence of `needle` on the device.
+fn find(dev: &Path, needle: &[u8]) -> u64 {
+    let data = std::fs::read(dev).unwrap();
+    data.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("bytes on the device") as u64
+}
+
+fn flip_byte(dev: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_data().unwrap();
+}
+
+/// Many laps of batches on a device larger than the ring, then a reopen
+/// that finds every retained record; on 512- and 4096-byte logical blocks.
+#[test]
+fn batches_wrap_and_reopen_on_a_block_device() {
+    for sector in [512u32, 4096] {
+        let dir = TempDir::new("ringdev-wrap");
+        let Some(dev) = loop_device(&dir, 4 << 20, sector) else {
+            return;
+        };
+        let mut be = backend(&dir);
+        let cap = 256 << 10;
+        let mut ring = Ring::create(dev.path(), cap, 1).unwrap();
+        let g = ring.device().expect("the ring knows it is on a device");
+        assert_eq!((g.size_bytes, g.logical_block_bytes), (4 << 20, sector));
+        assert!(ring.is_direct());
+        assert_eq!(ring.capacity_bytes(), cap, "the ring, not the device");
+        assert!(ring.describe().starts_with("block device of 4194304 bytes"));
+        let len = |s: u64| (s as usize * 389) % 9000;
+        let mut next = 1u64;
+        for lap in 0..30 {
+            while ring.fits(len(next)) {
+                append(&mut ring, next, len(next));
+                next += 1;
+                if next % 7 == 0 {
+                    run_batch(&mut ring, &mut be);
+                }
+            }
+            run_batch(&mut ring, &mut be);
+            let keep_from = ring.first_seq() + ring.len() / 2;
+            ring.trim_through(keep_from - 1);
+            // Batches until a header store frees the trimmed space (the
+            // synchronous path every other lap).
+            if lap % 2 == 0 {
+                ring.sync().unwrap();
+            } else {
+                while ring.reclaim_pending() {
+                    run_batch(&mut ring, &mut be);
+                }
+            }
+            for s in ring.first_seq()..next {
+                check(&ring, s, len(s));
+            }
+        }
+        assert!(next > 200, "wrapped many times ({next} records)");
+        let (first, n, durable) = (ring.first_seq(), ring.next_seq(), ring.durable_seq());
+        assert_eq!(durable, n - 1);
+        drop(ring);
+        let (ring, rec) = Ring::open(dev.path()).unwrap();
+        assert_eq!(
+            (
+                rec.first_seq,
+                rec.next_seq,
+                rec.records,
+                rec.torn_tail_bytes
+            ),
+            (first, n, n - first, 0)
+        );
+        assert_eq!(ring.capacity_bytes(), cap);
+        assert_eq!(ring.device().map(|g| g.logical_block_bytes), Some(sector));
+        for s in first..n {
+            check(&ring, s, len(s));
+        }
+        // The device holds our ring's signature.
+        drop(ring);
+        assert_eq!(
+            blockdev::signature(dev.path()).unwrap(),
+            Some(Signature::Ring)
+        );
+    }
+}
+
+/// A crash that tore a record after the last durable one: cut off as a torn
+/// tail on the device as in a file, and the ring goes on from there.
+#[test]
+fn torn_tail_on_a_block_device_is_cut_off() {
+    let dir = TempDir::new("ringdev-torn");
+    let Some(dev) = loop_device(&dir, 2 << 20, 512) else {
+        return;
+    };
+    let mut ring = Ring::create(dev.path(), 1 << 20, 1).unwrap();
+    for s in 1..=5 {
+        append(&mut ring, s, 300);
+    }
+    ring.sync().unwrap();
+    for s in 6..=8 {
+        append(&mut ring, s, 300);
+    }
+    // The header claims the head after 8, durable only through 5.
+    assert_eq!(ring.prepare_sync(), 8);
+    drop(ring);
+    flip_byte(dev.path(), find(dev.path(), b"<dev seq 00000007>") + 40);
+    let (mut ring, rec) = Ring::open(dev.path()).unwrap();
+    assert_eq!((rec.first_seq, rec.next_seq, rec.records), (1, 7, 6));
+    assert_eq!(rec.torn_tail_bytes, 2 * 4096, "seq 7 and 8 cut off");
+    check(&ring, 6, 300);
+    assert!(ring.get(7).is_none());
+    append(&mut ring, 7, 300);
+    ring.sync().unwrap();
+    drop(ring);
+    let (ring, rec) = Ring::open(dev.path()).unwrap();
+    assert_eq!((rec.next_seq, rec.torn_tail_bytes), (8, 0));
+    check(&ring, 7, 300);
+    // Damage to a durable record is corruption, never cut away.
+    drop(ring);
+    flip_byte(dev.path(), find(dev.path(), b"<dev seq 00000003>") + 40);
+    assert!(matches!(
+        Ring::open(dev.path()),
+        Err(RingError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_device_too_small_for_the_ring_is_refused_naming_the_size() {
+    let dir = TempDir::new("ringdev-small");
+    let Some(dev) = loop_device(&dir, 1 << 20, 512) else {
+        return;
+    };
+    let err = Ring::create(dev.path(), 1 << 20, 1)
+        .err()
+        .expect("1 MiB of ring and its header slots do not fit in 1 MiB");
+    let msg = err.to_string();
+    let most = (1 << 20) - RING_HEADER_BYTES;
+    for part in [
+        "ring.size_bytes = 1048576".to_string(),
+        dev.path().display().to_string(),
+        "(1048576 bytes)".to_string(),
+        format!("at most {most}"),
+    ] {
+        assert!(msg.contains(&part), "{part:?} missing in: {msg}");
+    }
+    // What the message offers fits.
+    Ring::create(dev.path(), most, 1).unwrap();
+}
+
+/// O_EXCL: while one ring holds the device, a second open (another node
+/// process given the same device) is refused, and so is a mounted device.
+#[test]
+fn a_device_in_use_is_refused() {
+    let dir = TempDir::new("ringdev-excl");
+    let Some(dev) = loop_device(&dir, 2 << 20, 512) else {
+        return;
+    };
+    let mut ring = Ring::create(dev.path(), 1 << 20, 1).unwrap();
+    append(&mut ring, 1, 100);
+    ring.sync().unwrap();
+    for err in [
+        Ring::open(dev.path()).err().expect("held exclusively"),
+        Ring::create(dev.path(), 1 << 20, 1)
+            .err()
+            .expect("held exclusively"),
+    ] {
+        let msg = err.to_string();
+        assert!(
+            msg.contains("is in use") && msg.contains(&dev.path().display().to_string()),
+            "{msg}"
+        );
+    }
+    assert!(blockdev::signature(dev.path()).is_err(), "held exclusively");
+    drop(ring);
+    let (ring, rec) = Ring::open(dev.path()).unwrap();
+    assert_eq!(rec.next_seq, 2);
+    check(&ring, 1, 100);
+    drop(ring);
+
+    if !testskip::on_path("mkfs.ext4") {
+        testskip::skip("mkfs.ext4 is not installed (e2fsprogs)");
+        return;
+    }
+    let ok = std::process::Command::new("mkfs.ext4")
+        .arg("-q")
+        .arg(dev.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfs.ext4");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .arg(dev.path())
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount {}", dev.path().display());
+    let created = Ring::create(dev.path(), 1 << 20, 1);
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let msg = created.err().expect("a mounted device").to_string();
+    assert!(msg.contains("is in use"), "{msg}");
+    assert_eq!(
+        blockdev::signature(dev.path()).unwrap(),
+        Some(Signature::Ext)
+    );
+}
