@@ -60,7 +60,7 @@ mod ring_log;
 pub mod standalone;
 mod state;
 
-pub use format::{format, format_with_size};
+pub use format::{check_ring_device, format, format_with_size, FormatFlags};
 use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
