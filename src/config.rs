@@ -673,7 +673,9 @@ impl Config {
             return;
         }
         let meta = std::fs::metadata(p).ok();
-        let device = meta.as_ref().is_some_and(|m| m.file_type().is_block_device());
+        let device = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
         if p.is_dir() {
             v.push(format!(
                 "ring.path = {p:?}: is a directory; name the ring file in it; {example}"
@@ -1487,8 +1489,14 @@ fn cpu_list_string(set: &BTreeSet<usize>) -> String {
 /// share nothing.
 fn overlaps(ring: &Path, volume: &Path) -> Option<&'static str> {
     use std::os::unix::fs::MetadataExt;
-    let (r, v) = (std::fs::metadata(ring).ok()?, std::fs::metadata(volume).ok()?);
-    let (rb, vb) = (r.file_type().is_block_device(), v.file_type().is_block_device());
+    let (r, v) = (
+        std::fs::metadata(ring).ok()?,
+        std::fs::metadata(volume).ok()?,
+    );
+    let (rb, vb) = (
+        r.file_type().is_block_device(),
+        v.file_type().is_block_device(),
+    );
     if rb && vb {
         if r.rdev() == v.rdev() {
             return Some("is the same block device (device number) as");
@@ -1722,7 +1730,10 @@ mod tests {
         c.validate().unwrap();
         // The device too small for ring.size_bytes and the header slots.
         c.ring.size_bytes = 32 * MIB;
-        let msg = check_rejects(&c, "ring.size_bytes = 33554432: does not fit on the ring device");
+        let msg = check_rejects(
+            &c,
+            "ring.size_bytes = 33554432: does not fit on the ring device",
+        );
         assert!(msg.contains("at most 33542144"), "{msg}");
         c.ring.size_bytes = 16 * MIB;
         // The volume on the same device, by its name or by another one.
@@ -1731,7 +1742,10 @@ mod tests {
         let alias = dir.join("alias");
         std::os::unix::fs::symlink(dev.path(), &alias).unwrap();
         c.volume.path = alias;
-        check_rejects(&c, "is the same block device (device number) as volume.path");
+        check_rejects(
+            &c,
+            "is the same block device (device number) as volume.path",
+        );
         // A file volume of another name for the ring file (a hard link).
         let ring_file = dir.join("r.ring");
         std::fs::write(&ring_file, b"x").unwrap();
@@ -1745,6 +1759,43 @@ mod tests {
         c.ring.path = Some(PathBuf::from("/dev/null"));
         check_rejects(&c, "neither a regular file nor a block device");
         drop(dev);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ring_path_on_a_partition_of_the_volume_device_is_refused() {
+        let dir = tmpdir("ringpart");
+        // An MBR partition table with one partition of 16 MiB at 1 MiB.
+        let mut disk = vec![0u8; 32 * MIB as usize];
+        disk[446 + 4] = 0x83;
+        disk[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        disk[446 + 12..446 + 16].copy_from_slice(&32768u32.to_le_bytes());
+        disk[510..512].copy_from_slice(&[0x55, 0xAA]);
+        let backing = dir.join("backing");
+        std::fs::write(&backing, &disk).unwrap();
+        let Some(disk) = testskip::LoopDevice::attach_partitioned(&backing, 512) else {
+            return;
+        };
+        let Some(part) = disk.partition(1) else {
+            testskip::skip(format!(
+                "the kernel found no partition on {} (a kernel without partition table \
+                 support, CONFIG_MSDOS_PARTITION)",
+                disk.path().display()
+            ));
+            return;
+        };
+        let mut c = base();
+        c.ring.size_bytes = 16 * MIB - 16 * KIB;
+        c.volume.path = disk.path().to_path_buf();
+        c.ring.path = Some(part.clone());
+        check_rejects(&c, "is a partition of the device of volume.path");
+        c.volume.path = part;
+        c.ring.path = Some(disk.path().to_path_buf());
+        check_rejects(
+            &c,
+            "is a whole device that holds, as a partition, volume.path",
+        );
+        drop(disk);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

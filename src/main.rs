@@ -357,8 +357,7 @@ pub(crate) fn cmd_format(path: &Path, flags: FormatFlags) -> Result<()> {
         config::Role::Primary => Role::Primary,
         config::Role::Backup => Role::Backup,
     };
-    engine::node::format(&opts, cfg.ring.size_bytes, role, flags)
-        .map_err(anyhow::Error::msg)?;
+    engine::node::format(&opts, cfg.ring.size_bytes, role, flags).map_err(anyhow::Error::msg)?;
     println!(
         "formatted node {} ({}) as {}{} in {}",
         cfg.node.id,
