@@ -131,7 +131,7 @@ fn batches_wrap_and_reopen_on_a_block_device() {
             while ring.fits(len(next)) {
                 append(&mut ring, next, len(next));
                 next += 1;
-                if next % 7 == 0 {
+                if next.is_multiple_of(7) {
                     run_batch(&mut ring, &mut be);
                 }
             }
