@@ -154,9 +154,10 @@ pub struct RingConfig {
     /// Persistent ring (delay buffer + delta queue) size.
     pub size_bytes: u64,
     /// The ring file; default `<node.data_dir>/ring`. A regular file on any
-    /// local filesystem: put it on a device whose flush is cheap (a
-    /// power-loss-protected SSD, persistent memory) and every write's ring
-    /// flush gets cheaper.
+    /// local filesystem, or a block device of its own (a raw device or
+    /// partition: no filesystem, so no inode update per ring write): put it
+    /// on a device whose flush is cheap (a power-loss-protected SSD,
+    /// persistent memory) and every write's ring flush gets cheaper.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
 }
