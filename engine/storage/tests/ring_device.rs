@@ -62,21 +62,38 @@ fn backend(dir: &TempDir) -> UringBackend {
 
 /// Begin a batch, run its durable writes on `be`'s io_uring and report it.
 fn run_batch(ring: &mut Ring, be: &mut UringBackend) {
-    let w = ring.begin_write().expect("no batch in flight");
-    let fd = ring.fd();
-    let n = w.writes.len();
-    for (i, (offset, segs)) in w.writes.into_iter().enumerate() {
-        let op = BackendOp::WriteVecFd {
-            fd,
-            offset,
-            segs,
-            dsync: true,
-        };
-        be.submit(i as u64, op).expect("room");
+    assert_eq!(run_batches(ring, be, 1), 1);
+}
+
+/// Begin up to `n` batches (group commit: appends between them go into the
+/// next; at most two in flight), run all their durable writes at once on
+/// `be`'s io_uring, and report them in order. Returns the batches begun.
+fn run_batches(ring: &mut Ring, be: &mut UringBackend, n: usize) -> usize {
+    let mut throughs = Vec::new();
+    let mut ops = 0;
+    for b in 0..n {
+        let Some(w) = ring.begin_write() else { break };
+        let fd = ring.fd();
+        for (offset, segs) in w.writes {
+            let op = BackendOp::WriteVecFd {
+                fd,
+                offset,
+                segs,
+                dsync: true,
+            };
+            be.submit(ops, op).expect("room");
+            ops += 1;
+        }
+        throughs.push(w.through);
+        let s = ring.next_seq();
+        if b + 1 < n && ring.fits(len_of(s)) {
+            // The next batch carries what is appended meanwhile.
+            append(ring, s, len_of(s));
+        }
     }
     be.flush_submissions();
     let mut out: Vec<BackendCompletion> = Vec::new();
-    while out.len() < n {
+    while out.len() < ops as usize {
         if be.reap(&mut out) == 0 {
             be.wait(&[], 1000);
         }
@@ -84,7 +101,16 @@ fn run_batch(ring: &mut Ring, be: &mut UringBackend) {
     for c in &out {
         c.result.expect("durable ring write");
     }
-    ring.sync_completed(w.through);
+    for &t in &throughs {
+        ring.sync_completed(t);
+    }
+    assert_eq!(ring.writes_in_flight(), 0);
+    throughs.len()
+}
+
+/// The payload length of record `seq` in the wrap test: 0 to 8999 bytes.
+fn len_of(seq: u64) -> usize {
+    (seq as usize * 389) % 9000
 }
 
 /// Byte offset of the first occurrence of `needle` on the device.
@@ -125,14 +151,19 @@ fn batches_wrap_and_reopen_on_a_block_device() {
         assert!(ring.is_direct());
         assert_eq!(ring.capacity_bytes(), cap, "the ring, not the device");
         assert!(ring.describe().starts_with("block device of 4194304 bytes"));
-        let len = |s: u64| (s as usize * 389) % 9000;
+        let len = len_of;
         let mut next = 1u64;
+        let mut two_in_flight = 0;
         for lap in 0..30 {
             while ring.fits(len(next)) {
                 append(&mut ring, next, len(next));
                 next += 1;
                 if next.is_multiple_of(7) {
-                    run_batch(&mut ring, &mut be);
+                    // Two batches in flight, the second with one more record.
+                    if run_batches(&mut ring, &mut be, 2) == 2 {
+                        two_in_flight += 1;
+                    }
+                    next = ring.next_seq();
                 }
             }
             run_batch(&mut ring, &mut be);
@@ -152,6 +183,10 @@ fn batches_wrap_and_reopen_on_a_block_device() {
             }
         }
         assert!(next > 200, "wrapped many times ({next} records)");
+        assert!(
+            two_in_flight > 20,
+            "{two_in_flight} times two batches in flight"
+        );
         let (first, n, durable) = (ring.first_seq(), ring.next_seq(), ring.durable_seq());
         assert_eq!(durable, n - 1);
         drop(ring);
