@@ -6,43 +6,13 @@
 
 mod common;
 
-use common::TempDir;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use common::{append, check, find, flip_byte, TempDir};
 use storage::backend::{
     create_file_device, Backend, BackendCompletion, BackendOp, UringBackend, UringConfig,
 };
 use storage::blockdev::{self, Signature};
-use storage::ring::{RecordHeader, Ring, RingError, RING_HEADER_BYTES};
+use storage::ring::{Ring, RingError, RING_HEADER_BYTES};
 use testskip::LoopDevice;
-
-fn hdr(seq: u64) -> RecordHeader {
-    RecordHeader {
-        seq,
-        gen: 5,
-        kind: 1,
-        flags: 0,
-        offset: seq * 4096,
-        len: 4096,
-    }
-}
-
-/// A payload that identifies its seq, so the test can find it on the device.
-fn payload(seq: u64, len: usize) -> Vec<u8> {
-    let tag = format!("<dev seq {seq:08}>");
-    tag.bytes().cycle().take(len).collect()
-}
-
-fn append(ring: &mut Ring, seq: u64, len: usize) {
-    ring.append(&hdr(seq), payload(seq, len).into())
-        .expect("fits");
-}
-
-fn check(ring: &Ring, seq: u64, len: usize) {
-    let (h, p) = ring.get(seq).unwrap_or_else(|| panic!("seq {seq} missing"));
-    assert_eq!(h, hdr(seq));
-    assert_eq!(p, payload(seq, len), "payload of seq {seq}");
-}
 
 /// A loop device of `bytes` over a file in `dir`, with logical blocks of
 /// `sector` bytes; `None` when the test is skipped.
@@ -111,27 +81,6 @@ fn run_batches(ring: &mut Ring, be: &mut UringBackend, n: usize) -> usize {
 /// The payload length of record `seq` in the wrap test: 0 to 8999 bytes.
 fn len_of(seq: u64) -> usize {
     (seq as usize * 389) % 9000
-}
-
-/// Byte offset of the first occurrence of `needle` on the device.
-fn find(dev: &Path, needle: &[u8]) -> u64 {
-    let data = std::fs::read(dev).unwrap();
-    data.windows(needle.len())
-        .position(|w| w == needle)
-        .expect("bytes on the device") as u64
-}
-
-fn flip_byte(dev: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).unwrap();
-    f.sync_data().unwrap();
 }
 
 /// Many laps of batches on a device larger than the ring, then a reopen
@@ -233,7 +182,7 @@ fn torn_tail_on_a_block_device_is_cut_off() {
     // The header claims the head after 8, durable only through 5.
     assert_eq!(ring.prepare_sync(), 8);
     drop(ring);
-    flip_byte(dev.path(), find(dev.path(), b"<dev seq 00000007>") + 40);
+    flip_byte(dev.path(), find(dev.path(), b"<seq 00000007>") + 40);
     let (mut ring, rec) = Ring::open(dev.path()).unwrap();
     assert_eq!((rec.first_seq, rec.next_seq, rec.records), (1, 7, 6));
     assert_eq!(rec.torn_tail_bytes, 2 * 4096, "seq 7 and 8 cut off");
@@ -247,7 +196,7 @@ fn torn_tail_on_a_block_device_is_cut_off() {
     check(&ring, 7, 300);
     // Damage to a durable record is corruption, never cut away.
     drop(ring);
-    flip_byte(dev.path(), find(dev.path(), b"<dev seq 00000003>") + 40);
+    flip_byte(dev.path(), find(dev.path(), b"<seq 00000003>") + 40);
     assert!(matches!(
         Ring::open(dev.path()),
         Err(RingError::Corrupt { .. })
