@@ -1722,6 +1722,7 @@ mod tests {
             .set_len(32 * MIB)
             .unwrap();
         let Some(dev) = testskip::LoopDevice::attach(&backing, 512) else {
+            let _ = std::fs::remove_dir_all(&dir);
             return;
         };
         let mut c = base();
@@ -1775,6 +1776,7 @@ mod tests {
         let backing = dir.join("backing");
         std::fs::write(&backing, &disk).unwrap();
         let Some(disk) = testskip::LoopDevice::attach_partitioned(&backing, 512) else {
+            let _ = std::fs::remove_dir_all(&dir);
             return;
         };
         let Some(part) = disk.partition(1) else {
@@ -1783,6 +1785,8 @@ mod tests {
                  support, CONFIG_MSDOS_PARTITION)",
                 disk.path().display()
             ));
+            drop(disk);
+            let _ = std::fs::remove_dir_all(&dir);
             return;
         };
         let mut c = base();
