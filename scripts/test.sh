@@ -21,6 +21,10 @@ command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
 command -v cmp >/dev/null || need_pkgs+=(diffutils)
+# The ring-on-a-device tests attach loop devices (losetup, mount: Debian's
+# mount package) and put a filesystem on one (mkfs.ext4).
+{ command -v losetup && command -v mount; } >/dev/null || need_pkgs+=(mount)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 # The etcd-client crate compiles etcd's .proto files with protoc; the
 # automatic failover tests (tests/failover.rs) run real etcd servers.
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)

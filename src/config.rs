@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -154,9 +154,10 @@ pub struct RingConfig {
     /// Persistent ring (delay buffer + delta queue) size.
     pub size_bytes: u64,
     /// The ring file; default `<node.data_dir>/ring`. A regular file on any
-    /// local filesystem: put it on a device whose flush is cheap (a
-    /// power-loss-protected SSD, persistent memory) and every write's ring
-    /// flush gets cheaper.
+    /// local filesystem, or a block device of its own (a raw device or
+    /// partition: no filesystem, so no inode update per ring write): put it
+    /// on a device whose flush is cheap (a power-loss-protected SSD,
+    /// persistent memory) and every write's ring flush gets cheaper.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
 }
@@ -665,37 +666,71 @@ impl Config {
 
     fn check_ring_path(&self, v: &mut Problems) {
         let Some(p) = &self.ring.path else { return };
-        let example = "e.g. ring.path = \"/mnt/fast-ssd/deltamirror.ring\" (or remove the line to keep the ring in node.data_dir)";
+        let example = "e.g. ring.path = \"/mnt/fast-ssd/deltamirror.ring\", or a block device of its own such as ring.path = \"/dev/nvme1n1p1\" (or remove the line to keep the ring in node.data_dir)";
         if p.as_os_str().is_empty() || !p.is_absolute() {
             v.push(format!(
-                "ring.path = {p:?}: must be an absolute path to a file; {example}"
+                "ring.path = {p:?}: must be an absolute path to a file or a block device; {example}"
             ));
             return;
         }
+        let meta = std::fs::metadata(p).ok();
+        let device = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
         if p.is_dir() {
             v.push(format!(
                 "ring.path = {p:?}: is a directory; name the ring file in it; {example}"
             ));
-        } else if p.exists() && !p.is_file() {
+        } else if meta.is_some() && !p.is_file() && !device {
             v.push(format!(
-                "ring.path = {p:?}: exists but is not a regular file (the ring is a file on a filesystem, not a raw device); {example}"
+                "ring.path = {p:?}: exists but is neither a regular file nor a block device; {example}"
             ));
         }
         if *p == self.volume.path {
             v.push(format!(
-                "ring.path = {p:?}: is volume.path; the ring must be its own file; {example}"
+                "ring.path = {p:?}: is volume.path; the ring must be its own file or device; {example}"
+            ));
+        } else if let Some(why) = overlaps(p, &self.volume.path) {
+            v.push(format!(
+                "ring.path = {p:?}: {why} volume.path ({:?}); the ring must be its own file or device; {example}",
+                self.volume.path
             ));
         }
-        if *p == self.node.data_dir.join("meta") {
+        let meta_file = self.node.data_dir.join("meta");
+        if *p == meta_file || same_file(p, &meta_file) {
             v.push(format!(
                 "ring.path = {p:?}: is the node's metadata file; {example}"
             ));
+        }
+        if device {
+            self.check_ring_device_size(p, v);
         }
         match p.parent() {
             Some(dir) if dir.is_dir() => {}
             _ => v.push(format!(
                 "ring.path = {p:?}: its directory does not exist; create it (on the device meant for the ring) or {example}"
             )),
+        }
+    }
+
+    /// The ring and its header slots must fit on the block device
+    /// `ring.path` names (its size from sysfs; `deltamirror format` checks
+    /// again with the device open).
+    fn check_ring_device_size(&self, p: &Path, v: &mut Problems) {
+        let Some(bytes) = sysfs_block_dir(p)
+            .and_then(|d| std::fs::read_to_string(d.join("size")).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|sectors| sectors * 512)
+        else {
+            return;
+        };
+        let header = storage::ring::RING_HEADER_BYTES;
+        let ring = self.ring.size_bytes;
+        if ring.saturating_add(header) > bytes {
+            let most = bytes.saturating_sub(header) / 4096 * 4096;
+            v.push(format!(
+                "ring.size_bytes = {ring}: does not fit on the ring device {p:?} ({bytes} bytes), which also holds the ring's {header} bytes of header slots; lower ring.size_bytes to at most {most} or give ring.path a larger device"
+            ));
         }
     }
 
@@ -1449,6 +1484,60 @@ fn cpu_list_string(set: &BTreeSet<usize>) -> String {
     ids.join(",")
 }
 
+/// Why `ring` and `volume` share storage under different names, if they
+/// do: the same file (device and inode), the same block device (device
+/// number), or one a partition of the other. Paths that do not exist yet
+/// share nothing.
+fn overlaps(ring: &Path, volume: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let (r, v) = (
+        std::fs::metadata(ring).ok()?,
+        std::fs::metadata(volume).ok()?,
+    );
+    let (rb, vb) = (
+        r.file_type().is_block_device(),
+        v.file_type().is_block_device(),
+    );
+    if rb && vb {
+        if r.rdev() == v.rdev() {
+            return Some("is the same block device (device number) as");
+        }
+        let (rs, vs) = (sysfs_block_dir(ring)?, sysfs_block_dir(volume)?);
+        let partition_of = |part: &Path, disk: &Path| {
+            part.join("partition").exists() && part.parent() == Some(disk)
+        };
+        if partition_of(&rs, &vs) {
+            return Some("is a partition of the device of");
+        }
+        if partition_of(&vs, &rs) {
+            return Some("is a whole device that holds, as a partition,");
+        }
+        return None;
+    }
+    (!rb && !vb && same_file(ring, volume)).then_some("is the same file (device and inode) as")
+}
+
+/// Whether `a` and `b` are the same file under two names.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The sysfs directory of the block device at `path`
+/// (`/sys/dev/block/MAJOR:MINOR`, resolved: a partition's directory sits in
+/// its disk's).
+fn sysfs_block_dir(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(path).ok()?.rdev();
+    // glibc's gnu_dev_major / gnu_dev_minor.
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1622,6 +1711,97 @@ mod tests {
         c.volume.path = dir.join("vol.img");
         c.ring.path = Some(c.volume.path.clone());
         check_rejects(&c, "is volume.path");
+    }
+
+    #[test]
+    fn ring_path_may_be_a_block_device_but_not_the_volume_under_another_name() {
+        let dir = tmpdir("ringdev");
+        let backing = dir.join("backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        let Some(dev) = testskip::LoopDevice::attach(&backing, 512) else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        let mut c = base();
+        c.volume.path = dir.join("vol.img");
+        c.ring.path = Some(dev.path().to_path_buf());
+        c.ring.size_bytes = 16 * MIB;
+        c.validate().unwrap();
+        // The device too small for ring.size_bytes and the header slots.
+        c.ring.size_bytes = 32 * MIB;
+        let msg = check_rejects(
+            &c,
+            "ring.size_bytes = 33554432: does not fit on the ring device",
+        );
+        assert!(msg.contains("at most 33542144"), "{msg}");
+        c.ring.size_bytes = 16 * MIB;
+        // The volume on the same device, by its name or by another one.
+        c.volume.path = dev.path().to_path_buf();
+        check_rejects(&c, "is volume.path");
+        let alias = dir.join("alias");
+        std::os::unix::fs::symlink(dev.path(), &alias).unwrap();
+        c.volume.path = alias;
+        check_rejects(
+            &c,
+            "is the same block device (device number) as volume.path",
+        );
+        // A file volume of another name for the ring file (a hard link).
+        let ring_file = dir.join("r.ring");
+        std::fs::write(&ring_file, b"x").unwrap();
+        let link = dir.join("vol-link.img");
+        std::fs::hard_link(&ring_file, &link).unwrap();
+        c.volume.path = link;
+        c.ring.path = Some(ring_file);
+        check_rejects(&c, "is the same file (device and inode) as volume.path");
+        // Neither a file nor a block device.
+        c.volume.path = dir.join("vol.img");
+        c.ring.path = Some(PathBuf::from("/dev/null"));
+        check_rejects(&c, "neither a regular file nor a block device");
+        drop(dev);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ring_path_on_a_partition_of_the_volume_device_is_refused() {
+        let dir = tmpdir("ringpart");
+        // An MBR partition table with one partition of 16 MiB at 1 MiB.
+        let mut disk = vec![0u8; 32 * MIB as usize];
+        disk[446 + 4] = 0x83;
+        disk[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        disk[446 + 12..446 + 16].copy_from_slice(&32768u32.to_le_bytes());
+        disk[510..512].copy_from_slice(&[0x55, 0xAA]);
+        let backing = dir.join("backing");
+        std::fs::write(&backing, &disk).unwrap();
+        let Some(disk) = testskip::LoopDevice::attach_partitioned(&backing, 512) else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        let Some(part) = disk.partition(1) else {
+            testskip::skip(format!(
+                "the kernel found no partition on {} (a kernel without partition table \
+                 support, CONFIG_MSDOS_PARTITION)",
+                disk.path().display()
+            ));
+            drop(disk);
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        let mut c = base();
+        c.ring.size_bytes = 16 * MIB - 16 * KIB;
+        c.volume.path = disk.path().to_path_buf();
+        c.ring.path = Some(part.clone());
+        check_rejects(&c, "is a partition of the device of volume.path");
+        c.volume.path = part;
+        c.ring.path = Some(disk.path().to_path_buf());
+        check_rejects(
+            &c,
+            "is a whole device that holds, as a partition, volume.path",
+        );
+        drop(disk);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

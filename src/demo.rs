@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use engine::node::FormatFlags;
 use engine::status::NodeStatus;
 
 use crate::config::Config;
@@ -36,7 +37,7 @@ impl Pair {
             let p = pair.config_path(i);
             std::fs::write(&p, pair.cfgs[i].to_toml_string())?;
             if !pair.cfgs[i].node.data_dir.join("meta").exists() {
-                cmd_format(&p, false, false)?;
+                cmd_format(&p, FormatFlags::default())?;
             }
         }
         Ok(pair)

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use engine::core::{ConfirmMode, Role};
 use engine::link::fabric::FabricOptions;
 use engine::link::{LinkOptions, LinkTransport};
-use engine::node::{Node, NodeOptions, PollMode};
+use engine::node::{FormatFlags, Node, NodeOptions, PollMode};
 use volume::{Volume, VolumeIdentity};
 
 use config::Config;
@@ -40,12 +40,18 @@ enum Cmd {
     Format {
         #[arg(long)]
         config: PathBuf,
-        /// Erase an already formatted node.
+        /// Erase an already formatted node (its metadata and its ring, also
+        /// a deltamirror ring on a ring device).
         #[arg(long)]
         force: bool,
         /// The disk is new or replaced: it receives a full remirror from the peer.
         #[arg(long)]
         replace: bool,
+        /// Write the ring onto the block device ring.path names even though
+        /// it holds a filesystem, partition table, LVM label or swap
+        /// signature (docs/operations.md, "The ring on its own device").
+        #[arg(long)]
+        force_ring_device: bool,
     },
     /// Run one node.
     Serve {
@@ -170,7 +176,15 @@ fn main() {
             config,
             force,
             replace,
-        } => cmd_format(&config, force, replace),
+            force_ring_device,
+        } => cmd_format(
+            &config,
+            FormatFlags {
+                force,
+                replace,
+                force_ring_device,
+            },
+        ),
         Cmd::Serve { config, standalone } => cmd_serve(&config, standalone),
         Cmd::Status { admin, json, watch } => cmd_status(&admin, json, watch),
         Cmd::Promote { admin, force } => {
@@ -323,7 +337,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
     })
 }
 
-pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> {
+pub(crate) fn cmd_format(path: &Path, flags: FormatFlags) -> Result<()> {
     let cfg = load(path)?;
     let opts = node_options(&cfg)?;
     if !cfg.volume.path.exists() {
@@ -343,14 +357,13 @@ pub(crate) fn cmd_format(path: &Path, force: bool, replace: bool) -> Result<()> 
         config::Role::Primary => Role::Primary,
         config::Role::Backup => Role::Backup,
     };
-    engine::node::format(&opts, cfg.ring.size_bytes, role, force, replace)
-        .map_err(anyhow::Error::msg)?;
+    engine::node::format(&opts, cfg.ring.size_bytes, role, flags).map_err(anyhow::Error::msg)?;
     println!(
         "formatted node {} ({}) as {}{} in {}",
         cfg.node.id,
         cfg.node.name,
         role.as_str(),
-        if replace {
+        if flags.replace {
             ", new disk: it will receive a full remirror"
         } else {
             ""

@@ -11,13 +11,13 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{field, images_identical, need, u, EXE};
+use common::{block_of, field, images_identical, nbd_writer, need, oracle_block, u, Written, EXE};
 use serde_json::Value;
 
 /// The lease of every test pair: short, so the file stays quick.
@@ -438,134 +438,6 @@ fn get_status(addr: &str) -> Option<Value> {
 
 fn serving_primary(s: &Value) -> bool {
     s["role"] == "primary" && s["serving"] == true
-}
-
-fn block_of(img: &Path, blk: u64) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(img).unwrap();
-    f.seek(SeekFrom::Start(blk * 4096)).unwrap();
-    let mut b = vec![0u8; 4096];
-    f.read_exact(&mut b).unwrap();
-    b
-}
-
-/// The data of the oracle's write to block `blk` in run `salt`.
-fn oracle_block(salt: u64, blk: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(4096);
-    for i in 0..512u64 {
-        let w = (salt << 48) ^ (blk << 12) ^ i ^ 0x5a5a_0000_0000_0000;
-        b.extend_from_slice(&w.to_le_bytes());
-    }
-    b
-}
-
-/// What one run of `nbd_writer` saw.
-struct Written {
-    acked: Vec<u64>,
-    errors: u64,
-    broken: Option<String>,
-}
-
-/// A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies), the
-/// oracle of acknowledged writes: writes `oracle_block(salt, b)` to blocks
-/// `first..first + count` with `qd` in flight and records a block once its
-/// reply arrived without error. Stops at `stop` or a broken connection.
-fn nbd_writer(
-    addr: &str,
-    salt: u64,
-    first: u64,
-    count: u64,
-    qd: usize,
-    stop: &AtomicBool,
-    acks: &AtomicU64,
-) -> Written {
-    use std::io::{Read, Write};
-    let mut w = Written {
-        acked: Vec::new(),
-        errors: 0,
-        broken: None,
-    };
-    let mut s = match nbd_open(addr) {
-        Ok(s) => s,
-        Err(e) => {
-            w.broken = Some(format!("connect: {e}"));
-            return w;
-        }
-    };
-    let mut inflight = std::collections::HashSet::new();
-    let mut next = first;
-    loop {
-        while inflight.len() < qd && next < first + count && !stop.load(Ordering::Acquire) {
-            let mut r = Vec::with_capacity(28 + 4096);
-            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-            r.extend_from_slice(&0u16.to_be_bytes());
-            r.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
-            r.extend_from_slice(&next.to_be_bytes());
-            r.extend_from_slice(&(next * 4096).to_be_bytes());
-            r.extend_from_slice(&4096u32.to_be_bytes());
-            r.extend_from_slice(&oracle_block(salt, next));
-            if let Err(e) = s.write_all(&r) {
-                w.broken = Some(format!("send: {e}"));
-                return w;
-            }
-            inflight.insert(next);
-            next += 1;
-        }
-        if inflight.is_empty() {
-            return w;
-        }
-        let mut h = [0u8; 16];
-        if let Err(e) = s.read_exact(&mut h) {
-            w.broken = Some(format!("reply: {e}"));
-            return w;
-        }
-        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
-        let blk = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        assert!(inflight.remove(&blk), "reply for a write not in flight");
-        if u32::from_be_bytes(h[4..8].try_into().unwrap()) == 0 {
-            w.acked.push(blk);
-            acks.fetch_add(1, Ordering::AcqRel);
-        } else {
-            w.errors += 1;
-        }
-    }
-}
-
-fn nbd_open(addr: &str) -> std::io::Result<std::net::TcpStream> {
-    use std::io::{Error, Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut b = [0u8; 18];
-    s.read_exact(&mut b)?;
-    if &b[0..8] != b"NBDMAGIC" || &b[8..16] != b"IHAVEOPT" {
-        return Err(Error::other("not an NBD server"));
-    }
-    s.write_all(&3u32.to_be_bytes())?;
-    let export = b"deltamirror";
-    let mut opt = Vec::new();
-    opt.extend_from_slice(b"IHAVEOPT");
-    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-    opt.extend_from_slice(&((4 + export.len() + 2) as u32).to_be_bytes());
-    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    opt.extend_from_slice(export);
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&opt)?;
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h)?;
-        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        let mut data = vec![0u8; len];
-        s.read_exact(&mut data)?;
-        match typ {
-            1 => return Ok(s),
-            t if t & 0x8000_0000 != 0 => {
-                return Err(Error::other(format!("NBD_OPT_GO refused: {t:#x}")))
-            }
-            _ => {}
-        }
-    }
 }
 
 /// A fixed number of writes through node `i` that must all succeed.

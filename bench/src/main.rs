@@ -29,7 +29,7 @@ use clap::Parser;
 use engine::core::Role;
 use engine::link::fabric::FabricOptions;
 use engine::link::{LinkOptions, LinkTransport};
-use engine::node::{default_core_config, format, Node, NodeOptions, PollMode};
+use engine::node::{default_core_config, format, FormatFlags, Node, NodeOptions, PollMode};
 use hdrhistogram::Histogram;
 use json::J;
 use storage::backend::uring::{create_file_device, UringBackend, UringConfig};
@@ -475,8 +475,10 @@ fn bench_mirrored(args: &Args, mode: PollMode, run: u16, coalesce: bool, fabric:
             &o,
             256 << 20,
             if id == 1 { Role::Primary } else { Role::Backup },
-            true,
-            false,
+            FormatFlags {
+                force: true,
+                ..FormatFlags::default()
+            },
         )
         .unwrap();
         nodes.push(Node::start(o).unwrap());

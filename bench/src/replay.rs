@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::core::{CoreConfig, Role};
-use engine::node::{format, Node, NodeOptions, PollMode};
+use engine::node::{format, FormatFlags, Node, NodeOptions, PollMode};
 use engine::status::{Control, NodeStatus};
 use storage::backend::uring::{create_file_device, UringBackend, UringConfig};
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
@@ -62,7 +62,11 @@ impl Pair {
             std::fs::create_dir_all(&o.data_dir).map_err(|e| e.to_string())?;
             create_file_device(&o.volume_path, vol_bytes).map_err(|e| e.to_string())?;
             let role = if id == 1 { Role::Primary } else { Role::Backup };
-            format(&o, ring_bytes, role, true, false)?;
+            let force = FormatFlags {
+                force: true,
+                ..FormatFlags::default()
+            };
+            format(&o, ring_bytes, role, force)?;
             opts.push(o);
         }
         let n1 = Node::start(opts[0].clone())?;
@@ -108,7 +112,12 @@ impl Pair {
         std::fs::remove_dir_all(&o.data_dir).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&o.data_dir).map_err(|e| e.to_string())?;
         create_file_device(&o.volume_path, self.vol_bytes).map_err(|e| e.to_string())?;
-        format(o, self.ring_bytes, Role::Backup, true, true)
+        let flags = FormatFlags {
+            force: true,
+            replace: true,
+            ..FormatFlags::default()
+        };
+        format(o, self.ring_bytes, Role::Backup, flags)
     }
 
     fn finish(mut self) {

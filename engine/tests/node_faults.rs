@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use engine::core::Role;
 use engine::link::LinkOptions;
-use engine::node::{default_core_config, format_with_size, Node, NodeOptions, PollMode};
+use engine::node::{
+    default_core_config, format_with_size, FormatFlags, Node, NodeOptions, PollMode,
+};
 use engine::status::Control;
 use storage::backend::{
     create_file_device, FaultBackend, FaultControl, FaultOps, MemBackend, UringBackend, UringConfig,
@@ -234,7 +236,7 @@ fn start_pair(name: &str, disks: Disks) -> Pair {
     for id in 1..=2u32 {
         let o = opts(&dir.0, id, ports);
         let role = if id == 1 { Role::Primary } else { Role::Backup };
-        format_with_size(&o, VOLUME_BYTES, 16 << 20, role, false, false).unwrap();
+        format_with_size(&o, VOLUME_BYTES, 16 << 20, role, FormatFlags::default()).unwrap();
         let ctl = FaultControl::new();
         let node = match disks {
             Disks::Memory => {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use engine::core::Role;
 use engine::link::LinkOptions;
-use engine::node::{default_core_config, format, Node, NodeOptions, PollMode};
+use engine::node::{default_core_config, format, FormatFlags, Node, NodeOptions, PollMode};
 use engine::status::Control;
 use storage::backend::uring::create_file_device;
 use volume::{submit_wait, Volume, VolumeIdentity, VolumeOp};
@@ -95,7 +95,11 @@ fn replay_left_when_a_write_completed(name: &str, port: u16, floor: u64) -> u64 
         create_file_device(&x.volume_path, 256 * MIB).unwrap();
         let role = if id == 1 { Role::Primary } else { Role::Backup };
         // The ring holds the 20,000 writes of the outage (8 KiB a record).
-        format(&x, 256 * MIB, role, true, false).unwrap();
+        let force = FormatFlags {
+            force: true,
+            ..FormatFlags::default()
+        };
+        format(&x, 256 * MIB, role, force).unwrap();
         o.push(x);
     }
     let n1 = Node::start(o[0].clone()).unwrap();

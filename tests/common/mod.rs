@@ -1,7 +1,8 @@
-//! The process-level harness of tests/pair.rs, pr_failover.rs, abort.rs
-//! and pinning.rs: real `deltamirror` processes in a fresh directory,
-//! configured with `example-config`, formatted, started, killed and read
-//! through `status --json`; tests/failover.rs uses its small helpers.
+//! The process-level harness of tests/pair.rs, pr_failover.rs, abort.rs,
+//! pinning.rs and ring_device.rs: real `deltamirror` processes in a fresh
+//! directory, configured with `example-config`, formatted, started, killed
+//! and read through `status --json`, and the oracle of acknowledged writes
+//! (`nbd_writer`); tests/failover.rs uses its small helpers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -263,6 +264,149 @@ impl Drop for Pair {
         self.kill9(1);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The 4 KiB block `blk` of an image file.
+pub fn block_of(img: &Path, blk: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(img).unwrap();
+    f.seek(SeekFrom::Start(blk * 4096)).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+/// Data of the oracle write to block `blk` in the run `salt`: distinct for
+/// every block, so a block holding it proves that exact write landed.
+pub fn oracle_block(salt: u64, blk: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4096);
+    for i in 0..512u64 {
+        let w = (salt << 48) ^ (blk << 12) ^ i ^ 0x5a5a_0000_0000_0000;
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+/// What one run of `nbd_writer` saw.
+pub struct Written {
+    /// Blocks whose write reply arrived without error, in reply order.
+    pub acked: Vec<u64>,
+    /// Replies that carried an NBD error.
+    pub errors: u64,
+    /// Why the run ended early (connection lost), if it did.
+    pub broken: Option<String>,
+}
+
+/// A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies): the
+/// oracle of acknowledged writes. It writes `oracle_block(salt, b)` to
+/// blocks `first_blk..first_blk + count` in order, keeping `qd` writes in
+/// flight, and records a block only once the server's reply for it arrived
+/// without error. It stops early when `stop` is set (finishing what is in
+/// flight) or when the connection breaks (a killed server). `acks` counts
+/// the acknowledged writes as they arrive.
+pub fn nbd_writer(
+    addr: &str,
+    salt: u64,
+    first_blk: u64,
+    count: u64,
+    qd: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    acks: &std::sync::atomic::AtomicU64,
+) -> Written {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let mut w = Written {
+        acked: Vec::new(),
+        errors: 0,
+        broken: None,
+    };
+    let mut s = match nbd_open(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            w.broken = Some(format!("connect: {e}"));
+            return w;
+        }
+    };
+    let mut inflight = std::collections::HashSet::new();
+    let mut next = first_blk;
+    loop {
+        while inflight.len() < qd && next < first_blk + count && !stop.load(Ordering::Acquire) {
+            let mut r = Vec::with_capacity(28 + 4096);
+            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes()); // flags
+            r.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+            r.extend_from_slice(&next.to_be_bytes()); // handle = block
+            r.extend_from_slice(&(next * 4096).to_be_bytes());
+            r.extend_from_slice(&4096u32.to_be_bytes());
+            r.extend_from_slice(&oracle_block(salt, next));
+            if let Err(e) = s.write_all(&r) {
+                w.broken = Some(format!("send: {e}"));
+                return w;
+            }
+            inflight.insert(next);
+            next += 1;
+        }
+        if inflight.is_empty() {
+            return w;
+        }
+        let mut h = [0u8; 16];
+        if let Err(e) = s.read_exact(&mut h) {
+            w.broken = Some(format!("reply: {e}"));
+            return w;
+        }
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            0x6744_6698,
+            "NBD simple reply magic"
+        );
+        let blk = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        assert!(inflight.remove(&blk), "reply for a write not in flight");
+        if u32::from_be_bytes(h[4..8].try_into().unwrap()) == 0 {
+            w.acked.push(blk);
+            acks.fetch_add(1, Ordering::AcqRel);
+        } else {
+            w.errors += 1;
+        }
+    }
+}
+
+/// Opens an NBD connection to export "deltamirror" (fixed newstyle,
+/// NBD_OPT_GO). A stalled server ends a read after 120 s with an error.
+pub fn nbd_open(addr: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::io::{Error, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut b = [0u8; 18];
+    s.read_exact(&mut b)?;
+    if &b[0..8] != b"NBDMAGIC" || &b[8..16] != b"IHAVEOPT" {
+        return Err(Error::other("not an NBD server"));
+    }
+    s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
+    let export = b"deltamirror";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    opt.extend_from_slice(&((4 + export.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt)?;
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data)?;
+        match typ {
+            1 => return Ok(s), // NBD_REP_ACK
+            t if t & 0x8000_0000 != 0 => {
+                return Err(Error::other(format!("NBD_OPT_GO refused: {t:#x}")))
+            }
+            _ => {}
         }
     }
 }

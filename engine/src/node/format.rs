@@ -1,18 +1,32 @@
 //! Formatting a node's data directory: ring and metadata.
 
 use super::*;
+use storage::blockdev::{self, Signature};
+
+/// What `deltamirror format` may overwrite, and how the node starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FormatFlags {
+    /// Erase an already formatted node: its metadata and its ring, a ring
+    /// on a block device (`ring.path`) included.
+    pub force: bool,
+    /// The disk is new or replaced: it gets a full remirror from the peer.
+    pub replace: bool,
+    /// Write the ring onto a block device that holds a filesystem, a
+    /// partition table, an LVM label or swap (see [`blockdev::Signature`]).
+    /// `force` does not: it erases deltamirror's own state only.
+    pub force_ring_device: bool,
+}
 
 /// Prepares a node's persistent state for the volume at `opts.volume_path`.
-/// Refuses an already formatted data directory unless `force`. `replace`:
-/// the disk is new and gets a full remirror from the peer.
+/// Refuses an already formatted data directory unless `flags.force`, and a
+/// ring device that holds something ([`check_ring_device`]).
 pub fn format(
     opts: &NodeOptions,
     ring_bytes: u64,
     role: Role,
-    force: bool,
-    replace: bool,
+    flags: FormatFlags,
 ) -> Result<(), String> {
-    prepare_dir(opts, force)?;
+    prepare_dir(opts, flags.force)?;
     let dev = UringBackend::open(
         &opts.volume_path,
         &UringConfig {
@@ -28,7 +42,7 @@ pub fn format(
     })?;
     let size = dev.size_bytes();
     drop(dev);
-    format_with_size(opts, size, ring_bytes, role, force, replace)
+    format_with_size(opts, size, ring_bytes, role, flags)
 }
 
 /// Creates the data directory; refuses one already formatted unless `force`.
@@ -58,9 +72,9 @@ pub fn format_with_size(
     volume_bytes: u64,
     ring_bytes: u64,
     role: Role,
-    force: bool,
-    replace: bool,
+    flags: FormatFlags,
 ) -> Result<(), String> {
+    let FormatFlags { force, replace, .. } = flags;
     if volume_bytes == 0 {
         return Err(format!(
             "the volume for {} is 0 bytes: give it a size (volume.size_bytes) before formatting",
@@ -68,6 +82,7 @@ pub fn format_with_size(
         ));
     }
     prepare_dir(opts, force)?;
+    check_ring_device(&opts.ring_path, flags)?;
     let size = volume_bytes;
     let mp = meta_path(&opts.data_dir);
     if force && mp.exists() {
@@ -99,4 +114,42 @@ pub fn format_with_size(
         Err(e) => return Err(format!("cannot remove the standalone marker: {e}")),
     }
     Ok(())
+}
+
+/// When `ring_path` names a block device: refuses it while it is in use
+/// (mounted, or held open exclusively) and, unless the flags allow it, when
+/// it already holds something ([`blockdev::signature`]): a deltamirror ring
+/// (`--force`, or `--force-ring-device`) or a filesystem, partition table,
+/// LVM label or swap (`--force-ring-device` only). A regular file passes.
+pub fn check_ring_device(ring_path: &Path, flags: FormatFlags) -> Result<(), String> {
+    let shown = ring_path.display();
+    match blockdev::is_block_device(ring_path) {
+        Ok(false) => return Ok(()),
+        Ok(true) => {}
+        Err(e) => return Err(format!("cannot stat ring.path {shown}: {e}")),
+    }
+    let found = blockdev::signature(ring_path)
+        .map_err(|e| format!("cannot use the ring device {shown} (ring.path): {e}"))?;
+    let Some(sig) = found else { return Ok(()) };
+    let allowed = match sig {
+        Signature::Ring => flags.force || flags.force_ring_device,
+        _ => flags.force_ring_device,
+    };
+    if allowed {
+        log::warn!("overwriting {} on the ring device {shown}", sig.describe());
+        return Ok(());
+    }
+    Err(match sig {
+        Signature::Ring => format!(
+            "the ring device {shown} (ring.path) already holds a deltamirror ring (this \
+             node's from an earlier format, or another node's): check that ring.path names \
+             this node's ring device; add --force to erase that ring"
+        ),
+        _ => format!(
+            "the ring device {shown} (ring.path) holds {}: refusing to write a ring over it; \
+             check that ring.path names the device meant for the ring, or add \
+             --force-ring-device to overwrite it (--force does not)",
+            sig.describe()
+        ),
+    })
 }

@@ -60,7 +60,7 @@ mod ring_log;
 pub mod standalone;
 mod state;
 
-pub use format::{format, format_with_size};
+pub use format::{check_ring_device, format, format_with_size, FormatFlags};
 use meta_writer::MetaWriter;
 pub use node_volume::{NodeControl, NodeVolume};
 use poll::{poll_loop, sleep_on, Polled};
@@ -224,16 +224,13 @@ impl Node {
             )
         })?;
         log::info!(
-            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; written {}",
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; {}: {}",
             recovery.records,
             recovery.first_seq,
             recovery.next_seq,
             recovery.torn_tail_bytes,
-            if ring.is_direct() {
-                "with O_DIRECT"
-            } else {
-                "through the page cache"
-            }
+            opts.ring_path.display(),
+            ring.describe()
         );
         meta.incarnation += 1;
         store

@@ -6,11 +6,13 @@
 //! perturbs both alike.
 //!
 //! ```text
-//! cargo run --release -p storage --example ring_batch -- DIR [BATCHES] [RECORDS] [ROUNDS]
+//! cargo run --release -p storage --example ring_batch -- DIR|DEVICE [BATCHES] [RECORDS] [ROUNDS]
 //! ```
 //!
 //! DIR: a directory on the filesystem to measure (the ring and a small
-//! device file are created there and removed afterwards); BATCHES per round
+//! device file are created there and removed afterwards); or DEVICE: a
+//! block device to put the ring on (its first 64 MiB + 12 KiB are
+//! overwritten; the small device file goes to /var/tmp); BATCHES per round
 //! and mode (default 500); RECORDS of 4 KiB per batch (default 1: a QD1
 //! write); ROUNDS (default 4). Prints each mode's batch latency p50 / p90 /
 //! p99 in microseconds, one batch at a time, and the ring bytes a batch
@@ -50,16 +52,25 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
 }
 
 fn main() {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| {
-        eprintln!("usage: ring_batch DIR [BATCHES] [RECORDS] [ROUNDS]");
+    let target = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| {
+        eprintln!("usage: ring_batch DIR|DEVICE [BATCHES] [RECORDS] [ROUNDS]");
         std::process::exit(2)
     }));
     let (batches, records, rounds) = (arg(2, 500), arg(3, 1), arg(4, 4));
-    let dev = dir.join("ring-batch-dev");
-    let ring_path = dir.join("ring-batch-ring");
+    let on_device = storage::blockdev::is_block_device(&target).expect("stat DIR|DEVICE");
+    let (dev, ring_path) = if on_device {
+        let dev = PathBuf::from(format!("/var/tmp/ring-batch-dev-{}", std::process::id()));
+        (dev, target.clone())
+    } else {
+        (
+            target.join("ring-batch-dev"),
+            target.join("ring-batch-ring"),
+        )
+    };
     create_file_device(&dev, 1 << 20).expect("device file");
     let mut be = UringBackend::open(&dev, &UringConfig::default()).expect("io_uring");
     let mut ring = Ring::create(&ring_path, 64 << 20, 1).expect("ring");
+    println!("ring at {}: {}", ring_path.display(), ring.describe());
     let payload: SharedBuf = AlignedBuf::from_slice(&[0x5a; 4096]).share();
     let mut lat: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut bytes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
@@ -123,6 +134,8 @@ fn main() {
     }
     drop(ring);
     drop(be);
-    let _ = std::fs::remove_file(&ring_path);
+    if !on_device {
+        let _ = std::fs::remove_file(&ring_path);
+    }
     let _ = std::fs::remove_file(&dev);
 }

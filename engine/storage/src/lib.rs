@@ -5,8 +5,12 @@
 //! - [`ring`]: the persistent, memory-mapped ring that holds a node's delay
 //!   buffer and delta queue (format: `docs/ring-format.md`).
 //! - [`meta`]: a crash-safe store for the node's small persistent state.
+//! - [`blockdev`]: block device size and block size, exclusive opens, and
+//!   the signatures `deltamirror format` checks before it writes a ring
+//!   onto a device.
 
 pub mod backend;
+pub mod blockdev;
 pub mod meta;
 pub mod ring;
 

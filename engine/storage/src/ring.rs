@@ -46,8 +46,17 @@
 //!
 //! Where the filesystem refuses O_DIRECT (e.g. tmpfs before Linux 6.6) the
 //! ring logs so and the same writes go through the page cache.
+//!
+//! The ring lives in a regular file or on a block device of its own (a raw
+//! device or partition: no filesystem, so no inode or timestamp update per
+//! write). On a device the format is the same, at the start of the device:
+//! nothing is allocated, the size comes from the device (it must hold the
+//! header slots and the data area), and the device is opened exclusively
+//! (O_EXCL), so a mounted device or one another node process uses is
+//! refused.
 
 use crate::backend::{AlignedBuf, IoSeg, SharedBuf, MAX_WRITE_SEGS};
+use crate::blockdev::{self, Geometry};
 use memmap2::Mmap;
 use std::collections::VecDeque;
 use std::fmt;
@@ -122,7 +131,8 @@ pub const KEEP_DURABLE_BYTES: u64 = 8 << 20;
 /// Largest single vectored write a batch is split into.
 const MAX_WRITE_BYTES: u64 = 1 << 30;
 
-const RING_MAGIC: &[u8; 8] = b"DMIRRING";
+/// The magic at the start of every header slot.
+pub(crate) const RING_MAGIC: &[u8; 8] = b"DMIRRING";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DMRC");
 const WRAP_MAGIC: u32 = u32::from_le_bytes(*b"DMWR");
 const GROUP_MAGIC: u32 = u32::from_le_bytes(*b"DMGR");
@@ -193,6 +203,9 @@ pub struct Recovery {
 #[derive(Debug)]
 pub enum RingError {
     Io(io::Error),
+    /// The block device named for the ring cannot hold it (too small, a
+    /// logical block size above 4096): why, and what to change.
+    Device(String),
     BadMagic {
         path: PathBuf,
     },
@@ -217,6 +230,7 @@ impl fmt::Display for RingError {
                 f,
                 "ring file I/O error: {e}; check the ring path, its permissions and free space"
             ),
+            RingError::Device(why) => f.write_str(why),
             RingError::BadMagic { path } => write!(
                 f,
                 "{} is not a deltamirror ring (bad magic); check the configured ring path. \
@@ -344,6 +358,9 @@ pub struct Ring {
     file: File,
     /// Whether `file` was opened with O_DIRECT.
     direct: bool,
+    /// The block device's geometry when the ring is on a raw device (opened
+    /// O_EXCL), `None` for a regular file.
+    device: Option<Geometry>,
     /// Read-only view of the file, for records whose buffer is no longer
     /// kept (see [`Ring::get`]).
     map: Mmap,
@@ -534,10 +551,16 @@ fn round_down(pos: u64) -> u64 {
 }
 
 /// Open the ring file for reading and writing, with O_DIRECT where the
-/// filesystem allows it. Returns the file and whether O_DIRECT is on.
-fn open_file(path: &Path, create: bool) -> io::Result<(File, bool)> {
+/// filesystem allows it: a regular file (created, or truncated, if
+/// `create`), or with `device` a block device, exclusively (O_EXCL: see
+/// [`blockdev::open_exclusive`]). Returns the file and whether O_DIRECT is
+/// on.
+fn open_file(path: &Path, create: bool, device: bool) -> io::Result<(File, bool)> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = |flags: i32| {
+        if device {
+            return blockdev::open_exclusive(path, true, flags);
+        }
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -558,6 +581,23 @@ fn open_file(path: &Path, create: bool) -> io::Result<(File, bool)> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The geometry of the ring's block device `file` (at `path`), refused
+/// unless its logical block size allows the ring's 4 KiB O_DIRECT writes.
+fn device_geometry(path: &Path, file: &File) -> Result<Geometry, RingError> {
+    let g = blockdev::geometry(file)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let lbs = u64::from(g.logical_block_bytes);
+    if lbs == 0 || !RING_BLOCK_BYTES.is_multiple_of(lbs) {
+        return Err(RingError::Device(format!(
+            "the block device {} has logical blocks of {lbs} bytes: the ring writes whole \
+             {RING_BLOCK_BYTES}-byte blocks with O_DIRECT, so it needs logical blocks of \
+             512, 1024, 2048 or 4096 bytes; put ring.path on another device (or a file)",
+            path.display()
+        )));
+    }
+    Ok(g)
 }
 
 fn corrupt(offset: u64, seq_expected: u64, detail: String) -> RingError {
@@ -583,8 +623,10 @@ struct StoredHeader {
 }
 
 /// Parse a header slot (magic and version already checked): why it is not
-/// valid, or its cursors.
-fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
+/// valid, or its cursors. `file_len`: the bytes of the ring file, which its
+/// header and data area fill; with `device`, the bytes of the block device,
+/// which they must fit in.
+fn parse_header(h: &[u8], file_len: u64, device: bool) -> Result<StoredHeader, String> {
     if crc32c::crc32c(&h[..H_CRC]) != rd_u32(h, H_CRC) {
         return Err("checksum mismatch".into());
     }
@@ -600,7 +642,8 @@ fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
         sync_count: rd_u64(h, H_SYNC_COUNT),
     };
     let sane = u64::from(rd_u32(h, H_HEADER_BYTES)) == RING_HEADER_BYTES
-        && s.capacity == file_len - RING_HEADER_BYTES
+        && (s.capacity == file_len - RING_HEADER_BYTES
+            || device && s.capacity <= file_len - RING_HEADER_BYTES)
         && s.capacity.is_multiple_of(RING_BLOCK_BYTES)
         && s.capacity <= MAX_CAPACITY_BYTES
         && s.tail_pos <= s.head_pos
@@ -612,9 +655,15 @@ fn parse_header(h: &[u8], file_len: u64) -> Result<StoredHeader, String> {
         && s.epoch_first_seq <= s.next_seq;
     if !sane {
         return Err(format!(
-            "inconsistent cursors (capacity {}, file {file_len} bytes, tail {}/seq {}, head {}/seq \
+            "inconsistent cursors (capacity {}, {} {file_len} bytes, tail {}/seq {}, head {}/seq \
              {}, synced seq {})",
-            s.capacity, s.tail_pos, s.first_seq, s.head_pos, s.next_seq, s.synced_seq
+            s.capacity,
+            if device { "device" } else { "file" },
+            s.tail_pos,
+            s.first_seq,
+            s.head_pos,
+            s.next_seq,
+            s.synced_seq
         ));
     }
     Ok(s)
@@ -821,6 +870,10 @@ impl Ring {
     /// `capacity_bytes` (a multiple of 4096, at most [`MAX_CAPACITY_BYTES`]);
     /// the first record appended must carry `first_seq` (>= 1). The file is
     /// preallocated so that page faults on the mapping never hit ENOSPC.
+    /// A `path` naming a block device puts the ring at the start of that
+    /// device (opened O_EXCL), which must hold it; the caller checks first
+    /// that the device holds nothing else (`deltamirror format` does, with
+    /// [`blockdev::signature`]).
     pub fn create(path: &Path, capacity_bytes: u64, first_seq: u64) -> Result<Ring, RingError> {
         if capacity_bytes == 0
             || !capacity_bytes.is_multiple_of(RING_BLOCK_BYTES)
@@ -836,15 +889,39 @@ impl Ring {
             )));
         }
         assert!(first_seq >= 1, "seqs start at 1");
-        let (file, direct) = open_file(path, true).map_err(|e| {
+        let is_dev = blockdev::is_block_device(path)?;
+        let (file, direct) = open_file(path, true, is_dev).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("{}: cannot create ring: {e}", path.display()),
             )
         })?;
         let file_len = RING_HEADER_BYTES + capacity_bytes;
-        // SAFETY: fallocate takes no memory arguments; the result is checked.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, file_len as libc::off_t) };
+        let device = if is_dev {
+            let g = device_geometry(path, &file)?;
+            if g.size_bytes < file_len {
+                let most = g.size_bytes.saturating_sub(RING_HEADER_BYTES) / RING_BLOCK_BYTES
+                    * RING_BLOCK_BYTES;
+                return Err(RingError::Device(format!(
+                    "ring.size_bytes = {capacity_bytes} does not fit on the block device {} \
+                     ({} bytes): the ring needs {file_len} bytes ({RING_HEADER_BYTES} of \
+                     header slots and the data area); lower ring.size_bytes to at most {most} \
+                     or use a larger device",
+                    path.display(),
+                    g.size_bytes
+                )));
+            }
+            Some(g)
+        } else {
+            None
+        };
+        let rc = match device {
+            // A device has its blocks: nothing to allocate.
+            Some(_) => 0,
+            // SAFETY: fallocate takes no memory arguments; the result is
+            // checked.
+            None => unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, file_len as libc::off_t) },
+        };
         if rc != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
@@ -867,8 +944,8 @@ impl Ring {
                 format!("{}: cannot write the ring's blocks: {e}", path.display()),
             )
         })?;
-        let map = Self::map(&file)?;
-        let mut ring = Ring::with(path, file, direct, map, capacity_bytes);
+        let map = Self::map(&file, file_len)?;
+        let mut ring = Ring::with(path, file, direct, device, map, capacity_bytes);
         ring.epoch = 1;
         ring.epoch_first_seq = first_seq;
         ring.first_seq = first_seq;
@@ -876,6 +953,9 @@ impl Ring {
         ring.kept_first = first_seq;
         ring.durable_seq = first_seq - 1;
         ring.sync_header()?;
+        if device.is_some() {
+            return Ok(ring);
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Make the new directory entry durable too.
             File::open(dir)?.sync_all()?;
@@ -884,11 +964,19 @@ impl Ring {
     }
 
     /// An empty ring over `file` (cursors at zero).
-    fn with(path: &Path, file: File, direct: bool, map: Mmap, capacity: u64) -> Ring {
+    fn with(
+        path: &Path,
+        file: File,
+        direct: bool,
+        device: Option<Geometry>,
+        map: Mmap,
+        capacity: u64,
+    ) -> Ring {
         Ring {
             path: path.to_path_buf(),
             file,
             direct,
+            device,
             map,
             write_error: None,
             capacity,
@@ -920,20 +1008,47 @@ impl Ring {
         }
     }
 
-    fn map(file: &File) -> io::Result<Mmap> {
-        // SAFETY: the mapping is MAP_SHARED over a file this process opened
-        // read/write and owns for the ring's lifetime; deltamirror never
-        // resizes it, and other processes must not modify a ring in use (the
-        // same rule as for any database file).
+    /// A read-only mapping of the first `len` bytes of `file` (given: a
+    /// block device's metadata says 0 bytes).
+    fn map(file: &File, len: u64) -> io::Result<Mmap> {
+        // SAFETY: the mapping is MAP_SHARED over a file (or a block device,
+        // opened O_EXCL) this process opened read/write and owns for the
+        // ring's lifetime; `len` is within it, deltamirror never resizes
+        // it, and other processes must not modify a ring in use (the same
+        // rule as for any database file).
         // The mapping is read-only: records go in with (O_DIRECT) writes, and
         // the kernel drops cached pages of a range an O_DIRECT write covered,
         // so reads through the mapping see the file.
-        unsafe { memmap2::MmapOptions::new().map(file) }
+        unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }
     }
 
     /// Whether the ring file is written with O_DIRECT.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// The block device's geometry when the ring is on a raw device,
+    /// `None` for a regular file.
+    pub fn device(&self) -> Option<Geometry> {
+        self.device
+    }
+
+    /// One phrase for logs: where the ring is and how it is written, e.g.
+    /// "block device of 1073741824 bytes (logical blocks of 512 bytes),
+    /// O_DIRECT".
+    pub fn describe(&self) -> String {
+        let how = if self.direct {
+            "O_DIRECT"
+        } else {
+            "through the page cache"
+        };
+        match self.device {
+            Some(g) => format!(
+                "block device of {} bytes (logical blocks of {} bytes), {how}",
+                g.size_bytes, g.logical_block_bytes
+            ),
+            None => format!("regular file, {how}"),
+        }
     }
 
     /// Open an existing ring, validate every retained record and recover its
@@ -942,15 +1057,26 @@ impl Ring {
     /// On success the recovered state is made durable before returning.
     pub fn open(path: &Path) -> Result<(Ring, Recovery), RingError> {
         let shown = path.display();
-        let (file, direct) = open_file(path, false)
+        let is_dev = blockdev::is_block_device(path)?;
+        let (file, direct) = open_file(path, false, is_dev)
             .map_err(|e| io::Error::new(e.kind(), format!("{shown}: cannot open ring: {e}")))?;
-        let file_len = file.metadata()?.len();
+        let device = if is_dev {
+            Some(device_geometry(path, &file)?)
+        } else {
+            None
+        };
+        let file_len = match device {
+            Some(g) => g.size_bytes,
+            None => file.metadata()?.len(),
+        };
         if file_len < 16 {
             return Err(RingError::BadMagic {
                 path: path.to_path_buf(),
             });
         }
-        let map = Self::map(&file)?;
+        // The header slots first: they say how much of a device the ring
+        // holds (a file: all of it).
+        let map = Self::map(&file, file_len.min(RING_HEADER_BYTES))?;
         let slot_len = RING_HEADER_SLOT_BYTES as usize;
         let slots = (file_len / RING_HEADER_SLOT_BYTES).min(RING_HEADER_SLOTS as u64) as usize;
         let has_magic = |i: usize| {
@@ -991,7 +1117,7 @@ impl Ring {
                 why.push(format!("slot {i}: no header"));
                 continue;
             }
-            match parse_header(h, file_len) {
+            match parse_header(h, file_len, device.is_some()) {
                 Ok(s) if best.is_none_or(|(_, b)| s.sync_count > b.sync_count) => {
                     best = Some((i, s))
                 }
@@ -1002,7 +1128,9 @@ impl Ring {
         let Some((slot, h)) = best else {
             return Err(header_corrupt(why.join("; ")));
         };
-        let mut ring = Ring::with(path, file, direct, map, h.capacity);
+        drop(map);
+        let map = Self::map(&file, RING_HEADER_BYTES + h.capacity)?;
+        let mut ring = Ring::with(path, file, direct, device, map, h.capacity);
         ring.epoch = h.epoch;
         ring.epoch_first_seq = h.epoch_first_seq;
         ring.tail_pos = h.tail_pos;

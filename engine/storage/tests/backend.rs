@@ -9,6 +9,7 @@ use storage::backend::{
     UringConfig,
 };
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
+use testskip::LoopDevice;
 
 const DEV_BYTES: u64 = 1 << 20;
 
@@ -725,50 +726,6 @@ fn aligned_buf_and_pool() {
     assert_eq!(pool.available(), 2);
 }
 
-/// A loop device over a file, detached on drop. `None` where loop devices
-/// cannot be set up (not root, no loop driver): the skip is recorded
-/// (testskip) and the test returns.
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
-        let out = match std::process::Command::new("losetup")
-            .args(["-f", "--show", "-b", &sector_size.to_string()])
-            .arg(file)
-            .output()
-        {
-            Ok(out) => out,
-            Err(e) => {
-                testskip::skip(format!(
-                    "cannot run losetup ({e}): util-linux is not installed"
-                ));
-                return None;
-            }
-        };
-        if !out.status.success() {
-            testskip::skip(format!(
-                "no loop device (losetup needs root and the loop driver): {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-            return None;
-        }
-        Some(LoopDevice(
-            String::from_utf8(out.stdout)
-                .expect("losetup prints a device path")
-                .trim()
-                .to_string(),
-        ))
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn uring_backend_conformance_on_a_block_device() {
     let dir = TempDir::new("uring-blk");
@@ -777,7 +734,7 @@ fn uring_backend_conformance_on_a_block_device() {
     let Some(dev) = LoopDevice::attach(&file, 4096) else {
         return;
     };
-    let mut b = UringBackend::open(std::path::Path::new(&dev.0), &UringConfig::default()).unwrap();
+    let mut b = UringBackend::open(dev.path(), &UringConfig::default()).unwrap();
     assert!(b.is_block_device());
     // Size from BLKGETSIZE64 and block size from BLKSSZGET; discard and
     // write-zeroes through BLKDISCARD / BLKZEROOUT.
@@ -786,7 +743,7 @@ fn uring_backend_conformance_on_a_block_device() {
     let Some(dev512) = LoopDevice::attach(&file, 512) else {
         return;
     };
-    let b = UringBackend::open(std::path::Path::new(&dev512.0), &UringConfig::default()).unwrap();
+    let b = UringBackend::open(dev512.path(), &UringConfig::default()).unwrap();
     assert_eq!((b.block_size(), b.size_bytes()), (512, DEV_BYTES));
 }
 

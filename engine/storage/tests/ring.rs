@@ -2,56 +2,20 @@
 
 mod common;
 
-use common::{Rng, TempDir};
+use common::{append, check, find, flip_byte, hdr, payload, Rng, TempDir};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use storage::backend::{Backend, BackendCompletion, BackendOp, IoSeg, MemBackend};
 use storage::ring::{
-    RecordHeader, Ring, RingError, RingFull, RingWrite, GROUP_HEADER_BYTES, GROUP_RECORDS,
-    RECORD_HEADER_BYTES, RING_HEADER_BYTES,
+    Ring, RingError, RingFull, RingWrite, GROUP_HEADER_BYTES, GROUP_RECORDS, RECORD_HEADER_BYTES,
+    RING_HEADER_BYTES,
 };
-
-fn hdr(seq: u64) -> RecordHeader {
-    RecordHeader {
-        seq,
-        gen: 3,
-        kind: 1,
-        flags: 2,
-        offset: seq * 4096,
-        len: 4096,
-    }
-}
-
-/// A payload that identifies its seq, so tests can find it in the file.
-fn payload(seq: u64, len: usize) -> Vec<u8> {
-    let tag = format!("<seq {seq:08}>");
-    tag.bytes().cycle().take(len).collect()
-}
-
-fn append(ring: &mut Ring, seq: u64, len: usize) {
-    ring.append(&hdr(seq), payload(seq, len).into())
-        .expect("fits");
-}
-
-fn check(ring: &Ring, seq: u64, len: usize) {
-    let (h, p) = ring.get(seq).unwrap_or_else(|| panic!("seq {seq} missing"));
-    assert_eq!(h, hdr(seq));
-    assert_eq!(p, payload(seq, len));
-}
 
 /// File offset of record `seq`'s 64-byte header in the group block at file
 /// offset `group`, whose first record is `first`.
 fn member_hdr(group: u64, first: u64, seq: u64) -> u64 {
     group + GROUP_HEADER_BYTES + (seq - first) * RECORD_HEADER_BYTES
-}
-
-/// File offset of the first occurrence of `needle`.
-fn find(path: &Path, needle: &[u8]) -> u64 {
-    let data = std::fs::read(path).unwrap();
-    data.windows(needle.len())
-        .position(|w| w == needle)
-        .expect("bytes in file") as u64
 }
 
 /// Run one durable write of a batch as the node's backend would.
@@ -80,18 +44,6 @@ fn run_batch(ring: &mut Ring) -> u64 {
     }
     ring.sync_completed(through);
     through
-}
-
-fn flip_byte(path: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 #[test]

@@ -88,6 +88,92 @@ pub fn on_path(tool: &str) -> bool {
     })
 }
 
+/// A loop device over a file for a test, detached on drop (also when the
+/// test fails). [`LoopDevice::attach`] gives `None`, with the skip recorded,
+/// only where loop devices truly cannot exist: no `losetup` (util-linux) or
+/// no `/dev/loop-control` (no loop driver). Any other failure to attach
+/// (not root, no free device) fails the test.
+pub struct LoopDevice(std::path::PathBuf);
+
+impl LoopDevice {
+    /// Attach `file` with logical blocks of `sector_size` bytes.
+    pub fn attach(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
+        LoopDevice::attach_with(file, sector_size, false)
+    }
+
+    /// [`LoopDevice::attach`], and let the kernel scan `file`'s partition
+    /// table: partition `n` appears as `{path}p{n}` ([`LoopDevice::partition`]).
+    pub fn attach_partitioned(file: &std::path::Path, sector_size: u32) -> Option<LoopDevice> {
+        LoopDevice::attach_with(file, sector_size, true)
+    }
+
+    /// Partition `n` of a device attached with
+    /// [`LoopDevice::attach_partitioned`], once its device node exists;
+    /// `None` when the kernel found no such partition (the wait is bounded
+    /// only to stop a hung test).
+    pub fn partition(&self, n: u32) -> Option<std::path::PathBuf> {
+        let mut p = self.0.clone().into_os_string();
+        p.push(format!("p{n}"));
+        let p = std::path::PathBuf::from(p);
+        let name = p.file_name()?.to_owned();
+        let sys = std::path::Path::new("/sys/block")
+            .join(self.0.file_name()?)
+            .join(name);
+        if !sys.exists() {
+            return None;
+        }
+        for _ in 0..500 {
+            if p.exists() {
+                return Some(p);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!(
+            "{} is in sysfs but its device node never appeared",
+            p.display()
+        );
+    }
+
+    fn attach_with(file: &std::path::Path, sector_size: u32, partscan: bool) -> Option<LoopDevice> {
+        if !on_path("losetup") {
+            skip("losetup is not installed (util-linux; scripts/test.sh installs it)");
+            return None;
+        }
+        if !std::path::Path::new("/dev/loop-control").exists() {
+            skip("no /dev/loop-control: this kernel has no loop driver");
+            return None;
+        }
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "-b", &sector_size.to_string()])
+            .args(partscan.then_some("-P"))
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup -f --show -b {sector_size} {} failed (loop devices need root): {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).expect("losetup prints a device path");
+        Some(LoopDevice(dev.trim().into()))
+    }
+
+    /// The device, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

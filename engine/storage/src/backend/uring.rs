@@ -22,9 +22,8 @@ use std::time::Duration;
 use volume::{IoBufPool, SharedBuf};
 
 // Block-layer ioctls from <linux/fs.h> (generic encoding, as on x86_64 and
-// aarch64): BLKGETSIZE64 = _IOR(0x12, 114, size_t), BLKDISCARD = _IO(0x12, 119),
-// BLKZEROOUT = _IO(0x12, 127).
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+// aarch64): BLKDISCARD = _IO(0x12, 119), BLKZEROOUT = _IO(0x12, 127). The
+// size and block size come from `crate::blockdev::geometry`.
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
@@ -205,21 +204,9 @@ impl UringBackend {
         let meta = file.metadata()?;
         let fd = file.as_raw_fd();
         let (kind, size_bytes, block_size) = if meta.file_type().is_block_device() {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
-            // points to a live local.
-            if unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(with_context(e, format!("{shown}: BLKGETSIZE64 failed")));
-            }
-            let mut ssz: libc::c_int = 0;
-            // SAFETY: BLKSSZGET writes one int through the pointer, which
-            // points to a live local.
-            if unsafe { libc::ioctl(fd, libc::BLKSSZGET as _, &mut ssz as *mut libc::c_int) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(with_context(e, format!("{shown}: BLKSSZGET failed")));
-            }
-            (DeviceKind::Block, size, ssz as u32)
+            let g =
+                crate::blockdev::geometry(&file).map_err(|e| with_context(e, shown.to_string()))?;
+            (DeviceKind::Block, g.size_bytes, g.logical_block_bytes)
         } else if meta.file_type().is_file() {
             let bs = config.file_block_size;
             (

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests (each test binary uses a subset).
 #![allow(dead_code)]
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use storage::ring::{RecordHeader, Ring};
 
 /// A scratch directory on a disk filesystem (/var/tmp, not tmpfs, so
 /// O_DIRECT and fallocate behave as in production), removed on drop.
@@ -56,4 +58,60 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+}
+
+// Records for the ring tests (ring.rs, ring_device.rs).
+
+/// The header of record `seq` in the ring tests.
+pub fn hdr(seq: u64) -> RecordHeader {
+    RecordHeader {
+        seq,
+        gen: 3,
+        kind: 1,
+        flags: 2,
+        offset: seq * 4096,
+        len: 4096,
+    }
+}
+
+/// A payload that identifies its seq, so tests can find it in the file.
+pub fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let tag = format!("<seq {seq:08}>");
+    tag.bytes().cycle().take(len).collect()
+}
+
+/// Append record `seq` with a payload of `len` bytes ([`payload`]).
+pub fn append(ring: &mut Ring, seq: u64, len: usize) {
+    ring.append(&hdr(seq), payload(seq, len).into())
+        .expect("fits");
+}
+
+/// Record `seq` is in the ring, with its header and a payload of `len`
+/// bytes.
+pub fn check(ring: &Ring, seq: u64, len: usize) {
+    let (h, p) = ring.get(seq).unwrap_or_else(|| panic!("seq {seq} missing"));
+    assert_eq!(h, hdr(seq));
+    assert_eq!(p, payload(seq, len));
+}
+
+/// Offset of the first occurrence of `needle` in the file (or block device).
+pub fn find(path: &Path, needle: &[u8]) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    data.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("bytes in file") as u64
+}
+
+/// Flip a byte at `offset` of the file (or block device), durably.
+pub fn flip_byte(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_data().unwrap();
 }
