@@ -128,6 +128,9 @@ pub fn render(s: &NodeStatus) -> String {
             bytes(s.ring_capacity_bytes)
         ),
     );
+    if !s.ring_location.is_empty() {
+        line("ring", s.ring_location.clone());
+    }
     line(
         "acks",
         format!(
@@ -487,6 +490,7 @@ mod tests {
             delta_entries: 12_345,
             delta_bytes: 47_409_971,
             ring_capacity_bytes: 256 << 20,
+            ring_location: "/dev/nvme1n1: block device of 274877906944 bytes (logical blocks of 4096 bytes), O_DIRECT".into(),
             ack1_seq: 1_234_567,
             ack2_seq: 1_222_222,
             ack3_seq: 1_234_560,
@@ -602,6 +606,7 @@ peer      replaying
 serving   yes
 seq       head 1,234,567  executed 1,234,560
 delta     12,345 entries  45.2 MiB  (17.7% of 256.0 MiB ring)
+ring      /dev/nvme1n1: block device of 274877906944 bytes (logical blocks of 4096 bytes), O_DIRECT
 acks      ack1 1,234,567  ack2 1,222,222  ack3 1,234,560
 dirty     0 extents  0 B  (map: 4.0 KiB chunks, 32.0 KiB in memory)
 remirrors 0

@@ -164,6 +164,11 @@ pub struct NodeStatus {
     pub delta_entries: u64,
     pub delta_bytes: u64,
     pub ring_capacity_bytes: u64,
+    /// Where the ring is and how it is written, e.g. "/var/lib/dm/ring:
+    /// regular file, O_DIRECT" or "/dev/nvme1n1: block device of … bytes
+    /// (logical blocks of 4096 bytes), O_DIRECT".
+    #[serde(default)]
+    pub ring_location: String,
     pub ack1_seq: u64,
     pub ack2_seq: u64,
     pub ack3_seq: u64,

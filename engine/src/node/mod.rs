@@ -224,13 +224,12 @@ impl Node {
             )
         })?;
         log::info!(
-            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; {}: {}",
+            "ring recovered: {} records (seq {}..{}), torn tail {} bytes; {}",
             recovery.records,
             recovery.first_seq,
             recovery.next_seq,
             recovery.torn_tail_bytes,
-            opts.ring_path.display(),
-            ring.describe()
+            ring.location()
         );
         meta.incarnation += 1;
         store

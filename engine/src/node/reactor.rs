@@ -865,6 +865,7 @@ impl<B: Backend> Reactor<B> {
             delta_entries: c.log().len(),
             delta_bytes: c.log().payload_bytes(),
             ring_capacity_bytes: c.log().capacity_bytes(),
+            ring_location: c.log().0.location(),
             ack1_seq: ack1,
             ack2_seq: ack2,
             ack3_seq: ack3,

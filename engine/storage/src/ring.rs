@@ -228,7 +228,7 @@ impl fmt::Display for RingError {
         match self {
             RingError::Io(e) => write!(
                 f,
-                "ring file I/O error: {e}; check the ring path, its permissions and free space"
+                "ring I/O error: {e}; check ring.path (its file or device), its permissions and free space"
             ),
             RingError::Device(why) => f.write_str(why),
             RingError::BadMagic { path } => write!(
@@ -1031,6 +1031,11 @@ impl Ring {
     /// `None` for a regular file.
     pub fn device(&self) -> Option<Geometry> {
         self.device
+    }
+
+    /// The ring's path and [`Ring::describe`], for the status and logs.
+    pub fn location(&self) -> String {
+        format!("{}: {}", self.path.display(), self.describe())
     }
 
     /// One phrase for logs: where the ring is and how it is written, e.g.
