@@ -386,11 +386,7 @@ impl Cqe {
     }
 }
 
-pub fn encode_capsule_resp(cqe: &Cqe, dg: Digests) -> Vec<u8> {
-    build_pdu(PDU_CAPSULE_RESP, 0, &cqe.encode(), &[], dg, 4)
-}
-
-/// [`encode_capsule_resp`], appended to `out`.
+/// A CapsuleResp carrying `cqe`, appended to `out`.
 pub fn put_capsule_resp(out: &mut Vec<u8>, cqe: &Cqe, dg: Digests) {
     put_pdu_head(out, PDU_CAPSULE_RESP, 0, &cqe.encode(), 0, dg, 4);
 }
@@ -427,25 +423,8 @@ pub struct XferHeader {
 }
 
 /// [`encode_xfer`] without the data: the bytes before it (see
-/// [`build_pdu_head`]).
+/// [`build_pdu_head`]), appended to `out`.
 #[allow(clippy::too_many_arguments)] // one argument per header field
-pub fn encode_xfer_head(
-    pdu_type: u8,
-    flags: u8,
-    cccid: u16,
-    ttag: u16,
-    offset: u32,
-    len: u32,
-    dg: Digests,
-    align: usize,
-) -> Vec<u8> {
-    let mut b = Vec::new();
-    put_xfer_head(&mut b, pdu_type, flags, cccid, ttag, offset, len, dg, align);
-    b
-}
-
-#[allow(clippy::too_many_arguments)] // one argument per header field
-/// [`encode_xfer_head`], appended to `out`.
 pub fn put_xfer_head(
     out: &mut Vec<u8>,
     pdu_type: u8,

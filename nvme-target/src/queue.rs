@@ -178,10 +178,7 @@ impl QueueCore {
             while self.out.pop().is_some() {}
             return false;
         }
-        let open = match &self.io {
-            Some(io) => io.drain(&mut self.inflight, out),
-            None => drain_queue(&self.out, None, &mut self.inflight, out),
-        };
+        let open = drain_queue(&self.out, self.io.as_deref(), &mut self.inflight, out);
         self.closed = !open;
         open
     }

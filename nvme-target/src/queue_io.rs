@@ -2,7 +2,7 @@
 //! thread (the volume's, a controller's AER): [`QueueIo`] queues each as a
 //! small record on a lock-free queue and wakes the connection's reactor;
 //! the reactor, which owns the queue's [`crate::queue::QueueCore`], encodes
-//! the records straight into the connection's outbox ([`QueueIo::drain`]):
+//! the records straight into the connection's outbox (`QueueCore::drain`):
 //! no channel, no buffer per PDU, no lock on the data path.
 
 use crate::pdu::*;
@@ -21,20 +21,19 @@ pub const C2H_CHUNK_BYTES: usize = 128 * 1024;
 pub enum Out {
     /// PDUs already encoded (ICResp, R2T, a termination request).
     Bytes(Vec<u8>),
-    /// Command `cid` completed: C2HData for `data` (on success), then a
-    /// CapsuleResp unless the SUCCESS flag on the last C2HData replaces it.
-    /// `retire`: the command leaves the in-flight set (false for a refusal
-    /// of a CID that is still in flight: that command keeps its slot).
+    /// Command `cid` completed: C2HData for `data` (on success; its PDUs
+    /// carry slices of the buffer, which for a read is the one the volume
+    /// filled), then a CapsuleResp unless the SUCCESS flag on the last
+    /// C2HData replaces it. `retire`: the command leaves the in-flight set
+    /// (false for a refusal of a CID that is still in flight: that command
+    /// keeps its slot).
     Done {
         cid: u16,
         status: Status,
         result: u64,
-        data: Vec<u8>,
+        data: volume::IoBuf,
         retire: bool,
     },
-    /// A read completed with the buffer the volume filled: its C2HData PDUs
-    /// carry slices of it (no copy).
-    Read { cid: u16, buf: volume::IoBuf },
     /// Command `cid` will never complete (an AER at reset): its CID is free.
     Forget(u16),
     /// Shut the socket down (both directions) and stop.
@@ -106,18 +105,29 @@ impl QueueIo {
     /// Completes command `cid`: C2HData for `data` (on success) and a
     /// CapsuleResp, unless the SUCCESS flag on the last C2HData replaces it.
     pub fn complete(&self, cid: u16, status: Status, result: u64, data: &[u8]) {
+        let data = if data.is_empty() {
+            volume::IoBuf::empty()
+        } else {
+            volume::IoBuf::from_slice(data)
+        };
         self.out.send(Out::Done {
             cid,
             status,
             result,
-            data: data.to_vec(),
+            data,
             retire: true,
         });
     }
 
     /// Completes a read with the buffer the volume filled (sent from it).
     pub fn complete_read(&self, cid: u16, buf: volume::IoBuf) {
-        self.out.send(Out::Read { cid, buf });
+        self.out.send(Out::Done {
+            cid,
+            status: Status::SUCCESS,
+            result: 0,
+            data: buf,
+            retire: true,
+        });
     }
 
     /// Answers `cid` without touching the in-flight set.
@@ -126,7 +136,7 @@ impl QueueIo {
             cid,
             status,
             result: 0,
-            data: Vec::new(),
+            data: volume::IoBuf::empty(),
             retire: false,
         });
     }
@@ -147,22 +157,18 @@ impl QueueIo {
         }
     }
 
-    /// Encodes everything posted so far into `out` (on the thread that owns
-    /// the queue), retiring completed commands from `inflight`. Returns
-    /// false once a [`Out::Close`] was taken: nothing posted after it is
-    /// sent.
-    pub(crate) fn drain(&self, inflight: &mut HashSet<u16>, out: &mut Outbox) -> bool {
-        drain_queue(&self.out, Some(self), inflight, out)
-    }
-
-    /// Appends the PDUs that answer `cid`.
-    fn encode(&self, cid: u16, status: Status, result: u64, data: &[u8], out: &mut Outbox) {
-        let b = out.bytes_mut();
+    /// Appends the PDUs that answer `cid`: on success C2HData for `data`
+    /// (its slices by reference, in chunks of [`C2H_CHUNK_BYTES`]), then a
+    /// CapsuleResp unless the SUCCESS flag on the last C2HData replaces it.
+    fn encode(&self, cid: u16, status: Status, result: u64, data: volume::IoBuf, out: &mut Outbox) {
         let mut resp_needed = true;
         if status.is_success() && !data.is_empty() {
-            let n = data.len().div_ceil(C2H_CHUNK_BYTES);
+            let buf = data.share();
+            let n = buf.len().div_ceil(C2H_CHUNK_BYTES);
             let success_flag = self.sqflow_disabled.load(Ordering::Relaxed) && result == 0;
-            for (i, chunk) in data.chunks(C2H_CHUNK_BYTES).enumerate() {
+            for i in 0..n {
+                let start = i * C2H_CHUNK_BYTES;
+                let end = (start + C2H_CHUNK_BYTES).min(buf.len());
                 let mut flags = 0;
                 if i + 1 == n {
                     flags |= FLAG_LAST_PDU;
@@ -171,73 +177,34 @@ impl QueueIo {
                         resp_needed = false;
                     }
                 }
-                let off = (i * C2H_CHUNK_BYTES) as u32;
-                let len = chunk.len() as u32;
                 put_xfer_head(
-                    b,
+                    out.bytes_mut(),
                     PDU_C2H_DATA,
                     flags,
                     cid,
                     0,
-                    off,
-                    len,
+                    start as u32,
+                    (end - start) as u32,
                     self.dg,
                     self.c2h_align,
                 );
-                b.extend_from_slice(chunk);
+                out.push_shared(&buf, start..end);
                 if self.dg.data {
-                    b.extend_from_slice(&crc(chunk).to_le_bytes());
+                    out.extend_from_slice(&crc(&buf[start..end]).to_le_bytes());
                 }
             }
         }
         if resp_needed {
-            put_capsule_resp(b, &self.cqe(cid, status, result), self.dg);
-        }
-    }
-
-    /// Appends a read's C2HData PDUs, their data by reference.
-    fn encode_read(&self, cid: u16, buf: volume::IoBuf, out: &mut Outbox) {
-        if buf.is_empty() {
-            self.encode(cid, Status::SUCCESS, 0, &[], out);
-            return;
-        }
-        let buf = buf.share();
-        let n = buf.len().div_ceil(C2H_CHUNK_BYTES);
-        let success_flag = self.sqflow_disabled.load(Ordering::Relaxed);
-        for i in 0..n {
-            let start = i * C2H_CHUNK_BYTES;
-            let end = (start + C2H_CHUNK_BYTES).min(buf.len());
-            let mut flags = 0;
-            if i + 1 == n {
-                flags |= FLAG_LAST_PDU;
-                if success_flag {
-                    flags |= FLAG_SUCCESS;
-                }
-            }
-            put_xfer_head(
-                out.bytes_mut(),
-                PDU_C2H_DATA,
-                flags,
-                cid,
-                0,
-                start as u32,
-                (end - start) as u32,
-                self.dg,
-                self.c2h_align,
-            );
-            out.push_shared(&buf, start..end);
-            if self.dg.data {
-                out.extend_from_slice(&crc(&buf[start..end]).to_le_bytes());
-            }
-        }
-        if !success_flag {
-            put_capsule_resp(out.bytes_mut(), &self.cqe(cid, Status::SUCCESS, 0), self.dg);
+            put_capsule_resp(out.bytes_mut(), &self.cqe(cid, status, result), self.dg);
         }
     }
 }
 
-/// Drains `q` into `out`. Before the queue has its [`QueueIo`] (no ICReq
-/// yet) only raw bytes and closes are posted.
+/// Encodes everything posted on `q` so far into `out` (on the thread that
+/// owns the queue), retiring completed commands from `inflight`. Returns
+/// false once an [`Out::Close`] was taken: nothing posted after it is sent.
+/// Before the queue has its [`QueueIo`] (no ICReq yet) only raw bytes and
+/// closes are posted.
 pub(crate) fn drain_queue(
     q: &OutTx,
     io: Option<&QueueIo>,
@@ -268,15 +235,11 @@ pub(crate) fn drain_queue(
                 if retire {
                     inflight.remove(&cid);
                 }
-                io.encode(cid, status, result, &data, out);
-            }
-            (Out::Read { cid, buf }, Some(io)) => {
-                inflight.remove(&cid);
-                io.encode_read(cid, buf, out);
+                io.encode(cid, status, result, data, out);
             }
             // A completion needs the queue's framing, which exists from the
             // ICReq on, before any command: not reachable.
-            (Out::Done { .. } | Out::Read { .. }, None) => {}
+            (Out::Done { .. }, None) => {}
         }
     }
     true
