@@ -403,8 +403,7 @@ impl QueuePair {
         }
         loop {
             if let Err(why) = read_and_handle(&mut r, &self.ctx) {
-                let _ = self.ctx.writer.lock().unwrap().shutdown(Shutdown::Both);
-                fail_all(&self.shared, &why);
+                end_queue(&self.ctx, &why);
                 return Err(HostError::Disconnected(why));
             }
             if r.buffer().is_empty() {
@@ -480,8 +479,14 @@ fn reader_loop(stream: TcpStream, ctx: &ReaderCtx) {
             break why;
         }
     };
+    end_queue(ctx, &why);
+}
+
+/// The queue's receiving side ended (`why`): close the socket and fail
+/// every command still pending.
+fn end_queue(ctx: &ReaderCtx, why: &str) {
     let _ = ctx.writer.lock().unwrap().shutdown(Shutdown::Both);
-    fail_all(&ctx.shared, &why);
+    fail_all(&ctx.shared, why);
 }
 
 /// Reads the controller's next PDU and handles it; `Err` ends the queue
