@@ -127,6 +127,8 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) pool_reg_failures: u64,
     /// Payload bytes of writes copied in user space (`BufferStats`).
     pub(super) copies: Copies,
+    /// The status's `ring_location` (the ring does not move).
+    pub(super) ring_location: String,
 }
 
 impl<B: Backend> Reactor<B> {
@@ -141,6 +143,7 @@ impl<B: Backend> Reactor<B> {
     ) -> Self {
         let meta = MetaWriter::start(store, shared.clone());
         let (pool_registered, pool_reg_failures) = register_pool(&mut backend, &shared.pool);
+        let ring_location = core.log().0.location();
         Reactor {
             opts,
             shared,
@@ -179,6 +182,7 @@ impl<B: Backend> Reactor<B> {
             pool_registered,
             pool_reg_failures,
             copies: Copies::default(),
+            ring_location,
         }
     }
 
@@ -865,7 +869,7 @@ impl<B: Backend> Reactor<B> {
             delta_entries: c.log().len(),
             delta_bytes: c.log().payload_bytes(),
             ring_capacity_bytes: c.log().capacity_bytes(),
-            ring_location: c.log().0.location(),
+            ring_location: self.ring_location.clone(),
             ack1_seq: ack1,
             ack2_seq: ack2,
             ack3_seq: ack3,
