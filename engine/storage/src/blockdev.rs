@@ -184,17 +184,9 @@ pub fn signature(path: &Path) -> io::Result<Option<Signature>> {
     let file = open_exclusive(path, false, libc::O_DIRECT)?;
     let len = geometry(&file)?.size_bytes.min(SIGNATURE_SCAN_BYTES as u64) as usize;
     let mut buf = AlignedBuf::new(SIGNATURE_SCAN_BYTES);
-    let b = buf.as_mut_slice();
-    let mut got = 0;
-    while got < len {
-        match file.read_at(&mut b[got..len], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(find_signature(&b[..got]))
+    let b = &mut buf.as_mut_slice()[..len];
+    file.read_exact_at(b, 0)?;
+    Ok(find_signature(b))
 }
 
 #[cfg(test)]
