@@ -727,7 +727,7 @@ impl Config {
         let header = storage::ring::RING_HEADER_BYTES;
         let ring = self.ring.size_bytes;
         if ring.saturating_add(header) > bytes {
-            let most = bytes.saturating_sub(header) / 4096 * 4096;
+            let most = storage::ring::largest_capacity_on(bytes);
             v.push(format!(
                 "ring.size_bytes = {ring}: does not fit on the ring device {p:?} ({bytes} bytes), which also holds the ring's {header} bytes of header slots; lower ring.size_bytes to at most {most} or give ring.path a larger device"
             ));
@@ -1532,9 +1532,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 fn sysfs_block_dir(path: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(path).ok()?.rdev();
-    // glibc's gnu_dev_major / gnu_dev_minor.
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()
 }
 

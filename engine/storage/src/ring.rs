@@ -80,6 +80,12 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
 /// markers start on multiples of this and fill whole blocks, so no two
 /// payloads share a block and a group block holds nothing but headers.
 pub const RING_BLOCK_BYTES: u64 = 4096;
+
+/// The largest ring capacity (`ring.size_bytes`) a block device of
+/// `device_bytes` holds, with the header slots in front.
+pub fn largest_capacity_on(device_bytes: u64) -> u64 {
+    device_bytes.saturating_sub(RING_HEADER_BYTES) / RING_BLOCK_BYTES * RING_BLOCK_BYTES
+}
 /// Group blocks (and format 2 records) and wrap markers start on multiples
 /// of this.
 pub const RECORD_ALIGN_BYTES: u64 = RING_BLOCK_BYTES;
@@ -900,8 +906,7 @@ impl Ring {
         let device = if is_dev {
             let g = device_geometry(path, &file)?;
             if g.size_bytes < file_len {
-                let most = g.size_bytes.saturating_sub(RING_HEADER_BYTES) / RING_BLOCK_BYTES
-                    * RING_BLOCK_BYTES;
+                let most = largest_capacity_on(g.size_bytes);
                 return Err(RingError::Device(format!(
                     "ring.size_bytes = {capacity_bytes} does not fit on the block device {} \
                      ({} bytes): the ring needs {file_len} bytes ({RING_HEADER_BYTES} of \
