@@ -101,6 +101,13 @@ MEM_DM = "deltamirror unmirrored, volume on tmpfs (no disk)"
 MEM_FLOOR = {"NBD": [MEM_NBD, f"{MEM_DM}, NBD"], "NVMe/TCP": [MEM_NVME, f"{MEM_DM}, NVMe/TCP"],
              "iSCSI": [MEM_ISCSI, f"{MEM_DM}, iSCSI"]}
 MEM_SHORT = {MEM_NBD: "nbdkit memory", MEM_ISCSI: "tgtd on tmpfs", MEM_NVME: "serve-mem"}
+# The commit before issue 10's data-path change: its `dm-nvme serve-mem` and
+# `dm-nvme io` are built from git (target/bench-old) and measured in the same
+# run as today's, for the aims' "≥ 2× now" rows.
+BEFORE_COMMIT = "9a3347c"
+MEM_NVME_BEFORE = f"serve-mem at {BEFORE_COMMIT}, its own dm-nvme io"
+MEM_NVME_BEFORE_HOST = f"serve-mem at {BEFORE_COMMIT}, this build's dm-nvme io"
+MEM_NVME_BEFORE_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
 
 
 def log(*a):
@@ -318,9 +325,9 @@ def parse_fio(out_path, wl, rc, text):
     return res
 
 
-def run_nvme(addr, wl, seconds, region_mib):
+def run_nvme(addr, wl, seconds, region_mib, client=DM_NVME):
     rw = wl["rw"]
-    cmd = [DM_NVME, "io", "--addr", addr, "--nqn", DM_NQN, "--rw", rw, "--bs", str(wl["bs"]),
+    cmd = [client, "io", "--addr", addr, "--nqn", DM_NQN, "--rw", rw, "--bs", str(wl["bs"]),
            "--qd", str(wl["qd"]), "--seconds", str(seconds), "--region-mb", str(region_mib), "--json"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return p, cmd
@@ -339,14 +346,15 @@ def parse_nvme(rc, out, err):
     return res
 
 
-def run_workload(target, proto, endpoint, wl, args, pids, tag):
-    """Runs one workload; returns a result dict (never raises)."""
+def run_workload(target, proto, endpoint, wl, args, pids, tag, nvme_client=DM_NVME):
+    """Runs one workload; returns a result dict (never raises).
+    `nvme_client`: the `dm-nvme` binary whose `io` drives an NVMe/TCP run."""
     seconds = args.seconds
     timeout = seconds + 60
     t0 = time.time()
     try:
         if proto == "nvme":
-            p, cmd = run_nvme(endpoint, wl, seconds, args.region_mib)
+            p, cmd = run_nvme(endpoint, wl, seconds, args.region_mib, nvme_client)
             out_path = None
         else:
             if proto == "local":
@@ -640,32 +648,39 @@ class Run:
     def fsync_floor(self):
         """4 KiB buffered write + fdatasync at QD1: the issue's floor for making
         a ring append durable (the ring itself makes a batch durable with one
-        O_DIRECT RWF_DSYNC write, which can come in under it)."""
-        log("floor: 4 KiB write + fdatasync (fio sync engine), the ring-durability floor")
-        path = os.path.join(self.work, "fsync.img")
-        out = os.path.join(OUT_DIR, "fsync-floor.json")
-        cmd = [FIO, "--name=fsync", "--ioengine=sync", "--rw=randwrite", "--bs=4k", "--size=64m",
-               f"--filename={path}", "--fdatasync=1", "--time_based=1", "--ramp_time=1",
-               f"--runtime={self.args.seconds}", "--output-format=json", f"--output={out}"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.seconds + 60)
-        try:
-            with open(out) as f:
-                raw = f.read()
-            j = json.loads(raw[raw.index("{"):])["jobs"][0]
-            sp = j["sync"]["lat_ns"]["percentile"]
-            wp = j["write"]["clat_ns"]["percentile"]
-            self.extra["fsync_floor"] = dict(
-                cmd=" ".join(cmd), iops=j["write"]["iops"],
-                sync_p50_us=sp["50.000000"] / 1000, sync_p99_us=sp["99.000000"] / 1000,
-                write_p50_us=wp["50.000000"] / 1000, write_p99_us=wp["99.000000"] / 1000)
-            f = self.extra["fsync_floor"]
-            log(f"  fdatasync p50 {f['sync_p50_us']:.0f} µs p99 {f['sync_p99_us']:.0f} µs "
-                f"(buffered write p50 {f['write_p50_us']:.0f} µs), {f['iops']:.0f} write+sync/s")
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            self.failures.append(f"fdatasync floor: rc={r.returncode} {e} {r.stderr.strip()[-200:]}")
-        finally:
-            if os.path.exists(path):
-                os.remove(path)
+        O_DIRECT RWF_DSYNC write, which can come in under it). Then the same
+        with two writers on two files at once, as the pair's two rings are
+        made durable on this machine's one disk: the flush a mirrored write
+        waits for is then often queued behind the other node's."""
+        for key, jobs, what in [("fsync_floor", 1, "the ring-durability floor"),
+                                ("fsync_floor_shared", 2, "two writers at once: the pair's rings on one disk")]:
+            log(f"floor: 4 KiB write + fdatasync (fio sync engine, {jobs} job(s)), {what}")
+            path = os.path.join(self.work, "fsync")
+            os.makedirs(path, exist_ok=True)
+            out = os.path.join(OUT_DIR, f"{key.replace('_', '-')}.json")
+            cmd = [FIO, "--name=fsync", "--ioengine=sync", "--rw=randwrite", "--bs=4k", "--size=64m",
+                   f"--directory={path}", f"--numjobs={jobs}", "--group_reporting=1", "--fdatasync=1",
+                   "--time_based=1", "--ramp_time=1", f"--runtime={self.args.seconds}", "--output-format=json",
+                   f"--output={out}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.seconds + 60)
+            try:
+                with open(out) as f:
+                    raw = f.read()
+                j = json.loads(raw[raw.index("{"):])["jobs"][0]
+                sp = j["sync"]["lat_ns"]["percentile"]
+                wp = j["write"]["clat_ns"]["percentile"]
+                self.extra[key] = dict(
+                    cmd=" ".join(cmd), jobs=jobs, iops=j["write"]["iops"],
+                    sync_p50_us=sp["50.000000"] / 1000, sync_p99_us=sp["99.000000"] / 1000,
+                    write_p50_us=wp["50.000000"] / 1000, write_p99_us=wp["99.000000"] / 1000)
+                f = self.extra[key]
+                log(f"  fdatasync p50 {f['sync_p50_us']:.0f} µs p99 {f['sync_p99_us']:.0f} µs "
+                    f"(buffered write p50 {f['write_p50_us']:.0f} µs), {f['iops']:.0f} write+sync/s")
+            except (OSError, ValueError, KeyError, IndexError) as e:
+                self.failures.append(f"fdatasync floor ({jobs} job(s)): rc={r.returncode} {e} "
+                                     f"{r.stderr.strip()[-200:]}")
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
 
     def engine_bench(self):
         log("floor: replication link round trip (target/release/bench)")
@@ -784,25 +799,63 @@ class Run:
 
     def nvme_mem(self):
         """The NVMe/TCP target alone on an in-memory volume (`dm-nvme
-        serve-mem`): the front-end and its connection reactor, no disk."""
-        log(f"dm-nvme serve-mem on 127.0.0.1:{NVME_MEM_PORT}")
-        p = subprocess.Popen([DM_NVME, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
+        serve-mem`): the front-end and its connection reactor, no disk. Then
+        the same target as it was before issue 10's change (BEFORE_COMMIT),
+        driven by its own `dm-nvme io` (the issue's "now") and by this
+        build's (how much of the gain is the target's)."""
+        self.serve_mem(DM_NVME, MEM_NVME, MEM_FLOOR_WORKLOADS)
+        old = self.before_dm_nvme()
+        if old:
+            self.serve_mem(old, MEM_NVME_BEFORE, MEM_NVME_BEFORE_WORKLOADS, client=old)
+            self.serve_mem(old, MEM_NVME_BEFORE_HOST, MEM_NVME_BEFORE_WORKLOADS)
+
+    def before_dm_nvme(self):
+        """`dm-nvme` of BEFORE_COMMIT, built from this repository's history
+        into target/bench-old (once; later runs reuse it). None, with the
+        reason logged, where the history or the build is missing (the aims
+        table then uses --nvme-mem-before*, marked as recorded figures)."""
+        base = os.path.join(ROOT, "target", "bench-old")
+        src, tdir = os.path.join(base, f"src-{BEFORE_COMMIT}"), os.path.join(base, "target")
+        binary = os.path.join(tdir, "release", "dm-nvme")
+        log(f"serve-mem before the change: building dm-nvme at {BEFORE_COMMIT} in {base}")
+        try:
+            if not os.path.isdir(src):
+                os.makedirs(base, exist_ok=True)
+                tmp = src + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                arch = subprocess.run(["git", "-C", ROOT, "archive", BEFORE_COMMIT], capture_output=True)
+                if arch.returncode != 0:
+                    raise RuntimeError(f"git archive {BEFORE_COMMIT}: {arch.stderr.decode().strip()[-200:]}")
+                subprocess.run(["tar", "-x", "-C", tmp], input=arch.stdout, check=True)
+                os.rename(tmp, src)
+            env = dict(os.environ, CARGO_TARGET_DIR=tdir)
+            r = subprocess.run(["cargo", "build", "--release", "-p", "nvme-target"], cwd=src, env=env,
+                               capture_output=True, text=True, timeout=900)
+            if r.returncode != 0 or not os.access(binary, os.X_OK):
+                raise RuntimeError(f"cargo build: {r.stderr.strip()[-300:]}")
+            return binary
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log(f"  no {BEFORE_COMMIT} build ({e}); the aims table uses the recorded figures")
+            return None
+
+    def serve_mem(self, server, target, wls, client=DM_NVME):
+        """Runs `server`'s `dm-nvme serve-mem` and the workloads `wls`
+        against it with `client`'s `dm-nvme io`, recorded as `target`."""
+        log(f"{target} on 127.0.0.1:{NVME_MEM_PORT}")
+        p = subprocess.Popen([server, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
                               "--size-mb", str(max(self.args.region_mib, 256))],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "serve-mem.log"), "w"))
-        target = MEM_NVME
         try:
             if not wait_port(NVME_MEM_PORT):
-                raise RuntimeError("dm-nvme serve-mem did not start")
-            # QD1 write: the NVMe/TCP floor of the aims table (MEM_FLOOR_WORKLOADS).
-            for wl in WORKLOADS:
-                if wl["key"] not in ("randw4k_qd1", "randw4k_qd32", "randr4k_qd32"):
-                    continue
+                raise RuntimeError(f"{server} serve-mem did not start")
+            for wl in wls:
                 tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
                 res = run_workload(target, "nvme", f"127.0.0.1:{NVME_MEM_PORT}", wl, self.args,
-                                   {"serve-mem": p.pid}, tag)
+                                   {"serve-mem": p.pid}, tag, nvme_client=client)
                 self.record(target, "nvme-mem", "nvme", wl, res)
         except Exception as e:  # noqa: BLE001
-            self.failures.append(f"serve-mem: {e}")
+            self.failures.append(f"{target}: {e}")
         finally:
             stop_proc(p)
 
@@ -1198,6 +1251,10 @@ def compute_aims(run):
     fs = run.extra.get("fsync_floor", {}).get("sync_p50_us")
     lp = g(local, "randw4k_qd1", "p50_us")
     floor = lp + fs + link if lp and fs and link else None
+    # Both nodes' rings flush the one disk here: the same floor with the
+    # fdatasync measured beside a second writer (context rows below).
+    fs2 = run.extra.get("fsync_floor_shared", {}).get("sync_p50_us")
+    shared = lp + fs2 + link if lp and fs2 and link else None
     for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
         m = g(f"deltamirror mirrored, {proto}", "randw4k_qd1", "p50_us")
         add(f"mirrored QD1 write p50 / durable floor (local + fdatasync + link), {proto}", div(m, floor),
@@ -1210,20 +1267,25 @@ def compute_aims(run):
         m, l = g(f"deltamirror mirrored, {proto}", "seqw128k"), g(local, "seqw128k")
         add(f"mirrored 128 KiB QD8 sequential write / local, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
             "≥ 0.2 (0.25 is the ceiling on one disk)", lambda v: v >= 0.2)
-    before = dict(zip(["randw4k_qd32", "randr4k_qd32"], getattr(run.args, "nvme_mem_before", None) or [63000.0, 67000.0]))
-    for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
-        m = g(MEM_NVME, wl)
-        add(f"NVMe/TCP on memory (serve-mem) QD32 4 KiB {label} IOPS / before (9a3347c)", div(m, before[wl]),
-            f"{fmt(m)} / {fmt(before[wl])}", "≥ 2", lambda v: v >= 2.0)
-    # The figure above was measured with the `dm-nvme io` of its day, which
-    # was itself the limit; the same old target served to today's client
-    # says how much of the gain is the target's.
-    same = dict(zip(["randw4k_qd32", "randr4k_qd32"],
-                    getattr(run.args, "nvme_mem_before_same_client", None) or [97000.0, 130000.0]))
-    for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
-        m = g(MEM_NVME, wl)
-        add(f"serve-mem QD32 4 KiB {label} IOPS / the 9a3347c target with today's dm-nvme io", div(m, same[wl]),
-            f"{fmt(m)} / {fmt(same[wl])}", "≥ 2 (the target's own share)", lambda v: v >= 2.0)
+    # Issue 10's "≥ 2× now" rows: BEFORE_COMMIT's serve-mem measured in this
+    # run with its own dm-nvme io (the issue's "now"), and with this build's
+    # (that client was itself the limit then: the second ratio is the
+    # target's own share). Where it could not be built, the recorded figures
+    # (--nvme-mem-before*), marked so.
+    for old, opt, default, what, aim in [
+            (MEM_NVME_BEFORE, "nvme_mem_before", [63000.0, 67000.0],
+             f"NVMe/TCP on memory (serve-mem) QD32 4 KiB {{}} IOPS / before ({BEFORE_COMMIT})", "≥ 2"),
+            (MEM_NVME_BEFORE_HOST, "nvme_mem_before_same_client", [97000.0, 130000.0],
+             f"serve-mem QD32 4 KiB {{}} IOPS / the {BEFORE_COMMIT} target with this build's dm-nvme io",
+             "≥ 2 (the target's own share)")]:
+        recorded = dict(zip(["randw4k_qd32", "randr4k_qd32"], getattr(run.args, opt, None) or default))
+        for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
+            m, b = g(MEM_NVME, wl), g(old, wl)
+            src = f"{fmt(m)} / {fmt(b)}"
+            if b is None:
+                b = recorded[wl]
+                src = f"{fmt(m)} / {fmt(b)} (recorded, not this run)"
+            add(what.format(label), div(m, b), src, aim, lambda v: v >= 2.0)
 
     # What the machine allows: each protocol's client and a target with no
     # disk I/O (MEM_FLOOR; the best of those measured). QD1: the aim
@@ -1251,6 +1313,10 @@ def compute_aims(run):
             div(mm, floor + f) if floor and f else None,
             f"{fmt(mm)} / ({fmt(lp)} + {fmt(fs)} + {fmt(link)} + {fmt(f)}) µs", "context (1.0 = the floor)", None,
             kind="context")
+        add(f"mirrored QD1 write p50 / (shared-disk durable floor + {proto} no-disk p50)",
+            div(mm, shared + f) if shared and f else None,
+            f"{fmt(mm)} / ({fmt(lp)} + {fmt(fs2)} + {fmt(link)} + {fmt(f)}) µs; fdatasync with a second "
+            "writer on the disk", "context (1.0 = the floor)", None, kind="context")
     for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
         for proto in MEM_FLOOR:
             (c, cnote), l = best(proto, wl, "iops"), g(local, wl)
@@ -1367,6 +1433,11 @@ def write_report(run, path_md, path_png):
     if fsf:
         L.append(f"| 4 KiB buffered write + fdatasync, QD1 (sync part) | {fmt(fsf['sync_p50_us'])} | "
                  f"{fmt(fsf['sync_p99_us'])} | fio sync engine, fdatasync=1 ({fmt(fsf['iops'])} per s) |")
+    fss = run.extra.get("fsync_floor_shared")
+    if fss:
+        L.append(f"| the same, two writers at once on two files (the pair's two rings on one disk) | "
+                 f"{fmt(fss['sync_p50_us'])} | {fmt(fss['sync_p99_us'])} | as above, numjobs=2 "
+                 f"({fmt(fss['iops'])} per s in all) |")
     for k, v in (run.extra.get("engine_bench") or {}).get("rows", {}).items():
         if k.startswith("link round trip"):
             L.append(f"| {k}, 4 KiB one way + 16 B back | {fmt(v['p50_us'])} | {fmt(v['p99_us'])} | "
@@ -1526,8 +1597,11 @@ def write_report(run, path_md, path_png):
              "behind the target: a *floor* row under 0.8 of the local disk means the QD32 aim is bounded by the "
              "client and the shared cores rather than by the target. The serve-mem and tmpfs rows are our own "
              "code, so they include its costs; the nbdkit and tgtd rows are independent of deltamirror.\n")
-    L.append("The serve-mem \"before\" figures are `--nvme-mem-before` (default: the medians of six runs of "
-             "the 9a3347c binary on 6 December, see docs/performance.md).\n")
+    L.append(f"The serve-mem \"before\" rows are {BEFORE_COMMIT} (the commit before issue 10's data-path "
+             "change), built from this repository's history into target/bench-old and run in this run: its "
+             "`dm-nvme serve-mem` driven by its own `dm-nvme io` (the issue's \"now\") and by this build's "
+             "(that client was itself the limit then, so the second ratio is the target's own share). A row "
+             "marked *recorded* used `--nvme-mem-before*` instead because that build failed.\n")
     if soak_kept:
         L.append(soak_kept)
     L.append("## Ratios\n")
@@ -2226,10 +2300,12 @@ def main():
                          "floors; the NVMe/TCP floor is nvme-mem)")
     ap.add_argument("--nvme-mem-before", type=lambda s: [float(x) for x in s.split(",")],
                     default=[63000.0, 67000.0], metavar="W,R",
-                    help="serve-mem QD32 write,read IOPS before the data-path change (for the aims table)")
+                    help="serve-mem QD32 write,read IOPS before the data-path change, used only where "
+                         f"the {BEFORE_COMMIT} build fails (for the aims table)")
     ap.add_argument("--nvme-mem-before-same-client", type=lambda s: [float(x) for x in s.split(",")],
                     default=[97000.0, 130000.0], metavar="W,R",
-                    help="the 9a3347c serve-mem's QD32 write,read IOPS measured with this build's dm-nvme io")
+                    help=f"the {BEFORE_COMMIT} serve-mem's QD32 write,read IOPS with this build's dm-nvme io, "
+                         "used only where that build fails")
     ap.add_argument("--replay-n", default=None, metavar="N,N,...",
                     help="replay: outage sizes in 4 KiB writes (bench default 1000,10000,100000)")
     ap.add_argument("--remirror-mib", type=int, default=None,
