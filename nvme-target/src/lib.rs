@@ -20,6 +20,6 @@ pub mod spec;
 pub mod subsystem;
 pub mod target;
 
-pub use target::{start, start_on, DiscoveryPort, NvmeConfig, NvmeTarget};
+pub use target::{start, start_on, start_with, DiscoveryPort, NvmeConfig, NvmeTarget};
 
-pub use netreactor::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES;
+pub use netreactor::{ReactorConfig, DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES};

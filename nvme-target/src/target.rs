@@ -36,9 +36,19 @@ pub struct NvmeTarget {
 }
 
 /// Starts serving `vol` on `cfg.listen`, on reactors of its own (one
-/// adaptive thread).
+/// adaptive thread that sleeps as soon as it has no work).
 pub fn start(cfg: NvmeConfig, vol: Arc<dyn Volume>) -> io::Result<NvmeTarget> {
-    let reactors = Reactors::start(&ReactorConfig::single("nvme-reactor"))?;
+    start_with(cfg, vol, &ReactorConfig::single("nvme-reactor"))
+}
+
+/// Starts serving `vol` on `cfg.listen`, on reactors of its own started
+/// with `reactor` (threads, pinning, busy or adaptive polling).
+pub fn start_with(
+    cfg: NvmeConfig,
+    vol: Arc<dyn Volume>,
+    reactor: &ReactorConfig,
+) -> io::Result<NvmeTarget> {
+    let reactors = Reactors::start(reactor)?;
     start_inner(cfg, vol, reactors, true)
 }
 

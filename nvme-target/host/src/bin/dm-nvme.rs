@@ -103,6 +103,13 @@ enum Cmd {
         /// all zero-copy); the node's reactor.zero_copy_receive_min_bytes.
         #[arg(long, default_value_t = nvme_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES)]
         zero_copy_receive_min_bytes: usize,
+        /// Microseconds the reactor keeps polling after its last work
+        /// before it sleeps; the node's reactor.adaptive_spin_us.
+        #[arg(long, default_value_t = 50)]
+        spin_us: u64,
+        /// Poll without ever sleeping (the node's reactor.poll_mode = "busy").
+        #[arg(long)]
+        busy_poll: bool,
     },
     /// Keep writing with verification over two paths, following ANA.
     Failover {
@@ -233,6 +240,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             size_mb,
             block_size,
             zero_copy_receive_min_bytes,
+            spin_us,
+            busy_poll,
         } => {
             let mut cfg = nvme_target::NvmeConfig::new(listen, cli.nqn.clone());
             // Payloads in pool buffers, as on a node (`reactor.buffer_pool_mib`
@@ -244,7 +253,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     .with_pool(pool),
             );
             cfg.zero_copy_receive_min_bytes = zero_copy_receive_min_bytes;
-            let t = nvme_target::start(cfg, vol)?;
+            let reactor = nvme_target::ReactorConfig {
+                spin_us,
+                busy: busy_poll,
+                ..nvme_target::ReactorConfig::single("nvme-reactor")
+            };
+            let t = nvme_target::start_with(cfg, vol, &reactor)?;
             println!(
                 "serving {} ({size_mb} MiB in memory) on {}",
                 cli.nqn,
