@@ -1197,6 +1197,11 @@ impl<L: Log> Core<L> {
         self.check_degrade();
         self.admit_waiting();
         self.send_ready();
+        // ACKs before the ring write and the executes this poll starts: the
+        // reactor hands the link what is queued ahead of disk submissions,
+        // and an ACK1 is what the primary's writes wait for. Again at the
+        // end for what this poll itself made durable or received.
+        self.send_acks();
         self.flush_ring();
         self.drain_backlog();
         self.clear_caught_up_marks();

@@ -465,6 +465,18 @@ impl<B: Backend> Reactor<B> {
 
 impl<B: Backend> Reactor<B> {
     pub(super) fn submit(&mut self, what: Inflight, op: BackendOp) {
+        // The link first, within the pass too: a message queued before this
+        // submission (the backup's ACK1 ahead of the executes it allows, the
+        // primary's REQs ahead of its ring write) goes out now, because the
+        // backend hands the kernel a chunk of entries at once
+        // (storage::backend::uring, SUBMIT_CHUNK_ENTRIES), a doorbell that
+        // costs tens of microseconds on a virtual disk. An error is left to
+        // the pass's own `write_socket`, which drops the link.
+        if let Some(c) = self.conn.as_mut() {
+            if let Ok(n) = c.flush() {
+                self.bytes_sent += n;
+            }
+        }
         let now = Instant::now();
         let tag = match self.free_tags.pop() {
             Some(t) => {
