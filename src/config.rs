@@ -146,6 +146,36 @@ pub struct VolumeConfig {
     pub serial: String,
     /// At most 16 printable ASCII characters (SCSI product id, NVMe MN).
     pub model: String,
+    /// How a file volume takes its space (a block device: ignored).
+    #[serde(default)]
+    pub preallocate: Preallocate,
+}
+
+/// How `format` takes a file volume's space, and whether a discard gives it
+/// back ([`storage::backend::Preallocate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preallocate {
+    /// Sparse: space is taken as blocks are first written, and a discard
+    /// punches it out again; a write can fail once the filesystem is full.
+    None,
+    /// Every block reserved at `format` (also an existing file's holes),
+    /// and kept through discards: no write fails for want of space.
+    #[default]
+    Space,
+    /// As `space`, and the file `format` creates is written with zeroes:
+    /// no first write to a block pays for allocating or converting it.
+    Full,
+}
+
+impl Preallocate {
+    pub fn storage(self) -> storage::backend::Preallocate {
+        match self {
+            Preallocate::None => storage::backend::Preallocate::None,
+            Preallocate::Space => storage::backend::Preallocate::Space,
+            Preallocate::Full => storage::backend::Preallocate::Full,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1262,6 +1292,7 @@ impl Config {
                 uuid: "6d6972726f722d64656d6f2d766f6c30".to_string(),
                 serial: "DMDEMO0001".to_string(),
                 model: "deltamirror".to_string(),
+                preallocate: Preallocate::Space,
             },
             ring: RingConfig {
                 size_bytes: 64 * MIB,

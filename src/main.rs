@@ -298,6 +298,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
         ring_path: cfg.ring_path(),
         volume_path: cfg.volume.path.clone(),
         block_size: cfg.volume.block_size_bytes,
+        keep_volume_space: cfg.volume.preallocate != config::Preallocate::None,
         identity: VolumeIdentity {
             uuid: cfg.volume_uuid_bytes(),
             serial: cfg.volume.serial.clone(),
@@ -350,8 +351,29 @@ pub(crate) fn cmd_format(path: &Path, flags: FormatFlags) -> Result<()> {
         if let Some(d) = cfg.volume.path.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        storage::backend::uring::create_file_device(&cfg.volume.path, cfg.volume.size_bytes)
-            .with_context(|| format!("creating the file volume {}", cfg.volume.path.display()))?;
+        let made = storage::backend::create_file_device_as(
+            &cfg.volume.path,
+            cfg.volume.size_bytes,
+            cfg.volume.preallocate.storage(),
+        );
+        if made.is_err() {
+            // Nothing of this format stays behind (a file too big to reserve).
+            let _ = std::fs::remove_file(&cfg.volume.path);
+        }
+        made.with_context(|| format!("creating the file volume {}", cfg.volume.path.display()))?;
+    } else if cfg.volume.preallocate != config::Preallocate::None {
+        // An existing file (one an operator made, perhaps sparse): its
+        // holes reserved, its data untouched.
+        let meta = std::fs::metadata(&cfg.volume.path)
+            .with_context(|| format!("reading {}", cfg.volume.path.display()))?;
+        if meta.is_file() {
+            storage::backend::create_file_device_as(
+                &cfg.volume.path,
+                meta.len(),
+                storage::backend::Preallocate::Space,
+            )
+            .with_context(|| format!("reserving the file volume {}", cfg.volume.path.display()))?;
+        }
     }
     let role = match cfg.node.initial_role {
         config::Role::Primary => Role::Primary,

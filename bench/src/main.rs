@@ -155,6 +155,7 @@ fn bench_local(path: &Path, args: &Args) -> Result1 {
         &UringConfig {
             queue_depth: 64,
             file_block_size: 4096,
+            ..UringConfig::default()
         },
     )
     .unwrap();
@@ -386,6 +387,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
         ring_path: d.join("ring"),
         volume_path: d.join("volume.img"),
         block_size: 4096,
+        keep_volume_space: false,
         identity: VolumeIdentity {
             uuid: *b"deltamirror-benc",
             serial: "BENCH".into(),

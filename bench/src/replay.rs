@@ -534,6 +534,7 @@ fn disk_seq_mibs(dir: &Path, mib: u64) -> Res<f64> {
         &UringConfig {
             queue_depth: 16,
             file_block_size: 4096,
+            ..UringConfig::default()
         },
     )
     .map_err(|e| e.to_string())?;

@@ -95,6 +95,7 @@ fn opts(dir: &Path, id: u32, ports: [u16; 2]) -> NodeOptions {
         // The disk on files ([`Disks::Files`]); unused on memory.
         volume_path: d.join("volume.img"),
         block_size: BLOCK as u32,
+        keep_volume_space: false,
         identity: VolumeIdentity {
             uuid: *b"deltamirror-flts",
             serial: "FAULTS".into(),

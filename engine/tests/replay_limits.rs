@@ -32,6 +32,7 @@ fn opts(dir: &Path, id: u32, port: u16, floor: u64) -> NodeOptions {
         ring_path: d.join("ring"),
         volume_path: d.join("volume.img"),
         block_size: 4096,
+        keep_volume_space: false,
         identity: VolumeIdentity {
             uuid: *b"deltamirror-flor",
             serial: "FLOOR".into(),

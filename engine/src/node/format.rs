@@ -32,6 +32,7 @@ pub fn format(
         &UringConfig {
             queue_depth: 4,
             file_block_size: opts.block_size,
+            keep_space: opts.keep_volume_space,
         },
     )
     .map_err(|e| {

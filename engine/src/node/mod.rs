@@ -86,6 +86,9 @@ pub struct NodeOptions {
     pub ring_path: PathBuf,
     pub volume_path: PathBuf,
     pub block_size: u32,
+    /// A file volume keeps its space on discard (`volume.preallocate` is
+    /// not "none"): see [`storage::backend::UringConfig::keep_space`].
+    pub keep_volume_space: bool,
     pub identity: VolumeIdentity,
     pub core: CoreConfig,
     pub link: LinkOptions,
@@ -315,6 +318,7 @@ impl Node {
             &UringConfig {
                 queue_depth: opts.queue_depth,
                 file_block_size: opts.block_size,
+                keep_space: opts.keep_volume_space,
             },
         )
         .map_err(|e| {

@@ -5,8 +5,8 @@ mod common;
 
 use common::TempDir;
 use storage::backend::{
-    create_file_device, BufPool, FaultBackend, FaultControl, FaultOps, MemBackend, UringBackend,
-    UringConfig,
+    create_file_device, create_file_device_as, BufPool, FaultBackend, FaultControl, FaultOps,
+    MemBackend, Preallocate, UringBackend, UringConfig,
 };
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use testskip::LoopDevice;
@@ -189,6 +189,7 @@ fn uring_backend_conformance_on_a_file() {
     let cfg = UringConfig {
         queue_depth: 8,
         file_block_size: 4096,
+        ..UringConfig::default()
     };
     let mut b = UringBackend::open(&path, &cfg).unwrap();
     assert!(!b.is_block_device());
@@ -534,10 +535,92 @@ fn file_device_creation_refuses_to_shrink() {
     let cfg = UringConfig {
         queue_depth: 4,
         file_block_size: 512,
+        ..UringConfig::default()
     };
     let b = UringBackend::open(&path, &cfg).unwrap();
     assert_eq!(b.block_size(), 512);
     assert!(UringBackend::open(&dir.join("missing"), &cfg).is_err());
+}
+
+/// Bytes the filesystem holds for `path`.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn file_devices_take_their_space_as_preallocate_says() {
+    let dir = TempDir::new("prealloc");
+    let (none, space, full) = (dir.join("none"), dir.join("space"), dir.join("full"));
+    create_file_device_as(&none, 4 * DEV_BYTES, Preallocate::None).unwrap();
+    create_file_device_as(&space, 4 * DEV_BYTES, Preallocate::Space).unwrap();
+    create_file_device_as(&full, 4 * DEV_BYTES, Preallocate::Full).unwrap();
+    assert!(allocated(&none) < DEV_BYTES, "sparse: {}", allocated(&none));
+    assert!(
+        allocated(&space) >= 4 * DEV_BYTES,
+        "reserved: {}",
+        allocated(&space)
+    );
+    assert!(
+        allocated(&full) >= 4 * DEV_BYTES,
+        "written: {}",
+        allocated(&full)
+    );
+    for p in [&none, &space, &full] {
+        let data = std::fs::read(p).unwrap();
+        assert_eq!(data.len() as u64, 4 * DEV_BYTES);
+        assert!(data.iter().all(|&b| b == 0), "{} reads zeroes", p.display());
+    }
+    // Growing an existing file, or reserving it again: its data stays.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&none).unwrap();
+    f.write_all_at(&pattern(4096, 3), DEV_BYTES).unwrap();
+    drop(f);
+    create_file_device_as(&none, 4 * DEV_BYTES, Preallocate::Space).unwrap();
+    assert!(allocated(&none) >= 4 * DEV_BYTES);
+    create_file_device_as(&none, 6 * DEV_BYTES, Preallocate::Full).unwrap();
+    assert!(allocated(&none) >= 6 * DEV_BYTES);
+    let data = std::fs::read(&none).unwrap();
+    assert_eq!(data.len() as u64, 6 * DEV_BYTES);
+    assert_eq!(
+        &data[DEV_BYTES as usize..DEV_BYTES as usize + 4096],
+        &pattern(4096, 3)[..]
+    );
+}
+
+#[test]
+fn a_discard_keeps_a_reserved_files_space_only_when_asked() {
+    let dir = TempDir::new("keepspace");
+    for keep_space in [false, true] {
+        let path = dir.join(if keep_space { "kept" } else { "punched" });
+        create_file_device_as(&path, DEV_BYTES, Preallocate::Space).unwrap();
+        let cfg = UringConfig {
+            queue_depth: 4,
+            keep_space,
+            ..UringConfig::default()
+        };
+        let mut b = UringBackend::open(&path, &cfg).unwrap();
+        for i in 0..DEV_BYTES / 65536 {
+            write(&mut b, i * 65536, &pattern(65536, i as u8 + 1), false).unwrap();
+        }
+        let c = run(
+            &mut b,
+            1,
+            BackendOp::Discard {
+                offset: 0,
+                len: DEV_BYTES,
+            },
+        );
+        assert_eq!(c.result, Ok(0));
+        assert_eq!(read(&mut b, 0, 65536).unwrap(), vec![0u8; 65536]);
+        drop(b);
+        let held = allocated(&path);
+        if keep_space {
+            assert!(held >= DEV_BYTES, "kept: {held}");
+        } else {
+            assert!(held < DEV_BYTES / 2, "punched out: {held}");
+        }
+    }
 }
 
 #[test]

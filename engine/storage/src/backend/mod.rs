@@ -31,7 +31,9 @@ pub mod uring;
 pub use aligned::{AlignedBuf, BufPool, BUF_ALIGN_BYTES};
 pub use fault::{FaultBackend, FaultControl, FaultOps};
 pub use mem::MemBackend;
-pub use uring::{create_file_device, UringBackend, UringConfig};
+pub use uring::{
+    create_file_device, create_file_device_as, Preallocate, UringBackend, UringConfig,
+};
 pub use volume::SharedBuf;
 
 use std::os::unix::io::RawFd;

@@ -37,6 +37,10 @@ pub struct UringConfig {
     /// Block size reported for regular files: 4096 (default) or 512. Block
     /// devices always report their logical block size (BLKSSZGET).
     pub file_block_size: u32,
+    /// A regular file keeps its space on discard: the range is zeroed
+    /// (`FALLOC_FL_ZERO_RANGE`, still allocated) instead of punched out, so
+    /// a preallocated volume never becomes sparse ([`Preallocate`]).
+    pub keep_space: bool,
 }
 
 impl Default for UringConfig {
@@ -44,8 +48,24 @@ impl Default for UringConfig {
         UringConfig {
             queue_depth: 128,
             file_block_size: 4096,
+            keep_space: false,
         }
     }
+}
+
+/// How a file volume's space is taken when it is created or grown
+/// ([`create_file_device`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preallocate {
+    /// Sparse: blocks are allocated as they are first written, so a write
+    /// can fail with ENOSPC once the filesystem is full.
+    None,
+    /// Every block reserved (`fallocate`): no write ever fails for want of
+    /// space; the first write to a block still converts its extent.
+    Space,
+    /// Reserved and written with zeroes where the file is created or
+    /// grown: no allocation or extent conversion on any later write.
+    Full,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +121,8 @@ pub struct UringBackend {
     ring: IoUring,
     file: File,
     kind: DeviceKind,
+    /// [`UringConfig::keep_space`].
+    keep_space: bool,
     direct: bool,
     size_bytes: u64,
     block_size: u32,
@@ -273,6 +295,7 @@ impl UringBackend {
             kernel_in_flight: 0,
             ready: VecDeque::with_capacity(queue_depth),
             zero_buf: None,
+            keep_space: config.keep_space,
             armed_polls: Vec::new(),
             fired_polls: Vec::new(),
             fixed_pool: None,
@@ -473,7 +496,11 @@ impl UringBackend {
     fn discard(&mut self, offset: u64, len: u64) -> Result<u32, i32> {
         match self.kind {
             DeviceKind::File => {
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let mode = if self.keep_space {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                };
                 match self.fallocate(mode, offset, len) {
                     Err(libc::EOPNOTSUPP) => self.write_zeroes_by_writing(offset, len),
                     r => r,
@@ -872,10 +899,22 @@ impl Drop for UringBackend {
     }
 }
 
-/// Create `path` as a sparse file of `size_bytes` (a multiple of 4096) to use
-/// as a device, or grow an existing one. Refuses to shrink an existing file:
-/// that would destroy data.
+/// [`create_file_device_as`] a sparse file ([`Preallocate::None`]).
 pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
+    create_file_device_as(path, size_bytes, Preallocate::None)
+}
+
+/// Create `path` as a file of `size_bytes` (a multiple of 4096) to use as
+/// a device, or grow an existing one, taking its space as `prealloc` says
+/// (for `Space` and `Full` the whole file is reserved; an existing file's
+/// data is never touched: `Full` writes zeroes only where it creates or
+/// grows the file). Refuses to shrink an existing file: that would destroy
+/// data.
+pub fn create_file_device_as(
+    path: &Path,
+    size_bytes: u64,
+    prealloc: Preallocate,
+) -> io::Result<()> {
     let shown = path.display();
     if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(io::Error::new(
@@ -902,6 +941,40 @@ pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
     }
     if current < size_bytes {
         file.set_len(size_bytes)?;
+    }
+    if prealloc != Preallocate::None {
+        // SAFETY: fallocate takes no memory arguments; the result is checked.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size_bytes as libc::off_t) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            let why = match e.raw_os_error() {
+                Some(libc::ENOSPC) => {
+                    format!("the filesystem has less than {size_bytes} bytes free for it")
+                }
+                Some(libc::EOPNOTSUPP) => {
+                    "its filesystem cannot reserve space (no fallocate)".into()
+                }
+                _ => e.to_string(),
+            };
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{shown}: cannot reserve the volume's {size_bytes} bytes: {why}; free space, \
+                     or set volume.preallocate = \"none\" for a sparse file whose writes can \
+                     fail once the filesystem is full"
+                ),
+            ));
+        }
+    }
+    if prealloc == Preallocate::Full && current < size_bytes {
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut at = current;
+        while at < size_bytes {
+            let n = (size_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| with_context(e, format!("{shown}: cannot write zeroes")))?;
+            at += n as u64;
+        }
     }
     file.sync_all()
 }
