@@ -54,7 +54,7 @@ impl Default for UringConfig {
 }
 
 /// How a file volume's space is taken when it is created or grown
-/// ([`create_file_device`]).
+/// ([`create_file_device_as`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preallocate {
     /// Sparse: blocks are allocated as they are first written, so a write
@@ -496,12 +496,24 @@ impl UringBackend {
     fn discard(&mut self, offset: u64, len: u64) -> Result<u32, i32> {
         match self.kind {
             DeviceKind::File => {
-                let mode = if self.keep_space {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let r = if self.keep_space {
+                    match self.fallocate(
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    ) {
+                        // No zero ranges (tmpfs): punch the range out and
+                        // reserve it again.
+                        Err(libc::EOPNOTSUPP) => self
+                            .fallocate(punch, offset, len)
+                            .and_then(|_| self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)),
+                        r => r,
+                    }
                 } else {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    self.fallocate(punch, offset, len)
                 };
-                match self.fallocate(mode, offset, len) {
+                match r {
                     Err(libc::EOPNOTSUPP) => self.write_zeroes_by_writing(offset, len),
                     r => r,
                 }
