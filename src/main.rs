@@ -351,6 +351,13 @@ pub(crate) fn cmd_format(path: &Path, flags: FormatFlags) -> Result<()> {
         if let Some(d) = cfg.volume.path.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
+        if cfg.volume.preallocate == config::Preallocate::Full {
+            eprintln!(
+                "writing zeroes over the new volume {} ({} MiB, volume.preallocate = \"full\")",
+                cfg.volume.path.display(),
+                cfg.volume.size_bytes >> 20
+            );
+        }
         let made = storage::backend::create_file_device_as(
             &cfg.volume.path,
             cfg.volume.size_bytes,
