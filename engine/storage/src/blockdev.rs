@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::backend::AlignedBuf;
 
@@ -67,29 +68,42 @@ pub fn is_block_device(path: &Path) -> io::Result<bool> {
 /// the kernel refuses it while the device is mounted, is part of an md or
 /// device-mapper device, or another process holds it open exclusively, and
 /// refuses them while we hold it), for reading and `write`, with `flags`
-/// added (O_DIRECT). A refusal for being in use (EBUSY) says so.
+/// added (O_DIRECT). A refusal for being in use (EBUSY) says so, once the
+/// device has stayed busy for [`BUSY_PATIENCE`]: the kernel also claims a
+/// device for a moment while it rescans its partitions, which udev asks
+/// for after a writer closes it (`format`, then `serve` at once, met one).
 pub fn open_exclusive(path: &Path, write: bool, flags: i32) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_EXCL | flags)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EBUSY) {
-                io::Error::new(
+    let since = Instant::now();
+    loop {
+        let r = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_EXCL | flags)
+            .open(path);
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if since.elapsed() < BUSY_PATIENCE {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                return Err(io::Error::new(
                     e.kind(),
                     format!(
-                        "{} is in use ({e}): it is mounted, part of a RAID, LVM or \
+                        "{} is in use ({e}, for {} s): it is mounted, part of a RAID, LVM or \
                          device-mapper device, or another process (another deltamirror node?) \
                          has it open exclusively; the ring needs a device of its own",
-                        path.display()
+                        path.display(),
+                        BUSY_PATIENCE.as_secs()
                     ),
-                )
-            } else {
-                e
+                ));
             }
-        })
+            r => return r,
+        }
+    }
 }
+
+/// How long [`open_exclusive`] retries a device that is busy.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Bytes from the start of a device that [`signature`] reads: the btrfs
 /// superblock (64 KiB + 64) and a 64 KiB-page swap signature are the
