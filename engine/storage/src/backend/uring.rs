@@ -179,6 +179,37 @@ fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// fallocate(2) of `len` bytes at `offset` of `file` with `mode`; the
+/// errno on failure.
+fn fallocate_file(file: &File, mode: libc::c_int, offset: u64, len: u64) -> Result<(), i32> {
+    // SAFETY: fallocate takes no memory arguments; errors are returned.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(errno_of(&io::Error::last_os_error()))
+    }
+}
+
+/// Writes zeroes over `len` bytes of `file` from `offset`, `zeros` (a
+/// buffer of zeroes, aligned when `file` is O_DIRECT) at a time.
+fn write_zeroes_at(file: &File, zeros: &[u8], offset: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let chunk = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..chunk], offset + done)?;
+        done += chunk as u64;
+    }
+    Ok(())
+}
+
 fn with_context(e: io::Error, what: String) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
@@ -536,20 +567,7 @@ impl UringBackend {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<u32, i32> {
-        // SAFETY: fallocate takes no memory arguments; errors are returned.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            Ok(0)
-        } else {
-            Err(errno_of(&io::Error::last_os_error()))
-        }
+        fallocate_file(&self.file, mode, offset, len).map(|()| 0)
     }
 
     fn block_range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> Result<u32, i32> {
@@ -570,20 +588,9 @@ impl UringBackend {
         let zeros = self
             .zero_buf
             .get_or_insert_with(|| AlignedBuf::new(ZERO_CHUNK_BYTES));
-        let mut done = 0u64;
-        while done < len {
-            let chunk = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
-            match self
-                .file
-                .write_at(&zeros.as_slice()[..chunk], offset + done)
-            {
-                Ok(0) => return Err(libc::EIO),
-                Ok(n) => done += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(errno_of(&e)),
-            }
-        }
-        Ok(0)
+        write_zeroes_at(&self.file, zeros.as_slice(), offset, len)
+            .map(|()| 0)
+            .map_err(|e| errno_of(&e))
     }
 
     /// Clear the eventfd counter so poll(2) sleeps until the next completion.
@@ -955,17 +962,13 @@ pub fn create_file_device_as(
         file.set_len(size_bytes)?;
     }
     if prealloc != Preallocate::None {
-        // SAFETY: fallocate takes no memory arguments; the result is checked.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size_bytes as libc::off_t) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            let why = match e.raw_os_error() {
-                Some(libc::ENOSPC) => {
+        if let Err(errno) = fallocate_file(&file, 0, 0, size_bytes) {
+            let e = io::Error::from_raw_os_error(errno);
+            let why = match errno {
+                libc::ENOSPC => {
                     format!("the filesystem has less than {size_bytes} bytes free for it")
                 }
-                Some(libc::EOPNOTSUPP) => {
-                    "its filesystem cannot reserve space (no fallocate)".into()
-                }
+                libc::EOPNOTSUPP => "its filesystem cannot reserve space (no fallocate)".into(),
                 _ => e.to_string(),
             };
             return Err(io::Error::new(
@@ -980,13 +983,8 @@ pub fn create_file_device_as(
     }
     if prealloc == Preallocate::Full && current < size_bytes {
         let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-        let mut at = current;
-        while at < size_bytes {
-            let n = (size_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-            file.write_all_at(&zeros[..n], at)
-                .map_err(|e| with_context(e, format!("{shown}: cannot write zeroes")))?;
-            at += n as u64;
-        }
+        write_zeroes_at(&file, &zeros, current, size_bytes - current)
+            .map_err(|e| with_context(e, format!("{shown}: cannot write zeroes")))?;
     }
     file.sync_all()
 }
