@@ -69,9 +69,11 @@ pub fn is_block_device(path: &Path) -> io::Result<bool> {
 /// device-mapper device, or another process holds it open exclusively, and
 /// refuses them while we hold it), for reading and `write`, with `flags`
 /// added (O_DIRECT). A refusal for being in use (EBUSY) says so, once the
-/// device has stayed busy for [`BUSY_PATIENCE`]: the kernel also claims a
-/// device for a moment while it rescans its partitions, which udev asks
-/// for after a writer closes it (`format`, then `serve` at once, met one).
+/// device has stayed busy for [`BUSY_PATIENCE`]: a claim can outlive its
+/// holder's close by a moment (the kernel releases it at the last
+/// reference to the file, which can come later than the close; a ring
+/// reopened right after it was dropped met EBUSY under the full test
+/// suite), and a partition rescan claims the device for a moment too.
 pub fn open_exclusive(path: &Path, write: bool, flags: i32) -> io::Result<File> {
     let since = Instant::now();
     loop {
