@@ -618,10 +618,12 @@ class Run:
             log(f"  {target:<34} {wl['label']:<22} FAILED: {res.get('error')}")
             self.failures.append(f"{target} / {wl['label']}: {res.get('error')}")
 
-    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None, server=None, wls=None):
+    def workloads(self, target, group, proto, endpoint, pids, settle=None, alive=None, server=None, wls=None,
+                  nvme_client=DM_NVME):
         """`server`: the deltamirror nodes, whose own latency histograms are
         reset before each workload and read after it; `wls`: the workloads
-        (default all of WORKLOADS)."""
+        (default all of WORKLOADS); `nvme_client`: the `dm-nvme` whose `io`
+        drives NVMe/TCP."""
         for wl in wls or WORKLOADS:
             if alive is not None and not alive():
                 self.record(target, group, proto, wl, dict(ok=False, error="server process exited"))
@@ -629,7 +631,7 @@ class Run:
             tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
             if server:
                 server.reset_latency()
-            res = run_workload(target, proto, endpoint, wl, self.args, pids(), tag)
+            res = run_workload(target, proto, endpoint, wl, self.args, pids(), tag, nvme_client=nvme_client)
             if server and res.get("ok"):
                 res["server"] = server.server_latency()
             self.record(target, group, proto, wl, res)
@@ -778,13 +780,19 @@ class Run:
     def nbd_peer(self, name, argv, port, target, url, group="peer", wls=None):
         """One peer NBD server (`argv`, named `name`, listening on `port`)
         through the workloads; its stderr goes to `name`.log."""
+        self.server_workloads(name, argv, port, target, group, "nbd", url, wls)
+
+    def server_workloads(self, name, argv, port, target, group, proto, endpoint, wls, nvme_client=DM_NVME):
+        """Starts `argv` (named `name`, its stderr in `name`.log), waits for
+        it to listen on `port`, runs the workloads `wls` against it and
+        stops it."""
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(self.work, f"{name}.log"), "w"))
         try:
             if not wait_port(port):
                 raise RuntimeError(f"{name} did not start")
-            self.workloads(target, group, "nbd", url, lambda: {name: p.pid}, alive=lambda: p.poll() is None,
-                           wls=wls)
+            self.workloads(target, group, proto, endpoint, lambda: {name: p.pid}, alive=lambda: p.poll() is None,
+                           wls=wls, nvme_client=nvme_client)
         except Exception as e:  # noqa: BLE001
             self.failures.append(f"{name}: {e}")
         finally:
@@ -843,21 +851,10 @@ class Run:
         """Runs `server`'s `dm-nvme serve-mem` and the workloads `wls`
         against it with `client`'s `dm-nvme io`, recorded as `target`."""
         log(f"{target} on 127.0.0.1:{NVME_MEM_PORT}")
-        p = subprocess.Popen([server, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
-                              "--size-mb", str(max(self.args.region_mib, 256))],
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "serve-mem.log"), "w"))
-        try:
-            if not wait_port(NVME_MEM_PORT):
-                raise RuntimeError(f"{server} serve-mem did not start")
-            for wl in wls:
-                tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
-                res = run_workload(target, "nvme", f"127.0.0.1:{NVME_MEM_PORT}", wl, self.args,
-                                   {"serve-mem": p.pid}, tag, nvme_client=client)
-                self.record(target, "nvme-mem", "nvme", wl, res)
-        except Exception as e:  # noqa: BLE001
-            self.failures.append(f"{target}: {e}")
-        finally:
-            stop_proc(p)
+        argv = [server, "--nqn", DM_NQN, "serve-mem", "--listen", f"127.0.0.1:{NVME_MEM_PORT}",
+                "--size-mb", str(max(self.args.region_mib, 256))]
+        self.server_workloads("serve-mem", argv, NVME_MEM_PORT, target, "nvme-mem", "nvme",
+                              f"127.0.0.1:{NVME_MEM_PORT}", wls, nvme_client=client)
 
     def qemu_nbd(self):
         img = self.peer_image()
