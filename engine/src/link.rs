@@ -124,6 +124,15 @@ pub trait Transport: Send {
     /// The fd the reactor may sleep on and whether it waits for
     /// writability; None when it must not sleep (work may be pending).
     fn sleep_fd(&mut self) -> Option<(RawFd, bool)>;
+    /// The socket to wait on for readability instead of calling
+    /// [`Transport::recv`] again: Some when the last `recv` read it until
+    /// it would block and no frame waits in the receive buffer for a
+    /// payload buffer. None when `recv` is cheap
+    /// to call every pass (the fabric reads its completion queue in user
+    /// space) or has work to do.
+    fn idle_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Ends the connection and forgets what was queued.
     fn close(&mut self);
 }

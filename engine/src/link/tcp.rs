@@ -58,6 +58,9 @@ pub struct TcpLink {
     rx_len: usize,
     /// A complete frame waits in `rx` for a payload buffer.
     rx_blocked: bool,
+    /// The last `recv` read the socket until it would block and left no
+    /// frame waiting in `rx` for a buffer.
+    rx_empty: bool,
     tx: VecDeque<Seg>,
     /// Bytes of the front segment already sent.
     tx_off: usize,
@@ -78,6 +81,7 @@ impl TcpLink {
             rx: vec![0xa5; RX_BUF_BYTES.max(max_frame + 64)],
             rx_len: 0,
             rx_blocked: false,
+            rx_empty: false,
             tx: VecDeque::new(),
             tx_off: 0,
             spare: Vec::new(),
@@ -155,6 +159,8 @@ impl Transport for TcpLink {
         alloc: &mut dyn FnMut(usize) -> Option<IoBuf>,
     ) -> Result<u64, String> {
         let mut got = 0u64;
+        let mut drained = false;
+        self.rx_empty = false;
         while self.rx_len < self.rx.len() {
             match self.sock.read(&mut self.rx[self.rx_len..]) {
                 Ok(0) => return Err("replication peer closed the connection".into()),
@@ -162,17 +168,23 @@ impl Transport for TcpLink {
                     self.rx_len += n;
                     got += n as u64;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("replication link read error: {e}")),
             }
         }
+        self.rx_empty = false;
         if got == 0 && !self.rx_blocked {
+            self.rx_empty = drained;
             return Ok(0);
         }
         let p = parse_frames(&self.rx[..self.rx_len], self.max_frame, out, alloc)
             .map_err(|e| format!("replication link: {e}; dropping the connection"))?;
         self.rx_blocked = p.blocked;
+        self.rx_empty = drained && !p.blocked;
         self.rx.copy_within(p.used..self.rx_len, 0);
         self.rx_len -= p.used;
         Ok(got)
@@ -206,10 +218,15 @@ impl Transport for TcpLink {
         Some((self.sock.as_raw_fd(), !self.tx.is_empty()))
     }
 
+    fn idle_fd(&self) -> Option<RawFd> {
+        self.rx_empty.then(|| self.sock.as_raw_fd())
+    }
+
     fn close(&mut self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         self.rx_len = 0;
         self.rx_blocked = false;
+        self.rx_empty = false;
         self.tx.clear();
         self.tx_off = 0;
     }

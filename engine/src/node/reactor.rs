@@ -92,6 +92,9 @@ pub(super) struct Reactor<B: Backend> {
     pub(super) link: LinkManager,
     /// The replication connection (TCP or fabric: [`crate::link::Transport`]).
     pub(super) conn: Option<Connection>,
+    /// The link socket was found empty and a poll is armed on this fd in
+    /// the backend: [`Reactor::read_socket`] waits for it to fire.
+    pub(super) link_armed: Option<RawFd>,
     pub(super) start: Instant,
     pub(super) actions: Vec<Action>,
     pub(super) msgs: Vec<Msg>,
@@ -152,6 +155,7 @@ impl<B: Backend> Reactor<B> {
             meta,
             link,
             conn: None,
+            link_armed: None,
             start,
             actions: Vec::new(),
             msgs: Vec::new(),

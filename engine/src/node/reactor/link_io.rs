@@ -13,6 +13,7 @@ impl<B: Backend> Reactor<B> {
             self.drop_socket(false);
         }
         self.conn = Some(c);
+        self.link_armed = None;
         self.stages.drop_samples();
         self.peer_refused = None;
         self.core.handle(Event::PeerConnected);
@@ -22,8 +23,11 @@ impl<B: Backend> Reactor<B> {
     /// Closes the replication connection and forgets what it buffered.
     pub(super) fn close_socket(&mut self) {
         if let Some(mut c) = self.conn.take() {
+            // A poll still armed on the socket fires on the shutdown (and
+            // the kernel lets go of the socket then).
             c.close();
         }
+        self.link_armed = None;
     }
 
     pub(super) fn drop_socket(&mut self, reconnect: bool) {
@@ -39,6 +43,15 @@ impl<B: Backend> Reactor<B> {
         let Some(c) = self.conn.as_mut() else {
             return false;
         };
+        // The socket was empty: no receive until its poll fires (a
+        // `recvfrom` per pass otherwise: hundreds of thousands a second
+        // on two cores the peer and the hosts share).
+        if let Some(fd) = self.link_armed {
+            if !self.backend.poll_fired(fd) {
+                return false;
+            }
+            self.link_armed = None;
+        }
         self.msgs.clear();
         // A REQ's payload is copied once, from the link's receive buffer
         // into a buffer of the node's pool: the buffer the ring keeps and
@@ -61,6 +74,13 @@ impl<B: Backend> Reactor<B> {
         };
         let r = c.recv(&mut self.msgs, &mut alloc);
         self.copies.link_receive += copied;
+        // Read until it would block: the next receive waits for the poll
+        // (armed now, it fires at once if bytes came in meanwhile).
+        if let Some(fd) = c.idle_fd() {
+            if self.backend.arm_poll(fd) {
+                self.link_armed = Some(fd);
+            }
+        }
         match r {
             Ok(0) if self.msgs.is_empty() => return false,
             Ok(n) => self.bytes_received += n,

@@ -268,6 +268,14 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.take_fired(fd)
     }
 
+    fn arm_poll(&mut self, fd: RawFd) -> bool {
+        self.inner.arm_poll(fd)
+    }
+
+    fn poll_fired(&mut self, fd: RawFd) -> bool {
+        self.inner.poll_fired(fd)
+    }
+
     fn register_pool(&mut self, pool: &volume::IoBufPool) -> Result<bool, String> {
         self.inner.register_pool(pool)
     }

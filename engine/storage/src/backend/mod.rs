@@ -185,6 +185,23 @@ pub trait Backend: Send {
         let _ = fd;
         false
     }
+    /// Arms a one-shot poll for `fd` becoming readable in the backend's
+    /// kernel queue, without waiting (a no-op if one is armed already), so
+    /// the caller can stop trying a socket that was empty and ask
+    /// [`Backend::poll_fired`] instead: no system call until it has data.
+    /// False when the backend has no such queue or no room now: the caller
+    /// keeps trying the fd itself.
+    fn arm_poll(&mut self, fd: RawFd) -> bool {
+        let _ = fd;
+        false
+    }
+    /// Whether the poll [`Backend::arm_poll`] armed on `fd` has fired since
+    /// the last call (completions reaped on the way are kept for
+    /// [`Backend::reap`]). True when the backend arms no polls.
+    fn poll_fired(&mut self, fd: RawFd) -> bool {
+        let _ = fd;
+        true
+    }
     /// Registers `pool`'s region with the backend's kernel queue once, so
     /// reads and writes of buffers inside it skip the per-request page
     /// pinning (io_uring fixed buffers). `Ok(false)`: the backend has no

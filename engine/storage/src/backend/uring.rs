@@ -148,6 +148,8 @@ pub struct UringBackend {
     armed_polls: Vec<(RawFd, u32)>,
     /// Fds whose poll fired since [`Backend::take_fired`] last asked.
     fired_polls: Vec<RawFd>,
+    /// Reused by [`Backend::poll_fired`]'s reap.
+    scratch: Vec<BackendCompletion>,
     /// The pool registered as fixed buffer 0 (kept so its region outlives
     /// the registration).
     fixed_pool: Option<IoBufPool>,
@@ -166,6 +168,19 @@ pub const MAX_FIXED_BUFFER_BYTES: usize = 1 << 30;
 /// average (better in 20 of 33 pairs), QD32 writes +3-16%, mirrored QD32
 /// writes +17% (docs/performance.md, "QD32 against the disk").
 const SUBMIT_CHUNK_ENTRIES: usize = 8;
+
+/// An io_uring whose completions are posted when its thread next enters
+/// the kernel instead of interrupting it (IORING_SETUP_COOP_TASKRUN, with
+/// IORING_SETUP_TASKRUN_FLAG telling a polling thread when to enter): a
+/// reactor that spins takes no inter-processor interrupt per completion
+/// (a VM exit on a virtual machine). A plain ring on a kernel before 5.19.
+pub fn cooperative_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+}
 
 /// user_data of the poll entries [`Backend::wait`] arms: the top bit
 /// set (slot indices never reach it), the fd and the poll events below.
@@ -283,7 +298,7 @@ impl UringBackend {
                 format!("{shown} is neither a regular file nor a block device"),
             ));
         };
-        let mut ring = IoUring::new(config.queue_depth)
+        let mut ring = cooperative_ring(config.queue_depth)
             .map_err(|e| with_context(e, format!("{shown}: cannot set up an io_uring (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp policy?)")))?;
         // SAFETY: eventfd has no memory arguments; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -328,6 +343,7 @@ impl UringBackend {
             zero_buf: None,
             keep_space: config.keep_space,
             armed_polls: Vec::new(),
+            scratch: Vec::new(),
             fired_polls: Vec::new(),
             fixed_pool: None,
             fixed_ops: 0,
@@ -614,6 +630,28 @@ impl UringBackend {
         }
     }
 
+    /// Queues a one-shot poll of `fd` for `events` unless one is armed;
+    /// false when the submission queue has no room even after handing
+    /// what it holds to the kernel.
+    fn arm(&mut self, fd: RawFd, events: u32) -> bool {
+        if self.armed_polls.contains(&(fd, events)) {
+            return true;
+        }
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(poll_tag(fd, events));
+        // SAFETY: a poll entry points at no memory of ours.
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.flush_submissions();
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&e) }.is_err() {
+                return false;
+            }
+        }
+        self.armed_polls.push((fd, events));
+        true
+    }
+
     /// Turn the ring's completions into typed results.
     fn reap_kernel(&mut self, out: &mut Vec<BackendCompletion>) -> usize {
         if self.kernel_in_flight == 0 && self.armed_polls.is_empty() {
@@ -627,7 +665,17 @@ impl UringBackend {
             cq.disable_eventfd();
         }
         if cq.is_empty() {
-            return 0;
+            drop(cq);
+            if !self.ring.submission().taskrun() {
+                return 0;
+            }
+            // Completions wait in the kernel for this thread to enter it
+            // (a cooperative ring is not interrupted to post them).
+            let _ = self.ring.submit();
+            cq = self.ring.completion();
+            if cq.is_empty() {
+                return 0;
+            }
         }
         cq.sync();
         let mut n = 0;
@@ -788,21 +836,9 @@ impl Backend for UringBackend {
         }
         for &(fd, writable) in fds {
             let events = (libc::POLLIN | if writable { libc::POLLOUT } else { 0 }) as u32;
-            if self.armed_polls.contains(&(fd, events)) {
-                continue;
+            if !self.arm(fd, events) {
+                return false;
             }
-            let e = opcode::PollAdd::new(types::Fd(fd), events)
-                .build()
-                .user_data(poll_tag(fd, events));
-            // SAFETY: a poll entry points at no memory of ours.
-            if unsafe { self.ring.submission().push(&e) }.is_err() {
-                self.flush_submissions();
-                // SAFETY: as above.
-                if unsafe { self.ring.submission().push(&e) }.is_err() {
-                    return false;
-                }
-            }
-            self.armed_polls.push((fd, events));
         }
         let ts = types::Timespec::from(Duration::from_millis(timeout_ms));
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -869,6 +905,24 @@ impl Backend for UringBackend {
 
     fn fixed_ops(&self) -> u64 {
         self.fixed_ops
+    }
+
+    /// The poll is queued with the pass's other entries (handed to the
+    /// kernel by the pass's `flush_submissions` or the next wait).
+    fn arm_poll(&mut self, fd: RawFd) -> bool {
+        self.arm(fd, libc::POLLIN as u32)
+    }
+
+    fn poll_fired(&mut self, fd: RawFd) -> bool {
+        if !self.fired_polls.contains(&fd) && self.armed_polls.iter().any(|&(f, _)| f == fd) {
+            // Only a load of the completion queue's head and tail when
+            // nothing completed.
+            let mut done = std::mem::take(&mut self.scratch);
+            self.reap_kernel(&mut done);
+            self.ready.extend(done.drain(..));
+            self.scratch = done;
+        }
+        self.take_fired(fd)
     }
 
     /// Whether a poll that [`Backend::wait`] armed on `fd` fired since
