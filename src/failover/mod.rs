@@ -125,6 +125,7 @@ impl Failover {
                         s,
                         node,
                         client: None,
+                        turn: 0,
                         keeper: None,
                         status,
                         deadline,
@@ -221,7 +222,11 @@ struct Agent {
     s: Settings,
     brain: Brain,
     node: Arc<NodeControl>,
+    /// A client of one member: `s.endpoints[turn % len]`.
     client: Option<Client>,
+    /// Advanced on every failed request, so the next client talks to the
+    /// next member.
+    turn: usize,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     status: Arc<Mutex<FailoverStatus>>,
     deadline: Arc<Mutex<Option<u64>>>,
@@ -279,13 +284,15 @@ impl Agent {
         let opts = ConnectOptions::new()
             .with_connect_timeout(t)
             .with_timeout(t);
-        let c = bounded(
-            t,
-            "connecting",
-            Client::connect(self.s.endpoints.clone(), Some(opts)),
-        )
-        .await
-        .map_err(|e| self.explain(e))?;
+        // One member at a time, not the client's balance over all of them:
+        // that kept sending a share of the requests to a member that was
+        // down (each failing, often the lease's keep-alive, until the lease
+        // lapsed with two healthy members left). A failure moves on to the
+        // next member (`failed`).
+        let member = self.s.endpoints[self.turn % self.s.endpoints.len()].clone();
+        let c = bounded(t, "connecting", Client::connect([member], Some(opts)))
+            .await
+            .map_err(|e| self.explain(e))?;
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -300,6 +307,7 @@ impl Agent {
 
     fn failed(&mut self, e: String) {
         self.client = None;
+        self.turn = self.turn.wrapping_add(1);
         self.keeper = None;
         self.brain.etcd_failed(e);
     }
