@@ -754,6 +754,8 @@ struct Reactor {
     shared: Arc<Shared>,
     slots: Vec<Option<Box<Slot>>>,
     dirty: Vec<usize>,
+    /// Completions taken in one pass (kept for reuse).
+    cqes: Vec<(u64, i32)>,
     is_dirty: Vec<bool>,
     /// The eventfd read's target; boxed so its address is stable.
     wake_buf: Box<u64>,
@@ -806,6 +808,7 @@ impl Reactor {
             shared,
             slots: (0..max).map(|_| None).collect(),
             dirty: Vec::new(),
+            cqes: Vec::new(),
             is_dirty: vec![false; max],
             wake_buf: Box::new(0),
             wake_posted: false,
@@ -908,7 +911,9 @@ impl Reactor {
             && self.shared.incoming.is_empty()
             && !self.shared.ready_overflow.load(Ordering::Acquire)
             && !self.shared.stop.load(Ordering::Acquire)
-            && self.ring.completion().is_empty();
+            && self.ring.completion().is_empty()
+            // Completions waiting for this thread to enter the kernel.
+            && !self.ring.submission().taskrun();
         if !idle {
             self.shared.sleeping.store(false, Ordering::SeqCst);
         }
@@ -971,12 +976,14 @@ impl Reactor {
             // Completions wait in the kernel for this thread to enter it.
             let _ = self.ring.submit();
         }
-        let mut cqes: Vec<(u64, i32)> = Vec::new();
+        let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for (tag, res) in cqes {
+        for &(tag, res) in &cqes {
             did = true;
             self.complete(tag, res);
         }
+        cqes.clear();
+        self.cqes = cqes;
         while let Some(i) = self.shared.ready.pop() {
             did = true;
             if let Some(Some(s)) = self.slots.get(i) {
