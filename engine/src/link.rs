@@ -127,9 +127,9 @@ pub trait Transport: Send {
     /// The socket to wait on for readability instead of calling
     /// [`Transport::recv`] again: Some when the last `recv` read it until
     /// it would block and no frame waits in the receive buffer for a
-    /// payload buffer. None when `recv` is cheap
-    /// to call every pass (the fabric reads its completion queue in user
-    /// space) or has work to do.
+    /// payload buffer. None when `recv` has work to do, or is cheap to
+    /// call every pass (the fabric reads its completion queue in user
+    /// space).
     fn idle_fd(&self) -> Option<RawFd> {
         None
     }

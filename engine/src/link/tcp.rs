@@ -176,7 +176,6 @@ impl Transport for TcpLink {
                 Err(e) => return Err(format!("replication link read error: {e}")),
             }
         }
-        self.rx_empty = false;
         if got == 0 && !self.rx_blocked {
             self.rx_empty = drained;
             return Ok(0);

@@ -195,9 +195,11 @@ pub trait Backend: Send {
         let _ = fd;
         false
     }
-    /// Whether the poll [`Backend::arm_poll`] armed on `fd` has fired since
-    /// the last call (completions reaped on the way are kept for
-    /// [`Backend::reap`]). True when the backend arms no polls.
+    /// Whether the caller should read `fd` now: the poll
+    /// [`Backend::arm_poll`] armed on it fired since the last call, or no
+    /// poll is armed on it any more (it failed or was cancelled), or the
+    /// backend arms no polls. Completions reaped on the way are kept for
+    /// [`Backend::reap`].
     fn poll_fired(&mut self, fd: RawFd) -> bool {
         let _ = fd;
         true

@@ -914,7 +914,8 @@ impl Backend for UringBackend {
     }
 
     fn poll_fired(&mut self, fd: RawFd) -> bool {
-        if !self.fired_polls.contains(&fd) && self.armed_polls.iter().any(|&(f, _)| f == fd) {
+        let armed = |b: &Self| b.armed_polls.iter().any(|&(f, _)| f == fd);
+        if !self.fired_polls.contains(&fd) && armed(self) {
             // Only a load of the completion queue's head and tail when
             // nothing completed.
             let mut done = std::mem::take(&mut self.scratch);
@@ -922,7 +923,9 @@ impl Backend for UringBackend {
             self.ready.extend(done.drain(..));
             self.scratch = done;
         }
-        self.take_fired(fd)
+        // Disarmed without firing (an error, a cancellation): read, or the
+        // caller would wait for a poll that never comes.
+        self.take_fired(fd) || !armed(self)
     }
 
     /// Whether a poll that [`Backend::wait`] armed on `fd` fired since
