@@ -155,6 +155,8 @@ fn bench_local(path: &Path, args: &Args) -> Result1 {
         &UringConfig {
             queue_depth: 64,
             file_block_size: 4096,
+            // The raw disk: every pass's entries go at once.
+            submit_hold_us: 0,
             ..UringConfig::default()
         },
     )
@@ -426,6 +428,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(50),
+        disk_submit_hold_us: storage::backend::DEFAULT_SUBMIT_HOLD_US,
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,

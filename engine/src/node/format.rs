@@ -33,6 +33,7 @@ pub fn format(
             queue_depth: 4,
             file_block_size: opts.block_size,
             keep_space: opts.keep_volume_space,
+            submit_hold_us: 0,
         },
     )
     .map_err(|e| {

@@ -95,6 +95,9 @@ pub struct NodeOptions {
     pub core_id: Option<usize>,
     pub poll_mode: PollMode,
     pub adaptive_spin_us: u64,
+    /// `reactor.disk_submit_hold_us`: see
+    /// [`storage::backend::UringConfig::submit_hold_us`].
+    pub disk_submit_hold_us: u32,
     pub queue_depth: u32,
     pub max_io_bytes: u32,
     pub max_message_bytes: usize,
@@ -319,6 +322,7 @@ impl Node {
                 queue_depth: opts.queue_depth,
                 file_block_size: opts.block_size,
                 keep_space: opts.keep_volume_space,
+                submit_hold_us: opts.disk_submit_hold_us,
             },
         )
         .map_err(|e| {

@@ -236,6 +236,88 @@ fn uring_sync_fd_and_drop_with_operations_in_flight() {
     drop(b);
 }
 
+/// Reaps (which never submits) until every tag in `want` has completed,
+/// failing after 5 s; returns the tags seen, in order.
+fn reap_until<B: Backend>(b: &mut B, want: &[u64]) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    while !want.iter().all(|t| seen.contains(t)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tags {want:?} not all completed within 5 s (seen {seen:?})"
+        );
+        out.clear();
+        b.reap(&mut out);
+        for c in &out {
+            assert!(c.result.is_ok(), "tag {}: {:?}", c.tag, c.result);
+            seen.push(c.tag);
+        }
+    }
+    seen
+}
+
+/// `UringConfig::submit_hold_us`: the end of a pass keeps a few queued
+/// entries back only while an earlier operation is still in flight, never
+/// a durability operation, and for no longer than the hold; a reap never
+/// hands held entries to the kernel.
+#[test]
+fn a_pass_holds_entries_back_only_while_the_disk_is_busy() {
+    let dir = TempDir::new("uring-hold");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let read = |offset| BackendOp::Read {
+        offset,
+        buf: AlignedBuf::new(4096),
+    };
+    // A hold far longer than the test: only "the disk is idle" releases.
+    let cfg = UringConfig {
+        submit_hold_us: 60_000_000,
+        ..UringConfig::default()
+    };
+    let mut b = UringBackend::open(&path, &cfg).unwrap();
+    // Nothing in flight: a lone read goes at once (QD1 is not delayed).
+    b.submit(1, read(0)).unwrap();
+    b.flush_submissions();
+    // Read 1 is not reaped yet, so it counts as in flight: read 2 is held.
+    b.submit(2, read(4096)).unwrap();
+    b.flush_submissions();
+    assert_eq!(reap_until(&mut b, &[1]), [1]);
+    let settle = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    let mut out = Vec::new();
+    while std::time::Instant::now() < settle {
+        b.reap(&mut out);
+        assert!(out.is_empty(), "a held read was submitted: {out:?}");
+    }
+    // Nothing of ours in flight any more: the next pass's end hands it over.
+    b.flush_submissions();
+    assert_eq!(reap_until(&mut b, &[2]), [2]);
+    // A flush is never held, and takes what is queued before it along.
+    b.submit(3, read(0)).unwrap();
+    b.flush_submissions();
+    b.submit(4, read(8192)).unwrap();
+    b.submit(5, BackendOp::Flush).unwrap();
+    b.flush_submissions();
+    let seen = reap_until(&mut b, &[3, 4, 5]);
+    assert_eq!(seen.len(), 3);
+    drop(b);
+
+    // A short hold ends by itself at a later pass, the disk still busy.
+    let cfg = UringConfig {
+        submit_hold_us: 1_000,
+        ..UringConfig::default()
+    };
+    let mut b = UringBackend::open(&path, &cfg).unwrap();
+    b.submit(1, read(0)).unwrap();
+    b.flush_submissions();
+    b.submit(2, read(4096)).unwrap();
+    b.flush_submissions();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    b.flush_submissions();
+    let seen = reap_until(&mut b, &[1, 2]);
+    assert_eq!(seen.len(), 2);
+}
+
 /// The ring's batch write through io_uring and the in-memory backend: the
 /// pieces land in order at the offset, as a plain write or a durable one
 /// (`RWF_DSYNC`); a bad descriptor fails it with the kernel's errno.

@@ -33,6 +33,7 @@ pub use fault::{FaultBackend, FaultControl, FaultOps};
 pub use mem::MemBackend;
 pub use uring::{
     create_file_device, create_file_device_as, Preallocate, UringBackend, UringConfig,
+    DEFAULT_SUBMIT_HOLD_US,
 };
 pub use volume::SharedBuf;
 
