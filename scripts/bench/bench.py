@@ -794,7 +794,7 @@ class Run:
             self.workloads(target, group, proto, endpoint, lambda: {name: p.pid}, alive=lambda: p.poll() is None,
                            wls=wls, nvme_client=nvme_client)
         except Exception as e:  # noqa: BLE001
-            self.failures.append(f"{name}: {e}")
+            self.failures.append(f"{target}: {e}")
         finally:
             stop_proc(p)
 
