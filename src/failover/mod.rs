@@ -297,11 +297,23 @@ impl Agent {
         Ok(c)
     }
 
+    /// The member the agent talks to now failed with `e`: says which, and
+    /// that the next request tries the next member.
     fn explain(&self, e: String) -> String {
+        let all = &self.s.endpoints;
+        let member = &all[self.turn % all.len()];
+        let next = if all.len() > 1 {
+            format!(
+                "; the next request tries {}",
+                all[self.turn.wrapping_add(1) % all.len()]
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "etcd at {} unreachable or not etcd ({e}); check failover.etcd_endpoints (client \
-             URLs of the etcd members, e.g. http://10.0.0.1:2379) and that etcd runs",
-            self.s.endpoints.join(", ")
+            "etcd member {member} unreachable or not etcd ({e}){next}; check \
+             failover.etcd_endpoints (client URLs of the etcd members, e.g. \
+             http://10.0.0.1:2379) and that etcd runs"
         )
     }
 
