@@ -40,6 +40,9 @@ OUT_DIR = os.path.join(ROOT, "target", "bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 DM_IQN = "iqn.2026-11.io.deltamirror:demo"
+# The core node 1's reactor is pinned to (`reactor.cores` of example-config).
+REACTOR_CORE = 0
+LOCAL_PINNED = f"local disk (fio io_uring, core {REACTOR_CORE})"
 DM_NQN = "nqn.2026-11.io.deltamirror:demo"
 PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"
 
@@ -357,8 +360,10 @@ def run_workload(target, proto, endpoint, wl, args, pids, tag, nvme_client=DM_NV
             p, cmd = run_nvme(endpoint, wl, seconds, args.region_mib, nvme_client)
             out_path = None
         else:
-            if proto == "local":
+            if proto in ("local", "local-pinned"):
                 binary, eargs = FIO, ["--ioengine=io_uring", "--direct=1", f"--filename={endpoint}"]
+                if proto == "local-pinned":
+                    eargs.append(f"--cpus_allowed={REACTOR_CORE}")
             elif proto == "nbd":
                 binary, eargs = FIO, ["--ioengine=nbd", f"--uri={endpoint}"]
             elif proto == "iscsi":
@@ -646,6 +651,13 @@ class Run:
         path = os.path.join(self.work, "local.img")
         log("floor: local disk, fio io_uring O_DIRECT on", path)
         self.workloads("local disk (fio io_uring)", "floor", "local", path, lambda: {})
+        # The same disk from the core our node's reactor is pinned to: on
+        # this VM the disk interrupts the other core, and fio there drives
+        # the disk harder than fio placed by the scheduler (context for the
+        # QD32 aims, which compare with the unpinned row).
+        log(f"floor: local disk, fio pinned to core {REACTOR_CORE} (node 1's reactor.cores)")
+        self.workloads(LOCAL_PINNED, "floor", "local-pinned", path, lambda: {},
+                       wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
 
     def fsync_floor(self):
         """4 KiB buffered write + fdatasync at QD1: the issue's floor for making
@@ -1239,6 +1251,12 @@ def compute_aims(run):
             m, l = g(f"{one}, {proto}", wl), g(local, wl)
             add(f"unmirrored QD32 {label} IOPS / local disk, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
                 "≥ 0.8", lambda v: v >= 0.8)
+        lp_ = g(LOCAL_PINNED, wl)
+        for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+            m = g(f"{one}, {proto}", wl)
+            add(f"unmirrored QD32 {label} IOPS / local disk with fio on the reactor's core, {proto}", div(m, lp_),
+                f"{fmt(m)} / {fmt(lp_)}", "context (the disk from core " + str(REACTOR_CORE) + ")", None,
+                kind="context")
         for proto, peer in [("NBD", "nbdkit file (NBD)"), ("NBD", "qemu-nbd (NBD)"), ("iSCSI", "tgtd (iSCSI)")]:
             m, p = g(f"{one}, {proto}", wl), g(peer, wl)
             add(f"unmirrored QD32 {label} IOPS / {peer}", div(m, p), f"{fmt(m)} / {fmt(p)}",
@@ -1743,7 +1761,9 @@ def write_report(run, path_md, path_png):
         L.append("```\n")
 
     L.append("## How each target was run\n")
-    L.append("- local disk: `fio --ioengine=io_uring --direct=1` on a file under /var/tmp (ext4 on the VM disk).")
+    L.append("- local disk: `fio --ioengine=io_uring --direct=1` on a file under /var/tmp (ext4 on the VM disk), "
+             "placed by the scheduler; the QD32 rows again with `--cpus_allowed=" + str(REACTOR_CORE) + "`, the core "
+             "node 1's reactor is pinned to (the aims compare with the unpinned rows; the pinned ones are context).")
     L.append("- link round trip: `target/release/bench` (blocking and busy-polled sockets).")
     L.append("- nbdkit: `nbdkit file file=IMG` (default cache: page cache); qemu-nbd: `qemu-nbd -f raw "
              "--persistent --shared=8 IMG` (default writeback cache); tgtd: `tgtd -f --iscsi portal=...` with a "
