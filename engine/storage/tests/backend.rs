@@ -270,18 +270,24 @@ fn a_pass_holds_entries_back_only_while_the_disk_is_busy() {
         offset,
         buf: AlignedBuf::new(4096),
     };
-    // A hold far longer than the test: only "the disk is idle" releases.
-    let cfg = UringConfig {
-        submit_hold_us: 60_000_000,
-        ..UringConfig::default()
+    // Opens a backend with the hold `hold_us` and ends two passes: the
+    // first with read 1 (nothing in flight: it goes at once, so QD1 is not
+    // delayed), the second with read 2 (read 1 is not reaped yet, so it
+    // counts as in flight: read 2 is held).
+    let two_passes = |hold_us| {
+        let cfg = UringConfig {
+            submit_hold_us: hold_us,
+            ..UringConfig::default()
+        };
+        let mut b = UringBackend::open(&path, &cfg).unwrap();
+        b.submit(1, read(0)).unwrap();
+        b.flush_submissions();
+        b.submit(2, read(4096)).unwrap();
+        b.flush_submissions();
+        b
     };
-    let mut b = UringBackend::open(&path, &cfg).unwrap();
-    // Nothing in flight: a lone read goes at once (QD1 is not delayed).
-    b.submit(1, read(0)).unwrap();
-    b.flush_submissions();
-    // Read 1 is not reaped yet, so it counts as in flight: read 2 is held.
-    b.submit(2, read(4096)).unwrap();
-    b.flush_submissions();
+    // A hold far longer than the test: only "the disk is idle" releases.
+    let mut b = two_passes(60_000_000);
     assert_eq!(reap_until(&mut b, &[1]), [1]);
     let settle = std::time::Instant::now() + std::time::Duration::from_millis(50);
     let mut out = Vec::new();
@@ -298,24 +304,14 @@ fn a_pass_holds_entries_back_only_while_the_disk_is_busy() {
     b.submit(4, read(8192)).unwrap();
     b.submit(5, BackendOp::Flush).unwrap();
     b.flush_submissions();
-    let seen = reap_until(&mut b, &[3, 4, 5]);
-    assert_eq!(seen.len(), 3);
+    assert_eq!(reap_until(&mut b, &[3, 4, 5]).len(), 3);
     drop(b);
 
     // A short hold ends by itself at a later pass, the disk still busy.
-    let cfg = UringConfig {
-        submit_hold_us: 1_000,
-        ..UringConfig::default()
-    };
-    let mut b = UringBackend::open(&path, &cfg).unwrap();
-    b.submit(1, read(0)).unwrap();
-    b.flush_submissions();
-    b.submit(2, read(4096)).unwrap();
-    b.flush_submissions();
+    let mut b = two_passes(1_000);
     std::thread::sleep(std::time::Duration::from_millis(5));
     b.flush_submissions();
-    let seen = reap_until(&mut b, &[1, 2]);
-    assert_eq!(seen.len(), 2);
+    assert_eq!(reap_until(&mut b, &[1, 2]).len(), 2);
 }
 
 /// The ring's batch write through io_uring and the in-memory backend: the
