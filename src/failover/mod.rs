@@ -289,7 +289,7 @@ impl Agent {
         // down (each failing, often the lease's keep-alive, until the lease
         // lapsed with two healthy members left). A failure moves on to the
         // next member (`failed`).
-        let member = self.s.endpoints[self.turn % self.s.endpoints.len()].clone();
+        let member = self.member(0).to_string();
         let c = bounded(t, "connecting", Client::connect([member], Some(opts)))
             .await
             .map_err(|e| self.explain(e))?;
@@ -300,13 +300,9 @@ impl Agent {
     /// The member the agent talks to now failed with `e`: says which, and
     /// that the next request tries the next member.
     fn explain(&self, e: String) -> String {
-        let all = &self.s.endpoints;
-        let member = &all[self.turn % all.len()];
-        let next = if all.len() > 1 {
-            format!(
-                "; the next request tries {}",
-                all[self.turn.wrapping_add(1) % all.len()]
-            )
+        let member = self.member(0);
+        let next = if self.s.endpoints.len() > 1 {
+            format!("; the next request tries {}", self.member(1))
         } else {
             String::new()
         };
@@ -315,6 +311,13 @@ impl Agent {
              failover.etcd_endpoints (client URLs of the etcd members, e.g. \
              http://10.0.0.1:2379) and that etcd runs"
         )
+    }
+
+    /// The member the agent talks to (`ahead` = 0), or the one it moves to
+    /// after `ahead` more failures.
+    fn member(&self, ahead: usize) -> &str {
+        let all = &self.s.endpoints;
+        &all[self.turn.wrapping_add(ahead) % all.len()]
     }
 
     fn failed(&mut self, e: String) {

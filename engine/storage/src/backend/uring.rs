@@ -572,32 +572,30 @@ impl UringBackend {
         Ok(())
     }
 
-    /// Hands every queued entry to the kernel; what is then no longer
-    /// queued is no longer held.
+    /// Hands every queued entry to the kernel (one `io_uring_enter`, again
+    /// on EINTR).
     fn submit_queued(&mut self) {
-        if !self.ring.submission().is_empty() {
-            self.submit_all();
-        }
-        if self.ring.submission().is_empty() {
-            self.held_since = None;
-            self.urgent_queued = false;
-        }
-    }
-
-    /// One `io_uring_enter` with every queued entry (again on EINTR).
-    fn submit_all(&mut self) {
-        loop {
+        while !self.ring.submission().is_empty() {
             match self.ring.submit() {
-                Ok(_) => return,
+                Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // EAGAIN/EBUSY: the kernel is short of resources or the
                 // completion queue is busy; the entries stay queued and go
                 // out with the next call.
                 Err(e) => {
                     log::debug!("io_uring submit deferred: {e}");
-                    return;
+                    break;
                 }
             }
+        }
+        self.forget_hold_once_submitted();
+    }
+
+    /// Nothing queued any more (a submission took it): nothing is held.
+    fn forget_hold_once_submitted(&mut self) {
+        if self.ring.submission().is_empty() {
+            self.held_since = None;
+            self.urgent_queued = false;
         }
     }
 
@@ -927,11 +925,8 @@ impl Backend for UringBackend {
                 ) => {}
             Err(e) => log::warn!("io_uring_enter (wait) failed: {e}"),
         }
-        if self.ring.submission().is_empty() {
-            // Whatever was held went with the wait.
-            self.held_since = None;
-            self.urgent_queued = false;
-        }
+        // Whatever was held went with the wait.
+        self.forget_hold_once_submitted();
         // Take what woke us now, so the caller can tell which fds fired.
         let mut done = Vec::new();
         self.reap_kernel(&mut done);
