@@ -331,7 +331,8 @@ fn default_max_message_bytes() -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PollMode {
-    /// Spin `adaptive_spin_us`, then sleep until work arrives.
+    /// Poll `adaptive_spin_us` after the last work, yielding the core to
+    /// any other ready thread between passes, then sleep until work arrives.
     Adaptive,
     /// Spin forever: lowest latency, one core busy per reactor.
     Busy,
@@ -372,7 +373,7 @@ impl Default for ReactorConfig {
         ReactorConfig {
             cores: vec![0],
             poll_mode: PollMode::Adaptive,
-            adaptive_spin_us: 50,
+            adaptive_spin_us: netreactor::DEFAULT_ADAPTIVE_SPIN_US,
             disk_submit_hold_us: storage::backend::DEFAULT_SUBMIT_HOLD_US,
             queue_depth: 128,
             max_io_bytes: MIB,
@@ -974,7 +975,7 @@ impl Config {
         }
         if r.poll_mode == PollMode::Adaptive && r.adaptive_spin_us > 100_000 {
             v.push(format!(
-                "reactor.adaptive_spin_us = {}: must be at most 100000 (0.1 s); e.g. reactor.adaptive_spin_us = 50",
+                "reactor.adaptive_spin_us = {}: must be at most 100000 (0.1 s); e.g. reactor.adaptive_spin_us = 500",
                 r.adaptive_spin_us
             ));
         }

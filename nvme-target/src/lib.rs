@@ -22,4 +22,6 @@ pub mod target;
 
 pub use target::{start, start_on, start_with, DiscoveryPort, NvmeConfig, NvmeTarget};
 
-pub use netreactor::{ReactorConfig, DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES};
+pub use netreactor::{
+    ReactorConfig, DEFAULT_ADAPTIVE_SPIN_US, DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES,
+};

@@ -47,6 +47,55 @@ pub use volume::{IoBuf, SharedBuf};
 /// Bytes a connection's receive buffer starts with.
 pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
 
+/// Microseconds an adaptive reactor keeps polling after its last work
+/// before it sleeps: a node's `reactor.adaptive_spin_us` and `dm-nvme
+/// serve-mem --spin-us` by default. Long enough to span the gap between a
+/// request's disk or link operation and its next step (a QD32 round on this
+/// VM's disk is 150–400 µs, a mirrored write waits 200–400 µs for the
+/// backup), so a loaded reactor does not pay a wake-up (an interrupt and a
+/// scheduler pass, several µs to tens of µs in a VM) on every round; while
+/// it polls it yields the core (see [`Idle`]). docs/performance.md has the
+/// measurements.
+pub const DEFAULT_ADAPTIVE_SPIN_US: u64 = 500;
+
+/// What a reactor does after a pass that found no work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// `busy` mode: poll again at once; the core is the reactor's alone.
+    Spin,
+    /// `adaptive` mode within its spin: let any other thread that is ready
+    /// to run on this core run first (`sched_yield`), then poll again. The
+    /// spin costs the core's other threads nothing: with nothing else
+    /// ready the yield returns at once.
+    Yield,
+    /// `adaptive` mode past its spin: sleep until work arrives.
+    Sleep,
+}
+
+impl Idle {
+    /// The step for a reactor in `busy` mode or not, `since_work` after
+    /// its last work, that spins `spin` in adaptive mode.
+    pub fn after(busy: bool, since_work: Duration, spin: Duration) -> Idle {
+        if busy {
+            Idle::Spin
+        } else if since_work < spin {
+            Idle::Yield
+        } else {
+            Idle::Sleep
+        }
+    }
+
+    /// Spins or yields once; false (nothing done) for [`Idle::Sleep`].
+    pub fn pause(self) -> bool {
+        match self {
+            Idle::Spin => std::hint::spin_loop(),
+            Idle::Yield => std::thread::yield_now(),
+            Idle::Sleep => return false,
+        }
+        true
+    }
+}
+
 /// How long a sleeping reactor waits in `io_uring_enter` before it looks at
 /// its stop flag again even without a wake-up.
 const SLEEP_TIMEOUT_MS: u64 = 100;
@@ -833,8 +882,7 @@ impl Reactor {
                 last_work = Instant::now();
                 continue;
             }
-            if self.busy || last_work.elapsed() < self.spin {
-                std::hint::spin_loop();
+            if Idle::after(self.busy, last_work.elapsed(), self.spin).pause() {
                 continue;
             }
             if self.prepare_sleep() {
@@ -1315,6 +1363,22 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::sync::Mutex;
+
+    /// Busy mode spins whatever the time; adaptive mode yields the core
+    /// within its spin (never a bare spin, which would keep a client or the
+    /// other node sharing the core from running) and sleeps after it.
+    #[test]
+    fn an_idle_reactor_spins_yields_or_sleeps_by_its_mode() {
+        let spin = Duration::from_micros(DEFAULT_ADAPTIVE_SPIN_US);
+        let us = Duration::from_micros;
+        assert_eq!(Idle::after(true, us(0), spin), Idle::Spin);
+        assert_eq!(Idle::after(true, us(10_000_000), spin), Idle::Spin);
+        assert_eq!(Idle::after(false, us(0), spin), Idle::Yield);
+        assert_eq!(Idle::after(false, spin - us(1), spin), Idle::Yield);
+        assert_eq!(Idle::after(false, spin, spin), Idle::Sleep);
+        assert_eq!(Idle::after(false, us(0), us(0)), Idle::Sleep);
+        assert!(Idle::Spin.pause() && Idle::Yield.pause() && !Idle::Sleep.pause());
+    }
 
     /// Answers every line with its upper-case copy, from another thread
     /// (as a volume's completion would), through the waker.

@@ -14,8 +14,9 @@ pub(super) trait Polled {
     fn sleep(&mut self, extra: Option<RawFd>);
 }
 
-/// The reactor loop. `busy` spins; `adaptive` spins `spin_us` after the last
-/// work, then sleeps. On stop it runs until the disk work drains (at most
+/// The reactor loop. `busy` spins; `adaptive` polls `spin_us` after the
+/// last work, yielding the core to any other ready thread between passes,
+/// then sleeps. On stop it runs until the disk work drains (at most
 /// 5 s more).
 pub(super) fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
     let spin = Duration::from_micros(spin_us);
@@ -40,8 +41,7 @@ pub(super) fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
             last_work = Instant::now();
             continue;
         }
-        if mode == PollMode::Busy || last_work.elapsed() < spin {
-            std::hint::spin_loop();
+        if netreactor::Idle::after(mode == PollMode::Busy, last_work.elapsed(), spin).pause() {
             continue;
         }
         let extra = match hosted.as_mut().map(|h| h.prepare_sleep()) {

@@ -103,9 +103,10 @@ enum Cmd {
         /// all zero-copy); the node's reactor.zero_copy_receive_min_bytes.
         #[arg(long, default_value_t = nvme_target::DEFAULT_ZERO_COPY_RECEIVE_MIN_BYTES)]
         zero_copy_receive_min_bytes: usize,
-        /// Microseconds the reactor keeps polling after its last work
-        /// before it sleeps; the node's reactor.adaptive_spin_us.
-        #[arg(long, default_value_t = 50)]
+        /// Microseconds the reactor keeps polling (yielding its core to
+        /// other ready threads) after its last work before it sleeps; the
+        /// node's reactor.adaptive_spin_us.
+        #[arg(long, default_value_t = nvme_target::DEFAULT_ADAPTIVE_SPIN_US)]
         spin_us: u64,
         /// Poll without ever sleeping (the node's reactor.poll_mode = "busy").
         #[arg(long)]
