@@ -43,6 +43,9 @@ DM_IQN = "iqn.2026-11.io.deltamirror:demo"
 # The core node 1's reactor is pinned to (`reactor.cores` of example-config).
 REACTOR_CORE = 0
 LOCAL_PINNED = f"local disk (fio io_uring, core {REACTOR_CORE})"
+# The local disk again after every other target: this VM's disk drifts by
+# up to 1.8x within a run, and every "/ local" ratio moves with it.
+LOCAL_END = "local disk at the end of the run (fio io_uring)"
 DM_NQN = "nqn.2026-11.io.deltamirror:demo"
 PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"
 
@@ -659,6 +662,14 @@ class Run:
         self.workloads(LOCAL_PINNED, "floor", "local-pinned", path, lambda: {},
                        wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
 
+    def local_end(self):
+        """The local disk's QD1 and QD32 rows once more, last: their spread
+        against the first measurement is the run's own noise band."""
+        path = os.path.join(self.work, "local.img")
+        log("floor: local disk again, at the end of the run")
+        self.workloads(LOCAL_END, "floor", "local", path, lambda: {},
+                       wls=[WL["randw4k_qd1"], WL["randw4k_qd32"], WL["randr4k_qd32"]])
+
     def fsync_floor(self):
         """4 KiB buffered write + fdatasync at QD1: the issue's floor for making
         a ring append durable (the ring itself makes a batch durable with one
@@ -1054,6 +1065,8 @@ class Run:
             self.variants()
         if self.want("replay"):
             self.replay()
+        if self.want("local"):
+            self.local_end()
         self.extra["check_after"] = machine_check("after")
         self.extra["duration_s"] = round(time.time() - t0)
         if not a.keep:
@@ -1246,6 +1259,9 @@ def compute_aims(run):
         m, l = g(f"{one}, {proto}", "randw4k_qd1", "p50_us"), g(local, "randw4k_qd1", "p50_us")
         add(f"unmirrored QD1 write p50 / local O_DIRECT p50, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)} µs",
             "≤ 1.5", lambda v: v <= 1.5)
+    le, ls = g(LOCAL_END, "randw4k_qd1", "p50_us"), g(local, "randw4k_qd1", "p50_us")
+    add("local disk QD1 write p50 at the end of the run / at its start", div(le, ls), f"{fmt(le)} / {fmt(ls)} µs",
+        "context (the disk's drift within the run)", None, kind="context")
     for wl, label in [("randw4k_qd32", "write"), ("randr4k_qd32", "read")]:
         for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
             m, l = g(f"{one}, {proto}", wl), g(local, wl)
@@ -1257,6 +1273,10 @@ def compute_aims(run):
             add(f"unmirrored QD32 {label} IOPS / local disk with fio on the reactor's core, {proto}", div(m, lp_),
                 f"{fmt(m)} / {fmt(lp_)}", "context (the disk from core " + str(REACTOR_CORE) + ")", None,
                 kind="context")
+        le = g(LOCAL_END, wl)
+        add(f"local disk QD32 {label} IOPS at the end of the run / at its start", div(le, g(local, wl)),
+            f"{fmt(le)} / {fmt(g(local, wl))}", "context (the disk's drift within the run)", None,
+            kind="context")
         for proto, peer in [("NBD", "nbdkit file (NBD)"), ("NBD", "qemu-nbd (NBD)"), ("iSCSI", "tgtd (iSCSI)")]:
             m, p = g(f"{one}, {proto}", wl), g(peer, wl)
             add(f"unmirrored QD32 {label} IOPS / {peer}", div(m, p), f"{fmt(m)} / {fmt(p)}",
@@ -1596,7 +1616,7 @@ def write_report(run, path_md, path_png):
     for r in compute_aims(run):
         L.append(f"| {r['name']} | {fmt(r['value'], 2)} | {r['note']} | {r['aim']} | {aim_verdict(r)} |")
     L.append("")
-    L.append("The rows marked *floor* and *context* are what the machine allows, measured in the same run. A "
+    L.append("The rows marked *floor* and *context* are what the machine allows, measured in the same run. The local disk is measured again after every other target (the context rows *at the end of the run / at its start*): this disk drifts within a run, and every \"/ local\" ratio moves with it, so their spread is the noise band of those ratios. A "
              "*no-disk* target serves the protocol on the same loopback and cores with no disk I/O at all: "
              "nbdkit's memory plugin (NBD), tgtd with its LUN on a tmpfs file (iSCSI), `dm-nvme serve-mem` "
              "(NVMe/TCP), and for all three our own `serve --standalone` with its volume file on tmpfs; each "
