@@ -43,8 +43,9 @@ DM_IQN = "iqn.2026-11.io.deltamirror:demo"
 # The core node 1's reactor is pinned to (`reactor.cores` of example-config).
 REACTOR_CORE = 0
 LOCAL_PINNED = f"local disk (fio io_uring, core {REACTOR_CORE})"
-# The local disk again after every other target: this VM's disk drifts by
-# up to 1.8x within a run, and every "/ local" ratio moves with it.
+# The local disk again after every other target: this VM's disk drifted
+# 0.8-1.2x within a run (more between runs), and every "/ local" ratio
+# moves with it.
 LOCAL_END = "local disk at the end of the run (fio io_uring)"
 DM_NQN = "nqn.2026-11.io.deltamirror:demo"
 PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"

@@ -50,9 +50,9 @@ pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Microseconds an adaptive reactor keeps polling after its last work
 /// before it sleeps: a node's `reactor.adaptive_spin_us` and `dm-nvme
 /// serve-mem --spin-us` by default. Long enough to span the gap between a
-/// request's disk or link operation and its next step (a QD32 round on this
-/// VM's disk is 150–400 µs, a mirrored write waits 200–400 µs for the
-/// backup), so a loaded reactor does not pay a wake-up (an interrupt and a
+/// request's disk or link operation and its next step (a QD32 round on a
+/// 2-core VM's disk took 150–400 µs, a mirrored QD1 write 340–380 µs end to
+/// end), so a loaded reactor does not pay a wake-up (an interrupt and a
 /// scheduler pass, several µs to tens of µs in a VM) on every round; while
 /// it polls it yields the core (see [`Idle`]). docs/performance.md has the
 /// measurements.
