@@ -9,8 +9,9 @@
 //! requests it then takes without a thread hop. Other threads (other
 //! connection reactors, front-end threads) post requests to a lock-free
 //! mailbox and wake the reactor through an eventfd when it sleeps. Poll
-//! modes: `busy` spins; `adaptive` spins for `adaptive_spin_us` after the
-//! last work, then sleeps inside the backend's io_uring_enter (with a
+//! modes: `busy` spins; `adaptive` polls for `adaptive_spin_us` after the
+//! last work, yielding the core to any other ready thread between passes
+//! (`netreactor::Idle`), then sleeps inside the backend's io_uring_enter (with a
 //! timeout), with one-shot polls armed on the mailbox, link, socket and
 //! hosted connection-reactor fds: one system call per sleep (a backend
 //! without a ring of its own sleeps in poll(2) on the same fds).
