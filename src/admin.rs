@@ -669,6 +669,23 @@ fn render_metrics(s: &NodeStatus) -> String {
         b.frontend_receive_copy_bytes as f64,
     );
 
+    m.family(
+        "deltamirror_reactor_seconds_total",
+        "counter",
+        "Time of each reactor thread, busy (passes that found work) or idle (passes \
+         that found none, with their yields and sleeps).",
+    );
+    for r in &s.reactors {
+        let core = r.core.map(|c| c.to_string()).unwrap_or_default();
+        for (state, us) in [("busy", r.busy_us), ("idle", r.idle_us)] {
+            m.sample(
+                "deltamirror_reactor_seconds_total",
+                &format!("thread=\"{}\",core=\"{core}\",state=\"{state}\"", r.thread),
+                us as f64 / 1e6,
+            );
+        }
+    }
+
     m.gauge(
         "deltamirror_resident_memory_bytes",
         "Resident set size of the node process.",
@@ -984,6 +1001,20 @@ mod tests {
             link_msgs_sent: 9,
             uptime_seconds: 12.5,
             rss_bytes: 50 << 20,
+            reactors: vec![
+                engine::status::ReactorLoad {
+                    thread: "dm-reactor-2".into(),
+                    core: Some(0),
+                    busy_us: 1_500_000,
+                    idle_us: 11_000_000,
+                },
+                engine::status::ReactorLoad {
+                    thread: "dm-conn-1".into(),
+                    core: None,
+                    busy_us: 250_000,
+                    idle_us: 12_250_000,
+                },
+            ],
             ..NodeStatus::default()
         }
     }
@@ -1216,6 +1247,10 @@ mod tests {
             "deltamirror_link_messages_total{direction=\"sent\"} 9",
             "deltamirror_resident_memory_bytes 52428800",
             "deltamirror_uptime_seconds 12.5",
+            "# TYPE deltamirror_reactor_seconds_total counter",
+            "deltamirror_reactor_seconds_total{thread=\"dm-reactor-2\",core=\"0\",state=\"busy\"} 1.5",
+            "deltamirror_reactor_seconds_total{thread=\"dm-reactor-2\",core=\"0\",state=\"idle\"} 11",
+            "deltamirror_reactor_seconds_total{thread=\"dm-conn-1\",core=\"\",state=\"busy\"} 0.25",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

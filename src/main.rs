@@ -409,6 +409,8 @@ pub(crate) fn cmd_format(path: &Path, flags: FormatFlags) -> Result<()> {
 struct WithFrontends {
     inner: Arc<dyn engine::status::Control>,
     copied: Mutex<Vec<Arc<AtomicU64>>>,
+    /// The connection reactors (their own threads' loads join the node's).
+    reactors: Mutex<Option<Arc<netreactor::Reactors>>>,
 }
 
 impl engine::status::Control for WithFrontends {
@@ -421,6 +423,18 @@ impl engine::status::Control for WithFrontends {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum();
+        if let Some(r) = self.reactors.lock().unwrap().as_ref() {
+            // The hosted reactor runs in the node's reactor thread, whose
+            // load the node reports.
+            for (i, st) in r.stats().iter().enumerate().filter(|(_, st)| !st.hosted) {
+                s.reactors.push(engine::status::ReactorLoad {
+                    thread: format!("{CONN_REACTOR_NAME}-{i}"),
+                    core: st.core,
+                    busy_us: st.busy_ns / 1000,
+                    idle_us: st.idle_ns / 1000,
+                });
+            }
+        }
         s
     }
     fn promote(&self, force: bool) -> Result<(), String> {
@@ -436,6 +450,9 @@ impl engine::status::Control for WithFrontends {
         self.inner.verify(req)
     }
 }
+
+/// Connection reactor threads are named `dm-conn-<i>` (reactor i).
+const CONN_REACTOR_NAME: &str = "dm-conn";
 
 /// Running front-ends of a node.
 struct Targets {
@@ -558,6 +575,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     let control = Arc::new(WithFrontends {
         inner: control,
         copied: Mutex::new(Vec::new()),
+        reactors: Mutex::new(None),
     });
     let adm = admin::start(cfg.admin.listen, control.clone()).with_context(|| {
         format!(
@@ -570,7 +588,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     // others on threads of their own, reactor i pinned to cores[i], which
     // reach the mirror through its mailbox.
     let (reactors, hosted) = netreactor::Reactors::start_hosted(&netreactor::ReactorConfig {
-        name: "dm-conn".into(),
+        name: CONN_REACTOR_NAME.into(),
         threads: cfg.reactor.cores.len().max(1),
         cores: cfg.reactor.cores.clone(),
         busy: cfg.reactor.poll_mode == config::PollMode::Busy,
@@ -579,6 +597,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     })
     .context("starting the connection reactors (io_uring)")?;
     node.host_connections(hosted);
+    *control.reactors.lock().unwrap() = Some(reactors.clone());
     let targets = start_targets(&cfg, vol, reactors)?;
     control.copied.lock().unwrap().extend(
         [

@@ -203,6 +203,27 @@ pub struct NodeStatus {
     /// The node's buffer pool and the user-space copies of write payloads.
     #[serde(default)]
     pub buffers: BufferStats,
+    /// Busy and idle time of each reactor thread since the node started:
+    /// the node's reactor first, then the connection reactors of the
+    /// other cores of `reactor.cores`.
+    #[serde(default)]
+    pub reactors: Vec<ReactorLoad>,
+}
+
+/// Where one reactor thread's time went since it started
+/// (`netreactor::Load`): passes that found work are busy; passes that
+/// found none, with the yields and sleeps after them, are idle. Busy time
+/// over the I/Os served is the reactor's cost per I/O.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReactorLoad {
+    /// The thread: `dm-reactor-<node id>` (the node's reactor: the mirror
+    /// core, the disk and the connections of `reactor.cores[0]`) or
+    /// `dm-conn-<i>` (the connections of `reactor.cores[i]`).
+    pub thread: String,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
+    pub busy_us: u64,
+    pub idle_us: u64,
 }
 
 /// The node's buffer pool (`reactor.buffer_pool_mib`) and how often a

@@ -577,6 +577,14 @@ fn payload_copies_on_a_mirrored_pair() {
         );
         assert!(b.execute_copy_bytes <= written, "{who}: {b:?}");
     }
+    // Each node reports its reactor thread's time: busy with these writes
+    // (the backup's with their REQs), idle before and after them.
+    for (i, s) in [&s1, &s2].into_iter().enumerate() {
+        let r = &s.reactors;
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].thread, format!("dm-reactor-{}", i + 1));
+        assert!(r[0].busy_us > 0 && r[0].idle_us > 0, "{r:?}");
+    }
     let (b1, b2) = (&s1.buffers, &s2.buffers);
     assert_eq!(b1.link_receive_copy_bytes, 0);
     assert_eq!(

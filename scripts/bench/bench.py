@@ -537,6 +537,18 @@ class DmNodes:
                 raise RuntimeError(f"node {n} not '{what}' within {secs} s: {s}")
             time.sleep(0.1)
 
+    def reactor_marks(self):
+        """Each node's reactor threads' busy and idle µs since start and its
+        host I/Os so far (status), for `reactor_use`."""
+        out = {}
+        for n in self.nodes:
+            st = self.status(n) or {}
+            io = st.get("io", {})
+            out[str(n)] = dict(ops=io.get("reads", 0) + io.get("writes", 0),
+                               reactors={r["thread"]: (r["busy_us"], r["idle_us"])
+                                         for r in st.get("reactors", [])})
+        return out
+
     def reset_latency(self):
         """Starts every node's latency histograms afresh (POST /reset-latency)."""
         for n in self.nodes:
@@ -594,6 +606,24 @@ class DmNodes:
             stop_proc(p)
 
 
+def reactor_use(before, after):
+    """Each reactor thread's busy and idle time between two `reactor_marks`,
+    and its busy µs per host I/O of node 1 (the backup's too: its work is
+    per mirrored write). `1e6 / busy_us_per_io` is the most I/Os a second
+    that thread could serve, fully busy, at the cost it had."""
+    ops = after.get("1", {}).get("ops", 0) - before.get("1", {}).get("ops", 0)
+    threads = {}
+    for n, a in after.items():
+        for th, (b, i) in a["reactors"].items():
+            b0, i0 = before.get(n, {}).get("reactors", {}).get(th, (0, 0))
+            db, di = b - b0, i - i0
+            threads[f"node {n} {th}"] = dict(
+                node=n, busy_us=db, idle_us=di,
+                busy_frac=round(db / (db + di), 3) if db + di > 0 else None,
+                busy_us_per_io=round(db / ops, 2) if ops > 0 else None)
+    return dict(ops=ops, threads=threads)
+
+
 def dm_one_label():
     return "deltamirror unmirrored (standalone)" if dm_has_standalone() else "deltamirror 1 node"
 
@@ -640,8 +670,10 @@ class Run:
             tag = re.sub(r"[^a-z0-9]+", "-", f"{target}-{wl['key']}".lower())
             if server:
                 server.reset_latency()
+                marks = server.reactor_marks()
             res = run_workload(target, proto, endpoint, wl, self.args, pids(), tag, nvme_client=nvme_client)
             if server and res.get("ok"):
+                res["reactors"] = reactor_use(marks, server.reactor_marks())
                 res["server"] = server.server_latency()
             self.record(target, group, proto, wl, res)
             if settle:
@@ -1246,6 +1278,22 @@ def compute_aims(run):
     def div(a, b):
         return a / b if a is not None and b not in (None, 0) else None
 
+    def reactor_ceiling(t, w, node="1"):
+        """(1 s / busy µs per I/O of node `node`'s busiest reactor thread,
+        that thread's figures) for row (t, w): the most I/Os a second the
+        thread could serve, never idle, at the cost it had in the row."""
+        r = R.get((t, w)) or {}
+        ths = [v for v in r.get("reactors", {}).get("threads", {}).values()
+               if v["node"] == node and v.get("busy_us_per_io")]
+        if not ths:
+            return None, None
+        th = max(ths, key=lambda v: v["busy_us_per_io"])
+        return 1e6 / th["busy_us_per_io"], th
+
+    def busy_note(th):
+        return (f"{th['busy_us_per_io']:.1f} µs busy per I/O, busy {100 * th['busy_frac']:.0f}% of the row"
+                if th and th.get("busy_frac") is not None else "")
+
     out = []
 
     def add(what, val, note, aim, ok, kind="aim"):
@@ -1274,6 +1322,15 @@ def compute_aims(run):
             add(f"unmirrored QD32 {label} IOPS / local disk with fio on the reactor's core, {proto}", div(m, lp_),
                 f"{fmt(m)} / {fmt(lp_)}", "context (the disk from core " + str(REACTOR_CORE) + ")", None,
                 kind="context")
+        # Whether the gap is the reactor's cost per I/O (its ceiling under
+        # the aim: only less work per I/O closes it) or its idle time (the
+        # ceiling above the aim: the requests were elsewhere — the disk, the
+        # client — while it waited).
+        for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+            c, th = reactor_ceiling(f"{one}, {proto}", wl)
+            add(f"unmirrored QD32 {label}: node reactor's ceiling (1 s / its busy µs per I/O) / local disk, {proto}",
+                div(c, g(local, wl)), f"{fmt(c)} / {fmt(g(local, wl))}; {busy_note(th)}",
+                "context (under 0.8: the reactor's work per I/O bounds the aim)", None, kind="context")
         le = g(LOCAL_END, wl)
         add(f"local disk QD32 {label} IOPS at the end of the run / at its start", div(le, g(local, wl)),
             f"{fmt(le)} / {fmt(g(local, wl))}", "context (the disk's drift within the run)", None,
@@ -1299,6 +1356,11 @@ def compute_aims(run):
         m, u = g(f"deltamirror mirrored, {proto}", "randw4k_qd32"), g(f"{one}, {proto}", "randw4k_qd32")
         add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}",
             "≥ 0.45 (0.5 is the ceiling on one disk)", lambda v: v >= 0.45)
+        for node, who in [("1", "primary"), ("2", "backup")]:
+            c, th = reactor_ceiling(f"deltamirror mirrored, {proto}", "randw4k_qd32", node)
+            add(f"mirrored QD32 write: {who}'s reactor ceiling (1 s / its busy µs per write) / mirrored IOPS, {proto}",
+                div(c, m), f"{fmt(c)} / {fmt(m)}; {busy_note(th)}",
+                "context (well above 1: the reactor waits, for the disk or the peer)", None, kind="context")
     for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
         m, l = g(f"deltamirror mirrored, {proto}", "seqw128k"), g(local, "seqw128k")
         add(f"mirrored 128 KiB QD8 sequential write / local, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",

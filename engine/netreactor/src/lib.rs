@@ -96,6 +96,73 @@ impl Idle {
     }
 }
 
+/// Where a reactor thread's time went since it started: passes that found
+/// work (parsing, submitting, completing, sending, with the system calls
+/// they made) are busy; passes that found none, with the yields and sleeps
+/// after them, are idle. SPDK reports the same split per reactor (busy and
+/// idle ticks). Busy time over the I/Os it served is the reactor's cost
+/// per I/O, so `1 s / that` is the most I/Os a second one reactor core
+/// could serve at that cost (the bench's reactor-ceiling rows).
+#[derive(Debug, Default)]
+pub struct Load {
+    busy_ns: AtomicU64,
+    idle_ns: AtomicU64,
+}
+
+impl Load {
+    pub fn busy_ns(&self) -> u64 {
+        self.busy_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_ns(&self) -> u64 {
+        self.idle_ns.load(Ordering::Relaxed)
+    }
+}
+
+/// Times the passes of one reactor loop into a [`Load`], with one clock
+/// read per pass: at the start of a pass, the time since the previous one
+/// began is charged to busy or idle by whether that pass found work.
+#[derive(Debug)]
+pub struct PassClock {
+    last: Instant,
+    busy_ns: u64,
+    idle_ns: u64,
+}
+
+impl PassClock {
+    pub fn new() -> PassClock {
+        PassClock {
+            last: Instant::now(),
+            busy_ns: 0,
+            idle_ns: 0,
+        }
+    }
+
+    /// Starts a pass: charges the time since the previous pass began (with
+    /// its yield or sleep, if it had one) to busy if that pass found work
+    /// (`prev_did`), else to idle; returns the time now.
+    pub fn pass(&mut self, prev_did: bool, load: &Load) -> Instant {
+        let now = Instant::now();
+        let ns = now.duration_since(self.last).as_nanos() as u64;
+        // Only this thread writes `load`: plain stores, no read-modify-write.
+        if prev_did {
+            self.busy_ns += ns;
+            load.busy_ns.store(self.busy_ns, Ordering::Relaxed);
+        } else {
+            self.idle_ns += ns;
+            load.idle_ns.store(self.idle_ns, Ordering::Relaxed);
+        }
+        self.last = now;
+        now
+    }
+}
+
+impl Default for PassClock {
+    fn default() -> PassClock {
+        PassClock::new()
+    }
+}
+
 /// How long a sleeping reactor waits in `io_uring_enter` before it looks at
 /// its stop flag again even without a wake-up.
 const SLEEP_TIMEOUT_MS: u64 = 100;
@@ -441,6 +508,11 @@ struct Shared {
     /// other threads issued: the cost of sleeping.
     sleeps: AtomicU64,
     wakes: AtomicU64,
+    /// Busy and idle time of the reactor's own thread (none for a hosted
+    /// reactor: its host's loop accounts for it).
+    load: Load,
+    /// Driven by another poll loop ([`Reactors::start_hosted`]).
+    hosted: AtomicBool,
     /// The reactor's loop ended and every connection of it is closed.
     finished: AtomicBool,
 }
@@ -501,11 +573,21 @@ pub struct ReactorStats {
     pub connections: usize,
     pub sleeps: u64,
     pub wakes: u64,
+    /// The core the reactor's thread is pinned to, if any.
+    pub core: Option<usize>,
+    /// Driven by another poll loop, which accounts for its time (then
+    /// `busy_ns` and `idle_ns` are 0).
+    pub hosted: bool,
+    /// [`Load`] of the reactor's thread.
+    pub busy_ns: u64,
+    pub idle_ns: u64,
 }
 
 /// A running set of reactor threads.
 pub struct Reactors {
     shared: Vec<Arc<Shared>>,
+    /// `ReactorConfig::cores`: reactor i is pinned to `cores[i % len]`.
+    cores: Vec<usize>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -540,6 +622,7 @@ impl Reactors {
             let mut r = Reactor::new(cfg)?;
             shared.push(r.shared.clone());
             if i == 0 && host_first {
+                r.shared.hosted.store(true, Ordering::Relaxed);
                 hosted = Some(Hosted {
                     r,
                     stop_since: None,
@@ -562,6 +645,7 @@ impl Reactors {
         }
         let r = Arc::new(Reactors {
             shared,
+            cores: cfg.cores.clone(),
             threads: std::sync::Mutex::new(threads),
         });
         Ok((r, hosted))
@@ -626,10 +710,15 @@ impl Reactors {
     pub fn stats(&self) -> Vec<ReactorStats> {
         self.shared
             .iter()
-            .map(|s| ReactorStats {
+            .enumerate()
+            .map(|(i, s)| ReactorStats {
                 connections: s.conns.load(Ordering::Acquire),
                 sleeps: s.sleeps.load(Ordering::Relaxed),
                 wakes: s.wakes.load(Ordering::Relaxed),
+                core: (!self.cores.is_empty()).then(|| self.cores[i % self.cores.len()]),
+                hosted: s.hosted.load(Ordering::Relaxed),
+                busy_ns: s.load.busy_ns(),
+                idle_ns: s.load.idle_ns(),
             })
             .collect()
     }
@@ -839,6 +928,8 @@ impl Reactor {
             conns: AtomicUsize::new(0),
             sleeps: AtomicU64::new(0),
             wakes: AtomicU64::new(0),
+            load: Load::default(),
+            hosted: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         });
         Ok(Reactor {
@@ -873,16 +964,19 @@ impl Reactor {
     fn run(&mut self) {
         let mut last_work = Instant::now();
         let mut stop_since: Option<Instant> = None;
+        let mut clock = PassClock::new();
+        let mut did = false;
         loop {
-            let did = self.iteration();
+            let now = clock.pass(did, &self.shared.load);
+            did = self.iteration();
             if self.stopping(&mut stop_since) {
                 break;
             }
             if did {
-                last_work = Instant::now();
+                last_work = now;
                 continue;
             }
-            if Idle::after(self.busy, last_work.elapsed(), self.spin).pause() {
+            if Idle::after(self.busy, now.duration_since(last_work), self.spin).pause() {
                 continue;
             }
             if self.prepare_sleep() {
@@ -1378,6 +1472,27 @@ mod tests {
         assert_eq!(Idle::after(false, spin, spin), Idle::Sleep);
         assert_eq!(Idle::after(false, us(0), us(0)), Idle::Sleep);
         assert!(Idle::Spin.pause() && Idle::Yield.pause() && !Idle::Sleep.pause());
+    }
+
+    #[test]
+    fn a_pass_is_charged_to_busy_or_idle_by_whether_it_found_work() {
+        let load = Load::default();
+        let mut clock = PassClock::new();
+        let nap = || std::thread::sleep(Duration::from_millis(2));
+        // Two passes that found nothing (the time before the first counts
+        // as idle too): idle only.
+        nap();
+        clock.pass(false, &load);
+        nap();
+        clock.pass(false, &load);
+        assert_eq!(load.busy_ns(), 0);
+        let idle = load.idle_ns();
+        assert!(idle >= 4_000_000, "{idle}");
+        // The pass before this one found work: its time is busy only.
+        nap();
+        clock.pass(true, &load);
+        assert_eq!(load.idle_ns(), idle);
+        assert!(load.busy_ns() >= 2_000_000, "{}", load.busy_ns());
     }
 
     /// Answers every line with its upper-case copy, from another thread

@@ -145,6 +145,11 @@ struct Shared {
     /// The node's buffer pool: what [`Volume::alloc_buf`] hands out, what
     /// the backup receives REQ payloads into, registered with the backend.
     pool: IoBufPool,
+    /// Busy and idle time of the reactor thread ([`poll::poll_loop`]).
+    load: netreactor::Load,
+    /// The reactor thread's name and the core it is pinned to.
+    reactor_thread: String,
+    core_id: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -177,6 +182,11 @@ impl Shared {
         }
         did
     }
+}
+
+/// The name of node `id`'s reactor thread.
+fn reactor_thread_name(id: u32) -> String {
+    format!("dm-reactor-{id}")
 }
 
 /// A running node.
@@ -271,6 +281,9 @@ impl Node {
             hosted: Mutex::new(None),
             hosted_new: AtomicBool::new(false),
             pool: IoBufPool::new(opts.buffer_pool_bytes, opts.max_io_bytes as usize),
+            load: netreactor::Load::default(),
+            reactor_thread: reactor_thread_name(opts.node_id),
+            core_id: opts.core_id,
         });
         let link = LinkManager::start(
             opts.link.clone(),
@@ -288,7 +301,7 @@ impl Node {
         );
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
-            .name(format!("dm-reactor-{}", opts.node_id))
+            .name(reactor_thread_name(opts.node_id))
             .spawn(move || {
                 if let Some(id) = opts.core_id {
                     if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
@@ -366,10 +379,13 @@ impl Node {
             hosted: Mutex::new(None),
             hosted_new: AtomicBool::new(false),
             pool: IoBufPool::new(opts.buffer_pool_bytes, opts.max_io_bytes as usize),
+            load: netreactor::Load::default(),
+            reactor_thread: reactor_thread_name(opts.node_id),
+            core_id: opts.core_id,
         });
         let sh = shared.clone();
         let reactor = std::thread::Builder::new()
-            .name(format!("dm-reactor-{}", opts.node_id))
+            .name(reactor_thread_name(opts.node_id))
             .spawn(move || {
                 if let Some(id) = opts.core_id {
                     if !core_affinity::set_for_current(core_affinity::CoreId { id }) {

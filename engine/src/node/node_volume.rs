@@ -146,6 +146,13 @@ impl crate::status::Control for NodeControl {
     fn status(&self) -> NodeStatus {
         let mut s = self.published_status();
         s.rss_bytes = rss_bytes();
+        let sh = &self.shared;
+        s.reactors = vec![crate::status::ReactorLoad {
+            thread: sh.reactor_thread.clone(),
+            core: sh.core_id,
+            busy_us: sh.load.busy_ns() / 1000,
+            idle_us: sh.load.idle_ns() / 1000,
+        }];
         s
     }
     fn promote(&self, force: bool) -> Result<(), String> {

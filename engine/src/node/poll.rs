@@ -23,13 +23,16 @@ pub(super) fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
     let mut last_work = Instant::now();
     let mut stopping_since: Option<Instant> = None;
     let mut hosted: Option<netreactor::Hosted> = None;
+    let mut clock = netreactor::PassClock::new();
+    let mut did = false;
     loop {
+        let now = clock.pass(did, &p.shared().load);
         if p.shared().hosted_new.swap(false, Ordering::AcqRel) {
             hosted = p.shared().hosted.lock().unwrap().take();
         }
         // Connections first: the requests they receive are taken by the
         // core in the same pass.
-        let mut did = hosted.as_mut().is_some_and(|h| h.poll());
+        did = hosted.as_mut().is_some_and(|h| h.poll());
         did |= p.iteration();
         if p.shared().stop.load(Ordering::Acquire) {
             let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -38,10 +41,12 @@ pub(super) fn poll_loop(p: &mut impl Polled, mode: PollMode, spin_us: u64) {
             }
         }
         if did {
-            last_work = Instant::now();
+            last_work = now;
             continue;
         }
-        if netreactor::Idle::after(mode == PollMode::Busy, last_work.elapsed(), spin).pause() {
+        if netreactor::Idle::after(mode == PollMode::Busy, now.duration_since(last_work), spin)
+            .pause()
+        {
             continue;
         }
         let extra = match hosted.as_mut().map(|h| h.prepare_sleep()) {

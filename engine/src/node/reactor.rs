@@ -934,6 +934,8 @@ impl<B: Backend> Reactor<B> {
                 &self.backend,
                 self.copies,
             ),
+            // Read live by `NodeControl::status`.
+            reactors: Vec::new(),
         };
         *self.shared.status.lock().unwrap() = st;
     }
