@@ -25,9 +25,9 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 REL = os.path.join(ROOT, "target", "release")
@@ -47,6 +47,13 @@ LOCAL_PINNED = f"local disk (fio io_uring, core {REACTOR_CORE})"
 # 0.8-1.2x within a run (more between runs), and every "/ local" ratio
 # moves with it.
 LOCAL_END = "local disk at the end of the run (fio io_uring)"
+# The 128 KiB sequential row with a flush after every 8 writes (fio
+# --fdatasync=8): the durability a mirrored batch pays on the one disk.
+LOCAL_FLUSHED = "local disk, a flush per 8 writes (fio io_uring --fdatasync=8)"
+# Two unmirrored nodes at once on the one disk, one per core, each written by
+# its own client: the disk and CPU work of a mirrored pair's volume writes
+# without its rings, link and protocol (the mirrored QD32 aim's floor here).
+TWIN = "two unmirrored nodes at once, one per core (mean per node)"
 DM_NQN = "nqn.2026-11.io.deltamirror:demo"
 PEER_IQN = "iqn.2026-11.io.deltamirror:bench-tgtd"
 
@@ -58,6 +65,7 @@ OFF_BUSY = 5320
 OFF_VARIANT = 5330  # + 10 per variant
 OFF_SOAK = 5360
 OFF_MEM = 5370
+OFF_TWIN = 5380  # and OFF_TWIN + 10
 PEER_NBDKIT_PORT = 10809 + 5400
 PEER_QEMU_PORT = 10809 + 5401
 NVME_MEM_PORT = 4420 + 5402
@@ -364,10 +372,12 @@ def run_workload(target, proto, endpoint, wl, args, pids, tag, nvme_client=DM_NV
             p, cmd = run_nvme(endpoint, wl, seconds, args.region_mib, nvme_client)
             out_path = None
         else:
-            if proto in ("local", "local-pinned"):
+            if proto in ("local", "local-pinned", "local-flushed"):
                 binary, eargs = FIO, ["--ioengine=io_uring", "--direct=1", f"--filename={endpoint}"]
                 if proto == "local-pinned":
                     eargs.append(f"--cpus_allowed={REACTOR_CORE}")
+                if proto == "local-flushed":
+                    eargs.append(f"--fdatasync={wl['qd']}")
             elif proto == "nbd":
                 binary, eargs = FIO, ["--ioengine=nbd", f"--uri={endpoint}"]
             elif proto == "iscsi":
@@ -606,6 +616,15 @@ class DmNodes:
             stop_proc(p)
 
 
+def dm_endpoint(dm, proto):
+    """Where a client of `proto` ("nbd", "iscsi", "nvme") reaches node 1 of `dm`."""
+    if proto == "nbd":
+        return f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"
+    if proto == "iscsi":
+        return "iscsi\\://127.0.0.1\\:%d/%s/0" % (dm.iscsi_port, DM_IQN.replace(":", "\\:"))
+    return f"127.0.0.1:{dm.nvme_port}"
+
+
 def reactor_use(before, after):
     """Each reactor thread's busy and idle time between two `reactor_marks`,
     and its busy µs per host I/O of node 1 (the backup's too: its work is
@@ -694,6 +713,8 @@ class Run:
         log(f"floor: local disk, fio pinned to core {REACTOR_CORE} (node 1's reactor.cores)")
         self.workloads(LOCAL_PINNED, "floor", "local-pinned", path, lambda: {},
                        wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
+        log("floor: local disk, 128 KiB sequential with a flush after every 8 writes")
+        self.workloads(LOCAL_FLUSHED, "floor", "local-flushed", path, lambda: {}, wls=[WL["seqw128k"]])
 
     def local_end(self):
         """The local disk's QD1 and QD32 rows once more, last: their spread
@@ -989,10 +1010,9 @@ class Run:
                 info["idle_cpu"] = idle_cpu(dm.pids(), self.args.idle_seconds)
                 log(f"  idle CPU over {self.args.idle_seconds} s: {info['idle_cpu']['total_cpu_s']:.3f} CPU s"
                     f" {info['idle_cpu']['per_node']}")
-            protos = [("NBD", "nbd", f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"),
-                      ("iSCSI", "iscsi", "iscsi\\://127.0.0.1\\:%d/%s/0" % (dm.iscsi_port, DM_IQN.replace(":", "\\:"))),
-                      ("NVMe/TCP", "nvme", f"127.0.0.1:{dm.nvme_port}")]
-            for pname, proto, ep in protos:
+            protos = [("NBD", "nbd"), ("iSCSI", "iscsi"), ("NVMe/TCP", "nvme")]
+            for pname, proto in protos:
+                ep = dm_endpoint(dm, proto)
                 self.workloads(f"{label}, {pname}", group or key, proto, ep, dm.pids, settle=dm.settle,
                                alive=dm.alive, server=dm, wls=wls)
                 info["rss"].append(dict(after=pname, **dm.rss()))
@@ -1004,6 +1024,55 @@ class Run:
             dm.stop()
             if not self.args.keep:
                 shutil.rmtree(dm.dir, ignore_errors=True)
+
+    def twin(self):
+        """Two `serve --standalone` nodes at once, node 1's reactor on core
+        0 and the other's on core 1 (as a mirrored pair's), each filled and
+        then written at QD32 by its own client, per protocol: the volume
+        writes, front-end and reactor work of a mirrored pair on this
+        machine's one disk and two cores, without the rings, the link and
+        the protocol. The mean per node is the mirrored QD32 row's floor."""
+        wl = WL["randw4k_qd32"]
+        for pname, proto in [("NBD", "nbd"), ("iSCSI", "iscsi"), ("NVMe/TCP", "nvme")]:
+            log(f"floor: {TWIN}, {pname}")
+            pair = [DmNodes(f"dm-twin-{i}", self.work, OFF_TWIN + 10 * i, [1], "adaptive",
+                            edits={"cores": f"[{i}]"}) for i in (0, 1)]
+            try:
+                for d in pair:
+                    d.start()
+                eps = [dm_endpoint(d, proto) for d in pair]
+                for d, ep in zip(pair, eps):
+                    fill = run_workload("prefill", proto, ep, WL["seqw128k"], self.args, d.pids(), f"twin-fill-{d.name}")
+                    if not fill.get("ok"):
+                        raise RuntimeError(f"prefill: {fill.get('error')}")
+                    d.settle()
+                got = [None, None]
+
+                def one(i):
+                    got[i] = run_workload(TWIN, proto, eps[i], wl, self.args, pair[i].pids(),
+                                          f"twin-{i}-{proto}")
+                threads = [threading.Thread(target=one, args=(i,)) for i in (0, 1)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                bad = [r for r in got if not r.get("ok")]
+                if bad:
+                    res = dict(ok=False, error=bad[0].get("error"))
+                else:
+                    a, b = got
+                    res = dict(a, iops=(a["iops"] + b["iops"]) / 2, mibs=(a["mibs"] + b["mibs"]) / 2,
+                               p50_us=max(a["p50_us"], b["p50_us"]), p99_us=max(a["p99_us"], b["p99_us"]),
+                               per_node_iops=[a["iops"], b["iops"]])
+                self.record(f"{TWIN}, {pname}", "floor", proto, wl, res)
+            except Exception as e:  # noqa: BLE001
+                self.failures.append(f"{TWIN}, {pname}: {e}")
+                log(f"  {TWIN}, {pname}: FAILED: {e}")
+            finally:
+                for d in pair:
+                    d.stop()
+                    if not self.args.keep:
+                        shutil.rmtree(d.dir, ignore_errors=True)
 
     def variants(self):
         """Mirrored adaptive pairs over NBD, one per entry of VARIANTS: the
@@ -1090,6 +1159,8 @@ class Run:
             os.remove(os.path.join(self.work, "peer.img"))
         if self.want("dm-one"):
             self.deltamirror("dm-one", dm_one_label(), OFF_ONE, [1], "adaptive")
+        if self.want("twin"):
+            self.twin()
         if self.want("dm-mirrored"):
             self.deltamirror("dm-mirrored", "deltamirror mirrored", OFF_MIRROR, [1, 2], "adaptive", idle=True)
         if self.want("dm-busy") and not a.no_busy:
@@ -1356,6 +1427,12 @@ def compute_aims(run):
         m, u = g(f"deltamirror mirrored, {proto}", "randw4k_qd32"), g(f"{one}, {proto}", "randw4k_qd32")
         add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}",
             "≥ 0.45 (0.5 is the ceiling on one disk)", lambda v: v >= 0.45)
+        t = g(f"{TWIN}, {proto}", "randw4k_qd32")
+        add(f"floor: {TWIN} / unmirrored QD32 write IOPS, {proto}", div(t, u), f"{fmt(t)} / {fmt(u)}",
+            "≥ 0.45 leaves room for the mirrored aim", lambda v: v >= 0.45, kind="floor")
+        add(f"mirrored QD32 write IOPS / {TWIN}, {proto}", div(m, t), f"{fmt(m)} / {fmt(t)}",
+            "context (1.0 = the floor: the rings, the link and the protocol cost the rest)", None,
+            kind="context")
         for node, who in [("1", "primary"), ("2", "backup")]:
             c, th = reactor_ceiling(f"deltamirror mirrored, {proto}", "randw4k_qd32", node)
             add(f"mirrored QD32 write: {who}'s reactor ceiling (1 s / its busy µs per write) / mirrored IOPS, {proto}",
@@ -1365,6 +1442,10 @@ def compute_aims(run):
         m, l = g(f"deltamirror mirrored, {proto}", "seqw128k"), g(local, "seqw128k")
         add(f"mirrored 128 KiB QD8 sequential write / local, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
             "≥ 0.2 (0.25 is the ceiling on one disk)", lambda v: v >= 0.2)
+        lf = g(LOCAL_FLUSHED, "seqw128k")
+        add(f"mirrored 128 KiB QD8 sequential write / local with a flush per 8 writes, {proto}", div(m, lf),
+            f"{fmt(m)} / {fmt(lf)}", "context (each byte is written 4 times: 0.25 is the ceiling)", None,
+            kind="context")
     # Issue 10's "≥ 2× now" rows: BEFORE_COMMIT's serve-mem measured in this
     # run with its own dm-nvme io (the issue's "now"), and with this build's
     # (that client was itself the limit then: the second ratio is the
@@ -2395,9 +2476,9 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,mem-floors,dm-one,dm-mirrored,"
+                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,mem-floors,dm-one,twin,dm-mirrored,"
                          "dm-busy,variants,replay (mem-floors: nbdkit memory and tgtd on tmpfs, the protocol "
-                         "floors; the NVMe/TCP floor is nvme-mem)")
+                         "floors; the NVMe/TCP floor is nvme-mem; twin: two unmirrored nodes at once, the mirrored QD32 floor)")
     ap.add_argument("--nvme-mem-before", type=lambda s: [float(x) for x in s.split(",")],
                     default=[63000.0, 67000.0], metavar="W,R",
                     help="serve-mem QD32 write,read IOPS before the data-path change, used only where "
