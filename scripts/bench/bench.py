@@ -1776,6 +1776,18 @@ def write_report(run, path_md, path_png):
              "behind the target: a *floor* row under 0.8 of the local disk means the QD32 aim is bounded by the "
              "client and the shared cores rather than by the target. The serve-mem and tmpfs rows are our own "
              "code, so they include its costs; the nbdkit and tgtd rows are independent of deltamirror.\n")
+    L.append("The *reactor ceiling* rows use each node's own accounting of its reactor threads (status "
+             "`reactors`: a pass that found work is busy, one that found none is idle with its yield or sleep): "
+             "the busy time during the row over node 1's host I/Os is that thread's cost per I/O, and 1 s / that "
+             "cost is the most I/Os a second it could serve never idle. A ceiling far above the row (a reactor "
+             "busy half the time) means the requests spent their time elsewhere — the disk, the client's loop, "
+             "the peer — and the row is bound by latency; a ceiling under the aim means the work per I/O bounds "
+             "it. The *two unmirrored nodes at once* floor runs two `serve --standalone` nodes together, node "
+             "1's reactor on core 0 and the other's on core 1 as in the mirrored pair, each filled and written "
+             "at QD32 by its own client: the volume writes and front-end work of a mirrored pair on this one "
+             "disk and two cores without its rings, link and protocol; the mean per node is what a mirrored "
+             "QD32 row could reach here. The 128 KiB local row *with a flush per 8 writes* (fio "
+             "`--fdatasync=8`) pays the durability a mirrored batch pays.\n")
     L.append(f"The serve-mem \"before\" rows are {BEFORE_COMMIT} (the commit before issue 10's data-path "
              "change), built from this repository's history into target/bench-old and run in this run: its "
              "`dm-nvme serve-mem` driven by its own `dm-nvme io` (the issue's \"now\") and by this build's "
