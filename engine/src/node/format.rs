@@ -66,7 +66,7 @@ fn prepare_dir(opts: &NodeOptions, force: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// [`format`] for a volume of `volume_bytes` that is not at
+/// [`format()`] for a volume of `volume_bytes` that is not at
 /// `opts.volume_path` (a node started with [`Node::start_on`] on another
 /// backend, e.g. in memory).
 pub fn format_with_size(
