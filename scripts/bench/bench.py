@@ -1813,7 +1813,11 @@ def write_report(run, path_md, path_png):
              "at QD32 by its own client: the volume writes and front-end work of a mirrored pair on this one "
              "disk and two cores without its rings, link and protocol; the mean per node is what a mirrored "
              "QD32 row could reach here. The 128 KiB local row *with a flush per 8 writes* (fio "
-             "`--fdatasync=8`) pays the durability a mirrored batch pays.\n")
+             "`--fdatasync=8`) pays the durability a mirrored batch pays. The NVMe/TCP rows *with a polled "
+             "host* drive the same targets with `dm-nvme io --polled`: one thread reads its queue's socket "
+             "itself and refills at once, as SPDK's perf tool polls its qpairs, instead of a reader thread "
+             "handing completions to the submitting one; the aims keep the default host (the issue's), and "
+             "these rows say how much of a row is that host's loop.\n")
     L.append(f"The serve-mem \"before\" rows are {BEFORE_COMMIT} (the commit before issue 10's data-path "
              "change), built from this repository's history into target/bench-old and run in this run: its "
              "`dm-nvme serve-mem` driven by its own `dm-nvme io` (the issue's \"now\") and by this build's "
