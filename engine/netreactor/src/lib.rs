@@ -583,6 +583,12 @@ pub struct ReactorStats {
     pub idle_ns: u64,
 }
 
+/// The core reactor `i` is pinned to: `cores[i % len]`, none if `cores`
+/// is empty.
+fn core_of(cores: &[usize], i: usize) -> Option<usize> {
+    (!cores.is_empty()).then(|| cores[i % cores.len()])
+}
+
 /// A running set of reactor threads.
 pub struct Reactors {
     shared: Vec<Arc<Shared>>,
@@ -630,7 +636,7 @@ impl Reactors {
                 });
                 continue;
             }
-            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
+            let core = core_of(&cfg.cores, i);
             let t = std::thread::Builder::new()
                 .name(format!("{}-{i}", cfg.name))
                 .spawn(move || {
@@ -715,7 +721,7 @@ impl Reactors {
                 connections: s.conns.load(Ordering::Acquire),
                 sleeps: s.sleeps.load(Ordering::Relaxed),
                 wakes: s.wakes.load(Ordering::Relaxed),
-                core: (!self.cores.is_empty()).then(|| self.cores[i % self.cores.len()]),
+                core: core_of(&self.cores, i),
                 hosted: s.hosted.load(Ordering::Relaxed),
                 busy_ns: s.load.busy_ns(),
                 idle_ns: s.load.idle_ns(),
