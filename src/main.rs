@@ -426,9 +426,9 @@ impl engine::status::Control for WithFrontends {
         if let Some(r) = self.reactors.lock().unwrap().as_ref() {
             // The hosted reactor runs in the node's reactor thread, whose
             // load the node reports.
-            for (i, st) in r.stats().iter().enumerate().filter(|(_, st)| !st.hosted) {
+            for st in r.stats().iter().filter(|st| !st.hosted) {
                 s.reactors.push(engine::status::ReactorLoad {
-                    thread: format!("{CONN_REACTOR_NAME}-{i}"),
+                    thread: st.thread.clone(),
                     core: st.core,
                     busy_us: st.busy_ns / 1000,
                     idle_us: st.idle_ns / 1000,
@@ -450,9 +450,6 @@ impl engine::status::Control for WithFrontends {
         self.inner.verify(req)
     }
 }
-
-/// Connection reactor threads are named `dm-conn-<i>` (reactor i).
-const CONN_REACTOR_NAME: &str = "dm-conn";
 
 /// Running front-ends of a node.
 struct Targets {
@@ -588,7 +585,7 @@ fn cmd_serve(path: &Path, standalone: bool) -> Result<()> {
     // others on threads of their own, reactor i pinned to cores[i], which
     // reach the mirror through its mailbox.
     let (reactors, hosted) = netreactor::Reactors::start_hosted(&netreactor::ReactorConfig {
-        name: CONN_REACTOR_NAME.into(),
+        name: "dm-conn".into(),
         threads: cfg.reactor.cores.len().max(1),
         cores: cfg.reactor.cores.clone(),
         busy: cfg.reactor.poll_mode == config::PollMode::Busy,

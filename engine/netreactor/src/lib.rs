@@ -117,6 +117,13 @@ impl Load {
     pub fn idle_ns(&self) -> u64 {
         self.idle_ns.load(Ordering::Relaxed)
     }
+
+    /// Adds `ns` to busy or idle. Only the reactor's own thread charges its
+    /// load: a plain load and store, no read-modify-write.
+    fn charge(&self, busy: bool, ns: u64) {
+        let c = if busy { &self.busy_ns } else { &self.idle_ns };
+        c.store(c.load(Ordering::Relaxed) + ns, Ordering::Relaxed);
+    }
 }
 
 /// Times the passes of one reactor loop into a [`Load`], with one clock
@@ -125,16 +132,12 @@ impl Load {
 #[derive(Debug)]
 pub struct PassClock {
     last: Instant,
-    busy_ns: u64,
-    idle_ns: u64,
 }
 
 impl PassClock {
     pub fn new() -> PassClock {
         PassClock {
             last: Instant::now(),
-            busy_ns: 0,
-            idle_ns: 0,
         }
     }
 
@@ -143,15 +146,7 @@ impl PassClock {
     /// (`prev_did`), else to idle; returns the time now.
     pub fn pass(&mut self, prev_did: bool, load: &Load) -> Instant {
         let now = Instant::now();
-        let ns = now.duration_since(self.last).as_nanos() as u64;
-        // Only this thread writes `load`: plain stores, no read-modify-write.
-        if prev_did {
-            self.busy_ns += ns;
-            load.busy_ns.store(self.busy_ns, Ordering::Relaxed);
-        } else {
-            self.idle_ns += ns;
-            load.idle_ns.store(self.idle_ns, Ordering::Relaxed);
-        }
+        load.charge(prev_did, now.duration_since(self.last).as_nanos() as u64);
         self.last = now;
         now
     }
@@ -511,8 +506,6 @@ struct Shared {
     /// Busy and idle time of the reactor's own thread (none for a hosted
     /// reactor: its host's loop accounts for it).
     load: Load,
-    /// Driven by another poll loop ([`Reactors::start_hosted`]).
-    hosted: AtomicBool,
     /// The reactor's loop ended and every connection of it is closed.
     finished: AtomicBool,
 }
@@ -568,8 +561,11 @@ impl ReactorConfig {
 }
 
 /// Counters of one reactor, for status and the bench.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReactorStats {
+    /// Its thread's name (`ReactorConfig::name`-i); a hosted reactor runs
+    /// in its host's thread instead.
+    pub thread: String,
     pub connections: usize,
     pub sleeps: u64,
     pub wakes: u64,
@@ -583,6 +579,11 @@ pub struct ReactorStats {
     pub idle_ns: u64,
 }
 
+/// The name of reactor `i`'s thread in a set named `name`.
+fn thread_name(name: &str, i: usize) -> String {
+    format!("{name}-{i}")
+}
+
 /// The core reactor `i` is pinned to: `cores[i % len]`, none if `cores`
 /// is empty.
 fn core_of(cores: &[usize], i: usize) -> Option<usize> {
@@ -592,8 +593,12 @@ fn core_of(cores: &[usize], i: usize) -> Option<usize> {
 /// A running set of reactor threads.
 pub struct Reactors {
     shared: Vec<Arc<Shared>>,
-    /// `ReactorConfig::cores`: reactor i is pinned to `cores[i % len]`.
+    /// `ReactorConfig::name` and `cores`: reactor i's thread is
+    /// [`thread_name`]`(name, i)`, pinned to [`core_of`]`(cores, i)`.
+    name: String,
     cores: Vec<usize>,
+    /// Reactor 0 is driven by another poll loop ([`Reactors::start_hosted`]).
+    hosted_first: bool,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -628,7 +633,6 @@ impl Reactors {
             let mut r = Reactor::new(cfg)?;
             shared.push(r.shared.clone());
             if i == 0 && host_first {
-                r.shared.hosted.store(true, Ordering::Relaxed);
                 hosted = Some(Hosted {
                     r,
                     stop_since: None,
@@ -638,7 +642,7 @@ impl Reactors {
             }
             let core = core_of(&cfg.cores, i);
             let t = std::thread::Builder::new()
-                .name(format!("{}-{i}", cfg.name))
+                .name(thread_name(&cfg.name, i))
                 .spawn(move || {
                     if let Some(id) = core {
                         if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
@@ -651,7 +655,9 @@ impl Reactors {
         }
         let r = Arc::new(Reactors {
             shared,
+            name: cfg.name.clone(),
             cores: cfg.cores.clone(),
+            hosted_first: host_first,
             threads: std::sync::Mutex::new(threads),
         });
         Ok((r, hosted))
@@ -722,7 +728,8 @@ impl Reactors {
                 sleeps: s.sleeps.load(Ordering::Relaxed),
                 wakes: s.wakes.load(Ordering::Relaxed),
                 core: core_of(&self.cores, i),
-                hosted: s.hosted.load(Ordering::Relaxed),
+                thread: thread_name(&self.name, i),
+                hosted: self.hosted_first && i == 0,
                 busy_ns: s.load.busy_ns(),
                 idle_ns: s.load.idle_ns(),
             })
@@ -935,7 +942,6 @@ impl Reactor {
             sleeps: AtomicU64::new(0),
             wakes: AtomicU64::new(0),
             load: Load::default(),
-            hosted: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         });
         Ok(Reactor {
@@ -1701,7 +1707,7 @@ mod tests {
             c.read_exact(&mut got).unwrap();
             assert_eq!(&got, if i == 0 { b"HELLO\n" } else { b"WORLD\n" });
         }
-        let st = r.stats()[0];
+        let st = &r.stats()[0];
         assert_eq!(st.connections, 1);
         assert!(st.sleeps > 0 && st.wakes > 0, "{st:?}");
         drop(c);
