@@ -554,6 +554,16 @@ class DmNodes:
                 raise RuntimeError(f"node {n} not '{what}' within {secs} s: {s}")
             time.sleep(0.1)
 
+    def prefill(self, proto, ep, args, tag):
+        """128 KiB sequential writes over the workloads' region through node
+        1 (`args.seconds` long), then settle: random writes after it
+        overwrite allocated blocks of the (sparse) volume file instead of
+        allocating them. Raises if the fill failed."""
+        fill = run_workload("prefill", proto, ep, WL["seqw128k"], args, self.pids(), tag)
+        if not fill.get("ok"):
+            raise RuntimeError(f"prefill: {fill.get('error')}")
+        self.settle()
+
     def reactor_marks(self):
         """Each node's reactor threads' busy and idle µs since start and its
         host I/Os so far (status), for `reactor_use`."""
@@ -621,6 +631,10 @@ class DmNodes:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs.values():
             stop_proc(p)
+
+
+# The front-ends of a node, as (name in the report, protocol of `run_workload`).
+DM_PROTOS = [("NBD", "nbd"), ("iSCSI", "iscsi"), ("NVMe/TCP", "nvme")]
 
 
 def dm_endpoint(dm, proto):
@@ -1021,8 +1035,7 @@ class Run:
                 info["idle_cpu"] = idle_cpu(dm.pids(), self.args.idle_seconds)
                 log(f"  idle CPU over {self.args.idle_seconds} s: {info['idle_cpu']['total_cpu_s']:.3f} CPU s"
                     f" {info['idle_cpu']['per_node']}")
-            protos = [("NBD", "nbd"), ("iSCSI", "iscsi"), ("NVMe/TCP", "nvme")]
-            for pname, proto in protos:
+            for pname, proto in DM_PROTOS:
                 ep = dm_endpoint(dm, proto)
                 self.workloads(f"{label}, {pname}", group or key, proto, ep, dm.pids, settle=dm.settle,
                                alive=dm.alive, server=dm, wls=wls)
@@ -1048,7 +1061,7 @@ class Run:
         machine's one disk and two cores, without the rings, the link and
         the protocol. The mean per node is the mirrored QD32 row's floor."""
         wl = WL["randw4k_qd32"]
-        for pname, proto in [("NBD", "nbd"), ("iSCSI", "iscsi"), ("NVMe/TCP", "nvme")]:
+        for pname, proto in DM_PROTOS:
             log(f"floor: {TWIN}, {pname}")
             pair = [DmNodes(f"dm-twin-{i}", self.work, OFF_TWIN + 10 * i, [1], "adaptive",
                             edits={"cores": f"[{i}]"}) for i in (0, 1)]
@@ -1057,10 +1070,7 @@ class Run:
                     d.start()
                 eps = [dm_endpoint(d, proto) for d in pair]
                 for d, ep in zip(pair, eps):
-                    fill = run_workload("prefill", proto, ep, WL["seqw128k"], self.args, d.pids(), f"twin-fill-{d.name}")
-                    if not fill.get("ok"):
-                        raise RuntimeError(f"prefill: {fill.get('error')}")
-                    d.settle()
+                    d.prefill(proto, ep, self.args, f"twin-fill-{d.name}")
                 got = [None, None]
 
                 def one(i):
@@ -1100,15 +1110,9 @@ class Run:
             out.append(info)
             try:
                 dm.start()
-                ep = f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"
-                # As in the main table, the sequential write first fills the
-                # region: random writes then overwrite allocated blocks of the
-                # (sparse) volume file instead of allocating them.
-                fill = run_workload("prefill", "nbd", ep, WL["seqw128k"], self.args, dm.pids(),
-                                    f"{v['key']}-prefill")
-                if not fill.get("ok"):
-                    raise RuntimeError(f"prefill: {fill.get('error')}")
-                dm.settle()
+                ep = dm_endpoint(dm, "nbd")
+                # As in the main table, the sequential write first fills the region.
+                dm.prefill("nbd", ep, self.args, f"{v['key']}-prefill")
                 for wl in VARIANT_WORKLOADS:
                     if not dm.alive():
                         raise RuntimeError("a node exited")
@@ -2268,14 +2272,10 @@ def soak(args):
         rings = {f"node{n}": toml_value(os.path.join(dm.dir, f"node{n}.toml"), "node", "data_dir") + "/ring"
                  for n in dm.nodes}
         vols = {f"node{n}": toml_value(os.path.join(dm.dir, f"node{n}.toml"), "volume", "path") for n in dm.nodes}
-        ep = f"nbd://127.0.0.1:{dm.nbd_port}/deltamirror"
+        ep = dm_endpoint(dm, "nbd")
         log(f"soak: mirrored adaptive pair, NBD {ep}; prefill: 128 KiB sequential writes over "
             f"{args.region_mib} MiB for 5 s (as the bench's QD128 row)")
-        fill = run_workload("prefill", "nbd", ep, WL["seqw128k"], argparse.Namespace(**dict(vars(args), seconds=5)),
-                            dm.pids(), "soak-prefill")
-        if not fill.get("ok"):
-            raise RuntimeError(f"prefill: {fill.get('error')}")
-        dm.settle()
+        dm.prefill("nbd", ep, argparse.Namespace(**dict(vars(args), seconds=5)), "soak-prefill")
         pids = dm.pids()
         if len(pids) != 2:
             raise RuntimeError("a node exited during the prefill")
