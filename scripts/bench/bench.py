@@ -123,11 +123,12 @@ BEFORE_COMMIT = "9a3347c"
 MEM_NVME_BEFORE = f"serve-mem at {BEFORE_COMMIT}, its own dm-nvme io"
 MEM_NVME_BEFORE_HOST = f"serve-mem at {BEFORE_COMMIT}, this build's dm-nvme io"
 MEM_NVME_BEFORE_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
-# NVMe/TCP rows driven by `dm-nvme io --polled` as well: one thread that reads
-# its queue's socket itself and refills at once, as SPDK's perf tool polls its
-# qpairs, instead of a reader thread handing completions to the submitter.
-POLLED = ", polled host"
-POLLED_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
+# NVMe/TCP rows driven by `dm-nvme io --reader-thread` as well: the host as it
+# was until session 15, a reader thread handing completions to the submitting
+# one (the default host reads its one queue's socket on the submitting thread
+# and refills at once, as SPDK's perf tool polls its qpairs).
+THREADED = ", reader-thread host"
+THREADED_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
 
 
 def log(*a):
@@ -370,7 +371,7 @@ def parse_nvme(rc, out, err):
 def run_workload(target, proto, endpoint, wl, args, pids, tag, nvme_client=DM_NVME, nvme_extra=()):
     """Runs one workload; returns a result dict (never raises).
     `nvme_client`: the `dm-nvme` binary whose `io` drives an NVMe/TCP run;
-    `nvme_extra`: more arguments for it (e.g. `--polled`)."""
+    `nvme_extra`: more arguments for it (e.g. `--reader-thread`)."""
     seconds = args.seconds
     timeout = seconds + 60
     t0 = time.time()
@@ -912,7 +913,7 @@ class Run:
         driven by its own `dm-nvme io` (the issue's "now") and by this
         build's (how much of the gain is the target's)."""
         self.serve_mem(DM_NVME, MEM_NVME, MEM_FLOOR_WORKLOADS)
-        self.serve_mem(DM_NVME, f"{MEM_NVME}{POLLED}", POLLED_WORKLOADS, extra=["--polled"])
+        self.serve_mem(DM_NVME, f"{MEM_NVME}{THREADED}", THREADED_WORKLOADS, extra=["--reader-thread"])
         old = self.before_dm_nvme()
         if old:
             self.serve_mem(old, MEM_NVME_BEFORE, MEM_NVME_BEFORE_WORKLOADS, client=old)
@@ -1041,9 +1042,9 @@ class Run:
                                alive=dm.alive, server=dm, wls=wls)
                 info["rss"].append(dict(after=pname, **dm.rss()))
             if key in ("dm-one", "dm-mirrored"):
-                self.workloads(f"{label}, NVMe/TCP{POLLED}", group or key, "nvme", dm_endpoint(dm, "nvme"),
-                               dm.pids, settle=dm.settle, alive=dm.alive, server=dm, wls=POLLED_WORKLOADS,
-                               nvme_extra=["--polled"])
+                self.workloads(f"{label}, NVMe/TCP{THREADED}", group or key, "nvme", dm_endpoint(dm, "nvme"),
+                               dm.pids, settle=dm.settle, alive=dm.alive, server=dm, wls=THREADED_WORKLOADS,
+                               nvme_extra=["--reader-thread"])
             info["status_end"] = {n: dm.status(n) for n in nodes}
         except Exception as e:  # noqa: BLE001
             self.failures.append(f"{label}: {e}")
@@ -1406,12 +1407,13 @@ def compute_aims(run):
             m, l = g(f"{one}, {proto}", wl), g(local, wl)
             add(f"unmirrored QD32 {label} IOPS / local disk, {proto}", div(m, l), f"{fmt(m)} / {fmt(l)}",
                 "≥ 0.8", lambda v: v >= 0.8)
-        # The same NVMe/TCP target with a host that polls its queue (as
-        # SPDK's perf does): how much of the row is the default host's loop.
-        m, l, f = g(f"{one}, NVMe/TCP{POLLED}", wl), g(local, wl), g(f"{MEM_NVME}{POLLED}", wl)
-        add(f"unmirrored QD32 {label} IOPS / local disk, NVMe/TCP with a polled host (dm-nvme io --polled)",
+        # The same NVMe/TCP target with the host a reader thread per queue
+        # (the default until session 15): how much of the row is the host's loop.
+        m, l, f = g(f"{one}, NVMe/TCP{THREADED}", wl), g(local, wl), g(f"{MEM_NVME}{THREADED}", wl)
+        add(f"unmirrored QD32 {label} IOPS / local disk, NVMe/TCP with the reader-thread host "
+            "(dm-nvme io --reader-thread)",
             div(m, l), f"{fmt(m)} / {fmt(l)}; the same host against serve-mem {fmt(f)}",
-            "context (the target with a host that polls, as SPDK's perf)", None, kind="context")
+            "context (the host until session 15)", None, kind="context")
         lp_ = g(LOCAL_PINNED, wl)
         for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
             m = g(f"{one}, {proto}", wl)
@@ -1453,10 +1455,11 @@ def compute_aims(run):
         add(f"mirrored / unmirrored QD32 write IOPS, {proto}", div(m, u), f"{fmt(m)} / {fmt(u)}",
             "≥ 0.45 (0.5 is the ceiling on one disk)", lambda v: v >= 0.45)
         if proto == "NVMe/TCP":
-            mp, up = (g(f"deltamirror mirrored, NVMe/TCP{POLLED}", "randw4k_qd32"),
-                      g(f"{one}, NVMe/TCP{POLLED}", "randw4k_qd32"))
-            add("mirrored / unmirrored QD32 write IOPS, NVMe/TCP with a polled host", div(mp, up),
-                f"{fmt(mp)} / {fmt(up)}", "context (both rows with dm-nvme io --polled)", None, kind="context")
+            mp, up = (g(f"deltamirror mirrored, NVMe/TCP{THREADED}", "randw4k_qd32"),
+                      g(f"{one}, NVMe/TCP{THREADED}", "randw4k_qd32"))
+            add("mirrored / unmirrored QD32 write IOPS, NVMe/TCP with the reader-thread host", div(mp, up),
+                f"{fmt(mp)} / {fmt(up)}", "context (both rows with dm-nvme io --reader-thread)", None,
+                kind="context")
         t = g(f"{TWIN}, {proto}", "randw4k_qd32")
         add(f"floor: {TWIN} / unmirrored QD32 write IOPS, {proto}", div(t, u), f"{fmt(t)} / {fmt(u)}",
             "≥ 0.45 leaves room for the mirrored aim", lambda v: v >= 0.45, kind="floor")
@@ -1817,11 +1820,11 @@ def write_report(run, path_md, path_png):
              "at QD32 by its own client: the volume writes and front-end work of a mirrored pair on this one "
              "disk and two cores without its rings, link and protocol; the mean per node is what a mirrored "
              "QD32 row could reach here. The 128 KiB local row *with a flush per 8 writes* (fio "
-             "`--fdatasync=8`) pays the durability a mirrored batch pays. The NVMe/TCP rows *with a polled "
-             "host* drive the same targets with `dm-nvme io --polled`: one thread reads its queue's socket "
-             "itself and refills at once, as SPDK's perf tool polls its qpairs, instead of a reader thread "
-             "handing completions to the submitting one; the aims keep the default host (the issue's), and "
-             "these rows say how much of a row is that host's loop.\n")
+             "`--fdatasync=8`) pays the durability a mirrored batch pays. The NVMe/TCP host, `dm-nvme io`, reads its "
+             "one queue's socket on the submitting thread and refills at once, as SPDK's perf tool polls its "
+             "qpairs; the rows *with the reader-thread host* drive the same targets with `dm-nvme io "
+             "--reader-thread`, the host until session 15, where a reader thread hands each round of "
+             "completions to the submitting one: they say how much of a row is the host's loop.\n")
     L.append(f"The serve-mem \"before\" rows are {BEFORE_COMMIT} (the commit before issue 10's data-path "
              "change), built from this repository's history into target/bench-old and run in this run: its "
              "`dm-nvme serve-mem` driven by its own `dm-nvme io` (the issue's \"now\") and by this build's "

@@ -83,12 +83,13 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// With one queue: the submitting thread reads the socket itself
-        /// and refills at once (as SPDK's perf tool polls its qpairs)
-        /// instead of a reader thread handing it the completions. Fewer
-        /// wake-ups per round; the refills come in larger rounds.
+        /// Give each queue a reader thread that hands the completions to
+        /// the submitting thread. Without it (the default) a single queue
+        /// is read by the submitting thread itself, which refills at once
+        /// as SPDK's perf tool polls its qpairs: no hand-off and no second
+        /// wake-up per round. More than one queue always has reader threads.
         #[arg(long)]
-        polled: bool,
+        reader_thread: bool,
     },
     /// Serve an in-memory volume (for trying hosts and measuring the transport).
     ServeMem {
@@ -205,10 +206,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             verify,
             json,
             seed,
-            polled,
+            reader_thread,
         } => {
             h.io_queues = queues.max(1);
-            h.polled_io = h.io_queues == 1 && polled;
+            h.polled_io = h.io_queues == 1 && !reader_thread;
             // The target's default queue holds 128 entries: 127 commands.
             h.queue_depth = (qd.div_ceil(queues.max(1) as usize) as u16).clamp(1, 127);
             let c = Controller::connect(addr, &h)?;
