@@ -47,6 +47,10 @@ LOCAL_PINNED = f"local disk (fio io_uring, core {REACTOR_CORE})"
 # 0.8-1.2x within a run (more between runs), and every "/ local" ratio
 # moves with it.
 LOCAL_END = "local disk at the end of the run (fio io_uring)"
+# fio on the unmirrored node's own volume file once the node has stopped: the
+# same file, blocks and place on the disk as the node's rows (on this VM a
+# file's blocks read at a rate that depends on how and when they were written).
+LOCAL_VOLUME = "local disk, fio on the unmirrored node's volume file (node stopped)"
 # The 128 KiB sequential row with a flush after every 8 writes (fio
 # --fdatasync=8): the durability a mirrored batch pays on the one disk.
 LOCAL_FLUSHED = "local disk, a flush per 8 writes (fio io_uring --fdatasync=8)"
@@ -1051,8 +1055,24 @@ class Run:
             log(f"  {label}: FAILED: {e}")
         finally:
             dm.stop()
+            if key == "dm-one":
+                self.volume_file(dm)
             if not self.args.keep:
                 shutil.rmtree(dm.dir, ignore_errors=True)
+
+    def volume_file(self, dm):
+        """fio's QD32 rows on node 1's volume file, the node stopped: the
+        local floor on the very file the unmirrored rows served."""
+        try:
+            path = toml_value(os.path.join(dm.dir, "node1.toml"), "volume", "path")
+        except (OSError, RuntimeError):
+            path = None
+        if not path or not os.path.isfile(path):
+            self.failures.append(f"{LOCAL_VOLUME}: {path} missing")
+            return
+        log(f"floor: local disk, fio on {path}")
+        self.workloads(LOCAL_VOLUME, "floor", "local", path, lambda: {},
+                       wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
 
     def twin(self):
         """Two `serve --standalone` nodes at once, node 1's reactor on core
@@ -1414,6 +1434,15 @@ def compute_aims(run):
             "(dm-nvme io --reader-thread)",
             div(m, l), f"{fmt(m)} / {fmt(l)}; the same host against serve-mem {fmt(f)}",
             "context (the host until session 15)", None, kind="context")
+        lv = g(LOCAL_VOLUME, wl)
+        add(f"floor: local disk QD32 {label} IOPS on the unmirrored node's volume file / on the bench's file",
+            div(lv, g(local, wl)), f"{fmt(lv)} / {fmt(g(local, wl))}",
+            "context (the same disk, the node's own blocks)", None, kind="context")
+        for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+            m = g(f"{one}, {proto}", wl)
+            add(f"unmirrored QD32 {label} IOPS / local disk on the node's own volume file, {proto}", div(m, lv),
+                f"{fmt(m)} / {fmt(lv)}", "context (the aim's ratio on the node's own blocks)", None,
+                kind="context")
         lp_ = g(LOCAL_PINNED, wl)
         for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
             m = g(f"{one}, {proto}", wl)
@@ -1820,7 +1849,11 @@ def write_report(run, path_md, path_png):
              "at QD32 by its own client: the volume writes and front-end work of a mirrored pair on this one "
              "disk and two cores without its rings, link and protocol; the mean per node is what a mirrored "
              "QD32 row could reach here. The 128 KiB local row *with a flush per 8 writes* (fio "
-             "`--fdatasync=8`) pays the durability a mirrored batch pays. The NVMe/TCP host, `dm-nvme io`, reads its "
+             "`--fdatasync=8`) pays the durability a mirrored batch pays. The rows *on the unmirrored "
+             "node's volume file* run fio's QD32 rows on node 1's own volume file once that node has stopped: "
+             "the same blocks the unmirrored rows served (on this VM a file's blocks read and write at a rate "
+             "that depends on how and when they were written, so the bench's own file is not always the "
+             "node's floor). The NVMe/TCP host, `dm-nvme io`, reads its "
              "one queue's socket on the submitting thread and refills at once, as SPDK's perf tool polls its "
              "qpairs; the rows *with the reader-thread host* drive the same targets with `dm-nvme io "
              "--reader-thread`, the host until session 15, where a reader thread hands each round of "
