@@ -20,7 +20,7 @@
 # idle CPU, thread placement) and docs/benchmarks.png, and exits non-zero if
 # any workload failed.
 #
-#   scripts/bench.sh                 # build (cargo build --release), run all, ~7 min
+#   scripts/bench.sh                 # build (cargo build --release), run all, ~15 min
 #   scripts/bench.sh --no-build      # use the binaries already in target/release
 #   scripts/bench.sh --seconds 10    # longer runs per workload (default 5)
 #   scripts/bench.sh --no-busy       # skip the busy-poll pair
