@@ -109,6 +109,9 @@ VARIANTS = [
 # protocol's client and target on loopback with no disk I/O at all, for the
 # aims table's "what the machine allows" rows.
 MEM_FLOOR_WORKLOADS = [WL["randw4k_qd1"], WL["randw4k_qd32"], WL["randr4k_qd32"]]
+# The QD32 rows alone (the pinned and volume-file floors, the reader-thread
+# host, the 9a3347c target).
+QD32_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
 MEM_NBD = "nbdkit memory (NBD, no disk)"
 MEM_ISCSI = "tgtd on tmpfs (iSCSI, no disk)"
 MEM_NVME = "NVMe/TCP target on memory (dm-nvme serve-mem)"
@@ -126,13 +129,11 @@ MEM_SHORT = {MEM_NBD: "nbdkit memory", MEM_ISCSI: "tgtd on tmpfs", MEM_NVME: "se
 BEFORE_COMMIT = "9a3347c"
 MEM_NVME_BEFORE = f"serve-mem at {BEFORE_COMMIT}, its own dm-nvme io"
 MEM_NVME_BEFORE_HOST = f"serve-mem at {BEFORE_COMMIT}, this build's dm-nvme io"
-MEM_NVME_BEFORE_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
 # NVMe/TCP rows driven by `dm-nvme io --reader-thread` as well: the host as it
 # was until session 15, a reader thread handing completions to the submitting
 # one (the default host reads its one queue's socket on the submitting thread
 # and refills at once, as SPDK's perf tool polls its qpairs).
 THREADED = ", reader-thread host"
-THREADED_WORKLOADS = [WL["randw4k_qd32"], WL["randr4k_qd32"]]
 
 
 def log(*a):
@@ -739,7 +740,7 @@ class Run:
         # QD32 aims, which compare with the unpinned row).
         log(f"floor: local disk, fio pinned to core {REACTOR_CORE} (node 1's reactor.cores)")
         self.workloads(LOCAL_PINNED, "floor", "local-pinned", path, lambda: {},
-                       wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
+                       wls=QD32_WORKLOADS)
         log("floor: local disk, 128 KiB sequential with a flush after every 8 writes")
         self.workloads(LOCAL_FLUSHED, "floor", "local-flushed", path, lambda: {}, wls=[WL["seqw128k"]])
 
@@ -917,11 +918,11 @@ class Run:
         driven by its own `dm-nvme io` (the issue's "now") and by this
         build's (how much of the gain is the target's)."""
         self.serve_mem(DM_NVME, MEM_NVME, MEM_FLOOR_WORKLOADS)
-        self.serve_mem(DM_NVME, f"{MEM_NVME}{THREADED}", THREADED_WORKLOADS, extra=["--reader-thread"])
+        self.serve_mem(DM_NVME, f"{MEM_NVME}{THREADED}", QD32_WORKLOADS, extra=["--reader-thread"])
         old = self.before_dm_nvme()
         if old:
-            self.serve_mem(old, MEM_NVME_BEFORE, MEM_NVME_BEFORE_WORKLOADS, client=old)
-            self.serve_mem(old, MEM_NVME_BEFORE_HOST, MEM_NVME_BEFORE_WORKLOADS)
+            self.serve_mem(old, MEM_NVME_BEFORE, QD32_WORKLOADS, client=old)
+            self.serve_mem(old, MEM_NVME_BEFORE_HOST, QD32_WORKLOADS)
 
     def before_dm_nvme(self):
         """`dm-nvme` of BEFORE_COMMIT, built from this repository's history
@@ -1047,7 +1048,7 @@ class Run:
                 info["rss"].append(dict(after=pname, **dm.rss()))
             if key in ("dm-one", "dm-mirrored"):
                 self.workloads(f"{label}, NVMe/TCP{THREADED}", group or key, "nvme", dm_endpoint(dm, "nvme"),
-                               dm.pids, settle=dm.settle, alive=dm.alive, server=dm, wls=THREADED_WORKLOADS,
+                               dm.pids, settle=dm.settle, alive=dm.alive, server=dm, wls=QD32_WORKLOADS,
                                nvme_extra=["--reader-thread"])
             info["status_end"] = {n: dm.status(n) for n in nodes}
         except Exception as e:  # noqa: BLE001
@@ -1068,11 +1069,11 @@ class Run:
         except (OSError, RuntimeError):
             path = None
         if not path or not os.path.isfile(path):
-            self.failures.append(f"{LOCAL_VOLUME}: {path} missing")
+            self.failures.append(f"{LOCAL_VOLUME}: node 1's volume file {path or '(no volume.path)'} missing")
             return
         log(f"floor: local disk, fio on {path}")
         self.workloads(LOCAL_VOLUME, "floor", "local", path, lambda: {},
-                       wls=[WL["randw4k_qd32"], WL["randr4k_qd32"]])
+                       wls=QD32_WORKLOADS)
 
     def twin(self):
         """Two `serve --standalone` nodes at once, node 1's reactor on core
@@ -1436,7 +1437,7 @@ def compute_aims(run):
             "context (the host until session 15)", None, kind="context")
         lv = g(LOCAL_VOLUME, wl)
         add(f"floor: local disk QD32 {label} IOPS on the unmirrored node's volume file / on the bench's file",
-            div(lv, g(local, wl)), f"{fmt(lv)} / {fmt(g(local, wl))}",
+            div(lv, l), f"{fmt(lv)} / {fmt(l)}",
             "context (the same disk, the node's own blocks)", None, kind="context")
         for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
             m = g(f"{one}, {proto}", wl)
