@@ -686,6 +686,31 @@ fn render_metrics(s: &NodeStatus) -> String {
         }
     }
 
+    if let Some(h) = &s.disk_handover {
+        m.gauge(
+            "deltamirror_disk_handover_at_once",
+            "1 while the disk's io_uring hands each operation to the kernel as it is queued, \
+             0 while it hands them over in chunks (reactor.disk_handover).",
+            if h.mode == "at-once" { 1.0 } else { 0.0 },
+        );
+        m.family(
+            "deltamirror_disk_handover_comparisons_total",
+            "counter",
+            "Comparisons of the two hand-over modes (reactor.disk_handover = \"adaptive\"), by \
+             the mode each chose.",
+        );
+        for (chose, n) in [
+            ("at-once", h.chose_at_once),
+            ("in-chunks", h.comparisons - h.chose_at_once),
+        ] {
+            m.sample(
+                "deltamirror_disk_handover_comparisons_total",
+                &format!("chose=\"{chose}\""),
+                n as f64,
+            );
+        }
+    }
+
     m.gauge(
         "deltamirror_resident_memory_bytes",
         "Resident set size of the node process.",
@@ -1015,6 +1040,14 @@ mod tests {
                     idle_us: 12_250_000,
                 },
             ],
+            disk_handover: Some(engine::status::DiskHandOverStatus {
+                mode: "at-once".into(),
+                adaptive: true,
+                comparisons: 7,
+                chose_at_once: 5,
+                at_once_ops_per_sec: 93_000,
+                in_chunks_ops_per_sec: 87_000,
+            }),
             ..NodeStatus::default()
         }
     }
@@ -1251,6 +1284,9 @@ mod tests {
             "deltamirror_reactor_seconds_total{thread=\"dm-reactor-2\",core=\"0\",state=\"busy\"} 1.5",
             "deltamirror_reactor_seconds_total{thread=\"dm-reactor-2\",core=\"0\",state=\"idle\"} 11",
             "deltamirror_reactor_seconds_total{thread=\"dm-conn-1\",core=\"\",state=\"busy\"} 0.25",
+            "deltamirror_disk_handover_at_once 1",
+            "deltamirror_disk_handover_comparisons_total{chose=\"at-once\"} 5",
+            "deltamirror_disk_handover_comparisons_total{chose=\"in-chunks\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -332,6 +332,7 @@ pub fn node_options(cfg: &Config) -> Result<NodeOptions> {
         },
         adaptive_spin_us: cfg.reactor.adaptive_spin_us,
         disk_submit_hold_us: cfg.reactor.disk_submit_hold_us,
+        disk_hand_over: cfg.reactor.disk_handover.policy(),
         queue_depth: cfg.reactor.queue_depth,
         max_io_bytes: cfg.reactor.max_io_bytes as u32,
         max_message_bytes: cfg.link.max_message_bytes as usize,

@@ -220,6 +220,9 @@ pub fn render(s: &NodeStatus) -> String {
     if !s.reactors.is_empty() {
         line("reactors", reactor_loads(&s.reactors));
     }
+    if let Some(h) = &s.disk_handover {
+        line("disk", disk_handover(h));
+    }
     line("memory", format!("rss {}", bytes(s.rss_bytes)));
     let b = &s.buffers;
     // (A status from a node without a pool has none to show.)
@@ -300,6 +303,26 @@ fn eta(r: &ReplayStats) -> String {
 /// 1234567 -> "1,234,567".
 /// Each reactor's share of busy time since the node started, e.g.
 /// `dm-reactor-1 (core 0) busy 63.2%   dm-conn-1 (core 1) busy 4.0%`.
+fn disk_handover(h: &engine::status::DiskHandOverStatus) -> String {
+    if !h.adaptive {
+        return format!("operations handed to the kernel {} (fixed)", h.mode);
+    }
+    let mut t = format!(
+        "operations handed to the kernel {} (adaptive; {} comparisons, {} chose at-once",
+        h.mode,
+        thousands(h.comparisons),
+        thousands(h.chose_at_once)
+    );
+    if h.at_once_ops_per_sec + h.in_chunks_ops_per_sec > 0 {
+        t += &format!(
+            "; last: {}/s at once, {}/s in chunks",
+            thousands(h.at_once_ops_per_sec),
+            thousands(h.in_chunks_ops_per_sec)
+        );
+    }
+    t + ")"
+}
+
 fn reactor_loads(rs: &[ReactorLoad]) -> String {
     rs.iter()
         .map(|r| {
@@ -591,6 +614,7 @@ mod tests {
                     idle_us: 0,
                 },
             ],
+            disk_handover: None,
         }
     }
 
@@ -702,6 +726,35 @@ buffers   pool 1.0 MiB in use of 64.0 MiB, 2 misses, registered, 1,200 fixed dis
                  (1,000 writes sampled)\n"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn render_disk_handover() {
+        let mut s = sample();
+        assert!(!render(&s).contains("\ndisk "));
+        let mut h = engine::status::DiskHandOverStatus {
+            mode: "in-chunks".into(),
+            adaptive: true,
+            comparisons: 12,
+            chose_at_once: 4,
+            at_once_ops_per_sec: 33_597,
+            in_chunks_ops_per_sec: 50_854,
+        };
+        s.disk_handover = Some(h.clone());
+        assert!(
+            render(&s).contains(
+                "\ndisk      operations handed to the kernel in-chunks (adaptive; 12 comparisons, \
+                 4 chose at-once; last: 33,597/s at once, 50,854/s in chunks)\n"
+            ),
+            "{}",
+            render(&s)
+        );
+        h.adaptive = false;
+        h.mode = "at-once".into();
+        s.disk_handover = Some(h);
+        assert!(
+            render(&s).contains("\ndisk      operations handed to the kernel at-once (fixed)\n")
         );
     }
 

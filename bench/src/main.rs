@@ -429,6 +429,7 @@ pub(crate) fn node_opts(dir: &Path, id: u32, port: u16, mode: PollMode) -> NodeO
             .and_then(|v| v.parse().ok())
             .unwrap_or(50),
         disk_submit_hold_us: storage::backend::DEFAULT_SUBMIT_HOLD_US,
+        disk_hand_over: Default::default(),
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,

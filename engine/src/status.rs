@@ -208,6 +208,43 @@ pub struct NodeStatus {
     /// other cores of `reactor.cores`.
     #[serde(default)]
     pub reactors: Vec<ReactorLoad>,
+    /// How the disk's io_uring hands operations to the kernel
+    /// (`reactor.disk_handover`); `None` for a backend without a kernel
+    /// ring.
+    #[serde(default)]
+    pub disk_handover: Option<DiskHandOverStatus>,
+}
+
+/// `reactor.disk_handover` at work (storage::backend::handover): the mode
+/// in use and, when it is adaptive, the figures of its last comparison.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskHandOverStatus {
+    /// "at-once" (one `io_uring_enter` per operation) or "in-chunks".
+    pub mode: String,
+    /// The mode is chosen by measurement (`disk_handover = "adaptive"`).
+    pub adaptive: bool,
+    /// Comparisons finished, and how many of them chose "at-once".
+    pub comparisons: u64,
+    pub chose_at_once: u64,
+    /// Disk operations completed per second in each mode, in the last
+    /// comparison.
+    pub at_once_ops_per_sec: u64,
+    pub in_chunks_ops_per_sec: u64,
+}
+
+impl DiskHandOverStatus {
+    pub fn of(backend: &impl storage::backend::Backend) -> Option<Self> {
+        let (mode, stats) = backend.hand_over()?;
+        let s = stats.unwrap_or_default();
+        Some(DiskHandOverStatus {
+            mode: mode.name().into(),
+            adaptive: stats.is_some(),
+            comparisons: s.comparisons,
+            chose_at_once: s.chose_at_once,
+            at_once_ops_per_sec: s.at_once_per_sec,
+            in_chunks_ops_per_sec: s.in_chunks_per_sec,
+        })
+    }
 }
 
 /// Where one reactor thread's time went since it started

@@ -57,6 +57,7 @@ fn opts(dir: &Path, id: u32, port: u16, floor: u64) -> NodeOptions {
         poll_mode: PollMode::Adaptive,
         adaptive_spin_us: 50,
         disk_submit_hold_us: storage::backend::DEFAULT_SUBMIT_HOLD_US,
+        disk_hand_over: Default::default(),
         queue_depth: 128,
         max_io_bytes: 1 << 20,
         max_message_bytes: 8 << 20,

@@ -34,6 +34,7 @@ pub fn format(
             file_block_size: opts.block_size,
             keep_space: opts.keep_volume_space,
             submit_hold_us: 0,
+            hand_over: Default::default(),
         },
     )
     .map_err(|e| {

@@ -99,6 +99,9 @@ pub struct NodeOptions {
     /// `reactor.disk_submit_hold_us`: see
     /// [`storage::backend::UringConfig::submit_hold_us`].
     pub disk_submit_hold_us: u32,
+    /// `reactor.disk_handover`: see
+    /// [`storage::backend::UringConfig::hand_over`].
+    pub disk_hand_over: storage::backend::HandOverPolicy,
     pub queue_depth: u32,
     pub max_io_bytes: u32,
     pub max_message_bytes: usize,
@@ -337,6 +340,7 @@ impl Node {
                 file_block_size: opts.block_size,
                 keep_space: opts.keep_volume_space,
                 submit_hold_us: opts.disk_submit_hold_us,
+                hand_over: opts.disk_hand_over,
             },
         )
         .map_err(|e| {

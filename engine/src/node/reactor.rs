@@ -936,6 +936,7 @@ impl<B: Backend> Reactor<B> {
             ),
             // Read live by `NodeControl::status`.
             reactors: Vec::new(),
+            disk_handover: crate::status::DiskHandOverStatus::of(&self.backend),
         };
         *self.shared.status.lock().unwrap() = st;
     }

@@ -325,6 +325,7 @@ impl<B: Backend> Standalone<B> {
                 &self.backend,
                 super::reactor::Copies::default(),
             ),
+            disk_handover: crate::status::DiskHandOverStatus::of(&self.backend),
             ..NodeStatus::default()
         };
         *self.shared.status.lock().unwrap() = st;

@@ -6,7 +6,7 @@ mod common;
 use common::TempDir;
 use storage::backend::{
     create_file_device, create_file_device_as, BufPool, FaultBackend, FaultControl, FaultOps,
-    MemBackend, Preallocate, UringBackend, UringConfig,
+    HandOver, HandOverPolicy, MemBackend, Preallocate, UringBackend, UringConfig,
 };
 use storage::{AlignedBuf, Backend, BackendCompletion, BackendOp};
 use testskip::LoopDevice;
@@ -277,6 +277,7 @@ fn a_pass_holds_entries_back_only_while_the_disk_is_busy() {
     let two_passes = |hold_us| {
         let cfg = UringConfig {
             submit_hold_us: hold_us,
+            hand_over: HandOverPolicy::Fixed(HandOver::InChunks),
             ..UringConfig::default()
         };
         let mut b = UringBackend::open(&path, &cfg).unwrap();
@@ -312,6 +313,71 @@ fn a_pass_holds_entries_back_only_while_the_disk_is_busy() {
     std::thread::sleep(std::time::Duration::from_millis(5));
     b.flush_submissions();
     assert_eq!(reap_until(&mut b, &[1, 2]).len(), 2);
+}
+
+/// `reactor.disk_handover`: at once, an entry goes to the kernel as it is
+/// queued (no pass end, no hold); the conformance checks pass in both
+/// fixed modes; adaptive, a steady load runs comparisons, which the
+/// backend reports.
+#[test]
+fn disk_handover_modes() {
+    let dir = TempDir::new("uring-handover");
+    let path = dir.join("dev");
+    create_file_device(&path, DEV_BYTES).unwrap();
+    let open = |hand_over| {
+        let cfg = UringConfig {
+            queue_depth: 64,
+            // A hold far longer than the test: in chunks, only a pass's
+            // end with the disk idle would hand an entry over.
+            submit_hold_us: 60_000_000,
+            hand_over,
+            ..UringConfig::default()
+        };
+        UringBackend::open(&path, &cfg).unwrap()
+    };
+    let read = |offset| BackendOp::Read {
+        offset,
+        buf: AlignedBuf::new(4096),
+    };
+    for mode in [HandOver::AtOnce, HandOver::InChunks] {
+        let mut b = open(HandOverPolicy::Fixed(mode));
+        assert_eq!(b.hand_over(), Some((mode, None)));
+        conformance(&mut b);
+    }
+    let mut b = open(HandOverPolicy::Fixed(HandOver::AtOnce));
+    b.submit(1, read(0)).unwrap();
+    b.submit(2, read(4096)).unwrap();
+    // No `flush_submissions`: both are with the kernel already.
+    assert_eq!(reap_until(&mut b, &[1, 2]).len(), 2);
+    drop(b);
+
+    let mut b = open(HandOverPolicy::Adaptive);
+    let (mode, stats) = b.hand_over().unwrap();
+    assert_eq!((mode, stats.unwrap().comparisons), (HandOver::InChunks, 0));
+    // QD32 4 KiB writes for 0.6 s: a comparison takes 0.2 s.
+    let data = pattern(4096, 3);
+    let start = std::time::Instant::now();
+    let (mut next, mut in_flight, mut out) = (0u64, 0usize, Vec::new());
+    while start.elapsed() < std::time::Duration::from_millis(600) {
+        while in_flight < 32 {
+            let op = BackendOp::Write {
+                offset: (next % (DEV_BYTES / 4096)) * 4096,
+                buf: AlignedBuf::from_slice(&data),
+                fua: false,
+            };
+            b.submit(next, op).unwrap();
+            next += 1;
+            in_flight += 1;
+        }
+        b.flush_submissions();
+        out.clear();
+        b.reap(&mut out);
+        assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+        in_flight -= out.len();
+    }
+    let stats = b.hand_over().unwrap().1.unwrap();
+    assert!(stats.comparisons >= 1, "{stats:?} after {next} writes");
+    assert!(stats.chose_at_once <= stats.comparisons);
 }
 
 /// The ring's batch write through io_uring and the in-memory backend: the

@@ -283,4 +283,8 @@ impl<B: Backend> Backend for FaultBackend<B> {
     fn fixed_ops(&self) -> u64 {
         self.inner.fixed_ops()
     }
+
+    fn hand_over(&self) -> Option<(super::HandOver, Option<super::HandOverStats>)> {
+        self.inner.hand_over()
+    }
 }

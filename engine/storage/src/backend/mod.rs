@@ -25,11 +25,13 @@
 
 pub mod aligned;
 pub mod fault;
+pub mod handover;
 pub mod mem;
 pub mod uring;
 
 pub use aligned::{AlignedBuf, BufPool, BUF_ALIGN_BYTES};
 pub use fault::{FaultBackend, FaultControl, FaultOps};
+pub use handover::{HandOver, HandOverPolicy, HandOverStats};
 pub use mem::MemBackend;
 pub use uring::{
     create_file_device, create_file_device_as, Preallocate, UringBackend, UringConfig,
@@ -218,6 +220,13 @@ pub trait Backend: Send {
     /// Data transfers issued as fixed-buffer operations so far.
     fn fixed_ops(&self) -> u64 {
         0
+    }
+
+    /// How queued entries reach the kernel now, and what the adaptive
+    /// choice last measured ([`handover`]; no figures when the mode is
+    /// fixed); `None` for a backend that submits nothing to a kernel.
+    fn hand_over(&self) -> Option<(HandOver, Option<HandOverStats>)> {
+        None
     }
 }
 
