@@ -54,6 +54,11 @@ LOCAL_VOLUME = "local disk, fio on the unmirrored node's volume file (node stopp
 # The 128 KiB sequential row with a flush after every 8 writes (fio
 # --fdatasync=8): the durability a mirrored batch pays on the one disk.
 LOCAL_FLUSHED = "local disk, a flush per 8 writes (fio io_uring --fdatasync=8)"
+# 4 KiB random writes at QD32 with a flush after every 32 (fio
+# --fdatasync=32): a ring group commit of a whole round, the durability a
+# mirrored QD32 row pays at best; two nodes share the disk, so half of it is
+# what each could reach.
+LOCAL_FLUSHED_QD32 = "local disk, 4 KiB QD32 with a flush per 32 writes (fio io_uring --fdatasync=32)"
 # Two unmirrored nodes at once on the one disk, one per core, each written by
 # its own client: the disk and CPU work of a mirrored pair's volume writes
 # without its rings, link and protocol (the mirrored QD32 aim's floor here).
@@ -579,7 +584,8 @@ class DmNodes:
             io = st.get("io", {})
             out[str(n)] = dict(ops=io.get("reads", 0) + io.get("writes", 0),
                                reactors={r["thread"]: (r["busy_us"], r["idle_us"])
-                                         for r in st.get("reactors", [])})
+                                         for r in st.get("reactors", [])},
+                               handover=st.get("disk_handover"))
         return out
 
     def reset_latency(self):
@@ -667,7 +673,18 @@ def reactor_use(before, after):
                 node=n, busy_us=db, idle_us=di,
                 busy_frac=round(db / (db + di), 3) if db + di > 0 else None,
                 busy_us_per_io=round(db / ops, 2) if ops > 0 else None)
-    return dict(ops=ops, threads=threads)
+    # reactor.disk_handover: the comparisons each node made during the row
+    # and what the last one measured.
+    handover = {}
+    for n, a in after.items():
+        h, h0 = a.get("handover"), before.get(n, {}).get("handover") or {}
+        if h:
+            handover[n] = dict(mode=h["mode"], adaptive=h["adaptive"],
+                               comparisons=h["comparisons"] - h0.get("comparisons", 0),
+                               chose_at_once=h["chose_at_once"] - h0.get("chose_at_once", 0),
+                               at_once_ops_per_sec=h["at_once_ops_per_sec"],
+                               in_chunks_ops_per_sec=h["in_chunks_ops_per_sec"])
+    return dict(ops=ops, threads=threads, handover=handover)
 
 
 def dm_one_label():
@@ -743,6 +760,8 @@ class Run:
                        wls=QD32_WORKLOADS)
         log("floor: local disk, 128 KiB sequential with a flush after every 8 writes")
         self.workloads(LOCAL_FLUSHED, "floor", "local-flushed", path, lambda: {}, wls=[WL["seqw128k"]])
+        log("floor: local disk, 4 KiB random QD32 with a flush after every 32 writes")
+        self.workloads(LOCAL_FLUSHED_QD32, "floor", "local-flushed", path, lambda: {}, wls=[WL["randw4k_qd32"]])
 
     def local_end(self):
         """The local disk's QD1 and QD32 rows once more, last: their spread
@@ -1459,6 +1478,16 @@ def compute_aims(run):
             add(f"unmirrored QD32 {label}: node reactor's ceiling (1 s / its busy µs per I/O) / local disk, {proto}",
                 div(c, g(local, wl)), f"{fmt(c)} / {fmt(g(local, wl))}; {busy_note(th)}",
                 "context (under 0.8: the reactor's work per I/O bounds the aim)", None, kind="context")
+        # reactor.disk_handover = "adaptive": the share of the row's
+        # comparisons that chose at once, and the last one's figures.
+        for proto in ["NBD", "NVMe/TCP", "iSCSI"]:
+            h = ((R.get((f"{one}, {proto}", wl)) or {}).get("reactors") or {}).get("handover", {}).get("1")
+            if h and h.get("adaptive"):
+                add(f"unmirrored QD32 {label}: disk hand-over comparisons that chose at once, {proto}",
+                    div(h["chose_at_once"], h["comparisons"]),
+                    f"{h['chose_at_once']} of {h['comparisons']}; the last: {fmt(h['at_once_ops_per_sec'])}/s "
+                    f"at once, {fmt(h['in_chunks_ops_per_sec'])}/s in chunks",
+                    "context (reactor.disk_handover = \"adaptive\")", None, kind="context")
         le = g(LOCAL_END, wl)
         add(f"local disk QD32 {label} IOPS at the end of the run / at its start", div(le, g(local, wl)),
             f"{fmt(le)} / {fmt(g(local, wl))}", "context (the disk's drift within the run)", None,
@@ -1496,6 +1525,11 @@ def compute_aims(run):
         add(f"mirrored QD32 write IOPS / {TWIN}, {proto}", div(m, t), f"{fmt(m)} / {fmt(t)}",
             "context (1.0 = the floor: the rings, the link and the protocol cost the rest)", None,
             kind="context")
+        lf = g(LOCAL_FLUSHED_QD32, "randw4k_qd32")
+        add(f"mirrored QD32 write IOPS / half of local with a flush per 32 writes, {proto}",
+            div(m, lf / 2 if lf else None), f"{fmt(m)} / ({fmt(lf)} / 2)",
+            "context (each node needs a flush per ring batch on the shared disk: 1.0 = one flush per "
+            "whole round on each node)", None, kind="context")
         for node, who in [("1", "primary"), ("2", "backup")]:
             c, th = reactor_ceiling(f"deltamirror mirrored, {proto}", "randw4k_qd32", node)
             add(f"mirrored QD32 write: {who}'s reactor ceiling (1 s / its busy µs per write) / mirrored IOPS, {proto}",
@@ -1850,7 +1884,9 @@ def write_report(run, path_md, path_png):
              "at QD32 by its own client: the volume writes and front-end work of a mirrored pair on this one "
              "disk and two cores without its rings, link and protocol; the mean per node is what a mirrored "
              "QD32 row could reach here. The 128 KiB local row *with a flush per 8 writes* (fio "
-             "`--fdatasync=8`) pays the durability a mirrored batch pays. The rows *on the unmirrored "
+             "`--fdatasync=8`) pays the durability a mirrored batch pays; the 4 KiB QD32 row *with a flush "
+             "per 32 writes* is the best a mirrored QD32 row's rings could do (one group commit per round), "
+             "of which each node of a pair sharing the disk gets half. The rows *on the unmirrored "
              "node's volume file* run fio's QD32 rows on node 1's own volume file once that node has stopped: "
              "the same blocks the unmirrored rows served (on this VM a file's blocks read and write at a rate "
              "that depends on how and when they were written, so the bench's own file is not always the "

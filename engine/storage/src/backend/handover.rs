@@ -230,6 +230,15 @@ mod tests {
         }
     }
 
+    /// A load under which at once completes `at_once` per second and
+    /// chunks `in_chunks`.
+    fn rates(at_once: u64, in_chunks: u64) -> impl Fn(HandOver) -> u64 {
+        move |m| match m {
+            HandOver::AtOnce => at_once,
+            HandOver::InChunks => in_chunks,
+        }
+    }
+
     const COMPARISON_MS: u64 = SLICE.as_millis() as u64 * COMPARISON_SLICES as u64;
     const KEEP_MS: u64 = KEEP.as_millis() as u64;
 
@@ -255,13 +264,7 @@ mod tests {
     fn it_keeps_the_faster_mode_and_follows_a_change() {
         let mut now = Instant::now();
         let mut c = HandOverChooser::new(now);
-        let at_once_faster = |m| {
-            if m == HandOver::AtOnce {
-                52_000
-            } else {
-                45_000
-            }
-        };
+        let at_once_faster = rates(52_000, 45_000);
         run(&mut c, &mut now, COMPARISON_MS, at_once_faster);
         assert_eq!(c.mode(), HandOver::AtOnce);
         let s = c.stats();
@@ -271,13 +274,7 @@ mod tests {
         assert_eq!((c.mode(), c.stats().comparisons), (HandOver::AtOnce, 1));
         // The load changes (reads become writes): chunks win the next
         // comparison.
-        let chunks_faster = |m| {
-            if m == HandOver::AtOnce {
-                33_000
-            } else {
-                54_000
-            }
-        };
+        let chunks_faster = rates(33_000, 54_000);
         run(&mut c, &mut now, COMPARISON_MS + 1, chunks_faster);
         assert_eq!(c.stats().comparisons, 2);
         assert_eq!(c.mode(), HandOver::InChunks);
@@ -289,33 +286,15 @@ mod tests {
         let mut now = Instant::now();
         let mut c = HandOverChooser::new(now);
         // 2% better at once: within the margin.
-        run(&mut c, &mut now, COMPARISON_MS, |m| {
-            if m == HandOver::AtOnce {
-                51_000
-            } else {
-                50_000
-            }
-        });
+        run(&mut c, &mut now, COMPARISON_MS, rates(51_000, 50_000));
         assert_eq!(c.mode(), HandOver::InChunks);
         // At once wins by far, then the load falls to 3,000 operations a
         // second (twice as fast at once): too few to tell, back to chunks.
         run(&mut c, &mut now, KEEP_MS, |_| 0);
-        run(&mut c, &mut now, COMPARISON_MS + 1, |m| {
-            if m == HandOver::AtOnce {
-                90_000
-            } else {
-                50_000
-            }
-        });
+        run(&mut c, &mut now, COMPARISON_MS + 1, rates(90_000, 50_000));
         assert_eq!(c.mode(), HandOver::AtOnce);
         run(&mut c, &mut now, KEEP_MS, |_| 0);
-        run(&mut c, &mut now, COMPARISON_MS + 1, |m| {
-            if m == HandOver::AtOnce {
-                6_000
-            } else {
-                3_000
-            }
-        });
+        run(&mut c, &mut now, COMPARISON_MS + 1, rates(6_000, 3_000));
         assert_eq!(c.stats().comparisons, 3);
         assert_eq!(c.mode(), HandOver::InChunks);
     }
@@ -344,13 +323,7 @@ mod tests {
         now += Duration::from_secs(1);
         c.record(1_000, now);
         assert_eq!(c.mode(), HandOver::InChunks);
-        run(&mut c, &mut now, COMPARISON_MS + 1, |m| {
-            if m == HandOver::AtOnce {
-                60_000
-            } else {
-                40_000
-            }
-        });
+        run(&mut c, &mut now, COMPARISON_MS + 1, rates(60_000, 40_000));
         assert_eq!(c.stats().comparisons, 1);
         assert_eq!(c.mode(), HandOver::AtOnce);
     }
