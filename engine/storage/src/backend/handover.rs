@@ -232,7 +232,7 @@ mod tests {
 
     /// A load under which at once completes `at_once` per second and
     /// chunks `in_chunks`.
-    fn rates(at_once: u64, in_chunks: u64) -> impl Fn(HandOver) -> u64 {
+    fn rates(at_once: u64, in_chunks: u64) -> impl Fn(HandOver) -> u64 + Copy {
         move |m| match m {
             HandOver::AtOnce => at_once,
             HandOver::InChunks => in_chunks,
