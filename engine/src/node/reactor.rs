@@ -472,9 +472,10 @@ impl<B: Backend> Reactor<B> {
         // The link first, within the pass too: a message queued before this
         // submission (the backup's ACK1 ahead of the executes it allows, the
         // primary's REQs ahead of its ring write) goes out now, because the
-        // backend hands the kernel a chunk of entries at once
-        // (storage::backend::uring, SUBMIT_CHUNK_ENTRIES), a doorbell that
-        // costs tens of microseconds on a virtual disk. An error is left to
+        // backend may hand this entry to the kernel right away (a chunk of
+        // them, storage::backend::uring's SUBMIT_CHUNK_ENTRIES, or each one
+        // under reactor.disk_handover = "at-once"), a doorbell that costs
+        // tens of microseconds on a virtual disk. An error is left to
         // the pass's own `write_socket`, which drops the link.
         if let Some(c) = self.conn.as_mut() {
             if let Ok(n) = c.flush() {

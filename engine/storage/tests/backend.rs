@@ -354,11 +354,14 @@ fn disk_handover_modes() {
     let mut b = open(HandOverPolicy::Adaptive);
     let (mode, stats) = b.hand_over().unwrap();
     assert_eq!((mode, stats.unwrap().comparisons), (HandOver::InChunks, 0));
-    // QD32 4 KiB writes for 0.6 s: a comparison takes 0.2 s.
+    // QD32 4 KiB writes until a comparison ends (one takes 0.2 s, or
+    // 25 ms under a light load); 5 s at most.
     let data = pattern(4096, 3);
     let start = std::time::Instant::now();
     let (mut next, mut in_flight, mut out) = (0u64, 0usize, Vec::new());
-    while start.elapsed() < std::time::Duration::from_millis(600) {
+    while b.hand_over().unwrap().1.unwrap().comparisons == 0
+        && start.elapsed() < std::time::Duration::from_secs(5)
+    {
         while in_flight < 32 {
             let op = BackendOp::Write {
                 offset: (next % (DEV_BYTES / 4096)) * 4096,
