@@ -83,9 +83,9 @@ pub const SWITCH_MARGIN_PERMILLE: u64 = 30;
 /// operations over: measured as it runs"), handing each operation over at
 /// once gave QD32 reads 8-28% more IOPS on every protocol, but cost NBD
 /// and iSCSI QD32 writes 22-35%, whose hosts keep the other core busy (a
-/// notification then costs the reactor three times as much). No fixed
-/// choice fits both, and on a physical NVMe drive a notification is a
-/// cheap doorbell write.
+/// device notification then cost the reactor five times as much per
+/// write). No fixed choice fits both, and on a physical NVMe drive a
+/// notification is a cheap doorbell write.
 ///
 /// It alternates the two modes for [`COMPARISON_SLICES`] slices of
 /// [`SLICE`], keeps the one that completed more per second for [`KEEP`],
