@@ -342,8 +342,8 @@ pub enum PollMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskHandOver {
-    /// Whichever of the two costs the reactor less per operation, measured
-    /// as it runs (storage::backend::handover).
+    /// Whichever of the two completes more operations per second,
+    /// measured as the node runs (storage::backend::handover).
     Adaptive,
     /// Each operation as it is queued.
     AtOnce,
@@ -379,8 +379,8 @@ pub struct ReactorConfig {
     pub disk_submit_hold_us: u32,
     /// Whether queued disk operations go to the kernel one at a time (the
     /// disk starts sooner) or in chunks (fewer system calls and device
-    /// notifications): "adaptive" (default) measures which costs the
-    /// reactor less and uses it; "at-once" or "in-chunks" fixes it.
+    /// notifications): "adaptive" (default) measures which completes more
+    /// and uses it; "at-once" or "in-chunks" fixes it.
     pub disk_handover: DiskHandOver,
     /// Outstanding host I/Os per reactor, 1..=4096.
     pub queue_depth: u32,

@@ -300,9 +300,8 @@ fn eta(r: &ReplayStats) -> String {
     duration(r.seconds * fraction_left)
 }
 
-/// 1234567 -> "1,234,567".
-/// Each reactor's share of busy time since the node started, e.g.
-/// `dm-reactor-1 (core 0) busy 63.2%   dm-conn-1 (core 1) busy 4.0%`.
+/// The `disk` line: the hand-over mode in use and, when it is adaptive,
+/// its comparisons and the last one's figures.
 fn disk_handover(h: &engine::status::DiskHandOverStatus) -> String {
     if !h.adaptive {
         return format!("operations handed to the kernel {} (fixed)", h.mode);
@@ -323,6 +322,8 @@ fn disk_handover(h: &engine::status::DiskHandOverStatus) -> String {
     t + ")"
 }
 
+/// Each reactor's share of busy time since the node started, e.g.
+/// `dm-reactor-1 (core 0) busy 63.2%   dm-conn-1 (core 1) busy 4.0%`.
 fn reactor_loads(rs: &[ReactorLoad]) -> String {
     rs.iter()
         .map(|r| {
@@ -342,6 +343,7 @@ fn reactor_loads(rs: &[ReactorLoad]) -> String {
         .join("   ")
 }
 
+/// 1234567 -> "1,234,567".
 fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);

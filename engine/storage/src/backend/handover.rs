@@ -52,6 +52,39 @@ pub enum HandOverPolicy {
     Fixed(HandOver),
 }
 
+/// A backend's hand-over as [`HandOverPolicy`] set it up: a fixed mode,
+/// or a [`HandOverChooser`] that picks it.
+#[derive(Clone, Debug)]
+pub enum HandOverState {
+    Fixed(HandOver),
+    Adaptive(HandOverChooser),
+}
+
+impl HandOverState {
+    /// A chooser's comparisons count from `now`.
+    pub fn new(policy: HandOverPolicy, now: Instant) -> HandOverState {
+        match policy {
+            HandOverPolicy::Fixed(m) => HandOverState::Fixed(m),
+            HandOverPolicy::Adaptive => HandOverState::Adaptive(HandOverChooser::new(now)),
+        }
+    }
+
+    pub fn mode(&self) -> HandOver {
+        match self {
+            HandOverState::Fixed(m) => *m,
+            HandOverState::Adaptive(c) => c.mode(),
+        }
+    }
+
+    /// The chooser's figures; `None` for a fixed mode.
+    pub fn stats(&self) -> Option<HandOverStats> {
+        match self {
+            HandOverState::Fixed(_) => None,
+            HandOverState::Adaptive(c) => Some(c.stats()),
+        }
+    }
+}
+
 /// One slice of a comparison: this long in one mode, then the other.
 pub const SLICE: Duration = Duration::from_millis(25);
 /// Slices in one comparison, alternating between the two modes (half

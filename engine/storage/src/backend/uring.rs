@@ -9,7 +9,7 @@
 //! are queued and returned by the next [`Backend::reap`], like every other
 //! completion.
 
-use super::handover::{HandOver, HandOverChooser, HandOverPolicy, HandOverStats};
+use super::handover::{HandOver, HandOverPolicy, HandOverState, HandOverStats};
 use super::{validate_op, AlignedBuf, Backend, BackendCompletion, BackendOp, IoSeg};
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
@@ -56,7 +56,8 @@ pub struct UringConfig {
     pub submit_hold_us: u32,
     /// Whether entries go to the kernel one at a time or in chunks
     /// (`reactor.disk_handover`): adaptive by default, by which completes
-    /// more under the load of the moment ([`HandOverChooser`]).
+    /// more under the load of the moment
+    /// ([`super::handover::HandOverChooser`]).
     pub hand_over: HandOverPolicy,
 }
 
@@ -182,10 +183,8 @@ pub struct UringBackend {
     held_since: Option<Instant>,
     /// A durability operation is queued: the next flush hands it over.
     urgent_queued: bool,
-    /// `Some` when [`UringConfig::hand_over`] is adaptive.
-    chooser: Option<HandOverChooser>,
-    /// The mode when it is fixed.
-    fixed_hand_over: HandOver,
+    /// [`UringConfig::hand_over`]: fixed, or chosen as it runs.
+    hand_over: HandOverState,
 }
 
 /// The largest buffer io_uring registers as one fixed buffer.
@@ -194,8 +193,9 @@ pub const MAX_FIXED_BUFFER_BYTES: usize = 1 << 30;
 /// In chunks ([`HandOver::InChunks`]): queued entries handed to the
 /// kernel together, without waiting for the end of the reactor's pass:
 /// when a round of requests arrives (32 reads from one receive), the
-/// device starts on the first ones while the kernel prepares the rest (a couple of microseconds each for a file, all inside
-/// one block plug otherwise). On this VM's disk, which serves requests in
+/// device starts on the first ones while the kernel prepares the rest (a
+/// couple of microseconds each for a file, all inside one block plug
+/// otherwise). On this VM's disk, which serves requests in
 /// rounds, alternated runs on a quiet machine: standalone QD32 reads +6% on
 /// average (better in 20 of 33 pairs), QD32 writes +3-16%, mirrored QD32
 /// writes +17% (docs/performance.md, "QD32 against the disk").
@@ -382,12 +382,7 @@ impl UringBackend {
             submit_hold: Duration::from_micros(u64::from(config.submit_hold_us)),
             held_since: None,
             urgent_queued: false,
-            chooser: (config.hand_over == HandOverPolicy::Adaptive)
-                .then(|| HandOverChooser::new(Instant::now())),
-            fixed_hand_over: match config.hand_over {
-                HandOverPolicy::Fixed(m) => m,
-                HandOverPolicy::Adaptive => HandOver::InChunks,
-            },
+            hand_over: HandOverState::new(config.hand_over, Instant::now()),
         })
     }
 
@@ -583,19 +578,12 @@ impl UringBackend {
         pushed.expect("submission queue has room (checked above)");
         self.slots[slot as usize] = Some(inflight);
         self.kernel_in_flight += 1;
-        if self.hand_over_mode() == HandOver::AtOnce
+        if self.hand_over.mode() == HandOver::AtOnce
             || self.ring.submission().len() >= SUBMIT_CHUNK_ENTRIES
         {
             self.submit_queued();
         }
         Ok(())
-    }
-
-    fn hand_over_mode(&self) -> HandOver {
-        match &self.chooser {
-            Some(c) => c.mode(),
-            None => self.fixed_hand_over,
-        }
     }
 
     /// Hands every queued entry to the kernel (one `io_uring_enter`, again
@@ -888,7 +876,7 @@ impl Backend for UringBackend {
         out.extend(self.ready.drain(..));
         let n = n + self.reap_kernel(out);
         if n > 0 {
-            if let Some(c) = self.chooser.as_mut() {
+            if let HandOverState::Adaptive(c) = &mut self.hand_over {
                 c.record(n as u64, Instant::now());
             }
         }
@@ -1016,10 +1004,7 @@ impl Backend for UringBackend {
     }
 
     fn hand_over(&self) -> Option<(HandOver, Option<HandOverStats>)> {
-        Some((
-            self.hand_over_mode(),
-            self.chooser.as_ref().map(|c| c.stats()),
-        ))
+        Some((self.hand_over.mode(), self.hand_over.stats()))
     }
 
     /// The poll is queued with the pass's other entries (handed to the
