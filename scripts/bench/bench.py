@@ -802,7 +802,7 @@ class Run:
         path = os.path.join(self.work, "local.img")
         log("floor: local disk again, at the end of the run")
         self.workloads(LOCAL_END, "floor", "local", path, lambda: {},
-                       wls=[WL["randw4k_qd1"], WL["randw4k_qd32"], WL["randr4k_qd32"]])
+                       wls=[WL["seqw128k"], WL["randw4k_qd1"], WL["randw4k_qd32"], WL["randr4k_qd32"]])
 
     def fsync_floor(self):
         """4 KiB buffered write + fdatasync at QD1: the issue's floor for making
@@ -1577,6 +1577,9 @@ def compute_aims(run):
         add(f"mirrored 128 KiB QD8 sequential write / local with a flush per 8 writes, {proto}", div(m, lf),
             f"{fmt(m)} / {fmt(lf)}", "context (each byte is written 4 times: 0.25 is the ceiling)", None,
             kind="context")
+    le, ls = g(LOCAL_END, "seqw128k"), g(local, "seqw128k")
+    add("local disk 128 KiB QD8 sequential write at the end of the run / at its start", div(le, ls),
+        f"{fmt(le)} / {fmt(ls)}", "context (the disk's drift within the run)", None, kind="context")
     # Issue 10's "≥ 2× now" rows: BEFORE_COMMIT's serve-mem measured in this
     # run with its own dm-nvme io (the issue's "now"), and with this build's
     # (that client was itself the limit then: the second ratio is the
@@ -2042,6 +2045,7 @@ def write_report(run, path_md, path_png):
 
     disk_rows = [r for r in run.results if r.get("ok") and "write" in WL.get(r["workload"], {}).get("rw", "")
                  and (r["target"].startswith("local disk") or r["target"].startswith("deltamirror"))
+                 and "no disk" not in r["target"]
                  and (r.get("placement") or {}).get("disk") and r.get("mibs")]
     if disk_rows:
         L.append("## Disk traffic per host write\n")
