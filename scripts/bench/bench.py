@@ -2055,8 +2055,8 @@ def write_report(run, path_md, path_png):
         L.append("## Disk traffic per host write\n")
         L.append("What the disk under the scratch directory did while each write row ran: bytes written and "
                  "flush requests completed, from the kernel's block statistics "
-                 f"(`{run.extra.get('disk_stat') or 'the block stat file'}`, fields 7 and 16) between the two samples taken "
-                 "during the run, against the client's own MiB/s and IOPS. A mirrored write is written four "
+                 f"(`{run.extra.get('disk_stat') or 'the block stat file'}`, fields 7 and 16) between the two "
+                 "samples taken during the run, against the client's own MiB/s and IOPS. A mirrored write is written four "
                  "times on this one disk (each node's ring and volume): 4 bytes per host byte is its floor, "
                  "1 for an unmirrored node. Every durable ring batch costs a flush (the disk has a volatile "
                  "cache and no FUA), so *host writes per flush* is the mirrored rows' group commit as the disk "
