@@ -687,11 +687,16 @@ fn render_metrics(s: &NodeStatus) -> String {
     }
 
     if let Some(h) = &s.disk_handover {
+        use storage::backend::HandOver;
         m.gauge(
             "deltamirror_disk_handover_at_once",
             "1 while the disk's io_uring hands each operation to the kernel as it is queued, \
              0 while it hands them over in chunks (reactor.disk_handover).",
-            if h.mode == "at-once" { 1.0 } else { 0.0 },
+            if h.mode == HandOver::AtOnce.name() {
+                1.0
+            } else {
+                0.0
+            },
         );
         m.family(
             "deltamirror_disk_handover_comparisons_total",
@@ -700,8 +705,8 @@ fn render_metrics(s: &NodeStatus) -> String {
              the mode each chose.",
         );
         for (chose, n) in [
-            ("at-once", h.chose_at_once),
-            ("in-chunks", h.comparisons - h.chose_at_once),
+            (HandOver::AtOnce.name(), h.chose_at_once),
+            (HandOver::InChunks.name(), h.comparisons - h.chose_at_once),
         ] {
             m.sample(
                 "deltamirror_disk_handover_comparisons_total",

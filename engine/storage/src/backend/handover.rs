@@ -146,7 +146,7 @@ pub struct HandOverChooser {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HandOverStats {
     /// Comparisons finished, and how many of them chose
-    /// [`HandOver::AtOnce`] (too light a load keeps the mode in use and
+    /// [`HandOver::AtOnce`] (too light a load goes back to chunks and
     /// counts as a comparison too).
     pub comparisons: u64,
     pub chose_at_once: u64,
@@ -199,13 +199,11 @@ impl HandOverChooser {
         if elapsed > STALE_SLICE {
             // The reactor had nothing to reap for a while (an idle node):
             // what the comparison holds says nothing; start it over, in
-            // chunks.
-            self.mode = HandOver::InChunks;
-            self.kept = HandOver::InChunks;
-            self.done = [0; 2];
-            self.time = [Duration::ZERO; 2];
-            self.slices_left = COMPARISON_SLICES;
-            self.since = now;
+            // chunks, as a new chooser would (the figures stay).
+            *self = HandOverChooser {
+                stats: self.stats,
+                ..HandOverChooser::new(now)
+            };
             return;
         }
         self.time[self.mode.index()] += elapsed;
