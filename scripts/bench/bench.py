@@ -2056,9 +2056,9 @@ def write_report(run, path_md, path_png):
         L.append("What the disk under the scratch directory did while each write row ran: bytes written and "
                  "flush requests completed, from the kernel's block statistics "
                  f"(`{run.extra.get('disk_stat') or 'the block stat file'}`, fields 7 and 16) between the two "
-                 "samples taken during the run, against the client's own MiB/s and IOPS. A mirrored write is written four "
-                 "times on this one disk (each node's ring and volume): 4 bytes per host byte is its floor, "
-                 "1 for an unmirrored node. Every durable ring batch costs a flush (the disk has a volatile "
+                 "samples taken during the run, against the client's own MiB/s and IOPS. A mirrored write is "
+                 "written four times on this one disk (each node's ring and volume): 4 bytes per host byte is its "
+                 "floor, 1 for an unmirrored node. Every durable ring batch costs a flush (the disk has a volatile "
                  "cache and no FUA), so *host writes per flush* is the mirrored rows' group commit as the disk "
                  "saw it, both nodes' flushes counted (at QD1 one flush per node per write: 0.5). A ring "
                  "record of a 4 KiB write is its group block and its payload, so a QD1 mirrored write costs 6 "
@@ -2675,9 +2675,9 @@ def main():
                     help="wait up to S seconds for the machine to be quiet before starting")
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-poll pair")
     ap.add_argument("--only", type=only_parts, default=None,
-                    help="comma list of: local,link,nbdkit,qemu-nbd,tgtd,nvme-mem,mem-floors,dm-one,twin,dm-mirrored,"
-                         "dm-busy,variants,replay (mem-floors: nbdkit memory and tgtd on tmpfs, the protocol "
-                         "floors; the NVMe/TCP floor is nvme-mem; twin: two unmirrored nodes at once, the mirrored QD32 floor)")
+                    help=f"comma list of: {','.join(ONLY_PARTS)} (mem-floors: nbdkit memory and tgtd on "
+                         "tmpfs, the protocol floors; the NVMe/TCP floor is nvme-mem; twin: two unmirrored nodes "
+                         "at once, the mirrored QD32 floor)")
     ap.add_argument("--nvme-mem-before", type=lambda s: [float(x) for x in s.split(",")],
                     default=[63000.0, 67000.0], metavar="W,R",
                     help="serve-mem QD32 write,read IOPS before the data-path change, used only where "
